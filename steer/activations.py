@@ -1,0 +1,173 @@
+"""Teacher-forced forward passes: read activations and logits, with or without interventions.
+
+:func:`forward` runs prompts in left-padded batches (so position ``-1`` is every prompt's last
+token) and keeps only what was asked for, on the CPU in float32: activations at the chosen hook
+points and token positions, and logits at the last or all positions. Memory stays bounded by one
+batch however many prompts there are. It attaches hooks through :func:`steer.runtime.attach`,
+the same path generation uses, so a direction read here and applied there means the same thing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from tqdm.auto import tqdm
+
+from steer.errors import InvalidArgumentError
+from steer.interventions import Intervention, Phase, build_plan, validate
+from steer.models import ModelHandle
+from steer.runtime import HookFn, attach, compose, recorder
+
+#: "last", "all", or explicit negative offsets from the end (e.g. (-3, -2, -1))
+Positions = Literal["last", "all"] | Sequence[int]
+
+_PLACEHOLDER = "\u2063STEER_USER_MESSAGE\u2063"
+
+
+def encode_chat(handle: ModelHandle, user: str, system: str | None = None) -> list[int]:
+    """Token ids of a one-turn chat prompt, ending with the assistant header."""
+    messages = [{"role": "system", "content": system}] if system else []
+    messages.append({"role": "user", "content": user})
+    if handle.chat_template is None:
+        return list(handle.tokenizer(user)["input_ids"])
+    text = handle.tokenizer.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=True
+    )
+    return list(handle.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def post_instruction_positions(handle: ModelHandle) -> tuple[int, ...]:
+    """Negative offsets of the chat template's tokens after the user message.
+
+    E.g. for ChatML ``<|im_end|>\\n<|im_start|>assistant\\n`` these are the last 5 tokens.
+    These positions are where refusal is decided (Arditi et al.).
+    """
+    if handle.chat_template is None:
+        return (-1,)
+    text = handle.tokenizer.apply_chat_template(
+        [{"role": "user", "content": _PLACEHOLDER}], tokenize=False, add_generation_prompt=True
+    )
+    suffix = text[text.index(_PLACEHOLDER) + len(_PLACEHOLDER) :]
+    count = len(handle.tokenizer(suffix, add_special_tokens=False)["input_ids"])
+    return tuple(range(-max(count, 1), 0))
+
+
+@dataclass
+class ForwardResult:
+    #: hook name -> (n_prompts, n_positions, d_model), or a list of (tokens, d_model) for "all"
+    activations: dict[str, torch.Tensor | list[torch.Tensor]] = field(default_factory=dict)
+    #: (n_prompts, vocab) for "last", or a list of (tokens, vocab) for "all"
+    logits: torch.Tensor | list[torch.Tensor] | None = None
+
+
+def _check_positions(positions: Positions) -> None:
+    if isinstance(positions, str):
+        if positions not in ("last", "all"):
+            raise InvalidArgumentError("use 'last', 'all' or negative offsets", field="positions")
+        return
+    if not positions or any(int(p) >= 0 for p in positions):
+        raise InvalidArgumentError(
+            "explicit positions are negative offsets from the end, e.g. (-1,)", field="positions"
+        )
+
+
+def forward(
+    handle: ModelHandle,
+    prompts: Sequence[Sequence[int]],
+    *,
+    interventions: Sequence[Intervention] = (),
+    hooks: Sequence[str] = (),
+    positions: Positions = "last",
+    logits: Literal["none", "last", "all"] = "none",
+    batch_size: int = 16,
+    progress: bool = False,
+) -> ForwardResult:
+    """Run ``prompts`` (token id lists) and collect activations and/or logits."""
+    _check_positions(positions)
+    points = [handle.resolver.parse(name, field="hooks") for name in hooks]
+    validate(interventions, handle.resolver, handle.d_model)
+    if any(len(p) == 0 for p in prompts):
+        raise InvalidArgumentError("empty prompt", field="prompts")
+    stores: dict[str, list[torch.Tensor]] = {point.name: [] for point in points}
+    logit_store: list[torch.Tensor] = []
+    lengths: list[int] = []
+    batches = range(0, len(prompts), batch_size)
+    for start in tqdm(batches, desc="forward", disable=not progress):
+        batch = [list(p) for p in prompts[start : start + batch_size]]
+        lengths.extend(len(p) for p in batch)
+        _run_batch(handle, batch, interventions, points, positions, logits, stores, logit_store)
+    result = ForwardResult()
+    for name, chunks in stores.items():
+        result.activations[name] = _gather(chunks, positions, lengths)
+    if logits != "none":
+        result.logits = _gather(logit_store, "all" if logits == "all" else "last", lengths)
+    return result
+
+
+def _select(positions: Positions, lengths: list[int]):  # type: ignore[no-untyped-def]
+    def select(x: torch.Tensor) -> torch.Tensor:
+        if positions == "last":
+            return x[:, -1:, :]
+        if positions == "all":
+            return x
+        return x[:, [int(p) for p in positions], :]
+
+    return select
+
+
+def _gather(
+    chunks: list[torch.Tensor], positions: Positions, lengths: list[int]
+) -> torch.Tensor | list[torch.Tensor]:
+    if positions == "all":
+        rows = [row for chunk in chunks for row in chunk]
+        return [row[-length:] for row, length in zip(rows, lengths, strict=True)]
+    stacked = torch.cat(chunks) if chunks else torch.empty(0)
+    return stacked[:, 0, :] if positions == "last" and stacked.ndim == 3 else stacked
+
+
+@torch.inference_mode()
+def _run_batch(
+    handle: ModelHandle,
+    batch: list[list[int]],
+    interventions: Sequence[Intervention],
+    points: list,  # list[HookPoint]
+    positions: Positions,
+    logits: str,
+    stores: dict[str, list[torch.Tensor]],
+    logit_store: list[torch.Tensor],
+) -> None:
+    width = max(len(p) for p in batch)
+    pad = handle.pad_token_id
+    input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in batch])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch])
+    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+    plan = build_plan(
+        [interventions] * len(batch),
+        handle.resolver,
+        handle.d_model,
+        handle.dtype,
+        handle.device,
+    )
+    plan.phase = Phase.PROMPT
+    functions: dict = dict(plan.hooks())
+    select = _select(positions, [])
+    for point in points:
+        record: HookFn = recorder(stores[point.name], select)
+        steer = functions.get(point)
+        functions[point] = record if steer is None else compose(steer, record)
+    device = handle.device
+    with attach(handle.resolver, functions):
+        output = handle.model(
+            input_ids=input_ids.to(device),
+            attention_mask=mask.to(device),
+            position_ids=position_ids.to(device),
+            use_cache=False,
+            logits_to_keep=1 if logits == "last" else 0,
+        )
+    if logits == "last":
+        logit_store.append(output.logits[:, -1:, :].float().cpu())
+    elif logits == "all":
+        logit_store.append(output.logits.float().cpu())

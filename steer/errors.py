@@ -1,0 +1,48 @@
+"""Domain exceptions. Each maps to one gRPC status code in the server, and back in the client."""
+
+from __future__ import annotations
+
+
+class SteerError(Exception):
+    """Base class of every error steer raises on purpose."""
+
+    #: name of the gRPC status code this error travels as
+    status_code = "INTERNAL"
+
+    def __init__(self, message: str, *, field: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.field = field
+
+    def __str__(self) -> str:
+        if self.field:
+            return f"{self.field}: {self.message}"
+        return self.message
+
+
+class InvalidArgumentError(SteerError, ValueError):
+    """The request itself is wrong (bad dimension, NaN strength, unknown hook name...)."""
+
+    status_code = "INVALID_ARGUMENT"
+
+
+class NotFoundError(SteerError, LookupError):
+    """A named model, artifact or offline package does not exist."""
+
+    status_code = "NOT_FOUND"
+
+
+class FailedPreconditionError(SteerError):
+    """The request is well formed but the system is not in a state to run it."""
+
+    status_code = "FAILED_PRECONDITION"
+
+
+class ResourceExhaustedError(SteerError):
+    """A limit was hit: queue full, prompt too long, out of memory."""
+
+    status_code = "RESOURCE_EXHAUSTED"
+
+
+class UnsupportedArchitectureError(FailedPreconditionError):
+    """The model's architecture has no hook layout; pass one explicitly (see steer.hooks)."""

@@ -1,0 +1,465 @@
+"""Batched, KV-cached, streaming generation with per-row interventions.
+
+:class:`Engine` keeps a running batch. Each :meth:`Engine.step`
+
+1. drops cancelled rows,
+2. decodes one token for every running row (one forward pass, the batch's intervention plan
+   attached for the *generated* phase),
+3. admits waiting requests: prefills them together (their own plan, *prompt* phase), draws their
+   first token, and merges their KV cache into the running batch,
+4. returns the events (token ids, text delta, finish reason, usage) of this step.
+
+Rows join and leave only at step boundaries, which is what a server's scheduler needs. The
+engine is synchronous and not thread-safe except for :meth:`submit` and :meth:`cancel`, which
+may be called from other threads.
+"""
+
+from __future__ import annotations
+
+import itertools
+import secrets
+import threading
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from steer import kvcache
+from steer.errors import InvalidArgumentError, ResourceExhaustedError
+from steer.interventions import Intervention, InterventionPlan, Phase, build_plan, validate
+from steer.models import ModelHandle
+from steer.runtime import attach
+from steer.sampling import SamplingConfig, choose
+
+
+@dataclass(frozen=True)
+class Message:
+    role: str
+    content: str
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """One completion. Exactly one of ``prompt``, ``messages`` or ``prompt_ids`` is set."""
+
+    prompt: str | None = None
+    messages: tuple[Message, ...] | None = None
+    prompt_ids: tuple[int, ...] | None = None
+    interventions: tuple[Intervention, ...] = ()
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    max_new_tokens: int = 64
+    stop: tuple[str, ...] = ()
+    top_logprobs: int = 0
+    request_id: str = ""
+    #: speaker of each prompt token (for speaker-scoped interventions); None = nobody's
+    speakers: tuple[str | None, ...] | None = None
+    #: speaker of the generated tokens (the character the model writes as)
+    speaker: str | None = None
+
+
+@dataclass(frozen=True)
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+
+
+@dataclass(frozen=True)
+class GenerationEvent:
+    """A streamed piece of one request's output. The last event has ``finish_reason`` set."""
+
+    request_id: str
+    token_ids: tuple[int, ...] = ()
+    text: str = ""
+    top_logprobs: tuple[tuple[int, float], ...] = ()
+    finish_reason: str | None = None  # "stop" | "length" | "cancelled"
+    usage: Usage | None = None
+    seed: int | None = None
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    request_id: str
+    token_ids: tuple[int, ...]
+    text: str
+    finish_reason: str
+    usage: Usage
+    seed: int
+
+
+def encode_prompt(handle: ModelHandle, request: GenerationRequest) -> list[int]:
+    """Token ids of a request's prompt (chat template applied to ``messages``)."""
+    given = [x is not None for x in (request.prompt, request.messages, request.prompt_ids)]
+    if sum(given) != 1:
+        raise InvalidArgumentError(
+            "set exactly one of prompt, messages or prompt_ids", field="prompt"
+        )
+    if request.prompt_ids is not None:
+        ids = [int(i) for i in request.prompt_ids]
+        vocab = handle.model.config.vocab_size
+        bad = [i for i in ids if not 0 <= i < vocab]
+        if bad:
+            raise InvalidArgumentError(f"token ids outside [0, {vocab}): {bad[:5]}", field="prompt_ids")
+    elif request.messages is not None:
+        if not request.messages:
+            raise InvalidArgumentError("no messages", field="messages")
+        if handle.chat_template is None:
+            raise InvalidArgumentError(
+                "the model has no chat template; send a raw prompt", field="messages"
+            )
+        text = handle.tokenizer.apply_chat_template(
+            [{"role": m.role, "content": m.content} for m in request.messages],
+            tokenize=False,
+            add_generation_prompt=True,
+        )
+        ids = handle.tokenizer(text, add_special_tokens=False)["input_ids"]
+    else:
+        assert request.prompt is not None
+        ids = handle.tokenizer(request.prompt)["input_ids"]
+    if not ids:
+        raise InvalidArgumentError("the prompt is empty", field="prompt")
+    return list(ids)
+
+
+class _TextStream:
+    """Incremental detokenisation with stop strings.
+
+    Text that might be the start of a stop string, or an incomplete UTF-8 character, is held
+    back until the next token decides it.
+    """
+
+    def __init__(self, tokenizer: Any, stop: Sequence[str]) -> None:
+        self.tokenizer = tokenizer
+        self.stop = [s for s in stop if s]
+        self.ids: list[int] = []
+        self.emitted = 0
+        self.text = ""
+
+    def push(self, token_id: int) -> tuple[str, bool]:
+        """Add a token; return (text delta, stopped)."""
+        self.ids.append(token_id)
+        self.text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        cut = min((i for i in (self.text.find(s) for s in self.stop) if i >= 0), default=-1)
+        if cut >= 0:
+            delta = self.text[self.emitted : cut]
+            self.text = self.text[:cut]
+            self.emitted = cut
+            return delta, True
+        end = len(self.text) - self._held_back()
+        delta = self.text[self.emitted : end] if end > self.emitted else ""
+        self.emitted = max(self.emitted, end)
+        return delta, False
+
+    def _held_back(self) -> int:
+        if self.text.endswith("\ufffd"):
+            return 1
+        longest = 0
+        for stop in self.stop:
+            for k in range(min(len(stop) - 1, len(self.text)), 0, -1):
+                if self.text.endswith(stop[:k]):
+                    longest = max(longest, k)
+                    break
+        return longest
+
+    def flush(self) -> str:
+        delta = self.text[self.emitted :]
+        self.emitted = len(self.text)
+        return delta
+
+
+@dataclass
+class _Row:
+    request: GenerationRequest
+    prompt_ids: list[int]
+    seed: int
+    generator: torch.Generator | None
+    stream: _TextStream
+    generated: list[int] = field(default_factory=list)
+    position: int = 0  # position id of the next token fed to the model
+    finish_reason: str | None = None
+
+
+class Engine:
+    """Continuous-batching generator over one loaded model."""
+
+    def __init__(self, handle: ModelHandle, *, max_batch: int = 16, max_waiting: int = 256):
+        self.handle = handle
+        self.max_batch = max_batch
+        self.max_waiting = max_waiting
+        self._ids = itertools.count()
+        self._lock = threading.Lock()
+        self._waiting: list[_Row] = []
+        self._cancelled: set[str] = set()
+        self._rows: list[_Row] = []
+        self._cache: Any = None
+        self._mask: torch.Tensor | None = None
+        self._plan: InterventionPlan | None = None
+
+    # -- requests ---------------------------------------------------------------------------
+
+    def submit(self, request: GenerationRequest) -> str:
+        """Validate and queue a request; it joins the batch at the next step. Returns its id."""
+        if request.max_new_tokens < 1:
+            raise InvalidArgumentError("must be >= 1", field="max_new_tokens")
+        if request.top_logprobs < 0 or request.top_logprobs > 20:
+            raise InvalidArgumentError("must be in [0, 20]", field="top_logprobs")
+        prompt_ids = encode_prompt(self.handle, request)
+        if request.speakers is not None and len(request.speakers) != len(prompt_ids):
+            raise InvalidArgumentError(
+                f"{len(request.speakers)} speakers for {len(prompt_ids)} prompt tokens",
+                field="speakers",
+            )
+        validate(request.interventions, self.handle.resolver, self.handle.d_model)
+        seed = request.sampling.seed
+        if seed is None:
+            seed = secrets.randbits(63)
+        generator = None
+        if not request.sampling.greedy:
+            generator = torch.Generator(device="cpu").manual_seed(seed)
+        with self._lock:
+            if len(self._waiting) >= self.max_waiting:
+                raise ResourceExhaustedError(
+                    f"{len(self._waiting)} requests already waiting", field="queue"
+                )
+            request_id = request.request_id or f"req-{next(self._ids)}"
+            if request.request_id == "":
+                request = _with_id(request, request_id)
+            row = _Row(
+                request=request,
+                prompt_ids=prompt_ids,
+                seed=seed,
+                generator=generator,
+                stream=_TextStream(self.handle.tokenizer, request.stop),
+            )
+            self._waiting.append(row)
+        return request_id
+
+    def cancel(self, request_id: str) -> None:
+        """Mark a request cancelled; its row is freed at the next step."""
+        with self._lock:
+            self._cancelled.add(request_id)
+
+    @property
+    def num_running(self) -> int:
+        return len(self._rows)
+
+    @property
+    def num_waiting(self) -> int:
+        with self._lock:
+            return len(self._waiting)
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self._rows) or self.num_waiting > 0
+
+    # -- stepping ---------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def step(self) -> list[GenerationEvent]:
+        events = self._drop_cancelled()
+        if self._rows:
+            events.extend(self._decode())
+            self._remove_finished()
+        events.extend(self._admit())
+        return events
+
+    def generate(self, requests: Iterable[GenerationRequest]) -> Iterator[GenerationEvent]:
+        """Submit ``requests`` and step until this engine has no work left."""
+        for request in requests:
+            self.submit(request)
+        while self.has_work:
+            yield from self.step()
+
+    def run(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
+        """Generate ``requests`` to completion; results in the order given."""
+        ids = [self.submit(request) for request in requests]
+        tokens: dict[str, list[int]] = {i: [] for i in ids}
+        texts: dict[str, list[str]] = {i: [] for i in ids}
+        finals: dict[str, GenerationEvent] = {}
+        while self.has_work:
+            for event in self.step():
+                if event.request_id not in tokens:
+                    continue
+                tokens[event.request_id].extend(event.token_ids)
+                texts[event.request_id].append(event.text)
+                if event.finish_reason is not None:
+                    finals[event.request_id] = event
+        results = []
+        for request_id in ids:
+            final = finals[request_id]
+            assert final.usage is not None and final.finish_reason is not None
+            assert final.seed is not None
+            results.append(
+                GenerationResult(
+                    request_id=request_id,
+                    token_ids=tuple(tokens[request_id]),
+                    text="".join(texts[request_id]),
+                    finish_reason=final.finish_reason,
+                    usage=final.usage,
+                    seed=final.seed,
+                )
+            )
+        return results
+
+    # -- internals --------------------------------------------------------------------------
+
+    def _drop_cancelled(self) -> list[GenerationEvent]:
+        with self._lock:
+            cancelled, self._cancelled = self._cancelled, set()
+            waiting = [r for r in self._waiting if r.request.request_id in cancelled]
+            self._waiting = [r for r in self._waiting if r.request.request_id not in cancelled]
+        events = []
+        for row in waiting + [r for r in self._rows if r.request.request_id in cancelled]:
+            row.finish_reason = "cancelled"
+            events.append(self._final_event(row, ""))
+        if any(r.finish_reason for r in self._rows):
+            self._remove_finished()
+        return events
+
+    def _forward(
+        self,
+        input_ids: torch.Tensor,
+        mask: torch.Tensor,
+        positions: torch.Tensor,
+        cache: Any,
+        plan: InterventionPlan,
+        phase: Phase,
+        speakers: Sequence[Sequence[str | None]] | None = None,
+    ) -> torch.Tensor:
+        plan.phase = phase
+        plan.token_speakers = speakers
+        device = self.handle.device
+        with attach(self.handle.resolver, plan.hooks()):
+            output = self.handle.model(
+                input_ids=input_ids.to(device),
+                attention_mask=mask.to(device),
+                position_ids=positions.to(device),
+                past_key_values=cache,
+                use_cache=True,
+                logits_to_keep=1,
+            )
+        return output.logits[:, -1, :].float()
+
+    def _decode(self) -> list[GenerationEvent]:
+        assert self._mask is not None and self._plan is not None
+        last = torch.tensor([[row.generated[-1]] for row in self._rows])
+        positions = torch.tensor([[row.position] for row in self._rows])
+        self._mask = torch.cat([self._mask, torch.ones(len(self._rows), 1, dtype=torch.long)], 1)
+        speakers = None
+        if self._plan.needs_speakers:
+            speakers = [[row.request.speaker] for row in self._rows]
+        logits = self._forward(
+            last, self._mask, positions, self._cache, self._plan, Phase.GENERATED, speakers
+        )
+        for row in self._rows:
+            row.position += 1
+        return [self._advance(row, logits[i]) for i, row in enumerate(self._rows)]
+
+    def _admit(self) -> list[GenerationEvent]:
+        with self._lock:
+            free = self.max_batch - len(self._rows)
+            new_rows, self._waiting = self._waiting[:free], self._waiting[free:]
+        if not new_rows:
+            return []
+        from transformers.cache_utils import DynamicCache
+
+        width = max(len(row.prompt_ids) for row in new_rows)
+        pad = self.handle.pad_token_id
+        input_ids = torch.tensor(
+            [[pad] * (width - len(r.prompt_ids)) + r.prompt_ids for r in new_rows]
+        )
+        mask = torch.tensor(
+            [[0] * (width - len(r.prompt_ids)) + [1] * len(r.prompt_ids) for r in new_rows]
+        )
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        cache = DynamicCache(config=self.handle.model.config)
+        plan = self._build_plan(new_rows)
+        speakers = None
+        if plan.needs_speakers:
+            speakers = [
+                [None] * (width - len(r.prompt_ids))
+                + list(r.request.speakers or [None] * len(r.prompt_ids))
+                for r in new_rows
+            ]
+        logits = self._forward(input_ids, mask, positions, cache, plan, Phase.PROMPT, speakers)
+        events = []
+        for index, row in enumerate(new_rows):
+            row.position = len(row.prompt_ids)
+            events.append(self._advance(row, logits[index]))
+        if self._rows:
+            assert self._mask is not None
+            self._cache, self._mask = kvcache.merge(self._cache, self._mask, cache, mask)
+        else:
+            self._cache, self._mask = cache, mask
+        self._rows.extend(new_rows)
+        self._remove_finished(force_replan=True)
+        return events
+
+    def _build_plan(self, rows: Sequence[_Row]) -> InterventionPlan:
+        return build_plan(
+            [row.request.interventions for row in rows],
+            self.handle.resolver,
+            self.handle.d_model,
+            self.handle.dtype,
+            self.handle.device,
+        )
+
+    def _advance(self, row: _Row, logits: torch.Tensor) -> GenerationEvent:
+        """Choose the next token of ``row`` from its logits and turn it into an event."""
+        request = row.request
+        token = choose(logits, request.sampling, row.generator, row.prompt_ids + row.generated)
+        row.generated.append(token)
+        top: tuple[tuple[int, float], ...] = ()
+        if request.top_logprobs:
+            values, indices = torch.log_softmax(logits, -1).topk(request.top_logprobs)
+            top = tuple(zip(indices.tolist(), values.tolist(), strict=True))
+        if token in self.handle.eos_token_ids:
+            row.finish_reason = "stop"
+            return self._final_event(row, row.stream.flush(), (token,), top)
+        delta, stopped = row.stream.push(token)
+        if stopped:
+            row.finish_reason = "stop"
+        elif len(row.generated) >= request.max_new_tokens:
+            row.finish_reason = "length"
+            delta += row.stream.flush()
+        if row.finish_reason:
+            return self._final_event(row, delta, (token,), top)
+        return GenerationEvent(request.request_id, (token,), delta, top)
+
+    def _final_event(
+        self,
+        row: _Row,
+        text: str,
+        token_ids: tuple[int, ...] = (),
+        top: tuple[tuple[int, float], ...] = (),
+    ) -> GenerationEvent:
+        return GenerationEvent(
+            request_id=row.request.request_id,
+            token_ids=token_ids,
+            text=text,
+            top_logprobs=top,
+            finish_reason=row.finish_reason,
+            usage=Usage(len(row.prompt_ids), len(row.generated)),
+            seed=row.seed,
+        )
+
+    def _remove_finished(self, force_replan: bool = False) -> None:
+        keep = [i for i, row in enumerate(self._rows) if row.finish_reason is None]
+        if len(keep) == len(self._rows) and not force_replan:
+            return
+        if not keep:
+            self._rows, self._cache, self._mask, self._plan = [], None, None, None
+            return
+        if len(keep) != len(self._rows):
+            assert self._mask is not None
+            self._cache, self._mask = kvcache.select_rows(
+                self._cache, self._mask, torch.tensor(keep)
+            )
+            self._rows = [self._rows[i] for i in keep]
+        self._plan = self._build_plan(self._rows)
+
+
+def _with_id(request: GenerationRequest, request_id: str) -> GenerationRequest:
+    from dataclasses import replace
+
+    return replace(request, request_id=request_id)

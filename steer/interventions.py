@@ -1,0 +1,397 @@
+"""Interventions (what to do to the residual stream) and the per-batch plan that applies them.
+
+Value objects:
+
+* :class:`Add` -- ``x <- x + strength * v_L`` at the given hook points, for prompt tokens,
+  generated tokens, or both (:class:`Phase`).
+* :class:`Ablate` -- directional ablation ``x <- x - w (x . r) r`` (``r`` unit) at every block
+  input and every attention and MLP output, i.e. ``blocks.L.hook_resid_pre``,
+  ``blocks.L.hook_attn_out`` and ``blocks.L.hook_mlp_out`` for every layer in scope. With
+  ``w = 1`` this removes the direction from everything the model reads at those points.
+
+Each intervention lowers to primitive *ops* at hook points (:class:`ProjectOut`,
+:class:`AddVector`). :func:`build_plan` groups the ops of every row of a batch by hook point and
+stacks them into batched tensors, once per batch composition, so a hook costs one or two
+``einsum``/``add`` calls whatever the number of rows. Rows without ops at a point are left
+untouched (bit-identical), because the plan only touches the rows that have ops there.
+
+Order at one hook point: ablations first, then additions, in the order the interventions were
+given.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+import torch
+
+from steer.errors import InvalidArgumentError
+from steer.hooks import HookKind, HookPoint, HookResolver
+from steer.vectors import SteeringVector
+
+
+class Phase(StrEnum):
+    """Which tokens an intervention acts on."""
+
+    PROMPT = "prompt"
+    GENERATED = "generated"
+    ALL = "all"
+
+    def covers(self, phase: Phase) -> bool:
+        return self is Phase.ALL or self is phase
+
+
+#: hook kinds that together make ablation complete (everything written to the residual stream)
+ABLATION_KINDS = (HookKind.RESID_PRE, HookKind.ATTN_OUT, HookKind.MLP_OUT)
+
+
+def _check_finite(value: float, field_name: str) -> float:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise InvalidArgumentError(f"expected a number, got {value!r}", field=field_name) from None
+    if not math.isfinite(number):
+        raise InvalidArgumentError(f"must be finite, got {value!r}", field=field_name)
+    return number
+
+
+# ---------------------------------------------------------------------------------------------
+# Primitive ops
+
+
+@dataclass(frozen=True, eq=False)
+class ProjectOut:
+    """``x <- x - weight * (x . unit) unit``."""
+
+    unit: torch.Tensor
+    weight: float = 1.0
+    speaker: str | None = None
+
+
+@dataclass(frozen=True, eq=False)
+class AddVector:
+    """``x <- x + vector`` on the tokens of ``phase``."""
+
+    vector: torch.Tensor
+    phase: Phase = Phase.ALL
+    speaker: str | None = None
+
+
+Op = ProjectOut | AddVector
+
+
+# ---------------------------------------------------------------------------------------------
+# Interventions
+
+
+class Intervention:
+    """Base class: an intervention lowers itself to ops at hook points of a given model."""
+
+    def lower(self, resolver: HookResolver, d_model: int) -> list[tuple[HookPoint, Op]]:
+        raise NotImplementedError
+
+    def is_noop(self) -> bool:
+        """True when the intervention changes nothing (zero strength or zero weight)."""
+        return False
+
+
+def _check_dimension(vector: SteeringVector, d_model: int, field_name: str) -> None:
+    if vector.d_model != d_model:
+        raise InvalidArgumentError(
+            f"vector has {vector.d_model} dimensions but the model's d_model is {d_model}",
+            field=field_name,
+        )
+
+
+@dataclass(frozen=True, eq=False)
+class Add(Intervention):
+    """Activation addition: ``x <- x + strength * vector.at(L)`` at each hook in ``hooks``.
+
+    With ``hooks`` empty, the vector is added at ``blocks.L.hook_resid_post`` for every layer it
+    has its own vector for (the repeng / control-vector convention).
+    """
+
+    vector: SteeringVector
+    strength: float = 1.0
+    hooks: tuple[str, ...] = ()
+    phase: Phase = Phase.ALL
+    #: only the tokens this character speaks (see GenerationRequest.speakers); None = all tokens
+    speaker: str | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "strength", _check_finite(self.strength, "strength"))
+        object.__setattr__(self, "hooks", tuple(self.hooks))
+        try:
+            object.__setattr__(self, "phase", Phase(self.phase))
+        except ValueError:
+            raise InvalidArgumentError(
+                f"unknown phase {self.phase!r}; use prompt, generated or all", field="phase"
+            ) from None
+
+    def is_noop(self) -> bool:
+        return self.strength == 0.0
+
+    def hook_points(self, resolver: HookResolver) -> list[HookPoint]:
+        if self.hooks:
+            return [resolver.parse(name, field="hooks") for name in self.hooks]
+        if not self.vector.per_layer:
+            raise InvalidArgumentError(
+                "a shared vector needs explicit hooks (e.g. blocks.10.hook_resid_post)",
+                field="hooks",
+            )
+        return [resolver.parse(f"blocks.{layer}.hook_resid_post") for layer in self.vector.layers]
+
+    def lower(self, resolver: HookResolver, d_model: int) -> list[tuple[HookPoint, Op]]:
+        _check_dimension(self.vector, d_model, "vector")
+        ops: list[tuple[HookPoint, Op]] = []
+        for point in self.hook_points(resolver):
+            layer = 0 if point.layer is None else point.layer
+            vector = self.vector.at(layer) * self.strength
+            ops.append((point, AddVector(vector, self.phase, self.speaker)))
+        return ops
+
+
+@dataclass(frozen=True, eq=False)
+class Ablate(Intervention):
+    """Directional ablation of ``direction`` (normalised per layer) on ``layers`` (all if None).
+
+    ``weight`` scales the removed component (1 = full ablation); ``layer_weights`` overrides it
+    per layer (a heretic-style kernel), layers missing from it get weight 0.
+    """
+
+    direction: SteeringVector
+    layers: tuple[int, ...] | None = None
+    weight: float = 1.0
+    layer_weights: Mapping[int, float] | None = None
+    kinds: tuple[HookKind, ...] = field(default=ABLATION_KINDS)
+    speaker: str | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "weight", _check_finite(self.weight, "weight"))
+        if self.layer_weights is not None:
+            checked = {
+                int(layer): _check_finite(value, f"layer_weights[{layer}]")
+                for layer, value in self.layer_weights.items()
+            }
+            object.__setattr__(self, "layer_weights", checked)
+        if self.layers is not None:
+            object.__setattr__(self, "layers", tuple(int(layer) for layer in self.layers))
+
+    def is_noop(self) -> bool:
+        if self.layer_weights is not None:
+            return all(value == 0.0 for value in self.layer_weights.values())
+        return self.weight == 0.0
+
+    def weight_at(self, layer: int) -> float:
+        if self.layer_weights is not None:
+            return self.layer_weights.get(layer, 0.0)
+        return self.weight
+
+    def lower(self, resolver: HookResolver, d_model: int) -> list[tuple[HookPoint, Op]]:
+        _check_dimension(self.direction, d_model, "direction")
+        layers = self.layers if self.layers is not None else tuple(range(resolver.num_layers))
+        for layer in layers:
+            if not 0 <= layer < resolver.num_layers:
+                raise InvalidArgumentError(
+                    f"layer {layer} out of range: the model has layers 0..{resolver.num_layers - 1}",
+                    field="layers",
+                )
+        unit = self.direction.normalized()
+        ops: list[tuple[HookPoint, Op]] = []
+        for layer in layers:
+            weight = self.weight_at(layer)
+            if weight == 0.0:
+                continue
+            for kind in self.kinds:
+                op = ProjectOut(unit.at(layer), weight, self.speaker)
+                ops.append((HookPoint(layer, kind), op))
+        return ops
+
+
+# ---------------------------------------------------------------------------------------------
+# Batched plan
+
+
+def validate(interventions: Sequence[Intervention], resolver: HookResolver, d_model: int) -> None:
+    """Raise :class:`InvalidArgumentError` if any intervention does not fit the model."""
+    for intervention in interventions:
+        if not isinstance(intervention, Intervention):
+            raise InvalidArgumentError(
+                f"expected an Intervention, got {type(intervention).__name__}",
+                field="interventions",
+            )
+        intervention.lower(resolver, d_model)
+
+
+class _PointProgram:
+    """All ops of every row at one hook point, stacked for the batch.
+
+    Unscoped ops are stacked into (rows, K, D) bases and (rows, D) sums and applied in one go.
+    Speaker-scoped ops are kept as a short list and applied with a per-token mask built from the
+    plan's ``token_speakers`` for the current forward pass.
+    """
+
+    def __init__(
+        self,
+        batch_size: int,
+        row_ops: Mapping[int, list[Op]],
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> None:
+        self.scoped: list[tuple[int, Op]] = []
+        unscoped: dict[int, list[Op]] = {}
+        for row, ops in row_ops.items():
+            for op in ops:
+                if op.speaker is None:
+                    unscoped.setdefault(row, []).append(op)
+                else:
+                    self.scoped.append((row, _to(op, dtype, device)))
+        rows = sorted(unscoped)
+        self.full_batch = len(rows) == batch_size
+        self.rows = torch.tensor(rows, dtype=torch.long, device=device)
+        # Ablation: a (rows, K, D) stack of unit vectors with (rows, K) weights; absent -> zeros,
+        # which makes x - 0 * (x . 0) 0 an exact no-op for that slot.
+        self.basis: torch.Tensor | None = None
+        self.weights: torch.Tensor | None = None
+        self.additions: dict[Phase, torch.Tensor | None] = {
+            Phase.PROMPT: None,
+            Phase.GENERATED: None,
+        }
+        if not rows:
+            return
+        d_model = _op_size(unscoped[rows[0]][0])
+        max_k = max(sum(isinstance(op, ProjectOut) for op in ops) for ops in unscoped.values())
+        if max_k:
+            basis = torch.zeros(len(rows), max_k, d_model)
+            weights = torch.zeros(len(rows), max_k)
+            for index, row in enumerate(rows):
+                projections = [op for op in unscoped[row] if isinstance(op, ProjectOut)]
+                units = _orthonormal_if_full([op.unit for op in projections], projections)
+                for k, (unit, op) in enumerate(zip(units, projections, strict=True)):
+                    basis[index, k] = unit
+                    weights[index, k] = op.weight
+            self.basis = basis.to(device=device, dtype=dtype)
+            self.weights = weights.to(device=device, dtype=dtype)
+        for phase in (Phase.PROMPT, Phase.GENERATED):
+            total = torch.zeros(len(rows), d_model)
+            any_add = False
+            for index, row in enumerate(rows):
+                for op in unscoped[row]:
+                    if isinstance(op, AddVector) and op.phase.covers(phase):
+                        total[index] += op.vector
+                        any_add = True
+            self.additions[phase] = total.to(device=device, dtype=dtype) if any_add else None
+
+    def apply(
+        self, x: torch.Tensor, phase: Phase, token_speakers: Sequence[Sequence[str | None]] | None
+    ) -> torch.Tensor:
+        """x: (batch, tokens, d_model) -> same shape."""
+        x = self._apply_unscoped(x, phase)
+        for row, op in self.scoped:
+            if isinstance(op, AddVector) and not op.phase.covers(phase):
+                continue
+            speakers = token_speakers[row] if token_speakers is not None else ()
+            mask = [s == op.speaker for s in speakers[-x.shape[1] :]]
+            if not any(mask):
+                continue
+            weight = torch.tensor(mask, dtype=x.dtype, device=x.device)[:, None]  # (T, 1)
+            x = x.clone()
+            if isinstance(op, ProjectOut):
+                coefficient = (x[row] @ op.unit)[:, None] * op.weight
+                x[row] = x[row] - weight * coefficient * op.unit
+            else:
+                x[row] = x[row] + weight * op.vector
+        return x
+
+    def _apply_unscoped(self, x: torch.Tensor, phase: Phase) -> torch.Tensor:
+        addition = self.additions[phase]
+        if self.basis is None and addition is None:
+            return x
+        subset = x if self.full_batch else x.index_select(0, self.rows)
+        if self.basis is not None and self.weights is not None:
+            for k in range(self.basis.shape[1]):
+                unit = self.basis[:, k, :]  # (rows, D)
+                coefficient = torch.einsum("btd,bd->bt", subset, unit) * self.weights[:, k, None]
+                subset = subset - coefficient[..., None] * unit[:, None, :]
+        if addition is not None:
+            subset = subset + addition[:, None, :]
+        if self.full_batch:
+            return subset
+        return x.index_copy(0, self.rows, subset)
+
+
+def _to(op: Op, dtype: torch.dtype, device: torch.device) -> Op:
+    if isinstance(op, ProjectOut):
+        return ProjectOut(op.unit.to(device, dtype), op.weight, op.speaker)
+    return AddVector(op.vector.to(device, dtype), op.phase, op.speaker)
+
+
+def _op_size(op: Op) -> int:
+    return op.unit.numel() if isinstance(op, ProjectOut) else op.vector.numel()
+
+
+def _orthonormal_if_full(units: list[torch.Tensor], ops: list[ProjectOut]) -> list[torch.Tensor]:
+    """Several full-weight ablations at one point must remove their whole span: orthonormalise."""
+    if len(units) < 2 or any(op.weight != 1.0 for op in ops):
+        return units
+    q, r = torch.linalg.qr(torch.stack(units, dim=1).double())
+    keep = r.diagonal().abs() > 1e-6
+    basis = [q[:, k].float() if keep[k] else torch.zeros_like(units[k]) for k in range(len(units))]
+    return basis
+
+
+class InterventionPlan:
+    """Per-hook-point programs for one batch of rows.
+
+    Before each forward pass the engine sets ``phase`` (prompt or generated tokens) and, for
+    speaker-scoped interventions, ``token_speakers``: per row, the speaker of each token fed in
+    this pass (right-aligned; padding is None).
+    """
+
+    def __init__(self, programs: dict[HookPoint, _PointProgram]) -> None:
+        self.programs = programs
+        self.phase = Phase.PROMPT
+        self.token_speakers: Sequence[Sequence[str | None]] | None = None
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.programs
+
+    @property
+    def needs_speakers(self) -> bool:
+        return any(program.scoped for program in self.programs.values())
+
+    def hooks(self) -> dict[HookPoint, Callable[[torch.Tensor], torch.Tensor]]:
+        """One function per hook point; each reads the plan's current phase when called."""
+        return {
+            point: (lambda x, program=program: program.apply(x, self.phase, self.token_speakers))
+            for point, program in self.programs.items()
+        }
+
+
+def build_plan(
+    rows: Sequence[Sequence[Intervention]],
+    resolver: HookResolver,
+    d_model: int,
+    dtype: torch.dtype,
+    device: torch.device,
+) -> InterventionPlan:
+    """Lower every row's interventions and stack them per hook point."""
+    by_point: dict[HookPoint, dict[int, list[Op]]] = {}
+    for row, interventions in enumerate(rows):
+        for intervention in interventions:
+            if intervention.is_noop():
+                continue
+            for point, op in intervention.lower(resolver, d_model):
+                by_point.setdefault(point, {}).setdefault(row, []).append(op)
+    programs = {}
+    for point in sorted(by_point, key=lambda p: (-1 if p.layer is None else p.layer, p.kind)):
+        row_ops = {
+            row: sorted(ops, key=lambda op: 0 if isinstance(op, ProjectOut) else 1)
+            for row, ops in by_point[point].items()
+        }
+        programs[point] = _PointProgram(len(rows), row_ops, dtype, device)
+    return InterventionPlan(programs)

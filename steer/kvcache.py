@@ -1,0 +1,85 @@
+"""Row-level surgery on a transformers ``DynamicCache`` for continuous batching.
+
+The running batch keeps one left-padded cache: every row has the same number of columns ``T``,
+padding columns are masked out by the 2-D attention mask. Rows join by merging a freshly
+prefilled cache (padding the shorter one on the left) and leave by selecting the remaining rows;
+columns that are padding for every row are then dropped. Sliding-window layers keep only their
+last ``window - 1`` columns, right-aligned like everything else, so the same operations apply with
+a per-layer length cap.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers.cache_utils import DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
+
+from steer.errors import UnsupportedArchitectureError
+
+
+def _check_layer(layer: object) -> DynamicLayer:
+    if not isinstance(layer, DynamicLayer):
+        raise UnsupportedArchitectureError(
+            f"cache layer type {type(layer).__name__} cannot be batched by steer", field="model"
+        )
+    return layer
+
+
+def _length_for(layer: DynamicLayer, columns: int) -> int:
+    if isinstance(layer, DynamicSlidingWindowLayer):
+        return min(columns, layer.sliding_window - 1)
+    return columns
+
+
+def _pad_left(tensor: torch.Tensor, length: int) -> torch.Tensor:
+    missing = length - tensor.shape[-2]
+    if missing <= 0:
+        return tensor
+    shape = (*tensor.shape[:-2], missing, tensor.shape[-1])
+    return torch.cat([tensor.new_zeros(shape), tensor], dim=-2)
+
+
+def _set_columns(layer: DynamicLayer, columns: int) -> None:
+    if isinstance(layer, DynamicSlidingWindowLayer):
+        layer.cumulative_length = columns
+
+
+def merge(
+    cache: DynamicCache, mask: torch.Tensor, other: DynamicCache, other_mask: torch.Tensor
+) -> tuple[DynamicCache, torch.Tensor]:
+    """Append the rows of ``other`` to ``cache`` (in place on ``cache``); masks are (B, T) long."""
+    columns = max(mask.shape[1], other_mask.shape[1])
+    for layer, other_layer in zip(cache.layers, other.layers, strict=True):
+        layer, other_layer = _check_layer(layer), _check_layer(other_layer)
+        length = _length_for(layer, columns)
+        layer.keys = torch.cat([_pad_left(layer.keys, length), _pad_left(other_layer.keys, length)])
+        layer.values = torch.cat(
+            [_pad_left(layer.values, length), _pad_left(other_layer.values, length)]
+        )
+        _set_columns(layer, columns)
+    merged_mask = torch.cat(
+        [_pad_left(mask[:, None, :], columns)[:, 0], _pad_left(other_mask[:, None, :], columns)[:, 0]]
+    )
+    return cache, merged_mask
+
+
+def select_rows(
+    cache: DynamicCache, mask: torch.Tensor, rows: torch.Tensor
+) -> tuple[DynamicCache, torch.Tensor]:
+    """Keep ``rows`` (a LongTensor of indices), then drop columns that are padding everywhere."""
+    for layer in cache.layers:
+        layer = _check_layer(layer)
+        layer.keys = layer.keys.index_select(0, rows.to(layer.keys.device))
+        layer.values = layer.values.index_select(0, rows.to(layer.values.device))
+    mask = mask.index_select(0, rows.to(mask.device))
+    real = mask.any(dim=0).nonzero()
+    drop = int(real[0].item()) if real.numel() else 0
+    if drop:
+        columns = mask.shape[1] - drop
+        mask = mask[:, drop:]
+        for layer in cache.layers:
+            layer = _check_layer(layer)
+            length = _length_for(layer, columns)
+            layer.keys = layer.keys[..., -length:, :]
+            layer.values = layer.values[..., -length:, :]
+            _set_columns(layer, columns)
+    return cache, mask

@@ -1,0 +1,265 @@
+"""Loading models: local HF directories, single GGUF files, base + LoRA, offline names.
+
+Safe by default: weights come from safetensors or GGUF; pickled ``.bin`` checkpoints load only
+with ``allow_pickle=True`` (and then through ``torch.load(weights_only=True)``, which transformers
+uses); ``trust_remote_code`` is off unless asked for.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+
+from steer.errors import FailedPreconditionError, InvalidArgumentError, NotFoundError
+from steer.hooks import ArchitectureLayout, HookResolver
+from steer.offline import OFFLINE_MODELS, resolve_offline
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True, eq=False)
+class ModelHandle:
+    """A loaded model with what the rest of steer needs to know about it."""
+
+    model: PreTrainedModel
+    tokenizer: Any
+    name: str
+    resolver: HookResolver = field(repr=False)
+
+    @property
+    def architecture(self) -> str:
+        return str(self.model.config.model_type)
+
+    @property
+    def num_layers(self) -> int:
+        return self.resolver.num_layers
+
+    @property
+    def d_model(self) -> int:
+        return int(self.model.config.hidden_size)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.resolver.embed.weight.device  # type: ignore[union-attr]
+
+    @property
+    def chat_template(self) -> str | None:
+        return getattr(self.tokenizer, "chat_template", None)
+
+    @cached_property
+    def eos_token_ids(self) -> frozenset[int]:
+        ids: set[int] = set()
+        for source in (self.model.generation_config.eos_token_id, self.tokenizer.eos_token_id):
+            if isinstance(source, int):
+                ids.add(source)
+            elif source:
+                ids.update(int(i) for i in source)
+        return frozenset(ids)
+
+    @cached_property
+    def pad_token_id(self) -> int:
+        for candidate in (self.tokenizer.pad_token_id, self.tokenizer.eos_token_id):
+            if candidate is not None:
+                return int(candidate)
+        return 0
+
+    @cached_property
+    def weight_hash(self) -> str:
+        """SHA-256 over parameter names, shapes and values rounded to bfloat16.
+
+        Rounding to bfloat16 makes float32/bfloat16 loads of the same weights hash alike, so an
+        artifact made on one can be checked against the other.
+        """
+        digest = hashlib.sha256()
+        with torch.no_grad():
+            for name, tensor in sorted(self.model.state_dict().items()):
+                if not tensor.is_floating_point():
+                    continue
+                rounded = tensor.detach().to("cpu", torch.bfloat16).contiguous()
+                digest.update(f"{name}:{tuple(rounded.shape)};".encode())
+                digest.update(rounded.view(torch.int16).numpy().tobytes())
+        return digest.hexdigest()
+
+    def hook_names(self) -> list[str]:
+        return self.resolver.hook_names()
+
+    def info(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "architecture": self.architecture,
+            "num_layers": self.num_layers,
+            "d_model": self.d_model,
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "device": str(self.device),
+        }
+
+
+def _torch_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise InvalidArgumentError(
+            f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}", field="dtype"
+        )
+    return DTYPES[dtype]
+
+
+def _device_kwargs(device: str) -> dict[str, Any]:
+    if device == "auto":
+        return {"device_map": "auto"}
+    if device == "cpu" or device.startswith("cuda"):
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise FailedPreconditionError("CUDA is not available on this machine", field="device")
+        return {"device_map": device}
+    raise InvalidArgumentError(f"unknown device {device!r}; use cpu, cuda[:N] or auto", field="device")
+
+
+def _quantization_kwargs(quantization: str | None) -> dict[str, Any]:
+    if quantization is None:
+        return {}
+    if quantization not in ("4bit", "8bit"):
+        raise InvalidArgumentError("quantization must be 4bit or 8bit", field="quantization")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise FailedPreconditionError(
+            "4/8-bit loading needs bitsandbytes: pip install bitsandbytes", field="quantization"
+        )
+    from transformers import BitsAndBytesConfig
+
+    flag = "load_in_4bit" if quantization == "4bit" else "load_in_8bit"
+    return {"quantization_config": BitsAndBytesConfig(**{flag: True})}
+
+
+def _weight_kwargs(directory: Path, allow_pickle: bool) -> dict[str, Any]:
+    if any(directory.glob("*.safetensors")):
+        return {"use_safetensors": True}
+    if any(directory.glob("*.bin")):
+        if not allow_pickle:
+            raise FailedPreconditionError(
+                f"{directory} holds only pickled .bin weights; steer never unpickles by default. "
+                "Convert them to safetensors, or pass allow_pickle=True (--allow-pickle) to load "
+                "them with torch.load(weights_only=True)",
+                field="model",
+            )
+        return {"use_safetensors": False}
+    raise NotFoundError(f"no safetensors or .bin weights in {directory}", field="model")
+
+
+def load_model(
+    source: str | Path,
+    *,
+    dtype: str | torch.dtype = "float32",
+    device: str = "cpu",
+    adapter: str | Path | None = None,
+    allow_pickle: bool = False,
+    trust_remote_code: bool = False,
+    quantization: str | None = None,
+    layout: ArchitectureLayout | None = None,
+) -> ModelHandle:
+    """Load ``source``: an offline name, a HF model directory, a ``.gguf`` file, or a LoRA
+    adapter directory (merged into its base at load). ``adapter`` merges an extra adapter."""
+    torch_dtype = _torch_dtype(dtype)
+    common: dict[str, Any] = {
+        "dtype": torch_dtype,
+        "trust_remote_code": trust_remote_code,
+        **_device_kwargs(device),
+        **_quantization_kwargs(quantization),
+    }
+    name = str(source)
+    path = resolve_offline(name) if name in OFFLINE_MODELS else Path(source)
+    if not path.exists():
+        raise NotFoundError(
+            f"{source!r} is neither an offline model ({', '.join(OFFLINE_MODELS)}) nor an "
+            "existing path",
+            field="model",
+        )
+    if path.is_dir() and (path / "adapter_config.json").exists():
+        base = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
+        if not base:
+            raise InvalidArgumentError(
+                f"{path}/adapter_config.json names no base_model_name_or_path", field="model"
+            )
+        base_handle = load_model(
+            base,
+            dtype=dtype,
+            device=device,
+            allow_pickle=allow_pickle,
+            trust_remote_code=trust_remote_code,
+            layout=layout,
+        )
+        return _merge_adapter(base_handle, path, name, layout)
+    model, tokenizer = _load_weights(path, common, allow_pickle)
+    model.eval()
+    model.requires_grad_(False)
+    handle = ModelHandle(
+        model=model,
+        tokenizer=tokenizer,
+        name=name,
+        resolver=HookResolver(model, str(model.config.model_type), layout),
+    )
+    if adapter is not None:
+        handle = _merge_adapter(handle, Path(adapter), name, layout)
+    return handle
+
+
+def _load_weights(path: Path, common: dict[str, Any], allow_pickle: bool) -> tuple[Any, Any]:
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise InvalidArgumentError(
+                f"{path} is a file but not .gguf; pass a model directory or a .gguf file",
+                field="model",
+            )
+        # GGUF weights are dequantised by transformers; compute happens in the requested dtype.
+        kwargs = {"gguf_file": path.name}
+        model = AutoModelForCausalLM.from_pretrained(path.parent, **kwargs, **common)
+        tokenizer = AutoTokenizer.from_pretrained(path.parent, **kwargs)
+        return model, tokenizer
+    if not (path / "config.json").exists():
+        raise NotFoundError(f"{path} has no config.json", field="model")
+    weight_kwargs = _weight_kwargs(path, allow_pickle)
+    model = AutoModelForCausalLM.from_pretrained(path, **weight_kwargs, **common)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    return model, tokenizer
+
+
+def _merge_adapter(
+    handle: ModelHandle, adapter: Path, name: str, layout: ArchitectureLayout | None
+) -> ModelHandle:
+    from peft import PeftModel
+
+    if not (adapter / "adapter_config.json").exists():
+        raise NotFoundError(f"{adapter} is not a PEFT adapter directory", field="adapter")
+    peft_model = PeftModel.from_pretrained(handle.model, str(adapter))
+    merged = peft_model.merge_and_unload()
+    merged.eval()
+    return ModelHandle(
+        model=merged,
+        tokenizer=handle.tokenizer,
+        name=name,
+        resolver=HookResolver(merged, str(merged.config.model_type), layout),
+    )
+
+
+def from_pretrained_model(
+    model: PreTrainedModel, tokenizer: Any, name: str = "model", layout: ArchitectureLayout | None = None
+) -> ModelHandle:
+    """Wrap an already constructed model (tests, notebooks, embedding applications)."""
+    model.eval()
+    model.requires_grad_(False)
+    return ModelHandle(
+        model=model,
+        tokenizer=tokenizer,
+        name=name,
+        resolver=HookResolver(model, str(model.config.model_type), layout),
+    )
