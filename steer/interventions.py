@@ -80,7 +80,21 @@ class AddVector:
     speaker: str | None = None
 
 
-Op = ProjectOut | AddVector
+@dataclass(frozen=True, eq=False)
+class RowFunction:
+    """Extension op: ``x_row <- fn(x_row, mask)`` for one row.
+
+    ``x_row`` is (tokens, d_model) in the model's dtype; ``mask`` is a (tokens,) bool tensor of
+    the tokens the op covers (its phase and speaker); ``fn`` must leave the others unchanged.
+    SAE feature sliders lower to this op.
+    """
+
+    fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    phase: Phase = Phase.ALL
+    speaker: str | None = None
+
+
+Op = ProjectOut | AddVector | RowFunction
 
 
 # ---------------------------------------------------------------------------------------------
@@ -245,7 +259,7 @@ class _PointProgram:
         unscoped: dict[int, list[Op]] = {}
         for row, ops in row_ops.items():
             for op in ops:
-                if op.speaker is None:
+                if op.speaker is None and not isinstance(op, RowFunction):
                     unscoped.setdefault(row, []).append(op)
                 else:
                     self.scoped.append((row, _to(op, dtype, device)))
@@ -262,7 +276,9 @@ class _PointProgram:
         }
         if not rows:
             return
-        d_model = _op_size(unscoped[rows[0]][0])
+        first = unscoped[rows[0]][0]
+        assert not isinstance(first, RowFunction)
+        d_model = _op_size(first)
         max_k = max(sum(isinstance(op, ProjectOut) for op in ops) for ops in unscoped.values())
         if max_k:
             basis = torch.zeros(len(rows), max_k, d_model)
@@ -291,15 +307,20 @@ class _PointProgram:
         """x: (batch, tokens, d_model) -> same shape."""
         x = self._apply_unscoped(x, phase)
         for row, op in self.scoped:
-            if isinstance(op, AddVector) and not op.phase.covers(phase):
+            if isinstance(op, (AddVector, RowFunction)) and not op.phase.covers(phase):
                 continue
-            speakers = token_speakers[row] if token_speakers is not None else ()
-            mask = [s == op.speaker for s in speakers[-x.shape[1] :]]
+            if op.speaker is None:
+                mask = [True] * x.shape[1]
+            else:
+                speakers = token_speakers[row] if token_speakers is not None else ()
+                mask = [s == op.speaker for s in speakers[-x.shape[1] :]]
             if not any(mask):
                 continue
             weight = torch.tensor(mask, dtype=x.dtype, device=x.device)[:, None]  # (T, 1)
             x = x.clone()
-            if isinstance(op, ProjectOut):
+            if isinstance(op, RowFunction):
+                x[row] = op.fn(x[row], weight[:, 0].bool())
+            elif isinstance(op, ProjectOut):
                 coefficient = (x[row] @ op.unit)[:, None] * op.weight
                 x[row] = x[row] - weight * coefficient * op.unit
             else:
@@ -324,12 +345,14 @@ class _PointProgram:
 
 
 def _to(op: Op, dtype: torch.dtype, device: torch.device) -> Op:
+    if isinstance(op, RowFunction):
+        return op
     if isinstance(op, ProjectOut):
         return ProjectOut(op.unit.to(device, dtype), op.weight, op.speaker)
     return AddVector(op.vector.to(device, dtype), op.phase, op.speaker)
 
 
-def _op_size(op: Op) -> int:
+def _op_size(op: ProjectOut | AddVector) -> int:
     return op.unit.numel() if isinstance(op, ProjectOut) else op.vector.numel()
 
 
@@ -370,6 +393,7 @@ class InterventionPlan:
             point: (lambda x, program=program: program.apply(x, self.phase, self.token_speakers))
             for point, program in self.programs.items()
         }
+
 
 
 def build_plan(

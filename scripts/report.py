@@ -1,0 +1,59 @@
+"""Shared by the benchmark and evaluation scripts: print one JSON line, update a docs section.
+
+Each script owns one section of a docs file, delimited by ``<!-- BEGIN name -->`` and
+``<!-- END name -->``; rerunning the script replaces only its own section, so tables in docs/
+are always generated, never typed.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import re
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+DOCS = Path(__file__).resolve().parent.parent / "docs"
+
+
+def machine() -> str:
+    """A short description of where the numbers were measured."""
+    import os
+
+    if torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name(0)}, torch {torch.__version__}"
+    return (
+        f"CPU {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+        f"torch {torch.__version__} ({torch.get_num_threads()} threads)"
+    )
+
+
+def emit(record: Mapping[str, Any]) -> None:
+    print(json.dumps(record, sort_keys=False, default=str), flush=True)
+
+
+def table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> str:
+    def cell(value: Any) -> str:
+        if isinstance(value, float):
+            return f"{value:.4g}"
+        return str(value)
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(cell(row.get(c, "")) for c in columns) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def write_section(filename: str, name: str, markdown: str, title: str | None = None) -> Path:
+    """Replace (or append) the section ``name`` of ``docs/filename``."""
+    path = DOCS / filename
+    DOCS.mkdir(exist_ok=True)
+    text = path.read_text() if path.exists() else f"# {title or filename.removesuffix('.md')}\n"
+    begin, end = f"<!-- BEGIN {name} -->", f"<!-- END {name} -->"
+    block = f"{begin}\n{markdown.strip()}\n{end}"
+    pattern = re.compile(re.escape(begin) + ".*?" + re.escape(end), re.S)
+    text = pattern.sub(lambda _m: block, text) if pattern.search(text) else text + f"\n{block}\n"
+    path.write_text(text)
+    return path
