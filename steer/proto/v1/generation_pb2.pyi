@@ -1,0 +1,200 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class Phase(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    PHASE_UNSPECIFIED: _ClassVar[Phase]
+    PHASE_ALL: _ClassVar[Phase]
+    PHASE_PROMPT: _ClassVar[Phase]
+    PHASE_GENERATED: _ClassVar[Phase]
+
+class Side(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    SIDE_UNSPECIFIED: _ClassVar[Side]
+    SIDE_DEFAULT: _ClassVar[Side]
+    SIDE_STEERED: _ClassVar[Side]
+
+class FinishReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    FINISH_REASON_UNSPECIFIED: _ClassVar[FinishReason]
+    FINISH_REASON_STOP: _ClassVar[FinishReason]
+    FINISH_REASON_LENGTH: _ClassVar[FinishReason]
+    FINISH_REASON_CANCELLED: _ClassVar[FinishReason]
+PHASE_UNSPECIFIED: Phase
+PHASE_ALL: Phase
+PHASE_PROMPT: Phase
+PHASE_GENERATED: Phase
+SIDE_UNSPECIFIED: Side
+SIDE_DEFAULT: Side
+SIDE_STEERED: Side
+FINISH_REASON_UNSPECIFIED: FinishReason
+FINISH_REASON_STOP: FinishReason
+FINISH_REASON_LENGTH: FinishReason
+FINISH_REASON_CANCELLED: FinishReason
+
+class ChatMessage(_message.Message):
+    __slots__ = ("role", "content")
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    CONTENT_FIELD_NUMBER: _ClassVar[int]
+    role: str
+    content: str
+    def __init__(self, role: _Optional[str] = ..., content: _Optional[str] = ...) -> None: ...
+
+class ChatPrompt(_message.Message):
+    __slots__ = ("messages", "prompt_format")
+    MESSAGES_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_FORMAT_FIELD_NUMBER: _ClassVar[int]
+    messages: _containers.RepeatedCompositeFieldContainer[ChatMessage]
+    prompt_format: str
+    def __init__(self, messages: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ..., prompt_format: _Optional[str] = ...) -> None: ...
+
+class TokenIds(_message.Message):
+    __slots__ = ("ids",)
+    IDS_FIELD_NUMBER: _ClassVar[int]
+    ids: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, ids: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class SamplingParams(_message.Message):
+    __slots__ = ("temperature", "top_k", "top_p", "min_p")
+    TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
+    TOP_K_FIELD_NUMBER: _ClassVar[int]
+    TOP_P_FIELD_NUMBER: _ClassVar[int]
+    MIN_P_FIELD_NUMBER: _ClassVar[int]
+    temperature: float
+    top_k: int
+    top_p: float
+    min_p: float
+    def __init__(self, temperature: _Optional[float] = ..., top_k: _Optional[int] = ..., top_p: _Optional[float] = ..., min_p: _Optional[float] = ...) -> None: ...
+
+class InlineVector(_message.Message):
+    __slots__ = ("shared", "layers")
+    SHARED_FIELD_NUMBER: _ClassVar[int]
+    LAYERS_FIELD_NUMBER: _ClassVar[int]
+    shared: _containers.RepeatedScalarFieldContainer[float]
+    layers: _containers.RepeatedCompositeFieldContainer[LayerVector]
+    def __init__(self, shared: _Optional[_Iterable[float]] = ..., layers: _Optional[_Iterable[_Union[LayerVector, _Mapping]]] = ...) -> None: ...
+
+class LayerVector(_message.Message):
+    __slots__ = ("layer", "values")
+    LAYER_FIELD_NUMBER: _ClassVar[int]
+    VALUES_FIELD_NUMBER: _ClassVar[int]
+    layer: int
+    values: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, layer: _Optional[int] = ..., values: _Optional[_Iterable[float]] = ...) -> None: ...
+
+class AblateDirection(_message.Message):
+    __slots__ = ("artifact_id", "layers", "weight", "layer_weights", "allow_other_model")
+    class LayerWeightsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: int
+        value: float
+        def __init__(self, key: _Optional[int] = ..., value: _Optional[float] = ...) -> None: ...
+    ARTIFACT_ID_FIELD_NUMBER: _ClassVar[int]
+    LAYERS_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    LAYER_WEIGHTS_FIELD_NUMBER: _ClassVar[int]
+    ALLOW_OTHER_MODEL_FIELD_NUMBER: _ClassVar[int]
+    artifact_id: str
+    layers: _containers.RepeatedScalarFieldContainer[int]
+    weight: float
+    layer_weights: _containers.ScalarMap[int, float]
+    allow_other_model: bool
+    def __init__(self, artifact_id: _Optional[str] = ..., layers: _Optional[_Iterable[int]] = ..., weight: _Optional[float] = ..., layer_weights: _Optional[_Mapping[int, float]] = ..., allow_other_model: _Optional[bool] = ...) -> None: ...
+
+class AddVector(_message.Message):
+    __slots__ = ("artifact_id", "inline", "strength", "hooks", "phase", "allow_other_model")
+    ARTIFACT_ID_FIELD_NUMBER: _ClassVar[int]
+    INLINE_FIELD_NUMBER: _ClassVar[int]
+    STRENGTH_FIELD_NUMBER: _ClassVar[int]
+    HOOKS_FIELD_NUMBER: _ClassVar[int]
+    PHASE_FIELD_NUMBER: _ClassVar[int]
+    ALLOW_OTHER_MODEL_FIELD_NUMBER: _ClassVar[int]
+    artifact_id: str
+    inline: InlineVector
+    strength: float
+    hooks: _containers.RepeatedScalarFieldContainer[str]
+    phase: Phase
+    allow_other_model: bool
+    def __init__(self, artifact_id: _Optional[str] = ..., inline: _Optional[_Union[InlineVector, _Mapping]] = ..., strength: _Optional[float] = ..., hooks: _Optional[_Iterable[str]] = ..., phase: _Optional[_Union[Phase, str]] = ..., allow_other_model: _Optional[bool] = ...) -> None: ...
+
+class Intervention(_message.Message):
+    __slots__ = ("ablate", "add")
+    ABLATE_FIELD_NUMBER: _ClassVar[int]
+    ADD_FIELD_NUMBER: _ClassVar[int]
+    ablate: AblateDirection
+    add: AddVector
+    def __init__(self, ablate: _Optional[_Union[AblateDirection, _Mapping]] = ..., add: _Optional[_Union[AddVector, _Mapping]] = ...) -> None: ...
+
+class GenerateRequest(_message.Message):
+    __slots__ = ("model", "text", "chat", "token_ids", "sampling", "stop", "seed", "max_new_tokens", "interventions", "top_logprobs", "compare")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    CHAT_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    SAMPLING_FIELD_NUMBER: _ClassVar[int]
+    STOP_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    MAX_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    INTERVENTIONS_FIELD_NUMBER: _ClassVar[int]
+    TOP_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    COMPARE_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    text: str
+    chat: ChatPrompt
+    token_ids: TokenIds
+    sampling: SamplingParams
+    stop: _containers.RepeatedScalarFieldContainer[str]
+    seed: int
+    max_new_tokens: int
+    interventions: _containers.RepeatedCompositeFieldContainer[Intervention]
+    top_logprobs: int
+    compare: bool
+    def __init__(self, model: _Optional[str] = ..., text: _Optional[str] = ..., chat: _Optional[_Union[ChatPrompt, _Mapping]] = ..., token_ids: _Optional[_Union[TokenIds, _Mapping]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., stop: _Optional[_Iterable[str]] = ..., seed: _Optional[int] = ..., max_new_tokens: _Optional[int] = ..., interventions: _Optional[_Iterable[_Union[Intervention, _Mapping]]] = ..., top_logprobs: _Optional[int] = ..., compare: _Optional[bool] = ...) -> None: ...
+
+class Usage(_message.Message):
+    __slots__ = ("prompt_tokens", "completion_tokens")
+    PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    COMPLETION_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    prompt_tokens: int
+    completion_tokens: int
+    def __init__(self, prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ...) -> None: ...
+
+class TokenLogprob(_message.Message):
+    __slots__ = ("token_id", "logprob")
+    TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
+    LOGPROB_FIELD_NUMBER: _ClassVar[int]
+    token_id: int
+    logprob: float
+    def __init__(self, token_id: _Optional[int] = ..., logprob: _Optional[float] = ...) -> None: ...
+
+class TopLogprobs(_message.Message):
+    __slots__ = ("candidates",)
+    CANDIDATES_FIELD_NUMBER: _ClassVar[int]
+    candidates: _containers.RepeatedCompositeFieldContainer[TokenLogprob]
+    def __init__(self, candidates: _Optional[_Iterable[_Union[TokenLogprob, _Mapping]]] = ...) -> None: ...
+
+class GenerateResponse(_message.Message):
+    __slots__ = ("side", "token_ids", "text", "top_logprobs", "finish_reason", "usage", "seed")
+    SIDE_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    TOP_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
+    USAGE_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    side: Side
+    token_ids: _containers.RepeatedScalarFieldContainer[int]
+    text: str
+    top_logprobs: _containers.RepeatedCompositeFieldContainer[TopLogprobs]
+    finish_reason: FinishReason
+    usage: Usage
+    seed: int
+    def __init__(self, side: _Optional[_Union[Side, str]] = ..., token_ids: _Optional[_Iterable[int]] = ..., text: _Optional[str] = ..., top_logprobs: _Optional[_Iterable[_Union[TopLogprobs, _Mapping]]] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., seed: _Optional[int] = ...) -> None: ...
