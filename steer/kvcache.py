@@ -56,10 +56,15 @@ def merge(
             [_pad_left(layer.values, length), _pad_left(other_layer.values, length)]
         )
         _set_columns(layer, columns)
-    merged_mask = torch.cat(
-        [_pad_left(mask[:, None, :], columns)[:, 0], _pad_left(other_mask[:, None, :], columns)[:, 0]]
-    )
+    merged_mask = torch.cat([_pad_mask(mask, columns), _pad_mask(other_mask, columns)])
     return cache, merged_mask
+
+
+def _pad_mask(mask: torch.Tensor, columns: int) -> torch.Tensor:
+    missing = columns - mask.shape[1]
+    if missing <= 0:
+        return mask
+    return torch.cat([mask.new_zeros(mask.shape[0], missing), mask], dim=1)
 
 
 def select_rows(
