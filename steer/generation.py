@@ -30,7 +30,7 @@ from steer.errors import InvalidArgumentError, ResourceExhaustedError
 from steer.interventions import Intervention, InterventionPlan, Phase, build_plan, validate
 from steer.models import ModelHandle
 from steer.runtime import attach
-from steer.sampling import SamplingConfig, choose
+from steer.sampling import BannedStrings, SamplerState, SamplingConfig, banned_strings, choose
 
 
 @dataclass(frozen=True)
@@ -99,7 +99,9 @@ def encode_prompt(handle: ModelHandle, request: GenerationRequest) -> list[int]:
         vocab = handle.model.config.vocab_size
         bad = [i for i in ids if not 0 <= i < vocab]
         if bad:
-            raise InvalidArgumentError(f"token ids outside [0, {vocab}): {bad[:5]}", field="prompt_ids")
+            raise InvalidArgumentError(
+                f"token ids outside [0, {vocab}): {bad[:5]}", field="prompt_ids"
+            )
     elif request.messages is not None:
         if not request.messages:
             raise InvalidArgumentError("no messages", field="messages")
@@ -177,6 +179,9 @@ class _Row:
     generated: list[int] = field(default_factory=list)
     position: int = 0  # position id of the next token fed to the model
     finish_reason: str | None = None
+    #: per-row sampler state (Mirostat's mu, resolved DRY breakers)
+    sampler_state: SamplerState = field(default_factory=SamplerState)
+    banned: BannedStrings | None = None
 
 
 class Engine:
@@ -210,6 +215,13 @@ class Engine:
                 field="speakers",
             )
         validate(request.interventions, self.handle.resolver, self.handle.d_model)
+        tokenizer = self.handle.tokenizer
+        sampler_state = SamplerState.for_request(
+            request.sampling, tokenizer, int(self.handle.model.config.vocab_size)
+        )
+        banned = None
+        if request.sampling.banned_strings:
+            banned = banned_strings(request.sampling.banned_strings, tokenizer)
         seed = request.sampling.seed
         if seed is None:
             seed = secrets.randbits(63)
@@ -230,6 +242,8 @@ class Engine:
                 seed=seed,
                 generator=generator,
                 stream=_TextStream(self.handle.tokenizer, request.stop),
+                sampler_state=sampler_state,
+                banned=banned,
             )
             self._waiting.append(row)
         return request_id
@@ -407,7 +421,7 @@ class Engine:
     def _advance(self, row: _Row, logits: torch.Tensor) -> GenerationEvent:
         """Choose the next token of ``row`` from its logits and turn it into an event."""
         request = row.request
-        token = choose(logits, request.sampling, row.generator, row.prompt_ids + row.generated)
+        token = self._choose(row, logits)
         row.generated.append(token)
         top: tuple[tuple[int, float], ...] = ()
         if request.top_logprobs:
@@ -425,6 +439,31 @@ class Engine:
         if row.finish_reason:
             return self._final_event(row, delta, (token,), top)
         return GenerationEvent(request.request_id, (token,), delta, top)
+
+    def _choose(self, row: _Row, logits: torch.Tensor) -> int:
+        """Sample with the row's settings; EOS and banned-phrase completions are masked."""
+        sampling = row.request.sampling
+        masked: set[int] = set()
+        if sampling.ban_eos or len(row.generated) < sampling.min_tokens:
+            masked.update(self.handle.eos_token_ids)
+        window: list[int] = []
+        if row.banned is not None:
+            window = row.generated[-(row.banned.longest + 8) :]
+            tail = self.handle.tokenizer.decode(window, skip_special_tokens=True)
+            masked.update(row.banned.tokens_to_ban(tail))
+        history = row.prompt_ids + row.generated
+        mirostat_mu = row.sampler_state.mirostat_mu
+        for _attempt in range(16):
+            row.sampler_state.mirostat_mu = mirostat_mu
+            token = choose(logits, sampling, row.generator, history, row.sampler_state, masked)
+            if row.banned is None:
+                return token
+            text = self.handle.tokenizer.decode([*window, token], skip_special_tokens=True)
+            if not row.banned.completed(text):
+                return token
+            # the joined text completes a phrase that the per-token texts did not show
+            masked.add(token)
+        return token
 
     def _final_event(
         self,
