@@ -46,12 +46,14 @@ def generate(out: Path) -> list[Path]:
         out.mkdir(parents=True, exist_ok=True)
         written = []
         for path in sorted((Path(raw) / "steer" / "v1").iterdir()):
-            text = re.sub(r"\bfrom steer\.v1 import\b", "from steer.proto.v1 import", path.read_text())
+            text = re.sub(
+                r"\bfrom steer\.v1 import\b", "from steer.proto.v1 import", path.read_text()
+            )
             (out / path.name).write_text(text)
             written.append(out / path.name)
     (out / "__init__.py").write_text(PACKAGE_INIT)
     (out.parent / "__init__.py").write_text(PACKAGE_INIT)
-    return written + [out / "__init__.py", out.parent / "__init__.py"]
+    return [*written, out / "__init__.py", out.parent / "__init__.py"]
 
 
 def main() -> int:
@@ -67,9 +69,12 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as temp:
         fresh = Path(temp) / "proto" / "v1"
         generate(fresh)
-        names = {p.name for p in fresh.iterdir()} | {
-            p.name for p in TARGET.iterdir() if p.suffix in (".py", ".pyi")
-        } if TARGET.exists() else {p.name for p in fresh.iterdir()}
+        names = (
+            {p.name for p in fresh.iterdir()}
+            | {p.name for p in TARGET.iterdir() if p.suffix in (".py", ".pyi")}
+            if TARGET.exists()
+            else {p.name for p in fresh.iterdir()}
+        )
         stale = [
             name
             for name in sorted(names)

@@ -1,0 +1,190 @@
+""":class:`SteerServer`: the gRPC server with every service, health and reflection wired in.
+
+Services are registered from their proto descriptors: each rpc named in a ``service`` block is
+served by the servicer method of the same name, wrapped by :func:`~steer.server.status.guard`.
+Adding an rpc is: declare it in the proto, regenerate the stubs, add the method.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Mapping
+from concurrent import futures
+from types import ModuleType
+from typing import Any
+
+import grpc
+from google.protobuf import message_factory
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from steer.models import ModelHandle
+from steer.proto.v1 import bake_pb2, directions_pb2, generation_pb2, jobs_pb2, models_pb2
+from steer.server.auth import TokenAuthInterceptor
+from steer.server.jobs import JobRunner
+from steer.server.registry import ModelRegistry
+from steer.server.servicers import (
+    BakeServicer,
+    DirectionsServicer,
+    GenerationServicer,
+    JobsServicer,
+    ModelsServicer,
+)
+from steer.server.settings import ServerSettings
+from steer.server.status import Malformed, guard
+from steer.server.store import ArtifactStore
+
+log = logging.getLogger("steer.server")
+
+
+def _deserializer(message_class: Any) -> Callable[[bytes], Any]:
+    def deserialize(data: bytes) -> Any:
+        try:
+            return message_class.FromString(data)
+        except Exception as error:  # protobuf raises DecodeError and others
+            return Malformed(error)
+
+    return deserialize
+
+
+def service_handler(module: ModuleType, name: str, servicer: object) -> grpc.GenericRpcHandler:
+    """A handler serving every rpc of ``module``'s service ``name`` from ``servicer``."""
+    service = module.DESCRIPTOR.services_by_name[name]
+    handlers = {}
+    for method in service.methods:
+        request_class = message_factory.GetMessageClass(method.input_type)
+        response_class = message_factory.GetMessageClass(method.output_type)
+        behaviour = guard(getattr(servicer, method.name), streaming=method.server_streaming)
+        make = (
+            grpc.unary_stream_rpc_method_handler
+            if method.server_streaming
+            else grpc.unary_unary_rpc_method_handler
+        )
+        handlers[method.name] = make(
+            behaviour,
+            request_deserializer=_deserializer(request_class),
+            response_serializer=response_class.SerializeToString,
+        )
+    return grpc.method_handlers_generic_handler(service.full_name, handlers)
+
+
+class SteerServer:
+    """The service. Construct with already loaded models (tests) or load them by name.
+
+    >>> server = SteerServer(ServerSettings(port=0), models={"tiny": handle})
+    >>> port = server.start()
+    ...
+    >>> server.stop()
+    """
+
+    def __init__(
+        self,
+        settings: ServerSettings | None = None,
+        *,
+        models: Mapping[str, ModelHandle] | None = None,
+    ) -> None:
+        self.settings = settings or ServerSettings()
+        self.registry = ModelRegistry(self.settings)
+        self.store = ArtifactStore(self.settings.artifacts_dir)
+        self.jobs = JobRunner()
+        self.draining = threading.Event()
+        self.health = health.HealthServicer(experimental_non_blocking=True)
+        self.port: int | None = None
+        self._server: grpc.Server | None = None
+        for model_id, handle in (models or {}).items():
+            self.registry.add(model_id, handle)
+
+    def load(self, source: str, model_id: str = "", *, dtype: str = "", device: str = "") -> str:
+        """Load a model before or while serving; returns its id."""
+        return self.registry.load(source, model_id, dtype, device).model_id
+
+    def _services(self) -> list[tuple[ModuleType, str, object]]:
+        settings = self.settings
+        return [
+            (
+                generation_pb2,
+                "Generation",
+                GenerationServicer(self.registry, self.store, settings, self.draining),
+            ),
+            (models_pb2, "Models", ModelsServicer(self.registry)),
+            (
+                directions_pb2,
+                "Directions",
+                DirectionsServicer(self.registry, self.store, self.jobs, settings),
+            ),
+            (bake_pb2, "Bake", BakeServicer(self.jobs, settings)),
+            (jobs_pb2, "Jobs", JobsServicer(self.jobs)),
+        ]
+
+    def start(self) -> int:
+        """Bind and start serving; returns the bound port."""
+        settings = self.settings
+        interceptors = [TokenAuthInterceptor(settings.token)] if settings.token else []
+        server = grpc.server(
+            futures.ThreadPoolExecutor(
+                max_workers=settings.worker_threads, thread_name_prefix="steer-rpc"
+            ),
+            interceptors=interceptors,
+            options=[
+                ("grpc.max_receive_message_length", settings.max_message_bytes),
+                ("grpc.max_send_message_length", settings.max_message_bytes),
+                ("grpc.so_reuseport", 0),
+            ],
+            maximum_concurrent_rpcs=settings.worker_threads - 4,
+        )
+        names = []
+        for module, name, servicer in self._services():
+            server.add_generic_rpc_handlers((service_handler(module, name, servicer),))
+            names.append(module.DESCRIPTOR.services_by_name[name].full_name)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        for name in ["", *names]:
+            self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        reflection.enable_server_reflection(
+            [
+                *names,
+                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                reflection.SERVICE_NAME,
+            ],
+            server,
+        )
+        address = settings.address
+        if settings.tls_cert is not None and settings.tls_key is not None:
+            credentials = grpc.ssl_server_credentials(
+                [(settings.tls_key.read_bytes(), settings.tls_cert.read_bytes())]
+            )
+            port = server.add_secure_port(address, credentials)
+        else:
+            port = server.add_insecure_port(address)
+        if port == 0:
+            raise OSError(f"could not bind {address}")
+        server.start()
+        self._server, self.port = server, port
+        log.info("serving on %s:%d", settings.host, port)
+        return port
+
+    @property
+    def target(self) -> str:
+        return f"{self.settings.host}:{self.port}"
+
+    def stop(self, grace: float | None = None) -> None:
+        """Graceful shutdown: health NOT_SERVING, no new streams, open ones get ``grace`` s."""
+        grace = self.settings.shutdown_grace if grace is None else grace
+        self.draining.set()
+        self.health.enter_graceful_shutdown()
+        self.registry.close(grace)
+        self.jobs.close()
+        if self._server is not None:
+            self._server.stop(grace=1.0).wait()
+            self._server = None
+
+    def wait(self) -> None:
+        if self._server is not None:
+            self._server.wait_for_termination()
+
+    def __enter__(self) -> SteerServer:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop(grace=0.5)

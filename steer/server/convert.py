@@ -1,0 +1,312 @@
+"""Proto messages <-> steer domain objects. The only module that knows both sides.
+
+Errors raised here name the request field in proto terms (``interventions[2].add.strength``), so
+a client can find the part of its request that was wrong.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+from steer.errors import InvalidArgumentError, SteerError
+from steer.generation import GenerationEvent, GenerationRequest, Message
+from steer.interventions import Ablate, Add, Intervention, Phase, validate
+from steer.models import ModelHandle
+from steer.proto.v1 import directions_pb2, generation_pb2, jobs_pb2, models_pb2
+from steer.sampling import SamplingConfig
+from steer.server.jobs import JobSnapshot
+from steer.server.registry import LoadedModel
+from steer.server.settings import ServerSettings
+from steer.server.store import ArtifactFiles, ArtifactStore
+from steer.vectors import SteeringVector
+
+ROLES = ("system", "user", "assistant")
+PROMPT_FORMATS = ("", "chat_template")
+MAX_STOP_LENGTH = 256
+
+_PHASES = {
+    generation_pb2.PHASE_UNSPECIFIED: Phase.ALL,
+    generation_pb2.PHASE_ALL: Phase.ALL,
+    generation_pb2.PHASE_PROMPT: Phase.PROMPT,
+    generation_pb2.PHASE_GENERATED: Phase.GENERATED,
+}
+_FINISH = {
+    "stop": generation_pb2.FINISH_REASON_STOP,
+    "length": generation_pb2.FINISH_REASON_LENGTH,
+    "cancelled": generation_pb2.FINISH_REASON_CANCELLED,
+}
+
+
+@dataclass(frozen=True)
+class GenerationPlan:
+    """The engine requests one Generate call turns into, and the side each one streams as."""
+
+    requests: tuple[GenerationRequest, ...]
+    sides: tuple[int, ...]
+
+
+def _renamed(error: SteerError, prefix: str) -> InvalidArgumentError:
+    field = f"{prefix}.{error.field}" if error.field else prefix
+    return InvalidArgumentError(error.message, field=field)
+
+
+# -- Generate ---------------------------------------------------------------------------------
+
+
+def generation_plan(
+    message: generation_pb2.GenerateRequest,
+    handle: ModelHandle,
+    store: ArtifactStore,
+    settings: ServerSettings,
+) -> GenerationPlan:
+    prompt: dict[str, Any] = _prompt(message)
+    max_new_tokens = message.max_new_tokens or settings.default_max_new_tokens
+    if max_new_tokens > settings.max_new_tokens_cap:
+        raise InvalidArgumentError(
+            f"{max_new_tokens} is above this server's limit of {settings.max_new_tokens_cap}",
+            field="max_new_tokens",
+        )
+    stop = tuple(message.stop)
+    if len(stop) > settings.max_stop_strings:
+        raise InvalidArgumentError(
+            f"{len(stop)} stop strings; at most {settings.max_stop_strings}", field="stop"
+        )
+    for index, text in enumerate(stop):
+        if not text or len(text) > MAX_STOP_LENGTH:
+            raise InvalidArgumentError(
+                f"stop strings must have 1-{MAX_STOP_LENGTH} characters", field=f"stop[{index}]"
+            )
+    if message.top_logprobs > 20:
+        raise InvalidArgumentError("must be in [0, 20]", field="top_logprobs")
+    if len(message.interventions) > settings.max_interventions:
+        raise InvalidArgumentError(
+            f"{len(message.interventions)} interventions; at most {settings.max_interventions}",
+            field="interventions",
+        )
+    interventions = tuple(
+        intervention(item, handle, store, f"interventions[{index}]")
+        for index, item in enumerate(message.interventions)
+    )
+    seed = message.seed if message.HasField("seed") else None
+    if message.compare and seed is None:
+        seed = secrets.randbits(63)
+    sampling = sampling_config(message.sampling, seed)
+    base = GenerationRequest(
+        **prompt,
+        interventions=interventions,
+        sampling=sampling,
+        max_new_tokens=max_new_tokens,
+        stop=stop,
+        top_logprobs=message.top_logprobs,
+    )
+    if not message.compare:
+        return GenerationPlan((base,), (generation_pb2.SIDE_UNSPECIFIED,))
+    default = replace(base, interventions=())
+    return GenerationPlan(
+        (default, base), (generation_pb2.SIDE_DEFAULT, generation_pb2.SIDE_STEERED)
+    )
+
+
+def _prompt(message: generation_pb2.GenerateRequest) -> dict[str, Any]:
+    which = message.WhichOneof("prompt")
+    if which is None:
+        raise InvalidArgumentError("set one of text, chat or token_ids", field="prompt")
+    if which == "text":
+        if not message.text:
+            raise InvalidArgumentError("the prompt is empty", field="text")
+        return {"prompt": message.text}
+    if which == "token_ids":
+        if not message.token_ids.ids:
+            raise InvalidArgumentError("no token ids", field="token_ids.ids")
+        return {"prompt_ids": tuple(message.token_ids.ids)}
+    chat = message.chat
+    if chat.prompt_format not in PROMPT_FORMATS:
+        raise InvalidArgumentError(
+            f"unknown prompt format {chat.prompt_format!r}; this server knows "
+            f"{', '.join(repr(f) for f in PROMPT_FORMATS)}",
+            field="chat.prompt_format",
+        )
+    if not chat.messages:
+        raise InvalidArgumentError("no messages", field="chat.messages")
+    messages = []
+    for index, item in enumerate(chat.messages):
+        if item.role not in ROLES:
+            raise InvalidArgumentError(
+                f"unknown role {item.role!r}; use {', '.join(ROLES)}",
+                field=f"chat.messages[{index}].role",
+            )
+        messages.append(Message(item.role, item.content))
+    return {"messages": tuple(messages)}
+
+
+def sampling_config(params: generation_pb2.SamplingParams, seed: int | None) -> SamplingConfig:
+    values: dict[str, Any] = {"seed": seed}
+    for name in ("temperature", "top_k", "top_p", "min_p"):
+        if params.HasField(name):
+            values[name] = getattr(params, name)
+    try:
+        return SamplingConfig(**values)
+    except SteerError as error:
+        if error.field == "seed":
+            raise InvalidArgumentError(error.message, field="seed") from None
+        raise _renamed(error, "sampling") from None
+
+
+def _inline_vector(message: generation_pb2.InlineVector, field: str) -> SteeringVector:
+    per_layer: dict[int, list[float]] = {}
+    for index, layer in enumerate(message.layers):
+        if layer.layer in per_layer:
+            raise InvalidArgumentError(
+                f"layer {layer.layer} given twice", field=f"{field}.layers[{index}].layer"
+            )
+        per_layer[layer.layer] = list(layer.values)
+    shared = list(message.shared) or None
+    try:
+        return SteeringVector(per_layer=per_layer, shared=shared)  # type: ignore[arg-type]
+    except SteerError as error:
+        raise InvalidArgumentError(error.message, field=field) from None
+
+
+def intervention(
+    message: generation_pb2.Intervention, handle: ModelHandle, store: ArtifactStore, field: str
+) -> Intervention:
+    which = message.WhichOneof("kind")
+    if which is None:
+        raise InvalidArgumentError("set ablate or add", field=field)
+    field = f"{field}.{which}"
+    built: Intervention
+    try:
+        if which == "ablate":
+            ablate = message.ablate
+            if not ablate.artifact_id:
+                raise InvalidArgumentError("required", field="artifact_id")
+            artifact = store.load_for(
+                ablate.artifact_id,
+                handle,
+                allow_other_model=ablate.allow_other_model,
+                field="artifact_id",
+            )
+            built = Ablate(
+                artifact.vector,
+                layers=tuple(ablate.layers) or None,
+                weight=ablate.weight if ablate.HasField("weight") else 1.0,
+                layer_weights=dict(ablate.layer_weights) or None,
+            )
+        else:
+            add = message.add
+            hooks = tuple(add.hooks)
+            source = add.WhichOneof("vector")
+            if source is None:
+                raise InvalidArgumentError("set artifact_id or inline", field="vector")
+            if source == "artifact_id":
+                artifact = store.load_for(
+                    add.artifact_id,
+                    handle,
+                    allow_other_model=add.allow_other_model,
+                    field="artifact_id",
+                )
+                vector = artifact.vector
+                if not hooks:
+                    hooks = tuple(str(h) for h in artifact.metadata.get("hooks") or ())
+            else:
+                vector = _inline_vector(add.inline, "inline")
+            if add.phase not in _PHASES:
+                raise InvalidArgumentError(f"unknown phase {add.phase}", field="phase")
+            built = Add(vector, strength=add.strength, hooks=hooks, phase=_PHASES[add.phase])
+        validate([built], handle.resolver, handle.d_model)
+    except SteerError as error:
+        if error.status_code != "INVALID_ARGUMENT":
+            error.field = f"{field}.{error.field}" if error.field else field
+            raise
+        raise _renamed(error, field) from None
+    return built
+
+
+def generate_response(event: GenerationEvent, side: int) -> generation_pb2.GenerateResponse:
+    response = generation_pb2.GenerateResponse(
+        side=side, token_ids=list(event.token_ids), text=event.text
+    )
+    if event.top_logprobs:
+        response.top_logprobs.add().candidates.extend(
+            generation_pb2.TokenLogprob(token_id=token, logprob=logprob)
+            for token, logprob in event.top_logprobs
+        )
+    if event.finish_reason is not None:
+        response.finish_reason = _FINISH[event.finish_reason]
+        if event.usage is not None:
+            response.usage.prompt_tokens = event.usage.prompt_tokens
+            response.usage.completion_tokens = event.usage.completion_tokens
+        if event.seed is not None:
+            response.seed = event.seed
+    return response
+
+
+# -- Models -----------------------------------------------------------------------------------
+
+
+def model_info(loaded: LoadedModel, *, detailed: bool) -> models_pb2.ModelInfo:
+    handle, worker = loaded.handle, loaded.worker
+    info = handle.info()
+    message = models_pb2.ModelInfo(
+        model_id=loaded.model_id,
+        source=loaded.source,
+        architecture=info["architecture"],
+        num_layers=info["num_layers"],
+        d_model=info["d_model"],
+        dtype=info["dtype"],
+        device=info["device"],
+        vocab_size=int(handle.model.config.vocab_size),
+        stats=models_pb2.SchedulerStats(
+            running=worker.running,
+            waiting=worker.waiting,
+            requests_total=worker.stats.requests_total,
+            cancelled_total=worker.stats.cancelled_total,
+            failed_total=worker.stats.failed_total,
+            tokens_total=worker.stats.tokens_total,
+        ),
+    )
+    if detailed:
+        message.hook_names.extend(handle.hook_names())
+        message.chat_template = handle.chat_template or ""
+        message.weight_hash = handle.weight_hash
+    return message
+
+
+# -- Directions and jobs ----------------------------------------------------------------------
+
+
+def artifact_info(artifact_id: str, description: dict[str, Any]) -> directions_pb2.ArtifactInfo:
+    return directions_pb2.ArtifactInfo(artifact_id=artifact_id, **description)
+
+
+def artifact_files(message: directions_pb2.ArtifactFiles) -> ArtifactFiles:
+    return ArtifactFiles(message.artifact_id, message.vectors_safetensors, message.steer_json)
+
+
+def artifact_files_message(files: ArtifactFiles) -> directions_pb2.ArtifactFiles:
+    return directions_pb2.ArtifactFiles(
+        artifact_id=files.artifact_id,
+        vectors_safetensors=files.vectors_safetensors,
+        steer_json=files.steer_json,
+    )
+
+
+def job(snapshot: JobSnapshot) -> jobs_pb2.Job:
+    return jobs_pb2.Job(
+        job_id=snapshot.job_id,
+        kind=snapshot.kind,
+        state=jobs_pb2.JobState.Value(f"JOB_STATE_{snapshot.state.name}"),
+        stage=snapshot.stage,
+        progress=snapshot.progress,
+        result=snapshot.result,
+        result_metadata=snapshot.result_metadata,
+        error_code=snapshot.error_code,
+        error=snapshot.error,
+    )
+
+
+def side_names(sides: Sequence[int]) -> list[str]:
+    return [generation_pb2.Side.Name(side) for side in sides]

@@ -1,0 +1,148 @@
+"""A small generic job runner: an id, a progress stream, cancellation and a result.
+
+A job is a function ``work(progress, cancelled) -> (result, metadata_json)`` run on a worker
+thread; ``progress(stage, fraction)`` updates watchers and ``cancelled`` is a
+:class:`threading.Event` the function checks between steps. Direction computation and bakes both
+run through it.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
+from enum import StrEnum
+
+from steer.errors import NotFoundError, SteerError
+from steer.server.status import status_of
+
+Work = Callable[[Callable[[str, float], None], threading.Event], tuple[str, str]]
+
+
+class JobState(StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def done(self) -> bool:
+        return self in (JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED)
+
+
+@dataclass(frozen=True)
+class JobSnapshot:
+    job_id: str
+    kind: str
+    state: JobState = JobState.QUEUED
+    stage: str = ""
+    progress: float = 0.0
+    result: str = ""
+    result_metadata: str = ""
+    error_code: str = ""
+    error: str = ""
+
+
+class JobCancelled(SteerError):
+    status_code = "CANCELLED"
+
+
+class _Job:
+    def __init__(self, snapshot: JobSnapshot) -> None:
+        self.snapshot = snapshot
+        self.cancelled = threading.Event()
+        self.changed = threading.Condition()
+        self.version = 0
+
+    def update(self, **changes: object) -> None:
+        with self.changed:
+            self.snapshot = replace(self.snapshot, **changes)  # type: ignore[arg-type]
+            self.version += 1
+            self.changed.notify_all()
+
+
+class JobRunner:
+    def __init__(self, workers: int = 1) -> None:
+        self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="steer-job")
+        self._jobs: dict[str, _Job] = {}
+        self._ids = itertools.count(1)
+        self._lock = threading.Lock()
+
+    def start(self, kind: str, work: Work) -> JobSnapshot:
+        with self._lock:
+            job_id = f"{kind}-{next(self._ids)}"
+            job = _Job(JobSnapshot(job_id, kind))
+            self._jobs[job_id] = job
+        self._executor.submit(self._run, job, work)
+        return job.snapshot
+
+    def _run(self, job: _Job, work: Work) -> None:
+        if job.cancelled.is_set():
+            job.update(state=JobState.CANCELLED)
+            return
+        job.update(state=JobState.RUNNING)
+
+        def progress(stage: str, fraction: float) -> None:
+            job.update(stage=str(stage), progress=min(1.0, max(0.0, float(fraction))))
+
+        try:
+            result, metadata = work(progress, job.cancelled)
+        except BaseException as error:  # a job failure is reported, not raised
+            if job.cancelled.is_set():
+                job.update(state=JobState.CANCELLED)
+                return
+            code, message, _field = status_of(error)
+            job.update(state=JobState.FAILED, error_code=code.name, error=message)
+            return
+        if job.cancelled.is_set():
+            job.update(state=JobState.CANCELLED)
+            return
+        job.update(state=JobState.SUCCEEDED, progress=1.0, result=result, result_metadata=metadata)
+
+    def _job(self, job_id: str) -> _Job:
+        with self._lock:
+            job = self._jobs.get(job_id)
+        if job is None:
+            raise NotFoundError(f"no job {job_id!r}", field="job_id")
+        return job
+
+    def get(self, job_id: str) -> JobSnapshot:
+        return self._job(job_id).snapshot
+
+    def list(self) -> list[JobSnapshot]:
+        with self._lock:
+            return [job.snapshot for job in self._jobs.values()]
+
+    def cancel(self, job_id: str) -> JobSnapshot:
+        job = self._job(job_id)
+        job.cancelled.set()
+        if job.snapshot.state is JobState.QUEUED:
+            job.update(state=JobState.CANCELLED)
+        return job.snapshot
+
+    def watch(
+        self, job_id: str, is_active: Callable[[], bool] = lambda: True
+    ) -> Iterator[JobSnapshot]:
+        """Yield the job's state now and after every change, until it is done."""
+        job = self._job(job_id)
+        seen = -1
+        while True:
+            with job.changed:
+                while job.version == seen and is_active():
+                    job.changed.wait(timeout=0.5)
+                seen, snapshot = job.version, job.snapshot
+            if not is_active():
+                return
+            yield snapshot
+            if snapshot.state.done:
+                return
+
+    def close(self) -> None:
+        with self._lock:
+            jobs = list(self._jobs.values())
+        for job in jobs:
+            job.cancelled.set()
+        self._executor.shutdown(wait=False, cancel_futures=True)

@@ -1,0 +1,106 @@
+"""Loaded models by id, each with its :class:`~steer.server.scheduler.ModelWorker`."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from steer.errors import FailedPreconditionError, InvalidArgumentError, NotFoundError
+from steer.models import ModelHandle, load_model
+from steer.offline import OFFLINE_MODELS
+from steer.server.paths import check_id, confine
+from steer.server.scheduler import ModelWorker
+from steer.server.settings import ServerSettings
+from steer.server.status import AlreadyExistsError
+
+
+@dataclass(frozen=True, eq=False)
+class LoadedModel:
+    model_id: str
+    source: str
+    handle: ModelHandle
+    worker: ModelWorker
+
+
+class ModelRegistry:
+    def __init__(self, settings: ServerSettings) -> None:
+        self.settings = settings
+        self._models: dict[str, LoadedModel] = {}
+        self._lock = threading.Lock()
+        self.default_model = ""
+
+    def add(self, model_id: str, handle: ModelHandle, source: str = "") -> LoadedModel:
+        check_id(model_id, field="model_id")
+        worker = ModelWorker(
+            handle,
+            max_batch=self.settings.max_batch,
+            max_waiting=self.settings.max_waiting,
+            max_prompt_tokens=self.settings.max_prompt_tokens,
+        )
+        loaded = LoadedModel(model_id, source or handle.name, handle, worker)
+        with self._lock:
+            if model_id in self._models:
+                worker.close(0)
+                raise AlreadyExistsError(
+                    f"a model {model_id!r} is already loaded", field="model_id"
+                )
+            self._models[model_id] = loaded
+            if not self.default_model:
+                self.default_model = model_id
+        return loaded
+
+    def load(
+        self, source: str, model_id: str = "", dtype: str = "", device: str = ""
+    ) -> LoadedModel:
+        """Load an offline model by name, or a model under the models root."""
+        if not source:
+            raise InvalidArgumentError("name an offline model or a path", field="source")
+        model_id = model_id or Path(source).name
+        check_id(model_id, field="model_id")
+        with self._lock:
+            if model_id in self._models:
+                raise AlreadyExistsError(
+                    f"a model {model_id!r} is already loaded", field="model_id"
+                )
+        if source in OFFLINE_MODELS:
+            location: str | Path = source
+        else:
+            location = confine(self.settings.models_root, source, field="source")
+        handle = load_model(location, dtype=dtype or "float32", device=device or "cpu")
+        return self.add(model_id, handle, source)
+
+    def get(self, model_id: str) -> LoadedModel:
+        with self._lock:
+            key = model_id or self.default_model
+            if not key:
+                raise FailedPreconditionError("no model is loaded; call Models.Load", field="model")
+            loaded = self._models.get(key)
+            if loaded is None:
+                raise NotFoundError(
+                    f"model {key!r} is not loaded; loaded: {', '.join(self._models) or 'none'}",
+                    field="model",
+                )
+            return loaded
+
+    def unload(self, model_id: str, grace: float = 0.0) -> None:
+        with self._lock:
+            loaded = self._models.pop(model_id, None)
+            if loaded is None:
+                raise NotFoundError(f"model {model_id!r} is not loaded", field="model_id")
+            if self.default_model == model_id:
+                self.default_model = next(iter(self._models), "")
+        loaded.worker.close(grace)
+
+    def all(self) -> Mapping[str, LoadedModel]:
+        with self._lock:
+            return dict(self._models)
+
+    def close(self, grace: float) -> None:
+        workers = [loaded.worker for loaded in self.all().values()]
+        threads = [threading.Thread(target=w.close, args=(grace,)) for w in workers]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()

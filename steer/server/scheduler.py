@@ -1,0 +1,226 @@
+"""One engine loop per model: concurrent Generate calls join its running batch.
+
+A :class:`ModelWorker` owns an :class:`~steer.generation.Engine` and a thread that calls
+``Engine.step()`` while there is work, handing each event to the queue of the request it belongs
+to. Handlers :meth:`~ModelWorker.submit` requests and iterate their :class:`Subscription`; a
+client that cancels or goes away calls :meth:`Subscription.cancel`, which frees the row at the
+next step.
+
+If a step raises (a bug, or ``torch.OutOfMemoryError`` inside one request), the engine's batch
+state can no longer be trusted: every request in that engine gets the error as its status, the
+engine is replaced by a fresh one, and the loop carries on serving new requests.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+import uuid
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, replace
+
+from steer.errors import ResourceExhaustedError
+from steer.generation import Engine, GenerationEvent, GenerationRequest, encode_prompt
+from steer.models import ModelHandle
+from steer.server.status import UnavailableError
+
+log = logging.getLogger("steer.server")
+
+
+@dataclass
+class Stats:
+    """Counters of one worker (read without locking; they only grow)."""
+
+    requests_total: int = 0
+    cancelled_total: int = 0
+    failed_total: int = 0
+    tokens_total: int = 0
+
+
+class Subscription:
+    """The events of one or more requests submitted together, in arrival order.
+
+    Iterating yields ``(index, event)`` where ``index`` is the request's position in the
+    submitted list, until every request has its final event. An engine failure is raised.
+    """
+
+    def __init__(self, worker: ModelWorker, request_ids: Sequence[str]) -> None:
+        self._worker = worker
+        self.request_ids = tuple(request_ids)
+        self._index = {request_id: i for i, request_id in enumerate(request_ids)}
+        self.queue: queue.SimpleQueue[GenerationEvent | BaseException] = queue.SimpleQueue()
+        self._open = set(request_ids)
+
+    def __iter__(self) -> Iterator[tuple[int, GenerationEvent]]:
+        while self._open:
+            item = self.queue.get()
+            if isinstance(item, BaseException):
+                self._open.clear()
+                raise item
+            if item.finish_reason is not None:
+                self._open.discard(item.request_id)
+            yield self._index[item.request_id], item
+
+    def cancel(self) -> None:
+        """Free this subscription's rows at the next step (no-op once they finished)."""
+        for request_id in self.request_ids:
+            self._worker.cancel(request_id)
+
+
+class ModelWorker:
+    """An engine and the thread that steps it."""
+
+    def __init__(
+        self,
+        handle: ModelHandle,
+        *,
+        max_batch: int = 16,
+        max_waiting: int = 256,
+        max_prompt_tokens: int = 8192,
+    ) -> None:
+        self.handle = handle
+        self.max_batch = max_batch
+        self.max_waiting = max_waiting
+        self.max_prompt_tokens = max_prompt_tokens
+        self.stats = Stats()
+        self._engine = Engine(handle, max_batch=max_batch, max_waiting=max_waiting)
+        self._subscriptions: dict[str, Subscription] = {}
+        self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)
+        self._closing = False
+        self._closed = False
+        self._thread = threading.Thread(
+            target=self._loop, name=f"steer-engine-{handle.name}", daemon=True
+        )
+        self._thread.start()
+
+    # -- requests ---------------------------------------------------------------------------
+
+    def submit(self, requests: Sequence[GenerationRequest]) -> Subscription:
+        """Queue ``requests`` together (all or none); their events arrive on one subscription."""
+        prepared = [self._encode(request) for request in requests]
+        with self._lock:
+            if self._closing:
+                raise UnavailableError(f"model {self.handle.name!r} is shutting down")
+            if self._engine.num_waiting + len(prepared) > self.max_waiting:
+                raise ResourceExhaustedError(
+                    f"{self._engine.num_waiting} requests already waiting for "
+                    f"{self.handle.name!r}; retry later",
+                    field="queue",
+                )
+            subscription = Subscription(self, [r.request_id for r in prepared])
+            submitted: list[str] = []
+            try:
+                for request in prepared:
+                    self._subscriptions[request.request_id] = subscription
+                    submitted.append(self._engine.submit(request))
+            except BaseException:
+                for request in prepared:
+                    self._subscriptions.pop(request.request_id, None)
+                for request_id in submitted:
+                    self._engine.cancel(request_id)
+                raise
+            self.stats.requests_total += len(prepared)
+            self._wake.notify()
+        return subscription
+
+    def _encode(self, request: GenerationRequest) -> GenerationRequest:
+        """Tokenise here so the prompt length limit is checked before the engine sees it."""
+        ids = encode_prompt(self.handle, request)
+        if len(ids) > self.max_prompt_tokens:
+            raise ResourceExhaustedError(
+                f"the prompt has {len(ids)} tokens; this server accepts at most "
+                f"{self.max_prompt_tokens}",
+                field="prompt",
+            )
+        return replace(
+            request,
+            prompt=None,
+            messages=None,
+            prompt_ids=tuple(ids),
+            request_id=f"{self.handle.name}-{uuid.uuid4().hex}",
+        )
+
+    def cancel(self, request_id: str) -> None:
+        with self._lock:
+            if request_id in self._subscriptions:
+                self._engine.cancel(request_id)
+                self._wake.notify()
+
+    @property
+    def running(self) -> int:
+        return self._engine.num_running
+
+    @property
+    def waiting(self) -> int:
+        return self._engine.num_waiting
+
+    @property
+    def open_requests(self) -> int:
+        with self._lock:
+            return len(self._subscriptions)
+
+    # -- the loop ---------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while True:
+            with self._lock:
+                while not self._closed and not self._engine.has_work:
+                    self._wake.wait()
+                if self._closed:
+                    return
+                engine = self._engine
+            try:
+                events = engine.step()
+            except BaseException as error:  # any failure must not stop the loop
+                self._fail_engine(engine, error)
+                continue
+            self._dispatch(events)
+
+    def _dispatch(self, events: Sequence[GenerationEvent]) -> None:
+        with self._lock:
+            for event in events:
+                subscription = self._subscriptions.get(event.request_id)
+                if event.finish_reason is not None:
+                    self._subscriptions.pop(event.request_id, None)
+                    if event.finish_reason == "cancelled":
+                        self.stats.cancelled_total += 1
+                self.stats.tokens_total += len(event.token_ids)
+                if subscription is not None:
+                    subscription.queue.put(event)
+
+    def _fail_engine(self, engine: Engine, error: BaseException) -> None:
+        log.warning("engine step failed for %s: %r; restarting its batch", self.handle.name, error)
+        with self._lock:
+            failed = dict(self._subscriptions)
+            self._subscriptions.clear()
+            self.stats.failed_total += len(failed)
+            if engine is self._engine:
+                self._engine = Engine(
+                    self.handle, max_batch=self.max_batch, max_waiting=self.max_waiting
+                )
+        for subscription in {id(s): s for s in failed.values()}.values():
+            subscription.queue.put(error)
+
+    # -- shutdown ---------------------------------------------------------------------------
+
+    def close(self, grace: float) -> None:
+        """Refuse new requests, let open ones finish for ``grace`` seconds, cancel the rest."""
+        with self._lock:
+            self._closing = True
+        deadline = time.monotonic() + grace
+        while self.open_requests and time.monotonic() < deadline:
+            time.sleep(0.05)
+        with self._lock:
+            for request_id in list(self._subscriptions):
+                self._engine.cancel(request_id)
+            self._wake.notify()
+        deadline = time.monotonic() + 30.0
+        while self.open_requests and time.monotonic() < deadline:
+            time.sleep(0.02)
+        with self._lock:
+            self._closed = True
+            self._wake.notify()
+        self._thread.join(timeout=30.0)

@@ -1,0 +1,244 @@
+"""One class per proto service. Each method: request -> domain objects -> engine -> response.
+
+Methods raise domain exceptions only; :func:`steer.server.status.guard` turns them into status
+codes. Directions.Compute and Bake import their library lazily, so the server starts without them
+and answers UNIMPLEMENTED.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import threading
+import tomllib
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from steer.errors import InvalidArgumentError, NotFoundError
+from steer.proto.v1 import (
+    directions_pb2,
+    generation_pb2,
+    jobs_pb2,
+    models_pb2,
+)
+from steer.server import convert
+from steer.server.jobs import JobRunner
+from steer.server.paths import check_id, confine
+from steer.server.registry import ModelRegistry
+from steer.server.settings import ServerSettings
+from steer.server.status import AlreadyExistsError, UnavailableError, UnimplementedError
+from steer.server.store import ArtifactStore
+
+
+class GenerationServicer:
+    def __init__(
+        self,
+        registry: ModelRegistry,
+        store: ArtifactStore,
+        settings: ServerSettings,
+        draining: threading.Event,
+    ) -> None:
+        self.registry, self.store, self.settings, self.draining = (
+            registry,
+            store,
+            settings,
+            draining,
+        )
+
+    def Generate(
+        self, request: generation_pb2.GenerateRequest, context: grpc.ServicerContext
+    ) -> Iterator[generation_pb2.GenerateResponse]:
+        if self.draining.is_set():
+            raise UnavailableError("the server is shutting down")
+        loaded = self.registry.get(request.model)
+        plan = convert.generation_plan(request, loaded.handle, self.store, self.settings)
+        subscription = loaded.worker.submit(plan.requests)
+        context.add_callback(subscription.cancel)
+        try:
+            for index, event in subscription:
+                yield convert.generate_response(event, plan.sides[index])
+        finally:
+            subscription.cancel()
+
+
+class ModelsServicer:
+    def __init__(self, registry: ModelRegistry) -> None:
+        self.registry = registry
+
+    def List(
+        self, request: models_pb2.ListModelsRequest, context: grpc.ServicerContext
+    ) -> models_pb2.ListModelsResponse:
+        return models_pb2.ListModelsResponse(
+            models=[convert.model_info(m, detailed=False) for m in self.registry.all().values()],
+            default_model=self.registry.default_model,
+        )
+
+    def Load(
+        self, request: models_pb2.LoadModelRequest, context: grpc.ServicerContext
+    ) -> models_pb2.ModelInfo:
+        loaded = self.registry.load(request.source, request.model_id, request.dtype, request.device)
+        return convert.model_info(loaded, detailed=True)
+
+    def Unload(
+        self, request: models_pb2.UnloadModelRequest, context: grpc.ServicerContext
+    ) -> models_pb2.UnloadModelResponse:
+        self.registry.unload(request.model_id)
+        return models_pb2.UnloadModelResponse()
+
+    def Info(
+        self, request: models_pb2.ModelInfoRequest, context: grpc.ServicerContext
+    ) -> models_pb2.ModelInfo:
+        return convert.model_info(self.registry.get(request.model_id), detailed=True)
+
+
+def _recipe(message: Any, root: Path) -> str | dict[str, Any]:
+    """A recipe given as TOML text (parsed here) or as a path under the models root."""
+    which = message.WhichOneof("recipe")
+    if which is None:
+        raise InvalidArgumentError("set recipe_toml or recipe_path", field="recipe")
+    if which == "recipe_path":
+        return str(confine(root, message.recipe_path, field="recipe_path"))
+    try:
+        return tomllib.loads(message.recipe_toml)
+    except tomllib.TOMLDecodeError as error:
+        raise InvalidArgumentError(f"not valid TOML: {error}", field="recipe_toml") from None
+
+
+def _library(module: str, feature: str) -> Any:
+    try:
+        return importlib.import_module(module)
+    except ImportError as error:
+        raise UnimplementedError(
+            f"{feature} is not available on this server ({module} could not be imported: {error})"
+        ) from None
+
+
+def _sidecar_json(directory: Path) -> str:
+    for name in ("provenance.json", "steer.json"):
+        if (directory / name).is_file():
+            return (directory / name).read_text()
+    return json.dumps({"path": str(directory)})
+
+
+class DirectionsServicer:
+    def __init__(
+        self,
+        registry: ModelRegistry,
+        store: ArtifactStore,
+        jobs: JobRunner,
+        settings: ServerSettings,
+    ) -> None:
+        self.registry, self.store, self.jobs, self.settings = registry, store, jobs, settings
+
+    def Compute(
+        self, request: directions_pb2.ComputeDirectionRequest, context: grpc.ServicerContext
+    ) -> jobs_pb2.Job:
+        api = _library("steer.directions.api", "direction computation")
+        loaded = self.registry.get(request.model)
+        recipe = _recipe(request, self.settings.models_root)
+        target = self.store.path(request.artifact_id)
+        if target.exists() and not request.overwrite:
+            raise AlreadyExistsError(
+                f"artifact {request.artifact_id!r} exists; set overwrite", field="artifact_id"
+            )
+
+        def work(
+            progress: Callable[[str, float], None], cancelled: threading.Event
+        ) -> tuple[str, str]:
+            out = api.compute(loaded.handle, recipe, target, progress=progress, cancelled=cancelled)
+            return Path(out).name, _sidecar_json(Path(out))
+
+        return convert.job(self.jobs.start("directions", work))
+
+    def List(
+        self, request: directions_pb2.ListArtifactsRequest, context: grpc.ServicerContext
+    ) -> directions_pb2.ListArtifactsResponse:
+        infos = []
+        for artifact_id in self.store.ids():
+            try:
+                artifact = self.store.load(artifact_id)
+            except (InvalidArgumentError, NotFoundError):
+                continue  # a half-written or corrupt directory is not listed
+            infos.append(convert.artifact_info(artifact_id, self.store.describe(artifact)))
+        return directions_pb2.ListArtifactsResponse(artifacts=infos)
+
+    def Get(
+        self, request: directions_pb2.GetArtifactRequest, context: grpc.ServicerContext
+    ) -> directions_pb2.ArtifactInfo:
+        artifact = self.store.load(request.artifact_id)
+        return convert.artifact_info(request.artifact_id, self.store.describe(artifact))
+
+    def Upload(
+        self, request: directions_pb2.UploadArtifactRequest, context: grpc.ServicerContext
+    ) -> directions_pb2.ArtifactInfo:
+        files = convert.artifact_files(request.files)
+        artifact = self.store.upload(files, overwrite=request.overwrite)
+        return convert.artifact_info(files.artifact_id, self.store.describe(artifact))
+
+    def Download(
+        self, request: directions_pb2.GetArtifactRequest, context: grpc.ServicerContext
+    ) -> directions_pb2.ArtifactFiles:
+        return convert.artifact_files_message(self.store.files(request.artifact_id))
+
+
+class BakeServicer:
+    def __init__(self, jobs: JobRunner, settings: ServerSettings) -> None:
+        self.jobs, self.settings = jobs, settings
+
+    def Bake(self, request: Any, context: grpc.ServicerContext) -> jobs_pb2.Job:
+        api = _library("steer.bake.api", "baking")
+        root = self.settings.models_root
+        from steer.offline import OFFLINE_MODELS
+
+        if request.model_source in OFFLINE_MODELS:
+            source = request.model_source
+        else:
+            source = str(confine(root, request.model_source, field="model_source"))
+        recipe = _recipe(request, root)
+        if not request.output:
+            raise InvalidArgumentError("required", field="output")
+        output = confine(root, request.output, field="output", must_exist=False)
+        check_id(output.name, field="output")
+        output_format = request.output_format or "model"
+
+        def work(
+            progress: Callable[[str, float], None], cancelled: threading.Event
+        ) -> tuple[str, str]:
+            out = api.bake(
+                source,
+                recipe,
+                output,
+                output_format=output_format,
+                overwrite=request.overwrite,
+                progress=progress,
+                cancelled=cancelled,
+            )
+            out = Path(out)
+            return str(out.resolve().relative_to(root.resolve())), _sidecar_json(out)
+
+        return convert.job(self.jobs.start("bake", work))
+
+
+class JobsServicer:
+    def __init__(self, jobs: JobRunner) -> None:
+        self.jobs = jobs
+
+    def Get(self, request: jobs_pb2.JobRequest, context: grpc.ServicerContext) -> jobs_pb2.Job:
+        return convert.job(self.jobs.get(request.job_id))
+
+    def Watch(
+        self, request: jobs_pb2.JobRequest, context: grpc.ServicerContext
+    ) -> Iterator[jobs_pb2.Job]:
+        for snapshot in self.jobs.watch(request.job_id, context.is_active):
+            yield convert.job(snapshot)
+
+    def Cancel(self, request: jobs_pb2.JobRequest, context: grpc.ServicerContext) -> jobs_pb2.Job:
+        return convert.job(self.jobs.cancel(request.job_id))
+
+    def List(
+        self, request: jobs_pb2.ListJobsRequest, context: grpc.ServicerContext
+    ) -> jobs_pb2.ListJobsResponse:
+        return jobs_pb2.ListJobsResponse(jobs=[convert.job(s) for s in self.jobs.list()])

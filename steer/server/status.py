@@ -1,0 +1,115 @@
+"""Errors on the wire: domain exceptions -> gRPC status codes, never a stack trace.
+
+Every servicer method is wrapped by :func:`guard`, which maps
+
+* :class:`steer.errors.SteerError` subclasses to their ``status_code``,
+* ``torch.OutOfMemoryError`` / ``MemoryError`` to ``RESOURCE_EXHAUSTED``,
+* anything else to ``INTERNAL`` with an incident id (the traceback goes to the server log only).
+
+The offending field travels in the trailing metadata key ``steer-field`` so the client can
+re-raise the same typed exception with the same ``field``.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import uuid
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import grpc
+import torch
+
+from steer.errors import SteerError
+
+log = logging.getLogger("steer.server")
+
+FIELD_KEY = "steer-field"
+
+
+class UnimplementedError(SteerError):
+    """The rpc needs a part of steer this build does not have."""
+
+    status_code = "UNIMPLEMENTED"
+
+
+class UnavailableError(SteerError):
+    """The server is shutting down or the model is being unloaded."""
+
+    status_code = "UNAVAILABLE"
+
+
+class UnauthenticatedError(SteerError):
+    """A missing or wrong bearer token."""
+
+    status_code = "UNAUTHENTICATED"
+
+
+class AlreadyExistsError(SteerError):
+    """The target (artifact, output directory) exists and overwrite was not asked for."""
+
+    status_code = "ALREADY_EXISTS"
+
+
+class Malformed:
+    """Stands in for a request whose bytes did not parse; :func:`guard` answers it."""
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+
+def status_of(error: BaseException) -> tuple[grpc.StatusCode, str, str | None]:
+    """(status code, message, field) for an exception raised while serving."""
+    if isinstance(error, SteerError):
+        return grpc.StatusCode[error.status_code], str(error), error.field
+    if isinstance(error, (torch.OutOfMemoryError, MemoryError)):
+        return (
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            "out of memory while running this request; try fewer tokens or a smaller batch",
+            None,
+        )
+    incident = uuid.uuid4().hex[:12]
+    log.error("internal error %s", incident, exc_info=error)
+    return grpc.StatusCode.INTERNAL, f"internal error (incident {incident}; see server log)", None
+
+
+def abort(context: grpc.ServicerContext, error: BaseException) -> None:
+    code, message, field = status_of(error)
+    if field:
+        context.set_trailing_metadata(((FIELD_KEY, field),))
+    context.abort(code, message)
+
+
+def _check_request(request: Any) -> None:
+    if isinstance(request, Malformed):
+        raise _MalformedRequest(f"the request does not parse: {request.error}")
+
+
+class _MalformedRequest(SteerError):
+    status_code = "INVALID_ARGUMENT"
+
+
+def guard(method: Callable[..., Any], streaming: bool) -> Callable[..., Any]:
+    """Wrap one servicer method so every exception becomes its status code."""
+    if streaming:
+
+        @functools.wraps(method)
+        def stream(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+            try:
+                _check_request(request)
+                yield from method(request, context)
+            except Exception as error:
+                abort(context, error)
+
+        return stream
+
+    @functools.wraps(method)
+    def unary(request: Any, context: grpc.ServicerContext) -> Any:
+        try:
+            _check_request(request)
+            return method(request, context)
+        except Exception as error:
+            abort(context, error)
+
+    return unary

@@ -1,0 +1,122 @@
+"""Vector artifacts on the server: ``<models root>/artifacts/<id>/`` (steer.artifacts format)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from steer.artifacts import SIDECAR, TENSORS, VectorArtifact, check_model, load_vector
+from steer.errors import NotFoundError
+from steer.models import ModelHandle
+from steer.server.paths import check_id
+from steer.server.status import AlreadyExistsError
+
+
+@dataclass(frozen=True)
+class ArtifactFiles:
+    artifact_id: str
+    vectors_safetensors: bytes
+    steer_json: bytes
+
+
+class ArtifactStore:
+    """Lists, reads, validates and writes artifacts; loaded vectors are cached by file mtime."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self._cache: dict[str, tuple[int, VectorArtifact]] = {}
+        self._lock = threading.Lock()
+
+    def path(self, artifact_id: str, field: str = "artifact_id") -> Path:
+        check_id(artifact_id, field=field)
+        directory = self.root / artifact_id
+        if directory.is_symlink():
+            raise NotFoundError(f"artifact {artifact_id!r} is a link; not served", field=field)
+        return directory
+
+    def ids(self) -> list[str]:
+        if not self.root.is_dir():
+            return []
+        return sorted(
+            p.name
+            for p in self.root.iterdir()
+            if p.is_dir()
+            and not p.is_symlink()
+            and (p / SIDECAR).exists()
+            and not p.name.startswith(".")
+        )
+
+    def load(self, artifact_id: str, field: str = "artifact_id") -> VectorArtifact:
+        directory = self.path(artifact_id, field)
+        sidecar = directory / SIDECAR
+        if not sidecar.exists():
+            raise NotFoundError(f"no artifact {artifact_id!r} on this server", field=field)
+        stamp = sidecar.stat().st_mtime_ns
+        with self._lock:
+            cached = self._cache.get(artifact_id)
+        if cached is not None and cached[0] == stamp:
+            return cached[1]
+        artifact = load_vector(directory)
+        with self._lock:
+            self._cache[artifact_id] = (stamp, artifact)
+        return artifact
+
+    def load_for(
+        self, artifact_id: str, handle: ModelHandle, *, allow_other_model: bool, field: str
+    ) -> VectorArtifact:
+        artifact = self.load(artifact_id, field)
+        check_model(
+            artifact.metadata,
+            handle,
+            allow_other_model=allow_other_model,
+            where=f"artifact {artifact_id!r}",
+        )
+        return artifact
+
+    def files(self, artifact_id: str) -> ArtifactFiles:
+        directory = self.path(artifact_id)
+        if not (directory / SIDECAR).exists() or not (directory / TENSORS).exists():
+            raise NotFoundError(f"no artifact {artifact_id!r} on this server", field="artifact_id")
+        return ArtifactFiles(
+            artifact_id, (directory / TENSORS).read_bytes(), (directory / SIDECAR).read_bytes()
+        )
+
+    def upload(self, files: ArtifactFiles, *, overwrite: bool) -> VectorArtifact:
+        """Write to a temporary directory, validate by loading, then move into place."""
+        target = self.path(files.artifact_id, "files.artifact_id")
+        if target.exists() and not overwrite:
+            raise AlreadyExistsError(
+                f"artifact {files.artifact_id!r} exists; set overwrite", field="files.artifact_id"
+            )
+        self.root.mkdir(parents=True, exist_ok=True)
+        temp = Path(tempfile.mkdtemp(prefix=".upload-", dir=self.root))
+        try:
+            (temp / TENSORS).write_bytes(files.vectors_safetensors)
+            (temp / SIDECAR).write_bytes(files.steer_json)
+            artifact = load_vector(temp)
+            with self._lock:
+                if target.exists():
+                    shutil.rmtree(target)
+                temp.rename(target)
+                self._cache.pop(files.artifact_id, None)
+        finally:
+            if temp.exists():
+                shutil.rmtree(temp, ignore_errors=True)
+        return artifact
+
+    @staticmethod
+    def describe(artifact: VectorArtifact) -> dict[str, Any]:
+        metadata = dict(artifact.metadata)
+        return {
+            "kind": artifact.kind,
+            "d_model": artifact.vector.d_model,
+            "layers": list(artifact.vector.layers),
+            "has_shared": artifact.vector.shared is not None,
+            "model_name": str((metadata.get("model") or {}).get("name", "")),
+            "metadata_json": json.dumps(metadata, sort_keys=True, default=str),
+        }
