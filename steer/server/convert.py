@@ -45,7 +45,7 @@ class GenerationPlan:
     """The engine requests one Generate call turns into, and the side each one streams as."""
 
     requests: tuple[GenerationRequest, ...]
-    sides: tuple[int, ...]
+    sides: tuple[Any, ...]
 
 
 def _renamed(error: SteerError, prefix: str) -> InvalidArgumentError:
@@ -225,7 +225,7 @@ def intervention(
     return built
 
 
-def generate_response(event: GenerationEvent, side: int) -> generation_pb2.GenerateResponse:
+def generate_response(event: GenerationEvent, side: Any) -> generation_pb2.GenerateResponse:
     response = generation_pb2.GenerateResponse(
         side=side, token_ids=list(event.token_ids), text=event.text
     )
