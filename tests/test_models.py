@@ -1,0 +1,127 @@
+"""Model loading: HF directories (single and sharded), pickles refused, LoRA merged, offline names."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from tiny import tiny_handle
+
+from steer.activations import forward
+from steer.errors import FailedPreconditionError, InvalidArgumentError, NotFoundError
+from steer.models import ModelHandle, load_model
+from steer.offline import _require, resolve_offline
+
+PROMPTS = [[5, 9, 30, 31, 32, 40], [7, 8, 9]]
+
+
+def _logits(handle: ModelHandle) -> torch.Tensor:
+    result = forward(handle, PROMPTS, logits="last").logits
+    assert isinstance(result, torch.Tensor)
+    return result
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory: pytest.TempPathFactory) -> tuple[ModelHandle, Path, Path]:
+    handle = tiny_handle("qwen2")
+    single = tmp_path_factory.mktemp("single")
+    sharded = tmp_path_factory.mktemp("sharded")
+    handle.model.save_pretrained(single)
+    handle.model.save_pretrained(sharded, max_shard_size="100KB")
+    for directory in (single, sharded):
+        handle.tokenizer.save_pretrained(directory)
+    return handle, single, sharded
+
+
+def test_local_directories_load_to_the_same_model(saved) -> None:  # type: ignore[no-untyped-def]
+    handle, single, sharded = saved
+    assert len(list(sharded.glob("*.safetensors"))) > 1
+    for directory in (single, sharded):
+        loaded = load_model(directory)
+        assert loaded.architecture == "qwen2" and loaded.num_layers == 4 and loaded.d_model == 64
+        assert loaded.weight_hash == handle.weight_hash
+        torch.testing.assert_close(_logits(loaded), _logits(handle), rtol=1e-5, atol=1e-5)
+
+
+def test_weight_hash_changes_with_the_weights(saved) -> None:  # type: ignore[no-untyped-def]
+    _handle, single, _ = saved
+    loaded = load_model(single)
+    before = loaded.weight_hash
+    with torch.no_grad():
+        loaded.model.model.layers[1].mlp.down_proj.weight[0, 0] += 1.0
+    assert load_model(single).weight_hash == before
+    changed = ModelHandle(loaded.model, loaded.tokenizer, "x", loaded.resolver)
+    assert changed.weight_hash != before
+
+
+def test_pickled_weights_need_the_explicit_flag(saved, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    handle, _, _ = saved
+    handle.model.config.save_pretrained(tmp_path)
+    handle.tokenizer.save_pretrained(tmp_path)
+    torch.save(handle.model.state_dict(), tmp_path / "pytorch_model.bin")
+    assert list(tmp_path.glob("*.bin")) and not list(tmp_path.glob("*.safetensors"))
+    with pytest.raises(FailedPreconditionError, match="never unpickles"):
+        load_model(tmp_path)
+    loaded = load_model(tmp_path, allow_pickle=True)
+    torch.testing.assert_close(_logits(loaded), _logits(handle), rtol=1e-5, atol=1e-5)
+
+
+def test_lora_adapter_is_merged_at_load(saved, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    handle, single, _ = saved
+    base = load_model(single).model
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"], init_lora_weights=False)
+    peft_model = get_peft_model(base, config)
+    peft_model.save_pretrained(tmp_path / "adapter")
+    with torch.no_grad():
+        expected = peft_model(torch.tensor([PROMPTS[0]])).logits[0, -1]
+    for merged in (
+        load_model(single, adapter=tmp_path / "adapter"),
+        # an adapter directory alone names its base in adapter_config.json
+        load_model(tmp_path / "adapter"),
+    ):
+        got = forward(merged, [PROMPTS[0]], logits="last").logits
+        assert isinstance(got, torch.Tensor)
+        torch.testing.assert_close(got[0], expected, rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(got, _logits(handle)[:1])
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "field"),
+    [
+        ({"source": "no-such-model"}, NotFoundError, "model"),
+        ({"source": "/nonexistent/dir"}, NotFoundError, "model"),
+        ({"dtype": "float8"}, InvalidArgumentError, "dtype"),
+        ({"device": "tpu"}, InvalidArgumentError, "device"),
+        ({"quantization": "3bit"}, InvalidArgumentError, "quantization"),
+    ],
+)
+def test_bad_load_arguments(saved, kwargs, error, field) -> None:  # type: ignore[no-untyped-def]
+    _handle, single, _ = saved
+    kwargs = {"source": single, **kwargs}
+    with pytest.raises(error) as raised:
+        load_model(**kwargs)
+    assert raised.value.field == field
+
+
+def test_missing_offline_package_names_the_extra() -> None:
+    with pytest.raises(FailedPreconditionError, match=r"steer\[offline\]"):
+        _require("steer_no_such_package", "steer-no-such-package")
+
+
+def test_bfloat16_load(saved) -> None:  # type: ignore[no-untyped-def]
+    handle, single, _ = saved
+    loaded = load_model(single, dtype="bfloat16")
+    assert loaded.dtype == torch.bfloat16
+    assert loaded.weight_hash == handle.weight_hash  # hashed at bfloat16 precision
+
+
+@pytest.mark.slow
+def test_qwen_is_assembled_once_and_reused() -> None:
+    first = resolve_offline("qwen2.5-coder-0.5b-instruct")
+    stamp = first.with_suffix(".gguf.sha256")
+    modified = first.stat().st_mtime_ns
+    assert resolve_offline("qwen2.5-coder-0.5b-instruct") == first
+    assert first.stat().st_mtime_ns == modified and stamp.exists()
+    assert first.stat().st_size == 491_400_064
