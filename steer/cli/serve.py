@@ -1,0 +1,102 @@
+"""``steer serve``: run the gRPC service (with no flags: SmolLM2 on 127.0.0.1:50051)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+from steer.errors import InvalidArgumentError
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+
+
+def build_parser(prog: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__)
+    parser.add_argument(
+        "--model",
+        action="append",
+        help=f"offline name or model path to load (repeatable; default {DEFAULT_MODEL}); "
+        "'none' starts without a model",
+    )
+    parser.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=50051, help="port (default 50051; 0 = any)")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda[:N] or auto (default cpu)")
+    parser.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
+    parser.add_argument("--max-batch", type=int, default=16, help="rows per running batch")
+    parser.add_argument("--max-waiting", type=int, default=256, help="queued requests per model")
+    parser.add_argument("--max-new-tokens-cap", type=int, default=2048, help="per-request limit")
+    parser.add_argument("--max-prompt-tokens", type=int, default=8192, help="per-request limit")
+    parser.add_argument("--token-file", type=Path, help="require 'authorization: Bearer <token>'")
+    parser.add_argument("--tls-cert", type=Path, help="PEM certificate chain (with --tls-key)")
+    parser.add_argument("--tls-key", type=Path, help="PEM private key (with --tls-cert)")
+    parser.add_argument(
+        "--models-root",
+        type=Path,
+        default=Path("models"),
+        help="directory for remote Load paths, artifacts and bake outputs (default ./models)",
+    )
+    parser.add_argument("--shutdown-grace", type=float, default=10.0, help="seconds for streams")
+    parser.add_argument("--log-level", default="INFO")
+    return parser
+
+
+def read_token(path: Path) -> str:
+    try:
+        token = path.read_text().strip()
+    except OSError as error:
+        raise InvalidArgumentError(f"cannot read {path}: {error}", field="token_file") from None
+    if not token:
+        raise InvalidArgumentError(f"{path} is empty", field="token_file")
+    return token
+
+
+def main(argv: list[str], *, prog: str = "steer serve", command: str = "serve") -> int:
+    args = build_parser(prog).parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(message)s")
+    from steer.models import load_model
+    from steer.server import ServerSettings, SteerServer
+
+    settings = ServerSettings(
+        host=args.host,
+        port=args.port,
+        models_root=args.models_root,
+        max_batch=args.max_batch,
+        max_waiting=args.max_waiting,
+        max_new_tokens_cap=args.max_new_tokens_cap,
+        default_max_new_tokens=min(128, args.max_new_tokens_cap),
+        max_prompt_tokens=args.max_prompt_tokens,
+        token=read_token(args.token_file) if args.token_file else None,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        shutdown_grace=args.shutdown_grace,
+    )
+    server = SteerServer(settings)
+    names = [m for m in (args.model or [DEFAULT_MODEL]) if m != "none"]
+    for name in names:
+        print(f"loading {name} ...", file=sys.stderr, flush=True)
+        started = time.perf_counter()
+        handle = load_model(name, dtype=args.dtype, device=args.device)
+        model_id = Path(name).name.removesuffix(".gguf")
+        server.registry.add(model_id, handle, name)
+        print(f"loaded {model_id} in {time.perf_counter() - started:.1f}s", file=sys.stderr)
+    port = server.start()
+    target = f"{args.host}:{port}"
+    scheme = "TLS" if args.tls_cert else "plaintext"
+    print(
+        f"serving {', '.join(server.registry.all()) or 'no model'} on {target} ({scheme}); "
+        "ctrl-c to stop",
+        flush=True,
+    )
+    print(f'try:  steer generate --server {target} "Write a haiku about the sea"', flush=True)
+    stop = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop.set())
+    stop.wait()
+    print("shutting down ...", file=sys.stderr, flush=True)
+    server.stop()
+    return 0
