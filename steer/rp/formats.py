@@ -1,0 +1,545 @@
+"""Prompt formats: a registry of renderers from a :class:`Scene` to prompt text.
+
+Every format returns a :class:`Rendered`: the text, the character span of each speaker's words
+(so :func:`tokenize` can label every prompt token with its speaker for speaker-scoped
+interventions), and the stop strings that end the reply. The speaker-name prefix of a message
+("Alice: ") counts as Alice's; headers, descriptions and template markup belong to nobody.
+
+Registered formats (``FORMATS``):
+
+* ``chat_template`` -- the tokenizer's own chat template (default); characters are the assistant,
+  the user's persona is the user, names prefix every message
+* ``chatml``, ``mistral``, ``llama3`` -- the instruct formats written out
+* ``alpaca`` -- LimaRP's extended Alpaca (``### Instruction:`` with personas and scenario,
+  ``### Input:`` / ``### Response: (length = medium)``)
+* ``limamono`` -- Limamono's trigger phrase, the character name on the instruction's first line,
+  ``Scenario:`` last
+* ``shorirp`` -- ShoriRP's blocks ``▀role ...▄`` (title, tags, lore, description, scenario,
+  message, ooc; ``(length: medium)``; ``▄`` stops), ``[INST] ... [/INST]`` author's notes
+* :class:`TemplateFormat` -- a user-written template string, registered under its own name
+
+A new format is one class with ``name`` and ``render`` passed to :func:`register`.
+"""
+
+from __future__ import annotations
+
+import string
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from steer.errors import InvalidArgumentError
+from steer.rp.scene import Scene, Turn
+
+#: length words per format family, as documented on the model cards
+LIMARP_LENGTHS = (
+    "micro",
+    "tiny",
+    "short",
+    "medium",
+    "long",
+    "massive",
+    "huge",
+    "enormous",
+    "humongous",
+    "unlimited",
+)
+LIMAMONO_LENGTHS = ("micro", "tiny", "short", "medium", "long", "massive", "huge")
+SHORIRP_LENGTHS = (
+    "nano",
+    "micro",
+    "tiny",
+    "short",
+    "medium",
+    "long",
+    "massive",
+    "huge",
+    "enormous",
+)
+
+LIMAMONO_TRIGGER = (
+    "Below is an instruction that describes background information for a story-rich chat. "
+    "Write an appropriate response for both the instruction and user input."
+)
+
+
+@dataclass(frozen=True)
+class Rendered:
+    """A rendered prompt: text, speaker spans over it, stop strings, and the replying speaker."""
+
+    text: str
+    #: (start, end, speaker) character spans; text outside every span belongs to nobody
+    spans: tuple[tuple[int, int, str], ...]
+    stop: tuple[str, ...]
+    speaker: str
+    #: stop strings that mean the model started writing the user's lines
+    impersonation_stop: tuple[str, ...] = ()
+
+    def speaker_at(self, index: int) -> str | None:
+        for start, end, speaker in self.spans:
+            if start <= index < end:
+                return speaker
+        return None
+
+
+class _Builder:
+    def __init__(self) -> None:
+        self.parts: list[str] = []
+        self.length = 0
+        self.spans: list[tuple[int, int, str]] = []
+
+    def add(self, text: str, speaker: str | None = None) -> _Builder:
+        if speaker is not None and text:
+            self.spans.append((self.length, self.length + len(text), speaker))
+        self.parts.append(text)
+        self.length += len(text)
+        return self
+
+    def build(
+        self, scene: Scene, speaker: str, stop: Sequence[str], user_stops: bool = True
+    ) -> Rendered:
+        impersonation = (f"\n{scene.user.name}:",) if user_stops else ()
+        return Rendered(
+            text="".join(self.parts),
+            spans=tuple(self.spans),
+            stop=tuple(dict.fromkeys([*stop, *impersonation])),
+            speaker=speaker,
+            impersonation_stop=impersonation,
+        )
+
+
+class PromptFormat(Protocol):
+    name: str
+
+    def render(
+        self, scene: Scene, speaker: str, *, length: str | None = None, tokenizer: Any = None
+    ) -> Rendered:
+        """Render ``scene`` up to the start of ``speaker``'s next message."""
+        ...
+
+
+def _check_length(length: str | None, allowed: Sequence[str], format_name: str) -> None:
+    if length is not None and length not in allowed:
+        raise InvalidArgumentError(
+            f"{format_name} has no length {length!r}; use one of {list(allowed)}", field="length"
+        )
+
+
+def _check_speaker(scene: Scene, speaker: str) -> None:
+    scene.character(speaker)
+
+
+def _setting(scene: Scene) -> str:
+    """System prompt, character profiles, persona and scenario as one plain text block."""
+    parts = [scene.system.strip()] if scene.system.strip() else []
+    for character in scene.characters:
+        if character.system_prompt.strip():
+            parts.append(character.system_prompt.strip())
+    for character in scene.characters:
+        if character.profile():
+            parts.append(f"{character.name}'s Persona: {character.profile()}")
+    if scene.user.profile():
+        parts.append(f"{scene.user.name}'s Persona: {scene.user.profile()}")
+    if scene.scenario.strip():
+        parts.append(f"Scenario: {scene.scenario.strip()}")
+    return "\n".join(parts)
+
+
+def _message(builder: _Builder, turn: Turn) -> None:
+    """``Name: content`` labelled as the speaker's; OOC and notes are nobody's."""
+    if turn.kind == "message":
+        builder.add(f"{turn.speaker}: {turn.content}", turn.speaker)
+    elif turn.kind == "ooc":
+        builder.add(f"(OOC: {turn.content})")
+    else:
+        builder.add(f"[Note: {turn.content}]")
+
+
+# -------------------------------------------------------------------------------------------------
+# Role-based instruct formats
+
+
+@dataclass(frozen=True)
+class _RoleMarkup:
+    """How a role-based format writes a block: ``prefix(role) + body + suffix``."""
+
+    begin: str
+    role_prefix: dict[str, str]
+    suffix: str
+    stop: tuple[str, ...]
+
+
+def _role_of(scene: Scene, turn: Turn) -> str:
+    if turn.kind == "note":
+        return "system"
+    if turn.kind == "ooc" or turn.speaker == scene.user.name:
+        return "user"
+    return "assistant"
+
+
+class _RoleFormat:
+    """Shared renderer for ChatML and Llama 3: one block per turn, system block first."""
+
+    name = ""
+    markup: _RoleMarkup
+
+    def render(
+        self, scene: Scene, speaker: str, *, length: str | None = None, tokenizer: Any = None
+    ) -> Rendered:
+        _check_speaker(scene, speaker)
+        markup = self.markup
+        builder = _Builder().add(markup.begin)
+        setting = _setting(scene)
+        if setting:
+            builder.add(markup.role_prefix["system"] + setting + markup.suffix)
+        for turn in scene.turns:
+            builder.add(markup.role_prefix[_role_of(scene, turn)])
+            _message(builder, turn)
+            builder.add(markup.suffix)
+        builder.add(markup.role_prefix["assistant"]).add(f"{speaker}:", speaker)
+        return builder.build(scene, speaker, markup.stop)
+
+
+class ChatML(_RoleFormat):
+    name = "chatml"
+    markup = _RoleMarkup(
+        begin="",
+        role_prefix={r: f"<|im_start|>{r}\n" for r in ("system", "user", "assistant")},
+        suffix="<|im_end|>\n",
+        stop=("<|im_end|>",),
+    )
+
+
+class Llama3(_RoleFormat):
+    name = "llama3"
+    markup = _RoleMarkup(
+        begin="<|begin_of_text|>",
+        role_prefix={
+            r: f"<|start_header_id|>{r}<|end_header_id|>\n\n"
+            for r in ("system", "user", "assistant")
+        },
+        suffix="<|eot_id|>",
+        stop=("<|eot_id|>",),
+    )
+
+
+class Mistral:
+    """``<s>[INST] system + user [/INST] reply</s>[INST] ...``; user-side turns in a row merge."""
+
+    name = "mistral"
+
+    def render(
+        self, scene: Scene, speaker: str, *, length: str | None = None, tokenizer: Any = None
+    ) -> Rendered:
+        _check_speaker(scene, speaker)
+        builder = _Builder().add("<s>")
+        pending: list[Turn] = []
+        setting = _setting(scene)
+
+        def flush_instruction(first: bool) -> None:
+            builder.add("[INST] ")
+            if first and setting:
+                builder.add(setting + ("\n\n" if pending else ""))
+            for index, turn in enumerate(pending):
+                if index:
+                    builder.add("\n")
+                _message(builder, turn)
+            builder.add(" [/INST]")
+            pending.clear()
+
+        first = True
+        for turn in scene.turns:
+            if _role_of(scene, turn) == "assistant":
+                if pending or first:
+                    flush_instruction(first)
+                    first = False
+                builder.add(" ")
+                _message(builder, turn)
+                builder.add("</s>")
+            else:
+                pending.append(turn)
+        if pending or first:
+            flush_instruction(first)
+        builder.add(" ").add(f"{speaker}:", speaker)
+        return builder.build(scene, speaker, ("</s>", "[INST]"))
+
+
+class ChatTemplate:
+    """The tokenizer's own chat template; message text is located in the output to label it."""
+
+    name = "chat_template"
+
+    def render(
+        self, scene: Scene, speaker: str, *, length: str | None = None, tokenizer: Any = None
+    ) -> Rendered:
+        _check_speaker(scene, speaker)
+        template = getattr(tokenizer, "chat_template", None)
+        if tokenizer is None or template is None:
+            raise InvalidArgumentError(
+                "the model has no chat template; choose another format", field="format"
+            )
+        messages: list[dict[str, str]] = []
+        labelled: list[tuple[str, str | None]] = []
+        setting = _setting(scene)
+        if setting:
+            messages.append({"role": "system", "content": setting})
+            labelled.append((setting, None))
+        for turn in scene.turns:
+            role = _role_of(scene, turn)
+            if turn.kind == "message":
+                content, who = f"{turn.speaker}: {turn.content}", turn.speaker
+            elif turn.kind == "ooc":
+                content, who = f"(OOC: {turn.content})", None
+            else:
+                content, who = f"[Note: {turn.content}]", None
+            messages.append({"role": role, "content": content})
+            labelled.append((content, who))
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        spans: list[tuple[int, int, str]] = []
+        cursor = 0
+        for content, who in labelled:
+            start = text.find(content, cursor)
+            if start < 0:
+                # the template rewrote the content (e.g. stripped it): leave it unlabelled
+                continue
+            cursor = start + len(content)
+            if who is not None:
+                spans.append((start, cursor, who))
+        prefix = f"{speaker}:"
+        spans.append((len(text), len(text) + len(prefix), speaker))
+        stops = [tokenizer.eos_token] if getattr(tokenizer, "eos_token", None) else []
+        user = f"\n{scene.user.name}:"
+        return Rendered(
+            text + prefix, tuple(spans), tuple(dict.fromkeys([*stops, user])), speaker, (user,)
+        )
+
+
+# -------------------------------------------------------------------------------------------------
+# Roleplay formats from the model cards
+
+
+class Alpaca:
+    """LimaRP's extended Alpaca (seed 002)."""
+
+    name = "alpaca"
+    lengths = LIMARP_LENGTHS
+
+    def _instruction(self, scene: Scene, speaker: str) -> str:
+        lines = []
+        if scene.system.strip():
+            lines.append(scene.system.strip())
+        for character in scene.characters:
+            lines.append(f"{character.name}'s Persona: {character.profile()}")
+        lines.append(f"{scene.user.name}'s Persona: {scene.user.profile()}")
+        if scene.scenario.strip():
+            lines.append(f"Scenario: {scene.scenario.strip()}")
+        user = scene.user.name
+        lines.append(
+            f"Play the role of {speaker}. You must engage in a roleplaying chat with {user} "
+            f"below this line. Do not write dialogues and narration for {user}."
+        )
+        return "\n".join(lines)
+
+    def render(
+        self, scene: Scene, speaker: str, *, length: str | None = None, tokenizer: Any = None
+    ) -> Rendered:
+        _check_speaker(scene, speaker)
+        _check_length(length, self.lengths, self.name)
+        builder = _Builder().add("### Instruction:\n" + self._instruction(scene, speaker))
+        for turn in scene.turns:
+            _check_length(turn.length, self.lengths, self.name)
+            header = "### Input:" if _role_of(scene, turn) != "assistant" else "### Response:"
+            builder.add(f"\n\n{header}{_hint(turn.length)}\n")
+            _message(builder, turn)
+        builder.add(f"\n\n### Response:{_hint(length)}\n").add(f"{speaker}:", speaker)
+        return builder.build(scene, speaker, ("\n###",))
+
+
+def _hint(length: str | None) -> str:
+    return f" (length = {length})" if length else ""
+
+
+class Limamono:
+    """Limamono's variant (seed 004): trigger phrase, name first, ``Scenario:`` last, no blanks."""
+
+    name = "limamono"
+    lengths = LIMAMONO_LENGTHS
+
+    def render(
+        self, scene: Scene, speaker: str, *, length: str | None = None, tokenizer: Any = None
+    ) -> Rendered:
+        character = scene.character(speaker)
+        _check_length(length, self.lengths, self.name)
+        sheet = [character.name, character.profile()]
+        for other in scene.characters:
+            if other.name != speaker:
+                sheet += [other.name, other.profile()]
+        if scene.scenario.strip():
+            sheet.append(f"Scenario: {scene.scenario.strip()}")
+        builder = _Builder().add(LIMAMONO_TRIGGER + "\n### Instruction:\n")
+        builder.add("\n".join(line for line in sheet if line))
+        for turn in scene.turns:
+            _check_length(turn.length, self.lengths, self.name)
+            header = "### Input:" if _role_of(scene, turn) != "assistant" else "### Response:"
+            builder.add(f"\n{header}{_hint(turn.length)}\n")
+            _message(builder, turn)
+        builder.add(f"\n### Response:{_hint(length)}\n").add(f"{speaker}:", speaker)
+        return builder.build(scene, speaker, ("\n###",))
+
+
+class ShoriRP:
+    """ShoriRP's block format (seed 003): ``▀role content▄`` per block, one per line."""
+
+    name = "shorirp"
+    lengths = SHORIRP_LENGTHS
+
+    def render(
+        self, scene: Scene, speaker: str, *, length: str | None = None, tokenizer: Any = None
+    ) -> Rendered:
+        _check_speaker(scene, speaker)
+        _check_length(length, self.lengths, self.name)
+        builder = _Builder()
+        if scene.system.strip():
+            builder.add(f"[INST] {scene.system.strip()} [/INST]\n")
+        if scene.title:
+            builder.add(f"▀title {scene.title}▄\n")
+        if scene.tags:
+            builder.add(f"▀tags {', '.join(scene.tags)}▄\n")
+        if scene.lore.strip():
+            builder.add(f"▀lore {scene.lore.strip()}▄\n")
+        for person in (*scene.characters, scene.user):
+            profile = person.profile()
+            if profile:
+                if person.name not in profile:
+                    profile = f"**Name:** {person.name}\n{profile}"
+                builder.add(f"▀description {profile}▄\n")
+        if scene.scenario.strip():
+            builder.add(f"▀scenario {scene.scenario.strip()}▄\n")
+        for turn in scene.turns:
+            _check_length(turn.length, self.lengths, self.name)
+            if turn.kind == "note":
+                builder.add(f"[INST] {turn.content} [/INST]\n")
+            elif turn.kind == "ooc":
+                builder.add(f"▀ooc {turn.content}▄\n")
+            else:
+                builder.add(f"▀message{_block_hint(turn.length)} ")
+                builder.add(f"{turn.speaker}: {turn.content}", turn.speaker).add("▄\n")
+        builder.add(f"▀message{_block_hint(length)} ").add(f"{speaker}:", speaker)
+        return builder.build(scene, speaker, ("▄",))
+
+
+def _block_hint(length: str | None) -> str:
+    return f" (length: {length})" if length else ""
+
+
+@dataclass(frozen=True)
+class TemplateFormat:
+    """A user-written format from ``str.format`` templates.
+
+    ``preamble`` may use ``{system}``, ``{char}``, ``{user}``, ``{description}`` (every
+    character's profile), ``{persona}`` and ``{scenario}``; ``user_message`` and ``char_message``
+    use ``{name}`` and ``{content}``; ``reply`` uses ``{name}`` and ends where the model writes.
+    """
+
+    name: str
+    preamble: str = "{system}\n{description}\n{persona}\nScenario: {scenario}\n"
+    user_message: str = "{name}: {content}\n"
+    char_message: str = "{name}: {content}\n"
+    reply: str = "{name}:"
+    stop: tuple[str, ...] = ()
+
+    _PREAMBLE_FIELDS = frozenset({"system", "char", "user", "description", "persona", "scenario"})
+    _MESSAGE_FIELDS = frozenset({"name", "content"})
+
+    def __post_init__(self) -> None:
+        checks = (
+            ("preamble", self._PREAMBLE_FIELDS),
+            ("user_message", self._MESSAGE_FIELDS),
+            ("char_message", self._MESSAGE_FIELDS),
+            ("reply", frozenset({"name"})),
+        )
+        for field_name, allowed in checks:
+            try:
+                fields = {f for _, f, _, _ in string.Formatter().parse(getattr(self, field_name))}
+            except ValueError as error:
+                raise InvalidArgumentError(str(error), field=field_name) from None
+            unknown = {f for f in fields if f is not None} - allowed
+            if unknown:
+                raise InvalidArgumentError(
+                    f"unknown placeholders {sorted(unknown)}; use {sorted(allowed)}",
+                    field=field_name,
+                )
+        object.__setattr__(self, "stop", tuple(self.stop))
+
+    def render(
+        self, scene: Scene, speaker: str, *, length: str | None = None, tokenizer: Any = None
+    ) -> Rendered:
+        _check_speaker(scene, speaker)
+        builder = _Builder().add(
+            self.preamble.format(
+                system=scene.system,
+                char=speaker,
+                user=scene.user.name,
+                description="\n".join(f"{c.name}: {c.profile()}" for c in scene.characters),
+                persona=scene.user.profile(),
+                scenario=scene.scenario,
+            )
+        )
+        for turn in scene.turns:
+            template = self.user_message if turn.speaker == scene.user.name else self.char_message
+            name = turn.speaker if turn.kind == "message" else "OOC"
+            text = template.format(name=name, content=turn.content)
+            builder.add(text, turn.speaker if turn.kind == "message" else None)
+        builder.add(self.reply.format(name=speaker), speaker)
+        return builder.build(scene, speaker, self.stop)
+
+
+FORMATS: dict[str, PromptFormat] = {}
+
+
+def register(prompt_format: PromptFormat) -> PromptFormat:
+    FORMATS[prompt_format.name] = prompt_format
+    return prompt_format
+
+
+for _format in (ChatTemplate(), ChatML(), Mistral(), Llama3(), Alpaca(), Limamono(), ShoriRP()):
+    register(_format)
+
+
+def get_format(name: str) -> PromptFormat:
+    try:
+        return FORMATS[name]
+    except KeyError:
+        raise InvalidArgumentError(
+            f"unknown prompt format {name!r}; choose from {sorted(FORMATS)}", field="format"
+        ) from None
+
+
+@dataclass(frozen=True)
+class PromptTokens:
+    """A rendered prompt as token ids with one speaker label per token."""
+
+    ids: tuple[int, ...]
+    speakers: tuple[str | None, ...]
+    rendered: Rendered = field(repr=False)
+
+
+def tokenize(tokenizer: Any, rendered: Rendered) -> PromptTokens:
+    """Token ids and per-token speakers (from the offsets mapping of a fast tokenizer).
+
+    A token's speaker is the speaker of its first non-space character, so a leading-space token
+    (" Alice") belongs to the word it carries, not to the separator before it.
+    """
+    if not getattr(tokenizer, "is_fast", False):
+        raise InvalidArgumentError(
+            "speaker labels need a fast tokenizer (offsets mapping)", field="tokenizer"
+        )
+    encoded = tokenizer(rendered.text, add_special_tokens=False, return_offsets_mapping=True)
+    labels: list[str | None] = []
+    text = rendered.text
+    for start, end in encoded["offset_mapping"]:
+        index = start
+        while index < end - 1 and text[index].isspace():
+            index += 1
+        labels.append(rendered.speaker_at(index) if end > start else None)
+    return PromptTokens(tuple(encoded["input_ids"]), tuple(labels), rendered)

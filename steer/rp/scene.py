@@ -1,0 +1,142 @@
+"""The roleplay conversation as data: characters, a user persona, turns and the setting."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from steer.errors import InvalidArgumentError
+
+#: what a turn is: an in-character message, out-of-character talk, or an author's note
+TURN_KINDS = ("message", "ooc", "note")
+
+_MACRO = re.compile(r"\{\{\s*(char|user)\s*\}\}|<(BOT|USER)>", re.IGNORECASE)
+
+
+def substitute(text: str, char: str, user: str) -> str:
+    """Replace ``{{char}}``/``{{user}}`` (any case, and TavernAI's ``<BOT>``/``<USER>``)."""
+
+    def name(match: re.Match[str]) -> str:
+        key = (match.group(1) or match.group(2)).lower()
+        return char if key in ("char", "bot") else user
+
+    return _MACRO.sub(name, text)
+
+
+@dataclass(frozen=True)
+class Character:
+    """A character (or the user's persona): what a character card holds."""
+
+    name: str
+    description: str = ""
+    personality: str = ""
+    scenario: str = ""
+    first_message: str = ""
+    example_dialogue: str = ""
+    system_prompt: str = ""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name.strip():
+            raise InvalidArgumentError("a character needs a non-empty name", field="name")
+
+    def profile(self) -> str:
+        """Description and personality as one text."""
+        parts = [self.description.strip()]
+        if self.personality.strip():
+            parts.append(f"Personality: {self.personality.strip()}")
+        return "\n".join(p for p in parts if p)
+
+    def with_user(self, user: str) -> Character:
+        """This character with ``{{char}}``/``{{user}}`` filled in."""
+        fields = ("description", "personality", "scenario", "first_message", "example_dialogue")
+        values = {f: substitute(getattr(self, f), self.name, user) for f in fields}
+        values["system_prompt"] = substitute(self.system_prompt, self.name, user)
+        return replace(self, **values)
+
+
+@dataclass(frozen=True)
+class Turn:
+    """One entry of the chat. ``speaker`` is a character's or the user's name."""
+
+    speaker: str
+    content: str
+    kind: str = "message"
+    #: a length hint for formats that have them (e.g. "medium")
+    length: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in TURN_KINDS:
+            raise InvalidArgumentError(
+                f"unknown kind {self.kind!r}; use {TURN_KINDS}", field="kind"
+            )
+
+
+@dataclass(frozen=True)
+class Scene:
+    """Everything a prompt format renders: who is there, what happened, and the setting."""
+
+    characters: tuple[Character, ...]
+    user: Character = field(default_factory=lambda: Character("User"))
+    turns: tuple[Turn, ...] = ()
+    scenario: str = ""
+    title: str = ""
+    tags: tuple[str, ...] = ()
+    lore: str = ""
+    #: a system instruction placed before everything else
+    system: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.characters:
+            raise InvalidArgumentError("a scene needs at least one character", field="characters")
+        names = [c.name for c in self.characters] + [self.user.name]
+        if len(set(names)) != len(names):
+            raise InvalidArgumentError(f"names must differ, got {names}", field="characters")
+        known = set(names)
+        for index, turn in enumerate(self.turns):
+            if turn.kind == "message" and turn.speaker not in known:
+                raise InvalidArgumentError(
+                    f"turn {index} is spoken by {turn.speaker!r}, who is not in the scene "
+                    f"({sorted(known)})",
+                    field="turns",
+                )
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(c.name for c in self.characters)
+
+    def character(self, name: str) -> Character:
+        for character in self.characters:
+            if character.name == name:
+                return character
+        raise InvalidArgumentError(
+            f"{name!r} is not a character of this scene ({list(self.names)})", field="speaker"
+        )
+
+    def with_turn(self, turn: Turn) -> Scene:
+        return replace(self, turns=(*self.turns, turn))
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Scene:
+        """Build from the JSON shape used in recipes/data/rp_scenarios.jsonl."""
+        try:
+            user = Character(**data.get("user", {"name": "User"}))
+            characters = tuple(Character(**c) for c in data["characters"])
+            turns = tuple(Turn(**t) for t in data.get("turns", ()))
+        except (KeyError, TypeError) as error:
+            raise InvalidArgumentError(f"malformed scene: {error}", field="scene") from None
+        characters = tuple(c.with_user(user.name) for c in characters)
+        turns = tuple(
+            replace(t, content=substitute(t.content, characters[0].name, user.name)) for t in turns
+        )
+        return cls(
+            characters=characters,
+            user=user,
+            turns=turns,
+            scenario=substitute(str(data.get("scenario", "")), characters[0].name, user.name),
+            title=str(data.get("title", "")),
+            tags=tuple(data.get("tags", ())),
+            lore=str(data.get("lore", "")),
+            system=str(data.get("system", "")),
+        )
