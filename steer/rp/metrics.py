@@ -55,7 +55,7 @@ MORALIZING_MARKERS = (
 )
 
 _STOP_NAMES = frozenset(
-    [
+    {
         "The",
         "This",
         "That",
@@ -92,7 +92,7 @@ _STOP_NAMES = frozenset(
         "Maybe",
         "Perhaps",
         "Sure",
-    ]
+    }
 )
 
 
