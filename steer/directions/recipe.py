@@ -1,0 +1,232 @@
+"""The recipe schema: one typed, validated description of how a direction is made.
+
+A recipe is a TOML file (``recipes/refusal.toml``, ``recipes/moralizing.toml``) or an equal
+dict. Every field is described below; unknown fields and wrong types are errors that name the
+field (``data.train``). Command-line flags override fields through :func:`with_overrides`.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+from steer.directions.methods import METHODS
+from steer.errors import InvalidArgumentError, NotFoundError
+
+
+class RecipeKind(StrEnum):
+    #: harmful vs harmless prompts, read at post-instruction positions; refusal score search
+    REFUSAL = "refusal"
+    #: (prompt, positive reply, negative reply) pairs, read at the reply tokens
+    PAIRS = "pairs"
+    #: any two prompt sets, read at post-instruction positions; no refusal filtering
+    CONTRAST = "contrast"
+
+
+@dataclass(frozen=True)
+class DataSection:
+    #: positive prompt set (harmful for refusal): "strongreject", "recipes:FILE" or a path
+    positive: str = ""
+    #: CSV column / JSONL field of the positive set ("" = the format's default)
+    positive_column: str = ""
+    #: negative prompt set (harmless for refusal)
+    negative: str = ""
+    negative_column: str = ""
+    #: pairs file (.jsonl) for kind = "pairs"
+    pairs: str = ""
+    #: JSONL keys of the pairs file
+    prompt_key: str = "prompt"
+    positive_key: str = "positive"
+    negative_key: str = "negative"
+    #: optional system prompt used when encoding prompts
+    system: str = ""
+    #: seed of the train / validation / test shuffle
+    seed: int = 0
+    #: shares of each set for training and validation; the rest is held-out test data
+    train: float = 0.4
+    validation: float = 0.2
+    #: caps on the number of examples used per set (0 = no cap)
+    max_train: int = 128
+    max_validation: int = 32
+    #: refusal only: keep harmful prompts the model refuses and harmless ones it answers
+    filter: bool = True
+
+
+@dataclass(frozen=True)
+class SearchSection:
+    #: direction method (a name in steer.directions.methods.METHODS)
+    method: str = "mean_difference"
+    #: candidate layers; empty = every layer in [min_layer_fraction, max_layer_fraction)
+    layers: tuple[int, ...] = ()
+    min_layer_fraction: float = 0.0
+    #: Arditi et al. discard the last 20% of layers
+    max_layer_fraction: float = 0.8
+    #: negative token offsets; empty = the chat template's post-instruction positions
+    positions: tuple[int, ...] = ()
+    #: also try one direction per layer (each layer ablated with its own direction)
+    per_layer: bool = True
+    #: how many best-bypass candidates get the induce and KL checks
+    top_k: int = 8
+    #: KL filter: first-token KL on harmless validation prompts under ablation must be below
+    kl_threshold: float = 0.1
+    #: adding the direction at its layer must raise the score on negative prompts above 0
+    require_induce: bool = True
+    batch_size: int = 16
+
+
+@dataclass(frozen=True)
+class EvaluateSection:
+    #: greedy tokens generated per prompt for the refusal / moralizing matcher
+    max_new_tokens: int = 24
+    #: teacher-forced tokens of the base model's answer for the multi-token KL
+    kl_tokens: int = 8
+    #: cap on held-out prompts per set (0 = all)
+    max_test: int = 0
+    batch_size: int = 16
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str = "direction"
+    kind: RecipeKind = RecipeKind.REFUSAL
+    data: DataSection = field(default_factory=DataSection)
+    search: SearchSection = field(default_factory=SearchSection)
+    evaluate: EvaluateSection = field(default_factory=EvaluateSection)
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"name": self.name, "kind": self.kind.value}
+        for section in ("data", "search", "evaluate"):
+            value = getattr(self, section)
+            out[section] = {
+                f.name: list(v) if isinstance(v := getattr(value, f.name), tuple) else v
+                for f in fields(value)
+            }
+        return out
+
+
+_SECTIONS = {"data": DataSection, "search": SearchSection, "evaluate": EvaluateSection}
+
+
+def load_recipe(source: str | Path | Mapping[str, Any]) -> Recipe:
+    """Parse and validate a recipe from a TOML path or a dict."""
+    if isinstance(source, Mapping):
+        raw = dict(source)
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise NotFoundError(f"no such recipe: {path}", field="recipe")
+        try:
+            raw = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as error:
+            raise InvalidArgumentError(f"{path}: {error}", field="recipe") from None
+    unknown = set(raw) - {"name", "kind", *_SECTIONS}
+    if unknown:
+        raise InvalidArgumentError(f"unknown recipe fields {sorted(unknown)}", field="recipe")
+    try:
+        kind = RecipeKind(raw.get("kind", "refusal"))
+    except ValueError:
+        raise InvalidArgumentError(
+            f"unknown kind {raw.get('kind')!r}; use {', '.join(k.value for k in RecipeKind)}",
+            field="kind",
+        ) from None
+    sections = {
+        name: _section(cls, raw.get(name, {}), name) for name, cls in _SECTIONS.items()
+    }
+    recipe = Recipe(name=str(raw.get("name", "direction")), kind=kind, **sections)
+    _validate(recipe)
+    return recipe
+
+
+def with_overrides(recipe: Recipe, overrides: Mapping[str, Any]) -> Recipe:
+    """Replace fields named ``section.field`` (values already typed, None = keep)."""
+    sections: dict[str, Any] = {name: getattr(recipe, name) for name in _SECTIONS}
+    for key, value in overrides.items():
+        if value is None:
+            continue
+        section, _, name = key.partition(".")
+        if section not in sections or name not in {f.name for f in fields(sections[section])}:
+            raise InvalidArgumentError(f"unknown recipe field {key!r}", field=key)
+        current = sections[section]
+        merged = {f.name: getattr(current, f.name) for f in fields(current)} | {name: value}
+        sections[section] = _section(type(current), merged, section)
+    updated = replace(recipe, **sections)
+    _validate(updated)
+    return updated
+
+
+def _section(cls: type, raw: Any, name: str) -> Any:
+    if not isinstance(raw, Mapping):
+        raise InvalidArgumentError("must be a table", field=name)
+    known = {f.name: f for f in fields(cls)}
+    unknown = set(raw) - set(known)
+    if unknown:
+        raise InvalidArgumentError(f"unknown fields {sorted(unknown)}", field=name)
+    values = {}
+    defaults = cls()
+    for key, value in raw.items():
+        expected = type(getattr(defaults, key))
+        where = f"{name}.{key}"
+        if expected is tuple:
+            if not isinstance(value, list | tuple) or not all(
+                isinstance(v, int) and not isinstance(v, bool) for v in value
+            ):
+                raise InvalidArgumentError(f"expected a list of integers, got {value!r}", field=where)
+            value = tuple(value)
+        elif expected is float:
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise InvalidArgumentError(f"expected a number, got {value!r}", field=where)
+            value = float(value)
+        elif expected is bool:
+            if not isinstance(value, bool):
+                raise InvalidArgumentError(f"expected true or false, got {value!r}", field=where)
+        elif expected is int:
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise InvalidArgumentError(f"expected an integer, got {value!r}", field=where)
+        elif not isinstance(value, expected):
+            raise InvalidArgumentError(
+                f"expected {expected.__name__}, got {value!r}", field=where
+            )
+        values[key] = value
+    return cls(**values)
+
+
+def _validate(recipe: Recipe) -> None:
+    data, search, evaluate = recipe.data, recipe.search, recipe.evaluate
+    if recipe.kind is RecipeKind.PAIRS:
+        if not data.pairs:
+            raise InvalidArgumentError("kind 'pairs' needs a pairs file", field="data.pairs")
+    elif not data.positive or not data.negative:
+        field_name = "data.positive" if not data.positive else "data.negative"
+        raise InvalidArgumentError(f"kind {recipe.kind.value!r} needs two prompt sets", field=field_name)
+    if not 0 < data.train < 1:
+        raise InvalidArgumentError("must be in (0, 1)", field="data.train")
+    if not 0 < data.validation < 1 or data.train + data.validation >= 1:
+        raise InvalidArgumentError("must be in (0, 1) and leave a test share", field="data.validation")
+    for name in ("max_train", "max_validation"):
+        if getattr(data, name) < 0:
+            raise InvalidArgumentError("must be >= 0 (0 = no cap)", field=f"data.{name}")
+    if search.method not in METHODS:
+        raise InvalidArgumentError(
+            f"unknown method {search.method!r}; known: {', '.join(METHODS)}", field="search.method"
+        )
+    if not 0 <= search.min_layer_fraction < search.max_layer_fraction <= 1:
+        raise InvalidArgumentError(
+            "need 0 <= min_layer_fraction < max_layer_fraction <= 1", field="search.max_layer_fraction"
+        )
+    if any(p >= 0 for p in search.positions):
+        raise InvalidArgumentError("positions are negative offsets, e.g. [-1, -2]", field="search.positions")
+    if any(layer < 0 for layer in search.layers):
+        raise InvalidArgumentError("layers must be >= 0", field="search.layers")
+    if search.top_k < 1:
+        raise InvalidArgumentError("must be >= 1", field="search.top_k")
+    if not search.kl_threshold > 0:
+        raise InvalidArgumentError("must be > 0", field="search.kl_threshold")
+    for section, name in (("search", "batch_size"), ("evaluate", "batch_size"), ("evaluate", "max_new_tokens"), ("evaluate", "kl_tokens")):
+        if getattr(getattr(recipe, section), name) < 1:
+            raise InvalidArgumentError("must be >= 1", field=f"{section}.{name}")
+    if evaluate.max_test < 0:
+        raise InvalidArgumentError("must be >= 0 (0 = all)", field="evaluate.max_test")
