@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from steer.artifacts import SIDECAR, TENSORS, VectorArtifact, check_model, load_vector
-from steer.errors import NotFoundError
+from steer.errors import NotFoundError, SteerError
 from steer.models import ModelHandle
 from steer.server.paths import check_id
 from steer.server.status import AlreadyExistsError
@@ -69,13 +69,17 @@ class ArtifactStore:
     def load_for(
         self, artifact_id: str, handle: ModelHandle, *, allow_other_model: bool, field: str
     ) -> VectorArtifact:
-        artifact = self.load(artifact_id, field)
-        check_model(
-            artifact.metadata,
-            handle,
-            allow_other_model=allow_other_model,
-            where=f"artifact {artifact_id!r}",
-        )
+        try:
+            artifact = self.load(artifact_id, field)
+            check_model(
+                artifact.metadata,
+                handle,
+                allow_other_model=allow_other_model,
+                where=f"artifact {artifact_id!r}",
+            )
+        except SteerError as error:
+            error.field = field  # name the request's field, not the artifact module's
+            raise
         return artifact
 
     def files(self, artifact_id: str) -> ArtifactFiles:
