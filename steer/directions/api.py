@@ -33,7 +33,6 @@ from steer.directions.scores import (
     refusal_token_ids,
 )
 from steer.directions.search import (
-    Candidate,
     SearchResult,
     candidate_layers,
     collect,
@@ -151,15 +150,15 @@ def prepare(handle: ModelHandle, recipe: Recipe) -> Prepared:
     )
     sets = []
     for items in (positive, negative):
-        splits = datasets.split(
+        prompt_splits = datasets.split(
             items, seed=data.seed, train=data.train, validation=data.validation, field="data"
         )
         sets.append(
             (
-                [encode_chat(handle, p, system) for p in _cap(splits.train, data.max_train)],
+                [encode_chat(handle, p, system) for p in _cap(prompt_splits.train, data.max_train)],
                 [
                     encode_chat(handle, p, system)
-                    for p in _cap(splits.validation, data.max_validation)
+                    for p in _cap(prompt_splits.validation, data.max_validation)
                 ],
             )
         )
@@ -267,7 +266,8 @@ def save(handle: ModelHandle, prepared: Prepared, result: SearchResult, out_dir:
     recipe = prepared.recipe
     out_dir.mkdir(parents=True, exist_ok=True)
     for name, writer in (("sweep.csv", write_table), ("sweep.png", _plot_writer(recipe))):
-        temporary = out_dir / f".{name}.tmp"
+        stem, suffix = name.split(".")
+        temporary = out_dir / f".{stem}.tmp.{suffix}"
         writer(temporary, result)
         os.replace(temporary, out_dir / name)
     selected = result.selected
@@ -306,10 +306,11 @@ def interventions_for(
 ) -> tuple[Intervention, ...]:
     """Ablation of an artifact's direction, or activation addition at its hooks with
     ``strength`` (negative strengths push away from the direction)."""
-    from steer.interventions import Ablate, Add
+    from steer.directions.search import ablation
+    from steer.interventions import Add
 
     if strength is None:
-        return (Ablate(vector_artifact.vector),)
+        return (ablation(vector_artifact.vector),)
     hooks = tuple(vector_artifact.metadata.get("hooks") or ())
     return (Add(vector_artifact.vector, strength, hooks=hooks),)
 
@@ -340,7 +341,10 @@ def _filter_train(
     keep_positive = refusal_scores_from_logits(positive_logits, token_ids) > 0
     keep_negative = refusal_scores_from_logits(negative_logits, token_ids) < 0
     kept = []
-    for name, acts, keep in (("positive", positive, keep_positive), ("negative", negative, keep_negative)):
+    for name, acts, keep in (
+        ("positive", positive, keep_positive),
+        ("negative", negative, keep_negative),
+    ):
         if int(keep.sum()) < 2:
             notes.append(f"filter left {int(keep.sum())} {name} train prompts; kept all")
             kept.append(acts)

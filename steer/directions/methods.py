@@ -33,16 +33,16 @@ class DirectionMethod(Protocol):
 
 
 class MeanDifference:
-    name = "mean_difference"
-    paired = False
+    name: ClassVar[str] = "mean_difference"
+    paired: ClassVar[bool] = False
 
     def __call__(self, positive: torch.Tensor, negative: torch.Tensor) -> torch.Tensor:
         return positive.mean(0) - negative.mean(0)
 
 
 class PairedPCA:
-    name = "pca"
-    paired = True
+    name: ClassVar[str] = "pca"
+    paired: ClassVar[bool] = True
 
     def __call__(self, positive: torch.Tensor, negative: torch.Tensor) -> torch.Tensor:
         differences = (positive - negative).double()  # (n, D)
@@ -62,8 +62,8 @@ class PairedPCA:
 
 
 class Projected:
-    name = "projected"
-    paired = False
+    name: ClassVar[str] = "projected"
+    paired: ClassVar[bool] = False
 
     def __call__(self, positive: torch.Tensor, negative: torch.Tensor) -> torch.Tensor:
         difference = positive.mean(0) - negative.mean(0)

@@ -133,9 +133,7 @@ def load_recipe(source: str | Path | Mapping[str, Any]) -> Recipe:
             f"unknown kind {raw.get('kind')!r}; use {', '.join(k.value for k in RecipeKind)}",
             field="kind",
         ) from None
-    sections = {
-        name: _section(cls, raw.get(name, {}), name) for name, cls in _SECTIONS.items()
-    }
+    sections = {name: _section(cls, raw.get(name, {}), name) for name, cls in _SECTIONS.items()}
     recipe = Recipe(name=str(raw.get("name", "direction")), kind=kind, **sections)
     _validate(recipe)
     return recipe
@@ -174,7 +172,9 @@ def _section(cls: type, raw: Any, name: str) -> Any:
             if not isinstance(value, list | tuple) or not all(
                 isinstance(v, int) and not isinstance(v, bool) for v in value
             ):
-                raise InvalidArgumentError(f"expected a list of integers, got {value!r}", field=where)
+                raise InvalidArgumentError(
+                    f"expected a list of integers, got {value!r}", field=where
+                )
             value = tuple(value)
         elif expected is float:
             if isinstance(value, bool) or not isinstance(value, int | float):
@@ -187,9 +187,7 @@ def _section(cls: type, raw: Any, name: str) -> Any:
             if isinstance(value, bool) or not isinstance(value, int):
                 raise InvalidArgumentError(f"expected an integer, got {value!r}", field=where)
         elif not isinstance(value, expected):
-            raise InvalidArgumentError(
-                f"expected {expected.__name__}, got {value!r}", field=where
-            )
+            raise InvalidArgumentError(f"expected {expected.__name__}, got {value!r}", field=where)
         values[key] = value
     return cls(**values)
 
@@ -201,11 +199,15 @@ def _validate(recipe: Recipe) -> None:
             raise InvalidArgumentError("kind 'pairs' needs a pairs file", field="data.pairs")
     elif not data.positive or not data.negative:
         field_name = "data.positive" if not data.positive else "data.negative"
-        raise InvalidArgumentError(f"kind {recipe.kind.value!r} needs two prompt sets", field=field_name)
+        raise InvalidArgumentError(
+            f"kind {recipe.kind.value!r} needs two prompt sets", field=field_name
+        )
     if not 0 < data.train < 1:
         raise InvalidArgumentError("must be in (0, 1)", field="data.train")
     if not 0 < data.validation < 1 or data.train + data.validation >= 1:
-        raise InvalidArgumentError("must be in (0, 1) and leave a test share", field="data.validation")
+        raise InvalidArgumentError(
+            "must be in (0, 1) and leave a test share", field="data.validation"
+        )
     for name in ("max_train", "max_validation"):
         if getattr(data, name) < 0:
             raise InvalidArgumentError("must be >= 0 (0 = no cap)", field=f"data.{name}")
@@ -215,17 +217,25 @@ def _validate(recipe: Recipe) -> None:
         )
     if not 0 <= search.min_layer_fraction < search.max_layer_fraction <= 1:
         raise InvalidArgumentError(
-            "need 0 <= min_layer_fraction < max_layer_fraction <= 1", field="search.max_layer_fraction"
+            "need 0 <= min_layer_fraction < max_layer_fraction <= 1",
+            field="search.max_layer_fraction",
         )
     if any(p >= 0 for p in search.positions):
-        raise InvalidArgumentError("positions are negative offsets, e.g. [-1, -2]", field="search.positions")
+        raise InvalidArgumentError(
+            "positions are negative offsets, e.g. [-1, -2]", field="search.positions"
+        )
     if any(layer < 0 for layer in search.layers):
         raise InvalidArgumentError("layers must be >= 0", field="search.layers")
     if search.top_k < 1:
         raise InvalidArgumentError("must be >= 1", field="search.top_k")
     if not search.kl_threshold > 0:
         raise InvalidArgumentError("must be > 0", field="search.kl_threshold")
-    for section, name in (("search", "batch_size"), ("evaluate", "batch_size"), ("evaluate", "max_new_tokens"), ("evaluate", "kl_tokens")):
+    for section, name in (
+        ("search", "batch_size"),
+        ("evaluate", "batch_size"),
+        ("evaluate", "max_new_tokens"),
+        ("evaluate", "kl_tokens"),
+    ):
         if getattr(getattr(recipe, section), name) < 1:
             raise InvalidArgumentError("must be >= 1", field=f"{section}.{name}")
     if evaluate.max_test < 0:

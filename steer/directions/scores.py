@@ -121,9 +121,7 @@ def _continuation_logits(
 ) -> list[torch.Tensor]:
     """Per row, (len(continuation), vocab) logits predicting each continuation token."""
     full = [list(p) + list(c) for p, c in zip(prompts, continuations, strict=True)]
-    result = forward(
-        handle, full, interventions=interventions, logits="all", batch_size=len(full)
-    )
+    result = forward(handle, full, interventions=interventions, logits="all", batch_size=len(full))
     assert isinstance(result.logits, list)
     out = []
     for row, prompt, continuation in zip(result.logits, prompts, continuations, strict=True):

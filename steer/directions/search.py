@@ -23,7 +23,7 @@ from __future__ import annotations
 import csv
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -62,7 +62,7 @@ class Candidate:
         return tuple(f"blocks.{layer}.hook_resid_pre" for layer in layers)
 
     def ablation(self) -> Ablate:
-        return Ablate(self.vector)
+        return ablation(self.vector)
 
     def addition(self, strength: float = 1.0) -> Add:
         return Add(self.vector, strength, hooks=self.hooks)
@@ -78,6 +78,12 @@ class SearchResult:
     layers: tuple[int, ...]
     positions: tuple[int, ...]
     notes: list[str] = field(default_factory=list)
+
+
+def ablation(vector: SteeringVector, weight: float = 1.0) -> Ablate:
+    """Ablate ``vector`` everywhere it is defined (every layer for a shared vector)."""
+    layers = None if vector.shared is not None else vector.layers
+    return Ablate(vector, layers=layers, weight=weight)
 
 
 def resid_hooks(num_layers: int) -> list[str]:
@@ -109,7 +115,9 @@ def collect(
     return stacked, result.logits if logits else None  # type: ignore[return-value]
 
 
-def candidate_layers(num_layers: int, layers: Sequence[int], low: float, high: float) -> tuple[int, ...]:
+def candidate_layers(
+    num_layers: int, layers: Sequence[int], low: float, high: float
+) -> tuple[int, ...]:
     if layers:
         bad = [layer for layer in layers if not 0 <= layer < num_layers]
         if bad:
@@ -135,16 +143,27 @@ def make_candidates(
     """Directions from activations (n, num_layers, len(positions), d_model) of both sets."""
     candidates = []
     for index, position in enumerate(positions):
-        directions = {
-            layer: compute_direction(method, positive[:, layer, index], negative[:, layer, index])
-            for layer in range(positive.shape[1])
-        }
+        directions = {}
+        for layer in range(positive.shape[1]):
+            try:
+                directions[layer] = compute_direction(
+                    method, positive[:, layer, index], negative[:, layer, index]
+                )
+            except InvalidArgumentError:
+                # e.g. the embedding of a template token is the same for every prompt
+                continue
         for layer in layers:
-            vector = SteeringVector.from_shared(directions[layer], name=f"L{layer}@{position}")
-            candidates.append(Candidate(layer, position, vector))
-        if per_layer:
+            if layer in directions:
+                vector = SteeringVector.from_shared(directions[layer], name=f"L{layer}@{position}")
+                candidates.append(Candidate(layer, position, vector))
+        if per_layer and directions:
             vector = SteeringVector(per_layer=directions, name=f"per-layer@{position}")
             candidates.append(Candidate(None, position, vector))
+    if not candidates:
+        raise InvalidArgumentError(
+            "no candidate direction: the two sets have the same activations everywhere",
+            field="data",
+        )
     return candidates
 
 
@@ -165,7 +184,7 @@ def score_candidates(
     for candidate in candidates:
         check()
         bypass = float(positive_score([candidate.ablation()]).mean())
-        scored.append(_replace(candidate, bypass=bypass))
+        scored.append(replace(candidate, bypass=bypass))
         done += 1
         if progress:
             progress(f"bypass {candidate.label}: {bypass:.3f}", done / total)
@@ -177,7 +196,7 @@ def score_candidates(
         done += 1
         kl = negative_kl([candidate.ablation()])
         done += 1
-        scored[i] = _replace(candidate, induce=induce, kl=kl)
+        scored[i] = replace(candidate, induce=induce, kl=kl)
         if progress:
             progress(f"check {candidate.label}: induce {induce:.3f}, kl {kl:.4f}", done / total)
     return scored
@@ -246,18 +265,18 @@ def write_table(path: Path, result: SearchResult) -> Path:
 
 def write_plot(path: Path, result: SearchResult, *, title: str = "") -> Path:
     """Bypass score vs layer, one line per position; per-layer candidates as dashed lines."""
-    import matplotlib
-
-    matplotlib.use("Agg")
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
+    # a figure with its own Agg canvas: no global backend switch, no pyplot state
     figure = Figure(figsize=(7, 4))
+    FigureCanvasAgg(figure)
     axes = figure.subplots()
     for position in result.positions:
         points = [c for c in result.candidates if c.position == position and c.layer is not None]
         if points:
             axes.plot(
-                [c.layer for c in points],
+                [int(c.layer or 0) for c in points],
                 [c.bypass for c in points],
                 marker="o",
                 markersize=3,
@@ -277,9 +296,3 @@ def write_plot(path: Path, result: SearchResult, *, title: str = "") -> Path:
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     return path
-
-
-def _replace(candidate: Candidate, **changes: float) -> Candidate:
-    from dataclasses import replace
-
-    return replace(candidate, **changes)
