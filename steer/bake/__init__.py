@@ -1,0 +1,23 @@
+"""Baking: write recipe edits into new weights (model, LoRA adapter) or a control vector.
+
+Layers: :mod:`steer.bake.edits` (pure torch: interventions -> rank-1 weight deltas),
+:mod:`steer.bake.tensor_io` (streaming safetensors), :mod:`steer.bake.source` (what is read),
+:mod:`steer.bake.model` (the shard-by-shard writer and LoRA export),
+:mod:`steer.bake.control_vector` (llama.cpp GGUF), :mod:`steer.bake.provenance`
+(record, verify, atomic rename), :mod:`steer.bake.api` (the entry point), and
+:mod:`steer.bake.memory` (the same deltas applied to a loaded model in memory).
+"""
+
+from steer.bake.api import OUTPUT_FORMATS, bake
+from steer.bake.control_vector import read_control_vector, write_control_vector
+from steer.bake.model import BakeCancelled
+from steer.bake.provenance import verify
+
+__all__ = [
+    "OUTPUT_FORMATS",
+    "BakeCancelled",
+    "bake",
+    "read_control_vector",
+    "verify",
+    "write_control_vector",
+]

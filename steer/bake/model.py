@@ -1,0 +1,518 @@
+"""Bake a recipe into a new model directory or a PEFT LoRA adapter, shard by shard.
+
+``bake_weights`` reads as its steps: open the source -> lower the recipe to interventions ->
+plan the weight deltas -> check the architecture and the directions' model -> lay out the
+output -> stream every tensor through its edit into the temporary directory -> config, index,
+tokenizer -> provenance -> atomic rename.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from steer.artifacts import VectorArtifact, load_vector
+from steer.bake import provenance
+from steer.bake.edits import (
+    RankOneEdit,
+    WeightPlan,
+    build_plan,
+    check_layout,
+    edit_columns,
+    lora_factors,
+)
+from steer.bake.source import Source, open_source
+from steer.bake.tensor_io import Opener, ShardWriter, TensorSpec, default_opener, sha256_file
+from steer.errors import (
+    FailedPreconditionError,
+    InvalidArgumentError,
+    SteerError,
+    UnsupportedArchitectureError,
+)
+from steer.hooks import ArchitectureLayout, layout_for
+from steer.interventions import Intervention
+from steer.models import DTYPES
+from steer.recipes import AblateEdit, AblationVariant, FeatureEdit, Recipe, recipe_to_dict
+
+Progress = Callable[[str, float], None]
+#: bytes per row chunk when streaming a large tensor
+CHUNK_BYTES = 32 << 20
+
+
+class BakeCancelled(SteerError):
+    """The caller cancelled the bake; nothing was written at the target."""
+
+    status_code = "CANCELLED"
+
+
+@dataclass
+class BakeOptions:
+    output_format: str = "model"
+    overwrite: bool = False
+    dtype: str | None = None
+    allow_pickle: bool = False
+    allow_other_model: bool = False
+    progress: Progress | None = None
+    cancelled: threading.Event | None = None
+    #: opens output files; tests pass a failing one to simulate a full disk
+    opener: Opener = default_opener
+    notes: list[str] = field(default_factory=list)
+
+    def report(self, stage: str, fraction: float) -> None:
+        if self.cancelled is not None and self.cancelled.is_set():
+            raise BakeCancelled("bake cancelled", field="cancelled")
+        if self.progress is not None:
+            self.progress(stage, fraction)
+
+
+# ---------------------------------------------------------------------------------------------
+# Recipe -> plan
+
+
+@dataclass
+class ResolvedRecipe:
+    plan: WeightPlan
+    interventions: list[Intervention]
+    artifacts: dict[str, dict[str, Any]]
+    approximate: bool
+
+
+def resolve(recipe: Recipe, *, num_layers: int, d_model: int) -> ResolvedRecipe:
+    """Lower the recipe to interventions and those to a weight plan."""
+    artifacts: dict[str, dict[str, Any]] = {}
+
+    def load(path: Path) -> VectorArtifact:
+        artifact = load_vector(path)
+        recorded = artifact.metadata.get("d_model") or artifact.vector.d_model
+        if int(recorded) != d_model:
+            raise InvalidArgumentError(
+                f"{path} has d_model {recorded} but the model has {d_model}: it was made for "
+                "another model",
+                field="direction",
+            )
+        artifacts[str(path)] = dict(artifact.metadata)
+        return artifact
+
+    pairs: list[tuple[Intervention, bool]] = []
+    approximate = False
+    for edit, interventions in recipe.interventions(num_layers, load=load):
+        norm_preserving = (
+            isinstance(edit, AblateEdit) and edit.variant is AblationVariant.NORM_PRESERVING
+        )
+        approximate = approximate or isinstance(edit, FeatureEdit)
+        pairs.extend((intervention, norm_preserving) for intervention in interventions)
+    plan = build_plan(pairs, num_layers, d_model)
+    return ResolvedRecipe(plan, [pair[0] for pair in pairs], artifacts, approximate)
+
+
+def check_directions_model(
+    artifacts: dict[str, dict[str, Any]], source: Source, options: BakeOptions
+) -> str | None:
+    """Refuse directions whose sidecar names another model's weights. Returns the hash."""
+    expected = {
+        path: (meta.get("model") or {}).get("weight_hash")
+        for path, meta in artifacts.items()
+        if (meta.get("model") or {}).get("weight_hash")
+    }
+    if not expected or options.allow_other_model:
+        return None
+    options.report("hashing source weights", 0.0)
+    actual = source.weight_hash(lambda f: options.report("hashing source weights", f))
+    for path, weight_hash in expected.items():
+        if str(weight_hash) != actual:
+            name = (artifacts[path].get("model") or {}).get("name")
+            raise FailedPreconditionError(
+                f"{path} was made for model {name!r} (weight hash {str(weight_hash)[:12]}…), not "
+                f"{source.name!r} ({actual[:12]}…); pass allow_other_model "
+                "(--allow-other-model) to use it anyway",
+                field="direction",
+            )
+    return actual
+
+
+# ---------------------------------------------------------------------------------------------
+# Architecture: tensor names and the bias flag
+
+
+@dataclass(frozen=True)
+class Names:
+    layout: ArchitectureLayout
+
+    @property
+    def embedding(self) -> str:
+        return f"{self.layout.embed}.weight"
+
+    def attention(self, layer: int) -> str:
+        return f"{self.layout.layers}.{layer}.{self.layout.attn_write}.weight"
+
+    def mlp(self, layer: int) -> str:
+        return f"{self.layout.layers}.{layer}.{self.layout.mlp_write}.weight"
+
+    def module(self, tensor: str) -> str:
+        return tensor.removesuffix(".weight")
+
+
+def _bias_tensors(
+    config: dict[str, Any], plan: WeightPlan, names: Names, num_layers: int, dtype: torch.dtype
+) -> tuple[dict[str, Any], dict[str, torch.Tensor], list[str]]:
+    """Config changes and new bias tensors that make ``down_bias`` exact, per architecture.
+
+    Llama has an ``mlp_bias`` flag (biases on gate/up/down). Qwen2 and Mistral have no MLP bias
+    in transformers; without sliding-window attention they compute exactly what Llama computes
+    (Qwen2 = Llama with q/k/v biases), so the output is written as a Llama model.
+    """
+    model_type = str(config.get("model_type"))
+    notes: list[str] = []
+    changes: dict[str, Any] = {"mlp_bias": True}
+    hidden, inner = int(config["hidden_size"]), int(config["intermediate_size"])
+    tensors: dict[str, torch.Tensor] = {}
+    if model_type == "llama":
+        pass  # mlp_bias is native; attention biases, if any, are already in the source
+    elif model_type == "mistral":
+        if config.get("sliding_window") is not None:
+            raise UnsupportedArchitectureError(
+                "mistral with sliding-window attention has no exact bias form", field="model"
+            )
+        changes |= {"model_type": "llama", "architectures": ["LlamaForCausalLM"]}
+        changes |= {"attention_bias": False, "sliding_window": None}
+        notes.append("written as a Llama model (Mistral has no MLP bias; no sliding window)")
+    elif model_type == "qwen2":
+        if config.get("use_sliding_window"):
+            raise UnsupportedArchitectureError(
+                "qwen2 with use_sliding_window has no exact bias form", field="model"
+            )
+        changes |= {"model_type": "llama", "architectures": ["LlamaForCausalLM"]}
+        changes |= {"attention_bias": True, "layer_types": None, "use_sliding_window": None}
+        notes.append("written as a Llama model with attention_bias (Qwen2 has no MLP bias)")
+        for layer in range(num_layers):
+            tensors[names.attention(layer).replace(".weight", ".bias")] = torch.zeros(hidden)
+    else:
+        raise UnsupportedArchitectureError(
+            f"{model_type}: no exact form for an additive vector (no down_proj bias)",
+            field="model",
+        )
+    prefix = names.layout.mlp_write.rsplit(".", 1)[0]
+    for layer in range(num_layers):
+        base = f"{names.layout.layers}.{layer}.{prefix}"
+        tensors[f"{base}.gate_proj.bias"] = torch.zeros(inner)
+        tensors[f"{base}.up_proj.bias"] = torch.zeros(inner)
+        down = plan.down_bias.get(layer)
+        tensors[names.mlp(layer).replace(".weight", ".bias")] = (
+            torch.zeros(hidden) if down is None else down.clone()
+        )
+    return changes, {name: t.to(dtype) for name, t in tensors.items()}, notes
+
+
+# ---------------------------------------------------------------------------------------------
+# Streaming the tensors
+
+
+def _output_dtype(spec: TensorSpec, dtype: torch.dtype | None) -> torch.dtype:
+    return dtype if dtype is not None and spec.dtype.is_floating_point else spec.dtype
+
+
+def _row_chunks(source: Source, name: str, dtype: torch.dtype) -> Iterator[torch.Tensor]:
+    spec = source.specs[name]
+    if not spec.shape or spec.nbytes <= CHUNK_BYTES:
+        yield source.read(name).to(dtype)
+        return
+    rows = spec.shape[0]
+    step = max(1, CHUNK_BYTES * rows // max(spec.nbytes, 1))
+    for start in range(0, rows, step):
+        yield source.read_rows(name, start, min(rows, start + step)).to(dtype)
+
+
+def _embedding_chunks(
+    source: Source, name: str, plan: WeightPlan, dtype: torch.dtype
+) -> Iterator[torch.Tensor]:
+    """Rows of the embedding (vocab, d_model): each row is a written vector (a column of M)."""
+    for chunk in _row_chunks(source, name, torch.float32):
+        edited = edit_columns(chunk.T, plan.embedding).T if plan.embedding else chunk
+        if plan.embedding_shift is not None:
+            edited = edited + plan.embedding_shift
+        yield edited.to(dtype)
+
+
+@dataclass
+class OutputLayout:
+    shards: dict[str, list[TensorSpec]]
+    produce: Callable[[str], Iterator[torch.Tensor]]
+    config: dict[str, Any]
+
+
+def plan_output(
+    source: Source,
+    plan: WeightPlan,
+    names: Names,
+    num_layers: int,
+    dtype: torch.dtype | None,
+    notes: list[str],
+) -> OutputLayout:
+    config = dict(source.config)
+    if dtype is not None:
+        config["dtype"] = str(dtype).removeprefix("torch.")
+    extra: dict[str, torch.Tensor] = {}
+    untie = plan.edits_embedding and source.tied
+    if plan.has_bias:
+        bias_dtype = _output_dtype(source.specs[names.mlp(0)], dtype)
+        changes, extra, bias_notes = _bias_tensors(config, plan, names, num_layers, bias_dtype)
+        config |= changes
+        config = {key: value for key, value in config.items() if value is not None}
+        notes.extend(bias_notes)
+    if untie:
+        config["tie_word_embeddings"] = False
+        notes.append("embedding edited: the tied output head was untied and keeps its weights")
+    matrices: dict[str, list[RankOneEdit]] = {}
+    for layer, edits in plan.attention.items():
+        matrices[names.attention(layer)] = edits
+    for layer, edits in plan.mlp.items():
+        matrices[names.mlp(layer)] = edits
+    for tensor in [*matrices, names.embedding]:
+        if (tensor in matrices or plan.edits_embedding) and tensor not in source.specs:
+            raise UnsupportedArchitectureError(
+                f"the source has no tensor {tensor!r}; its names do not match the "
+                f"{source.model_type} layout",
+                field="model",
+            )
+
+    shards: dict[str, list[TensorSpec]] = {}
+    placed = set()
+    for file, tensor_names in source.shards.items():
+        specs = []
+        for name in tensor_names:
+            spec = source.specs[name]
+            specs.append(TensorSpec(name, _output_dtype(spec, dtype), spec.shape))
+            if name == names.embedding and untie:
+                specs.append(TensorSpec("lm_head.weight", _output_dtype(spec, dtype), spec.shape))
+            for bias_name, bias in extra.items():
+                # a layer's new biases go into the shard holding its down_proj weight
+                if name == names.mlp(_layer_of(bias_name)) and bias_name not in placed:
+                    specs.append(TensorSpec(bias_name, bias.dtype, tuple(bias.shape)))
+                    placed.add(bias_name)
+        shards[file] = specs
+    missing = set(extra) - placed
+    if missing:
+        raise UnsupportedArchitectureError(
+            f"no down_proj weight found for biases {sorted(missing)[:3]}", field="model"
+        )
+
+    def produce(name: str) -> Iterator[torch.Tensor]:
+        if name in extra:
+            yield extra[name]
+            return
+        if name == "lm_head.weight" and untie:
+            yield from _row_chunks(
+                source, names.embedding, _output_dtype(source.specs[names.embedding], dtype)
+            )
+            return
+        out_dtype = _output_dtype(source.specs[name], dtype)
+        if name == names.embedding and plan.edits_embedding:
+            yield from _embedding_chunks(source, name, plan, out_dtype)
+        elif name in matrices:
+            yield edit_columns(source.read(name).float(), matrices[name]).to(out_dtype)
+        else:
+            yield from _row_chunks(source, name, out_dtype)
+
+    return OutputLayout(shards, produce, config)
+
+
+def _layer_of(tensor: str) -> int:
+    parts = tensor.split(".")
+    for index, part in enumerate(parts[:-1]):
+        if part == "layers":
+            return int(parts[index + 1])
+    raise AssertionError(tensor)
+
+
+def write_model(
+    directory: Path, source: Source, layout: OutputLayout, options: BakeOptions
+) -> dict[str, str]:
+    """Write shards, index, config and tokenizer files; return {file: sha256}."""
+    hashes: dict[str, str] = {}
+    total = sum(len(specs) for specs in layout.shards.values())
+    done = 0
+    weight_map = {}
+    for file, specs in layout.shards.items():
+        writer = ShardWriter(directory / file, specs, opener=options.opener)
+        try:
+            for spec in specs:
+                options.report("writing weights", done / total)
+                writer.write(spec.name, layout.produce(spec.name))
+                weight_map[spec.name] = file
+                done += 1
+            hashes[file] = writer.close()
+        except BaseException:
+            writer.abort()
+            raise
+    options.report("writing weights", 1.0)
+    if len(layout.shards) > 1:
+        size = sum(spec.nbytes for specs in layout.shards.values() for spec in specs)
+        index = {"metadata": {"total_size": size}, "weight_map": dict(sorted(weight_map.items()))}
+        _write_json(directory / "model.safetensors.index.json", index)
+    _write_json(directory / "config.json", layout.config)
+    for extra in source.extra_files:
+        shutil.copyfile(extra, directory / extra.name)
+    if source.write_extras is not None:
+        source.write_extras(directory)
+    for written in sorted(directory.iterdir()):
+        if written.name not in hashes and written.is_file():
+            hashes[written.name] = sha256_file(written)
+    return hashes
+
+
+def _write_json(path: Path, data: Any) -> None:
+    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+# ---------------------------------------------------------------------------------------------
+# LoRA
+
+
+def lora_tensors(
+    source: Source, plan: WeightPlan, names: Names
+) -> tuple[dict[str, torch.Tensor], list[str], int]:
+    """PEFT LoRA tensors reproducing the ablation deltas (rank = edits per matrix, zero-padded)."""
+    if plan.has_bias or plan.embedding_shift is not None:
+        raise InvalidArgumentError(
+            "a LoRA adapter cannot add a constant vector; export additive edits as a full model "
+            "or a control vector",
+            field="output_format",
+        )
+    if plan.embedding and source.tied:
+        raise InvalidArgumentError(
+            "the model ties its output head to the embedding: a LoRA on embed_tokens would also "
+            "change the head when merged. Export a full model instead",
+            field="output_format",
+        )
+    matrices: list[tuple[str, list[RankOneEdit], bool]] = []
+    if plan.embedding:
+        matrices.append((names.embedding, plan.embedding, True))
+    for layer, edits in sorted(plan.attention.items()):
+        matrices.append((names.attention(layer), edits, False))
+    for layer, edits in sorted(plan.mlp.items()):
+        matrices.append((names.mlp(layer), edits, False))
+    if not matrices:
+        raise InvalidArgumentError("the recipe edits no matrix", field="recipe")
+    rank = max(len(edits) for _name, edits, _embedding in matrices)
+    tensors: dict[str, torch.Tensor] = {}
+    modules = []
+    for name, edits, is_embedding in matrices:
+        weight = source.read(name).float()
+        matrix = weight.T if is_embedding else weight
+        b, a = lora_factors(matrix, edits)
+        pad = rank - b.shape[1]
+        b = torch.nn.functional.pad(b, (0, pad))
+        a = torch.nn.functional.pad(a, (0, 0, 0, pad))
+        module = names.module(name)
+        modules.append(module)
+        prefix = f"base_model.model.{module}"
+        if is_embedding:
+            tensors[f"{prefix}.lora_embedding_A"] = a.contiguous()
+            tensors[f"{prefix}.lora_embedding_B"] = b.contiguous()
+        else:
+            tensors[f"{prefix}.lora_A.weight"] = a.contiguous()
+            tensors[f"{prefix}.lora_B.weight"] = b.contiguous()
+    return tensors, modules, rank
+
+
+def write_lora(
+    directory: Path, source: Source, plan: WeightPlan, names: Names, options: BakeOptions
+) -> dict[str, str]:
+    from safetensors.torch import save_file
+
+    options.report("computing LoRA factors", 0.0)
+    tensors, modules, rank = lora_tensors(source, plan, names)
+    save_file(tensors, str(directory / "adapter_model.safetensors"), metadata={"format": "pt"})
+    adapter_config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": source.name,
+        "r": rank,
+        # alpha = r makes PEFT's scaling alpha / r exactly 1
+        "lora_alpha": rank,
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "inference_mode": True,
+        "target_modules": modules,
+        "use_rslora": False,
+        "use_dora": False,
+    }
+    _write_json(directory / "adapter_config.json", adapter_config)
+    options.report("computing LoRA factors", 1.0)
+    return {p.name: sha256_file(p) for p in sorted(directory.iterdir()) if p.is_file()}
+
+
+# ---------------------------------------------------------------------------------------------
+# The orchestrator
+
+
+def bake_weights(model_source: str, recipe: Recipe, out_dir: Path, options: BakeOptions) -> Path:
+    """Bake ``recipe`` into a model directory (format "model") or a LoRA adapter ("lora")."""
+    if options.output_format not in ("model", "lora"):
+        raise InvalidArgumentError(
+            f"unknown output format {options.output_format!r}", field="output_format"
+        )
+    dtype_name = options.dtype or recipe.dtype
+    if dtype_name is not None and dtype_name not in DTYPES:
+        raise InvalidArgumentError(
+            f"unknown dtype {dtype_name!r}; use {', '.join(DTYPES)}", field="dtype"
+        )
+    provenance.check_target(out_dir, options.overwrite)
+    options.report("opening source", 0.0)
+    source = open_source(model_source, allow_pickle=options.allow_pickle)
+    try:
+        return _bake(source, recipe, out_dir, options, dtype_name)
+    finally:
+        source.close()
+
+
+def _bake(
+    source: Source, recipe: Recipe, out_dir: Path, options: BakeOptions, dtype_name: str | None
+) -> Path:
+    config = source.config
+    num_layers, d_model = int(config["num_hidden_layers"]), int(config["hidden_size"])
+    layout = layout_for(source.model_type)
+    names = Names(layout)
+    resolved = resolve(recipe, num_layers=num_layers, d_model=d_model)
+    plan = resolved.plan
+    if plan.attention or plan.mlp or plan.has_bias or plan.embedding_shift is not None:
+        check_layout(layout, source.model_type)
+    weight_hash = check_directions_model(resolved.artifacts, source, options)
+    notes = list(options.notes)
+    if resolved.approximate:
+        notes.append(
+            "APPROXIMATE: SAE feature edits are baked as value * decoder direction added to every "
+            "token; the run-time slider sets the feature activation instead"
+        )
+    with provenance.atomic_directory(out_dir, overwrite=options.overwrite) as temp:
+        if options.output_format == "lora":
+            hashes = write_lora(temp, source, plan, names, options)
+        else:
+            dtype = DTYPES[dtype_name] if dtype_name else None
+            output = plan_output(source, plan, names, num_layers, dtype, notes)
+            hashes = write_model(temp, source, output, options)
+        options.report("hashing source", 0.0)
+        record = provenance.record(
+            output_format=options.output_format,
+            source={
+                "name": source.name,
+                "model_type": source.model_type,
+                "weight_hash": weight_hash,
+                "files": {str(path): sha256_file(path) for path in source.files},
+            },
+            recipe=recipe_to_dict(recipe),
+            directions=resolved.artifacts,
+            files=hashes,
+            notes=notes,
+        )
+        provenance.write(temp, record)
+        options.report("done", 1.0)
+    return out_dir

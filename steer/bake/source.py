@@ -1,0 +1,201 @@
+"""Bake sources: a safetensors model directory read tensor by tensor, or a GGUF / pickled
+checkpoint dequantised into memory (those are small here; see docs/bake.md).
+
+A source exposes the HF config as a dict, tensor specs per shard, ``read(name)``, the files to
+hash for provenance, and :meth:`Source.weight_hash`, which reproduces
+:attr:`steer.models.ModelHandle.weight_hash` without loading the model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from steer.bake.tensor_io import SafetensorsReader, TensorSpec
+from steer.errors import FailedPreconditionError, InvalidArgumentError, NotFoundError
+from steer.offline import OFFLINE_MODELS, resolve_offline
+
+#: files in a model directory that are not weights and travel to the output unchanged
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".msgpack", ".h5")
+SKIP_FILES = {"config.json", "model.safetensors.index.json", "pytorch_model.bin.index.json"}
+
+
+@dataclass
+class Source:
+    """Where the weights come from. ``shards`` maps output shard file name -> tensor names."""
+
+    name: str
+    config: dict[str, Any]
+    shards: dict[str, list[str]]
+    specs: dict[str, TensorSpec]
+    read: Callable[[str], torch.Tensor]
+    #: rows start:stop of a tensor's first dimension
+    read_rows: Callable[[str, int, int], torch.Tensor]
+    #: files whose SHA-256 goes into the provenance record
+    files: list[Path]
+    #: non-weight files copied to the output (tokenizer, generation config, chat template...)
+    extra_files: list[Path] = field(default_factory=list)
+    #: writes tokenizer / generation config into a directory (in-memory sources)
+    write_extras: Callable[[Path], None] | None = None
+    close: Callable[[], None] = lambda: None
+    #: the model handle's weight hash when it is already known (in-memory sources)
+    known_weight_hash: str | None = None
+
+    @property
+    def model_type(self) -> str:
+        return str(self.config.get("model_type", ""))
+
+    @property
+    def tied(self) -> bool:
+        return bool(self.config.get("tie_word_embeddings", False))
+
+    def weight_hash(self, progress: Callable[[float], None] | None = None) -> str:
+        """SHA-256 over state-dict names, shapes and bf16-rounded values, like ModelHandle."""
+        if self.known_weight_hash is not None:
+            return self.known_weight_hash
+        names = {name for name in self.specs if self.specs[name].dtype.is_floating_point}
+        aliases: dict[str, str] = {}
+        embed = "model.embed_tokens.weight"
+        if self.tied and "lm_head.weight" not in self.specs and embed in self.specs:
+            aliases["lm_head.weight"] = embed  # the state dict lists the tied head too
+            names.add("lm_head.weight")
+        digest = hashlib.sha256()
+        ordered = sorted(names)
+        for index, name in enumerate(ordered):
+            tensor = self.read(aliases.get(name, name)).to(torch.bfloat16).contiguous()
+            digest.update(f"{name}:{tuple(tensor.shape)};".encode())
+            digest.update(tensor.view(torch.int16).numpy().tobytes())
+            if progress is not None:
+                progress((index + 1) / len(ordered))
+        return digest.hexdigest()
+
+
+def open_source(
+    model_source: str, *, allow_pickle: bool = False, dtype: torch.dtype = torch.float32
+) -> Source:
+    """Open an offline model name, a ``.gguf`` file, or a HF model directory."""
+    path = resolve_offline(model_source) if model_source in OFFLINE_MODELS else Path(model_source)
+    if not path.exists():
+        raise NotFoundError(
+            f"{model_source!r} is neither an offline model ({', '.join(OFFLINE_MODELS)}) nor an "
+            "existing path",
+            field="model",
+        )
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise InvalidArgumentError(
+                f"{path} is a file but not .gguf; pass a model directory or a .gguf file",
+                field="model",
+            )
+        return _in_memory_source(model_source, path, allow_pickle=False)
+    if not (path / "config.json").exists():
+        raise NotFoundError(f"{path} has no config.json", field="model")
+    if any(path.glob("*.safetensors")):
+        return _safetensors_source(model_source, path)
+    if any(path.glob("*.bin")):
+        if not allow_pickle:
+            raise FailedPreconditionError(
+                f"{path} holds only pickled .bin weights; steer never unpickles by default. "
+                "Convert them to safetensors, or pass --allow-pickle to load them with "
+                "torch.load(weights_only=True)",
+                field="model",
+            )
+        return _in_memory_source(model_source, path, allow_pickle=True)
+    raise NotFoundError(f"no safetensors or .bin weights in {path}", field="model")
+
+
+def _safetensors_source(name: str, directory: Path) -> Source:
+    index_path = directory / "model.safetensors.index.json"
+    if index_path.exists():
+        weight_map: dict[str, str] = json.loads(index_path.read_text())["weight_map"]
+        files = sorted(set(weight_map.values()))
+    else:
+        files = sorted(p.name for p in directory.glob("*.safetensors"))
+        if len(files) != 1:
+            raise InvalidArgumentError(
+                f"{directory} has {len(files)} safetensors files and no index", field="model"
+            )
+    readers = {file: SafetensorsReader(directory / file) for file in files}
+    owner: dict[str, SafetensorsReader] = {}
+    shards: dict[str, list[str]] = {}
+    specs: dict[str, TensorSpec] = {}
+    for file, reader in readers.items():
+        shards[file] = reader.names_in_file_order()
+        for tensor in shards[file]:
+            owner[tensor] = reader
+            specs[tensor] = reader.spec(tensor)
+    extra = [
+        p
+        for p in sorted(directory.iterdir())
+        if p.is_file() and p.name not in SKIP_FILES and not p.name.endswith(WEIGHT_SUFFIXES)
+    ]
+
+    def close() -> None:
+        for reader in readers.values():
+            reader.close()
+
+    return Source(
+        name=name,
+        config=json.loads((directory / "config.json").read_text()),
+        shards=shards,
+        specs=specs,
+        read=lambda tensor: owner[tensor].read(tensor),
+        read_rows=lambda tensor, start, stop: owner[tensor].read_rows(tensor, start, stop),
+        files=[directory / "config.json", *(directory / f for f in files)],
+        extra_files=extra,
+        close=close,
+    )
+
+
+def _in_memory_source(name: str, path: Path, *, allow_pickle: bool) -> Source:
+    """GGUF or pickled weights: load through transformers (dequantised, float32), then read the
+    state dict. GGUF-loaded models refuse save_pretrained, so the config is written without its
+    quantization_config."""
+    from steer.models import load_model
+
+    handle = load_model(str(path), allow_pickle=allow_pickle)
+    state = {key: value for key, value in handle.model.state_dict().items()}
+    config = handle.model.config.to_dict()
+    config.pop("quantization_config", None)
+    config["dtype"] = "float32"
+    if config.get("tie_word_embeddings") and "lm_head.weight" in state:
+        del state["lm_head.weight"]  # tied: the file stores the embedding once
+    specs = {key: TensorSpec(key, t.dtype, tuple(t.shape)) for key, t in state.items()}
+    weight_hash = handle.weight_hash
+
+    def write_extras(directory: Path) -> None:
+        handle.tokenizer.save_pretrained(str(directory))
+        handle.model.generation_config.save_pretrained(str(directory))
+
+    return Source(
+        name=name,
+        config=config,
+        shards=_split(specs),
+        specs=specs,
+        read=lambda tensor: state[tensor].detach().cpu(),
+        read_rows=lambda tensor, start, stop: state[tensor][start:stop].detach().cpu(),
+        files=[path] if path.is_file() else [*sorted(path.glob("*.bin")), path / "config.json"],
+        write_extras=write_extras,
+        known_weight_hash=weight_hash,
+    )
+
+
+def _split(specs: dict[str, TensorSpec], max_bytes: int = 2 << 30) -> dict[str, list[str]]:
+    groups: list[list[str]] = [[]]
+    size = 0
+    for name, spec in specs.items():
+        if groups[-1] and size + spec.nbytes > max_bytes:
+            groups.append([])
+            size = 0
+        groups[-1].append(name)
+        size += spec.nbytes
+    if len(groups) == 1:
+        return {"model.safetensors": groups[0]}
+    count = len(groups)
+    return {f"model-{i + 1:05d}-of-{count:05d}.safetensors": g for i, g in enumerate(groups)}

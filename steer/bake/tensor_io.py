@@ -1,0 +1,223 @@
+"""Streaming safetensors I/O: read one tensor at a time, write shards tensor by tensor.
+
+Neither side maps or loads a whole file. The reader parses the header and reads each tensor's
+bytes with ``readinto`` into a fresh buffer; the writer writes the header first (every tensor's
+dtype and shape is known before any data is), then the tensors in header order, hashing the
+bytes as they go so the output's SHA-256 costs no second read. Peak memory is one tensor.
+
+File layout (safetensors): 8-byte little-endian header length N, N bytes of JSON
+``{name: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__": {...}}`` padded with
+spaces to a multiple of 8, then the data, each tensor's bytes in row-major order.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import struct
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+import torch
+
+from steer.errors import InvalidArgumentError, ResourceExhaustedError
+
+DTYPE_CODES: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+CODES: dict[torch.dtype, str] = {dtype: code for code, dtype in DTYPE_CODES.items()}
+
+#: opens a file for binary writing; tests pass one that fails to simulate a full disk
+Opener = Callable[[Path], BinaryIO]
+
+
+def default_opener(path: Path) -> BinaryIO:
+    return path.open("wb")
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        count = 1
+        for size in self.shape:
+            count *= size
+        return count * torch.empty((), dtype=self.dtype).element_size()
+
+
+@dataclass(frozen=True)
+class _Entry:
+    spec: TensorSpec
+    begin: int
+    end: int
+
+
+class SafetensorsReader:
+    """Random access to the tensors of one ``.safetensors`` file, one tensor in memory at a time."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        try:
+            self._file = path.open("rb")
+            (length,) = struct.unpack("<Q", self._file.read(8))
+            header = json.loads(self._file.read(length))
+        except (OSError, struct.error, json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise InvalidArgumentError(
+                f"{path} is not a safetensors file: {error}", field="model"
+            ) from None
+        self.data_start = 8 + length
+        self.metadata: dict[str, str] = header.pop("__metadata__", None) or {}
+        self.entries: dict[str, _Entry] = {}
+        for name, info in header.items():
+            if info["dtype"] not in DTYPE_CODES:
+                raise InvalidArgumentError(
+                    f"{path}: tensor {name} has unsupported dtype {info['dtype']}", field="model"
+                )
+            begin, end = info["data_offsets"]
+            spec = TensorSpec(name, DTYPE_CODES[info["dtype"]], tuple(info["shape"]))
+            self.entries[name] = _Entry(spec, begin, end)
+
+    def names_in_file_order(self) -> list[str]:
+        return sorted(self.entries, key=lambda name: self.entries[name].begin)
+
+    def spec(self, name: str) -> TensorSpec:
+        return self.entries[name].spec
+
+    def read(self, name: str) -> torch.Tensor:
+        entry = self.entries[name]
+        buffer = bytearray(entry.end - entry.begin)
+        self._file.seek(self.data_start + entry.begin)
+        if self._file.readinto(buffer) != len(buffer):
+            raise InvalidArgumentError(f"{self.path} is truncated at {name}", field="model")
+        if not buffer:
+            return torch.empty(entry.spec.shape, dtype=entry.spec.dtype)
+        return torch.frombuffer(buffer, dtype=entry.spec.dtype).reshape(entry.spec.shape)
+
+    def read_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows ``start:stop`` of the first dimension, reading only their bytes."""
+        entry = self.entries[name]
+        shape = entry.spec.shape
+        row_bytes = (entry.end - entry.begin) // shape[0] if shape and shape[0] else 0
+        buffer = bytearray((stop - start) * row_bytes)
+        self._file.seek(self.data_start + entry.begin + start * row_bytes)
+        if self._file.readinto(buffer) != len(buffer):
+            raise InvalidArgumentError(f"{self.path} is truncated at {name}", field="model")
+        rows = (stop - start, *shape[1:])
+        if not buffer:
+            return torch.empty(rows, dtype=entry.spec.dtype)
+        return torch.frombuffer(buffer, dtype=entry.spec.dtype).reshape(rows)
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def _header_bytes(specs: Iterable[TensorSpec], metadata: Mapping[str, str]) -> bytes:
+    header: dict[str, object] = {"__metadata__": dict(metadata)}
+    offset = 0
+    for spec in specs:
+        header[spec.name] = {
+            "dtype": CODES[spec.dtype],
+            "shape": list(spec.shape),
+            "data_offsets": [offset, offset + spec.nbytes],
+        }
+        offset += spec.nbytes
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    return struct.pack("<Q", len(text)) + text
+
+
+class ShardWriter:
+    """Writes one safetensors file whose tensors are announced up front, then fed in order."""
+
+    def __init__(
+        self,
+        path: Path,
+        specs: list[TensorSpec],
+        *,
+        metadata: Mapping[str, str] | None = None,
+        opener: Opener = default_opener,
+    ) -> None:
+        self.path = path
+        self.specs = specs
+        self._next = 0
+        self.digest = hashlib.sha256()
+        self.size = 0
+        self._file = opener(path)
+        self._write(_header_bytes(specs, metadata or {"format": "pt"}))
+
+    def _write(self, data: bytes | memoryview) -> None:
+        try:
+            self._file.write(data)
+        except OSError as error:
+            if error.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise ResourceExhaustedError(
+                    f"no space left writing {self.path.name}: {error.strerror}", field="out_dir"
+                ) from error
+            raise
+        self.digest.update(data)
+        self.size += len(data)
+
+    def write(self, name: str, pieces: Iterable[torch.Tensor]) -> None:
+        """Write tensor ``name`` from ``pieces`` whose bytes, concatenated, are the tensor in
+        row-major order (e.g. row chunks of a large embedding)."""
+        spec = self.specs[self._next]
+        if name != spec.name:
+            raise AssertionError(f"expected tensor {spec.name}, got {name}")
+        self._next += 1
+        written = 0
+        for piece in pieces:
+            if piece.dtype != spec.dtype:
+                raise AssertionError(f"{name}: piece dtype {piece.dtype} is not {spec.dtype}")
+            if piece.numel():
+                data = piece.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy()
+                self._write(data.tobytes() if not data.flags.c_contiguous else memoryview(data))  # type: ignore[arg-type]
+                written += data.nbytes
+        if written != spec.nbytes:
+            raise AssertionError(f"{name}: wrote {written} bytes, expected {spec.nbytes}")
+
+    def close(self) -> str:
+        """Flush and fsync; return the file's SHA-256."""
+        if self._next != len(self.specs):
+            raise AssertionError(
+                f"{self.path.name}: {len(self.specs) - self._next} tensors unwritten"
+            )
+        try:
+            self._file.flush()
+            os.fsync(self._file.fileno())
+        except OSError as error:
+            if error.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise ResourceExhaustedError(
+                    f"no space left writing {self.path.name}", field="out_dir"
+                ) from error
+            raise
+        finally:
+            self._file.close()
+        return self.digest.hexdigest()
+
+    def abort(self) -> None:
+        self._file.close()
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()

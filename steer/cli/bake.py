@@ -1,0 +1,96 @@
+"""``steer bake``: write edits into new weights, a LoRA adapter or a control vector.
+
+steer bake --model M (--recipe R | --ablate DIR ... | --add DIR:STRENGTH ...) --out OUT
+           [--format model|lora|control-vector] [--dtype float32|bfloat16|float16]
+           [--variant standard|projected|norm_preserving] [--overwrite] [--allow-pickle]
+steer bake --verify OUT
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from steer.bake.api import OUTPUT_FORMATS, bake_with_options, recipe_from_flags
+from steer.bake.model import BakeOptions
+from steer.bake.provenance import verify
+from steer.models import DTYPES
+from steer.offline import DEFAULT_MODEL
+from steer.recipes import AblationVariant, load_recipe
+
+
+def _parser(prog: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default=DEFAULT_MODEL, help="offline name, HF dir or .gguf")
+    edits = parser.add_argument_group("edits (a recipe, or flags)")
+    edits.add_argument("--recipe", help="TOML edit recipe (see recipes/bake-*.toml)")
+    edits.add_argument("--ablate", action="append", default=[], metavar="DIR", help="direction")
+    edits.add_argument(
+        "--add", action="append", default=[], metavar="DIR:STRENGTH", help="vector and strength"
+    )
+    edits.add_argument(
+        "--variant",
+        choices=[v.value for v in AblationVariant],
+        default="standard",
+        help="ablation variant for --ablate",
+    )
+    parser.add_argument("--out", help="output directory (or .gguf file for control-vector)")
+    parser.add_argument("--format", choices=OUTPUT_FORMATS, default="model")
+    parser.add_argument("--dtype", choices=list(DTYPES), help="output dtype (default: source)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    parser.add_argument("--allow-pickle", action="store_true", help="read pickled .bin weights")
+    parser.add_argument(
+        "--allow-other-model",
+        action="store_true",
+        help="use directions whose sidecar names other weights",
+    )
+    parser.add_argument("--verify", metavar="OUT", help="re-hash a baked output and exit")
+    return parser
+
+
+def main(argv: list[str], *, prog: str = "steer bake", command: str = "bake") -> int:
+    parser = _parser(prog)
+    args = parser.parse_args(argv)
+    if args.verify:
+        problems = verify(args.verify)
+        for problem in problems:
+            print(f"{args.verify}: {problem}", file=sys.stderr)
+        if not problems:
+            print(f"{args.verify}: ok")
+        return 1 if problems else 0
+    if not args.out:
+        parser.error("--out is required")
+    if args.recipe and (args.ablate or args.add):
+        parser.error("give --recipe or --ablate/--add, not both")
+    if not args.recipe and not (args.ablate or args.add):
+        parser.error("give --recipe, --ablate or --add")
+    recipe = load_recipe(
+        args.recipe or recipe_from_flags(args.ablate, args.add, variant=args.variant)
+    )
+    bar = tqdm(total=100, desc="bake", unit="%", disable=not sys.stderr.isatty())
+    last = [""]
+
+    def progress(stage: str, fraction: float) -> None:
+        if stage != last[0]:
+            bar.set_description(stage)
+            last[0] = stage
+        bar.n = round(100 * fraction)
+        bar.refresh()
+
+    options = BakeOptions(
+        output_format=args.format,
+        overwrite=args.overwrite,
+        dtype=args.dtype,
+        allow_pickle=args.allow_pickle,
+        allow_other_model=args.allow_other_model,
+        progress=progress,
+    )
+    try:
+        out = bake_with_options(args.model, recipe, Path(args.out), options)
+    finally:
+        bar.close()
+    print(out)
+    return 0

@@ -1,0 +1,540 @@
+"""Baking on tiny random models: baked weights == run-time interventions, exports, safety."""
+
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+from tiny import tiny_handle
+
+from steer.activations import forward
+from steer.artifacts import save_vector
+from steer.bake import BakeCancelled, bake, read_control_vector, verify
+from steer.bake.api import bake_with_options
+from steer.bake.memory import edited_copy
+from steer.bake.model import BakeOptions
+from steer.bake.source import open_source
+from steer.cli.bake import main as bake_main
+from steer.errors import (
+    FailedPreconditionError,
+    InvalidArgumentError,
+    ResourceExhaustedError,
+    UnsupportedArchitectureError,
+)
+from steer.interventions import Ablate, Add
+from steer.models import ModelHandle, load_model
+from steer.recipes import load_recipe
+from steer.vectors import SteeringVector
+
+PROMPTS = [[5, 6, 7, 8, 9, 10], [11, 12, 13], [40, 41, 42, 43]]
+LLAMA_LIKE = ("llama", "mistral", "qwen2")
+GEMMA = ("gemma2", "gemma3_text")
+
+
+def relative_difference(reference: list[torch.Tensor], candidate: list[torch.Tensor]) -> float:
+    return max(
+        ((r - c).abs().max() / r.abs().max()).item()
+        for r, c in zip(reference, candidate, strict=True)
+    )
+
+
+def logits(handle: ModelHandle, interventions=()) -> list[torch.Tensor]:  # type: ignore[no-untyped-def]
+    result = forward(handle, PROMPTS, interventions=interventions, logits="all")
+    assert isinstance(result.logits, list)
+    return result.logits
+
+
+def save_source(handle: ModelHandle, directory: Path, **save_kwargs) -> Path:  # type: ignore[no-untyped-def]
+    handle.model.save_pretrained(directory, **save_kwargs)
+    handle.tokenizer.save_pretrained(directory)
+    return directory
+
+
+def random_vector(seed: int, layers: int = 4, d_model: int = 64) -> SteeringVector:
+    generator = torch.Generator().manual_seed(seed)
+    return SteeringVector(
+        per_layer={layer: torch.randn(d_model, generator=generator) for layer in range(layers)}
+    )
+
+
+@pytest.fixture(scope="module")
+def sources(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[ModelHandle, Path, Path]]:
+    """Per architecture: the tiny handle, its saved directory, a direction artifact for it."""
+    root = tmp_path_factory.mktemp("bake-sources")
+    result = {}
+    for architecture in (*LLAMA_LIKE, *GEMMA):
+        handle = tiny_handle(architecture)
+        source = save_source(handle, root / architecture)
+        direction = save_vector(root / f"{architecture}-direction", random_vector(1), handle=handle)
+        result[architecture] = (handle, source, direction)
+    return result
+
+
+def interventions_of(recipe: dict, num_layers: int = 4) -> list:  # type: ignore[type-arg]
+    return [i for _edit, group in load_recipe(recipe).interventions(num_layers) for i in group]
+
+
+KERNEL = {"max_weight": 1.0, "min_weight": 0.3, "peak_layer": 1.5, "width": 2.0}
+
+
+@pytest.mark.parametrize("architecture", LLAMA_LIKE)
+@pytest.mark.parametrize(
+    "edit",
+    [
+        {"kind": "ablate", "kernel": KERNEL},
+        {"kind": "ablate", "weight": 0.7, "layers": [1, 3]},
+        {"kind": "ablate", "direction_layer": 1.5},
+        {"kind": "add", "strength": 2.5, "layers": [1, 2]},
+        {"kind": "add", "strength": -1.5, "hooks": ["blocks.2.hook_resid_pre"]},
+    ],
+    ids=["ablate-kernel", "ablate-partial", "ablate-interpolated", "add", "add-resid-pre"],
+)
+def test_baked_equals_runtime(sources, tmp_path, architecture, edit) -> None:  # type: ignore[no-untyped-def]
+    handle, source, direction = sources[architecture]
+    key = "direction" if edit["kind"] == "ablate" else "vector"
+    recipe = {"edits": [{**edit, key: str(direction)}]}
+    baked = load_model(bake(str(source), recipe, tmp_path / "out"))
+    runtime = logits(handle, interventions_of(recipe))
+    assert relative_difference(runtime, logits(baked)) <= 1e-4
+    # the edit matters: the unsteered model is far from both
+    assert relative_difference(runtime, logits(handle)) > 1e-2
+
+
+@pytest.mark.parametrize("architecture", LLAMA_LIKE)
+def test_full_ablation_equals_plain_ablate(sources, tmp_path, architecture) -> None:  # type: ignore[no-untyped-def]
+    """One direction at weight 1 everywhere: baked == run-time Ablate(direction) at every
+    resid_pre, attn_out and mlp_out."""
+    handle, source, direction = sources[architecture]
+    recipe = {"edits": [{"kind": "ablate", "direction": str(direction), "direction_layer": 2}]}
+    baked = load_model(bake(str(source), recipe, tmp_path / "out"))
+    unit = random_vector(1).at(2)
+    plain = Ablate(SteeringVector.from_shared(unit))
+    assert relative_difference(logits(handle, [plain]), logits(baked)) <= 1e-4
+    # and the plain intervention's resid_pre projections are what the bake relies on
+    assert relative_difference(logits(handle, [plain]), logits(handle)) > 1e-2
+
+
+def test_plain_ablate_intervention_bakes_directly(sources) -> None:  # type: ignore[no-untyped-def]
+    """The full Ablate(direction) lowers to a weight plan (resid_pre beyond layer 0 is a no-op);
+    a per-layer direction does not, and says why."""
+    from steer.bake.edits import build_plan
+
+    shared = SteeringVector.from_shared(random_vector(1).at(0))
+    plan = build_plan([(Ablate(shared), False)], num_layers=4, d_model=64)
+    assert len(plan.embedding) == 1 and sorted(plan.attention) == [0, 1, 2, 3]
+    with pytest.raises(InvalidArgumentError, match="resid_pre"):
+        build_plan([(Ablate(random_vector(1)), False)], num_layers=4, d_model=64)
+
+
+@pytest.mark.parametrize("architecture", LLAMA_LIKE)
+def test_projected_variant(sources, tmp_path, architecture) -> None:  # type: ignore[no-untyped-def]
+    handle, source, direction = sources[architecture]
+    mean = save_vector(tmp_path / "mean", random_vector(2), handle=handle)
+    recipe = {
+        "edits": [
+            {
+                "kind": "ablate",
+                "direction": str(direction),
+                "variant": "projected",
+                "harmless_mean": str(mean),
+            }
+        ]
+    }
+    interventions = interventions_of(recipe)
+    projected = interventions[0].direction
+    for layer in range(4):
+        assert abs(float(projected.at(layer) @ random_vector(2).at(layer))) < 1e-5
+    baked = load_model(bake(str(source), recipe, tmp_path / "out"))
+    assert relative_difference(logits(handle, interventions), logits(baked)) <= 1e-4
+
+
+@pytest.mark.parametrize("architecture", LLAMA_LIKE)
+def test_norm_preserving_equals_in_memory_form(sources, tmp_path, architecture) -> None:  # type: ignore[no-untyped-def]
+    handle, source, direction = sources[architecture]
+    recipe = {
+        "edits": [{"kind": "ablate", "direction": str(direction), "variant": "norm_preserving"}]
+    }
+    edited = edited_copy(handle, load_recipe(recipe))
+    baked = load_model(bake(str(source), recipe, tmp_path / "out"))
+    assert relative_difference(logits(edited), logits(baked)) <= 1e-4
+    # norms of the written vectors are kept; the direction is gone from them
+    unit = random_vector(1).at(2) / random_vector(1).at(2).norm()
+    before = handle.model.model.layers[2].mlp.down_proj.weight
+    after = baked.model.model.layers[2].mlp.down_proj.weight
+    torch.testing.assert_close(after.norm(dim=0), before.norm(dim=0), rtol=1e-5, atol=1e-6)
+    assert (unit @ after).abs().max() < 1e-4 < (unit @ before).abs().max()
+    # and it differs from the plain (non norm-preserving) ablation
+    plain = logits(
+        handle, interventions_of({"edits": [{**recipe["edits"][0], "variant": "standard"}]})
+    )
+    assert relative_difference(plain, logits(baked)) > 1e-3
+
+
+@pytest.mark.parametrize("architecture", GEMMA)
+@pytest.mark.parametrize("kind", ["ablate", "add"])
+def test_gemma_has_no_exact_form(sources, tmp_path, architecture, kind) -> None:  # type: ignore[no-untyped-def]
+    """Gemma normalises attention/MLP outputs before the residual add: no exact weight edit."""
+    _handle, source, direction = sources[architecture]
+    key = "direction" if kind == "ablate" else "vector"
+    recipe = {"edits": [{"kind": kind, key: str(direction), "layers": [1]}]}
+    with pytest.raises(UnsupportedArchitectureError, match="post_attention_layernorm"):
+        bake(str(source), recipe, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_gemma_control_vector_is_allowed(sources, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    _handle, source, direction = sources["gemma2"]
+    recipe = {"edits": [{"kind": "add", "vector": str(direction), "layers": [1], "strength": 2.0}]}
+    out = bake(str(source), recipe, tmp_path / "cv.gguf", output_format="control-vector")
+    vector, metadata = read_control_vector(out)
+    torch.testing.assert_close(vector.at(1), 2.0 * random_vector(1).at(1))
+    assert metadata["model_hint"] == "gemma2"
+
+
+def test_combined_recipe_and_multiple_directions(sources, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Two full ablations (their span is removed, as at run time) plus an addition."""
+    handle, source, direction = sources["llama"]
+    second = save_vector(tmp_path / "second", random_vector(3), handle=handle)
+    recipe = {
+        "edits": [
+            {"kind": "ablate", "direction": str(direction), "direction_layer": 1},
+            {"kind": "ablate", "direction": str(second), "direction_layer": 2},
+            {"kind": "add", "vector": str(second), "strength": 1.5, "layers": [2]},
+        ]
+    }
+    baked = load_model(bake(str(source), recipe, tmp_path / "out"))
+    assert relative_difference(logits(handle, interventions_of(recipe)), logits(baked)) <= 1e-4
+
+
+def test_zero_strength_bake_is_a_copy(sources, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    handle, source, direction = sources["qwen2"]
+    recipe = {"edits": [{"kind": "add", "vector": str(direction), "strength": 0.0}]}
+    baked = load_model(bake(str(source), recipe, tmp_path / "out"))
+    for reference, candidate in zip(logits(handle), logits(baked), strict=True):
+        assert torch.equal(reference, candidate)
+    assert baked.architecture == "qwen2"
+
+
+def test_tied_embeddings_are_untied(tmp_path) -> None:
+    from tiny import tiny_config, tiny_tokenizer
+    from transformers import AutoModelForCausalLM
+
+    from steer.models import from_pretrained_model
+
+    torch.manual_seed(0)
+    config = tiny_config("llama")
+    config.tie_word_embeddings = True
+    model = AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if parameter.ndim == 2:
+                parameter.normal_(0, 0.2)
+    handle = from_pretrained_model(model, tiny_tokenizer(), name="tied")
+    source = save_source(handle, tmp_path / "src")
+    assert open_source(str(source)).weight_hash() == handle.weight_hash
+    direction = save_vector(tmp_path / "dir", random_vector(1), handle=handle)
+    recipe = {"edits": [{"kind": "ablate", "direction": str(direction), "direction_layer": 0}]}
+    out = bake(str(source), recipe, tmp_path / "out")
+    baked = load_model(out)
+    assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is False
+    assert torch.equal(baked.model.lm_head.weight, handle.model.model.embed_tokens.weight)
+    assert not torch.equal(baked.model.model.embed_tokens.weight, baked.model.lm_head.weight)
+    assert relative_difference(logits(handle, interventions_of(recipe)), logits(baked)) <= 1e-4
+    with pytest.raises(InvalidArgumentError, match="ties its output head"):
+        bake(str(source), recipe, tmp_path / "lora", output_format="lora")
+
+
+@pytest.mark.parametrize("architecture", ["llama", "qwen2"])
+def test_source_weight_hash_matches_handle(sources, architecture) -> None:  # type: ignore[no-untyped-def]
+    handle, source, _direction = sources[architecture]
+    assert open_source(str(source)).weight_hash() == handle.weight_hash
+
+
+@pytest.mark.parametrize("architecture", ["llama", "qwen2"])
+def test_lora_on_base_equals_baked(sources, tmp_path, architecture) -> None:  # type: ignore[no-untyped-def]
+    handle, source, direction = sources[architecture]
+    second = save_vector(tmp_path / "second", random_vector(3), handle=handle)
+    recipe = {
+        "edits": [
+            {"kind": "ablate", "direction": str(direction), "kernel": KERNEL},
+            {"kind": "ablate", "direction": str(second), "weight": 0.5},
+        ]
+    }
+    baked = load_model(bake(str(source), recipe, tmp_path / "model"))
+    adapter = bake(str(source), recipe, tmp_path / "lora", output_format="lora")
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    assert config["r"] == 2 and "model.embed_tokens" in config["target_modules"]
+    on_base = load_model(adapter)  # PEFT merges the adapter into its base
+    assert relative_difference(logits(baked), logits(on_base)) <= 1e-4
+    assert verify(adapter) == []
+
+
+def test_lora_refuses_what_is_not_low_rank(sources, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    _handle, source, direction = sources["llama"]
+    for edit, match in (
+        ({"kind": "ablate", "direction": str(direction), "variant": "norm_preserving"}, "low-rank"),
+        ({"kind": "add", "vector": str(direction)}, "constant vector"),
+    ):
+        with pytest.raises(InvalidArgumentError, match=match):
+            bake(str(source), {"edits": [edit]}, tmp_path / "lora", output_format="lora")
+        assert not (tmp_path / "lora").exists()
+
+
+def test_control_vector_round_trip(sources, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    handle, source, direction = sources["llama"]
+    recipe = {"name": "cv", "edits": [{"kind": "add", "vector": str(direction), "strength": 3.0}]}
+    recipe["edits"][0]["layers"] = [1, 3]
+    out = bake(str(source), recipe, tmp_path / "cv.gguf", output_format="control-vector")
+    vector, metadata = read_control_vector(out)
+    assert vector.layers == (1, 3)
+    for layer in (1, 3):
+        torch.testing.assert_close(vector.at(layer), 3.0 * random_vector(1).at(layer))
+    assert metadata["model_hint"] == "llama" and metadata["layer_count"] == 2
+    assert metadata["provenance"]["recipe"]["name"] == "cv"
+    # imported as a steering vector, it steers exactly like the recipe
+    imported = logits(handle, [Add(vector, 1.0)])
+    assert relative_difference(logits(handle, interventions_of(recipe)), imported) <= 1e-6
+    with pytest.raises(InvalidArgumentError, match="additive vectors only"):
+        bake(
+            str(source),
+            {"edits": [{"kind": "ablate", "direction": str(direction)}]},
+            tmp_path / "bad.gguf",
+            output_format="control-vector",
+        )
+    layer_zero = {"edits": [{"kind": "add", "vector": str(direction), "layers": [0]}]}
+    with pytest.raises(InvalidArgumentError, match="layer 0"):
+        bake(str(source), layer_zero, tmp_path / "zero.gguf", output_format="control-vector")
+    assert not (tmp_path / "bad.gguf").exists() and not (tmp_path / "zero.gguf").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# Mechanics and bad input
+
+
+def test_sharded_output_dtype_and_provenance(sources, tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    handle, source, direction = sources["llama"]
+    # a sharded source: 3 shards
+    sharded = save_source(handle, tmp_path / "sharded", max_shard_size="60KB")
+    assert len(list(sharded.glob("*.safetensors"))) > 2
+    recipe = {"edits": [{"kind": "add", "vector": str(direction), "layers": [1]}]}
+    out = bake(str(sharded), recipe, tmp_path / "out")
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"].values()) == {p.name for p in sharded.glob("*.safetensors")}
+    assert "model.layers.1.mlp.down_proj.bias" in index["weight_map"]
+    record = json.loads((out / "steer_provenance.json").read_text())
+    assert record["recipe"]["edits"][0]["vector"] == str(direction)
+    assert str(direction) in record["directions"]
+    assert any(name.endswith("tokenizer.json") for name in record["files"])
+    assert verify(out) == []
+    # --dtype
+    options = BakeOptions(dtype="bfloat16")
+    out16 = bake_with_options(str(sharded), load_recipe(recipe), tmp_path / "bf16", options)
+    assert load_model(out16, dtype="bfloat16").model.model.layers[1].mlp.down_proj.bias.dtype == (
+        torch.bfloat16
+    )
+
+
+def test_verify_detects_tampering(sources, tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
+    _handle, source, direction = sources["llama"]
+    recipe = {"edits": [{"kind": "ablate", "direction": str(direction)}]}
+    out = bake(str(source), recipe, tmp_path / "out")
+    assert bake_main(["--verify", str(out)]) == 0
+    weights = out / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1
+    weights.write_bytes(bytes(data))
+    assert bake_main(["--verify", str(out)]) == 1
+    assert "hash mismatch: model.safetensors" in capsys.readouterr().err
+
+
+def test_existing_target_needs_overwrite(sources, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    _handle, source, direction = sources["llama"]
+    recipe = {"edits": [{"kind": "add", "vector": str(direction), "layers": [1]}]}
+    out = bake(str(source), recipe, tmp_path / "out")
+    before = (out / "model.safetensors").read_bytes()
+    with pytest.raises(FailedPreconditionError, match="overwrite"):
+        bake(str(source), recipe, out)
+    recipe["edits"][0]["strength"] = 2.0
+    bake(str(source), recipe, out, overwrite=True)
+    assert (out / "model.safetensors").read_bytes() != before
+    assert verify(out) == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_direction_from_another_model_is_refused(sources, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    _handle, source, _direction = sources["llama"]
+    qwen_handle, _qwen_source, qwen_direction = sources["qwen2"]
+    # same d_model, other weights: the weight hash differs
+    with pytest.raises(FailedPreconditionError, match="was made for model 'tiny-qwen2'"):
+        bake(
+            str(source),
+            {"edits": [{"kind": "ablate", "direction": str(qwen_direction)}]},
+            tmp_path / "a",
+        )
+    wide = save_vector(tmp_path / "wide", random_vector(1, d_model=32))
+    with pytest.raises(InvalidArgumentError, match="d_model 32"):
+        bake(str(source), {"edits": [{"kind": "ablate", "direction": str(wide)}]}, tmp_path / "b")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["wide"]
+    options = BakeOptions(allow_other_model=True)
+    recipe = load_recipe({"edits": [{"kind": "ablate", "direction": str(qwen_direction)}]})
+    assert bake_with_options(str(source), recipe, tmp_path / "c", options).exists()
+
+
+def test_pickled_source_needs_the_flag(sources, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    handle, _source, direction = sources["llama"]
+    pickled = tmp_path / "pickled"
+    pickled.mkdir()
+    handle.model.config.save_pretrained(pickled)
+    handle.tokenizer.save_pretrained(pickled)
+    torch.save(handle.model.state_dict(), pickled / "pytorch_model.bin")
+    recipe = {"edits": [{"kind": "ablate", "direction": str(direction)}]}
+    with pytest.raises(FailedPreconditionError, match="pickled"):
+        bake(str(pickled), recipe, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    options = BakeOptions(allow_pickle=True)
+    out = bake_with_options(str(pickled), load_recipe(recipe), tmp_path / "out", options)
+    assert (
+        relative_difference(logits(handle, interventions_of(recipe)), logits(load_model(out)))
+        <= 1e-4
+    )
+
+
+class FullDisk:
+    """A writer that fails with ENOSPC after ``budget`` bytes."""
+
+    def __init__(self, budget: int) -> None:
+        self.budget = budget
+
+    def __call__(self, path: Path):  # type: ignore[no-untyped-def]
+        import errno
+
+        file = path.open("wb")
+        disk = self
+
+        class Writer:
+            def write(self, data) -> int:  # type: ignore[no-untyped-def]
+                size = len(memoryview(data).cast("B"))
+                if size > disk.budget:
+                    raise OSError(errno.ENOSPC, "No space left on device")
+                disk.budget -= size
+                return file.write(data)
+
+            def __getattr__(self, name: str):  # type: ignore[no-untyped-def]
+                return getattr(file, name)
+
+        return Writer()
+
+
+def test_full_disk_leaves_nothing(sources, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    _handle, source, direction = sources["llama"]
+    recipe = load_recipe({"edits": [{"kind": "ablate", "direction": str(direction)}]})
+    options = BakeOptions(opener=FullDisk(100_000))
+    with pytest.raises(ResourceExhaustedError, match="no space left"):
+        bake_with_options(str(source), recipe, tmp_path / "out", options)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cancel_leaves_nothing(sources, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    _handle, source, direction = sources["llama"]
+    cancelled = threading.Event()
+    stages: list[str] = []
+
+    def progress(stage: str, fraction: float) -> None:
+        stages.append(stage)
+        if stage == "writing weights" and fraction > 0.3:
+            cancelled.set()
+
+    recipe = {"edits": [{"kind": "ablate", "direction": str(direction)}]}
+    with pytest.raises(BakeCancelled):
+        bake(str(source), recipe, tmp_path / "out", progress=progress, cancelled=cancelled)
+    assert "writing weights" in stages
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("recipe", "field"),
+    [
+        ({"edits": []}, "edits"),
+        ({"edits": [{"kind": "shave"}]}, "edits[0].kind"),
+        ({"edits": [{"kind": "add", "vector": "v", "strenght": 1}]}, "edits[0].strenght"),
+        (
+            {"edits": [{"kind": "add", "vector": "v", "strength": float("nan")}]},
+            "edits[0].strength",
+        ),
+        ({"edits": [{"kind": "ablate", "direction": "d", "variant": "odd"}]}, "edits[0].variant"),
+        ({"edits": [{"kind": "ablate", "direction": "d", "layers": [-1]}]}, "edits[0].layers"),
+        (
+            {"edits": [{"kind": "ablate", "direction": "d", "kernel": {"max_weight": 1}}]},
+            "edits[0].kernel",
+        ),
+        ({"edits": [{"kind": "ablate"}]}, "edits[0].direction"),
+        (
+            {"edits": [{"kind": "feature", "sae": "s", "feature": -2, "value": 1}]},
+            "edits[0].feature",
+        ),
+        ({"dtype": "int4", "edits": [{"kind": "add", "vector": "v"}]}, "dtype"),
+        ({"edit": []}, "edit"),
+    ],
+)
+def test_recipe_errors_name_the_field(recipe, field) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(InvalidArgumentError) as error:
+        load_recipe(recipe)
+    assert error.value.field == field
+
+
+def test_recipe_semantic_errors(sources, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    _handle, source, direction = sources["llama"]
+    bad_layer = {"edits": [{"kind": "ablate", "direction": str(direction), "layers": [9]}]}
+    with pytest.raises(InvalidArgumentError) as error:
+        bake(str(source), bad_layer, tmp_path / "out")
+    assert error.value.field == "edits[0].layers"
+    projected = {"edits": [{"kind": "ablate", "direction": str(direction), "variant": "projected"}]}
+    with pytest.raises(InvalidArgumentError) as error:
+        bake(str(source), projected, tmp_path / "out")
+    assert error.value.field == "edits[0].harmless_mean"
+    with pytest.raises(InvalidArgumentError) as error:
+        bake(str(source), bad_layer, tmp_path / "out", output_format="onnx")
+    assert error.value.field == "output_format"
+    assert not (tmp_path / "out").exists()
+
+
+def test_toml_recipe_paths_are_relative_to_the_file(sources, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    handle, source, _direction = sources["llama"]
+    save_vector(tmp_path / "recipes" / "vec", random_vector(5), handle=handle)
+    recipe_file = tmp_path / "recipes" / "r.toml"
+    recipe_file.write_text(
+        'name = "t"\n[[edits]]\nkind = "add"\nvector = "vec"\nstrength = 2.0\nlayers = [2]\n'
+    )
+    code = bake_main(
+        ["--model", str(source), "--recipe", str(recipe_file), "--out", str(tmp_path / "o")]
+    )
+    assert code == 0
+    recipe = load_recipe(str(recipe_file))
+    interventions = [i for _edit, group in recipe.interventions(4) for i in group]
+    assert interventions[0].vector.at(2).equal(random_vector(5).at(2))
+    baked = load_model(tmp_path / "o")
+    assert relative_difference(logits(handle, interventions), logits(baked)) <= 1e-4
+
+
+def test_cli_flags(sources, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    handle, source, direction = sources["llama"]
+    out = tmp_path / "o"
+    argv = ["--model", str(source), "--add", f"{direction}:1.5", "--out", str(out)]
+    assert bake_main(argv) == 0
+    recipe = {"edits": [{"kind": "add", "vector": str(direction), "strength": 1.5}]}
+    assert (
+        relative_difference(logits(handle, interventions_of(recipe)), logits(load_model(out)))
+        <= 1e-4
+    )
+    from steer.cli import main as steer_main
+
+    assert steer_main(["bake", *argv]) == 1  # exists: a typed error, exit 1
+    assert (
+        steer_main(
+            ["bake", "--model", str(source), "--add", "nocolon", "--out", str(tmp_path / "x")]
+        )
+        == 1
+    )
