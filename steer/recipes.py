@@ -91,13 +91,17 @@ class AblateEdit:
     weight: float = 1.0
     layers: tuple[int, ...] | None = None
     kernel: Kernel | None = None
+    #: a separate kernel for the MLP outputs (heretic); ``kernel`` then covers attention only
+    mlp_kernel: Kernel | None = None
     direction_layer: float | None = None
     harmless_mean: str | None = None
     #: weight of the embedding edit (resid_pre of layer 0); default: the weight at layer 0
     embedding_weight: float | None = None
     kind: EditKind = EditKind.ABLATE
 
-    def layer_weight(self, layer: int) -> float:
+    def layer_weight(self, layer: int, *, mlp: bool = False) -> float:
+        if mlp and self.mlp_kernel is not None:
+            return self.mlp_kernel.weight_at(layer)
         if self.kernel is not None:
             return self.kernel.weight_at(layer)
         if self.layers is not None and layer not in self.layers:
@@ -264,17 +268,27 @@ def _ablate_interventions(
                     f"layer {layer} out of range: the model has layers 0..{num_layers - 1}",
                     field=f"{where}.layers",
                 )
-    weights = {layer: edit.layer_weight(layer) for layer in range(num_layers)}
-    weights = {layer: w for layer, w in weights.items() if w != 0.0}
-    for layer in weights:
-        if not direction.has_layer(layer):
-            raise InvalidArgumentError(
-                f"the direction has no vector for layer {layer}; set direction_layer or layers",
-                field=f"{where}.direction",
-            )
-    result: list[Intervention] = [
-        Ablate(direction, layer_weights=weights, kinds=WEIGHT_ABLATION_KINDS)
-    ]
+
+    def weights(mlp: bool) -> dict[int, float]:
+        table = {layer: edit.layer_weight(layer, mlp=mlp) for layer in range(num_layers)}
+        table = {layer: w for layer, w in table.items() if w != 0.0}
+        for layer in table:
+            if not direction.has_layer(layer):
+                raise InvalidArgumentError(
+                    f"the direction has no vector for layer {layer}; set direction_layer or layers",
+                    field=f"{where}.direction",
+                )
+        return table
+
+    if edit.mlp_kernel is None:
+        result: list[Intervention] = [
+            Ablate(direction, layer_weights=weights(False), kinds=WEIGHT_ABLATION_KINDS)
+        ]
+    else:
+        result = [
+            Ablate(direction, layer_weights=weights(False), kinds=(HookKind.ATTN_OUT,)),
+            Ablate(direction, layer_weights=weights(True), kinds=(HookKind.MLP_OUT,)),
+        ]
     embedding = edit.embedding_weight if edit.embedding_weight is not None else edit.layer_weight(0)
     if embedding != 0.0:
         result.append(Ablate(direction, layers=(0,), weight=embedding, kinds=(HookKind.RESID_PRE,)))
@@ -324,6 +338,7 @@ _FIELDS: dict[EditKind, set[str]] = {
         "weight",
         "layers",
         "kernel",
+        "mlp_kernel",
         "direction_layer",
         "harmless_mean",
         "embedding_weight",
@@ -408,6 +423,11 @@ def _parse_edit(table: Any, where: str) -> Edit:
                 field=f"{where}.variant",
             ) from None
         kernel = _parse_kernel(table.get("kernel"), f"{where}.kernel")
+        mlp_kernel = _parse_kernel(table.get("mlp_kernel"), f"{where}.mlp_kernel")
+        if mlp_kernel is not None and kernel is None:
+            raise InvalidArgumentError(
+                "mlp_kernel needs kernel (attention)", field=f"{where}.mlp_kernel"
+            )
         if kernel is not None and ("weight" in table or "layers" in table):
             raise InvalidArgumentError(
                 "give either kernel or weight/layers, not both", field=f"{where}.kernel"
@@ -420,6 +440,7 @@ def _parse_edit(table: Any, where: str) -> Edit:
             weight=_number(table.get("weight", 1.0), f"{where}.weight"),
             layers=_layers(table.get("layers"), f"{where}.layers"),
             kernel=kernel,
+            mlp_kernel=mlp_kernel,
             direction_layer=None
             if direction_layer is None
             else _number(direction_layer, f"{where}.direction_layer"),
@@ -506,12 +527,9 @@ def recipe_to_dict(recipe: Recipe) -> dict[str, Any]:
                 "variant": edit.variant.value,
             }
             if edit.kernel is not None:
-                entry["kernel"] = {
-                    "max_weight": edit.kernel.max_weight,
-                    "min_weight": edit.kernel.min_weight,
-                    "peak_layer": edit.kernel.peak_layer,
-                    "width": edit.kernel.width,
-                }
+                entry["kernel"] = _kernel_dict(edit.kernel)
+                if edit.mlp_kernel is not None:
+                    entry["mlp_kernel"] = _kernel_dict(edit.mlp_kernel)
             else:
                 entry["weight"] = edit.weight
             if edit.layers is not None:
@@ -548,3 +566,12 @@ def recipe_to_dict(recipe: Recipe) -> dict[str, Any]:
     if recipe.dtype:
         result["dtype"] = recipe.dtype
     return result
+
+
+def _kernel_dict(kernel: Kernel) -> dict[str, float]:
+    return {
+        "max_weight": kernel.max_weight,
+        "min_weight": kernel.min_weight,
+        "peak_layer": kernel.peak_layer,
+        "width": kernel.width,
+    }

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -86,11 +87,24 @@ KERNEL = {"max_weight": 1.0, "min_weight": 0.3, "peak_layer": 1.5, "width": 2.0}
     [
         {"kind": "ablate", "kernel": KERNEL},
         {"kind": "ablate", "weight": 0.7, "layers": [1, 3]},
+        {
+            "kind": "ablate",
+            "kernel": KERNEL,
+            "mlp_kernel": {**KERNEL, "peak_layer": 2.5},
+            "direction_layer": 2.25,
+        },
         {"kind": "ablate", "direction_layer": 1.5},
         {"kind": "add", "strength": 2.5, "layers": [1, 2]},
         {"kind": "add", "strength": -1.5, "hooks": ["blocks.2.hook_resid_pre"]},
     ],
-    ids=["ablate-kernel", "ablate-partial", "ablate-interpolated", "add", "add-resid-pre"],
+    ids=[
+        "ablate-kernel",
+        "ablate-partial",
+        "ablate-two-kernels",
+        "ablate-interpolated",
+        "add",
+        "add-resid-pre",
+    ],
 )
 def test_baked_equals_runtime(sources, tmp_path, architecture, edit) -> None:  # type: ignore[no-untyped-def]
     handle, source, direction = sources[architecture]
@@ -285,15 +299,16 @@ def test_lora_refuses_what_is_not_low_rank(sources, tmp_path) -> None:  # type: 
 
 def test_control_vector_round_trip(sources, tmp_path) -> None:  # type: ignore[no-untyped-def]
     handle, source, direction = sources["llama"]
-    recipe = {"name": "cv", "edits": [{"kind": "add", "vector": str(direction), "strength": 3.0}]}
-    recipe["edits"][0]["layers"] = [1, 3]
+    edit = {"kind": "add", "vector": str(direction), "strength": 3.0, "layers": [1, 3]}
+    recipe = {"name": "cv", "edits": [edit]}
     out = bake(str(source), recipe, tmp_path / "cv.gguf", output_format="control-vector")
     vector, metadata = read_control_vector(out)
     assert vector.layers == (1, 3)
     for layer in (1, 3):
         torch.testing.assert_close(vector.at(layer), 3.0 * random_vector(1).at(layer))
     assert metadata["model_hint"] == "llama" and metadata["layer_count"] == 2
-    assert metadata["provenance"]["recipe"]["name"] == "cv"
+    provenance: Any = metadata["provenance"]
+    assert provenance["recipe"]["name"] == "cv"
     # imported as a steering vector, it steers exactly like the recipe
     imported = logits(handle, [Add(vector, 1.0)])
     assert relative_difference(logits(handle, interventions_of(recipe)), imported) <= 1e-6
@@ -315,7 +330,7 @@ def test_control_vector_round_trip(sources, tmp_path) -> None:  # type: ignore[n
 
 
 def test_sharded_output_dtype_and_provenance(sources, tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
-    handle, source, direction = sources["llama"]
+    handle, _source, direction = sources["llama"]
     # a sharded source: 3 shards
     sharded = save_source(handle, tmp_path / "sharded", max_shard_size="60KB")
     assert len(list(sharded.glob("*.safetensors"))) > 2
@@ -357,8 +372,8 @@ def test_existing_target_needs_overwrite(sources, tmp_path) -> None:  # type: ig
     before = (out / "model.safetensors").read_bytes()
     with pytest.raises(FailedPreconditionError, match="overwrite"):
         bake(str(source), recipe, out)
-    recipe["edits"][0]["strength"] = 2.0
-    bake(str(source), recipe, out, overwrite=True)
+    stronger = {"edits": [{"kind": "add", "vector": str(direction), "layers": [1], "strength": 2}]}
+    bake(str(source), stronger, out, overwrite=True)
     assert (out / "model.safetensors").read_bytes() != before
     assert verify(out) == []
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
@@ -366,7 +381,7 @@ def test_existing_target_needs_overwrite(sources, tmp_path) -> None:  # type: ig
 
 def test_direction_from_another_model_is_refused(sources, tmp_path) -> None:  # type: ignore[no-untyped-def]
     _handle, source, _direction = sources["llama"]
-    qwen_handle, _qwen_source, qwen_direction = sources["qwen2"]
+    _qwen_handle, _qwen_source, qwen_direction = sources["qwen2"]
     # same d_model, other weights: the weight hash differs
     with pytest.raises(FailedPreconditionError, match="was made for model 'tiny-qwen2'"):
         bake(
@@ -514,6 +529,7 @@ def test_toml_recipe_paths_are_relative_to_the_file(sources, tmp_path) -> None: 
     assert code == 0
     recipe = load_recipe(str(recipe_file))
     interventions = [i for _edit, group in recipe.interventions(4) for i in group]
+    assert isinstance(interventions[0], Add)
     assert interventions[0].vector.at(2).equal(random_vector(5).at(2))
     baked = load_model(tmp_path / "o")
     assert relative_difference(logits(handle, interventions), logits(baked)) <= 1e-4
@@ -538,3 +554,52 @@ def test_cli_flags(sources, tmp_path) -> None:  # type: ignore[no-untyped-def]
         )
         == 1
     )
+
+
+KILL_SCRIPT = """
+import sys, time
+from steer.bake import bake
+
+def progress(stage, fraction):
+    if stage == "writing weights":
+        print(f"writing {fraction:.2f}", flush=True)
+        time.sleep(0.1)
+
+bake(sys.argv[1], {"edits": [{"kind": "ablate", "direction": sys.argv[2]}]}, sys.argv[3],
+     progress=progress)
+print("finished", flush=True)
+"""
+
+
+def test_sigkill_mid_bake_leaves_no_target_and_source_intact(sources, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import hashlib
+    import signal
+    import subprocess
+    import sys
+
+    _handle, source, direction = sources["llama"]
+
+    def hashes() -> dict[str, str]:
+        return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in source.iterdir()}
+
+    before = hashes()
+    out = tmp_path / "out"
+    child = subprocess.Popen(
+        [sys.executable, "-c", KILL_SCRIPT, str(source), str(direction), str(out)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert child.stdout is not None
+    for line in child.stdout:
+        if line.startswith("writing") and float(line.split()[1]) >= 0.25:
+            child.send_signal(signal.SIGKILL)
+            break
+    assert child.wait() == -signal.SIGKILL
+    assert not out.exists()
+    leftovers = [p.name for p in tmp_path.iterdir()]
+    assert len(leftovers) == 1 and leftovers[0].startswith(".out.steer-tmp-")  # killed mid-way
+    assert hashes() == before
+    # the next bake to the same target clears the dead process's temporary directory
+    bake(str(source), {"edits": [{"kind": "ablate", "direction": str(direction)}]}, out)
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+    assert verify(out) == []
