@@ -1,0 +1,154 @@
+"""The RP evaluation: play every scenario for a few turns, then score the replies.
+
+Steps: ``load_scenarios`` → for each round, ``render`` every scene in a prompt format and
+``generate`` all replies in one batch (each row with its own seed) → append the reply and the
+scripted user follow-up → ``rp_metrics`` over the transcripts.
+
+Stop strings are the format's own, without its "user's name" stops: a reply in which the model
+starts writing the user's lines is kept whole for the impersonation rate, and only the part before
+the impersonation goes into the conversation history.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from steer.errors import InvalidArgumentError, NotFoundError
+from steer.generation import Engine, GenerationRequest
+from steer.interventions import Intervention
+from steer.models import ModelHandle
+from steer.rp.formats import get_format, tokenize
+from steer.rp.metrics import Transcript, load_phrases, rp_metrics
+from steer.rp.scene import Scene, Turn
+from steer.sampling import SamplingConfig
+
+DATA = Path(__file__).resolve().parents[2] / "recipes" / "data"
+SCENARIOS = DATA / "rp_scenarios.jsonl"
+SLOP_PHRASES = DATA / "slop_phrases.txt"
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """A scene to play, with the user's scripted follow-up lines."""
+
+    id: str
+    kind: str
+    scene: Scene
+    followups: tuple[str, ...] = ()
+
+
+def load_scenarios(path: str | Path = SCENARIOS) -> list[Scenario]:
+    path = Path(path)
+    if not path.is_file():
+        raise NotFoundError(f"no scenario file at {path}", field="scenarios")
+    scenarios = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            data = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise InvalidArgumentError(f"{path}:{number}: {error}", field="scenarios") from None
+        scenarios.append(
+            Scenario(
+                id=str(data.get("id", number)),
+                kind=str(data.get("kind", "plain")),
+                scene=Scene.from_dict(data),
+                followups=tuple(data.get("followups", ())),
+            )
+        )
+    return scenarios
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    format: str = "chat_template"
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    interventions: tuple[Intervention, ...] = ()
+    max_new_tokens: int = 80
+    #: replies per scenario (1 + scripted follow-ups used)
+    rounds: int = 3
+    length: str | None = None
+    seed: int = 0
+
+
+def _next_speaker(scene: Scene, round_index: int) -> str:
+    return scene.names[round_index % len(scene.names)]
+
+
+def _cut_impersonation(text: str, user: str) -> str:
+    lines = text.splitlines()
+    for index, line in enumerate(lines):
+        if line.strip().startswith(f"{user}:"):
+            return "\n".join(lines[:index]).strip()
+    return text.strip()
+
+
+def play(
+    handle: ModelHandle, scenarios: Sequence[Scenario], settings: EvalSettings
+) -> list[Transcript]:
+    """Play every scenario for ``settings.rounds`` replies; returns their transcripts."""
+    prompt_format = get_format(settings.format)
+    scenes = [s.scene for s in scenarios]
+    replies: list[list[str]] = [[] for _ in scenarios]
+    first_prompts: list[str] = [""] * len(scenarios)
+    engine = Engine(handle, max_batch=max(1, len(scenarios)))
+    for round_index in tqdm(range(settings.rounds), desc="rp rounds", leave=False):
+        requests = []
+        for index, scene in enumerate(scenes):
+            speaker = _next_speaker(scene, round_index)
+            rendered = prompt_format.render(
+                scene, speaker, length=settings.length, tokenizer=handle.tokenizer
+            )
+            if round_index == 0:
+                first_prompts[index] = rendered.text
+            tokens = tokenize(handle.tokenizer, rendered)
+            stop = tuple(s for s in rendered.stop if s not in rendered.impersonation_stop)
+            seed = settings.seed * 1_000_003 + index * 101 + round_index
+            requests.append(
+                GenerationRequest(
+                    prompt_ids=tokens.ids,
+                    speakers=tokens.speakers,
+                    speaker=speaker,
+                    interventions=settings.interventions,
+                    sampling=replace(settings.sampling, seed=seed),
+                    max_new_tokens=settings.max_new_tokens,
+                    stop=stop,
+                    request_id=f"{scenarios[index].id}-{round_index}",
+                )
+            )
+        for index, result in enumerate(engine.run(requests)):
+            scene = scenes[index]
+            replies[index].append(result.text)
+            kept = _cut_impersonation(result.text, scene.user.name)
+            scene = scene.with_turn(Turn(_next_speaker(scene, round_index), kept))
+            followups = scenarios[index].followups
+            if round_index < len(followups):
+                scene = scene.with_turn(Turn(scene.user.name, followups[round_index]))
+            scenes[index] = scene
+    return [
+        Transcript(s.id, tuple(r), prompt, s.scene.user.name)
+        for s, r, prompt in zip(scenarios, replies, first_prompts, strict=True)
+    ]
+
+
+def evaluate_rp(
+    handle: ModelHandle,
+    settings: EvalSettings,
+    scenarios: Sequence[Scenario] | None = None,
+    slop_phrases: Sequence[str] | None = None,
+) -> dict[str, Any]:
+    """Play the scenarios and return the metrics (one flat JSON-able dict)."""
+    scenarios = list(scenarios) if scenarios is not None else load_scenarios()
+    if not scenarios:
+        raise InvalidArgumentError("no scenarios to play", field="scenarios")
+    phrases = load_phrases(SLOP_PHRASES) if slop_phrases is None else slop_phrases
+    transcripts = play(handle, scenarios, settings)
+    metrics = rp_metrics(transcripts, phrases)
+    return {"model": handle.name, "format": settings.format, **metrics}
