@@ -189,9 +189,12 @@ def intervention(
                 allow_other_model=ablate.allow_other_model,
                 field="artifact_id",
             )
+            layers = tuple(ablate.layers) or None
+            if layers is None and artifact.vector.shared is None:
+                layers = artifact.vector.layers  # a per-layer direction acts where it has vectors
             built = Ablate(
                 artifact.vector,
-                layers=tuple(ablate.layers) or None,
+                layers=layers,
                 weight=ablate.weight if ablate.HasField("weight") else 1.0,
                 layer_weights=dict(ablate.layer_weights) or None,
             )

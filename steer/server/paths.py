@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
+from typing import Any
 
 from steer.errors import InvalidArgumentError, NotFoundError
 
@@ -37,3 +39,69 @@ def check_id(value: str, *, field: str) -> str:
             field=field,
         )
     return value
+
+
+def confine_from(root: Path, base: Path, value: str, *, field: str) -> Path:
+    """``value`` relative to ``base`` (a directory inside ``root``), confined to ``root``."""
+    if Path(value).is_absolute():
+        raise InvalidArgumentError(
+            "absolute paths are not accepted; give a path relative to the models root", field=field
+        )
+    relative = os.path.relpath((base.resolve() / value).resolve(), root.resolve())
+    return confine(root, relative, field=field)
+
+
+#: recipe values that name built-in data rather than a file
+_BUILTIN_DATA = ("strongreject",)
+_DATA_KEYS = ("positive", "negative", "pairs")
+_EDIT_KEYS = ("direction", "harmless_mean", "vector", "sae")
+
+
+def confine_recipe(
+    recipe: dict[str, Any], root: Path, base: Path, artifacts: Path
+) -> dict[str, Any]:
+    """A copy of a direction or bake recipe whose file references all lie under ``root``.
+
+    Data sets (``data.positive`` ...) may be built-in names (``strongreject``,
+    ``recipes:FILE``) or paths; edit artifacts (``edits[i].direction`` ...) may be artifact ids
+    on the server or paths. Relative paths are taken from ``base`` (the recipe file's directory,
+    or the models root for inline TOML) and must stay inside the root.
+    """
+    result = dict(recipe)
+    data = result.get("data")
+    if isinstance(data, dict):
+        data = dict(data)
+        for key in _DATA_KEYS:
+            value = data.get(key)
+            if isinstance(value, str) and value.startswith("recipes:") and not _is_builtin(value):
+                raise InvalidArgumentError(
+                    "recipes:NAME takes a plain file name of the project's recipes/data",
+                    field=f"recipe.data.{key}",
+                )
+            if isinstance(value, str) and value and not _is_builtin(value):
+                data[key] = str(confine_from(root, base, value, field=f"recipe.data.{key}"))
+        result["data"] = data
+    edits = result.get("edits")
+    if isinstance(edits, list):
+        confined = []
+        for index, edit in enumerate(edits):
+            if isinstance(edit, dict):
+                edit = dict(edit)
+                for key in _EDIT_KEYS:
+                    value = edit.get(key)
+                    if isinstance(value, str) and value:
+                        where = f"recipe.edits[{index}].{key}"
+                        if _ID.match(value) and (artifacts / value).is_dir():
+                            edit[key] = str(confine_from(root, artifacts, value, field=where))
+                        else:
+                            edit[key] = str(confine_from(root, base, value, field=where))
+            confined.append(edit)
+        result["edits"] = confined
+    return result
+
+
+def _is_builtin(value: str) -> bool:
+    """A built-in data set: ``strongreject`` or ``recipes:NAME`` with NAME a plain file name."""
+    if value in _BUILTIN_DATA:
+        return True
+    return value.startswith("recipes:") and bool(_ID.match(value.removeprefix("recipes:")))

@@ -26,7 +26,7 @@ from steer.proto.v1 import (
 )
 from steer.server import convert
 from steer.server.jobs import JobRunner
-from steer.server.paths import check_id, confine
+from steer.server.paths import check_id, confine, confine_recipe
 from steer.server.registry import ModelRegistry
 from steer.server.settings import ServerSettings
 from steer.server.status import AlreadyExistsError, UnavailableError, UnimplementedError
@@ -94,17 +94,23 @@ class ModelsServicer:
         return convert.model_info(self.registry.get(request.model_id), detailed=True)
 
 
-def _recipe(message: Any, root: Path) -> str | dict[str, Any]:
-    """A recipe given as TOML text (parsed here) or as a path under the models root."""
+def _recipe(message: Any, settings: ServerSettings) -> dict[str, Any]:
+    """A recipe given as TOML text or as a file under the models root, as a dict whose file
+    references are confined to the models root (see :func:`confine_recipe`)."""
+    root = settings.models_root
     which = message.WhichOneof("recipe")
     if which is None:
         raise InvalidArgumentError("set recipe_toml or recipe_path", field="recipe")
     if which == "recipe_path":
-        return str(confine(root, message.recipe_path, field="recipe_path"))
+        path = confine(root, message.recipe_path, field="recipe_path")
+        text, base, field = path.read_text(), path.parent, "recipe_path"
+    else:
+        text, base, field = message.recipe_toml, root, "recipe_toml"
     try:
-        return tomllib.loads(message.recipe_toml)
-    except tomllib.TOMLDecodeError as error:
-        raise InvalidArgumentError(f"not valid TOML: {error}", field="recipe_toml") from None
+        recipe = tomllib.loads(text)
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
+        raise InvalidArgumentError(f"not valid TOML: {error}", field=field) from None
+    return confine_recipe(recipe, root, base, settings.artifacts_dir)
 
 
 def _library(module: str, feature: str) -> Any:
@@ -138,7 +144,7 @@ class DirectionsServicer:
     ) -> jobs_pb2.Job:
         api = _library("steer.directions.api", "direction computation")
         loaded = self.registry.get(request.model)
-        recipe = _recipe(request, self.settings.models_root)
+        recipe = _recipe(request, self.settings)
         target = self.store.path(request.artifact_id)
         if target.exists() and not request.overwrite:
             raise AlreadyExistsError(
@@ -197,7 +203,7 @@ class BakeServicer:
             source = request.model_source
         else:
             source = str(confine(root, request.model_source, field="model_source"))
-        recipe = _recipe(request, root)
+        recipe = _recipe(request, self.settings)
         if not request.output:
             raise InvalidArgumentError("required", field="output")
         output = confine(root, request.output, field="output", must_exist=False)
