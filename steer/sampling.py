@@ -529,7 +529,7 @@ class Xtc:
         if roll >= config.xtc_probability:
             return logits
         probs = torch.softmax(logits, dim=-1)
-        above = probs >= config.xtc_threshold
+        above = (probs >= config.xtc_threshold) & (probs > 0)
         if int(above.sum()) < 2:
             return logits
         least = torch.where(above, probs, torch.full_like(probs, math.inf)).argmin()
