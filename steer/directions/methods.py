@@ -7,7 +7,7 @@ tensors (for refusal: harmful and harmless prompts; for pairs: the two replies o
 
 * ``mean_difference``: ``mean(positive) - mean(negative)`` (Arditi et al.; steering-vectors).
 * ``pca``: first principal component of the paired differences ``positive_i - negative_i``
-  (repeng); its sign is fixed so that projecting the positives scores higher than the negatives,
+  (repeng), uncentred; its sign is fixed so that projecting the positives scores higher than the negatives,
   and it is scaled to the mean-difference's length along it so strengths stay comparable.
 * ``projected``: the mean difference with its component along the negative (harmless) mean
   removed, ``r' = r - (r . g^) g^``.
@@ -46,13 +46,10 @@ class PairedPCA:
 
     def __call__(self, positive: torch.Tensor, negative: torch.Tensor) -> torch.Tensor:
         differences = (positive - negative).double()  # (n, D)
-        centred = differences - differences.mean(0)
-        if differences.shape[0] < 2 or not centred.abs().sum() > 0:
-            # one pair (or identical differences): the only direction there is
-            component = differences.mean(0)
-        else:
-            _, _, right = torch.linalg.svd(centred, full_matrices=False)
-            component = right[0]
+        # Uncentred: a shift shared by every pair is exactly what we are after, and centring
+        # would remove it and leave only the noise around it.
+        _, _, right = torch.linalg.svd(differences, full_matrices=False)
+        component = right[0]
         unit = component / component.norm().clamp_min(1e-12)
         # sign: positives must project above negatives
         gap = float(((positive.double() - negative.double()) @ unit).mean())
