@@ -24,10 +24,11 @@ from report import emit, machine, table, write_section
 
 from steer.activations import encode_chat
 from steer.artifacts import load_vector
+from steer.cli.directions import _layers, _positions
 from steer.directions.api import compute, held_out, interventions_for
 from steer.directions.data import RECIPES_DIR
 from steer.directions.evaluate import evaluate_rate, generate, is_refusal
-from steer.directions.recipe import load_recipe
+from steer.directions.recipe import load_recipe, with_overrides
 from steer.models import load_model
 
 
@@ -39,11 +40,27 @@ def main() -> int:
     parser.add_argument("--direction", help="use this artifact instead of computing one")
     parser.add_argument("--max-harmful", type=int, default=0, help="cap test prompts (0 = all)")
     parser.add_argument("--max-harmless", type=int, default=32, help="harmless prompts for KL")
+    parser.add_argument("--max-train", type=int, help="override data.max_train")
+    parser.add_argument("--max-validation", type=int, help="override data.max_validation")
+    parser.add_argument("--layers", type=_layers, help="override search.layers, e.g. 14-21")
+    parser.add_argument("--positions", type=_positions, help="override search.positions")
+    parser.add_argument("--top-k", type=int, help="override search.top_k")
+    parser.add_argument("--max-new-tokens", type=int, help="override evaluate.max_new_tokens")
     parser.add_argument("--no-docs", action="store_true", help="do not write docs/results.md")
     args = parser.parse_args()
     command = "python scripts/eval_refusal.py " + " ".join(sys.argv[1:])
     seconds: dict[str, float] = {}
-    recipe = load_recipe(args.recipe)
+    recipe = with_overrides(
+        load_recipe(args.recipe),
+        {
+            "data.max_train": args.max_train,
+            "data.max_validation": args.max_validation,
+            "search.layers": args.layers,
+            "search.positions": args.positions,
+            "search.top_k": args.top_k,
+            "evaluate.max_new_tokens": args.max_new_tokens,
+        },
+    )
 
     start = time.perf_counter()
     handle = load_model(args.model)
