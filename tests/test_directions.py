@@ -444,3 +444,30 @@ def test_cli_show_and_argument_errors(tiny_llama, prompt_files, tmp_path, capsys
     assert cli_main(["directions", "show", str(tmp_path / "nothing")]) == 1
     assert cli_main(["eval", "refusal", "--strength", "2"]) == 1
     assert "--strength needs --direction" in capsys.readouterr().err
+
+
+def test_cli_compute_then_eval_json(tiny_llama, prompt_files, tmp_path, capsys) -> None:
+    model_dir = tmp_path / "model"
+    tiny_llama.model.save_pretrained(model_dir)
+    tiny_llama.tokenizer.save_pretrained(model_dir)
+    recipe = tmp_path / "recipe.toml"
+    harmful, harmless = prompt_files
+    recipe.write_text(
+        f'name = "cli"\nkind = "refusal"\n[data]\npositive = "{harmful}"\nnegative = "{harmless}"\n'
+        "train = 0.5\nvalidation = 0.3\nmax_train = 0\nmax_validation = 0\n"
+        "[search]\npositions = [-1]\ntop_k = 1\nbatch_size = 4\n"
+        "[evaluate]\nmax_new_tokens = 3\nkl_tokens = 2\nbatch_size = 4\n"
+    )
+    out = tmp_path / "direction"
+    argv = ["directions", "compute", "--model", str(model_dir), "--recipe", str(recipe)]
+    assert cli_main([*argv, "--out", str(out), "--layers", "2-3"]) == 0
+    assert load_vector(out).metadata["layer"] in (2, 3, None)
+    capsys.readouterr()
+    common = ["--model", str(model_dir), "--recipe", str(recipe), "--json"]
+    assert cli_main(["eval", "refusal", *common]) == 0
+    base = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert base["kl_first_token"] == 0.0 and base["kl_multi_token"] == 0.0
+    assert base["n"] == 2 and 0 <= base["refusal_rate"] <= 1
+    assert cli_main(["eval", "refusal", *common, "--direction", str(out)]) == 0
+    edited = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert edited["kl_first_token"] > 0 and edited["n"] == base["n"]
