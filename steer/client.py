@@ -13,7 +13,7 @@ Status codes come back as typed exceptions that are also the matching :mod:`stee
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Generator, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -387,12 +387,16 @@ class SteerClient:
 
     # generation
 
-    def generate(self, prompt: str | None = None, **options: Any) -> Iterator[GenerateEvent]:
+    def generate(
+        self, prompt: str | None = None, **options: Any
+    ) -> Generator[GenerateEvent, None, None]:
         """Stream events; see :func:`generate_request` for the options. Closing the iterator
         early cancels the generation on the server."""
         yield from self.stream(generate_request(prompt, **options))
 
-    def stream(self, request: generation_pb2.GenerateRequest) -> Iterator[GenerateEvent]:
+    def stream(
+        self, request: generation_pb2.GenerateRequest
+    ) -> Generator[GenerateEvent, None, None]:
         call = self._generation.Generate(request, timeout=self.timeout, metadata=self.metadata)
         try:
             for message in call:

@@ -1,0 +1,244 @@
+"""Benchmark the gRPC service against the in-process engine on SmolLM2-135M-Instruct.
+
+    python scripts/bench_service.py [--streams 1 4 16] [--max-new-tokens 32] [--no-docs]
+
+For each stream count N, N chat requests with N distinct sliders (random unit vectors at
+``blocks.10.hook_resid_post``, strengths 1..N, greedy) are run
+
+1. in process: ``Engine(handle, max_batch=16).run(requests)``;
+2. over gRPC on loopback: ``steer serve`` in a subprocess, N client threads streaming at once.
+
+Reported per N: aggregate tokens/s (all tokens / wall time), per-token latency p50/p99 (gaps
+between streamed messages of one request), time to first token, and the gRPC overhead
+``grpc_wall / in_process_wall - 1``. Prints one JSON line and writes docs/benchmarks.md
+section "service".
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from report import emit, machine, table, write_section
+
+from steer.client import SteerClient, add
+from steer.generation import Engine, GenerationRequest, Message
+from steer.interventions import Add
+from steer.models import ModelHandle, load_model
+from steer.sampling import SamplingConfig
+from steer.vectors import SteeringVector
+
+MODEL = "smollm2-135m-instruct"
+HOOK = "blocks.10.hook_resid_post"
+QUESTIONS = [
+    "Write a short story about a lighthouse keeper.",
+    "Explain how a bicycle works.",
+    "Describe your favourite city.",
+    "Give me three tips for learning to cook.",
+]
+
+
+def slider(index: int, d_model: int) -> torch.Tensor:
+    vector = torch.randn(d_model, generator=torch.Generator().manual_seed(1000 + index))
+    return vector / vector.norm()
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+@dataclass
+class Measurement:
+    wall: float
+    tokens: int
+    ids: list[tuple[int, ...] | None]
+    gaps: list[float] = field(default_factory=list)
+    first: list[float] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+
+
+def in_process(handle: ModelHandle, streams: int, max_new_tokens: int) -> Measurement:
+    requests = [
+        GenerationRequest(
+            messages=(Message("user", QUESTIONS[i % len(QUESTIONS)]),),
+            sampling=SamplingConfig(temperature=0.0),
+            max_new_tokens=max_new_tokens,
+            interventions=(
+                Add(SteeringVector.from_shared(slider(i, handle.d_model)), 1.0 + i, hooks=(HOOK,)),
+            ),
+        )
+        for i in range(streams)
+    ]
+    engine = Engine(handle, max_batch=16)
+    started = time.perf_counter()
+    results = engine.run(requests)
+    wall = time.perf_counter() - started
+    tokens = sum(len(r.token_ids) for r in results)
+    return Measurement(wall, tokens, [r.token_ids for r in results])
+
+
+def over_grpc(target: str, d_model: int, streams: int, max_new_tokens: int) -> Measurement:
+    gaps: list[float] = []
+    first: list[float] = []
+    ids: dict[int, tuple[int, ...]] = {}
+    errors: list[str] = []
+    barrier = threading.Barrier(streams + 1)
+    lock = threading.Lock()
+
+    def run(index: int) -> None:
+        with SteerClient(target, timeout=600) as client:
+            steer = add(slider(index, d_model).tolist(), 1.0 + index, hooks=[HOOK])
+            messages = [{"role": "user", "content": QUESTIONS[index % len(QUESTIONS)]}]
+            client.model_info()  # connect before the clock starts
+            barrier.wait()
+            start = last = time.perf_counter()
+            own_gaps: list[float] = []
+            tokens: list[int] = []
+            first_token = 0.0
+            try:
+                for number, event in enumerate(
+                    client.generate(
+                        messages=messages,
+                        interventions=[steer],
+                        temperature=0,
+                        max_new_tokens=max_new_tokens,
+                    )
+                ):
+                    now = time.perf_counter()
+                    if number:
+                        own_gaps.append(now - last)
+                    else:
+                        first_token = now - start
+                    last = now
+                    tokens.extend(event.token_ids)
+            except Exception as error:
+                with lock:
+                    errors.append(repr(error))
+                return
+            with lock:
+                gaps.extend(own_gaps)
+                first.append(first_token)
+                ids[index] = tuple(tokens)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(streams)]
+    for thread in threads:
+        thread.start()
+    barrier.wait()
+    started = time.perf_counter()
+    for thread in threads:
+        thread.join()
+    wall = time.perf_counter() - started
+    tokens = sum(len(t) for t in ids.values())
+    return Measurement(wall, tokens, [ids.get(i) for i in range(streams)], gaps, first, errors)
+
+
+def start_server(port: int) -> tuple[subprocess.Popen[str], str]:
+    command = [
+        sys.executable,
+        "-m",
+        "steer",
+        "serve",
+        "--port",
+        str(port),
+        "--log-level",
+        "WARNING",
+    ]
+    process = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
+    )
+    assert process.stdout is not None
+    for line in process.stdout:
+        if line.startswith("serving "):
+            target = line.split(" on ")[1].split()[0]
+            return process, target
+    raise RuntimeError(f"steer serve exited with {process.wait()}")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--streams", type=int, nargs="+", default=[1, 4, 16])
+    parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--no-docs", action="store_true")
+    args = parser.parse_args()
+
+    started = time.perf_counter()
+    handle = load_model(MODEL)
+    server, target = start_server(args.port)
+    rows: list[dict[str, Any]] = []
+    try:
+        with SteerClient(target, timeout=600) as client:  # warm both paths up
+            client.complete("Hello", max_new_tokens=4, temperature=0)
+        in_process(handle, 1, 4)
+        for streams in args.streams:
+            local = in_process(handle, streams, args.max_new_tokens)
+            remote = over_grpc(target, handle.d_model, streams, args.max_new_tokens)
+            rows.append(
+                {
+                    "streams": streams,
+                    "grpc_tokens_per_s": remote.tokens / remote.wall,
+                    "in_process_tokens_per_s": local.tokens / local.wall,
+                    "p50_token_ms": 1000 * percentile(remote.gaps, 0.5),
+                    "p99_token_ms": 1000 * percentile(remote.gaps, 0.99),
+                    "first_token_ms": 1000 * statistics.median(remote.first or [float("nan")]),
+                    "overhead_pct": 100 * (remote.wall / local.wall - 1),
+                    "same_tokens": remote.ids == local.ids,
+                    "errors": len(remote.errors),
+                }
+            )
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+    one = rows[0]["grpc_tokens_per_s"] if rows and rows[0]["streams"] == 1 else None
+    for row in rows:
+        row["scaling_vs_1"] = row["grpc_tokens_per_s"] / one if one else float("nan")
+    record = {
+        "benchmark": "service",
+        "model": MODEL,
+        "max_new_tokens": args.max_new_tokens,
+        "machine": machine(),
+        "rows": rows,
+        "wall_s": time.perf_counter() - started,
+    }
+    emit(record)
+    if not args.no_docs:
+        columns = [
+            "streams",
+            "grpc_tokens_per_s",
+            "in_process_tokens_per_s",
+            "scaling_vs_1",
+            "overhead_pct",
+            "p50_token_ms",
+            "p99_token_ms",
+            "first_token_ms",
+            "same_tokens",
+            "errors",
+        ]
+        markdown = (
+            "## Service (gRPC over loopback vs in-process engine)\n\n"
+            f"`python scripts/bench_service.py` on {machine()}; {MODEL}, greedy, "
+            f"{args.max_new_tokens} new tokens per stream, each stream with its own slider "
+            f"(random unit vector at `{HOOK}`, strength 1..N). The server is a `steer serve` "
+            "subprocess; clients stream from threads of the benchmark process.\n\n"
+            + table(rows, columns)
+        )
+        write_section("benchmarks.md", "service", markdown, title="Benchmarks")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
