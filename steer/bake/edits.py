@@ -7,7 +7,7 @@ embedding transposed, one column per token). With ``r`` a unit direction and ``w
     M  <- M - w r (r^T M)                     # (D, n) - (D, 1) @ (1, n): rank 1
     M[:, j] *= |M_old[:, j]| / |M_new[:, j]|  # norm-preserving variant, per written vector
 
-Columns are independent, so both run over column chunks with bounded memory. An additive
+Columns are independent, so a large matrix (the embedding) is edited in chunks of columns. An additive
 vector at ``blocks.L.hook_resid_post`` is a bias on layer L's ``down_proj``.
 
 Which interventions have an exact weight form (else :class:`UnsupportedArchitectureError` /
@@ -33,10 +33,6 @@ import torch
 from steer.errors import InvalidArgumentError, UnsupportedArchitectureError
 from steer.hooks import ArchitectureLayout, HookKind, HookPoint, parse_hook_name
 from steer.interventions import Ablate, Add, Intervention, Phase
-
-#: columns per chunk when editing a matrix (bounds the float32 working copy)
-CHUNK_COLUMNS = 8192
-
 
 @dataclass(frozen=True, eq=False)
 class RankOneEdit:
@@ -236,21 +232,16 @@ def _check_size(size: int, d_model: int, field_name: str) -> None:
 
 
 def edit_columns(matrix: torch.Tensor, edits: Sequence[RankOneEdit]) -> torch.Tensor:
-    """``matrix``: (d_model, n) float32 -> edited copy, computed in column chunks."""
-    out = torch.empty_like(matrix)
-    for start in range(0, matrix.shape[1], CHUNK_COLUMNS):
-        chunk = matrix[:, start : start + CHUNK_COLUMNS].clone()
-        for edit in edits:
-            before = chunk.norm(dim=0) if edit.norm_preserving else None
-            coefficient = edit.unit @ chunk  # (n,)
-            chunk -= edit.weight * torch.outer(edit.unit, coefficient)
-            if before is not None:
-                after = chunk.norm(dim=0)
-                scale = torch.where(
-                    after > 0, before / after.clamp_min(1e-30), torch.ones_like(after)
-                )
-                chunk *= scale
-        out[:, start : start + CHUNK_COLUMNS] = chunk
+    """``matrix``: (d_model, n) -> edited float32 copy (rank-1 updates done in place on it)."""
+    out = matrix.to(torch.float32, copy=True)
+    for edit in edits:
+        before = out.norm(dim=0) if edit.norm_preserving else None
+        coefficient = edit.unit @ out  # (n,)
+        out.addr_(edit.unit, coefficient, alpha=-edit.weight)  # out -= w * unit coefficient^T
+        if before is not None:
+            after = out.norm(dim=0)
+            scale = torch.where(after > 0, before / after.clamp_min(1e-30), torch.ones_like(after))
+            out.mul_(scale)
     return out
 
 

@@ -1,0 +1,201 @@
+"""Bake benchmark: time vs a plain copy, and peak RSS vs the largest shard.
+
+The source is Qwen2.5-Coder-0.5B-Instruct (dequantised from its offline GGUF) saved once as
+bfloat16 safetensors in 4 shards under the steer cache. Each measurement runs in a fresh
+subprocess so ``ru_maxrss`` is that run's peak; the interpreter baseline is a subprocess that
+imports the same modules and exits. Prints one JSON line and writes docs/benchmarks.md "bake".
+
+    python scripts/bench_bake.py [--repeats 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from report import emit, machine, table, write_section
+
+CHILD = r"""
+import json, os, resource, sys, time
+from pathlib import Path
+mode, source, target = sys.argv[1], sys.argv[2], sys.argv[3]
+import torch
+from steer.bake.api import bake_with_options
+from steer.bake.model import BakeOptions
+from steer.recipes import load_recipe
+start = time.perf_counter()
+if mode == "bake":
+    recipe = load_recipe({"edits": [{"kind": "ablate", "direction": sys.argv[4]}]})
+    bake_with_options(source, recipe, Path(target), BakeOptions(overwrite=True))
+elif mode == "bake-unchecked":
+    recipe = load_recipe({"edits": [{"kind": "ablate", "direction": sys.argv[4]}]})
+    options = BakeOptions(overwrite=True, allow_other_model=True)
+    bake_with_options(source, recipe, Path(target), options)
+elif mode == "copy":
+    import shutil
+    shutil.copytree(source, target)
+    for file in Path(target).iterdir():
+        with file.open("rb") as handle:
+            os.fsync(handle.fileno())
+seconds = time.perf_counter() - start
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+print(json.dumps({"seconds": seconds, "max_rss_mb": peak}))
+"""
+
+
+def prepare(directory: Path) -> Path:
+    """Qwen 0.5B as 4 bf16 safetensors shards, plus a random direction made for it."""
+    import torch
+
+    from steer.artifacts import save_vector
+    from steer.bake.source import _split
+    from steer.bake.tensor_io import ShardWriter, TensorSpec
+    from steer.models import load_model
+    from steer.vectors import SteeringVector
+
+    source = directory / "qwen-4-shards"
+    if (source / "config.json").exists() and (directory / "direction" / "steer.json").exists():
+        return source
+    handle = load_model("qwen2.5-coder-0.5b-instruct")
+    state = {
+        key: value.to(torch.bfloat16)
+        for key, value in handle.model.state_dict().items()
+        if key != "lm_head.weight"  # tied
+    }
+    specs = {key: TensorSpec(key, t.dtype, tuple(t.shape)) for key, t in state.items()}
+    total = sum(spec.nbytes for spec in specs.values())
+    shards = _split(specs, max_bytes=total // 4 + 1)
+    if source.exists():
+        shutil.rmtree(source)
+    source.mkdir(parents=True)
+    weight_map = {}
+    for file, names in shards.items():
+        writer = ShardWriter(source / file, [specs[name] for name in names])
+        for name in names:
+            writer.write(name, [state[name]])
+            weight_map[name] = file
+        writer.close()
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (source / "model.safetensors.index.json").write_text(json.dumps(index))
+    config = handle.model.config.to_dict()
+    config.pop("quantization_config", None)
+    config["dtype"] = "bfloat16"
+    (source / "config.json").write_text(json.dumps(config, indent=2))
+    handle.tokenizer.save_pretrained(str(source))
+    # the direction is checked against the weights as stored (bf16), like a handle loaded
+    # from this directory would hash them
+    from steer.bake.source import open_source
+
+    weight_hash = open_source(str(source)).weight_hash()
+    direction = SteeringVector.from_shared(
+        torch.randn(handle.d_model, generator=torch.Generator().manual_seed(0))
+    )
+    save_vector(directory / "direction", direction, kind="direction")
+    sidecar = directory / "direction" / "steer.json"
+    metadata = json.loads(sidecar.read_text())
+    metadata["model"] = {
+        "name": "qwen-4-shards",
+        "d_model": handle.d_model,
+        "weight_hash": weight_hash,
+    }
+    sidecar.write_text(json.dumps(metadata))
+    return source
+
+
+def run_child(*args: str) -> dict:
+    result = subprocess.run(
+        [sys.executable, "-c", CHILD, *args], capture_output=True, text=True, check=False
+    )
+    if result.returncode != 0:
+        raise RuntimeError(result.stderr[-2000:])
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--no-docs", action="store_true")
+    args = parser.parse_args()
+    from steer.offline import cache_dir
+
+    root = cache_dir() / "bench-bake"
+    source = prepare(root)
+    direction = root / "direction"
+    shard_sizes = [p.stat().st_size for p in source.glob("*.safetensors")]
+    largest = max(shard_sizes) / 2**20
+    baseline = run_child("baseline", str(source), "-")["max_rss_mb"]
+    rows = []
+    with tempfile.TemporaryDirectory(dir=root) as scratch:
+        for mode in ("copy", "bake", "bake-unchecked"):
+            runs = []
+            for repeat in range(args.repeats):
+                target = Path(scratch) / f"{mode}-{repeat}"
+                runs.append(run_child(mode, str(source), str(target), str(direction)))
+                shutil.rmtree(target)
+            best = min(runs, key=lambda run: run["seconds"])
+            rows.append({"mode": mode, **best})
+    copy_seconds = rows[0]["seconds"]
+    for row in rows:
+        row["time_vs_copy"] = row["seconds"] / copy_seconds
+        row["rss_over_baseline_mb"] = row["max_rss_mb"] - baseline
+    bake_row = rows[1]
+    record = {
+        "benchmark": "bake",
+        "model": "qwen2.5-coder-0.5b-instruct bf16, 4 shards",
+        "shards_mb": [round(size / 2**20, 1) for size in sorted(shard_sizes)],
+        "largest_shard_mb": round(largest, 1),
+        "baseline_rss_mb": round(baseline, 1),
+        "rows": rows,
+        "time_ratio_goal_1_5": bake_row["time_vs_copy"] <= 1.5,
+        "rss_goal": bake_row["max_rss_mb"] <= 1.1 * largest + baseline,
+        "machine": machine(),
+    }
+    emit(record)
+    if not args.no_docs:
+        labels = {
+            "copy": "plain copy (copytree + fsync)",
+            "bake": "bake: ablate, direction hash-checked",
+            "bake-unchecked": "bake: ablate, no weight-hash pass",
+        }
+        markdown = "\n".join(
+            [
+                "## Bake (`scripts/bench_bake.py`)",
+                "",
+                f"Qwen2.5-Coder-0.5B-Instruct as bfloat16 safetensors in {len(shard_sizes)} shards "
+                f"({', '.join(str(s) for s in record['shards_mb'])} MiB); recipe: one full "
+                f"ablation; best of {args.repeats} runs, each in a fresh process. Peak RSS is the "
+                f"process's ru_maxrss; the interpreter baseline (same imports, no work) is "
+                f"{baseline:.0f} MiB. Goals: time <= 1.5x copy; peak RSS <= largest shard "
+                f"({largest:.0f} MiB) + 10% + baseline = {1.1 * largest + baseline:.0f} MiB.",
+                "",
+                table(
+                    [
+                        {
+                            "run": labels[row["mode"]],
+                            "seconds": row["seconds"],
+                            "x copy": row["time_vs_copy"],
+                            "peak RSS MiB": row["max_rss_mb"],
+                            "RSS over baseline MiB": row["rss_over_baseline_mb"],
+                        }
+                        for row in rows
+                    ],
+                    ["run", "seconds", "x copy", "peak RSS MiB", "RSS over baseline MiB"],
+                ),
+                "",
+                f"Measured on {record['machine']}, {time.strftime('%Y-%m-%d')}.",
+            ]
+        )
+        write_section("benchmarks.md", "bake", markdown, title="Benchmarks")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
