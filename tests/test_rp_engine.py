@@ -37,7 +37,7 @@ ROW_CONFIGS = (
     SamplingConfig(seed=5, tfs=0.9, temperature=0.5, repetition_penalty=1.15),
     SamplingConfig(seed=6, dry_multiplier=0.8, xtc_probability=0.5, xtc_threshold=0.05),
     SamplingConfig(seed=7, typical_p=0.8, top_a=0.1, presence_penalty=0.4, frequency_penalty=0.2),
-    SamplingConfig(temperature=0.0, repetition_penalty=1.3, logit_bias={5: 3.0}),
+    SamplingConfig(temperature=0.0, repetition_penalty=1.3, logit_bias=((5, 3.0),)),
 )
 
 
@@ -64,7 +64,7 @@ def test_mirostat_state_is_per_row(tiny_llama: ModelHandle) -> None:
 
 def test_min_tokens_and_ban_eos(tiny_llama: ModelHandle) -> None:
     eos = min(tiny_llama.eos_token_ids)
-    eager = SamplingConfig(temperature=0.0, logit_bias={eos: 100.0})
+    eager = SamplingConfig(temperature=0.0, logit_bias=((eos, 100.0),))
     engine = Engine(tiny_llama)
     assert engine.run(_requests((eager,)))[0].usage.completion_tokens == 1
     held = engine.run(_requests((replace(eager, min_tokens=5),)))[0]
@@ -109,26 +109,28 @@ def _hidden(
     ids: tuple[int, ...],
     speakers: tuple[str | None, ...],
     interventions: tuple[Add, ...],
-    hook: str,
-) -> torch.Tensor:
-    """Hidden states at ``hook`` for one prompt with the engine's plan (speakers set)."""
+    *hooks: str,
+) -> list[torch.Tensor]:
+    """Hidden states (tokens, d_model) at ``hooks`` for one prompt, with the engine's plan."""
     plan = build_plan([interventions], handle.resolver, handle.d_model, handle.dtype, handle.device)
     plan.phase = Phase.PROMPT
     plan.token_speakers = [speakers]
-    store: list[torch.Tensor] = []
-    point = handle.resolver.parse(hook)
+    stores: list[list[torch.Tensor]] = [[] for _ in hooks]
     functions = dict(plan.hooks())
-    record = recorder(store, lambda x: x)
-    functions[point] = compose(functions[point], record) if point in functions else record
+    for hook, store in zip(hooks, stores, strict=True):
+        point = handle.resolver.parse(hook)
+        record = recorder(store, lambda x: x)
+        functions[point] = compose(functions[point], record) if point in functions else record
     with torch.inference_mode(), attach(handle.resolver, functions):
         handle.model(input_ids=torch.tensor([ids]), use_cache=False)
-    return store[0][0]
+    return [store[0][0] for store in stores]
 
 
-def _slider(handle: ModelHandle, layer: int, scale: float, speaker: str, phase: Phase) -> Add:
+def _slider(handle: ModelHandle, layers: range, scale: float, speaker: str, phase: Phase) -> Add:
     torch.manual_seed(0)
     direction = torch.randn(handle.d_model)
-    vector = SteeringVector(per_layer={layer: scale * direction / direction.norm()})
+    unit = direction / direction.norm()
+    vector = SteeringVector(per_layer={layer: scale * unit for layer in layers})
     return Add(vector, 1.0, phase=phase, speaker=speaker)
 
 
@@ -138,17 +140,17 @@ def test_speaker_slider_changes_only_that_speakers_tokens(
 ) -> None:
     rendered = get_format(format_name).render(SCENE, "Lysa")
     tokens = tokenize(tiny_llama.tokenizer, rendered)
-    slider = _slider(tiny_llama, 1, 5.0, "Garrick", Phase.ALL)
+    slider = _slider(tiny_llama, range(1, 2), 5.0, "Garrick", Phase.ALL)
     hook = "blocks.1.hook_resid_post"
-    base = _hidden(tiny_llama, tokens.ids, tokens.speakers, (), hook)
-    steered = _hidden(tiny_llama, tokens.ids, tokens.speakers, (slider,), hook)
+    (base,) = _hidden(tiny_llama, tokens.ids, tokens.speakers, (), hook)
+    (steered,) = _hidden(tiny_llama, tokens.ids, tokens.speakers, (slider,), hook)
     changed = (steered - base).abs().amax(dim=-1) > 0
     garrick = torch.tensor([s == "Garrick" for s in tokens.speakers])
     assert garrick.any()
     assert torch.equal(changed, garrick)
     # a slider scoped to nobody in the scene is an exact no-op
-    ghost = _slider(tiny_llama, 1, 5.0, "Nobody", Phase.ALL)
-    assert torch.equal(_hidden(tiny_llama, tokens.ids, tokens.speakers, (ghost,), hook), base)
+    ghost = _slider(tiny_llama, range(1, 2), 5.0, "Nobody", Phase.ALL)
+    assert torch.equal(_hidden(tiny_llama, tokens.ids, tokens.speakers, (ghost,), hook)[0], base)
 
 
 @pytest.mark.slow
@@ -159,18 +161,17 @@ def test_speaker_slider_on_smollm2(smollm2: ModelHandle) -> None:
     tokens = tokenize(smollm2.tokenizer, rendered)
     garrick = [i for i, s in enumerate(tokens.speakers) if s == "Garrick"]
     assert garrick and all(s in (None, "Garrick", "Lysa", "Rosa") for s in tokens.speakers)
-    slider = _slider(smollm2, 12, 40.0, "Garrick", Phase.ALL)
-    base = _hidden(smollm2, tokens.ids, tokens.speakers, (), "blocks.12.hook_resid_post")
-    steered = _hidden(smollm2, tokens.ids, tokens.speakers, (slider,), "blocks.12.hook_resid_post")
+    slider = _slider(smollm2, range(12, 13), 40.0, "Garrick", Phase.ALL)
+    hooks = ("blocks.12.hook_resid_post", "blocks.20.hook_resid_post")
+    base, deeper_base = _hidden(smollm2, tokens.ids, tokens.speakers, (), *hooks)
+    steered, deeper = _hidden(smollm2, tokens.ids, tokens.speakers, (slider,), *hooks)
     changed = ((steered - base).abs().amax(dim=-1) > 0).nonzero().flatten().tolist()
     assert changed == garrick
-    deeper_base = _hidden(smollm2, tokens.ids, tokens.speakers, (), "blocks.20.hook_resid_post")
-    deeper = _hidden(smollm2, tokens.ids, tokens.speakers, (slider,), "blocks.20.hook_resid_post")
     before = garrick[0]
     assert torch.equal(deeper[:before], deeper_base[:before])
     assert not torch.equal(deeper[before:], deeper_base[before:])
 
-    generated_only = _slider(smollm2, 12, 40.0, "Garrick", Phase.GENERATED)
+    generated_only = _slider(smollm2, range(4, 24), 30.0, "Garrick", Phase.GENERATED)
     greedy = SamplingConfig(temperature=0.0)
 
     def reply(speaker: str, interventions: tuple[Add, ...]) -> GenerationRequest:

@@ -118,7 +118,7 @@ def test_penalties_on_hand_built_logits() -> None:
         1.0,
         0.5,
     ]
-    bias = SamplingConfig(logit_bias={3: 10.0, 0: -math.inf})
+    bias = SamplingConfig(logit_bias=((3, 10.0), (0, -math.inf)))
     assert run("logit_bias", logits, bias).tolist() == [-math.inf, -2.0, 1.0, 10.5]
 
 
@@ -276,7 +276,7 @@ def test_bad_settings_name_their_field(kwargs: dict[str, object], field: str) ->
 
 def test_config_is_hashable_and_accepts_json_shapes() -> None:
     config = SamplingConfig(
-        logit_bias={"5": 1.5, 2: -1},  # type: ignore[dict-item]
+        logit_bias={"5": 1.5, 2: -1},  # type: ignore[arg-type]
         banned_strings=["Elara"],  # type: ignore[arg-type]
         sampler_order=list(DEFAULT_ORDER),  # type: ignore[arg-type]
     )
@@ -284,5 +284,5 @@ def test_config_is_hashable_and_accepts_json_shapes() -> None:
     assert config.banned_strings == ("Elara",)
     hash(config)
     with pytest.raises(InvalidArgumentError) as error:
-        SamplerState.for_request(SamplingConfig(logit_bias={10: 1.0}), None, vocab_size=10)
+        SamplerState.for_request(SamplingConfig(logit_bias=((10, 1.0),)), None, vocab_size=10)
     assert error.value.field == "logit_bias"

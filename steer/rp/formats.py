@@ -109,7 +109,8 @@ class _Builder:
 
 
 class PromptFormat(Protocol):
-    name: str
+    @property
+    def name(self) -> str: ...
 
     def render(
         self, scene: Scene, speaker: str, *, length: str | None = None, tokenizer: Any = None
