@@ -274,17 +274,25 @@ def write_plot(path: Path, result: SearchResult, *, title: str = "") -> Path:
     axes = figure.subplots()
     for position in result.positions:
         points = [c for c in result.candidates if c.position == position and c.layer is not None]
+        color = None
         if points:
-            axes.plot(
+            (line,) = axes.plot(
                 [int(c.layer or 0) for c in points],
                 [c.bypass for c in points],
                 marker="o",
                 markersize=3,
                 label=f"position {position}",
             )
+            color = line.get_color()
         for c in result.candidates:
             if c.position == position and c.layer is None:
-                axes.axhline(c.bypass, linestyle=":", linewidth=1, label=f"per-layer @ {position}")
+                axes.axhline(
+                    c.bypass,
+                    color=color,
+                    linestyle=":",
+                    linewidth=1.5,
+                    label=f"per-layer @ {position}",
+                )
     axes.axhline(result.baseline_positive, color="black", linestyle="--", label="no ablation")
     selected = result.selected
     if selected.layer is not None:
