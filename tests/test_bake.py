@@ -81,33 +81,33 @@ def interventions_of(recipe: dict, num_layers: int = 4) -> list:  # type: ignore
 KERNEL = {"max_weight": 1.0, "min_weight": 0.3, "peak_layer": 1.5, "width": 2.0}
 
 
-@pytest.mark.parametrize("architecture", LLAMA_LIKE)
-@pytest.mark.parametrize(
-    "edit",
-    [
-        {"kind": "ablate", "kernel": KERNEL},
-        {"kind": "ablate", "weight": 0.7, "layers": [1, 3]},
-        {
-            "kind": "ablate",
-            "kernel": KERNEL,
-            "mlp_kernel": {**KERNEL, "peak_layer": 2.5},
-            "direction_layer": 2.25,
-        },
-        {"kind": "ablate", "direction_layer": 1.5},
-        {"kind": "add", "strength": 2.5, "layers": [1, 2]},
-        {"kind": "add", "strength": -1.5, "hooks": ["blocks.2.hook_resid_pre"]},
-    ],
-    ids=[
-        "ablate-kernel",
-        "ablate-partial",
-        "ablate-two-kernels",
-        "ablate-interpolated",
-        "add",
-        "add-resid-pre",
-    ],
-)
-def test_baked_equals_runtime(sources, tmp_path, architecture, edit) -> None:  # type: ignore[no-untyped-def]
+EDITS: dict[str, dict[str, Any]] = {
+    "ablate-kernel": {"kind": "ablate", "kernel": KERNEL},
+    "ablate-partial": {"kind": "ablate", "weight": 0.7, "layers": [1, 3]},
+    "ablate-two-kernels": {
+        "kind": "ablate",
+        "kernel": KERNEL,
+        "mlp_kernel": {**KERNEL, "peak_layer": 2.5},
+        "direction_layer": 2.25,
+    },
+    "ablate-interpolated": {"kind": "ablate", "direction_layer": 1.5},
+    "add": {"kind": "add", "strength": 2.5, "layers": [1, 2]},
+    "add-resid-pre": {"kind": "add", "strength": -1.5, "hooks": ["blocks.2.hook_resid_pre"]},
+}
+CASES = [
+    *((architecture, "ablate-kernel") for architecture in LLAMA_LIKE),
+    *((architecture, "add") for architecture in LLAMA_LIKE),
+    ("llama", "ablate-partial"),
+    ("qwen2", "ablate-two-kernels"),
+    ("mistral", "ablate-interpolated"),
+    ("qwen2", "add-resid-pre"),
+]
+
+
+@pytest.mark.parametrize(("architecture", "case"), CASES, ids=[f"{a}-{c}" for a, c in CASES])
+def test_baked_equals_runtime(sources, tmp_path, architecture, case) -> None:  # type: ignore[no-untyped-def]
     handle, source, direction = sources[architecture]
+    edit = EDITS[case]
     key = "direction" if edit["kind"] == "ablate" else "vector"
     recipe = {"edits": [{**edit, key: str(direction)}]}
     baked = load_model(bake(str(source), recipe, tmp_path / "out"))
@@ -603,3 +603,40 @@ def test_sigkill_mid_bake_leaves_no_target_and_source_intact(sources, tmp_path) 
     bake(str(source), {"edits": [{"kind": "ablate", "direction": str(direction)}]}, out)
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
     assert verify(out) == []
+
+
+def test_example_recipes_parse() -> None:
+    root = Path(__file__).resolve().parent.parent / "recipes"
+    files = sorted(root.glob("bake-*.toml"))
+    assert len(files) >= 3
+    for file in files:
+        recipe = load_recipe(str(file))
+        assert recipe.edits and recipe.name
+
+
+def test_feature_edit_is_baked_as_decoder_direction_and_flagged(sources, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from safetensors.torch import save_file
+
+    handle, source, _direction = sources["llama"]
+    sae = tmp_path / "sae"
+    sae.mkdir()
+    decoder = torch.randn(8, 64, generator=torch.Generator().manual_seed(4))
+    save_file(
+        {"W_dec": decoder, "W_enc": decoder.T.contiguous()}, str(sae / "sae_weights.safetensors")
+    )
+    (sae / "cfg.json").write_text(
+        json.dumps({"d_in": 64, "d_sae": 8, "metadata": {"hook_name": "blocks.1.hook_resid_post"}})
+    )
+    recipe = {"edits": [{"kind": "feature", "sae": str(sae), "feature": 3, "value": 2.0}]}
+    out = bake(str(source), recipe, tmp_path / "out")
+    runtime = logits(
+        handle,
+        [Add(SteeringVector.from_shared(decoder[3]), 2.0, hooks=("blocks.1.hook_resid_post",))],
+    )
+    assert relative_difference(runtime, logits(load_model(out))) <= 1e-4
+    notes = json.loads((out / "steer_provenance.json").read_text())["notes"]
+    assert any("APPROXIMATE" in note for note in notes)
+    bad = {"edits": [{"kind": "feature", "sae": str(sae), "feature": 8, "value": 1.0}]}
+    with pytest.raises(InvalidArgumentError) as error:
+        bake(str(source), bad, tmp_path / "bad")
+    assert error.value.field == "edits[0].feature"

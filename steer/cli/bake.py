@@ -9,6 +9,7 @@ steer bake --verify OUT
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -16,7 +17,7 @@ from tqdm.auto import tqdm
 
 from steer.bake.api import OUTPUT_FORMATS, bake_with_options, recipe_from_flags
 from steer.bake.model import BakeOptions
-from steer.bake.provenance import verify
+from steer.bake.provenance import PROVENANCE, verify
 from steer.models import DTYPES
 from steer.offline import DEFAULT_MODEL
 from steer.recipes import AblationVariant, load_recipe
@@ -92,5 +93,10 @@ def main(argv: list[str], *, prog: str = "steer bake", command: str = "bake") ->
         out = bake_with_options(args.model, recipe, Path(args.out), options)
     finally:
         bar.close()
+    record = out / PROVENANCE
+    if record.exists():
+        # e.g. "APPROXIMATE: SAE feature edits ..." or "written as a Llama model ..."
+        for note in json.loads(record.read_text()).get("notes", []):
+            print(f"note: {note}", file=sys.stderr)
     print(out)
     return 0
