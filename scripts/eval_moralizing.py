@@ -62,8 +62,9 @@ def main() -> int:
         record = measure(name, recipe, situations, harmless, Path(args.out) / name)
         emit(record)
         records.append(record)
-    if not args.no_docs:
-        write_section("results.md", "moralizing", _markdown(records, command), title="results")
+        # written after every model, so a long second model never loses the first's numbers
+        if not args.no_docs:
+            write_section("results.md", "moralizing", _markdown(records, command), title="results")
     return 0
 
 
