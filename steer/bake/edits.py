@@ -7,8 +7,8 @@ embedding transposed, one column per token). With ``r`` a unit direction and ``w
     M  <- M - w r (r^T M)                     # (D, n) - (D, 1) @ (1, n): rank 1
     M[:, j] *= |M_old[:, j]| / |M_new[:, j]|  # norm-preserving variant, per written vector
 
-Columns are independent, so a large matrix (the embedding) is edited in chunks of columns. An additive
-vector at ``blocks.L.hook_resid_post`` is a bias on layer L's ``down_proj``.
+Columns are independent, so a large matrix (the embedding) is edited in chunks of columns.
+An additive vector at ``blocks.L.hook_resid_post`` is a bias on layer L's ``down_proj``.
 
 Which interventions have an exact weight form (else :class:`UnsupportedArchitectureError` /
 :class:`InvalidArgumentError` naming why):
@@ -33,6 +33,7 @@ import torch
 from steer.errors import InvalidArgumentError, UnsupportedArchitectureError
 from steer.hooks import ArchitectureLayout, HookKind, HookPoint, parse_hook_name
 from steer.interventions import Ablate, Add, Intervention, Phase
+
 
 @dataclass(frozen=True, eq=False)
 class RankOneEdit:

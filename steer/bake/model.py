@@ -492,6 +492,7 @@ def _bake(
             "APPROXIMATE: SAE feature edits are baked as value * decoder direction added to every "
             "token; the run-time slider sets the feature activation instead"
         )
+    source.start_file_hashes()
     with provenance.atomic_directory(out_dir, overwrite=options.overwrite) as temp:
         if options.output_format == "lora":
             hashes = write_lora(temp, source, plan, names, options)
@@ -506,7 +507,7 @@ def _bake(
                 "name": source.name,
                 "model_type": source.model_type,
                 "weight_hash": weight_hash,
-                "files": {str(path): sha256_file(path) for path in source.files},
+                "files": source.file_hashes(),
             },
             recipe=recipe_to_dict(recipe),
             directions=resolved.artifacts,

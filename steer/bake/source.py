@@ -46,6 +46,16 @@ class Source:
     close: Callable[[], None] = lambda: None
     #: the model handle's weight hash when it is already known (in-memory sources)
     known_weight_hash: str | None = None
+    #: start hashing source files as they are read in order; then {path: sha256 or None}
+    start_file_hashes: Callable[[], None] = lambda: None
+    streamed_file_hashes: Callable[[], dict[Path, str | None]] = dict
+
+    def file_hashes(self) -> dict[str, str]:
+        """SHA-256 of every source file, reusing hashes made while reading where possible."""
+        from steer.bake.tensor_io import sha256_file
+
+        streamed = self.streamed_file_hashes()
+        return {str(path): streamed.get(path) or sha256_file(path) for path in self.files}
 
     @property
     def model_type(self) -> str:
@@ -68,9 +78,19 @@ class Source:
         digest = hashlib.sha256()
         ordered = sorted(names)
         for index, name in enumerate(ordered):
-            tensor = self.read(aliases.get(name, name)).to(torch.bfloat16).contiguous()
-            digest.update(f"{name}:{tuple(tensor.shape)};".encode())
-            digest.update(tensor.view(torch.int16).numpy().tobytes())
+            stored = aliases.get(name, name)
+            shape = self.specs[stored].shape
+            digest.update(f"{name}:{shape};".encode())
+            # row chunks: the same bytes as the whole tensor, one chunk in memory at a time
+            rows = shape[0] if shape else 1
+            step = max(1, rows * (16 << 20) // max(self.specs[stored].nbytes, 1))
+            for start in range(0, rows, step):
+                if shape:
+                    chunk = self.read_rows(stored, start, min(rows, start + step))
+                else:
+                    chunk = self.read(stored)
+                chunk = chunk.to(torch.bfloat16).contiguous()
+                digest.update(chunk.view(torch.int16).numpy().data)
             if progress is not None:
                 progress((index + 1) / len(ordered))
         return digest.hexdigest()
@@ -140,6 +160,10 @@ def _safetensors_source(name: str, directory: Path) -> Source:
         for reader in readers.values():
             reader.close()
 
+    def start_file_hashes() -> None:
+        for reader in readers.values():
+            reader.start_file_hash()
+
     return Source(
         name=name,
         config=json.loads((directory / "config.json").read_text()),
@@ -150,6 +174,8 @@ def _safetensors_source(name: str, directory: Path) -> Source:
         files=[directory / "config.json", *(directory / f for f in files)],
         extra_files=extra,
         close=close,
+        start_file_hashes=start_file_hashes,
+        streamed_file_hashes=lambda: {directory / f: r.file_hash() for f, r in readers.items()},
     )
 
 

@@ -20,7 +20,7 @@ import struct
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import torch
 
@@ -76,13 +76,19 @@ class SafetensorsReader:
         self.path = path
         try:
             self._file = path.open("rb")
-            (length,) = struct.unpack("<Q", self._file.read(8))
-            header = json.loads(self._file.read(length))
+            prefix = self._file.read(8)
+            (length,) = struct.unpack("<Q", prefix)
+            self._header = prefix + self._file.read(length)
+            header = json.loads(self._header[8:])
         except (OSError, struct.error, json.JSONDecodeError, UnicodeDecodeError) as error:
             raise InvalidArgumentError(
                 f"{path} is not a safetensors file: {error}", field="model"
             ) from None
         self.data_start = 8 + length
+        self.file_size = path.stat().st_size
+        # SHA-256 of the file, fed by reads that happen to be sequential (see file_hash)
+        self._digest: Any = None
+        self._position = 0
         self.metadata: dict[str, str] = header.pop("__metadata__", None) or {}
         self.entries: dict[str, _Entry] = {}
         for name, info in header.items():
@@ -94,6 +100,30 @@ class SafetensorsReader:
             spec = TensorSpec(name, DTYPE_CODES[info["dtype"]], tuple(info["shape"]))
             self.entries[name] = _Entry(spec, begin, end)
 
+    def start_file_hash(self) -> None:
+        """Hash the file as a side effect of reading its tensors in file order."""
+        self._digest = hashlib.sha256(self._header)
+        self._position = self.data_start
+
+    def file_hash(self) -> str | None:
+        """The file's SHA-256 if every byte was read in order since start_file_hash, else None."""
+        if self._digest is None or self._position != self.file_size:
+            return None
+        return str(self._digest.hexdigest())
+
+    def _read_at(self, offset: int, size: int, name: str) -> bytearray:
+        buffer = bytearray(size)
+        self._file.seek(offset)
+        if self._file.readinto(buffer) != size:
+            raise InvalidArgumentError(f"{self.path} is truncated at {name}", field="model")
+        if self._digest is not None:
+            if offset == self._position:
+                self._digest.update(buffer)
+                self._position += size
+            elif offset > self._position:
+                self._digest = None  # a gap: fall back to hashing the file separately
+        return buffer
+
     def names_in_file_order(self) -> list[str]:
         return sorted(self.entries, key=lambda name: self.entries[name].begin)
 
@@ -102,10 +132,7 @@ class SafetensorsReader:
 
     def read(self, name: str) -> torch.Tensor:
         entry = self.entries[name]
-        buffer = bytearray(entry.end - entry.begin)
-        self._file.seek(self.data_start + entry.begin)
-        if self._file.readinto(buffer) != len(buffer):
-            raise InvalidArgumentError(f"{self.path} is truncated at {name}", field="model")
+        buffer = self._read_at(self.data_start + entry.begin, entry.end - entry.begin, name)
         if not buffer:
             return torch.empty(entry.spec.shape, dtype=entry.spec.dtype)
         return torch.frombuffer(buffer, dtype=entry.spec.dtype).reshape(entry.spec.shape)
@@ -115,10 +142,8 @@ class SafetensorsReader:
         entry = self.entries[name]
         shape = entry.spec.shape
         row_bytes = (entry.end - entry.begin) // shape[0] if shape and shape[0] else 0
-        buffer = bytearray((stop - start) * row_bytes)
-        self._file.seek(self.data_start + entry.begin + start * row_bytes)
-        if self._file.readinto(buffer) != len(buffer):
-            raise InvalidArgumentError(f"{self.path} is truncated at {name}", field="model")
+        offset = self.data_start + entry.begin + start * row_bytes
+        buffer = self._read_at(offset, (stop - start) * row_bytes, name)
         rows = (stop - start, *shape[1:])
         if not buffer:
             return torch.empty(rows, dtype=entry.spec.dtype)
