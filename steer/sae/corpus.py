@@ -1,0 +1,112 @@
+"""Offline text for SAE training and feature search: local files, or text the model writes.
+
+* :func:`read_corpus` -- a ``.txt`` file (one text per paragraph, blank-line separated) or a
+  ``.jsonl`` file (per line: a string, or an object with ``text``, or with ``prompt`` and
+  ``response``/``completion``, or with ``messages``).
+* :func:`generate_corpus` -- the model answers each prompt (sampled, seeded) through the engine;
+  every transcript is rendered with the chat template, so the SAE sees the same token stream the
+  model sees when it chats.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from steer.errors import InvalidArgumentError, NotFoundError
+from steer.generation import Engine, GenerationRequest, Message
+from steer.models import ModelHandle
+from steer.sampling import SamplingConfig
+
+
+def _text_of(record: Any, where: str) -> str:
+    if isinstance(record, str):
+        return record
+    if isinstance(record, dict):
+        if isinstance(record.get("text"), str):
+            return record["text"]
+        if isinstance(record.get("messages"), list):
+            return "\n".join(str(m.get("content", "")) for m in record["messages"])
+        if isinstance(record.get("prompt"), str):
+            answer = record.get("response", record.get("completion", ""))
+            return f"{record['prompt']}\n{answer}".strip()
+    raise InvalidArgumentError(
+        f"{where}: expected a string or an object with text, messages or prompt", field="corpus"
+    )
+
+
+def read_corpus(path: str | Path) -> list[str]:
+    """Texts of a local ``.txt`` or ``.jsonl`` file (empty texts dropped)."""
+    file = Path(path)
+    if not file.is_file():
+        raise NotFoundError(f"corpus file {file} does not exist", field="corpus")
+    content = file.read_text(encoding="utf-8")
+    if file.suffix == ".jsonl":
+        texts = []
+        for number, line in enumerate(content.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise InvalidArgumentError(f"{file}:{number}: {error}", field="corpus") from None
+            texts.append(_text_of(record, f"{file}:{number}"))
+    else:
+        texts = [block.strip() for block in content.split("\n\n")]
+    texts = [text for text in texts if text.strip()]
+    if not texts:
+        raise InvalidArgumentError(f"corpus file {file} has no text", field="corpus")
+    return texts
+
+
+def read_prompts(path: str | Path) -> list[str]:
+    """One prompt per non-empty line; lines starting with ``#`` are comments."""
+    file = Path(path)
+    if not file.is_file():
+        raise NotFoundError(f"prompt file {file} does not exist", field="prompts")
+    lines = [line.strip() for line in file.read_text(encoding="utf-8").splitlines()]
+    prompts = [line for line in lines if line and not line.startswith("#")]
+    if not prompts:
+        raise InvalidArgumentError(f"prompt file {file} has no prompts", field="prompts")
+    return prompts
+
+
+def render_chat(handle: ModelHandle, user: str, assistant: str) -> str:
+    """One exchange as the model sees it (plain ``user\\nassistant`` without a chat template)."""
+    if handle.chat_template is None:
+        return f"{user}\n{assistant}"
+    return str(
+        handle.tokenizer.apply_chat_template(
+            [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}],
+            tokenize=False,
+        )
+    )
+
+
+def generate_corpus(
+    handle: ModelHandle,
+    prompts: Sequence[str],
+    *,
+    max_new_tokens: int = 96,
+    temperature: float = 0.8,
+    seed: int = 0,
+    max_batch: int = 16,
+) -> list[str]:
+    """The model's answers to ``prompts``, rendered as chat transcripts."""
+    engine = Engine(handle, max_batch=max_batch, max_waiting=len(prompts) + max_batch)
+    requests = [
+        GenerationRequest(
+            messages=(Message("user", prompt),) if handle.chat_template is not None else None,
+            prompt=None if handle.chat_template is not None else prompt,
+            sampling=SamplingConfig(temperature=temperature, seed=seed + index),
+            max_new_tokens=max_new_tokens,
+        )
+        for index, prompt in enumerate(prompts)
+    ]
+    results = engine.run(requests)
+    return [
+        render_chat(handle, prompt, result.text)
+        for prompt, result in zip(prompts, results, strict=True)
+    ]

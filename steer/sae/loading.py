@@ -1,0 +1,226 @@
+"""Sparse autoencoders in the SAELens format, bound to a hook point of a loaded model.
+
+A directory with ``cfg.json`` + ``sae_weights.safetensors`` (what SAELens' ``save_model`` and
+``save_inference_model`` write) loads through SAELens' own ``SAE.load_from_disk``, so every
+architecture SAELens can run is read by its own code. steer adds:
+
+* a check that the SAE fits the model: its hook name (``metadata.hook_name``, a TransformerLens
+  name) must be a hook point steer's resolver knows, and ``d_in`` must equal the model's d_model;
+* an optional ``steer_sae.json`` sidecar written by ``steer sae train`` (model identity, corpus,
+  metrics); loading against a model with other weights is then an error unless allowed.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from sae_lens import SAE
+
+from steer.artifacts import check_model
+from steer.errors import FailedPreconditionError, InvalidArgumentError, NotFoundError
+from steer.hooks import HookKind, HookPoint, parse_hook_name
+from steer.models import ModelHandle
+
+CONFIG = "cfg.json"
+WEIGHTS = "sae_weights.safetensors"
+SIDECAR = "steer_sae.json"
+SIDECAR_FORMAT = "steer.sae"
+
+#: SAELens architectures whose output reconstructs their input at one hook point. Transcoders
+#: (input and output at different points) and temporal SAEs (state across tokens) do not.
+SUPPORTED_ARCHITECTURES = frozenset(
+    {"standard", "gated", "topk", "abstopk", "jumprelu", "batchtopk", "matryoshka_batchtopk"}
+)
+#: hook kinds whose value has d_model dimensions
+_RESIDUAL_KINDS = frozenset(HookKind)
+
+
+@dataclass(frozen=True, eq=False)
+class SparseAutoencoder:
+    """A SAELens SAE and the hook point it reads, with float32 encode/decode helpers.
+
+    Shapes: ``x`` is (..., d_in); feature activations are (..., num_features).
+    """
+
+    sae: SAE  # type: ignore[type-arg]
+    hook_name: str
+    path: Path | None = None
+    metadata: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def architecture(self) -> str:
+        return str(self.sae.cfg.architecture())
+
+    @property
+    def num_features(self) -> int:
+        return int(self.sae.cfg.d_sae)
+
+    @property
+    def d_in(self) -> int:
+        return int(self.sae.cfg.d_in)
+
+    @property
+    def affine_decoder(self) -> bool:
+        """True when ``decode`` is affine in the features (no run-time input normalisation)."""
+        return self.sae.cfg.normalize_activations in ("none", "expected_average_only_in")
+
+    def hook_point(self, num_layers: int) -> HookPoint:
+        return parse_hook_name(self.hook_name, num_layers, field="sae.hook_name")
+
+    @torch.no_grad()
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """(..., d_in) -> (..., num_features), float32, dense."""
+        features = self.sae.encode(x.to(self.sae.device, self.sae.dtype))
+        if features.is_sparse:
+            features = features.to_dense()
+        return features.float()
+
+    @torch.no_grad()
+    def decode(self, features: torch.Tensor) -> torch.Tensor:
+        """(..., num_features) -> (..., d_in), float32."""
+        return self.sae.decode(features.to(self.sae.device, self.sae.dtype)).float()
+
+    def check_feature(self, feature: int, field_name: str = "feature") -> int:
+        if isinstance(feature, bool) or not isinstance(feature, int):
+            raise InvalidArgumentError(
+                f"a feature index is an int, got {feature!r}", field=field_name
+            )
+        if not 0 <= feature < self.num_features:
+            raise InvalidArgumentError(
+                f"feature {feature} out of range: the SAE has features 0..{self.num_features - 1}",
+                field=field_name,
+            )
+        return feature
+
+    @torch.no_grad()
+    def direction(self, feature: int) -> torch.Tensor:
+        """What one unit of ``feature`` adds to the reconstruction: decode(e_k) - decode(0).
+
+        For the usual affine decoders this is the decoder row (times the decoder norm for TopK
+        SAEs trained with ``rescale_acts_by_decoder_norm``), float32 (d_in,).
+        """
+        self.check_feature(feature)
+        basis = torch.zeros(2, self.num_features)
+        basis[0, feature] = 1.0
+        decoded = self.decode(basis)
+        return (decoded[0] - decoded[1]).cpu()
+
+    @torch.no_grad()
+    def decoder_matrix(self) -> torch.Tensor:
+        """Every feature's direction as rows, (num_features, d_in), float32 on the CPU."""
+        if not self.affine_decoder:
+            raise FailedPreconditionError(
+                f"the SAE normalises its input at run time "
+                f"(normalize_activations={self.sae.cfg.normalize_activations!r}); its features "
+                "have no fixed direction",
+                field="sae",
+            )
+        zero = self.decode(torch.zeros(1, self.num_features))
+        rows = []
+        for start in range(0, self.num_features, 1024):
+            stop = min(start + 1024, self.num_features)
+            eye = torch.zeros(stop - start, self.num_features)
+            eye[torch.arange(stop - start), torch.arange(start, stop)] = 1.0
+            rows.append(self.decode(eye) - zero)
+        return torch.cat(rows).cpu()
+
+    def check_model(self, handle: ModelHandle, *, allow_other_model: bool = False) -> HookPoint:
+        """Raise unless this SAE reads a hook point of ``handle`` with matching width."""
+        point = self.hook_point(handle.num_layers)
+        if point.kind not in _RESIDUAL_KINDS or self.d_in != handle.d_model:
+            raise InvalidArgumentError(
+                f"the SAE reads {self.d_in}-dimensional activations at {self.hook_name} but "
+                f"{handle.name} has d_model {handle.d_model}",
+                field="sae.d_in",
+            )
+        if self.metadata:
+            where = str(self.path) if self.path else "the SAE"
+            check_model(self.metadata, handle, allow_other_model=allow_other_model, where=where)
+        return point
+
+
+def load_sae(
+    path: str | Path,
+    handle: ModelHandle | None = None,
+    *,
+    hook: str | None = None,
+    allow_other_model: bool = False,
+) -> SparseAutoencoder:
+    """Load an SAE directory; with ``handle``, check it fits that model.
+
+    ``hook`` overrides the hook name stored in the SAE's config (for SAEs saved without one).
+    """
+    directory = Path(path)
+    for name in (CONFIG, WEIGHTS):
+        if not (directory / name).is_file():
+            raise NotFoundError(
+                f"{directory} is not an SAE directory: {name} is missing", field="sae"
+            )
+    try:
+        config = json.loads((directory / CONFIG).read_text())
+    except json.JSONDecodeError as error:
+        raise InvalidArgumentError(f"{directory / CONFIG}: {error}", field="sae") from None
+    architecture = config.get("architecture", "standard")
+    if architecture not in SUPPORTED_ARCHITECTURES:
+        raise InvalidArgumentError(
+            f"SAE architecture {architecture!r} is not supported for steering; supported: "
+            f"{', '.join(sorted(SUPPORTED_ARCHITECTURES))}",
+            field="sae.architecture",
+        )
+    if config.get("reshape_activations", "none") != "none":
+        raise InvalidArgumentError(
+            "SAEs on attention heads (hook_z) are not supported; use a residual-stream SAE",
+            field="sae.hook_name",
+        )
+    sae = SAE.load_from_disk(str(directory), device="cpu")
+    sae.eval()
+    sae.requires_grad_(False)
+    hook_name = hook or sae.cfg.metadata.hook_name
+    if not hook_name:
+        raise InvalidArgumentError(
+            "the SAE's cfg.json has no metadata.hook_name; pass the hook it was trained on",
+            field="sae.hook_name",
+        )
+    metadata: dict[str, Any] = {}
+    if (directory / SIDECAR).is_file():
+        metadata = json.loads((directory / SIDECAR).read_text())
+        if metadata.get("format") != SIDECAR_FORMAT:
+            raise InvalidArgumentError(
+                f"{directory / SIDECAR} has format {metadata.get('format')!r}", field="sae"
+            )
+    loaded = SparseAutoencoder(sae, str(hook_name), directory, metadata)
+    if handle is not None:
+        loaded.check_model(handle, allow_other_model=allow_other_model)
+    return loaded
+
+
+def load_pretrained_sae(
+    release: str, sae_id: str, handle: ModelHandle | None = None
+) -> SparseAutoencoder:
+    """Load an SAE by SAELens release name (needs the Hugging Face hub or its local cache)."""
+    from sae_lens.loading.pretrained_saes_directory import get_pretrained_saes_directory
+
+    directory = get_pretrained_saes_directory()
+    if release not in directory:
+        raise NotFoundError(f"unknown SAELens release {release!r}", field="sae.release")
+    if sae_id not in directory[release].saes_map:
+        raise NotFoundError(f"release {release!r} has no SAE {sae_id!r}", field="sae.id")
+    try:
+        sae = SAE.from_pretrained(release, sae_id, device="cpu")
+    except (OSError, ConnectionError) as error:
+        raise FailedPreconditionError(
+            f"could not fetch {release}/{sae_id} from the Hugging Face hub ({error}); on an "
+            "offline machine, download it elsewhere and load the directory with load_sae",
+            field="sae.release",
+        ) from None
+    sae.eval()
+    sae.requires_grad_(False)
+    loaded = SparseAutoencoder(sae, str(sae.cfg.metadata.hook_name), None, {})
+    if handle is not None:
+        loaded.check_model(handle)
+    return loaded

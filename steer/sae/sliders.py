@@ -1,0 +1,181 @@
+"""Feature sliders: interventions that edit one SAE feature at the SAE's hook point.
+
+At the hook point the residual stream is ``x = decode(f) + error`` with ``f = encode(x)``. A
+slider changes ``f`` to ``f'`` and keeps the error term, so the new value is::
+
+    x' = decode(f') + error = x + (decode(f') - decode(f))
+
+computed as that difference, which is exactly zero wherever ``f' == f`` (``decode`` is
+deterministic), so a slider at its neutral value leaves the model's output bit-identical.
+
+* :class:`Clamp` -- ``f'_k = value`` (0 switches the feature off);
+* :class:`Scale` -- ``f'_k = factor * f_k`` (1 is neutral; 0 switches it off where it fires);
+* :class:`AddDecoder` -- ``f'_k = f_k + strength`` (0 is neutral). For an affine decoder this
+  is adding ``strength`` times the feature's decoder direction, which lowers to the engine's
+  batched ``AddVector`` op; :func:`decoder_direction` gives that direction as a steering vector
+  (what a bake of a slider writes: exact for AddDecoder, an approximation for Clamp/Scale, which
+  depend on the current activation).
+
+Clamp and Scale lower to the engine's :class:`~steer.interventions.RowFunction` op: per row,
+encode the covered tokens, edit, add the decoded difference. Several sliders at one hook point
+apply in the order given, each reading the stream the previous one left.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from steer.errors import FailedPreconditionError, InvalidArgumentError
+from steer.hooks import HookPoint, HookResolver
+from steer.interventions import (
+    AddVector,
+    Intervention,
+    Op,
+    Phase,
+    RowFunction,
+    _check_finite,
+)
+from steer.sae.loading import SparseAutoencoder
+from steer.vectors import SteeringVector
+
+
+def _check_phase(phase: Phase | str) -> Phase:
+    try:
+        return Phase(phase)
+    except ValueError:
+        raise InvalidArgumentError(
+            f"unknown phase {phase!r}; use prompt, generated or all", field="phase"
+        ) from None
+
+
+def _check_sae(sae: SparseAutoencoder, resolver: HookResolver, d_model: int) -> HookPoint:
+    if not isinstance(sae, SparseAutoencoder):
+        raise InvalidArgumentError(
+            f"expected a SparseAutoencoder, got {type(sae).__name__}", field="sae"
+        )
+    point = resolver.parse(sae.hook_name, field="sae.hook_name")
+    if sae.d_in != d_model:
+        raise InvalidArgumentError(
+            f"the SAE reads {sae.d_in}-dimensional activations but the model's d_model is "
+            f"{d_model}",
+            field="sae.d_in",
+        )
+    return point
+
+
+def _edit_function(sae: SparseAutoencoder, feature: int, edit):  # type: ignore[no-untyped-def]
+    """A RowFunction body: apply ``edit(f_k) -> f_k'`` to feature ``feature`` on masked tokens."""
+    if not sae.affine_decoder:
+        raise FailedPreconditionError(
+            f"sliders need an SAE without run-time input normalisation (this one has "
+            f"normalize_activations={sae.sae.cfg.normalize_activations!r})",
+            field="sae",
+        )
+
+    def apply(x_row: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        selected = x_row[mask]  # (n, D)
+        features = sae.encode(selected)  # (n, F)
+        edited = features.clone()
+        edited[:, feature] = edit(features[:, feature])
+        changed = (edited[:, feature] != features[:, feature]).nonzero().flatten()
+        if changed.numel() == 0:
+            return x_row
+        delta = sae.decode(edited[changed]) - sae.decode(features[changed])  # (m, D)
+        rows = mask.nonzero().flatten()[changed.to(mask.device)]
+        out = x_row.clone()
+        out[rows] = x_row[rows] + delta.to(x_row.device, x_row.dtype)
+        return out
+
+    return apply
+
+
+@dataclass(frozen=True, eq=False)
+class Clamp(Intervention):
+    """Set feature ``feature`` of ``sae`` to ``value`` on the covered tokens."""
+
+    sae: SparseAutoencoder
+    feature: int
+    value: float
+    phase: Phase = Phase.ALL
+    speaker: str | None = None
+
+    def __post_init__(self) -> None:
+        self.sae.check_feature(self.feature)
+        object.__setattr__(self, "value", _check_finite(self.value, "value"))
+        object.__setattr__(self, "phase", _check_phase(self.phase))
+
+    def lower(self, resolver: HookResolver, d_model: int) -> list[tuple[HookPoint, Op]]:
+        point = _check_sae(self.sae, resolver, d_model)
+        value = self.value
+        fn = _edit_function(self.sae, self.feature, lambda acts: torch.full_like(acts, value))
+        return [(point, RowFunction(fn, self.phase, self.speaker))]
+
+
+@dataclass(frozen=True, eq=False)
+class Scale(Intervention):
+    """Multiply feature ``feature`` of ``sae`` by ``factor`` on the covered tokens."""
+
+    sae: SparseAutoencoder
+    feature: int
+    factor: float
+    phase: Phase = Phase.ALL
+    speaker: str | None = None
+
+    def __post_init__(self) -> None:
+        self.sae.check_feature(self.feature)
+        object.__setattr__(self, "factor", _check_finite(self.factor, "factor"))
+        object.__setattr__(self, "phase", _check_phase(self.phase))
+
+    def is_noop(self) -> bool:
+        return self.factor == 1.0
+
+    def lower(self, resolver: HookResolver, d_model: int) -> list[tuple[HookPoint, Op]]:
+        point = _check_sae(self.sae, resolver, d_model)
+        factor = self.factor
+        fn = _edit_function(self.sae, self.feature, lambda acts: acts * factor)
+        return [(point, RowFunction(fn, self.phase, self.speaker))]
+
+
+@dataclass(frozen=True, eq=False)
+class AddDecoder(Intervention):
+    """Add ``strength`` to feature ``feature``: ``x += strength * direction_k``."""
+
+    sae: SparseAutoencoder
+    feature: int
+    strength: float
+    phase: Phase = Phase.ALL
+    speaker: str | None = None
+
+    def __post_init__(self) -> None:
+        self.sae.check_feature(self.feature)
+        object.__setattr__(self, "strength", _check_finite(self.strength, "strength"))
+        object.__setattr__(self, "phase", _check_phase(self.phase))
+
+    def is_noop(self) -> bool:
+        return self.strength == 0.0
+
+    def lower(self, resolver: HookResolver, d_model: int) -> list[tuple[HookPoint, Op]]:
+        point = _check_sae(self.sae, resolver, d_model)
+        if self.sae.affine_decoder:
+            vector = self.sae.direction(self.feature) * self.strength
+            return [(point, AddVector(vector, self.phase, self.speaker))]
+        strength = self.strength
+        fn = _edit_function(self.sae, self.feature, lambda acts: acts + strength)
+        return [(point, RowFunction(fn, self.phase, self.speaker))]
+
+
+def decoder_direction(sae: SparseAutoencoder, feature: int) -> SteeringVector:
+    """The feature's decoder direction at the SAE's layer, as a steering vector.
+
+    ``Add(decoder_direction(sae, k), strength, hooks=(sae.hook_name,))`` equals
+    ``AddDecoder(sae, k, strength)``. For Clamp/Scale it is only an approximation (their
+    effect depends on how strongly the feature fires), which is what a bake of them exports.
+    """
+    layer = sae.hook_point(10**6).layer
+    direction = sae.direction(feature)
+    name = f"sae-feature-{feature}@{sae.hook_name}"
+    if layer is None:
+        return SteeringVector.from_shared(direction, name=name)
+    return SteeringVector(per_layer={layer: direction}, name=name)
