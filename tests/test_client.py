@@ -8,6 +8,7 @@ import io
 import json
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -75,11 +76,11 @@ def test_artifact_hooks_are_the_default_for_add(client: SteerClient, served: Ste
 def test_async_client_matches_sync(client: SteerClient, served: SteerServer) -> None:
     sync = client.complete(PROMPTS[1], temperature=0, max_new_tokens=8)[None]
 
-    async def run() -> tuple[list[str], object, list]:  # type: ignore[type-arg]
+    async def run() -> tuple[list[str], list[Any], Any, Exception | None]:
+        missing: Exception | None = None
         async with AsyncSteerClient(served.target, timeout=60) as remote:
-            texts = [
-                e.text async for e in remote.generate(PROMPTS[1], temperature=0, max_new_tokens=8)
-            ]
+            stream = remote.generate(PROMPTS[1], temperature=0, max_new_tokens=8)
+            texts = [event.text async for event in stream]
             together = await asyncio.gather(
                 *[remote.complete(p, temperature=0, max_new_tokens=8) for p in PROMPTS[:4]]
             )
@@ -88,12 +89,12 @@ def test_async_client_matches_sync(client: SteerClient, served: SteerServer) -> 
                 await remote.model_info("absent")
             except NotFound as error:
                 missing = error
-            return texts, (models, missing), together
+            return texts, list(together), models, missing
 
-    texts, (models, missing), together = asyncio.run(run())
+    texts, together, models, missing = asyncio.run(run())
     assert "".join(texts) == sync.text
     assert together[1][None].token_ids == sync.token_ids
-    assert [m.model_id for m in models.models] == ["tiny"]  # type: ignore[attr-defined]
+    assert [m.model_id for m in models.models] == ["tiny"]
     assert isinstance(missing, NotFound)
 
 

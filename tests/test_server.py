@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import shutil
 import subprocess
 import sys
 import threading
@@ -521,3 +522,54 @@ def test_committed_stubs_are_current() -> None:
         text=True,
     )
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command")
+def test_tls(tiny_llama: ModelHandle, tmp_path: Path) -> None:
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+            "-subj",
+            "/CN=localhost",
+            "-addext",
+            "subjectAltName=DNS:localhost,IP:127.0.0.1",
+        ],
+        check=True,
+        capture_output=True,
+    )
+    settings = make_settings(tmp_path, tls_cert=cert, tls_key=key)
+    with SteerServer(settings, models={"tiny": tiny_llama}) as server:
+        with SteerClient(f"localhost:{server.port}", root_certificates=cert.read_bytes()) as secure:
+            assert secure.complete("Hi", max_new_tokens=2)[None].completion_tokens == 2
+        with SteerClient(server.target, timeout=5) as plaintext, pytest.raises(Unavailable):
+            plaintext.models()
+
+
+def test_full_queue_is_resource_exhausted(tiny_llama: ModelHandle, tmp_path: Path) -> None:
+    from steer.client import ResourceExhausted
+
+    settings = make_settings(tmp_path, max_batch=1, max_waiting=1)
+    with SteerServer(settings, models={"tiny": tiny_llama}) as server:
+        worker = server.registry.get("tiny").worker
+        with SteerClient(server.target, timeout=30) as client:
+            running = client.generate(LONG_PROMPT, temperature=0, max_new_tokens=400)
+            next(running)  # admitted: the batch of one is full
+            waiting = worker.submit([GenerationRequest(prompt="Hi", max_new_tokens=2)])
+            assert worker.waiting == 1
+            with pytest.raises(ResourceExhausted) as full:
+                client.complete("Hi", max_new_tokens=2)
+            assert full.value.field == "queue"
+            running.close()
+            assert [event.finish_reason for _, event in waiting][-1] == "length"

@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterator
+from functools import partial
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
 import torch
+from grpc import StatusCode as Code
 from test_server import direction_artifact, make_settings
 from tiny import tiny_handle
 
@@ -28,7 +31,6 @@ from steer.proto.v1 import (
 from steer.server import SteerServer
 from steer.vectors import SteeringVector
 
-Code = grpc.StatusCode
 g = generation_pb2
 D_MODEL = 64
 
@@ -50,7 +52,7 @@ def text(**fields: object) -> g.GenerateRequest:
     return g.GenerateRequest(text="Hello there", max_new_tokens=2, **fields)  # type: ignore[arg-type]
 
 
-def sampling(**fields: float) -> g.GenerateRequest:
+def sampling(**fields: Any) -> g.GenerateRequest:
     return text(sampling=g.SamplingParams(**fields))
 
 
@@ -526,7 +528,7 @@ def test_cases_cover_at_least_fifty_requests() -> None:
 def test_server_still_serves_after_bad_requests(channel: grpc.Channel, server: SteerServer) -> None:
     stub = generation_pb2_grpc.GenerationStub(channel)
     for _name, request_message, _code, _field in GENERATE_CASES:
-        _collect(lambda request_message=request_message: stub.Generate(request_message, timeout=30))
+        _collect(partial(stub.Generate, request_message, timeout=30))
     responses = list(stub.Generate(g.GenerateRequest(text="Hello", max_new_tokens=3), timeout=30))
     assert responses[-1].finish_reason == g.FINISH_REASON_LENGTH
     assert sum(len(r.token_ids) for r in responses) == 3
