@@ -267,8 +267,10 @@ class _PointProgram:
         self.full_batch = len(rows) == batch_size
         self.rows = torch.tensor(rows, dtype=torch.long, device=device)
         # Ablation: a (rows, K, D) stack of unit vectors with (rows, K) weights; absent -> zeros,
-        # which makes x - 0 * (x . 0) 0 an exact no-op for that slot.
+        # which makes x - 0 * (x . 0) 0 an exact no-op for that slot. Several full-weight
+        # directions of one row are orthonormalised first, so their whole span is removed.
         self.basis: torch.Tensor | None = None
+        self.basis_transposed: torch.Tensor | None = None
         self.weights: torch.Tensor | None = None
         self.additions: dict[Phase, torch.Tensor | None] = {
             Phase.PROMPT: None,
@@ -290,7 +292,10 @@ class _PointProgram:
                     basis[index, k] = unit
                     weights[index, k] = op.weight
             self.basis = basis.to(device=device, dtype=dtype)
-            self.weights = weights.to(device=device, dtype=dtype)
+            self.basis_transposed = self.basis.transpose(1, 2).contiguous()
+            # unit weights (full ablation, the common case) skip a multiply per hook
+            if not torch.all(weights == 1.0):
+                self.weights = weights.to(device=device, dtype=dtype)
         for phase in (Phase.PROMPT, Phase.GENERATED):
             total = torch.zeros(len(rows), d_model)
             any_add = False
@@ -332,16 +337,16 @@ class _PointProgram:
         if self.basis is None and addition is None:
             return x
         subset = x if self.full_batch else x.index_select(0, self.rows)
-        if self.basis is not None and self.weights is not None:
-            for k in range(self.basis.shape[1]):
-                unit = self.basis[:, k, :]  # (rows, D)
-                coefficient = torch.einsum("btd,bd->bt", subset, unit) * self.weights[:, k, None]
-                subset = subset - coefficient[..., None] * unit[:, None, :]
-        if addition is not None:
-            subset = subset + addition[:, None, :]
+        shifted = subset if addition is None else subset + addition[:, None, :]
+        if self.basis is not None:
+            # x - sum_k w_k (x . u_k) u_k as two batched matmuls (the hot path of every hook)
+            coefficient = torch.bmm(subset, self.basis_transposed)  # (rows, T, K)
+            if self.weights is not None:
+                coefficient = coefficient * self.weights[:, None, :]
+            shifted = torch.baddbmm(shifted, coefficient, self.basis, alpha=-1)
         if self.full_batch:
-            return subset
-        return x.index_copy(0, self.rows, subset)
+            return shifted
+        return x.index_copy(0, self.rows, shifted)
 
 
 def _to(op: Op, dtype: torch.dtype, device: torch.device) -> Op:
