@@ -17,8 +17,11 @@ import json
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -68,7 +71,9 @@ def moralizing_direction(handle: ModelHandle, given: str | None, work: Path) -> 
     return Ablate(load_vector(out, handle=handle).vector)
 
 
-def run_model(name: str, presets: list[str], args: argparse.Namespace) -> list[dict[str, Any]]:
+def run_model(
+    name: str, presets: list[str], args: argparse.Namespace, save: Callable[[dict[str, Any]], None]
+) -> None:
     handle = load_model(name)
     scenarios = load_scenarios()[: args.max_scenarios or None]
     ablate = None
@@ -77,7 +82,6 @@ def run_model(name: str, presets: list[str], args: argparse.Namespace) -> list[d
     runs: list[tuple[str, tuple[Ablate, ...]]] = [(p, ()) for p in presets]
     if ablate is not None:
         runs += [(p, (ablate,)) for p in args.ablated_presets.split(",") if p]
-    records = []
     for preset, interventions in runs:
         start = time.perf_counter()
         settings = EvalSettings(
@@ -95,8 +99,7 @@ def run_model(name: str, presets: list[str], args: argparse.Namespace) -> list[d
             "seconds": round(time.perf_counter() - start, 1),
         }
         emit(record)
-        records.append(record)
-    return records
+        save(record)
 
 
 def render(records: list[dict[str, Any]], args: argparse.Namespace) -> str:
@@ -141,6 +144,7 @@ def main() -> int:
     parser.add_argument("--max-new-tokens", type=int, default=48)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-docs", action="store_true")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
     args = parser.parse_args()
     presets = [p for p in args.presets.split(",") if p]
     unknown = [p for p in presets if p not in PRESETS]
@@ -152,13 +156,20 @@ def main() -> int:
     old = []
     if records_path.exists():
         old = [json.loads(line) for line in records_path.read_text().splitlines() if line]
-    for model in args.models.split(","):
-        new = run_model(model, presets, args)
-        keys = {(r["model"], r["preset"], r["moralizing"]) for r in new}
-        old = [r for r in old if (r["model"], r["preset"], r["moralizing"]) not in keys] + new
+
+    def save(record: dict[str, Any]) -> None:
+        """Keep every finished run at once, so a stopped run still leaves its rows."""
+        key = (record["model"], record["preset"], record["moralizing"])
+        old[:] = [r for r in old if (r["model"], r["preset"], r["moralizing"]) != key]
+        old.append(record)
         records_path.write_text("".join(json.dumps(r) + "\n" for r in old))
-    if not args.no_docs:
-        write_section("results.md", "rp", render(old, args))
+        if not args.no_docs:
+            write_section("results.md", "rp", render(old, args))
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    for model in args.models.split(","):
+        run_model(model, presets, args, save)
     return 0
 
 
