@@ -20,12 +20,12 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from report import emit, machine, table, write_section  # noqa: E402
+from report import emit, machine, table, write_section
 
-from steer import Ablate, Add, SteeringVector  # noqa: E402
-from steer.generation import Engine, GenerationRequest  # noqa: E402
-from steer.models import ModelHandle, from_pretrained_model, load_model  # noqa: E402
-from steer.sampling import SamplingConfig  # noqa: E402
+from steer import Ablate, Add, SteeringVector
+from steer.generation import Engine, GenerationRequest
+from steer.models import ModelHandle, from_pretrained_model, load_model
+from steer.sampling import SamplingConfig
 
 PROMPT = "Once upon a time, in a village by the sea, there lived an old fisherman who"
 

@@ -76,7 +76,9 @@ def main() -> int:
     new = text[:start] + "\n" + tree() + "\n" + text[end:]
     if "--check" in sys.argv:
         if new != text:
-            print("README.md file tree is stale: run python scripts/readme_tree.py", file=sys.stderr)
+            print(
+                "README.md file tree is stale: run python scripts/readme_tree.py", file=sys.stderr
+            )
             return 1
         return 0
     readme.write_text(new)

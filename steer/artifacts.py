@@ -102,17 +102,23 @@ def load_vector(
     except json.JSONDecodeError as error:
         raise InvalidArgumentError(f"{directory / SIDECAR}: {error}", field="artifact") from None
     if metadata.get("format") != FORMAT:
-        raise InvalidArgumentError(f"{directory} has format {metadata.get('format')!r}", field="artifact")
+        raise InvalidArgumentError(
+            f"{directory} has format {metadata.get('format')!r}", field="artifact"
+        )
     try:
         tensors = load_file(str(directory / TENSORS))
     except (SafetensorError, OSError) as error:
-        raise InvalidArgumentError(f"{directory / TENSORS} is corrupt: {error}", field="artifact") from None
+        raise InvalidArgumentError(
+            f"{directory / TENSORS} is corrupt: {error}", field="artifact"
+        ) from None
     per_layer = {}
     for key, value in tensors.items():
         if key.startswith("layer."):
             per_layer[int(key.removeprefix("layer."))] = value.float()
         elif key != "shared":
-            raise InvalidArgumentError(f"unexpected tensor {key!r} in {directory}", field="artifact")
+            raise InvalidArgumentError(
+                f"unexpected tensor {key!r} in {directory}", field="artifact"
+            )
     vector = SteeringVector(
         per_layer=per_layer, shared=tensors.get("shared"), name=str(metadata.get("name", ""))
     )
@@ -140,4 +146,3 @@ def check_model(
             f"({handle.weight_hash[:12]}…); pass allow_other_model to use it anyway",
             field="artifact",
         )
-

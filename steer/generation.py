@@ -388,11 +388,12 @@ class Engine:
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         cache = DynamicCache(config=self.handle.model.config)
         plan = self._build_plan(new_rows)
-        speakers = None
+        speakers: list[list[str | None]] | None = None
         if plan.needs_speakers:
+            padding: list[str | None] = [None] * width
             speakers = [
-                [None] * (width - len(r.prompt_ids))
-                + list(r.request.speakers or [None] * len(r.prompt_ids))
+                padding[: width - len(r.prompt_ids)]
+                + list(r.request.speakers or padding[: len(r.prompt_ids)])
                 for r in new_rows
             ]
         logits = self._forward(input_ids, mask, positions, cache, plan, Phase.PROMPT, speakers)

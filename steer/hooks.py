@@ -150,7 +150,8 @@ def layout_for(model_type: str, override: ArchitectureLayout | None = None) -> A
     layout = LAYOUTS.get(model_type)
     if layout is None:
         raise UnsupportedArchitectureError(
-            f"no hook layout for model_type {model_type!r}; supported: {', '.join(sorted(LAYOUTS))}."
+            f"no hook layout for model_type {model_type!r}; "
+            f"supported: {', '.join(sorted(LAYOUTS))}."
             " Pass layout=ArchitectureLayout(...) naming the decoder layer list, embedding, and the"
             " modules whose outputs are added to the residual stream.",
             field="model",

@@ -210,7 +210,8 @@ class Ablate(Intervention):
         for layer in layers:
             if not 0 <= layer < resolver.num_layers:
                 raise InvalidArgumentError(
-                    f"layer {layer} out of range: the model has layers 0..{resolver.num_layers - 1}",
+                    f"layer {layer} out of range: "
+                    f"the model has layers 0..{resolver.num_layers - 1}",
                     field="layers",
                 )
         unit = self.direction.normalized()
@@ -338,7 +339,7 @@ class _PointProgram:
             return x
         subset = x if self.full_batch else x.index_select(0, self.rows)
         shifted = subset if addition is None else subset + addition[:, None, :]
-        if self.basis is not None:
+        if self.basis is not None and self.basis_transposed is not None:
             # x - sum_k w_k (x . u_k) u_k as two batched matmuls (the hot path of every hook)
             coefficient = torch.bmm(subset, self.basis_transposed)  # (rows, T, K)
             if self.weights is not None:
@@ -394,11 +395,11 @@ class InterventionPlan:
 
     def hooks(self) -> dict[HookPoint, Callable[[torch.Tensor], torch.Tensor]]:
         """One function per hook point; each reads the plan's current phase when called."""
-        return {
-            point: (lambda x, program=program: program.apply(x, self.phase, self.token_speakers))
-            for point, program in self.programs.items()
-        }
 
+        def bind(program: _PointProgram) -> Callable[[torch.Tensor], torch.Tensor]:
+            return lambda x: program.apply(x, self.phase, self.token_speakers)
+
+        return {point: bind(program) for point, program in self.programs.items()}
 
 
 def build_plan(

@@ -17,11 +17,16 @@ from steer.errors import UnsupportedArchitectureError
 
 
 def _check_layer(layer: object) -> DynamicLayer:
-    if not isinstance(layer, DynamicLayer):
+    if not isinstance(layer, DynamicLayer) or layer.keys is None or layer.values is None:
         raise UnsupportedArchitectureError(
             f"cache layer type {type(layer).__name__} cannot be batched by steer", field="model"
         )
     return layer
+
+
+def _keys_values(layer: DynamicLayer) -> tuple[torch.Tensor, torch.Tensor]:
+    assert layer.keys is not None and layer.values is not None
+    return layer.keys, layer.values
 
 
 def _length_for(layer: DynamicLayer, columns: int) -> int:
@@ -51,10 +56,9 @@ def merge(
     for layer, other_layer in zip(cache.layers, other.layers, strict=True):
         layer, other_layer = _check_layer(layer), _check_layer(other_layer)
         length = _length_for(layer, columns)
-        layer.keys = torch.cat([_pad_left(layer.keys, length), _pad_left(other_layer.keys, length)])
-        layer.values = torch.cat(
-            [_pad_left(layer.values, length), _pad_left(other_layer.values, length)]
-        )
+        (keys, values), (other_keys, other_values) = _keys_values(layer), _keys_values(other_layer)
+        layer.keys = torch.cat([_pad_left(keys, length), _pad_left(other_keys, length)])
+        layer.values = torch.cat([_pad_left(values, length), _pad_left(other_values, length)])
         _set_columns(layer, columns)
     merged_mask = torch.cat([_pad_mask(mask, columns), _pad_mask(other_mask, columns)])
     return cache, merged_mask
@@ -71,20 +75,22 @@ def select_rows(
     cache: DynamicCache, mask: torch.Tensor, rows: torch.Tensor
 ) -> tuple[DynamicCache, torch.Tensor]:
     """Keep ``rows`` (a LongTensor of indices), then drop columns that are padding everywhere."""
-    for layer in cache.layers:
-        layer = _check_layer(layer)
-        layer.keys = layer.keys.index_select(0, rows.to(layer.keys.device))
-        layer.values = layer.values.index_select(0, rows.to(layer.values.device))
+    for any_layer in cache.layers:
+        layer = _check_layer(any_layer)
+        keys, values = _keys_values(layer)
+        layer.keys = keys.index_select(0, rows.to(keys.device))
+        layer.values = values.index_select(0, rows.to(values.device))
     mask = mask.index_select(0, rows.to(mask.device))
     real = mask.any(dim=0).nonzero()
     drop = int(real[0].item()) if real.numel() else 0
     if drop:
         columns = mask.shape[1] - drop
         mask = mask[:, drop:]
-        for layer in cache.layers:
-            layer = _check_layer(layer)
+        for any_layer in cache.layers:
+            layer = _check_layer(any_layer)
             length = _length_for(layer, columns)
-            layer.keys = layer.keys[..., -length:, :]
-            layer.values = layer.values[..., -length:, :]
+            keys, values = _keys_values(layer)
+            layer.keys = keys[..., -length:, :]
+            layer.values = values[..., -length:, :]
             _set_columns(layer, columns)
     return cache, mask

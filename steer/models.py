@@ -52,7 +52,9 @@ class ModelHandle:
 
     @property
     def device(self) -> torch.device:
-        return self.resolver.embed.weight.device  # type: ignore[union-attr]
+        weight = self.resolver.embed.weight
+        assert isinstance(weight, torch.Tensor)
+        return weight.device
 
     @property
     def chat_template(self) -> str | None:
@@ -123,7 +125,9 @@ def _device_kwargs(device: str) -> dict[str, Any]:
         if device.startswith("cuda") and not torch.cuda.is_available():
             raise FailedPreconditionError("CUDA is not available on this machine", field="device")
         return {"device_map": device}
-    raise InvalidArgumentError(f"unknown device {device!r}; use cpu, cuda[:N] or auto", field="device")
+    raise InvalidArgumentError(
+        f"unknown device {device!r}; use cpu, cuda[:N] or auto", field="device"
+    )
 
 
 def _quantization_kwargs(quantization: str | None) -> dict[str, Any]:
@@ -252,7 +256,10 @@ def _merge_adapter(
 
 
 def from_pretrained_model(
-    model: PreTrainedModel, tokenizer: Any, name: str = "model", layout: ArchitectureLayout | None = None
+    model: PreTrainedModel,
+    tokenizer: Any,
+    name: str = "model",
+    layout: ArchitectureLayout | None = None,
 ) -> ModelHandle:
     """Wrap an already constructed model (tests, notebooks, embedding applications)."""
     model.eval()

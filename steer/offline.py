@@ -72,7 +72,7 @@ def _qwen_coder() -> Path:
         for number, module in enumerate(_QWEN_PARTS, start=1):
             part = Path(str(files(module).joinpath("data", f"part0{number}.bin")))
             with part.open("rb") as source:
-                for block in iter(lambda source=source: source.read(1 << 22), b""):
+                while block := source.read(1 << 22):
                     out.write(block)
     digest = _sha256(temp)
     if digest != _QWEN_SHA256 or temp.stat().st_size != _QWEN_SIZE:

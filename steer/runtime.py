@@ -109,7 +109,9 @@ def _register(
             )
         ]
     if kind is HookKind.RESID_MID:
-        return _register_mid(resolver, layer, fn, functions.get(HookPoint(layer, HookKind.ATTN_OUT)))
+        return _register_mid(
+            resolver, layer, fn, functions.get(HookPoint(layer, HookKind.ATTN_OUT))
+        )
     raise AssertionError(f"unhandled hook kind {kind}")
 
 

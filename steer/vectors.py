@@ -31,7 +31,7 @@ def _as_vector(value: torch.Tensor | list[float], *, field_name: str) -> torch.T
 
 @dataclass(frozen=True, eq=False)
 class SteeringVector:
-    """Per-layer vectors ``{layer: Tensor[d_model]}`` and/or a ``shared`` vector for other layers."""
+    """Per-layer vectors ``{layer: Tensor[d_model]}`` and/or a ``shared`` one for other layers."""
 
     per_layer: Mapping[int, torch.Tensor] = field(default_factory=dict)
     shared: torch.Tensor | None = None
@@ -46,12 +46,16 @@ class SteeringVector:
         if self.shared is not None:
             object.__setattr__(self, "shared", _as_vector(self.shared, field_name="vector.shared"))
         if not cleaned and self.shared is None:
-            raise InvalidArgumentError("a steering vector needs at least one vector", field="vector")
+            raise InvalidArgumentError(
+                "a steering vector needs at least one vector", field="vector"
+            )
         sizes = {v.numel() for v in cleaned.values()}
         if self.shared is not None:
             sizes.add(self.shared.numel())
         if len(sizes) != 1:
-            raise InvalidArgumentError(f"vectors of different sizes: {sorted(sizes)}", field="vector")
+            raise InvalidArgumentError(
+                f"vectors of different sizes: {sorted(sizes)}", field="vector"
+            )
 
     @classmethod
     def from_shared(cls, vector: torch.Tensor | list[float], name: str = "") -> SteeringVector:

@@ -11,9 +11,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from tiny import ARCHITECTURES, tiny_handle  # noqa: E402
+from tiny import ARCHITECTURES, tiny_handle
 
-from steer.models import ModelHandle, load_model  # noqa: E402
+from steer.models import ModelHandle, load_model
 
 torch.set_num_threads(max(1, os.cpu_count() or 1))
 

@@ -117,8 +117,11 @@ def test_ablation_removes_the_direction_at_every_hooked_point(tiny: ModelHandle)
     points = [
         f"blocks.{layer}.{kind.value}"
         for layer in range(tiny.num_layers)
-        for kind in (*(HookKind(k) for k in ("hook_resid_pre", "hook_attn_out", "hook_mlp_out")),
-                     HookKind.RESID_MID, HookKind.RESID_POST)
+        for kind in (
+            *(HookKind(k) for k in ("hook_resid_pre", "hook_attn_out", "hook_mlp_out")),
+            HookKind.RESID_MID,
+            HookKind.RESID_POST,
+        )
     ]
     prompts = [[5, 9, 30, 31, 32, 40], [7, 8, 9]]
     before = forward(tiny, prompts, hooks=points, positions="all").activations
@@ -128,11 +131,14 @@ def test_ablation_removes_the_direction_at_every_hooked_point(tiny: ModelHandle)
             ratio = (x @ unit).abs() / x.norm(dim=-1)
             assert ratio.max() <= 1e-4, name
     # the direction was there to begin with
-    assert max(
-        float(((x @ unit).abs() / x.norm(dim=-1)).max())
-        for name in points
-        for x in before[name]  # type: ignore[union-attr]
-    ) > 1e-2
+    assert (
+        max(
+            float(((x @ unit).abs() / x.norm(dim=-1)).max())
+            for name in points
+            for x in before[name]  # type: ignore[union-attr]
+        )
+        > 1e-2
+    )
 
 
 def test_cached_decode_equals_full_recompute(tiny: ModelHandle) -> None:
@@ -237,7 +243,12 @@ def test_cancel_frees_the_row(tiny_llama: ModelHandle) -> None:
 @pytest.mark.parametrize(
     ("make", "field"),
     [
-        (lambda h: Add(SteeringVector.from_shared(torch.ones(7)), 1.0, ("blocks.0.hook_resid_post",)), "vector"),
+        (
+            lambda h: Add(
+                SteeringVector.from_shared(torch.ones(7)), 1.0, ("blocks.0.hook_resid_post",)
+            ),
+            "vector",
+        ),
         (lambda h: Add(_vector(h), 1.0, ("blocks.0.hook_nowhere",)), "hooks"),
         (lambda h: Add(_vector(h), 1.0, (f"blocks.{h.num_layers}.hook_resid_post",)), "hooks"),
         (lambda h: Add(_vector(h), float("nan"), ("blocks.0.hook_resid_post",)), "strength"),
@@ -291,7 +302,9 @@ def test_bad_sampling_settings_are_typed_errors(kwargs, field) -> None:  # type:
 
 
 def test_speaker_scoped_add_touches_only_that_speakers_tokens(tiny_llama: ModelHandle) -> None:
-    prompt_ids = tuple(tiny_llama.tokenizer("The knight drew her sword and the dragon")["input_ids"])
+    prompt_ids = tuple(
+        tiny_llama.tokenizer("The knight drew her sword and the dragon")["input_ids"]
+    )
     speakers = tuple("Alice" if i % 2 else "Bob" for i in range(len(prompt_ids)))
     vector = _vector(tiny_llama, 9, 3.0)
     scoped = Add(vector, 1.0, ("blocks.0.hook_resid_post",), speaker="Alice")

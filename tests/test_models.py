@@ -1,4 +1,4 @@
-"""Model loading: HF directories (single and sharded), pickles refused, LoRA merged, offline names."""
+"""Model loading: HF directories (single, sharded), pickles refused, LoRA merged, offline names."""
 
 from __future__ import annotations
 
@@ -71,7 +71,9 @@ def test_pickled_weights_need_the_explicit_flag(saved, tmp_path: Path) -> None: 
 def test_lora_adapter_is_merged_at_load(saved, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     handle, single, _ = saved
     base = load_model(single).model
-    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"], init_lora_weights=False)
+    config = LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"], init_lora_weights=False
+    )
     peft_model = get_peft_model(base, config)
     peft_model.save_pretrained(tmp_path / "adapter")
     with torch.no_grad():

@@ -65,7 +65,9 @@ def test_a_contrast_direction_shifts_the_next_token_distribution(smollm2: ModelH
     ]
 
     def next_token(strength: float) -> torch.Tensor:
-        logits = forward(smollm2, query, logits="last", interventions=[Add(ocean, strength, (HOOK,))])
+        logits = forward(
+            smollm2, query, logits="last", interventions=[Add(ocean, strength, (HOOK,))]
+        )
         assert isinstance(logits.logits, torch.Tensor)
         return logits.logits[0].log_softmax(-1)
 
