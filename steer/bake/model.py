@@ -233,8 +233,10 @@ def _embedding_chunks(
     source: Source, name: str, plan: WeightPlan, dtype: torch.dtype
 ) -> Iterator[torch.Tensor]:
     """Rows of the embedding (vocab, d_model): each row is a written vector (a column of M)."""
-    for chunk in _row_chunks(source, name, torch.float32):
-        edited = edit_columns(chunk.T, plan.embedding).T if plan.embedding else chunk
+    stored = source.specs[name].dtype
+    for chunk in _row_chunks(source, name, stored):
+        # edit_columns converts to float32 once; the read buffer itself is never modified
+        edited = edit_columns(chunk.T, plan.embedding).T if plan.embedding else chunk.float()
         if plan.embedding_shift is not None:
             edited = edited + plan.embedding_shift
         yield edited.to(dtype)
@@ -316,7 +318,7 @@ def plan_output(
         if name == names.embedding and plan.edits_embedding:
             yield from _embedding_chunks(source, name, plan, out_dtype)
         elif name in matrices:
-            yield edit_columns(source.read(name).float(), matrices[name]).to(out_dtype)
+            yield edit_columns(source.read(name), matrices[name]).to(out_dtype)
         else:
             yield from _row_chunks(source, name, out_dtype)
 

@@ -18,6 +18,7 @@ import json
 import os
 import struct
 from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -39,6 +40,31 @@ DTYPE_CODES: dict[str, torch.dtype] = {
     "BOOL": torch.bool,
 }
 CODES: dict[torch.dtype, str] = {dtype: code for code, dtype in DTYPE_CODES.items()}
+
+
+class BackgroundHash:
+    """SHA-256 fed from a worker thread (hashlib releases the GIL on large buffers), so hashing
+    overlaps reading, editing and writing. One update in flight at a time bounds memory."""
+
+    _pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="steer-hash")
+
+    def __init__(self, initial: bytes = b"") -> None:
+        self._digest = hashlib.sha256(initial)
+        self._pending: Future[None] | None = None
+
+    def update(self, data: bytes | bytearray | memoryview) -> None:
+        self._wait()
+        self._pending = self._pool.submit(self._digest.update, data)
+
+    def _wait(self) -> None:
+        if self._pending is not None:
+            self._pending.result()
+            self._pending = None
+
+    def hexdigest(self) -> str:
+        self._wait()
+        return self._digest.hexdigest()
+
 
 #: opens a file for binary writing; tests pass one that fails to simulate a full disk
 Opener = Callable[[Path], BinaryIO]
@@ -102,7 +128,7 @@ class SafetensorsReader:
 
     def start_file_hash(self) -> None:
         """Hash the file as a side effect of reading its tensors in file order."""
-        self._digest = hashlib.sha256(self._header)
+        self._digest = BackgroundHash(self._header)
         self._position = self.data_start
 
     def file_hash(self) -> str | None:
@@ -182,7 +208,7 @@ class ShardWriter:
         self.path = path
         self.specs = specs
         self._next = 0
-        self.digest = hashlib.sha256()
+        self.digest = BackgroundHash()
         self.size = 0
         self._file = opener(path)
         self._write(_header_bytes(specs, metadata or {"format": "pt"}))
@@ -197,7 +223,7 @@ class ShardWriter:
                 ) from error
             raise
         self.digest.update(data)
-        self.size += len(data)
+        self.size += len(memoryview(data).cast("B")) if not isinstance(data, bytes) else len(data)
 
     def write(self, name: str, pieces: Iterable[torch.Tensor]) -> None:
         """Write tensor ``name`` from ``pieces`` whose bytes, concatenated, are the tensor in
