@@ -417,3 +417,76 @@ def test_bad_input_is_a_typed_error_naming_the_field(
             interventions=[Clamp(SparseAutoencoder(reference, "blocks.7.hook_mlp_out"), 1, 1.0)],
         )
     assert wrong_hook.value.field == "sae.hook_name"
+
+
+# --- CLI and recipes -----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def model_dir(llama: ModelHandle, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    directory = tmp_path_factory.mktemp("tiny-llama")
+    llama.model.save_pretrained(directory)
+    llama.tokenizer.save_pretrained(directory)
+    return directory
+
+
+def test_cli_train_then_features(
+    model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from steer.cli import main
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n\n".join(TEXTS * 10))
+    out = tmp_path / "sae"
+    argv = ["sae", "train", "--model", str(model_dir), "--hook", HOOK, "--corpus", str(corpus)]
+    argv += ["--tokens", "4000", "--d-sae", "64", "--k", "4", "--batch-size", "128"]
+    assert main([*argv, "--out", str(out), "--json"]) == 0
+    trained = json.loads(capsys.readouterr().out)
+    assert trained["metrics"]["l0"] == pytest.approx(4.0, abs=0.01)
+    assert (out / "cfg.json").is_file() and (out / "steer_sae.json").is_file()
+
+    common = ["--model", str(model_dir), "--sae", str(out), "--json", "-k", "3"]
+    assert main(["features", "top", *common, "--text", TEXTS[0], "--per-token"]) == 0
+    top = json.loads(capsys.readouterr().out)
+    assert top["hook"] == HOOK and 1 <= len(top["features"]) <= 3
+    assert len(top["tokens"]) == len(tiny_handle("llama").tokenizer(TEXTS[0])["input_ids"])
+    feature = top["features"][0]["feature"]
+    assert (
+        main(["features", "info", *common, "--feature", str(feature), "--corpus", str(corpus)]) == 0
+    )
+    info = json.loads(capsys.readouterr().out)["feature"]
+    assert info["feature"] == feature and info["top_snippets"] and len(info["promoted"]) == 3
+    set_a, set_b = tmp_path / "a.txt", tmp_path / "b.txt"
+    set_a.write_text("\n\n".join(TEXTS[:2]))
+    set_b.write_text("\n\n".join(TEXTS[2:]))
+    assert main(["features", "contrast", *common, "--a", str(set_a), "--b", str(set_b)]) == 0
+    assert json.loads(capsys.readouterr().out)["features"][0]["auroc"] in (0.0, 1.0)
+    assert main(["features", "search", *common, "--example", TEXTS[0], "--example", TEXTS[1]]) == 0
+    assert json.loads(capsys.readouterr().out)["features"]
+    # bad input: a typed error naming the field, exit status 1, nothing written
+    assert main(["features", "info", *common, "--feature", "64"]) == 1
+    assert "feature" in capsys.readouterr().err
+    assert main([*argv[:-2], "--tokens", "0", "--out", str(tmp_path / "never")]) == 1
+    assert "tokens" in capsys.readouterr().err
+    assert not (tmp_path / "never").exists()
+
+
+def test_recipe_is_validated_with_field_names(tmp_path: Path) -> None:
+    from steer.sae.recipe import load_recipe
+
+    shipped = load_recipe(Path(__file__).resolve().parent.parent / "recipes" / "sae-smollm2.toml")
+    assert shipped.training.hook.startswith("blocks.") and shipped.corpus.generated
+    assert shipped.corpus.prompts is not None and shipped.corpus.prompts.is_file()
+    assert all(file.is_file() for file in shipped.corpus.files)
+    cases = {
+        '[sae]\nhook = "blocks.1.hook_resid_post"\nwidth = 3\n[corpus]\nfiles = ["x"]\n': "width",
+        '[sae]\nhook = "blocks.1.hook_resid_post"\nk = -1\n[corpus]\nfiles = ["x"]\n': "k",
+        '[corpus]\ngenerated = true\n[sae]\nhook = "blocks.1.hook_resid_post"\n': "prompts",
+        '[modle]\nname = "x"\n': "modle",
+    }
+    for text, field in cases.items():
+        path = tmp_path / "recipe.toml"
+        path.write_text(text)
+        with pytest.raises(InvalidArgumentError) as error:
+            load_recipe(path)
+        assert error.value.field == field, text

@@ -32,9 +32,10 @@ def _text_of(record: Any, where: str) -> str:
         if isinstance(record.get("prompt"), str):
             answer = record.get("response", record.get("completion", ""))
             return f"{record['prompt']}\n{answer}".strip()
-    raise InvalidArgumentError(
-        f"{where}: expected a string or an object with text, messages or prompt", field="corpus"
-    )
+        strings = [value for value in record.values() if isinstance(value, str)]
+        if strings:
+            return "\n".join(strings)
+    raise InvalidArgumentError(f"{where}: expected a string or an object with text", field="corpus")
 
 
 def read_corpus(path: str | Path) -> list[str]:
@@ -62,10 +63,21 @@ def read_corpus(path: str | Path) -> list[str]:
 
 
 def read_prompts(path: str | Path) -> list[str]:
-    """One prompt per non-empty line; lines starting with ``#`` are comments."""
+    """One prompt per non-empty line (``#`` starts a comment line), or a ``.jsonl`` file of
+    objects with a ``prompt`` field."""
     file = Path(path)
     if not file.is_file():
         raise NotFoundError(f"prompt file {file} does not exist", field="prompts")
+    if file.suffix == ".jsonl":
+        prompts = []
+        for number, line in enumerate(file.read_text(encoding="utf-8").splitlines(), 1):
+            if not line.strip():
+                continue
+            record = json.loads(line)
+            if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
+                raise InvalidArgumentError(f"{file}:{number}: no prompt field", field="prompts")
+            prompts.append(record["prompt"])
+        return prompts
     lines = [line.strip() for line in file.read_text(encoding="utf-8").splitlines()]
     prompts = [line for line in lines if line and not line.startswith("#")]
     if not prompts:
