@@ -43,7 +43,7 @@ from steer.recipes import AblateEdit, AblationVariant, FeatureEdit, Recipe, reci
 
 Progress = Callable[[str, float], None]
 #: bytes per row chunk when streaming a large tensor
-CHUNK_BYTES = 32 << 20
+CHUNK_BYTES = 16 << 20
 
 
 class BakeCancelled(SteerError):
