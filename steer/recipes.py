@@ -177,8 +177,14 @@ class Recipe:
             if isinstance(edit, AblateEdit):
                 result.append((edit, _ablate_interventions(self, edit, num_layers, loader, where)))
             elif isinstance(edit, AddEdit):
-                vector = loader(self.resolve(edit.vector)).vector
-                hooks = edit.hooks or tuple(
+                artifact = loader(self.resolve(edit.vector))
+                vector = artifact.vector
+                # explicit hooks, else the listed layers' outputs, else the hooks the artifact
+                # was read at (a direction from `steer directions`), else its layers' outputs
+                hooks = edit.hooks
+                if not hooks and edit.layers is None:
+                    hooks = tuple(artifact.metadata.get("hooks") or ())
+                hooks = hooks or tuple(
                     f"blocks.{layer}.hook_resid_post" for layer in (edit.layers or vector.layers)
                 )
                 if not hooks:

@@ -640,3 +640,21 @@ def test_feature_edit_is_baked_as_decoder_direction_and_flagged(sources, tmp_pat
     with pytest.raises(InvalidArgumentError) as error:
         bake(str(source), bad, tmp_path / "bad")
     assert error.value.field == "edits[0].feature"
+
+
+def test_add_uses_the_artifacts_hooks(sources, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A direction from `steer directions` records where it was read (resid_pre of layer L);
+    adding it without layers adds it there, as `steer eval --direction D --strength S` does."""
+    handle, source, _direction = sources["qwen2"]
+    vector = SteeringVector.from_shared(random_vector(6).at(0))
+    artifact = save_vector(
+        tmp_path / "d", vector, handle=handle, kind="direction", hooks=["blocks.2.hook_resid_pre"]
+    )
+    out = bake(
+        str(source),
+        {"edits": [{"kind": "add", "vector": str(artifact), "strength": -2.0}]},
+        tmp_path / "o",
+    )
+    runtime = logits(handle, [Add(vector, -2.0, hooks=("blocks.2.hook_resid_pre",))])
+    assert relative_difference(runtime, logits(load_model(out))) <= 1e-4
+    assert relative_difference(runtime, logits(handle)) > 1e-2

@@ -22,7 +22,7 @@ OUTPUT_FORMATS = ("model", "lora", "control-vector")
 def bake(
     model_source: str,
     recipe: str | dict,
-    out_dir,  # type: ignore[no-untyped-def]
+    out_dir: str | pathlib.Path,
     *,
     output_format: str = "model",
     overwrite: bool = False,
