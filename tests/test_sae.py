@@ -195,7 +195,8 @@ def test_add_decoder_equals_decoder_direction_vector(llama: ModelHandle) -> None
     assert vector.layers == (1,)
     via_slider = forward(llama, ids, logits="last", interventions=[AddDecoder(sae, 11, 3.0)])
     via_vector = forward(llama, ids, logits="last", interventions=[Add(vector, 3.0, hooks=(HOOK,))])
-    assert via_slider.logits is not None and via_vector.logits is not None
+    assert isinstance(via_slider.logits, torch.Tensor)
+    assert isinstance(via_vector.logits, torch.Tensor)
     assert torch.equal(via_slider.logits, via_vector.logits)
     # and both equal "feature 11 += 3" through the encode/edit/decode (RowFunction) path
 
@@ -265,7 +266,9 @@ def _planted_sae(handle: ModelHandle, token: str, feature: int) -> SparseAutoenc
     """A standard SAE on the token embeddings whose feature ``feature`` detects ``token``."""
     sae = _random_sae("standard", handle.d_model, hook="hook_embed")
     token_id = handle.tokenizer.convert_tokens_to_ids(token)
-    embedding = handle.model.get_input_embeddings().weight[token_id].detach().float()
+    embeddings = handle.model.get_input_embeddings().weight
+    assert isinstance(embeddings, torch.Tensor)
+    embedding = embeddings[token_id].detach().float()
     with torch.no_grad():
         sae.b_dec.zero_()
         # fires (strongly) only where x . e_hat > |e| / 2, i.e. on the token itself
@@ -490,3 +493,22 @@ def test_recipe_is_validated_with_field_names(tmp_path: Path) -> None:
         with pytest.raises(InvalidArgumentError) as error:
             load_recipe(path)
         assert error.value.field == field, text
+
+
+def test_generated_corpus_is_seeded_chat_transcripts(llama: ModelHandle, tmp_path: Path) -> None:
+    from steer.sae.corpus import generate_corpus, read_corpus, read_prompts
+
+    prompts = ["Write a poem", "Bake bread"]
+    first = generate_corpus(llama, prompts, max_new_tokens=4, seed=3)
+    assert first == generate_corpus(llama, prompts, max_new_tokens=4, seed=3)
+    assert all(
+        text.startswith("<|im_start|>user\n" + p) for text, p in zip(first, prompts, strict=True)
+    )
+    (tmp_path / "p.txt").write_text("# comment\nWrite a poem\n\nBake bread\n")
+    assert read_prompts(tmp_path / "p.txt") == prompts
+    (tmp_path / "c.jsonl").write_text('"plain"\n{"text": "t"}\n{"prompt": "q", "response": "a"}\n')
+    assert read_corpus(tmp_path / "c.jsonl") == ["plain", "t", "q\na"]
+    (tmp_path / "bad.jsonl").write_text("{not json\n")
+    with pytest.raises(InvalidArgumentError) as error:
+        read_corpus(tmp_path / "bad.jsonl")
+    assert error.value.field == "corpus"

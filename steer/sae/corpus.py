@@ -15,6 +15,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from tqdm.auto import tqdm
+
 from steer.errors import InvalidArgumentError, NotFoundError
 from steer.generation import Engine, GenerationRequest, Message
 from steer.models import ModelHandle
@@ -105,6 +107,7 @@ def generate_corpus(
     temperature: float = 0.8,
     seed: int = 0,
     max_batch: int = 16,
+    progress: bool = False,
 ) -> list[str]:
     """The model's answers to ``prompts``, rendered as chat transcripts."""
     engine = Engine(handle, max_batch=max_batch, max_waiting=len(prompts) + max_batch)
@@ -117,8 +120,15 @@ def generate_corpus(
         )
         for index, prompt in enumerate(prompts)
     ]
-    results = engine.run(requests)
+    texts: dict[str, list[str]] = {}
+    ids = [engine.submit(request) for request in requests]
+    with tqdm(total=len(ids), desc="generating corpus", unit="text", disable=not progress) as bar:
+        while engine.has_work:
+            for event in engine.step():
+                texts.setdefault(event.request_id, []).append(event.text)
+                if event.finish_reason is not None:
+                    bar.update(1)
     return [
-        render_chat(handle, prompt, result.text)
-        for prompt, result in zip(prompts, results, strict=True)
+        render_chat(handle, prompt, "".join(texts.get(request_id, [])))
+        for prompt, request_id in zip(prompts, ids, strict=True)
     ]

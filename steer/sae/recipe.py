@@ -76,6 +76,7 @@ class CorpusSpec:
                         max_new_tokens=self.max_new_tokens,
                         temperature=self.temperature,
                         seed=self.seed + sample * len(prompts),
+                        progress=progress,
                     )
                 )
         return texts
