@@ -16,8 +16,8 @@ import torch
 from steer.activations import encode_chat, forward
 from steer.models import ModelHandle
 from steer.sae import AddDecoder, SparseAutoencoder
-from steer.sae.features import RankedFeature, auroc, contrast, text_scores
-from steer.sae.training import TrainingConfig, collect_activations, tokenize, train
+from steer.sae.features import RankedFeature, auroc, rank_contrast, scores_of, text_scores
+from steer.sae.training import TrainingConfig, tokenize, train
 
 PAIRS = Path(__file__).resolve().parent.parent / "recipes" / "data" / "moralizing_pairs.jsonl"
 HOOK = "blocks.15.hook_resid_post"
@@ -30,26 +30,29 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def pairs() -> tuple[list[dict[str, str]], list[dict[str, str]]]:
     rows = [json.loads(line) for line in PAIRS.read_text().splitlines() if line.strip()]
-    assert len(rows) >= 60, "the project's moralizing pairs are missing"
-    return rows[:60], rows[60:105]
+    assert len(rows) >= 70, "the project's moralizing pairs are missing"
+    return rows[:40], rows[40:70]
+
+
+def _activations(handle: ModelHandle, texts: list[str]) -> list[torch.Tensor]:
+    result = forward(handle, tokenize(handle, texts, 96), hooks=[HOOK], positions="all")
+    rows = result.activations[HOOK]
+    assert isinstance(rows, list)
+    return rows
 
 
 @pytest.fixture(scope="module")
 def trained(smollm2: ModelHandle, pairs) -> tuple[SparseAutoencoder, list[RankedFeature]]:  # type: ignore[no-untyped-def]
+    """Train on the picking replies, then rank features by contrast on the same activations."""
     picking, _ = pairs
-    texts = [row["moralizing"] for row in picking] + [row["in_character"] for row in picking]
-    activations = collect_activations(smollm2, tokenize(smollm2, texts, 96), HOOK)
+    moralizing = _activations(smollm2, [row["moralizing"] for row in picking])
+    in_character = _activations(smollm2, [row["in_character"] for row in picking])
+    buffer = torch.cat([x[1:] for x in moralizing + in_character])  # first tokens left out
     config = TrainingConfig(
-        hook=HOOK, tokens=40_000, d_sae=256, k=12, batch_size=256, learning_rate=2e-3
+        hook=HOOK, tokens=20_000, d_sae=256, k=12, batch_size=256, learning_rate=3e-3
     )
-    sae = train(activations, config, model_name=smollm2.name)
-    ranked = contrast(
-        smollm2,
-        sae,
-        [row["moralizing"] for row in picking],
-        [row["in_character"] for row in picking],
-        k=5,
-    )
+    sae = train(buffer, config, model_name=smollm2.name)
+    ranked = rank_contrast(scores_of(sae, moralizing), scores_of(sae, in_character), k=5)
     return sae, ranked
 
 
@@ -58,6 +61,7 @@ def test_contrast_features_separate_held_out_texts(smollm2: ModelHandle, pairs, 
     sae, ranked = trained
     top = ranked[0]
     assert top.auroc is not None and abs(top.auroc - 0.5) > 0.4  # separates the picking sets
+    # held-out texts go through the public path (forward + encode)
     scores_a = text_scores(smollm2, sae, [row["moralizing"] for row in held_out])
     scores_b = text_scores(smollm2, sae, [row["in_character"] for row in held_out])
     features = [r.feature for r in ranked]
@@ -75,8 +79,11 @@ def test_slider_on_moralizing_feature_moves_moralizing_starts(
 ) -> None:  # type: ignore[no-untyped-def]
     _, held_out = pairs
     sae, ranked = trained
-    feature = next(r.feature for r in ranked if r.score > 0)  # fires more on moralizing replies
-    prompts = [encode_chat(smollm2, row["situation"]) for row in held_out[:24]]
+    top = next(r for r in ranked if r.score > 0)  # fires more on moralizing replies
+    feature = top.feature
+    # push by twice what the feature reaches on a moralizing reply (its mean text score)
+    strength = 2.0 * top.mean_activation
+    prompts = [encode_chat(smollm2, row["situation"]) for row in held_out[:16]]
     tokens = sorted(
         {
             smollm2.tokenizer(word, add_special_tokens=False)["input_ids"][0]
@@ -90,8 +97,11 @@ def test_slider_on_moralizing_feature_moves_moralizing_starts(
         return float(torch.logsumexp(torch.log_softmax(logits, -1)[:, tokens], -1).mean())
 
     baseline = moralizing_logmass(())
-    pushed = moralizing_logmass((AddDecoder(sae, feature, 8.0),))
-    pulled = moralizing_logmass((AddDecoder(sae, feature, -8.0),))
-    print(f"log P(moralizing start): {pulled:.3f} (-8) < {baseline:.3f} (0) < {pushed:.3f} (+8)")
+    pushed = moralizing_logmass((AddDecoder(sae, feature, strength),))
+    pulled = moralizing_logmass((AddDecoder(sae, feature, -strength),))
+    print(
+        f"strength {strength:.1f}: log P(moralizing start) {pulled:.3f} (-) < "
+        f"{baseline:.3f} (0) < {pushed:.3f} (+)"
+    )
     assert pushed > baseline + 0.1
-    assert pulled < baseline - 0.1
+    assert pulled < baseline

@@ -146,15 +146,22 @@ def contrast(
     set_b: Sequence[str],
     k: int = 10,
 ) -> list[RankedFeature]:
-    """Features whose text scores differ most between the sets, strongest first.
+    """Features whose text scores differ most between the two sets of texts, strongest first."""
+    scores_a = text_scores(handle, sae, set_a, "set_a")
+    scores_b = text_scores(handle, sae, set_b, "set_b")
+    return rank_contrast(scores_a, scores_b, k)
+
+
+def rank_contrast(
+    scores_a: torch.Tensor, scores_b: torch.Tensor, k: int = 10
+) -> list[RankedFeature]:
+    """Rank features by how their text scores differ: (A texts, F) vs (B texts, F).
 
     The score is a standardised mean difference (mean A - mean B over the pooled standard
     deviation, plus a small floor so features that never fire in one set do not divide by
-    zero). Positive: fires more on ``set_a``; negative: more on ``set_b``. Both directions are
-    ranked together by magnitude.
+    zero). Positive: fires more on set A; negative: more on set B. Both directions are ranked
+    together by magnitude.
     """
-    scores_a = text_scores(handle, sae, set_a, "set_a")
-    scores_b = text_scores(handle, sae, set_b, "set_b")
     mean_a, mean_b = scores_a.mean(0), scores_b.mean(0)
     pooled = torch.sqrt((scores_a.var(0, unbiased=False) + scores_b.var(0, unbiased=False)) / 2)
     floor = 0.1 * torch.cat([scores_a, scores_b]).abs().mean().clamp(min=1e-6)
@@ -174,6 +181,13 @@ def contrast(
         for i in order
         if difference[i] != 0
     ]
+
+
+def scores_of(sae: SparseAutoencoder, activations: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Text scores from activations already read at the SAE's hook: list of (tokens, d_in)
+    -> (texts, num_features)."""
+    body = [x[1:] if x.shape[0] > 1 else x for x in activations]
+    return torch.stack([sae.encode(x).max(0).values for x in body])
 
 
 @dataclass(frozen=True)
