@@ -337,3 +337,16 @@ def test_project_scenarios_load() -> None:
     for scenario in scenarios:
         assert "{{" not in scenario.scene.characters[0].description
         assert scenario.followups
+
+
+def test_eval_rp_direction_specs() -> None:
+    from steer.cli.eval_rp import parse_direction
+
+    assert parse_direction("dirs/moral") == ("dirs/moral", None, None)
+    assert parse_direction("dirs/moral:-2.5") == ("dirs/moral", -2.5, None)
+    assert parse_direction("dirs/vain:4@Lysa") == ("dirs/vain", 4.0, "Lysa")
+    assert parse_direction("dirs/moral@Lysa") == ("dirs/moral", None, "Lysa")
+    for bad in ("dirs/x:strong", "dirs/x@"):
+        with pytest.raises(InvalidArgumentError) as error:
+            parse_direction(bad)
+        assert error.value.field == "direction"
