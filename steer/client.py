@@ -298,8 +298,13 @@ def generate_request(
     top_logprobs: int = 0,
     compare: bool = False,
     prompt_format: str = "",
+    sampling: Mapping[str, Any] | None = None,
 ) -> generation_pb2.GenerateRequest:
-    """Build a GenerateRequest (exactly one of prompt, messages, token_ids)."""
+    """Build a GenerateRequest (exactly one of prompt, messages, token_ids).
+
+    ``sampling`` sets any other SamplingParams field by its name (``repetition_penalty``,
+    ``dry_multiplier``, ``logit_bias={id: bias}``, ``banned_strings=[...]``, ...).
+    """
     request = generation_pb2.GenerateRequest(
         model=model,
         interventions=list(interventions),
@@ -323,6 +328,13 @@ def generate_request(
         ("min_p", min_p),
     ):
         if value is not None:
+            setattr(request.sampling, name, value)
+    for name, value in (sampling or {}).items():
+        if name == "logit_bias":
+            request.sampling.logit_bias.update({int(k): float(v) for k, v in value.items()})
+        elif isinstance(value, (list, tuple)):
+            getattr(request.sampling, name).extend(value)
+        else:
             setattr(request.sampling, name, value)
     if seed is not None:
         request.seed = seed

@@ -142,11 +142,44 @@ def _prompt(message: generation_pb2.GenerateRequest) -> dict[str, Any]:
     return {"messages": tuple(messages)}
 
 
+#: SamplingParams fields that map one to one onto SamplingConfig fields of the same name
+_SCALAR_SAMPLING_FIELDS = (
+    "temperature",
+    "temperature_last",
+    "top_k",
+    "top_p",
+    "min_p",
+    "typical_p",
+    "tfs",
+    "top_a",
+    "mirostat_mode",
+    "mirostat_tau",
+    "mirostat_eta",
+    "repetition_penalty",
+    "repetition_penalty_range",
+    "presence_penalty",
+    "frequency_penalty",
+    "dry_multiplier",
+    "dry_base",
+    "dry_allowed_length",
+    "dry_range",
+    "xtc_threshold",
+    "xtc_probability",
+    "ban_eos",
+    "min_tokens",
+)
+
+
 def sampling_config(params: generation_pb2.SamplingParams, seed: int | None) -> SamplingConfig:
     values: dict[str, Any] = {"seed": seed}
-    for name in ("temperature", "top_k", "top_p", "min_p"):
+    for name in _SCALAR_SAMPLING_FIELDS:
         if params.HasField(name):
             values[name] = getattr(params, name)
+    for name in ("dry_sequence_breakers", "banned_strings", "sampler_order"):
+        if getattr(params, name):
+            values[name] = tuple(getattr(params, name))
+    if params.logit_bias:
+        values["logit_bias"] = tuple(sorted(params.logit_bias.items()))
     try:
         return SamplingConfig(**values)
     except SteerError as error:

@@ -24,21 +24,23 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19steer/v1/generation.proto\x12\x08steer.v1\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"L\n\nChatPrompt\x12\'\n\x08messages\x18\x01 \x03(\x0b\x32\x15.steer.v1.ChatMessage\x12\x15\n\rprompt_format\x18\x02 \x01(\t\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"\x94\x01\n\x0eSamplingParams\x12\x18\n\x0btemperature\x18\x01 \x01(\x01H\x00\x88\x01\x01\x12\x12\n\x05top_k\x18\x02 \x01(\rH\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x01H\x02\x88\x01\x01\x12\x12\n\x05min_p\x18\x04 \x01(\x01H\x03\x88\x01\x01\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_kB\x08\n\x06_top_pB\x08\n\x06_min_p\"E\n\x0cInlineVector\x12\x0e\n\x06shared\x18\x01 \x03(\x02\x12%\n\x06layers\x18\x02 \x03(\x0b\x32\x15.steer.v1.LayerVector\",\n\x0bLayerVector\x12\r\n\x05layer\x18\x01 \x01(\r\x12\x0e\n\x06values\x18\x02 \x03(\x02\"\xea\x01\n\x0f\x41\x62lateDirection\x12\x13\n\x0b\x61rtifact_id\x18\x01 \x01(\t\x12\x0e\n\x06layers\x18\x02 \x03(\r\x12\x13\n\x06weight\x18\x03 \x01(\x01H\x00\x88\x01\x01\x12\x42\n\rlayer_weights\x18\x04 \x03(\x0b\x32+.steer.v1.AblateDirection.LayerWeightsEntry\x12\x19\n\x11\x61llow_other_model\x18\x05 \x01(\x08\x1a\x33\n\x11LayerWeightsEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x42\t\n\x07_weight\"\xb2\x01\n\tAddVector\x12\x15\n\x0b\x61rtifact_id\x18\x01 \x01(\tH\x00\x12(\n\x06inline\x18\x02 \x01(\x0b\x32\x16.steer.v1.InlineVectorH\x00\x12\x10\n\x08strength\x18\x03 \x01(\x01\x12\r\n\x05hooks\x18\x04 \x03(\t\x12\x1e\n\x05phase\x18\x05 \x01(\x0e\x32\x0f.steer.v1.Phase\x12\x19\n\x11\x61llow_other_model\x18\x06 \x01(\x08\x42\x08\n\x06vector\"g\n\x0cIntervention\x12+\n\x06\x61\x62late\x18\x01 \x01(\x0b\x32\x19.steer.v1.AblateDirectionH\x00\x12\"\n\x03\x61\x64\x64\x18\x02 \x01(\x0b\x32\x13.steer.v1.AddVectorH\x00\x42\x06\n\x04kind\"\xcd\x02\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12$\n\x04\x63hat\x18\x03 \x01(\x0b\x32\x14.steer.v1.ChatPromptH\x00\x12\'\n\ttoken_ids\x18\x04 \x01(\x0b\x32\x12.steer.v1.TokenIdsH\x00\x12*\n\x08sampling\x18\x05 \x01(\x0b\x32\x18.steer.v1.SamplingParams\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x11\n\x04seed\x18\x07 \x01(\x04H\x01\x88\x01\x01\x12\x16\n\x0emax_new_tokens\x18\x08 \x01(\r\x12-\n\rinterventions\x18\t \x03(\x0b\x32\x16.steer.v1.Intervention\x12\x14\n\x0ctop_logprobs\x18\n \x01(\r\x12\x0f\n\x07\x63ompare\x18\x0b \x01(\x08\x42\x08\n\x06promptB\x07\n\x05_seed\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\"1\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x01\"9\n\x0bTopLogprobs\x12*\n\ncandidates\x18\x01 \x03(\x0b\x32\x16.steer.v1.TokenLogprob\"\xe9\x01\n\x10GenerateResponse\x12\x1c\n\x04side\x18\x01 \x01(\x0e\x32\x0e.steer.v1.Side\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x0c\n\x04text\x18\x03 \x01(\t\x12+\n\x0ctop_logprobs\x18\x04 \x03(\x0b\x32\x15.steer.v1.TopLogprobs\x12-\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x16.steer.v1.FinishReason\x12\x1e\n\x05usage\x18\x06 \x01(\x0b\x32\x0f.steer.v1.Usage\x12\x11\n\x04seed\x18\x07 \x01(\x04H\x00\x88\x01\x01\x42\x07\n\x05_seed*T\n\x05Phase\x12\x15\n\x11PHASE_UNSPECIFIED\x10\x00\x12\r\n\tPHASE_ALL\x10\x01\x12\x10\n\x0cPHASE_PROMPT\x10\x02\x12\x13\n\x0fPHASE_GENERATED\x10\x03*@\n\x04Side\x12\x14\n\x10SIDE_UNSPECIFIED\x10\x00\x12\x10\n\x0cSIDE_DEFAULT\x10\x01\x12\x10\n\x0cSIDE_STEERED\x10\x02*|\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x03\x32Q\n\nGeneration\x12\x43\n\x08Generate\x12\x19.steer.v1.GenerateRequest\x1a\x1a.steer.v1.GenerateResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19steer/v1/generation.proto\x12\x08steer.v1\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"L\n\nChatPrompt\x12\'\n\x08messages\x18\x01 \x03(\x0b\x32\x15.steer.v1.ChatMessage\x12\x15\n\rprompt_format\x18\x02 \x01(\t\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"\xab\t\n\x0eSamplingParams\x12\x18\n\x0btemperature\x18\x01 \x01(\x01H\x00\x88\x01\x01\x12\x12\n\x05top_k\x18\x02 \x01(\rH\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x01H\x02\x88\x01\x01\x12\x12\n\x05min_p\x18\x04 \x01(\x01H\x03\x88\x01\x01\x12\x1d\n\x10temperature_last\x18\x05 \x01(\x08H\x04\x88\x01\x01\x12\x16\n\ttypical_p\x18\x06 \x01(\x01H\x05\x88\x01\x01\x12\x10\n\x03tfs\x18\x07 \x01(\x01H\x06\x88\x01\x01\x12\x12\n\x05top_a\x18\x08 \x01(\x01H\x07\x88\x01\x01\x12\x1a\n\rmirostat_mode\x18\t \x01(\rH\x08\x88\x01\x01\x12\x19\n\x0cmirostat_tau\x18\n \x01(\x01H\t\x88\x01\x01\x12\x19\n\x0cmirostat_eta\x18\x0b \x01(\x01H\n\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x0c \x01(\x01H\x0b\x88\x01\x01\x12%\n\x18repetition_penalty_range\x18\r \x01(\rH\x0c\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x0e \x01(\x01H\r\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x0f \x01(\x01H\x0e\x88\x01\x01\x12\x1b\n\x0e\x64ry_multiplier\x18\x10 \x01(\x01H\x0f\x88\x01\x01\x12\x15\n\x08\x64ry_base\x18\x11 \x01(\x01H\x10\x88\x01\x01\x12\x1f\n\x12\x64ry_allowed_length\x18\x12 \x01(\rH\x11\x88\x01\x01\x12\x1d\n\x15\x64ry_sequence_breakers\x18\x13 \x03(\t\x12\x16\n\tdry_range\x18\x14 \x01(\rH\x12\x88\x01\x01\x12\x1a\n\rxtc_threshold\x18\x15 \x01(\x01H\x13\x88\x01\x01\x12\x1c\n\x0fxtc_probability\x18\x16 \x01(\x01H\x14\x88\x01\x01\x12;\n\nlogit_bias\x18\x17 \x03(\x0b\x32\'.steer.v1.SamplingParams.LogitBiasEntry\x12\x16\n\x0e\x62\x61nned_strings\x18\x18 \x03(\t\x12\x14\n\x07\x62\x61n_eos\x18\x19 \x01(\x08H\x15\x88\x01\x01\x12\x17\n\nmin_tokens\x18\x1a \x01(\rH\x16\x88\x01\x01\x12\x15\n\rsampler_order\x18\x1b \x03(\t\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_kB\x08\n\x06_top_pB\x08\n\x06_min_pB\x13\n\x11_temperature_lastB\x0c\n\n_typical_pB\x06\n\x04_tfsB\x08\n\x06_top_aB\x10\n\x0e_mirostat_modeB\x0f\n\r_mirostat_tauB\x0f\n\r_mirostat_etaB\x15\n\x13_repetition_penaltyB\x1b\n\x19_repetition_penalty_rangeB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x11\n\x0f_dry_multiplierB\x0b\n\t_dry_baseB\x15\n\x13_dry_allowed_lengthB\x0c\n\n_dry_rangeB\x10\n\x0e_xtc_thresholdB\x12\n\x10_xtc_probabilityB\n\n\x08_ban_eosB\r\n\x0b_min_tokens\"E\n\x0cInlineVector\x12\x0e\n\x06shared\x18\x01 \x03(\x02\x12%\n\x06layers\x18\x02 \x03(\x0b\x32\x15.steer.v1.LayerVector\",\n\x0bLayerVector\x12\r\n\x05layer\x18\x01 \x01(\r\x12\x0e\n\x06values\x18\x02 \x03(\x02\"\xea\x01\n\x0f\x41\x62lateDirection\x12\x13\n\x0b\x61rtifact_id\x18\x01 \x01(\t\x12\x0e\n\x06layers\x18\x02 \x03(\r\x12\x13\n\x06weight\x18\x03 \x01(\x01H\x00\x88\x01\x01\x12\x42\n\rlayer_weights\x18\x04 \x03(\x0b\x32+.steer.v1.AblateDirection.LayerWeightsEntry\x12\x19\n\x11\x61llow_other_model\x18\x05 \x01(\x08\x1a\x33\n\x11LayerWeightsEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x42\t\n\x07_weight\"\xb2\x01\n\tAddVector\x12\x15\n\x0b\x61rtifact_id\x18\x01 \x01(\tH\x00\x12(\n\x06inline\x18\x02 \x01(\x0b\x32\x16.steer.v1.InlineVectorH\x00\x12\x10\n\x08strength\x18\x03 \x01(\x01\x12\r\n\x05hooks\x18\x04 \x03(\t\x12\x1e\n\x05phase\x18\x05 \x01(\x0e\x32\x0f.steer.v1.Phase\x12\x19\n\x11\x61llow_other_model\x18\x06 \x01(\x08\x42\x08\n\x06vector\"g\n\x0cIntervention\x12+\n\x06\x61\x62late\x18\x01 \x01(\x0b\x32\x19.steer.v1.AblateDirectionH\x00\x12\"\n\x03\x61\x64\x64\x18\x02 \x01(\x0b\x32\x13.steer.v1.AddVectorH\x00\x42\x06\n\x04kind\"\xcd\x02\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12$\n\x04\x63hat\x18\x03 \x01(\x0b\x32\x14.steer.v1.ChatPromptH\x00\x12\'\n\ttoken_ids\x18\x04 \x01(\x0b\x32\x12.steer.v1.TokenIdsH\x00\x12*\n\x08sampling\x18\x05 \x01(\x0b\x32\x18.steer.v1.SamplingParams\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x11\n\x04seed\x18\x07 \x01(\x04H\x01\x88\x01\x01\x12\x16\n\x0emax_new_tokens\x18\x08 \x01(\r\x12-\n\rinterventions\x18\t \x03(\x0b\x32\x16.steer.v1.Intervention\x12\x14\n\x0ctop_logprobs\x18\n \x01(\r\x12\x0f\n\x07\x63ompare\x18\x0b \x01(\x08\x42\x08\n\x06promptB\x07\n\x05_seed\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\"1\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x01\"9\n\x0bTopLogprobs\x12*\n\ncandidates\x18\x01 \x03(\x0b\x32\x16.steer.v1.TokenLogprob\"\xe9\x01\n\x10GenerateResponse\x12\x1c\n\x04side\x18\x01 \x01(\x0e\x32\x0e.steer.v1.Side\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x0c\n\x04text\x18\x03 \x01(\t\x12+\n\x0ctop_logprobs\x18\x04 \x03(\x0b\x32\x15.steer.v1.TopLogprobs\x12-\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x16.steer.v1.FinishReason\x12\x1e\n\x05usage\x18\x06 \x01(\x0b\x32\x0f.steer.v1.Usage\x12\x11\n\x04seed\x18\x07 \x01(\x04H\x00\x88\x01\x01\x42\x07\n\x05_seed*T\n\x05Phase\x12\x15\n\x11PHASE_UNSPECIFIED\x10\x00\x12\r\n\tPHASE_ALL\x10\x01\x12\x10\n\x0cPHASE_PROMPT\x10\x02\x12\x13\n\x0fPHASE_GENERATED\x10\x03*@\n\x04Side\x12\x14\n\x10SIDE_UNSPECIFIED\x10\x00\x12\x10\n\x0cSIDE_DEFAULT\x10\x01\x12\x10\n\x0cSIDE_STEERED\x10\x02*|\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x03\x32Q\n\nGeneration\x12\x43\n\x08Generate\x12\x19.steer.v1.GenerateRequest\x1a\x1a.steer.v1.GenerateResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'steer.v1.generation_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._loaded_options = None
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_options = b'8\001'
   _globals['_ABLATEDIRECTION_LAYERWEIGHTSENTRY']._loaded_options = None
   _globals['_ABLATEDIRECTION_LAYERWEIGHTSENTRY']._serialized_options = b'8\001'
-  _globals['_PHASE']._serialized_start=1720
-  _globals['_PHASE']._serialized_end=1804
-  _globals['_SIDE']._serialized_start=1806
-  _globals['_SIDE']._serialized_end=1870
-  _globals['_FINISHREASON']._serialized_start=1872
-  _globals['_FINISHREASON']._serialized_end=1996
+  _globals['_PHASE']._serialized_start=2767
+  _globals['_PHASE']._serialized_end=2851
+  _globals['_SIDE']._serialized_start=2853
+  _globals['_SIDE']._serialized_end=2917
+  _globals['_FINISHREASON']._serialized_start=2919
+  _globals['_FINISHREASON']._serialized_end=3043
   _globals['_CHATMESSAGE']._serialized_start=39
   _globals['_CHATMESSAGE']._serialized_end=83
   _globals['_CHATPROMPT']._serialized_start=85
@@ -46,29 +48,31 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TOKENIDS']._serialized_start=163
   _globals['_TOKENIDS']._serialized_end=186
   _globals['_SAMPLINGPARAMS']._serialized_start=189
-  _globals['_SAMPLINGPARAMS']._serialized_end=337
-  _globals['_INLINEVECTOR']._serialized_start=339
-  _globals['_INLINEVECTOR']._serialized_end=408
-  _globals['_LAYERVECTOR']._serialized_start=410
-  _globals['_LAYERVECTOR']._serialized_end=454
-  _globals['_ABLATEDIRECTION']._serialized_start=457
-  _globals['_ABLATEDIRECTION']._serialized_end=691
-  _globals['_ABLATEDIRECTION_LAYERWEIGHTSENTRY']._serialized_start=629
-  _globals['_ABLATEDIRECTION_LAYERWEIGHTSENTRY']._serialized_end=680
-  _globals['_ADDVECTOR']._serialized_start=694
-  _globals['_ADDVECTOR']._serialized_end=872
-  _globals['_INTERVENTION']._serialized_start=874
-  _globals['_INTERVENTION']._serialized_end=977
-  _globals['_GENERATEREQUEST']._serialized_start=980
-  _globals['_GENERATEREQUEST']._serialized_end=1313
-  _globals['_USAGE']._serialized_start=1315
-  _globals['_USAGE']._serialized_end=1372
-  _globals['_TOKENLOGPROB']._serialized_start=1374
-  _globals['_TOKENLOGPROB']._serialized_end=1423
-  _globals['_TOPLOGPROBS']._serialized_start=1425
-  _globals['_TOPLOGPROBS']._serialized_end=1482
-  _globals['_GENERATERESPONSE']._serialized_start=1485
-  _globals['_GENERATERESPONSE']._serialized_end=1718
-  _globals['_GENERATION']._serialized_start=1998
-  _globals['_GENERATION']._serialized_end=2079
+  _globals['_SAMPLINGPARAMS']._serialized_end=1384
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_start=956
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_end=1004
+  _globals['_INLINEVECTOR']._serialized_start=1386
+  _globals['_INLINEVECTOR']._serialized_end=1455
+  _globals['_LAYERVECTOR']._serialized_start=1457
+  _globals['_LAYERVECTOR']._serialized_end=1501
+  _globals['_ABLATEDIRECTION']._serialized_start=1504
+  _globals['_ABLATEDIRECTION']._serialized_end=1738
+  _globals['_ABLATEDIRECTION_LAYERWEIGHTSENTRY']._serialized_start=1676
+  _globals['_ABLATEDIRECTION_LAYERWEIGHTSENTRY']._serialized_end=1727
+  _globals['_ADDVECTOR']._serialized_start=1741
+  _globals['_ADDVECTOR']._serialized_end=1919
+  _globals['_INTERVENTION']._serialized_start=1921
+  _globals['_INTERVENTION']._serialized_end=2024
+  _globals['_GENERATEREQUEST']._serialized_start=2027
+  _globals['_GENERATEREQUEST']._serialized_end=2360
+  _globals['_USAGE']._serialized_start=2362
+  _globals['_USAGE']._serialized_end=2419
+  _globals['_TOKENLOGPROB']._serialized_start=2421
+  _globals['_TOKENLOGPROB']._serialized_end=2470
+  _globals['_TOPLOGPROBS']._serialized_start=2472
+  _globals['_TOPLOGPROBS']._serialized_end=2529
+  _globals['_GENERATERESPONSE']._serialized_start=2532
+  _globals['_GENERATERESPONSE']._serialized_end=2765
+  _globals['_GENERATION']._serialized_start=3045
+  _globals['_GENERATION']._serialized_end=3126
 # @@protoc_insertion_point(module_scope)

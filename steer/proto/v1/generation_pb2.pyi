@@ -61,16 +61,69 @@ class TokenIds(_message.Message):
     def __init__(self, ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class SamplingParams(_message.Message):
-    __slots__ = ("temperature", "top_k", "top_p", "min_p")
+    __slots__ = ("temperature", "top_k", "top_p", "min_p", "temperature_last", "typical_p", "tfs", "top_a", "mirostat_mode", "mirostat_tau", "mirostat_eta", "repetition_penalty", "repetition_penalty_range", "presence_penalty", "frequency_penalty", "dry_multiplier", "dry_base", "dry_allowed_length", "dry_sequence_breakers", "dry_range", "xtc_threshold", "xtc_probability", "logit_bias", "banned_strings", "ban_eos", "min_tokens", "sampler_order")
+    class LogitBiasEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: int
+        value: float
+        def __init__(self, key: _Optional[int] = ..., value: _Optional[float] = ...) -> None: ...
     TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
     TOP_K_FIELD_NUMBER: _ClassVar[int]
     TOP_P_FIELD_NUMBER: _ClassVar[int]
     MIN_P_FIELD_NUMBER: _ClassVar[int]
+    TEMPERATURE_LAST_FIELD_NUMBER: _ClassVar[int]
+    TYPICAL_P_FIELD_NUMBER: _ClassVar[int]
+    TFS_FIELD_NUMBER: _ClassVar[int]
+    TOP_A_FIELD_NUMBER: _ClassVar[int]
+    MIROSTAT_MODE_FIELD_NUMBER: _ClassVar[int]
+    MIROSTAT_TAU_FIELD_NUMBER: _ClassVar[int]
+    MIROSTAT_ETA_FIELD_NUMBER: _ClassVar[int]
+    REPETITION_PENALTY_FIELD_NUMBER: _ClassVar[int]
+    REPETITION_PENALTY_RANGE_FIELD_NUMBER: _ClassVar[int]
+    PRESENCE_PENALTY_FIELD_NUMBER: _ClassVar[int]
+    FREQUENCY_PENALTY_FIELD_NUMBER: _ClassVar[int]
+    DRY_MULTIPLIER_FIELD_NUMBER: _ClassVar[int]
+    DRY_BASE_FIELD_NUMBER: _ClassVar[int]
+    DRY_ALLOWED_LENGTH_FIELD_NUMBER: _ClassVar[int]
+    DRY_SEQUENCE_BREAKERS_FIELD_NUMBER: _ClassVar[int]
+    DRY_RANGE_FIELD_NUMBER: _ClassVar[int]
+    XTC_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    XTC_PROBABILITY_FIELD_NUMBER: _ClassVar[int]
+    LOGIT_BIAS_FIELD_NUMBER: _ClassVar[int]
+    BANNED_STRINGS_FIELD_NUMBER: _ClassVar[int]
+    BAN_EOS_FIELD_NUMBER: _ClassVar[int]
+    MIN_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    SAMPLER_ORDER_FIELD_NUMBER: _ClassVar[int]
     temperature: float
     top_k: int
     top_p: float
     min_p: float
-    def __init__(self, temperature: _Optional[float] = ..., top_k: _Optional[int] = ..., top_p: _Optional[float] = ..., min_p: _Optional[float] = ...) -> None: ...
+    temperature_last: bool
+    typical_p: float
+    tfs: float
+    top_a: float
+    mirostat_mode: int
+    mirostat_tau: float
+    mirostat_eta: float
+    repetition_penalty: float
+    repetition_penalty_range: int
+    presence_penalty: float
+    frequency_penalty: float
+    dry_multiplier: float
+    dry_base: float
+    dry_allowed_length: int
+    dry_sequence_breakers: _containers.RepeatedScalarFieldContainer[str]
+    dry_range: int
+    xtc_threshold: float
+    xtc_probability: float
+    logit_bias: _containers.ScalarMap[int, float]
+    banned_strings: _containers.RepeatedScalarFieldContainer[str]
+    ban_eos: bool
+    min_tokens: int
+    sampler_order: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, temperature: _Optional[float] = ..., top_k: _Optional[int] = ..., top_p: _Optional[float] = ..., min_p: _Optional[float] = ..., temperature_last: _Optional[bool] = ..., typical_p: _Optional[float] = ..., tfs: _Optional[float] = ..., top_a: _Optional[float] = ..., mirostat_mode: _Optional[int] = ..., mirostat_tau: _Optional[float] = ..., mirostat_eta: _Optional[float] = ..., repetition_penalty: _Optional[float] = ..., repetition_penalty_range: _Optional[int] = ..., presence_penalty: _Optional[float] = ..., frequency_penalty: _Optional[float] = ..., dry_multiplier: _Optional[float] = ..., dry_base: _Optional[float] = ..., dry_allowed_length: _Optional[int] = ..., dry_sequence_breakers: _Optional[_Iterable[str]] = ..., dry_range: _Optional[int] = ..., xtc_threshold: _Optional[float] = ..., xtc_probability: _Optional[float] = ..., logit_bias: _Optional[_Mapping[int, float]] = ..., banned_strings: _Optional[_Iterable[str]] = ..., ban_eos: _Optional[bool] = ..., min_tokens: _Optional[int] = ..., sampler_order: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class InlineVector(_message.Message):
     __slots__ = ("shared", "layers")
