@@ -150,8 +150,9 @@ def ablate(
     weight: float | None = None,
     layer_weights: Mapping[int, float] | None = None,
     allow_other_model: bool = False,
+    speaker: str = "",
 ) -> generation_pb2.Intervention:
-    """Ablate the server-side direction ``artifact_id``."""
+    """Ablate the server-side direction ``artifact_id`` (only ``speaker``'s tokens if set)."""
     message = generation_pb2.AblateDirection(
         artifact_id=artifact_id,
         layers=list(layers),
@@ -160,7 +161,7 @@ def ablate(
     )
     if weight is not None:
         message.weight = weight
-    return generation_pb2.Intervention(ablate=message)
+    return generation_pb2.Intervention(ablate=message, speaker=speaker)
 
 
 def add(
@@ -170,8 +171,11 @@ def add(
     hooks: Sequence[str] = (),
     phase: str = "all",
     allow_other_model: bool = False,
+    speaker: str = "",
 ) -> generation_pb2.Intervention:
-    """Add a vector: a server artifact id, a :class:`SteeringVector`, or floats (shared)."""
+    """Add a vector: a server artifact id, a :class:`SteeringVector`, or floats (shared).
+
+    With ``speaker``, only that character's tokens are steered (role-play prompts)."""
     if phase not in _PHASES:
         raise errors.InvalidArgumentError(f"use one of {', '.join(_PHASES)}", field="phase")
     message = generation_pb2.AddVector(
@@ -184,7 +188,7 @@ def add(
         message.artifact_id = vector
     else:
         message.inline.CopyFrom(inline_vector(vector))
-    return generation_pb2.Intervention(add=message)
+    return generation_pb2.Intervention(add=message, speaker=speaker)
 
 
 def inline_vector(vector: SteeringVector | Sequence[float]) -> generation_pb2.InlineVector:
@@ -299,11 +303,14 @@ def generate_request(
     compare: bool = False,
     prompt_format: str = "",
     sampling: Mapping[str, Any] | None = None,
+    roleplay: Mapping[str, Any] | None = None,
 ) -> generation_pb2.GenerateRequest:
     """Build a GenerateRequest (exactly one of prompt, messages, token_ids).
 
     ``sampling`` sets any other SamplingParams field by its name (``repetition_penalty``,
     ``dry_multiplier``, ``logit_bias={id: bias}``, ``banned_strings=[...]``, ...).
+    ``roleplay`` is ``{"scene": {...}, "prompt_format": ..., "speaker": ..., "length": ...}``
+    (the scene in the shape of recipes/data/rp_scenarios.jsonl), instead of a prompt.
     """
     request = generation_pb2.GenerateRequest(
         model=model,
@@ -321,6 +328,11 @@ def generate_request(
             request.chat.messages.add(role=item["role"], content=item["content"])
     elif token_ids is not None:
         request.token_ids.ids.extend(token_ids)
+    elif roleplay is not None:
+        request.roleplay.scene_json = json.dumps(roleplay["scene"])
+        request.roleplay.prompt_format = roleplay.get("prompt_format", "")
+        request.roleplay.speaker = roleplay.get("speaker", "")
+        request.roleplay.length = roleplay.get("length", "")
     for name, value in (
         ("temperature", temperature),
         ("top_k", top_k),

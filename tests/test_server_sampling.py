@@ -1,14 +1,17 @@
-"""The full RP sampler set travels over gRPC and behaves as in the in-process engine."""
+"""RP over gRPC: the full sampler set, role-play prompts and speaker-scoped sliders."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from test_server import alone, make_settings
+import torch
+from test_server import ROOT, alone, make_settings
 
-from steer.client import SteerClient
+from steer import Add, SteeringVector
+from steer.client import SteerClient, add
 from steer.errors import InvalidArgumentError
 from steer.generation import GenerationRequest
 from steer.models import ModelHandle
@@ -42,7 +45,9 @@ def client(
 ) -> Iterator[SteerClient]:
     root: Path = tmp_path_factory.mktemp("models")
     with (
-        SteerServer(make_settings(root), models={"tiny": tiny_llama}) as server,
+        SteerServer(
+            make_settings(root, max_prompt_tokens=2048), models={"tiny": tiny_llama}
+        ) as server,
         SteerClient(server.target, timeout=60) as connected,
     ):
         yield connected
@@ -88,4 +93,64 @@ def test_bad_sampler_fields_are_invalid_argument(client: SteerClient) -> None:
     ):
         with pytest.raises(InvalidArgumentError) as error:
             client.complete("hi", max_new_tokens=2, sampling=sampling)
+        assert field in str(error.value)
+
+
+def _tavern() -> dict:
+    for line in (ROOT / "recipes" / "data" / "rp_scenarios.jsonl").read_text().splitlines():
+        scene = json.loads(line)
+        if scene["id"] == "tavern":
+            return scene
+    raise AssertionError("the tavern scenario is missing")
+
+
+def test_roleplay_prompt_with_a_speaker_scoped_slider(
+    client: SteerClient, tiny_llama: ModelHandle
+) -> None:
+    """A speaker-scoped slider over gRPC == the same request in process; scope matters."""
+    from steer.rp.formats import get_format, tokenize
+    from steer.rp.scene import Scene
+
+    scene = _tavern()
+    vector = torch.randn(tiny_llama.d_model, generator=torch.Generator().manual_seed(3)) * 4
+    hooks = ("blocks.1.hook_resid_post",)
+
+    def remote(speaker: str) -> tuple[int, ...]:
+        slider = add(vector.tolist(), 1.0, hooks=hooks, speaker=speaker)
+        roleplay = {"scene": scene, "prompt_format": "chatml", "speaker": "Garrick"}
+        done = client.complete(
+            roleplay=roleplay, temperature=0, max_new_tokens=12, interventions=[slider]
+        )
+        return tuple(done[None].token_ids)
+
+    rendered = get_format("chatml").render(Scene.from_dict(scene), "Garrick")
+    tokens = tokenize(tiny_llama.tokenizer, rendered)
+    local = GenerationRequest(
+        prompt_ids=tokens.ids,
+        speakers=tokens.speakers,
+        speaker="Garrick",
+        stop=rendered.stop,
+        sampling=SamplingConfig(temperature=0.0),
+        max_new_tokens=12,
+        interventions=(Add(SteeringVector.from_shared(vector), 1.0, hooks, speaker="Garrick"),),
+    )
+    assert remote("Garrick") == alone(tiny_llama, local)
+    assert remote("Garrick") != remote("Nobody")  # a slider on an absent speaker does nothing
+    plain = client.complete(
+        roleplay={"scene": scene, "prompt_format": "chatml", "speaker": "Garrick"},
+        temperature=0,
+        max_new_tokens=12,
+    )
+    assert tuple(plain[None].token_ids) == remote("Nobody")
+
+
+def test_bad_roleplay_prompts_are_invalid_argument(client: SteerClient) -> None:
+    scene = _tavern()
+    for roleplay, field in (
+        ({"scene": {"characters": "nope"}}, "roleplay"),
+        ({"scene": scene, "prompt_format": "no-such-format"}, "roleplay"),
+        ({"scene": scene, "speaker": "Nobody"}, "roleplay"),
+    ):
+        with pytest.raises(InvalidArgumentError) as error:
+            client.complete(roleplay=roleplay, max_new_tokens=2)
         assert field in str(error.value)

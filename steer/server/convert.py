@@ -6,6 +6,7 @@ a client can find the part of its request that was wrong.
 
 from __future__ import annotations
 
+import json
 import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -62,7 +63,8 @@ def generation_plan(
     store: ArtifactStore,
     settings: ServerSettings,
 ) -> GenerationPlan:
-    prompt: dict[str, Any] = _prompt(message)
+    prompt: dict[str, Any] = _prompt(message, handle)
+    extra_stop = tuple(prompt.pop("extra_stop", ()))
     max_new_tokens = message.max_new_tokens or settings.default_max_new_tokens
     if max_new_tokens > settings.max_new_tokens_cap:
         raise InvalidArgumentError(
@@ -99,7 +101,7 @@ def generation_plan(
         interventions=interventions,
         sampling=sampling,
         max_new_tokens=max_new_tokens,
-        stop=stop,
+        stop=tuple(dict.fromkeys(stop + extra_stop)),
         top_logprobs=message.top_logprobs,
     )
     if not message.compare:
@@ -110,7 +112,34 @@ def generation_plan(
     )
 
 
-def _prompt(message: generation_pb2.GenerateRequest) -> dict[str, Any]:
+def _roleplay(message: generation_pb2.RolePlayPrompt, handle: ModelHandle) -> dict[str, Any]:
+    from steer.rp.formats import get_format, tokenize
+    from steer.rp.scene import Scene
+
+    try:
+        data = json.loads(message.scene_json)
+    except json.JSONDecodeError as error:
+        raise InvalidArgumentError(f"not JSON: {error}", field="roleplay.scene_json") from None
+    if not isinstance(data, dict):
+        raise InvalidArgumentError("must be a JSON object", field="roleplay.scene_json")
+    try:
+        scene = Scene.from_dict(data)
+        speaker = message.speaker or scene.characters[0].name
+        rendered = get_format(message.prompt_format or "chat_template").render(
+            scene, speaker, length=message.length or None, tokenizer=handle.tokenizer
+        )
+        tokens = tokenize(handle.tokenizer, rendered)
+    except SteerError as error:
+        raise _renamed(error, "roleplay") from None
+    return {
+        "prompt_ids": tokens.ids,
+        "speakers": tokens.speakers,
+        "speaker": speaker,
+        "extra_stop": rendered.stop,
+    }
+
+
+def _prompt(message: generation_pb2.GenerateRequest, handle: ModelHandle) -> dict[str, Any]:
     which = message.WhichOneof("prompt")
     if which is None:
         raise InvalidArgumentError("set one of text, chat or token_ids", field="prompt")
@@ -122,6 +151,8 @@ def _prompt(message: generation_pb2.GenerateRequest) -> dict[str, Any]:
         if not message.token_ids.ids:
             raise InvalidArgumentError("no token ids", field="token_ids.ids")
         return {"prompt_ids": tuple(message.token_ids.ids)}
+    if which == "roleplay":
+        return _roleplay(message.roleplay, handle)
     chat = message.chat
     if chat.prompt_format not in PROMPT_FORMATS:
         raise InvalidArgumentError(
@@ -230,6 +261,7 @@ def intervention(
                 layers=layers,
                 weight=ablate.weight if ablate.HasField("weight") else 1.0,
                 layer_weights=dict(ablate.layer_weights) or None,
+                speaker=message.speaker or None,
             )
         else:
             add = message.add
@@ -251,7 +283,13 @@ def intervention(
                 vector = _inline_vector(add.inline, "inline")
             if add.phase not in _PHASES:
                 raise InvalidArgumentError(f"unknown phase {add.phase}", field="phase")
-            built = Add(vector, strength=add.strength, hooks=hooks, phase=_PHASES[add.phase])
+            built = Add(
+                vector,
+                strength=add.strength,
+                hooks=hooks,
+                phase=_PHASES[add.phase],
+                speaker=message.speaker or None,
+            )
         validate([built], handle.resolver, handle.d_model)
     except SteerError as error:
         if error.status_code != "INVALID_ARGUMENT":

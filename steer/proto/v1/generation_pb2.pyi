@@ -54,6 +54,18 @@ class ChatPrompt(_message.Message):
     prompt_format: str
     def __init__(self, messages: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ..., prompt_format: _Optional[str] = ...) -> None: ...
 
+class RolePlayPrompt(_message.Message):
+    __slots__ = ("scene_json", "prompt_format", "speaker", "length")
+    SCENE_JSON_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_FORMAT_FIELD_NUMBER: _ClassVar[int]
+    SPEAKER_FIELD_NUMBER: _ClassVar[int]
+    LENGTH_FIELD_NUMBER: _ClassVar[int]
+    scene_json: str
+    prompt_format: str
+    speaker: str
+    length: str
+    def __init__(self, scene_json: _Optional[str] = ..., prompt_format: _Optional[str] = ..., speaker: _Optional[str] = ..., length: _Optional[str] = ...) -> None: ...
+
 class TokenIds(_message.Message):
     __slots__ = ("ids",)
     IDS_FIELD_NUMBER: _ClassVar[int]
@@ -179,19 +191,22 @@ class AddVector(_message.Message):
     def __init__(self, artifact_id: _Optional[str] = ..., inline: _Optional[_Union[InlineVector, _Mapping]] = ..., strength: _Optional[float] = ..., hooks: _Optional[_Iterable[str]] = ..., phase: _Optional[_Union[Phase, str]] = ..., allow_other_model: _Optional[bool] = ...) -> None: ...
 
 class Intervention(_message.Message):
-    __slots__ = ("ablate", "add")
+    __slots__ = ("ablate", "add", "speaker")
     ABLATE_FIELD_NUMBER: _ClassVar[int]
     ADD_FIELD_NUMBER: _ClassVar[int]
+    SPEAKER_FIELD_NUMBER: _ClassVar[int]
     ablate: AblateDirection
     add: AddVector
-    def __init__(self, ablate: _Optional[_Union[AblateDirection, _Mapping]] = ..., add: _Optional[_Union[AddVector, _Mapping]] = ...) -> None: ...
+    speaker: str
+    def __init__(self, ablate: _Optional[_Union[AblateDirection, _Mapping]] = ..., add: _Optional[_Union[AddVector, _Mapping]] = ..., speaker: _Optional[str] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("model", "text", "chat", "token_ids", "sampling", "stop", "seed", "max_new_tokens", "interventions", "top_logprobs", "compare")
+    __slots__ = ("model", "text", "chat", "token_ids", "roleplay", "sampling", "stop", "seed", "max_new_tokens", "interventions", "top_logprobs", "compare")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
     CHAT_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    ROLEPLAY_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
     STOP_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
@@ -203,6 +218,7 @@ class GenerateRequest(_message.Message):
     text: str
     chat: ChatPrompt
     token_ids: TokenIds
+    roleplay: RolePlayPrompt
     sampling: SamplingParams
     stop: _containers.RepeatedScalarFieldContainer[str]
     seed: int
@@ -210,7 +226,7 @@ class GenerateRequest(_message.Message):
     interventions: _containers.RepeatedCompositeFieldContainer[Intervention]
     top_logprobs: int
     compare: bool
-    def __init__(self, model: _Optional[str] = ..., text: _Optional[str] = ..., chat: _Optional[_Union[ChatPrompt, _Mapping]] = ..., token_ids: _Optional[_Union[TokenIds, _Mapping]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., stop: _Optional[_Iterable[str]] = ..., seed: _Optional[int] = ..., max_new_tokens: _Optional[int] = ..., interventions: _Optional[_Iterable[_Union[Intervention, _Mapping]]] = ..., top_logprobs: _Optional[int] = ..., compare: _Optional[bool] = ...) -> None: ...
+    def __init__(self, model: _Optional[str] = ..., text: _Optional[str] = ..., chat: _Optional[_Union[ChatPrompt, _Mapping]] = ..., token_ids: _Optional[_Union[TokenIds, _Mapping]] = ..., roleplay: _Optional[_Union[RolePlayPrompt, _Mapping]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., stop: _Optional[_Iterable[str]] = ..., seed: _Optional[int] = ..., max_new_tokens: _Optional[int] = ..., interventions: _Optional[_Iterable[_Union[Intervention, _Mapping]]] = ..., top_logprobs: _Optional[int] = ..., compare: _Optional[bool] = ...) -> None: ...
 
 class Usage(_message.Message):
     __slots__ = ("prompt_tokens", "completion_tokens")
