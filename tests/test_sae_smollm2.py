@@ -97,11 +97,12 @@ def test_slider_on_moralizing_feature_moves_moralizing_starts(
         return float(torch.logsumexp(torch.log_softmax(logits, -1)[:, tokens], -1).mean())
 
     baseline = moralizing_logmass(())
+    half = moralizing_logmass((AddDecoder(sae, feature, strength / 2),))
     pushed = moralizing_logmass((AddDecoder(sae, feature, strength),))
-    pulled = moralizing_logmass((AddDecoder(sae, feature, -strength),))
     print(
-        f"strength {strength:.1f}: log P(moralizing start) {pulled:.3f} (-) < "
-        f"{baseline:.3f} (0) < {pushed:.3f} (+)"
+        f"strength {strength:.1f}: log P(moralizing start) {baseline:.3f} (0) -> "
+        f"{half:.3f} (half) -> {pushed:.3f} (full)"
     )
+    # (a large negative strength is not a suppressor: it pushes the stream off-distribution)
     assert pushed > baseline + 0.1
-    assert pulled < baseline
+    assert baseline < half < pushed
