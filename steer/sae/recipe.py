@@ -13,7 +13,7 @@
     max_new_tokens = 128
     temperature = 0.8
     include_prompts = true             # the prompts themselves are texts too
-    files = ["data/sae_corpus/contrast_moralizing.jsonl"]   # local .txt / .jsonl
+    files = ["data/harmless.jsonl"]   # local .txt / .jsonl
 
     [sae]                              # any TrainingConfig field
     hook = "blocks.12.hook_resid_post"
