@@ -22,7 +22,9 @@ def _layers(text: str) -> tuple[int, ...]:
             elif part.strip():
                 layers.append(int(part))
     except ValueError:
-        raise InvalidArgumentError(f"expected e.g. 18,19,20 or 10-21, got {text!r}", field="layers") from None
+        raise InvalidArgumentError(
+            f"expected e.g. 18,19,20 or 10-21, got {text!r}", field="layers"
+        ) from None
     return tuple(layers)
 
 
@@ -30,7 +32,9 @@ def _positions(text: str) -> tuple[int, ...]:
     try:
         return tuple(int(p) for p in text.split(",") if p.strip())
     except ValueError:
-        raise InvalidArgumentError(f"expected e.g. -1,-2, got {text!r}", field="positions") from None
+        raise InvalidArgumentError(
+            f"expected e.g. -1,-2, got {text!r}", field="positions"
+        ) from None
 
 
 def _default_recipe(name: str) -> str:
@@ -152,8 +156,10 @@ def _show(directory: Path, *, as_json: bool) -> int:
     model = metadata.get("model") or {}
     print(f"{directory}: {metadata.get('kind')} {artifact.vector!r}")
     print(f"  model    {model.get('name')} ({str(model.get('weight_hash', ''))[:12]})")
-    print(f"  method   {metadata.get('method')}  layer {metadata.get('layer')}  "
-          f"positions {metadata.get('positions')}")
+    print(
+        f"  method   {metadata.get('method')}  layer {metadata.get('layer')}  "
+        f"positions {metadata.get('positions')}"
+    )
     print(f"  hooks    {', '.join(metadata.get('hooks') or [])[:120]}")
     for key, value in (metadata.get("metrics") or {}).items():
         print(f"  {key:<26} {value}")

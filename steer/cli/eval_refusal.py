@@ -26,7 +26,9 @@ def parser(prog: str, *, kind: str) -> argparse.ArgumentParser:
     parser.add_argument("--direction", help="direction artifact directory")
     parser.add_argument("--strength", type=float, help="add the direction with this strength")
     parser.add_argument("--baked", help="an edited model directory, compared against --model")
-    parser.add_argument("--recipe", default=str(RECIPES_DIR / f"{'refusal' if refusal else 'moralizing'}.toml"))
+    parser.add_argument(
+        "--recipe", default=str(RECIPES_DIR / f"{'refusal' if refusal else 'moralizing'}.toml")
+    )
     parser.add_argument(
         "--harmful" if refusal else "--prompts",
         dest="positive",

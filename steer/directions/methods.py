@@ -7,8 +7,9 @@ tensors (for refusal: harmful and harmless prompts; for pairs: the two replies o
 
 * ``mean_difference``: ``mean(positive) - mean(negative)`` (Arditi et al.; steering-vectors).
 * ``pca``: first principal component of the paired differences ``positive_i - negative_i``
-  (repeng), uncentred; its sign is fixed so that projecting the positives scores higher than the negatives,
-  and it is scaled to the mean-difference's length along it so strengths stay comparable.
+  (repeng), uncentred; its sign is fixed so that projecting the positives scores higher than
+  the negatives, and it is scaled to the mean-difference's length along it so strengths stay
+  comparable.
 * ``projected``: the mean difference with its component along the negative (harmless) mean
   removed, ``r' = r - (r . g^) g^``.
 
