@@ -45,14 +45,17 @@ def contrast_check(handle, sae, pairs_file: Path) -> dict:  # type: ignore[no-un
     features = [r.feature for r in ranked]
     held = auroc(scores_a[:, features], scores_b[:, features]).tolist()
     top = ranked[0]
+    # orient: 1.0 means the feature ranks the set it fires more on first
+    oriented = [a if r.score > 0 else 1.0 - a for a, r in zip(held, ranked, strict=True)]
     return {
         "pairs_train": len(train),
         "pairs_held_out": len(held_out),
         "top_feature": top.feature,
         "top_score": top.score,
-        "auroc_train": top.auroc,
-        "auroc_held_out": held[0],
-        "held_out_auroc_top5": [round(v, 3) for v in held],
+        "fires_more_on": "moralizing" if top.score > 0 else "in-character",
+        "auroc_train": top.auroc if top.score > 0 else 1.0 - (top.auroc or 0.0),
+        "auroc_held_out": oriented[0],
+        "held_out_auroc_top5": [round(v, 3) for v in oriented],
     }
 
 
@@ -126,8 +129,10 @@ def _markdown(record: dict) -> str:  # type: ignore[type-arg]
         {"metric": "CE with the activations zeroed", "value": record["ce_zero"]},
         {"metric": "fraction of CE recovered", "value": record["ce_recovered"]},
         {"metric": "dead features (on held-out text)", "value": record["dead_fraction"]},
+        {"metric": "contrast top feature fires more on", "value": record["fires_more_on"]},
         {"metric": "contrast top feature, AUROC on picking pairs", "value": record["auroc_train"]},
         {"metric": "contrast top feature, AUROC held out", "value": record["auroc_held_out"]},
+        {"metric": "top 5 features, AUROC held out", "value": record["held_out_auroc_top5"]},
     ]
     return (
         "## SAE: SmolLM2-135M-Instruct (`recipes/sae-smollm2.toml`)\n\n"
