@@ -20,6 +20,7 @@ section "service".
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import subprocess
 import sys
@@ -250,9 +251,8 @@ def main() -> int:
             f"{args.max_new_tokens} new tokens per stream, each stream with its own slider "
             f"(random unit vector at `{HOOK}`, strength 1..N). The server is a `steer serve` "
             "subprocess; clients stream from threads of the benchmark process. Both paths "
-            f"warmed first; best of {args.repeats} alternating runs. The machine was shared "
-            "with other jobs (load average well above its 2 cores), so absolute numbers are "
-            "noisy.\n\n" + table(rows, columns)
+            f"warmed first; best of {args.repeats} alternating runs. Load average before the "
+            f"run: {os.getloadavg()[0]:.2f}.\n\n" + table(rows, columns)
         )
         write_section("benchmarks.md", "service", markdown, title="Benchmarks")
     return 0
