@@ -106,8 +106,12 @@ def connect(args: argparse.Namespace) -> Any:
 def generate(argv: list[str], prog: str) -> int:
     parser = argparse.ArgumentParser(prog=prog, description="Generate through a running server.")
     parser.add_argument("prompt", help="prompt text ('-' reads stdin)")
-    parser.add_argument("--chat", action="store_true", help="send the prompt as a user message")
-    parser.add_argument("--system", help="system message (implies --chat)")
+    parser.add_argument(
+        "--raw",
+        action="store_true",
+        help="send the prompt as raw text; by default it is a user message in the chat template",
+    )
+    parser.add_argument("--system", help="system message")
     parser.add_argument("--compare", action="store_true", help="default vs steered, same seed")
     parser.add_argument("--json", action="store_true", help="one JSON line per completion")
     _connection_arguments(parser)
@@ -115,7 +119,7 @@ def generate(argv: list[str], prog: str) -> int:
     args = parser.parse_args(argv)
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     request: dict[str, Any] = _options(args)
-    if args.chat or args.system:
+    if not args.raw:
         messages = [{"role": "system", "content": args.system}] if args.system else []
         request["messages"] = [*messages, {"role": "user", "content": prompt}]
         prompt = None
