@@ -125,11 +125,16 @@ def test_cli_generate_streams_and_compares(
     served: SteerServer, client: SteerClient, capsys: pytest.CaptureFixture[str]
 ) -> None:
     server = ["--server", served.target]
+    options = [*server, "--temperature", "0", "--max-new-tokens", "8"]
     expected = client.complete(PROMPTS[2], temperature=0, max_new_tokens=8)[None]
-    code, out, err = _run_cli(
-        ["generate", PROMPTS[2], *server, "--temperature", "0", "--max-new-tokens", "8"], capsys
-    )
+    code, out, err = _run_cli(["generate", PROMPTS[2], "--raw", *options], capsys)
     assert code == 0 and out == expected.text + "\n" and "length" in err
+    # by default the prompt is a user message in the model's chat template
+    chat = client.complete(
+        messages=[{"role": "user", "content": PROMPTS[2]}], temperature=0, max_new_tokens=8
+    )[None]
+    code, out, _ = _run_cli(["generate", PROMPTS[2], *options], capsys)
+    assert code == 0 and out == chat.text + "\n" and chat.text != expected.text
     code, out, _ = _run_cli(
         [
             "generate",
@@ -149,7 +154,7 @@ def test_cli_generate_streams_and_compares(
     records = [json.loads(line) for line in out.splitlines()]
     assert code == 0 and {r["side"] for r in records} == {"default", "steered"}
     default = next(r for r in records if r["side"] == "default")
-    assert default["token_ids"] == expected.token_ids
+    assert default["token_ids"] == chat.token_ids
     code, _, err = _run_cli(["generate", "Hi", *server, "--steer", "calm"], capsys)
     assert code == 1 and "--steer" in err  # NAME=STRENGTH is required
     code, _, err = _run_cli(["generate", "Hi", *server, "--ablate", "absent"], capsys)
