@@ -255,6 +255,10 @@ class RowContext:
     def window(self, size: int) -> Sequence[int]:
         return self.history[-size:] if size > 0 else self.history
 
+    def seen(self, size: int) -> torch.Tensor:
+        """The distinct token ids of the last ``size`` tokens (0 = all), sorted."""
+        return torch.tensor(sorted(set(self.window(size))), dtype=torch.long)
+
 
 class LogitsProcessor(Protocol):
     name: str
@@ -299,9 +303,7 @@ class RepetitionPenalty:
     def __call__(
         self, logits: torch.Tensor, config: SamplingConfig, row: RowContext
     ) -> torch.Tensor:
-        seen = torch.tensor(
-            sorted(set(row.window(config.repetition_penalty_range))), dtype=torch.long
-        )
+        seen = row.seen(config.repetition_penalty_range)
         if seen.numel() == 0:
             return logits
         values = logits[seen]
@@ -320,9 +322,7 @@ class PresencePenalty:
     def __call__(
         self, logits: torch.Tensor, config: SamplingConfig, row: RowContext
     ) -> torch.Tensor:
-        seen = torch.tensor(
-            sorted(set(row.window(config.repetition_penalty_range))), dtype=torch.long
-        )
+        seen = row.seen(config.repetition_penalty_range)
         if seen.numel() == 0:
             return logits
         return logits.index_add(0, seen, torch.full((seen.numel(),), -config.presence_penalty))
