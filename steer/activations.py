@@ -107,7 +107,7 @@ def forward(
     return result
 
 
-def _select(positions: Positions, lengths: list[int]):  # type: ignore[no-untyped-def]
+def _select(positions: Positions):  # type: ignore[no-untyped-def]
     def select(x: torch.Tensor) -> torch.Tensor:
         if positions == "last":
             return x[:, -1:, :]
@@ -153,7 +153,7 @@ def _run_batch(
     )
     plan.phase = Phase.PROMPT
     functions: dict = dict(plan.hooks())
-    select = _select(positions, [])
+    select = _select(positions)
     for point in points:
         record: HookFn = recorder(stores[point.name], select)
         steer = functions.get(point)

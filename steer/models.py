@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -23,6 +24,24 @@ from steer.hooks import ArchitectureLayout, HookResolver
 from steer.offline import OFFLINE_MODELS, resolve_offline
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def weight_digest(
+    tensors: Iterable[tuple[str, tuple[int, ...], Iterable[torch.Tensor]]],
+) -> str:
+    """The weight hash: SHA-256 over ``name:shape;`` and the values rounded to bfloat16.
+
+    ``tensors`` yields (name, shape, chunks) in sorted name order; the chunks of one tensor are
+    consecutive row blocks (a whole tensor is one chunk). Loaded models and bake sources both
+    hash through here, so the two always agree.
+    """
+    digest = hashlib.sha256()
+    for name, shape, chunks in tensors:
+        digest.update(f"{name}:{tuple(shape)};".encode())
+        for chunk in chunks:
+            rounded = chunk.detach().to("cpu", torch.bfloat16).contiguous()
+            digest.update(rounded.view(torch.int16).numpy().data)
+    return digest.hexdigest()
 
 
 @dataclass(frozen=True, eq=False)
@@ -84,15 +103,12 @@ class ModelHandle:
         Rounding to bfloat16 makes float32/bfloat16 loads of the same weights hash alike, so an
         artifact made on one can be checked against the other.
         """
-        digest = hashlib.sha256()
         with torch.no_grad():
-            for name, tensor in sorted(self.model.state_dict().items()):
-                if not tensor.is_floating_point():
-                    continue
-                rounded = tensor.detach().to("cpu", torch.bfloat16).contiguous()
-                digest.update(f"{name}:{tuple(rounded.shape)};".encode())
-                digest.update(rounded.view(torch.int16).numpy().tobytes())
-        return digest.hexdigest()
+            return weight_digest(
+                (name, tuple(tensor.shape), (tensor,))
+                for name, tensor in sorted(self.model.state_dict().items())
+                if tensor.is_floating_point()
+            )
 
     def hook_names(self) -> list[str]:
         return self.resolver.hook_names()

@@ -8,9 +8,8 @@ hash for provenance, and :meth:`Source.weight_hash`, which reproduces
 
 from __future__ import annotations
 
-import hashlib
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,7 @@ import torch
 
 from steer.bake.tensor_io import SafetensorsReader, TensorSpec
 from steer.errors import FailedPreconditionError, InvalidArgumentError, NotFoundError
+from steer.models import weight_digest
 from steer.offline import OFFLINE_MODELS, resolve_offline
 
 #: files in a model directory that are not weights and travel to the output unchanged
@@ -75,25 +75,27 @@ class Source:
         if self.tied and "lm_head.weight" not in self.specs and embed in self.specs:
             aliases["lm_head.weight"] = embed  # the state dict lists the tied head too
             names.add("lm_head.weight")
-        digest = hashlib.sha256()
         ordered = sorted(names)
-        for index, name in enumerate(ordered):
-            stored = aliases.get(name, name)
-            shape = self.specs[stored].shape
-            digest.update(f"{name}:{shape};".encode())
-            # row chunks: the same bytes as the whole tensor, one chunk in memory at a time
-            rows = shape[0] if shape else 1
-            step = max(1, rows * (16 << 20) // max(self.specs[stored].nbytes, 1))
-            for start in range(0, rows, step):
-                if shape:
-                    chunk = self.read_rows(stored, start, min(rows, start + step))
-                else:
-                    chunk = self.read(stored)
-                chunk = chunk.to(torch.bfloat16).contiguous()
-                digest.update(chunk.view(torch.int16).numpy().data)
-            if progress is not None:
-                progress((index + 1) / len(ordered))
-        return digest.hexdigest()
+
+        def tensors() -> Iterator[tuple[str, tuple[int, ...], Iterator[torch.Tensor]]]:
+            for index, name in enumerate(ordered):
+                stored = aliases.get(name, name)
+                yield name, tuple(self.specs[stored].shape), self._row_chunks(stored)
+                if progress is not None:
+                    progress((index + 1) / len(ordered))
+
+        return weight_digest(tensors())
+
+    def _row_chunks(self, name: str) -> Iterator[torch.Tensor]:
+        """A tensor as row blocks of about 16 MiB: the same bytes, one block in memory at a time."""
+        shape = self.specs[name].shape
+        if not shape:
+            yield self.read(name)
+            return
+        rows = shape[0]
+        step = max(1, rows * (16 << 20) // max(self.specs[name].nbytes, 1))
+        for start in range(0, rows, step):
+            yield self.read_rows(name, start, min(rows, start + step))
 
 
 def open_source(
