@@ -14,6 +14,13 @@ class Phase(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     PHASE_PROMPT: _ClassVar[Phase]
     PHASE_GENERATED: _ClassVar[Phase]
 
+class SliderMode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    SLIDER_MODE_UNSPECIFIED: _ClassVar[SliderMode]
+    SLIDER_MODE_CLAMP: _ClassVar[SliderMode]
+    SLIDER_MODE_SCALE: _ClassVar[SliderMode]
+    SLIDER_MODE_ADD_DECODER: _ClassVar[SliderMode]
+
 class Side(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     SIDE_UNSPECIFIED: _ClassVar[Side]
@@ -30,6 +37,10 @@ PHASE_UNSPECIFIED: Phase
 PHASE_ALL: Phase
 PHASE_PROMPT: Phase
 PHASE_GENERATED: Phase
+SLIDER_MODE_UNSPECIFIED: SliderMode
+SLIDER_MODE_CLAMP: SliderMode
+SLIDER_MODE_SCALE: SliderMode
+SLIDER_MODE_ADD_DECODER: SliderMode
 SIDE_UNSPECIFIED: Side
 SIDE_DEFAULT: Side
 SIDE_STEERED: Side
@@ -190,15 +201,31 @@ class AddVector(_message.Message):
     allow_other_model: bool
     def __init__(self, artifact_id: _Optional[str] = ..., inline: _Optional[_Union[InlineVector, _Mapping]] = ..., strength: _Optional[float] = ..., hooks: _Optional[_Iterable[str]] = ..., phase: _Optional[_Union[Phase, str]] = ..., allow_other_model: _Optional[bool] = ...) -> None: ...
 
+class FeatureSlider(_message.Message):
+    __slots__ = ("sae_id", "feature", "mode", "value", "phase")
+    SAE_ID_FIELD_NUMBER: _ClassVar[int]
+    FEATURE_FIELD_NUMBER: _ClassVar[int]
+    MODE_FIELD_NUMBER: _ClassVar[int]
+    VALUE_FIELD_NUMBER: _ClassVar[int]
+    PHASE_FIELD_NUMBER: _ClassVar[int]
+    sae_id: str
+    feature: int
+    mode: SliderMode
+    value: float
+    phase: Phase
+    def __init__(self, sae_id: _Optional[str] = ..., feature: _Optional[int] = ..., mode: _Optional[_Union[SliderMode, str]] = ..., value: _Optional[float] = ..., phase: _Optional[_Union[Phase, str]] = ...) -> None: ...
+
 class Intervention(_message.Message):
-    __slots__ = ("ablate", "add", "speaker")
+    __slots__ = ("ablate", "add", "slider", "speaker")
     ABLATE_FIELD_NUMBER: _ClassVar[int]
     ADD_FIELD_NUMBER: _ClassVar[int]
+    SLIDER_FIELD_NUMBER: _ClassVar[int]
     SPEAKER_FIELD_NUMBER: _ClassVar[int]
     ablate: AblateDirection
     add: AddVector
+    slider: FeatureSlider
     speaker: str
-    def __init__(self, ablate: _Optional[_Union[AblateDirection, _Mapping]] = ..., add: _Optional[_Union[AddVector, _Mapping]] = ..., speaker: _Optional[str] = ...) -> None: ...
+    def __init__(self, ablate: _Optional[_Union[AblateDirection, _Mapping]] = ..., add: _Optional[_Union[AddVector, _Mapping]] = ..., slider: _Optional[_Union[FeatureSlider, _Mapping]] = ..., speaker: _Optional[str] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
     __slots__ = ("model", "text", "chat", "token_ids", "roleplay", "sampling", "stop", "seed", "max_new_tokens", "interventions", "top_logprobs", "compare")
