@@ -3,7 +3,8 @@
 
 Status codes come back as typed exceptions that are also the matching :mod:`steer.errors` classes
 (``InvalidArgument`` is an :class:`~steer.errors.InvalidArgumentError`), with the server's
-``field``. Interventions are built with :func:`ablate`, :func:`add` and :func:`add_local`::
+``field``. Interventions are built with :func:`ablate`, :func:`add`, :func:`add_local` and
+:func:`slider` (an SAE feature of an SAE loaded with ``load_sae``)::
 
     with SteerClient("127.0.0.1:50051") as client:
         for event in client.generate("Tell me a story", interventions=[add("calm", 4.0)]):
@@ -27,6 +28,8 @@ from steer.proto.v1 import bake_pb2_grpc as bake_services
 from steer.proto.v1 import (
     directions_pb2,
     directions_pb2_grpc,
+    features_pb2,
+    features_pb2_grpc,
     generation_pb2,
     generation_pb2_grpc,
     jobs_pb2,
@@ -218,6 +221,37 @@ def add_local(
     return add(artifact.vector, strength, hooks=hooks, phase=phase)
 
 
+_SLIDER_MODES = {
+    "clamp": generation_pb2.SLIDER_MODE_CLAMP,
+    "scale": generation_pb2.SLIDER_MODE_SCALE,
+    "add_decoder": generation_pb2.SLIDER_MODE_ADD_DECODER,
+}
+
+
+def slider(
+    sae_id: str,
+    feature: int,
+    mode: str,
+    value: float,
+    *,
+    phase: str = "all",
+    speaker: str = "",
+) -> generation_pb2.Intervention:
+    """Move feature ``feature`` of the server's SAE ``sae_id`` (see ``load_sae``).
+
+    ``mode``: ``clamp`` (f = value), ``scale`` (f = value * f) or ``add_decoder``
+    (f = f + value); the SAE's error term is kept, so ``scale`` 1 and ``add_decoder`` 0 change
+    nothing."""
+    if mode not in _SLIDER_MODES:
+        raise errors.InvalidArgumentError(f"use one of {', '.join(_SLIDER_MODES)}", field="mode")
+    if phase not in _PHASES:
+        raise errors.InvalidArgumentError(f"use one of {', '.join(_PHASES)}", field="phase")
+    message = generation_pb2.FeatureSlider(
+        sae_id=sae_id, feature=feature, mode=_SLIDER_MODES[mode], value=value, phase=_PHASES[phase]
+    )
+    return generation_pb2.Intervention(slider=message, speaker=speaker)
+
+
 # -- results ----------------------------------------------------------------------------------
 
 _SIDES = {
@@ -353,6 +387,40 @@ def generate_request(
     return request
 
 
+def load_sae_request(
+    path: str,
+    sae_id: str = "",
+    *,
+    model: str = "",
+    hook: str = "",
+    allow_other_model: bool = False,
+) -> features_pb2.LoadSaeRequest:
+    """``path``: the SAE directory relative to the server's models root."""
+    return features_pb2.LoadSaeRequest(
+        path=path, sae_id=sae_id, model=model, hook=hook, allow_other_model=allow_other_model
+    )
+
+
+def feature_info_request(
+    sae_id: str,
+    feature: int,
+    *,
+    corpus: Sequence[str] = (),
+    num_tokens: int = 0,
+    num_snippets: int = 0,
+    context_tokens: int = 0,
+) -> features_pb2.FeatureInfoRequest:
+    """Counts of 0 take the server's defaults (10 tokens, 5 snippets, 12 tokens of context)."""
+    return features_pb2.FeatureInfoRequest(
+        sae_id=sae_id,
+        feature=feature,
+        corpus=list(corpus),
+        num_tokens=num_tokens,
+        num_snippets=num_snippets,
+        context_tokens=context_tokens,
+    )
+
+
 def _metadata(token: str | None) -> tuple[tuple[str, str], ...]:
     return (("authorization", f"Bearer {token}"),) if token else ()
 
@@ -393,6 +461,7 @@ class SteerClient:
         self._directions = directions_pb2_grpc.DirectionsStub(self.channel)
         self._bake = bake_services.BakeStub(self.channel)
         self._jobs = jobs_pb2_grpc.JobsStub(self.channel)
+        self._features = features_pb2_grpc.FeaturesStub(self.channel)
 
     def close(self) -> None:
         self.channel.close()
@@ -495,6 +564,46 @@ class SteerClient:
         (directory / TENSORS).write_bytes(files.vectors_safetensors)
         (directory / SIDECAR).write_bytes(files.steer_json)
         return directory
+
+    # SAEs and features
+
+    def load_sae(self, path: str, sae_id: str = "", **options: Any) -> features_pb2.SaeInfo:
+        """Load an SAE directory (relative to the server's models root) for a model; options:
+        ``model``, ``hook``, ``allow_other_model`` (see :func:`load_sae_request`)."""
+        return self._call(self._features.LoadSae, load_sae_request(path, sae_id, **options))
+
+    def saes(self) -> list[features_pb2.SaeInfo]:
+        return list(self._call(self._features.ListSaes, features_pb2.ListSaesRequest()).saes)
+
+    def unload_sae(self, sae_id: str) -> None:
+        self._call(self._features.UnloadSae, features_pb2.UnloadSaeRequest(sae_id=sae_id))
+
+    def feature_activations(
+        self, sae_id: str, text: str, *, k: int = 0, per_token: bool = False
+    ) -> features_pb2.ActivationsResponse:
+        """The top features of ``text`` (and with ``per_token`` each token's); k 0 = 10."""
+        request = features_pb2.ActivationsRequest(
+            sae_id=sae_id, text=text, k=k, per_token=per_token
+        )
+        return self._call(self._features.Activations, request)
+
+    def search_features(
+        self, sae_id: str, examples: Sequence[str], *, k: int = 0
+    ) -> list[features_pb2.RankedFeature]:
+        request = features_pb2.SearchRequest(sae_id=sae_id, examples=list(examples), k=k)
+        return list(self._call(self._features.Search, request).features)
+
+    def contrast_features(
+        self, sae_id: str, set_a: Sequence[str], set_b: Sequence[str], *, k: int = 0
+    ) -> list[features_pb2.RankedFeature]:
+        request = features_pb2.ContrastRequest(
+            sae_id=sae_id, set_a=list(set_a), set_b=list(set_b), k=k
+        )
+        return list(self._call(self._features.Contrast, request).features)
+
+    def feature_info(self, sae_id: str, feature: int, **options: Any) -> features_pb2.FeatureInfo:
+        """Options: ``corpus``, ``num_tokens``, ``num_snippets``, ``context_tokens``."""
+        return self._call(self._features.Info, feature_info_request(sae_id, feature, **options))
 
     # jobs
 
@@ -608,6 +717,7 @@ class AsyncSteerClient:
         self._generation = generation_pb2_grpc.GenerationStub(self.channel)
         self._models = models_pb2_grpc.ModelsStub(self.channel)
         self._directions = directions_pb2_grpc.DirectionsStub(self.channel)
+        self._features = features_pb2_grpc.FeaturesStub(self.channel)
 
     async def close(self) -> None:
         await self.channel.close()
@@ -655,3 +765,41 @@ class AsyncSteerClient:
     async def artifacts(self) -> list[directions_pb2.ArtifactInfo]:
         response = await self._call(self._directions.List, directions_pb2.ListArtifactsRequest())
         return list(response.artifacts)
+
+    async def load_sae(self, path: str, sae_id: str = "", **options: Any) -> features_pb2.SaeInfo:
+        return await self._call(self._features.LoadSae, load_sae_request(path, sae_id, **options))
+
+    async def saes(self) -> list[features_pb2.SaeInfo]:
+        response = await self._call(self._features.ListSaes, features_pb2.ListSaesRequest())
+        return list(response.saes)
+
+    async def unload_sae(self, sae_id: str) -> None:
+        await self._call(self._features.UnloadSae, features_pb2.UnloadSaeRequest(sae_id=sae_id))
+
+    async def feature_activations(
+        self, sae_id: str, text: str, *, k: int = 0, per_token: bool = False
+    ) -> features_pb2.ActivationsResponse:
+        request = features_pb2.ActivationsRequest(
+            sae_id=sae_id, text=text, k=k, per_token=per_token
+        )
+        return await self._call(self._features.Activations, request)
+
+    async def search_features(
+        self, sae_id: str, examples: Sequence[str], *, k: int = 0
+    ) -> list[features_pb2.RankedFeature]:
+        request = features_pb2.SearchRequest(sae_id=sae_id, examples=list(examples), k=k)
+        return list((await self._call(self._features.Search, request)).features)
+
+    async def contrast_features(
+        self, sae_id: str, set_a: Sequence[str], set_b: Sequence[str], *, k: int = 0
+    ) -> list[features_pb2.RankedFeature]:
+        request = features_pb2.ContrastRequest(
+            sae_id=sae_id, set_a=list(set_a), set_b=list(set_b), k=k
+        )
+        return list((await self._call(self._features.Contrast, request)).features)
+
+    async def feature_info(
+        self, sae_id: str, feature: int, **options: Any
+    ) -> features_pb2.FeatureInfo:
+        request = feature_info_request(sae_id, feature, **options)
+        return await self._call(self._features.Info, request)

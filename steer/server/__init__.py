@@ -8,6 +8,7 @@ Layout (one concern per module):
 * ``scheduler``  -- one engine loop thread per model; requests join its running batch
 * ``registry``   -- loaded models by id
 * ``store``      -- vector artifacts under the models root
+* ``saes``       -- loaded SAEs by id, each bound to its model
 * ``paths``      -- confinement of user paths to the models root
 * ``auth``       -- bearer-token interceptor
 * ``jobs``       -- generic job runner (progress, cancel, result) for directions and bakes

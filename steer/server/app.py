@@ -20,13 +20,22 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from steer.models import ModelHandle
-from steer.proto.v1 import bake_pb2, directions_pb2, generation_pb2, jobs_pb2, models_pb2
+from steer.proto.v1 import (
+    bake_pb2,
+    directions_pb2,
+    features_pb2,
+    generation_pb2,
+    jobs_pb2,
+    models_pb2,
+)
 from steer.server.auth import TokenAuthInterceptor
 from steer.server.jobs import JobRunner
 from steer.server.registry import ModelRegistry
+from steer.server.saes import SaeRegistry
 from steer.server.servicers import (
     BakeServicer,
     DirectionsServicer,
+    FeaturesServicer,
     GenerationServicer,
     JobsServicer,
     ModelsServicer,
@@ -87,6 +96,7 @@ class SteerServer:
         self.settings = settings or ServerSettings()
         self.registry = ModelRegistry(self.settings)
         self.store = ArtifactStore(self.settings.artifacts_dir)
+        self.saes = SaeRegistry(self.settings.models_root)
         self.jobs = JobRunner()
         self.draining = threading.Event()
         self.health = health.HealthServicer(experimental_non_blocking=True)
@@ -105,9 +115,10 @@ class SteerServer:
             (
                 generation_pb2,
                 "Generation",
-                GenerationServicer(self.registry, self.store, settings, self.draining),
+                GenerationServicer(self.registry, self.store, self.saes, settings, self.draining),
             ),
-            (models_pb2, "Models", ModelsServicer(self.registry)),
+            (models_pb2, "Models", ModelsServicer(self.registry, self.saes)),
+            (features_pb2, "Features", FeaturesServicer(self.registry, self.saes, settings)),
             (
                 directions_pb2,
                 "Directions",

@@ -10,19 +10,23 @@ import json
 import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from steer.errors import InvalidArgumentError, SteerError
+from steer.errors import InvalidArgumentError, ResourceExhaustedError, SteerError
 from steer.generation import GenerationEvent, GenerationRequest, Message
 from steer.interventions import Ablate, Add, Intervention, Phase, validate
 from steer.models import ModelHandle
-from steer.proto.v1 import directions_pb2, generation_pb2, jobs_pb2, models_pb2
+from steer.proto.v1 import directions_pb2, features_pb2, generation_pb2, jobs_pb2, models_pb2
 from steer.sampling import SamplingConfig
 from steer.server.jobs import JobSnapshot
 from steer.server.registry import LoadedModel
+from steer.server.saes import LoadedSae, SaeRegistry
 from steer.server.settings import ServerSettings
 from steer.server.store import ArtifactFiles, ArtifactStore
 from steer.vectors import SteeringVector
+
+if TYPE_CHECKING:
+    from steer.sae.features import FeatureInfo, RankedFeature, TextFeatures
 
 ROLES = ("system", "user", "assistant")
 PROMPT_FORMATS = ("", "chat_template")
@@ -59,10 +63,12 @@ def _renamed(error: SteerError, prefix: str) -> InvalidArgumentError:
 
 def generation_plan(
     message: generation_pb2.GenerateRequest,
-    handle: ModelHandle,
+    loaded: LoadedModel,
     store: ArtifactStore,
+    saes: SaeRegistry,
     settings: ServerSettings,
 ) -> GenerationPlan:
+    handle = loaded.handle
     prompt: dict[str, Any] = _prompt(message, handle)
     extra_stop = tuple(prompt.pop("extra_stop", ()))
     max_new_tokens = message.max_new_tokens or settings.default_max_new_tokens
@@ -89,7 +95,7 @@ def generation_plan(
             field="interventions",
         )
     interventions = tuple(
-        intervention(item, handle, store, f"interventions[{index}]")
+        intervention(item, loaded, store, saes, f"interventions[{index}]")
         for index, item in enumerate(message.interventions)
     )
     seed = message.seed if message.HasField("seed") else None
@@ -235,15 +241,22 @@ def _inline_vector(message: generation_pb2.InlineVector, field: str) -> Steering
 
 
 def intervention(
-    message: generation_pb2.Intervention, handle: ModelHandle, store: ArtifactStore, field: str
+    message: generation_pb2.Intervention,
+    loaded: LoadedModel,
+    store: ArtifactStore,
+    saes: SaeRegistry,
+    field: str,
 ) -> Intervention:
+    handle = loaded.handle
     which = message.WhichOneof("kind")
     if which is None:
-        raise InvalidArgumentError("set ablate or add", field=field)
+        raise InvalidArgumentError("set ablate, add or slider", field=field)
     field = f"{field}.{which}"
     built: Intervention
     try:
-        if which == "ablate":
+        if which == "slider":
+            built = _slider(message.slider, message.speaker or None, loaded, saes)
+        elif which == "ablate":
             ablate = message.ablate
             if not ablate.artifact_id:
                 raise InvalidArgumentError("required", field="artifact_id")
@@ -299,6 +312,44 @@ def intervention(
     return built
 
 
+#: slider mode -> (library class, the name its constructor gives the value)
+_SLIDER_MODES = {
+    generation_pb2.SLIDER_MODE_CLAMP: ("Clamp", "value"),
+    generation_pb2.SLIDER_MODE_SCALE: ("Scale", "factor"),
+    generation_pb2.SLIDER_MODE_ADD_DECODER: ("AddDecoder", "strength"),
+}
+
+
+def _slider(
+    message: generation_pb2.FeatureSlider,
+    speaker: str | None,
+    loaded: LoadedModel,
+    saes: SaeRegistry,
+) -> Intervention:
+    """A :mod:`steer.sae.sliders` intervention on an SAE loaded for this request's model."""
+    import steer.sae.sliders
+
+    if message.mode not in _SLIDER_MODES:
+        raise InvalidArgumentError("set mode: clamp, scale or add_decoder", field="mode")
+    if message.phase not in _PHASES:
+        raise InvalidArgumentError(f"unknown phase {message.phase}", field="phase")
+    if not message.sae_id:
+        raise InvalidArgumentError("required", field="sae_id")
+    entry = saes.get(message.sae_id)
+    entry.check_model(loaded.handle, loaded.model_id, field="sae_id")
+    class_name, value_name = _SLIDER_MODES[message.mode]
+    slider = getattr(steer.sae.sliders, class_name)
+    try:
+        built: Intervention = slider(
+            entry.sae, message.feature, message.value, _PHASES[message.phase], speaker
+        )
+    except SteerError as error:
+        if error.field == value_name:
+            error.field = "value"  # the proto's name for clamp value, factor and strength
+        raise
+    return built
+
+
 def generate_response(event: GenerationEvent, side: Any) -> generation_pb2.GenerateResponse:
     response = generation_pb2.GenerateResponse(
         side=side, token_ids=list(event.token_ids), text=event.text
@@ -346,6 +397,102 @@ def model_info(loaded: LoadedModel, *, detailed: bool) -> models_pb2.ModelInfo:
         message.hook_names.extend(handle.hook_names())
         message.chat_template = handle.chat_template or ""
         message.weight_hash = handle.weight_hash
+    return message
+
+
+# -- Features ---------------------------------------------------------------------------------
+
+DEFAULT_FEATURES = 10
+
+
+def sae_info(entry: LoadedSae) -> features_pb2.SaeInfo:
+    sae = entry.sae
+    return features_pb2.SaeInfo(
+        sae_id=entry.sae_id,
+        model=entry.model_id,
+        path=entry.path,
+        hook_name=sae.hook_name,
+        architecture=sae.architecture,
+        d_in=sae.d_in,
+        num_features=sae.num_features,
+        sliders=sae.affine_decoder,
+        metadata_json=json.dumps(dict(sae.metadata), sort_keys=True, default=str),
+    )
+
+
+def texts(
+    values: Sequence[str], handle: ModelHandle, settings: ServerSettings, field: str
+) -> list[str]:
+    """A request's texts within the server's limits: how many, and tokens per text.
+
+    Emptiness is the library's to check (it names the same field)."""
+    if len(values) > settings.max_feature_texts:
+        raise InvalidArgumentError(
+            f"{len(values)} texts; at most {settings.max_feature_texts}", field=field
+        )
+    for index, text in enumerate(values):
+        count = len(handle.tokenizer(text)["input_ids"])
+        if count > settings.max_prompt_tokens:
+            raise ResourceExhaustedError(
+                f"{count} tokens; this server accepts at most {settings.max_prompt_tokens}",
+                field=f"{field}[{index}]",
+            )
+    return list(values)
+
+
+def ranked_feature(ranked: RankedFeature) -> features_pb2.RankedFeature:
+    message = features_pb2.RankedFeature(
+        feature=ranked.feature,
+        score=ranked.score,
+        mean_activation=ranked.mean_activation,
+        frequency=ranked.frequency,
+    )
+    if ranked.mean_activation_b is not None:
+        message.mean_activation_b = ranked.mean_activation_b
+    if ranked.auroc is not None:
+        message.auroc = ranked.auroc
+    return message
+
+
+def ranked_features(ranking: Sequence[RankedFeature]) -> features_pb2.RankedFeatures:
+    return features_pb2.RankedFeatures(features=[ranked_feature(r) for r in ranking])
+
+
+def activations_response(
+    top: Sequence[RankedFeature], encoded: TextFeatures | None, k: int
+) -> features_pb2.ActivationsResponse:
+    response = features_pb2.ActivationsResponse(top=[ranked_feature(r) for r in top])
+    if encoded is not None:
+        for token_id, token, features in zip(
+            encoded.token_ids, encoded.tokens, encoded.top_per_token(k), strict=True
+        ):
+            response.tokens.add(
+                token_id=token_id,
+                token=token,
+                features=[
+                    features_pb2.FeatureActivation(feature=feature, activation=activation)
+                    for feature, activation in features
+                ],
+            )
+    return response
+
+
+def feature_info(info: FeatureInfo) -> features_pb2.FeatureInfo:
+    message = features_pb2.FeatureInfo(
+        feature=info.feature,
+        hook_name=info.hook_name,
+        decoder_norm=info.decoder_norm,
+        promoted=[features_pb2.TokenEffect(token=t, logit=v) for t, v in info.promoted],
+        suppressed=[features_pb2.TokenEffect(token=t, logit=v) for t, v in info.suppressed],
+        top_snippets=[
+            features_pb2.Snippet(
+                text=s.text, activation=s.activation, token=s.token, marked=s.marked
+            )
+            for s in info.top_snippets
+        ],
+    )
+    if info.density is not None:
+        message.density = info.density
     return message
 
 

@@ -84,7 +84,7 @@ class ModelRegistry:
                 )
             return loaded
 
-    def unload(self, model_id: str, grace: float = 0.0) -> None:
+    def unload(self, model_id: str, grace: float = 0.0) -> LoadedModel:
         with self._lock:
             loaded = self._models.pop(model_id, None)
             if loaded is None:
@@ -92,6 +92,7 @@ class ModelRegistry:
             if self.default_model == model_id:
                 self.default_model = next(iter(self._models), "")
         loaded.worker.close(grace)
+        return loaded
 
     def all(self) -> Mapping[str, LoadedModel]:
         with self._lock:

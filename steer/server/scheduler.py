@@ -6,6 +6,10 @@ to. Handlers :meth:`~ModelWorker.submit` requests and iterate their :class:`Subs
 client that cancels or goes away calls :meth:`Subscription.cancel`, which frees the row at the
 next step.
 
+Other model code (SAE feature reads) is handed to the same thread with :meth:`ModelWorker.call`
+and runs between two steps: hooks are attached to modules the engine's forward passes share, so
+only one forward pass of a model may run at a time. The running batch waits for the call.
+
 If a step raises (a bug, or ``torch.OutOfMemoryError`` inside one request), the engine's batch
 state can no longer be trusted: every request in that engine gets the error as its status, the
 engine is replaced by a fresh one, and the loop carries on serving new requests.
@@ -18,8 +22,10 @@ import queue
 import threading
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass, replace
+from typing import Any
 
 from steer.errors import ResourceExhaustedError
 from steer.generation import Engine, GenerationEvent, GenerationRequest, encode_prompt
@@ -87,6 +93,8 @@ class ModelWorker:
         self.stats = Stats()
         self._engine = Engine(handle, max_batch=max_batch, max_waiting=max_waiting)
         self._subscriptions: dict[str, Subscription] = {}
+        #: model code waiting to run on the engine thread between two steps
+        self._calls: list[tuple[Callable[[], Any], Future[Any]]] = []
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
         self._closing = False
@@ -143,6 +151,19 @@ class ModelWorker:
             request_id=f"{self.handle.name}-{uuid.uuid4().hex}",
         )
 
+    def call(self, function: Callable[[], Any]) -> Future[Any]:
+        """Run ``function()`` on the engine thread before its next step; its future result.
+
+        Cancelling the future before it starts (the client went away) skips the call.
+        """
+        future: Future[Any] = Future()
+        with self._lock:
+            if self._closing:
+                raise UnavailableError(f"model {self.handle.name!r} is shutting down")
+            self._calls.append((function, future))
+            self._wake.notify()
+        return future
+
     def cancel(self, request_id: str) -> None:
         with self._lock:
             if request_id in self._subscriptions:
@@ -167,11 +188,16 @@ class ModelWorker:
     def _loop(self) -> None:
         while True:
             with self._lock:
-                while not self._closed and not self._engine.has_work:
+                while not self._closed and not self._engine.has_work and not self._calls:
                     self._wake.wait()
-                if self._closed:
-                    return
-                engine = self._engine
+                calls, self._calls = self._calls, []
+                closed, engine = self._closed, self._engine
+            for function, future in calls:
+                _run_call(function, future, closed)
+            if closed:
+                return
+            if not engine.has_work:
+                continue
             try:
                 events = engine.step()
             except BaseException as error:  # any failure must not stop the loop
@@ -224,3 +250,15 @@ class ModelWorker:
             self._closed = True
             self._wake.notify()
         self._thread.join(timeout=30.0)
+
+
+def _run_call(function: Callable[[], Any], future: Future[Any], closed: bool) -> None:
+    if not future.set_running_or_notify_cancel():
+        return  # cancelled while waiting
+    if closed:
+        future.set_exception(UnavailableError("the model was unloaded"))
+        return
+    try:
+        future.set_result(function())
+    except BaseException as error:  # the caller re-raises it; the loop goes on
+        future.set_exception(error)

@@ -7,6 +7,7 @@ and answers UNIMPLEMENTED.
 
 from __future__ import annotations
 
+import concurrent.futures
 import importlib
 import json
 import threading
@@ -20,6 +21,7 @@ import grpc
 from steer.errors import InvalidArgumentError, NotFoundError
 from steer.proto.v1 import (
     directions_pb2,
+    features_pb2,
     generation_pb2,
     jobs_pb2,
     models_pb2,
@@ -28,8 +30,14 @@ from steer.server import convert
 from steer.server.jobs import JobRunner
 from steer.server.paths import check_id, confine, confine_recipe
 from steer.server.registry import ModelRegistry
+from steer.server.saes import LoadedSae, SaeRegistry
 from steer.server.settings import ServerSettings
-from steer.server.status import AlreadyExistsError, UnavailableError, UnimplementedError
+from steer.server.status import (
+    AlreadyExistsError,
+    ClientCancelledError,
+    UnavailableError,
+    UnimplementedError,
+)
 from steer.server.store import ArtifactStore
 
 
@@ -38,15 +46,12 @@ class GenerationServicer:
         self,
         registry: ModelRegistry,
         store: ArtifactStore,
+        saes: SaeRegistry,
         settings: ServerSettings,
         draining: threading.Event,
     ) -> None:
-        self.registry, self.store, self.settings, self.draining = (
-            registry,
-            store,
-            settings,
-            draining,
-        )
+        self.registry, self.store, self.saes = registry, store, saes
+        self.settings, self.draining = settings, draining
 
     def Generate(
         self, request: generation_pb2.GenerateRequest, context: grpc.ServicerContext
@@ -54,7 +59,7 @@ class GenerationServicer:
         if self.draining.is_set():
             raise UnavailableError("the server is shutting down")
         loaded = self.registry.get(request.model)
-        plan = convert.generation_plan(request, loaded.handle, self.store, self.settings)
+        plan = convert.generation_plan(request, loaded, self.store, self.saes, self.settings)
         subscription = loaded.worker.submit(plan.requests)
         context.add_callback(subscription.cancel)
         try:
@@ -65,8 +70,8 @@ class GenerationServicer:
 
 
 class ModelsServicer:
-    def __init__(self, registry: ModelRegistry) -> None:
-        self.registry = registry
+    def __init__(self, registry: ModelRegistry, saes: SaeRegistry) -> None:
+        self.registry, self.saes = registry, saes
 
     def List(
         self, request: models_pb2.ListModelsRequest, context: grpc.ServicerContext
@@ -85,13 +90,131 @@ class ModelsServicer:
     def Unload(
         self, request: models_pb2.UnloadModelRequest, context: grpc.ServicerContext
     ) -> models_pb2.UnloadModelResponse:
-        self.registry.unload(request.model_id)
+        unloaded = self.registry.unload(request.model_id)
+        self.saes.forget_model(unloaded.handle)
         return models_pb2.UnloadModelResponse()
 
     def Info(
         self, request: models_pb2.ModelInfoRequest, context: grpc.ServicerContext
     ) -> models_pb2.ModelInfo:
         return convert.model_info(self.registry.get(request.model_id), detailed=True)
+
+
+class FeaturesServicer:
+    """SAEs by id, and feature reads through :mod:`steer.sae.features`.
+
+    The library calls run on the model's engine thread between two steps
+    (:meth:`~steer.server.scheduler.ModelWorker.call`): their hooks attach to the modules the
+    running batch's forward passes use. The handler thread waits; a client that goes away before
+    its call starts takes the call off the queue.
+    """
+
+    def __init__(self, registry: ModelRegistry, saes: SaeRegistry, settings: ServerSettings):
+        self.registry, self.saes, self.settings = registry, saes, settings
+
+    def LoadSae(
+        self, request: features_pb2.LoadSaeRequest, context: grpc.ServicerContext
+    ) -> features_pb2.SaeInfo:
+        model = self.registry.get(request.model)
+        loaded = self.saes.load(
+            model,
+            request.path,
+            request.sae_id,
+            hook=request.hook,
+            allow_other_model=request.allow_other_model,
+        )
+        return convert.sae_info(loaded)
+
+    def ListSaes(
+        self, request: features_pb2.ListSaesRequest, context: grpc.ServicerContext
+    ) -> features_pb2.ListSaesResponse:
+        return features_pb2.ListSaesResponse(saes=[convert.sae_info(s) for s in self.saes.all()])
+
+    def UnloadSae(
+        self, request: features_pb2.UnloadSaeRequest, context: grpc.ServicerContext
+    ) -> features_pb2.UnloadSaeResponse:
+        self.saes.unload(request.sae_id)
+        return features_pb2.UnloadSaeResponse()
+
+    def Activations(
+        self, request: features_pb2.ActivationsRequest, context: grpc.ServicerContext
+    ) -> features_pb2.ActivationsResponse:
+        from steer.sae.features import encode_texts, top_features
+
+        entry = self.saes.get(request.sae_id)
+        (text,) = convert.texts([request.text], entry.handle, self.settings, "text")
+        k = request.k or convert.DEFAULT_FEATURES
+
+        def read() -> features_pb2.ActivationsResponse:
+            top = top_features(entry.handle, entry.sae, text, k)
+            encoded = None
+            if request.per_token:
+                (encoded,) = encode_texts(entry.handle, entry.sae, [text], field_name="text")
+            return convert.activations_response(top, encoded, k)
+
+        return self._on_model(entry, read, context)
+
+    def Search(
+        self, request: features_pb2.SearchRequest, context: grpc.ServicerContext
+    ) -> features_pb2.RankedFeatures:
+        from steer.sae.features import search
+
+        entry = self.saes.get(request.sae_id)
+        examples = convert.texts(request.examples, entry.handle, self.settings, "examples")
+        k = request.k or convert.DEFAULT_FEATURES
+        return self._on_model(
+            entry,
+            lambda: convert.ranked_features(search(entry.handle, entry.sae, examples, k)),
+            context,
+        )
+
+    def Contrast(
+        self, request: features_pb2.ContrastRequest, context: grpc.ServicerContext
+    ) -> features_pb2.RankedFeatures:
+        from steer.sae.features import contrast
+
+        entry = self.saes.get(request.sae_id)
+        set_a = convert.texts(request.set_a, entry.handle, self.settings, "set_a")
+        set_b = convert.texts(request.set_b, entry.handle, self.settings, "set_b")
+        k = request.k or convert.DEFAULT_FEATURES
+        return self._on_model(
+            entry,
+            lambda: convert.ranked_features(contrast(entry.handle, entry.sae, set_a, set_b, k)),
+            context,
+        )
+
+    def Info(
+        self, request: features_pb2.FeatureInfoRequest, context: grpc.ServicerContext
+    ) -> features_pb2.FeatureInfo:
+        from steer.sae.features import feature_info
+
+        entry = self.saes.get(request.sae_id)
+        corpus = convert.texts(request.corpus, entry.handle, self.settings, "corpus")
+        # unset (0) counts take the library's defaults
+        counts = {
+            name: getattr(request, name)
+            for name in ("num_tokens", "num_snippets", "context_tokens")
+            if getattr(request, name)
+        }
+
+        def read() -> features_pb2.FeatureInfo:
+            info = feature_info(entry.handle, entry.sae, request.feature, corpus=corpus, **counts)
+            return convert.feature_info(info)
+
+        return self._on_model(entry, read, context)
+
+    def _on_model(
+        self, entry: LoadedSae, read: Callable[[], Any], context: grpc.ServicerContext
+    ) -> Any:
+        """Run ``read`` on the engine thread of the SAE's model and wait for its result."""
+        model = self.registry.get(entry.model_id)
+        entry.check_model(model.handle, model.model_id, field="sae_id")
+        future = model.worker.call(read)
+        context.add_callback(future.cancel)
+        try:
+            return future.result()
+        except concurrent.futures.CancelledError:
+            raise ClientCancelledError("cancelled before it ran") from None
 
 
 def _recipe(message: Any, settings: ServerSettings) -> dict[str, Any]:

@@ -32,6 +32,8 @@ class ServerSettings:
     max_interventions: int = 64
     #: most stop strings in one request
     max_stop_strings: int = 16
+    #: most texts in one Features request (each list); they run between two engine steps
+    max_feature_texts: int = 256
     #: largest request or response message in bytes
     max_message_bytes: int = 64 * 1024 * 1024
     #: gRPC worker threads (each open stream holds one)
@@ -54,6 +56,7 @@ class ServerSettings:
             "max_prompt_tokens",
             "max_interventions",
             "max_stop_strings",
+            "max_feature_texts",
             "max_message_bytes",
             "worker_threads",
         )

@@ -52,6 +52,12 @@ class AlreadyExistsError(SteerError):
     status_code = "ALREADY_EXISTS"
 
 
+class ClientCancelledError(SteerError):
+    """The client cancelled the call (or went away) before the server ran it."""
+
+    status_code = "CANCELLED"
+
+
 class Malformed:
     """Stands in for a request whose bytes did not parse; :func:`guard` answers it."""
 
