@@ -29,6 +29,7 @@ Validation errors name the field, e.g. ``edits[1].strength: must be finite``.
 
 from __future__ import annotations
 
+import json
 import math
 import tomllib
 from collections.abc import Callable, Mapping
@@ -572,6 +573,38 @@ def recipe_to_dict(recipe: Recipe) -> dict[str, Any]:
     if recipe.dtype:
         result["dtype"] = recipe.dtype
     return result
+
+
+def recipe_to_toml(recipe: Recipe) -> str:
+    """The recipe as TOML text that :func:`load_recipe` reads back (artifact paths absolute)."""
+    data = recipe_to_dict(recipe)
+    lines = [
+        f"{key} = {_toml_value(data[key])}"
+        for key in ("name", "description", "dtype")
+        if key in data
+    ]
+    for edit in data["edits"]:
+        lines += ["", "[[edits]]"]
+        tables = {key: value for key, value in edit.items() if isinstance(value, dict)}
+        lines += [
+            f"{key} = {_toml_value(value)}" for key, value in edit.items() if key not in tables
+        ]
+        for key, table in tables.items():
+            lines.append(f"[edits.{key}]")
+            lines += [f"{name} = {_toml_value(value)}" for name, value in table.items()]
+    return "\n".join(lines) + "\n"
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)  # a JSON string is a valid TOML basic string
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(item) for item in value) + "]"
+    raise TypeError(f"no TOML form for {type(value).__name__}")
 
 
 def _kernel_dict(kernel: Kernel) -> dict[str, float]:

@@ -11,13 +11,13 @@ import torch
 from tiny import tiny_handle
 
 from steer.activations import encode_chat, forward
-from steer.artifacts import load_vector
+from steer.artifacts import load_vector, save_vector
 from steer.cli import main as cli_main
 from steer.directions import data as datasets
 from steer.directions.api import CancelledError, compute, held_out, interventions_for
 from steer.directions.evaluate import evaluate_rate, is_moralizing, is_refusal
 from steer.directions.methods import METHODS, compute_direction, get_method
-from steer.directions.optimize import Kernel, interpolate, kernel_interventions, optimize
+from steer.directions.optimize import lower, optimize, trial_recipe
 from steer.directions.recipe import load_recipe, with_overrides
 from steer.directions.scores import (
     first_token_kl,
@@ -29,7 +29,9 @@ from steer.directions.scores import (
 )
 from steer.directions.search import Candidate, select
 from steer.errors import FailedPreconditionError, InvalidArgumentError, NotFoundError
-from steer.interventions import Add
+from steer.hooks import HookKind
+from steer.interventions import Ablate, Add
+from steer.recipes import Kernel
 from steer.vectors import SteeringVector
 
 HARMFUL = [
@@ -399,33 +401,63 @@ def test_phrase_matchers() -> None:
 
 
 def test_kernel_weights_follow_the_formula() -> None:
-    kernel = Kernel(max_weight=1.2, peak=5.0, min_weight=0.2, width=2.0)
-    weights = kernel.weights(10)
-    assert set(weights) == {3, 4, 5, 6, 7}
+    kernel = Kernel(max_weight=1.2, min_weight=0.2, peak_layer=5.0, width=2.0)
+    weights = {layer: kernel.weight_at(layer) for layer in range(10)}
+    assert {layer for layer, w in weights.items() if w} == {3, 4, 5, 6, 7}
     assert weights[5] == pytest.approx(1.2) and weights[7] == pytest.approx(0.2)
     assert weights[4] == pytest.approx(0.7)
-    with pytest.raises(InvalidArgumentError):
-        Kernel(1.0, 1.0, 0.0, 0.0)
 
 
-def test_interpolated_direction_and_zero_kernel(tiny_llama) -> None:
-    directions = SteeringVector(per_layer={1: torch.eye(64)[0] * 3, 2: torch.eye(64)[1]})
-    assert torch.allclose(interpolate(directions, 1.0), torch.eye(64)[0])
-    middle = interpolate(directions, 1.5)
-    assert torch.allclose(middle, (torch.eye(64)[0] + torch.eye(64)[1]) / 2**0.5)
-    zero = Kernel(0.0, 1.0, 0.0, 1.0)
+def _params(index: float, weight: float) -> dict[str, float]:
+    params = {"direction_index": index}
+    for part in ("attention", "mlp"):
+        params |= {
+            f"{part}_max_weight": weight,
+            f"{part}_peak": 2.0,
+            f"{part}_min_fraction": 0.5,
+            f"{part}_width": 2.0,
+        }
+    return params
+
+
+def test_trial_recipe_interpolates_and_zero_kernel_is_exact(tiny_llama, tmp_path) -> None:
+    vector = SteeringVector(per_layer={1: torch.eye(64)[0] * 3, 2: torch.eye(64)[1]})
+    directory = save_vector(tmp_path / "dirs", vector, handle=tiny_llama, kind="direction")
+    artifact = load_vector(directory, handle=tiny_llama)
+    interventions = lower(trial_recipe(_params(1.5, 1.0), directory), 4, artifact)
+    attention, mlp = interventions
+    assert isinstance(attention, Ablate) and attention.kinds == (HookKind.ATTN_OUT,)
+    assert mlp.kinds == (HookKind.MLP_OUT,)  # type: ignore[attr-defined]
+    unit = attention.direction.at(2)
+    assert torch.allclose(unit, (torch.eye(64)[0] + torch.eye(64)[1]) / 2**0.5)
+    # kernel weights max 1 at layer 2, 0.75 at layers 1 and 3, 0.5 at layers 0 and 4
+    assert attention.layer_weights == pytest.approx({0: 0.5, 1: 0.75, 2: 1.0, 3: 0.75})
     prompts = [encode_chat(tiny_llama, p) for p in HARMLESS[:3]]
-    assert first_token_kl(tiny_llama, prompts, kernel_interventions(middle, zero, zero, 4)) == 0.0
+    zero = lower(trial_recipe(_params(1.5, 0.0), directory), 4, artifact)
+    assert first_token_kl(tiny_llama, prompts, zero) == 0.0
+    assert first_token_kl(tiny_llama, prompts, interventions) > 0.0
 
 
-def test_optimize_resumes_from_storage(tiny_llama, prompt_files, tmp_path) -> None:
+def test_optimize_resumes_and_writes_recipes_that_reproduce_trials(
+    tiny_llama, prompt_files, tmp_path
+) -> None:
     recipe = load_recipe(tiny_recipe(*prompt_files))
     front = optimize(tiny_llama, recipe, tmp_path / "opt", trials=2)
-    assert front and all({"score", "kl", "params"} <= set(t) for t in front)
+    assert front and all({"score", "kl", "params", "recipe"} <= set(t) for t in front)
     optimize(tiny_llama, recipe, tmp_path / "opt", trials=1)
     saved = json.loads((tmp_path / "opt" / "front.json").read_text())
     assert saved["trials"] == 3
-    assert load_vector(tmp_path / "opt" / "directions", handle=tiny_llama).vector.layers
+    artifact = load_vector(tmp_path / "opt" / "directions", handle=tiny_llama)
+    # the written recipe, read back through the bake / eval path, gives the trial's KL
+    best = saved["front"][0]
+    from steer.cli.eval_refusal import recipe_interventions
+
+    from_file = recipe_interventions(best["recipe"], tiny_llama)
+    from_params = lower(trial_recipe(best["params"], tmp_path / "opt" / "directions"), 4, artifact)
+    prompts = [encode_chat(tiny_llama, p) for p in HARMLESS[:3]]
+    assert first_token_kl(tiny_llama, prompts, from_file) == pytest.approx(
+        first_token_kl(tiny_llama, prompts, from_params), rel=1e-6
+    )
 
 
 # ---------------------------------------------------------------------------------------- CLI

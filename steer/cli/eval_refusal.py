@@ -4,7 +4,9 @@ Prints one JSON line with ``refusal_rate``, ``n``, ``kl_first_token``, ``kl_mult
 for the unedited model) and the wall time of each step. With no ``--harmful``/``--harmless``
 files the recipe's held-out test splits are used. ``--direction DIR`` ablates the direction;
 with ``--strength S`` it is added at its layer instead (S < 0 pushes away from refusing).
-``--baked MODEL_DIR`` evaluates an edited model against ``--model``.
+``--edits RECIPE.toml`` applies an edit recipe (the schema ``steer bake`` reads, e.g. the kernel
+recipe ``steer directions optimize`` writes) at run time; ``--baked MODEL_DIR`` evaluates the
+baked form of such edits against ``--model``, so the two results can be compared.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ def parser(prog: str, *, kind: str) -> argparse.ArgumentParser:
     parser.add_argument("--model", default="smollm2-135m-instruct", help="base model")
     parser.add_argument("--direction", help="direction artifact directory")
     parser.add_argument("--strength", type=float, help="add the direction with this strength")
+    parser.add_argument("--edits", help="an edit recipe (TOML) applied at run time")
     parser.add_argument("--baked", help="an edited model directory, compared against --model")
     parser.add_argument(
         "--recipe", default=str(RECIPES_DIR / f"{'refusal' if refusal else 'moralizing'}.toml")
@@ -58,8 +61,12 @@ def run(argv: list[str], *, prog: str, kind: str) -> int:
 
     if args.strength is not None and args.direction is None:
         raise InvalidArgumentError("--strength needs --direction", field="strength")
-    if args.baked and args.direction:
-        raise InvalidArgumentError("use --direction or --baked, not both", field="baked")
+    chosen = [flag for flag in ("direction", "edits", "baked") if getattr(args, flag)]
+    if len(chosen) > 1:
+        raise InvalidArgumentError(
+            f"use one of --direction, --edits and --baked, not {' and '.join(chosen)}",
+            field=chosen[1],
+        )
     recipe = with_overrides(
         load_recipe(args.recipe),
         {
@@ -87,6 +94,8 @@ def run(argv: list[str], *, prog: str, kind: str) -> int:
     if args.direction:
         artifact = load_vector(args.direction, handle=handle)
         interventions = interventions_for(artifact, strength=args.strength)
+    if args.edits:
+        interventions = recipe_interventions(args.edits, handle)
     seconds["load"] = time.perf_counter() - start
     report = evaluate_rate(
         handle,
@@ -108,7 +117,7 @@ def run(argv: list[str], *, prog: str, kind: str) -> int:
         "kl_multi_token": report.kl_multi_token,
         "n_kl": len(negative),
         "model": handle.name,
-        "edit": args.baked or args.direction or None,
+        "edit": args.baked or args.direction or args.edits or None,
         "strength": args.strength,
         "seconds": {**seconds, **report.seconds},
     }
@@ -118,6 +127,17 @@ def run(argv: list[str], *, prog: str, kind: str) -> int:
         record["examples"] = report.examples[: args.examples]
     print(json.dumps(record, default=float), flush=True)
     return 0
+
+
+def recipe_interventions(path: str, handle: Any) -> tuple[Any, ...]:
+    """The run-time form of an edit recipe, its artifacts checked against ``handle``."""
+    from steer.artifacts import load_vector
+    from steer.recipes import load_recipe
+
+    edits = load_recipe(path).interventions(
+        handle.num_layers, load=lambda artifact: load_vector(artifact, handle=handle)
+    )
+    return tuple(intervention for _edit, lowered in edits for intervention in lowered)
 
 
 def _harmless_test() -> list[str]:

@@ -1,95 +1,80 @@
 """Heretic-style ablation kernels, searched with Optuna (multi-objective TPE).
 
-A kernel gives each layer an ablation weight, separately for attention and MLP outputs::
+A trial is an edit recipe (:mod:`steer.recipes`, the schema ``steer bake`` reads): one ``ablate``
+edit with a kernel of per-layer weights for the attention outputs and another for the MLP
+outputs (:class:`steer.recipes.Kernel`)::
 
-    w_l = max_weight + (|l - peak| / width) * (min_weight - max_weight)   if |l - peak| <= width
-    w_l = 0                                                               otherwise
+    w_l = max_weight + (|l - peak_layer| / width) * (min_weight - max_weight)   within width
+    w_l = 0                                                                     otherwise
 
-The direction is chosen by a fractional ``direction_index``: the unit mean-difference directions
-of the two neighbouring layers (read at the last prompt token) are interpolated linearly.
+and a fractional ``direction_layer``: the unit per-layer directions (mean difference at the last
+prompt token, refused / answered prompts only) of the two neighbouring layers are interpolated.
+Trials are lowered to interventions by :meth:`steer.recipes.Recipe.interventions`, the same path
+the run-time engine and the bake use, so a front entry means the same thing everywhere.
 
 Two objectives are minimised on validation data: the *refusal* objective (mean refusal
 probability ``p_R`` on positive prompts; for pairs, the mean log-prob margin of the positive
 reply) and the first-token KL on negative prompts. The study lives in an sqlite file, so a second
-run with the same storage resumes it; the Pareto front (``study.best_trials``) is written to
-``OUT/front.json`` and the per-layer directions to ``OUT/directions/``.
+run with the same storage resumes it. Written to ``OUT``: ``front.json`` (the Pareto front,
+``study.best_trials``), ``directions/`` (the per-layer directions) and ``recipes/trial-N.toml``,
+one edit recipe per front entry, ready for ``steer eval refusal --edits`` and ``steer bake
+--recipe``.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from steer.artifacts import save_vector
-from steer.directions.api import Prepared, prepare
+from steer.artifacts import VectorArtifact, load_vector, save_vector
+from steer.directions.api import Prepared, _filter_train, prepare
 from steer.directions.methods import get_method
 from steer.directions.recipe import Recipe, RecipeKind
 from steer.directions.scores import refusal_scores_from_logits, refusal_token_ids
 from steer.directions.search import collect, kl_scorer
 from steer.errors import InvalidArgumentError
-from steer.hooks import HookKind
-from steer.interventions import Ablate, Intervention
+from steer.interventions import Intervention
 from steer.models import ModelHandle
+from steer.recipes import AblateEdit, Kernel, recipe_to_toml
+from steer.recipes import Recipe as EditRecipe
 from steer.vectors import SteeringVector
 
 
-@dataclass(frozen=True)
-class Kernel:
-    """Per-layer ablation weights peaking at ``peak`` and falling to ``min_weight`` at
-    distance ``width`` (0 beyond)."""
-
-    max_weight: float
-    peak: float
-    min_weight: float
-    width: float
-
-    def __post_init__(self) -> None:
-        if not self.width > 0:
-            raise InvalidArgumentError("kernel width must be > 0", field="width")
-
-    def weights(self, num_layers: int) -> dict[int, float]:
-        out = {}
-        for layer in range(num_layers):
-            distance = abs(layer - self.peak)
-            if distance <= self.width:
-                out[layer] = self.max_weight + (distance / self.width) * (
-                    self.min_weight - self.max_weight
-                )
-        return out
-
-
-def interpolate(directions: SteeringVector, index: float) -> torch.Tensor:
-    """Unit direction at fractional layer ``index`` (linear between neighbouring layers)."""
-    layers = directions.layers
-    if not layers[0] <= index <= layers[-1]:
-        raise InvalidArgumentError(
-            f"direction index {index} outside layers {layers[0]}..{layers[-1]}",
-            field="direction_index",
+def trial_recipe(params: dict[str, float], directions: Path, *, name: str = "") -> EditRecipe:
+    """The edit recipe of one trial's parameters (see :func:`optimize` for their names)."""
+    kernels = []
+    for part in ("attention", "mlp"):
+        max_weight = params[f"{part}_max_weight"]
+        kernels.append(
+            Kernel(
+                max_weight=max_weight,
+                min_weight=max_weight * params[f"{part}_min_fraction"],
+                peak_layer=params[f"{part}_peak"],
+                width=params[f"{part}_width"],
+            )
         )
-    low = max(layer for layer in layers if layer <= index)
-    high = min(layer for layer in layers if layer >= index)
-    unit_low = directions.at(low) / directions.at(low).norm()
-    if high == low:
-        return unit_low
-    unit_high = directions.at(high) / directions.at(high).norm()
-    share = (index - low) / (high - low)
-    mixed = (1 - share) * unit_low + share * unit_high
-    return mixed / mixed.norm()
-
-
-def kernel_interventions(
-    direction: torch.Tensor, attention: Kernel, mlp: Kernel, num_layers: int
-) -> tuple[Intervention, ...]:
-    vector = SteeringVector.from_shared(direction, name="kernel")
-    return (
-        Ablate(vector, layer_weights=attention.weights(num_layers), kinds=(HookKind.ATTN_OUT,)),
-        Ablate(vector, layer_weights=mlp.weights(num_layers), kinds=(HookKind.MLP_OUT,)),
+    edit = AblateEdit(
+        direction=str(directions),
+        kernel=kernels[0],
+        mlp_kernel=kernels[1],
+        direction_layer=params["direction_index"],
+        embedding_weight=0.0,
     )
+    return EditRecipe(
+        edits=(edit,),
+        name=name,
+        description="heretic-style kernel ablation from `steer directions optimize`",
+    )
+
+
+def lower(recipe: EditRecipe, num_layers: int, artifact: VectorArtifact) -> list[Intervention]:
+    """A trial recipe's interventions, its direction artifact already in memory."""
+    edits = recipe.interventions(num_layers, load=lambda _path: artifact)
+    return [intervention for _edit, group in edits for intervention in group]
 
 
 def layer_directions(handle: ModelHandle, prepared: Prepared) -> SteeringVector:
@@ -100,8 +85,18 @@ def layer_directions(handle: ModelHandle, prepared: Prepared) -> SteeringVector:
 
         positive, negative = _pair_activations(handle, prepared, batch)
     else:
-        positive, _ = collect(handle, prepared.positive_train, (-1,), batch_size=batch)
-        negative, _ = collect(handle, prepared.negative_train, (-1,), batch_size=batch)
+        positive, positive_logits = collect(
+            handle, prepared.positive_train, (-1,), logits=True, batch_size=batch
+        )
+        negative, negative_logits = collect(
+            handle, prepared.negative_train, (-1,), logits=True, batch_size=batch
+        )
+        if prepared.recipe.kind is RecipeKind.REFUSAL and prepared.recipe.data.filter:
+            assert positive_logits is not None and negative_logits is not None
+            token_ids = refusal_token_ids(handle.tokenizer)
+            positive, negative = _filter_train(
+                positive, negative, positive_logits, negative_logits, token_ids, []
+            )
     method = get_method(prepared.recipe.search.method)
     directions = {}
     for layer in range(handle.num_layers):
@@ -150,28 +145,41 @@ def optimize(
     out_dir.mkdir(parents=True, exist_ok=True)
     storage = storage or out_dir / "study.db"
     prepared = prepare(handle, recipe)
-    directions = layer_directions(handle, prepared)
+    vector = layer_directions(handle, prepared)
+    directions_dir = save_vector(
+        out_dir / "directions",
+        vector,
+        handle=handle,
+        kind="direction",
+        hooks=[f"blocks.{layer}.hook_resid_pre" for layer in vector.layers],
+        positions=[-1],
+        method=recipe.search.method,
+        recipe=recipe.to_dict(),
+    )
+    artifact = load_vector(directions_dir, handle=handle)
     score = _objective_scorer(handle, prepared)
     kl = kl_scorer(handle, prepared.negative_validation, recipe.search.batch_size)
     num_layers = handle.num_layers
-    layers = directions.layers
+    layers = vector.layers
     low_index = max(float(layers[0]), 0.4 * (num_layers - 1))
     high_index = min(float(layers[-1]), 0.9 * (num_layers - 1))
 
     def objective(trial: optuna.Trial) -> tuple[float, float]:
-        index = trial.suggest_float("direction_index", low_index, max(high_index, low_index))
-        kernels = {}
-        for part in ("attention", "mlp"):
-            max_weight = trial.suggest_float(f"{part}_max_weight", 0.8, 1.5)
-            kernels[part] = Kernel(
-                max_weight=max_weight,
-                peak=trial.suggest_float(f"{part}_peak", 0.6 * (num_layers - 1), num_layers - 1),
-                min_weight=max_weight * trial.suggest_float(f"{part}_min_fraction", 0.0, 1.0),
-                width=trial.suggest_float(f"{part}_width", 1.0, max(1.0, 0.6 * num_layers)),
+        params = {
+            "direction_index": trial.suggest_float(
+                "direction_index", low_index, max(high_index, low_index)
             )
-        interventions = kernel_interventions(
-            interpolate(directions, index), kernels["attention"], kernels["mlp"], num_layers
-        )
+        }
+        for part in ("attention", "mlp"):
+            params[f"{part}_max_weight"] = trial.suggest_float(f"{part}_max_weight", 0.8, 1.5)
+            params[f"{part}_peak"] = trial.suggest_float(
+                f"{part}_peak", 0.6 * (num_layers - 1), num_layers - 1
+            )
+            params[f"{part}_min_fraction"] = trial.suggest_float(f"{part}_min_fraction", 0.0, 1.0)
+            params[f"{part}_width"] = trial.suggest_float(
+                f"{part}_width", 1.0, max(1.0, 0.6 * num_layers)
+            )
+        interventions = lower(trial_recipe(params, directions_dir), num_layers, artifact)
         values = score(interventions), kl(interventions)
         if progress:
             done = trial.number + 1
@@ -187,40 +195,26 @@ def optimize(
     )
     if trials:
         study.optimize(objective, n_trials=trials)
-    front = [
-        {"trial": t.number, "score": t.values[0], "kl": t.values[1], "params": t.params}
-        for t in sorted(study.best_trials, key=lambda t: t.values[0])
-    ]
-    save_vector(
-        out_dir / "directions",
-        directions,
-        handle=handle,
-        kind="direction",
-        hooks=[f"blocks.{layer}.hook_resid_pre" for layer in directions.layers],
-        positions=[-1],
-        method=recipe.search.method,
-        recipe=recipe.to_dict(),
-    )
+    recipes_dir = out_dir / "recipes"
+    recipes_dir.mkdir(exist_ok=True)
+    front = []
+    for t in sorted(study.best_trials, key=lambda t: t.values[0]):
+        path = recipes_dir / f"trial-{t.number}.toml"
+        name = f"{recipe.name}-trial-{t.number}"
+        path.write_text(recipe_to_toml(trial_recipe(t.params, directions_dir, name=name)))
+        front.append(
+            {
+                "trial": t.number,
+                "score": t.values[0],
+                "kl": t.values[1],
+                "params": t.params,
+                "recipe": str(path),
+            }
+        )
     (out_dir / "front.json").write_text(
         json.dumps({"trials": len(study.trials), "front": front}, indent=2)
     )
     return front
-
-
-def kernels_from_params(params: dict[str, float], num_layers: int) -> tuple[float, Kernel, Kernel]:
-    """(direction_index, attention kernel, MLP kernel) from a trial's parameters."""
-    kernels = []
-    for part in ("attention", "mlp"):
-        max_weight = params[f"{part}_max_weight"]
-        kernels.append(
-            Kernel(
-                max_weight=max_weight,
-                peak=params[f"{part}_peak"],
-                min_weight=max_weight * params[f"{part}_min_fraction"],
-                width=params[f"{part}_width"],
-            )
-        )
-    return params["direction_index"], kernels[0], kernels[1]
 
 
 def _existing(storage: Path, name: str) -> list[Any]:
@@ -236,11 +230,4 @@ def _existing(storage: Path, name: str) -> list[Any]:
     return list(study.trials)
 
 
-__all__ = [
-    "Kernel",
-    "interpolate",
-    "kernel_interventions",
-    "kernels_from_params",
-    "layer_directions",
-    "optimize",
-]
+__all__ = ["layer_directions", "lower", "optimize", "trial_recipe"]
