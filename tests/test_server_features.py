@@ -539,6 +539,32 @@ def test_client_helper_checks_mode_and_phase() -> None:
     assert built.slider.phase == generation_pb2.PHASE_GENERATED
 
 
+def test_cli_loads_an_sae_and_generates_with_a_slider(
+    served: SteerServer, client: SteerClient, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import json
+
+    from steer.cli import main
+
+    server = ["--server", served.target]
+    assert main(["models", "load-sae", "saes/resid", "--id", "resid-cli", "--json", *server]) == 0
+    loaded = json.loads(capsys.readouterr().out)
+    assert loaded["saeId"] == "resid-cli" and loaded["hookName"] == HOOK
+    assert main(["models", "saes", *server]) == 0
+    assert "resid-cli" in capsys.readouterr().out
+    options = ["--raw", "--temperature", "0", "--max-new-tokens", "8", "--json", *server]
+    assert main(["generate", PROMPTS[3], "--slider", "clamp:resid-cli:7=8", *options]) == 0
+    (record,) = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    expected = client.complete(
+        PROMPTS[3], temperature=0, max_new_tokens=8, interventions=[slider("resid", 7, "clamp", 8)]
+    )[None]
+    assert record["token_ids"] == expected.token_ids
+    assert main(["generate", "Hi", "--slider", "clamp:resid-cli=8", *options]) == 1
+    assert "--slider" in capsys.readouterr().err
+    assert main(["models", "unload-sae", "resid-cli", *server]) == 0
+    assert "resid-cli" not in {info.sae_id for info in client.saes()}
+
+
 # -- auth, reflection ----------------------------------------------------------------------------
 
 

@@ -42,6 +42,14 @@ def _generation_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--ablate", action="append", default=[], metavar="ID", help="ablate a server direction"
     )
+    parser.add_argument(
+        "--slider",
+        action="append",
+        default=[],
+        metavar="MODE:SAE:FEATURE=VALUE",
+        help="SAE feature slider (MODE clamp, scale or add_decoder; SAE a loaded SAE id), "
+        "e.g. clamp:my-sae:123=0 (repeatable)",
+    )
     parser.add_argument("--temperature", type=float, help="0 = greedy (default 1)")
     parser.add_argument("--top-k", type=int)
     parser.add_argument("--top-p", type=float)
@@ -61,10 +69,27 @@ def _split_slider(text: str, option: str) -> tuple[str, float]:
         raise InvalidArgumentError(f"expected NAME=STRENGTH, got {text!r}", field=option) from None
 
 
+def feature_sliders(args: argparse.Namespace) -> list[Any]:
+    """``--slider MODE:SAE:FEATURE=VALUE`` options as slider interventions."""
+    from steer.client import slider
+
+    built = []
+    for text in args.slider:
+        name, value = _split_slider(text, "--slider")
+        mode, _, rest = name.partition(":")
+        sae_id, _, feature = rest.partition(":")
+        if not sae_id or not feature.isdigit():
+            raise InvalidArgumentError(
+                f"expected MODE:SAE:FEATURE=VALUE, got {text!r}", field="--slider"
+            )
+        built.append(slider(sae_id, int(feature), mode, value))
+    return built
+
+
 def interventions(args: argparse.Namespace) -> list[Any]:
     from steer.client import ablate, add, add_local
 
-    built = [ablate(artifact_id) for artifact_id in args.ablate]
+    built = [ablate(artifact_id) for artifact_id in args.ablate] + feature_sliders(args)
     for text in args.steer:
         name, strength = _split_slider(text, "--steer")
         built.append(add(name, strength))
@@ -159,6 +184,7 @@ def chat(argv: list[str], prog: str) -> int:
     _generation_arguments(parser)
     args = parser.parse_args(argv)
     sliders: dict[str, float] = dict(_split_slider(s, "--steer") for s in args.steer)
+    features = feature_sliders(args)
     ablations: list[str] = list(args.ablate)
     history: list[dict[str, str]] = []
     if args.system:
@@ -180,9 +206,11 @@ def chat(argv: list[str], prog: str) -> int:
                 continue
             history.append({"role": "user", "content": line})
             options = _options(args)
-            options["interventions"] = [ablate(a) for a in ablations] + [
-                add(name, strength) for name, strength in sliders.items() if strength
-            ]
+            options["interventions"] = (
+                [ablate(a) for a in ablations]
+                + features
+                + [add(name, strength) for name, strength in sliders.items() if strength]
+            )
             reply = ""
             try:
                 for event in client.generate(messages=history, **options):
@@ -232,10 +260,19 @@ def _chat_command(
 def models(argv: list[str], prog: str) -> int:
     parser = argparse.ArgumentParser(prog=prog, description="Models on a running server.")
     parser.add_argument(
-        "action", nargs="?", default="list", choices=("list", "info", "load", "unload")
+        "action",
+        nargs="?",
+        default="list",
+        choices=("list", "info", "load", "unload", "saes", "load-sae", "unload-sae"),
     )
-    parser.add_argument("name", nargs="?", default="", help="model id, or source for load")
-    parser.add_argument("--id", default="", help="id to load the model under")
+    parser.add_argument(
+        "name",
+        nargs="?",
+        default="",
+        help="model id, source for load, SAE directory for load-sae, SAE id for unload-sae",
+    )
+    parser.add_argument("--id", default="", help="id to load the model or SAE under")
+    parser.add_argument("--model", default="", help="load-sae: the model it is for")
     parser.add_argument("--dtype", default="")
     parser.add_argument("--device", default="")
     parser.add_argument("--json", action="store_true")
@@ -244,6 +281,8 @@ def models(argv: list[str], prog: str) -> int:
     from google.protobuf.json_format import MessageToDict
 
     with connect(args) as client:
+        if args.action in ("saes", "load-sae", "unload-sae"):
+            return _saes(client, args)
         if args.action == "list":
             response = client.models()
             if args.json:
@@ -272,6 +311,31 @@ def models(argv: list[str], prog: str) -> int:
             record.pop("chatTemplate", None)
             record["hookNames"] = f"{len(info.hook_names)} names"
         print(json.dumps(record, indent=None if args.json else 2))
+    return 0
+
+
+def _saes(client: Any, args: argparse.Namespace) -> int:
+    """``steer models saes|load-sae|unload-sae``: SAEs on the server, for --slider."""
+    from google.protobuf.json_format import MessageToDict
+
+    if args.action != "saes" and not args.name:
+        raise InvalidArgumentError(f"{args.action} needs a name", field="name")
+    if args.action == "unload-sae":
+        client.unload_sae(args.name)
+        print(f"unloaded {args.name}")
+        return 0
+    if args.action == "load-sae":
+        infos = [client.load_sae(args.name, args.id, model=args.model)]
+    else:
+        infos = client.saes()
+    for info in infos:
+        if args.json:
+            print(json.dumps(MessageToDict(info)))
+        else:
+            print(
+                f"{info.sae_id:<24} model={info.model} {info.hook_name} "
+                f"features={info.num_features} path={info.path}"
+            )
     return 0
 
 
