@@ -2,10 +2,15 @@
 
 This is the only place that registers PyTorch hooks. Every caller -- generation, activation
 reading, evaluation -- goes through :func:`attach`, and every hook is removed in ``finally``.
+
+Hooks live on modules that every forward pass shares, so a hook acts only on forward passes run
+by the thread that attached it: a direction computation on a job thread and the engine's decode
+steps on its own thread can use one model at once without seeing each other's interventions.
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
@@ -41,9 +46,10 @@ def attach(resolver: HookResolver, functions: Mapping[HookPoint, HookFn]) -> Ite
     attention output is ``fn(mid) - h``.
     """
     handles: list[RemovableHandle] = []
+    owned = _owned_by(threading.get_ident())
     try:
         for point in sorted(functions, key=_forward_order):
-            handles.extend(_register(resolver, point, functions[point], functions))
+            handles.extend(_register(resolver, point, functions[point], functions, owned))
         yield
     finally:
         for handle in handles:
@@ -58,6 +64,23 @@ _KIND_ORDER = {
     HookKind.MLP_OUT: 4,
     HookKind.RESID_POST: 5,
 }
+
+
+Wrap = Callable[[Callable[..., Any]], Callable[..., Any]]
+
+
+def _owned_by(owner: int) -> Wrap:
+    """Make a PyTorch hook a no-op (``None``: output unchanged) on threads other than ``owner``."""
+
+    def wrap(hook: Callable[..., Any]) -> Callable[..., Any]:
+        def owned(*args: Any) -> Any:
+            if threading.get_ident() != owner:
+                return None
+            return hook(*args)
+
+        return owned
+
+    return wrap
 
 
 def _forward_order(point: HookPoint) -> tuple[int, int]:
@@ -80,23 +103,26 @@ def _register(
     point: HookPoint,
     fn: HookFn,
     functions: Mapping[HookPoint, HookFn],
+    owned: Wrap,
 ) -> list[RemovableHandle]:
     kind, layer = point.kind, point.layer
     if kind is HookKind.EMBED:
-        return [resolver.embed.register_forward_hook(lambda _m, _i, out: fn(out))]
+        return [resolver.embed.register_forward_hook(owned(lambda _m, _i, out: fn(out)))]
     assert layer is not None
     if kind is HookKind.RESID_PRE:
-        return [resolver.layer(layer).register_forward_pre_hook(_pre_hook(fn), with_kwargs=True)]
+        return [
+            resolver.layer(layer).register_forward_pre_hook(owned(_pre_hook(fn)), with_kwargs=True)
+        ]
     if kind is HookKind.RESID_POST:
         return [
             resolver.layer(layer).register_forward_hook(
-                lambda _m, _i, out: _replace_output(out, fn)
+                owned(lambda _m, _i, out: _replace_output(out, fn))
             )
         ]
     if kind is HookKind.MLP_OUT:
         return [
             resolver.mlp_out_module(layer).register_forward_hook(
-                lambda _m, _i, out: _replace_output(out, fn)
+                owned(lambda _m, _i, out: _replace_output(out, fn))
             )
         ]
     if kind is HookKind.ATTN_OUT:
@@ -105,12 +131,12 @@ def _register(
             return []  # registered together with resid_mid below, which needs the same hook
         return [
             resolver.attn_out_module(layer).register_forward_hook(
-                lambda _m, _i, out: _replace_output(out, fn)
+                owned(lambda _m, _i, out: _replace_output(out, fn))
             )
         ]
     if kind is HookKind.RESID_MID:
         return _register_mid(
-            resolver, layer, fn, functions.get(HookPoint(layer, HookKind.ATTN_OUT))
+            resolver, layer, fn, functions.get(HookPoint(layer, HookKind.ATTN_OUT)), owned
         )
     raise AssertionError(f"unhandled hook kind {kind}")
 
@@ -125,7 +151,7 @@ def _pre_hook(fn: HookFn) -> Callable[..., Any]:
 
 
 def _register_mid(
-    resolver: HookResolver, layer: int, mid_fn: HookFn, attn_fn: HookFn | None
+    resolver: HookResolver, layer: int, mid_fn: HookFn, attn_fn: HookFn | None, owned: Wrap
 ) -> list[RemovableHandle]:
     layer_input: list[torch.Tensor] = []
 
@@ -141,9 +167,9 @@ def _register_mid(
     # The remembering pre-hook must run after any resid_pre hook on the same layer; PyTorch runs
     # pre-hooks in registration order, so register it last with prepend=False (the default).
     return [
-        resolver.layer(layer).register_forward_pre_hook(remember, with_kwargs=True),
+        resolver.layer(layer).register_forward_pre_hook(owned(remember), with_kwargs=True),
         resolver.attn_out_module(layer).register_forward_hook(
-            lambda _m, _i, out: _replace_output(out, at_attention_output)
+            owned(lambda _m, _i, out: _replace_output(out, at_attention_output))
         ),
     ]
 

@@ -102,3 +102,41 @@ def test_a_user_layout_makes_an_unknown_architecture_work() -> None:
     # GPT-2's final hidden state is after ln_f, so compare layer 0's output
     acts = forward(handle, [[1, 2, 3]], hooks=["blocks.0.hook_resid_post"]).activations
     torch.testing.assert_close(acts["blocks.0.hook_resid_post"], hidden[1][:, -1])
+
+
+def test_hooks_act_only_on_the_thread_that_attached_them(tiny: ModelHandle) -> None:
+    """A job thread's hooks (every kind, resid_mid included) never leak into another thread's
+    forward pass that runs while they are attached."""
+    import threading
+
+    from steer.hooks import HookPoint
+    from steer.runtime import attach
+
+    ids = torch.tensor([PROMPTS[0]])
+
+    def logits() -> torch.Tensor:
+        with torch.no_grad():
+            return tiny.model(ids).logits
+
+    clean = logits()
+    points = [parse_hook_name(name, tiny.num_layers) for name in tiny.hook_names()]
+    functions = {point: (lambda x: x + 1.0) for point in points if isinstance(point, HookPoint)}
+    attached, release = threading.Event(), threading.Event()
+    seen: dict[str, torch.Tensor] = {}
+
+    def job() -> None:
+        with attach(tiny.resolver, functions):
+            seen["job"] = logits()
+            attached.set()
+            release.wait(timeout=30)
+
+    thread = threading.Thread(target=job)
+    thread.start()
+    try:
+        assert attached.wait(timeout=30)
+        other = logits()  # runs while the job thread's hooks are registered
+    finally:
+        release.set()
+        thread.join()
+    assert torch.equal(other, clean)
+    assert not torch.allclose(seen["job"], clean)
