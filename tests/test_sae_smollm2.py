@@ -106,3 +106,29 @@ def test_slider_on_moralizing_feature_moves_moralizing_starts(
     # (a large negative strength is not a suppressor: it pushes the stream off-distribution)
     assert pushed > baseline + 0.1
     assert baseline < half < pushed
+
+
+def test_auto_label_names_the_moralizing_feature(smollm2: ModelHandle, pairs, trained) -> None:  # type: ignore[no-untyped-def]
+    """The labeller sees the feature's top snippets (from a corpus of both reply kinds) and
+    answers with one short line; greedy, so the same label twice."""
+    from steer.sae.features import auto_label, feature_info
+
+    _, held_out = pairs
+    sae, ranked = trained
+    feature = next(r for r in ranked if r.score > 0).feature
+    corpus = [row["moralizing"] for row in held_out[:12]] + [
+        row["in_character"] for row in held_out[:12]
+    ]
+    info = feature_info(smollm2, sae, feature, corpus=corpus, num_snippets=4)
+    assert len(info.top_snippets) == 4
+    # the snippets it labels from are moralizing replies, where the feature was picked to fire
+    moralizing = {row["moralizing"] for row in held_out[:12]}
+    from_moralizing = sum(
+        any(snippet.text.strip() and snippet.text.strip() in text for text in moralizing)
+        for snippet in info.top_snippets
+    )
+    label = auto_label(smollm2, info, max_new_tokens=12)
+    print(f"feature {feature}: label {label!r}; {from_moralizing}/4 snippets from moralizing")
+    assert from_moralizing >= 3
+    assert label and "\n" not in label and len(label.split()) <= 12
+    assert auto_label(smollm2, info, max_new_tokens=12) == label
