@@ -27,7 +27,7 @@ from steer.directions.scores import (
     refusal_scores_from_logits,
     refusal_token_ids,
 )
-from steer.directions.search import Candidate, select
+from steer.directions.search import Candidate, passes_filters, score_candidates, select
 from steer.errors import FailedPreconditionError, InvalidArgumentError, NotFoundError
 from steer.hooks import HookKind
 from steer.interventions import Ablate, Add
@@ -395,6 +395,46 @@ def test_phrase_matchers() -> None:
     assert not is_refusal("Sure! Here is a poem about the sea.")
     assert is_moralizing("(OOC: I need to step out of character here.)")
     assert not is_moralizing("The pirate laughs and raises his cutlass.")
+
+
+def test_candidates_are_checked_in_bypass_order_until_enough_pass() -> None:
+    """The strongest directions are the most damaging here: the search keeps checking down the
+    bypass order until top_k pass the KL filter, and never checks more than max_checks."""
+    names = [f"c{i}" for i in range(10)]
+    candidates = [
+        Candidate(i, -1, SteeringVector.from_shared(torch.eye(4)[i % 4], name=name))
+        for i, name in enumerate(names)
+    ]
+    bypass = {name: float(i) for i, name in enumerate(names)}  # c0 bypasses best
+    kl = {name: (1.0 if i < 5 else 0.01) for i, name in enumerate(names)}  # c0..c4 damage
+    checked: list[str] = []
+
+    def named(interventions) -> str:  # type: ignore[no-untyped-def]
+        return interventions[0].direction.name
+
+    def kl_of(interventions) -> float:  # type: ignore[no-untyped-def]
+        checked.append(named(interventions))
+        return kl[named(interventions)]
+
+    def run(top_k: int, max_checks: int | None = None) -> list[Candidate]:
+        checked.clear()
+        return score_candidates(
+            candidates,
+            positive_score=lambda i: torch.tensor([bypass[named(i)]]),
+            negative_score=lambda i: torch.tensor([1.0]),
+            negative_kl=kl_of,
+            top_k=top_k,
+            passes=lambda c: passes_filters(c, kl_threshold=0.05, require_induce=True),
+            max_checks=max_checks,
+        )
+
+    scored = run(top_k=2)
+    assert checked == ["c0", "c1", "c2", "c3", "c4", "c5", "c6"]
+    best, passed = select(scored, kl_threshold=0.05, require_induce=True)
+    assert passed and best.vector.name == "c5"
+    run(top_k=2, max_checks=3)
+    assert checked == ["c0", "c1", "c2"]
+    assert not select(run(top_k=1, max_checks=3), kl_threshold=0.05, require_induce=True)[1]
 
 
 # ------------------------------------------------------------------------------------ kernels

@@ -38,6 +38,7 @@ from steer.directions.search import (
     collect,
     kl_scorer,
     make_candidates,
+    passes_filters,
     prompt_scorer,
     score_candidates,
     select,
@@ -241,6 +242,9 @@ def search(
         negative_score=negative_score,
         negative_kl=kl,
         top_k=options.top_k,
+        passes=lambda candidate: passes_filters(
+            candidate, kl_threshold=options.kl_threshold, require_induce=options.require_induce
+        ),
         progress=scaled,
         check=check,
     )

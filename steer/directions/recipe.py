@@ -69,7 +69,8 @@ class SearchSection:
     positions: tuple[int, ...] = ()
     #: also try one direction per layer (each layer ablated with its own direction)
     per_layer: bool = True
-    #: how many best-bypass candidates get the induce and KL checks
+    #: candidates are checked (induce and KL) in bypass order until this many pass the filters,
+    #: checking at most 4 * top_k
     top_k: int = 8
     #: KL filter: first-token KL on harmless validation prompts under ablation must be below
     kl_threshold: float = 0.1

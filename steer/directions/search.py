@@ -174,12 +174,18 @@ def score_candidates(
     negative_score: Scorer,
     negative_kl: Callable[[Sequence[Intervention]], float],
     top_k: int,
+    passes: Callable[[Candidate], bool] = lambda candidate: True,
+    max_checks: int | None = None,
     progress: Callable[[str, float], None] | None = None,
     check: Callable[[], None] = lambda: None,
 ) -> list[Candidate]:
-    """Bypass for every candidate; induce and KL for the ``top_k`` best by bypass."""
+    """Bypass for every candidate; then, in bypass order, induce and KL until ``top_k``
+    checked candidates ``passes`` the filters or ``max_checks`` (default ``4 * top_k``) were
+    checked. (Checking only the best few by bypass finds none that passes when the strongest
+    directions are also the most damaging ones, as on Qwen2.5-0.5B.)"""
+    max_checks = max(top_k, max_checks if max_checks is not None else 4 * top_k)
     scored = []
-    total = len(candidates) + 2 * min(top_k, len(candidates))
+    total = len(candidates) + 2 * min(max_checks, len(candidates))
     done = 0
     for candidate in candidates:
         check()
@@ -189,7 +195,8 @@ def score_candidates(
         if progress:
             progress(f"bypass {candidate.label}: {bypass:.3f}", done / total)
     order = sorted(range(len(scored)), key=lambda i: scored[i].bypass)
-    for i in order[:top_k]:
+    passing = 0
+    for i in order[:max_checks]:
         check()
         candidate = scored[i]
         induce = float(negative_score([candidate.addition()]).mean())
@@ -197,9 +204,19 @@ def score_candidates(
         kl = negative_kl([candidate.ablation()])
         done += 1
         scored[i] = replace(candidate, induce=induce, kl=kl)
+        passing += passes(scored[i])
         if progress:
             progress(f"check {candidate.label}: induce {induce:.3f}, kl {kl:.4f}", done / total)
+        if passing >= top_k:
+            break
     return scored
+
+
+def passes_filters(candidate: Candidate, *, kl_threshold: float, require_induce: bool) -> bool:
+    """The KL filter and (for single-layer candidates) the induce filter."""
+    return candidate.kl < kl_threshold and (
+        not require_induce or candidate.layer is None or candidate.induce > 0
+    )
 
 
 def select(
@@ -210,7 +227,7 @@ def select(
     passing = [
         c
         for c in checked
-        if c.kl < kl_threshold and (not require_induce or c.layer is None or c.induce > 0)
+        if passes_filters(c, kl_threshold=kl_threshold, require_induce=require_induce)
     ]
     pool = passing or checked or list(candidates)
     best = min(pool, key=lambda c: c.bypass)
