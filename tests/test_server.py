@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import itertools
+import queue
 import shutil
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import grpc
@@ -28,13 +30,14 @@ from steer.client import (
     add,
 )
 from steer.errors import InvalidArgumentError
-from steer.generation import Engine, GenerationRequest
+from steer.generation import Engine, GenerationEvent, GenerationRequest
 from steer.interventions import Ablate, Add, RowFunction
 from steer.interventions import Intervention as EngineIntervention
 from steer.models import ModelHandle
 from steer.sampling import SamplingConfig
 from steer.server import ServerSettings, SteerServer
 from steer.server.jobs import JobState
+from steer.server.scheduler import ModelWorker
 from steer.server.status import status_of
 from steer.vectors import SteeringVector
 
@@ -282,6 +285,44 @@ def test_32_concurrent_streams_equal_each_alone(
         assert results[index] == expected, f"request {index} differs from running alone"
         distinct.add(expected)
     assert len(distinct) > 8  # the interventions really differ
+
+
+def test_requests_announced_together_share_the_first_prefill(
+    tiny_llama: ModelHandle, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A window far longer than the test: the engine waits for the announcement, not a clock.
+    worker = ModelWorker(tiny_llama, admission_window=30.0)
+    steps: list[set[str]] = []
+    dispatch = worker._dispatch
+
+    def record(events: Sequence[GenerationEvent]) -> None:
+        steps.append({event.request_id for event in events})
+        dispatch(events)
+
+    monkeypatch.setattr(worker, "_dispatch", record)
+    request = GenerationRequest(prompt=PROMPTS[0], sampling=GREEDY, max_new_tokens=3)
+    try:
+        with worker.arrival():
+            with worker.arrival():
+                first = worker.submit([request])
+            time.sleep(0.2)  # an engine that did not wait would step on `first` alone here
+            second = worker.submit([replace(request, prompt=PROMPTS[1])])
+        tokens = [event.token_ids for _, event in itertools.chain(first, second)]
+        # a request whose preparation fails must not hold back the next one
+        with pytest.raises(InvalidArgumentError), worker.arrival():
+            worker.submit([replace(request, prompt="")])
+        third = worker.submit([request])
+        final = third.queue.get(timeout=10)  # not 30 s: the failed arrival was withdrawn
+        while isinstance(final, GenerationEvent) and final.finish_reason is None:
+            final = third.queue.get(timeout=10)
+    except queue.Empty:
+        pytest.fail("the engine kept waiting for a request whose preparation failed")
+    finally:
+        worker.close(0)
+    (a,), (b,) = first.request_ids, second.request_ids
+    assert steps[0] == {a, b}, "the two requests were prefilled apart"
+    assert len(tokens) == 6 and all(len(ids) == 1 for ids in tokens)
+    assert isinstance(final, GenerationEvent) and final.finish_reason == "length"
 
 
 # -- cancellation, failures -------------------------------------------------------------------

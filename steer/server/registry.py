@@ -38,6 +38,7 @@ class ModelRegistry:
             max_batch=self.settings.max_batch,
             max_waiting=self.settings.max_waiting,
             max_prompt_tokens=self.settings.max_prompt_tokens,
+            admission_window=self.settings.admission_window,
         )
         loaded = LoadedModel(model_id, source or handle.name, handle, worker)
         with self._lock:

@@ -59,8 +59,9 @@ class GenerationServicer:
         if self.draining.is_set():
             raise UnavailableError("the server is shutting down")
         loaded = self.registry.get(request.model)
-        plan = convert.generation_plan(request, loaded, self.store, self.saes, self.settings)
-        subscription = loaded.worker.submit(plan.requests)
+        with loaded.worker.arrival():  # an idle engine waits for requests sent together
+            plan = convert.generation_plan(request, loaded, self.store, self.saes, self.settings)
+            subscription = loaded.worker.submit(plan.requests)
         context.add_callback(subscription.cancel)
         try:
             for index, event in subscription:

@@ -45,6 +45,9 @@ class ServerSettings:
     tls_key: Path | None = None
     #: seconds streams get to finish on shutdown before they are cancelled
     shutdown_grace: float = 10.0
+    #: longest wait (seconds) of an idle engine for the rest of a burst of requests, so
+    #: requests sent together share one prefill (steer.server.scheduler); 0 turns it off
+    admission_window: float = 0.05
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "models_root", Path(self.models_root))
@@ -78,6 +81,10 @@ class ServerSettings:
             )
         if self.shutdown_grace < 0:
             raise InvalidArgumentError("must be >= 0", field="shutdown_grace")
+        if not 0 <= self.admission_window <= 1:
+            raise InvalidArgumentError(
+                f"must be in [0, 1] seconds, got {self.admission_window}", field="admission_window"
+            )
 
     @property
     def artifacts_dir(self) -> Path:
