@@ -26,22 +26,43 @@ from steer.offline import OFFLINE_MODELS, resolve_offline
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def bfloat16_bytes(chunk: torch.Tensor) -> memoryview:
+    """The bytes the weight hash reads for ``chunk``: its values rounded to bfloat16, row-major.
+
+    A bfloat16 tensor is its own rounding, so its bytes are hashed as stored (no copy).
+    """
+    rounded = chunk.detach().to("cpu", torch.bfloat16).contiguous()
+    return rounded.view(torch.int16).numpy().data
+
+
+def tensor_digest(chunks: Iterable[torch.Tensor]) -> bytes:
+    """SHA-256 of one tensor's :func:`bfloat16_bytes`; ``chunks`` are consecutive row blocks."""
+    digest = hashlib.sha256()
+    for chunk in chunks:
+        digest.update(bfloat16_bytes(chunk))
+    return digest.digest()
+
+
+def combine_weight_digests(entries: Iterable[tuple[str, tuple[int, ...], bytes]]) -> str:
+    """The weight hash from per-tensor digests: SHA-256 over ``name:shape;`` + the tensor's
+    :func:`tensor_digest`, in sorted name order. Per-tensor digests can be computed in any order
+    (a bake source hashes tensors in file order while it reads them)."""
+    digest = hashlib.sha256()
+    for name, shape, tensor in sorted(entries, key=lambda entry: entry[0]):
+        digest.update(f"{name}:{tuple(shape)};".encode())
+        digest.update(tensor)
+    return digest.hexdigest()
+
+
 def weight_digest(
     tensors: Iterable[tuple[str, tuple[int, ...], Iterable[torch.Tensor]]],
 ) -> str:
-    """The weight hash: SHA-256 over ``name:shape;`` and the values rounded to bfloat16.
-
-    ``tensors`` yields (name, shape, chunks) in sorted name order; the chunks of one tensor are
-    consecutive row blocks (a whole tensor is one chunk). Loaded models and bake sources both
-    hash through here, so the two always agree.
-    """
-    digest = hashlib.sha256()
-    for name, shape, chunks in tensors:
-        digest.update(f"{name}:{tuple(shape)};".encode())
-        for chunk in chunks:
-            rounded = chunk.detach().to("cpu", torch.bfloat16).contiguous()
-            digest.update(rounded.view(torch.int16).numpy().data)
-    return digest.hexdigest()
+    """The weight hash of (name, shape, chunks) triples: :func:`tensor_digest` per tensor, then
+    :func:`combine_weight_digests`. Loaded models and bake sources both hash through these, so
+    the two always agree."""
+    return combine_weight_digests(
+        (name, tuple(shape), tensor_digest(chunks)) for name, shape, chunks in tensors
+    )
 
 
 @dataclass(frozen=True, eq=False)
@@ -98,7 +119,8 @@ class ModelHandle:
 
     @cached_property
     def weight_hash(self) -> str:
-        """SHA-256 over parameter names, shapes and values rounded to bfloat16.
+        """SHA-256 over parameter names, shapes and per-tensor SHA-256s of the values rounded to
+        bfloat16 (:func:`weight_digest`).
 
         Rounding to bfloat16 makes float32/bfloat16 loads of the same weights hash alike, so an
         artifact made on one can be checked against the other.

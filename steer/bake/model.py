@@ -112,24 +112,59 @@ def resolve(recipe: Recipe, *, num_layers: int, d_model: int) -> ResolvedRecipe:
     return ResolvedRecipe(plan, [pair[0] for pair in pairs], artifacts, approximate)
 
 
-def check_directions_model(
+def expected_weight_hashes(
     artifacts: dict[str, dict[str, Any]], source: Source, options: BakeOptions
-) -> str | None:
-    """Refuse directions whose sidecar names another model's weights. Returns the hash."""
-    expected = {
-        path: (meta.get("model") or {}).get("weight_hash")
+) -> dict[str, str]:
+    """{artifact path: the weight hash its sidecar names}, empty when the check is off.
+
+    The cheap part of the identity check fails here, before anything is written: a sidecar that
+    names another architecture or layer count (d_model was checked by :func:`resolve`).
+    """
+    if options.allow_other_model:
+        return {}
+    num_layers = int(source.config["num_hidden_layers"])
+    for path, meta in artifacts.items():
+        model = meta.get("model") or {}
+        recorded = {
+            "architecture": model.get("architecture"),
+            "num_layers": model.get("num_layers"),
+        }
+        actual = {"architecture": source.model_type, "num_layers": num_layers}
+        for key, value in recorded.items():
+            if value is not None and str(value) != str(actual[key]):
+                raise FailedPreconditionError(
+                    f"{path} was made for model {model.get('name')!r} ({key} {value}), not "
+                    f"{source.name!r} ({key} {actual[key]}); pass allow_other_model "
+                    "(--allow-other-model) to use it anyway",
+                    field="direction",
+                )
+    return {
+        path: str(meta["model"]["weight_hash"])
         for path, meta in artifacts.items()
         if (meta.get("model") or {}).get("weight_hash")
     }
-    if not expected or options.allow_other_model:
+
+
+def check_directions_model(
+    expected: dict[str, str],
+    artifacts: dict[str, dict[str, Any]],
+    source: Source,
+    options: BakeOptions,
+) -> str | None:
+    """Refuse directions whose sidecar names another model's weights. Returns the hash.
+
+    Called when the bake's pass over the source ends: the tensors it read in order were hashed
+    on the way (``Source.start_weight_hashes``); only the rest are read again here.
+    """
+    if not expected:
         return None
     options.report("hashing source weights", 0.0)
     actual = source.weight_hash(lambda f: options.report("hashing source weights", f))
     for path, weight_hash in expected.items():
-        if str(weight_hash) != actual:
+        if weight_hash != actual:
             name = (artifacts[path].get("model") or {}).get("name")
             raise FailedPreconditionError(
-                f"{path} was made for model {name!r} (weight hash {str(weight_hash)[:12]}…), not "
+                f"{path} was made for model {name!r} (weight hash {weight_hash[:12]}…), not "
                 f"{source.name!r} ({actual[:12]}…); pass allow_other_model "
                 "(--allow-other-model) to use it anyway",
                 field="direction",
@@ -487,14 +522,18 @@ def _bake(
     plan = resolved.plan
     if plan.attention or plan.mlp or plan.has_bias or plan.embedding_shift is not None:
         check_layout(layout, source.model_type)
-    weight_hash = check_directions_model(resolved.artifacts, source, options)
+    expected = expected_weight_hashes(resolved.artifacts, source, options)
     notes = list(options.notes)
     if resolved.approximate:
         notes.append(
             "APPROXIMATE: SAE feature edits are baked as value * decoder direction added to every "
             "token; the run-time slider sets the feature activation instead"
         )
+    # one pass over the source: the file hashes (provenance) and, when a direction names its
+    # model, the weight hash are fed by the reads that produce the output
     source.start_file_hashes()
+    if expected:
+        source.start_weight_hashes()
     with provenance.atomic_directory(out_dir, overwrite=options.overwrite) as temp:
         if options.output_format == "lora":
             hashes = write_lora(temp, source, plan, names, options)
@@ -502,6 +541,8 @@ def _bake(
             dtype = DTYPES[dtype_name] if dtype_name else None
             output = plan_output(source, plan, names, num_layers, dtype, notes)
             hashes = write_model(temp, source, output, options)
+        # a mismatch raises here, before the rename: nothing appears at the target
+        weight_hash = check_directions_model(expected, resolved.artifacts, source, options)
         options.report("hashing source", 0.0)
         record = provenance.record(
             output_format=options.output_format,

@@ -3,7 +3,9 @@ checkpoint dequantised into memory (those are small here; see docs/bake.md).
 
 A source exposes the HF config as a dict, tensor specs per shard, ``read(name)``, the files to
 hash for provenance, and :meth:`Source.weight_hash`, which reproduces
-:attr:`steer.models.ModelHandle.weight_hash` without loading the model.
+:attr:`steer.models.ModelHandle.weight_hash` without loading the model. Both kinds of hash can be
+fed by the bake's own reads (``start_file_hashes``, ``start_weight_hashes``), so a bake that
+reads every tensor once in file order needs no second pass over the source.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import torch
 
 from steer.bake.tensor_io import SafetensorsReader, TensorSpec
 from steer.errors import FailedPreconditionError, InvalidArgumentError, NotFoundError
-from steer.models import weight_digest
+from steer.models import bfloat16_bytes, combine_weight_digests, tensor_digest
 from steer.offline import OFFLINE_MODELS, resolve_offline
 
 #: files in a model directory that are not weights and travel to the output unchanged
@@ -49,6 +51,10 @@ class Source:
     #: start hashing source files as they are read in order; then {path: sha256 or None}
     start_file_hashes: Callable[[], None] = lambda: None
     streamed_file_hashes: Callable[[], dict[Path, str | None]] = dict
+    #: start hashing tensors for the weight hash as their rows are read in order; then
+    #: {stored tensor name: steer.models.tensor_digest} for those read whole
+    start_weight_hashes: Callable[[], None] = lambda: None
+    streamed_tensor_digests: Callable[[], dict[str, bytes]] = dict
 
     def file_hashes(self) -> dict[str, str]:
         """SHA-256 of every source file, reusing hashes made while reading where possible."""
@@ -66,7 +72,10 @@ class Source:
         return bool(self.config.get("tie_word_embeddings", False))
 
     def weight_hash(self, progress: Callable[[float], None] | None = None) -> str:
-        """SHA-256 over state-dict names, shapes and bf16-rounded values, like ModelHandle."""
+        """SHA-256 over state-dict names, shapes and bf16-rounded values, like ModelHandle.
+
+        Tensors already hashed while reading (after ``start_weight_hashes``) are not read again.
+        """
         if self.known_weight_hash is not None:
             return self.known_weight_hash
         names = {name for name in self.specs if self.specs[name].dtype.is_floating_point}
@@ -75,16 +84,18 @@ class Source:
         if self.tied and "lm_head.weight" not in self.specs and embed in self.specs:
             aliases["lm_head.weight"] = embed  # the state dict lists the tied head too
             names.add("lm_head.weight")
-        ordered = sorted(names)
-
-        def tensors() -> Iterator[tuple[str, tuple[int, ...], Iterator[torch.Tensor]]]:
-            for index, name in enumerate(ordered):
-                stored = aliases.get(name, name)
-                yield name, tuple(self.specs[stored].shape), self._row_chunks(stored)
-                if progress is not None:
-                    progress((index + 1) / len(ordered))
-
-        return weight_digest(tensors())
+        streamed = self.streamed_tensor_digests()
+        digests: dict[str, bytes] = {}
+        for index, name in enumerate(sorted(names)):
+            stored = aliases.get(name, name)
+            if stored not in digests:
+                digests[stored] = streamed.get(stored) or tensor_digest(self._row_chunks(stored))
+            if progress is not None:
+                progress((index + 1) / len(names))
+        return combine_weight_digests(
+            (name, self.specs[aliases.get(name, name)].shape, digests[aliases.get(name, name)])
+            for name in names
+        )
 
     def _row_chunks(self, name: str) -> Iterator[torch.Tensor]:
         """A tensor as row blocks of about 16 MiB: the same bytes, one block in memory at a time."""
@@ -166,6 +177,17 @@ def _safetensors_source(name: str, directory: Path) -> Source:
         for reader in readers.values():
             reader.start_file_hash()
 
+    def start_weight_hashes() -> None:
+        for reader in readers.values():
+            reader.start_tensor_hashes(_bfloat16_bytes)
+
+    def streamed_tensor_digests() -> dict[str, bytes]:
+        return {
+            tensor: digest
+            for reader in readers.values()
+            for tensor, digest in reader.tensor_digests().items()
+        }
+
     return Source(
         name=name,
         config=json.loads((directory / "config.json").read_text()),
@@ -178,7 +200,14 @@ def _safetensors_source(name: str, directory: Path) -> Source:
         close=close,
         start_file_hashes=start_file_hashes,
         streamed_file_hashes=lambda: {directory / f: r.file_hash() for f, r in readers.items()},
+        start_weight_hashes=start_weight_hashes,
+        streamed_tensor_digests=streamed_tensor_digests,
     )
+
+
+def _bfloat16_bytes(spec: TensorSpec, raw: bytearray) -> memoryview:
+    """What the weight hash reads for raw tensor bytes: for a bf16 source the bytes themselves."""
+    return bfloat16_bytes(torch.frombuffer(raw, dtype=spec.dtype))
 
 
 def _in_memory_source(name: str, path: Path, *, allow_pickle: bool) -> Source:

@@ -17,8 +17,10 @@ import hashlib
 import json
 import os
 import struct
+import threading
+from collections import deque
 from collections.abc import Callable, Iterable, Mapping
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -42,29 +44,74 @@ DTYPE_CODES: dict[str, torch.dtype] = {
 CODES: dict[torch.dtype, str] = {dtype: code for code, dtype in DTYPE_CODES.items()}
 
 
+class HashWorkers:
+    """Threads that run SHA-256 updates (hashlib releases the GIL on large buffers), holding at
+    most ``max_queued`` bytes of buffers queued: past that, ``submit`` waits for the oldest."""
+
+    def __init__(self, threads: int = 2, max_queued: int = 96 << 20) -> None:
+        self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="steer-hash")
+        self._queue: deque[tuple[Future[None], int]] = deque()
+        self._queued = 0
+        self._max_queued = max_queued
+        self._lock = threading.Lock()
+
+    def submit(self, digest: Any, data: bytes | bytearray | memoryview, size: int) -> Future[None]:
+        future = self._pool.submit(digest.update, data)
+        with self._lock:
+            self._queue.append((future, size))
+            self._queued += size
+        while True:
+            with self._lock:
+                while self._queue and self._queue[0][0].done():
+                    self._queued -= self._queue.popleft()[1]
+                if self._queued <= self._max_queued or not self._queue:
+                    return future
+                oldest, oldest_size = self._queue.popleft()
+                self._queued -= oldest_size
+            wait([oldest])
+
+
+#: shared by every hash of every bake in this process: the machine has few cores to hash on
+HASH_WORKERS = HashWorkers()
+
+
 class BackgroundHash:
-    """SHA-256 fed from a worker thread (hashlib releases the GIL on large buffers), so hashing
-    overlaps reading, editing and writing. One update in flight at a time bounds memory."""
+    """SHA-256 fed from :class:`HashWorkers`, so hashing overlaps reading, editing and writing.
 
-    _pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="steer-hash")
+    The updates of one hash run in order, one in flight at a time; many hashes run at once (the
+    source file, each source tensor, the output file). A buffer passed in must not change until
+    its update has run; the bake never writes to a buffer once it has been read or written.
+    """
 
-    def __init__(self, initial: bytes = b"") -> None:
+    def __init__(self, initial: bytes = b"", workers: HashWorkers = HASH_WORKERS) -> None:
         self._digest = hashlib.sha256(initial)
+        self._workers = workers
         self._pending: Future[None] | None = None
 
     def update(self, data: bytes | bytearray | memoryview) -> None:
         self._wait()
-        self._pending = self._pool.submit(self._digest.update, data)
+        size = memoryview(data).nbytes
+        if size < 4096:  # too small to release the GIL: a thread hop costs more than the hash
+            self._digest.update(data)
+        else:
+            self._pending = self._workers.submit(self._digest, data, size)
 
     def _wait(self) -> None:
         if self._pending is not None:
             self._pending.result()
             self._pending = None
 
+    def digest(self) -> bytes:
+        self._wait()
+        return self._digest.digest()
+
     def hexdigest(self) -> str:
         self._wait()
         return self._digest.hexdigest()
 
+
+#: the bytes hashed for a tensor's raw bytes (the weight hash rounds values to bfloat16)
+TensorBytes = Callable[["TensorSpec", bytearray], memoryview]
 
 #: opens a file for binary writing; tests pass one that fails to simulate a full disk
 Opener = Callable[[Path], BinaryIO]
@@ -115,6 +162,11 @@ class SafetensorsReader:
         # SHA-256 of the file, fed by reads that happen to be sequential (see file_hash)
         self._digest: Any = None
         self._position = 0
+        # per-tensor SHA-256s of a transform of the bytes, fed by reads in row order (see
+        # start_tensor_hashes); a tensor's position is -1 once a read skipped some of its rows
+        self._tensor_bytes: TensorBytes | None = None
+        self._tensor_hashes: dict[str, BackgroundHash] = {}
+        self._tensor_positions: dict[str, int] = {}
         self.metadata: dict[str, str] = header.pop("__metadata__", None) or {}
         self.entries: dict[str, _Entry] = {}
         for name, info in header.items():
@@ -137,6 +189,23 @@ class SafetensorsReader:
             return None
         return str(self._digest.hexdigest())
 
+    def start_tensor_hashes(self, tensor_bytes: TensorBytes) -> None:
+        """Also hash every floating-point tensor as a side effect of reading its rows in order:
+        SHA-256 of ``tensor_bytes(spec, raw bytes)`` chunk by chunk (the weight hash's bf16
+        rounding, see steer.models.bfloat16_bytes)."""
+        self._tensor_bytes = tensor_bytes
+        self._tensor_hashes = {}
+        self._tensor_positions = {}
+
+    def tensor_digests(self) -> dict[str, bytes]:
+        """SHA-256 per floating-point tensor whose rows were all read in order since
+        start_tensor_hashes."""
+        return {
+            name: digest.digest()
+            for name, digest in self._tensor_hashes.items()
+            if self._tensor_positions[name] == self.entries[name].end - self.entries[name].begin
+        }
+
     def _read_at(self, offset: int, size: int, name: str) -> bytearray:
         buffer = bytearray(size)
         self._file.seek(offset)
@@ -148,7 +217,23 @@ class SafetensorsReader:
                 self._position += size
             elif offset > self._position:
                 self._digest = None  # a gap: fall back to hashing the file separately
+        if self._tensor_bytes is not None:
+            self._hash_tensor(name, offset - self.data_start - self.entries[name].begin, buffer)
         return buffer
+
+    def _hash_tensor(self, name: str, start: int, buffer: bytearray) -> None:
+        spec = self.entries[name].spec
+        if not spec.dtype.is_floating_point or self._tensor_bytes is None:
+            return
+        position = self._tensor_positions.setdefault(name, 0)
+        if start != position:  # a re-read (ignored) or a gap (hashed separately later)
+            if start > position:
+                self._tensor_positions[name] = -1
+            return
+        digest = self._tensor_hashes.setdefault(name, BackgroundHash())
+        if buffer:
+            digest.update(self._tensor_bytes(spec, buffer))
+        self._tensor_positions[name] = position + len(buffer)
 
     def names_in_file_order(self) -> list[str]:
         return sorted(self.entries, key=lambda name: self.entries[name].begin)
