@@ -80,6 +80,7 @@ def prepare(directory: Path) -> Path:
 
     source = directory / "qwen-4-shards"
     if (source / "config.json").exists() and (directory / "direction" / "steer.json").exists():
+        _record_weight_hash(directory, source)  # the hash format may have changed since
         return source
     handle = load_model("qwen2.5-coder-0.5b-instruct")
     state = {
@@ -107,24 +108,31 @@ def prepare(directory: Path) -> Path:
     config["dtype"] = "bfloat16"
     (source / "config.json").write_text(json.dumps(config, indent=2))
     handle.tokenizer.save_pretrained(str(source))
-    # the direction is checked against the weights as stored (bf16), like a handle loaded
-    # from this directory would hash them
-    from steer.bake.source import open_source
-
-    weight_hash = open_source(str(source)).weight_hash()
     direction = SteeringVector.from_shared(
         torch.randn(handle.d_model, generator=torch.Generator().manual_seed(0))
     )
     save_vector(directory / "direction", direction, kind="direction")
+    _record_weight_hash(directory, source)
+    return source
+
+
+def _record_weight_hash(directory: Path, source: Path) -> None:
+    """The direction names the source's weights as stored (bf16), like a handle loaded from
+    that directory would hash them."""
+    from steer.bake.source import open_source
+
+    opened = open_source(str(source))
     sidecar = directory / "direction" / "steer.json"
     metadata = json.loads(sidecar.read_text())
     metadata["model"] = {
         "name": "qwen-4-shards",
-        "d_model": handle.d_model,
-        "weight_hash": weight_hash,
+        "architecture": opened.model_type,
+        "num_layers": int(opened.config["num_hidden_layers"]),
+        "d_model": int(opened.config["hidden_size"]),
+        "weight_hash": opened.weight_hash(),
     }
+    opened.close()
     sidecar.write_text(json.dumps(metadata))
-    return source
 
 
 def run_child(*args: str) -> dict:
@@ -143,6 +151,7 @@ def main() -> int:
     args = parser.parse_args()
     from steer.offline import cache_dir
 
+    load_at_start = os.getloadavg()[0]
     root = cache_dir() / "bench-bake"
     source = prepare(root)
     direction = root / "direction"
@@ -174,7 +183,8 @@ def main() -> int:
         "time_ratio_goal_1_5": bake_row["time_vs_copy"] <= 1.5,
         "rss_goal": bake_row["max_rss_mb"] <= 1.1 * largest + baseline,
         "machine": machine(),
-        "load_average": os.getloadavg()[0],
+        "load_average_at_start": load_at_start,
+        "load_average_at_end": os.getloadavg()[0],
     }
     emit(record)
     if not args.no_docs:
@@ -210,7 +220,8 @@ def main() -> int:
                 ),
                 "",
                 f"Measured on {record['machine']}, {time.strftime('%Y-%m-%d')}, load average "
-                f"{record['load_average']:.1f} (the machine is shared; ratios are within one run). "
+                f"{load_at_start:.2f} at the start and {record['load_average_at_end']:.2f} at the "
+                "end (the machine is shared; ratios are within one run). "
                 "SHA-256 of the source and output files (provenance) costs most of the gap to a "
                 "kernel-side copy: compare the hashed-copy row.",
             ]

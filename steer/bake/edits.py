@@ -232,17 +232,48 @@ def _check_size(size: int, d_model: int, field_name: str) -> None:
 # Applying edits to one matrix
 
 
+#: columns per block are chosen so a block has at most this many elements: torch's GRAIN_SIZE,
+#: below which its element-wise kernels run on the calling thread. On a few cores shared with
+#: the hash workers (and other jobs), intra-op threads on large tensors wait on each other far
+#: longer than they compute; a block this size also stays in the L2 cache.
+BLOCK_ELEMENTS = 32768
+
+
 def edit_columns(matrix: torch.Tensor, edits: Sequence[RankOneEdit]) -> torch.Tensor:
-    """``matrix``: (d_model, n) -> edited float32 copy (rank-1 updates done in place on it)."""
-    out = matrix.to(torch.float32, copy=True)
-    for edit in edits:
-        before = out.norm(dim=0) if edit.norm_preserving else None
-        coefficient = edit.unit @ out  # (n,)
-        out.addr_(edit.unit, coefficient, alpha=-edit.weight)  # out -= w * unit coefficient^T
-        if before is not None:
-            after = out.norm(dim=0)
-            scale = torch.where(after > 0, before / after.clamp_min(1e-30), torch.ones_like(after))
-            out.mul_(scale)
+    """``matrix``: (d_model, n) -> edited float32 copy."""
+    return edit_columns_into(matrix, edits, torch.empty(matrix.shape, dtype=torch.float32))
+
+
+def edit_columns_into(
+    matrix: torch.Tensor,
+    edits: Sequence[RankOneEdit],
+    out: torch.Tensor,
+    shift: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``out`` (d_model, n), any dtype and strides <- ``matrix`` (d_model, n) edited, then
+    ``shift`` (d_model,) added to every column; the math is float32 and ``matrix`` is only read.
+
+    Columns are independent, so the work goes block by block of columns in one small float32
+    buffer (see :data:`BLOCK_ELEMENTS`), laid out like ``matrix`` so copies read it in order.
+    """
+    d_model, columns = matrix.shape
+    step = max(1, min(columns, BLOCK_ELEMENTS // max(d_model, 1)))
+    rows_first = matrix.stride(0) != 1  # (d_model, n) row-major, not a transposed (n, d_model)
+    work = torch.empty(d_model, step) if rows_first else torch.empty(step, d_model).T
+    for start in range(0, columns, step):
+        stop = min(columns, start + step)
+        block = work[:, : stop - start]
+        block.copy_(matrix[:, start:stop])
+        for edit in edits:
+            before = block.norm(dim=0) if edit.norm_preserving else None
+            coefficient = edit.unit @ block  # (columns,)
+            block.addr_(edit.unit, coefficient, alpha=-edit.weight)  # -= w * unit coefficient^T
+            if before is not None:
+                after = block.norm(dim=0)
+                block.mul_(torch.where(after > 0, before / after.clamp_min(1e-30), 1.0))
+        if shift is not None:
+            block.add_(shift[:, None])
+        out[:, start:stop].copy_(block)
     return out
 
 

@@ -25,7 +25,7 @@ from steer.bake.edits import (
     WeightPlan,
     build_plan,
     check_layout,
-    edit_columns,
+    edit_columns_into,
     lora_factors,
 )
 from steer.bake.source import Source, open_source
@@ -270,11 +270,17 @@ def _embedding_chunks(
     """Rows of the embedding (vocab, d_model): each row is a written vector (a column of M)."""
     stored = source.specs[name].dtype
     for chunk in _row_chunks(source, name, stored):
-        # edit_columns converts to float32 once; the read buffer itself is never modified
-        edited = edit_columns(chunk.T, plan.embedding).T if plan.embedding else chunk.float()
-        if plan.embedding_shift is not None:
-            edited = edited + plan.embedding_shift
-        yield edited.to(dtype)
+        edited = torch.empty(chunk.shape, dtype=dtype)
+        # the read buffer itself is never modified (it may still be queued for hashing)
+        edit_columns_into(chunk.T, plan.embedding, edited.T, plan.embedding_shift)
+        yield edited
+
+
+def _edited_matrix(
+    source: Source, name: str, edits: list[RankOneEdit], dtype: torch.dtype
+) -> Iterator[torch.Tensor]:
+    weight = source.read(name)
+    yield edit_columns_into(weight, edits, torch.empty(weight.shape, dtype=dtype))
 
 
 @dataclass
@@ -353,7 +359,7 @@ def plan_output(
         if name == names.embedding and plan.edits_embedding:
             yield from _embedding_chunks(source, name, plan, out_dtype)
         elif name in matrices:
-            yield edit_columns(source.read(name), matrices[name]).to(out_dtype)
+            yield from _edited_matrix(source, name, matrices[name], out_dtype)
         else:
             yield from _row_chunks(source, name, out_dtype)
 
