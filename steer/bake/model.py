@@ -29,7 +29,14 @@ from steer.bake.edits import (
     lora_factors,
 )
 from steer.bake.source import Source, open_source
-from steer.bake.tensor_io import Opener, ShardWriter, TensorSpec, default_opener, sha256_file
+from steer.bake.tensor_io import (
+    Opener,
+    ShardWriter,
+    SourceBytes,
+    TensorSpec,
+    default_opener,
+    sha256_file,
+)
 from steer.errors import (
     FailedPreconditionError,
     InvalidArgumentError,
@@ -264,6 +271,20 @@ def _row_chunks(source: Source, name: str, dtype: torch.dtype) -> Iterator[torch
         yield source.read_rows(name, start, min(rows, start + step)).to(dtype)
 
 
+def _unchanged(
+    source: Source, name: str, dtype: torch.dtype
+) -> Iterator[torch.Tensor | SourceBytes]:
+    """An unedited tensor: its bytes as stored (copied file to file), else converted chunks."""
+    spec = source.specs[name]
+    if source.read_rows_raw is None or dtype != spec.dtype:
+        yield from _row_chunks(source, name, dtype)
+        return
+    rows = spec.shape[0] if spec.shape else 1
+    step = max(1, CHUNK_BYTES * rows // max(spec.nbytes, 1))
+    for start in range(0, rows, step):
+        yield source.read_rows_raw(name, start, min(rows, start + step))
+
+
 def _embedding_chunks(
     source: Source, name: str, plan: WeightPlan, dtype: torch.dtype
 ) -> Iterator[torch.Tensor]:
@@ -286,7 +307,7 @@ def _edited_matrix(
 @dataclass
 class OutputLayout:
     shards: dict[str, list[TensorSpec]]
-    produce: Callable[[str], Iterator[torch.Tensor]]
+    produce: Callable[[str], Iterator[torch.Tensor | SourceBytes]]
     config: dict[str, Any]
 
 
@@ -346,12 +367,12 @@ def plan_output(
             f"no down_proj weight found for biases {sorted(missing)[:3]}", field="model"
         )
 
-    def produce(name: str) -> Iterator[torch.Tensor]:
+    def produce(name: str) -> Iterator[torch.Tensor | SourceBytes]:
         if name in extra:
             yield extra[name]
             return
         if name == "lm_head.weight" and untie:
-            yield from _row_chunks(
+            yield from _unchanged(
                 source, names.embedding, _output_dtype(source.specs[names.embedding], dtype)
             )
             return
@@ -361,7 +382,7 @@ def plan_output(
         elif name in matrices:
             yield from _edited_matrix(source, name, matrices[name], out_dtype)
         else:
-            yield from _row_chunks(source, name, out_dtype)
+            yield from _unchanged(source, name, out_dtype)
 
     return OutputLayout(shards, produce, config)
 

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from steer.bake.tensor_io import SafetensorsReader, TensorSpec
+from steer.bake.tensor_io import SafetensorsReader, SourceBytes, TensorSpec
 from steer.errors import FailedPreconditionError, InvalidArgumentError, NotFoundError
 from steer.models import bfloat16_bytes, combine_weight_digests, tensor_digest
 from steer.offline import OFFLINE_MODELS, resolve_offline
@@ -43,6 +43,9 @@ class Source:
     files: list[Path]
     #: non-weight files copied to the output (tokenizer, generation config, chat template...)
     extra_files: list[Path] = field(default_factory=list)
+    #: the same rows as raw bytes with their place in a source file (file sources only): the
+    #: writer copies untouched tensors file to file instead of through torch
+    read_rows_raw: Callable[[str, int, int], SourceBytes] | None = None
     #: writes tokenizer / generation config into a directory (in-memory sources)
     write_extras: Callable[[Path], None] | None = None
     close: Callable[[], None] = lambda: None
@@ -195,6 +198,7 @@ def _safetensors_source(name: str, directory: Path) -> Source:
         specs=specs,
         read=lambda tensor: owner[tensor].read(tensor),
         read_rows=lambda tensor, start, stop: owner[tensor].read_rows(tensor, start, stop),
+        read_rows_raw=lambda tensor, start, stop: owner[tensor].read_rows_raw(tensor, start, stop),
         files=[directory / "config.json", *(directory / f for f in files)],
         extra_files=extra,
         close=close,

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import io
 import json
 import os
 import struct
@@ -118,7 +119,9 @@ Opener = Callable[[Path], BinaryIO]
 
 
 def default_opener(path: Path) -> BinaryIO:
-    return path.open("wb")
+    # unbuffered: tensors are written in large pieces, and kernel-side copies (SourceBytes) go
+    # through the same file position
+    return path.open("wb", buffering=0)
 
 
 @dataclass(frozen=True)
@@ -133,6 +136,17 @@ class TensorSpec:
         for size in self.shape:
             count *= size
         return count * torch.empty((), dtype=self.dtype).element_size()
+
+
+@dataclass(frozen=True, eq=False)
+class SourceBytes:
+    """Raw bytes read from a source file, with where they lie in it: a writer hashes ``data``
+    and copies the same range file to file in the kernel (``copy_file_range``), as a plain copy
+    does, instead of writing ``data`` back out of user space."""
+
+    data: bytearray
+    fileno: int
+    offset: int
 
 
 @dataclass(frozen=True)
@@ -250,15 +264,23 @@ class SafetensorsReader:
 
     def read_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
         """Rows ``start:stop`` of the first dimension, reading only their bytes."""
+        spec = self.entries[name].spec
+        buffer = self.read_rows_raw(name, start, stop).data
+        rows = (stop - start, *spec.shape[1:])
+        if not buffer:
+            return torch.empty(rows, dtype=spec.dtype)
+        return torch.frombuffer(buffer, dtype=spec.dtype).reshape(rows)
+
+    def read_rows_raw(self, name: str, start: int, stop: int) -> SourceBytes:
+        """The bytes of rows ``start:stop`` (a 0-d tensor: its one value) and their offset."""
         entry = self.entries[name]
         shape = entry.spec.shape
         row_bytes = (entry.end - entry.begin) // shape[0] if shape and shape[0] else 0
+        if not shape:
+            start, stop, row_bytes = 0, 1, entry.end - entry.begin
         offset = self.data_start + entry.begin + start * row_bytes
         buffer = self._read_at(offset, (stop - start) * row_bytes, name)
-        rows = (stop - start, *shape[1:])
-        if not buffer:
-            return torch.empty(rows, dtype=entry.spec.dtype)
-        return torch.frombuffer(buffer, dtype=entry.spec.dtype).reshape(rows)
+        return SourceBytes(buffer, self._file.fileno(), offset)
 
     def close(self) -> None:
         self._file.close()
@@ -298,9 +320,12 @@ class ShardWriter:
         self._file = opener(path)
         self._write(_header_bytes(specs, metadata or {"format": "pt"}))
 
-    def _write(self, data: bytes | memoryview) -> None:
+    def _write(self, data: bytes | memoryview, source: SourceBytes | None = None) -> None:
         try:
-            self._file.write(data)
+            if source is not None and isinstance(self._file, io.FileIO):
+                self._copy_range(source)
+            else:
+                self._file.write(data)
         except OSError as error:
             if error.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise ResourceExhaustedError(
@@ -308,9 +333,21 @@ class ShardWriter:
                 ) from error
             raise
         self.digest.update(data)
-        self.size += len(memoryview(data).cast("B")) if not isinstance(data, bytes) else len(data)
+        self.size += memoryview(data).nbytes
 
-    def write(self, name: str, pieces: Iterable[torch.Tensor]) -> None:
+    def _copy_range(self, source: SourceBytes) -> None:
+        """Copy ``source``'s range kernel-side; the bytes are those in ``source.data`` (the source
+        is only read, never written, by the bake)."""
+        done, size = 0, len(source.data)
+        while done < size:
+            copied = os.copy_file_range(
+                source.fileno, self._file.fileno(), size - done, source.offset + done
+            )
+            if copied == 0:
+                raise AssertionError(f"{self.path.name}: source ended during a copy")
+            done += copied
+
+    def write(self, name: str, pieces: Iterable[torch.Tensor | SourceBytes]) -> None:
         """Write tensor ``name`` from ``pieces`` whose bytes, concatenated, are the tensor in
         row-major order (e.g. row chunks of a large embedding)."""
         spec = self.specs[self._next]
@@ -319,11 +356,16 @@ class ShardWriter:
         self._next += 1
         written = 0
         for piece in pieces:
+            if isinstance(piece, SourceBytes):
+                if piece.data:
+                    self._write(memoryview(piece.data), piece)
+                written += len(piece.data)
+                continue
             if piece.dtype != spec.dtype:
                 raise AssertionError(f"{name}: piece dtype {piece.dtype} is not {spec.dtype}")
             if piece.numel():
                 data = piece.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy()
-                self._write(data.tobytes() if not data.flags.c_contiguous else memoryview(data))  # type: ignore[arg-type]
+                self._write(data.data)
                 written += data.nbytes
         if written != spec.nbytes:
             raise AssertionError(f"{name}: wrote {written} bytes, expected {spec.nbytes}")
@@ -336,7 +378,7 @@ class ShardWriter:
             )
         try:
             self._file.flush()
-            os.fsync(self._file.fileno())
+            os.fsync(self._file.fileno())  # once per file
         except OSError as error:
             if error.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise ResourceExhaustedError(
