@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import threading
 from pathlib import Path
@@ -396,6 +397,87 @@ def test_direction_from_another_model_is_refused(sources, tmp_path) -> None:  # 
     options = BakeOptions(allow_other_model=True)
     recipe = load_recipe({"edits": [{"kind": "ablate", "direction": str(qwen_direction)}]})
     assert bake_with_options(str(source), recipe, tmp_path / "c", options).exists()
+
+
+def test_direction_for_other_weights_is_refused_when_the_pass_ends(sources, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Same architecture and sizes, other weights: only the weight hash tells them apart. It is
+    computed during the bake's one read pass; the mismatch aborts before the rename."""
+    _handle, source, _direction = sources["llama"]
+    other = tiny_handle("llama", seed=1)
+    direction = save_vector(tmp_path / "other", random_vector(1), handle=other)
+    stages: list[str] = []
+
+    def progress(stage: str, fraction: float) -> None:
+        stages.append(stage)
+
+    recipe = {"edits": [{"kind": "ablate", "direction": str(direction)}]}
+    with pytest.raises(FailedPreconditionError, match="was made for model 'tiny-llama'"):
+        bake(str(source), recipe, tmp_path / "out", progress=progress)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["other"]  # no target, no temporary
+    # the weights were hashed while writing, not in a pass of their own before it
+    assert stages.index("writing weights") < stages.index("hashing source weights")
+
+
+def test_other_architecture_is_refused_before_writing(sources, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    _handle, source, _direction = sources["llama"]
+    _qwen, _qwen_source, qwen_direction = sources["qwen2"]
+    stages: list[str] = []
+
+    def progress(stage: str, fraction: float) -> None:
+        stages.append(stage)
+
+    recipe = {"edits": [{"kind": "ablate", "direction": str(qwen_direction)}]}
+    with pytest.raises(FailedPreconditionError, match="architecture qwen2"):
+        bake(str(source), recipe, tmp_path / "out", progress=progress)
+    assert "writing weights" not in stages
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_weight_hash_from_the_bake_pass_equals_the_handle(sources, tmp_path, dtype) -> None:  # type: ignore[no-untyped-def]
+    """The digests fed by the bake's reads (raw bytes for bf16, rounded for fp32, a sharded
+    source) combine to the loaded model's weight hash, which the provenance then records."""
+    handle, _source, _direction = sources["qwen2"]
+    sharded = tmp_path / "src"
+    copy.deepcopy(handle.model).to(dtype).save_pretrained(sharded, max_shard_size="60KB")
+    handle.tokenizer.save_pretrained(sharded)
+    assert len(list(sharded.glob("*.safetensors"))) > 2
+    loaded = load_model(sharded, dtype=dtype)
+    assert loaded.weight_hash == handle.weight_hash  # bf16 rounding: same hash either way
+    direction = save_vector(tmp_path / "d", random_vector(1), handle=loaded)
+    recipe = {"edits": [{"kind": "ablate", "direction": str(direction), "layers": [1]}]}
+    out = bake(str(sharded), recipe, tmp_path / "out")
+    record = json.loads((out / "steer_provenance.json").read_text())
+    assert record["source"]["weight_hash"] == handle.weight_hash
+    assert all(record["source"]["files"].values()) and verify(out) == []
+    opened = open_source(str(sharded))
+    opened.start_weight_hashes()
+    for name in opened.specs:  # read in file order: every tensor hashed on the way
+        opened.read(name)
+    assert len(opened.streamed_tensor_digests()) == len(opened.specs)
+    assert opened.weight_hash() == handle.weight_hash
+
+
+def test_background_hashes_keep_order_and_bound_the_queue() -> None:
+    """Interleaved hashes on shared workers equal plain SHA-256, and the queued bytes stay
+    within the bound (plus the update just submitted)."""
+    import hashlib
+
+    from steer.bake.tensor_io import BackgroundHash, HashWorkers
+
+    workers = HashWorkers(threads=2, max_queued=256 << 10)
+    generator = torch.Generator().manual_seed(0)
+    blocks = [
+        torch.randint(0, 255, (size,), dtype=torch.uint8, generator=generator).numpy().tobytes()
+        for size in (100, 70_000, 200_000, 5_000, 131_072) * 6
+    ]
+    hashes = [BackgroundHash(b"head", workers=workers) for _ in range(3)]
+    expected = [hashlib.sha256(b"head") for _ in range(3)]
+    for index, block in enumerate(blocks):
+        hashes[index % 3].update(block)
+        expected[index % 3].update(block)
+        assert workers._queued <= (256 << 10) + len(block)
+    assert [h.hexdigest() for h in hashes] == [e.hexdigest() for e in expected]
 
 
 def test_pickled_source_needs_the_flag(sources, tmp_path) -> None:  # type: ignore[no-untyped-def]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import pytest
@@ -54,6 +55,32 @@ def test_weight_hash_changes_with_the_weights(saved) -> None:  # type: ignore[no
     assert load_model(single).weight_hash == before
     changed = ModelHandle(loaded.model, loaded.tokenizer, "x", loaded.resolver)
     assert changed.weight_hash != before
+
+
+def test_weight_hash_is_per_tensor_and_order_free() -> None:
+    """One SHA-256 per tensor (of its bf16 bytes, however it is chunked), combined in name order:
+    the per-tensor digests can be computed in any order, e.g. a file's."""
+    from steer.models import combine_weight_digests, tensor_digest, weight_digest
+
+    generator = torch.Generator().manual_seed(0)
+    tensors = {"b.weight": torch.randn(6, 4, generator=generator), "a.bias": torch.randn(4)}
+    whole = weight_digest((name, tuple(t.shape), (t,)) for name, t in sorted(tensors.items()))
+    chunked = weight_digest(
+        (name, tuple(t.shape), t.split(2)) for name, t in sorted(tensors.items())
+    )
+    shuffled = combine_weight_digests(
+        (name, tuple(t.shape), tensor_digest((t.to(torch.bfloat16),)))
+        for name, t in reversed(tensors.items())
+    )
+    assert whole == chunked == shuffled
+    assert (
+        tensor_digest((tensors["a.bias"],))
+        == hashlib.sha256(
+            tensors["a.bias"].to(torch.bfloat16).view(torch.int16).numpy().tobytes()
+        ).digest()
+    )
+    renamed = weight_digest((f"x{name}", tuple(t.shape), (t,)) for name, t in tensors.items())
+    assert renamed != whole
 
 
 def test_pickled_weights_need_the_explicit_flag(saved, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]

@@ -427,7 +427,7 @@ def write_model(
         source.write_extras(directory)
     for written in sorted(directory.iterdir()):
         if written.name not in hashes and written.is_file():
-            hashes[written.name] = sha256_file(written)
+            hashes[written.name] = sha256_file(written, fsync=True)
     return hashes
 
 
@@ -511,7 +511,7 @@ def write_lora(
     }
     _write_json(directory / "adapter_config.json", adapter_config)
     options.report("computing LoRA factors", 1.0)
-    return {p.name: sha256_file(p) for p in sorted(directory.iterdir()) if p.is_file()}
+    return {p.name: sha256_file(p, fsync=True) for p in sorted(directory.iterdir()) if p.is_file()}
 
 
 # ---------------------------------------------------------------------------------------------

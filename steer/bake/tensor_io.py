@@ -393,9 +393,13 @@ class ShardWriter:
         self._file.close()
 
 
-def sha256_file(path: Path) -> str:
+def sha256_file(path: Path, *, fsync: bool = False) -> str:
+    """The file's SHA-256; ``fsync`` also flushes it to disk (files the bake wrote whole, e.g.
+    config and tokenizer files, are synced as they are hashed)."""
     digest = hashlib.sha256()
     with path.open("rb") as handle:
         for block in iter(lambda: handle.read(1 << 22), b""):
             digest.update(block)
+        if fsync:
+            os.fsync(handle.fileno())
     return digest.hexdigest()
