@@ -6,7 +6,7 @@ Layout::
       vectors.safetensors   tensors "layer.<L>" (d_model,) and/or "shared" (d_model,), float32
       steer.json            {"format": "steer.vector", "format_version": 1, "name", "kind",
                              "model": {"name", "architecture", "d_model", "num_layers",
-                                       "weight_hash"},
+                                       "weight_hash", "weight_hash_format"},
                              "hooks", "positions", "method", "data", "metrics",
                              "steer_version", ...}
 
@@ -26,7 +26,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from steer.errors import FailedPreconditionError, InvalidArgumentError, NotFoundError
-from steer.models import ModelHandle
+from steer.models import WEIGHT_HASH_FORMAT, ModelHandle, stale_weight_hash_hint
 from steer.vectors import SteeringVector
 
 FORMAT = "steer.vector"
@@ -52,6 +52,7 @@ def model_identity(handle: ModelHandle) -> dict[str, Any]:
         "d_model": handle.d_model,
         "num_layers": handle.num_layers,
         "weight_hash": handle.weight_hash,
+        "weight_hash_format": WEIGHT_HASH_FORMAT,
     }
 
 
@@ -143,6 +144,7 @@ def check_model(
         raise FailedPreconditionError(
             f"{where} was made for model {model.get('name')!r} (weight hash "
             f"{model['weight_hash'][:12]}…), not the loaded {handle.name!r} "
-            f"({handle.weight_hash[:12]}…); pass allow_other_model to use it anyway",
+            f"({handle.weight_hash[:12]}…){stale_weight_hash_hint(model)}; pass "
+            "allow_other_model to use it anyway",
             field="artifact",
         )

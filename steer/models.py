@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -24,6 +24,22 @@ from steer.hooks import ArchitectureLayout, HookResolver
 from steer.offline import OFFLINE_MODELS, resolve_offline
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+#: the weight hash's format, recorded beside it in artifact sidecars: 2 = per-tensor SHA-256s
+#: combined in name order (1, unrecorded, hashed all values in one stream)
+WEIGHT_HASH_FORMAT = 2
+
+
+def stale_weight_hash_hint(model: Mapping[str, Any]) -> str:
+    """Why a recorded weight hash may differ although the weights are the same: it was made
+    in an older format. Empty when the record names the current format."""
+    if model.get("weight_hash_format") == WEIGHT_HASH_FORMAT:
+        return ""
+    return (
+        " (its weight hash predates weight-hash format "
+        f"{WEIGHT_HASH_FORMAT}; re-save the artifact with the model to refresh it)"
+    )
 
 
 def bfloat16_bytes(chunk: torch.Tensor) -> memoryview:

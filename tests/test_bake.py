@@ -411,11 +411,19 @@ def test_direction_for_other_weights_is_refused_when_the_pass_ends(sources, tmp_
         stages.append(stage)
 
     recipe = {"edits": [{"kind": "ablate", "direction": str(direction)}]}
-    with pytest.raises(FailedPreconditionError, match="was made for model 'tiny-llama'"):
+    with pytest.raises(FailedPreconditionError, match="was made for model 'tiny-llama'") as error:
         bake(str(source), recipe, tmp_path / "out", progress=progress)
+    assert "predates" not in str(error.value)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["other"]  # no target, no temporary
     # the weights were hashed while writing, not in a pass of their own before it
     assert stages.index("writing weights") < stages.index("hashing source weights")
+    # a sidecar from before the per-tensor format says so
+    sidecar = direction / "steer.json"
+    metadata = json.loads(sidecar.read_text())
+    del metadata["model"]["weight_hash_format"]
+    sidecar.write_text(json.dumps(metadata))
+    with pytest.raises(FailedPreconditionError, match="predates weight-hash format 2"):
+        bake(str(source), recipe, tmp_path / "out")
 
 
 def test_other_architecture_is_refused_before_writing(sources, tmp_path) -> None:  # type: ignore[no-untyped-def]

@@ -45,7 +45,7 @@ from steer.errors import (
 )
 from steer.hooks import ArchitectureLayout, layout_for
 from steer.interventions import Intervention
-from steer.models import DTYPES
+from steer.models import DTYPES, stale_weight_hash_hint
 from steer.recipes import AblateEdit, AblationVariant, FeatureEdit, Recipe, recipe_to_dict
 
 Progress = Callable[[str, float], None]
@@ -169,10 +169,11 @@ def check_directions_model(
     actual = source.weight_hash(lambda f: options.report("hashing source weights", f))
     for path, weight_hash in expected.items():
         if weight_hash != actual:
-            name = (artifacts[path].get("model") or {}).get("name")
+            model = artifacts[path].get("model") or {}
             raise FailedPreconditionError(
-                f"{path} was made for model {name!r} (weight hash {weight_hash[:12]}…), not "
-                f"{source.name!r} ({actual[:12]}…); pass allow_other_model "
+                f"{path} was made for model {model.get('name')!r} (weight hash "
+                f"{weight_hash[:12]}…), not {source.name!r} ({actual[:12]}…)"
+                f"{stale_weight_hash_hint(model)}; pass allow_other_model "
                 "(--allow-other-model) to use it anyway",
                 field="direction",
             )
