@@ -126,8 +126,12 @@ def encode_prompt(handle: ModelHandle, request: GenerationRequest) -> list[int]:
 class _TextStream:
     """Incremental detokenisation with stop strings.
 
-    Text that might be the start of a stop string, or an incomplete UTF-8 character, is held
-    back until the next token decides it.
+    Only a short window of ids is decoded per token: the text of ``ids[prefix:read]`` (already
+    in ``text``) and of ``ids[prefix:]``; the difference is the new text. Decoding from a few
+    tokens back keeps context-dependent spacing right, and a window that ends in an incomplete
+    UTF-8 character (U+FFFD) waits for the next token. Text that might be the start of a stop
+    string is held back until the next token decides it. Cost per token is O(window + stop
+    length), not O(length of the reply).
     """
 
     def __init__(self, tokenizer: Any, stop: Sequence[str]) -> None:
@@ -136,16 +140,33 @@ class _TextStream:
         self.ids: list[int] = []
         self.emitted = 0
         self.text = ""
+        #: ids[prefix:read] produced the end of ``text``; ids[read:] are not in ``text`` yet
+        self.prefix = 0
+        self.read = 0
+
+    def _decode(self, ids: Sequence[int]) -> str:
+        return str(self.tokenizer.decode(ids, skip_special_tokens=True))
+
+    def _advance(self, *, final: bool = False) -> None:
+        before = self._decode(self.ids[self.prefix : self.read])
+        after = self._decode(self.ids[self.prefix :])
+        if len(after) > len(before) and (final or not after.endswith("\ufffd")):
+            self.text += after[len(before) :]
+            self.prefix, self.read = self.read, len(self.ids)
 
     def push(self, token_id: int) -> tuple[str, bool]:
         """Add a token; return (text delta, stopped)."""
         self.ids.append(token_id)
-        self.text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        cut = min((i for i in (self.text.find(s) for s in self.stop) if i >= 0), default=-1)
+        self._advance()
+        cut = min(
+            (i for i in (self.text.find(s, self.emitted) for s in self.stop) if i >= 0),
+            default=-1,
+        )
         if cut >= 0:
             delta = self.text[self.emitted : cut]
             self.text = self.text[:cut]
             self.emitted = cut
+            self.prefix = self.read = len(self.ids)  # nothing after a stop string is text
             return delta, True
         end = len(self.text) - self._held_back()
         delta = self.text[self.emitted : end] if end > self.emitted else ""
@@ -164,6 +185,8 @@ class _TextStream:
         return longest
 
     def flush(self) -> str:
+        if self.read < len(self.ids):
+            self._advance(final=True)
         delta = self.text[self.emitted :]
         self.emitted = len(self.text)
         return delta
