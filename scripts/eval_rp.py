@@ -48,12 +48,15 @@ COLUMNS = (
 )
 
 
-def moralizing_direction(handle: ModelHandle, given: str | None, work: Path) -> Ablate | None:
-    """The model's moralizing direction as an ablation, or None when none can be had."""
+def moralizing_direction(
+    handle: ModelHandle, given: str | None, work: Path
+) -> tuple[Ablate, str] | None:
+    """The model's moralizing direction as an ablation with a one-line description (layer,
+    method, validation KL, whether it passed the recipe's filters), or None."""
     from steer.artifacts import load_vector
 
     if given:
-        return Ablate(load_vector(given, handle=handle).vector)
+        return _described(load_vector(given, handle=handle), given)
     try:
         from steer.directions.api import compute
     except ImportError:
@@ -68,7 +71,20 @@ def moralizing_direction(handle: ModelHandle, given: str | None, work: Path) -> 
             progress=lambda stage, fraction: print(f"[{fraction:5.1%}] {stage}", file=sys.stderr),
             cancelled=threading.Event(),
         )
-    return Ablate(load_vector(out, handle=handle).vector)
+    return _described(load_vector(out, handle=handle), str(out))
+
+
+def _described(artifact: Any, where: str) -> tuple[Ablate, str]:
+    meta = artifact.metadata
+    metrics = meta.get("metrics") or {}
+    kl = metrics.get("kl_first_token_validation")
+    text = (
+        f"layer {meta.get('layer')}, {meta.get('method')}, validation first-token KL "
+        f"{kl:.3g}, passed filters: {metrics.get('passed_filters')}"
+        if isinstance(kl, float)
+        else f"{where} (no validation metrics)"
+    )
+    return Ablate(artifact.vector), text
 
 
 def run_model(
@@ -76,12 +92,12 @@ def run_model(
 ) -> None:
     handle = load_model(name)
     scenarios = load_scenarios()[: args.max_scenarios or None]
-    ablate = None
+    found = None
     if not args.no_direction:
-        ablate = moralizing_direction(handle, args.direction, Path(args.work))
+        found = moralizing_direction(handle, args.direction, Path(args.work))
     runs: list[tuple[str, tuple[Ablate, ...]]] = [(p, ()) for p in presets]
-    if ablate is not None:
-        runs += [(p, (ablate,)) for p in args.ablated_presets.split(",") if p]
+    if found is not None:
+        runs += [(p, (found[0],)) for p in args.ablated_presets.split(",") if p]
     for preset, interventions in runs:
         start = time.perf_counter()
         settings = EvalSettings(
@@ -96,6 +112,7 @@ def run_model(
             **metrics,
             "preset": preset,
             "moralizing": "ablated" if interventions else "-",
+            "direction": found[1] if interventions and found else None,
             "seconds": round(time.perf_counter() - start, 1),
         }
         emit(record)
@@ -124,6 +141,10 @@ def render(records: list[dict[str, Any]], args: argparse.Namespace) -> str:
             f"Measured on {machine()}.",
             "",
             table(rows, COLUMNS),
+            "",
+            "Moralizing directions used for the ablated rows:",
+            "",
+            *sorted({f"- {r['model']}: {r['direction']}" for r in records if r.get("direction")}),
         ]
     )
 
