@@ -488,6 +488,32 @@ def test_background_hashes_keep_order_and_bound_the_queue() -> None:
     assert [h.hexdigest() for h in hashes] == [e.hexdigest() for e in expected]
 
 
+def test_kernel_copies_and_written_bytes_give_the_same_output(
+    sources, tmp_path, monkeypatch
+) -> None:  # type: ignore[no-untyped-def]
+    """Untouched tensors are copied file to file; where copy_file_range fails (another
+    filesystem, an old kernel) the read bytes are written instead: same files either way."""
+    import errno
+    import os
+
+    _handle, source, direction = sources["qwen2"]
+    recipe = {"edits": [{"kind": "ablate", "direction": str(direction), "layers": [1]}]}
+    copied = bake(str(source), recipe, tmp_path / "copied")
+    calls = []
+
+    def cross_device(*args: object) -> int:
+        calls.append(args)
+        raise OSError(errno.EXDEV, "Invalid cross-device link")
+
+    monkeypatch.setattr(os, "copy_file_range", cross_device)
+    written = bake(str(source), recipe, tmp_path / "written")
+    assert len(calls) == 1  # the first failure switches the writer to write()
+    assert verify(written) == [] and verify(copied) == []
+    assert (written / "model.safetensors").read_bytes() == (
+        copied / "model.safetensors"
+    ).read_bytes()
+
+
 def test_pickled_source_needs_the_flag(sources, tmp_path) -> None:  # type: ignore[no-untyped-def]
     handle, _source, direction = sources["llama"]
     pickled = tmp_path / "pickled"

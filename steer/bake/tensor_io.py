@@ -1,9 +1,12 @@
 """Streaming safetensors I/O: read one tensor at a time, write shards tensor by tensor.
 
 Neither side maps or loads a whole file. The reader parses the header and reads each tensor's
-bytes with ``readinto`` into a fresh buffer; the writer writes the header first (every tensor's
-dtype and shape is known before any data is), then the tensors in header order, hashing the
-bytes as they go so the output's SHA-256 costs no second read. Peak memory is one tensor.
+bytes with ``readinto`` into a fresh buffer, optionally hashing the file and each tensor as the
+reads go by in order; the writer writes the header first (every tensor's dtype and shape is known
+before any data is), then the tensors in header order, hashing the bytes as they go so the
+output's SHA-256 costs no second read. Bytes that are unchanged (:class:`SourceBytes`) are copied
+file to file in the kernel; their read buffer is what gets hashed. Hashing runs on background
+threads (:class:`HashWorkers`). Peak memory is one tensor plus the hash queue.
 
 File layout (safetensors): 8-byte little-endian header length N, N bytes of JSON
 ``{name: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__": {...}}`` padded with
@@ -110,6 +113,9 @@ class BackgroundHash:
         self._wait()
         return self._digest.hexdigest()
 
+
+#: copy_file_range errors that mean "not between these files": write the bytes instead
+_NO_KERNEL_COPY = {errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL, errno.EBADF}
 
 #: bytes per write() call (see ShardWriter._write_all)
 WRITE_BYTES = 256 << 10
@@ -321,11 +327,12 @@ class ShardWriter:
         self.digest = BackgroundHash()
         self.size = 0
         self._file = opener(path)
+        self._kernel_copy = hasattr(os, "copy_file_range")
         self._write(_header_bytes(specs, metadata or {"format": "pt"}))
 
     def _write(self, data: bytes | memoryview, source: SourceBytes | None = None) -> None:
         try:
-            if source is not None and isinstance(self._file, io.FileIO):
+            if source is not None and self._kernel_copy and isinstance(self._file, io.FileIO):
                 self._copy_range(source)
             else:
                 self._write_all(memoryview(data).cast("B"))
@@ -349,14 +356,22 @@ class ShardWriter:
 
     def _copy_range(self, source: SourceBytes) -> None:
         """Copy ``source``'s range kernel-side; the bytes are those in ``source.data`` (the source
-        is only read, never written, by the bake)."""
+        is only read, never written, by the bake). Where the kernel cannot (another filesystem,
+        an old kernel), the rest is written from ``source.data``."""
         done, size = 0, len(source.data)
         while done < size:
-            copied = os.copy_file_range(
-                source.fileno, self._file.fileno(), size - done, source.offset + done
-            )
-            if copied == 0:
-                raise AssertionError(f"{self.path.name}: source ended during a copy")
+            try:
+                copied = os.copy_file_range(
+                    source.fileno, self._file.fileno(), size - done, source.offset + done
+                )
+            except OSError as error:
+                if error.errno not in _NO_KERNEL_COPY:
+                    raise
+                copied = 0
+            if copied == 0:  # unsupported here, or the source shrank: write what was read
+                self._kernel_copy = False
+                self._write_all(memoryview(source.data)[done:])
+                return
             done += copied
 
     def write(self, name: str, pieces: Iterable[torch.Tensor | SourceBytes]) -> None:
