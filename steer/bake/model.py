@@ -1,9 +1,10 @@
 """Bake a recipe into a new model directory or a PEFT LoRA adapter, shard by shard.
 
 ``bake_weights`` reads as its steps: open the source -> lower the recipe to interventions ->
-plan the weight deltas -> check the architecture and the directions' model -> lay out the
-output -> stream every tensor through its edit into the temporary directory -> config, index,
-tokenizer -> provenance -> atomic rename.
+plan the weight deltas -> check the architecture and the directions' model identity (cheap
+fields) -> lay out the output -> stream every tensor through its edit into the temporary
+directory, hashing source and output on the way -> config, index, tokenizer -> compare the
+directions' weight hash -> provenance -> atomic rename. The source is read once.
 """
 
 from __future__ import annotations
