@@ -243,13 +243,19 @@ def search(
         negative_kl=kl,
         top_k=options.top_k,
         passes=lambda candidate: passes_filters(
-            candidate, kl_threshold=options.kl_threshold, require_induce=options.require_induce
+            candidate,
+            kl_threshold=options.kl_threshold,
+            require_induce=options.require_induce,
+            induce_floor=baseline_negative,
         ),
         progress=scaled,
         check=check,
     )
     selected, passed = select(
-        scored, kl_threshold=options.kl_threshold, require_induce=options.require_induce
+        scored,
+        kl_threshold=options.kl_threshold,
+        require_induce=options.require_induce,
+        induce_floor=baseline_negative,
     )
     if not passed:
         notes.append("no candidate passed the KL/induce filters; kept the lowest bypass")

@@ -8,9 +8,9 @@ Steps (Arditi et al. 2024, extended):
    one *per-layer* candidate per position: every layer ablated with its own direction.
 3. ``bypass``: mean score on positive validation prompts with the candidate ablated everywhere
    (lower is better).
-4. for the ``top_k`` best: ``induce`` (mean score on negative validation prompts with the
-   direction added at its layer; must be > 0) and ``kl`` (first-token KL on negative validation
-   prompts under ablation; must be < ``kl_threshold``).
+4. in bypass order until ``top_k`` pass: ``induce`` (mean score on negative validation prompts
+   with the direction added at its layer; must exceed the unedited score) and ``kl``
+   (first-token KL on negative validation prompts under ablation; < ``kl_threshold``).
 5. ``select``: the lowest bypass score that passes the filters (falling back to the lowest
    bypass with ``passed`` false when none does).
 
@@ -212,22 +212,39 @@ def score_candidates(
     return scored
 
 
-def passes_filters(candidate: Candidate, *, kl_threshold: float, require_induce: bool) -> bool:
-    """The KL filter and (for single-layer candidates) the induce filter."""
+def passes_filters(
+    candidate: Candidate,
+    *,
+    kl_threshold: float,
+    require_induce: bool,
+    induce_floor: float = 0.0,
+) -> bool:
+    """The KL filter and (for single-layer candidates) the induce filter: adding the direction
+    must lift the score on negative prompts above ``induce_floor`` (the search passes the
+    unedited model's score there, so the direction must make the model more refusing)."""
     return candidate.kl < kl_threshold and (
-        not require_induce or candidate.layer is None or candidate.induce > 0
+        not require_induce or candidate.layer is None or candidate.induce > induce_floor
     )
 
 
 def select(
-    candidates: Sequence[Candidate], *, kl_threshold: float, require_induce: bool
+    candidates: Sequence[Candidate],
+    *,
+    kl_threshold: float,
+    require_induce: bool,
+    induce_floor: float = 0.0,
 ) -> tuple[Candidate, bool]:
     """Lowest bypass among candidates passing the KL (and induce) filters."""
     checked = [c for c in candidates if not math.isnan(c.kl)]
     passing = [
         c
         for c in checked
-        if passes_filters(c, kl_threshold=kl_threshold, require_induce=require_induce)
+        if passes_filters(
+            c,
+            kl_threshold=kl_threshold,
+            require_induce=require_induce,
+            induce_floor=induce_floor,
+        )
     ]
     pool = passing or checked or list(candidates)
     best = min(pool, key=lambda c: c.bypass)
