@@ -14,7 +14,11 @@ Where the value lives, per kind (Llama-style block; Gemma 2/3 differences in bra
     hook_resid_mid    resid_pre + attn_out = input of the MLP-side norm
                       (post_attention_layernorm)     [Gemma: pre_feedforward_layernorm]
     hook_mlp_out      output of mlp                  [Gemma: output of post_feedforward_layernorm]
+                      [MoE: the whole sparse block, routed experts (+ gated shared expert)]
     hook_resid_post   output of decoder layer L
+
+Mixture-of-experts families (Mixtral, Qwen2-MoE, Qwen3-MoE) keep the Llama block; their ``mlp``
+is the sparse MoE block (some Qwen MoE layers a dense MLP), described by :class:`ExpertLayout`.
 """
 
 from __future__ import annotations
@@ -103,6 +107,32 @@ def all_hook_names(num_layers: int) -> list[str]:
 
 
 @dataclass(frozen=True)
+class ExpertLayout:
+    """A mixture-of-experts MLP block: its matrices that write the residual stream, as module
+    parameters and as checkpoint tensors. Paths are relative to one decoder layer.
+
+    transformers 5 stacks the routed experts of a layer into 3-D parameters
+    (``experts.down_proj``: (num_experts, d_model, inner)), while ``save_pretrained`` writes one
+    2-D tensor per expert under the checkpoint's own names (its conversion mapping stacks them
+    again on load). Both name sets are here, so weight edits and weight hashes can use either.
+    """
+
+    #: every routed expert's down-projection, stacked: (num_experts, d_model, inner)
+    down: str = "mlp.experts.down_proj"
+    #: every expert's gate and up projections, stacked: (num_experts, 2 * inner, d_model)
+    gate_up: str = "mlp.experts.gate_up_proj"
+    #: module prefix of the block and what checkpoints call it (Mixtral: block_sparse_moe)
+    block: str = "mlp"
+    checkpoint_block: str = "mlp"
+    #: checkpoint names of one expert's weights below ``checkpoint_block``; {expert} = its index
+    checkpoint_down: str = "experts.{expert}.down_proj.weight"
+    checkpoint_gate: str = "experts.{expert}.gate_proj.weight"
+    checkpoint_up: str = "experts.{expert}.up_proj.weight"
+    #: an always-active shared expert's down-projection module (Qwen2-MoE), if any
+    shared_down: str | None = None
+
+
+@dataclass(frozen=True)
 class ArchitectureLayout:
     """Where the hook points of one architecture family live, as dotted module paths.
 
@@ -121,7 +151,10 @@ class ArchitectureLayout:
     mid_norm: str = "post_attention_layernorm"
     #: modules that write into the residual stream (for weight orthogonalisation)
     attn_write: str = "self_attn.o_proj"
+    #: the dense MLP's writing matrix (in MoE families: of the layers with a dense MLP)
     mlp_write: str = "mlp.down_proj"
+    #: set for mixture-of-experts families: where the experts' writing matrices are
+    experts: ExpertLayout | None = None
 
 
 _LLAMA_LAYOUT = ArchitectureLayout()
@@ -132,6 +165,18 @@ _GEMMA_LAYOUT = ArchitectureLayout(
     mlp_out="post_feedforward_layernorm",
     mid_norm="pre_feedforward_layernorm",
 )
+_MIXTRAL_LAYOUT = ArchitectureLayout(
+    experts=ExpertLayout(
+        checkpoint_block="block_sparse_moe",
+        checkpoint_down="experts.{expert}.w2.weight",
+        checkpoint_gate="experts.{expert}.w1.weight",
+        checkpoint_up="experts.{expert}.w3.weight",
+    )
+)
+_QWEN2_MOE_LAYOUT = ArchitectureLayout(
+    experts=ExpertLayout(shared_down="mlp.shared_expert.down_proj")
+)
+_QWEN3_MOE_LAYOUT = ArchitectureLayout(experts=ExpertLayout())
 
 #: model_type (from config.json) -> layout. Only architectures covered by the tiny-model tests.
 LAYOUTS: dict[str, ArchitectureLayout] = {
@@ -141,6 +186,9 @@ LAYOUTS: dict[str, ArchitectureLayout] = {
     "qwen3": _LLAMA_LAYOUT,
     "gemma2": _GEMMA_LAYOUT,
     "gemma3_text": _GEMMA_LAYOUT,
+    "mixtral": _MIXTRAL_LAYOUT,
+    "qwen2_moe": _QWEN2_MOE_LAYOUT,
+    "qwen3_moe": _QWEN3_MOE_LAYOUT,
 }
 
 

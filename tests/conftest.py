@@ -11,7 +11,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from tiny import ARCHITECTURES, tiny_handle
+from tiny import ARCHITECTURES, MOE_ARCHITECTURES, tiny_handle
 
 from steer.models import ModelHandle, load_model
 
@@ -21,6 +21,12 @@ torch.set_num_threads(max(1, os.cpu_count() or 1))
 @pytest.fixture(scope="session", params=ARCHITECTURES)
 def tiny(request: pytest.FixtureRequest) -> ModelHandle:
     """A tiny random model per supported architecture."""
+    return tiny_handle(request.param)
+
+
+@pytest.fixture(scope="session", params=MOE_ARCHITECTURES)
+def tiny_moe(request: pytest.FixtureRequest) -> ModelHandle:
+    """A tiny random mixture-of-experts model per supported MoE architecture."""
     return tiny_handle(request.param)
 
 

@@ -12,8 +12,11 @@ from transformers import (
     Gemma3TextConfig,
     LlamaConfig,
     MistralConfig,
+    MixtralConfig,
     PreTrainedTokenizerFast,
     Qwen2Config,
+    Qwen2MoeConfig,
+    Qwen3MoeConfig,
 )
 
 from steer.models import ModelHandle, from_pretrained_model
@@ -85,10 +88,39 @@ def tiny_config(architecture: str):  # type: ignore[no-untyped-def]
         return Gemma2Config(**_common(head_dim=16, sliding_window=8))
     if architecture == "gemma3_text":
         return Gemma3TextConfig(**_common(head_dim=16, sliding_window=8))
+    # MoE: 4 experts, 2 per token, so routing picks a subset and the weights differ per token
+    if architecture == "mixtral":
+        return MixtralConfig(
+            **_common(sliding_window=None, num_local_experts=4, num_experts_per_tok=2)
+        )
+    if architecture == "qwen2_moe":
+        # a shared expert, and a dense MLP in layer 1 (mlp_only_layers) as in some real configs
+        return Qwen2MoeConfig(
+            **_common(
+                num_experts=4,
+                num_experts_per_tok=2,
+                moe_intermediate_size=32,
+                shared_expert_intermediate_size=48,
+                mlp_only_layers=[1],
+            )
+        )
+    if architecture == "qwen3_moe":
+        return Qwen3MoeConfig(
+            **_common(
+                head_dim=16,
+                num_experts=4,
+                num_experts_per_tok=2,
+                moe_intermediate_size=32,
+                norm_topk_prob=True,
+            )
+        )
     raise KeyError(architecture)
 
 
 ARCHITECTURES = ("llama", "mistral", "qwen2", "gemma2", "gemma3_text")
+#: mixture-of-experts families; kept out of ``ARCHITECTURES`` (and the ``tiny`` fixture that the
+#: whole suite runs on) because their per-expert loops make every forward pass slower
+MOE_ARCHITECTURES = ("mixtral", "qwen2_moe", "qwen3_moe")
 
 
 def tiny_handle(architecture: str, seed: int = 0) -> ModelHandle:
@@ -96,8 +128,9 @@ def tiny_handle(architecture: str, seed: int = 0) -> ModelHandle:
     config = tiny_config(architecture)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     # Random init leaves norms at 1 and small weights: scale up so outputs are not flat.
+    # (ndim 3: the stacked experts of MoE blocks)
     with torch.no_grad():
         for parameter in model.parameters():
-            if parameter.ndim == 2:
+            if parameter.ndim >= 2:
                 parameter.normal_(0, 0.2)
     return from_pretrained_model(model, tiny_tokenizer(), name=f"tiny-{architecture}")
