@@ -21,6 +21,10 @@ Which interventions have an exact weight form (else :class:`UnsupportedArchitect
 * Only where the hook point's module *is* the writing matrix's parent: in Gemma 2/3 the
   attention/MLP outputs pass through an RMSNorm before the residual add, so neither a projected
   ``o_proj`` nor a bias reproduces a projection/addition after that norm.
+* Mixture-of-experts blocks: the block output is a per-token weighted sum of expert
+  down-projection outputs (plus a gated shared expert), so projecting every expert's
+  ``down_proj`` (and the shared one's) is exactly projecting the block output. A bias is not:
+  the experts have none in transformers (see :func:`check_bias`).
 """
 
 from __future__ import annotations
@@ -97,10 +101,12 @@ def _orthonormal_if_full(edits: list[RankOneEdit]) -> list[RankOneEdit]:
 
 def check_layout(layout: ArchitectureLayout, model_type: str) -> None:
     """The weight form is exact only where the hook module contains the writing matrix."""
-    for hook_module, write in (
-        (layout.attn_out, layout.attn_write),
-        (layout.mlp_out, layout.mlp_write),
-    ):
+    pairs = [(layout.attn_out, layout.attn_write), (layout.mlp_out, layout.mlp_write)]
+    if layout.experts is not None:
+        pairs.append((layout.mlp_out, layout.experts.down))
+        if layout.experts.shared_down is not None:
+            pairs.append((layout.mlp_out, layout.experts.shared_down))
+    for hook_module, write in pairs:
         if not write.startswith(hook_module + "."):
             raise UnsupportedArchitectureError(
                 f"{model_type}: what reaches the residual stream is the output of {hook_module!r}, "
@@ -109,6 +115,24 @@ def check_layout(layout: ArchitectureLayout, model_type: str) -> None:
                 "it. Use the run-time intervention for this architecture.",
                 field="model",
             )
+
+
+def check_bias(layout: ArchitectureLayout, model_type: str) -> None:
+    """An additive vector at a layer's output is a ``down_proj`` bias; a routed MoE block has
+    no such single matrix."""
+    if layout.experts is not None:
+        raise UnsupportedArchitectureError(
+            f"{model_type}: no exact form for an additive vector after a mixture-of-experts MLP: "
+            "the routed experts' down-projections have no bias in transformers"
+            + (
+                " and the shared expert's output is gated per token"
+                if layout.experts.shared_down
+                else ""
+            )
+            + ". Add at blocks.0.hook_resid_pre (the embedding), export a control vector, or "
+            "use the run-time Add.",
+            field="model",
+        )
 
 
 def _is_full_shared_ablation(ablate: Ablate, num_layers: int) -> bool:

@@ -2,7 +2,7 @@
 
 This is the run-time form of edits that have no activation-space equivalent (norm-preserving
 ablation): the same :func:`steer.bake.edits.edit_columns` the bake streams through, applied to
-a copy of the model's parameters.
+a copy of the model's parameters (every expert of a mixture-of-experts block on its own).
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import torch
 from steer.bake.edits import check_layout, edit_columns
 from steer.bake.model import resolve
 from steer.errors import InvalidArgumentError
+from steer.hooks import ArchitectureLayout
 from steer.models import ModelHandle, from_pretrained_model
 from steer.recipes import Recipe
 
@@ -41,14 +42,28 @@ def edited_copy(handle: ModelHandle, recipe: Recipe) -> ModelHandle:
         weight = _weight(embedding)
         edited = edit_columns(weight.float().T, plan.embedding).T
         weight.copy_(edited.to(weight.dtype))
-    for table, path in (
-        (plan.attention, resolver.layout.attn_write),
-        (plan.mlp, resolver.layout.mlp_write),
-    ):
-        for layer, edits in table.items():
-            weight = _weight(layers.get_submodule(str(layer)).get_submodule(path))
-            weight.copy_(edit_columns(weight.float(), edits).to(weight.dtype))
+    for layer, edits in plan.attention.items():
+        path = resolver.layout.attn_write
+        weight = _weight(layers.get_submodule(str(layer)).get_submodule(path))
+        weight.copy_(edit_columns(weight.float(), edits).to(weight.dtype))
+    for layer, edits in plan.mlp.items():
+        for weight in _mlp_writes(layers.get_submodule(str(layer)), resolver.layout):
+            # stacked experts (num_experts, d_model, inner): each expert's matrix on its own
+            for matrix in weight.view(-1, *weight.shape[-2:]):
+                matrix.copy_(edit_columns(matrix.float(), edits).to(weight.dtype))
     return from_pretrained_model(model, handle.tokenizer, name=f"{handle.name}+edited")
+
+
+def _mlp_writes(layer: torch.nn.Module, layout: ArchitectureLayout) -> list[torch.Tensor]:
+    """The parameters of one decoder layer that write its MLP output (see ``Names.mlp_writes``
+    for the checkpoint form): a dense down_proj, or the stacked experts and a shared expert."""
+    paths = [f"{layout.mlp_write}.weight"]
+    if layout.experts is not None:
+        paths.append(layout.experts.down)
+        if layout.experts.shared_down is not None:
+            paths.append(f"{layout.experts.shared_down}.weight")
+    parameters = dict(layer.named_parameters())
+    return [parameters[path].data for path in paths if path in parameters]
 
 
 def _weight(module: torch.nn.Module) -> torch.Tensor:

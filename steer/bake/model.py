@@ -10,9 +10,10 @@ directions' weight hash -> provenance -> atomic rename. The source is read once.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ from steer.bake.edits import (
     RankOneEdit,
     WeightPlan,
     build_plan,
+    check_bias,
     check_layout,
     edit_columns_into,
     lora_factors,
@@ -202,6 +204,32 @@ class Names:
     def module(self, tensor: str) -> str:
         return tensor.removesuffix(".weight")
 
+    def mlp_writes(self, available: Iterable[str]) -> dict[int, list[str]]:
+        """Layer -> the tensors among ``available`` that write its MLP output.
+
+        Dense: ``down_proj``. Mixture of experts: every routed expert's down-projection, one
+        2-D tensor per expert as checkpoints store them, or the stacked 3-D parameter (an
+        in-memory source's state dict), plus a shared expert's; a Qwen MoE layer listed in
+        ``mlp_only_layers`` has a dense ``down_proj`` instead.
+        """
+        layout, experts = self.layout, self.layout.experts
+        alternatives = [re.escape(f"{layout.mlp_write}.weight")]
+        if experts is not None:
+            per_expert = re.escape(f"{experts.checkpoint_block}.{experts.checkpoint_down}")
+            alternatives += [
+                per_expert.replace(re.escape("{expert}"), r"\d+"),
+                re.escape(experts.down),
+            ]
+            if experts.shared_down is not None:
+                alternatives.append(re.escape(f"{experts.shared_down}.weight"))
+        pattern = re.compile(rf"{re.escape(layout.layers)}\.(\d+)\.(?:{'|'.join(alternatives)})")
+        writes: dict[int, list[str]] = {}
+        for name in available:
+            match = pattern.fullmatch(name)
+            if match is not None:
+                writes.setdefault(int(match.group(1)), []).append(name)
+        return writes
+
 
 def _bias_tensors(
     config: dict[str, Any], plan: WeightPlan, names: Names, num_layers: int, dtype: torch.dtype
@@ -302,8 +330,14 @@ def _embedding_chunks(
 def _edited_matrix(
     source: Source, name: str, edits: list[RankOneEdit], dtype: torch.dtype
 ) -> Iterator[torch.Tensor]:
+    """A (d_model, n) writing matrix, or stacked experts (num_experts, d_model, n) one by one."""
     weight = source.read(name)
-    yield edit_columns_into(weight, edits, torch.empty(weight.shape, dtype=dtype))
+    out = torch.empty(weight.shape, dtype=dtype)
+    for matrix, edited in zip(
+        weight.reshape(-1, *weight.shape[-2:]), out.view(-1, *out.shape[-2:]), strict=True
+    ):
+        edit_columns_into(matrix, edits, edited)
+    yield out
 
 
 @dataclass
@@ -338,8 +372,10 @@ def plan_output(
     matrices: dict[str, list[RankOneEdit]] = {}
     for layer, edits in plan.attention.items():
         matrices[names.attention(layer)] = edits
+    mlp_writes = names.mlp_writes(source.specs)
     for layer, edits in plan.mlp.items():
-        matrices[names.mlp(layer)] = edits
+        for tensor in mlp_writes.get(layer, [names.mlp(layer)]):
+            matrices[tensor] = edits
     for tensor in [*matrices, names.embedding]:
         if (tensor in matrices or plan.edits_embedding) and tensor not in source.specs:
             raise UnsupportedArchitectureError(
@@ -457,6 +493,13 @@ def lora_tensors(
             "change the head when merged. Export a full model instead",
             field="output_format",
         )
+    if plan.mlp and names.layout.experts is not None:
+        raise InvalidArgumentError(
+            "a LoRA adapter cannot target the stacked experts of a mixture-of-experts block "
+            "(transformers keeps them in one 3-D parameter, not Linear modules); export a full "
+            "model",
+            field="output_format",
+        )
     matrices: list[tuple[str, list[RankOneEdit], bool]] = []
     if plan.embedding:
         matrices.append((names.embedding, plan.embedding, True))
@@ -551,6 +594,8 @@ def _bake(
     plan = resolved.plan
     if plan.attention or plan.mlp or plan.has_bias or plan.embedding_shift is not None:
         check_layout(layout, source.model_type)
+    if plan.has_bias:
+        check_bias(layout, source.model_type)
     expected = expected_weight_hashes(resolved.artifacts, source, options)
     notes = list(options.notes)
     if resolved.approximate:

@@ -11,7 +11,8 @@ reads every tensor once in file order needs no second pass over the source.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator
+import re
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,13 @@ from typing import Any
 import torch
 
 from steer.bake.tensor_io import SafetensorsReader, SourceBytes, TensorSpec
-from steer.errors import FailedPreconditionError, InvalidArgumentError, NotFoundError
+from steer.errors import (
+    FailedPreconditionError,
+    InvalidArgumentError,
+    NotFoundError,
+    UnsupportedArchitectureError,
+)
+from steer.hooks import LAYOUTS
 from steer.models import bfloat16_bytes, combine_weight_digests, tensor_digest
 from steer.offline import OFFLINE_MODELS, resolve_offline
 
@@ -81,23 +88,24 @@ class Source:
         """
         if self.known_weight_hash is not None:
             return self.known_weight_hash
-        names = {name for name in self.specs if self.specs[name].dtype.is_floating_point}
-        aliases: dict[str, str] = {}
+        floating = [name for name in self.specs if self.specs[name].dtype.is_floating_point]
+        # state-dict name -> (shape, the stored tensors whose rows make it, in order)
+        entries = state_dict_entries(self.model_type, floating, self.specs)
         embed = "model.embed_tokens.weight"
-        if self.tied and "lm_head.weight" not in self.specs and embed in self.specs:
-            aliases["lm_head.weight"] = embed  # the state dict lists the tied head too
-            names.add("lm_head.weight")
+        if self.tied and "lm_head.weight" not in entries and embed in entries:
+            entries["lm_head.weight"] = entries[embed]  # the state dict lists the tied head too
         streamed = self.streamed_tensor_digests()
-        digests: dict[str, bytes] = {}
-        for index, name in enumerate(sorted(names)):
-            stored = aliases.get(name, name)
-            if stored not in digests:
-                digests[stored] = streamed.get(stored) or tensor_digest(self._row_chunks(stored))
+        digests: dict[tuple[str, ...], bytes] = {}
+        for index, (_name, (_shape, parts)) in enumerate(sorted(entries.items())):
+            if parts not in digests:
+                single = streamed.get(parts[0]) if len(parts) == 1 else None
+                digests[parts] = single or tensor_digest(
+                    chunk for part in parts for chunk in self._row_chunks(part)
+                )
             if progress is not None:
-                progress((index + 1) / len(names))
+                progress((index + 1) / len(entries))
         return combine_weight_digests(
-            (name, self.specs[aliases.get(name, name)].shape, digests[aliases.get(name, name)])
-            for name in names
+            (name, shape, digests[parts]) for name, (shape, parts) in entries.items()
         )
 
     def _row_chunks(self, name: str) -> Iterator[torch.Tensor]:
@@ -110,6 +118,81 @@ class Source:
         step = max(1, rows * (16 << 20) // max(self.specs[name].nbytes, 1))
         for start in range(0, rows, step):
             yield self.read_rows(name, start, min(rows, start + step))
+
+
+def state_dict_entries(
+    model_type: str, names: Iterable[str], specs: dict[str, TensorSpec]
+) -> dict[str, tuple[tuple[int, ...], tuple[str, ...]]]:
+    """State-dict name -> (shape, stored tensors in order) for the stored tensors ``names``.
+
+    Most stored tensors are their state-dict entry. Mixture-of-experts checkpoints store one
+    tensor per expert where transformers stacks them (its conversion mapping, on load):
+    ``experts.down_proj`` is every expert's down-projection stacked, ``experts.gate_up_proj``
+    every expert's gate rows then up rows. Stacking along the first dimension concatenates the
+    row-major bytes, so the stacked tensor's digest is the parts' rows hashed in that order.
+    """
+    layout = LAYOUTS.get(model_type)
+    experts = layout.experts if layout is not None else None
+    entries: dict[str, tuple[tuple[int, ...], tuple[str, ...]]] = {
+        name: (specs[name].shape, (name,)) for name in names
+    }
+    if layout is None or experts is None:
+        return entries
+    layer_prefix = rf"({re.escape(layout.layers)}\.(\d+)\.)" + re.escape(experts.checkpoint_block)
+    patterns = {
+        kind: re.compile(
+            layer_prefix + re.escape(f".{template}").replace(re.escape("{expert}"), r"(\d+)")
+        )
+        for kind, template in (
+            ("down", experts.checkpoint_down),
+            ("gate", experts.checkpoint_gate),
+            ("up", experts.checkpoint_up),
+        )
+    }
+    block = re.compile(layer_prefix + r"\.")
+    found: dict[tuple[int, str], dict[int, str]] = {}
+    for name in list(entries):
+        for kind, pattern in patterns.items():
+            match = pattern.fullmatch(name)
+            if match is not None:
+                found.setdefault((int(match.group(2)), kind), {})[int(match.group(3))] = name
+                del entries[name]
+                break
+        else:
+            # other tensors of the block under the module's name (Mixtral: block_sparse_moe.gate
+            # -> mlp.gate)
+            renamed = block.sub(rf"\g<1>{experts.block}.", name, count=1)
+            if renamed != name:
+                entries[renamed] = entries.pop(name)
+    layers = sorted({layer for layer, _kind in found})
+    for layer in layers:
+        down = _experts_in_order(found.get((layer, "down"), {}), layer)
+        gate = _experts_in_order(found.get((layer, "gate"), {}), layer)
+        up = _experts_in_order(found.get((layer, "up"), {}), layer)
+        if not len(down) == len(gate) == len(up):
+            raise UnsupportedArchitectureError(
+                f"layer {layer}: {len(down)} expert down-projections but {len(gate)} gate and "
+                f"{len(up)} up projections in the checkpoint",
+                field="model",
+            )
+        base = f"{layout.layers}.{layer}"
+        rows, columns = specs[down[0]].shape
+        entries[f"{base}.{experts.down}"] = ((len(down), rows, columns), tuple(down))
+        gate_rows, width = specs[gate[0]].shape
+        stacked = (len(gate), gate_rows + specs[up[0]].shape[0], width)
+        parts = tuple(part for pair in zip(gate, up, strict=True) for part in pair)
+        entries[f"{base}.{experts.gate_up}"] = (stacked, parts)
+    return entries
+
+
+def _experts_in_order(by_index: dict[int, str], layer: int) -> list[str]:
+    if sorted(by_index) != list(range(len(by_index))) or not by_index:
+        raise UnsupportedArchitectureError(
+            f"layer {layer}: the checkpoint's experts are not numbered 0..n-1 "
+            f"({sorted(by_index)[:8]})",
+            field="model",
+        )
+    return [by_index[index] for index in range(len(by_index))]
 
 
 def open_source(
