@@ -1,5 +1,7 @@
-"""Mixture-of-experts models (Mixtral, Qwen2-MoE with a shared expert and a dense layer,
-Qwen3-MoE): hook values, run-time ablation, and baked weights == run-time interventions."""
+"""Mixture-of-experts models: hook values, run-time ablation, baked weights == run-time.
+
+Tiny Mixtral, Qwen2-MoE (a shared expert, and a dense MLP in layer 1) and Qwen3-MoE models.
+"""
 
 from __future__ import annotations
 
