@@ -199,6 +199,15 @@ class Recipe:
                 result.append((edit, [_feature_intervention(self, edit, num_layers, where)]))
         return result
 
+    def lowered(
+        self,
+        num_layers: int,
+        *,
+        load: Callable[[Path], VectorArtifact] | None = None,
+    ) -> list[Intervention]:
+        """All the recipe's interventions in order, as the run-time engine applies them."""
+        return [i for _edit, group in self.interventions(num_layers, load=load) for i in group]
+
 
 def _direction(
     recipe: Recipe,

@@ -76,7 +76,7 @@ def sources(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[ModelHa
 
 
 def interventions_of(recipe: dict, num_layers: int = 4) -> list:  # type: ignore[type-arg]
-    return [i for _edit, group in load_recipe(recipe).interventions(num_layers) for i in group]
+    return load_recipe(recipe).lowered(num_layers)
 
 
 KERNEL = {"max_weight": 1.0, "min_weight": 0.3, "peak_layer": 1.5, "width": 2.0}
@@ -644,7 +644,7 @@ def test_toml_recipe_paths_are_relative_to_the_file(sources, tmp_path) -> None: 
     )
     assert code == 0
     recipe = load_recipe(str(recipe_file))
-    interventions = [i for _edit, group in recipe.interventions(4) for i in group]
+    interventions = recipe.lowered(4)
     assert isinstance(interventions[0], Add)
     assert interventions[0].vector.at(2).equal(random_vector(5).at(2))
     baked = load_model(tmp_path / "o")

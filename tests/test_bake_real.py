@@ -122,7 +122,7 @@ def test_projected_kernel_and_add_baked_equal_runtime(
             {"kind": "add", "vector": str(direction), "strength": 0.5, "layers": [10, 20]},
         ]
     }
-    interventions = [i for _e, group in load_recipe(recipe).interventions(30) for i in group]
+    interventions = load_recipe(recipe).lowered(30)
     out = bake(str(converted), recipe, tmp_path / "out")
     assert json.loads((out / "config.json").read_text())["mlp_bias"] is True
     baked = load_model(out)

@@ -17,7 +17,7 @@ from steer.directions import data as datasets
 from steer.directions.api import CancelledError, compute, held_out, interventions_for
 from steer.directions.evaluate import evaluate_rate, is_moralizing, is_refusal
 from steer.directions.methods import METHODS, compute_direction, get_method
-from steer.directions.optimize import lower, optimize, trial_recipe
+from steer.directions.optimize import optimize, trial_recipe
 from steer.directions.recipe import load_recipe, with_overrides
 from steer.directions.scores import (
     first_token_kl,
@@ -464,7 +464,7 @@ def test_trial_recipe_interpolates_and_zero_kernel_is_exact(tiny_llama, tmp_path
     vector = SteeringVector(per_layer={1: torch.eye(64)[0] * 3, 2: torch.eye(64)[1]})
     directory = save_vector(tmp_path / "dirs", vector, handle=tiny_llama, kind="direction")
     artifact = load_vector(directory, handle=tiny_llama)
-    interventions = lower(trial_recipe(_params(1.5, 1.0), directory), 4, artifact)
+    interventions = trial_recipe(_params(1.5, 1.0), directory).lowered(4, load=lambda _p: artifact)
     attention, mlp = interventions
     assert isinstance(attention, Ablate) and attention.kinds == (HookKind.ATTN_OUT,)
     assert mlp.kinds == (HookKind.MLP_OUT,)  # type: ignore[attr-defined]
@@ -473,7 +473,7 @@ def test_trial_recipe_interpolates_and_zero_kernel_is_exact(tiny_llama, tmp_path
     # kernel weights max 1 at layer 2, 0.75 at layers 1 and 3, 0.5 at layers 0 and 4
     assert attention.layer_weights == pytest.approx({0: 0.5, 1: 0.75, 2: 1.0, 3: 0.75})
     prompts = [encode_chat(tiny_llama, p) for p in HARMLESS[:3]]
-    zero = lower(trial_recipe(_params(1.5, 0.0), directory), 4, artifact)
+    zero = trial_recipe(_params(1.5, 0.0), directory).lowered(4, load=lambda _p: artifact)
     assert first_token_kl(tiny_llama, prompts, zero) == 0.0
     assert first_token_kl(tiny_llama, prompts, interventions) > 0.0
 
@@ -493,7 +493,9 @@ def test_optimize_resumes_and_writes_recipes_that_reproduce_trials(
     from steer.cli.eval_refusal import recipe_interventions
 
     from_file = recipe_interventions(best["recipe"], tiny_llama)
-    from_params = lower(trial_recipe(best["params"], tmp_path / "opt" / "directions"), 4, artifact)
+    from_params = trial_recipe(best["params"], tmp_path / "opt" / "directions").lowered(
+        4, load=lambda _p: artifact
+    )
     prompts = [encode_chat(tiny_llama, p) for p in HARMLESS[:3]]
     assert first_token_kl(tiny_llama, prompts, from_file) == pytest.approx(
         first_token_kl(tiny_llama, prompts, from_params), rel=1e-6

@@ -53,7 +53,7 @@ def stored_names(directory: Path) -> list[str]:
 
 
 def interventions_of(recipe: dict, num_layers: int = 4) -> list:  # type: ignore[type-arg]
-    return [i for _edit, group in load_recipe(recipe).interventions(num_layers) for i in group]
+    return load_recipe(recipe).lowered(num_layers)
 
 
 # ---------------------------------------------------------------------------------------------

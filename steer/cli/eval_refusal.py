@@ -134,10 +134,11 @@ def recipe_interventions(path: str, handle: Any) -> tuple[Any, ...]:
     from steer.artifacts import load_vector
     from steer.recipes import load_recipe
 
-    edits = load_recipe(path).interventions(
-        handle.num_layers, load=lambda artifact: load_vector(artifact, handle=handle)
+    return tuple(
+        load_recipe(path).lowered(
+            handle.num_layers, load=lambda artifact: load_vector(artifact, handle=handle)
+        )
     )
-    return tuple(intervention for _edit, lowered in edits for intervention in lowered)
 
 
 def _harmless_test() -> list[str]:

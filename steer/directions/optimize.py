@@ -9,7 +9,7 @@ outputs (:class:`steer.recipes.Kernel`)::
 
 and a fractional ``direction_layer``: the unit per-layer directions (mean difference at the last
 prompt token, refused / answered prompts only) of the two neighbouring layers are interpolated.
-Trials are lowered to interventions by :meth:`steer.recipes.Recipe.interventions`, the same path
+Trials are lowered to interventions by :meth:`steer.recipes.Recipe.lowered`, the same path
 the run-time engine and the bake use, so a front entry means the same thing everywhere.
 
 Two objectives are minimised on validation data: the *refusal* objective (mean refusal
@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from steer.artifacts import VectorArtifact, load_vector, save_vector
+from steer.artifacts import load_vector, save_vector
 from steer.directions.api import Prepared, _filter_train, prepare
 from steer.directions.methods import get_method
 from steer.directions.recipe import Recipe, RecipeKind
@@ -69,12 +69,6 @@ def trial_recipe(params: dict[str, float], directions: Path, *, name: str = "") 
         name=name,
         description="heretic-style kernel ablation from `steer directions optimize`",
     )
-
-
-def lower(recipe: EditRecipe, num_layers: int, artifact: VectorArtifact) -> list[Intervention]:
-    """A trial recipe's interventions, its direction artifact already in memory."""
-    edits = recipe.interventions(num_layers, load=lambda _path: artifact)
-    return [intervention for _edit, group in edits for intervention in group]
 
 
 def layer_directions(handle: ModelHandle, prepared: Prepared) -> SteeringVector:
@@ -179,7 +173,9 @@ def optimize(
             params[f"{part}_width"] = trial.suggest_float(
                 f"{part}_width", 1.0, max(1.0, 0.6 * num_layers)
             )
-        interventions = lower(trial_recipe(params, directions_dir), num_layers, artifact)
+        interventions = trial_recipe(params, directions_dir).lowered(
+            num_layers, load=lambda _path: artifact
+        )
         values = score(interventions), kl(interventions)
         if progress:
             done = trial.number + 1
@@ -230,4 +226,4 @@ def _existing(storage: Path, name: str) -> list[Any]:
     return list(study.trials)
 
 
-__all__ = ["layer_directions", "lower", "optimize", "trial_recipe"]
+__all__ = ["layer_directions", "optimize", "trial_recipe"]
