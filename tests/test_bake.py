@@ -10,9 +10,9 @@ from typing import Any
 
 import pytest
 import torch
+from equivalence import interventions_of, logits, random_vector, relative_difference
 from tiny import tiny_handle
 
-from steer.activations import forward
 from steer.artifacts import save_vector
 from steer.bake import BakeCancelled, bake, read_control_vector, verify
 from steer.bake.api import bake_with_options
@@ -31,35 +31,14 @@ from steer.models import ModelHandle, load_model
 from steer.recipes import load_recipe
 from steer.vectors import SteeringVector
 
-PROMPTS = [[5, 6, 7, 8, 9, 10], [11, 12, 13], [40, 41, 42, 43]]
 LLAMA_LIKE = ("llama", "mistral", "qwen2")
 GEMMA = ("gemma2", "gemma3_text")
-
-
-def relative_difference(reference: list[torch.Tensor], candidate: list[torch.Tensor]) -> float:
-    return max(
-        ((r - c).abs().max() / r.abs().max()).item()
-        for r, c in zip(reference, candidate, strict=True)
-    )
-
-
-def logits(handle: ModelHandle, interventions=()) -> list[torch.Tensor]:  # type: ignore[no-untyped-def]
-    result = forward(handle, PROMPTS, interventions=interventions, logits="all")
-    assert isinstance(result.logits, list)
-    return result.logits
 
 
 def save_source(handle: ModelHandle, directory: Path, **save_kwargs) -> Path:  # type: ignore[no-untyped-def]
     handle.model.save_pretrained(directory, **save_kwargs)
     handle.tokenizer.save_pretrained(directory)
     return directory
-
-
-def random_vector(seed: int, layers: int = 4, d_model: int = 64) -> SteeringVector:
-    generator = torch.Generator().manual_seed(seed)
-    return SteeringVector(
-        per_layer={layer: torch.randn(d_model, generator=generator) for layer in range(layers)}
-    )
 
 
 @pytest.fixture(scope="module")
@@ -73,10 +52,6 @@ def sources(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[ModelHa
         direction = save_vector(root / f"{architecture}-direction", random_vector(1), handle=handle)
         result[architecture] = (handle, source, direction)
     return result
-
-
-def interventions_of(recipe: dict, num_layers: int = 4) -> list:  # type: ignore[type-arg]
-    return load_recipe(recipe).lowered(num_layers)
 
 
 KERNEL = {"max_weight": 1.0, "min_weight": 0.3, "peak_layer": 1.5, "width": 2.0}

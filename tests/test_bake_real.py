@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import equivalence
 import pytest
 import torch
+from equivalence import relative_difference
 
 from steer.activations import encode_chat, forward
 from steer.artifacts import save_vector
@@ -25,18 +27,8 @@ HARMLESS = ["How do I bake bread at home?", "Write a letter to a friend."]
 PROMPTS = ["Tell me a story about a dragon.", "What is the capital of France?"]
 
 
-def relative_difference(reference: list[torch.Tensor], candidate: list[torch.Tensor]) -> float:
-    return max(
-        ((r - c).abs().max() / r.abs().max()).item()
-        for r, c in zip(reference, candidate, strict=True)
-    )
-
-
 def logits(handle: ModelHandle, interventions=()) -> list[torch.Tensor]:  # type: ignore[no-untyped-def]
-    prompts = [encode_chat(handle, text) for text in PROMPTS]
-    result = forward(handle, prompts, interventions=interventions, logits="all")
-    assert isinstance(result.logits, list)
-    return result.logits
+    return equivalence.logits(handle, interventions, [encode_chat(handle, t) for t in PROMPTS])
 
 
 @pytest.fixture(scope="module")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from equivalence import residual_stream
 from tiny import tiny_tokenizer
 from transformers import AutoModelForCausalLM, GPT2Config
 
@@ -27,27 +28,7 @@ def test_every_hook_name_resolves_and_reads(tiny: ModelHandle) -> None:
 
 def test_hook_values_match_the_residual_stream(tiny: ModelHandle) -> None:
     """resid_pre/post agree with HF hidden_states; mid = pre + attn_out; post = mid + mlp_out."""
-    names = tiny.hook_names()
-    prompt = PROMPTS[0]
-    acts = forward(tiny, [prompt], hooks=names, positions="all").activations
-    with torch.no_grad():
-        hidden = tiny.model(torch.tensor([prompt]), output_hidden_states=True).hidden_states
-
-    def get(name: str) -> torch.Tensor:
-        value = acts[name]
-        assert isinstance(value, list)
-        return value[0]
-
-    torch.testing.assert_close(get("hook_embed"), hidden[0][0])
-    for layer in range(tiny.num_layers):
-        pre = get(f"blocks.{layer}.hook_resid_pre")
-        mid = get(f"blocks.{layer}.hook_resid_mid")
-        post = get(f"blocks.{layer}.hook_resid_post")
-        torch.testing.assert_close(pre, hidden[layer][0])
-        if layer + 1 < tiny.num_layers:  # HF's last hidden state is after the final norm
-            torch.testing.assert_close(post, hidden[layer + 1][0])
-        torch.testing.assert_close(mid, pre + get(f"blocks.{layer}.hook_attn_out"))
-        torch.testing.assert_close(post, mid + get(f"blocks.{layer}.hook_mlp_out"))
+    residual_stream(tiny, PROMPTS[0])
 
 
 @pytest.mark.parametrize(
