@@ -7,7 +7,6 @@ uses); ``trust_remote_code`` is off unless asked for.
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 from collections.abc import Iterable, Mapping
@@ -19,6 +18,7 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
+from steer import digests
 from steer.errors import FailedPreconditionError, InvalidArgumentError, NotFoundError
 from steer.hooks import ArchitectureLayout, HookResolver
 from steer.offline import OFFLINE_MODELS, resolve_offline
@@ -26,9 +26,10 @@ from steer.offline import OFFLINE_MODELS, resolve_offline
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-#: the weight hash's format, recorded beside it in artifact sidecars: 2 = per-tensor SHA-256s
-#: combined in name order (1, unrecorded, hashed all values in one stream)
-WEIGHT_HASH_FORMAT = 2
+#: the weight hash's format, recorded beside it in artifact sidecars: 3 = per-tensor BLAKE3s
+#: combined in name order (2: the same with SHA-256; 1, unrecorded, hashed all values in one
+#: stream)
+WEIGHT_HASH_FORMAT = 3
 
 
 def stale_weight_hash_hint(model: Mapping[str, Any]) -> str:
@@ -47,23 +48,23 @@ def bfloat16_bytes(chunk: torch.Tensor) -> memoryview:
 
     A bfloat16 tensor is its own rounding, so its bytes are hashed as stored (no copy).
     """
-    rounded = chunk.detach().to("cpu", torch.bfloat16).contiguous()
-    return rounded.view(torch.int16).numpy().data
+    rounded = chunk.detach().to("cpu", torch.bfloat16).contiguous().reshape(-1)
+    return rounded.view(torch.uint8).numpy().data
 
 
 def tensor_digest(chunks: Iterable[torch.Tensor]) -> bytes:
-    """SHA-256 of one tensor's :func:`bfloat16_bytes`; ``chunks`` are consecutive row blocks."""
-    digest = hashlib.sha256()
+    """BLAKE3 of one tensor's :func:`bfloat16_bytes`; ``chunks`` are consecutive row blocks."""
+    digest = digests.new()
     for chunk in chunks:
         digest.update(bfloat16_bytes(chunk))
     return digest.digest()
 
 
 def combine_weight_digests(entries: Iterable[tuple[str, tuple[int, ...], bytes]]) -> str:
-    """The weight hash from per-tensor digests: SHA-256 over ``name:shape;`` + the tensor's
+    """The weight hash from per-tensor digests: BLAKE3 over ``name:shape;`` + the tensor's
     :func:`tensor_digest`, in sorted name order. Per-tensor digests can be computed in any order
     (a bake source hashes tensors in file order while it reads them)."""
-    digest = hashlib.sha256()
+    digest = digests.new()
     for name, shape, tensor in sorted(entries, key=lambda entry: entry[0]):
         digest.update(f"{name}:{tuple(shape)};".encode())
         digest.update(tensor)
@@ -135,7 +136,7 @@ class ModelHandle:
 
     @cached_property
     def weight_hash(self) -> str:
-        """SHA-256 over parameter names, shapes and per-tensor SHA-256s of the values rounded to
+        """BLAKE3 over parameter names, shapes and per-tensor BLAKE3s of the values rounded to
         bfloat16 (:func:`weight_digest`).
 
         Rounding to bfloat16 makes float32/bfloat16 loads of the same weights hash alike, so an

@@ -27,7 +27,7 @@ from steer.errors import (
     UnsupportedArchitectureError,
 )
 from steer.interventions import Ablate, Add
-from steer.models import ModelHandle, load_model
+from steer.models import WEIGHT_HASH_FORMAT, ModelHandle, load_model
 from steer.recipes import load_recipe
 from steer.vectors import SteeringVector
 
@@ -341,6 +341,35 @@ def test_verify_detects_tampering(sources, tmp_path, capsys) -> None:  # type: i
     assert "hash mismatch: model.safetensors" in capsys.readouterr().err
 
 
+def test_provenance_hashes_are_blake3_and_legacy_sha256_records_verify(sources, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Recorded file hashes are the plain BLAKE3 of each file (what ``b3sum`` prints); a record
+    from before BLAKE3 (no ``file_hash``, SHA-256 values) still verifies; an unknown algorithm
+    is reported, not guessed."""
+    import hashlib
+
+    import blake3
+
+    _handle, source, direction = sources["llama"]
+    recipe = {"edits": [{"kind": "ablate", "direction": str(direction)}]}
+    out = bake(str(source), recipe, tmp_path / "out")
+    path = out / "steer_provenance.json"
+    record = json.loads(path.read_text())
+    assert record["file_hash"] == "blake3"
+    for name, digest in record["files"].items():
+        assert digest == blake3.blake3((out / name).read_bytes()).hexdigest(), name
+    for name, digest in record["source"]["files"].items():
+        assert digest == blake3.blake3(Path(name).read_bytes()).hexdigest(), name
+    del record["file_hash"]
+    record["files"] = {
+        name: hashlib.sha256((out / name).read_bytes()).hexdigest() for name in record["files"]
+    }
+    path.write_text(json.dumps(record))
+    assert verify(out) == []
+    record["file_hash"] = "md5"
+    path.write_text(json.dumps(record))
+    assert verify(out) == ["steer_provenance.json names an unknown file hash 'md5'"]
+
+
 def test_existing_target_needs_overwrite(sources, tmp_path) -> None:  # type: ignore[no-untyped-def]
     _handle, source, direction = sources["llama"]
     recipe = {"edits": [{"kind": "add", "vector": str(direction), "layers": [1]}]}
@@ -392,12 +421,14 @@ def test_direction_for_other_weights_is_refused_when_the_pass_ends(sources, tmp_
     assert sorted(p.name for p in tmp_path.iterdir()) == ["other"]  # no target, no temporary
     # the weights were hashed while writing, not in a pass of their own before it
     assert stages.index("writing weights") < stages.index("hashing source weights")
-    # a sidecar from before the per-tensor format says so
+    # a sidecar from an older weight-hash format says so
     sidecar = direction / "steer.json"
     metadata = json.loads(sidecar.read_text())
     del metadata["model"]["weight_hash_format"]
     sidecar.write_text(json.dumps(metadata))
-    with pytest.raises(FailedPreconditionError, match="predates weight-hash format 2"):
+    with pytest.raises(
+        FailedPreconditionError, match=f"predates weight-hash format {WEIGHT_HASH_FORMAT}"
+    ):
         bake(str(source), recipe, tmp_path / "out")
 
 
@@ -442,9 +473,9 @@ def test_weight_hash_from_the_bake_pass_equals_the_handle(sources, tmp_path, dty
 
 
 def test_background_hashes_keep_order_and_bound_the_queue() -> None:
-    """Interleaved hashes on shared workers equal plain SHA-256, and the queued bytes stay
+    """Interleaved hashes on shared workers equal plain BLAKE3, and the queued bytes stay
     within the bound (plus the update just submitted)."""
-    import hashlib
+    import blake3
 
     from steer.bake.tensor_io import BackgroundHash, HashWorkers
 
@@ -455,7 +486,7 @@ def test_background_hashes_keep_order_and_bound_the_queue() -> None:
         for size in (100, 70_000, 200_000, 5_000, 131_072) * 6
     ]
     hashes = [BackgroundHash(b"head", workers=workers) for _ in range(3)]
-    expected = [hashlib.sha256(b"head") for _ in range(3)]
+    expected = [blake3.blake3(b"head") for _ in range(3)]
     for index, block in enumerate(blocks):
         hashes[index % 3].update(block)
         expected[index % 3].update(block)
@@ -534,13 +565,41 @@ class FullDisk:
         return Writer()
 
 
-def test_full_disk_leaves_nothing(sources, tmp_path) -> None:  # type: ignore[no-untyped-def]
-    _handle, source, direction = sources["llama"]
+@pytest.mark.parametrize("sharded", [False, True])
+def test_full_disk_leaves_nothing(sources, tmp_path, sharded) -> None:  # type: ignore[no-untyped-def]
+    """Also with shards written by parallel threads: the disk error is what is raised (not the
+    other thread's stop), and no target or temporary is left."""
+    handle, source, direction = sources["llama"]
+    if sharded:
+        source = save_source(handle, tmp_path / "sharded", max_shard_size="60KB")
     recipe = load_recipe({"edits": [{"kind": "ablate", "direction": str(direction)}]})
     options = BakeOptions(opener=FullDisk(100_000))
     with pytest.raises(ResourceExhaustedError, match="no space left"):
         bake_with_options(str(source), recipe, tmp_path / "out", options)
-    assert list(tmp_path.iterdir()) == []
+    assert [p.name for p in tmp_path.iterdir()] == (["sharded"] if sharded else [])
+
+
+def test_parallel_shards_equal_one_at_a_time(sources, tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """Shards written by several threads at once are byte for byte the shards one thread
+    writes, with the same recorded hashes."""
+    import steer.bake.model as bake_model
+
+    handle, _source, direction = sources["qwen2"]
+    sharded = save_source(handle, tmp_path / "sharded", max_shard_size="60KB")
+    assert len(list(sharded.glob("*.safetensors"))) > 2
+    recipe = {"edits": [{"kind": "ablate", "direction": str(direction)}]}
+    parallel = bake(str(sharded), recipe, tmp_path / "parallel")
+    monkeypatch.setattr(bake_model, "SHARD_THREADS", 1)
+    serial = bake(str(sharded), recipe, tmp_path / "serial")
+    files = sorted(p.name for p in serial.iterdir() if p.name != "steer_provenance.json")
+    assert sorted(p.name for p in parallel.iterdir() if p.name != "steer_provenance.json") == files
+    for name in files:
+        assert (parallel / name).read_bytes() == (serial / name).read_bytes(), name
+    records = [
+        json.loads((out / "steer_provenance.json").read_text()) for out in (parallel, serial)
+    ]
+    assert records[0]["files"] == records[1]["files"]
+    assert records[0]["source"]["files"] == records[1]["source"]["files"]
 
 
 def test_cancel_leaves_nothing(sources, tmp_path) -> None:  # type: ignore[no-untyped-def]

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
+import blake3
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
@@ -58,7 +58,7 @@ def test_weight_hash_changes_with_the_weights(saved) -> None:  # type: ignore[no
 
 
 def test_weight_hash_is_per_tensor_and_order_free() -> None:
-    """One SHA-256 per tensor (of its bf16 bytes, however it is chunked), combined in name order:
+    """One BLAKE3 per tensor (of its bf16 bytes, however it is chunked), combined in name order:
     the per-tensor digests can be computed in any order, e.g. a file's."""
     from steer.models import combine_weight_digests, tensor_digest, weight_digest
 
@@ -75,7 +75,7 @@ def test_weight_hash_is_per_tensor_and_order_free() -> None:
     assert whole == chunked == shuffled
     assert (
         tensor_digest((tensors["a.bias"],))
-        == hashlib.sha256(
+        == blake3.blake3(
             tensors["a.bias"].to(torch.bfloat16).view(torch.int16).numpy().tobytes()
         ).digest()
     )

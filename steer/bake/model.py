@@ -14,6 +14,7 @@ import re
 import shutil
 import threading
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,8 +39,8 @@ from steer.bake.tensor_io import (
     SourceBytes,
     TensorSpec,
     default_opener,
-    sha256_file,
 )
+from steer.digests import file_digest
 from steer.errors import (
     FailedPreconditionError,
     InvalidArgumentError,
@@ -54,6 +55,8 @@ from steer.recipes import AblateEdit, AblationVariant, FeatureEdit, Recipe, reci
 Progress = Callable[[str, float], None]
 #: bytes per row chunk when streaming a large tensor
 CHUNK_BYTES = 16 << 20
+#: shards written at once (see write_model)
+SHARD_THREADS = 2
 
 
 class BakeCancelled(SteerError):
@@ -433,26 +436,57 @@ def _layer_of(tensor: str) -> int:
     raise AssertionError(tensor)
 
 
+class _ShardStopped(Exception):
+    """A shard writer stopped because another shard's writer failed."""
+
+
 def write_model(
     directory: Path, source: Source, layout: OutputLayout, options: BakeOptions
 ) -> dict[str, str]:
-    """Write shards, index, config and tokenizer files; return {file: sha256}."""
+    """Write shards, index, config and tokenizer files; return {file: hash}.
+
+    Shards are written by :data:`SHARD_THREADS` threads at once, one shard per thread: reading,
+    the float32 edits, writing, kernel-side copies and fsync all release the GIL, so one
+    thread's edit math overlaps another's I/O (a single thread left a core idle most of the
+    bake). Each thread holds one tensor (or row chunk) at a time, so peak memory grows by one
+    tensor per thread.
+    """
     hashes: dict[str, str] = {}
     total = sum(len(specs) for specs in layout.shards.values())
-    done = 0
+    done = [0]
     weight_map = {}
-    for file, specs in layout.shards.items():
+    lock = threading.Lock()  # progress calls and the shared counters
+    failed = threading.Event()  # another shard failed: stop at the next tensor
+
+    def write_shard(file: str, specs: list[TensorSpec]) -> str:
         writer = ShardWriter(directory / file, specs, opener=options.opener)
         try:
             for spec in specs:
-                options.report("writing weights", done / total)
+                with lock:
+                    if failed.is_set():
+                        raise _ShardStopped
+                    options.report("writing weights", done[0] / total)
                 writer.write(spec.name, layout.produce(spec.name))
-                weight_map[spec.name] = file
-                done += 1
-            hashes[file] = writer.close()
+                with lock:
+                    weight_map[spec.name] = file
+                    done[0] += 1
+            return writer.close()
         except BaseException:
+            failed.set()
             writer.abort()
             raise
+
+    threads = max(1, min(SHARD_THREADS, len(layout.shards)))
+    with ThreadPoolExecutor(threads, thread_name_prefix="steer-bake") as pool:
+        futures = {
+            file: pool.submit(write_shard, file, specs) for file, specs in layout.shards.items()
+        }
+        wait(futures.values())
+    for future in futures.values():  # the first real error, not a shard stopped because of it
+        error = future.exception()
+        if error is not None and not isinstance(error, _ShardStopped):
+            raise error
+    hashes.update((file, future.result()) for file, future in futures.items())
     options.report("writing weights", 1.0)
     if len(layout.shards) > 1:
         size = sum(spec.nbytes for specs in layout.shards.values() for spec in specs)
@@ -465,7 +499,7 @@ def write_model(
         source.write_extras(directory)
     for written in sorted(directory.iterdir()):
         if written.name not in hashes and written.is_file():
-            hashes[written.name] = sha256_file(written, fsync=True)
+            hashes[written.name] = file_digest(written, fsync=True)
     return hashes
 
 
@@ -556,7 +590,7 @@ def write_lora(
     }
     _write_json(directory / "adapter_config.json", adapter_config)
     options.report("computing LoRA factors", 1.0)
-    return {p.name: sha256_file(p, fsync=True) for p in sorted(directory.iterdir()) if p.is_file()}
+    return {p.name: file_digest(p, fsync=True) for p in sorted(directory.iterdir()) if p.is_file()}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from steer.bake.tensor_io import sha256_file
+from steer import digests
 from steer.errors import FailedPreconditionError, NotFoundError
 
 PROVENANCE = "steer_provenance.json"
@@ -43,6 +43,7 @@ def record(
         "recipe": recipe,
         "directions": directions,
         "notes": notes,
+        "file_hash": digests.ALGORITHM,
         "files": dict(sorted(files.items())),
     }
 
@@ -67,11 +68,14 @@ def verify(directory: str | Path) -> list[str]:
         return [f"{PROVENANCE} is not valid JSON: {error}"]
     problems = []
     recorded: dict[str, str] = provenance.get("files", {})
+    algorithm = provenance.get("file_hash", digests.LEGACY_ALGORITHM)
+    if algorithm not in (digests.ALGORITHM, digests.LEGACY_ALGORITHM):
+        return [f"{PROVENANCE} names an unknown file hash {algorithm!r}"]
     for name, expected in recorded.items():
         file = directory / name
         if not file.exists():
             problems.append(f"missing: {name}")
-        elif sha256_file(file) != expected:
+        elif digests.file_digest(file, algorithm=algorithm) != expected:
             problems.append(f"hash mismatch: {name}")
     for file in sorted(directory.rglob("*")):
         name = file.relative_to(directory).as_posix()

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from steer.bake.tensor_io import SafetensorsReader, SourceBytes, TensorSpec
+from steer.digests import file_digest
 from steer.errors import (
     FailedPreconditionError,
     InvalidArgumentError,
@@ -46,7 +47,7 @@ class Source:
     read: Callable[[str], torch.Tensor]
     #: rows start:stop of a tensor's first dimension
     read_rows: Callable[[str, int, int], torch.Tensor]
-    #: files whose SHA-256 goes into the provenance record
+    #: files whose hash (:mod:`steer.digests`) goes into the provenance record
     files: list[Path]
     #: non-weight files copied to the output (tokenizer, generation config, chat template...)
     extra_files: list[Path] = field(default_factory=list)
@@ -58,7 +59,7 @@ class Source:
     close: Callable[[], None] = lambda: None
     #: the model handle's weight hash when it is already known (in-memory sources)
     known_weight_hash: str | None = None
-    #: start hashing source files as they are read in order; then {path: sha256 or None}
+    #: start hashing source files as they are read in order; then {path: hash or None}
     start_file_hashes: Callable[[], None] = lambda: None
     streamed_file_hashes: Callable[[], dict[Path, str | None]] = dict
     #: start hashing tensors for the weight hash as their rows are read in order; then
@@ -67,11 +68,9 @@ class Source:
     streamed_tensor_digests: Callable[[], dict[str, bytes]] = dict
 
     def file_hashes(self) -> dict[str, str]:
-        """SHA-256 of every source file, reusing hashes made while reading where possible."""
-        from steer.bake.tensor_io import sha256_file
-
+        """The hash of every source file, reusing hashes made while reading where possible."""
         streamed = self.streamed_file_hashes()
-        return {str(path): streamed.get(path) or sha256_file(path) for path in self.files}
+        return {str(path): streamed.get(path) or file_digest(path) for path in self.files}
 
     @property
     def model_type(self) -> str:
@@ -82,7 +81,7 @@ class Source:
         return bool(self.config.get("tie_word_embeddings", False))
 
     def weight_hash(self, progress: Callable[[float], None] | None = None) -> str:
-        """SHA-256 over state-dict names, shapes and bf16-rounded values, like ModelHandle.
+        """BLAKE3 over state-dict names, shapes and bf16-rounded values, like ModelHandle.
 
         Tensors already hashed while reading (after ``start_weight_hashes``) are not read again.
         """
@@ -292,7 +291,7 @@ def _safetensors_source(name: str, directory: Path) -> Source:
     )
 
 
-def _bfloat16_bytes(spec: TensorSpec, raw: bytearray) -> memoryview:
+def _bfloat16_bytes(spec: TensorSpec, raw: memoryview) -> memoryview:
     """What the weight hash reads for raw tensor bytes: for a bf16 source the bytes themselves."""
     return bfloat16_bytes(torch.frombuffer(raw, dtype=spec.dtype))
 

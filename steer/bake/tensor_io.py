@@ -4,7 +4,7 @@ Neither side maps or loads a whole file. The reader parses the header and reads 
 bytes with ``readinto`` into a fresh buffer, optionally hashing the file and each tensor as the
 reads go by in order; the writer writes the header first (every tensor's dtype and shape is known
 before any data is), then the tensors in header order, hashing the bytes as they go so the
-output's SHA-256 costs no second read. Bytes that are unchanged (:class:`SourceBytes`) are copied
+output's hash costs no second read. Bytes that are unchanged (:class:`SourceBytes`) are copied
 file to file in the kernel; their read buffer is what gets hashed. Hashing runs on background
 threads (:class:`HashWorkers`). Peak memory is one tensor plus the hash queue.
 
@@ -16,7 +16,6 @@ spaces to a multiple of 8, then the data, each tensor's bytes in row-major order
 from __future__ import annotations
 
 import errno
-import hashlib
 import io
 import json
 import os
@@ -29,8 +28,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
+import numpy
 import torch
 
+from steer import digests
 from steer.errors import InvalidArgumentError, ResourceExhaustedError
 
 DTYPE_CODES: dict[str, torch.dtype] = {
@@ -49,7 +50,7 @@ CODES: dict[torch.dtype, str] = {dtype: code for code, dtype in DTYPE_CODES.item
 
 
 class HashWorkers:
-    """Threads that run SHA-256 updates (hashlib releases the GIL on large buffers), holding at
+    """Threads that run hash updates (BLAKE3 releases the GIL on large buffers), holding at
     most ``max_queued`` bytes of buffers queued: past that, ``submit`` waits for the oldest."""
 
     def __init__(self, threads: int = 2, max_queued: int = 96 << 20) -> None:
@@ -80,7 +81,8 @@ HASH_WORKERS = HashWorkers()
 
 
 class BackgroundHash:
-    """SHA-256 fed from :class:`HashWorkers`, so hashing overlaps reading, editing and writing.
+    """A BLAKE3 hash (:mod:`steer.digests`) fed from :class:`HashWorkers`, so hashing overlaps
+    reading, editing and writing.
 
     The updates of one hash run in order, one in flight at a time; many hashes run at once (the
     source file, each source tensor, the output file). A buffer passed in must not change until
@@ -88,7 +90,7 @@ class BackgroundHash:
     """
 
     def __init__(self, initial: bytes = b"", workers: HashWorkers = HASH_WORKERS) -> None:
-        self._digest = hashlib.sha256(initial)
+        self._digest = digests.new(initial)
         self._workers = workers
         self._pending: Future[None] | None = None
 
@@ -121,7 +123,7 @@ _NO_KERNEL_COPY = {errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL, er
 WRITE_BYTES = 256 << 10
 
 #: the bytes hashed for a tensor's raw bytes (the weight hash rounds values to bfloat16)
-TensorBytes = Callable[["TensorSpec", bytearray], memoryview]
+TensorBytes = Callable[["TensorSpec", memoryview], memoryview]
 
 #: opens a file for binary writing; tests pass one that fails to simulate a full disk
 Opener = Callable[[Path], BinaryIO]
@@ -153,7 +155,7 @@ class SourceBytes:
     and copies the same range file to file in the kernel (``copy_file_range``), as a plain copy
     does, instead of writing ``data`` back out of user space."""
 
-    data: bytearray
+    data: memoryview
     fileno: int
     offset: int
 
@@ -182,10 +184,11 @@ class SafetensorsReader:
             ) from None
         self.data_start = 8 + length
         self.file_size = path.stat().st_size
-        # SHA-256 of the file, fed by reads that happen to be sequential (see file_hash)
+        self._lock = threading.Lock()
+        # the file's hash, fed by reads that happen to be sequential (see file_hash)
         self._digest: Any = None
         self._position = 0
-        # per-tensor SHA-256s of a transform of the bytes, fed by reads in row order (see
+        # per-tensor hashes of a transform of the bytes, fed by reads in row order (see
         # start_tensor_hashes); a tensor's position is -1 once a read skipped some of its rows
         self._tensor_bytes: TensorBytes | None = None
         self._tensor_hashes: dict[str, BackgroundHash] = {}
@@ -207,21 +210,21 @@ class SafetensorsReader:
         self._position = self.data_start
 
     def file_hash(self) -> str | None:
-        """The file's SHA-256 if every byte was read in order since start_file_hash, else None."""
+        """The file's hash if every byte was read in order since start_file_hash, else None."""
         if self._digest is None or self._position != self.file_size:
             return None
         return str(self._digest.hexdigest())
 
     def start_tensor_hashes(self, tensor_bytes: TensorBytes) -> None:
         """Also hash every floating-point tensor as a side effect of reading its rows in order:
-        SHA-256 of ``tensor_bytes(spec, raw bytes)`` chunk by chunk (the weight hash's bf16
+        the hash of ``tensor_bytes(spec, raw bytes)`` chunk by chunk (the weight hash's bf16
         rounding, see steer.models.bfloat16_bytes)."""
         self._tensor_bytes = tensor_bytes
         self._tensor_hashes = {}
         self._tensor_positions = {}
 
     def tensor_digests(self) -> dict[str, bytes]:
-        """SHA-256 per floating-point tensor whose rows were all read in order since
+        """The hash of each floating-point tensor whose rows were all read in order since
         start_tensor_hashes."""
         return {
             name: digest.digest()
@@ -229,8 +232,12 @@ class SafetensorsReader:
             if self._tensor_positions[name] == self.entries[name].end - self.entries[name].begin
         }
 
-    def _read_at(self, offset: int, size: int, name: str) -> bytearray:
-        buffer = bytearray(size)
+    def _read_at(self, offset: int, size: int, name: str) -> memoryview:
+        with self._lock:  # shard threads may share a source file (see write_model)
+            return self._read_locked(offset, size, name)
+
+    def _read_locked(self, offset: int, size: int, name: str) -> memoryview:
+        buffer = numpy.empty(size, numpy.uint8).data  # uninitialised: readinto fills it
         self._file.seek(offset)
         if self._file.readinto(buffer) != size:
             raise InvalidArgumentError(f"{self.path} is truncated at {name}", field="model")
@@ -244,7 +251,7 @@ class SafetensorsReader:
             self._hash_tensor(name, offset - self.data_start - self.entries[name].begin, buffer)
         return buffer
 
-    def _hash_tensor(self, name: str, start: int, buffer: bytearray) -> None:
+    def _hash_tensor(self, name: str, start: int, buffer: memoryview) -> None:
         spec = self.entries[name].spec
         if not spec.dtype.is_floating_point or self._tensor_bytes is None:
             return
@@ -398,7 +405,7 @@ class ShardWriter:
             raise AssertionError(f"{name}: wrote {written} bytes, expected {spec.nbytes}")
 
     def close(self) -> str:
-        """Flush and fsync; return the file's SHA-256."""
+        """Flush and fsync; return the file's hash (:mod:`steer.digests`)."""
         if self._next != len(self.specs):
             raise AssertionError(
                 f"{self.path.name}: {len(self.specs) - self._next} tensors unwritten"
@@ -418,15 +425,3 @@ class ShardWriter:
 
     def abort(self) -> None:
         self._file.close()
-
-
-def sha256_file(path: Path, *, fsync: bool = False) -> str:
-    """The file's SHA-256; ``fsync`` also flushes it to disk (files the bake wrote whole, e.g.
-    config and tokenizer files, are synced as they are hashed)."""
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 22), b""):
-            digest.update(block)
-        if fsync:
-            os.fsync(handle.fileno())
-    return digest.hexdigest()
