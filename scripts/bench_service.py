@@ -182,7 +182,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--streams", type=int, nargs="+", default=[1, 4, 16])
     parser.add_argument("--max-new-tokens", type=int, default=32)
-    parser.add_argument("--repeats", type=int, default=2, help="alternating runs; best kept")
+    parser.add_argument("--repeats", type=int, default=3, help="alternating runs; best kept")
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--no-docs", action="store_true")
     args = parser.parse_args()

@@ -476,6 +476,45 @@ def test_jobs_progress_and_cancel_over_grpc(client: SteerClient, served: SteerSe
     release.set()
 
 
+def test_model_work_off_the_engine_runs_in_threads_that_end(
+    served: SteerServer, tiny_llama: ModelHandle
+) -> None:
+    """Loading, the weight hash and jobs run in threads that end with them (libgomp keeps a
+    thread pool per thread that ran torch, which slowed the engine's steps; see
+    in_short_thread), never on the caller's thread."""
+    from steer.server.scheduler import in_short_thread
+
+    caller = threading.get_ident()
+    ran_on: list[threading.Thread] = []
+
+    def work() -> int:
+        ran_on.append(threading.current_thread())
+        return threading.get_ident()
+
+    assert in_short_thread(work) != caller
+    assert not ran_on[0].is_alive()
+    with pytest.raises(ZeroDivisionError):
+        in_short_thread(lambda: 1 / 0)
+    # the registry hashes the weights when a model is added: Info reads the cached value
+    from steer.server.registry import ModelRegistry
+
+    registry = ModelRegistry(served.settings)
+    fresh = ModelHandle(tiny_llama.model, tiny_llama.tokenizer, "fresh", tiny_llama.resolver)
+    assert "weight_hash" not in vars(fresh)
+    registry.add("fresh", fresh)
+    registry.close(0)
+    assert vars(fresh)["weight_hash"] == tiny_llama.weight_hash
+
+    def job(progress, cancelled):  # type: ignore[no-untyped-def]
+        ran_on.append(threading.current_thread())
+        return "", "{}"
+
+    started = served.jobs.start("test", job)
+    assert _wait_for(lambda: served.jobs.get(started.job_id).state is JobState.SUCCEEDED)
+    assert ran_on[-1].name == "steer-model-work"
+    assert _wait_for(lambda: not ran_on[-1].is_alive())
+
+
 def test_compute_and_bake_answer_unimplemented_without_their_library(client: SteerClient) -> None:
     import importlib.util
 

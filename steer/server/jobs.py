@@ -16,6 +16,7 @@ from dataclasses import dataclass, replace
 from enum import StrEnum
 
 from steer.errors import NotFoundError, SteerError
+from steer.server.scheduler import in_short_thread
 from steer.server.status import status_of
 
 Work = Callable[[Callable[[str, float], None], threading.Event], tuple[str, str]]
@@ -76,7 +77,9 @@ class JobRunner:
             job_id = f"{kind}-{next(self._ids)}"
             job = _Job(JobSnapshot(job_id, kind))
             self._jobs[job_id] = job
-        self._executor.submit(self._run, job, work)
+        # the executor bounds how many jobs run at once; each runs in a thread of its own that
+        # ends with it (see steer.server.scheduler.in_short_thread)
+        self._executor.submit(in_short_thread, lambda: self._run(job, work))
         return job.snapshot
 
     def _run(self, job: _Job, work: Work) -> None:

@@ -11,7 +11,7 @@ from steer.errors import FailedPreconditionError, InvalidArgumentError, NotFound
 from steer.models import ModelHandle, load_model
 from steer.offline import OFFLINE_MODELS
 from steer.server.paths import check_id, confine
-from steer.server.scheduler import ModelWorker
+from steer.server.scheduler import ModelWorker, in_short_thread
 from steer.server.settings import ServerSettings
 from steer.server.status import AlreadyExistsError
 
@@ -33,6 +33,8 @@ class ModelRegistry:
 
     def add(self, model_id: str, handle: ModelHandle, source: str = "") -> LoadedModel:
         check_id(model_id, field="model_id")
+        # hashed now, off this thread (see in_short_thread), rather than by the first Info call
+        in_short_thread(lambda: handle.weight_hash)
         worker = ModelWorker(
             handle,
             max_batch=self.settings.max_batch,
@@ -69,7 +71,9 @@ class ModelRegistry:
             location: str | Path = source
         else:
             location = confine(self.settings.models_root, source, field="source")
-        handle = load_model(location, dtype=dtype or "float32", device=device or "cpu")
+        handle = in_short_thread(
+            lambda: load_model(location, dtype=dtype or "float32", device=device or "cpu")
+        )
         return self.add(model_id, handle, source)
 
     def get(self, model_id: str) -> LoadedModel:
