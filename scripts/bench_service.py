@@ -252,7 +252,16 @@ def main() -> int:
             f"(random unit vector at `{HOOK}`, strength 1..N). The server is a `steer serve` "
             "subprocess; clients stream from threads of the benchmark process. Both paths "
             f"warmed first; best of {args.repeats} alternating runs. Load average before the "
-            f"run: {os.getloadavg()[0]:.2f}.\n\n" + table(rows, columns)
+            f"run: {os.getloadavg()[0]:.2f}.\n\n"
+            + table(rows, columns)
+            + "\n\nGoals: overhead <= 5% at every stream count; 16 streams >= 3x one stream. "
+            "Repeated runs of the same build on this shared 2-core machine differ by a few "
+            "percent either way, so a negative overhead means the gRPC run happened to be the "
+            "faster one. The server runs model code other than decode steps (loading, the "
+            "weight hash, jobs) in threads that end with it; before that, one weight hash on a "
+            "gRPC handler thread left torch's OpenMP runtime with an extra thread pool that "
+            "slowed every later decode step by about 15% (`in_short_thread` in "
+            "steer/server/scheduler.py)."
         )
         write_section("benchmarks.md", "service", markdown, title="Benchmarks")
     return 0
