@@ -148,3 +148,35 @@ def check_model(
             "allow_other_model to use it anyway",
             field="artifact",
         )
+
+
+def refresh_model_record(path: str | Path, handle: ModelHandle) -> str:
+    """Bring an artifact's model record to the current weight-hash format.
+
+    The recorded hash is checked against ``handle`` in the format it was made in; only if it
+    matches is the record rewritten with the current format's hash (nothing else changes).
+    Returns what was done; raises FailedPreconditionError when the artifact names other weights.
+    """
+    directory = Path(path)
+    load_vector(directory, allow_other_model=True)  # a readable artifact, before any change
+    sidecar = directory / SIDECAR
+    metadata = json.loads(sidecar.read_text())
+    model = metadata.get("model") or {}
+    if not model.get("weight_hash"):
+        raise FailedPreconditionError(
+            f"{directory} names no model weights to refresh", field="artifact"
+        )
+    weight_format = int(model.get("weight_hash_format") or 1)
+    if handle.weight_hash_in_format(weight_format) != model["weight_hash"]:
+        raise FailedPreconditionError(
+            f"{directory} was made for other weights (model {model.get('name')!r}, weight-hash "
+            f"format {weight_format}) than {handle.name!r}",
+            field="artifact",
+        )
+    if weight_format == WEIGHT_HASH_FORMAT:
+        return f"{directory}: already weight-hash format {WEIGHT_HASH_FORMAT}"
+    metadata["model"] = {**model, **model_identity(handle), "name": model.get("name", handle.name)}
+    temp = directory / (SIDECAR + ".tmp")
+    temp.write_text(json.dumps(metadata, indent=2, sort_keys=True, default=str))
+    os.replace(temp, sidecar)
+    return f"{directory}: weight-hash format {weight_format} -> {WEIGHT_HASH_FORMAT}"

@@ -7,9 +7,10 @@ uses); ``trust_remote_code`` is off unless asked for.
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -39,7 +40,8 @@ def stale_weight_hash_hint(model: Mapping[str, Any]) -> str:
         return ""
     return (
         " (its weight hash predates weight-hash format "
-        f"{WEIGHT_HASH_FORMAT}; re-save the artifact with the model to refresh it)"
+        f"{WEIGHT_HASH_FORMAT}; `steer directions refresh ARTIFACT --model MODEL` checks it "
+        "in its own format and records the current one)"
     )
 
 
@@ -52,33 +54,45 @@ def bfloat16_bytes(chunk: torch.Tensor) -> memoryview:
     return rounded.view(torch.uint8).numpy().data
 
 
-def tensor_digest(chunks: Iterable[torch.Tensor]) -> bytes:
-    """BLAKE3 of one tensor's :func:`bfloat16_bytes`; ``chunks`` are consecutive row blocks."""
-    digest = digests.new()
+#: the hash function of each weight-hash format that can still be computed (format 1 cannot)
+_WEIGHT_HASHERS: dict[int, Callable[[], Any]] = {3: digests.new, 2: hashlib.sha256}
+
+
+def tensor_digest(chunks: Iterable[torch.Tensor], weight_format: int = WEIGHT_HASH_FORMAT) -> bytes:
+    """BLAKE3 of one tensor's :func:`bfloat16_bytes`; ``chunks`` are consecutive row blocks.
+    ``weight_format`` 2 uses SHA-256 instead (the format before BLAKE3)."""
+    digest = _WEIGHT_HASHERS[weight_format]()
     for chunk in chunks:
         digest.update(bfloat16_bytes(chunk))
-    return digest.digest()
+    return bytes(digest.digest())
 
 
-def combine_weight_digests(entries: Iterable[tuple[str, tuple[int, ...], bytes]]) -> str:
+def combine_weight_digests(
+    entries: Iterable[tuple[str, tuple[int, ...], bytes]], weight_format: int = WEIGHT_HASH_FORMAT
+) -> str:
     """The weight hash from per-tensor digests: BLAKE3 over ``name:shape;`` + the tensor's
     :func:`tensor_digest`, in sorted name order. Per-tensor digests can be computed in any order
     (a bake source hashes tensors in file order while it reads them)."""
-    digest = digests.new()
+    digest = _WEIGHT_HASHERS[weight_format]()
     for name, shape, tensor in sorted(entries, key=lambda entry: entry[0]):
         digest.update(f"{name}:{tuple(shape)};".encode())
         digest.update(tensor)
-    return digest.hexdigest()
+    return str(digest.hexdigest())
 
 
 def weight_digest(
     tensors: Iterable[tuple[str, tuple[int, ...], Iterable[torch.Tensor]]],
+    weight_format: int = WEIGHT_HASH_FORMAT,
 ) -> str:
     """The weight hash of (name, shape, chunks) triples: :func:`tensor_digest` per tensor, then
     :func:`combine_weight_digests`. Loaded models and bake sources both hash through these, so
     the two always agree."""
     return combine_weight_digests(
-        (name, tuple(shape), tensor_digest(chunks)) for name, shape, chunks in tensors
+        (
+            (name, tuple(shape), tensor_digest(chunks, weight_format))
+            for name, shape, chunks in tensors
+        ),
+        weight_format,
     )
 
 
@@ -134,6 +148,17 @@ class ModelHandle:
                 return int(candidate)
         return 0
 
+    def weight_hash_in_format(self, weight_format: int) -> str:
+        """The weight hash as an older format computed it (to check an old artifact's record,
+        see steer.artifacts.refresh_model_record); the current format is :attr:`weight_hash`."""
+        if weight_format == WEIGHT_HASH_FORMAT:
+            return self.weight_hash
+        if weight_format not in _WEIGHT_HASHERS:
+            raise FailedPreconditionError(
+                f"weight-hash format {weight_format} can no longer be computed", field="artifact"
+            )
+        return self._weight_hash(weight_format)
+
     @cached_property
     def weight_hash(self) -> str:
         """BLAKE3 over parameter names, shapes and per-tensor BLAKE3s of the values rounded to
@@ -142,11 +167,17 @@ class ModelHandle:
         Rounding to bfloat16 makes float32/bfloat16 loads of the same weights hash alike, so an
         artifact made on one can be checked against the other.
         """
+        return self._weight_hash(WEIGHT_HASH_FORMAT)
+
+    def _weight_hash(self, weight_format: int) -> str:
         with torch.no_grad():
             return weight_digest(
-                (name, tuple(tensor.shape), (tensor,))
-                for name, tensor in sorted(self.model.state_dict().items())
-                if tensor.is_floating_point()
+                (
+                    (name, tuple(tensor.shape), (tensor,))
+                    for name, tensor in sorted(self.model.state_dict().items())
+                    if tensor.is_floating_point()
+                ),
+                weight_format,
             )
 
     def hook_names(self) -> list[str]:

@@ -57,6 +57,49 @@ def test_weight_hash_changes_with_the_weights(saved) -> None:  # type: ignore[no
     assert changed.weight_hash != before
 
 
+def test_artifacts_from_the_sha256_format_are_checked_then_refreshed(tmp_path: Path) -> None:
+    """An artifact recorded with weight-hash format 2 (SHA-256) does not load against the model
+    until ``refresh_model_record`` has checked its hash in format 2 and recorded format 3; an
+    artifact made for other weights is not refreshed."""
+    import hashlib
+    import json
+
+    from steer.artifacts import load_vector, refresh_model_record, save_vector
+    from steer.models import WEIGHT_HASH_FORMAT
+    from steer.vectors import SteeringVector
+
+    handle = tiny_handle("qwen2")
+    other = tiny_handle("qwen2", seed=1)
+    # format 2, computed independently: SHA-256 over name:shape; + SHA-256 of the bf16 bytes
+    legacy = hashlib.sha256()
+    for name, tensor in sorted(handle.model.state_dict().items()):
+        if tensor.is_floating_point():
+            legacy.update(f"{name}:{tuple(tensor.shape)};".encode())
+            values = tensor.detach().to(torch.bfloat16).reshape(-1).view(torch.uint8)
+            legacy.update(hashlib.sha256(values.numpy().tobytes()).digest())
+    assert handle.weight_hash_in_format(2) == legacy.hexdigest() != handle.weight_hash
+
+    vector = SteeringVector.from_shared(torch.randn(handle.d_model))
+    made = save_vector(tmp_path / "old", vector, handle=handle, kind="direction")
+    foreign = save_vector(tmp_path / "foreign", vector, handle=other, kind="direction")
+    for directory, source in ((made, handle), (foreign, other)):
+        sidecar = directory / "steer.json"
+        metadata = json.loads(sidecar.read_text())
+        metadata["model"]["weight_hash"] = source.weight_hash_in_format(2)
+        metadata["model"]["weight_hash_format"] = 2
+        sidecar.write_text(json.dumps(metadata))
+    with pytest.raises(FailedPreconditionError, match="steer directions refresh"):
+        load_vector(made, handle=handle)
+    assert refresh_model_record(made, handle).endswith(f"format 2 -> {WEIGHT_HASH_FORMAT}")
+    loaded = load_vector(made, handle=handle)
+    assert loaded.metadata["model"]["weight_hash_format"] == WEIGHT_HASH_FORMAT
+    assert torch.equal(loaded.vector.shared, vector.shared)
+    assert "already" in refresh_model_record(made, handle)
+    with pytest.raises(FailedPreconditionError, match="other weights"):
+        refresh_model_record(foreign, handle)
+    assert json.loads((foreign / "steer.json").read_text())["model"]["weight_hash_format"] == 2
+
+
 def test_weight_hash_is_per_tensor_and_order_free() -> None:
     """One BLAKE3 per tensor (of its bf16 bytes, however it is chunked), combined in name order:
     the per-tensor digests can be computed in any order, e.g. a file's."""

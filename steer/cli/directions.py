@@ -73,6 +73,15 @@ def _parser(prog: str) -> argparse.ArgumentParser:
     optimize.add_argument("--seed", type=int, default=0, help="sampler seed")
     optimize.add_argument("--dtype", default="float32")
 
+    refresh = commands.add_parser(
+        "refresh",
+        help="check artifacts' weight hashes in the format they were made in and record the "
+        "current format (after a steer upgrade changed it)",
+    )
+    refresh.add_argument("directories", nargs="+", metavar="ARTIFACT")
+    refresh.add_argument("--model", required=True, help="the model the artifacts were made for")
+    refresh.add_argument("--dtype", default="float32")
+
     show = commands.add_parser("show", help="print an artifact's sidecar summary")
     show.add_argument("directory")
     show.add_argument("--json", action="store_true", help="print the full sidecar as JSON")
@@ -86,6 +95,13 @@ def main(argv: list[str], *, prog: str = "steer directions", command: str = "dir
     from steer.directions.recipe import load_recipe, with_overrides
     from steer.models import load_model
 
+    if args.action == "refresh":
+        from steer.artifacts import refresh_model_record
+
+        handle = load_model(args.model, dtype=args.dtype)
+        for directory in args.directories:
+            print(refresh_model_record(directory, handle))
+        return 0
     recipe = load_recipe(args.recipe)
     if args.action == "compute":
         recipe = with_overrides(recipe, _overrides(args))
