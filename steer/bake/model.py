@@ -481,7 +481,11 @@ def write_model(
         futures = {
             file: pool.submit(write_shard, file, specs) for file, specs in layout.shards.items()
         }
-        wait(futures.values())
+        try:
+            wait(futures.values())
+        except BaseException:  # e.g. KeyboardInterrupt: stop the shards at their next tensor
+            failed.set()
+            raise
     for future in futures.values():  # the first real error, not a shard stopped because of it
         error = future.exception()
         if error is not None and not isinstance(error, _ShardStopped):
