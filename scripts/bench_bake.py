@@ -163,6 +163,9 @@ def _record_weight_hash(directory: Path, source: Path) -> None:
     sidecar.write_text(json.dumps(metadata))
 
 
+#: cores of the benchmark machine
+CORES = os.cpu_count() or 1
+
 LABELS = {
     "copy": "plain copy (copytree + fsync)",
     "copy-hashed": "copy in user space, BLAKE3 of source and output, fsync",
@@ -196,7 +199,10 @@ def summary(record: dict, rows: list[dict]) -> str:
         "and output byte, and checking a direction's weight hash hashes the source bytes once "
         f"more. With BLAKE3 that hashing alone takes {floor['seconds']:.2f} s on two threads "
         f"({floor['time_vs_copy']:.2f}x the copy); with SHA-256 it took {sha['seconds']:.2f} s "
-        f"({sha['time_vs_copy']:.2f}x). Peak RSS goal {rss_goal}."
+        f"({sha['time_vs_copy']:.2f}x). Even with both cores busy for the whole bake, its CPU "
+        f"time would take {bake['cpu_seconds'] / CORES:.2f} s = "
+        f"{bake['cpu_seconds'] / CORES / by_mode['copy']['seconds']:.2f}x the copy on this "
+        f"machine. Peak RSS goal {rss_goal}."
     )
 
 

@@ -60,3 +60,43 @@ def test_unedited_evaluation_is_free(qwen) -> None:
     )
     assert report.rate == 1.0  # Qwen refuses this one with "I'm sorry, but I can't ..."
     assert report.kl_first_token == 0.0 and report.kl_multi_token == 0.0
+
+
+def test_generation_filter_keeps_what_the_evaluation_calls_refusals(qwen) -> None:  # type: ignore[no-untyped-def]
+    """``filter_by = "generation"`` keeps exactly the harmful train prompts whose greedy
+    completion the refusal matcher flags, and the harmless ones it does not; the score filter
+    keeps those whose first-token refusal score is positive."""
+    from dataclasses import replace
+
+    from steer.directions.api import filter_masks, prepare
+    from steer.directions.evaluate import generate, is_refusal
+    from steer.directions.recipe import load_recipe, with_overrides
+    from steer.directions.scores import (
+        next_token_logits,
+        refusal_scores_from_logits,
+        refusal_token_ids,
+    )
+
+    overrides = {"data.max_train": 12, "data.filter_by": "generation", "data.filter_tokens": 10}
+    recipe = with_overrides(load_recipe("recipes/refusal.toml"), overrides)
+    prepared = prepare(qwen, recipe)
+    logits = [
+        next_token_logits(qwen, prompts)
+        for prompts in (prepared.positive_train, prepared.negative_train)
+    ]
+    refused, answered = filter_masks(qwen, prepared, *logits)
+    expected = [
+        [is_refusal(text) for _ids, text in generate(qwen, prompts, max_new_tokens=10)]
+        for prompts in (prepared.positive_train, prepared.negative_train)
+    ]
+    assert refused.tolist() == expected[0]
+    assert answered.tolist() == [not flagged for flagged in expected[1]]
+    assert sum(expected[0]) > 0 and sum(expected[1]) < len(expected[1])
+
+    by_score = replace(prepared, recipe=with_overrides(recipe, {"data.filter_by": "score"}))
+    refused, answered = filter_masks(qwen, by_score, *logits)
+    token_ids = refusal_token_ids(qwen.tokenizer)
+    assert refused.tolist() == (refusal_scores_from_logits(logits[0], token_ids) > 0).tolist()
+    assert answered.tolist() == (refusal_scores_from_logits(logits[1], token_ids) < 0).tolist()
+    with pytest.raises(InvalidArgumentError, match="filter_by"):
+        with_overrides(recipe, {"data.filter_by": "vibes"})

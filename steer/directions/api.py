@@ -212,12 +212,13 @@ def search(
         negative_validation = prepared.negative_validation
         if recipe.kind is RecipeKind.REFUSAL and recipe.data.filter:
             assert positive_logits is not None and negative_logits is not None
-            positive, negative = _filter_train(
-                positive, negative, positive_logits, negative_logits, token_ids, notes
+            refused, answered = filter_masks(
+                handle, prepared, positive_logits, negative_logits, progress
             )
-            positive_validation = _filter_validation(
-                handle, positive_validation, token_ids, batch, notes
-            )
+            check()
+            refused_validation = _refusals(handle, recipe, positive_validation, token_ids, batch)
+            positive, negative = _filter_train(positive, negative, refused, answered, notes)
+            positive_validation = _filter_validation(positive_validation, refused_validation, notes)
         positive_score = prompt_scorer(handle, positive_validation, token_ids, batch)
         negative_score = prompt_scorer(handle, negative_validation, token_ids, batch)
     progress("building candidates", 0.1)
@@ -339,17 +340,55 @@ def _reply_ids(handle: ModelHandle, reply: str) -> list[int]:
     return ids
 
 
+def _refusals(
+    handle: ModelHandle,
+    recipe: Recipe,
+    prompts: Sequence[Sequence[int]],
+    token_ids: Sequence[int],
+    batch: int,
+) -> torch.Tensor:
+    """Whether the model refuses each prompt, decided as ``recipe.data.filter_by`` says."""
+    if recipe.data.filter_by == "generation":
+        from steer.directions.evaluate import generate, is_refusal
+
+        completions = generate(
+            handle, prompts, max_new_tokens=recipe.data.filter_tokens, batch_size=batch
+        )
+        return torch.tensor([is_refusal(text) for _ids, text in completions], dtype=torch.bool)
+    logits = next_token_logits(handle, prompts, batch_size=batch)
+    return refusal_scores_from_logits(logits, token_ids) > 0
+
+
+def filter_masks(
+    handle: ModelHandle,
+    prepared: Prepared,
+    positive_logits: torch.Tensor,
+    negative_logits: torch.Tensor,
+    progress: Callable[[str, float], None] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(harmful train prompts the model refuses, harmless train prompts it answers), decided
+    by the recipe's ``filter_by``; the score filter reads the next-token logits already
+    collected with the activations."""
+    recipe = prepared.recipe
+    token_ids = refusal_token_ids(handle.tokenizer)
+    if recipe.data.filter_by == "score":
+        refused = refusal_scores_from_logits(positive_logits, token_ids) > 0
+        return refused, refusal_scores_from_logits(negative_logits, token_ids) < 0
+    if progress is not None:
+        progress("filtering by generation", 0.05)
+    batch = recipe.search.batch_size
+    refused = _refusals(handle, recipe, prepared.positive_train, token_ids, batch)
+    return refused, ~_refusals(handle, recipe, prepared.negative_train, token_ids, batch)
+
+
 def _filter_train(
     positive: torch.Tensor,
     negative: torch.Tensor,
-    positive_logits: torch.Tensor,
-    negative_logits: torch.Tensor,
-    token_ids: Sequence[int],
+    keep_positive: torch.Tensor,
+    keep_negative: torch.Tensor,
     notes: list[str],
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Keep positives the model refuses (score > 0) and negatives it answers (score < 0)."""
-    keep_positive = refusal_scores_from_logits(positive_logits, token_ids) > 0
-    keep_negative = refusal_scores_from_logits(negative_logits, token_ids) < 0
+    """Keep positives the model refuses and negatives it answers (see DataSection.filter_by)."""
     kept = []
     for name, acts, keep in (
         ("positive", positive, keep_positive),
@@ -365,16 +404,9 @@ def _filter_train(
 
 
 def _filter_validation(
-    handle: ModelHandle,
-    prompts: list[list[int]],
-    token_ids: Sequence[int],
-    batch: int,
-    notes: list[str],
+    prompts: list[list[int]], refused: torch.Tensor, notes: list[str]
 ) -> list[list[int]]:
-    scores = refusal_scores_from_logits(
-        next_token_logits(handle, prompts, batch_size=batch), token_ids
-    )
-    kept = [p for p, s in zip(prompts, scores.tolist(), strict=True) if s > 0]
+    kept = [p for p, keep in zip(prompts, refused.tolist(), strict=True) if keep]
     if len(kept) < 2:
         notes.append(f"filter left {len(kept)} positive validation prompts; kept all")
         return prompts

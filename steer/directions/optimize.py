@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 from steer.artifacts import load_vector, save_vector
-from steer.directions.api import Prepared, _filter_train, prepare
+from steer.directions.api import Prepared, _filter_train, filter_masks, prepare
 from steer.directions.methods import get_method
 from steer.directions.recipe import Recipe, RecipeKind
 from steer.directions.scores import refusal_scores_from_logits, refusal_token_ids
@@ -87,10 +87,8 @@ def layer_directions(handle: ModelHandle, prepared: Prepared) -> SteeringVector:
         )
         if prepared.recipe.kind is RecipeKind.REFUSAL and prepared.recipe.data.filter:
             assert positive_logits is not None and negative_logits is not None
-            token_ids = refusal_token_ids(handle.tokenizer)
-            positive, negative = _filter_train(
-                positive, negative, positive_logits, negative_logits, token_ids, []
-            )
+            refused, answered = filter_masks(handle, prepared, positive_logits, negative_logits)
+            positive, negative = _filter_train(positive, negative, refused, answered, [])
     method = get_method(prepared.recipe.search.method)
     directions = {}
     for layer in range(handle.num_layers):

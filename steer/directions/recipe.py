@@ -54,6 +54,12 @@ class DataSection:
     max_validation: int = 32
     #: refusal only: keep harmful prompts the model refuses and harmless ones it answers
     filter: bool = True
+    #: how the filter decides: "score" (the first-token refusal score > 0, as Arditi et al.) or
+    #: "generation" (greedy completions of filter_tokens tokens checked by the refusal-phrase
+    #: matcher, the evaluation's own test: models whose refusals open with many different
+    #: tokens are refused far more often than their first-token score says)
+    filter_by: str = "score"
+    filter_tokens: int = 16
 
 
 @dataclass(frozen=True)
@@ -211,6 +217,12 @@ def _validate(recipe: Recipe) -> None:
         raise InvalidArgumentError(
             "must be in (0, 1) and leave a test share", field="data.validation"
         )
+    if data.filter_by not in ("score", "generation"):
+        raise InvalidArgumentError(
+            f"unknown filter_by {data.filter_by!r}; use score or generation", field="data.filter_by"
+        )
+    if data.filter_tokens < 1:
+        raise InvalidArgumentError("must be >= 1", field="data.filter_tokens")
     for name in ("max_train", "max_validation"):
         if getattr(data, name) < 0:
             raise InvalidArgumentError("must be >= 0 (0 = no cap)", field=f"data.{name}")
