@@ -114,6 +114,9 @@ def run_model(
             "moralizing": "ablated" if interventions else "-",
             "direction": found[1] if interventions and found else None,
             "seconds": round(time.perf_counter() - start, 1),
+            "max_new_tokens": args.max_new_tokens,
+            "rounds": args.rounds,
+            "scenarios": len(scenarios),
         }
         emit(record)
         save(record)
@@ -121,6 +124,11 @@ def run_model(
 
 def render(records: list[dict[str, Any]], args: argparse.Namespace) -> str:
     rows = []
+    order = list(PRESETS)
+    records = sorted(
+        records,
+        key=lambda r: (r["model"], r["moralizing"] != "-", order.index(r["preset"])),
+    )
     for record in records:
         row = dict(record)
         names = record.get("recurring_names") or []
@@ -177,6 +185,17 @@ def main() -> int:
     old = []
     if records_path.exists():
         old = [json.loads(line) for line in records_path.read_text().splitlines() if line]
+
+    settings = {
+        "max_new_tokens": args.max_new_tokens,
+        "rounds": args.rounds,
+        "scenarios": args.scenarios_count,
+    }
+    # rows measured with other settings would not be comparable: this run replaces them
+    stale = [r for r in old if any(r.get(k) != v for k, v in settings.items())]
+    if stale:
+        print(f"dropping {len(stale)} records made with other settings", file=sys.stderr)
+        old[:] = [r for r in old if r not in stale]
 
     def save(record: dict[str, Any]) -> None:
         """Keep every finished run at once, so a stopped run still leaves its rows."""
