@@ -25,9 +25,10 @@ def machine() -> str:
 
     if torch.cuda.is_available():
         return f"{torch.cuda.get_device_name(0)}, torch {torch.__version__}"
+    threads = torch.get_num_threads()
     return (
         f"CPU {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-        f"torch {torch.__version__} ({torch.get_num_threads()} threads)"
+        f"torch {torch.__version__} ({threads} thread{'' if threads == 1 else 's'})"
     )
 
 
