@@ -129,6 +129,7 @@ def render(records: list[dict[str, Any]], args: argparse.Namespace) -> str:
         records,
         key=lambda r: (r["model"], r["moralizing"] != "-", order.index(r["preset"])),
     )
+    first = records[0] if records else {}  # every record shares these settings (see main)
     for record in records:
         row = dict(record)
         names = record.get("recurring_names") or []
@@ -138,9 +139,11 @@ def render(records: list[dict[str, Any]], args: argparse.Namespace) -> str:
         [
             "## Roleplay metrics (`scripts/eval_rp.py`)",
             "",
-            f"{args.scenarios_count} project scenarios (recipes/data/rp_scenarios.jsonl), "
-            f"{args.rounds} replies each (scripted user follow-ups), at most "
-            f"{args.max_new_tokens} new tokens per reply, format `chat_template`, seeded per "
+            f"{first.get('scenarios', args.scenarios_count)} project scenarios "
+            f"(recipes/data/rp_scenarios.jsonl), {first.get('rounds', args.rounds)} replies each "
+            "(scripted user follow-ups), at most "
+            f"{first.get('max_new_tokens', args.max_new_tokens)} new tokens per reply, format "
+            "`chat_template`, seeded per "
             f"scenario. Presets are the seeds' settings (steer.rp.presets); `moralizing = "
             "ablated` removes the direction computed from recipes/moralizing.toml. Metric "
             "definitions: steer/rp/metrics.py (repetition shares are of word 3-grams; "
@@ -174,6 +177,9 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-docs", action="store_true")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
+    parser.add_argument(
+        "--render-only", action="store_true", help="rewrite the docs table from --records"
+    )
     args = parser.parse_args()
     presets = [p for p in args.presets.split(",") if p]
     unknown = [p for p in presets if p not in PRESETS]
@@ -186,6 +192,11 @@ def main() -> int:
     if records_path.exists():
         old = [json.loads(line) for line in records_path.read_text().splitlines() if line]
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.render_only:
+        write_section("results.md", "rp", render(old, args))
+        return 0
     settings = {
         "max_new_tokens": args.max_new_tokens,
         "rounds": args.rounds,
@@ -206,8 +217,6 @@ def main() -> int:
         if not args.no_docs:
             write_section("results.md", "rp", render(old, args))
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
     for model in args.models.split(","):
         run_model(model, presets, args, save)
     return 0
