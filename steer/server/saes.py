@@ -16,6 +16,7 @@ from steer.errors import FailedPreconditionError, NotFoundError, SteerError
 from steer.models import ModelHandle
 from steer.server.paths import check_id, confine
 from steer.server.registry import LoadedModel
+from steer.server.scheduler import in_short_thread
 from steer.server.status import AlreadyExistsError
 
 if TYPE_CHECKING:  # steer.sae imports SAELens, which the server loads only once an SAE is used
@@ -68,8 +69,10 @@ class SaeRegistry:
         from steer.sae import load_sae
 
         try:
-            sae = load_sae(
-                directory, model.handle, hook=hook or None, allow_other_model=allow_other_model
+            sae = in_short_thread(  # torch work off the handler thread (see in_short_thread)
+                lambda: load_sae(
+                    directory, model.handle, hook=hook or None, allow_other_model=allow_other_model
+                )
             )
         except SteerError as error:
             if error.field == "sae":  # the directory itself: name the request's field
