@@ -1,4 +1,4 @@
-"""``steer directions compute|optimize|show``: make, tune and inspect direction artifacts."""
+"""``steer directions compute|optimize|show|refresh``: make, tune, inspect, re-hash artifacts."""
 
 from __future__ import annotations
 
