@@ -12,7 +12,6 @@ Provenance records made before BLAKE3 name SHA-256; :func:`file_digest` still ch
 from __future__ import annotations
 
 import hashlib
-import os
 from pathlib import Path
 
 import blake3
@@ -28,30 +27,16 @@ def new(initial: bytes = b"") -> blake3.blake3:
     return blake3.blake3(initial)
 
 
-def file_digest(path: Path, *, algorithm: str = ALGORITHM, fsync: bool = False) -> str:
-    """The hex digest of a file's bytes; ``fsync`` also flushes the file to disk (files a bake
-    wrote whole, e.g. config and tokenizer files, are synced as they are hashed)."""
+def file_digest(path: Path, *, algorithm: str = ALGORITHM) -> str:
+    """The hex digest of a file's bytes."""
     if algorithm == ALGORITHM:
         digest = blake3.blake3(max_threads=blake3.blake3.AUTO)
         digest.update_mmap(path)
-        if fsync:
-            _fsync(path)
         return str(digest.hexdigest())
     if algorithm not in hashlib.algorithms_available:
         raise ValueError(f"unknown hash algorithm {algorithm!r}")
     with path.open("rb") as handle:
-        result = hashlib.file_digest(handle, algorithm).hexdigest()
-    if fsync:
-        _fsync(path)
-    return result
-
-
-def _fsync(path: Path) -> None:
-    descriptor = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
+        return hashlib.file_digest(handle, algorithm).hexdigest()
 
 
 __all__ = ["ALGORITHM", "LEGACY_ALGORITHM", "file_digest", "new"]

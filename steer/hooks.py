@@ -156,6 +156,18 @@ class ArchitectureLayout:
     #: set for mixture-of-experts families: where the experts' writing matrices are
     experts: ExpertLayout | None = None
 
+    @property
+    def mlp_write_parameters(self) -> tuple[str, ...]:
+        """The parameters of one decoder layer that write its MLP output, as named in the
+        loaded model: the dense ``down_proj`` weight and, in mixture-of-experts families, the
+        stacked routed experts and a shared expert's weight (a layer has those it has)."""
+        parameters = [f"{self.mlp_write}.weight"]
+        if self.experts is not None:
+            parameters.append(self.experts.down)
+            if self.experts.shared_down is not None:
+                parameters.append(f"{self.experts.shared_down}.weight")
+        return tuple(parameters)
+
 
 _LLAMA_LAYOUT = ArchitectureLayout()
 # Gemma 2/3 put an extra RMSNorm after attention and after the MLP, *before* the residual add, so

@@ -101,11 +101,11 @@ def _orthonormal_if_full(edits: list[RankOneEdit]) -> list[RankOneEdit]:
 
 def check_layout(layout: ArchitectureLayout, model_type: str) -> None:
     """The weight form is exact only where the hook module contains the writing matrix."""
-    pairs = [(layout.attn_out, layout.attn_write), (layout.mlp_out, layout.mlp_write)]
-    if layout.experts is not None:
-        pairs.append((layout.mlp_out, layout.experts.down))
-        if layout.experts.shared_down is not None:
-            pairs.append((layout.mlp_out, layout.experts.shared_down))
+    pairs = [(layout.attn_out, layout.attn_write)]
+    pairs += [
+        (layout.mlp_out, parameter.removesuffix(".weight"))
+        for parameter in layout.mlp_write_parameters
+    ]
     for hook_module, write in pairs:
         if not write.startswith(hook_module + "."):
             raise UnsupportedArchitectureError(

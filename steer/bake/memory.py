@@ -57,13 +57,8 @@ def edited_copy(handle: ModelHandle, recipe: Recipe) -> ModelHandle:
 def _mlp_writes(layer: torch.nn.Module, layout: ArchitectureLayout) -> list[torch.Tensor]:
     """The parameters of one decoder layer that write its MLP output (see ``Names.mlp_writes``
     for the checkpoint form): a dense down_proj, or the stacked experts and a shared expert."""
-    paths = [f"{layout.mlp_write}.weight"]
-    if layout.experts is not None:
-        paths.append(layout.experts.down)
-        if layout.experts.shared_down is not None:
-            paths.append(f"{layout.experts.shared_down}.weight")
     parameters = dict(layer.named_parameters())
-    return [parameters[path].data for path in paths if path in parameters]
+    return [parameters[path].data for path in layout.mlp_write_parameters if path in parameters]
 
 
 def _weight(module: torch.nn.Module) -> torch.Tensor:

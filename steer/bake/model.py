@@ -216,15 +216,10 @@ class Names:
         ``mlp_only_layers`` has a dense ``down_proj`` instead.
         """
         layout, experts = self.layout, self.layout.experts
-        alternatives = [re.escape(f"{layout.mlp_write}.weight")]
+        alternatives = [re.escape(parameter) for parameter in layout.mlp_write_parameters]
         if experts is not None:
             per_expert = re.escape(f"{experts.checkpoint_block}.{experts.checkpoint_down}")
-            alternatives += [
-                per_expert.replace(re.escape("{expert}"), r"\d+"),
-                re.escape(experts.down),
-            ]
-            if experts.shared_down is not None:
-                alternatives.append(re.escape(f"{experts.shared_down}.weight"))
+            alternatives.append(per_expert.replace(re.escape("{expert}"), r"\d+"))
         pattern = re.compile(rf"{re.escape(layout.layers)}\.(\d+)\.(?:{'|'.join(alternatives)})")
         writes: dict[int, list[str]] = {}
         for name in available:
@@ -501,9 +496,17 @@ def write_model(
         shutil.copyfile(extra, directory / extra.name)
     if source.write_extras is not None:
         source.write_extras(directory)
+    return hashes | _hash_and_sync(directory, skip=hashes)
+
+
+def _hash_and_sync(directory: Path, skip: Iterable[str] = ()) -> dict[str, str]:
+    """{file: hash} of the files the bake wrote whole (config, tokenizer, adapter), each fsynced;
+    ``skip`` names files already hashed and synced (shards)."""
+    hashes = {}
     for written in sorted(directory.iterdir()):
-        if written.name not in hashes and written.is_file():
-            hashes[written.name] = file_digest(written, fsync=True)
+        if written.name not in skip and written.is_file():
+            hashes[written.name] = file_digest(written)
+            provenance.fsync_path(written)
     return hashes
 
 
@@ -594,7 +597,7 @@ def write_lora(
     }
     _write_json(directory / "adapter_config.json", adapter_config)
     options.report("computing LoRA factors", 1.0)
-    return {p.name: file_digest(p, fsync=True) for p in sorted(directory.iterdir()) if p.is_file()}
+    return _hash_and_sync(directory)
 
 
 # ---------------------------------------------------------------------------------------------

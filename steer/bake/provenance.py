@@ -84,8 +84,9 @@ def verify(directory: str | Path) -> list[str]:
     return problems
 
 
-def fsync_directory(directory: Path) -> None:
-    descriptor = os.open(directory, os.O_RDONLY)
+def fsync_path(path: Path) -> None:
+    """Flush a file or a directory (its entries) to disk."""
+    descriptor = os.open(path, os.O_RDONLY)
     try:
         os.fsync(descriptor)
     finally:
@@ -130,14 +131,14 @@ def atomic_directory(target: Path, *, overwrite: bool) -> Iterator[Path]:
     temp.mkdir()
     try:
         yield temp
-        fsync_directory(temp)
+        fsync_path(temp)
         check_target(target, overwrite)
         old = None
         if target.exists():
             old = _temporary_name(target)
             os.rename(target, old)
         os.rename(temp, target)
-        fsync_directory(target.parent)
+        fsync_path(target.parent)
         if old is not None:
             if old.is_dir():
                 shutil.rmtree(old)
@@ -160,7 +161,7 @@ def atomic_file(target: Path, *, overwrite: bool) -> Iterator[Path]:
             os.fsync(handle.fileno())
         check_target(target, overwrite)
         os.replace(temp, target)
-        fsync_directory(target.parent)
+        fsync_path(target.parent)
     except BaseException:
         temp.unlink(missing_ok=True)
         raise
