@@ -131,6 +131,12 @@ class ExpertLayout:
     #: an always-active shared expert's down-projection module (Qwen2-MoE), if any
     shared_down: str | None = None
 
+    def checkpoint_regex(self, template: str, expert: str = r"\d+") -> str:
+        """A regular expression for ``checkpoint_block.template`` (one of the checkpoint_*
+        names, relative to a decoder layer) whose expert index is matched by ``expert``."""
+        escaped = re.escape(f"{self.checkpoint_block}.{template}")
+        return escaped.replace(re.escape("{expert}"), expert)
+
 
 @dataclass(frozen=True)
 class ArchitectureLayout:

@@ -218,8 +218,7 @@ class Names:
         layout, experts = self.layout, self.layout.experts
         alternatives = [re.escape(parameter) for parameter in layout.mlp_write_parameters]
         if experts is not None:
-            per_expert = re.escape(f"{experts.checkpoint_block}.{experts.checkpoint_down}")
-            alternatives.append(per_expert.replace(re.escape("{expert}"), r"\d+"))
+            alternatives.append(experts.checkpoint_regex(experts.checkpoint_down))
         pattern = re.compile(rf"{re.escape(layout.layers)}\.(\d+)\.(?:{'|'.join(alternatives)})")
         writes: dict[int, list[str]] = {}
         for name in available:

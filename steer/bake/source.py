@@ -137,18 +137,16 @@ def state_dict_entries(
     }
     if layout is None or experts is None:
         return entries
-    layer_prefix = rf"({re.escape(layout.layers)}\.(\d+)\.)" + re.escape(experts.checkpoint_block)
+    layer_prefix = rf"({re.escape(layout.layers)}\.(\d+)\.)"
     patterns = {
-        kind: re.compile(
-            layer_prefix + re.escape(f".{template}").replace(re.escape("{expert}"), r"(\d+)")
-        )
+        kind: re.compile(layer_prefix + experts.checkpoint_regex(template, r"(\d+)"))
         for kind, template in (
             ("down", experts.checkpoint_down),
             ("gate", experts.checkpoint_gate),
             ("up", experts.checkpoint_up),
         )
     }
-    block = re.compile(layer_prefix + r"\.")
+    block = re.compile(layer_prefix + re.escape(experts.checkpoint_block) + r"\.")
     found: dict[tuple[int, str], dict[int, str]] = {}
     for name in list(entries):
         for kind, pattern in patterns.items():
