@@ -6,6 +6,7 @@ import json
 import threading
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from tiny import tiny_handle
@@ -14,9 +15,15 @@ from steer.activations import encode_chat, forward
 from steer.artifacts import load_vector, save_vector
 from steer.cli import main as cli_main
 from steer.directions import data as datasets
-from steer.directions.api import CancelledError, compute, held_out, interventions_for
+from steer.directions.api import CancelledError, compute, held_out, interventions_for, prepare
 from steer.directions.evaluate import evaluate_rate, is_moralizing, is_refusal
-from steer.directions.methods import METHODS, compute_direction, get_method
+from steer.directions.methods import (
+    METHODS,
+    compute_direction,
+    get_method,
+    ledoit_wolf_shrinkage,
+    shrink,
+)
 from steer.directions.optimize import optimize, trial_recipe
 from steer.directions.recipe import load_recipe, with_overrides
 from steer.directions.scores import (
@@ -27,7 +34,14 @@ from steer.directions.scores import (
     refusal_scores_from_logits,
     refusal_token_ids,
 )
-from steer.directions.search import Candidate, passes_filters, score_candidates, select
+from steer.directions.search import (
+    Candidate,
+    collect,
+    passes_filters,
+    score_candidates,
+    select,
+    token_covariances,
+)
 from steer.errors import FailedPreconditionError, InvalidArgumentError, NotFoundError
 from steer.hooks import HookKind
 from steer.interventions import Ablate, Add
@@ -166,6 +180,86 @@ def test_methods_recover_a_planted_direction() -> None:
     assert abs(float(projected @ negative.mean(0))) < 1e-3
 
 
+def test_whitened_is_the_shrunk_fisher_direction_and_spreads_negatives_least() -> None:
+    generator = torch.Generator().manual_seed(2)
+    size, n = 12, 400
+    nuisance = torch.zeros(size)
+    nuisance[0] = 1.0  # negatives vary a lot along axis 0 ...
+    signal = torch.zeros(size)
+    signal[0], signal[1] = 1.0, 1.0  # ... and the means differ along 0 and 1
+    negative = torch.randn(n, size, generator=generator) * 0.1
+    negative += torch.randn(n, 1, generator=generator) * 5.0 * nuisance
+    positive = negative[: n // 2] + 2.0 * signal
+    covariance = torch.cov(negative.double().T)
+    for shrinkage in (0.05, 0.5):
+        shrunk = shrink(covariance, shrinkage)
+        scale = covariance.trace() / size
+        assert torch.allclose(
+            shrunk, (1 - shrinkage) * covariance + shrinkage * scale * torch.eye(size)
+        )
+        # a stack is shrunk matrix by matrix
+        stacked = shrink(torch.stack([covariance, 4.0 * covariance]), shrinkage)
+        assert torch.allclose(stacked[1], shrink(4.0 * covariance, shrinkage))
+        direction = compute_direction("whitened", positive, negative, shrunk).double()
+        # an independent solve of the normal equations gives the same direction
+        expected = torch.from_numpy(
+            np.linalg.lstsq(
+                shrunk.numpy(), (positive.mean(0) - negative.mean(0)).double().numpy(), rcond=None
+            )[0]
+        )
+        assert abs(float(direction @ expected / (direction.norm() * expected.norm()))) > 1 - 1e-9
+    whitened = compute_direction("whitened", positive, negative, shrink(covariance, 0.05))
+    mean = compute_direction("mean_difference", positive, negative)
+
+    def spread(direction: torch.Tensor) -> float:
+        unit = direction / direction.norm()
+        gap = float((positive.mean(0) - negative.mean(0)) @ unit)
+        return float((negative @ unit).std()) / gap
+
+    # per unit of separation the negatives spread far less along the whitened direction
+    assert spread(whitened) < 0.2 * spread(mean)
+    # called without a covariance it whitens by the negatives' own rows
+    alone = compute_direction("whitened", positive, negative)
+    assert float(alone @ whitened / (alone.norm() * whitened.norm())) > 0.99
+    with pytest.raises(InvalidArgumentError, match="covariance must be"):
+        compute_direction("whitened", positive, negative, torch.eye(3))
+    with pytest.raises(InvalidArgumentError):
+        shrink(covariance, 1.5)
+
+
+def test_ledoit_wolf_shrinkage_equals_its_definition() -> None:
+    generator = torch.Generator().manual_seed(3)
+    structured = torch.randn(300, 10, generator=generator) * torch.linspace(0.1, 5.0, 10)
+    for rows in (torch.randn(30, 16, generator=generator), structured):
+        centred = rows.double() - rows.double().mean(0)
+        n, size = centred.shape
+        sample = centred.T @ centred / n
+        target = sample.trace() / size
+        dispersion = float(((sample - target * torch.eye(size)) ** 2).sum()) / size
+        spread = sum(float(((torch.outer(x, x) - sample) ** 2).sum()) for x in centred)
+        spread /= n**2 * size
+        expected = min(spread, dispersion) / dispersion
+        assert ledoit_wolf_shrinkage(rows) == pytest.approx(expected, rel=1e-9)
+    # no structure and few rows: shrink most of the way; strong structure: hardly at all
+    assert ledoit_wolf_shrinkage(torch.randn(30, 16, generator=generator)) > 0.5
+    assert ledoit_wolf_shrinkage(structured) < 0.1
+
+
+def test_token_covariances_equal_a_direct_computation(tiny_llama) -> None:
+    prompts = [encode_chat(tiny_llama, p) for p in HARMLESS[:5]]
+    hooks = [f"blocks.{layer}.hook_resid_pre" for layer in range(tiny_llama.num_layers)]
+    # batches of 2 prompts: the sums are accumulated across batches (the same batches here, as
+    # padding changes activations in the last float32 digits)
+    every = forward(tiny_llama, prompts, hooks=hooks, positions="all", batch_size=2)
+    covariances = token_covariances(tiny_llama, prompts, batch_size=2)
+    assert covariances.shape == (len(hooks), tiny_llama.d_model, tiny_llama.d_model)
+    for layer, name in enumerate(hooks):
+        rows = every.activations[name]
+        tokens = torch.cat([row[1:] for row in rows]).double()  # the first token left out
+        expected = torch.cov(tokens.T)
+        assert torch.allclose(covariances[layer], expected, atol=1e-9 * float(expected.abs().max()))
+
+
 def test_pca_sign_follows_the_data() -> None:
     generator = torch.Generator().manual_seed(1)
     negative = torch.randn(10, 8, generator=generator)
@@ -207,6 +301,7 @@ def test_recipe_errors_name_the_field() -> None:
         (("data", "train"), "half", "data.train"),
         (("data", "train"), 1.5, "data.train"),
         (("search", "method"), "magic", "search.method"),
+        (("search", "shrinkage"), 0.0, "search.shrinkage"),
         (("search", "positions"), [1], "search.positions"),
         (("search", "bogus"), 1, "search"),
     ):
@@ -319,6 +414,37 @@ def test_compute_writes_a_loadable_artifact_with_sweep(tiny_llama, prompt_files,
     acts = result.activations[f"blocks.{layer}.hook_resid_pre"]
     assert isinstance(acts, torch.Tensor)
     assert (acts @ unit.at(layer)).abs().max() < 1e-3
+
+
+def test_whitened_compute_reads_the_harmless_token_covariance(
+    tiny_llama, prompt_files, tmp_path
+) -> None:
+    messages: list[str] = []
+    recipe = tiny_recipe(*prompt_files, method="whitened", shrinkage=0.2, per_layer=False)
+    out = compute(
+        tiny_llama,
+        recipe,
+        tmp_path / "dir",
+        progress=lambda m, f: messages.append(m),
+        cancelled=threading.Event(),
+    )
+    artifact = load_vector(out, handle=tiny_llama)
+    assert artifact.metadata["method"] == "whitened"
+    assert "harmless token covariance" in messages
+    # the saved direction is the whitened one of its layer and position, not the mean difference
+    layer, position = artifact.metadata["layer"], artifact.metadata["positions"][0]
+    prepared = prepare(tiny_llama, load_recipe(recipe))
+    positive, _ = collect(tiny_llama, prepared.positive_train, (position,), batch_size=4)
+    negative, _ = collect(tiny_llama, prepared.negative_train, (position,), batch_size=4)
+    covariances = token_covariances(tiny_llama, prepared.negative_train, batch_size=4)
+    covariance = shrink(covariances[layer], 0.2)
+    # the tiny random model refuses nothing the filter could keep, so all train prompts count
+    assert any("kept all" in note for note in artifact.metadata["notes"])
+    expected = compute_direction(
+        "whitened", positive[:, layer, 0], negative[:, layer, 0], covariance
+    )
+    saved = artifact.vector.at(layer)
+    assert torch.allclose(saved, expected, atol=1e-4 * float(expected.abs().max()))
 
 
 def test_artifact_for_another_model_is_refused(tiny_llama, prompt_files, tmp_path) -> None:

@@ -24,7 +24,7 @@ import torch
 from steer.activations import encode_chat, post_instruction_positions
 from steer.artifacts import save_vector
 from steer.directions import data as datasets
-from steer.directions.methods import get_method
+from steer.directions.methods import get_method, shrink
 from steer.directions.recipe import Recipe, RecipeKind, load_recipe
 from steer.directions.scores import (
     continuation_logprobs,
@@ -42,6 +42,7 @@ from steer.directions.search import (
     prompt_scorer,
     score_candidates,
     select,
+    token_covariances,
     write_plot,
     write_table,
 )
@@ -191,6 +192,8 @@ def search(
         handle.num_layers, options.layers, options.min_layer_fraction, options.max_layer_fraction
     )
     notes: list[str] = []
+    #: harmless train prompts kept by the filter (whitening reads all their tokens)
+    negative_prompts = prepared.negative_train
     if recipe.kind is RecipeKind.PAIRS:
         positions: tuple[int, ...] = (REPLY,)
         positive, negative = _pair_activations(handle, prepared, batch)
@@ -218,17 +221,24 @@ def search(
             check()
             refused_validation = _refusals(handle, recipe, positive_validation, token_ids, batch)
             positive, negative = _filter_train(positive, negative, refused, answered, notes)
+            negative_prompts = kept_prompts(negative_prompts, answered)
             positive_validation = _filter_validation(positive_validation, refused_validation, notes)
         positive_score = prompt_scorer(handle, positive_validation, token_ids, batch)
         negative_score = prompt_scorer(handle, negative_validation, token_ids, batch)
+    method = get_method(options.method)
+    if method.uses_covariance:
+        progress("harmless token covariance", 0.08)
+    covariances = whitening_covariances(handle, recipe, negative_prompts)
+    check()
     progress("building candidates", 0.1)
     candidates = make_candidates(
-        get_method(options.method),
+        method,
         positive,
         negative,
         layers=layers,
         positions=positions,
         per_layer=options.per_layer,
+        covariances=covariances,
     )
     kl = kl_scorer(handle, negative_validation, batch)
     baseline_positive = float(positive_score(()).mean())
@@ -401,6 +411,25 @@ def _filter_train(
             notes.append(f"filter kept {int(keep.sum())}/{len(keep)} {name} train prompts")
             kept.append(acts[keep])
     return kept[0], kept[1]
+
+
+def kept_prompts(prompts: list[list[int]], keep: torch.Tensor) -> list[list[int]]:
+    """The prompts a train filter keeps, by the rule of ``_filter_train`` (all if < 2 kept)."""
+    if int(keep.sum()) < 2:
+        return prompts
+    return [p for p, k in zip(prompts, keep.tolist(), strict=True) if k]
+
+
+def whitening_covariances(
+    handle: ModelHandle, recipe: Recipe, negative_prompts: Sequence[Sequence[int]]
+) -> torch.Tensor | None:
+    """Shrunk per-layer token covariances of the negative prompts when the recipe's method
+    whitens (``whitened``) and the recipe contrasts prompts; None otherwise (paired replies
+    whiten by the rows the method is given)."""
+    if not get_method(recipe.search.method).uses_covariance or recipe.kind is RecipeKind.PAIRS:
+        return None
+    covariances = token_covariances(handle, negative_prompts, batch_size=recipe.search.batch_size)
+    return shrink(covariances, recipe.search.shrinkage)
 
 
 def _filter_validation(

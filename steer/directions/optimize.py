@@ -31,7 +31,14 @@ from typing import Any
 import torch
 
 from steer.artifacts import load_vector, save_vector
-from steer.directions.api import Prepared, _filter_train, filter_masks, prepare
+from steer.directions.api import (
+    Prepared,
+    _filter_train,
+    filter_masks,
+    kept_prompts,
+    prepare,
+    whitening_covariances,
+)
 from steer.directions.methods import get_method
 from steer.directions.recipe import Recipe, RecipeKind
 from steer.directions.scores import refusal_scores_from_logits, refusal_token_ids
@@ -74,6 +81,7 @@ def trial_recipe(params: dict[str, float], directions: Path, *, name: str = "") 
 def layer_directions(handle: ModelHandle, prepared: Prepared) -> SteeringVector:
     """Mean-difference (or the recipe's method) direction of every layer at the last token."""
     batch = prepared.recipe.search.batch_size
+    covariances = None
     if prepared.recipe.kind is RecipeKind.PAIRS:
         from steer.directions.api import _pair_activations
 
@@ -85,14 +93,18 @@ def layer_directions(handle: ModelHandle, prepared: Prepared) -> SteeringVector:
         negative, negative_logits = collect(
             handle, prepared.negative_train, (-1,), logits=True, batch_size=batch
         )
+        negative_prompts = prepared.negative_train
         if prepared.recipe.kind is RecipeKind.REFUSAL and prepared.recipe.data.filter:
             assert positive_logits is not None and negative_logits is not None
             refused, answered = filter_masks(handle, prepared, positive_logits, negative_logits)
             positive, negative = _filter_train(positive, negative, refused, answered, [])
+            negative_prompts = kept_prompts(negative_prompts, answered)
+        covariances = whitening_covariances(handle, prepared.recipe, negative_prompts)
     method = get_method(prepared.recipe.search.method)
     directions = {}
     for layer in range(handle.num_layers):
-        difference = method(positive[:, layer, 0], negative[:, layer, 0])
+        covariance = None if covariances is None else covariances[layer]
+        difference = method(positive[:, layer, 0], negative[:, layer, 0], covariance)
         if difference.norm() > 0 and torch.isfinite(difference).all():
             directions[layer] = difference
     return SteeringVector(per_layer=directions, name="layer-directions")

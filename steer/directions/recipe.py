@@ -66,6 +66,9 @@ class DataSection:
 class SearchSection:
     #: direction method (a name in steer.directions.methods.METHODS)
     method: str = "mean_difference"
+    #: methods that whiten (``whitened``): shrinkage of the harmless token covariance towards
+    #: (trace / d) I, in [0, 1]; smaller whitens more (docs/directions.md)
+    shrinkage: float = 0.05
     #: candidate layers; empty = every layer in [min_layer_fraction, max_layer_fraction)
     layers: tuple[int, ...] = ()
     min_layer_fraction: float = 0.0
@@ -230,6 +233,8 @@ def _validate(recipe: Recipe) -> None:
         raise InvalidArgumentError(
             f"unknown method {search.method!r}; known: {', '.join(METHODS)}", field="search.method"
         )
+    if not 0 < search.shrinkage <= 1:
+        raise InvalidArgumentError("must be in (0, 1]", field="search.shrinkage")
     if not 0 <= search.min_layer_fraction < search.max_layer_fraction <= 1:
         raise InvalidArgumentError(
             "need 0 <= min_layer_fraction < max_layer_fraction <= 1",

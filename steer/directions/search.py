@@ -131,6 +131,41 @@ def candidate_layers(
     )
 
 
+def token_covariances(
+    handle: ModelHandle, prompts: Sequence[Sequence[int]], *, batch_size: int = 16
+) -> torch.Tensor:
+    """(num_layers, d_model, d_model) float64 covariance of every block input over all tokens
+    of ``prompts`` but the first: the tokens an ablation acts on, less the attention sink,
+    whose activation is tens of times larger than the rest and would swamp the estimate.
+    Accumulated batch by batch, so memory does not grow with the number of prompts."""
+    hooks = resid_hooks(handle.num_layers)
+    size = handle.d_model
+    total = torch.zeros(len(hooks), size, dtype=torch.float64)
+    outer = torch.zeros(len(hooks), size, size, dtype=torch.float64)
+    count = 0
+    for start in range(0, len(prompts), batch_size):
+        result = forward(
+            handle,
+            prompts[start : start + batch_size],
+            hooks=hooks,
+            positions="all",
+            batch_size=batch_size,
+        )
+        for index, name in enumerate(hooks):
+            rows = result.activations[name]
+            assert isinstance(rows, list)
+            tokens = torch.cat([row[1:] for row in rows]).double()
+            total[index] += tokens.sum(0)
+            outer[index] += tokens.T @ tokens
+        count += sum(len(row) - 1 for row in result.activations[hooks[0]])
+    if count < 2:
+        raise InvalidArgumentError(
+            "need at least two tokens after the first to estimate a covariance", field="data"
+        )
+    mean = total / count
+    return (outer - count * mean[:, :, None] * mean[:, None, :]) / (count - 1)
+
+
 def make_candidates(
     method: DirectionMethod,
     positive: torch.Tensor,
@@ -139,15 +174,20 @@ def make_candidates(
     layers: Sequence[int],
     positions: Sequence[int],
     per_layer: bool,
+    covariances: torch.Tensor | None = None,
 ) -> list[Candidate]:
-    """Directions from activations (n, num_layers, len(positions), d_model) of both sets."""
+    """Directions from activations (n, num_layers, len(positions), d_model) of both sets;
+    ``covariances`` (num_layers, d_model, d_model) for methods that whiten."""
     candidates = []
     for index, position in enumerate(positions):
         directions = {}
         for layer in range(positive.shape[1]):
             try:
                 directions[layer] = compute_direction(
-                    method, positive[:, layer, index], negative[:, layer, index]
+                    method,
+                    positive[:, layer, index],
+                    negative[:, layer, index],
+                    None if covariances is None else covariances[layer],
                 )
             except InvalidArgumentError:
                 # e.g. the embedding of a template token is the same for every prompt
