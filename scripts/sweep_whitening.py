@@ -1,5 +1,7 @@
-"""How much to whiten: one layer's refusal direction, plain and whitened at several shrinkages,
-each ablated and measured on the held-out splits. Written to docs/results.md ("whitening").
+"""One layer's refusal direction, plain and whitened at several shrinkages, on held-out data
+
+Each direction is ablated and measured on the held-out splits; written to docs/results.md
+("whitening").
 
 The direction of ``--layer`` at ``--position`` is computed from the recipe's filtered train
 prompts as ``steer directions compute`` does (``mean_difference``, or ``whitened`` by the
@@ -115,6 +117,7 @@ def main() -> int:
         "position": args.position,
         "n_harmful": len(harmful),
         "n_harmless": len(harmless),
+        "covariance_tokens": sum(len(prompt) - 1 for prompt in negative_prompts),
         "rows": rows,
     }
     emit(record)
@@ -144,7 +147,9 @@ def _markdown(record: dict[str, Any], command: str) -> str:
             "by the harmless train prompts' token covariance at each shrinkage; ablated at every "
             "layer (run-time `Ablate`). Held-out StrongREJECT test split "
             f"(n = {record['n_harmful']}), held-out harmless prompts for KL "
-            f"(n = {record['n_harmless']}), greedy. *spread*: standard deviation of the harmless "
+            f"(n = {record['n_harmless']}), greedy; covariance from "
+            f"{record['covariance_tokens']} harmless train tokens. *spread*: standard deviation "
+            "of the harmless "
             "train tokens along the direction over the gap between the two train means.",
             table(
                 record["rows"],

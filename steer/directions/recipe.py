@@ -14,7 +14,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-from steer.directions.methods import METHODS
+from steer.directions.methods import DEFAULT_SHRINKAGE, METHODS
 from steer.errors import InvalidArgumentError, NotFoundError
 
 
@@ -68,7 +68,7 @@ class SearchSection:
     method: str = "mean_difference"
     #: methods that whiten (``whitened``): shrinkage of the harmless token covariance towards
     #: (trace / d) I, in [0, 1]; smaller whitens more (docs/directions.md)
-    shrinkage: float = 0.05
+    shrinkage: float = DEFAULT_SHRINKAGE
     #: candidate layers; empty = every layer in [min_layer_fraction, max_layer_fraction)
     layers: tuple[int, ...] = ()
     min_layer_fraction: float = 0.0
