@@ -663,6 +663,16 @@ def test_cli_compute_then_eval_json(tiny_llama, prompt_files, tmp_path, capsys) 
     assert cli_main([*argv, "--out", str(out), "--layers", "2-3"]) == 0
     assert load_vector(out).metadata["layer"] in (2, 3, None)
     capsys.readouterr()
+    # flags override the recipe: a whitened direction; a bad shrinkage names the field
+    whitened = tmp_path / "whitened"
+    assert (
+        cli_main([*argv, "--out", str(whitened), "--method", "whitened", "--shrinkage", "0.3"]) == 0
+    )
+    assert load_vector(whitened).metadata["recipe"]["search"]["shrinkage"] == 0.3
+    assert load_vector(whitened).metadata["method"] == "whitened"
+    assert cli_main([*argv, "--out", str(tmp_path / "bad"), "--shrinkage", "0"]) == 1
+    assert "search.shrinkage" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
     common = ["--model", str(model_dir), "--recipe", str(recipe), "--json"]
     assert cli_main(["eval", "refusal", *common]) == 0
     base = json.loads(capsys.readouterr().out.strip().splitlines()[-1])

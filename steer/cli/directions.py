@@ -52,6 +52,9 @@ def _parser(prog: str) -> argparse.ArgumentParser:
     compute.add_argument("--recipe", default=_default_recipe("refusal"), help="recipe TOML")
     compute.add_argument("--out", required=True, help="artifact directory to write")
     compute.add_argument("--method", help="override search.method")
+    compute.add_argument(
+        "--shrinkage", type=float, help="override search.shrinkage (methods that whiten)"
+    )
     compute.add_argument("--layers", type=_layers, help="override search.layers (10-21 or 18,20)")
     compute.add_argument("--positions", type=_positions, help="override search.positions (-1,-2)")
     compute.add_argument("--top-k", type=int, help="override search.top_k")
@@ -127,6 +130,7 @@ def main(argv: list[str], *, prog: str = "steer directions", command: str = "dir
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "search.method": args.method,
+        "search.shrinkage": args.shrinkage,
         "search.layers": args.layers,
         "search.positions": args.positions,
         "search.top_k": args.top_k,
