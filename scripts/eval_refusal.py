@@ -48,7 +48,9 @@ def main() -> int:
     parser.add_argument("--out", default="/tmp/steer-refusal-direction")
     parser.add_argument("--direction", help="use this artifact instead of computing one")
     parser.add_argument("--max-harmful", type=int, default=0, help="cap test prompts (0 = all)")
-    parser.add_argument("--max-harmless", type=int, default=32, help="harmless prompts for KL")
+    parser.add_argument(
+        "--max-harmless", type=int, default=32, help="harmless prompts for KL (0 = all)"
+    )
     parser.add_argument("--max-train", type=int, help="override data.max_train")
     parser.add_argument("--max-validation", type=int, help="override data.max_validation")
     parser.add_argument("--layers", type=_layers, help="override search.layers, e.g. 14-21")
@@ -89,7 +91,8 @@ def main() -> int:
     harmful, harmless = held_out(recipe)
     if args.max_harmful:
         harmful = harmful[: args.max_harmful]
-    harmless = harmless[: args.max_harmless]
+    if args.max_harmless:
+        harmless = harmless[: args.max_harmless]
     options = dict(
         max_new_tokens=recipe.evaluate.max_new_tokens,
         kl_tokens=recipe.evaluate.kl_tokens,

@@ -445,6 +445,8 @@ def test_whitened_compute_reads_the_harmless_token_covariance(
     )
     saved = artifact.vector.at(layer)
     assert torch.allclose(saved, expected, atol=1e-4 * float(expected.abs().max()))
+    plain = compute_direction("mean_difference", positive[:, layer, 0], negative[:, layer, 0])
+    assert float(saved @ plain / (saved.norm() * plain.norm())) < 0.95
 
 
 def test_artifact_for_another_model_is_refused(tiny_llama, prompt_files, tmp_path) -> None:

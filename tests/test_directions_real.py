@@ -100,3 +100,38 @@ def test_generation_filter_keeps_what_the_evaluation_calls_refusals(qwen) -> Non
     assert answered.tolist() == (refusal_scores_from_logits(logits[1], token_ids) < 0).tolist()
     with pytest.raises(InvalidArgumentError, match="filter_by"):
         with_overrides(recipe, {"data.filter_by": "vibes"})
+
+
+def test_whitening_lowers_the_harmless_cost_of_a_late_layer_direction(qwen) -> None:  # type: ignore[no-untyped-def]
+    """At layer 19 the mean difference removes refusals but moves harmless text a lot; the same
+    data whitened by the harmless token covariance costs far less KL and still removes them."""
+    from steer.directions.methods import compute_direction, shrink
+    from steer.directions.search import kl_scorer, token_covariances
+
+    layer = 19
+    harmful = split(load_prompts("strongreject"), seed=0, train=0.4, validation=0.2)
+    harmless = split(load_prompts("recipes:harmless.jsonl"), seed=0, train=0.4, validation=0.2)
+    train_harmful = [encode_chat(qwen, p) for p in harmful.train[:48]]
+    scores = refusal_scores(qwen, train_harmful)
+    refused = [ids for ids, s in zip(train_harmful, scores.tolist(), strict=True) if s > 0]
+    answered = [encode_chat(qwen, p) for p in harmless.train[:48]]
+    positive, _ = collect(qwen, refused, (-2,))
+    negative, _ = collect(qwen, answered, (-2,))
+    covariance = shrink(token_covariances(qwen, answered)[layer], 0.05)
+    plain = compute_direction("mean_difference", positive[:, layer, 0], negative[:, layer, 0])
+    whitened = compute_direction(
+        "whitened", positive[:, layer, 0], negative[:, layer, 0], covariance
+    )
+
+    kl = kl_scorer(qwen, [encode_chat(qwen, p) for p in harmless.test[:24]], batch_size=8)
+    cost_plain = kl([ablation(SteeringVector.from_shared(plain))])
+    cost_whitened = kl([ablation(SteeringVector.from_shared(whitened))])
+    test = [encode_chat(qwen, p) for p in harmful.test[:32]]
+    held_out = [
+        ids for ids, s in zip(test, refusal_scores(qwen, test).tolist(), strict=True) if s > 0
+    ]
+    before = refusal_scores(qwen, held_out)
+    after = refusal_scores(qwen, held_out, [ablation(SteeringVector.from_shared(whitened))])
+    print(len(refused), len(held_out), cost_plain, cost_whitened, float((before - after).mean()))
+    assert cost_whitened < 0.5 * cost_plain
+    assert float((before - after).mean()) > 2.0
