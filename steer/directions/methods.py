@@ -13,8 +13,8 @@ tensors (for refusal: harmful and harmless prompts; for pairs: the two replies o
 * ``projected``: the mean difference with its component along the negative (harmless) mean
   removed, ``r' = r - (r . g^) g^``.
 * ``whitened``: the mean difference whitened by the negative set's covariance, ``S^-1 (mu+ - mu-)``
-  with ``S`` shrunk towards a multiple of the identity (Fisher's linear discriminant, as in
-  LEACE-style erasure). Among directions that separate the two means by the same amount it
+  with ``S`` shrunk towards a multiple of the identity (Fisher's linear discriminant with the
+  negatives' covariance). Among directions that separate the two means by the same amount it
   has the least spread over the negatives, so ablating it moves harmless activations least.
   The search passes ``S`` as the covariance of the harmless prompts' activations at *every*
   token (the tokens an ablation acts on; see ``token_covariances``); called alone it uses the
