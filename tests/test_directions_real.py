@@ -132,6 +132,6 @@ def test_whitening_lowers_the_harmless_cost_of_a_late_layer_direction(qwen) -> N
     ]
     before = refusal_scores(qwen, held_out)
     after = refusal_scores(qwen, held_out, [ablation(SteeringVector.from_shared(whitened))])
-    print(len(refused), len(held_out), cost_plain, cost_whitened, float((before - after).mean()))
+    # measured: KL 0.225 plain vs 0.029 whitened; mean score drop 2.66 on 11 refused prompts
     assert cost_whitened < 0.5 * cost_plain
     assert float((before - after).mean()) > 2.0
