@@ -256,11 +256,13 @@ def _check_size(size: int, d_model: int, field_name: str) -> None:
 # Applying edits to one matrix
 
 
-#: columns per block are chosen so a block has at most this many elements: torch's GRAIN_SIZE,
-#: below which its element-wise kernels run on the calling thread. On a few cores shared with
-#: the hash workers (and other jobs), intra-op threads on large tensors wait on each other far
-#: longer than they compute; a block this size also stays in the L2 cache.
-BLOCK_ELEMENTS = 32768
+#: columns per block are chosen so a block has at most this many elements (1 MiB of float32).
+#: Each block costs a few torch calls, so small blocks are dominated by their
+#: overhead: measured on Qwen2.5-0.5B (2 cores, scripts/bench_bake.py), 32768-element blocks
+#: (about 8,000 per bake) gave a bake of 1.29 s and 1.88 CPU s, 262144-element blocks 1.04 s and
+#: 1.64 CPU s, although above torch's grain size (32768) the element-wise kernels may use
+#: intra-op threads alongside the bake's shard threads.
+BLOCK_ELEMENTS = 262144
 
 
 def edit_columns(matrix: torch.Tensor, edits: Sequence[RankOneEdit]) -> torch.Tensor:
