@@ -30,12 +30,12 @@ import torch
 from report import emit, machine, table, write_section
 
 from steer.activations import encode_chat
-from steer.directions.api import _filter_train, filter_masks, held_out, kept_prompts, prepare
+from steer.directions.api import filtered_train_activations, held_out, prepare
 from steer.directions.data import RECIPES_DIR
 from steer.directions.evaluate import base_continuations, evaluate_rate
 from steer.directions.methods import compute_direction, shrink
 from steer.directions.recipe import load_recipe
-from steer.directions.search import ablation, collect, token_covariances
+from steer.directions.search import ablation, token_covariances
 from steer.models import load_model
 from steer.vectors import SteeringVector
 
@@ -59,16 +59,9 @@ def main() -> int:
     batch = recipe.search.batch_size
 
     prepared = prepare(handle, recipe)
-    positive, positive_logits = collect(
-        handle, prepared.positive_train, (args.position,), logits=True, batch_size=batch
+    positive, negative, negative_prompts = filtered_train_activations(
+        handle, prepared, (args.position,)
     )
-    negative, negative_logits = collect(
-        handle, prepared.negative_train, (args.position,), logits=True, batch_size=batch
-    )
-    assert positive_logits is not None and negative_logits is not None
-    refused, answered = filter_masks(handle, prepared, positive_logits, negative_logits)
-    positive, negative = _filter_train(positive, negative, refused, answered, [])
-    negative_prompts = kept_prompts(prepared.negative_train, answered)
     covariance = token_covariances(handle, negative_prompts, batch_size=batch)[args.layer]
     positive_rows = positive[:, args.layer, 0]
     negative_rows = negative[:, args.layer, 0]

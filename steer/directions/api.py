@@ -413,6 +413,29 @@ def _filter_train(
     return kept[0], kept[1]
 
 
+def filtered_train_activations(
+    handle: ModelHandle, prepared: Prepared, positions: Sequence[int]
+) -> tuple[torch.Tensor, torch.Tensor, list[list[int]]]:
+    """(positive, negative, negative prompts) of a prompt recipe's train split at ``positions``:
+    activations (n, num_layers, len(positions), d_model) and the harmless prompts kept, after the
+    refusal filter when the recipe asks for it (as the search applies it)."""
+    recipe = prepared.recipe
+    batch = recipe.search.batch_size
+    positive, positive_logits = collect(
+        handle, prepared.positive_train, positions, logits=True, batch_size=batch
+    )
+    negative, negative_logits = collect(
+        handle, prepared.negative_train, positions, logits=True, batch_size=batch
+    )
+    negative_prompts = prepared.negative_train
+    if recipe.kind is RecipeKind.REFUSAL and recipe.data.filter:
+        assert positive_logits is not None and negative_logits is not None
+        refused, answered = filter_masks(handle, prepared, positive_logits, negative_logits)
+        positive, negative = _filter_train(positive, negative, refused, answered, [])
+        negative_prompts = kept_prompts(negative_prompts, answered)
+    return positive, negative, negative_prompts
+
+
 def kept_prompts(prompts: list[list[int]], keep: torch.Tensor) -> list[list[int]]:
     """The prompts a train filter keeps, by the rule of ``_filter_train`` (all if < 2 kept)."""
     if int(keep.sum()) < 2:

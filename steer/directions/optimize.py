@@ -33,16 +33,14 @@ import torch
 from steer.artifacts import load_vector, save_vector
 from steer.directions.api import (
     Prepared,
-    _filter_train,
-    filter_masks,
-    kept_prompts,
+    filtered_train_activations,
     prepare,
     whitening_covariances,
 )
 from steer.directions.methods import get_method
 from steer.directions.recipe import Recipe, RecipeKind
 from steer.directions.scores import refusal_scores_from_logits, refusal_token_ids
-from steer.directions.search import collect, kl_scorer
+from steer.directions.search import kl_scorer
 from steer.errors import InvalidArgumentError
 from steer.interventions import Intervention
 from steer.models import ModelHandle
@@ -87,18 +85,7 @@ def layer_directions(handle: ModelHandle, prepared: Prepared) -> SteeringVector:
 
         positive, negative = _pair_activations(handle, prepared, batch)
     else:
-        positive, positive_logits = collect(
-            handle, prepared.positive_train, (-1,), logits=True, batch_size=batch
-        )
-        negative, negative_logits = collect(
-            handle, prepared.negative_train, (-1,), logits=True, batch_size=batch
-        )
-        negative_prompts = prepared.negative_train
-        if prepared.recipe.kind is RecipeKind.REFUSAL and prepared.recipe.data.filter:
-            assert positive_logits is not None and negative_logits is not None
-            refused, answered = filter_masks(handle, prepared, positive_logits, negative_logits)
-            positive, negative = _filter_train(positive, negative, refused, answered, [])
-            negative_prompts = kept_prompts(negative_prompts, answered)
+        positive, negative, negative_prompts = filtered_train_activations(handle, prepared, (-1,))
         covariances = whitening_covariances(handle, prepared.recipe, negative_prompts)
     method = get_method(prepared.recipe.search.method)
     directions = {}
