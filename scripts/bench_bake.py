@@ -3,9 +3,9 @@
 The source is Qwen2.5-Coder-0.5B-Instruct (dequantised from its offline GGUF) saved once as
 bfloat16 safetensors in 4 shards under the steer cache. Each measurement runs in a fresh
 subprocess so its peak RSS (VmHWM) and CPU time are that run's own; the interpreter baseline is a
-subprocess that imports the same modules and exits. Rows: a kernel-side copy, a user-space copy
-that hashes, the hashing a checked bake cannot avoid (alone, in memory; BLAKE3, which steer uses,
-and SHA-256 for comparison), and the bake with and without the direction's weight-hash check.
+subprocess that imports the same modules and exits. Rows: a kernel-side copy, the hashing a
+checked bake cannot avoid (alone, in memory), and the bake with and without the direction's
+weight-hash check.
 Modes run in rounds (best of each kept). Prints one JSON line (with the load average at the start)
 and writes docs/benchmarks.md "bake".
 
@@ -52,37 +52,31 @@ elif mode == "copy":
     for file in Path(target).iterdir():
         with file.open("rb") as handle:
             os.fsync(handle.fileno())
-elif mode == "copy-hashed":
-    # the floor for any rewrite that records hashes: read, hash both sides, write, fsync
-    from steer import digests
-    Path(target).mkdir()
-    for file in Path(source).iterdir():
-        digest = digests.new()
-        with file.open("rb") as src, (Path(target) / file.name).open("wb") as dst:
-            for block in iter(lambda: src.read(1 << 24), b""):
-                digest.update(block)
-                dst.write(block)
-            dst.flush()
-            os.fsync(dst.fileno())
-        digests.file_digest(Path(target) / file.name)
-elif mode in ("hash-floor", "hash-floor-sha256"):
-    # the hashing a checked bake cannot skip -- the source files (provenance), the same bytes
-    # for the weight hash, about as many output bytes (provenance) -- alone: from memory, on
-    # the 2 hash threads, reading not timed
-    import hashlib
+elif mode == "hash-floor":
+    # the hashing a checked bake cannot skip -- every source byte once (its file leaves, which
+    # are also its bf16 weight digests), and the output bytes it edits (the ablation rewrites
+    # the embedding, o_proj and down_proj) -- alone: from memory, on the 2 hash threads,
+    # reading not timed
     from concurrent.futures import ThreadPoolExecutor
     from steer import digests
-    new = hashlib.sha256 if mode == "hash-floor-sha256" else digests.new
+    from steer.bake.tensor_io import SafetensorsReader
+    edited = ("embed_tokens.weight", "o_proj.weight", "down_proj.weight")
     elapsed = hash_cpu = 0.0
     with ThreadPoolExecutor(2) as pool:
         for file in sorted(Path(source).glob("*.safetensors")):
-            data = file.read_bytes()
+            reader = SafetensorsReader(file)
+            data = memoryview(file.read_bytes())
+            spans = [(reader.data_start + e.begin, reader.data_start + e.end, name)
+                     for name, e in reader.entries.items()]
+            reader.close()
+            pieces = [data[b:e] for b, e, _ in spans]
+            pieces += [data[b:e] for b, e, name in spans if name.endswith(edited)]
             begin, before = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF)
-            list(pool.map(lambda _: new(data).digest(), range(3)))
+            list(pool.map(lambda piece: digests.new(piece).digest(), pieces))
             after = resource.getrusage(resource.RUSAGE_SELF)
             elapsed += time.perf_counter() - begin
             hash_cpu += after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
-            del data
+            del pieces, data
     start = time.perf_counter() - elapsed
 seconds = time.perf_counter() - start
 usage = resource.getrusage(resource.RUSAGE_SELF)
@@ -90,7 +84,7 @@ usage = resource.getrusage(resource.RUSAGE_SELF)
 status = Path("/proc/self/status").read_text().split("\n")
 peak = next(int(line.split()[1]) for line in status if line.startswith("VmHWM")) / 1024
 cpu = usage.ru_utime + usage.ru_stime - cpu_at_start
-if mode.startswith("hash-floor"):
+if mode == "hash-floor":
     cpu = hash_cpu  # the hashing only, like its seconds
 print(json.dumps({"seconds": seconds, "cpu_seconds": cpu, "max_rss_mb": peak}))
 """
@@ -168,9 +162,7 @@ CORES = os.cpu_count() or 1
 
 LABELS = {
     "copy": "plain copy (copytree + fsync)",
-    "copy-hashed": "copy in user space, BLAKE3 of source and output, fsync",
-    "hash-floor": "BLAKE3 alone: source bytes x3 (files, weights, output), 2 threads, in memory",
-    "hash-floor-sha256": "the same with SHA-256 (steer's hash before BLAKE3), for comparison",
+    "hash-floor": "BLAKE3 alone: every source byte + the edited output bytes, 2 threads, in memory",
     "bake": "bake: ablate, direction's weight hash checked",
     "bake-unchecked": "bake: ablate, no weight-hash check",
 }
@@ -188,21 +180,21 @@ def run_child(*args: str) -> dict:
 
 def summary(record: dict, rows: list[dict]) -> str:
     by_mode = {row["mode"]: row for row in rows}
-    bake, floor = by_mode["bake"], by_mode["hash-floor"]
-    sha = by_mode["hash-floor-sha256"]
+    bake, floor, copy = by_mode["bake"], by_mode["hash-floor"], by_mode["copy"]
     time_goal = "met" if record["time_ratio_goal_1_5"] else "not met"
     rss_goal = "met" if record["rss_goal"] else "not met"
     return (
         f"Time goal {time_goal}: the checked bake takes {bake['time_vs_copy']:.2f}x the copy "
-        f"({bake['cpu_seconds']:.1f} CPU s against {by_mode['copy']['cpu_seconds']:.1f}). A copy "
-        "moves bytes inside the kernel; a bake that records provenance also hashes every source "
-        "and output byte, and checking a direction's weight hash hashes the source bytes once "
-        f"more. With BLAKE3 that hashing alone takes {floor['seconds']:.2f} s on two threads "
-        f"({floor['time_vs_copy']:.2f}x the copy); with SHA-256 it took {sha['seconds']:.2f} s "
-        f"({sha['time_vs_copy']:.2f}x). Even with both cores busy for the whole bake, its CPU "
-        f"time would take {bake['cpu_seconds'] / CORES:.2f} s = "
-        f"{bake['cpu_seconds'] / CORES / by_mode['copy']['seconds']:.2f}x the copy on this "
-        f"machine. Peak RSS goal {rss_goal}."
+        f"({bake['cpu_seconds']:.1f} CPU s against {copy['cpu_seconds']:.1f}). A copy moves "
+        "bytes inside the kernel; a bake that records provenance hashes every source byte once "
+        "(a tensor's BLAKE3 leaf serves the file hash and, for bf16, the weight hash) and the "
+        "output bytes it edits (an unchanged tensor's leaf is the source's), and edits in "
+        f"float32. That hashing alone takes {floor['seconds']:.2f} s on two threads "
+        f"({floor['time_vs_copy']:.2f}x the copy, {floor['cpu_seconds']:.2f} CPU s). With both "
+        f"cores busy for the whole bake, its CPU time would take "
+        f"{bake['cpu_seconds'] / CORES:.2f} s = "
+        f"{bake['cpu_seconds'] / CORES / copy['seconds']:.2f}x the copy on this machine. "
+        f"Peak RSS goal {rss_goal}."
     )
 
 

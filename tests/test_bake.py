@@ -341,33 +341,109 @@ def test_verify_detects_tampering(sources, tmp_path, capsys) -> None:  # type: i
     assert "hash mismatch: model.safetensors" in capsys.readouterr().err
 
 
-def test_provenance_hashes_are_blake3_and_legacy_sha256_records_verify(sources, tmp_path) -> None:  # type: ignore[no-untyped-def]
-    """Recorded file hashes are the plain BLAKE3 of each file (what ``b3sum`` prints); a record
-    from before BLAKE3 (no ``file_hash``, SHA-256 values) still verifies; an unknown algorithm
-    is reported, not guessed."""
+def _tensors_digest_by_definition(path: Path) -> str:
+    """blake3-tensors written out from its definition (steer.digests): BLAKE3 over the tag, the
+    file size, the header, and the BLAKE3 of each tensor's bytes in file order."""
+    import struct
+
+    import blake3
+
+    data = path.read_bytes()
+    (length,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8 : 8 + length])
+    spans = sorted(
+        tuple(info["data_offsets"]) for name, info in header.items() if name != "__metadata__"
+    )
+    root = blake3.blake3(b"steer.safetensors.tensors.v1\0")
+    root.update(struct.pack("<Q", len(data)))
+    root.update(data[: 8 + length])
+    for begin, end in spans:
+        if end > begin:
+            root.update(blake3.blake3(data[8 + length + begin : 8 + length + end]).digest())
+    return root.hexdigest()
+
+
+def test_provenance_hashes_are_blake3_tensors_and_older_records_verify(sources, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Recorded hashes are blake3-tensors: for safetensors files the root over per-tensor BLAKE3
+    leaves (computed here from its definition), for every other file plain BLAKE3 (what ``b3sum``
+    prints). Records from before it (``blake3``: plain for every file; none: SHA-256) still
+    verify; an unknown algorithm is reported, not guessed."""
     import hashlib
 
     import blake3
 
-    _handle, source, direction = sources["llama"]
-    recipe = {"edits": [{"kind": "ablate", "direction": str(direction)}]}
-    out = bake(str(source), recipe, tmp_path / "out")
+    handle, _source, direction = sources["qwen2"]
+    sharded = tmp_path / "src"
+    copy.deepcopy(handle.model).to(torch.bfloat16).save_pretrained(sharded, max_shard_size="60KB")
+    handle.tokenizer.save_pretrained(sharded)
+    recipe = {"edits": [{"kind": "ablate", "direction": str(direction), "layers": [1]}]}
+    out = bake(str(sharded), recipe, tmp_path / "out")
     path = out / "steer_provenance.json"
     record = json.loads(path.read_text())
-    assert record["file_hash"] == "blake3"
-    for name, digest in record["files"].items():
-        assert digest == blake3.blake3((out / name).read_bytes()).hexdigest(), name
-    for name, digest in record["source"]["files"].items():
-        assert digest == blake3.blake3(Path(name).read_bytes()).hexdigest(), name
-    del record["file_hash"]
-    record["files"] = {
-        name: hashlib.sha256((out / name).read_bytes()).hexdigest() for name in record["files"]
-    }
-    path.write_text(json.dumps(record))
-    assert verify(out) == []
+    assert record["file_hash"] == "blake3-tensors"
+    recorded = {out / name: digest for name, digest in record["files"].items()}
+    recorded |= {Path(name): digest for name, digest in record["source"]["files"].items()}
+    assert sum(file.suffix == ".safetensors" for file in recorded) > 4
+    for file, digest in recorded.items():
+        if file.suffix == ".safetensors":
+            assert digest == _tensors_digest_by_definition(file), file
+        else:
+            assert digest == blake3.blake3(file.read_bytes()).hexdigest(), file
+    for algorithm, hasher in (("blake3", blake3.blake3), (None, hashlib.sha256)):
+        older = dict(
+            record, files={n: hasher((out / n).read_bytes()).hexdigest() for n in record["files"]}
+        )
+        if algorithm is None:
+            del older["file_hash"]
+        else:
+            older["file_hash"] = algorithm
+        path.write_text(json.dumps(older))
+        assert verify(out) == [], algorithm
     record["file_hash"] = "md5"
     path.write_text(json.dumps(record))
     assert verify(out) == ["steer_provenance.json names an unknown file hash 'md5'"]
+
+
+def test_tensors_digest_covers_the_header_and_every_byte(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Changing a tensor byte, the header's metadata, or appending a byte changes the digest; a
+    file that is not safetensors gets plain BLAKE3."""
+    import blake3
+    from safetensors.torch import save_file
+
+    from steer.digests import tensors_digest
+
+    tensors = {"a": torch.arange(12.0).reshape(3, 4), "b": torch.ones(5), "empty": torch.ones(0)}
+    path = tmp_path / "x.safetensors"
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    digest = tensors_digest(path)
+    assert digest == _tensors_digest_by_definition(path)
+    data = path.read_bytes()
+    variants = [bytearray(data) for _ in range(3)]
+    variants[0][-1] ^= 1
+    save_file(tensors, str(tmp_path / "y.safetensors"), metadata={"format": "pu"})
+    variants[1] = bytearray((tmp_path / "y.safetensors").read_bytes())
+    variants[2] += b"\0"
+    for index, variant in enumerate(variants):
+        path.write_bytes(bytes(variant))
+        assert tensors_digest(path) != digest, index
+    garbage = tmp_path / "bad.safetensors"
+    garbage.write_bytes(b"not a safetensors file")
+    assert tensors_digest(garbage) == blake3.blake3(b"not a safetensors file").hexdigest()
+
+
+def test_a_copied_tensor_the_source_could_not_hash_is_hashed_from_the_output(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """``same_as`` returning None (the source read the tensor out of order): the writer hashes
+    the bytes it wrote back from its file, and the digest is still the file's."""
+    from steer.bake.tensor_io import ShardWriter, TensorSpec
+    from steer.digests import tensors_digest
+
+    values = {"a": torch.randn(64, 8), "b": torch.randn(3)}
+    specs = [TensorSpec(name, t.dtype, tuple(t.shape)) for name, t in values.items()]
+    path = tmp_path / "out.safetensors"
+    writer = ShardWriter(path, specs)
+    writer.write("a", [values["a"][:10], values["a"][10:]], same_as=lambda: None)
+    writer.write("b", [values["b"]])
+    assert writer.close() == tensors_digest(path) == _tensors_digest_by_definition(path)
 
 
 def test_existing_target_needs_overwrite(sources, tmp_path) -> None:  # type: ignore[no-untyped-def]

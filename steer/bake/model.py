@@ -9,6 +9,7 @@ directions' weight hash -> provenance -> atomic rename. The source is read once.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import re
 import shutil
@@ -16,6 +17,7 @@ import threading
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +59,32 @@ Progress = Callable[[str, float], None]
 CHUNK_BYTES = 16 << 20
 #: shards written at once (see write_model)
 SHARD_THREADS = 2
+
+
+def _omp_set_num_threads() -> Callable[[int], None] | None:
+    try:
+        return ctypes.CDLL(None).omp_set_num_threads  # type: ignore[no-any-return]
+    except (OSError, AttributeError):  # torch built without OpenMP, or not loaded globally
+        return None
+
+
+_OMP_SET_NUM_THREADS = _omp_set_num_threads()
+
+
+def serial_torch_in_this_thread() -> None:
+    """Run torch's element-wise kernels on the calling thread only, leaving other threads as
+    they are.
+
+    The bake already runs one shard per core; if each shard thread's float32 edits also started
+    torch's intra-op threads, twice as many threads as cores would contend (measured on 2
+    cores: about 0.15 CPU s of a 1.6 s bake, scripts/bench_bake.py). ``torch.set_num_threads``
+    would also change the default every thread started later inherits (a server's too), so this
+    sets OpenMP's per-thread team size instead, after torch has initialised this thread's
+    setting, which torch reads back on each parallel loop.
+    """
+    torch.get_num_threads()  # torch's once-per-thread setup, from the process-wide setting
+    if _OMP_SET_NUM_THREADS is not None:
+        _OMP_SET_NUM_THREADS(1)
 
 
 class BakeCancelled(SteerError):
@@ -298,12 +326,17 @@ def _row_chunks(source: Source, name: str, dtype: torch.dtype) -> Iterator[torch
         yield source.read_rows(name, start, min(rows, start + step)).to(dtype)
 
 
+def _copies_stored(source: Source, name: str, dtype: torch.dtype) -> bool:
+    """Whether an unedited tensor is written as its stored bytes (copied file to file)."""
+    return source.read_rows_raw is not None and dtype == source.specs[name].dtype
+
+
 def _unchanged(
     source: Source, name: str, dtype: torch.dtype
 ) -> Iterator[torch.Tensor | SourceBytes]:
     """An unedited tensor: its bytes as stored (copied file to file), else converted chunks."""
     spec = source.specs[name]
-    if source.read_rows_raw is None or dtype != spec.dtype:
+    if source.read_rows_raw is None or not _copies_stored(source, name, dtype):
         yield from _row_chunks(source, name, dtype)
         return
     rows = spec.shape[0] if spec.shape else 1
@@ -342,6 +375,8 @@ class OutputLayout:
     shards: dict[str, list[TensorSpec]]
     produce: Callable[[str], Iterator[torch.Tensor | SourceBytes]]
     config: dict[str, Any]
+    #: output tensor -> the source tensor whose stored bytes it is, unchanged (its hash is reused)
+    copied_from: dict[str, str]
 
 
 def plan_output(
@@ -402,6 +437,21 @@ def plan_output(
             f"no down_proj weight found for biases {sorted(missing)[:3]}", field="model"
         )
 
+    def unedited_origin(name: str) -> str | None:
+        """The source tensor that output tensor ``name`` is, unedited, if any."""
+        if name == "lm_head.weight" and untie:
+            return names.embedding
+        edited = name in matrices or (name == names.embedding and plan.edits_embedding)
+        return None if name in extra or edited else name
+
+    copied_from = {
+        spec.name: origin
+        for specs in shards.values()
+        for spec in specs
+        if (origin := unedited_origin(spec.name)) is not None
+        and _copies_stored(source, origin, spec.dtype)
+    }
+
     def produce(name: str) -> Iterator[torch.Tensor | SourceBytes]:
         if name in extra:
             yield extra[name]
@@ -419,7 +469,7 @@ def plan_output(
         else:
             yield from _unchanged(source, name, out_dtype)
 
-    return OutputLayout(shards, produce, config)
+    return OutputLayout(shards, produce, config, copied_from)
 
 
 def _layer_of(tensor: str) -> int:
@@ -453,6 +503,7 @@ def write_model(
     failed = threading.Event()  # another shard failed: stop at the next tensor
 
     def write_shard(file: str, specs: list[TensorSpec]) -> str:
+        serial_torch_in_this_thread()
         writer = ShardWriter(directory / file, specs, opener=options.opener)
         try:
             for spec in specs:
@@ -460,7 +511,9 @@ def write_model(
                     if failed.is_set():
                         raise _ShardStopped
                     options.report("writing weights", done[0] / total)
-                writer.write(spec.name, layout.produce(spec.name))
+                origin = layout.copied_from.get(spec.name)
+                same_as = None if origin is None else partial(source.stored_digest, origin)
+                writer.write(spec.name, layout.produce(spec.name), same_as)
                 with lock:
                     weight_map[spec.name] = file
                     done[0] += 1

@@ -69,7 +69,7 @@ def verify(directory: str | Path) -> list[str]:
     problems = []
     recorded: dict[str, str] = provenance.get("files", {})
     algorithm = provenance.get("file_hash", digests.LEGACY_ALGORITHM)
-    if algorithm not in (digests.ALGORITHM, digests.LEGACY_ALGORITHM):
+    if algorithm not in digests.ALGORITHMS:
         return [f"{PROVENANCE} names an unknown file hash {algorithm!r}"]
     for name, expected in recorded.items():
         file = directory / name

@@ -5,7 +5,8 @@ A source exposes the HF config as a dict, tensor specs per shard, ``read(name)``
 hash for provenance, and :meth:`Source.weight_hash`, which reproduces
 :attr:`steer.models.ModelHandle.weight_hash` without loading the model. Both kinds of hash can be
 fed by the bake's own reads (``start_file_hashes``, ``start_weight_hashes``), so a bake that
-reads every tensor once in file order needs no second pass over the source.
+reads every tensor once, rows in order, needs no second pass over the source; a bf16 tensor's
+file leaf (:mod:`steer.digests`) is also its weight digest, so its bytes are hashed once.
 """
 
 from __future__ import annotations
@@ -66,6 +67,9 @@ class Source:
     #: {stored tensor name: steer.models.tensor_digest} for those read whole
     start_weight_hashes: Callable[[], None] = lambda: None
     streamed_tensor_digests: Callable[[], dict[str, bytes]] = dict
+    #: BLAKE3 of a stored tensor's bytes if a read since ``start_file_hashes`` covered them in
+    #: order (its blake3-tensors leaf), else None: a tensor copied unchanged reuses it
+    stored_digest: Callable[[str], bytes | None] = lambda _tensor: None
 
     def file_hashes(self) -> dict[str, str]:
         """The hash of every source file, reusing hashes made while reading where possible."""
@@ -262,7 +266,7 @@ def _safetensors_source(name: str, directory: Path) -> Source:
 
     def start_weight_hashes() -> None:
         for reader in readers.values():
-            reader.start_tensor_hashes(_bfloat16_bytes)
+            reader.start_tensor_hashes(_weight_bytes)
 
     def streamed_tensor_digests() -> dict[str, bytes]:
         return {
@@ -286,12 +290,16 @@ def _safetensors_source(name: str, directory: Path) -> Source:
         streamed_file_hashes=lambda: {directory / f: r.file_hash() for f, r in readers.items()},
         start_weight_hashes=start_weight_hashes,
         streamed_tensor_digests=streamed_tensor_digests,
+        stored_digest=lambda tensor: owner[tensor].stored_digest(tensor),
     )
 
 
-def _bfloat16_bytes(spec: TensorSpec, raw: memoryview) -> memoryview:
-    """What the weight hash reads for raw tensor bytes: for a bf16 source the bytes themselves."""
-    return bfloat16_bytes(torch.frombuffer(raw, dtype=spec.dtype))
+def _weight_bytes(spec: TensorSpec) -> Callable[[memoryview], memoryview] | None:
+    """What the weight hash reads from a tensor's raw bytes: its values rounded to bfloat16; for
+    a bf16 tensor the stored bytes themselves (None: its file leaf is its weight digest)."""
+    if spec.dtype == torch.bfloat16:
+        return None
+    return lambda raw: bfloat16_bytes(torch.frombuffer(raw, dtype=spec.dtype))
 
 
 def _in_memory_source(name: str, path: Path, *, allow_pickle: bool) -> Source:

@@ -1,12 +1,16 @@
 """Streaming safetensors I/O: read one tensor at a time, write shards tensor by tensor.
 
 Neither side maps or loads a whole file. The reader parses the header and reads each tensor's
-bytes with ``readinto`` into a fresh buffer, optionally hashing the file and each tensor as the
-reads go by in order; the writer writes the header first (every tensor's dtype and shape is known
-before any data is), then the tensors in header order, hashing the bytes as they go so the
-output's hash costs no second read. Bytes that are unchanged (:class:`SourceBytes`) are copied
-file to file in the kernel; their read buffer is what gets hashed. Hashing runs on background
-threads (:class:`HashWorkers`). Peak memory is one tensor plus the hash queue.
+bytes with ``readinto`` into a fresh buffer; the writer writes the header first (every tensor's
+dtype and shape is known before any data is), then the tensors in header order. Bytes that are
+unchanged (:class:`SourceBytes`) are copied file to file in the kernel.
+
+Both sides hash as the bytes go by, so a bake needs no second pass over either file: each file's
+``blake3-tensors`` digest (:mod:`steer.digests`) is built from one BLAKE3 leaf per tensor. The
+reader feeds a tensor's leaf from reads of its rows in order (and, for the weight hash, a hash of
+the rounded values where they are not the stored bytes); the writer feeds a leaf per tensor
+written, or takes the source tensor's leaf for a tensor copied unchanged. Hashing runs on
+background threads (:class:`HashWorkers`). Peak memory is one tensor plus the hash queue.
 
 File layout (safetensors): 8-byte little-endian header length N, N bytes of JSON
 ``{name: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__": {...}}`` padded with
@@ -15,6 +19,7 @@ spaces to a multiple of 8, then the data, each tensor's bytes in row-major order
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import io
 import json
@@ -116,14 +121,68 @@ class BackgroundHash:
         return self._digest.hexdigest()
 
 
+class OrderedHash:
+    """The hash of one byte range fed by reads that may repeat or skip: a read that starts where
+    the hashed bytes end extends them, an earlier one (a re-read) is ignored, a later one (a gap)
+    spoils the hash, which the owner then computes another way."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.position = 0
+        self.hash = BackgroundHash()
+
+    def feed(self, start: int, length: int, data: bytes | memoryview | Callable[[], Any]) -> None:
+        """Bytes ``start:start + length`` of the range; ``data`` is what to hash for them (or a
+        callable making it, called only when they extend the hash)."""
+        if start != self.position:
+            if start > self.position:
+                self.position = -1
+            return
+        self.hash.update(data() if callable(data) else data)
+        self.position += length
+
+    def digest(self) -> bytes | None:
+        """The digest if every byte of the range was fed in order, else None."""
+        return self.hash.digest() if self.position == self.size else None
+
+
 #: copy_file_range errors that mean "not between these files": write the bytes instead
 _NO_KERNEL_COPY = {errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL, errno.EBADF}
 
 #: bytes per write() call (see ShardWriter._write_all)
 WRITE_BYTES = 256 << 10
 
-#: the bytes hashed for a tensor's raw bytes (the weight hash rounds values to bfloat16)
-TensorBytes = Callable[["TensorSpec", memoryview], memoryview]
+#: a writer asks the kernel to start writing its file to disk every this many bytes
+WRITEBACK_BYTES = 8 << 20
+
+
+def _sync_file_range() -> Any:
+    try:
+        function = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (OSError, AttributeError):  # not Linux
+        return None
+    function.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    function.restype = ctypes.c_int
+    return function
+
+
+_SYNC_FILE_RANGE = _sync_file_range()
+_SYNC_FILE_RANGE_WRITE = 2  # start writeback of the dirty pages in the range; do not wait
+
+
+def start_writeback(fileno: int, begin: int, end: int) -> bool:
+    """Ask the kernel to start writing bytes ``begin:end`` of a file to disk without waiting
+    (Linux ``sync_file_range(SYNC_FILE_RANGE_WRITE)``); a hint, not a flush: the fsync at the
+    end is what makes the file durable. Returns False where there is no such call, so the
+    caller stops asking."""
+    if _SYNC_FILE_RANGE is None:
+        return False
+    return _SYNC_FILE_RANGE(fileno, begin, end - begin, _SYNC_FILE_RANGE_WRITE) == 0
+
+
+#: for a tensor, what the weight hash reads from its raw bytes (values rounded to bfloat16), or
+#: None where that is the stored bytes themselves (bf16: the tensor's leaf is its weight digest)
+TensorBytes = Callable[["TensorSpec"], Callable[[memoryview], memoryview] | None]
 
 #: opens a file for binary writing; tests pass one that fails to simulate a full disk
 Opener = Callable[[Path], BinaryIO]
@@ -185,14 +244,6 @@ class SafetensorsReader:
         self.data_start = 8 + length
         self.file_size = path.stat().st_size
         self._lock = threading.Lock()
-        # the file's hash, fed by reads that happen to be sequential (see file_hash)
-        self._digest: Any = None
-        self._position = 0
-        # per-tensor hashes of a transform of the bytes, fed by reads in row order (see
-        # start_tensor_hashes); a tensor's position is -1 once a read skipped some of its rows
-        self._tensor_bytes: TensorBytes | None = None
-        self._tensor_hashes: dict[str, BackgroundHash] = {}
-        self._tensor_positions: dict[str, int] = {}
         self.metadata: dict[str, str] = header.pop("__metadata__", None) or {}
         self.entries: dict[str, _Entry] = {}
         for name, info in header.items():
@@ -203,34 +254,57 @@ class SafetensorsReader:
             begin, end = info["data_offsets"]
             spec = TensorSpec(name, DTYPE_CODES[info["dtype"]], tuple(info["shape"]))
             self.entries[name] = _Entry(spec, begin, end)
+        # the file's blake3-tensors leaves; the tensor (if any) whose bytes each one is
+        self._leaves = digests.safetensors_leaves(self._header, self.file_size) or []
+        spans = {
+            (self.data_start + e.begin, self.data_start + e.end): n for n, e in self.entries.items()
+        }
+        self._leaf_tensors = [spans.get(leaf) for leaf in self._leaves]
+        # hashes fed by reads (see start_file_hash, start_tensor_hashes)
+        self._hash_leaves = False
+        self._leaf_hashes: dict[str, OrderedHash] = {}
+        self._tensor_bytes: TensorBytes | None = None
+        self._tensor_hashes: dict[str, OrderedHash] = {}
 
     def start_file_hash(self) -> None:
-        """Hash the file as a side effect of reading its tensors in file order."""
-        self._digest = BackgroundHash(self._header)
-        self._position = self.data_start
+        """Hash the file (blake3-tensors) as a side effect of reading each tensor in order."""
+        self._hash_leaves = True
 
     def file_hash(self) -> str | None:
-        """The file's hash if every byte was read in order since start_file_hash, else None."""
-        if self._digest is None or self._position != self.file_size:
+        """The file's blake3-tensors digest if every tensor's bytes were read in order since
+        start_file_hash (in any order of tensors), else None."""
+        if not self._hash_leaves or not self._leaves:
             return None
-        return str(self._digest.hexdigest())
+        leaves = [self.stored_digest(name) if name else None for name in self._leaf_tensors]
+        if any(leaf is None for leaf in leaves):
+            return None
+        return digests.tree_root(self._header, self.file_size, leaves)  # type: ignore[arg-type]
+
+    def stored_digest(self, name: str) -> bytes | None:
+        """BLAKE3 of tensor ``name``'s stored bytes, if they were all read in order since hashing
+        started, else None."""
+        stream = self._leaf_hashes.get(name)
+        return stream.digest() if stream is not None else None
 
     def start_tensor_hashes(self, tensor_bytes: TensorBytes) -> None:
-        """Also hash every floating-point tensor as a side effect of reading its rows in order:
-        the hash of ``tensor_bytes(spec, raw bytes)`` chunk by chunk (the weight hash's bf16
-        rounding, see steer.models.bfloat16_bytes)."""
+        """Also hash every floating-point tensor for the weight hash as a side effect of reading
+        its rows in order: ``tensor_bytes(spec)`` converts its raw bytes chunk by chunk, or says
+        (None) that its stored bytes are hashed as they are, i.e. its leaf."""
         self._tensor_bytes = tensor_bytes
-        self._tensor_hashes = {}
-        self._tensor_positions = {}
+        self._hash_leaves = True
 
     def tensor_digests(self) -> dict[str, bytes]:
-        """The hash of each floating-point tensor whose rows were all read in order since
-        start_tensor_hashes."""
-        return {
-            name: digest.digest()
-            for name, digest in self._tensor_hashes.items()
-            if self._tensor_positions[name] == self.entries[name].end - self.entries[name].begin
-        }
+        """The weight-hash digest of each floating-point tensor whose rows were all read in
+        order since start_tensor_hashes."""
+        if self._tensor_bytes is None:
+            return {}
+        found: dict[str, bytes | None] = {}
+        for name, entry in self.entries.items():
+            if not entry.spec.dtype.is_floating_point:
+                continue
+            stream = self._tensor_hashes.get(name) or self._leaf_hashes.get(name)
+            found[name] = stream.digest() if stream is not None else None
+        return {name: digest for name, digest in found.items() if digest is not None}
 
     def _read_at(self, offset: int, size: int, name: str) -> memoryview:
         with self._lock:  # shard threads may share a source file (see write_model)
@@ -241,29 +315,27 @@ class SafetensorsReader:
         self._file.seek(offset)
         if self._file.readinto(buffer) != size:
             raise InvalidArgumentError(f"{self.path} is truncated at {name}", field="model")
-        if self._digest is not None:
-            if offset == self._position:
-                self._digest.update(buffer)
-                self._position += size
-            elif offset > self._position:
-                self._digest = None  # a gap: fall back to hashing the file separately
-        if self._tensor_bytes is not None:
-            self._hash_tensor(name, offset - self.data_start - self.entries[name].begin, buffer)
+        if self._hash_leaves and size:
+            self._hash_read(name, offset - self.data_start - self.entries[name].begin, buffer)
         return buffer
 
-    def _hash_tensor(self, name: str, start: int, buffer: memoryview) -> None:
-        spec = self.entries[name].spec
-        if not spec.dtype.is_floating_point or self._tensor_bytes is None:
+    def _hash_read(self, name: str, start: int, buffer: memoryview) -> None:
+        entry = self.entries[name]
+        size = entry.end - entry.begin
+        leaf = self._leaf_hashes.get(name)
+        if leaf is None:
+            leaf = self._leaf_hashes[name] = OrderedHash(size)
+        leaf.feed(start, len(buffer), buffer)
+        spec = entry.spec
+        if self._tensor_bytes is None or not spec.dtype.is_floating_point:
             return
-        position = self._tensor_positions.setdefault(name, 0)
-        if start != position:  # a re-read (ignored) or a gap (hashed separately later)
-            if start > position:
-                self._tensor_positions[name] = -1
-            return
-        digest = self._tensor_hashes.setdefault(name, BackgroundHash())
-        if buffer:
-            digest.update(self._tensor_bytes(spec, buffer))
-        self._tensor_positions[name] = position + len(buffer)
+        convert = self._tensor_bytes(spec)
+        if convert is None:
+            return  # the leaf is the weight digest
+        stream = self._tensor_hashes.get(name)
+        if stream is None:
+            stream = self._tensor_hashes[name] = OrderedHash(size)
+        stream.feed(start, len(buffer), lambda: convert(buffer))
 
     def names_in_file_order(self) -> list[str]:
         return sorted(self.entries, key=lambda name: self.entries[name].begin)
@@ -318,7 +390,14 @@ def _header_bytes(specs: Iterable[TensorSpec], metadata: Mapping[str, str]) -> b
 
 
 class ShardWriter:
-    """Writes one safetensors file whose tensors are announced up front, then fed in order."""
+    """Writes one safetensors file whose tensors are announced up front, then fed in order.
+
+    Hashes the output as it goes (blake3-tensors, :mod:`steer.digests`): a leaf per tensor, fed
+    the bytes written, or taken from the source for a tensor copied unchanged (``write``'s
+    ``same_as``). Every :data:`WRITEBACK_BYTES` written it asks the kernel to start writing them
+    to disk (:func:`start_writeback`), so the fsync at :meth:`close` waits for little and the
+    disk works while the bake computes, as it would not if all the writing waited for the end.
+    """
 
     def __init__(
         self,
@@ -331,13 +410,22 @@ class ShardWriter:
         self.path = path
         self.specs = specs
         self._next = 0
-        self.digest = BackgroundHash()
         self.size = 0
         self._file = opener(path)
         self._kernel_copy = hasattr(os, "copy_file_range")
-        self._write(_header_bytes(specs, metadata or {"format": "pt"}))
+        self._header = _header_bytes(specs, metadata or {"format": "pt"})
+        # per non-empty tensor: (begin, end) in the file, and its hash or a deferred digest
+        self._leaves: list[tuple[int, int, BackgroundHash | Callable[[], bytes | None]]] = []
+        self._flushed = 0  # bytes handed to start_writeback
+        self._writeback = isinstance(self._file, io.FileIO)
+        self._write(self._header)
 
-    def _write(self, data: bytes | memoryview, source: SourceBytes | None = None) -> None:
+    def _write(
+        self,
+        data: bytes | memoryview,
+        source: SourceBytes | None = None,
+        leaf: BackgroundHash | None = None,
+    ) -> None:
         try:
             if source is not None and self._kernel_copy and isinstance(self._file, io.FileIO):
                 self._copy_range(source)
@@ -349,7 +437,8 @@ class ShardWriter:
                     f"no space left writing {self.path.name}: {error.strerror}", field="out_dir"
                 ) from error
             raise
-        self.digest.update(data)
+        if leaf is not None:
+            leaf.update(data)
         self.size += memoryview(data).nbytes
 
     def _write_all(self, data: memoryview) -> None:
@@ -381,31 +470,58 @@ class ShardWriter:
                 return
             done += copied
 
-    def write(self, name: str, pieces: Iterable[torch.Tensor | SourceBytes]) -> None:
+    def write(
+        self,
+        name: str,
+        pieces: Iterable[torch.Tensor | SourceBytes],
+        same_as: Callable[[], bytes | None] | None = None,
+    ) -> None:
         """Write tensor ``name`` from ``pieces`` whose bytes, concatenated, are the tensor in
-        row-major order (e.g. row chunks of a large embedding)."""
+        row-major order (e.g. row chunks of a large embedding). ``same_as``: the pieces are a
+        source tensor's stored bytes, unchanged, and this gives their BLAKE3 (None if the source
+        could not hash them); the writer then does not hash them itself."""
         spec = self.specs[self._next]
         if name != spec.name:
             raise AssertionError(f"expected tensor {spec.name}, got {name}")
         self._next += 1
+        begin = self.size
+        leaf = BackgroundHash() if same_as is None else None
         written = 0
         for piece in pieces:
             if isinstance(piece, SourceBytes):
                 if piece.data:
-                    self._write(memoryview(piece.data), piece)
+                    self._write(memoryview(piece.data), piece, leaf)
                 written += len(piece.data)
                 continue
             if piece.dtype != spec.dtype:
                 raise AssertionError(f"{name}: piece dtype {piece.dtype} is not {spec.dtype}")
             if piece.numel():
                 data = piece.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy()
-                self._write(data.data)
+                self._write(data.data, leaf=leaf)
                 written += data.nbytes
         if written != spec.nbytes:
             raise AssertionError(f"{name}: wrote {written} bytes, expected {spec.nbytes}")
+        if written:
+            self._leaves.append((begin, self.size, leaf if leaf is not None else same_as))  # type: ignore[arg-type]
+        if self._writeback and self.size - self._flushed >= WRITEBACK_BYTES:
+            self._writeback = start_writeback(self._file.fileno(), self._flushed, self.size)
+            self._flushed = self.size
+
+    def _leaf_digest(self, begin: int, end: int, leaf: Any) -> bytes:
+        if isinstance(leaf, BackgroundHash):
+            return leaf.digest()
+        digest = leaf()
+        if digest is not None:
+            return bytes(digest)
+        with self.path.open("rb") as handle:  # the source could not say: hash what was written
+            handle.seek(begin)
+            rehash = digests.new()
+            for _ in range(begin, end, 1 << 24):
+                rehash.update(handle.read(min(1 << 24, end - handle.tell())))
+            return bytes(rehash.digest())
 
     def close(self) -> str:
-        """Flush and fsync; return the file's hash (:mod:`steer.digests`)."""
+        """Flush and fsync; return the file's blake3-tensors hash (:mod:`steer.digests`)."""
         if self._next != len(self.specs):
             raise AssertionError(
                 f"{self.path.name}: {len(self.specs) - self._next} tensors unwritten"
@@ -421,7 +537,8 @@ class ShardWriter:
             raise
         finally:
             self._file.close()
-        return self.digest.hexdigest()
+        leaves = [self._leaf_digest(begin, end, leaf) for begin, end, leaf in self._leaves]
+        return digests.tree_root(self._header, self.size, leaves)
 
     def abort(self) -> None:
         self._file.close()
