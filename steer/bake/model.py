@@ -41,6 +41,7 @@ from steer.bake.tensor_io import (
     SourceBytes,
     TensorSpec,
     default_opener,
+    empty,
 )
 from steer.digests import file_digest
 from steer.errors import (
@@ -351,7 +352,7 @@ def _embedding_chunks(
     """Rows of the embedding (vocab, d_model): each row is a written vector (a column of M)."""
     stored = source.specs[name].dtype
     for chunk in _row_chunks(source, name, stored):
-        edited = torch.empty(chunk.shape, dtype=dtype)
+        edited = empty(tuple(chunk.shape), dtype)
         # the read buffer itself is never modified (it may still be queued for hashing)
         edit_columns_into(chunk.T, plan.embedding, edited.T, plan.embedding_shift)
         yield edited
@@ -362,7 +363,7 @@ def _edited_matrix(
 ) -> Iterator[torch.Tensor]:
     """A (d_model, n) writing matrix, or stacked experts (num_experts, d_model, n) one by one."""
     weight = source.read(name)
-    out = torch.empty(weight.shape, dtype=dtype)
+    out = empty(tuple(weight.shape), dtype)
     for matrix, edited in zip(
         weight.reshape(-1, *weight.shape[-2:]), out.view(-1, *out.shape[-2:]), strict=True
     ):

@@ -208,6 +208,23 @@ class TensorSpec:
         return count * torch.empty((), dtype=self.dtype).element_size()
 
 
+def empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """An uninitialised CPU tensor in memory that numpy allocates, for the bake's outputs.
+
+    numpy asks the kernel to back large arrays with transparent huge pages (``madvise``, the
+    usual THP setting), so filling the tensor faults once per 2 MiB rather than per 4 KiB page as
+    with ``torch.empty``. Measured on the Qwen 0.5B bake (2 cores): about 47,000 page faults
+    became 9,000, and the bake used about 0.15 CPU s less. Read buffers come from numpy too.
+    """
+    count = 1
+    for size in shape:
+        count *= size
+    nbytes = count * torch.empty((), dtype=dtype).element_size()
+    if not nbytes:
+        return torch.empty(shape, dtype=dtype)
+    return torch.from_numpy(numpy.empty(nbytes, numpy.uint8)).view(dtype).reshape(shape)
+
+
 @dataclass(frozen=True, eq=False)
 class SourceBytes:
     """Raw bytes read from a source file, with where they lie in it: a writer hashes ``data``
