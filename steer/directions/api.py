@@ -202,26 +202,14 @@ def search(
     else:
         positions = options.positions or post_instruction_positions(handle)
         progress("collecting activations", 0.02)
-        positive, positive_logits = collect(
-            handle, prepared.positive_train, positions, logits=True, batch_size=batch
+        positive, negative, negative_prompts = filtered_train_activations(
+            handle, prepared, positions, progress=progress, check=check, notes=notes
         )
-        check()
-        negative, negative_logits = collect(
-            handle, prepared.negative_train, positions, logits=True, batch_size=batch
-        )
-        check()
         token_ids = refusal_token_ids(handle.tokenizer)
         positive_validation = prepared.positive_validation
         negative_validation = prepared.negative_validation
-        if recipe.kind is RecipeKind.REFUSAL and recipe.data.filter:
-            assert positive_logits is not None and negative_logits is not None
-            refused, answered = filter_masks(
-                handle, prepared, positive_logits, negative_logits, progress
-            )
-            check()
+        if _filters(recipe):
             refused_validation = _refusals(handle, recipe, positive_validation, token_ids, batch)
-            positive, negative = _filter_train(positive, negative, refused, answered, notes)
-            negative_prompts = kept_prompts(negative_prompts, answered)
             positive_validation = _filter_validation(positive_validation, refused_validation, notes)
         positive_score = prompt_scorer(handle, positive_validation, token_ids, batch)
         negative_score = prompt_scorer(handle, negative_validation, token_ids, batch)
@@ -391,6 +379,15 @@ def filter_masks(
     return refused, ~_refusals(handle, recipe, prepared.negative_train, token_ids, batch)
 
 
+#: a refusal filter that keeps fewer prompts of a set than this is ignored for that set (a
+#: mean needs some prompts; one or none would make the direction noise)
+MIN_KEPT = 2
+
+
+def _filters(recipe: Recipe) -> bool:
+    return recipe.kind is RecipeKind.REFUSAL and recipe.data.filter
+
+
 def _filter_train(
     positive: torch.Tensor,
     negative: torch.Tensor,
@@ -404,7 +401,7 @@ def _filter_train(
         ("positive", positive, keep_positive),
         ("negative", negative, keep_negative),
     ):
-        if int(keep.sum()) < 2:
+        if int(keep.sum()) < MIN_KEPT:
             notes.append(f"filter left {int(keep.sum())} {name} train prompts; kept all")
             kept.append(acts)
         else:
@@ -414,31 +411,45 @@ def _filter_train(
 
 
 def filtered_train_activations(
-    handle: ModelHandle, prepared: Prepared, positions: Sequence[int]
+    handle: ModelHandle,
+    prepared: Prepared,
+    positions: Sequence[int],
+    *,
+    progress: Progress | None = None,
+    check: Callable[[], None] = lambda: None,
+    notes: list[str] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, list[list[int]]]:
     """(positive, negative, negative prompts) of a prompt recipe's train split at ``positions``:
     activations (n, num_layers, len(positions), d_model) and the harmless prompts kept, after the
-    refusal filter when the recipe asks for it (as the search applies it)."""
+    refusal filter when the recipe asks for it. The search, ``steer directions optimize`` and
+    scripts/sweep_whitening.py all collect their train activations here."""
     recipe = prepared.recipe
     batch = recipe.search.batch_size
     positive, positive_logits = collect(
         handle, prepared.positive_train, positions, logits=True, batch_size=batch
     )
+    check()
     negative, negative_logits = collect(
         handle, prepared.negative_train, positions, logits=True, batch_size=batch
     )
+    check()
     negative_prompts = prepared.negative_train
-    if recipe.kind is RecipeKind.REFUSAL and recipe.data.filter:
+    if _filters(recipe):
         assert positive_logits is not None and negative_logits is not None
-        refused, answered = filter_masks(handle, prepared, positive_logits, negative_logits)
-        positive, negative = _filter_train(positive, negative, refused, answered, [])
+        refused, answered = filter_masks(
+            handle, prepared, positive_logits, negative_logits, progress
+        )
+        check()
+        positive, negative = _filter_train(
+            positive, negative, refused, answered, notes if notes is not None else []
+        )
         negative_prompts = kept_prompts(negative_prompts, answered)
     return positive, negative, negative_prompts
 
 
 def kept_prompts(prompts: list[list[int]], keep: torch.Tensor) -> list[list[int]]:
-    """The prompts a train filter keeps, by the rule of ``_filter_train`` (all if < 2 kept)."""
-    if int(keep.sum()) < 2:
+    """The prompts a train filter keeps, by the rule of ``_filter_train`` (all if too few)."""
+    if int(keep.sum()) < MIN_KEPT:
         return prompts
     return [p for p, k in zip(prompts, keep.tolist(), strict=True) if k]
 
@@ -459,7 +470,7 @@ def _filter_validation(
     prompts: list[list[int]], refused: torch.Tensor, notes: list[str]
 ) -> list[list[int]]:
     kept = [p for p, keep in zip(prompts, refused.tolist(), strict=True) if keep]
-    if len(kept) < 2:
+    if len(kept) < MIN_KEPT:
         notes.append(f"filter left {len(kept)} positive validation prompts; kept all")
         return prompts
     notes.append(f"filter kept {len(kept)}/{len(prompts)} positive validation prompts")
