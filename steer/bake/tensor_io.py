@@ -227,9 +227,9 @@ def empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
 
 @dataclass(frozen=True, eq=False)
 class SourceBytes:
-    """Raw bytes read from a source file, with where they lie in it: a writer hashes ``data``
-    and copies the same range file to file in the kernel (``copy_file_range``), as a plain copy
-    does, instead of writing ``data`` back out of user space."""
+    """Raw bytes read from a source file, with where they lie in it: a writer copies the range
+    file to file in the kernel (``copy_file_range``), as a plain copy does, instead of writing
+    ``data`` back out of user space, and hashes ``data`` unless it reuses the source's leaf."""
 
     data: memoryview
     fileno: int
@@ -292,10 +292,13 @@ class SafetensorsReader:
         start_file_hash (in any order of tensors), else None."""
         if not self._hash_leaves or not self._leaves:
             return None
-        leaves = [self.stored_digest(name) if name else None for name in self._leaf_tensors]
-        if any(leaf is None for leaf in leaves):
-            return None
-        return digests.tree_root(self._header, self.file_size, leaves)  # type: ignore[arg-type]
+        leaves = []
+        for name in self._leaf_tensors:
+            leaf = self.stored_digest(name) if name is not None else None
+            if leaf is None:  # a tensor not read whole in order, or bytes no tensor owns
+                return None
+            leaves.append(leaf)
+        return digests.tree_root(self._header, self.file_size, leaves)
 
     def stored_digest(self, name: str) -> bytes | None:
         """BLAKE3 of tensor ``name``'s stored bytes, if they were all read in order since hashing
@@ -502,29 +505,32 @@ class ShardWriter:
             raise AssertionError(f"expected tensor {spec.name}, got {name}")
         self._next += 1
         begin = self.size
-        leaf = BackgroundHash() if same_as is None else None
+        leaf: BackgroundHash | Callable[[], bytes | None] = same_as or BackgroundHash()
+        fed = leaf if isinstance(leaf, BackgroundHash) else None
         written = 0
         for piece in pieces:
             if isinstance(piece, SourceBytes):
                 if piece.data:
-                    self._write(memoryview(piece.data), piece, leaf)
+                    self._write(memoryview(piece.data), piece, fed)
                 written += len(piece.data)
                 continue
             if piece.dtype != spec.dtype:
                 raise AssertionError(f"{name}: piece dtype {piece.dtype} is not {spec.dtype}")
             if piece.numel():
                 data = piece.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy()
-                self._write(data.data, leaf=leaf)
+                self._write(data.data, leaf=fed)
                 written += data.nbytes
         if written != spec.nbytes:
             raise AssertionError(f"{name}: wrote {written} bytes, expected {spec.nbytes}")
         if written:
-            self._leaves.append((begin, self.size, leaf if leaf is not None else same_as))  # type: ignore[arg-type]
+            self._leaves.append((begin, self.size, leaf))
         if self._writeback and self.size - self._flushed >= WRITEBACK_BYTES:
             self._writeback = start_writeback(self._file.fileno(), self._flushed, self.size)
             self._flushed = self.size
 
-    def _leaf_digest(self, begin: int, end: int, leaf: Any) -> bytes:
+    def _leaf_digest(
+        self, begin: int, end: int, leaf: BackgroundHash | Callable[[], bytes | None]
+    ) -> bytes:
         if isinstance(leaf, BackgroundHash):
             return leaf.digest()
         digest = leaf()
