@@ -548,6 +548,37 @@ def test_weight_hash_from_the_bake_pass_equals_the_handle(sources, tmp_path, dty
     assert opened.weight_hash() == handle.weight_hash
 
 
+def test_a_checked_bf16_bake_hashes_each_source_byte_once(sources, tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """Every byte a checked bake of a bf16 source hashes, counted at the one place bytes are
+    hashed on the way (BackgroundHash.update, the real one still runs): each source tensor once
+    (its leaf is the file hash's and the weight hash's) plus the output tensors it edits; the
+    tensors it copies unchanged reuse the source's leaves. The outputs still verify."""
+    from steer.bake import tensor_io
+
+    handle, _source, _direction = sources["qwen2"]
+    bf16 = tmp_path / "src"
+    copy.deepcopy(handle.model).to(torch.bfloat16).save_pretrained(bf16, max_shard_size="60KB")
+    handle.tokenizer.save_pretrained(bf16)
+    direction = save_vector(tmp_path / "d", random_vector(1), handle=load_model(bf16))
+    hashed = [0]
+    update = tensor_io.BackgroundHash.update
+
+    def counting(self, data):  # type: ignore[no-untyped-def]
+        hashed[0] += memoryview(data).nbytes
+        update(self, data)
+
+    monkeypatch.setattr(tensor_io.BackgroundHash, "update", counting)
+    recipe = {"edits": [{"kind": "ablate", "direction": str(direction), "layers": [1]}]}
+    out = bake(str(bf16), recipe, tmp_path / "out")
+    opened = open_source(str(bf16))
+    source_bytes = sum(spec.nbytes for spec in opened.specs.values())
+    edited = ("model.layers.1.self_attn.o_proj.weight", "model.layers.1.mlp.down_proj.weight")
+    assert hashed[0] == source_bytes + sum(opened.specs[name].nbytes for name in edited)
+    assert verify(out) == []
+    record = json.loads((out / "steer_provenance.json").read_text())
+    assert record["source"]["weight_hash"] == handle.weight_hash
+
+
 def test_background_hashes_keep_order_and_bound_the_queue() -> None:
     """Interleaved hashes on shared workers equal plain BLAKE3, and the queued bytes stay
     within the bound (plus the update just submitted)."""
