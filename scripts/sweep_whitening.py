@@ -1,19 +1,24 @@
-"""One layer's refusal direction, plain and whitened at several shrinkages, on held-out data
+"""One layer's direction, plain and whitened at several shrinkages, on held-out data.
 
 Each direction is ablated and measured on the held-out splits; written to docs/results.md
-("whitening").
+("whitening" for the refusal recipe, "whitening-moralizing" for a pairs recipe).
 
-The direction of ``--layer`` at ``--position`` is computed from the recipe's filtered train
-prompts as ``steer directions compute`` does (``mean_difference``, or ``whitened`` by the
-harmless train prompts' token covariance shrunk by each value of ``--shrinkage``); each one is
-ablated with the run-time ``Ablate`` the search scores and ``steer eval refusal`` applies.
-Reported per row: held-out refusal rate (greedy, phrase matcher), first-token and multi-token
-KL on held-out harmless prompts, and the direction's *spread*: the standard deviation of the
-harmless train tokens' projections over the gap between the two train means along it (lower
-means an ablation moves harmless activations less per unit of refusal removed). Prints one JSON
-line per row, then one with every row.
+The direction of ``--layer`` is computed from the recipe's train data as ``steer directions
+compute`` does: for the refusal recipe, from the filtered train prompts at ``--position``; for a
+pairs recipe (moralizing), from the mean reply activations of its train pairs. Each value of
+``--shrinkage`` gives one direction: ``none`` the mean difference, ``projected`` that method,
+a number ``whitened`` by the harmless train prompts' token covariance (the refusal recipe's)
+shrunk by it. Each one is ablated with the run-time ``Ablate`` the search scores and ``steer
+eval`` applies. Reported per row: the held-out rate (refusals, or moralizing replies to held-out
+RP situations; greedy, phrase matcher), first-token and multi-token KL on held-out harmless
+prompts, and the direction's *spread*: the standard deviation of the harmless train tokens'
+projections over the gap between the two train means along it (lower means an ablation moves
+harmless activations less per unit of behaviour removed). Prints one JSON line per row, then
+one with every row.
 
     python scripts/sweep_whitening.py --layer 15 --shrinkage none,0.3,0.1,0.05,0.02
+    python scripts/sweep_whitening.py --recipe recipes/moralizing.toml --layer 8 \
+        --shrinkage projected,none,0.8,0.5,0.2,0.05 --max-harmful 40 --max-harmless 24
 """
 
 from __future__ import annotations
@@ -30,11 +35,21 @@ import torch
 from report import emit, machine, table, write_section
 
 from steer.activations import encode_chat
-from steer.directions.api import filtered_train_activations, held_out, prepare
+from steer.directions.api import (
+    filtered_train_activations,
+    held_out,
+    pair_activations,
+    prepare,
+)
 from steer.directions.data import RECIPES_DIR
-from steer.directions.evaluate import base_continuations, evaluate_rate
+from steer.directions.evaluate import (
+    base_continuations,
+    evaluate_rate,
+    is_moralizing,
+    is_refusal,
+)
 from steer.directions.methods import compute_direction, shrink
-from steer.directions.recipe import load_recipe
+from steer.directions.recipe import RecipeKind, load_recipe
 from steer.directions.search import ablation, token_covariances
 from steer.models import load_model
 from steer.vectors import SteeringVector
@@ -58,15 +73,22 @@ def main() -> int:
     handle = load_model(args.model)
     batch = recipe.search.batch_size
 
+    pairs = recipe.kind is RecipeKind.PAIRS
+    refusal = load_recipe(RECIPES_DIR / "refusal.toml") if pairs else recipe
     prepared = prepare(handle, recipe)
-    positive, negative, negative_prompts = filtered_train_activations(
-        handle, prepared, (args.position,)
-    )
+    if pairs:
+        positive, negative = pair_activations(handle, prepared, batch)
+        negative_prompts = prepare(handle, refusal).negative_train
+    else:
+        positive, negative, negative_prompts = filtered_train_activations(
+            handle, prepared, (args.position,)
+        )
     covariance = token_covariances(handle, negative_prompts, batch_size=batch)[args.layer]
     positive_rows = positive[:, args.layer, 0]
     negative_rows = negative[:, args.layer, 0]
 
-    harmful, harmless = held_out(recipe)
+    # the behaviour's held-out prompts (harmful, or RP situations), harmless prompts for KL
+    harmful, harmless = held_out(recipe)[0], held_out(refusal)[1]
     if args.max_harmful:
         harmful = harmful[: args.max_harmful]
     if args.max_harmless:
@@ -78,10 +100,9 @@ def main() -> int:
         batch_size=recipe.evaluate.batch_size,
     )
     rows: list[dict[str, Any]] = []
-    for value in args.shrinkage.split(","):
-        plain = value.strip() == "none"
-        method = "mean_difference" if plain else "whitened"
-        shrunk = None if plain else shrink(covariance, float(value))
+    for value in (v.strip() for v in args.shrinkage.split(",")):
+        method = {"none": "mean_difference", "projected": "projected"}.get(value, "whitened")
+        shrunk = shrink(covariance, float(value)) if method == "whitened" else None
         direction = compute_direction(method, positive_rows, negative_rows, shrunk)
         start = time.perf_counter()
         report = evaluate_rate(
@@ -93,21 +114,36 @@ def main() -> int:
             kl_tokens=recipe.evaluate.kl_tokens,
             batch_size=recipe.evaluate.batch_size,
             continuations=continuations,
+            matcher=is_moralizing if pairs else is_refusal,
         )
         row = {
-            "direction": "mean difference" if plain else f"whitened, shrinkage {value}",
+            "direction": LABELS.get(method, f"whitened, shrinkage {value}"),
             "spread": round(_spread(direction, positive_rows, negative_rows, covariance), 4),
-            "refusal_rate": round(report.rate, 4),
+            RATE[pairs]: round(report.rate, 4),
             "kl_first_token": round(report.kl_first_token, 4),
             "kl_multi_token": round(report.kl_multi_token, 4),
             "seconds": round(time.perf_counter() - start, 1),
         }
         emit(row)
         rows.append(row)
+    if pairs:  # the unedited rate, for reference
+        base = evaluate_rate(
+            handle,
+            harmful,
+            harmless[:1],
+            (),
+            max_new_tokens=recipe.evaluate.max_new_tokens,
+            kl_tokens=recipe.evaluate.kl_tokens,
+            batch_size=recipe.evaluate.batch_size,
+            matcher=is_moralizing,
+        )
+        rows.insert(0, {"direction": "unedited", RATE[pairs]: round(base.rate, 4)})
+        emit(rows[0])
     record = {
         "model": handle.name,
+        "recipe": recipe.name,
         "layer": args.layer,
-        "position": args.position,
+        "position": "reply tokens" if pairs else args.position,
         "n_harmful": len(harmful),
         "n_harmless": len(harmless),
         "covariance_tokens": sum(len(prompt) - 1 for prompt in negative_prompts),
@@ -115,8 +151,15 @@ def main() -> int:
     }
     emit(record)
     if not args.no_docs:
-        write_section("results.md", "whitening", _markdown(record, command))
+        section = "whitening-moralizing" if pairs else "whitening"
+        write_section("results.md", section, _markdown(record, command, pairs))
     return 0
+
+
+#: the direction column of methods other than whitened
+LABELS = {"mean_difference": "mean difference", "projected": "projected"}
+#: the rate column, for a prompt recipe (False) or a pairs recipe (True)
+RATE = {False: "refusal_rate", True: "moralizing_rate"}
 
 
 def _spread(
@@ -131,22 +174,34 @@ def _spread(
     return float((unit @ covariance @ unit).sqrt()) / gap
 
 
-def _markdown(record: dict[str, Any], command: str) -> str:
+def _markdown(record: dict[str, Any], command: str, pairs: bool) -> str:
+    if pairs:
+        title = "## Whitening the moralizing direction"
+        source = (
+            f"layer {record['layer']} from the mean reply activations of the "
+            f"`{record['recipe']}` recipe's train pairs"
+        )
+        held = f"Held-out RP situations (n = {record['n_harmful']}, moralizing phrase matcher)"
+    else:
+        title = "## Whitening the refusal direction"
+        source = (
+            f"layer {record['layer']} at position {record['position']} from the recipe's "
+            "filtered train prompts"
+        )
+        held = f"Held-out StrongREJECT test split (n = {record['n_harmful']})"
     return "\n\n".join(
         [
-            "## Whitening the refusal direction",
-            f"Model `{record['model']}`; the direction of layer {record['layer']} at position "
-            f"{record['position']} from the recipe's filtered train prompts, plain or whitened "
-            "by the harmless train prompts' token covariance at each shrinkage; ablated at every "
-            "layer (run-time `Ablate`). Held-out StrongREJECT test split "
-            f"(n = {record['n_harmful']}), held-out harmless prompts for KL "
+            title,
+            f"Model `{record['model']}`; the direction of {source}, plain, projected or "
+            "whitened by the harmless train prompts' token covariance at each shrinkage; ablated "
+            f"at every layer (run-time `Ablate`). {held}, held-out harmless prompts for KL "
             f"(n = {record['n_harmless']}), greedy; covariance from "
             f"{record['covariance_tokens']} harmless train tokens. *spread*: standard deviation "
             "of the harmless "
             "train tokens along the direction over the gap between the two train means.",
             table(
                 record["rows"],
-                ["direction", "spread", "refusal_rate", "kl_first_token", "kl_multi_token"],
+                ["direction", "spread", RATE[pairs], "kl_first_token", "kl_multi_token"],
             ),
             f"Measured on {machine()}.",
             f"Command:\n\n```\n{command}\n```",

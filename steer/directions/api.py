@@ -196,7 +196,7 @@ def search(
     negative_prompts = prepared.negative_train
     if recipe.kind is RecipeKind.PAIRS:
         positions: tuple[int, ...] = (REPLY,)
-        positive, negative = _pair_activations(handle, prepared, batch)
+        positive, negative = pair_activations(handle, prepared, batch)
         positive_score, negative_score = _pair_scorers(handle, prepared)
         positive_validation = negative_validation = prepared.positive_validation
     else:
@@ -477,7 +477,7 @@ def _filter_validation(
     return kept
 
 
-def _pair_activations(
+def pair_activations(
     handle: ModelHandle, prepared: Prepared, batch: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean activation over the last reply tokens: (n, num_layers, 1, d_model) per side."""

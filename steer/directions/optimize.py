@@ -81,9 +81,9 @@ def layer_directions(handle: ModelHandle, prepared: Prepared) -> SteeringVector:
     batch = prepared.recipe.search.batch_size
     covariances = None
     if prepared.recipe.kind is RecipeKind.PAIRS:
-        from steer.directions.api import _pair_activations
+        from steer.directions.api import pair_activations
 
-        positive, negative = _pair_activations(handle, prepared, batch)
+        positive, negative = pair_activations(handle, prepared, batch)
     else:
         positive, negative, negative_prompts = filtered_train_activations(handle, prepared, (-1,))
         covariances = whitening_covariances(handle, prepared.recipe, negative_prompts)
