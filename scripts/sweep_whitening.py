@@ -9,16 +9,18 @@ pairs recipe (moralizing), from the mean reply activations of its train pairs. E
 ``--shrinkage`` gives one direction: ``none`` the mean difference, ``projected`` that method,
 a number ``whitened`` by the harmless train prompts' token covariance (the refusal recipe's)
 shrunk by it. Each one is ablated with the run-time ``Ablate`` the search scores and ``steer
-eval`` applies. Reported per row: the held-out rate (refusals, or moralizing replies to held-out
-RP situations; greedy, phrase matcher), first-token and multi-token KL on held-out harmless
-prompts, and the direction's *spread*: the standard deviation of the harmless train tokens'
-projections over the gap between the two train means along it (lower means an ablation moves
-harmless activations less per unit of behaviour removed). Prints one JSON line per row, then
-one with every row.
+eval`` applies, at weight 1, or W with a suffix ``@W`` (``projected@0.5``).
+
+Reported per row: the held-out rate (refusals, or moralizing replies to held-out RP situations;
+greedy, phrase matcher), first-token and multi-token KL on held-out harmless prompts, and the
+direction's *spread*: the standard deviation of the harmless train tokens' projections over the
+gap between the two train means along it (lower means an ablation moves harmless activations
+less per unit of behaviour removed). Prints one JSON line per row, then one with every row.
 
     python scripts/sweep_whitening.py --layer 15 --shrinkage none,0.3,0.1,0.05,0.02
     python scripts/sweep_whitening.py --recipe recipes/moralizing.toml --layer 8 \
-        --shrinkage projected,none,0.8,0.5,0.2,0.05 --max-harmful 40 --max-harmless 24
+        --shrinkage projected,projected@0.75,projected@0.5,none,0.8,0.5,0.2,0.05 \
+        --max-harmful 40 --max-harmless 24
 """
 
 from __future__ import annotations
@@ -100,7 +102,9 @@ def main() -> int:
         batch_size=recipe.evaluate.batch_size,
     )
     rows: list[dict[str, Any]] = []
-    for value in (v.strip() for v in args.shrinkage.split(",")):
+    for spec in (v.strip() for v in args.shrinkage.split(",")):
+        value, _, weight_text = spec.partition("@")
+        weight = float(weight_text or 1.0)
         method = {"none": "mean_difference", "projected": "projected"}.get(value, "whitened")
         shrunk = shrink(covariance, float(value)) if method == "whitened" else None
         direction = compute_direction(method, positive_rows, negative_rows, shrunk)
@@ -109,7 +113,7 @@ def main() -> int:
             handle,
             harmful,
             harmless,
-            (ablation(SteeringVector.from_shared(direction)),),
+            (ablation(SteeringVector.from_shared(direction), weight),),
             max_new_tokens=recipe.evaluate.max_new_tokens,
             kl_tokens=recipe.evaluate.kl_tokens,
             batch_size=recipe.evaluate.batch_size,
@@ -117,7 +121,8 @@ def main() -> int:
             matcher=is_moralizing if pairs else is_refusal,
         )
         row = {
-            "direction": LABELS.get(method, f"whitened, shrinkage {value}"),
+            "direction": LABELS.get(method, f"whitened, shrinkage {value}")
+            + (f", weight {weight:g}" if weight != 1.0 else ""),
             "spread": round(_spread(direction, positive_rows, negative_rows, covariance), 4),
             RATE[pairs]: round(report.rate, 4),
             "kl_first_token": round(report.kl_first_token, 4),
