@@ -101,6 +101,13 @@ def main() -> int:
         tokens=recipe.evaluate.kl_tokens,
         batch_size=recipe.evaluate.batch_size,
     )
+    options: dict[str, Any] = dict(
+        max_new_tokens=recipe.evaluate.max_new_tokens,
+        kl_tokens=recipe.evaluate.kl_tokens,
+        batch_size=recipe.evaluate.batch_size,
+        matcher=is_moralizing if pairs else is_refusal,
+    )
+    rate = "moralizing_rate" if pairs else "refusal_rate"
     rows: list[dict[str, Any]] = []
     for spec in (v.strip() for v in args.shrinkage.split(",")):
         value, _, weight_text = spec.partition("@")
@@ -114,17 +121,14 @@ def main() -> int:
             harmful,
             harmless,
             (ablation(SteeringVector.from_shared(direction), weight),),
-            max_new_tokens=recipe.evaluate.max_new_tokens,
-            kl_tokens=recipe.evaluate.kl_tokens,
-            batch_size=recipe.evaluate.batch_size,
             continuations=continuations,
-            matcher=is_moralizing if pairs else is_refusal,
+            **options,
         )
         row = {
             "direction": LABELS.get(method, f"whitened, shrinkage {value}")
             + (f", weight {weight:g}" if weight != 1.0 else ""),
             "spread": round(_spread(direction, positive_rows, negative_rows, covariance), 4),
-            RATE[pairs]: round(report.rate, 4),
+            rate: round(report.rate, 4),
             "kl_first_token": round(report.kl_first_token, 4),
             "kl_multi_token": round(report.kl_multi_token, 4),
             "seconds": round(time.perf_counter() - start, 1),
@@ -132,23 +136,15 @@ def main() -> int:
         emit(row)
         rows.append(row)
     if pairs:  # the unedited rate, for reference
-        base = evaluate_rate(
-            handle,
-            harmful,
-            harmless[:1],
-            (),
-            max_new_tokens=recipe.evaluate.max_new_tokens,
-            kl_tokens=recipe.evaluate.kl_tokens,
-            batch_size=recipe.evaluate.batch_size,
-            matcher=is_moralizing,
-        )
-        rows.insert(0, {"direction": "unedited", RATE[pairs]: round(base.rate, 4)})
+        base = evaluate_rate(handle, harmful, harmless[:1], (), **options)
+        rows.insert(0, {"direction": "unedited", rate: round(base.rate, 4)})
         emit(rows[0])
     record = {
         "model": handle.name,
         "recipe": recipe.name,
         "layer": args.layer,
         "position": "reply tokens" if pairs else args.position,
+        "rate": rate,
         "n_harmful": len(harmful),
         "n_harmless": len(harmless),
         "covariance_tokens": sum(len(prompt) - 1 for prompt in negative_prompts),
@@ -163,8 +159,6 @@ def main() -> int:
 
 #: the direction column of methods other than whitened
 LABELS = {"mean_difference": "mean difference", "projected": "projected"}
-#: the rate column, for a prompt recipe (False) or a pairs recipe (True)
-RATE = {False: "refusal_rate", True: "moralizing_rate"}
 
 
 def _spread(
@@ -206,7 +200,7 @@ def _markdown(record: dict[str, Any], command: str, pairs: bool) -> str:
             "train tokens along the direction over the gap between the two train means.",
             table(
                 record["rows"],
-                ["direction", "spread", RATE[pairs], "kl_first_token", "kl_multi_token"],
+                ["direction", "spread", record["rate"], "kl_first_token", "kl_multi_token"],
             ),
             f"Measured on {machine()}.",
             f"Command:\n\n```\n{command}\n```",

@@ -97,20 +97,26 @@ def tensors_digest(path: Path) -> str:
     leaves = safetensors_leaves(header, size) if header else None
     if leaves is None:
         return _plain(path)
-    digests = []
-    with path.open("rb") as handle:
-        mapped = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) if size else None
-        try:
-            view = memoryview(mapped) if mapped is not None else memoryview(b"")
-            for begin, end in leaves:
-                leaf = blake3.blake3(max_threads=blake3.blake3.AUTO)
-                leaf.update(view[begin:end])
-                digests.append(leaf.digest())
-            view.release()
-        finally:
-            if mapped is not None:
-                mapped.close()
-    return tree_root(header, size, digests)
+    return tree_root(header, size, range_digests(path, leaves))
+
+
+def range_digests(path: Path, ranges: Iterable[tuple[int, int]]) -> list[bytes]:
+    """BLAKE3 of each byte range ``[begin, end)`` of a file (a tree's leaves), read through one
+    memory mapping."""
+    ranges = list(ranges)
+    if not ranges:
+        return []
+    found = []
+    with (
+        path.open("rb") as handle,
+        mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as mapped,
+        memoryview(mapped) as view,
+    ):
+        for begin, end in ranges:
+            leaf = blake3.blake3(max_threads=blake3.blake3.AUTO)
+            leaf.update(view[begin:end])
+            found.append(bytes(leaf.digest()))
+    return found
 
 
 def _plain(path: Path) -> str:
@@ -138,6 +144,7 @@ __all__ = [
     "PLAIN",
     "file_digest",
     "new",
+    "range_digests",
     "safetensors_leaves",
     "tensors_digest",
     "tree_root",

@@ -35,8 +35,15 @@ LLAMA_LIKE = ("llama", "mistral", "qwen2")
 GEMMA = ("gemma2", "gemma3_text")
 
 
-def save_source(handle: ModelHandle, directory: Path, **save_kwargs) -> Path:  # type: ignore[no-untyped-def]
-    handle.model.save_pretrained(directory, **save_kwargs)
+def save_source(  # type: ignore[no-untyped-def]
+    handle: ModelHandle, directory: Path, dtype: torch.dtype | None = None, **save_kwargs
+) -> Path:
+    """The handle's model (a copy in ``dtype`` if given) and tokenizer saved as a source."""
+    model = handle.model
+    if dtype is not None:
+        model = copy.deepcopy(model)
+        torch.nn.Module.to(model, dtype)  # in place
+    model.save_pretrained(directory, **save_kwargs)
     handle.tokenizer.save_pretrained(directory)
     return directory
 
@@ -374,8 +381,7 @@ def test_provenance_hashes_are_blake3_tensors_and_older_records_verify(sources, 
 
     handle, _source, direction = sources["qwen2"]
     sharded = tmp_path / "src"
-    copy.deepcopy(handle.model).to(torch.bfloat16).save_pretrained(sharded, max_shard_size="60KB")
-    handle.tokenizer.save_pretrained(sharded)
+    save_source(handle, sharded, torch.bfloat16, max_shard_size="60KB")
     recipe = {"edits": [{"kind": "ablate", "direction": str(direction), "layers": [1]}]}
     out = bake(str(sharded), recipe, tmp_path / "out")
     path = out / "steer_provenance.json"
@@ -529,8 +535,7 @@ def test_weight_hash_from_the_bake_pass_equals_the_handle(sources, tmp_path, dty
     source) combine to the loaded model's weight hash, which the provenance then records."""
     handle, _source, _direction = sources["qwen2"]
     sharded = tmp_path / "src"
-    copy.deepcopy(handle.model).to(dtype).save_pretrained(sharded, max_shard_size="60KB")
-    handle.tokenizer.save_pretrained(sharded)
+    save_source(handle, sharded, dtype, max_shard_size="60KB")
     assert len(list(sharded.glob("*.safetensors"))) > 2
     loaded = load_model(sharded, dtype=dtype)
     assert loaded.weight_hash == handle.weight_hash  # bf16 rounding: same hash either way
@@ -557,8 +562,7 @@ def test_a_checked_bf16_bake_hashes_each_source_byte_once(sources, tmp_path, mon
 
     handle, _source, _direction = sources["qwen2"]
     bf16 = tmp_path / "src"
-    copy.deepcopy(handle.model).to(torch.bfloat16).save_pretrained(bf16, max_shard_size="60KB")
-    handle.tokenizer.save_pretrained(bf16)
+    save_source(handle, bf16, torch.bfloat16, max_shard_size="60KB")
     direction = save_vector(tmp_path / "d", random_vector(1), handle=load_model(bf16))
     hashed = [0]
     update = tensor_io.BackgroundHash.update

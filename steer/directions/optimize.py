@@ -34,6 +34,7 @@ from steer.artifacts import load_vector, save_vector
 from steer.directions.api import (
     Prepared,
     filtered_train_activations,
+    pair_activations,
     prepare,
     whitening_covariances,
 )
@@ -81,8 +82,6 @@ def layer_directions(handle: ModelHandle, prepared: Prepared) -> SteeringVector:
     batch = prepared.recipe.search.batch_size
     covariances = None
     if prepared.recipe.kind is RecipeKind.PAIRS:
-        from steer.directions.api import pair_activations
-
         positive, negative = pair_activations(handle, prepared, batch)
     else:
         positive, negative, negative_prompts = filtered_train_activations(handle, prepared, (-1,))
