@@ -26,7 +26,11 @@ from typing import Any
 import torch
 
 from steer import kvcache
-from steer.errors import InvalidArgumentError, ResourceExhaustedError
+from steer.errors import (
+    FailedPreconditionError,
+    InvalidArgumentError,
+    ResourceExhaustedError,
+)
 from steer.interventions import Intervention, InterventionPlan, Phase, build_plan, validate
 from steer.models import ModelHandle
 from steer.runtime import attach
@@ -72,9 +76,11 @@ class GenerationEvent:
     token_ids: tuple[int, ...] = ()
     text: str = ""
     top_logprobs: tuple[tuple[int, float], ...] = ()
-    finish_reason: str | None = None  # "stop" | "length" | "cancelled"
+    finish_reason: str | None = None  # "stop" | "length" | "cancelled" | "error"
     usage: Usage | None = None
     seed: int | None = None
+    #: why this request failed (finish_reason "error"); the other rows of its batch go on
+    error: BaseException | None = None
 
 
 @dataclass(frozen=True)
@@ -205,6 +211,8 @@ class _Row:
     #: per-row sampler state (Mirostat's mu, resolved DRY breakers)
     sampler_state: SamplerState = field(default_factory=SamplerState)
     banned: BannedStrings | None = None
+    #: set when this row failed on its own (finish_reason "error")
+    error: BaseException | None = None
 
 
 class Engine:
@@ -324,6 +332,8 @@ class Engine:
         results = []
         for request_id in ids:
             final = finals[request_id]
+            if final.error is not None:
+                raise final.error
             assert final.usage is not None and final.finish_reason is not None
             assert final.seed is not None
             results.append(
@@ -390,7 +400,7 @@ class Engine:
         )
         for row in self._rows:
             row.position += 1
-        return [self._advance(row, logits[i]) for i, row in enumerate(self._rows)]
+        return [self._advance_or_fail(row, logits[i]) for i, row in enumerate(self._rows)]
 
     def _admit(self) -> list[GenerationEvent]:
         with self._lock:
@@ -398,39 +408,71 @@ class Engine:
             new_rows, self._waiting = self._waiting[:free], self._waiting[free:]
         if not new_rows:
             return []
+        events: list[GenerationEvent] = []
+        for group in self._prefill_groups(new_rows, events):
+            events.extend(self._join(*group))
+        self._remove_finished(force_replan=True)
+        return events
+
+    def _prefill_groups(
+        self, rows: list[_Row], events: list[GenerationEvent]
+    ) -> Iterator[tuple[list[_Row], torch.Tensor, Any, torch.Tensor]]:
+        """Prefill ``rows`` together; if that raises, each row alone, so that a row whose
+        interventions cannot be built or run fails by itself (an event in ``events``) and the
+        others are admitted as if it had never been there."""
+        try:
+            yield (rows, *self._prefill(rows))
+            return
+        except Exception as error:
+            if len(rows) == 1:
+                events.append(self._fail_row(rows[0], error))
+                return
+        for row in rows:
+            try:
+                prefilled = self._prefill([row])
+            except Exception as error:  # this row's own failure
+                events.append(self._fail_row(row, error))
+                continue
+            yield ([row], *prefilled)
+
+    def _prefill(self, rows: Sequence[_Row]) -> tuple[torch.Tensor, Any, torch.Tensor]:
+        """One forward pass over the prompts of ``rows``: (last logits, new cache, mask)."""
         from transformers.cache_utils import DynamicCache
 
-        width = max(len(row.prompt_ids) for row in new_rows)
+        width = max(len(row.prompt_ids) for row in rows)
         pad = self.handle.pad_token_id
-        input_ids = torch.tensor(
-            [[pad] * (width - len(r.prompt_ids)) + r.prompt_ids for r in new_rows]
-        )
+        input_ids = torch.tensor([[pad] * (width - len(r.prompt_ids)) + r.prompt_ids for r in rows])
         mask = torch.tensor(
-            [[0] * (width - len(r.prompt_ids)) + [1] * len(r.prompt_ids) for r in new_rows]
+            [[0] * (width - len(r.prompt_ids)) + [1] * len(r.prompt_ids) for r in rows]
         )
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         cache = DynamicCache(config=self.handle.model.config)
-        plan = self._build_plan(new_rows)
+        plan = self._build_plan(rows)
         speakers: list[list[str | None]] | None = None
         if plan.needs_speakers:
             padding: list[str | None] = [None] * width
             speakers = [
                 padding[: width - len(r.prompt_ids)]
                 + list(r.request.speakers or padding[: len(r.prompt_ids)])
-                for r in new_rows
+                for r in rows
             ]
         logits = self._forward(input_ids, mask, positions, cache, plan, Phase.PROMPT, speakers)
+        return logits, cache, mask
+
+    def _join(
+        self, rows: list[_Row], logits: torch.Tensor, cache: Any, mask: torch.Tensor
+    ) -> list[GenerationEvent]:
+        """Draw the first token of prefilled ``rows`` and merge them into the running batch."""
         events = []
-        for index, row in enumerate(new_rows):
+        for index, row in enumerate(rows):
             row.position = len(row.prompt_ids)
-            events.append(self._advance(row, logits[index]))
+            events.append(self._advance_or_fail(row, logits[index]))
         if self._rows:
             assert self._mask is not None
             self._cache, self._mask = kvcache.merge(self._cache, self._mask, cache, mask)
         else:
             self._cache, self._mask = cache, mask
-        self._rows.extend(new_rows)
-        self._remove_finished(force_replan=True)
+        self._rows.extend(rows)
         return events
 
     def _build_plan(self, rows: Sequence[_Row]) -> InterventionPlan:
@@ -442,9 +484,24 @@ class Engine:
             self.handle.device,
         )
 
+    def _advance_or_fail(self, row: _Row, logits: torch.Tensor) -> GenerationEvent:
+        """:meth:`_advance`; an exception there belongs to this row (its sampler settings, or
+        activations its interventions drove out of range) and fails it alone."""
+        try:
+            return self._advance(row, logits)
+        except Exception as error:
+            return self._fail_row(row, error)
+
+    def _fail_row(self, row: _Row, error: BaseException) -> GenerationEvent:
+        row.finish_reason = "error"
+        row.error = error
+        return self._final_event(row, "")
+
     def _advance(self, row: _Row, logits: torch.Tensor) -> GenerationEvent:
         """Choose the next token of ``row`` from its logits and turn it into an event."""
         request = row.request
+        if not bool(torch.isfinite(logits).all()):
+            raise _non_finite(request)
         token = self._choose(row, logits)
         row.generated.append(token)
         top: tuple[tuple[int, float], ...] = ()
@@ -504,6 +561,7 @@ class Engine:
             finish_reason=row.finish_reason,
             usage=Usage(len(row.prompt_ids), len(row.generated)),
             seed=row.seed,
+            error=row.error,
         )
 
     def _remove_finished(self, force_replan: bool = False) -> None:
@@ -520,6 +578,16 @@ class Engine:
             )
             self._rows = [self._rows[i] for i in keep]
         self._plan = self._build_plan(self._rows)
+
+
+def _non_finite(request: GenerationRequest) -> Exception:
+    if request.interventions:
+        return InvalidArgumentError(
+            "this request's interventions drove the model's activations to inf or NaN; "
+            "lower their strength or weight",
+            field="interventions",
+        )
+    return FailedPreconditionError("the model produced inf or NaN logits for this prompt")
 
 
 def _with_id(request: GenerationRequest, request_id: str) -> GenerationRequest:

@@ -21,7 +21,6 @@ given.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -30,6 +29,7 @@ import torch
 
 from steer.errors import InvalidArgumentError
 from steer.hooks import HookKind, HookPoint, HookResolver
+from steer.limits import MAX_INTERVENTION_MAGNITUDE, finite
 from steer.vectors import SteeringVector
 
 
@@ -49,13 +49,8 @@ ABLATION_KINDS = (HookKind.RESID_PRE, HookKind.ATTN_OUT, HookKind.MLP_OUT)
 
 
 def _check_finite(value: float, field_name: str) -> float:
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise InvalidArgumentError(f"expected a number, got {value!r}", field=field_name) from None
-    if not math.isfinite(number):
-        raise InvalidArgumentError(f"must be finite, got {value!r}", field=field_name)
-    return number
+    """A strength, weight or slider value: finite and within MAX_INTERVENTION_MAGNITUDE."""
+    return finite(value, field_name, magnitude=MAX_INTERVENTION_MAGNITUDE)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -58,15 +58,16 @@ from typing import Any, Protocol
 import torch
 
 from steer.errors import InvalidArgumentError
+from steer.limits import MAX_LOGIT_BIAS, MAX_PENALTY, MAX_TEMPERATURE, MIN_TEMPERATURE, finite
 
 #: default DRY sequence breakers (SillyTavern's): newline, colon, quote, asterisk
 DRY_SEQUENCE_BREAKERS = ("\n", ":", '"', "*")
 
 
 def _number(value: Any, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    if not isinstance(value, (int, float)):
         raise InvalidArgumentError(f"must be a finite number, got {value!r}", field=name)
-    return float(value)
+    return finite(value, name)
 
 
 def _integer(value: Any, name: str, minimum: int = 0) -> int:
@@ -125,27 +126,32 @@ class SamplingConfig:
     def __post_init__(self) -> None:
         self._coerce()
         numbers = {
-            "temperature": (0.0, math.inf, " (0 = greedy)"),
+            "temperature": (0.0, MAX_TEMPERATURE, " (0 = greedy)"),
             "top_p": (0.0, 1.0, ""),
             "min_p": (0.0, 1.0, ""),
             "typical_p": (0.0, 1.0, ""),
             "tfs": (0.0, 1.0, ""),
             "top_a": (0.0, 1.0, ""),
-            "mirostat_tau": (0.0, math.inf, ""),
+            "mirostat_tau": (0.0, 100.0, " bits"),
             "mirostat_eta": (0.0, 1.0, ""),
-            "repetition_penalty": (0.0, math.inf, ""),
+            "repetition_penalty": (0.01, 100.0, ""),
             "presence_penalty": (-2.0, 2.0, ""),
             "frequency_penalty": (-2.0, 2.0, ""),
-            "dry_multiplier": (0.0, math.inf, ""),
-            "dry_base": (1.0, math.inf, ""),
+            "dry_multiplier": (0.0, 100.0, ""),
+            "dry_base": (1.0, 100.0, ""),
             "xtc_threshold": (0.0, 1.0, ""),
             "xtc_probability": (0.0, 1.0, ""),
         }
         for name, (low, high, note) in numbers.items():
             _in_range(_number(getattr(self, name), name), low, high, name, note)
-        for name in ("top_p", "typical_p", "tfs", "repetition_penalty"):
+        for name in ("top_p", "typical_p", "tfs"):
             if getattr(self, name) == 0:
                 raise InvalidArgumentError("must be > 0", field=name)
+        if 0 < self.temperature < MIN_TEMPERATURE:
+            raise InvalidArgumentError(
+                f"must be 0 (greedy) or at least {MIN_TEMPERATURE:g}, got {self.temperature!r}",
+                field="temperature",
+            )
         for name in ("top_k", "repetition_penalty_range", "dry_range", "min_tokens"):
             _integer(getattr(self, name), name)
         _integer(self.dry_allowed_length, "dry_allowed_length", 1)
@@ -159,7 +165,7 @@ class SamplingConfig:
         for token, bias in self.logit_bias:
             _integer(token, "logit_bias")
             if bias != -math.inf:
-                _number(bias, "logit_bias")
+                finite(bias, "logit_bias", magnitude=MAX_LOGIT_BIAS)
         for name in ("dry_sequence_breakers", "banned_strings"):
             if not all(isinstance(s, str) and s for s in getattr(self, name)):
                 raise InvalidArgumentError("must be non-empty strings", field=name)
@@ -371,9 +377,17 @@ def dry_penalties(
         ):
             length += 1
         if length >= allowed_length:
-            penalty = multiplier * base ** (length - allowed_length)
+            penalty = _dry_penalty(multiplier, base, length - allowed_length)
             penalties[following] = max(penalties.get(following, 0.0), penalty)
     return penalties
+
+
+def _dry_penalty(multiplier: float, base: float, excess: int) -> float:
+    """``multiplier * base^excess``, capped at MAX_PENALTY (computed in log space: no overflow)."""
+    if multiplier <= 0:
+        return 0.0
+    log_penalty = math.log(multiplier) + excess * math.log(base)
+    return math.exp(min(log_penalty, math.log(MAX_PENALTY)))
 
 
 class Dry:
@@ -592,6 +606,19 @@ def process(
     return logits
 
 
+def _mirostat_k(epsilon: float, s_hat: float, mu: float, vocab: int) -> int:
+    """Mirostat 1's ``k = ((e 2^mu) / (1 - N^-e))^(1/s_hat)`` in [1, vocab], overflow-safe."""
+    if abs(epsilon) < 1e-9 or s_hat <= 0:
+        return vocab
+    try:
+        k_float = ((epsilon * 2**mu) / (1 - vocab**-epsilon)) ** (1 / s_hat)
+    except (OverflowError, ZeroDivisionError):
+        return vocab
+    if isinstance(k_float, complex) or not math.isfinite(k_float):
+        return vocab
+    return int(min(max(k_float, 1), vocab))
+
+
 def _mirostat(logits: torch.Tensor, config: SamplingConfig, row: RowContext) -> int:
     state = row.state
     tau, eta = config.mirostat_tau, config.mirostat_eta
@@ -606,11 +633,7 @@ def _mirostat(logits: torch.Tensor, config: SamplingConfig, row: RowContext) -> 
         s_hat = float((t * b).sum() / (t * t).sum()) if len(top) > 1 else 1.0
         epsilon = s_hat - 1
         vocab = probs.numel()
-        if abs(epsilon) < 1e-9 or s_hat <= 0:
-            k = vocab
-        else:
-            k_float = ((epsilon * 2**mu) / (1 - vocab**-epsilon)) ** (1 / s_hat)
-            k = int(min(max(k_float, 1), vocab)) if math.isfinite(k_float) else vocab
+        k = _mirostat_k(epsilon, s_hat, mu, vocab)
         keep = torch.arange(vocab) < k
     else:
         keep = -torch.log2(probs) <= mu

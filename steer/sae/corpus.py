@@ -125,6 +125,8 @@ def generate_corpus(
     with tqdm(total=len(ids), desc="generating corpus", unit="text", disable=not progress) as bar:
         while engine.has_work:
             for event in engine.step():
+                if event.error is not None:
+                    raise event.error
                 texts.setdefault(event.request_id, []).append(event.text)
                 if event.finish_reason is not None:
                     bar.update(1)

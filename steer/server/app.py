@@ -3,10 +3,17 @@
 Services are registered from their proto descriptors: each rpc named in a ``service`` block is
 served by the servicer method of the same name, wrapped by :func:`~steer.server.status.guard`.
 Adding an rpc is: declare it in the proto, regenerate the stubs, add the method.
+
+The server is ``grpc.aio`` on an event loop thread of its own. An open stream is a coroutine
+waiting on its subscription, not a thread, so a client holding hundreds of streams costs memory
+and queue places, never the threads that health checks and other rpcs need; the per-model queue
+limit (``max_waiting``) is what refuses, with RESOURCE_EXHAUSTED. Blocking unary rpcs run in the
+loop's default executor (``worker_threads`` threads).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 from collections.abc import Callable, Mapping
@@ -78,6 +85,20 @@ def service_handler(module: ModuleType, name: str, servicer: object) -> grpc.Gen
     return grpc.method_handlers_generic_handler(service.full_name, handlers)
 
 
+def _bind(server: grpc.aio.Server, settings: ServerSettings) -> int:
+    address = settings.address
+    if settings.tls_cert is not None and settings.tls_key is not None:
+        credentials = grpc.ssl_server_credentials(
+            [(settings.tls_key.read_bytes(), settings.tls_cert.read_bytes())]
+        )
+        port = server.add_secure_port(address, credentials)
+    else:
+        port = server.add_insecure_port(address)
+    if port == 0:
+        raise OSError(f"could not bind {address}")
+    return port
+
+
 class SteerServer:
     """The service. Construct with already loaded models (tests) or load them by name.
 
@@ -99,9 +120,12 @@ class SteerServer:
         self.saes = SaeRegistry(self.settings.models_root)
         self.jobs = JobRunner()
         self.draining = threading.Event()
-        self.health = health.HealthServicer(experimental_non_blocking=True)
+        self.health = health.aio.HealthServicer()
         self.port: int | None = None
-        self._server: grpc.Server | None = None
+        self._server: grpc.aio.Server | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_thread: threading.Thread | None = None
+        self._stopped = threading.Event()
         for model_id, handle in (models or {}).items():
             self.registry.add(model_id, handle)
 
@@ -129,20 +153,35 @@ class SteerServer:
         ]
 
     def start(self) -> int:
-        """Bind and start serving; returns the bound port."""
+        """Bind and start serving on an event loop thread of its own; returns the bound port."""
+        loop = asyncio.new_event_loop()
+        thread = threading.Thread(target=loop.run_forever, name="steer-grpc-loop", daemon=True)
+        thread.start()
+        self._loop, self._loop_thread = loop, thread
+        try:
+            port = asyncio.run_coroutine_threadsafe(self._start(), loop).result()
+        except BaseException:
+            self._close_loop()
+            raise
+        log.info("serving on %s:%d", self.settings.host, port)
+        return port
+
+    async def _start(self) -> int:
         settings = self.settings
-        interceptors = [TokenAuthInterceptor(settings.token)] if settings.token else []
-        server = grpc.server(
+        # blocking unary rpcs (file I/O, tokenising, loading) run here; streams hold no thread
+        asyncio.get_running_loop().set_default_executor(
             futures.ThreadPoolExecutor(
                 max_workers=settings.worker_threads, thread_name_prefix="steer-rpc"
-            ),
+            )
+        )
+        interceptors = [TokenAuthInterceptor(settings.token)] if settings.token else []
+        server = grpc.aio.server(
             interceptors=interceptors,
             options=[
                 ("grpc.max_receive_message_length", settings.max_message_bytes),
                 ("grpc.max_send_message_length", settings.max_message_bytes),
                 ("grpc.so_reuseport", 0),
             ],
-            maximum_concurrent_rpcs=settings.worker_threads - 4,
         )
         names = []
         for module, name, servicer in self._services():
@@ -150,7 +189,7 @@ class SteerServer:
             names.append(module.DESCRIPTOR.services_by_name[name].full_name)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         for name in ["", *names]:
-            self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         reflection.enable_server_reflection(
             [
                 *names,
@@ -159,19 +198,9 @@ class SteerServer:
             ],
             server,
         )
-        address = settings.address
-        if settings.tls_cert is not None and settings.tls_key is not None:
-            credentials = grpc.ssl_server_credentials(
-                [(settings.tls_key.read_bytes(), settings.tls_cert.read_bytes())]
-            )
-            port = server.add_secure_port(address, credentials)
-        else:
-            port = server.add_insecure_port(address)
-        if port == 0:
-            raise OSError(f"could not bind {address}")
-        server.start()
+        port = _bind(server, settings)
+        await server.start()
         self._server, self.port = server, port
-        log.info("serving on %s:%d", settings.host, port)
         return port
 
     @property
@@ -182,16 +211,31 @@ class SteerServer:
         """Graceful shutdown: health NOT_SERVING, no new streams, open ones get ``grace`` s."""
         grace = self.settings.shutdown_grace if grace is None else grace
         self.draining.set()
-        self.health.enter_graceful_shutdown()
+        loop = self._loop
+        if loop is not None:
+            asyncio.run_coroutine_threadsafe(self.health.enter_graceful_shutdown(), loop).result()
         self.registry.close(grace)
         self.jobs.close()
-        if self._server is not None:
-            self._server.stop(grace=1.0).wait()
+        if loop is not None and self._server is not None:
+            asyncio.run_coroutine_threadsafe(self._server.stop(1.0), loop).result()
             self._server = None
+        self._close_loop()
+
+    def _close_loop(self) -> None:
+        loop, thread = self._loop, self._loop_thread
+        if loop is None or thread is None:
+            return
+        asyncio.run_coroutine_threadsafe(loop.shutdown_default_executor(), loop).result()
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join()
+        loop.close()
+        self._loop = self._loop_thread = None
+        self._stopped.set()
 
     def wait(self) -> None:
-        if self._server is not None:
-            self._server.wait_for_termination()
+        """Block until :meth:`stop` has finished."""
+        if self._loop is not None:
+            self._stopped.wait()
 
     def __enter__(self) -> SteerServer:
         self.start()

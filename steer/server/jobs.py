@@ -8,9 +8,11 @@ run through it.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import itertools
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from enum import StrEnum
@@ -57,12 +59,29 @@ class _Job:
         self.cancelled = threading.Event()
         self.changed = threading.Condition()
         self.version = 0
+        #: asyncio watchers: (their loop, the event to set on the next change)
+        self.waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = []
 
     def update(self, **changes: object) -> None:
         with self.changed:
             self.snapshot = replace(self.snapshot, **changes)  # type: ignore[arg-type]
             self.version += 1
             self.changed.notify_all()
+            waiters, self.waiters = self.waiters, []
+        for loop, event in waiters:
+            with contextlib.suppress(RuntimeError):  # that loop is closed: nobody waits
+                loop.call_soon_threadsafe(event.set)
+
+    async def changed_since(self, version: int) -> None:
+        """Return once the job's version is past ``version`` (no thread waits)."""
+        loop = asyncio.get_running_loop()
+        while True:
+            event = asyncio.Event()
+            with self.changed:
+                if self.version != version:
+                    return
+                self.waiters.append((loop, event))
+            await event.wait()
 
 
 class JobRunner:
@@ -139,6 +158,19 @@ class JobRunner:
                 seen, snapshot = job.version, job.snapshot
             if not is_active():
                 return
+            yield snapshot
+            if snapshot.state.done:
+                return
+
+    async def watch_async(self, job_id: str) -> AsyncIterator[JobSnapshot]:
+        """:meth:`watch` for an event loop: the job's state now and after every change, until
+        it is done; a watcher that goes away is simply no longer awaited."""
+        job = self._job(job_id)
+        seen = -1
+        while True:
+            await job.changed_since(seen)
+            with job.changed:
+                seen, snapshot = job.version, job.snapshot
             yield snapshot
             if snapshot.state.done:
                 return

@@ -31,12 +31,14 @@ thread: see that function for why.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import queue
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
@@ -97,25 +99,51 @@ class Subscription:
     """The events of one or more requests submitted together, in arrival order.
 
     Iterating yields ``(index, event)`` where ``index`` is the request's position in the
-    submitted list, until every request has its final event. An engine failure is raised.
+    submitted list, until every request has its final event. Iterate it from a thread, or with
+    ``async for`` when it was submitted with an event ``loop`` (then no thread waits on it). A
+    request that failed on its own raises its error; an engine failure is raised too.
     """
 
-    def __init__(self, worker: ModelWorker, request_ids: Sequence[str]) -> None:
+    def __init__(
+        self,
+        worker: ModelWorker,
+        request_ids: Sequence[str],
+        loop: asyncio.AbstractEventLoop | None = None,
+    ) -> None:
         self._worker = worker
         self.request_ids = tuple(request_ids)
         self._index = {request_id: i for i, request_id in enumerate(request_ids)}
+        self._loop = loop
         self.queue: queue.SimpleQueue[GenerationEvent | BaseException] = queue.SimpleQueue()
+        self._async_queue: asyncio.Queue[GenerationEvent | BaseException] = asyncio.Queue()
         self._open = set(request_ids)
+
+    def put(self, item: GenerationEvent | BaseException) -> None:
+        """Hand an event (or the engine's failure) to the reader; called by the engine thread."""
+        if self._loop is None:
+            self.queue.put(item)
+            return
+        with contextlib.suppress(RuntimeError):  # a closed loop: nobody reads this any more
+            self._loop.call_soon_threadsafe(self._async_queue.put_nowait, item)
+
+    def _take(self, item: GenerationEvent | BaseException) -> tuple[int, GenerationEvent]:
+        if isinstance(item, BaseException):
+            self._open.clear()
+            raise item
+        if item.finish_reason is not None:
+            self._open.discard(item.request_id)
+        if item.error is not None:
+            self._open.clear()
+            raise item.error
+        return self._index[item.request_id], item
 
     def __iter__(self) -> Iterator[tuple[int, GenerationEvent]]:
         while self._open:
-            item = self.queue.get()
-            if isinstance(item, BaseException):
-                self._open.clear()
-                raise item
-            if item.finish_reason is not None:
-                self._open.discard(item.request_id)
-            yield self._index[item.request_id], item
+            yield self._take(self.queue.get())
+
+    async def __aiter__(self) -> AsyncIterator[tuple[int, GenerationEvent]]:
+        while self._open:
+            yield self._take(await self._async_queue.get())
 
     def cancel(self) -> None:
         """Free this subscription's rows at the next step (no-op once they finished)."""
@@ -161,8 +189,13 @@ class ModelWorker:
 
     # -- requests ---------------------------------------------------------------------------
 
-    def submit(self, requests: Sequence[GenerationRequest]) -> Subscription:
-        """Queue ``requests`` together (all or none); their events arrive on one subscription."""
+    def submit(
+        self,
+        requests: Sequence[GenerationRequest],
+        loop: asyncio.AbstractEventLoop | None = None,
+    ) -> Subscription:
+        """Queue ``requests`` together (all or none); their events arrive on one subscription
+        (read with ``async for`` on ``loop`` when it is given)."""
         prepared = [self._encode(request) for request in requests]
         with self._lock:
             if self._closing:
@@ -173,7 +206,7 @@ class ModelWorker:
                     f"{self.handle.name!r}; retry later",
                     field="queue",
                 )
-            subscription = Subscription(self, [r.request_id for r in prepared])
+            subscription = Subscription(self, [r.request_id for r in prepared], loop)
             submitted: list[str] = []
             try:
                 for request in prepared:
@@ -301,9 +334,11 @@ class ModelWorker:
                     self._subscriptions.pop(event.request_id, None)
                     if event.finish_reason == "cancelled":
                         self.stats.cancelled_total += 1
+                    elif event.finish_reason == "error":
+                        self.stats.failed_total += 1
                 self.stats.tokens_total += len(event.token_ids)
                 if subscription is not None:
-                    subscription.queue.put(event)
+                    subscription.put(event)
 
     def _fail_engine(self, engine: Engine, error: BaseException) -> None:
         log.warning("engine step failed for %s: %r; restarting its batch", self.handle.name, error)
@@ -316,7 +351,7 @@ class ModelWorker:
                     self.handle, max_batch=self.max_batch, max_waiting=self.max_waiting
                 )
         for subscription in {id(s): s for s in failed.values()}.values():
-            subscription.queue.put(error)
+            subscription.put(error)
 
     # -- shutdown ---------------------------------------------------------------------------
 

@@ -7,12 +7,13 @@ and answers UNIMPLEMENTED.
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import importlib
 import json
 import threading
 import tomllib
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,12 +32,14 @@ from steer.server.jobs import JobRunner
 from steer.server.paths import check_id, confine, confine_recipe
 from steer.server.registry import ModelRegistry
 from steer.server.saes import LoadedSae, SaeRegistry
+from steer.server.scheduler import Subscription
 from steer.server.settings import ServerSettings
 from steer.server.status import (
     AlreadyExistsError,
     ClientCancelledError,
     UnavailableError,
     UnimplementedError,
+    inline,
 )
 from steer.server.store import ArtifactStore
 
@@ -53,18 +56,25 @@ class GenerationServicer:
         self.registry, self.store, self.saes = registry, store, saes
         self.settings, self.draining = settings, draining
 
-    def Generate(
-        self, request: generation_pb2.GenerateRequest, context: grpc.ServicerContext
-    ) -> Iterator[generation_pb2.GenerateResponse]:
+    async def Generate(
+        self, request: generation_pb2.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[generation_pb2.GenerateResponse]:
         if self.draining.is_set():
             raise UnavailableError("the server is shutting down")
         loaded = self.registry.get(request.model)
-        with loaded.worker.arrival():  # an idle engine waits for requests sent together
-            plan = convert.generation_plan(request, loaded, self.store, self.saes, self.settings)
-            subscription = loaded.worker.submit(plan.requests)
-        context.add_callback(subscription.cancel)
-        try:
-            for index, event in subscription:
+        loop = asyncio.get_running_loop()
+
+        def prepare() -> tuple[convert.GenerationPlan, Subscription]:
+            # converting and tokenising are blocking work: a thread, not the event loop
+            with loaded.worker.arrival():  # an idle engine waits for requests sent together
+                plan = convert.generation_plan(
+                    request, loaded, self.store, self.saes, self.settings
+                )
+                return plan, loaded.worker.submit(plan.requests, loop)
+
+        plan, subscription = await loop.run_in_executor(None, prepare)
+        try:  # a client that goes away cancels this coroutine; its rows go at the next step
+            async for index, event in subscription:
                 yield convert.generate_response(event, plan.sides[index])
         finally:
             subscription.cancel()
@@ -74,6 +84,7 @@ class ModelsServicer:
     def __init__(self, registry: ModelRegistry, saes: SaeRegistry) -> None:
         self.registry, self.saes = registry, saes
 
+    @inline
     def List(
         self, request: models_pb2.ListModelsRequest, context: grpc.ServicerContext
     ) -> models_pb2.ListModelsResponse:
@@ -95,6 +106,7 @@ class ModelsServicer:
         self.saes.forget_model(unloaded.handle)
         return models_pb2.UnloadModelResponse()
 
+    @inline
     def Info(
         self, request: models_pb2.ModelInfoRequest, context: grpc.ServicerContext
     ) -> models_pb2.ModelInfo:
@@ -106,8 +118,8 @@ class FeaturesServicer:
 
     The library calls run on the model's engine thread between two steps
     (:meth:`~steer.server.scheduler.ModelWorker.call`): their hooks attach to the modules the
-    running batch's forward passes use. The handler thread waits; a client that goes away before
-    its call starts takes the call off the queue.
+    running batch's forward passes use. The handler coroutine awaits the result (no thread
+    waits); a client that goes away before its call starts takes the call off the queue.
     """
 
     def __init__(self, registry: ModelRegistry, saes: SaeRegistry, settings: ServerSettings):
@@ -137,13 +149,13 @@ class FeaturesServicer:
         self.saes.unload(request.sae_id)
         return features_pb2.UnloadSaeResponse()
 
-    def Activations(
-        self, request: features_pb2.ActivationsRequest, context: grpc.ServicerContext
+    async def Activations(
+        self, request: features_pb2.ActivationsRequest, context: grpc.aio.ServicerContext
     ) -> features_pb2.ActivationsResponse:
         from steer.sae.features import encode_texts, top_features
 
         entry = self.saes.get(request.sae_id)
-        (text,) = convert.texts([request.text], entry.handle, self.settings, "text")
+        (text,) = await self._texts(entry, [request.text], "text")
         k = request.k or convert.DEFAULT_FEATURES
 
         def read() -> features_pb2.ActivationsResponse:
@@ -153,44 +165,41 @@ class FeaturesServicer:
                 (encoded,) = encode_texts(entry.handle, entry.sae, [text], field_name="text")
             return convert.activations_response(top, encoded, k)
 
-        return self._on_model(entry, read, context)
+        return await self._on_model(entry, read)
 
-    def Search(
-        self, request: features_pb2.SearchRequest, context: grpc.ServicerContext
+    async def Search(
+        self, request: features_pb2.SearchRequest, context: grpc.aio.ServicerContext
     ) -> features_pb2.RankedFeatures:
         from steer.sae.features import search
 
         entry = self.saes.get(request.sae_id)
-        examples = convert.texts(request.examples, entry.handle, self.settings, "examples")
+        examples = await self._texts(entry, request.examples, "examples")
         k = request.k or convert.DEFAULT_FEATURES
-        return self._on_model(
-            entry,
-            lambda: convert.ranked_features(search(entry.handle, entry.sae, examples, k)),
-            context,
+        return await self._on_model(
+            entry, lambda: convert.ranked_features(search(entry.handle, entry.sae, examples, k))
         )
 
-    def Contrast(
-        self, request: features_pb2.ContrastRequest, context: grpc.ServicerContext
+    async def Contrast(
+        self, request: features_pb2.ContrastRequest, context: grpc.aio.ServicerContext
     ) -> features_pb2.RankedFeatures:
         from steer.sae.features import contrast
 
         entry = self.saes.get(request.sae_id)
-        set_a = convert.texts(request.set_a, entry.handle, self.settings, "set_a")
-        set_b = convert.texts(request.set_b, entry.handle, self.settings, "set_b")
+        set_a = await self._texts(entry, request.set_a, "set_a")
+        set_b = await self._texts(entry, request.set_b, "set_b")
         k = request.k or convert.DEFAULT_FEATURES
-        return self._on_model(
+        return await self._on_model(
             entry,
             lambda: convert.ranked_features(contrast(entry.handle, entry.sae, set_a, set_b, k)),
-            context,
         )
 
-    def Info(
-        self, request: features_pb2.FeatureInfoRequest, context: grpc.ServicerContext
+    async def Info(
+        self, request: features_pb2.FeatureInfoRequest, context: grpc.aio.ServicerContext
     ) -> features_pb2.FeatureInfo:
         from steer.sae.features import feature_info
 
         entry = self.saes.get(request.sae_id)
-        corpus = convert.texts(request.corpus, entry.handle, self.settings, "corpus")
+        corpus = await self._texts(entry, request.corpus, "corpus")
         # unset (0) counts take the library's defaults
         counts = {
             name: getattr(request, name)
@@ -202,18 +211,20 @@ class FeaturesServicer:
             info = feature_info(entry.handle, entry.sae, request.feature, corpus=corpus, **counts)
             return convert.feature_info(info)
 
-        return self._on_model(entry, read, context)
+        return await self._on_model(entry, read)
 
-    def _on_model(
-        self, entry: LoadedSae, read: Callable[[], Any], context: grpc.ServicerContext
-    ) -> Any:
-        """Run ``read`` on the engine thread of the SAE's model and wait for its result."""
+    async def _texts(self, entry: LoadedSae, values: Sequence[str], field: str) -> list[str]:
+        """The request's texts within the server's limits (tokenised in a thread)."""
+        return await asyncio.to_thread(convert.texts, values, entry.handle, self.settings, field)
+
+    async def _on_model(self, entry: LoadedSae, read: Callable[[], Any]) -> Any:
+        """Run ``read`` on the engine thread of the SAE's model and await its result; a client
+        that goes away before the call starts takes it off the queue."""
         model = self.registry.get(entry.model_id)
         entry.check_model(model.handle, model.model_id, field="sae_id")
         future = model.worker.call(read)
-        context.add_callback(future.cancel)
         try:
-            return future.result()
+            return await asyncio.wrap_future(future)
         except concurrent.futures.CancelledError:
             raise ClientCancelledError("cancelled before it ran") from None
 
@@ -359,10 +370,10 @@ class JobsServicer:
     def Get(self, request: jobs_pb2.JobRequest, context: grpc.ServicerContext) -> jobs_pb2.Job:
         return convert.job(self.jobs.get(request.job_id))
 
-    def Watch(
-        self, request: jobs_pb2.JobRequest, context: grpc.ServicerContext
-    ) -> Iterator[jobs_pb2.Job]:
-        for snapshot in self.jobs.watch(request.job_id, context.is_active):
+    async def Watch(
+        self, request: jobs_pb2.JobRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[jobs_pb2.Job]:
+        async for snapshot in self.jobs.watch_async(request.job_id):
             yield convert.job(snapshot)
 
     def Cancel(self, request: jobs_pb2.JobRequest, context: grpc.ServicerContext) -> jobs_pb2.Job:

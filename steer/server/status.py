@@ -12,10 +12,12 @@ re-raise the same typed exception with the same ``field``.
 
 from __future__ import annotations
 
+import asyncio
 import functools
+import inspect
 import logging
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import grpc
@@ -80,11 +82,11 @@ def status_of(error: BaseException) -> tuple[grpc.StatusCode, str, str | None]:
     return grpc.StatusCode.INTERNAL, f"internal error (incident {incident}; see server log)", None
 
 
-def abort(context: grpc.ServicerContext, error: BaseException) -> None:
+async def abort(context: grpc.aio.ServicerContext, error: BaseException) -> None:
     code, message, field = status_of(error)
     if field:
         context.set_trailing_metadata(((FIELD_KEY, field),))
-    context.abort(code, message)
+    await context.abort(code, message)
 
 
 def _check_request(request: Any) -> None:
@@ -96,26 +98,47 @@ class _MalformedRequest(SteerError):
     status_code = "INVALID_ARGUMENT"
 
 
+def inline(method: Callable[..., Any]) -> Callable[..., Any]:
+    """Mark a synchronous servicer method cheap and non-blocking: it runs on the event loop
+    itself, so it answers even while every blocking-rpc thread is busy (Models.Info, List)."""
+    method.steer_inline = True  # type: ignore[attr-defined]
+    return method
+
+
 def guard(method: Callable[..., Any], streaming: bool) -> Callable[..., Any]:
-    """Wrap one servicer method so every exception becomes its status code."""
+    """Wrap one servicer method for the asyncio server; every exception becomes its status.
+
+    Streaming methods are async generators: a waiting stream holds no thread. Unary methods are
+    coroutines, :func:`inline` functions, or ordinary functions, which run in the loop's default
+    executor (a bounded pool of threads for blocking work: file I/O, tokenising, jobs).
+    """
     if streaming:
+        if not inspect.isasyncgenfunction(method):
+            raise TypeError(f"{method.__qualname__}: a streaming rpc must be an async generator")
 
         @functools.wraps(method)
-        def stream(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+        async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
             try:
                 _check_request(request)
-                yield from method(request, context)
+                async for item in method(request, context):
+                    yield item
             except Exception as error:
-                abort(context, error)
+                await abort(context, error)
 
         return stream
 
     @functools.wraps(method)
-    def unary(request: Any, context: grpc.ServicerContext) -> Any:
+    async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
         try:
             _check_request(request)
-            return method(request, context)
+            if inspect.iscoroutinefunction(method):
+                return await method(request, context)
+            if getattr(method, "steer_inline", False):
+                return method(request, context)
+            return await asyncio.get_running_loop().run_in_executor(
+                None, functools.partial(method, request, context)
+            )
         except Exception as error:
-            abort(context, error)
+            await abort(context, error)
 
     return unary

@@ -1,0 +1,42 @@
+"""Numeric bounds on what a request may ask for, so that everything accepted stays computable.
+
+A value a user sends (a strength, a temperature, a penalty) is checked here once, with the field
+named, before it reaches a tensor. The bounds are wide enough for any setting that steers or
+samples meaningfully and narrow enough that float32 (and float16/bfloat16 plans) cannot overflow
+on the way: a strength of 1e308 is not a steering setting, it is a NaN generator.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from steer.errors import InvalidArgumentError
+
+#: largest |strength|, |weight|, |value| or |factor| of an intervention; well inside float16
+MAX_INTERVENTION_MAGNITUDE = 1e4
+#: smallest non-zero temperature: below it z / T overflows float32 for ordinary logits
+MIN_TEMPERATURE = 1e-4
+#: largest temperature (the distribution is uniform long before this)
+MAX_TEMPERATURE = 1e4
+#: largest |logit bias| (OpenAI allows 100); -inf is accepted as "never"
+MAX_LOGIT_BIAS = 1e3
+#: largest penalty any one penalising sampler subtracts from a logit (DRY's grows geometrically)
+MAX_PENALTY = 1e6
+
+
+def finite(value: Any, field: str, *, magnitude: float | None = None) -> float:
+    """``value`` as a float, refused unless it is a finite number (and ``|value| <= magnitude``)."""
+    if isinstance(value, bool):
+        raise InvalidArgumentError(f"expected a number, got {value!r}", field=field)
+    try:
+        number = float(value)
+    except (TypeError, ValueError, OverflowError):
+        raise InvalidArgumentError(f"expected a number, got {value!r}", field=field) from None
+    if not math.isfinite(number):
+        raise InvalidArgumentError(f"must be finite, got {value!r}", field=field)
+    if magnitude is not None and abs(number) > magnitude:
+        raise InvalidArgumentError(
+            f"must be within [-{magnitude:g}, {magnitude:g}], got {value!r}", field=field
+        )
+    return number
