@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import importlib.util
 import json
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -13,10 +14,12 @@ from test_server import direction_artifact, make_settings
 from tiny import tiny_handle
 
 from steer.artifacts import load_vector
-from steer.client import InvalidArgument, SteerClient, ablate
+from steer.client import AlreadyExists, InvalidArgument, SteerClient, ablate
+from steer.errors import NotFoundError
 from steer.models import ModelHandle, load_model
 from steer.proto.v1 import jobs_pb2
 from steer.server import SteerServer
+from steer.server.jobs import JobRunner, JobState
 
 
 def _has(module: str) -> bool:
@@ -108,9 +111,9 @@ def test_bake_job_writes_model_under_the_root(client: SteerClient, served: Steer
     json.loads(final.result_metadata)
     baked = load_model(served.settings.models_root / final.result)
     assert isinstance(baked, ModelHandle) and baked.d_model == 64
-    again = list(client.watch_job(client.bake("tiny-llama", recipe, "baked/tiny-ablated").job_id))
-    assert again[-1].state == jobs_pb2.JOB_STATE_FAILED  # exists, no overwrite
-    assert again[-1].error_code in ("ALREADY_EXISTS", "FAILED_PRECONDITION", "INVALID_ARGUMENT")
+    with pytest.raises(AlreadyExists) as exists:  # refused at once, not a job that fails later
+        client.bake("tiny-llama", recipe, "baked/tiny-ablated")
+    assert exists.value.field == "output"
 
 
 @pytest.mark.skipif(not _has("steer.bake.api"), reason="bake library not present")
@@ -126,3 +129,33 @@ def test_bake_paths_are_confined(client: SteerClient) -> None:
     with pytest.raises(InvalidArgument) as edit:
         client.bake("tiny-llama", sneaky, "baked/y")
     assert edit.value.field == "recipe.edits[0].direction"
+
+
+def test_finished_jobs_are_kept_up_to_a_count_running_ones_always() -> None:
+    runner = JobRunner(workers=2, keep_finished=3)
+    release = threading.Event()
+
+    def blocked(
+        progress: Callable[[str, float], None], cancelled: threading.Event
+    ) -> tuple[str, str]:
+        release.wait(30)
+        return "slow", "{}"
+
+    try:
+        slow = runner.start("slow", blocked)
+        quick = [
+            runner.start("quick", lambda _progress, _cancelled: ("ok", "{}")) for _ in range(6)
+        ]
+        for job in quick:
+            assert list(runner.watch(job.job_id))[-1].state is JobState.SUCCEEDED
+        kept = {snapshot.job_id for snapshot in runner.list()}
+        assert kept == {slow.job_id, *(job.job_id for job in quick[-3:])}  # the latest finished
+        with pytest.raises(NotFoundError, match="latest 3 finished"):
+            runner.get(quick[0].job_id)
+        assert runner.get(slow.job_id).state is JobState.RUNNING
+        release.set()
+        assert list(runner.watch(slow.job_id))[-1].state is JobState.SUCCEEDED
+        assert len(runner.list()) == 3 and runner.get(slow.job_id).result == "slow"
+    finally:
+        release.set()
+        runner.close()

@@ -5,14 +5,15 @@ from __future__ import annotations
 import json
 import pathlib
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from steer.bake import provenance
 from steer.bake.control_vector import write_control_vector
 from steer.bake.model import BakeCancelled, BakeOptions, bake_weights, resolve
 from steer.bake.source import open_source
-from steer.errors import InvalidArgumentError
+from steer.errors import FailedPreconditionError, InvalidArgumentError
+from steer.offline import OFFLINE_MODELS, resolve_offline
 from steer.recipes import Recipe, load_recipe, recipe_to_dict
 from steer.vectors import SteeringVector
 
@@ -28,15 +29,25 @@ def bake(
     overwrite: bool = False,
     progress: Callable[[str, float], None] | None = None,
     cancelled: threading.Event | None = None,
+    root: pathlib.Path | None = None,
+    keep: Iterable[pathlib.Path] = (),
+    reserved: Iterable[pathlib.Path] = (),
 ) -> pathlib.Path:
     """Bake ``recipe`` (a TOML path, TOML text or dict) for ``model_source`` into ``out_dir``.
 
     ``output_format``: "model" (sharded safetensors + index + config + tokenizer), "lora" (a PEFT
     adapter on the source) or "control-vector" (a llama.cpp GGUF file at ``out_dir``). The output
-    appears atomically or not at all; ``cancelled`` stops it between tensors.
+    appears atomically or not at all; ``cancelled`` stops it between tensors. ``out_dir`` must
+    pass :func:`check_output` (``root``, ``keep`` and ``reserved`` are its arguments).
     """
     options = BakeOptions(
-        output_format=output_format, overwrite=overwrite, progress=progress, cancelled=cancelled
+        output_format=output_format,
+        overwrite=overwrite,
+        progress=progress,
+        cancelled=cancelled,
+        root=root,
+        keep=tuple(keep),
+        reserved=tuple(reserved),
     )
     return bake_with_options(model_source, load_recipe(recipe), pathlib.Path(out_dir), options)
 
@@ -44,11 +55,14 @@ def bake(
 def bake_with_options(
     model_source: str, recipe: Recipe, out_dir: pathlib.Path, options: BakeOptions
 ) -> pathlib.Path:
-    if options.output_format not in OUTPUT_FORMATS:
-        raise InvalidArgumentError(
-            f"unknown output format {options.output_format!r}; use {', '.join(OUTPUT_FORMATS)}",
-            field="output_format",
-        )
+    check_output(
+        out_dir,
+        output_format=options.output_format,
+        overwrite=options.overwrite,
+        root=options.root,
+        keep=(*options.keep, source_path(model_source)),
+        reserved=options.reserved,
+    )
     if options.output_format == "control-vector":
         return bake_control_vector(model_source, recipe, out_dir, options)
     return bake_weights(model_source, recipe, out_dir, options)
@@ -58,8 +72,9 @@ def bake_control_vector(
     model_source: str, recipe: Recipe, out_path: pathlib.Path, options: BakeOptions
 ) -> pathlib.Path:
     """Additive edits at resid_post (or what is equivalent to it) as one control-vector GGUF."""
-    provenance.check_target(out_path, options.overwrite)
-    source = open_source(model_source, allow_pickle=options.allow_pickle)
+    source = open_source(
+        model_source, allow_pickle=options.allow_pickle, check=options.check_cancelled
+    )
     try:
         config = source.config
         num_layers, d_model = int(config["num_hidden_layers"]), int(config["hidden_size"])
@@ -89,6 +104,104 @@ def bake_control_vector(
         source.close()
 
 
+def source_path(model_source: str) -> pathlib.Path:
+    """Where ``model_source`` (an offline name or a path) is on disk."""
+    if model_source in OFFLINE_MODELS:
+        return resolve_offline(model_source)
+    return pathlib.Path(model_source)
+
+
+def check_output(
+    target: pathlib.Path,
+    *,
+    output_format: str,
+    overwrite: bool,
+    root: pathlib.Path | None = None,
+    keep: Iterable[pathlib.Path] = (),
+    reserved: Iterable[pathlib.Path] = (),
+    field: str = "out_dir",
+) -> None:
+    """Refuse a bake output that could destroy or shadow anything: the one rule the server (at
+    request time and in the job) and the library (so ``steer bake --overwrite`` too) enforce.
+
+    An output is a new directory (a file for a control vector); with ``overwrite`` it may
+    instead replace a previous steer bake output of the same kind and nothing else
+    (:func:`steer.bake.provenance.is_bake_output`). It is never ``root`` itself (when given, the
+    output must lie strictly below it), never a path in ``keep`` (the bake source, what a server
+    serves) or an ancestor of one, never inside ``reserved`` (e.g. the artifact store) or inside
+    another bake output. Messages name paths relative to ``root`` when it is given.
+    """
+    if output_format not in OUTPUT_FORMATS:
+        raise InvalidArgumentError(
+            f"unknown output format {output_format!r}; use {', '.join(OUTPUT_FORMATS)}",
+            field="output_format",
+        )
+    resolved = target.resolve()
+    shown = _shown(resolved, root)
+    if root is not None and root.resolve() not in resolved.parents:
+        raise InvalidArgumentError(
+            f"{shown} is not a new path strictly below the models root", field=field
+        )
+    for path in keep:
+        kept = path.resolve()
+        if resolved == kept or resolved in kept.parents:
+            raise InvalidArgumentError(
+                f"{shown} would replace {_shown(kept, root)}, which must be kept (a bake source, "
+                "a served model, an SAE or the artifact store); choose a new output path",
+                field=field,
+            )
+    _check_ancestors(resolved, shown, root, reserved, field)
+    if target.is_symlink():
+        raise FailedPreconditionError(
+            f"{_shown(target, root)} is a symbolic link; name a new path instead", field=field
+        )
+    directory = output_format != "control-vector"
+    provenance.check_target(resolved, overwrite, directory=directory, shown=shown, field=field)
+
+
+def _check_ancestors(
+    resolved: pathlib.Path,
+    shown: str,
+    root: pathlib.Path | None,
+    reserved: Iterable[pathlib.Path],
+    field: str,
+) -> None:
+    """The output's directories: none reserved or a bake output, the nearest existing one a
+    directory (a file there would fail the bake later)."""
+    for path in reserved:
+        place = path.resolve()
+        if resolved == place or place in resolved.parents:
+            raise InvalidArgumentError(
+                f"{shown} lies in {_shown(place, root)}, which the server manages; choose a path "
+                "outside it",
+                field=field,
+            )
+    for parent in resolved.parents:
+        if parent.is_dir() and provenance.is_bake_output(parent):
+            raise InvalidArgumentError(
+                f"{shown} lies inside the bake output {_shown(parent, root)}; choose a path "
+                "outside it",
+                field=field,
+            )
+        if parent.exists() and not parent.is_dir():
+            raise InvalidArgumentError(
+                f"{_shown(parent, root)} is a file, not a directory", field=field
+            )
+
+
+def _shown(path: pathlib.Path, root: pathlib.Path | None) -> str:
+    """``path`` as a message shows it: relative to ``root`` when given (a server's clients never
+    see its absolute paths)."""
+    if root is None:
+        return str(path)
+    base = root.resolve()
+    if path == base:
+        return "the models root"
+    if base in path.parents:
+        return path.relative_to(base).as_posix()
+    return path.name
+
+
 def recipe_from_flags(
     ablate: list[str], add: list[str], *, variant: str = "standard"
 ) -> Mapping[str, Any]:
@@ -110,4 +223,12 @@ def recipe_from_flags(
     return {"name": "command-line", "edits": edits}
 
 
-__all__ = ["OUTPUT_FORMATS", "BakeCancelled", "bake", "bake_with_options", "recipe_from_flags"]
+__all__ = [
+    "OUTPUT_FORMATS",
+    "BakeCancelled",
+    "bake",
+    "bake_with_options",
+    "check_output",
+    "recipe_from_flags",
+    "source_path",
+]

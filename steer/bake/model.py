@@ -106,10 +106,17 @@ class BakeOptions:
     #: opens output files; tests pass a failing one to simulate a full disk
     opener: Opener = default_opener
     notes: list[str] = field(default_factory=list)
+    #: where outputs may go, see :func:`steer.bake.api.check_output` (a server sets them)
+    root: Path | None = None
+    keep: tuple[Path, ...] = ()
+    reserved: tuple[Path, ...] = ()
 
-    def report(self, stage: str, fraction: float) -> None:
+    def check_cancelled(self) -> None:
         if self.cancelled is not None and self.cancelled.is_set():
             raise BakeCancelled("bake cancelled", field="cancelled")
+
+    def report(self, stage: str, fraction: float) -> None:
+        self.check_cancelled()
         if self.progress is not None:
             self.progress(stage, fraction)
 
@@ -416,6 +423,7 @@ def plan_output(
                 f"{source.model_type} layout",
                 field="model",
             )
+    biases = _source_biases(source, matrices, extra)
 
     shards: dict[str, list[TensorSpec]] = {}
     placed = set()
@@ -442,7 +450,8 @@ def plan_output(
         """The source tensor that output tensor ``name`` is, unedited, if any."""
         if name == "lm_head.weight" and untie:
             return names.embedding
-        edited = name in matrices or (name == names.embedding and plan.edits_embedding)
+        edited = name in matrices or name in biases
+        edited = edited or (name == names.embedding and plan.edits_embedding)
         return None if name in extra or edited else name
 
     copied_from = {
@@ -463,7 +472,9 @@ def plan_output(
             )
             return
         out_dtype = _output_dtype(source.specs[name], dtype)
-        if name == names.embedding and plan.edits_embedding:
+        if name in biases:
+            yield _edited_bias(source, name, *biases[name]).to(out_dtype)
+        elif name == names.embedding and plan.edits_embedding:
             yield from _embedding_chunks(source, name, plan, out_dtype)
         elif name in matrices:
             yield from _edited_matrix(source, name, matrices[name], out_dtype)
@@ -471,6 +482,39 @@ def plan_output(
             yield from _unchanged(source, name, out_dtype)
 
     return OutputLayout(shards, produce, config, copied_from)
+
+
+def _source_biases(
+    source: Source, matrices: dict[str, list[RankOneEdit]], extra: dict[str, torch.Tensor]
+) -> dict[str, tuple[list[RankOneEdit], torch.Tensor | None]]:
+    """Bias tensors the source already has that the bake changes: {name: (edits, added)}.
+
+    A writing matrix's bias is part of what the edited hook sees (``W x + b``), so it takes the
+    matrix's edits as one more column. A source that is itself a bake output (or a Llama with
+    ``mlp_bias``) already has the biases an additive edit would create: the vector is added to
+    the stored one, and zero biases the plan would create are dropped from ``extra`` (the
+    source's are copied), so no tensor is written twice.
+    """
+    biases: dict[str, tuple[list[RankOneEdit], torch.Tensor | None]] = {}
+    for matrix, edits in matrices.items():
+        bias = matrix.removesuffix(".weight") + ".bias"
+        if bias in source.specs:
+            biases[bias] = (edits, None)
+    for bias in [name for name in extra if name in source.specs]:
+        added = extra.pop(bias)
+        edits = biases.get(bias, ([], None))[0]
+        if edits or bool(added.any()):
+            biases[bias] = (edits, added)
+    return biases
+
+
+def _edited_bias(
+    source: Source, name: str, edits: list[RankOneEdit], added: torch.Tensor | None
+) -> torch.Tensor:
+    """A stored bias (d_model,) edited like a matrix column, plus ``added``, in float32."""
+    bias = source.read(name).float()
+    edited = edit_columns_into(bias[:, None], edits, torch.empty(bias.shape[0], 1))[:, 0]
+    return edited if added is None else edited + added.float()
 
 
 def _layer_of(tensor: str) -> int:
@@ -603,6 +647,7 @@ def lora_tensors(
         matrices.append((names.mlp(layer), edits, False))
     if not matrices:
         raise InvalidArgumentError("the recipe edits no matrix", field="recipe")
+    _check_no_biases(source, [name for name, _edits, _embedding in matrices])
     rank = max(len(edits) for _name, edits, _embedding in matrices)
     tensors: dict[str, torch.Tensor] = {}
     modules = []
@@ -623,6 +668,19 @@ def lora_tensors(
             tensors[f"{prefix}.lora_A.weight"] = a.contiguous()
             tensors[f"{prefix}.lora_B.weight"] = b.contiguous()
     return tensors, modules, rank
+
+
+def _check_no_biases(source: Source, matrices: list[str]) -> None:
+    """An edit also projects a matrix's bias (see :func:`_source_biases`); a LoRA has no bias
+    term, so a source whose edited matrix has a non-zero bias is refused."""
+    for name in matrices:
+        bias = name.removesuffix(".weight") + ".bias"
+        if bias in source.specs and bool(source.read(bias).any()):
+            raise InvalidArgumentError(
+                f"the source's {bias} is not zero (e.g. a bake output with an added vector): a "
+                "LoRA adapter cannot edit a bias; export a full model",
+                field="output_format",
+            )
 
 
 def write_lora(
@@ -668,9 +726,10 @@ def bake_weights(model_source: str, recipe: Recipe, out_dir: Path, options: Bake
         raise InvalidArgumentError(
             f"unknown dtype {dtype_name!r}; use {', '.join(DTYPES)}", field="dtype"
         )
-    provenance.check_target(out_dir, options.overwrite)
     options.report("opening source", 0.0)
-    source = open_source(model_source, allow_pickle=options.allow_pickle)
+    source = open_source(
+        model_source, allow_pickle=options.allow_pickle, check=options.check_cancelled
+    )
     try:
         return _bake(source, recipe, out_dir, options, dtype_name)
     finally:

@@ -13,13 +13,16 @@ from __future__ import annotations
 
 import json
 import re
+import threading
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
+from steer.bake.provenance import PROVENANCE
 from steer.bake.tensor_io import SafetensorsReader, SourceBytes, TensorSpec
 from steer.digests import file_digest
 from steer.errors import (
@@ -29,12 +32,21 @@ from steer.errors import (
     UnsupportedArchitectureError,
 )
 from steer.hooks import LAYOUTS
-from steer.models import bfloat16_bytes, combine_weight_digests, tensor_digest
+from steer.models import bfloat16_bytes, combine_weight_digests, tensor_digest, weight_digest
 from steer.offline import OFFLINE_MODELS, resolve_offline
 
 #: files in a model directory that are not weights and travel to the output unchanged
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".msgpack", ".h5")
-SKIP_FILES = {"config.json", "model.safetensors.index.json", "pytorch_model.bin.index.json"}
+#: files not copied: rewritten by the bake, or (a source that is itself a bake output) the
+#: source's provenance, which the output's own record replaces
+SKIP_FILES = {
+    "config.json",
+    "model.safetensors.index.json",
+    "pytorch_model.bin.index.json",
+    PROVENANCE,
+}
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -58,8 +70,8 @@ class Source:
     #: writes tokenizer / generation config into a directory (in-memory sources)
     write_extras: Callable[[Path], None] | None = None
     close: Callable[[], None] = lambda: None
-    #: the model handle's weight hash when it is already known (in-memory sources)
-    known_weight_hash: str | None = None
+    #: computes the weight hash itself (in-memory sources), given the progress callback
+    hash_weights: Callable[[Callable[[float], None] | None], str] | None = None
     #: start hashing source files as they are read in order; then {path: hash or None}
     start_file_hashes: Callable[[], None] = lambda: None
     streamed_file_hashes: Callable[[], dict[Path, str | None]] = dict
@@ -89,8 +101,8 @@ class Source:
 
         Tensors already hashed while reading (after ``start_weight_hashes``) are not read again.
         """
-        if self.known_weight_hash is not None:
-            return self.known_weight_hash
+        if self.hash_weights is not None:
+            return self.hash_weights(progress)
         floating = [name for name in self.specs if self.specs[name].dtype.is_floating_point]
         # state-dict name -> (shape, the stored tensors whose rows make it, in order)
         entries = state_dict_entries(self.model_type, floating, self.specs)
@@ -197,9 +209,14 @@ def _experts_in_order(by_index: dict[int, str], layer: int) -> list[str]:
 
 
 def open_source(
-    model_source: str, *, allow_pickle: bool = False, dtype: torch.dtype = torch.float32
+    model_source: str,
+    *,
+    allow_pickle: bool = False,
+    dtype: torch.dtype = torch.float32,
+    check: Callable[[], None] = lambda: None,
 ) -> Source:
-    """Open an offline model name, a ``.gguf`` file, or a HF model directory."""
+    """Open an offline model name, a ``.gguf`` file, or a HF model directory. ``check`` raises
+    when the caller has given up (a cancelled bake); a slow open calls it between its steps."""
     path = resolve_offline(model_source) if model_source in OFFLINE_MODELS else Path(model_source)
     if not path.exists():
         raise NotFoundError(
@@ -213,7 +230,7 @@ def open_source(
                 f"{path} is a file but not .gguf; pass a model directory or a .gguf file",
                 field="model",
             )
-        return _in_memory_source(model_source, path, allow_pickle=False)
+        return _in_memory_source(model_source, path, allow_pickle=False, check=check)
     if not (path / "config.json").exists():
         raise NotFoundError(f"{path} has no config.json", field="model")
     if any(path.glob("*.safetensors")):
@@ -226,7 +243,7 @@ def open_source(
                 "torch.load(weights_only=True)",
                 field="model",
             )
-        return _in_memory_source(model_source, path, allow_pickle=True)
+        return _in_memory_source(model_source, path, allow_pickle=True, check=check)
     raise NotFoundError(f"no safetensors or .bin weights in {path}", field="model")
 
 
@@ -302,25 +319,46 @@ def _weight_bytes(spec: TensorSpec) -> Callable[[memoryview], memoryview] | None
     return lambda raw: bfloat16_bytes(torch.frombuffer(raw, dtype=spec.dtype))
 
 
-def _in_memory_source(name: str, path: Path, *, allow_pickle: bool) -> Source:
+def _in_memory_source(
+    name: str, path: Path, *, allow_pickle: bool, check: Callable[[], None]
+) -> Source:
     """GGUF or pickled weights: load through transformers (dequantised, float32), then read the
     state dict. GGUF-loaded models refuse save_pretrained, so the config is written without its
-    quantization_config."""
-    from steer.models import load_model
+    quantization_config.
 
-    handle = load_model(str(path), allow_pickle=allow_pickle)
-    state = {key: value for key, value in handle.model.state_dict().items()}
-    config = handle.model.config.to_dict()
+    Opening is a few steps with ``check`` (raises when the bake is cancelled) between them. The
+    transformers calls take seconds each (the load dequantises every tensor in one call), so
+    they run on a helper thread that ``check`` is polled beside (:func:`_run_checked`); the
+    tokenizer is read only when the output is written, the weight hash only when a direction
+    asks for it, tensor by tensor with ``check`` between tensors.
+    """
+    check()
+    model = _run_checked(lambda: _load_model(path, allow_pickle=allow_pickle), check)
+    state = dict(model.state_dict())
+    config = model.config.to_dict()
     config.pop("quantization_config", None)
     config["dtype"] = "float32"
     if config.get("tie_word_embeddings") and "lm_head.weight" in state:
         del state["lm_head.weight"]  # tied: the file stores the embedding once
     specs = {key: TensorSpec(key, t.dtype, tuple(t.shape)) for key, t in state.items()}
-    weight_hash = handle.weight_hash
 
     def write_extras(directory: Path) -> None:
-        handle.tokenizer.save_pretrained(str(directory))
-        handle.model.generation_config.save_pretrained(str(directory))
+        tokenizer = _run_checked(lambda: _load_tokenizer(path), check)
+        tokenizer.save_pretrained(str(directory))
+        model.generation_config.save_pretrained(str(directory))
+
+    def hash_weights(progress: Callable[[float], None] | None) -> str:
+        # what ModelHandle.weight_hash computes for this model, one tensor at a time
+        entries = sorted((key, t) for key, t in model.state_dict().items() if t.is_floating_point())
+
+        def tensors() -> Iterator[tuple[str, tuple[int, ...], Iterable[torch.Tensor]]]:
+            for index, (key, tensor) in enumerate(entries):
+                check()
+                yield key, tuple(tensor.shape), (tensor.detach(),)
+                if progress is not None:
+                    progress((index + 1) / len(entries))
+
+        return weight_digest(tensors())
 
     return Source(
         name=name,
@@ -331,8 +369,53 @@ def _in_memory_source(name: str, path: Path, *, allow_pickle: bool) -> Source:
         read_rows=lambda tensor, start, stop: state[tensor][start:stop].detach().cpu(),
         files=[path] if path.is_file() else [*sorted(path.glob("*.bin")), path / "config.json"],
         write_extras=write_extras,
-        known_weight_hash=weight_hash,
+        hash_weights=hash_weights,
     )
+
+
+def _load_model(path: Path, *, allow_pickle: bool) -> Any:
+    """The model of a GGUF file or a pickled checkpoint directory, float32 on the CPU."""
+    from transformers import AutoModelForCausalLM
+
+    common: dict[str, Any] = {"dtype": torch.float32, "device_map": "cpu"}
+    if path.is_file():
+        return AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, **common)
+    if not allow_pickle:  # open_source checked it; kept beside the call that unpickles
+        raise FailedPreconditionError(f"{path} holds pickled weights", field="model")
+    # transformers reads .bin with torch.load(weights_only=True)
+    return AutoModelForCausalLM.from_pretrained(path, use_safetensors=False, **common)
+
+
+def _load_tokenizer(path: Path) -> Any:
+    from transformers import AutoTokenizer
+
+    if path.is_file():
+        return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    return AutoTokenizer.from_pretrained(path)
+
+
+def _run_checked(step: Callable[[], T], check: Callable[[], None], poll: float = 0.05) -> T:
+    """``step()``, run on a helper thread while this one calls ``check`` every ``poll`` seconds.
+
+    A step that cannot stop midway (a transformers load) then no longer delays a cancel: the
+    ``check`` that raises ends the wait at once, and the abandoned step finishes on its own
+    thread, its result dropped.
+    """
+    future: Future[T] = Future()
+
+    def run() -> None:
+        try:
+            future.set_result(step())
+        except BaseException as error:  # handed to the waiting thread
+            future.set_exception(error)
+
+    threading.Thread(target=run, name="steer-bake-open", daemon=True).start()
+    while True:
+        check()
+        try:
+            return future.result(timeout=poll)
+        except TimeoutError:
+            continue
 
 
 def _split(specs: dict[str, TensorSpec], max_bytes: int = 2 << 30) -> dict[str, list[str]]:

@@ -26,6 +26,7 @@ from google.protobuf import message_factory
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from steer.bake.provenance import remove_stale_under
 from steer.models import ModelHandle
 from steer.proto.v1 import (
     bake_pb2,
@@ -119,6 +120,7 @@ class SteerServer:
         self.store = ArtifactStore(self.settings.artifacts_dir)
         self.saes = SaeRegistry(self.settings.models_root)
         self.jobs = JobRunner()
+        remove_stale_under(self.settings.models_root)  # what bakes killed with a server left
         self.draining = threading.Event()
         self.health = health.aio.HealthServicer()
         self.port: int | None = None
@@ -148,7 +150,7 @@ class SteerServer:
                 "Directions",
                 DirectionsServicer(self.registry, self.store, self.jobs, settings),
             ),
-            (bake_pb2, "Bake", BakeServicer(self.jobs, settings)),
+            (bake_pb2, "Bake", BakeServicer(self.jobs, settings, self.registry, self.saes)),
             (jobs_pb2, "Jobs", JobsServicer(self.jobs)),
         ]
 

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import itertools
 import threading
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
@@ -84,10 +85,20 @@ class _Job:
             await event.wait()
 
 
+#: finished jobs kept for Get / List / Watch; older ones are forgotten (NOT_FOUND)
+KEEP_FINISHED = 256
+
+
 class JobRunner:
-    def __init__(self, workers: int = 1) -> None:
+    """Runs jobs, ``workers`` at once. Queued and running jobs are always kept; of the finished
+    ones only the latest ``keep_finished``, so a long-lived server's job list stays bounded."""
+
+    def __init__(self, workers: int = 1, keep_finished: int = KEEP_FINISHED) -> None:
         self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="steer-job")
         self._jobs: dict[str, _Job] = {}
+        #: ids of finished jobs still kept, oldest first
+        self._finished: OrderedDict[str, None] = OrderedDict()
+        self._keep_finished = keep_finished
         self._ids = itertools.count(1)
         self._lock = threading.Lock()
 
@@ -103,7 +114,7 @@ class JobRunner:
 
     def _run(self, job: _Job, work: Work) -> None:
         if job.cancelled.is_set():
-            job.update(state=JobState.CANCELLED)
+            self._finish(job, state=JobState.CANCELLED)
             return
         job.update(state=JobState.RUNNING)
 
@@ -114,21 +125,38 @@ class JobRunner:
             result, metadata = work(progress, job.cancelled)
         except BaseException as error:  # a job failure is reported, not raised
             if job.cancelled.is_set():
-                job.update(state=JobState.CANCELLED)
+                self._finish(job, state=JobState.CANCELLED)
                 return
             code, message, _field = status_of(error)
-            job.update(state=JobState.FAILED, error_code=code.name, error=message)
+            self._finish(job, state=JobState.FAILED, error_code=code.name, error=message)
             return
         if job.cancelled.is_set():
-            job.update(state=JobState.CANCELLED)
+            self._finish(job, state=JobState.CANCELLED)
             return
-        job.update(state=JobState.SUCCEEDED, progress=1.0, result=result, result_metadata=metadata)
+        self._finish(
+            job, state=JobState.SUCCEEDED, progress=1.0, result=result, result_metadata=metadata
+        )
+
+    def _finish(self, job: _Job, **changes: object) -> None:
+        """Set the job's final state, then forget the oldest finished jobs beyond the limit."""
+        job.update(**changes)
+        job_id = job.snapshot.job_id
+        with self._lock:
+            if job_id not in self._jobs or job_id in self._finished:
+                return  # already forgotten, or finished twice (cancelled while queued)
+            self._finished[job_id] = None
+            while len(self._finished) > self._keep_finished:
+                oldest, _ = self._finished.popitem(last=False)
+                del self._jobs[oldest]
 
     def _job(self, job_id: str) -> _Job:
         with self._lock:
             job = self._jobs.get(job_id)
         if job is None:
-            raise NotFoundError(f"no job {job_id!r}", field="job_id")
+            raise NotFoundError(
+                f"no job {job_id!r} (the latest {self._keep_finished} finished jobs are kept)",
+                field="job_id",
+            )
         return job
 
     def get(self, job_id: str) -> JobSnapshot:
@@ -142,7 +170,7 @@ class JobRunner:
         job = self._job(job_id)
         job.cancelled.set()
         if job.snapshot.state is JobState.QUEUED:
-            job.update(state=JobState.CANCELLED)
+            self._finish(job, state=JobState.CANCELLED)
         return job.snapshot
 
     def watch(

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from steer.errors import InvalidArgumentError, NotFoundError
+from steer.errors import InvalidArgumentError, NotFoundError, SteerError
 
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
@@ -105,3 +107,25 @@ def _is_builtin(value: str) -> bool:
     if value in _BUILTIN_DATA:
         return True
     return value.startswith("recipes:") and bool(_ID.match(value.removeprefix("recipes:")))
+
+
+def hide_root(text: str, root: Path) -> str:
+    """``text`` with the models root's absolute path taken out: a path under the root appears
+    relative to it, the root itself as ``.``. Error details and job results reach clients, who
+    name paths relative to the root and need not learn where it is on the server."""
+    for prefix in sorted({str(root.resolve()), str(root.absolute())}, key=len, reverse=True):
+        text = text.replace(prefix + os.sep, "")
+        # the root itself, where its path ends (not the start of /srv/models2)
+        text = re.sub(re.escape(prefix) + r"(?![\w.-])", ".", text)
+    return text
+
+
+@contextmanager
+def root_hidden(root: Path) -> Iterator[None]:
+    """Re-raise a :class:`~steer.errors.SteerError` with :func:`hide_root` applied to its
+    message (libraries name the absolute paths the server handed them)."""
+    try:
+        yield
+    except SteerError as error:
+        error.message = hide_root(error.message, root)
+        raise

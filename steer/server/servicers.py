@@ -29,7 +29,7 @@ from steer.proto.v1 import (
 )
 from steer.server import convert
 from steer.server.jobs import JobRunner
-from steer.server.paths import check_id, confine, confine_recipe
+from steer.server.paths import check_id, confine, confine_recipe, hide_root, root_hidden
 from steer.server.registry import ModelRegistry
 from steer.server.saes import LoadedSae, SaeRegistry
 from steer.server.scheduler import Subscription
@@ -326,41 +326,80 @@ class DirectionsServicer:
 
 
 class BakeServicer:
-    def __init__(self, jobs: JobRunner, settings: ServerSettings) -> None:
-        self.jobs, self.settings = jobs, settings
+    """Bakes as jobs. The output rule (:func:`steer.bake.api.check_output`) runs when the
+    request arrives, so an existing or forbidden output is refused with its status code, and
+    again in the job: an output is a new path strictly below the models root that holds none of
+    what the server keeps (the artifact store, loaded SAEs and models, the bake source), and
+    ``overwrite`` replaces only a previous bake output."""
+
+    def __init__(
+        self, jobs: JobRunner, settings: ServerSettings, registry: ModelRegistry, saes: SaeRegistry
+    ) -> None:
+        self.jobs, self.settings, self.registry, self.saes = jobs, settings, registry, saes
 
     def Bake(self, request: Any, context: grpc.ServicerContext) -> jobs_pb2.Job:
         api = _library("steer.bake.api", "baking")
         root = self.settings.models_root
-        from steer.offline import OFFLINE_MODELS
-
-        if request.model_source in OFFLINE_MODELS:
-            source = request.model_source
-        else:
-            source = str(confine(root, request.model_source, field="model_source"))
-        recipe = _recipe(request, self.settings)
-        if not request.output:
-            raise InvalidArgumentError("required", field="output")
-        output = confine(root, request.output, field="output", must_exist=False)
-        check_id(output.name, field="output")
-        output_format = request.output_format or "model"
+        with root_hidden(root):
+            source = self._source(request.model_source)
+            recipe = _recipe(request, self.settings)
+            if not request.output:
+                raise InvalidArgumentError("required", field="output")
+            output = confine(root, request.output, field="output", must_exist=False)
+            check_id(output.name, field="output")
+            rules = {
+                "root": root,
+                "keep": (*self._kept(), api.source_path(source)),
+                "reserved": (self.settings.artifacts_dir,),
+            }
+            output_format = request.output_format or "model"
+            api.check_output(
+                output,
+                output_format=output_format,
+                overwrite=request.overwrite,
+                field="output",
+                **rules,
+            )
 
         def work(
             progress: Callable[[str, float], None], cancelled: threading.Event
         ) -> tuple[str, str]:
-            out = api.bake(
-                source,
-                recipe,
-                output,
-                output_format=output_format,
-                overwrite=request.overwrite,
-                progress=progress,
-                cancelled=cancelled,
-            )
+            with root_hidden(root):
+                out = api.bake(
+                    source,
+                    recipe,
+                    output,
+                    output_format=output_format,
+                    overwrite=request.overwrite,
+                    progress=progress,
+                    cancelled=cancelled,
+                    **rules,
+                )
             out = Path(out)
-            return str(out.resolve().relative_to(root.resolve())), _sidecar_json(out)
+            relative = str(out.resolve().relative_to(root.resolve()))
+            return relative, hide_root(_sidecar_json(out), root)
 
         return convert.job(self.jobs.start("bake", work))
+
+    def _source(self, model_source: str) -> str:
+        from steer.offline import OFFLINE_MODELS
+
+        if model_source in OFFLINE_MODELS:
+            return model_source
+        return str(confine(self.settings.models_root, model_source, field="model_source"))
+
+    def _kept(self) -> list[Path]:
+        """What no bake output may replace or contain: the artifact store, the directories of
+        loaded SAEs and the sources of loaded models."""
+        from steer.offline import OFFLINE_MODELS
+
+        root = self.settings.models_root
+        sources = [loaded.source for loaded in self.registry.all().values()]
+        return [
+            self.settings.artifacts_dir,
+            *(root / sae.path for sae in self.saes.all()),
+            *(root / source for source in sources if source not in OFFLINE_MODELS),
+        ]
 
 
 class JobsServicer:
