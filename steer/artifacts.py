@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +27,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from steer.errors import FailedPreconditionError, InvalidArgumentError, NotFoundError
+from steer.json_input import json_type, parse_object
 from steer.models import WEIGHT_HASH_FORMAT, ModelHandle, stale_weight_hash_hint
 from steer.vectors import SteeringVector
 
@@ -92,40 +94,141 @@ def save_vector(
 
 
 def load_vector(
-    path: str | Path, *, handle: ModelHandle | None = None, allow_other_model: bool = False
+    path: str | Path,
+    *,
+    handle: ModelHandle | None = None,
+    allow_other_model: bool = False,
+    where: str | None = None,
 ) -> VectorArtifact:
-    """Read a vector artifact; with ``handle``, check it was made for that model."""
+    """Read a vector artifact; with ``handle``, check it was made for that model.
+
+    Everything is checked before anything is returned: ``steer.json`` is a JSON object whose keys
+    have their types, the tensors are named ``layer.<L>`` or ``shared`` and hold float vectors
+    of the width the sidecar records. A bad artifact raises :class:`InvalidArgumentError` whose
+    field names the file (``steer_json.model``, ``vectors_safetensors``). ``where`` is how
+    messages name the directory (default: its path); files inside it are named relative to it.
+    """
     directory = Path(path)
+    where = where or str(directory)
     if not (directory / SIDECAR).exists() or not (directory / TENSORS).exists():
-        raise NotFoundError(f"{directory} is not a steer vector artifact", field="artifact")
+        raise NotFoundError(
+            f"{where} is not a steer vector artifact ({SIDECAR} or {TENSORS} is missing)",
+            field="artifact",
+        )
+    metadata = _read_sidecar(directory, where)
+    vector = _read_vector(directory, where, name=metadata.get("name") or "")
+    d_model = metadata.get("d_model")
+    if d_model is not None and d_model != vector.d_model:
+        raise InvalidArgumentError(
+            f"{where}: {SIDECAR} records d_model {d_model} but the vectors in {TENSORS} have "
+            f"{vector.d_model}",
+            field="steer_json.d_model",
+        )
+    if handle is not None:
+        check_model(metadata, handle, allow_other_model=allow_other_model, where=where)
+    return VectorArtifact(vector, metadata)
+
+
+#: steer.json keys steer reads, and the type each must have when present (null = absent)
+_SIDECAR_TYPES: dict[str, type] = {
+    "format": str,
+    "format_version": int,
+    "name": str,
+    "kind": str,
+    "d_model": int,
+    "model": dict,
+    "hooks": list,
+    "metrics": dict,
+    "notes": list,
+}
+#: the keys of its "model" record (see :func:`model_identity`)
+_MODEL_TYPES: dict[str, type] = {
+    "name": str,
+    "architecture": str,
+    "d_model": int,
+    "num_layers": int,
+    "weight_hash": str,
+    "weight_hash_format": int,
+}
+_LAYER_TENSOR = re.compile(r"layer\.(0|[1-9][0-9]{0,5})")
+
+
+def _read_sidecar(directory: Path, where: str) -> dict[str, Any]:
     try:
-        metadata = json.loads((directory / SIDECAR).read_text())
-    except json.JSONDecodeError as error:
-        raise InvalidArgumentError(f"{directory / SIDECAR}: {error}", field="artifact") from None
+        source = (directory / SIDECAR).read_bytes()
+    except OSError as error:
+        raise InvalidArgumentError(
+            f"{where}: {SIDECAR} cannot be read ({error.strerror})", field="steer_json"
+        ) from None
+    metadata = parse_object(source, what=f"{where}: {SIDECAR}", field="steer_json")
     if metadata.get("format") != FORMAT:
         raise InvalidArgumentError(
-            f"{directory} has format {metadata.get('format')!r}", field="artifact"
+            f"{where}: {SIDECAR} has format {metadata.get('format')!r}, not {FORMAT!r}",
+            field="steer_json.format",
         )
+    check_types(metadata, _SIDECAR_TYPES, what=f"{where}: {SIDECAR}", field="steer_json")
+    check_model_record(metadata, what=f"{where}: {SIDECAR}", field="steer_json")
+    hooks = metadata.get("hooks") or []
+    if not all(isinstance(hook, str) for hook in hooks):
+        raise InvalidArgumentError(
+            f"{where}: {SIDECAR} key 'hooks' must be a list of hook names (strings)",
+            field="steer_json.hooks",
+        )
+    return metadata
+
+
+def check_types(
+    values: Mapping[str, Any], types: Mapping[str, type], *, what: str, field: str
+) -> None:
+    """Raise unless each key of ``types`` in ``values`` is null/absent or of its type."""
+    for key, expected in types.items():
+        value = values.get(key)
+        wrong = not isinstance(value, expected) or (expected is int and isinstance(value, bool))
+        if value is not None and wrong:
+            raise InvalidArgumentError(
+                f"{what} key {key!r} must be {json_type(expected())}, not {json_type(value)}",
+                field=f"{field}.{key}",
+            )
+
+
+def check_model_record(metadata: Mapping[str, Any], *, what: str, field: str) -> None:
+    """Raise unless a sidecar's ``d_model`` and ``model`` record have the types steer reads."""
+    check_types(metadata, {"d_model": int, "model": dict}, what=what, field=field)
+    model = metadata.get("model") or {}
+    check_types(model, _MODEL_TYPES, what=f"{what} 'model' record", field=f"{field}.model")
+
+
+def _read_vector(directory: Path, where: str, *, name: str) -> SteeringVector:
     try:
         tensors = load_file(str(directory / TENSORS))
     except (SafetensorError, OSError) as error:
         raise InvalidArgumentError(
-            f"{directory / TENSORS} is corrupt: {error}", field="artifact"
+            f"{where}: {TENSORS} is not a safetensors file ({error})", field="vectors_safetensors"
         ) from None
-    per_layer = {}
+    per_layer, shared = {}, None
     for key, value in tensors.items():
-        if key.startswith("layer."):
-            per_layer[int(key.removeprefix("layer."))] = value.float()
-        elif key != "shared":
+        match = _LAYER_TENSOR.fullmatch(key)
+        if key != "shared" and match is None:
             raise InvalidArgumentError(
-                f"unexpected tensor {key!r} in {directory}", field="artifact"
+                f"{where}: unexpected tensor {key!r} in {TENSORS}; expected 'layer.<L>' "
+                "(L a layer number) or 'shared'",
+                field="vectors_safetensors",
             )
-    vector = SteeringVector(
-        per_layer=per_layer, shared=tensors.get("shared"), name=str(metadata.get("name", ""))
-    )
-    if handle is not None:
-        check_model(metadata, handle, allow_other_model=allow_other_model, where=str(directory))
-    return VectorArtifact(vector, metadata)
+        if not value.is_floating_point():
+            raise InvalidArgumentError(
+                f"{where}: tensor {key!r} in {TENSORS} has dtype {value.dtype}, not floats",
+                field="vectors_safetensors",
+            )
+        if match is None:
+            shared = value.float()
+        else:
+            per_layer[int(match[1])] = value.float()
+    try:
+        return SteeringVector(per_layer=per_layer, shared=shared, name=name)
+    except InvalidArgumentError as error:
+        raise InvalidArgumentError(
+            f"{where}: {TENSORS}: {error.message}", field="vectors_safetensors"
+        ) from None
 
 
 def check_model(
@@ -158,9 +261,9 @@ def refresh_model_record(path: str | Path, handle: ModelHandle) -> str:
     Returns what was done; raises FailedPreconditionError when the artifact names other weights.
     """
     directory = Path(path)
-    load_vector(directory, allow_other_model=True)  # a readable artifact, before any change
+    # a readable artifact, before any change
+    metadata = dict(load_vector(directory, allow_other_model=True).metadata)
     sidecar = directory / SIDECAR
-    metadata = json.loads(sidecar.read_text())
     model = metadata.get("model") or {}
     if not model.get("weight_hash"):
         raise FailedPreconditionError(

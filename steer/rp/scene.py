@@ -5,9 +5,10 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, TypeVar
 
 from steer.errors import InvalidArgumentError
+from steer.json_input import json_type
 
 #: what a turn is: an in-character message, out-of-character talk, or an author's note
 TURN_KINDS = ("message", "ooc", "note")
@@ -40,6 +41,7 @@ class Character:
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name.strip():
             raise InvalidArgumentError("a character needs a non-empty name", field="name")
+        _check_text(self, _CHARACTER_TEXTS)
 
     def profile(self) -> str:
         """Description and personality as one text."""
@@ -67,6 +69,9 @@ class Turn:
     length: str | None = None
 
     def __post_init__(self) -> None:
+        _check_text(self, ("speaker", "content", "kind"))
+        if self.length is not None:
+            _check_text(self, ("length",))
         if self.kind not in TURN_KINDS:
             raise InvalidArgumentError(
                 f"unknown kind {self.kind!r}; use {TURN_KINDS}", field="kind"
@@ -119,24 +124,59 @@ class Scene:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Scene:
-        """Build from the JSON shape used in recipes/data/rp_scenarios.jsonl."""
-        try:
-            user = Character(**data.get("user", {"name": "User"}))
-            characters = tuple(Character(**c) for c in data["characters"])
-            turns = tuple(Turn(**t) for t in data.get("turns", ()))
-        except (KeyError, TypeError) as error:
-            raise InvalidArgumentError(f"malformed scene: {error}", field="scene") from None
+        """Build from the JSON shape used in recipes/data/rp_scenarios.jsonl; a malformed part
+        raises InvalidArgumentError naming it (``characters[1].description``)."""
+        user = _built(Character, data.get("user", {"name": "User"}), "user")
+        characters = _built_each(Character, data.get("characters"), "characters")
+        if not characters:
+            raise InvalidArgumentError("a scene needs at least one character", field="characters")
+        turns = _built_each(Turn, data.get("turns", ()), "turns")
+        tags = data.get("tags", ())
+        if not isinstance(tags, (list, tuple)) or not all(isinstance(t, str) for t in tags):
+            raise InvalidArgumentError("tags are a list of strings", field="tags")
+        texts = {key: data.get(key, "") for key in ("scenario", "title", "lore", "system")}
+        for key, value in texts.items():
+            if not isinstance(value, str):
+                raise InvalidArgumentError(f"must be a string, not {json_type(value)}", field=key)
         characters = tuple(c.with_user(user.name) for c in characters)
-        turns = tuple(
-            replace(t, content=substitute(t.content, characters[0].name, user.name)) for t in turns
-        )
-        return cls(
-            characters=characters,
-            user=user,
-            turns=turns,
-            scenario=substitute(str(data.get("scenario", "")), characters[0].name, user.name),
-            title=str(data.get("title", "")),
-            tags=tuple(data.get("tags", ())),
-            lore=str(data.get("lore", "")),
-            system=str(data.get("system", "")),
-        )
+        char = characters[0].name
+        turns = tuple(replace(t, content=substitute(t.content, char, user.name)) for t in turns)
+        texts["scenario"] = substitute(texts["scenario"], char, user.name)
+        return cls(characters=characters, user=user, turns=turns, tags=tuple(tags), **texts)
+
+
+_CHARACTER_TEXTS = (
+    "description",
+    "personality",
+    "scenario",
+    "first_message",
+    "example_dialogue",
+    "system_prompt",
+)
+_Part = TypeVar("_Part", Character, Turn)
+
+
+def _check_text(part: Character | Turn, names: tuple[str, ...]) -> None:
+    for name in names:
+        value = getattr(part, name)
+        if not isinstance(value, str):
+            raise InvalidArgumentError(f"must be a string, not {json_type(value)}", field=name)
+
+
+def _built(kind: type[_Part], value: Any, field: str) -> _Part:
+    """``kind(**value)`` for a JSON object ``value``; its errors name ``field``."""
+    if not isinstance(value, Mapping):
+        raise InvalidArgumentError(f"must be an object, not {json_type(value)}", field=field)
+    try:
+        return kind(**value)
+    except TypeError as error:  # a key it does not have, or a missing name
+        raise InvalidArgumentError(f"malformed: {error}", field=field) from None
+    except InvalidArgumentError as error:
+        inner = f"{field}.{error.field}" if error.field else field
+        raise InvalidArgumentError(error.message, field=inner) from None
+
+
+def _built_each(kind: type[_Part], values: Any, field: str) -> tuple[_Part, ...]:
+    if not isinstance(values, (list, tuple)):
+        raise InvalidArgumentError(f"must be a list, not {json_type(values)}", field=field)
+    return tuple(_built(kind, value, f"{field}[{index}]") for index, value in enumerate(values))

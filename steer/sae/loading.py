@@ -12,7 +12,6 @@ architecture SAELens can run is read by its own code. steer adds:
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,10 +19,12 @@ from typing import Any
 
 import torch
 from sae_lens import SAE
+from safetensors import SafetensorError
 
-from steer.artifacts import check_model
+from steer.artifacts import check_model, check_model_record, check_types
 from steer.errors import FailedPreconditionError, InvalidArgumentError, NotFoundError
 from steer.hooks import HookKind, HookPoint, parse_hook_name
+from steer.json_input import parse_object
 from steer.models import ModelHandle
 
 CONFIG = "cfg.json"
@@ -129,8 +130,11 @@ class SparseAutoencoder:
             rows.append(self.decode(eye) - zero)
         return torch.cat(rows).cpu()
 
-    def check_model(self, handle: ModelHandle, *, allow_other_model: bool = False) -> HookPoint:
-        """Raise unless this SAE reads a hook point of ``handle`` with matching width."""
+    def check_model(
+        self, handle: ModelHandle, *, allow_other_model: bool = False, where: str | None = None
+    ) -> HookPoint:
+        """Raise unless this SAE reads a hook point of ``handle`` with matching width; ``where``
+        names the SAE in messages (default: its path)."""
         point = self.hook_point(handle.num_layers)
         if point.kind not in _RESIDUAL_KINDS or self.d_in != handle.d_model:
             raise InvalidArgumentError(
@@ -139,7 +143,7 @@ class SparseAutoencoder:
                 field="sae.d_in",
             )
         if self.metadata:
-            where = str(self.path) if self.path else "the SAE"
+            where = where or (str(self.path) if self.path else "the SAE")
             check_model(self.metadata, handle, allow_other_model=allow_other_model, where=where)
         return point
 
@@ -150,21 +154,72 @@ def load_sae(
     *,
     hook: str | None = None,
     allow_other_model: bool = False,
+    where: str | None = None,
 ) -> SparseAutoencoder:
     """Load an SAE directory; with ``handle``, check it fits that model.
 
     ``hook`` overrides the hook name stored in the SAE's config (for SAEs saved without one).
+    ``where`` is how messages name the directory (default: its path); files inside it are named
+    relative to it. Files that are not what SAELens writes raise InvalidArgumentError.
     """
     directory = Path(path)
+    where = where or str(directory)
+    if directory.exists() and not directory.is_dir():
+        raise InvalidArgumentError(f"{where} is a file, not an SAE directory", field="sae")
     for name in (CONFIG, WEIGHTS):
         if not (directory / name).is_file():
-            raise NotFoundError(
-                f"{directory} is not an SAE directory: {name} is missing", field="sae"
+            raise NotFoundError(f"{where} is not an SAE directory: {name} is missing", field="sae")
+    _read_config(directory, where)
+    sae = _saelens_load(directory, where)
+    hook_name = hook or sae.cfg.metadata.hook_name
+    if not hook_name:
+        raise InvalidArgumentError(
+            f"{where}: {CONFIG} has no metadata.hook_name; pass the hook it was trained on",
+            field="sae.hook_name",
+        )
+    metadata: dict[str, Any] = {}
+    if (directory / SIDECAR).is_file():
+        metadata = _read_json(directory, SIDECAR, where)
+        if metadata.get("format") != SIDECAR_FORMAT:
+            raise InvalidArgumentError(
+                f"{where}: {SIDECAR} has format {metadata.get('format')!r}", field="sae"
             )
+        check_model_record(metadata, what=f"{where}: {SIDECAR}", field="sae")
+    loaded = SparseAutoencoder(sae, str(hook_name), directory, metadata)
+    if handle is not None:
+        loaded.check_model(handle, allow_other_model=allow_other_model, where=where)
+    return loaded
+
+
+#: cfg.json keys steer checks before SAELens reads them, with their types
+_CONFIG_TYPES: dict[str, type] = {
+    "architecture": str,
+    "d_in": int,
+    "d_sae": int,
+    "metadata": dict,
+    "reshape_activations": str,
+}
+
+
+def _read_json(directory: Path, name: str, where: str) -> dict[str, Any]:
     try:
-        config = json.loads((directory / CONFIG).read_text())
-    except json.JSONDecodeError as error:
-        raise InvalidArgumentError(f"{directory / CONFIG}: {error}", field="sae") from None
+        source = (directory / name).read_bytes()
+    except OSError as error:
+        raise InvalidArgumentError(
+            f"{where}: {name} cannot be read ({error.strerror})", field="sae"
+        ) from None
+    return parse_object(source, what=f"{where}: {name}", field="sae")
+
+
+def _read_config(directory: Path, where: str) -> dict[str, Any]:
+    """cfg.json, with the keys steer relies on checked (SAELens trusts them)."""
+    config = _read_json(directory, CONFIG, where)
+    check_types(config, _CONFIG_TYPES, what=f"{where}: {CONFIG}", field="sae")
+    for key in ("d_in", "d_sae"):
+        if not isinstance(config.get(key), int) or config[key] < 1:
+            raise InvalidArgumentError(
+                f"{where}: {CONFIG} needs {key}, a positive integer", field=f"sae.{key}"
+            )
     architecture = config.get("architecture", "standard")
     if architecture not in SUPPORTED_ARCHITECTURES:
         raise InvalidArgumentError(
@@ -177,26 +232,31 @@ def load_sae(
             "SAEs on attention heads (hook_z) are not supported; use a residual-stream SAE",
             field="sae.hook_name",
         )
-    sae = SAE.load_from_disk(str(directory), device="cpu")
+    return config
+
+
+def _saelens_load(directory: Path, where: str) -> SAE:  # type: ignore[type-arg]
+    """SAELens' own loader; what it trips on (it reads the files unchecked) is the files' fault."""
+    try:
+        sae = SAE.load_from_disk(str(directory), device="cpu")
+    except torch.OutOfMemoryError:
+        raise
+    except (
+        SafetensorError,
+        OSError,
+        LookupError,
+        TypeError,
+        ValueError,
+        AttributeError,
+        RuntimeError,
+    ) as error:
+        detail = str(error).replace(str(directory), where)[:300]
+        raise InvalidArgumentError(
+            f"{where}: SAELens cannot load it ({type(error).__name__}: {detail})", field="sae"
+        ) from None
     sae.eval()
     sae.requires_grad_(False)
-    hook_name = hook or sae.cfg.metadata.hook_name
-    if not hook_name:
-        raise InvalidArgumentError(
-            "the SAE's cfg.json has no metadata.hook_name; pass the hook it was trained on",
-            field="sae.hook_name",
-        )
-    metadata: dict[str, Any] = {}
-    if (directory / SIDECAR).is_file():
-        metadata = json.loads((directory / SIDECAR).read_text())
-        if metadata.get("format") != SIDECAR_FORMAT:
-            raise InvalidArgumentError(
-                f"{directory / SIDECAR} has format {metadata.get('format')!r}", field="sae"
-            )
-    loaded = SparseAutoencoder(sae, str(hook_name), directory, metadata)
-    if handle is not None:
-        loaded.check_model(handle, allow_other_model=allow_other_model)
-    return loaded
+    return sae
 
 
 def load_pretrained_sae(

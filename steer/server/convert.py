@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 from steer.errors import InvalidArgumentError, ResourceExhaustedError, SteerError
 from steer.generation import GenerationEvent, GenerationRequest, Message
 from steer.interventions import Ablate, Add, Intervention, Phase, validate
+from steer.json_input import parse_object
 from steer.models import ModelHandle
 from steer.proto.v1 import directions_pb2, features_pb2, generation_pb2, jobs_pb2, models_pb2
 from steer.sampling import SamplingConfig
@@ -122,12 +123,7 @@ def _roleplay(message: generation_pb2.RolePlayPrompt, handle: ModelHandle) -> di
     from steer.rp.formats import get_format, tokenize
     from steer.rp.scene import Scene
 
-    try:
-        data = json.loads(message.scene_json)
-    except json.JSONDecodeError as error:
-        raise InvalidArgumentError(f"not JSON: {error}", field="roleplay.scene_json") from None
-    if not isinstance(data, dict):
-        raise InvalidArgumentError("must be a JSON object", field="roleplay.scene_json")
+    data = parse_object(message.scene_json, what="the scene", field="roleplay.scene_json")
     try:
         scene = Scene.from_dict(data)
         speaker = message.speaker or scene.characters[0].name
@@ -501,6 +497,10 @@ def feature_info(info: FeatureInfo) -> features_pb2.FeatureInfo:
 
 def artifact_info(artifact_id: str, description: dict[str, Any]) -> directions_pb2.ArtifactInfo:
     return directions_pb2.ArtifactInfo(artifact_id=artifact_id, **description)
+
+
+def broken_artifact(artifact_id: str, reason: str) -> directions_pb2.BrokenArtifact:
+    return directions_pb2.BrokenArtifact(artifact_id=artifact_id, reason=reason)
 
 
 def artifact_files(message: directions_pb2.ArtifactFiles) -> ArtifactFiles:

@@ -24,17 +24,29 @@ def confine(root: Path, relative: str, *, field: str, must_exist: bool = True) -
             "absolute paths are not accepted; give a path relative to the models root", field=field
         )
     base = root.resolve()
-    resolved = (base / candidate).resolve()
+    try:
+        resolved = (base / candidate).resolve()
+        exists = resolved.exists()
+    except (OSError, RuntimeError) as error:  # a name too long; RuntimeError: a symlink loop
+        reason = error.strerror if isinstance(error, OSError) else "a symlink loop"
+        raise InvalidArgumentError(  # not str(error): that shows where the models root is
+            f"{relative[:200]!r} is not a usable path ({reason})", field=field
+        ) from None
     if resolved != base and base not in resolved.parents:
-        raise InvalidArgumentError(f"{relative!r} leaves the models root", field=field)
-    if must_exist and not resolved.exists():
-        raise NotFoundError(f"{relative!r} does not exist under the models root", field=field)
+        raise InvalidArgumentError(f"{relative[:200]!r} leaves the models root", field=field)
+    if must_exist and not exists:
+        raise NotFoundError(f"{relative[:200]!r} does not exist under the models root", field=field)
     return resolved
+
+
+def is_id(value: str) -> bool:
+    """A single safe directory name: letters, digits, '.', '_', '-', not starting with '.'."""
+    return _ID.fullmatch(value) is not None  # match() would accept a trailing newline
 
 
 def check_id(value: str, *, field: str) -> str:
     """An id that is a single safe directory name (letters, digits, '.', '_', '-')."""
-    if not _ID.match(value) or value in (".", ".."):
+    if not is_id(value):
         raise InvalidArgumentError(
             f"invalid id {value!r}: use 1-128 letters, digits, '.', '_' or '-', not starting "
             "with '.', '_' or '-'",

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from steer.errors import FailedPreconditionError, InvalidArgumentError, NotFoundError
 from steer.models import ModelHandle, load_model
 from steer.offline import OFFLINE_MODELS
-from steer.server.paths import check_id, confine
+from steer.server.paths import check_id, confine, root_hidden
 from steer.server.scheduler import ModelWorker, in_short_thread
 from steer.server.settings import ServerSettings
 from steer.server.status import AlreadyExistsError
@@ -71,10 +71,13 @@ class ModelRegistry:
             location: str | Path = source
         else:
             location = confine(self.settings.models_root, source, field="source")
-        handle = in_short_thread(
-            lambda: load_model(location, dtype=dtype or "float32", device=device or "cpu")
-        )
-        return self.add(model_id, handle, source)
+        with root_hidden(self.settings.models_root):
+            handle = in_short_thread(
+                lambda: load_model(location, dtype=dtype or "float32", device=device or "cpu")
+            )
+        # named as the client named it, not by its absolute path on this server (the name
+        # appears in errors and in the artifacts computed with it)
+        return self.add(model_id, replace(handle, name=source), source)
 
     def get(self, model_id: str) -> LoadedModel:
         with self._lock:

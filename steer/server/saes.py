@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 from steer.errors import FailedPreconditionError, NotFoundError, SteerError
 from steer.models import ModelHandle
-from steer.server.paths import check_id, confine
+from steer.server.paths import check_id, confine, root_hidden
 from steer.server.registry import LoadedModel
 from steer.server.scheduler import in_short_thread
 from steer.server.status import AlreadyExistsError
@@ -68,17 +68,22 @@ class SaeRegistry:
                 raise _taken(sae_id)
         from steer.sae import load_sae
 
+        relative = str(directory.relative_to(self.models_root.resolve()))
         try:
-            sae = in_short_thread(  # torch work off the handler thread (see in_short_thread)
-                lambda: load_sae(
-                    directory, model.handle, hook=hook or None, allow_other_model=allow_other_model
+            with root_hidden(self.models_root):
+                sae = in_short_thread(  # torch work off the handler thread (see in_short_thread)
+                    lambda: load_sae(
+                        directory,
+                        model.handle,
+                        hook=hook or None,
+                        allow_other_model=allow_other_model,
+                        where=relative,
+                    )
                 )
-            )
         except SteerError as error:
             if error.field == "sae":  # the directory itself: name the request's field
                 error.field = "path"
             raise
-        relative = str(directory.relative_to(self.models_root.resolve()))
         loaded = LoadedSae(sae_id, model.model_id, model.handle, relative, sae)
         with self._lock:
             if sae_id in self._saes:

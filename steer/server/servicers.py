@@ -19,7 +19,7 @@ from typing import Any
 
 import grpc
 
-from steer.errors import InvalidArgumentError, NotFoundError
+from steer.errors import FailedPreconditionError, InvalidArgumentError, NotFoundError
 from steer.proto.v1 import (
     directions_pb2,
     features_pb2,
@@ -238,14 +238,51 @@ def _recipe(message: Any, settings: ServerSettings) -> dict[str, Any]:
         raise InvalidArgumentError("set recipe_toml or recipe_path", field="recipe")
     if which == "recipe_path":
         path = confine(root, message.recipe_path, field="recipe_path")
-        text, base, field = path.read_text(), path.parent, "recipe_path"
+        text, base, field = _recipe_text(path, message.recipe_path), path.parent, "recipe_path"
     else:
         text, base, field = message.recipe_toml, root, "recipe_toml"
+    return confine_recipe(_parse_recipe(text, field), root, base, settings.artifacts_dir)
+
+
+#: a recipe is a page of TOML; these bound what parsing one may cost (tomllib keeps every prefix
+#: of a dotted key: one key of 10,000 parts, 20 KB of text, takes 400 MB)
+MAX_RECIPE_BYTES = 256 * 1024
+MAX_RECIPE_DOTS = 4096
+
+
+def _recipe_text(path: Path, relative: str) -> str:
+    """The text of the recipe file ``path`` (``relative`` as the request named it)."""
+    if not path.is_file():
+        raise InvalidArgumentError(f"{relative!r} is not a file", field="recipe_path")
+    if path.stat().st_size > MAX_RECIPE_BYTES:
+        raise InvalidArgumentError(
+            f"{relative!r} is larger than a recipe may be ({MAX_RECIPE_BYTES} bytes)",
+            field="recipe_path",
+        )
     try:
-        recipe = tomllib.loads(text)
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
+        return path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise InvalidArgumentError(
+            f"{relative!r} is not UTF-8 text (byte {error.start})", field="recipe_path"
+        ) from None
+    except OSError as error:
+        raise InvalidArgumentError(
+            f"{relative!r} cannot be read ({error.strerror})", field="recipe_path"
+        ) from None
+
+
+def _parse_recipe(text: str, field: str) -> dict[str, Any]:
+    if len(text) > MAX_RECIPE_BYTES or text.count(".") > MAX_RECIPE_DOTS:
+        raise InvalidArgumentError(
+            f"a recipe has at most {MAX_RECIPE_BYTES} characters and {MAX_RECIPE_DOTS} dots",
+            field=field,
+        )
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as error:
         raise InvalidArgumentError(f"not valid TOML: {error}", field=field) from None
-    return confine_recipe(recipe, root, base, settings.artifacts_dir)
+    except RecursionError:
+        raise InvalidArgumentError("not valid TOML: nested too deeply", field=field) from None
 
 
 def _library(module: str, feature: str) -> Any:
@@ -289,22 +326,31 @@ class DirectionsServicer:
         def work(
             progress: Callable[[str, float], None], cancelled: threading.Event
         ) -> tuple[str, str]:
-            out = api.compute(loaded.handle, recipe, target, progress=progress, cancelled=cancelled)
-            return Path(out).name, _sidecar_json(Path(out))
+            root = self.settings.models_root
+            with root_hidden(root):  # the library names the absolute paths the recipe now has
+                out = api.compute(
+                    loaded.handle, recipe, target, progress=progress, cancelled=cancelled
+                )
+            return Path(out).name, hide_root(_sidecar_json(Path(out)), root)
 
         return convert.job(self.jobs.start("directions", work))
 
     def List(
         self, request: directions_pb2.ListArtifactsRequest, context: grpc.ServicerContext
     ) -> directions_pb2.ListArtifactsResponse:
-        infos = []
+        response = directions_pb2.ListArtifactsResponse()
         for artifact_id in self.store.ids():
             try:
                 artifact = self.store.load(artifact_id)
-            except (InvalidArgumentError, NotFoundError):
-                continue  # a half-written or corrupt directory is not listed
-            infos.append(convert.artifact_info(artifact_id, self.store.describe(artifact)))
-        return directions_pb2.ListArtifactsResponse(artifacts=infos)
+            except NotFoundError:
+                continue  # removed since it was listed
+            except FailedPreconditionError as error:  # one broken directory hides no others
+                response.broken.append(convert.broken_artifact(artifact_id, error.message))
+                continue
+            response.artifacts.append(
+                convert.artifact_info(artifact_id, self.store.describe(artifact))
+            )
+        return response
 
     def Get(
         self, request: directions_pb2.GetArtifactRequest, context: grpc.ServicerContext

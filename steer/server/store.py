@@ -11,9 +11,14 @@ from pathlib import Path
 from typing import Any
 
 from steer.artifacts import SIDECAR, TENSORS, VectorArtifact, check_model, load_vector
-from steer.errors import NotFoundError, SteerError
+from steer.errors import (
+    FailedPreconditionError,
+    InvalidArgumentError,
+    NotFoundError,
+    SteerError,
+)
 from steer.models import ModelHandle
-from steer.server.paths import check_id
+from steer.server.paths import check_id, is_id
 from steer.server.status import AlreadyExistsError
 
 
@@ -45,13 +50,11 @@ class ArtifactStore:
         return sorted(
             p.name
             for p in self.root.iterdir()
-            if p.is_dir()
-            and not p.is_symlink()
-            and (p / SIDECAR).exists()
-            and not p.name.startswith(".")
+            if is_id(p.name) and p.is_dir() and not p.is_symlink() and (p / SIDECAR).exists()
         )
 
     def load(self, artifact_id: str, field: str = "artifact_id") -> VectorArtifact:
+        """The artifact ``artifact_id``; a broken one raises FailedPreconditionError (``field``)."""
         directory = self.path(artifact_id, field)
         sidecar = directory / SIDECAR
         if not sidecar.exists():
@@ -61,7 +64,13 @@ class ArtifactStore:
             cached = self._cache.get(artifact_id)
         if cached is not None and cached[0] == stamp:
             return cached[1]
-        artifact = load_vector(directory)
+        try:
+            artifact = load_vector(directory, where=f"artifact {artifact_id!r}")
+        except SteerError as error:  # what is on disk is wrong, not the request
+            raise FailedPreconditionError(
+                f"{error.message}; the artifact is broken (replace it: Upload with overwrite)",
+                field=field,
+            ) from None
         with self._lock:
             self._cache[artifact_id] = (stamp, artifact)
         return artifact
@@ -91,20 +100,21 @@ class ArtifactStore:
         )
 
     def upload(self, files: ArtifactFiles, *, overwrite: bool) -> VectorArtifact:
-        """Write to a temporary directory, validate by loading, then move into place."""
+        """Write to a temporary directory, validate by loading and describing, then move into
+        place; nothing lands unless all of that passed."""
         target = self.path(files.artifact_id, "files.artifact_id")
         if target.exists() and not overwrite:
-            raise AlreadyExistsError(
-                f"artifact {files.artifact_id!r} exists; set overwrite", field="files.artifact_id"
-            )
+            raise _exists(files.artifact_id)
         self.root.mkdir(parents=True, exist_ok=True)
         temp = Path(tempfile.mkdtemp(prefix=".upload-", dir=self.root))
         try:
             (temp / TENSORS).write_bytes(files.vectors_safetensors)
             (temp / SIDECAR).write_bytes(files.steer_json)
-            artifact = load_vector(temp)
+            artifact = _validate_upload(temp, files.artifact_id)
             with self._lock:
                 if target.exists():
+                    if not overwrite:  # another upload of this id won the race
+                        raise _exists(files.artifact_id)
                     shutil.rmtree(target)
                 temp.rename(target)
                 self._cache.pop(files.artifact_id, None)
@@ -124,3 +134,21 @@ class ArtifactStore:
             "model_name": str((metadata.get("model") or {}).get("name", "")),
             "metadata_json": json.dumps(metadata, sort_keys=True, default=str),
         }
+
+
+def _exists(artifact_id: str) -> AlreadyExistsError:
+    return AlreadyExistsError(
+        f"artifact {artifact_id!r} exists; set overwrite", field="files.artifact_id"
+    )
+
+
+def _validate_upload(directory: Path, artifact_id: str) -> VectorArtifact:
+    """The uploaded files as an artifact, read and described the way List, Get and Generate
+    will; a fault names the file (``files.steer_json.model``), not the temporary directory."""
+    try:
+        artifact = load_vector(directory, where=f"uploaded artifact {artifact_id!r}")
+        ArtifactStore.describe(artifact)
+    except SteerError as error:
+        field = f"files.{error.field}" if error.field else "files"
+        raise InvalidArgumentError(error.message, field=field) from None
+    return artifact

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from steer.proto.v1 import jobs_pb2 as steer_dot_v1_dot_jobs__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19steer/v1/directions.proto\x12\x08steer.v1\x1a\x13steer/v1/jobs.proto\"\x88\x01\n\x17\x43omputeDirectionRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x15\n\x0brecipe_toml\x18\x02 \x01(\tH\x00\x12\x15\n\x0brecipe_path\x18\x03 \x01(\tH\x00\x12\x13\n\x0b\x61rtifact_id\x18\x04 \x01(\t\x12\x11\n\toverwrite\x18\x05 \x01(\x08\x42\x08\n\x06recipe\"\x16\n\x14ListArtifactsRequest\"B\n\x15ListArtifactsResponse\x12)\n\tartifacts\x18\x01 \x03(\x0b\x32\x16.steer.v1.ArtifactInfo\")\n\x12GetArtifactRequest\x12\x13\n\x0b\x61rtifact_id\x18\x01 \x01(\t\"\x91\x01\n\x0c\x41rtifactInfo\x12\x13\n\x0b\x61rtifact_id\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\x0f\n\x07\x64_model\x18\x03 \x01(\r\x12\x0e\n\x06layers\x18\x04 \x03(\r\x12\x12\n\nhas_shared\x18\x05 \x01(\x08\x12\x12\n\nmodel_name\x18\x06 \x01(\t\x12\x15\n\rmetadata_json\x18\x07 \x01(\t\"U\n\rArtifactFiles\x12\x13\n\x0b\x61rtifact_id\x18\x01 \x01(\t\x12\x1b\n\x13vectors_safetensors\x18\x02 \x01(\x0c\x12\x12\n\nsteer_json\x18\x03 \x01(\x0c\"R\n\x15UploadArtifactRequest\x12&\n\x05\x66iles\x18\x01 \x01(\x0b\x32\x17.steer.v1.ArtifactFiles\x12\x11\n\toverwrite\x18\x02 \x01(\x08\x32\xd5\x02\n\nDirections\x12;\n\x07\x43ompute\x12!.steer.v1.ComputeDirectionRequest\x1a\r.steer.v1.Job\x12G\n\x04List\x12\x1e.steer.v1.ListArtifactsRequest\x1a\x1f.steer.v1.ListArtifactsResponse\x12;\n\x03Get\x12\x1c.steer.v1.GetArtifactRequest\x1a\x16.steer.v1.ArtifactInfo\x12\x41\n\x06Upload\x12\x1f.steer.v1.UploadArtifactRequest\x1a\x16.steer.v1.ArtifactInfo\x12\x41\n\x08\x44ownload\x12\x1c.steer.v1.GetArtifactRequest\x1a\x17.steer.v1.ArtifactFilesb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19steer/v1/directions.proto\x12\x08steer.v1\x1a\x13steer/v1/jobs.proto\"\x88\x01\n\x17\x43omputeDirectionRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x15\n\x0brecipe_toml\x18\x02 \x01(\tH\x00\x12\x15\n\x0brecipe_path\x18\x03 \x01(\tH\x00\x12\x13\n\x0b\x61rtifact_id\x18\x04 \x01(\t\x12\x11\n\toverwrite\x18\x05 \x01(\x08\x42\x08\n\x06recipe\"\x16\n\x14ListArtifactsRequest\"l\n\x15ListArtifactsResponse\x12)\n\tartifacts\x18\x01 \x03(\x0b\x32\x16.steer.v1.ArtifactInfo\x12(\n\x06\x62roken\x18\x02 \x03(\x0b\x32\x18.steer.v1.BrokenArtifact\"5\n\x0e\x42rokenArtifact\x12\x13\n\x0b\x61rtifact_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\")\n\x12GetArtifactRequest\x12\x13\n\x0b\x61rtifact_id\x18\x01 \x01(\t\"\x91\x01\n\x0c\x41rtifactInfo\x12\x13\n\x0b\x61rtifact_id\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\x0f\n\x07\x64_model\x18\x03 \x01(\r\x12\x0e\n\x06layers\x18\x04 \x03(\r\x12\x12\n\nhas_shared\x18\x05 \x01(\x08\x12\x12\n\nmodel_name\x18\x06 \x01(\t\x12\x15\n\rmetadata_json\x18\x07 \x01(\t\"U\n\rArtifactFiles\x12\x13\n\x0b\x61rtifact_id\x18\x01 \x01(\t\x12\x1b\n\x13vectors_safetensors\x18\x02 \x01(\x0c\x12\x12\n\nsteer_json\x18\x03 \x01(\x0c\"R\n\x15UploadArtifactRequest\x12&\n\x05\x66iles\x18\x01 \x01(\x0b\x32\x17.steer.v1.ArtifactFiles\x12\x11\n\toverwrite\x18\x02 \x01(\x08\x32\xd5\x02\n\nDirections\x12;\n\x07\x43ompute\x12!.steer.v1.ComputeDirectionRequest\x1a\r.steer.v1.Job\x12G\n\x04List\x12\x1e.steer.v1.ListArtifactsRequest\x1a\x1f.steer.v1.ListArtifactsResponse\x12;\n\x03Get\x12\x1c.steer.v1.GetArtifactRequest\x1a\x16.steer.v1.ArtifactInfo\x12\x41\n\x06Upload\x12\x1f.steer.v1.UploadArtifactRequest\x1a\x16.steer.v1.ArtifactInfo\x12\x41\n\x08\x44ownload\x12\x1c.steer.v1.GetArtifactRequest\x1a\x17.steer.v1.ArtifactFilesb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,15 +37,17 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LISTARTIFACTSREQUEST']._serialized_start=199
   _globals['_LISTARTIFACTSREQUEST']._serialized_end=221
   _globals['_LISTARTIFACTSRESPONSE']._serialized_start=223
-  _globals['_LISTARTIFACTSRESPONSE']._serialized_end=289
-  _globals['_GETARTIFACTREQUEST']._serialized_start=291
-  _globals['_GETARTIFACTREQUEST']._serialized_end=332
-  _globals['_ARTIFACTINFO']._serialized_start=335
-  _globals['_ARTIFACTINFO']._serialized_end=480
-  _globals['_ARTIFACTFILES']._serialized_start=482
-  _globals['_ARTIFACTFILES']._serialized_end=567
-  _globals['_UPLOADARTIFACTREQUEST']._serialized_start=569
-  _globals['_UPLOADARTIFACTREQUEST']._serialized_end=651
-  _globals['_DIRECTIONS']._serialized_start=654
-  _globals['_DIRECTIONS']._serialized_end=995
+  _globals['_LISTARTIFACTSRESPONSE']._serialized_end=331
+  _globals['_BROKENARTIFACT']._serialized_start=333
+  _globals['_BROKENARTIFACT']._serialized_end=386
+  _globals['_GETARTIFACTREQUEST']._serialized_start=388
+  _globals['_GETARTIFACTREQUEST']._serialized_end=429
+  _globals['_ARTIFACTINFO']._serialized_start=432
+  _globals['_ARTIFACTINFO']._serialized_end=577
+  _globals['_ARTIFACTFILES']._serialized_start=579
+  _globals['_ARTIFACTFILES']._serialized_end=664
+  _globals['_UPLOADARTIFACTREQUEST']._serialized_start=666
+  _globals['_UPLOADARTIFACTREQUEST']._serialized_end=748
+  _globals['_DIRECTIONS']._serialized_start=751
+  _globals['_DIRECTIONS']._serialized_end=1092
 # @@protoc_insertion_point(module_scope)

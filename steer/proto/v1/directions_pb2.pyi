@@ -26,10 +26,20 @@ class ListArtifactsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ListArtifactsResponse(_message.Message):
-    __slots__ = ("artifacts",)
+    __slots__ = ("artifacts", "broken")
     ARTIFACTS_FIELD_NUMBER: _ClassVar[int]
+    BROKEN_FIELD_NUMBER: _ClassVar[int]
     artifacts: _containers.RepeatedCompositeFieldContainer[ArtifactInfo]
-    def __init__(self, artifacts: _Optional[_Iterable[_Union[ArtifactInfo, _Mapping]]] = ...) -> None: ...
+    broken: _containers.RepeatedCompositeFieldContainer[BrokenArtifact]
+    def __init__(self, artifacts: _Optional[_Iterable[_Union[ArtifactInfo, _Mapping]]] = ..., broken: _Optional[_Iterable[_Union[BrokenArtifact, _Mapping]]] = ...) -> None: ...
+
+class BrokenArtifact(_message.Message):
+    __slots__ = ("artifact_id", "reason")
+    ARTIFACT_ID_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    artifact_id: str
+    reason: str
+    def __init__(self, artifact_id: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class GetArtifactRequest(_message.Message):
     __slots__ = ("artifact_id",)
