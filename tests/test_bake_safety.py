@@ -1,6 +1,9 @@
-"""Bakes never destroy what they should not (issue #14): output rules, overwrite, stale
-temporaries, bakes from bake outputs, cancellation while opening a slow source, and error
-messages without the server's absolute paths."""
+"""Bakes destroy nothing they should not: output rules, overwrite, temporaries, bakes of bakes.
+
+Issue #14: the output rule (never the models root or what the server keeps; overwrite replaces
+only a previous bake output), ALREADY_EXISTS at request time, stale temporaries of killed bakes,
+bakes from bake outputs that verify, cancellation while opening a slow GGUF source, and errors
+and results without the server's absolute paths."""
 
 from __future__ import annotations
 
