@@ -395,7 +395,7 @@ class BakeServicer:
             check_id(output.name, field="output")
             rules = {
                 "root": root,
-                "keep": (*self._kept(), api.source_path(source)),
+                "keep": self._kept(source),
                 "reserved": (self.settings.artifacts_dir,),
             }
             output_format = request.output_format or "model"
@@ -434,9 +434,10 @@ class BakeServicer:
             return model_source
         return str(confine(self.settings.models_root, model_source, field="model_source"))
 
-    def _kept(self) -> list[Path]:
+    def _kept(self, bake_source: str) -> list[Path]:
         """What no bake output may replace or contain: the artifact store, the directories of
-        loaded SAEs and the sources of loaded models."""
+        loaded SAEs, the sources of loaded models and the bake's own source (offline models
+        live outside the root, and locating one may assemble it: not done on this thread)."""
         from steer.offline import OFFLINE_MODELS
 
         root = self.settings.models_root
@@ -444,7 +445,7 @@ class BakeServicer:
         return [
             self.settings.artifacts_dir,
             *(root / sae.path for sae in self.saes.all()),
-            *(root / source for source in sources if source not in OFFLINE_MODELS),
+            *(root / source for source in [*sources, bake_source] if source not in OFFLINE_MODELS),
         ]
 
 
