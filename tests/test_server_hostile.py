@@ -276,7 +276,7 @@ def test_list_reports_hand_made_corrupt_artifacts_as_broken(channel: grpc.Channe
 
 
 @pytest.mark.parametrize("artifact_id", BROKEN_BY_HAND)
-def test_get_or_use_of_a_broken_artifact_is_failed_precondition(
+def test_get_download_or_use_of_a_broken_artifact_is_failed_precondition(
     channel: grpc.Channel, artifact_id: str
 ) -> None:
     stub = directions_pb2_grpc.DirectionsStub(channel)
@@ -286,6 +286,11 @@ def test_get_or_use_of_a_broken_artifact_is_failed_precondition(
         "artifact_id",
     )
     assert artifact_id in (error.details() or "")  # type: ignore[attr-defined]
+    expect_error(
+        lambda: stub.Download(d.GetArtifactRequest(artifact_id=artifact_id), timeout=30),
+        Code.FAILED_PRECONDITION,
+        "artifact_id",
+    )
     ablate = g.Intervention(ablate=g.AblateDirection(artifact_id=artifact_id))
     generate = generation_pb2_grpc.GenerationStub(channel).Generate
     expect_error(

@@ -92,12 +92,20 @@ class ArtifactStore:
         return artifact
 
     def files(self, artifact_id: str) -> ArtifactFiles:
+        """The files of an artifact that loads (a broken one raises as :meth:`load` does)."""
+        self.load(artifact_id)
         directory = self.path(artifact_id)
-        if not (directory / SIDECAR).exists() or not (directory / TENSORS).exists():
-            raise NotFoundError(f"no artifact {artifact_id!r} on this server", field="artifact_id")
-        return ArtifactFiles(
-            artifact_id, (directory / TENSORS).read_bytes(), (directory / SIDECAR).read_bytes()
-        )
+        try:
+            tensors, sidecar = (
+                (directory / TENSORS).read_bytes(),
+                (directory / SIDECAR).read_bytes(),
+            )
+        except OSError as error:  # replaced or removed since it loaded
+            raise FailedPreconditionError(
+                f"artifact {artifact_id!r} cannot be read ({error.strerror}); try again",
+                field="artifact_id",
+            ) from None
+        return ArtifactFiles(artifact_id, tensors, sidecar)
 
     def upload(self, files: ArtifactFiles, *, overwrite: bool) -> VectorArtifact:
         """Write to a temporary directory, validate by loading and describing, then move into
