@@ -415,11 +415,23 @@ def test_load_sae_of_a_corrupt_directory_names_the_path(
 # -- defect 9: no absolute server paths in errors -----------------------------------------------
 
 
-def test_job_errors_name_paths_relative_to_the_models_root(
-    channel: grpc.Channel, root: Path
+DATA_CASES: list[tuple[str, bytes]] = [
+    ("not json", b"not json\n"),
+    ("binary", b"\xff\xfe\x00\n"),
+    ("deeply nested", b"[" * 5000 + b"]" * 5000 + b"\n"),
+    ("huge integer", b'{"prompt": ' + b"1" * 5000 + b"}\n"),
+]
+
+
+@pytest.mark.parametrize(
+    "content", [case[1] for case in DATA_CASES], ids=[c[0] for c in DATA_CASES]
+)
+def test_a_bad_data_file_fails_its_job_naming_it_relative_to_the_root(
+    channel: grpc.Channel, root: Path, content: bytes
 ) -> None:
+    """The job fails with INVALID_ARGUMENT (not INTERNAL) and names the file as the recipe did."""
     (root / "data").mkdir(exist_ok=True)
-    (root / "data" / "garbage.jsonl").write_text("not json\n")
+    (root / "data" / "garbage.jsonl").write_bytes(content)
     recipe = '[data]\npositive = "data/garbage.jsonl"\nnegative = "data/garbage.jsonl"\n'
     stub = directions_pb2_grpc.DirectionsStub(channel)
     job = stub.Compute(d.ComputeDirectionRequest(recipe_toml=recipe, artifact_id="job-out"))
@@ -427,7 +439,7 @@ def test_job_errors_name_paths_relative_to_the_models_root(
     final = list(jobs.Watch(jobs_pb2.JobRequest(job_id=job.job_id), timeout=120))[-1]
     assert final.state == jobs_pb2.JOB_STATE_FAILED, final
     assert final.error_code == "INVALID_ARGUMENT", final.error
-    assert "data/garbage.jsonl" in final.error
+    assert final.error.startswith("data.positive: data/garbage.jsonl"), final.error
     DETAILS.append(final.error)
     assert_serves(channel)
 

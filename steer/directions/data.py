@@ -18,6 +18,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import importlib.util
+import io
 import json
 import random
 from collections.abc import Sequence
@@ -89,7 +90,7 @@ def load_prompts(
         column = column or "forbidden_prompt"
     suffix = path.suffix.lower()
     if suffix == ".txt":
-        prompts = [line.strip() for line in path.read_text().splitlines()]
+        prompts = [line.strip() for line in _text(path, field).splitlines()]
     elif suffix == ".jsonl":
         key = column or "prompt"
         prompts = [str(_require_key(row, key, path, n, field)) for n, row in _jsonl(path, field)]
@@ -165,14 +166,25 @@ def content_hash(items: Sequence[str] | Sequence[Pair]) -> str:
     return digest.hexdigest()
 
 
+def _text(path: Path, field: str) -> str:
+    try:
+        return path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise InvalidArgumentError(
+            f"{path} is not UTF-8 text (byte {error.start})", field=field
+        ) from None
+
+
 def _jsonl(path: Path, field: str) -> list[tuple[int, dict]]:
     rows = []
-    for n, line in enumerate(path.read_text().splitlines(), start=1):
+    for n, line in enumerate(_text(path, field).splitlines(), start=1):
         if not line.strip():
             continue
         try:
             row = json.loads(line)
-        except json.JSONDecodeError as error:
+        except RecursionError:
+            raise InvalidArgumentError(f"{path}:{n}: JSON nested too deeply", field=field) from None
+        except ValueError as error:  # JSONDecodeError, or an integer of thousands of digits
             raise InvalidArgumentError(f"{path}:{n}: invalid JSON: {error}", field=field) from None
         if not isinstance(row, dict):
             raise InvalidArgumentError(f"{path}:{n}: expected a JSON object", field=field)
@@ -187,10 +199,15 @@ def _require_key(row: dict, key: str, path: Path, line: int, field: str) -> obje
 
 
 def _csv_column(path: Path, column: str, field: str) -> list[str]:
-    with path.open(newline="") as handle:
+    with io.StringIO(_text(path, field), newline="") as handle:
         reader = csv.DictReader(handle)
-        if reader.fieldnames is None or column not in reader.fieldnames:
+        try:
+            if reader.fieldnames is None or column not in reader.fieldnames:
+                raise InvalidArgumentError(
+                    f"{path} has no column {column!r} (columns: {reader.fieldnames})", field=field
+                )
+            return [row[column] for row in reader]
+        except csv.Error as error:  # e.g. a field over csv.field_size_limit()
             raise InvalidArgumentError(
-                f"{path} has no column {column!r} (columns: {reader.fieldnames})", field=field
-            )
-        return [row[column] for row in reader]
+                f"{path}:{reader.line_num}: not CSV: {error}", field=field
+            ) from None
