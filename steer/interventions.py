@@ -159,6 +159,11 @@ class Add(Intervention):
         for point in self.hook_points(resolver):
             layer = 0 if point.layer is None else point.layer
             vector = self.vector.at(layer) * self.strength
+            if not bool(torch.isfinite(vector).all()):
+                raise InvalidArgumentError(
+                    f"strength {self.strength:g} times this vector overflows float32",
+                    field="strength",
+                )
             ops.append((point, AddVector(vector, self.phase, self.speaker)))
         return ops
 

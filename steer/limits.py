@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from steer.errors import InvalidArgumentError
+from steer.errors import InvalidArgumentError, ResourceExhaustedError
 
 #: largest |strength|, |weight|, |value| or |factor| of an intervention; well inside float16
 MAX_INTERVENTION_MAGNITUDE = 1e4
@@ -23,6 +23,16 @@ MAX_TEMPERATURE = 1e4
 MAX_LOGIT_BIAS = 1e3
 #: largest penalty any one penalising sampler subtracts from a logit (DRY's grows geometrically)
 MAX_PENALTY = 1e6
+#: a text longer than this many characters per allowed token is refused before tokenising
+#: (tokenisers average 3-5 characters a token; the longest merged runs are about 16)
+MAX_CHARS_PER_TOKEN = 32
+#: most banned strings / DRY sequence breakers in one request, and the longest of each
+MAX_BANNED_STRINGS = 64
+MAX_BANNED_STRING_LENGTH = 128
+MAX_SEQUENCE_BREAKERS = 64
+MAX_SEQUENCE_BREAKER_LENGTH = 32
+#: most logit-bias entries in one request
+MAX_LOGIT_BIAS_ENTRIES = 4096
 
 
 def finite(value: Any, field: str, *, magnitude: float | None = None) -> float:
@@ -40,3 +50,14 @@ def finite(value: Any, field: str, *, magnitude: float | None = None) -> float:
             f"must be within [-{magnitude:g}, {magnitude:g}], got {value!r}", field=field
         )
     return number
+
+
+def check_text_size(characters: int, max_tokens: int, field: str) -> None:
+    """Refuse a text by its length before tokenising it: tokenising 32 MiB takes a minute and
+    gigabytes, only to be refused for its token count afterwards."""
+    limit = max_tokens * MAX_CHARS_PER_TOKEN
+    if characters > limit:
+        raise ResourceExhaustedError(
+            f"{characters} characters; this server accepts at most {limit} ({max_tokens} tokens)",
+            field=field,
+        )

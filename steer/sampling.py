@@ -49,6 +49,7 @@ row)`` registered in ``SAMPLERS``; it sees logits and the row's context, never t
 
 from __future__ import annotations
 
+import bisect
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -58,7 +59,18 @@ from typing import Any, Protocol
 import torch
 
 from steer.errors import InvalidArgumentError
-from steer.limits import MAX_LOGIT_BIAS, MAX_PENALTY, MAX_TEMPERATURE, MIN_TEMPERATURE, finite
+from steer.limits import (
+    MAX_BANNED_STRING_LENGTH,
+    MAX_BANNED_STRINGS,
+    MAX_LOGIT_BIAS,
+    MAX_LOGIT_BIAS_ENTRIES,
+    MAX_PENALTY,
+    MAX_SEQUENCE_BREAKER_LENGTH,
+    MAX_SEQUENCE_BREAKERS,
+    MAX_TEMPERATURE,
+    MIN_TEMPERATURE,
+    finite,
+)
 
 #: default DRY sequence breakers (SillyTavern's): newline, colon, quote, asterisk
 DRY_SEQUENCE_BREAKERS = ("\n", ":", '"', "*")
@@ -166,9 +178,7 @@ class SamplingConfig:
             _integer(token, "logit_bias")
             if bias != -math.inf:
                 finite(bias, "logit_bias", magnitude=MAX_LOGIT_BIAS)
-        for name in ("dry_sequence_breakers", "banned_strings"):
-            if not all(isinstance(s, str) and s for s in getattr(self, name)):
-                raise InvalidArgumentError("must be non-empty strings", field=name)
+        self._check_lists()
         if self.sampler_order is not None:
             unknown = [n for n in self.sampler_order if n not in SAMPLERS]
             if unknown or len(set(self.sampler_order)) != len(self.sampler_order):
@@ -181,6 +191,26 @@ class SamplingConfig:
             _integer(self.seed, "seed")
             if self.seed >= 2**63:
                 raise InvalidArgumentError("must be in [0, 2**63)", field="seed")
+
+    def _check_lists(self) -> None:
+        """Lists are bounded: each banned string costs scans of the whole vocabulary."""
+        bounds = {
+            "dry_sequence_breakers": (MAX_SEQUENCE_BREAKERS, MAX_SEQUENCE_BREAKER_LENGTH),
+            "banned_strings": (MAX_BANNED_STRINGS, MAX_BANNED_STRING_LENGTH),
+        }
+        for name, (most, longest) in bounds.items():
+            values = getattr(self, name)
+            if len(values) > most:
+                raise InvalidArgumentError(f"{len(values)} given; at most {most}", field=name)
+            if not all(isinstance(s, str) and 0 < len(s) <= longest for s in values):
+                raise InvalidArgumentError(
+                    f"must be non-empty strings of at most {longest} characters", field=name
+                )
+        if len(self.logit_bias) > MAX_LOGIT_BIAS_ENTRIES:
+            raise InvalidArgumentError(
+                f"{len(self.logit_bias)} entries; at most {MAX_LOGIT_BIAS_ENTRIES}",
+                field="logit_bias",
+            )
 
     def _coerce(self) -> None:
         """Accept lists and mappings from JSON/TOML; store hashable tuples."""
@@ -677,6 +707,29 @@ def token_texts(tokenizer: Any) -> tuple[str, ...]:
     return tuple(tokenizer.batch_decode([[i] for i in range(vocab)]))
 
 
+class _PrefixIndex:
+    """Token ids by their text, sorted, so "every token whose text starts with ``rest``" is two
+    binary searches instead of a scan of the vocabulary (a banned phrase of n characters asks
+    n - 1 such questions)."""
+
+    def __init__(self, texts: Sequence[str]) -> None:
+        pairs = sorted((text, token) for token, text in enumerate(texts))
+        self._texts = [text for text, _ in pairs]
+        self._tokens = [token for _, token in pairs]
+
+    def starting_with(self, rest: str) -> list[int]:
+        low = bisect.bisect_left(self._texts, rest)
+        high = low
+        while high < len(self._texts) and self._texts[high].startswith(rest):
+            high += 1
+        return self._tokens[low:high]
+
+
+@lru_cache(maxsize=4)
+def _prefix_index(tokenizer: Any) -> _PrefixIndex:
+    return _PrefixIndex(token_texts(tokenizer))
+
+
 class BannedStrings:
     """Which tokens would complete a banned phrase after a given text (the masking strategy).
 
@@ -690,6 +743,7 @@ class BannedStrings:
     def __init__(self, phrases: Sequence[str], tokenizer: Any) -> None:
         self.phrases = tuple(phrases)
         texts = token_texts(tokenizer)
+        index = _prefix_index(tokenizer)
         self.longest = max((len(p) for p in self.phrases), default=0)
         self._containing = {
             phrase: [i for i, t in enumerate(texts) if phrase in t] for phrase in self.phrases
@@ -699,7 +753,7 @@ class BannedStrings:
             for k in range(1, len(phrase)):
                 rest = phrase[k:]
                 if rest not in self._starting:
-                    self._starting[rest] = [i for i, t in enumerate(texts) if t.startswith(rest)]
+                    self._starting[rest] = index.starting_with(rest)
 
     def tokens_to_ban(self, text: str) -> set[int]:
         banned: set[int] = set()

@@ -16,6 +16,7 @@ from steer.errors import InvalidArgumentError, ResourceExhaustedError, SteerErro
 from steer.generation import GenerationEvent, GenerationRequest, Message
 from steer.interventions import Ablate, Add, Intervention, Phase, validate
 from steer.json_input import parse_object
+from steer.limits import check_text_size
 from steer.models import ModelHandle
 from steer.proto.v1 import directions_pb2, features_pb2, generation_pb2, jobs_pb2, models_pb2
 from steer.sampling import SamplingConfig
@@ -70,7 +71,7 @@ def generation_plan(
     settings: ServerSettings,
 ) -> GenerationPlan:
     handle = loaded.handle
-    prompt: dict[str, Any] = _prompt(message, handle)
+    prompt: dict[str, Any] = _prompt(message, handle, settings)
     extra_stop = tuple(prompt.pop("extra_stop", ()))
     max_new_tokens = message.max_new_tokens or settings.default_max_new_tokens
     if max_new_tokens > settings.max_new_tokens_cap:
@@ -141,10 +142,13 @@ def _roleplay(message: generation_pb2.RolePlayPrompt, handle: ModelHandle) -> di
     }
 
 
-def _prompt(message: generation_pb2.GenerateRequest, handle: ModelHandle) -> dict[str, Any]:
+def _prompt(
+    message: generation_pb2.GenerateRequest, handle: ModelHandle, settings: ServerSettings
+) -> dict[str, Any]:
     which = message.WhichOneof("prompt")
     if which is None:
         raise InvalidArgumentError("set one of text, chat or token_ids", field="prompt")
+    _check_prompt_size(message, which, settings)
     if which == "text":
         if not message.text:
             raise InvalidArgumentError("the prompt is empty", field="text")
@@ -173,6 +177,23 @@ def _prompt(message: generation_pb2.GenerateRequest, handle: ModelHandle) -> dic
             )
         messages.append(Message(item.role, item.content))
     return {"messages": tuple(messages)}
+
+
+def _check_prompt_size(
+    message: generation_pb2.GenerateRequest, which: str, settings: ServerSettings
+) -> None:
+    """Refuse an oversized prompt by its size, before parsing or tokenising it."""
+    limit = settings.max_prompt_tokens
+    if which == "token_ids" and len(message.token_ids.ids) > limit:
+        raise ResourceExhaustedError(
+            f"{len(message.token_ids.ids)} token ids; this server accepts at most {limit}",
+            field="token_ids.ids",
+        )
+    if which == "roleplay":
+        check_text_size(len(message.roleplay.scene_json), limit, "roleplay.scene_json")
+    elif which == "chat":
+        characters = sum(len(item.content) for item in message.chat.messages)
+        check_text_size(characters, limit, "chat.messages")
 
 
 #: SamplingParams fields that map one to one onto SamplingConfig fields of the same name
@@ -427,6 +448,7 @@ def texts(
             f"{len(values)} texts; at most {settings.max_feature_texts}", field=field
         )
     for index, text in enumerate(values):
+        check_text_size(len(text), settings.max_prompt_tokens, f"{field}[{index}]")
         count = len(handle.tokenizer(text)["input_ids"])
         if count > settings.max_prompt_tokens:
             raise ResourceExhaustedError(

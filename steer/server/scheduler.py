@@ -46,6 +46,7 @@ from typing import Any, TypeVar
 
 from steer.errors import ResourceExhaustedError
 from steer.generation import Engine, GenerationEvent, GenerationRequest, encode_prompt
+from steer.limits import check_text_size
 from steer.models import ModelHandle
 from steer.server.status import UnavailableError
 
@@ -241,7 +242,18 @@ class ModelWorker:
                 self._wake.notify()
 
     def _encode(self, request: GenerationRequest) -> GenerationRequest:
-        """Tokenise here so the prompt length limit is checked before the engine sees it."""
+        """Tokenise here so the prompt length limit is checked before the engine sees it (and
+        the text's size before the tokeniser sees it)."""
+        if request.prompt_ids is not None and len(request.prompt_ids) > self.max_prompt_tokens:
+            raise ResourceExhaustedError(
+                f"{len(request.prompt_ids)} prompt tokens; this server accepts at most "
+                f"{self.max_prompt_tokens}",
+                field="prompt",
+            )
+        characters = len(request.prompt or "") + sum(
+            len(message.content) for message in request.messages or ()
+        )
+        check_text_size(characters, self.max_prompt_tokens, "prompt")
         ids = encode_prompt(self.handle, request)
         if len(ids) > self.max_prompt_tokens:
             raise ResourceExhaustedError(
