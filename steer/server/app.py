@@ -26,7 +26,6 @@ from google.protobuf import message_factory
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from steer.bake.provenance import remove_stale_under
 from steer.models import ModelHandle
 from steer.proto.v1 import (
     bake_pb2,
@@ -37,9 +36,7 @@ from steer.proto.v1 import (
     models_pb2,
 )
 from steer.server.auth import TokenAuthInterceptor
-from steer.server.jobs import JobRunner
-from steer.server.registry import ModelRegistry
-from steer.server.saes import SaeRegistry
+from steer.server.core import ServiceCore
 from steer.server.servicers import (
     BakeServicer,
     DirectionsServicer,
@@ -49,8 +46,8 @@ from steer.server.servicers import (
     ModelsServicer,
 )
 from steer.server.settings import ServerSettings
+from steer.server.sliders import SliderCatalogue
 from steer.server.status import Malformed, guard
-from steer.server.store import ArtifactStore
 
 log = logging.getLogger("steer.server")
 
@@ -114,36 +111,28 @@ class SteerServer:
         settings: ServerSettings | None = None,
         *,
         models: Mapping[str, ModelHandle] | None = None,
+        sliders: SliderCatalogue | None = None,
     ) -> None:
         self.settings = settings or ServerSettings()
-        self.registry = ModelRegistry(self.settings)
-        self.store = ArtifactStore(self.settings.artifacts_dir)
-        self.saes = SaeRegistry(self.settings.models_root)
-        self.jobs = JobRunner()
-        remove_stale_under(self.settings.models_root)  # what bakes killed with a server left
-        self.draining = threading.Event()
+        self.core = ServiceCore.create(self.settings, models, sliders)
+        self.registry, self.store, self.saes = self.core.registry, self.core.store, self.core.saes
+        self.jobs, self.draining = self.core.jobs, self.core.draining
         self.health = health.aio.HealthServicer()
         self.port: int | None = None
         self._server: grpc.aio.Server | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread: threading.Thread | None = None
         self._stopped = threading.Event()
-        for model_id, handle in (models or {}).items():
-            self.registry.add(model_id, handle)
 
     def load(self, source: str, model_id: str = "", *, dtype: str = "", device: str = "") -> str:
         """Load a model before or while serving; returns its id."""
         return self.registry.load(source, model_id, dtype, device).model_id
 
     def _services(self) -> list[tuple[ModuleType, str, object]]:
-        settings = self.settings
+        core, settings = self.core, self.settings
         return [
-            (
-                generation_pb2,
-                "Generation",
-                GenerationServicer(self.registry, self.store, self.saes, settings, self.draining),
-            ),
-            (models_pb2, "Models", ModelsServicer(self.registry, self.saes)),
+            (generation_pb2, "Generation", GenerationServicer(core)),
+            (models_pb2, "Models", ModelsServicer(core)),
             (features_pb2, "Features", FeaturesServicer(self.registry, self.saes, settings)),
             (
                 directions_pb2,
@@ -216,8 +205,7 @@ class SteerServer:
         loop = self._loop
         if loop is not None:
             asyncio.run_coroutine_threadsafe(self.health.enter_graceful_shutdown(), loop).result()
-        self.registry.close(grace)
-        self.jobs.close()
+        self.core.close(grace)
         if loop is not None and self._server is not None:
             asyncio.run_coroutine_threadsafe(self._server.stop(1.0), loop).result()
             self._server = None

@@ -24,6 +24,7 @@ from steer.server.jobs import JobSnapshot
 from steer.server.registry import LoadedModel
 from steer.server.saes import LoadedSae, SaeRegistry
 from steer.server.settings import ServerSettings
+from steer.server.sliders import Slider, SliderCatalogue
 from steer.server.store import ArtifactFiles, ArtifactStore
 from steer.vectors import SteeringVector
 
@@ -69,7 +70,10 @@ def generation_plan(
     store: ArtifactStore,
     saes: SaeRegistry,
     settings: ServerSettings,
+    sliders: SliderCatalogue | None = None,
 ) -> GenerationPlan:
+    """The engine requests of one Generate call; named sliders the request leaves out take
+    their default values."""
     handle = loaded.handle
     prompt: dict[str, Any] = _prompt(message, handle, settings)
     extra_stop = tuple(prompt.pop("extra_stop", ()))
@@ -96,10 +100,17 @@ def generation_plan(
             f"{len(message.interventions)} interventions; at most {settings.max_interventions}",
             field="interventions",
         )
-    interventions = tuple(
-        intervention(item, loaded, store, saes, f"interventions[{index}]")
+    sliders = sliders or SliderCatalogue()
+    built = [
+        intervention(item, loaded, store, saes, f"interventions[{index}]", sliders)
         for index, item in enumerate(message.interventions)
+    ]
+    named = {item.named.name for item in message.interventions if item.HasField("named")}
+    built.extend(
+        intervention(item, loaded, store, saes, f"sliders.{name}", sliders)
+        for name, item in sliders.defaults(excluding=named)
     )
+    interventions = tuple(item for item in built if item is not None)
     seed = message.seed if message.HasField("seed") else None
     if message.compare and seed is None:
         seed = secrets.randbits(63)
@@ -263,12 +274,34 @@ def intervention(
     store: ArtifactStore,
     saes: SaeRegistry,
     field: str,
-) -> Intervention:
-    handle = loaded.handle
+    sliders: SliderCatalogue | None = None,
+) -> Intervention | None:
+    """The domain intervention of one proto intervention (None: a named slider at its neutral
+    value, which does nothing)."""
     which = message.WhichOneof("kind")
     if which is None:
-        raise InvalidArgumentError("set ablate, add or slider", field=field)
-    field = f"{field}.{which}"
+        raise InvalidArgumentError("set ablate, add, slider or named", field=field)
+    if which == "named":
+        catalogue = sliders or SliderCatalogue()
+        slider = catalogue.get(message.named.name, f"{field}.named.name")
+        resolved = slider.intervention(
+            message.named.value, field=f"{field}.named.value", speaker=message.speaker
+        )
+        if resolved is None:
+            return None
+        return intervention(resolved, loaded, store, saes, f"{field}.named", catalogue)
+    return _intervention(message, which, loaded, store, saes, f"{field}.{which}")
+
+
+def _intervention(
+    message: generation_pb2.Intervention,
+    which: str,
+    loaded: LoadedModel,
+    store: ArtifactStore,
+    saes: SaeRegistry,
+    field: str,
+) -> Intervention:
+    handle = loaded.handle
     built: Intervention
     try:
         if which == "slider":
@@ -384,6 +417,20 @@ def generate_response(event: GenerationEvent, side: Any) -> generation_pb2.Gener
         if event.seed is not None:
             response.seed = event.seed
     return response
+
+
+def slider_info(slider: Slider) -> models_pb2.SliderInfo:
+    info = models_pb2.SliderInfo(
+        name=slider.name,
+        kind=slider.kind,
+        description=slider.description,
+        min=slider.minimum,
+        max=slider.maximum,
+        default=slider.default,
+    )
+    if slider.neutral is not None:
+        info.neutral = slider.neutral
+    return info
 
 
 # -- Models -----------------------------------------------------------------------------------

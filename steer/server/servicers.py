@@ -28,16 +28,15 @@ from steer.proto.v1 import (
     models_pb2,
 )
 from steer.server import convert
+from steer.server.core import ServiceCore
 from steer.server.jobs import JobRunner
 from steer.server.paths import check_id, confine, confine_recipe, hide_root, root_hidden
 from steer.server.registry import ModelRegistry
 from steer.server.saes import LoadedSae, SaeRegistry
-from steer.server.scheduler import Subscription
 from steer.server.settings import ServerSettings
 from steer.server.status import (
     AlreadyExistsError,
     ClientCancelledError,
-    UnavailableError,
     UnimplementedError,
     inline,
 )
@@ -45,34 +44,13 @@ from steer.server.store import ArtifactStore
 
 
 class GenerationServicer:
-    def __init__(
-        self,
-        registry: ModelRegistry,
-        store: ArtifactStore,
-        saes: SaeRegistry,
-        settings: ServerSettings,
-        draining: threading.Event,
-    ) -> None:
-        self.registry, self.store, self.saes = registry, store, saes
-        self.settings, self.draining = settings, draining
+    def __init__(self, core: ServiceCore) -> None:
+        self.core = core
 
     async def Generate(
         self, request: generation_pb2.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[generation_pb2.GenerateResponse]:
-        if self.draining.is_set():
-            raise UnavailableError("the server is shutting down")
-        loaded = self.registry.get(request.model)
-        loop = asyncio.get_running_loop()
-
-        def prepare() -> tuple[convert.GenerationPlan, Subscription]:
-            # converting and tokenising are blocking work: a thread, not the event loop
-            with loaded.worker.arrival():  # an idle engine waits for requests sent together
-                plan = convert.generation_plan(
-                    request, loaded, self.store, self.saes, self.settings
-                )
-                return plan, loaded.worker.submit(plan.requests, loop)
-
-        plan, subscription = await loop.run_in_executor(None, prepare)
+        (plan,), subscription = await self.core.start_generation([request])
         try:  # a client that goes away cancels this coroutine; its rows go at the next step
             async for index, event in subscription:
                 yield convert.generate_response(event, plan.sides[index])
@@ -81,8 +59,16 @@ class GenerationServicer:
 
 
 class ModelsServicer:
-    def __init__(self, registry: ModelRegistry, saes: SaeRegistry) -> None:
-        self.registry, self.saes = registry, saes
+    def __init__(self, core: ServiceCore) -> None:
+        self.registry, self.saes, self.sliders = core.registry, core.saes, core.sliders
+
+    @inline
+    def ListSliders(
+        self, request: models_pb2.ListSlidersRequest, context: grpc.aio.ServicerContext
+    ) -> models_pb2.ListSlidersResponse:
+        return models_pb2.ListSlidersResponse(
+            sliders=[convert.slider_info(s) for _, s in sorted(self.sliders.sliders.items())]
+        )
 
     @inline
     def List(

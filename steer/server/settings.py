@@ -45,6 +45,10 @@ class ServerSettings:
     tls_key: Path | None = None
     #: seconds streams get to finish on shutdown before they are cancelled
     shutdown_grace: float = 10.0
+    #: the operator's named sliders (TOML, steer.server.sliders); None = none
+    sliders: Path | None = None
+    #: port of the OpenAI-compatible HTTP API on the same host; 0 picks a free one, None = off
+    http_port: int | None = None
     #: longest wait (seconds) of an idle engine for the rest of a burst of requests, so
     #: requests sent together share one prefill (steer.server.scheduler); 0 turns it off
     admission_window: float = 0.05
@@ -69,6 +73,10 @@ class ServerSettings:
                 raise InvalidArgumentError(f"must be an integer >= 1, got {value!r}", field=name)
         if not 0 <= self.port < 65536:
             raise InvalidArgumentError(f"must be in [0, 65535], got {self.port}", field="port")
+        if self.http_port is not None and not 0 <= self.http_port < 65536:
+            raise InvalidArgumentError(
+                f"must be in [0, 65535], got {self.http_port}", field="http_port"
+            )
         if self.default_max_new_tokens > self.max_new_tokens_cap:
             raise InvalidArgumentError(
                 "must not exceed max_new_tokens_cap", field="default_max_new_tokens"

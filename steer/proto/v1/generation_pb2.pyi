@@ -215,17 +215,27 @@ class FeatureSlider(_message.Message):
     phase: Phase
     def __init__(self, sae_id: _Optional[str] = ..., feature: _Optional[int] = ..., mode: _Optional[_Union[SliderMode, str]] = ..., value: _Optional[float] = ..., phase: _Optional[_Union[Phase, str]] = ...) -> None: ...
 
+class NamedSlider(_message.Message):
+    __slots__ = ("name", "value")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    VALUE_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    value: float
+    def __init__(self, name: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+
 class Intervention(_message.Message):
-    __slots__ = ("ablate", "add", "slider", "speaker")
+    __slots__ = ("ablate", "add", "slider", "named", "speaker")
     ABLATE_FIELD_NUMBER: _ClassVar[int]
     ADD_FIELD_NUMBER: _ClassVar[int]
     SLIDER_FIELD_NUMBER: _ClassVar[int]
+    NAMED_FIELD_NUMBER: _ClassVar[int]
     SPEAKER_FIELD_NUMBER: _ClassVar[int]
     ablate: AblateDirection
     add: AddVector
     slider: FeatureSlider
+    named: NamedSlider
     speaker: str
-    def __init__(self, ablate: _Optional[_Union[AblateDirection, _Mapping]] = ..., add: _Optional[_Union[AddVector, _Mapping]] = ..., slider: _Optional[_Union[FeatureSlider, _Mapping]] = ..., speaker: _Optional[str] = ...) -> None: ...
+    def __init__(self, ablate: _Optional[_Union[AblateDirection, _Mapping]] = ..., add: _Optional[_Union[AddVector, _Mapping]] = ..., slider: _Optional[_Union[FeatureSlider, _Mapping]] = ..., named: _Optional[_Union[NamedSlider, _Mapping]] = ..., speaker: _Optional[str] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
     __slots__ = ("model", "text", "chat", "token_ids", "roleplay", "sampling", "stop", "seed", "max_new_tokens", "interventions", "top_logprobs", "compare")

@@ -89,3 +89,31 @@ class ModelInfo(_message.Message):
     stats: SchedulerStats
     vocab_size: int
     def __init__(self, model_id: _Optional[str] = ..., source: _Optional[str] = ..., architecture: _Optional[str] = ..., num_layers: _Optional[int] = ..., d_model: _Optional[int] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., hook_names: _Optional[_Iterable[str]] = ..., chat_template: _Optional[str] = ..., weight_hash: _Optional[str] = ..., stats: _Optional[_Union[SchedulerStats, _Mapping]] = ..., vocab_size: _Optional[int] = ...) -> None: ...
+
+class ListSlidersRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class SliderInfo(_message.Message):
+    __slots__ = ("name", "kind", "description", "min", "max", "default", "neutral")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
+    MIN_FIELD_NUMBER: _ClassVar[int]
+    MAX_FIELD_NUMBER: _ClassVar[int]
+    DEFAULT_FIELD_NUMBER: _ClassVar[int]
+    NEUTRAL_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    kind: str
+    description: str
+    min: float
+    max: float
+    default: float
+    neutral: float
+    def __init__(self, name: _Optional[str] = ..., kind: _Optional[str] = ..., description: _Optional[str] = ..., min: _Optional[float] = ..., max: _Optional[float] = ..., default: _Optional[float] = ..., neutral: _Optional[float] = ...) -> None: ...
+
+class ListSlidersResponse(_message.Message):
+    __slots__ = ("sliders",)
+    SLIDERS_FIELD_NUMBER: _ClassVar[int]
+    sliders: _containers.RepeatedCompositeFieldContainer[SliderInfo]
+    def __init__(self, sliders: _Optional[_Iterable[_Union[SliderInfo, _Mapping]]] = ...) -> None: ...

@@ -55,6 +55,11 @@ class ModelsStub:
                 request_serializer=steer_dot_v1_dot_models__pb2.ModelInfoRequest.SerializeToString,
                 response_deserializer=steer_dot_v1_dot_models__pb2.ModelInfo.FromString,
                 _registered_method=True)
+        self.ListSliders = channel.unary_unary(
+                '/steer.v1.Models/ListSliders',
+                request_serializer=steer_dot_v1_dot_models__pb2.ListSlidersRequest.SerializeToString,
+                response_deserializer=steer_dot_v1_dot_models__pb2.ListSlidersResponse.FromString,
+                _registered_method=True)
 
 
 class ModelsServicer:
@@ -89,6 +94,13 @@ class ModelsServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListSliders(self, request, context):
+        """The named sliders of this server (steer serve --sliders), as a UI draws them.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ModelsServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -111,6 +123,11 @@ def add_ModelsServicer_to_server(servicer, server):
                     servicer.Info,
                     request_deserializer=steer_dot_v1_dot_models__pb2.ModelInfoRequest.FromString,
                     response_serializer=steer_dot_v1_dot_models__pb2.ModelInfo.SerializeToString,
+            ),
+            'ListSliders': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListSliders,
+                    request_deserializer=steer_dot_v1_dot_models__pb2.ListSlidersRequest.FromString,
+                    response_serializer=steer_dot_v1_dot_models__pb2.ListSlidersResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -222,6 +239,33 @@ class Models:
             '/steer.v1.Models/Info',
             steer_dot_v1_dot_models__pb2.ModelInfoRequest.SerializeToString,
             steer_dot_v1_dot_models__pb2.ModelInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListSliders(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/steer.v1.Models/ListSliders',
+            steer_dot_v1_dot_models__pb2.ListSlidersRequest.SerializeToString,
+            steer_dot_v1_dot_models__pb2.ListSlidersResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,92 @@
+"""The service core both front ends share: models and their engines, artifacts, SAEs, named
+sliders, jobs and settings, and the one path from a generation request to a running stream.
+
+The gRPC servicers and the OpenAI-compatible HTTP routes are thin layers over one
+:class:`ServiceCore`: a model is loaded once, whichever front end calls it, and a request over
+either becomes a ``GenerateRequest`` message that :meth:`ServiceCore.start_generation` turns into
+engine rows through :func:`steer.server.convert.generation_plan`. So a slider, an artifact or a
+sampler field means the same thing on both.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+from steer.bake.provenance import remove_stale_under
+from steer.models import ModelHandle
+from steer.proto.v1 import generation_pb2
+from steer.server import convert
+from steer.server.jobs import JobRunner
+from steer.server.registry import ModelRegistry
+from steer.server.saes import SaeRegistry
+from steer.server.scheduler import Subscription
+from steer.server.settings import ServerSettings
+from steer.server.sliders import SliderCatalogue
+from steer.server.status import UnavailableError
+from steer.server.store import ArtifactStore
+
+
+@dataclass(eq=False)
+class ServiceCore:
+    settings: ServerSettings
+    registry: ModelRegistry
+    store: ArtifactStore
+    saes: SaeRegistry
+    jobs: JobRunner
+    sliders: SliderCatalogue
+    #: set on shutdown: new streams are refused with UNAVAILABLE
+    draining: threading.Event = field(default_factory=threading.Event)
+
+    @classmethod
+    def create(
+        cls,
+        settings: ServerSettings,
+        models: Mapping[str, ModelHandle] | None = None,
+        sliders: SliderCatalogue | None = None,
+    ) -> ServiceCore:
+        if sliders is None:
+            sliders = SliderCatalogue.load(settings.sliders) if settings.sliders else None
+        core = cls(
+            settings=settings,
+            registry=ModelRegistry(settings),
+            store=ArtifactStore(settings.artifacts_dir),
+            saes=SaeRegistry(settings.models_root),
+            jobs=JobRunner(),
+            sliders=sliders or SliderCatalogue(),
+        )
+        remove_stale_under(settings.models_root)  # what bakes killed with a server left
+        for model_id, handle in (models or {}).items():
+            core.registry.add(model_id, handle)
+        return core
+
+    async def start_generation(
+        self, requests: Sequence[generation_pb2.GenerateRequest]
+    ) -> tuple[list[convert.GenerationPlan], Subscription]:
+        """Convert and submit ``requests`` (one model) together: their rows join one batch and
+        their events arrive on one subscription, read with ``async for`` (no thread waits)."""
+        if self.draining.is_set():
+            raise UnavailableError("the server is shutting down")
+        loaded = self.registry.get(requests[0].model)
+        loop = asyncio.get_running_loop()
+
+        def prepare() -> tuple[list[convert.GenerationPlan], Subscription]:
+            # converting and tokenising are blocking work: a thread, not the event loop
+            with loaded.worker.arrival():  # an idle engine waits for requests sent together
+                plans = [
+                    convert.generation_plan(
+                        request, loaded, self.store, self.saes, self.settings, self.sliders
+                    )
+                    for request in requests
+                ]
+                rows = [row for plan in plans for row in plan.requests]
+                return plans, loaded.worker.submit(rows, loop)
+
+        return await loop.run_in_executor(None, prepare)
+
+    def close(self, grace: float) -> None:
+        self.draining.set()
+        self.registry.close(grace)
+        self.jobs.close()

@@ -1,0 +1,254 @@
+"""Named sliders: the operator's file that gives interventions a name, a range and a default.
+
+``steer serve --sliders sliders.toml`` reads a file such as::
+
+    [sliders.moralizing]
+    description = "Lectures and moral caveats; 1 removes the moralizing direction"
+    kind = "ablate"            # ablate | add | feature
+    artifact = "moralizing-qwen"
+    min = 0.0
+    max = 1.5
+    default = 0.0
+
+    [sliders.cheerful]
+    kind = "add"
+    artifact = "cheerful"
+    hooks = ["blocks.12.hook_resid_post"]   # optional; default: the artifact's own hooks
+    phase = "generated"                      # prompt | generated | all (default)
+    min = -8.0
+    max = 8.0
+
+    [sliders.dragons]
+    kind = "feature"
+    sae = "smollm2-sae"
+    feature = 1234
+    mode = "add_decoder"        # add_decoder | scale | clamp
+    min = -4.0
+    max = 4.0
+
+A slider at value ``v`` is the gRPC :class:`Intervention` its kind names with ``v`` as the
+ablation weight, the addition strength or the feature slider's value. Both front ends move
+sliders by name (HTTP: a flat ``"steer.NAME": v`` field; gRPC: ``Intervention.named``) and both
+turn the result into a domain intervention through :func:`steer.server.convert.intervention`,
+so a slider means the same thing everywhere. At its neutral value (0; 1 for ``scale``) a slider
+adds no intervention at all, so the output is bit-identical to no slider.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from steer.errors import InvalidArgumentError
+from steer.limits import MAX_INTERVENTION_MAGNITUDE, finite
+from steer.proto.v1 import generation_pb2
+
+KINDS = ("ablate", "add", "feature")
+_PHASES = {
+    "all": generation_pb2.PHASE_ALL,
+    "prompt": generation_pb2.PHASE_PROMPT,
+    "generated": generation_pb2.PHASE_GENERATED,
+}
+_MODES = {
+    "add_decoder": generation_pb2.SLIDER_MODE_ADD_DECODER,
+    "scale": generation_pb2.SLIDER_MODE_SCALE,
+    "clamp": generation_pb2.SLIDER_MODE_CLAMP,
+}
+_KEYS = {
+    "ablate": {"artifact", "allow_other_model"},
+    "add": {"artifact", "hooks", "phase", "allow_other_model"},
+    "feature": {"sae", "feature", "mode", "phase"},
+}
+_COMMON = {"kind", "description", "min", "max", "default"}
+
+
+@dataclass(frozen=True)
+class Slider:
+    """One named slider: what it moves, and the values a request may give it."""
+
+    name: str
+    kind: str
+    description: str
+    minimum: float
+    maximum: float
+    default: float
+    #: the proto intervention with the value left out (set per request)
+    template: generation_pb2.Intervention
+
+    @property
+    def neutral(self) -> float | None:
+        """The value that means "no intervention" (None: a clamp has none)."""
+        if self.kind != "feature":
+            return 0.0
+        mode = self.template.slider.mode
+        if mode == generation_pb2.SLIDER_MODE_SCALE:
+            return 1.0
+        if mode == generation_pb2.SLIDER_MODE_ADD_DECODER:
+            return 0.0
+        return None
+
+    def intervention(
+        self, value: float, *, field: str, speaker: str = ""
+    ) -> generation_pb2.Intervention | None:
+        """The proto intervention at ``value``; None at the neutral value."""
+        value = finite(value, field)
+        if not self.minimum <= value <= self.maximum:
+            raise InvalidArgumentError(
+                f"slider {self.name!r} takes values in [{self.minimum:g}, {self.maximum:g}], "
+                f"got {value:g}",
+                field=field,
+            )
+        if value == self.neutral:
+            return None
+        message = generation_pb2.Intervention()
+        message.CopyFrom(self.template)
+        if self.kind == "ablate":
+            message.ablate.weight = value
+        elif self.kind == "add":
+            message.add.strength = value
+        else:
+            message.slider.value = value
+        message.speaker = speaker
+        return message
+
+    def describe(self) -> dict[str, Any]:
+        """The slider as a UI draws it (``GET /v1/steer/sliders``)."""
+        return {
+            "name": self.name,
+            "kind": self.kind,
+            "description": self.description,
+            "min": self.minimum,
+            "max": self.maximum,
+            "default": self.default,
+            "neutral": self.neutral,
+            "field": f"steer.{self.name}",
+        }
+
+
+class SliderCatalogue:
+    """Every slider of one server, by name."""
+
+    def __init__(self, sliders: Mapping[str, Slider] | None = None) -> None:
+        self.sliders = dict(sliders or {})
+
+    @classmethod
+    def load(cls, path: Path) -> SliderCatalogue:
+        """Read a sliders TOML file; every mistake names ``sliders.NAME.KEY``."""
+        try:
+            data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError) as error:
+            raise InvalidArgumentError(f"cannot read {path}: {error}", field="sliders") from None
+        except tomllib.TOMLDecodeError as error:
+            raise InvalidArgumentError(
+                f"{path} is not valid TOML: {error}", field="sliders"
+            ) from None
+        return cls.from_dict(data)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> SliderCatalogue:
+        unknown = set(data) - {"sliders"}
+        if unknown:
+            raise InvalidArgumentError(f"unknown keys {sorted(unknown)}", field="sliders")
+        tables = data.get("sliders", {})
+        if not isinstance(tables, Mapping):
+            raise InvalidArgumentError("[sliders.NAME] tables expected", field="sliders")
+        return cls({name: _slider(name, table) for name, table in tables.items()})
+
+    def get(self, name: str, field: str) -> Slider:
+        slider = self.sliders.get(name)
+        if slider is None:
+            known = ", ".join(sorted(self.sliders)) or "none"
+            raise InvalidArgumentError(
+                f"no slider {name!r} on this server; sliders: {known}", field=field
+            )
+        return slider
+
+    def defaults(self, excluding: set[str]) -> list[tuple[str, generation_pb2.Intervention]]:
+        """A named intervention at its default value for every slider not in ``excluding``
+        whose default is not neutral (the operator's "on unless moved")."""
+        return [
+            (name, _named(name, slider.default))
+            for name, slider in sorted(self.sliders.items())
+            if name not in excluding and slider.default != slider.neutral
+        ]
+
+
+def _named(name: str, value: float, speaker: str = "") -> generation_pb2.Intervention:
+    return generation_pb2.Intervention(
+        named=generation_pb2.NamedSlider(name=name, value=value), speaker=speaker
+    )
+
+
+def named_interventions(
+    values: Mapping[str, float], speaker: str = ""
+) -> list[generation_pb2.Intervention]:
+    """``{"moralizing": 1.0}`` as ``Intervention.named`` messages (the HTTP front end's flat
+    ``steer.NAME`` fields take this path, so they mean what they mean over gRPC)."""
+    return [_named(name, value, speaker) for name, value in values.items()]
+
+
+def _slider(name: str, table: Any) -> Slider:
+    where = f"sliders.{name}"
+    if not isinstance(table, Mapping):
+        raise InvalidArgumentError("must be a table", field=where)
+    kind = table.get("kind")
+    if kind not in KINDS:
+        raise InvalidArgumentError(f"kind must be one of {', '.join(KINDS)}", field=f"{where}.kind")
+    unknown = set(table) - _COMMON - _KEYS[kind]
+    if unknown:
+        raise InvalidArgumentError(f"unknown keys {sorted(unknown)}", field=where)
+    bound = MAX_INTERVENTION_MAGNITUDE
+    minimum = finite(table.get("min", -1.0), f"{where}.min", magnitude=bound)
+    maximum = finite(table.get("max", 1.0), f"{where}.max", magnitude=bound)
+    default = finite(table.get("default", 0.0), f"{where}.default", magnitude=bound)
+    if not minimum <= default <= maximum:
+        raise InvalidArgumentError("need min <= default <= max", field=f"{where}.default")
+    description = table.get("description", "")
+    if not isinstance(description, str):
+        raise InvalidArgumentError("must be a string", field=f"{where}.description")
+    template = _template(kind, table, where)
+    return Slider(name, kind, description, minimum, maximum, default, template)
+
+
+def _text(table: Mapping[str, Any], key: str, where: str) -> str:
+    value = table.get(key)
+    if not isinstance(value, str) or not value:
+        raise InvalidArgumentError("required: a non-empty string", field=f"{where}.{key}")
+    return value
+
+
+def _choice(table: Mapping[str, Any], key: str, choices: Mapping[str, Any], where: str) -> Any:
+    value = table.get(key, next(iter(choices)))
+    if value not in choices:
+        raise InvalidArgumentError(
+            f"must be one of {', '.join(choices)}, got {value!r}", field=f"{where}.{key}"
+        )
+    return choices[value]
+
+
+def _template(kind: str, table: Mapping[str, Any], where: str) -> generation_pb2.Intervention:
+    message = generation_pb2.Intervention()
+    allow_other = bool(table.get("allow_other_model", False))
+    if kind == "ablate":
+        message.ablate.artifact_id = _text(table, "artifact", where)
+        message.ablate.allow_other_model = allow_other
+    elif kind == "add":
+        message.add.artifact_id = _text(table, "artifact", where)
+        hooks = table.get("hooks", [])
+        if not isinstance(hooks, list) or not all(isinstance(h, str) for h in hooks):
+            raise InvalidArgumentError("a list of hook names", field=f"{where}.hooks")
+        message.add.hooks.extend(hooks)
+        message.add.phase = _choice(table, "phase", _PHASES, where)
+        message.add.allow_other_model = allow_other
+    else:
+        message.slider.sae_id = _text(table, "sae", where)
+        feature = table.get("feature")
+        if isinstance(feature, bool) or not isinstance(feature, int) or not 0 <= feature < 2**32:
+            raise InvalidArgumentError("a feature index >= 0", field=f"{where}.feature")
+        message.slider.feature = feature
+        message.slider.mode = _choice(table, "mode", _MODES, where)
+        message.slider.phase = _choice(table, "phase", _PHASES, where)
+    return message
