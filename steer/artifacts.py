@@ -129,14 +129,13 @@ def load_vector(
     return VectorArtifact(vector, metadata)
 
 
-#: steer.json keys steer reads, and the type each must have when present (null = absent)
+#: steer.json keys steer reads, and the type each must have when present (null = absent);
+#: d_model and the model record are :func:`check_model_record`'s
 _SIDECAR_TYPES: dict[str, type] = {
     "format": str,
     "format_version": int,
     "name": str,
     "kind": str,
-    "d_model": int,
-    "model": dict,
     "hooks": list,
     "metrics": dict,
     "notes": list,

@@ -96,10 +96,8 @@ class ArtifactStore:
         self.load(artifact_id)
         directory = self.path(artifact_id)
         try:
-            tensors, sidecar = (
-                (directory / TENSORS).read_bytes(),
-                (directory / SIDECAR).read_bytes(),
-            )
+            tensors = (directory / TENSORS).read_bytes()
+            sidecar = (directory / SIDECAR).read_bytes()
         except OSError as error:  # replaced or removed since it loaded
             raise FailedPreconditionError(
                 f"artifact {artifact_id!r} cannot be read ({error.strerror}); try again",
