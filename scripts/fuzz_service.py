@@ -1,0 +1,176 @@
+"""Fuzz every rpc of the gRPC service in process; counts per status code to docs/reliability.md
+
+    python scripts/fuzz_service.py [--count 1000] [--seed 1] [--model tiny|smollm2|all]
+                                   [--garbage 0.1] [--failures FILE] [--no-docs]
+
+Serves the tiny random llama of tests/tiny.py (``--model smollm2``: SmolLM2-135M-Instruct from
+its PyPI package; ``all``: one run on each) from a fresh models root and sends ``--count``
+requests drawn by the strategies of tests/fuzzing.py with ``--seed``: well-formed requests with
+one or two hostile fields, any message built from the proto descriptors, and (a ``--garbage``
+fraction) raw bytes. Every request starts from the same root, models and SAEs and is checked for
+the properties of issue #14 (no INTERNAL/UNKNOWN, a healthy server, a normal stream sent with
+each Generate request gets its tokens alone, no file outside the request's own output touched,
+no absolute server path in errors). Bakes use a tiny source model, so they take a fraction of a
+second whatever model is served.
+
+Prints one JSON line per model (counts per status code, innocent streams and how many were
+harmed, INTERNAL/UNKNOWN answers, distinct failures), writes the distinct failures as JSON lines
+to ``--failures`` (rpc, request, status, details, server log, broken properties) and replaces the
+section "fuzz-<model>" of docs/reliability.md: a table of status codes per rpc and the failures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+
+from fuzzing import (
+    Case,
+    FuzzResult,
+    Outcome,
+    describe,
+    fuzz_server,
+    run_fuzz,
+    status_table,
+)
+from report import emit, machine, table, write_section
+from tiny import tiny_handle
+
+from steer.models import ModelHandle, load_model
+
+SMOLLM2 = "smollm2-135m-instruct"
+
+
+def serve(model: str) -> tuple[ModelHandle, dict[str, Any]]:
+    """The handle to serve and the fuzz_server options for ``model``."""
+    tiny = tiny_handle("llama")
+    if model == "tiny":
+        return tiny, {"model_id": "tiny"}
+    handle = load_model(SMOLLM2)
+    return handle, {"model_id": "smollm2", "model_source": SMOLLM2, "bake_source": tiny}
+
+
+def failure_record(key: str, case: Case, outcome: Outcome, count: int) -> dict[str, Any]:
+    return {
+        "key": key,
+        "count": count,
+        "rpc": outcome.label,
+        "status": outcome.code,
+        "field": outcome.error_field,
+        "details": outcome.details[:2000],
+        "job": outcome.job,
+        "innocent": outcome.innocent,
+        "server_log": outcome.causes[:4],
+        "violations": outcome.violations,
+        "request": describe(case.request, limit=4000),
+    }
+
+
+def markdown(model: str, result: FuzzResult, args: argparse.Namespace, seconds: float) -> str:
+    rows, columns = status_table(result)
+    jobs = ", ".join(f"{state} {n}" for state, n in sorted(result.jobs.items())) or "none"
+    lines = [
+        f"`python scripts/fuzz_service.py --model {model} --count {args.count} --seed "
+        f"{args.seed} --garbage {args.garbage}`: {len(result.outcomes)} requests in "
+        f"{seconds:.0f} s on {machine()}.",
+        "",
+        f"INTERNAL/UNKNOWN: **{result.internal}**; normal streams sent with a Generate request: "
+        f"{result.innocent_streams}, harmed: **{result.innocent_harmed}**; requests that broke "
+        f"a property: **{result.violating}** ({len(result.failures)} distinct). Jobs started: "
+        f"{jobs}.",
+        "",
+        table(rows, columns),
+    ]
+    if result.failures:
+        lines += ["", "Distinct failures (the smallest request of each):", ""]
+        failures = []
+        for _key, (case, outcome, count) in sorted(result.failures.items()):
+            cause = next((c.split(" | ", 1)[1] for c in outcome.causes if " | " in c), "")
+            failures.append(
+                {
+                    "rpc": outcome.label,
+                    "status": outcome.code + (f" (job {outcome.job})" if outcome.job else ""),
+                    "times": count,
+                    "broke": "; ".join(v[:160] for v in outcome.violations[:3]),
+                    "server log": cause[:200],
+                    "request": describe(case.request, limit=240).replace("|", "\\|"),
+                }
+            )
+        columns = ["rpc", "status", "times", "broke", "server log", "request"]
+        for row in failures:
+            row["broke"] = str(row["broke"]).replace("|", "\\|").replace("\n", " ")
+            row["server log"] = str(row["server log"]).replace("|", "\\|").replace("\n", " ")
+        lines.append(table(failures, columns))
+    return "\n".join(lines)
+
+
+def fuzz(model: str, args: argparse.Namespace) -> dict[str, Any]:
+    served, options = serve(model)
+    started = time.monotonic()
+    with (
+        tempfile.TemporaryDirectory(prefix="steer-fuzz-") as directory,
+        fuzz_server(served, Path(directory) / "models", **options) as fuzzer,
+        tqdm(total=args.count, desc=f"fuzz {model}", file=sys.stderr) as bar,
+    ):
+
+        def progress(index: int, case: Case, outcome: Outcome) -> None:
+            bar.update(1)
+            if outcome.violations:
+                bar.set_postfix(failing=index)
+
+        result = run_fuzz(fuzzer, args.count, args.seed, garbage=args.garbage, progress=progress)
+    seconds = time.monotonic() - started
+    if args.failures:
+        path = Path(f"{args.failures}.{model}" if args.model == "all" else args.failures)
+        with path.open("w") as out:
+            for key, (case, outcome, count) in sorted(result.failures.items()):
+                out.write(json.dumps(failure_record(key, case, outcome, count)) + "\n")
+    if not args.no_docs:
+        write_section(
+            "reliability.md", f"fuzz-{model}", markdown(model, result, args, seconds), "Reliability"
+        )
+    return {
+        "model": model,
+        "requests": len(result.outcomes),
+        "seed": args.seed,
+        "statuses": dict(result.statuses.most_common()),
+        "innocent_streams": result.innocent_streams,
+        "innocent_harmed": result.innocent_harmed,
+        "internal": result.internal,
+        "violating": result.violating,
+        "distinct_failures": len(result.failures),
+        "jobs": dict(result.jobs),
+        "seconds": round(seconds, 1),
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--count", type=int, default=1000, help="requests per model")
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--model", choices=("tiny", "smollm2", "all"), default="tiny")
+    parser.add_argument("--garbage", type=float, default=0.1, help="fraction of raw bytes")
+    parser.add_argument("--failures", help="write the distinct failures here (JSON lines)")
+    parser.add_argument("--no-docs", action="store_true", help="do not write docs/reliability.md")
+    args = parser.parse_args()
+    models = ("tiny", "smollm2") if args.model == "all" else (args.model,)
+    clean = True
+    for model in models:
+        record = fuzz(model, args)
+        emit(record)
+        clean = clean and record["violating"] == 0
+    return 0 if clean else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
