@@ -2483,10 +2483,9 @@ def run_fuzz(
                 f"request: {case!r}\n{outcome.summary()}"
             )
 
-    # strict: about count cases (shrinking runs more); recording: exactly count
-    chunks = -(-count // CHUNK)
+    # at least count cases (strict: a chunk's shrinking may run more; recording: exactly count)
     chunk = 0
-    while chunk < chunks or (not strict and len(result.outcomes) < count and chunk < 10 * chunks):
+    while len(result.outcomes) < count and chunk < 10 * (count // CHUNK + 1):
         run = settings(
             max_examples=CHUNK,
             deadline=None,

@@ -1,6 +1,6 @@
 """Property-based fuzzing of every rpc on an in-process server over the tiny llama (issue #14).
 
-A fixed seed and a bounded count per group of services (about 300 requests in all, run in CI);
+A fixed seed and a bounded count per group of services (about 430 requests in all, run in CI);
 ``python scripts/fuzz_service.py --count 1000`` runs the long version. Each request starts from
 the same models root, models and SAEs (tests/fuzzing.py) and must keep five properties: no
 INTERNAL or UNKNOWN status (jobs included); the server stays healthy; a normal greedy stream sent
@@ -20,15 +20,16 @@ from fuzzing import RPCS, Fuzzer, fuzz_server, rpcs_of, run_fuzz
 from steer.models import ModelHandle
 
 SEED = 14
-#: requests per group: about 300 in all, a minute or two on 2 cores
+#: requests per group: with the garbage, about 430 in all, a minute or two on 2 cores
 GROUPS = {
-    "Generation": (rpcs_of("Generation"), 70),
-    "Models": (rpcs_of("Models", "Health"), 30),
-    "Features": (rpcs_of("Features"), 40),
-    "Directions": (rpcs_of("Directions"), 40),
-    "Bake": (rpcs_of("Bake"), 40),
-    "Jobs": (rpcs_of("Jobs"), 20),
+    "Generation": (rpcs_of("Generation"), 100),
+    "Models": (rpcs_of("Models", "Health"), 40),
+    "Features": (rpcs_of("Features"), 50),
+    "Directions": (rpcs_of("Directions"), 60),
+    "Bake": (rpcs_of("Bake"), 60),
+    "Jobs": (rpcs_of("Jobs"), 25),
 }
+GARBAGE = 100
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +42,7 @@ def test_every_rpc_is_fuzzed() -> None:
     """The groups cover every rpc the server registers (a new rpc joins one by itself)."""
     grouped = {rpc.path for rpcs, _ in GROUPS.values() for rpc in rpcs}
     assert grouped == {rpc.path for rpc in RPCS}
-    assert len(RPCS) == 24  # 23 steer rpcs and the health check
+    assert len(RPCS) >= 24  # the steer rpcs and the health check
 
 
 @pytest.mark.parametrize("group", list(GROUPS))
@@ -61,5 +62,5 @@ def test_fuzzed_requests_keep_the_properties(fuzzer: Fuzzer, group: str) -> None
 def test_wire_garbage_keeps_the_properties(fuzzer: Fuzzer) -> None:
     """Raw bytes for every rpc (and unknown methods): random, mutated requests, invalid UTF-8,
     deep nesting, overlong varints, over the message limit."""
-    result = run_fuzz(fuzzer, 60, SEED, garbage=1.0, strict=True)
+    result = run_fuzz(fuzzer, GARBAGE, SEED, garbage=1.0, strict=True)
     assert {"INVALID_ARGUMENT", "UNIMPLEMENTED"} <= set(result.statuses), result.statuses
