@@ -46,3 +46,20 @@ class ResourceExhaustedError(SteerError):
 
 class UnsupportedArchitectureError(FailedPreconditionError):
     """The model's architecture has no hook layout; pass one explicitly (see steer.hooks)."""
+
+
+#: Every status code an error travels as, and its HTTP status: the one catalogue both front ends
+#: map errors with (gRPC uses the code itself; the HTTP API the status, as grpc-gateway does).
+HTTP_STATUS = {
+    "INVALID_ARGUMENT": 400,
+    "FAILED_PRECONDITION": 400,
+    "UNAUTHENTICATED": 401,
+    "NOT_FOUND": 404,
+    "ALREADY_EXISTS": 409,
+    "RESOURCE_EXHAUSTED": 429,
+    "CANCELLED": 499,
+    "INTERNAL": 500,
+    "UNKNOWN": 500,
+    "UNIMPLEMENTED": 501,
+    "UNAVAILABLE": 503,
+}

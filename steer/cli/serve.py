@@ -1,4 +1,5 @@
-"""``steer serve``: run the gRPC service (with no flags: SmolLM2 on 127.0.0.1:50051)."""
+"""``steer serve``: run the service (with no flags: SmolLM2, gRPC on 127.0.0.1:50051 and the
+OpenAI-compatible HTTP API on 127.0.0.1:8000)."""
 
 from __future__ import annotations
 
@@ -25,6 +26,15 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     )
     parser.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=50051, help="port (default 50051; 0 = any)")
+    parser.add_argument(
+        "--http-port",
+        type=int,
+        default=8000,
+        help="port of the OpenAI-compatible HTTP API (default 8000; 0 = any; -1 = off)",
+    )
+    parser.add_argument(
+        "--sliders", type=Path, help="TOML file of named sliders (docs/service.md#sliders)"
+    )
     parser.add_argument("--device", default="cpu", help="cpu, cuda[:N] or auto (default cpu)")
     parser.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
     parser.add_argument("--max-batch", type=int, default=16, help="rows per running batch")
@@ -74,8 +84,10 @@ def main(argv: list[str], *, prog: str = "steer serve", command: str = "serve") 
         tls_cert=args.tls_cert,
         tls_key=args.tls_key,
         shutdown_grace=args.shutdown_grace,
+        sliders=args.sliders,
+        http_port=None if args.http_port < 0 else args.http_port,
     )
-    server = SteerServer(settings)
+    server = SteerServer(settings)  # reads the sliders file: its mistakes show before a load
     names = [m for m in (args.model or [DEFAULT_MODEL]) if m != "none"]
     for name in names:
         print(f"loading {name} ...", file=sys.stderr, flush=True)
@@ -93,6 +105,8 @@ def main(argv: list[str], *, prog: str = "steer serve", command: str = "serve") 
         flush=True,
     )
     print(f'try:  steer generate --server {target} "Write a haiku about the sea"', flush=True)
+    if server.http_port is not None:
+        print(f"OpenAI-compatible API: {server.http_url}/v1 (SillyTavern: docs/service.md)")
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())

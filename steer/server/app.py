@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import threading
 from collections.abc import Callable, Mapping
 from concurrent import futures
@@ -119,6 +120,10 @@ class SteerServer:
         self.jobs, self.draining = self.core.jobs, self.core.draining
         self.health = health.aio.HealthServicer()
         self.port: int | None = None
+        #: the bound port of the HTTP API, when settings.http_port is set
+        self.http_port: int | None = None
+        self._http: Any = None
+        self._http_task: asyncio.Task[None] | None = None
         self._server: grpc.aio.Server | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread: threading.Thread | None = None
@@ -192,11 +197,48 @@ class SteerServer:
         port = _bind(server, settings)
         await server.start()
         self._server, self.port = server, port
+        if settings.http_port is not None:
+            await self._start_http()
         return port
+
+    async def _start_http(self) -> None:
+        """The OpenAI-compatible HTTP API on this loop (imported only when it is on)."""
+        import uvicorn
+
+        from steer.http.app import create_app
+
+        settings = self.settings
+        listener = socket.create_server((settings.host, settings.http_port or 0))
+        config = uvicorn.Config(
+            create_app(self.core),
+            log_level="warning",
+            access_log=False,
+            lifespan="off",
+            timeout_graceful_shutdown=2,
+        )
+        http = uvicorn.Server(config)
+        self._http_task = asyncio.create_task(http.serve(sockets=[listener]))
+        while not http.started and not self._http_task.done():
+            await asyncio.sleep(0.01)
+        if self._http_task.done():
+            self._http_task.result()  # raises why it stopped
+            raise OSError(f"the HTTP API did not start on port {settings.http_port}")
+        self._http, self.http_port = http, listener.getsockname()[1]
+
+    async def _stop_http(self) -> None:
+        if self._http is not None and self._http_task is not None:
+            self._http.should_exit = True
+            await self._http_task
+            self._http = self._http_task = None
 
     @property
     def target(self) -> str:
         return f"{self.settings.host}:{self.port}"
+
+    @property
+    def http_url(self) -> str:
+        """Base URL of the OpenAI-compatible API (``.../v1`` is what OpenAI clients take)."""
+        return f"http://{self.settings.host}:{self.http_port}"
 
     def stop(self, grace: float | None = None) -> None:
         """Graceful shutdown: health NOT_SERVING, no new streams, open ones get ``grace`` s."""
@@ -207,6 +249,7 @@ class SteerServer:
             asyncio.run_coroutine_threadsafe(self.health.enter_graceful_shutdown(), loop).result()
         self.core.close(grace)
         if loop is not None and self._server is not None:
+            asyncio.run_coroutine_threadsafe(self._stop_http(), loop).result()
             asyncio.run_coroutine_threadsafe(self._server.stop(1.0), loop).result()
             self._server = None
         self._close_loop()
