@@ -1,4 +1,4 @@
-"""Benchmark the gRPC service against the in-process engine on SmolLM2-135M-Instruct.
+"""Benchmark the gRPC and HTTP services against the in-process engine on SmolLM2-135M-Instruct.
 
     python scripts/bench_service.py [--streams 1 4 16] [--max-new-tokens 32] [--no-docs]
 
@@ -7,19 +7,21 @@ For each stream count N, N chat requests with N distinct sliders (random unit ve
 
 1. in process: ``Engine(handle, max_batch=16).run(requests)`` on a worker thread (as the
    server's engine loop runs);
-2. over gRPC on loopback: ``steer serve`` in a subprocess, N client threads streaming at once.
+2. over gRPC on loopback: ``steer serve`` in a subprocess, N client threads streaming at once;
+3. over the OpenAI-compatible HTTP API of the same server: N threads streaming
+   ``/v1/chat/completions`` (SSE) with the same slider as a ``steering`` entry.
 
-Both paths are first warmed on the largest workload; then each N runs ``--repeats`` times,
-alternating in-process and gRPC, and the fastest run of each is kept. Reported per N:
-aggregate tokens/s (all tokens / wall time), per-token latency p50/p99 (gaps between streamed
-messages of one request), time to first token, and the gRPC overhead
-``grpc_wall / in_process_wall - 1``. Prints one JSON line and writes docs/benchmarks.md
-section "service".
+All paths are first warmed on the largest workload; then each N runs ``--repeats`` times,
+alternating, and the fastest run of each is kept. Reported per N: aggregate tokens/s (all tokens
+/ wall time), per-token latency p50/p99 (gaps between streamed messages of one request), time to
+first token, and each front end's overhead ``wall / in_process_wall - 1``. Prints one JSON line
+and writes docs/benchmarks.md section "service".
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import subprocess
@@ -30,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import httpx
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -156,7 +159,82 @@ def over_grpc(target: str, d_model: int, streams: int, max_new_tokens: int) -> M
     return Measurement(wall, tokens, [ids.get(i) for i in range(streams)], gaps, first, errors)
 
 
-def start_server(port: int) -> tuple[subprocess.Popen[str], str]:
+def over_http(url: str, d_model: int, streams: int, max_new_tokens: int) -> Measurement:
+    """The same workload as :func:`over_grpc`, streamed from the HTTP API; ids hold texts."""
+    gaps: list[float] = []
+    first: list[float] = []
+    texts: dict[int, str] = {}
+    counts: dict[int, int] = {}
+    errors: list[str] = []
+    barrier = threading.Barrier(streams + 1)
+    lock = threading.Lock()
+
+    def body(index: int) -> dict[str, Any]:
+        steering = {
+            "add": {
+                "inline": {"shared": slider(index, d_model).tolist()},
+                "strength": 1.0 + index,
+                "hooks": [HOOK],
+            }
+        }
+        return {
+            "model": MODEL,
+            "messages": [{"role": "user", "content": QUESTIONS[index % len(QUESTIONS)]}],
+            "max_tokens": max_new_tokens,
+            "temperature": 0,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+            "steering": [steering],
+        }
+
+    def run(index: int) -> None:
+        with httpx.Client(base_url=url, timeout=600) as client:
+            client.get("/health")  # connect before the clock starts
+            barrier.wait()
+            start = last = time.perf_counter()
+            own_gaps: list[float] = []
+            parts: list[str] = []
+            first_token, tokens = 0.0, 0
+            try:
+                with client.stream("POST", "/v1/chat/completions", json=body(index)) as response:
+                    response.raise_for_status()
+                    for line in response.iter_lines():
+                        if not line.startswith("data: {"):
+                            continue
+                        chunk = json.loads(line.removeprefix("data: "))
+                        if chunk.get("usage"):
+                            tokens = chunk["usage"]["completion_tokens"]
+                        if not chunk["choices"] or chunk["choices"][0]["delta"].get("role"):
+                            continue
+                        now = time.perf_counter()
+                        if parts:
+                            own_gaps.append(now - last)
+                        else:
+                            first_token = now - start
+                        last = now
+                        parts.append(chunk["choices"][0]["delta"].get("content", ""))
+            except Exception as error:
+                with lock:
+                    errors.append(repr(error))
+                return
+            with lock:
+                gaps.extend(own_gaps)
+                first.append(first_token)
+                texts[index], counts[index] = "".join(parts), tokens
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(streams)]
+    for thread in threads:
+        thread.start()
+    barrier.wait()
+    started = time.perf_counter()
+    for thread in threads:
+        thread.join()
+    wall = time.perf_counter() - started
+    ordered = [texts.get(i) for i in range(streams)]
+    return Measurement(wall, sum(counts.values()), ordered, gaps, first, errors)  # type: ignore[arg-type]
+
+
+def start_server(port: int) -> tuple[subprocess.Popen[str], str, str]:
     command = [
         sys.executable,
         "-m",
@@ -164,6 +242,8 @@ def start_server(port: int) -> tuple[subprocess.Popen[str], str]:
         "serve",
         "--port",
         str(port),
+        "--http-port",
+        "0",
         "--log-level",
         "WARNING",
     ]
@@ -171,10 +251,13 @@ def start_server(port: int) -> tuple[subprocess.Popen[str], str]:
         command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
     )
     assert process.stdout is not None
+    target = ""
     for line in process.stdout:
         if line.startswith("serving "):
             target = line.split(" on ")[1].split()[0]
-            return process, target
+        if line.startswith("OpenAI-compatible API: "):
+            url = line.split(": ", 1)[1].split()[0].removesuffix("/v1")
+            return process, target, url
     raise RuntimeError(f"steer serve exited with {process.wait()}")
 
 
@@ -189,7 +272,7 @@ def main() -> int:
 
     started = time.perf_counter()
     handle = load_model(MODEL)
-    server, target = start_server(args.port)
+    server, target, url = start_server(args.port)
     rows: list[dict[str, Any]] = []
     try:
         # Warm both paths on the largest workload: the first passes over new shapes are several
@@ -197,13 +280,19 @@ def main() -> int:
         largest = max(args.streams)
         in_process(handle, largest, 8)
         over_grpc(target, handle.d_model, largest, 8)
+        over_http(url, handle.d_model, largest, 8)
         for streams in args.streams:
-            locals_, remotes = [], []
+            locals_, remotes, webs = [], [], []
             for _ in range(args.repeats):  # alternate, keep the best of each
                 locals_.append(in_process(handle, streams, args.max_new_tokens))
                 remotes.append(over_grpc(target, handle.d_model, streams, args.max_new_tokens))
+                webs.append(over_http(url, handle.d_model, streams, args.max_new_tokens))
             local = min(locals_, key=lambda m: m.wall)
             remote = min(remotes, key=lambda m: m.wall)
+            web = min(webs, key=lambda m: m.wall)
+            local_texts = [
+                handle.tokenizer.decode(ids, skip_special_tokens=True) for ids in local.ids if ids
+            ]
             rows.append(
                 {
                     "streams": streams,
@@ -215,6 +304,11 @@ def main() -> int:
                     "overhead_pct": 100 * (remote.wall / local.wall - 1),
                     "same_tokens": remote.ids == local.ids,
                     "errors": len(remote.errors),
+                    "http_tokens_per_s": web.tokens / web.wall,
+                    "http_overhead_pct": 100 * (web.wall / local.wall - 1),
+                    "http_first_token_ms": 1000 * statistics.median(web.first or [float("nan")]),
+                    "http_same_text": web.ids == local_texts,
+                    "http_errors": len(web.errors),
                 }
             )
     finally:
@@ -244,17 +338,25 @@ def main() -> int:
             "first_token_ms",
             "same_tokens",
             "errors",
+            "http_tokens_per_s",
+            "http_overhead_pct",
+            "http_first_token_ms",
+            "http_same_text",
+            "http_errors",
         ]
         markdown = (
-            "## Service (gRPC over loopback vs in-process engine)\n\n"
+            "## Service (gRPC and HTTP over loopback vs in-process engine)\n\n"
             f"`python scripts/bench_service.py` on {machine()}; {MODEL}, greedy, "
             f"{args.max_new_tokens} new tokens per stream, each stream with its own slider "
             f"(random unit vector at `{HOOK}`, strength 1..N). The server is a `steer serve` "
-            "subprocess; clients stream from threads of the benchmark process. Both paths "
+            "subprocess serving both APIs; clients stream from threads of the benchmark process "
+            "(gRPC: `SteerClient`; HTTP: httpx streaming `/v1/chat/completions` with the slider "
+            "as a `steering` entry). Every path "
             f"warmed first; best of {args.repeats} alternating runs. Load average before the "
             f"run: {os.getloadavg()[0]:.2f}.\n\n"
             + table(rows, columns)
-            + "\n\nGoals: overhead <= 5% at every stream count; 16 streams >= 3x one stream. "
+            + "\n\nGoals: overhead <= 5% at every stream count, gRPC and HTTP alike; 16 streams >= 3x one "
+            "stream. "
             "Repeated runs of the same build on this shared 2-core machine differ by a few "
             "percent either way, so a negative overhead means the gRPC run happened to be the "
             "faster one. The server runs model code other than decode steps (loading, the "

@@ -37,7 +37,18 @@ PROMPTS = ["Tell me a joke.", "What is a rainbow?", "Write two lines about autum
 
 
 def start_server(model: str) -> tuple[subprocess.Popen[str], str]:
-    command = [sys.executable, "-m", "steer", "serve", "--port", "0", "--model", model]
+    command = [
+        sys.executable,
+        "-m",
+        "steer",
+        "serve",
+        "--port",
+        "0",
+        "--http-port",
+        "-1",
+        "--model",
+        model,
+    ]
     process = subprocess.Popen(
         [*command, "--log-level", "WARNING"],
         stdout=subprocess.PIPE,
