@@ -27,10 +27,12 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib
 import json
 import logging
 import math
 import os
+import pkgutil
 import re
 import shutil
 import struct
@@ -55,6 +57,7 @@ from hypothesis import strategies as st
 from hypothesis.strategies import SearchStrategy
 from safetensors.torch import save as safetensors_bytes
 
+import steer.proto.v1
 from steer.artifacts import save_vector
 from steer.models import ModelHandle
 from steer.proto.v1 import (
@@ -68,18 +71,7 @@ from steer.proto.v1 import (
 from steer.server import ServerSettings, SteerServer
 from steer.vectors import SteeringVector
 
-log = logging.getLogger("steer.fuzz")
-
 # -- the rpcs ------------------------------------------------------------------------------------
-
-_SERVICE_MODULES = (
-    (generation_pb2, "Generation"),
-    (models_pb2, "Models"),
-    (features_pb2, "Features"),
-    (directions_pb2, "Directions"),
-    (bake_pb2, "Bake"),
-    (jobs_pb2, "Jobs"),
-)
 
 
 @dataclass(frozen=True)
@@ -103,11 +95,20 @@ class Rpc:
 
 
 def server_rpcs() -> tuple[Rpc, ...]:
-    """Every rpc of every steer service, plus the health check (its Watch never ends and
-    reflection is a bidirectional stream: both are grpc's own code and left out)."""
+    """Every rpc of every service in the generated stubs (steer/proto/v1), plus the health
+    check (its Watch never ends and reflection is a bidirectional stream: both are grpc's own
+    code and left out)."""
     rpcs = []
-    for module, name in _SERVICE_MODULES:
-        service = module.DESCRIPTOR.services_by_name[name]
+    modules = sorted(m.name for m in pkgutil.iter_modules(steer.proto.v1.__path__))
+    services = [
+        service
+        for name in modules
+        if name.endswith("_pb2")
+        for service in importlib.import_module(
+            f"steer.proto.v1.{name}"
+        ).DESCRIPTOR.services_by_name.values()
+    ]
+    for service in services:
         for method in service.methods:
             rpcs.append(
                 Rpc(
@@ -166,6 +167,47 @@ top_k = {top_k}
 [evaluate]
 max_new_tokens = 2
 kl_tokens = 2
+"""
+
+
+#: the operator's named sliders (steer serve --sliders); "gentle" is on in every request
+SLIDERS = """
+[sliders.calm]
+kind = "add"
+artifact = "calm"
+min = -8.0
+max = 8.0
+
+[sliders.refusal]
+kind = "ablate"
+artifact = "refusal"
+min = 0.0
+max = 1.5
+
+[sliders.feature]
+kind = "feature"
+sae = "resid"
+feature = 3
+mode = "add_decoder"
+min = -4.0
+max = 4.0
+
+[sliders.scaled]
+kind = "feature"
+sae = "resid"
+feature = 5
+mode = "scale"
+min = 0.0
+max = 3.0
+default = 1.0
+
+[sliders.gentle]
+kind = "add"
+artifact = "calm"
+phase = "generated"
+min = -1.0
+max = 1.0
+default = 0.25
 """
 
 
@@ -241,6 +283,7 @@ def prepare_root(root: Path, served: ModelHandle, source: ModelHandle) -> Fixtur
     outside = root.parent / f"{root.name}-outside"
     outside.mkdir(exist_ok=True)
     (outside / "secret.txt").write_text("outside the models root\n")
+    (outside / "sliders.toml").write_text(SLIDERS)  # the operator's file: outside the root
     source.model.save_pretrained(root / SOURCE_DIR)
     source.tokenizer.save_pretrained(root / SOURCE_DIR)
     artifacts = root / "artifacts"
@@ -530,6 +573,7 @@ class World:
     artifact_ids: tuple[str, ...]
     sae_ids: tuple[str, ...]
     sae_paths: tuple[str, ...]
+    slider_names: tuple[str, ...]
     job_ids: tuple[str, ...]
     paths: tuple[str, ...]
     bake_outputs: tuple[str, ...]
@@ -749,6 +793,7 @@ _STRING_HINTS: dict[str, Callable[[World], SearchStrategy[str]]] = {
     "artifact_id": lambda w: w.ids(w.artifact_ids),
     "sae_id": lambda w: w.ids(w.sae_ids),
     "job_id": lambda w: w.ids(w.job_ids),
+    "name": lambda w: w.ids(w.slider_names),
     "hooks": lambda w: w.hooks(),
     "hook": lambda w: st.one_of(st.just(""), w.hooks()),
     "hook_names": lambda w: w.hooks(),
@@ -1195,6 +1240,7 @@ def interventions(world: World, *, hostile: bool) -> SearchStrategy[generation_p
         "sae_id": world.ids(world.sae_ids),
         "feature": world.feature_indices(),
         "mode": st.sampled_from((0, 4, -1)),
+        "name": world.ids(world.slider_names),
     }
 
     def wrap(kind: str, message: Any, who: str) -> generation_pb2.Intervention:
@@ -1238,6 +1284,9 @@ def interventions(world: World, *, hostile: bool) -> SearchStrategy[generation_p
         if weight is not None:
             message.weight = weight
         return wrap("ablate", message, speaker)
+
+    def named(name: str, value: float, speaker: str) -> Any:
+        return wrap("named", generation_pb2.NamedSlider(name=name, value=value), speaker)
 
     def slider(sae_id: str, feature: int, mode: Any, value: float, phase: Any, speaker: str) -> Any:
         message = generation_pb2.FeatureSlider(
@@ -1284,6 +1333,11 @@ def interventions(world: World, *, hostile: bool) -> SearchStrategy[generation_p
             {"sae_id": st.sampled_from(world.sae_ids), "feature": st.integers(0, SAE_FEATURES - 1),
              "mode": st.sampled_from((1, 2, 3)), "value": st.sampled_from((0.0, 1.0, 2.0, -1.0)),
              "phase": phase, "speaker": speaker},
+        ),
+        (
+            named,
+            {"name": st.sampled_from(world.slider_names),
+             "value": st.sampled_from((0.0, 0.5, 1.0, -0.5)), "speaker": speaker},
         ),
     ]  # fmt: skip
     if not hostile:
@@ -1947,32 +2001,17 @@ def exception_summary(error: BaseException) -> str:
     return f"{type(error).__name__}{where}: {_shorten(str(error), 300)}"
 
 
-class Fuzzer:
-    """Sends cases to a running server and checks the properties after each.
+class Client:
+    """Raw calls to one server: any bytes to any method; the status, details and the field
+    named in the trailing metadata come back instead of an exception."""
 
-    Every case starts from the fixture state: :meth:`restore` puts the files back, unloads
-    models and SAEs the fuzzer's requests loaded and reloads the fixture ones they unloaded.
-    """
-
-    def __init__(
-        self, target: str, world: World, fixture: Fixture, fixture_saes: Mapping[str, str]
-    ):
-        self.target, self.world, self.fixture = target, world, fixture
-        self.fixture_saes = dict(fixture_saes)
+    def __init__(self, target: str) -> None:
+        self.target = target
         options = [("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)]
         self.channel = grpc.insecure_channel(target, options=options)
-        self.capture = _LogCapture()
-        logging.getLogger("steer").addHandler(self.capture)  # steer.server's records too
-        self.seen_jobs: set[str] = set()
-        self.reference: tuple[tuple[int, ...], int] | None = None
-        self.root_text = str(fixture.root.resolve())
-        self.outside_text = str(fixture.outside.resolve())
 
     def close(self) -> None:
-        logging.getLogger("steer").removeHandler(self.capture)
         self.channel.close()
-
-    # -- calls ----------------------------------------------------------------------------------
 
     def call(
         self,
@@ -2002,6 +2041,37 @@ class Fuzzer:
     def rpc(self, name: str, request: Message, timeout: float = CALL_TIMEOUT) -> _Call:
         rpc = RPCS_BY_NAME[name]
         return self.call(rpc.path, request.SerializeToString(), rpc.streaming, timeout)
+
+    def jobs(self) -> list[jobs_pb2.Job]:
+        result = self.rpc("Jobs.List", jobs_pb2.ListJobsRequest())
+        if result.code != "OK":
+            return []
+        return list(jobs_pb2.ListJobsResponse.FromString(result.responses[0]).jobs)
+
+
+class Fuzzer(Client):
+    """Sends cases to a running server and checks the properties after each.
+
+    Every case starts from the fixture state: :meth:`restore` puts the files back, unloads
+    models and SAEs the fuzzer's requests loaded and reloads the fixture ones they unloaded.
+    """
+
+    def __init__(
+        self, target: str, world: World, fixture: Fixture, fixture_saes: Mapping[str, str]
+    ) -> None:
+        super().__init__(target)
+        self.world, self.fixture = world, fixture
+        self.fixture_saes = dict(fixture_saes)
+        self.capture = _LogCapture()
+        logging.getLogger("steer").addHandler(self.capture)  # steer.server's records too
+        self.seen_jobs: set[str] = set()
+        self.reference: tuple[tuple[int, ...], int] | None = None
+        self.root_text = str(fixture.root.resolve())
+        self.outside_text = str(fixture.outside.resolve())
+
+    def close(self) -> None:
+        logging.getLogger("steer").removeHandler(self.capture)
+        super().close()
 
     def innocent_request(self) -> generation_pb2.GenerateRequest:
         request = generation_pb2.GenerateRequest(
@@ -2099,12 +2169,6 @@ class Fuzzer:
         return result, "ok"
 
     # -- jobs -----------------------------------------------------------------------------------
-
-    def jobs(self) -> list[jobs_pb2.Job]:
-        result = self.rpc("Jobs.List", jobs_pb2.ListJobsRequest())
-        if result.code != "OK":
-            return []
-        return list(jobs_pb2.ListJobsResponse.FromString(result.responses[0]).jobs)
 
     def _settle_jobs(self, outcome: Outcome, case: Case, result: _Call) -> list[str]:
         """Let jobs this case started finish (cancel them after JOB_WAIT); check their codes."""
@@ -2509,6 +2573,13 @@ def run_fuzz(
     return result
 
 
+def _wait_for_jobs(client: Client, timeout: float = JOB_WAIT + JOB_STOP) -> None:
+    deadline = time.monotonic() + timeout
+    running = (jobs_pb2.JOB_STATE_QUEUED, jobs_pb2.JOB_STATE_RUNNING)
+    while any(job.state in running for job in client.jobs()) and time.monotonic() < deadline:
+        time.sleep(0.02)
+
+
 @contextlib.contextmanager
 def fuzz_server(
     served: ModelHandle,
@@ -2519,42 +2590,33 @@ def fuzz_server(
     bake_source: ModelHandle | None = None,
     **settings_overrides: Any,
 ) -> Iterator[Fuzzer]:
-    """Prepare ``root``, serve ``served`` as ``model_id`` in process, and yield a started
-    :class:`Fuzzer`. ``model_source`` is how the fuzzer loads the model again after a request
-    unloaded it (the saved tiny model, or an offline name); ``bake_source`` defaults to
-    ``served`` (then ``model_source`` may be the saved copy)."""
+    """Prepare ``root``, serve ``served`` as ``model_id`` in process (with the named sliders of
+    :data:`SLIDERS`), and yield a started :class:`Fuzzer`. ``model_source`` is how the fuzzer
+    loads the model again after a request unloaded it (the saved tiny model, or an offline
+    name); ``bake_source`` defaults to ``served`` (then ``model_source`` may be the saved copy)."""
     fixture = prepare_root(root, served, bake_source or served)
-    sae_paths = ("saes/resid", "saes/wide", "saes/link", "saes", ".", SOURCE_DIR, "artifacts/calm")
-    settings_value = fuzz_settings(root, **settings_overrides)
+    sliders = fixture.outside / "sliders.toml"
+    fixture_saes = {"resid": "saes/resid"}
+    settings_value = fuzz_settings(root, **{"sliders": sliders, **settings_overrides})
     with SteerServer(settings_value, models={model_id: served}) as server:
-        fixture_saes = {"resid": "saes/resid"}
-        probe = Fuzzer(server.target, _bare_world(model_id, model_source, root), fixture, {})
+        setup = Client(server.target)
         try:
             for sae_id, path in fixture_saes.items():
-                loaded = probe.rpc(
-                    "Features.LoadSae",
-                    features_pb2.LoadSaeRequest(path=path, sae_id=sae_id, model=model_id),
-                )
+                request = features_pb2.LoadSaeRequest(path=path, sae_id=sae_id, model=model_id)
+                loaded = setup.rpc("Features.LoadSae", request)
                 assert loaded.code == "OK", loaded.details
-            job = probe.rpc(
-                "Bake.Bake",
-                bake_pb2.BakeRequest(
-                    model_source=SOURCE_DIR,
-                    recipe_path="recipes/ablate.toml",
-                    output="baked/first",
-                ),
+            # a finished job, so that Jobs requests can name one
+            bake = bake_pb2.BakeRequest(
+                model_source=SOURCE_DIR, recipe_path="recipes/ablate.toml", output="baked/first"
             )
-            assert job.code == "OK", job.details
-            probe._settle_jobs(Outcome("setup", "OK"), Case(RPCS[0], b""), job)
-            jobs = tuple(j.job_id for j in probe.jobs())
-            info = models_pb2.ModelInfo.FromString(
-                probe.rpc("Models.Info", models_pb2.ModelInfoRequest(model_id=model_id)).responses[
-                    0
-                ]
-            )
+            started = setup.rpc("Bake.Bake", bake)
+            assert started.code == "OK", started.details
+            _wait_for_jobs(setup)
+            jobs = tuple(job.job_id for job in setup.jobs())
+            described = setup.rpc("Models.Info", models_pb2.ModelInfoRequest(model_id=model_id))
+            info = models_pb2.ModelInfo.FromString(described.responses[0])
         finally:
-            probe.close()
-        shutil.rmtree(root / "baked" / "first", ignore_errors=True)
+            setup.close()
         world = World(
             model_id=model_id,
             model_source=model_source,
@@ -2564,9 +2626,18 @@ def fuzz_server(
             hook_names=tuple(info.hook_names),
             artifact_ids=("refusal", "calm", "shared", "foreign", "bake-direction", "bake-vector"),
             sae_ids=tuple(fixture_saes),
-            sae_paths=sae_paths,
+            sae_paths=(
+                "saes/resid",
+                "saes/wide",
+                "saes/link",
+                "saes",
+                ".",
+                SOURCE_DIR,
+                "artifacts/calm",
+            ),
+            slider_names=("calm", "refusal", "feature", "scaled", "gentle"),
             job_ids=jobs,
-            paths=tuple(sorted({*fixture.files, *fixture.links, *fixture.bake_outputs}))[:200],
+            paths=tuple(sorted({*fixture.files, *fixture.links, *fixture.bake_outputs})),
             bake_outputs=fixture.bake_outputs,
             root=str(root.resolve()),
             tensor_blobs=tensor_blobs(served),
@@ -2574,31 +2645,11 @@ def fuzz_server(
         )
         fuzzer = Fuzzer(server.target, world, fixture, fixture_saes)
         try:
-            fuzzer.restore()
+            fuzzer.restore()  # removes baked/first
             fuzzer.start()
             yield fuzzer
         finally:
             fuzzer.close()
-
-
-def _bare_world(model_id: str, model_source: str, root: Path) -> World:
-    return World(
-        model_id,
-        model_source,
-        1,
-        1,
-        1,
-        ("blocks.0.hook_resid_post",),
-        (),
-        (),
-        (),
-        (),
-        (),
-        (),
-        str(root),
-        (),
-        (),
-    )
 
 
 def status_table(result: FuzzResult) -> tuple[list[dict[str, Any]], list[str]]:
