@@ -1,7 +1,8 @@
 """Fuzz every rpc of the gRPC service in process; counts per status code to docs/reliability.md
 
     python scripts/fuzz_service.py [--count 1000] [--seed 1] [--model tiny|smollm2|all]
-                                   [--garbage 0.1] [--failures FILE] [--no-docs]
+                                   [--services Generation,Bake] [--garbage 0.1]
+                                   [--failures FILE] [--no-docs]
 
 Serves the tiny random llama of tests/tiny.py (``--model smollm2``: SmolLM2-135M-Instruct from
 its PyPI package; ``all``: one run on each) from a fresh models root and sends ``--count``
@@ -16,7 +17,8 @@ second whatever model is served.
 Prints one JSON line per model (counts per status code, innocent streams and how many were
 harmed, INTERNAL/UNKNOWN answers, distinct failures), writes the distinct failures as JSON lines
 to ``--failures`` (rpc, request, status, details, server log, broken properties) and replaces the
-section "fuzz-<model>" of docs/reliability.md: a table of status codes per rpc and the failures.
+section "fuzz-<model>" of docs/reliability.md: a table of status codes per rpc and the failures
+(not for a ``--services`` subset).
 """
 
 from __future__ import annotations
@@ -35,11 +37,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 from fuzzing import (
+    RPCS,
     Case,
     FuzzResult,
     Outcome,
     describe,
     fuzz_server,
+    rpcs_of,
     run_fuzz,
     status_table,
 )
@@ -128,14 +132,17 @@ def fuzz(model: str, args: argparse.Namespace) -> dict[str, Any]:
             if outcome.violations:
                 bar.set_postfix(failing=index)
 
-        result = run_fuzz(fuzzer, args.count, args.seed, garbage=args.garbage, progress=progress)
+        rpcs = rpcs_of(*args.services.split(",")) if args.services else RPCS
+        result = run_fuzz(
+            fuzzer, args.count, args.seed, rpcs=rpcs, garbage=args.garbage, progress=progress
+        )
     seconds = time.monotonic() - started
     if args.failures:
         path = Path(f"{args.failures}.{model}" if args.model == "all" else args.failures)
         with path.open("w") as out:
             for key, (case, outcome, count) in sorted(result.failures.items()):
                 out.write(json.dumps(failure_record(key, case, outcome, count)) + "\n")
-    if not args.no_docs:
+    if not args.no_docs and not args.services:
         write_section(
             "reliability.md", f"fuzz-{model}", markdown(model, result, args, seconds), "Reliability"
         )
@@ -159,6 +166,7 @@ def main() -> int:
     parser.add_argument("--count", type=int, default=1000, help="requests per model")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--model", choices=("tiny", "smollm2", "all"), default="tiny")
+    parser.add_argument("--services", help="only these services (Generation,Bake,...)")
     parser.add_argument("--garbage", type=float, default=0.1, help="fraction of raw bytes")
     parser.add_argument("--failures", help="write the distinct failures here (JSON lines)")
     parser.add_argument("--no-docs", action="store_true", help="do not write docs/reliability.md")
