@@ -1923,6 +1923,14 @@ def _nest(depth: int) -> bytes:
 # -- the harness ---------------------------------------------------------------------------------
 
 BAD_CODES = ("INTERNAL", "UNKNOWN")
+#: a valid artifact id (a single directory name), as the server's paths.check_id accepts it
+ARTIFACT_ID = r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}"
+#: rpcs that write or remove one artifact: the id they name
+_ARTIFACT_WRITERS: dict[str, Callable[[Any], str]] = {
+    "Directions.Upload": lambda message: message.files.artifact_id,
+    "Directions.Compute": lambda message: message.artifact_id,
+    "Directions.Delete": lambda message: message.artifact_id,
+}
 CALL_TIMEOUT = 60.0
 #: how long a started job may run before the fuzzer cancels it (tiny bakes take ~0.1 s)
 JOB_WAIT = 10.0
@@ -2211,8 +2219,9 @@ class Fuzzer(Client):
         return snapshot(self.fixture.root), snapshot(self.fixture.outside)
 
     def _own_area(self, case: Case) -> tuple[str | None, bool]:
-        """(the path under the root this request may write, whether it may replace what is
-        there)."""
+        """(the path under the root this request may write, whether it may replace or remove
+        what is there): a bake's output (a previous bake output may be replaced), the artifact
+        an upload, computation or delete names."""
         message = case.message()
         if message is None:
             return None, False
@@ -2224,14 +2233,9 @@ class Fuzzer(Client):
             if resolved.startswith("..") or resolved == ".":
                 return None, False
             return resolved, resolved in self.fixture.bake_outputs
-        if isinstance(message, directions_pb2.UploadArtifactRequest):
-            artifact_id = message.files.artifact_id
-            if re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}", artifact_id):
-                return f"artifacts/{artifact_id}", True
-        if isinstance(message, directions_pb2.ComputeDirectionRequest):
-            artifact_id = message.artifact_id
-            if re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}", artifact_id):
-                return f"artifacts/{artifact_id}", True
+        artifact = _ARTIFACT_WRITERS.get(case.rpc.name)
+        if artifact is not None and re.fullmatch(ARTIFACT_ID, artifact(message)):
+            return f"artifacts/{artifact(message)}", True
         return None, False
 
     def _check_files(self, case: Case, before: tuple[dict[str, Any], dict[str, Any]]) -> list[str]:
