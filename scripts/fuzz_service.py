@@ -9,10 +9,10 @@ its PyPI package; ``all``: one run on each) from a fresh models root and sends `
 requests drawn by the strategies of tests/fuzzing.py with ``--seed``: well-formed requests with
 one or two hostile fields, any message built from the proto descriptors, and (a ``--garbage``
 fraction) raw bytes. Every request starts from the same root, models and SAEs and is checked for
-the properties of issue #14 (no INTERNAL/UNKNOWN, a healthy server, a normal stream sent with
-each Generate request gets its tokens alone, no file outside the request's own output touched,
-no absolute server path in errors). Bakes use a tiny source model, so they take a fraction of a
-second whatever model is served.
+the properties of issue #14: no INTERNAL/UNKNOWN, a healthy server, a normal stream sent with
+each Generate request and feature read gets its tokens alone, no file outside the request's own
+output touched, no absolute server path in errors. Bakes use a tiny source model, so they take a
+fraction of a second whatever model is served.
 
 Prints one JSON line per model (counts per status code, innocent streams and how many were
 harmed, INTERNAL/UNKNOWN answers, distinct failures), writes the distinct failures as JSON lines
@@ -88,7 +88,7 @@ def markdown(model: str, result: FuzzResult, args: argparse.Namespace, seconds: 
         f"{args.seed} --garbage {args.garbage}`: {len(result.outcomes)} requests in "
         f"{seconds:.0f} s on {machine()}.",
         "",
-        f"INTERNAL/UNKNOWN: **{result.internal}**; normal streams sent with a Generate request: "
+        f"INTERNAL/UNKNOWN: **{result.internal}**; normal streams sent beside a request: "
         f"{result.innocent_streams}, harmed: **{result.innocent_harmed}**; requests that broke "
         f"a property: **{result.violating}** ({len(result.failures)} distinct). Jobs started: "
         f"{jobs}.",

@@ -16,11 +16,13 @@ Shared by ``tests/test_fuzz_service.py`` (a seeded slice in CI) and ``scripts/fu
 * :class:`Fuzzer` runs one :class:`Case` and checks the properties: (1) no INTERNAL or UNKNOWN
   status (for jobs, no such error code); (2) the server stays healthy (health SERVING, every
   List answers, the model's Info answers); (3) a normal greedy stream sent together with a
-  Generate example yields exactly its tokens alone; (4) no file outside a request's own output
-  (a bake output, an uploaded or computed artifact) is removed, replaced or added, in the models
-  root or beyond a link out of it; (5) errors name paths relative to the models root.
-* :func:`run_fuzz` runs ``count`` examples with a fixed seed, either strict (hypothesis shrinks
-  the first failing case and raises) or recording (every outcome counted, failures collected).
+  Generate request or a feature read yields exactly its tokens alone; (4) no file outside a
+  request's own output (a bake output, an uploaded, computed or deleted artifact) is removed,
+  replaced or added, in the models root or beyond a link out of it; (5) errors name paths
+  relative to the models root.
+* :func:`run_fuzz` runs ``count`` cases with a fixed seed, either strict (hypothesis shrinks
+  each distinct failure to a minimal case, then they are raised) or recording (every outcome
+  counted, failures collected).
 """
 
 from __future__ import annotations
@@ -1738,7 +1740,8 @@ class Case:
     request: Message | bytes
     #: the wire path (differs from rpc.path for garbage sent to unknown methods)
     path: str = ""
-    #: Generate only: "together" (sent with the innocent stream) or "join" (joins it running)
+    #: rpcs in WITH_INNOCENT: "together" (sent with the normal stream) or "join" (sent once
+    #: the normal stream runs)
     timing: str = "together"
 
     @property
@@ -1769,10 +1772,16 @@ class Case:
             return None
 
     def __repr__(self) -> str:
-        timing = f" timing={self.timing}" if self.rpc.name == "Generation.Generate" else ""
+        timing = f" timing={self.timing}" if self.rpc.name in WITH_INNOCENT else ""
         return f"Case({self.label}{timing}: {describe(self.request)})"
 
 
+#: rpcs sent together with a normal greedy stream of the same model, whose tokens must equal
+#: its tokens alone: generation shares the running batch, feature reads its engine thread
+WITH_INNOCENT = frozenset(
+    ("Generation.Generate", "Features.Activations", "Features.Search", "Features.Contrast",
+     "Features.Info", "Features.LoadSae")
+)  # fmt: skip
 #: how much more often than the others these rpcs are fuzzed (they do the most with a request)
 RPC_WEIGHTS = {
     "Generation.Generate": 4,
@@ -1793,7 +1802,7 @@ def message_cases(world: World, rpcs: Sequence[Rpc]) -> SearchStrategy[Case]:
     timings = st.sampled_from(("together", "join"))
 
     def cases(rpc: Rpc) -> SearchStrategy[Case]:
-        timing = timings if rpc.name == "Generation.Generate" else st.just("together")
+        timing = timings if rpc.name in WITH_INNOCENT else st.just("together")
         return st.builds(
             lambda request, when: Case(rpc, request, timing=when), requests_for(world, rpc), timing
         )
@@ -2123,7 +2132,7 @@ class Fuzzer(Client):
         began = time.monotonic()
         self.capture.drain()
         before = self._files()
-        if case.rpc.name == "Generation.Generate" and not isinstance(case.request, bytes):
+        if case.rpc.name in WITH_INNOCENT and not isinstance(case.request, bytes):
             result, innocent = self._with_innocent(case)
         else:
             result, innocent = self.call(case.wire_path, case.payload(), case.rpc.streaming), ""
@@ -2162,7 +2171,7 @@ class Fuzzer(Client):
             together.wait(timeout=30)
         else:
             started.wait(timeout=30)
-        result = self.call(case.wire_path, case.payload(), True)
+        result = self.call(case.wire_path, case.payload(), case.rpc.streaming)
         thread.join(timeout=CALL_TIMEOUT + 10)
         if not innocent:
             return result, "did not finish"

@@ -3,11 +3,12 @@
 A fixed seed and a bounded count per group of services (about 430 requests in all, run in CI);
 ``python scripts/fuzz_service.py --count 1000`` runs the long version. Each request starts from
 the same models root, models and SAEs (tests/fuzzing.py) and must keep five properties: no
-INTERNAL or UNKNOWN status (jobs included); the server stays healthy; a normal greedy stream sent
-with a Generate request gets exactly its tokens alone; nothing outside the request's own output
-is removed, replaced or added under the models root (or beyond a link out of it); errors show no
-absolute server path. A failure names the request hypothesis shrank it to, the status, the
-server's logged exception and the broken property; every distinct failure of a group is reported.
+INTERNAL or UNKNOWN status (jobs included); the server stays healthy; a normal greedy stream
+sent with a Generate request or a feature read gets exactly its tokens alone; nothing outside
+the request's own output is removed, replaced or added under the models root (or beyond a link
+out of it); errors show no absolute server path. A failure names the request hypothesis shrank
+it to, the status, the server's logged exception and the broken property; every distinct
+failure of a group is reported.
 """
 
 from __future__ import annotations
