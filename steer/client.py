@@ -344,7 +344,9 @@ def generate_request(
     ``sampling`` sets any other SamplingParams field by its name (``repetition_penalty``,
     ``dry_multiplier``, ``logit_bias={id: bias}``, ``banned_strings=[...]``, ...).
     ``roleplay`` is ``{"scene": {...}, "prompt_format": ..., "speaker": ..., "length": ...}``
-    (the scene in the shape of recipes/data/rp_scenarios.jsonl), instead of a prompt.
+    (the scene in the shape of recipes/data/rp_scenarios.jsonl), instead of a prompt; with
+    ``"card": {...}`` (a SillyTavern card's JSON, :func:`steer.rp.cards.card_to_json`) the
+    card is the scene's first character and the scene may leave characters out.
     """
     request = generation_pb2.GenerateRequest(
         model=model,
@@ -363,7 +365,9 @@ def generate_request(
     elif token_ids is not None:
         request.token_ids.ids.extend(token_ids)
     elif roleplay is not None:
-        request.roleplay.scene_json = json.dumps(roleplay["scene"])
+        request.roleplay.scene_json = json.dumps(roleplay.get("scene", {}))
+        if roleplay.get("card") is not None:
+            request.roleplay.card_json = json.dumps(roleplay["card"])
         request.roleplay.prompt_format = roleplay.get("prompt_format", "")
         request.roleplay.speaker = roleplay.get("speaker", "")
         request.roleplay.length = roleplay.get("length", "")
@@ -528,9 +532,11 @@ class SteerClient:
     # artifacts
 
     def artifacts(self) -> list[directions_pb2.ArtifactInfo]:
-        return list(
-            self._call(self._directions.List, directions_pb2.ListArtifactsRequest()).artifacts
-        )
+        return list(self.list_artifacts().artifacts)
+
+    def list_artifacts(self) -> directions_pb2.ListArtifactsResponse:
+        """The artifacts that load (``artifacts``) and those that do not (``broken``)."""
+        return self._call(self._directions.List, directions_pb2.ListArtifactsRequest())
 
     def artifact(self, artifact_id: str) -> directions_pb2.ArtifactInfo:
         return self._call(
@@ -564,6 +570,11 @@ class SteerClient:
         (directory / TENSORS).write_bytes(files.vectors_safetensors)
         (directory / SIDECAR).write_bytes(files.steer_json)
         return directory
+
+    def delete_artifact(self, artifact_id: str) -> directions_pb2.DeleteArtifactResponse:
+        """Remove an artifact from the server (a broken one too); NotFound if there is none."""
+        request = directions_pb2.DeleteArtifactRequest(artifact_id=artifact_id)
+        return self._call(self._directions.Delete, request)
 
     # SAEs and features
 

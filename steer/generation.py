@@ -16,6 +16,7 @@ may be called from other threads.
 
 from __future__ import annotations
 
+import inspect
 import itertools
 import secrets
 import threading
@@ -35,6 +36,13 @@ from steer.interventions import Intervention, InterventionPlan, Phase, build_pla
 from steer.models import ModelHandle
 from steer.runtime import attach
 from steer.sampling import BannedStrings, SamplerState, SamplingConfig, banned_strings, choose
+
+
+def cache_keyword(model: Any) -> str:
+    """The name this model's ``forward`` takes the KV cache under: ``cache`` since transformers
+    renamed it (``past_key_values`` then warns on every call), else the old name."""
+    parameters = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in parameters else "past_key_values"
 
 
 @dataclass(frozen=True)
@@ -230,6 +238,7 @@ class Engine:
         self._cache: Any = None
         self._mask: torch.Tensor | None = None
         self._plan: InterventionPlan | None = None
+        self._cache_keyword = cache_keyword(handle.model)
 
     # -- requests ---------------------------------------------------------------------------
 
@@ -381,7 +390,7 @@ class Engine:
                 input_ids=input_ids.to(device),
                 attention_mask=mask.to(device),
                 position_ids=positions.to(device),
-                past_key_values=cache,
+                **{self._cache_keyword: cache},
                 use_cache=True,
                 logits_to_keep=1,
             )

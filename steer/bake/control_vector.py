@@ -14,10 +14,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from steer import digests
 from steer.errors import InvalidArgumentError, NotFoundError
 from steer.vectors import SteeringVector
 
 ARCHITECTURE = "controlvector"
+#: how the provenance's ``tensors`` digests are made: BLAKE3 of each tensor's float32 bytes
+TENSOR_HASH = "blake3-float32"
 
 
 def write_control_vector(
@@ -33,17 +36,51 @@ def write_control_vector(
             "llama.cpp does not apply a control vector to layer 0; move the edit to a later layer",
             field="layers",
         )
+    tensors = _tensors(vector)
     writer = gguf.GGUFWriter(str(path), ARCHITECTURE)
     writer.add_string(f"{ARCHITECTURE}.model_hint", model_hint)
     writer.add_uint32(f"{ARCHITECTURE}.layer_count", len(vector.per_layer))
     if provenance is not None:
-        writer.add_string("steer.provenance", json.dumps(provenance, default=str))
-    for layer in vector.layers:
-        writer.add_tensor(f"direction.{layer}", vector.at(layer).numpy().astype(np.float32))
+        record = {**provenance, "tensor_hash": TENSOR_HASH, "tensors": _digests(tensors)}
+        writer.add_string("steer.provenance", json.dumps(record, default=str))
+    for name, values in tensors.items():
+        writer.add_tensor(name, values)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
+
+
+def _tensors(vector: SteeringVector) -> dict[str, np.ndarray]:
+    """The file's tensors: ``direction.L`` -> float32 values, in layer order."""
+    return {
+        f"direction.{layer}": vector.at(layer).numpy().astype(np.float32) for layer in vector.layers
+    }
+
+
+def _digests(tensors: dict[str, np.ndarray]) -> dict[str, str]:
+    return {name: digests.new(values.tobytes()).hexdigest() for name, values in tensors.items()}
+
+
+def verify_control_vector(path: str | Path) -> list[str]:
+    """Re-hash a control vector's tensors against the digests its steer provenance records;
+    return the problems (empty when every ``direction.L`` is as the bake wrote it)."""
+    vector, metadata = read_control_vector(path)
+    record = metadata.get("provenance")
+    if not isinstance(record, dict):
+        return ["no steer provenance: not written by steer bake, nothing to check against"]
+    recorded = record.get("tensors")
+    if record.get("tensor_hash") != TENSOR_HASH or not isinstance(recorded, dict):
+        return ["its provenance records no tensor digests (baked by an older steer); bake again"]
+    actual = _digests(_tensors(vector))
+    problems = [f"missing: {name}" for name in sorted(set(recorded) - set(actual))]
+    problems += [
+        f"hash mismatch: {name}"
+        for name in sorted(set(recorded) & set(actual))
+        if recorded[name] != actual[name]
+    ]
+    problems += [f"not recorded: {name}" for name in sorted(set(actual) - set(recorded))]
+    return problems
 
 
 def read_control_vector(path: str | Path) -> tuple[SteeringVector, dict[str, object]]:

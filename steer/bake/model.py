@@ -731,7 +731,7 @@ def bake_weights(model_source: str, recipe: Recipe, out_dir: Path, options: Bake
         model_source, allow_pickle=options.allow_pickle, check=options.check_cancelled
     )
     try:
-        return _bake(source, recipe, out_dir, options, dtype_name)
+        return _bake(source, recipe, out_dir, options, dtype_name or source.stored_dtype)
     finally:
         source.close()
 
@@ -751,6 +751,8 @@ def _bake(
         check_bias(layout, source.model_type)
     expected = expected_weight_hashes(resolved.artifacts, source, options)
     notes = list(options.notes)
+    if dtype_name is None and options.output_format == "model" and source.dtype_note:
+        notes.append(source.dtype_note)
     if resolved.approximate:
         notes.append(
             "APPROXIMATE: SAE feature edits are baked as value * decoder direction added to every "

@@ -82,6 +82,11 @@ class Source:
     #: BLAKE3 of a stored tensor's bytes if a read since ``start_file_hashes`` covered them in
     #: order (its blake3-tensors leaf), else None: a tensor copied unchanged reuses it
     stored_digest: Callable[[str], bytes | None] = lambda _tensor: None
+    #: the dtype the source file stores its matrices in when reads return another (a GGUF is
+    #: read dequantised to float32): what a bake writes unless a dtype is asked for
+    stored_dtype: str | None = None
+    #: said (in the provenance notes) when the output keeps the reads' dtype for want of one
+    dtype_note: str = ""
 
     def file_hashes(self) -> dict[str, str]:
         """The hash of every source file, reusing hashes made while reading where possible."""
@@ -334,6 +339,7 @@ def _in_memory_source(
     """
     check()
     model = _run_checked(lambda: _load_model(path, allow_pickle=allow_pickle), check)
+    stored_dtype, dtype_note = gguf_precision(path) if path.is_file() else (None, "")
     state = dict(model.state_dict())
     config = model.config.to_dict()
     config.pop("quantization_config", None)
@@ -370,6 +376,33 @@ def _in_memory_source(
         files=[path] if path.is_file() else [*sorted(path.glob("*.bin")), path / "config.json"],
         write_extras=write_extras,
         hash_weights=hash_weights,
+        stored_dtype=stored_dtype,
+        dtype_note=dtype_note,
+    )
+
+
+#: GGUF tensor types whose values a torch dtype holds as stored
+_GGUF_FLOATS = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
+
+
+def gguf_precision(path: Path) -> tuple[str | None, str]:
+    """The dtype a GGUF file stores its matrices in (F16 -> float16, BF16 -> bfloat16), so a
+    bake keeps it, or None and why float32 stays: quantised matrices (Q4_1, Q8_0, ...) have
+    dequantised values that only float32 holds exactly."""
+    import gguf
+
+    try:
+        reader = gguf.GGUFReader(str(path))
+    except (ValueError, OSError):
+        return None, ""
+    kinds = {t.tensor_type.name for t in reader.tensors if len(t.shape) >= 2}
+    if kinds and kinds <= set(_GGUF_FLOATS):
+        # one float type is kept; float32 holds a mix of them exactly
+        return _GGUF_FLOATS[kinds.pop()] if len(kinds) == 1 else "float32", ""
+    quantised = ", ".join(sorted(kinds - set(_GGUF_FLOATS)))
+    return None, (
+        f"written as float32: the source's matrices are quantised ({quantised}) and only "
+        "float32 holds their dequantised values exactly; --dtype bfloat16 halves the size"
     )
 
 

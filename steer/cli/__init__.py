@@ -18,6 +18,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("steer.cli.remote", "generate through a running server"),
     "chat": ("steer.cli.remote", "interactive chat through a running server, with sliders"),
     "models": ("steer.cli.remote", "list, load and unload models and SAEs on a running server"),
+    "artifacts": (
+        "steer.cli.artifacts",
+        "upload, list, download and delete vector artifacts on a running server",
+    ),
     "directions": ("steer.cli.directions", "compute and optimise directions"),
     "eval": ("steer.cli.evaluate", "evaluate refusal, moralizing and RP behaviour"),
     "bake": ("steer.cli.bake", "write edits into new weights, a LoRA or a control vector"),

@@ -16,6 +16,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from steer.bake.api import OUTPUT_FORMATS, bake_with_options, recipe_from_flags
+from steer.bake.control_vector import verify_control_vector
 from steer.bake.model import BakeOptions
 from steer.bake.provenance import PROVENANCE, verify
 from steer.models import DTYPES
@@ -48,20 +49,30 @@ def _parser(prog: str) -> argparse.ArgumentParser:
         action="store_true",
         help="use directions whose sidecar names other weights",
     )
-    parser.add_argument("--verify", metavar="OUT", help="re-hash a baked output and exit")
+    parser.add_argument(
+        "--verify",
+        metavar="OUT",
+        help="re-hash a baked output (directory, or control-vector .gguf) and exit",
+    )
     return parser
+
+
+def _verify(target: Path) -> int:
+    """Re-hash a baked output: a model or LoRA directory against its steer_provenance.json, a
+    control-vector GGUF against the tensor digests its provenance carries."""
+    problems = verify_control_vector(target) if target.is_file() else verify(target)
+    for problem in problems:
+        print(f"{target}: {problem}", file=sys.stderr)
+    if not problems:
+        print(f"{target}: ok")
+    return 1 if problems else 0
 
 
 def main(argv: list[str], *, prog: str = "steer bake", command: str = "bake") -> int:
     parser = _parser(prog)
     args = parser.parse_args(argv)
     if args.verify:
-        problems = verify(args.verify)
-        for problem in problems:
-            print(f"{args.verify}: {problem}", file=sys.stderr)
-        if not problems:
-            print(f"{args.verify}: ok")
-        return 1 if problems else 0
+        return _verify(Path(args.verify))
     if not args.out:
         parser.error("--out is required")
     if args.recipe and (args.ablate or args.add):

@@ -6,15 +6,18 @@ import argparse
 import json
 import os
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from steer.errors import InvalidArgumentError
+from steer.errors import FailedPreconditionError, InvalidArgumentError, SteerError
 
 DEFAULT_SERVER = os.environ.get("STEER_SERVER", "127.0.0.1:50051")
 
 
-def _connection_arguments(parser: argparse.ArgumentParser) -> None:
+def connection_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--server", default=DEFAULT_SERVER, help=f"HOST:PORT (default {DEFAULT_SERVER})"
     )
@@ -30,7 +33,8 @@ def _generation_arguments(parser: argparse.ArgumentParser) -> None:
         action="append",
         default=[],
         metavar="ID=STRENGTH",
-        help="slider: add the server artifact ID times STRENGTH (repeatable)",
+        help="slider: add the server artifact ID times STRENGTH (repeatable; "
+        "put one there with steer artifacts upload)",
     )
     parser.add_argument(
         "--vector",
@@ -49,6 +53,19 @@ def _generation_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="MODE:SAE:FEATURE=VALUE",
         help="SAE feature slider (MODE clamp, scale or add_decoder; SAE a loaded SAE id), "
         "e.g. clamp:my-sae:123=0 (repeatable)",
+    )
+    parser.add_argument(
+        "--card",
+        type=Path,
+        help="character card (SillyTavern V2/V1 JSON or PNG): the model plays the character; "
+        "its description, personality, scenario and first message are in the prompt",
+    )
+    parser.add_argument("--user", default="User", help="your name in the scene (with --card)")
+    parser.add_argument(
+        "--format",
+        default="chat_template",
+        help="role-play prompt format with --card: chat_template (default), chatml, mistral, "
+        "llama3, alpaca, limamono or shorirp (docs/rp.md)",
     )
     parser.add_argument("--temperature", type=float, help="0 = greedy (default 1)")
     parser.add_argument("--top-k", type=int)
@@ -87,22 +104,18 @@ def feature_sliders(args: argparse.Namespace) -> list[Any]:
 
 
 def interventions(args: argparse.Namespace) -> list[Any]:
-    from steer.client import ablate, add, add_local
+    from steer.client import ablate, add
 
     built = [ablate(artifact_id) for artifact_id in args.ablate] + feature_sliders(args)
     for text in args.steer:
         name, strength = _split_slider(text, "--steer")
         built.append(add(name, strength))
-    for text in args.vector:
-        path, strength = _split_slider(text, "--vector")
-        built.append(add_local(path, strength))
-    return built
+    return built + [interventions_of_vector(text) for text in args.vector]
 
 
-def _options(args: argparse.Namespace) -> dict[str, Any]:
+def _sampling(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "model": args.model,
-        "interventions": interventions(args),
         "temperature": args.temperature,
         "top_k": args.top_k,
         "top_p": args.top_p,
@@ -111,6 +124,10 @@ def _options(args: argparse.Namespace) -> dict[str, Any]:
         "max_new_tokens": args.max_new_tokens,
         "stop": args.stop,
     }
+
+
+def _options(args: argparse.Namespace) -> dict[str, Any]:
+    return {**_sampling(args), "interventions": interventions(args)}
 
 
 def connect(args: argparse.Namespace) -> Any:
@@ -125,10 +142,71 @@ def connect(args: argparse.Namespace) -> Any:
     )
 
 
+@contextmanager
+def session(args: argparse.Namespace) -> Iterator[Any]:
+    """A connected client; no server at ``--server`` becomes an error that says what to do."""
+    from steer.client import Unavailable
+
+    try:
+        with connect(args) as client:
+            yield client
+    except Unavailable as error:
+        if "connect" not in error.message.lower():
+            raise  # e.g. the server is shutting down
+        raise FailedPreconditionError(
+            f"no steer server answers at {args.server}: start one with `steer serve` (in "
+            "another terminal), or name a running one with --server HOST:PORT",
+            field="--server",
+        ) from None
+
+
+# -- character cards --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CardScene:
+    """A character card played through the server's role-play prompt (docs/rp.md)."""
+
+    card: Any  # steer.rp.scene.Character
+    user: str
+    prompt_format: str
+    system: str | None = None
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> CardScene | None:
+        if args.card is None:
+            return None
+        from steer.rp.cards import read_card
+        from steer.rp.formats import get_format
+
+        get_format(args.format)  # an unknown format is named before anything is sent
+        return cls(read_card(args.card), args.user, args.format, args.system)
+
+    @property
+    def greeting(self) -> str:
+        """The card's first message, ``{{user}}`` and ``{{char}}`` filled in."""
+        return str(self.card.with_user(self.user).first_message)
+
+    def request(self, turns: list[dict[str, str]]) -> dict[str, Any]:
+        """``roleplay`` for :func:`steer.client.generate_request`: the card and the turns after
+        its first message (the server puts that message first)."""
+        from steer.rp.cards import card_to_json
+
+        scene: dict[str, Any] = {"user": {"name": self.user}, "turns": turns}
+        if self.system:
+            scene["system"] = self.system
+        return {
+            "card": card_to_json(self.card),
+            "scene": scene,
+            "prompt_format": self.prompt_format,
+            "speaker": self.card.name,
+        }
+
+
 # -- generate ---------------------------------------------------------------------------------
 
 
-def generate(argv: list[str], prog: str) -> int:
+def _generate_parser(prog: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=prog, description="Generate through a running server.")
     parser.add_argument("prompt", help="prompt text ('-' reads stdin)")
     parser.add_argument(
@@ -139,16 +217,32 @@ def generate(argv: list[str], prog: str) -> int:
     parser.add_argument("--system", help="system message")
     parser.add_argument("--compare", action="store_true", help="default vs steered, same seed")
     parser.add_argument("--json", action="store_true", help="one JSON line per completion")
-    _connection_arguments(parser)
+    connection_arguments(parser)
     _generation_arguments(parser)
-    args = parser.parse_args(argv)
-    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    return parser
+
+
+def _generate_request(args: argparse.Namespace, prompt: str) -> tuple[str | None, dict[str, Any]]:
+    """(raw prompt or None, the other generate_request options) for ``steer generate``."""
     request: dict[str, Any] = _options(args)
-    if not args.raw:
-        messages = [{"role": "system", "content": args.system}] if args.system else []
-        request["messages"] = [*messages, {"role": "user", "content": prompt}]
-        prompt = None
-    with connect(args) as client:
+    card = CardScene.from_args(args)
+    if card is not None:
+        if args.raw:
+            raise InvalidArgumentError("a card's scene is not raw text; drop --raw", field="--raw")
+        request["roleplay"] = card.request([{"speaker": args.user, "content": prompt}])
+        return None, request
+    if args.raw:
+        return prompt, request
+    messages = [{"role": "system", "content": args.system}] if args.system else []
+    request["messages"] = [*messages, {"role": "user", "content": prompt}]
+    return None, request
+
+
+def generate(argv: list[str], prog: str) -> int:
+    args = _generate_parser(prog).parse_args(argv)
+    text = sys.stdin.read() if args.prompt == "-" else args.prompt
+    prompt, request = _generate_request(args, text)
+    with session(args) as client:
         if args.compare or args.json:
             completions = client.complete(prompt, compare=args.compare, **request)
             for side, completion in completions.items():
@@ -177,80 +271,166 @@ def generate(argv: list[str], prog: str) -> int:
 CHAT_HELP = """commands: /steer ID=STRENGTH (0 removes), /ablate ID, /sliders, /reset, /quit"""
 
 
+@dataclass
+class ChatState:
+    """What ``steer chat`` sends with every message, and the conversation so far."""
+
+    sliders: dict[str, float]
+    #: --vector: local artifacts sent inline, (option text, intervention)
+    vectors: list[tuple[str, Any]]
+    features: list[Any]
+    #: the --slider texts, for /sliders
+    feature_texts: list[str]
+    ablations: list[str]
+    system: str | None = None
+    card: CardScene | None = None
+    #: chat messages ({role, content}), or with a card the scene's turns ({speaker, content})
+    history: list[dict[str, str]] = field(default_factory=list)
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> ChatState:
+        vectors = [(text, interventions_of_vector(text)) for text in args.vector]
+        sliders = dict(_split_slider(s, "--steer") for s in args.steer)
+        state = cls(
+            sliders={name: strength for name, strength in sliders.items() if strength},
+            vectors=vectors,
+            features=feature_sliders(args),
+            feature_texts=list(args.slider),
+            ablations=list(args.ablate),
+            system=args.system,
+            card=CardScene.from_args(args),
+        )
+        state.reset()
+        return state
+
+    def reset(self) -> None:
+        has_system = self.system and self.card is None
+        self.history = [{"role": "system", "content": self.system or ""}] if has_system else []
+
+    def interventions(self) -> list[Any]:
+        from steer.client import ablate, add
+
+        return (
+            [ablate(a) for a in self.ablations]
+            + self.features
+            + [add(name, strength) for name, strength in self.sliders.items()]
+            + [intervention for _, intervention in self.vectors]
+        )
+
+    def summary(self) -> str:
+        shown = [f"{name}={strength:g}" for name, strength in self.sliders.items()]
+        shown += [f"vector {text}" for text, _ in self.vectors]
+        shown += [f"feature {text}" for text in self.feature_texts]
+        ablated = ", ".join(self.ablations) or "none"
+        return f"sliders: {', '.join(shown) or 'none'}; ablated: {ablated}"
+
+    def request(self, line: str) -> dict[str, Any]:
+        """The options of the next request, with ``line`` as the user's new message."""
+        if self.card is None:
+            self.history.append({"role": "user", "content": line})
+            return {"messages": list(self.history)}
+        self.history.append({"speaker": self.card.user, "content": line})
+        return {"roleplay": self.card.request(list(self.history))}
+
+    def reply(self, text: str) -> None:
+        if self.card is None:
+            self.history.append({"role": "assistant", "content": text})
+        else:
+            self.history.append({"speaker": self.card.card.name, "content": text.strip()})
+
+
+def interventions_of_vector(text: str) -> Any:
+    """``--vector DIR=STRENGTH`` as an inline add (the local artifact is read here)."""
+    from steer.client import add_local
+
+    path, strength = _split_slider(text, "--vector")
+    return add_local(path, strength)
+
+
+def check_artifact(client: Any, artifact_id: str, option: str) -> None:
+    """Raise at once (NotFound, FailedPrecondition) if the server cannot use ``artifact_id``."""
+    from steer.client import RemoteError
+
+    try:
+        client.artifact(artifact_id)
+    except RemoteError as error:
+        hint = " (steer artifacts list shows what the server has)"
+        raise type(error)(f"{error.message}{hint}", field=option) from None
+
+
 def chat(argv: list[str], prog: str) -> int:
     parser = argparse.ArgumentParser(prog=prog, description="Interactive chat with sliders.")
     parser.add_argument("--system", help="system message")
-    _connection_arguments(parser)
+    connection_arguments(parser)
     _generation_arguments(parser)
     args = parser.parse_args(argv)
-    sliders: dict[str, float] = dict(_split_slider(s, "--steer") for s in args.steer)
-    features = feature_sliders(args)
-    ablations: list[str] = list(args.ablate)
-    history: list[dict[str, str]] = []
-    if args.system:
-        history.append({"role": "system", "content": args.system})
-    from steer.client import RemoteError, ablate, add
-
+    state = ChatState.from_args(args)
     print(CHAT_HELP, file=sys.stderr)
-    with connect(args) as client:
-        while True:
-            try:
-                line = input("> ").strip()
-            except EOFError:
-                return 0
-            if not line:
-                continue
-            if line.startswith("/"):
-                if _chat_command(line, sliders, ablations, history, args.system):
-                    return 0
-                continue
-            history.append({"role": "user", "content": line})
-            options = _options(args)
-            options["interventions"] = (
-                [ablate(a) for a in ablations]
-                + features
-                + [add(name, strength) for name, strength in sliders.items() if strength]
-            )
-            reply = ""
-            try:
-                for event in client.generate(messages=history, **options):
-                    reply += event.text
-                    print(event.text, end="", flush=True)
-            except RemoteError as error:
-                history.pop()
-                print(f"error: {error}", file=sys.stderr)
-                continue
-            print()
-            history.append({"role": "assistant", "content": reply})
+    with session(args) as client:
+        client.model_info(args.model)  # no server, or no such model: said before the first line
+        for name in state.sliders:
+            check_artifact(client, name, "--steer")
+        for name in state.ablations:
+            check_artifact(client, name, "--ablate")
+        if state.card is not None and state.card.greeting:
+            print(f"{state.card.card.name}: {state.card.greeting}")
+        return _chat_loop(client, state, _sampling(args))
 
 
-def _chat_command(
-    line: str,
-    sliders: dict[str, float],
-    ablations: list[str],
-    history: list[dict[str, str]],
-    system: str | None,
-) -> bool:
-    """Handle a /command; True means quit."""
-    command, _, rest = line.partition(" ")
-    if command in ("/quit", "/exit"):
-        return True
-    if command == "/steer":
+def _chat_loop(client: Any, state: ChatState, options: dict[str, Any]) -> int:
+    from steer.client import RemoteError
+
+    while True:
         try:
-            name, strength = _split_slider(rest.strip(), "/steer")
-        except InvalidArgumentError as error:
-            print(error, file=sys.stderr)
+            line = input("> ").strip()
+        except EOFError:
+            return 0
+        if not line:
+            continue
+        if line.startswith("/"):
+            if _chat_command(line, state, client):
+                return 0
+            continue
+        request = state.request(line)
+        reply = ""
+        try:
+            for event in client.generate(**request, interventions=state.interventions(), **options):
+                reply += event.text
+                print(event.text, end="", flush=True)
+        except RemoteError as error:
+            state.history.pop()
+            print(f"error: {error}", file=sys.stderr)
+            continue
+        print()
+        state.reply(reply)
+
+
+def _chat_command(line: str, state: ChatState, client: Any) -> bool:
+    """Handle a /command; True means quit. Ids are checked with the server at once."""
+    command, _, rest = line.partition(" ")
+    rest = rest.strip()
+    try:
+        if command in ("/quit", "/exit"):
+            return True
+        if command == "/steer":
+            name, strength = _split_slider(rest, "/steer")
+            if strength:
+                check_artifact(client, name, "/steer")
+                state.sliders[name] = strength
+            else:
+                state.sliders.pop(name, None)
+        elif command == "/ablate" and rest:
+            check_artifact(client, rest, "/ablate")
+            state.ablations.append(rest)
+        elif command == "/reset":
+            state.reset()
+        elif command != "/sliders":
+            print(CHAT_HELP, file=sys.stderr)
             return False
-        sliders[name] = strength
-    elif command == "/ablate" and rest.strip():
-        ablations.append(rest.strip())
-    elif command == "/reset":
-        del history[int(bool(system)) :]
-    elif command != "/sliders":
-        print(CHAT_HELP, file=sys.stderr)
+    except SteerError as error:
+        print(f"error: {error}", file=sys.stderr)
         return False
-    shown = ", ".join(f"{n}={s:g}" for n, s in sliders.items()) or "none"
-    print(f"sliders: {shown}; ablated: {', '.join(ablations) or 'none'}", file=sys.stderr)
+    print(state.summary(), file=sys.stderr)
     return False
 
 
@@ -276,7 +456,7 @@ def models(argv: list[str], prog: str) -> int:
     parser.add_argument("--dtype", default="")
     parser.add_argument("--device", default="")
     parser.add_argument("--json", action="store_true")
-    _connection_arguments(parser)
+    connection_arguments(parser)
     args = parser.parse_args(argv)
     from google.protobuf.json_format import MessageToDict
 

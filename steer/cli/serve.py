@@ -4,14 +4,17 @@ OpenAI-compatible HTTP API on 127.0.0.1:8000)."""
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import signal
+import socket
 import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
-from steer.errors import InvalidArgumentError
+from steer.errors import FailedPreconditionError, InvalidArgumentError, NotFoundError
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 
@@ -65,13 +68,67 @@ def read_token(path: Path) -> str:
     return token
 
 
-def main(argv: list[str], *, prog: str = "steer serve", command: str = "serve") -> int:
-    args = build_parser(prog).parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(message)s")
-    from steer.models import load_model
-    from steer.server import ServerSettings, SteerServer
+def check_port(host: str, port: int, option: str) -> None:
+    """Refuse a port some other process listens on, before any model is loaded: bind it for a
+    moment (with SO_REUSEADDR, as the servers do, so a recently closed port still counts as
+    free). Port 0 picks a free port and always works."""
+    if port == 0:
+        return
+    try:
+        addresses = socket.getaddrinfo(
+            host.strip("[]"), port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
+    except socket.gaierror as error:
+        raise InvalidArgumentError(f"cannot resolve {host!r}: {error}", field="--host") from None
+    for family, kind, protocol, _, address in addresses:
+        with socket.socket(family, kind, protocol) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind(address)
+            except OSError as error:
+                raise FailedPreconditionError(
+                    _port_message(host, port, option, error), field=option
+                ) from None
 
-    settings = ServerSettings(
+
+def _port_message(host: str, port: int, option: str, error: OSError) -> str:
+    if error.errno != errno.EADDRINUSE:
+        return f"cannot listen on {host}:{port} ({error.strerror}); choose another with {option} N"
+    other = " (or --http-port -1 to turn the HTTP API off)" if option == "--http-port" else ""
+    return (
+        f"port {port} on {host} is in use (another steer serve?); choose a free one with "
+        f"{option} N{other}"
+    )
+
+
+def check_before_loading(args: argparse.Namespace, names: list[str]) -> None:
+    """What would otherwise fail after minutes of loading: ports, model names, dtype."""
+    from steer.models import DTYPES
+    from steer.offline import OFFLINE_MODELS
+
+    if args.dtype not in DTYPES:
+        raise InvalidArgumentError(f"use one of {', '.join(DTYPES)}", field="--dtype")
+    if args.http_port >= 0 and args.http_port == args.port != 0:
+        raise InvalidArgumentError(
+            f"--port and --http-port are both {args.port}; give them different ports",
+            field="--http-port",
+        )
+    check_port(args.host, args.port, "--port")
+    if args.http_port > 0:
+        check_port(args.host, args.http_port, "--http-port")
+    for name in names:
+        if name not in OFFLINE_MODELS and not Path(name).exists():
+            raise NotFoundError(
+                f"{name!r} is neither an offline model ({', '.join(OFFLINE_MODELS)}) nor an "
+                "existing path",
+                field="--model",
+            )
+
+
+def _settings(args: argparse.Namespace) -> Any:
+    from steer.server import ServerSettings
+
+    return ServerSettings(
         host=args.host,
         port=args.port,
         models_root=args.models_root,
@@ -87,8 +144,11 @@ def main(argv: list[str], *, prog: str = "steer serve", command: str = "serve") 
         sliders=args.sliders,
         http_port=None if args.http_port < 0 else args.http_port,
     )
-    server = SteerServer(settings)  # reads the sliders file: its mistakes show before a load
-    names = [m for m in (args.model or [DEFAULT_MODEL]) if m != "none"]
+
+
+def _load(server: Any, names: list[str], args: argparse.Namespace) -> None:
+    from steer.models import load_model
+
     for name in names:
         print(f"loading {name} ...", file=sys.stderr, flush=True)
         started = time.perf_counter()
@@ -96,7 +156,30 @@ def main(argv: list[str], *, prog: str = "steer serve", command: str = "serve") 
         model_id = Path(name).name.removesuffix(".gguf")
         server.registry.add(model_id, handle, name)
         print(f"loaded {model_id} in {time.perf_counter() - started:.1f}s", file=sys.stderr)
-    port = server.start()
+
+
+def _start(server: Any, args: argparse.Namespace) -> int:
+    """Start serving; a port taken while the models loaded is said as plainly as before."""
+    try:
+        return int(server.start())
+    except OSError as error:
+        for port, option in ((args.port, "--port"), (args.http_port, "--http-port")):
+            check_port(args.host, port if port > 0 else 0, option)
+        raise FailedPreconditionError(
+            f"could not start serving on {args.host}: {error}", field="--port"
+        ) from None
+
+
+def main(argv: list[str], *, prog: str = "steer serve", command: str = "serve") -> int:
+    args = build_parser(prog).parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(message)s")
+    names = [m for m in (args.model or [DEFAULT_MODEL]) if m != "none"]
+    check_before_loading(args, names)
+    from steer.server import SteerServer
+
+    server = SteerServer(_settings(args))  # reads the sliders file: its mistakes show here too
+    _load(server, names, args)
+    port = _start(server, args)
     target = f"{args.host}:{port}"
     scheme = "TLS" if args.tls_cert else "plaintext"
     print(

@@ -13,13 +13,13 @@ import binascii
 import json
 import struct
 import zlib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from steer.errors import InvalidArgumentError
-from steer.rp.scene import Character
+from steer.rp.scene import Character, Scene, substitute
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -74,6 +74,40 @@ def card_to_json(character: Character) -> dict[str, Any]:
         extensions={},
     )
     return {"spec": "chara_card_v2", "spec_version": "2.0", "data": data}
+
+
+def scene_with_card(card: Character, data: Mapping[str, Any] | None = None) -> Scene:
+    """The scene ``data`` (shape of recipes/data/rp_scenarios.jsonl) with ``card`` as its first
+    character, as SillyTavern starts a chat from a card.
+
+    ``data`` may leave ``characters`` out (any it lists join after the card's). The card's
+    scenario is the scene's when the scene has none, and its first message opens the turns
+    unless they already begin with it; ``{{char}}`` is the card's name throughout.
+    """
+    values = dict(data or {})
+    others = values.get("characters", [])
+    if not isinstance(others, (list, tuple)):
+        raise InvalidArgumentError("must be a list", field="characters")
+    values["characters"] = [asdict(card), *others]
+    if not values.get("scenario") and card.scenario.strip():
+        values["scenario"] = card.scenario
+    turns = values.get("turns", [])
+    opened = isinstance(turns, (list, tuple)) and _opens_with(turns, card, values.get("user"))
+    if card.first_message.strip() and isinstance(turns, (list, tuple)) and not opened:
+        values["turns"] = [{"speaker": card.name, "content": card.first_message}, *turns]
+    return Scene.from_dict(values)
+
+
+def _opens_with(turns: Sequence[Any], card: Character, user: Any) -> bool:
+    """Whether the first turn is the card's first message (as written, or with names filled)."""
+    if not turns or not isinstance(turns[0], Mapping) or turns[0].get("speaker") != card.name:
+        return False
+    content = turns[0].get("content")
+    user_name = user.get("name") if isinstance(user, Mapping) else None
+    greetings = {card.first_message.strip()}
+    if isinstance(user_name, str):
+        greetings.add(substitute(card.first_message, card.name, user_name).strip())
+    return isinstance(content, str) and content.strip() in greetings
 
 
 def _chunks(blob: bytes) -> list[tuple[bytes, bytes]]:

@@ -274,8 +274,14 @@ class ChatTemplate:
         self, scene: Scene, speaker: str, *, length: str | None = None, tokenizer: Any = None
     ) -> Rendered:
         _check_speaker(scene, speaker)
-        template = getattr(tokenizer, "chat_template", None)
-        if tokenizer is None or template is None:
+        if tokenizer is None:
+            raise InvalidArgumentError(
+                "the chat_template format renders with the model's tokenizer; pass "
+                "tokenizer=handle.tokenizer to render, or choose a format written out "
+                "(chatml, mistral, llama3, ...)",
+                field="tokenizer",
+            )
+        if getattr(tokenizer, "chat_template", None) is None:
             raise InvalidArgumentError(
                 "the model has no chat template; choose another format", field="format"
             )
@@ -295,6 +301,11 @@ class ChatTemplate:
                 content, who = f"[Note: {turn.content}]", None
             messages.append({"role": role, "content": content})
             labelled.append((content, who))
+        if not messages:  # a chat template cannot render an empty conversation
+            raise InvalidArgumentError(
+                "nothing to render: the scene has no description, scenario or turns",
+                field="turns",
+            )
         text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         spans: list[tuple[int, int, str]] = []
         cursor = 0

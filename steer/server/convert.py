@@ -29,6 +29,7 @@ from steer.server.store import ArtifactFiles, ArtifactStore
 from steer.vectors import SteeringVector
 
 if TYPE_CHECKING:
+    from steer.rp.scene import Character
     from steer.sae.features import FeatureInfo, RankedFeature, TextFeatures
 
 ROLES = ("system", "user", "assistant")
@@ -131,13 +132,29 @@ def generation_plan(
     )
 
 
+def _card(card_json: str) -> Character:
+    """A role-play prompt's card; its errors name ``roleplay.card_json`` (and the key)."""
+    from steer.rp.cards import card_from_json
+
+    data = parse_object(card_json, what="the card", field="roleplay.card_json")
+    try:
+        return card_from_json(data)
+    except SteerError as error:
+        key = (error.field or "").removeprefix("card").lstrip(".")
+        field = f"roleplay.card_json.{key}" if key else "roleplay.card_json"
+        raise InvalidArgumentError(error.message, field=field) from None
+
+
 def _roleplay(message: generation_pb2.RolePlayPrompt, handle: ModelHandle) -> dict[str, Any]:
+    from steer.rp.cards import scene_with_card
     from steer.rp.formats import get_format, tokenize
     from steer.rp.scene import Scene
 
-    data = parse_object(message.scene_json, what="the scene", field="roleplay.scene_json")
+    card = _card(message.card_json) if message.card_json else None
+    scene_json = message.scene_json or ("{}" if card is not None else "")
+    data = parse_object(scene_json, what="the scene", field="roleplay.scene_json")
     try:
-        scene = Scene.from_dict(data)
+        scene = Scene.from_dict(data) if card is None else scene_with_card(card, data)
         speaker = message.speaker or scene.characters[0].name
         rendered = get_format(message.prompt_format or "chat_template").render(
             scene, speaker, length=message.length or None, tokenizer=handle.tokenizer
@@ -202,6 +219,7 @@ def _check_prompt_size(
         )
     if which == "roleplay":
         check_text_size(len(message.roleplay.scene_json), limit, "roleplay.scene_json")
+        check_text_size(len(message.roleplay.card_json), limit, "roleplay.card_json")
     elif which == "chat":
         characters = sum(len(item.content) for item in message.chat.messages)
         check_text_size(characters, limit, "chat.messages")

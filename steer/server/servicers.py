@@ -356,6 +356,14 @@ class DirectionsServicer:
     ) -> directions_pb2.ArtifactFiles:
         return convert.artifact_files_message(self.store.files(request.artifact_id))
 
+    def Delete(
+        self, request: directions_pb2.DeleteArtifactRequest, context: grpc.ServicerContext
+    ) -> directions_pb2.DeleteArtifactResponse:
+        was_broken = self.store.delete(request.artifact_id)
+        return directions_pb2.DeleteArtifactResponse(
+            artifact_id=request.artifact_id, was_broken=was_broken
+        )
+
 
 class BakeServicer:
     """Bakes as jobs. The output rule (:func:`steer.bake.api.check_output`) runs when the

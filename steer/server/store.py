@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import secrets
 import shutil
 import tempfile
 import threading
@@ -128,6 +129,33 @@ class ArtifactStore:
             if temp.exists():
                 shutil.rmtree(temp, ignore_errors=True)
         return artifact
+
+    def delete(self, artifact_id: str) -> bool:
+        """Remove the artifact ``artifact_id`` (a broken one too); True if it was broken.
+
+        The directory is first renamed to a hidden temporary name beside it, so it leaves every
+        listing at once and a concurrent Delete of the same id finds nothing (NOT_FOUND); only
+        then is it removed. A link under the store is refused by :meth:`path`, and links inside
+        the directory are unlinked, never followed."""
+        directory = self.path(artifact_id)
+        if not directory.is_dir():
+            raise NotFoundError(f"no artifact {artifact_id!r} on this server", field="artifact_id")
+        try:
+            self.load(artifact_id)
+            broken = False
+        except (FailedPreconditionError, NotFoundError):  # broken, or no steer.json at all
+            broken = True
+        doomed = self.root / f".delete-{artifact_id}-{secrets.token_hex(4)}"
+        with self._lock:
+            try:
+                directory.rename(doomed)
+            except FileNotFoundError:  # another Delete took it first
+                raise NotFoundError(
+                    f"no artifact {artifact_id!r} on this server", field="artifact_id"
+                ) from None
+            self._cache.pop(artifact_id, None)
+        shutil.rmtree(doomed, ignore_errors=True)
+        return broken
 
     @staticmethod
     def describe(artifact: VectorArtifact) -> dict[str, Any]:

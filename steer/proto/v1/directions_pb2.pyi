@@ -82,3 +82,17 @@ class UploadArtifactRequest(_message.Message):
     files: ArtifactFiles
     overwrite: bool
     def __init__(self, files: _Optional[_Union[ArtifactFiles, _Mapping]] = ..., overwrite: _Optional[bool] = ...) -> None: ...
+
+class DeleteArtifactRequest(_message.Message):
+    __slots__ = ("artifact_id",)
+    ARTIFACT_ID_FIELD_NUMBER: _ClassVar[int]
+    artifact_id: str
+    def __init__(self, artifact_id: _Optional[str] = ...) -> None: ...
+
+class DeleteArtifactResponse(_message.Message):
+    __slots__ = ("artifact_id", "was_broken")
+    ARTIFACT_ID_FIELD_NUMBER: _ClassVar[int]
+    WAS_BROKEN_FIELD_NUMBER: _ClassVar[int]
+    artifact_id: str
+    was_broken: bool
+    def __init__(self, artifact_id: _Optional[str] = ..., was_broken: _Optional[bool] = ...) -> None: ...

@@ -62,6 +62,11 @@ class DirectionsStub:
                 request_serializer=steer_dot_v1_dot_directions__pb2.GetArtifactRequest.SerializeToString,
                 response_deserializer=steer_dot_v1_dot_directions__pb2.ArtifactFiles.FromString,
                 _registered_method=True)
+        self.Delete = channel.unary_unary(
+                '/steer.v1.Directions/Delete',
+                request_serializer=steer_dot_v1_dot_directions__pb2.DeleteArtifactRequest.SerializeToString,
+                response_deserializer=steer_dot_v1_dot_directions__pb2.DeleteArtifactResponse.FromString,
+                _registered_method=True)
 
 
 class DirectionsServicer:
@@ -104,6 +109,14 @@ class DirectionsServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Delete(self, request, context):
+        """Remove an artifact from the server, a broken one too. An id with nothing under it is
+        NOT_FOUND, so a second Delete of the same id is NOT_FOUND.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_DirectionsServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -131,6 +144,11 @@ def add_DirectionsServicer_to_server(servicer, server):
                     servicer.Download,
                     request_deserializer=steer_dot_v1_dot_directions__pb2.GetArtifactRequest.FromString,
                     response_serializer=steer_dot_v1_dot_directions__pb2.ArtifactFiles.SerializeToString,
+            ),
+            'Delete': grpc.unary_unary_rpc_method_handler(
+                    servicer.Delete,
+                    request_deserializer=steer_dot_v1_dot_directions__pb2.DeleteArtifactRequest.FromString,
+                    response_serializer=steer_dot_v1_dot_directions__pb2.DeleteArtifactResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -270,6 +288,33 @@ class Directions:
             '/steer.v1.Directions/Download',
             steer_dot_v1_dot_directions__pb2.GetArtifactRequest.SerializeToString,
             steer_dot_v1_dot_directions__pb2.ArtifactFiles.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Delete(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/steer.v1.Directions/Delete',
+            steer_dot_v1_dot_directions__pb2.DeleteArtifactRequest.SerializeToString,
+            steer_dot_v1_dot_directions__pb2.DeleteArtifactResponse.FromString,
             options,
             channel_credentials,
             insecure,

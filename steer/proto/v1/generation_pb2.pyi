@@ -66,16 +66,18 @@ class ChatPrompt(_message.Message):
     def __init__(self, messages: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ..., prompt_format: _Optional[str] = ...) -> None: ...
 
 class RolePlayPrompt(_message.Message):
-    __slots__ = ("scene_json", "prompt_format", "speaker", "length")
+    __slots__ = ("scene_json", "prompt_format", "speaker", "length", "card_json")
     SCENE_JSON_FIELD_NUMBER: _ClassVar[int]
     PROMPT_FORMAT_FIELD_NUMBER: _ClassVar[int]
     SPEAKER_FIELD_NUMBER: _ClassVar[int]
     LENGTH_FIELD_NUMBER: _ClassVar[int]
+    CARD_JSON_FIELD_NUMBER: _ClassVar[int]
     scene_json: str
     prompt_format: str
     speaker: str
     length: str
-    def __init__(self, scene_json: _Optional[str] = ..., prompt_format: _Optional[str] = ..., speaker: _Optional[str] = ..., length: _Optional[str] = ...) -> None: ...
+    card_json: str
+    def __init__(self, scene_json: _Optional[str] = ..., prompt_format: _Optional[str] = ..., speaker: _Optional[str] = ..., length: _Optional[str] = ..., card_json: _Optional[str] = ...) -> None: ...
 
 class TokenIds(_message.Message):
     __slots__ = ("ids",)
