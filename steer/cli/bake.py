@@ -10,18 +10,22 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from steer.artifacts import load_vector
 from steer.bake.api import OUTPUT_FORMATS, bake_with_options, recipe_from_flags
 from steer.bake.control_vector import verify_control_vector
 from steer.bake.model import BakeOptions
 from steer.bake.provenance import PROVENANCE, verify
+from steer.errors import NotFoundError
 from steer.models import DTYPES
 from steer.offline import DEFAULT_MODEL
-from steer.recipes import AblationVariant, load_recipe
+from steer.recipes import AblationVariant, Recipe, load_recipe
 
 
 def _parser(prog: str) -> argparse.ArgumentParser:
@@ -57,6 +61,39 @@ def _parser(prog: str) -> argparse.ArgumentParser:
     return parser
 
 
+def _edit_paths(recipe: Recipe) -> Iterator[tuple[str, str]]:
+    """(field, path as written) for every file an edit names."""
+    for index, edit in enumerate(recipe.edits):
+        for key in ("direction", "harmless_mean", "vector", "sae"):
+            value = getattr(edit, key, None)
+            if value:
+                yield f"edits[{index}].{key}", value
+
+
+def _shown(path: Path) -> str:
+    """``path`` relative to the current directory when it lies below it, else absolute."""
+    relative = os.path.relpath(os.path.abspath(path))
+    return os.path.abspath(path) if relative.startswith("..") else relative
+
+
+def check_recipe_files(recipe: Recipe, origin: str) -> None:
+    """Every artifact and SAE a recipe names exists (and an artifact loads) before the model is
+    loaded, which takes a while; a missing one is named as written, where it was looked for and
+    what relative paths are taken from (``origin``)."""
+    for field, value in _edit_paths(recipe):
+        path = recipe.resolve(value)
+        shown = _shown(path)
+        if not path.exists():
+            raise NotFoundError(
+                f"{value!r} is {shown}, which does not exist (paths in {origin} are relative to "
+                f"{_shown(recipe.base_dir)}); make it first, e.g. with "
+                "steer directions compute --out DIR",
+                field=field,
+            )
+        if field.endswith(("direction", "vector", "harmless_mean")):
+            load_vector(path, where=shown)
+
+
 def _verify(target: Path) -> int:
     """Re-hash a baked output: a model or LoRA directory against its steer_provenance.json, a
     control-vector GGUF against the tensor digests its provenance carries."""
@@ -82,6 +119,7 @@ def main(argv: list[str], *, prog: str = "steer bake", command: str = "bake") ->
     recipe = load_recipe(
         args.recipe or recipe_from_flags(args.ablate, args.add, variant=args.variant)
     )
+    check_recipe_files(recipe, args.recipe or "--ablate/--add")
     bar = tqdm(total=100, desc="bake", unit="%", disable=not sys.stderr.isatty())
     last = [""]
 

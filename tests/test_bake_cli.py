@@ -1,7 +1,8 @@
-"""GGUF and steer bake: a GGUF source keeps its stored precision; --verify checks control vectors.
+"""steer bake from the command line: GGUF source precision, --verify of control vectors, files.
 
-A float16 GGUF source bakes to float16 (quantised ones stay float32, with a note saying why), and
-``steer bake --verify`` re-hashes a control-vector GGUF against the tensor digests it carries."""
+A float16 GGUF source bakes to float16 (quantised ones stay float32, with a note saying why);
+``steer bake --verify`` re-hashes a control-vector GGUF against the tensor digests it carries;
+every file a recipe names is checked, relative to the recipe, before a model is loaded."""
 
 from __future__ import annotations
 
@@ -151,3 +152,21 @@ def test_verify_checks_a_control_vector(
     plain = tmp_path / "plain.gguf"
     write_control_vector(plain, SteeringVector(per_layer={1: torch.ones(64)}), model_hint="llama")
     assert "no steer provenance" in verify_control_vector(plain)[0]
+
+
+def test_missing_recipe_files_are_named_before_the_model_loads(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("steer.cli.bake.bake_with_options", lambda *a: pytest.fail("baked"))
+    recipes = tmp_path / "recipes"
+    recipes.mkdir()
+    recipe = recipes / "r.toml"
+    recipe.write_text('[[edits]]\nkind = "add"\nvector = "../out/cheerful"\nstrength = 2.0\n')
+    monkeypatch.chdir(tmp_path)
+    assert steer_main(["bake", "--recipe", "recipes/r.toml", "--out", "baked"]) == 1
+    err = capsys.readouterr().err
+    assert "edits[0].vector: '../out/cheerful' is out/cheerful, which does not exist" in err
+    assert "relative to recipes" in err
+    (tmp_path / "out" / "cheerful").mkdir(parents=True)  # there, but no artifact
+    assert steer_main(["bake", "--recipe", "recipes/r.toml", "--out", "baked"]) == 1
+    assert "out/cheerful is not a steer vector artifact" in capsys.readouterr().err
