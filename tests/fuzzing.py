@@ -1752,7 +1752,7 @@ class Case:
     def label(self) -> str:
         if isinstance(self.request, bytes):
             known = self.wire_path == self.rpc.path
-            return f"raw {self.rpc.name}" if known else f"raw {self.wire_path}"
+            return f"raw {self.rpc.name}" if known else "raw (unknown method)"
         return self.rpc.name
 
     def payload(self) -> bytes:
@@ -1773,7 +1773,8 @@ class Case:
 
     def __repr__(self) -> str:
         timing = f" timing={self.timing}" if self.rpc.name in WITH_INNOCENT else ""
-        return f"Case({self.label}{timing}: {describe(self.request)})"
+        where = f" to {self.wire_path}" if self.wire_path != self.rpc.path else ""
+        return f"Case({self.label}{where}{timing}: {describe(self.request)})"
 
 
 #: rpcs sent together with a normal greedy stream of the same model, whose tokens must equal
