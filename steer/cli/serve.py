@@ -102,12 +102,8 @@ def _port_message(host: str, port: int, option: str, error: OSError) -> str:
 
 
 def check_before_loading(args: argparse.Namespace, names: list[str]) -> None:
-    """What would otherwise fail after minutes of loading: ports, model names, dtype."""
-    from steer.models import DTYPES
-    from steer.offline import OFFLINE_MODELS
-
-    if args.dtype not in DTYPES:
-        raise InvalidArgumentError(f"use one of {', '.join(DTYPES)}", field="--dtype")
+    """What would otherwise fail after minutes of loading: ports (first: nothing heavy is
+    imported for them), dtype, model names."""
     if args.http_port >= 0 and args.http_port == args.port != 0:
         raise InvalidArgumentError(
             f"--port and --http-port are both {args.port}; give them different ports",
@@ -116,6 +112,11 @@ def check_before_loading(args: argparse.Namespace, names: list[str]) -> None:
     check_port(args.host, args.port, "--port")
     if args.http_port > 0:
         check_port(args.host, args.http_port, "--http-port")
+    from steer.models import DTYPES
+    from steer.offline import OFFLINE_MODELS
+
+    if args.dtype not in DTYPES:
+        raise InvalidArgumentError(f"use one of {', '.join(DTYPES)}", field="--dtype")
     for name in names:
         if name not in OFFLINE_MODELS and not Path(name).exists():
             raise NotFoundError(
