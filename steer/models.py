@@ -10,7 +10,8 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -310,17 +311,53 @@ def _load_weights(path: Path, common: dict[str, Any], allow_pickle: bool) -> tup
                 f"{path} is a file but not .gguf; pass a model directory or a .gguf file",
                 field="model",
             )
+        check_gguf_model(path)
         # GGUF weights are dequantised by transformers; compute happens in the requested dtype.
         kwargs = {"gguf_file": path.name}
-        model = AutoModelForCausalLM.from_pretrained(path.parent, **kwargs, **common)
-        tokenizer = AutoTokenizer.from_pretrained(path.parent, **kwargs)
+        with unloadable(path):
+            model = AutoModelForCausalLM.from_pretrained(path.parent, **kwargs, **common)
+            tokenizer = AutoTokenizer.from_pretrained(path.parent, **kwargs)
         return model, tokenizer
     if not (path / "config.json").exists():
         raise NotFoundError(f"{path} has no config.json", field="model")
     weight_kwargs = _weight_kwargs(path, allow_pickle)
-    model = AutoModelForCausalLM.from_pretrained(path, **weight_kwargs, **common)
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    with unloadable(path):
+        model = AutoModelForCausalLM.from_pretrained(path, **weight_kwargs, **common)
+        tokenizer = AutoTokenizer.from_pretrained(path)
     return model, tokenizer
+
+
+def check_gguf_model(path: Path) -> None:
+    """Refuse a GGUF file that is not a model (a llama.cpp control vector, garbage) before
+    transformers reads it: transformers' own errors for those are bare ValueErrors."""
+    import gguf
+
+    try:
+        reader = gguf.GGUFReader(str(path))
+        field = reader.fields.get("general.architecture")
+        architecture = bytes(field.parts[field.data[0]]).decode() if field else ""
+    except (ValueError, OSError, IndexError, UnicodeDecodeError) as error:
+        raise InvalidArgumentError(
+            f"{path} is not a readable GGUF file: {error}", field="model"
+        ) from None
+    if architecture == "controlvector":
+        raise InvalidArgumentError(
+            f"{path} is a llama.cpp control vector, not a model; use it as a vector "
+            "(steer.bake.control_vector.read_control_vector)",
+            field="model",
+        )
+
+
+@contextmanager
+def unloadable(path: Path) -> Iterator[None]:
+    """transformers' refusals of a model on disk (an architecture it lacks, a broken config or
+    tokenizer) as one FailedPreconditionError naming the path; out-of-memory passes through."""
+    try:
+        yield
+    except (ValueError, KeyError, TypeError, OSError, AttributeError) as error:
+        raise FailedPreconditionError(
+            f"{path} cannot be loaded: {type(error).__name__}: {error}", field="model"
+        ) from None
 
 
 def _merge_adapter(

@@ -31,6 +31,7 @@ from steer.proto.v1 import (
     jobs_pb2_grpc,
 )
 from steer.server import SteerServer
+from steer.vectors import SteeringVector
 
 g = generation_pb2
 d = directions_pb2
@@ -451,3 +452,36 @@ def test_no_error_detail_shows_the_models_root(root: Path) -> None:
         leaked = [detail for detail in DETAILS if absolute in detail]
         assert not leaked, leaked
     assert not [detail for detail in DETAILS if ".upload-" in detail]
+
+
+# -- found by the fuzzer (scripts/fuzz_service.py) ------------------------------------------------
+
+
+def test_health_bytes_that_do_not_parse_are_invalid_argument(channel: grpc.Channel) -> None:
+    check = channel.unary_unary("/grpc.health.v1.Health/Check")
+    expect_error(lambda: check(b"\x00", timeout=10), Code.INVALID_ARGUMENT, None)
+    assert_serves(channel)
+
+
+def test_a_control_vector_gguf_is_not_a_model(
+    channel: grpc.Channel, root: Path, tiny_llama: ModelHandle
+) -> None:
+    from steer.bake.control_vector import write_control_vector
+    from steer.proto.v1 import bake_pb2, bake_pb2_grpc, models_pb2, models_pb2_grpc
+
+    vector = SteeringVector(per_layer={1: torch.ones(tiny_llama.d_model)})
+    write_control_vector(root / "cv.gguf", vector, model_hint="tiny")
+    models = models_pb2_grpc.ModelsStub(channel)
+    request = models_pb2.LoadModelRequest(source="cv.gguf", model_id="second")
+    error = expect_error(lambda: models.Load(request, timeout=60), Code.INVALID_ARGUMENT, "source")
+    assert "control vector" in (error.details() or "")
+    recipe = 'name = "x"\n[[edits]]\nkind = "add"\nvector = "good"\nlayers = [1]\n'
+    job = bake_pb2_grpc.BakeStub(channel).Bake(
+        bake_pb2.BakeRequest(model_source="cv.gguf", recipe_toml=recipe, output="from-cv"),
+        timeout=60,
+    )
+    jobs = jobs_pb2_grpc.JobsStub(channel)
+    final = list(jobs.Watch(jobs_pb2.JobRequest(job_id=job.job_id), timeout=120))[-1]
+    assert final.state == jobs_pb2.JOB_STATE_FAILED
+    assert final.error_code == "INVALID_ARGUMENT", final.error
+    assert_serves(channel)

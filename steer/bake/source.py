@@ -32,7 +32,14 @@ from steer.errors import (
     UnsupportedArchitectureError,
 )
 from steer.hooks import LAYOUTS
-from steer.models import bfloat16_bytes, combine_weight_digests, tensor_digest, weight_digest
+from steer.models import (
+    bfloat16_bytes,
+    check_gguf_model,
+    combine_weight_digests,
+    tensor_digest,
+    unloadable,
+    weight_digest,
+)
 from steer.offline import OFFLINE_MODELS, resolve_offline
 
 #: files in a model directory that are not weights and travel to the output unchanged
@@ -412,11 +419,14 @@ def _load_model(path: Path, *, allow_pickle: bool) -> Any:
 
     common: dict[str, Any] = {"dtype": torch.float32, "device_map": "cpu"}
     if path.is_file():
-        return AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, **common)
+        check_gguf_model(path)
+        with unloadable(path):
+            return AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, **common)
     if not allow_pickle:  # open_source checked it; kept beside the call that unpickles
         raise FailedPreconditionError(f"{path} holds pickled weights", field="model")
     # transformers reads .bin with torch.load(weights_only=True)
-    return AutoModelForCausalLM.from_pretrained(path, use_safetensors=False, **common)
+    with unloadable(path):
+        return AutoModelForCausalLM.from_pretrained(path, use_safetensors=False, **common)
 
 
 def _load_tokenizer(path: Path) -> Any:

@@ -24,7 +24,7 @@ from typing import Any
 
 import grpc
 from google.protobuf import message_factory
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health, health_pb2
 from grpc_reflection.v1alpha import reflection
 
 from steer.models import ModelHandle
@@ -82,6 +82,32 @@ def service_handler(module: ModuleType, name: str, servicer: object) -> grpc.Gen
             response_serializer=response_class.SerializeToString,
         )
     return grpc.method_handlers_generic_handler(service.full_name, handlers)
+
+
+def health_handler(servicer: health.aio.HealthServicer) -> grpc.GenericRpcHandler:
+    """The standard health service, with steer's tolerant deserializer: bytes that do not parse
+    are INVALID_ARGUMENT, as on every other service (grpc's own registration answers UNKNOWN)."""
+    deserialize = _deserializer(health_pb2.HealthCheckRequest)
+    serialize = health_pb2.HealthCheckResponse.SerializeToString
+
+    async def refuse(request: Any, context: grpc.aio.ServicerContext) -> None:
+        if isinstance(request, Malformed):
+            message = f"the request does not parse: {request.error}"
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, message)
+
+    async def check(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        await refuse(request, context)
+        return await servicer.Check(request, context)
+
+    async def watch(request: Any, context: grpc.aio.ServicerContext) -> None:
+        await refuse(request, context)
+        await servicer.Watch(request, context)
+
+    handlers = {
+        "Check": grpc.unary_unary_rpc_method_handler(check, deserialize, serialize),
+        "Watch": grpc.unary_stream_rpc_method_handler(watch, deserialize, serialize),
+    }
+    return grpc.method_handlers_generic_handler("grpc.health.v1.Health", handlers)
 
 
 def _bind(server: grpc.aio.Server, settings: ServerSettings) -> int:
@@ -183,7 +209,7 @@ class SteerServer:
         for module, name, servicer in self._services():
             server.add_generic_rpc_handlers((service_handler(module, name, servicer),))
             names.append(module.DESCRIPTOR.services_by_name[name].full_name)
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        server.add_generic_rpc_handlers((health_handler(self.health),))
         for name in ["", *names]:
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         reflection.enable_server_reflection(

@@ -7,7 +7,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from steer.errors import FailedPreconditionError, InvalidArgumentError, NotFoundError
+from steer.errors import (
+    FailedPreconditionError,
+    InvalidArgumentError,
+    NotFoundError,
+    SteerError,
+)
 from steer.models import ModelHandle, load_model
 from steer.offline import OFFLINE_MODELS
 from steer.server.paths import check_id, confine, root_hidden
@@ -72,9 +77,14 @@ class ModelRegistry:
         else:
             location = confine(self.settings.models_root, source, field="source")
         with root_hidden(self.settings.models_root):
-            handle = in_short_thread(
-                lambda: load_model(location, dtype=dtype or "float32", device=device or "cpu")
-            )
+            try:
+                handle = in_short_thread(
+                    lambda: load_model(location, dtype=dtype or "float32", device=device or "cpu")
+                )
+            except SteerError as error:
+                if error.field == "model":
+                    error.field = "source"  # the request's name for what could not be loaded
+                raise
         # named as the client named it, not by its absolute path on this server (the name
         # appears in errors and in the artifacts computed with it)
         return self.add(model_id, replace(handle, name=source), source)

@@ -67,10 +67,22 @@ class Malformed:
         self.error = error
 
 
+#: longest message and field name sent back: a client's 10,000-character id echoed in the
+#: details would overflow gRPC's metadata limit and turn the error into another one
+MAX_MESSAGE = 2000
+MAX_FIELD = 200
+
+
+def _clip(text: str, limit: int) -> str:
+    return text if len(text) <= limit else f"{text[: limit - 16]}... ({len(text)} chars)"
+
+
 def status_of(error: BaseException) -> tuple[grpc.StatusCode, str, str | None]:
     """(status code, message, field) for an exception raised while serving."""
     if isinstance(error, SteerError):
-        return grpc.StatusCode[error.status_code], str(error), error.field
+        field = _clip(error.field, MAX_FIELD) if error.field else error.field
+        text = f"{field}: {error.message}" if field else error.message
+        return grpc.StatusCode[error.status_code], _clip(text, MAX_MESSAGE), field
     if isinstance(error, (torch.OutOfMemoryError, MemoryError)):
         return (
             grpc.StatusCode.RESOURCE_EXHAUSTED,
