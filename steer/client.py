@@ -70,23 +70,23 @@ class ResourceExhausted(RemoteError, errors.ResourceExhaustedError):
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
-class AlreadyExists(RemoteError):
+class AlreadyExists(RemoteError, errors.AlreadyExistsError):
     code = grpc.StatusCode.ALREADY_EXISTS
 
 
-class Unauthenticated(RemoteError):
+class Unauthenticated(RemoteError, errors.UnauthenticatedError):
     code = grpc.StatusCode.UNAUTHENTICATED
 
 
-class Unavailable(RemoteError):
+class Unavailable(RemoteError, errors.UnavailableError):
     code = grpc.StatusCode.UNAVAILABLE
 
 
-class Unimplemented(RemoteError):
+class Unimplemented(RemoteError, errors.UnimplementedError):
     code = grpc.StatusCode.UNIMPLEMENTED
 
 
-class Cancelled(RemoteError):
+class Cancelled(RemoteError, errors.ClientCancelledError):
     code = grpc.StatusCode.CANCELLED
 
 

@@ -1,4 +1,5 @@
-"""Domain exceptions. Each maps to one gRPC status code in the server, and back in the client."""
+"""Domain exceptions: the one error catalogue. Each class names the gRPC status code it travels
+as (and the client re-raises it from); :data:`HTTP_STATUS` gives the HTTP API's status for it."""
 
 from __future__ import annotations
 
@@ -46,6 +47,36 @@ class ResourceExhaustedError(SteerError):
 
 class UnsupportedArchitectureError(FailedPreconditionError):
     """The model's architecture has no hook layout; pass one explicitly (see steer.hooks)."""
+
+
+class UnimplementedError(SteerError):
+    """The rpc needs a part of steer this build does not have."""
+
+    status_code = "UNIMPLEMENTED"
+
+
+class UnavailableError(SteerError):
+    """The server is shutting down or the model is being unloaded."""
+
+    status_code = "UNAVAILABLE"
+
+
+class UnauthenticatedError(SteerError):
+    """A missing or wrong bearer token."""
+
+    status_code = "UNAUTHENTICATED"
+
+
+class AlreadyExistsError(SteerError):
+    """The target (artifact, output directory) exists and overwrite was not asked for."""
+
+    status_code = "ALREADY_EXISTS"
+
+
+class ClientCancelledError(SteerError):
+    """The client cancelled the call (or went away) before the server ran it."""
+
+    status_code = "CANCELLED"
 
 
 #: Every status code an error travels as, and its HTTP status: the one catalogue both front ends

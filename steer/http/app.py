@@ -28,7 +28,13 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from google.protobuf import json_format
 
-from steer.errors import HTTP_STATUS, InvalidArgumentError, ResourceExhaustedError, SteerError
+from steer.errors import (
+    HTTP_STATUS,
+    InvalidArgumentError,
+    ResourceExhaustedError,
+    SteerError,
+    UnauthenticatedError,
+)
 from steer.generation import GenerationEvent
 from steer.http.fields import OpenAIRequest, parse_request
 from steer.json_input import parse_object
@@ -36,7 +42,7 @@ from steer.proto.v1 import generation_pb2
 from steer.server.core import ServiceCore
 from steer.server.scheduler import Subscription
 from steer.server.sliders import named_interventions
-from steer.server.status import UnauthenticatedError, status_of
+from steer.server.status import status_of
 
 log = logging.getLogger("steer.http")
 

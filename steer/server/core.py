@@ -16,6 +16,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from steer.bake.provenance import remove_stale_under
+from steer.errors import UnavailableError
 from steer.models import ModelHandle
 from steer.proto.v1 import generation_pb2
 from steer.server import convert
@@ -25,7 +26,6 @@ from steer.server.saes import SaeRegistry
 from steer.server.scheduler import Subscription
 from steer.server.settings import ServerSettings
 from steer.server.sliders import SliderCatalogue
-from steer.server.status import UnavailableError
 from steer.server.store import ArtifactStore
 
 

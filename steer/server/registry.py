@@ -8,6 +8,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from steer.errors import (
+    AlreadyExistsError,
     FailedPreconditionError,
     InvalidArgumentError,
     NotFoundError,
@@ -18,7 +19,6 @@ from steer.offline import OFFLINE_MODELS
 from steer.server.paths import check_id, confine, root_hidden
 from steer.server.scheduler import ModelWorker, in_short_thread
 from steer.server.settings import ServerSettings
-from steer.server.status import AlreadyExistsError
 
 
 @dataclass(frozen=True, eq=False)

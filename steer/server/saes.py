@@ -12,12 +12,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from steer.errors import FailedPreconditionError, NotFoundError, SteerError
+from steer.errors import AlreadyExistsError, FailedPreconditionError, NotFoundError, SteerError
 from steer.models import ModelHandle
 from steer.server.paths import check_id, confine, root_hidden
 from steer.server.registry import LoadedModel
 from steer.server.scheduler import in_short_thread
-from steer.server.status import AlreadyExistsError
 
 if TYPE_CHECKING:  # steer.sae imports SAELens, which the server loads only once an SAE is used
     from steer.sae import SparseAutoencoder

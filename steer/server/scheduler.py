@@ -44,11 +44,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
-from steer.errors import ResourceExhaustedError
+from steer.errors import ResourceExhaustedError, UnavailableError
 from steer.generation import Engine, GenerationEvent, GenerationRequest, encode_prompt
 from steer.limits import check_text_size
 from steer.models import ModelHandle
-from steer.server.status import UnavailableError
 
 log = logging.getLogger("steer.server")
 

@@ -19,7 +19,14 @@ from typing import Any
 
 import grpc
 
-from steer.errors import FailedPreconditionError, InvalidArgumentError, NotFoundError
+from steer.errors import (
+    AlreadyExistsError,
+    ClientCancelledError,
+    FailedPreconditionError,
+    InvalidArgumentError,
+    NotFoundError,
+    UnimplementedError,
+)
 from steer.proto.v1 import (
     directions_pb2,
     features_pb2,
@@ -34,12 +41,7 @@ from steer.server.paths import check_id, confine, confine_recipe, hide_root, roo
 from steer.server.registry import ModelRegistry
 from steer.server.saes import LoadedSae, SaeRegistry
 from steer.server.settings import ServerSettings
-from steer.server.status import (
-    AlreadyExistsError,
-    ClientCancelledError,
-    UnimplementedError,
-    inline,
-)
+from steer.server.status import inline
 from steer.server.store import ArtifactStore
 
 

@@ -23,41 +23,29 @@ from typing import Any
 import grpc
 import torch
 
-from steer.errors import SteerError
+from steer.errors import (
+    AlreadyExistsError,
+    ClientCancelledError,
+    SteerError,
+    UnauthenticatedError,
+    UnavailableError,
+    UnimplementedError,
+)
+
+# the service's errors live with every other domain error (steer.errors); re-exported here
+__all__ = [
+    "AlreadyExistsError",
+    "ClientCancelledError",
+    "UnauthenticatedError",
+    "UnavailableError",
+    "UnimplementedError",
+    "guard",
+    "status_of",
+]
 
 log = logging.getLogger("steer.server")
 
 FIELD_KEY = "steer-field"
-
-
-class UnimplementedError(SteerError):
-    """The rpc needs a part of steer this build does not have."""
-
-    status_code = "UNIMPLEMENTED"
-
-
-class UnavailableError(SteerError):
-    """The server is shutting down or the model is being unloaded."""
-
-    status_code = "UNAVAILABLE"
-
-
-class UnauthenticatedError(SteerError):
-    """A missing or wrong bearer token."""
-
-    status_code = "UNAUTHENTICATED"
-
-
-class AlreadyExistsError(SteerError):
-    """The target (artifact, output directory) exists and overwrite was not asked for."""
-
-    status_code = "ALREADY_EXISTS"
-
-
-class ClientCancelledError(SteerError):
-    """The client cancelled the call (or went away) before the server ran it."""
-
-    status_code = "CANCELLED"
 
 
 class Malformed:

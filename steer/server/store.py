@@ -13,6 +13,7 @@ from typing import Any
 
 from steer.artifacts import SIDECAR, TENSORS, VectorArtifact, check_model, load_vector
 from steer.errors import (
+    AlreadyExistsError,
     FailedPreconditionError,
     InvalidArgumentError,
     NotFoundError,
@@ -20,7 +21,6 @@ from steer.errors import (
 )
 from steer.models import ModelHandle
 from steer.server.paths import check_id, is_id
-from steer.server.status import AlreadyExistsError
 
 
 @dataclass(frozen=True)
