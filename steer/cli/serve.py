@@ -190,7 +190,10 @@ def main(argv: list[str], *, prog: str = "steer serve", command: str = "serve") 
     )
     print(f'try:  steer generate --server {target} "Write a haiku about the sea"', flush=True)
     if server.http_port is not None:
-        print(f"OpenAI-compatible API: {server.http_url}/v1 (SillyTavern: docs/service.md)")
+        print(
+            f"OpenAI-compatible API: {server.http_url}/v1 (SillyTavern: docs/service.md)",
+            flush=True,
+        )
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())
