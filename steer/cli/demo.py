@@ -1,20 +1,31 @@
 """``steer demo``: default vs steered generation on a local model, same seed, side by side.
 
-The steering vector is a contrast direction computed on the spot: the mean residual stream of
-prompts about one theme minus that of neutral prompts, added at one layer.
+``--vector DIR[=S1,S2,...]`` shows any vector artifact (``steer directions compute`` makes
+them) at one or more strengths; with no strengths, at the ends of the range its sweep suggests
+(``suggested_strengths`` in ``steer.json``). Strength 0 is the default column. Without
+``--vector`` the steering vector is a contrast direction computed on the spot from a built-in
+``--theme``: the mean residual stream of prompts about it minus that of neutral prompts, added
+at one layer.
 """
 
 from __future__ import annotations
 
 import argparse
+import shutil
 import textwrap
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
 
 from steer import Add, SteeringVector
 from steer.activations import encode_chat, forward
+from steer.errors import InvalidArgumentError
 from steer.generation import Engine, GenerationRequest, Message
-from steer.models import ModelHandle, load_model
+from steer.interventions import Intervention
+from steer.models import ModelHandle
 from steer.offline import DEFAULT_MODEL
 from steer.sampling import SamplingConfig
 
@@ -44,6 +55,33 @@ NEUTRAL = [
     "Why is the sky blue?",
     "Describe a busy office.",
 ]
+#: narrowest column before the completions are printed one under the other instead
+MIN_COLUMN = 28
+
+
+@dataclass(frozen=True)
+class VectorFlag:
+    """One ``--vector DIR[=S1,S2]``: an artifact directory and the strengths asked for."""
+
+    directory: Path
+    strengths: tuple[float, ...] = ()
+
+
+def vector_flag(text: str) -> VectorFlag:
+    directory, _, strengths = text.partition("=")
+    try:
+        values = tuple(float(s) for s in strengths.split(",") if s.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected DIR or DIR=STRENGTH[,STRENGTH...], e.g. out/cheerful=-0.2,0.2; got {text!r}"
+        ) from None
+    return VectorFlag(Path(directory), values)
+
+
+@dataclass(frozen=True)
+class Column:
+    label: str
+    interventions: tuple[Intervention, ...] = ()
 
 
 def theme_vector(handle: ModelHandle, theme: str, layer: int) -> SteeringVector:
@@ -58,41 +96,136 @@ def theme_vector(handle: ModelHandle, theme: str, layer: int) -> SteeringVector:
     return SteeringVector(per_layer={layer: mean(THEMES[theme]) - mean(NEUTRAL)}, name=theme)
 
 
-def main(argv: list[str], *, prog: str = "steer demo", command: str = "demo") -> int:
-    parser = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default=DEFAULT_MODEL, help="offline name or path")
-    parser.add_argument("--prompt", default="Tell me a short story about your weekend.")
-    parser.add_argument("--theme", choices=sorted(THEMES), default="ocean")
-    parser.add_argument("--layer", type=int, default=12)
-    parser.add_argument("--strength", type=float, default=12.0)
-    parser.add_argument("--max-new-tokens", type=int, default=60)
-    parser.add_argument("--temperature", type=float, default=0.7)
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
+def _parser(prog: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__)
+    add = parser.add_argument
+    add("--model", help=f"offline name or path (default: the vector's model, else {DEFAULT_MODEL})")
+    add("--prompt", default="Tell me a short story about your weekend.", help="the user message")
+    add(
+        "--vector",
+        type=vector_flag,
+        action="append",
+        metavar="DIR[=S1,S2]",
+        help="a vector artifact and strengths, e.g. out/cheerful=-0.2,0.2 (repeatable; no "
+        "strengths: the ends of its suggested range)",
+    )
+    add("--theme", choices=sorted(THEMES), help="without --vector: a built-in theme (ocean)")
+    add("--layer", type=int, help="--theme only: the layer to add at (12)")
+    add("--strength", type=float, help="--theme only: the strength (12)")
+    add("--max-new-tokens", type=int, default=60, help="tokens generated per column")
+    add("--temperature", type=float, default=0.7, help="sampling temperature (0 = greedy)")
+    add("--seed", type=int, default=0, help="sampling seed, the same for every column")
+    add("--width", type=int, help="output width (default: the terminal's)")
+    return parser
 
-    handle = load_model(args.model)
-    vector = theme_vector(handle, args.theme, args.layer)
-    sampling = SamplingConfig(temperature=args.temperature, min_p=0.05, seed=args.seed)
-    base = GenerationRequest(
-        messages=(Message("user", args.prompt),),
-        sampling=sampling,
-        max_new_tokens=args.max_new_tokens,
-    )
-    steered = GenerationRequest(
-        messages=base.messages,
-        sampling=sampling,
-        max_new_tokens=args.max_new_tokens,
-        interventions=(Add(vector, args.strength, (f"blocks.{args.layer}.hook_resid_pre",)),),
-    )
-    default_result, steered_result = Engine(handle).run([base, steered])
-    width = 60
+
+def main(argv: list[str], *, prog: str = "steer demo", command: str = "demo") -> int:
+    args = _parser(prog).parse_args(argv)
+    if args.vector and (args.theme or args.layer is not None or args.strength is not None):
+        raise InvalidArgumentError(
+            "--theme, --layer and --strength make a built-in vector; use them without --vector",
+            field="vector",
+        )
+    from steer.artifacts import load_vector
+    from steer.models import load_model
+
+    flags = args.vector or []
+    artifacts = [load_vector(flag.directory) for flag in flags]  # before the model: fail fast
+    model = args.model or _model_of(artifacts)
+    print(f"loading {model}", flush=True)
+    handle = load_model(model)
+    if flags:
+        columns = vector_columns(handle, flags)
+    else:
+        columns = [theme_column(handle, args.theme or "ocean", args.layer, args.strength)]
+    texts = generate(handle, args, [Column("default"), *columns])
+    width = args.width or shutil.get_terminal_size((120, 24)).columns
     print(f"model {handle.name} | prompt: {args.prompt!r} | seed {args.seed}")
-    print(f"{'default':<{width}} | {args.theme} x {args.strength} at layer {args.layer}")
-    print("-" * width + "-+-" + "-" * width)
-    left = textwrap.wrap(default_result.text, width) or [""]
-    right = textwrap.wrap(steered_result.text, width) or [""]
-    for index in range(max(len(left), len(right))):
-        a = left[index] if index < len(left) else ""
-        b = right[index] if index < len(right) else ""
-        print(f"{a:<{width}} | {b}")
+    print(render([c.label for c in [Column("default"), *columns]], texts, width))
     return 0
+
+
+def _model_of(artifacts: Sequence[Any]) -> str:
+    if not artifacts:
+        return DEFAULT_MODEL
+    from steer.cli.directions import artifact_model
+
+    return artifact_model(artifacts[0].metadata)
+
+
+def vector_columns(handle: ModelHandle, flags: Sequence[VectorFlag]) -> list[Column]:
+    """One column per (artifact, non-zero strength), each added at the artifact's hooks."""
+    from steer.artifacts import load_vector
+    from steer.directions.api import interventions_for
+
+    columns = []
+    for flag in flags:
+        artifact = load_vector(flag.directory, handle=handle)
+        strengths = flag.strengths or tuple(artifact.metadata.get("suggested_strengths") or ())
+        if not strengths:
+            strengths = (1.0,)
+        name = artifact.metadata.get("name") or flag.directory.name
+        for strength in strengths:
+            if strength != 0:  # strength 0 is the default column
+                steered = interventions_for(artifact, strength=strength)
+                columns.append(Column(f"{name} {strength:+g}", tuple(steered)))
+    if not columns:
+        raise InvalidArgumentError("every strength given is 0 (the default column)", field="vector")
+    return columns
+
+
+def theme_column(
+    handle: ModelHandle, theme: str, layer: int | None, strength: float | None
+) -> Column:
+    layer = 12 if layer is None else layer
+    strength = 12.0 if strength is None else strength
+    vector = theme_vector(handle, theme, layer)
+    added = Add(vector, strength, (f"blocks.{layer}.hook_resid_pre",))
+    return Column(f"{theme} x {strength:g} at layer {layer}", (added,))
+
+
+def generate(handle: ModelHandle, args: argparse.Namespace, columns: Sequence[Column]) -> list[str]:
+    """Every column's completion in one batch, same seed, with a progress bar."""
+    from tqdm.auto import tqdm
+
+    sampling = SamplingConfig(temperature=args.temperature, min_p=0.05, seed=args.seed)
+    if args.temperature == 0:
+        sampling = SamplingConfig.greedy_config()
+    engine = Engine(handle, max_batch=len(columns))
+    ids = [
+        engine.submit(
+            GenerationRequest(
+                messages=(Message("user", args.prompt),),
+                sampling=sampling,
+                max_new_tokens=args.max_new_tokens,
+                interventions=column.interventions,
+            )
+        )
+        for column in columns
+    ]
+    texts: dict[str, list[str]] = {i: [] for i in ids}
+    total = args.max_new_tokens * len(columns)
+    with tqdm(total=total, desc="generating", unit="tok", leave=False) as bar:
+        while engine.has_work:
+            for event in engine.step():
+                if event.error is not None:
+                    raise event.error
+                texts[event.request_id].append(event.text)
+                bar.update(len(event.token_ids))
+    return ["".join(texts[i]) for i in ids]
+
+
+def render(labels: Sequence[str], texts: Sequence[str], width: int) -> str:
+    """Columns side by side if each gets MIN_COLUMN characters, else one under the other."""
+    count = len(labels)
+    column = (width - 3 * (count - 1)) // count
+    if column < MIN_COLUMN:
+        pairs = zip(labels, texts, strict=True)
+        return "\n\n".join(f"== {label}\n{textwrap.fill(text, width)}" for label, text in pairs)
+    wrapped = [textwrap.wrap(text, column) or [""] for text in texts]
+    lines = [" | ".join(f"{label[:column]:<{column}}" for label in labels)]
+    lines.append("-+-".join("-" * column for _ in labels))
+    for index in range(max(len(w) for w in wrapped)):
+        cells = [w[index] if index < len(w) else "" for w in wrapped]
+        lines.append(" | ".join(f"{cell:<{column}}" for cell in cells).rstrip())
+    return "\n".join(lines)

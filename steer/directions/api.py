@@ -4,6 +4,9 @@ The pipeline reads as its steps::
 
     load data -> split -> encode -> collect (+ filter) -> candidates -> score -> select -> save
 
+A steering recipe (kind ``steering``) has no search; it goes to
+:func:`steer.directions.steering.compute_vector` (read -> vector -> normalise -> sweep -> save).
+
 ``compute`` is what the gRPC server and ``steer directions compute`` call. It reports progress
 through ``progress(message, fraction)``, checks ``cancelled`` between steps and candidates, and
 writes nothing until the search is done (the artifact files are replaced atomically).
@@ -46,7 +49,7 @@ from steer.directions.search import (
     write_plot,
     write_table,
 )
-from steer.errors import FailedPreconditionError, SteerError
+from steer.errors import FailedPreconditionError, InvalidArgumentError, SteerError
 from steer.interventions import Intervention
 from steer.models import ModelHandle
 
@@ -98,6 +101,10 @@ def compute(
         if cancelled.is_set():
             raise CancelledError("direction computation cancelled", field="recipe")
 
+    if recipe.is_steering:
+        from steer.directions.steering import compute_vector
+
+        return compute_vector(handle, recipe, Path(out_dir), progress=progress, check=check)
     progress("loading data", 0.0)
     prepared = prepare(handle, recipe)
     check()
@@ -111,44 +118,21 @@ def compute(
 
 def prepare(handle: ModelHandle, recipe: Recipe) -> Prepared:
     """Load, split, cap and encode the recipe's data."""
+    if recipe.is_steering:
+        raise InvalidArgumentError(
+            "a steering recipe is not split or searched; make it with compute "
+            "(steer directions compute)",
+            field="recipe",
+        )
     data = recipe.data
     system = data.system or None
     if recipe.kind is RecipeKind.PAIRS:
-        pairs = datasets.load_pairs(
-            data.pairs,
-            prompt_key=data.prompt_key,
-            positive_key=data.positive_key,
-            negative_key=data.negative_key,
-            field="data.pairs",
-        )
-        splits = datasets.split(
-            pairs, seed=data.seed, train=data.train, validation=data.validation, field="data"
-        )
-        train = _cap(splits.train, data.max_train)
-        validation = _cap(splits.validation, data.max_validation)
-
-        def prompts(items: Sequence[datasets.Pair]) -> list[list[int]]:
-            return [encode_chat(handle, pair.prompt, system) for pair in items]
-
-        def replies(items: Sequence[datasets.Pair], side: str) -> list[list[int]]:
-            return [_reply_ids(handle, getattr(pair, side)) for pair in items]
-
-        train_prompts, validation_prompts = prompts(train), prompts(validation)
-        return Prepared(
-            recipe,
-            positive_train=train_prompts,
-            negative_train=train_prompts,
-            positive_validation=validation_prompts,
-            negative_validation=validation_prompts,
-            positive_replies=(replies(train, "positive"), replies(validation, "positive")),
-            negative_replies=(replies(train, "negative"), replies(validation, "negative")),
-            hashes={"pairs": datasets.content_hash(pairs)},
-        )
+        return _prepare_pairs(handle, recipe)
     positive = datasets.load_prompts(
-        data.positive, column=data.positive_column or None, field="data.positive"
+        data.positive, column=data.positive_column or None, field="data.positive", base=recipe.base
     )
     negative = datasets.load_prompts(
-        data.negative, column=data.negative_column or None, field="data.negative"
+        data.negative, column=data.negative_column or None, field="data.negative", base=recipe.base
     )
     sets = []
     for items in (positive, negative):
@@ -177,6 +161,43 @@ def prepare(handle: ModelHandle, recipe: Recipe) -> Prepared:
     )
 
 
+def _prepare_pairs(handle: ModelHandle, recipe: Recipe) -> Prepared:
+    """Load, split, cap and encode a pairs recipe's data (prompts and both replies)."""
+    data = recipe.data
+    system = data.system or None
+    pairs = datasets.load_pairs(
+        data.pairs,
+        prompt_key=data.prompt_key,
+        positive_key=data.positive_key,
+        negative_key=data.negative_key,
+        field="data.pairs",
+        base=recipe.base,
+    )
+    splits = datasets.split(
+        pairs, seed=data.seed, train=data.train, validation=data.validation, field="data"
+    )
+    train = _cap(splits.train, data.max_train)
+    validation = _cap(splits.validation, data.max_validation)
+
+    def prompts(items: Sequence[datasets.Pair]) -> list[list[int]]:
+        return [encode_chat(handle, pair.prompt, system) for pair in items]
+
+    def replies(items: Sequence[datasets.Pair], side: str) -> list[list[int]]:
+        return [_reply_ids(handle, getattr(pair, side)) for pair in items]
+
+    train_prompts, validation_prompts = prompts(train), prompts(validation)
+    return Prepared(
+        recipe,
+        positive_train=train_prompts,
+        negative_train=train_prompts,
+        positive_validation=validation_prompts,
+        negative_validation=validation_prompts,
+        positive_replies=(replies(train, "positive"), replies(validation, "positive")),
+        negative_replies=(replies(train, "negative"), replies(validation, "negative")),
+        hashes={"pairs": datasets.content_hash(pairs)},
+    )
+
+
 def search(
     handle: ModelHandle,
     prepared: Prepared,
@@ -187,67 +208,65 @@ def search(
     """Collect activations, build candidates, score them and select one."""
     recipe = prepared.recipe
     options = recipe.search
-    batch = options.batch_size
     layers = candidate_layers(
         handle.num_layers, options.layers, options.min_layer_fraction, options.max_layer_fraction
     )
     notes: list[str] = []
-    #: harmless train prompts kept by the filter (whitening reads all their tokens)
-    negative_prompts = prepared.negative_train
-    if recipe.kind is RecipeKind.PAIRS:
-        positions: tuple[int, ...] = (REPLY,)
-        positive, negative = pair_activations(handle, prepared, batch)
-        positive_score, negative_score = _pair_scorers(handle, prepared)
-        positive_validation = negative_validation = prepared.positive_validation
-    else:
-        positions = options.positions or post_instruction_positions(handle)
-        progress("collecting activations", 0.02)
-        positive, negative, negative_prompts = filtered_train_activations(
-            handle, prepared, positions, progress=progress, check=check, notes=notes
-        )
-        token_ids = refusal_token_ids(handle.tokenizer)
-        positive_validation = prepared.positive_validation
-        negative_validation = prepared.negative_validation
-        if _filters(recipe):
-            refused_validation = _refusals(handle, recipe, positive_validation, token_ids, batch)
-            positive_validation = _filter_validation(positive_validation, refused_validation, notes)
-        positive_score = prompt_scorer(handle, positive_validation, token_ids, batch)
-        negative_score = prompt_scorer(handle, negative_validation, token_ids, batch)
+    collected = _collect(handle, prepared, progress=progress, check=check, notes=notes)
     method = get_method(options.method)
     if method.uses_covariance:
         progress("harmless token covariance", 0.08)
-    covariances = whitening_covariances(handle, recipe, negative_prompts)
+    covariances = whitening_covariances(handle, recipe, collected.negative_prompts)
     check()
     progress("building candidates", 0.1)
     candidates = make_candidates(
         method,
-        positive,
-        negative,
+        collected.positive,
+        collected.negative,
         layers=layers,
-        positions=positions,
+        positions=collected.positions,
         per_layer=options.per_layer,
         covariances=covariances,
+        # layers the recipe (or --layers) names bound the per-layer candidate as well
+        per_layer_layers=layers if options.layers else None,
     )
-    kl = kl_scorer(handle, negative_validation, batch)
-    baseline_positive = float(positive_score(()).mean())
-    baseline_negative = float(negative_score(()).mean())
+    result = _score(handle, recipe, collected, candidates, progress=progress, check=check)
+    result.layers = layers
+    result.notes[:0] = notes
+    return result
 
-    def scaled(message: str, fraction: float) -> None:
-        progress(message, 0.1 + 0.88 * fraction)
 
-    scored = score_candidates(
-        candidates,
-        positive_score=positive_score,
-        negative_score=negative_score,
-        negative_kl=kl,
-        top_k=options.top_k,
-        passes=lambda candidate: passes_filters(
+def _score(
+    handle: ModelHandle,
+    recipe: Recipe,
+    collected: _Collected,
+    candidates: list[Any],
+    *,
+    progress: Progress,
+    check: Callable[[], None],
+) -> SearchResult:
+    """Score the candidates on validation data and select one (see steer.directions.search)."""
+    options = recipe.search
+    kl = kl_scorer(handle, collected.negative_validation, options.batch_size)
+    baseline_positive = float(collected.positive_score(()).mean())
+    baseline_negative = float(collected.negative_score(()).mean())
+
+    def passes(candidate: Any) -> bool:
+        return passes_filters(
             candidate,
             kl_threshold=options.kl_threshold,
             require_induce=options.require_induce,
             induce_floor=baseline_negative,
-        ),
-        progress=scaled,
+        )
+
+    scored = score_candidates(
+        candidates,
+        positive_score=collected.positive_score,
+        negative_score=collected.negative_score,
+        negative_kl=kl,
+        top_k=options.top_k,
+        passes=passes,
+        progress=lambda message, fraction: progress(message, 0.1 + 0.88 * fraction),
         check=check,
     )
     selected, passed = select(
@@ -256,17 +275,75 @@ def search(
         require_induce=options.require_induce,
         induce_floor=baseline_negative,
     )
-    if not passed:
-        notes.append("no candidate passed the KL/induce filters; kept the lowest bypass")
+    notes = [] if passed else ["no candidate passed the KL/induce filters; kept the lowest bypass"]
     return SearchResult(
         candidates=scored,
         selected=selected,
         passed=passed,
         baseline_positive=baseline_positive,
         baseline_negative=baseline_negative,
-        layers=layers,
-        positions=tuple(positions),
+        layers=(),
+        positions=tuple(collected.positions),
         notes=notes,
+    )
+
+
+@dataclass(frozen=True)
+class _Collected:
+    """Train activations and validation scorers of one recipe (see :func:`_collect`)."""
+
+    positions: tuple[int, ...]
+    #: (n, num_layers, len(positions), d_model) per side
+    positive: torch.Tensor
+    negative: torch.Tensor
+    positive_score: Any
+    negative_score: Any
+    negative_validation: list[list[int]]
+    #: harmless train prompts kept by the filter (whitening reads all their tokens)
+    negative_prompts: list[list[int]]
+
+
+def _collect(
+    handle: ModelHandle,
+    prepared: Prepared,
+    *,
+    progress: Progress,
+    check: Callable[[], None],
+    notes: list[str],
+) -> _Collected:
+    """Activations of the (filtered) train data and the scorers of the validation data."""
+    recipe = prepared.recipe
+    batch = recipe.search.batch_size
+    if recipe.kind is RecipeKind.PAIRS:
+        positive, negative = pair_activations(handle, prepared, batch)
+        positive_score, negative_score = _pair_scorers(handle, prepared)
+        return _Collected(
+            (REPLY,),
+            positive,
+            negative,
+            positive_score,
+            negative_score,
+            prepared.positive_validation,
+            prepared.negative_train,
+        )
+    positions = tuple(recipe.search.positions or post_instruction_positions(handle))
+    progress("collecting activations", 0.02)
+    positive, negative, negative_prompts = filtered_train_activations(
+        handle, prepared, positions, progress=progress, check=check, notes=notes
+    )
+    token_ids = refusal_token_ids(handle.tokenizer)
+    positive_validation = prepared.positive_validation
+    if _filters(recipe):
+        refused_validation = _refusals(handle, recipe, positive_validation, token_ids, batch)
+        positive_validation = _filter_validation(positive_validation, refused_validation, notes)
+    return _Collected(
+        positions,
+        positive,
+        negative,
+        prompt_scorer(handle, positive_validation, token_ids, batch),
+        prompt_scorer(handle, prepared.negative_validation, token_ids, batch),
+        prepared.negative_validation,
+        negative_prompts,
     )
 
 
@@ -514,6 +591,12 @@ def _plot_writer(recipe: Recipe) -> Callable[[Path, SearchResult], Path]:
 def held_out(recipe: Recipe) -> tuple[list[str], list[str]]:
     """The recipe's test prompts: (positive, negative); for pairs, (situations, situations)."""
     data = recipe.data
+    if recipe.is_steering:
+        raise InvalidArgumentError(
+            "a steering recipe keeps no held-out test split; measure a steering vector with "
+            "steer directions sweep",
+            field="recipe",
+        )
     if recipe.kind is RecipeKind.PAIRS:
         pairs = datasets.load_pairs(
             data.pairs,
@@ -521,6 +604,7 @@ def held_out(recipe: Recipe) -> tuple[list[str], list[str]]:
             positive_key=data.positive_key,
             negative_key=data.negative_key,
             field="data.pairs",
+            base=recipe.base,
         )
         test = datasets.split(pairs, seed=data.seed, train=data.train, validation=data.validation)
         situations = [pair.prompt for pair in test.test]
@@ -530,7 +614,7 @@ def held_out(recipe: Recipe) -> tuple[list[str], list[str]]:
         (data.positive, data.positive_column, "data.positive"),
         (data.negative, data.negative_column, "data.negative"),
     ):
-        items = datasets.load_prompts(source, column=column or None, field=name)
+        items = datasets.load_prompts(source, column=column or None, field=name, base=recipe.base)
         out.append(
             list(
                 datasets.split(

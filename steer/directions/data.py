@@ -67,25 +67,48 @@ def strongreject_path() -> Path:
     return path
 
 
-def resolve_source(source: str | Path, *, field: str = "data") -> Path:
-    """Map a source name (``strongreject``, ``recipes:NAME`` or a path) to a file."""
+def resolve_source(
+    source: str | Path, *, field: str = "data", base: str | Path | None = None
+) -> Path:
+    """Map a source name (``strongreject``, ``recipes:NAME`` or a path) to a file. A relative
+    path is taken from ``base`` (a recipe's directory), else from the current directory; a
+    missing file's error says which."""
     text = str(source)
     if text == STRONGREJECT:
         return strongreject_path()
     if text.startswith("recipes:"):
         path = RECIPES_DIR / "data" / text.removeprefix("recipes:")
+        where = f"the project's data directory {RECIPES_DIR / 'data'}"
     else:
         path = Path(text).expanduser()
+        if not path.is_absolute() and base:
+            path = Path(base) / path
+        where = relative_to(text, base)
     if not path.is_file():
-        raise NotFoundError(f"no such data file: {path}", field=field)
+        what = "a directory, not a data file" if path.is_dir() else "no such data file"
+        raise NotFoundError(f"{what}: {text}" + (f" ({where})" if where else ""), field=field)
     return path
 
 
+def relative_to(path: str | Path, base: str | Path | None = None) -> str:
+    """What ``path`` is taken from, in words (for messages); "" for an absolute path."""
+    if Path(path).expanduser().is_absolute():
+        return ""
+    if base:
+        return f"relative to the recipe's directory {base}"
+    return f"relative to the current directory {Path.cwd()}"
+
+
 def load_prompts(
-    source: str | Path, *, column: str | None = None, field: str = "data"
+    source: str | Path,
+    *,
+    column: str | None = None,
+    field: str = "data",
+    base: str | Path | None = None,
 ) -> list[str]:
-    """Read a prompt set. ``column`` names the CSV column or JSONL field to read."""
-    path = resolve_source(source, field=field)
+    """Read a prompt set. ``column`` names the CSV column or JSONL field to read; relative
+    paths are taken from ``base`` (see :func:`resolve_source`)."""
+    path = resolve_source(source, field=field, base=base)
     if str(source) == STRONGREJECT:
         column = column or "forbidden_prompt"
     suffix = path.suffix.lower()
@@ -113,9 +136,10 @@ def load_pairs(
     positive_key: str = "positive",
     negative_key: str = "negative",
     field: str = "pairs",
+    base: str | Path | None = None,
 ) -> list[Pair]:
     """Read (prompt, positive, negative) pairs from a ``.jsonl`` file."""
-    path = resolve_source(source, field=field)
+    path = resolve_source(source, field=field, base=base)
     if path.suffix.lower() != ".jsonl":
         raise InvalidArgumentError(f"{path}: pairs must be a .jsonl file", field=field)
     pairs = []

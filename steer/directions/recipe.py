@@ -1,12 +1,19 @@
 """The recipe schema: one typed, validated description of how a direction is made.
 
-A recipe is a TOML file (``recipes/refusal.toml``, ``recipes/moralizing.toml``) or an equal
-dict. Every field is described below; unknown fields and wrong types are errors that name the
-field (``data.train``). Command-line flags override fields through :func:`with_overrides`.
+A recipe is a TOML file (``recipes/refusal.toml``, ``recipes/moralizing.toml``,
+``recipes/steering.toml``) or an equal dict. Every field is described below; unknown fields and
+wrong types are errors that name the field (``data.train``). Command-line flags override fields
+through :func:`with_overrides`. A field the recipe's kind does not read (``search.top_k`` in a
+steering recipe, ``sweep`` in a refusal one) is an error too, so nothing set is silently ignored.
+
+Relative data paths in a recipe file are taken from the file's directory (``Recipe.base``);
+those in a dict (the server's, already absolute) or given on the command line, from the
+current directory.
 """
 
 from __future__ import annotations
 
+import math
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
@@ -25,6 +32,20 @@ class RecipeKind(StrEnum):
     PAIRS = "pairs"
     #: any two prompt sets, read at post-instruction positions; no refusal filtering
     CONTRAST = "contrast"
+    #: a "this vs that" slider: two prompt sets or pairs, one vector per chosen layer from the
+    #: model's own replies (or the prompts), no search; strength in typical residual norms
+    STEERING = "steering"
+
+
+class Read(StrEnum):
+    """Where a steering recipe reads its activations."""
+
+    #: the model's own greedy reply to each prompt, teacher-forced, averaged over its tokens
+    #: (for pairs: the given replies)
+    REPLY = "reply"
+    #: the prompt's last tokens (``search.positions``, default the chat template's
+    #: post-instruction tokens), averaged
+    PROMPT = "prompt"
 
 
 @dataclass(frozen=True)
@@ -60,16 +81,24 @@ class DataSection:
     #: tokens are refused far more often than their first-token score says)
     filter_by: str = "score"
     filter_tokens: int = 16
+    #: steering only: "reply" or "prompt" (see :class:`Read`)
+    read: str = "reply"
+    #: steering only: reply tokens read per example (generated greedily for prompt sets; the
+    #: first ones of a given reply for pairs)
+    reply_tokens: int = 32
 
 
 @dataclass(frozen=True)
 class SearchSection:
-    #: direction method (a name in steer.directions.methods.METHODS)
+    #: direction method (a name in steer.directions.methods.METHODS; steering: mean_difference
+    #: or pca)
     method: str = "mean_difference"
     #: methods that whiten (``whitened``): shrinkage of the harmless token covariance towards
     #: (trace / d) I, in [0, 1]; smaller whitens more (docs/directions.md)
     shrinkage: float = DEFAULT_SHRINKAGE
-    #: candidate layers; empty = every layer in [min_layer_fraction, max_layer_fraction)
+    #: candidate layers; empty = every layer in [min_layer_fraction, max_layer_fraction).
+    #: Steering: the layers the vector is read at and added to (empty = one layer at
+    #: steer.directions.steering.DEFAULT_LAYER_FRACTION of the depth)
     layers: tuple[int, ...] = ()
     min_layer_fraction: float = 0.0
     #: Arditi et al. discard the last 20% of layers
@@ -102,39 +131,138 @@ class EvaluateSection:
 
 
 @dataclass(frozen=True)
+class SweepSection:
+    """Steering only: the strength sweep run after the vector is made (and by
+    ``steer directions sweep``), which records the strengths that keep the model coherent."""
+
+    #: run the sweep when the vector is computed
+    enabled: bool = True
+    #: prompts the vector is measured on; they also give the typical residual norm
+    neutral: str = "recipes:neutral.txt"
+    #: strengths to measure (empty = steer.directions.sweep.DEFAULT_STRENGTHS)
+    strengths: tuple[float, ...] = ()
+    #: coherent = mean first-token KL on the neutral prompts at most this (nats)
+    kl_bound: float = 0.5
+    #: greedy tokens of the unsteered model's reply to each neutral prompt; perplexity and
+    #: word probabilities are read over them
+    tokens: int = 16
+    #: words the effect is measured by (next-token probability); empty = the words that most
+    #: tell the two sides' examples apart
+    positive_words: tuple[str, ...] = ()
+    negative_words: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class Recipe:
     name: str = "direction"
     kind: RecipeKind = RecipeKind.REFUSAL
     data: DataSection = field(default_factory=DataSection)
     search: SearchSection = field(default_factory=SearchSection)
     evaluate: EvaluateSection = field(default_factory=EvaluateSection)
+    sweep: SweepSection = field(default_factory=SweepSection)
+    #: directory relative data paths are taken from ("" = the current directory); not saved
+    base: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"name": self.name, "kind": self.kind.value}
-        for section in ("data", "search", "evaluate"):
+        for section in _SECTIONS:
             value = getattr(self, section)
             out[section] = {
                 f.name: list(v) if isinstance(v := getattr(value, f.name), tuple) else v
                 for f in fields(value)
+                if applies(self.kind, section, f.name)
             }
+            if not out[section]:
+                del out[section]
         return out
 
+    @property
+    def is_steering(self) -> bool:
+        return self.kind is RecipeKind.STEERING
 
-_SECTIONS = {"data": DataSection, "search": SearchSection, "evaluate": EvaluateSection}
+    @property
+    def relative_to(self) -> str:
+        """What a relative data path of this recipe is taken from, for error messages."""
+        if self.base:
+            return f"relative to the recipe's directory {self.base}"
+        return f"relative to the current directory {Path.cwd()}"
+
+
+_SECTIONS = {
+    "data": DataSection,
+    "search": SearchSection,
+    "evaluate": EvaluateSection,
+    "sweep": SweepSection,
+}
+#: fields only the candidate search reads (kinds refusal, pairs, contrast); None = the section
+_SEARCH_ONLY: dict[str, frozenset[str] | None] = {
+    "data": frozenset(
+        {"train", "validation", "max_validation", "seed", "filter", "filter_by", "filter_tokens"}
+    ),
+    "search": frozenset(
+        {
+            "shrinkage",
+            "min_layer_fraction",
+            "max_layer_fraction",
+            "per_layer",
+            "top_k",
+            "kl_threshold",
+            "require_induce",
+        }
+    ),
+    "evaluate": None,
+}
+#: fields only a steering recipe reads
+_STEERING_ONLY: dict[str, frozenset[str] | None] = {
+    "data": frozenset({"read", "reply_tokens"}),
+    "sweep": None,
+}
+#: the methods a steering vector may use
+STEERING_METHODS = ("mean_difference", "pca")
+
+
+def applies(kind: RecipeKind, section: str, name: str) -> bool:
+    """Whether a recipe of ``kind`` reads the field ``section.name``."""
+    table = _SEARCH_ONLY if kind is RecipeKind.STEERING else _STEERING_ONLY
+    if section not in table:
+        return True
+    names = table[section]
+    return names is not None and name not in names
+
+
+def _check_applies(kind: RecipeKind, keys: Mapping[str, Any]) -> None:
+    """Refuse fields (``section.name`` -> value) that ``kind`` would not read."""
+    for key in keys:
+        section, _, name = key.partition(".")
+        if not applies(kind, section, name):
+            what = "a steering recipe" if kind is RecipeKind.STEERING else f"kind {kind.value!r}"
+            why = (
+                "it has no candidate search, filter or held-out evaluation"
+                if kind is RecipeKind.STEERING
+                else "only kind 'steering' reads it"
+            )
+            raise InvalidArgumentError(f"{what} does not use {key} ({why})", field=key)
 
 
 def load_recipe(source: str | Path | Mapping[str, Any]) -> Recipe:
-    """Parse and validate a recipe from a TOML path or a dict."""
+    """Parse and validate a recipe from a TOML path or a dict. Relative data paths in a file
+    are taken from its directory."""
+    base = ""
     if isinstance(source, Mapping):
         raw = dict(source)
     else:
         path = Path(source)
         if not path.is_file():
-            raise NotFoundError(f"no such recipe: {path}", field="recipe")
+            raise NotFoundError(
+                f"no such recipe: {path}"
+                + ("" if path.is_absolute() else f" (relative to {Path.cwd()})"),
+                field="recipe",
+            )
         try:
             raw = tomllib.loads(path.read_text())
         except tomllib.TOMLDecodeError as error:
             raise InvalidArgumentError(f"{path}: {error}", field="recipe") from None
+        base = str(path.resolve().parent)
     unknown = set(raw) - {"name", "kind", *_SECTIONS}
     if unknown:
         raise InvalidArgumentError(f"unknown recipe fields {sorted(unknown)}", field="recipe")
@@ -146,7 +274,16 @@ def load_recipe(source: str | Path | Mapping[str, Any]) -> Recipe:
             field="kind",
         ) from None
     sections = {name: _section(cls, raw.get(name, {}), name) for name, cls in _SECTIONS.items()}
-    recipe = Recipe(name=str(raw.get("name", "direction")), kind=kind, **sections)
+    _check_applies(
+        kind,
+        {
+            f"{name}.{key}": value
+            for name in _SECTIONS
+            if isinstance(raw.get(name), Mapping)
+            for key, value in raw[name].items()
+        },
+    )
+    recipe = Recipe(name=str(raw.get("name", "direction")), kind=kind, base=base, **sections)
     _validate(recipe)
     return recipe
 
@@ -154,15 +291,15 @@ def load_recipe(source: str | Path | Mapping[str, Any]) -> Recipe:
 def with_overrides(recipe: Recipe, overrides: Mapping[str, Any]) -> Recipe:
     """Replace fields named ``section.field`` (values already typed, None = keep)."""
     sections: dict[str, Any] = {name: getattr(recipe, name) for name in _SECTIONS}
-    for key, value in overrides.items():
-        if value is None:
-            continue
+    given = {key: value for key, value in overrides.items() if value is not None}
+    for key, value in given.items():
         section, _, name = key.partition(".")
         if section not in sections or name not in {f.name for f in fields(sections[section])}:
             raise InvalidArgumentError(f"unknown recipe field {key!r}", field=key)
         current = sections[section]
         merged = {f.name: getattr(current, f.name) for f in fields(current)} | {name: value}
         sections[section] = _section(type(current), merged, section)
+    _check_applies(recipe.kind, given)
     updated = replace(recipe, **sections)
     _validate(updated)
     return updated
@@ -181,13 +318,7 @@ def _section(cls: type, raw: Any, name: str) -> Any:
         expected = type(getattr(defaults, key))
         where = f"{name}.{key}"
         if expected is tuple:
-            if not isinstance(value, list | tuple) or not all(
-                isinstance(v, int) and not isinstance(v, bool) for v in value
-            ):
-                raise InvalidArgumentError(
-                    f"expected a list of integers, got {value!r}", field=where
-                )
-            value = tuple(value)
+            value = _tuple(value, _TUPLE_ITEMS[key], where)
         elif expected is float:
             if isinstance(value, bool) or not isinstance(value, int | float):
                 raise InvalidArgumentError(f"expected a number, got {value!r}", field=where)
@@ -204,9 +335,35 @@ def _section(cls: type, raw: Any, name: str) -> Any:
     return cls(**values)
 
 
+#: the item type of each list field
+_TUPLE_ITEMS: dict[str, type] = {
+    "layers": int,
+    "positions": int,
+    "strengths": float,
+    "positive_words": str,
+    "negative_words": str,
+}
+_ITEM_NAMES = {int: "integers", float: "numbers", str: "strings"}
+
+
+def _tuple(value: Any, item: type, where: str) -> tuple[Any, ...]:
+    def fits(v: Any) -> bool:
+        if isinstance(v, bool):
+            return False
+        return isinstance(v, int | float) if item is float else isinstance(v, item)
+
+    if not isinstance(value, list | tuple) or not all(fits(v) for v in value):
+        raise InvalidArgumentError(
+            f"expected a list of {_ITEM_NAMES[item]}, got {value!r}", field=where
+        )
+    return tuple(float(v) for v in value) if item is float else tuple(value)
+
+
 def _validate(recipe: Recipe) -> None:
     data, search, evaluate = recipe.data, recipe.search, recipe.evaluate
-    if recipe.kind is RecipeKind.PAIRS:
+    if recipe.is_steering:
+        _validate_steering(recipe)
+    elif recipe.kind is RecipeKind.PAIRS:
         if not data.pairs:
             raise InvalidArgumentError("kind 'pairs' needs a pairs file", field="data.pairs")
     elif not data.positive or not data.negative:
@@ -260,3 +417,52 @@ def _validate(recipe: Recipe) -> None:
             raise InvalidArgumentError("must be >= 1", field=f"{section}.{name}")
     if evaluate.max_test < 0:
         raise InvalidArgumentError("must be >= 0 (0 = all)", field="evaluate.max_test")
+
+
+def _validate_steering(recipe: Recipe) -> None:
+    data, search, sweep = recipe.data, recipe.search, recipe.sweep
+    sets = bool(data.positive or data.negative)
+    if data.pairs and sets:
+        raise InvalidArgumentError(
+            "give two prompt sets (positive, negative) or a pairs file, not both",
+            field="data.pairs",
+        )
+    if not data.pairs and not (data.positive and data.negative):
+        field_name = "data.negative" if data.positive else "data.positive"
+        raise InvalidArgumentError(
+            "a steering recipe needs two prompt sets (positive and negative) or a pairs file",
+            field=field_name,
+        )
+    if data.read not in {r.value for r in Read}:
+        raise InvalidArgumentError(
+            f"unknown read {data.read!r}; use {' or '.join(r.value for r in Read)}",
+            field="data.read",
+        )
+    if data.pairs and data.read != Read.REPLY:
+        raise InvalidArgumentError(
+            "a pairs file is read at its replies; use read = 'reply'", field="data.read"
+        )
+    if search.positions and data.read != Read.PROMPT:
+        raise InvalidArgumentError(
+            "positions are prompt tokens; they apply with read = 'prompt'",
+            field="search.positions",
+        )
+    if data.reply_tokens < 1:
+        raise InvalidArgumentError("must be >= 1", field="data.reply_tokens")
+    if search.method not in STEERING_METHODS:
+        raise InvalidArgumentError(
+            f"a steering vector is made with {' or '.join(STEERING_METHODS)}, "
+            f"not {search.method!r}",
+            field="search.method",
+        )
+    if not sweep.kl_bound > 0:
+        raise InvalidArgumentError("must be > 0", field="sweep.kl_bound")
+    if sweep.tokens < 1:
+        raise InvalidArgumentError("must be >= 1", field="sweep.tokens")
+    if not all(math.isfinite(s) for s in sweep.strengths):
+        raise InvalidArgumentError("strengths must be finite", field="sweep.strengths")
+    if bool(sweep.positive_words) != bool(sweep.negative_words):
+        raise InvalidArgumentError(
+            "give words for both sides, or none (then they come from the data)",
+            field="sweep.negative_words" if sweep.positive_words else "sweep.positive_words",
+        )

@@ -175,9 +175,12 @@ def make_candidates(
     positions: Sequence[int],
     per_layer: bool,
     covariances: torch.Tensor | None = None,
+    per_layer_layers: Sequence[int] | None = None,
 ) -> list[Candidate]:
     """Directions from activations (n, num_layers, len(positions), d_model) of both sets;
-    ``covariances`` (num_layers, d_model, d_model) for methods that whiten."""
+    ``covariances`` (num_layers, d_model, d_model) for methods that whiten. A per-layer
+    candidate covers ``per_layer_layers`` (default: every layer), so layers a user chose
+    bound it too."""
     candidates = []
     for index, position in enumerate(positions):
         directions = {}
@@ -196,6 +199,8 @@ def make_candidates(
             if layer in directions:
                 vector = SteeringVector.from_shared(directions[layer], name=f"L{layer}@{position}")
                 candidates.append(Candidate(layer, position, vector))
+        if per_layer_layers is not None:
+            directions = {k: v for k, v in directions.items() if k in set(per_layer_layers)}
         if per_layer and directions:
             vector = SteeringVector(per_layer=directions, name=f"per-layer@{position}")
             candidates.append(Candidate(None, position, vector))
