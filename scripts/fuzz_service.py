@@ -1,8 +1,9 @@
-"""Fuzz every rpc of the gRPC service in process; counts per status code to docs/reliability.md
+"""Fuzz every rpc of the gRPC service and the HTTP API in process; counts per status code to
+docs/reliability.md
 
-    python scripts/fuzz_service.py [--count 1000] [--seed 1] [--model tiny|smollm2|all]
-                                   [--services Generation,Bake] [--garbage 0.1]
-                                   [--failures FILE] [--no-docs]
+    python scripts/fuzz_service.py [--count 1000] [--http 300] [--seed 1]
+                                   [--model tiny|smollm2|all] [--services Generation,Bake]
+                                   [--garbage 0.1] [--failures FILE] [--no-docs]
 
 Serves the tiny random llama of tests/tiny.py (``--model smollm2``: SmolLM2-135M-Instruct from
 its PyPI package; ``all``: one run on each) from a fresh models root and sends ``--count``
@@ -14,11 +15,18 @@ each Generate request and feature read gets its tokens alone, no file outside th
 output touched, no absolute server path in errors. Bakes use a tiny source model, so they take a
 fraction of a second whatever model is served.
 
+Then ``--http`` requests (0: none) go to the OpenAI-compatible HTTP API of the same server
+(tests/fuzzing.py's HttpFuzzer): generation bodies built from every field steer.http.fields
+knows with hostile values, bodies that are no JSON object, every route and method, each
+generation body beside a normal stream over HTTP. Properties: never a 5xx, every error in
+OpenAI's shape (in a stream: an error chunk, then ``data: [DONE]``), strict JSON, no traceback
+or absolute path, a healthy server, the normal stream's text alone.
+
 Prints one JSON line per model (counts per status code, innocent streams and how many were
 harmed, INTERNAL/UNKNOWN answers, distinct failures), writes the distinct failures as JSON lines
 to ``--failures`` (rpc, request, status, details, server log, broken properties) and replaces the
 section "fuzz-<model>" of docs/reliability.md: a table of status codes per rpc and the failures
-(not for a ``--services`` subset).
+(not for a ``--services`` subset), and "fuzz-http-<model>": HTTP statuses per route.
 """
 
 from __future__ import annotations
@@ -38,13 +46,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 from fuzzing import (
     RPCS,
-    Case,
     FuzzResult,
+    HttpFuzzer,
     Outcome,
-    describe,
+    describe_case,
     fuzz_server,
     rpcs_of,
     run_fuzz,
+    run_http_fuzz,
     status_table,
 )
 from report import emit, machine, table, write_section
@@ -64,7 +73,7 @@ def serve(model: str) -> tuple[ModelHandle, dict[str, Any]]:
     return handle, {"model_id": "smollm2", "model_source": SMOLLM2, "bake_source": tiny}
 
 
-def failure_record(key: str, case: Case, outcome: Outcome, count: int) -> dict[str, Any]:
+def failure_record(key: str, case: Any, outcome: Outcome, count: int) -> dict[str, Any]:
     return {
         "key": key,
         "count": count,
@@ -76,8 +85,32 @@ def failure_record(key: str, case: Case, outcome: Outcome, count: int) -> dict[s
         "innocent": outcome.innocent,
         "server_log": outcome.causes[:4],
         "violations": outcome.violations,
-        "request": describe(case.request, limit=4000),
+        "request": describe_case(case, limit=4000),
     }
+
+
+def _failures_table(result: FuzzResult, what: str) -> list[str]:
+    """The distinct failures of ``result``, the smallest request of each, as markdown lines."""
+    if not result.failures:
+        return []
+    failures = []
+    for _key, (case, outcome, count) in sorted(result.failures.items()):
+        cause = next((c.split(" | ", 1)[1] for c in outcome.causes if " | " in c), "")
+        failures.append(
+            {
+                what: outcome.label,
+                "status": outcome.code + (f" (job {outcome.job})" if outcome.job else ""),
+                "times": count,
+                "broke": "; ".join(v[:160] for v in outcome.violations[:3]),
+                "server log": cause[:200],
+                "request": describe_case(case, limit=240),
+            }
+        )
+    columns = [what, "status", "times", "broke", "server log", "request"]
+    for row in failures:
+        for column in ("broke", "server log", "request"):
+            row[column] = str(row[column]).replace("|", "\\|").replace("\n", " ")
+    return ["", "Distinct failures (the smallest request of each):", "", table(failures, columns)]
 
 
 def markdown(model: str, result: FuzzResult, args: argparse.Namespace, seconds: float) -> str:
@@ -95,75 +128,118 @@ def markdown(model: str, result: FuzzResult, args: argparse.Namespace, seconds: 
         "",
         table(rows, columns),
     ]
-    if result.failures:
-        lines += ["", "Distinct failures (the smallest request of each):", ""]
-        failures = []
-        for _key, (case, outcome, count) in sorted(result.failures.items()):
-            cause = next((c.split(" | ", 1)[1] for c in outcome.causes if " | " in c), "")
-            failures.append(
-                {
-                    "rpc": outcome.label,
-                    "status": outcome.code + (f" (job {outcome.job})" if outcome.job else ""),
-                    "times": count,
-                    "broke": "; ".join(v[:160] for v in outcome.violations[:3]),
-                    "server log": cause[:200],
-                    "request": describe(case.request, limit=240).replace("|", "\\|"),
-                }
-            )
-        columns = ["rpc", "status", "times", "broke", "server log", "request"]
-        for row in failures:
-            row["broke"] = str(row["broke"]).replace("|", "\\|").replace("\n", " ")
-            row["server log"] = str(row["server log"]).replace("|", "\\|").replace("\n", " ")
-        lines.append(table(failures, columns))
-    return "\n".join(lines)
+    return "\n".join(lines + _failures_table(result, "rpc"))
 
 
-def fuzz(model: str, args: argparse.Namespace) -> dict[str, Any]:
-    served, options = serve(model)
-    started = time.monotonic()
-    with (
-        tempfile.TemporaryDirectory(prefix="steer-fuzz-") as directory,
-        fuzz_server(served, Path(directory) / "models", **options) as fuzzer,
-        tqdm(total=args.count, desc=f"fuzz {model}", file=sys.stderr) as bar,
-    ):
+def http_markdown(model: str, result: FuzzResult, args: argparse.Namespace, seconds: float) -> str:
+    rows, columns = status_table(result)
+    for row in rows:
+        row["route"] = row.pop("rpc")
+    columns = ["route", *columns[1:]]
+    lines = [
+        f"`python scripts/fuzz_service.py --model {model} --http {args.http} --seed "
+        f"{args.seed}`: {len(result.outcomes)} HTTP requests in {seconds:.0f} s on "
+        f"{machine()}.",
+        "",
+        f"5xx: **{result.internal}**; normal streams (over HTTP) sent beside a generation "
+        f"body: {result.innocent_streams}, harmed: **{result.innocent_harmed}**; requests that "
+        f"broke a property: **{result.violating}** ({len(result.failures)} distinct). "
+        '"200 error chunk": a stream that ended with an error chunk and `data: [DONE]`.',
+        "",
+        table(rows, columns),
+    ]
+    return "\n".join(lines + _failures_table(result, "route"))
 
-        def progress(index: int, case: Case, outcome: Outcome) -> None:
-            bar.update(1)
-            if outcome.violations:
-                bar.set_postfix(failing=index)
 
-        rpcs = rpcs_of(*args.services.split(",")) if args.services else RPCS
-        result = run_fuzz(
-            fuzzer, args.count, args.seed, rpcs=rpcs, garbage=args.garbage, progress=progress
-        )
-    seconds = time.monotonic() - started
-    if args.failures:
-        path = Path(f"{args.failures}.{model}" if args.model == "all" else args.failures)
-        with path.open("w") as out:
-            for key, (case, outcome, count) in sorted(result.failures.items()):
-                out.write(json.dumps(failure_record(key, case, outcome, count)) + "\n")
-    if not args.no_docs and not args.services:
-        write_section(
-            "reliability.md", f"fuzz-{model}", markdown(model, result, args, seconds), "Reliability"
-        )
+def _write_failures(args: argparse.Namespace, model: str, suffix: str, result: FuzzResult) -> None:
+    if not args.failures:
+        return
+    path = Path(f"{args.failures}.{model}" if args.model == "all" else args.failures)
+    with path.open("a" if suffix else "w") as out:
+        for key, (case, outcome, count) in sorted(result.failures.items()):
+            record = failure_record(key, case, outcome, count)
+            out.write(json.dumps({**record, "front_end": suffix or "grpc"}) + "\n")
+
+
+def _summary(result: FuzzResult, seconds: float) -> dict[str, Any]:
     return {
-        "model": model,
         "requests": len(result.outcomes),
-        "seed": args.seed,
         "statuses": dict(result.statuses.most_common()),
         "innocent_streams": result.innocent_streams,
         "innocent_harmed": result.innocent_harmed,
         "internal": result.internal,
         "violating": result.violating,
         "distinct_failures": len(result.failures),
-        "jobs": dict(result.jobs),
         "seconds": round(seconds, 1),
     }
 
 
+def fuzz(model: str, args: argparse.Namespace) -> dict[str, Any]:
+    served, options = serve(model)
+    if args.http > 0:
+        options["http_port"] = 0
+    record: dict[str, Any] = {"model": model, "seed": args.seed}
+    with (
+        tempfile.TemporaryDirectory(prefix="steer-fuzz-") as directory,
+        fuzz_server(served, Path(directory) / "models", **options) as fuzzer,
+    ):
+
+        def progress_of(bar: tqdm) -> Any:
+            def progress(index: int, case: Any, outcome: Outcome) -> None:
+                bar.update(1)
+                if outcome.violations:
+                    bar.set_postfix(failing=index)
+
+            return progress
+
+        if args.count > 0:
+            started = time.monotonic()
+            rpcs = rpcs_of(*args.services.split(",")) if args.services else RPCS
+            with tqdm(total=args.count, desc=f"fuzz {model}", file=sys.stderr) as bar:
+                result = run_fuzz(
+                    fuzzer,
+                    args.count,
+                    args.seed,
+                    rpcs=rpcs,
+                    garbage=args.garbage,
+                    progress=progress_of(bar),
+                )
+            seconds = time.monotonic() - started
+            _write_failures(args, model, "", result)
+            if not args.no_docs and not args.services:
+                write_section(
+                    "reliability.md",
+                    f"fuzz-{model}",
+                    markdown(model, result, args, seconds),
+                    "Reliability",
+                )
+            record.update(_summary(result, seconds), jobs=dict(result.jobs))
+        if args.http > 0:
+            started = time.monotonic()
+            http = HttpFuzzer(fuzzer)
+            try:
+                http.start()
+                with tqdm(total=args.http, desc=f"fuzz http {model}", file=sys.stderr) as bar:
+                    result = run_http_fuzz(http, args.http, args.seed, progress=progress_of(bar))
+            finally:
+                http.close()
+            seconds = time.monotonic() - started
+            _write_failures(args, model, "http", result)
+            if not args.no_docs:
+                write_section(
+                    "reliability.md",
+                    f"fuzz-http-{model}",
+                    http_markdown(model, result, args, seconds),
+                    "Reliability",
+                )
+            record["http"] = _summary(result, seconds)
+    return record
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
-    parser.add_argument("--count", type=int, default=1000, help="requests per model")
+    parser.add_argument("--count", type=int, default=1000, help="gRPC requests per model")
+    parser.add_argument("--http", type=int, default=300, help="HTTP requests per model (0: none)")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--model", choices=("tiny", "smollm2", "all"), default="tiny")
     parser.add_argument("--services", help="only these services (Generation,Bake,...)")
@@ -176,7 +252,8 @@ def main() -> int:
     for model in models:
         record = fuzz(model, args)
         emit(record)
-        clean = clean and record["violating"] == 0
+        clean = clean and record.get("violating", 0) == 0
+        clean = clean and record.get("http", {}).get("violating", 0) == 0
     return 0 if clean else 1
 
 

@@ -28,6 +28,7 @@ Shared by ``tests/test_fuzz_service.py`` (a seeded slice in CI) and ``scripts/fu
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import importlib
 import json
@@ -37,6 +38,7 @@ import os
 import pkgutil
 import re
 import shutil
+import socket
 import struct
 import threading
 import time
@@ -44,12 +46,14 @@ import traceback
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 import grpc
+import httpx
 import torch
-from google.protobuf import message_factory, text_format
+from google.protobuf import json_format, message_factory, text_format
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import DecodeError, Message
 from grpc_health.v1 import health_pb2
@@ -61,6 +65,7 @@ from safetensors.torch import save as safetensors_bytes
 
 import steer.proto.v1
 from steer.artifacts import save_vector
+from steer.http import fields as http_fields
 from steer.models import ModelHandle
 from steer.proto.v1 import (
     bake_pb2,
@@ -70,6 +75,7 @@ from steer.proto.v1 import (
     jobs_pb2,
     models_pb2,
 )
+from steer.rp.formats import FORMATS
 from steer.server import ServerSettings, SteerServer
 from steer.vectors import SteeringVector
 
@@ -2086,6 +2092,8 @@ class Fuzzer(Client):
         self.reference: tuple[tuple[int, ...], int] | None = None
         self.root_text = str(fixture.root.resolve())
         self.outside_text = str(fixture.outside.resolve())
+        #: the HTTP API's base URL when the server serves it (fuzz_server(..., http_port=0))
+        self.http_url: str | None = None
 
     def close(self) -> None:
         logging.getLogger("steer").removeHandler(self.capture)
@@ -2280,7 +2288,7 @@ class Fuzzer(Client):
 
     # -- leaks and health -------------------------------------------------------------------------
 
-    def _leaks(self, text: str, case: Case) -> bool:
+    def _leaks(self, text: str, case: Case | HttpCase) -> bool:
         if not text:
             return False
         payload = case.payload()
@@ -2397,7 +2405,16 @@ class Hang(PropertyBroken):
 
 
 class PathLeak(PropertyBroken):
-    """An error or job result shows an absolute server path."""
+    """An error or job result shows an absolute server path (or, over HTTP, a traceback)."""
+
+
+class StreamBroken(PropertyBroken):
+    """HTTP: a connection dropped, or an SSE stream that does not end with ``data: [DONE]``
+    right after its error chunk (if any)."""
+
+
+class BadShape(PropertyBroken):
+    """HTTP: an error body not in OpenAI's shape, or a body or chunk that is not strict JSON."""
 
 
 #: violation kind (the prefix of each :attr:`Outcome.violations` entry) -> its exception, most
@@ -2407,7 +2424,9 @@ PROPERTIES: dict[str, type[PropertyBroken]] = {
     "innocent": InnocentHarmed,
     "health": Unhealthy,
     "internal": InternalStatus,
+    "stream": StreamBroken,
     "hang": Hang,
+    "shape": BadShape,
     "leak": PathLeak,
 }
 
@@ -2418,7 +2437,7 @@ def broken(outcome: Outcome) -> type[PropertyBroken]:
     return next(error for kind, error in PROPERTIES.items() if kind in kinds)
 
 
-def failure_key(case: Case, outcome: Outcome) -> str:
+def failure_key(case: Case | HttpCase, outcome: Outcome) -> str:
     """What makes two failures the same: the rpc, the status and what broke, without ids."""
 
     def plain(text: str) -> str:
@@ -2443,9 +2462,9 @@ class FuzzResult:
     """Every outcome of a run and the failing cases (one per distinct failure kept in full)."""
 
     outcomes: list[Outcome] = field(default_factory=list)
-    failures: dict[str, tuple[Case, Outcome, int]] = field(default_factory=dict)
+    failures: dict[str, tuple[Any, Outcome, int]] = field(default_factory=dict)
 
-    def add(self, case: Case, outcome: Outcome) -> None:
+    def add(self, case: Case | HttpCase, outcome: Outcome) -> None:
         self.outcomes.append(outcome)
         if outcome.violations:
             key = failure_key(case, outcome)
@@ -2483,11 +2502,14 @@ class FuzzResult:
 
     @property
     def internal(self) -> int:
-        """INTERNAL or UNKNOWN answers, and jobs that failed with either."""
+        """INTERNAL or UNKNOWN answers (HTTP: any 5xx status), and jobs that failed with
+        either."""
         return sum(
             1
             for o in self.outcomes
-            if o.code in BAD_CODES or any(o.job.endswith(":" + code) for code in BAD_CODES)
+            if o.code in BAD_CODES
+            or o.code.startswith("5")
+            or any(o.job.endswith(":" + code) for code in BAD_CODES)
         )
 
     @property
@@ -2522,7 +2544,7 @@ def run_fuzz(
     garbage: float = 0.1,
     strict: bool = False,
     max_bytes: int = 4 * 1024 * 1024,
-    progress: Callable[[int, Case, Outcome], None] | None = None,
+    progress: Callable[[int, Any, Outcome], None] | None = None,
 ) -> FuzzResult:
     """Run about ``count`` cases drawn with ``seed`` (deterministic for a given seed).
 
@@ -2531,8 +2553,22 @@ def run_fuzz(
     shrunk by hypothesis to a minimal case breaking the same property, the run goes on, and at
     the end the shrunk failures are raised (one :class:`PropertyBroken`, or a group of them).
     """
-    result = FuzzResult()
     strategy = all_cases(fuzzer.world, rpcs, garbage=garbage, max_bytes=max_bytes)
+    return run_cases(fuzzer.run, strategy, count, seed, strict=strict, progress=progress)
+
+
+def run_cases(
+    run: Callable[[Any], Outcome],
+    strategy: SearchStrategy[Any],
+    count: int,
+    seed: int,
+    *,
+    strict: bool = False,
+    progress: Callable[[int, Any, Outcome], None] | None = None,
+) -> FuzzResult:
+    """:func:`run_fuzz` for any cases (:class:`Case` or :class:`HttpCase`): ``run`` sends one
+    and checks the properties."""
+    result = FuzzResult()
     phases = (Phase.explicit, Phase.generate, Phase.shrink) if strict else (Phase.generate,)
     #: cases already run without a failure (each chunk starts with the same simplest case)
     passed: set[tuple[str, str, bytes]] = set()
@@ -2541,11 +2577,11 @@ def run_fuzz(
     raised: set[str] = set()
     failures: list[PropertyBroken] = []
 
-    def one(case: Case) -> None:
+    def one(case: Case | HttpCase) -> None:
         key = (case.wire_path, case.timing, hashlib.sha256(case.payload()).digest())
         if key in passed or (not strict and len(result.outcomes) >= count):
             return
-        outcome = fuzzer.run(case)
+        outcome = run(case)
         result.add(case, outcome)
         if progress is not None:
             progress(len(result.outcomes), case, outcome)
@@ -2564,7 +2600,7 @@ def run_fuzz(
     # at least count cases (strict: a chunk's shrinking may run more; recording: exactly count)
     chunk = 0
     while len(result.outcomes) < count and chunk < 10 * (count // CHUNK + 1):
-        run = settings(
+        run_chunk = settings(
             max_examples=CHUNK,
             deadline=None,
             database=None,
@@ -2574,7 +2610,7 @@ def run_fuzz(
             print_blob=False,
         )(given(case=strategy)(one))
         try:
-            hypothesis_seed(seed * 100_003 + chunk)(run)()
+            hypothesis_seed(seed * 100_003 + chunk)(run_chunk)()
         except PropertyBroken as error:
             failures.append(error)
         reported.update(raised)
@@ -2605,7 +2641,8 @@ def fuzz_server(
     **settings_overrides: Any,
 ) -> Iterator[Fuzzer]:
     """Prepare ``root``, serve ``served`` as ``model_id`` in process (with the named sliders of
-    :data:`SLIDERS`), and yield a started :class:`Fuzzer`. ``model_source`` is how the fuzzer
+    :data:`SLIDERS`), and yield a started :class:`Fuzzer` (``http_port=0``: the HTTP API too,
+    for :class:`HttpFuzzer`). ``model_source`` is how the fuzzer
     loads the model again after a request unloaded it (the saved tiny model, or an offline
     name); ``bake_source`` defaults to ``served`` (then ``model_source`` may be the saved copy)."""
     fixture = prepare_root(root, served, bake_source or served)
@@ -2658,12 +2695,1045 @@ def fuzz_server(
             sidecar_blobs=sidecar_blobs(served, fixture.files["artifacts/calm/steer.json"]),
         )
         fuzzer = Fuzzer(server.target, world, fixture, fixture_saes)
+        if server.http_port is not None:
+            fuzzer.http_url = server.http_url
+            _no_delay(server)
         try:
             fuzzer.restore()  # removes baked/first
             fuzzer.start()
             yield fuzzer
         finally:
             fuzzer.close()
+
+
+# -- the HTTP API: the same properties over the OpenAI-compatible JSON bodies (issue #15) ---------
+
+#: the routes that take a generation body
+HTTP_GENERATION = ("/v1/completions", "/v1/chat/completions")
+#: routes FastAPI serves without listing them in /openapi.json
+HTTP_UNLISTED = ("/openapi.json", "/docs", "/redoc", "/docs/oauth2-redirect")
+#: paths no route serves, and spellings of served ones a router might get wrong
+HTTP_ODD_PATHS = (
+    "/",
+    "/v1",
+    "/v1/",
+    "/v1/completions/",
+    "/v1/chat",
+    "/v1/embeddings",
+    "/v1/engines",
+    "/v1/models/tiny",
+    "/v1/chat/completions/x",
+    "/v1/steer/sliders/calm",
+    "/%2e%2e/%2e%2e/etc/passwd",
+    "/v1/%2e%2e/health",
+    "//v1/models",
+    "/V1/MODELS",
+    "/health/",
+    "/docs/x",
+    "/static/x",
+    "/%00",
+    "/%ff%fe",
+    "/v1/%F0%9F%90%89",
+    "/" + "a" * 5000,
+    "/v1/models?limit=-1&after=%00",
+    "/v1/completions?stream=true",
+)
+HTTP_METHODS = ("GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS")
+#: what a client may claim its body is (the server reads JSON whatever the header says)
+CONTENT_TYPES = (
+    "text/plain",
+    "application/x-www-form-urlencoded",
+    "multipart/form-data; boundary=x",
+    "application/json; charset=utf-16",
+    "application/octet-stream",
+    "text/event-stream",
+    "",
+)
+#: the keys of OpenAI's error object
+ERROR_KEYS = frozenset(("message", "type", "param", "code"))
+_TRACEBACK = re.compile(r"Traceback \(most recent call last\)|File \"[^\"]+\", line \d+")
+
+
+@dataclass(frozen=True)
+class Raw:
+    """JSON text put into a body as it is: what Python's json module does not write (an
+    integer past its 4300-digit limit, ``1e999``, lone surrogates, a duplicated key)."""
+
+    text: str
+
+
+def json_text(value: Any) -> str:
+    """``value`` as JSON text, :class:`Raw` parts as they are (NaN and Infinity as Python
+    writes them)."""
+    if isinstance(value, Raw):
+        return value.text
+    if isinstance(value, dict):
+        items = (
+            f"{json_text(key if isinstance(key, Raw) else str(key))}:{json_text(item)}"
+            for key, item in value.items()
+        )
+        return "{" + ",".join(items) + "}"
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(json_text(item) for item in value) + "]"
+    return json.dumps(value)
+
+
+#: numbers and strings only :class:`Raw` can write
+RAW_JSON = (
+    Raw("1" + "0" * 5000),
+    Raw("-" + "9" * 4301),
+    Raw("1e999"),
+    Raw("-1e999"),
+    Raw("1E-400"),
+    Raw("NaN"),
+    Raw("Infinity"),
+    Raw("-Infinity"),
+    Raw("-0"),
+    Raw("123456789012345678901234567890"),
+    Raw('"\\ud800"'),
+    Raw('"a\\udfffb"'),
+    Raw('"\\u0000"'),
+)
+JSON_INT_EDGES = (*INT64_EDGES, 2**63, 2**64, -(2**63) - 1, 2**31, 2**32, 10**30, 4096, 65536)
+#: items of long JSON lists (a long list costs nothing to draw)
+_LIST_ITEMS = ("0", "1.5", '"a"', "null", "{}", "[]", "true", '{"role":"user","content":"a"}')
+
+
+#: strings JSON carries that are not Unicode text (unpaired surrogates), and a pair that is
+SURROGATES = ("\ud800", "a\udfffb", "\udbff", "x" * 10 + "\udc00", "\ud83d\udc09")
+
+
+def http_strings(*known: str) -> SearchStrategy[str]:
+    """:func:`strings`, and now and then one of :data:`SURROGATES` (which protobuf, and so the
+    gRPC fuzzer, cannot carry)."""
+    return choice((8, strings(*known)), (1, st.sampled_from(SURROGATES)))
+
+
+def json_scalars() -> SearchStrategy[Any]:
+    return choice(
+        (1, st.none()),
+        (1, st.booleans()),
+        (2, st.sampled_from(JSON_INT_EDGES)),
+        (1, st.integers()),
+        (2, st.sampled_from(EXTREME_FLOATS)),
+        (1, st.floats()),
+        (3, http_strings()),
+        (2, st.sampled_from(RAW_JSON)),
+    )
+
+
+def json_values() -> SearchStrategy[Any]:
+    """Any JSON value: scalars, small containers, nesting past any limit, long lists."""
+    containers = st.recursive(
+        json_scalars(),
+        lambda children: st.one_of(
+            st.lists(children, max_size=4),
+            st.dictionaries(st.text(max_size=8), children, max_size=4),
+        ),
+        max_leaves=8,
+    )
+    long_lists = st.builds(
+        lambda item, count: Raw("[" + ",".join([item] * count) + "]"),
+        st.sampled_from(_LIST_ITEMS),
+        st.integers(1000, 50_000),
+    )
+    return choice(
+        (5, json_scalars()), (3, containers), (1, nested_json().map(Raw)), (1, long_lists)
+    )
+
+
+def _hostile_of(converter: str) -> SearchStrategy[Any]:
+    """Hostile values for a field read by ``steer.http.fields.<converter>``."""
+    if converter == "_number":
+        typed = st.one_of(floats(), st.sampled_from(RAW_JSON[:10]))
+    elif converter in ("_integer", "_top_k", "_seed", "_whole_context"):
+        typed = st.sampled_from((*JSON_INT_EDGES, -2, 1.5, 40.0, 1e30, -1e308, "5", True))
+    elif converter == "_boolean":
+        typed = st.sampled_from(("true", "false", 0, 1, [], {}, "", 1.0))
+    else:  # lists of strings, DRY breakers
+        typed = st.one_of(
+            st.lists(http_strings(), max_size=5),
+            st.lists(json_scalars(), min_size=1, max_size=3),
+            http_strings(),
+            st.sampled_from(("[", '["a", 1]', "[" * 5000, '"\\n", ":"', ",,,", "[]")),
+            st.integers(65, 5000).map(lambda n: ["x"] * n),
+        )
+    return choice((3, typed), (1, json_values()))
+
+
+#: ordinary values of fields that are not SamplingConfig fields of the same name
+_HTTP_SANE: dict[str, tuple[Any, ...]] = {
+    "seed": (-1, 0, 7, 2**32),
+    "ban_eos": (False, True),
+    "dry_sequence_breakers": (["\n", ":"], '["\\n", ":", "\\"", "*"]', '"\\n", ":"', "\n,:", []),
+    "do_sample": (True, False),
+    "stop": ([], ["\n"], "\n", ["dragon", "The"], [""]),
+    "n": (1, 1, 2, 3),
+    "stream": (False, True),
+    "stream_options": ({"include_usage": True}, {"include_usage": False}, {}),
+    "logprobs": (0, 2, 5, True, False),
+    "n_probs": (0, 3),
+    "top_logprobs": (0, 1, 5),
+    "steer_prompt_format": tuple(FORMATS),
+}
+#: bookkeeping keys clients add (ignored)
+HTTP_BOOKKEEPING = (
+    "api_type",
+    "truncation_length",
+    "user",
+    "add_bos_token",
+    "skip_special_tokens",
+    "max_context_length",
+    "genamt",
+    "quiet",
+    "trim_stop",
+    "mode",
+    "instruction_template",
+    "character",
+    "preset",
+    "system_prompt",
+    "spaces_between_special_tokens",
+    "auto_max_new_tokens",
+)
+
+
+def http_vocabulary(world: World) -> dict[str, tuple[SearchStrategy[Any], SearchStrategy[Any]]]:
+    """Every body key steer.http.fields knows (each sampler under every alias, the unsupported
+    samplers and their parameters, output and steering keys), as (ordinary values, hostile
+    values). Read from its tables, so a new field or alias is fuzzed without a change here."""
+    vocabulary: dict[str, tuple[SearchStrategy[Any], SearchStrategy[Any]]] = {}
+    for name, (aliases, convert) in http_fields.SAMPLER_FIELDS.items():
+        sane = _HTTP_SANE.get(name) or _SANE_SAMPLING[name]
+        for alias in aliases:
+            vocabulary[alias] = (st.sampled_from(sane), _hostile_of(convert.__name__))
+    tokens = st.integers(0, world.vocab_size - 1)
+    token_keys = st.one_of(
+        tokens.map(str),
+        st.sampled_from(("-1", "1e3", " 5", "5 ", "٣", "0x10", "", "99999999999", "2147483648")),
+    )
+    vocabulary["logit_bias"] = (
+        st.dictionaries(tokens.map(str), st.sampled_from((-100.0, 5.0, 0.0, 100)), max_size=3),
+        choice(
+            (
+                3,
+                st.dictionaries(
+                    token_keys, choice((2, floats()), (1, json_values())), min_size=1, max_size=3
+                ),
+            ),
+            (1, st.integers(4097, 6000).map(lambda n: {str(i): 1.0 for i in range(n)})),
+            (1, json_values()),
+        ),
+    )
+    ids = st.lists(tokens, max_size=3)
+    vocabulary["custom_token_bans"] = (
+        st.one_of(ids.map(lambda t: ",".join(map(str, t))), ids),
+        st.one_of(
+            st.sampled_from(("1,,2", "a", ",", " 7 , 8", "-1", "1" * 30, "٣,٤")),
+            st.integers(4096, 5000).map(lambda n: ",".join(["3"] * n)),
+            st.lists(st.sampled_from((-1, 2**31, 1.5, "3", None, True)), min_size=1, max_size=3),
+            json_values(),
+        ),
+    )
+    vocabulary["sampler_order"] = (
+        st.permutations(range(7)).map(list),
+        st.one_of(
+            st.lists(st.sampled_from((7, -1, 0, 6, True, 2**63, "top_k", 1.0)), max_size=9),
+            json_values(),
+        ),
+    )
+    names = tuple(http_fields.PRIORITY_NAMES)
+    vocabulary["sampler_priority"] = (
+        st.one_of(
+            st.lists(st.sampled_from(names), unique=True, max_size=8),
+            st.lists(st.sampled_from(names), unique=True, max_size=8).map("\n".join),
+        ),
+        st.one_of(
+            st.lists(mostly(st.sampled_from(names), http_strings(), odds=1), max_size=30),
+            st.lists(st.sampled_from(names), min_size=2, max_size=8),  # repeats
+            json_values(),
+        ),
+    )
+    for key in (
+        "max_tokens",
+        "max_new_tokens",
+        "max_completion_tokens",
+        "n_predict",
+        "num_predict",
+    ):
+        vocabulary[key] = (
+            st.sampled_from((1, 2, 4, 8, -1 if "predict" in key else 3)),
+            _hostile_of("_integer"),
+        )
+    for key in ("stop", "stopping_strings"):
+        vocabulary[key] = (st.sampled_from(_HTTP_SANE["stop"]), _hostile_of("_strings"))
+    for key in (
+        "do_sample",
+        "n",
+        "stream",
+        "stream_options",
+        "logprobs",
+        "n_probs",
+        "top_logprobs",
+        http_fields.PROMPT_FORMAT_FIELD,
+    ):
+        vocabulary[key] = (st.sampled_from(_HTTP_SANE[key]), json_values())
+    vocabulary["n"] = (vocabulary["n"][0], _hostile_of("_integer"))
+    switches = st.sampled_from(
+        (0, False, 1, 0.5, True, "", "x", {"type": "text"}, {"type": "json_object"}, 'root ::= "a"')
+    )
+    for key in http_fields.UNSUPPORTED:
+        vocabulary[key] = (switches, json_values())
+    for key in http_fields.PARAMETERS:
+        vocabulary[key] = (st.sampled_from((0, 0.5, 1.0, 2)), json_values())
+    for key in HTTP_BOOKKEEPING:
+        vocabulary[key] = (st.sampled_from((0, 4096, "x", True, "tabby")), json_values())
+    return vocabulary
+
+
+def _replace_leaf(value: Any, replacement: SearchStrategy[Any]) -> SearchStrategy[Any]:
+    """``value`` (JSON) with one leaf, list item or object value replaced by a draw of
+    ``replacement``."""
+
+    @st.composite
+    def replaced(draw: st.DrawFn) -> Any:
+        copied = copy.deepcopy(value)
+        places: list[tuple[Any, Any]] = []
+        pending = [copied]
+        while pending:
+            item = pending.pop()
+            children = item.items() if isinstance(item, dict) else enumerate(item)
+            for key, child in children:
+                places.append((item, key))
+                if isinstance(child, (dict, list)) and child:
+                    pending.append(child)
+        if not places:
+            return draw(replacement)
+        container, key = draw(st.sampled_from(places))
+        container[key] = draw(replacement)
+        return copied
+
+    return replaced()
+
+
+def steering_entries(world: World) -> SearchStrategy[Any]:
+    """Entries of the ``steering`` list: JSON forms of Intervention messages (ordinary ones and
+    the hostile ones of :func:`interventions`), with one value replaced by any JSON value, and
+    objects that are no Intervention at all."""
+    as_json = json_format.MessageToDict
+    sane = interventions(world, hostile=False).map(as_json)
+    speakers = st.one_of(st.sampled_from(("Maren", "Kai", "User", "")), http_strings())
+    junk = st.sampled_from(
+        (
+            {"bogus": 1},
+            {"add": 1},
+            {"add": {}},
+            {"ablate": None},
+            {},
+            {"named": {"name": "calm", "value": "x"}},
+            {"add": {"artifactId": "calm"}, "ablate": {}},
+            {"named": {"name": "calm", "value": 1}, "speaker": None},
+            {
+                "add": {
+                    "inline": {"shared": [1.0] * 3},
+                    "strength": 1,
+                    "hooks": ["blocks.0.hook_resid_post"],
+                }
+            },
+        )
+    )
+    return choice(
+        (4, sane),
+        (3, interventions(world, hostile=True).map(as_json)),
+        (2, sane.flatmap(lambda entry: _replace_leaf(entry, json_values()))),
+        (1, st.builds(lambda entry, who: {**entry, "speaker": who}, sane, speakers)),
+        (1, junk),
+        (1, json_values()),
+    )
+
+
+def slider_fields(world: World, *, hostile: bool) -> SearchStrategy[tuple[str, Any]]:
+    """One flat ``steer.NAME`` field: a known slider at an ordinary value; ``hostile``: also
+    unknown names and values out of range, extreme or of the wrong JSON type."""
+    name = st.sampled_from(world.slider_names)
+    value = st.sampled_from((0.0, 0.25, 1.0, -1.0, 0.5))
+    if hostile:
+        unknown = ("nope", "", "calm ", "CALM", "calm.x", "steer.calm", "\x00", "a" * 300, "\ud800")
+        name = mostly(name, st.one_of(st.sampled_from(unknown), http_strings()), odds=2)
+        bad = choice((3, floats()), (1, st.sampled_from(RAW_JSON)), (1, json_values()))
+        value = mostly(value, bad, odds=1)
+    return st.tuples(name.map(lambda n: http_fields.SLIDER_PREFIX + n), value)
+
+
+_SANE_TEXTS = ("The knight drew her sword", "Hello", "Once upon a time", "How do I bake bread")
+
+
+def http_prompts(world: World, *, hostile: bool) -> SearchStrategy[Any]:
+    """``prompt`` values: a text or a list of one; hostile ones: empty, special tokens, huge,
+    several prompts, token ids, any JSON."""
+    sane = st.sampled_from(_SANE_TEXTS)
+    if not hostile:
+        return st.one_of(sane, sane.map(lambda text: [text]))
+    return st.one_of(
+        st.sampled_from(("", "<|im_start|>user\nHi<|im_end|>", "<pad>" * 50, "🐉 é \x00")),
+        http_strings(),
+        st.lists(http_strings(), max_size=3),
+        st.lists(world.token_ids(), min_size=1, max_size=5),
+        huge_strings(),
+        json_values(),
+    )
+
+
+_ROLES = ("system", "user", "assistant", "developer")
+_ODD_ROLES = ("tool", "function", "", "User", "narrator", "model", None, 1, ["user"])
+_NAMES = ("Maren", "Kai", "User", "Assistant")
+_ODD_NAMES = ("", " ", "{{char}}", "\n", "Maren\x00", "<|im_end|>", "a" * 300, 5, None, ["Kai"])
+
+
+@st.composite
+def chat_messages(draw: st.DrawFn, hostile: bool = False) -> dict[Any, Any]:
+    """One chat message: role, content (text or content parts) and sometimes a ``name``;
+    ``hostile``: one part of it odd."""
+    text = st.sampled_from(_SANE_TEXTS)
+    message: dict[Any, Any] = {
+        "role": draw(st.sampled_from(_ROLES)),
+        "content": draw(
+            st.one_of(
+                text,
+                st.lists(text.map(lambda t: {"type": "text", "text": t}), min_size=1, max_size=2),
+            )
+        ),
+    }
+    if draw(st.integers(0, 3)) == 0:
+        message["name"] = draw(st.sampled_from(_NAMES))
+    if not hostile:
+        return message
+    part = draw(st.sampled_from(("role", "content", "name", "extra")))
+    if part == "role":
+        message["role"] = draw(st.one_of(st.sampled_from(_ODD_ROLES), http_strings()))
+    elif part == "name":
+        message["name"] = draw(
+            st.one_of(st.sampled_from(_ODD_NAMES), http_strings(), json_values())
+        )
+    elif part == "content":
+        odd_parts: SearchStrategy[Any] = st.sampled_from(
+            (
+                [{"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}],
+                [{"type": "text"}],
+                [{"type": "text", "text": 5}],
+                ["text"],
+                [],
+                [None],
+                [{"type": "text", "text": "a"}, {"type": "input_audio"}],
+                None,
+                5,
+                {},
+            )
+        )
+        message["content"] = draw(
+            st.one_of(odd_parts, http_strings(), huge_strings(), json_values())
+        )
+    else:
+        extra = draw(st.sampled_from(("tool_calls", "function_call", "tool_call_id", "weight")))
+        message[extra] = draw(
+            st.one_of(st.sampled_from(([{"id": "x"}], [], None, 1)), json_values())
+        )
+    return message
+
+
+def http_messages(world: World, *, hostile: bool) -> SearchStrategy[Any]:
+    """``messages`` values: one to five ordinary messages; hostile: one odd message among
+    them, none, thousands, not a list."""
+    sane = st.lists(chat_messages(), min_size=1, max_size=5)
+    if not hostile:
+        return sane
+    return choice(
+        (
+            5,
+            st.builds(
+                lambda before, odd, after: [*before, odd, *after],
+                st.lists(chat_messages(), max_size=2),
+                chat_messages(hostile=True),
+                st.lists(chat_messages(), max_size=2),
+            ),
+        ),
+        (
+            1,
+            st.integers(1000, 5000).map(
+                lambda n: Raw("[" + ",".join(['{"role":"user","content":"Hi"}'] * n) + "]")
+            ),
+        ),
+        (1, st.just([])),
+        (1, json_values()),
+    )
+
+
+@st.composite
+def generation_bodies(
+    draw: st.DrawFn,
+    world: World,
+    vocabulary: Mapping[str, tuple[SearchStrategy[Any], SearchStrategy[Any]]],
+    chat: bool,
+) -> dict[Any, Any]:
+    """A completion (``chat``: chat completion) body as a client would build it, with up to six
+    ordinary fields of the vocabulary and, usually, one or two hostile ones: a sampler value
+    at or past its limits, a wrong JSON type, an unknown or out-of-range slider, an odd
+    ``steering`` entry or message, a huge or missing prompt, an unknown model."""
+    hostile = set(
+        draw(
+            st.lists(
+                st.sampled_from(
+                    (
+                        "field",
+                        "field",
+                        "field",
+                        "field",
+                        "slider",
+                        "steering",
+                        "prompt",
+                        "prompt",
+                        "model",
+                        "swap",
+                        "duplicate",
+                    )
+                ),
+                min_size=draw(st.sampled_from((0, 1, 1, 1, 2))),
+                max_size=2,
+            )
+        )
+    )
+    body: dict[Any, Any] = {}
+    if draw(st.integers(0, 5)):
+        model = st.sampled_from((world.model_id, world.model_id, ""))
+        odd = st.one_of(world.model_ids(), st.sampled_from(SURROGATES))
+        body["model"] = draw(odd if "model" in hostile else model)
+    key = "messages" if chat else "prompt"
+    if "swap" in hostile:  # the other route's key (as well, or instead)
+        body[("prompt" if chat else "messages")] = draw(
+            http_prompts(world, hostile=False) if chat else http_messages(world, hostile=False)
+        )
+    if "swap" not in hostile or draw(st.booleans()):
+        strategy = http_messages if chat else http_prompts
+        body[key] = draw(strategy(world, hostile="prompt" in hostile))
+    body["max_tokens"] = draw(st.integers(1, 8))
+    if draw(st.integers(0, 2)):
+        body["temperature"] = draw(st.sampled_from((0, 0.0, 0.7, 1.0)))
+    # the output's shape: a stream half the time (with usage), several choices, logprobs
+    if draw(st.booleans()):
+        body["stream"] = True
+        if draw(st.booleans()):
+            body["stream_options"] = {"include_usage": True}
+    if draw(st.integers(0, 4)) == 0:
+        body["n"] = draw(st.integers(2, 3))
+    if draw(st.integers(0, 4)) == 0:
+        if chat:
+            body["logprobs"], body["top_logprobs"] = True, draw(st.integers(0, 5))
+        else:
+            body["logprobs"] = draw(st.integers(1, 5))
+    keys = tuple(vocabulary)
+    for name in draw(st.lists(st.sampled_from(keys), max_size=6, unique=True)):
+        body[name] = draw(vocabulary[name][0])
+    if draw(st.integers(0, 3)) == 0:
+        body.update(draw(st.lists(slider_fields(world, hostile=False), max_size=3)))
+    if draw(st.integers(0, 4)) == 0:
+        body["steering"] = draw(
+            st.lists(
+                interventions(world, hostile=False).map(json_format.MessageToDict),
+                min_size=1,
+                max_size=2,
+            )
+        )
+    if "field" in hostile:
+        name = draw(
+            st.one_of(st.sampled_from(keys), st.text(max_size=12), st.sampled_from(SURROGATES))
+        )
+        body[name] = draw(vocabulary[name][1] if name in vocabulary else json_values())
+    if "slider" in hostile:
+        body.update(draw(st.lists(slider_fields(world, hostile=True), min_size=1, max_size=3)))
+    if "steering" in hostile:
+        body["steering"] = draw(
+            choice(
+                (4, st.lists(steering_entries(world), min_size=1, max_size=3)),
+                (
+                    1,
+                    st.integers(60, 80).map(
+                        lambda n: [{"named": {"name": "calm", "value": 1}}] * n
+                    ),
+                ),
+                (1, json_values()),
+            )
+        )
+    if "duplicate" in hostile and body:
+        name = draw(st.sampled_from(sorted(map(str, body))))
+        body[Raw(json.dumps(name))] = draw(json_values())
+    return body
+
+
+def _http_garbage(world: World, valid: SearchStrategy[bytes], max_bytes: int) -> Any:
+    """Bodies that are no JSON object: random bytes, mutated or truncated valid bodies, other
+    encodings, a BOM, trailing data, nothing, more than the body limit, JSON that is not an
+    object or nests past any limit."""
+    operations = st.sampled_from(("flip", "truncate", "insert", "duplicate"))
+    return st.one_of(
+        st.binary(max_size=200),
+        st.builds(_mutate, valid, operations, st.integers(0, 2**16), st.integers(0, 255)),
+        valid.map(lambda data: data.decode().encode("utf-16")),
+        valid.map(lambda data: data.decode().encode("utf-32")),
+        valid.map(lambda data: b"\xef\xbb\xbf" + data),
+        valid.map(lambda data: data + b"\n" + data),
+        valid.map(lambda data: data + b"}{"),
+        valid.map(lambda data: data.replace(b'"', b"'")),
+        st.sampled_from(
+            (
+                b"",
+                b" ",
+                b"{",
+                b'{"prompt": "\xff\xfe", "max_tokens": 2}',
+                b'{"messages": [{"role": "user", "content": "\xc3\x28"}]}',
+                b"{" * 100_000,
+                b"[" * 100_000,
+                b'{"a":' * 50_000,
+            )
+        ),
+        st.just(b'{"prompt": "' + b"a" * (max_bytes + 16) + b'", "max_tokens": 1}'),
+        json_values().map(lambda value: json_text(value).encode("utf-8", "surrogatepass")),
+    )
+
+
+@dataclass(frozen=True)
+class HttpCase:
+    """One HTTP request: ``body`` a JSON value (with :class:`Raw` parts), raw bytes or None."""
+
+    method: str
+    path: str
+    body: Any = None
+    content_type: str | None = "application/json"
+    #: "json" (a JSON object to a generation route), "raw" (anything else to one), "route"
+    #: (a method and route the server serves), "other" (a route or method it does not)
+    kind: str = "route"
+    #: "json" cases are sent with a normal stream: "together" with it or once it "join"ed
+    timing: str = "together"
+
+    @property
+    def generation(self) -> bool:
+        return self.kind == "json"
+
+    @property
+    def wire_path(self) -> str:
+        return f"{self.method} {self.path} {self.content_type}"
+
+    @property
+    def label(self) -> str:
+        if self.kind == "json":
+            return f"POST {self.path}"
+        if self.kind == "raw":
+            return f"raw POST {self.path}"
+        if self.kind == "other":
+            return "other routes and methods"
+        return f"{self.method} {self.path.split('?', 1)[0]}"
+
+    @cached_property
+    def data(self) -> bytes:
+        if self.body is None:
+            return b""
+        if isinstance(self.body, bytes):
+            return self.body
+        return json_text(self.body).encode("utf-8", "surrogatepass")
+
+    def payload(self) -> bytes:
+        return self.data
+
+    def describe(self, limit: int = 3000) -> str:
+        text = self.data.decode("utf-8", "backslashreplace")
+        text = re.sub(r'"((?:[^"\\]|\\.){120,})"', lambda m: f'"{_shorten(m.group(1), 120)}"', text)
+        text = re.sub(r"(.)\1{199,}", lambda m: f"{m.group(1)}…[x{len(m.group(0))}]", text)
+        header = f"{self.method} {_shorten(self.path, 200)}"
+        if self.body is not None:
+            header += f" [{self.content_type}] "
+        return header + _shorten(text, limit)
+
+    def __repr__(self) -> str:
+        timing = f" timing={self.timing}" if self.generation else ""
+        return f"HttpCase({self.kind}{timing}: {self.describe()})"
+
+
+def describe_case(case: Case | HttpCase, limit: int = 3000) -> str:
+    if isinstance(case, HttpCase):
+        return case.describe(limit)
+    return describe(case.request, limit)
+
+
+def http_cases(
+    world: World,
+    routes: Mapping[str, Sequence[str]],
+    max_bytes: int = 4 * 1024 * 1024,
+    *,
+    generation: Sequence[str] = HTTP_GENERATION,
+    parts: Sequence[str] = ("json", "raw", "other"),
+) -> SearchStrategy[HttpCase]:
+    """Requests to the HTTP API (``routes``: path -> methods, as /openapi.json lists them):
+    generation bodies to the ``generation`` routes ("json", most of them), bodies that are no
+    JSON object ("raw") to them, and every route, method and path ("other")."""
+    vocabulary = http_vocabulary(world)
+    timings = st.sampled_from(("together", "join"))
+    content_types = mostly(st.just("application/json"), st.sampled_from(CONTENT_TYPES), odds=12)
+
+    def json_case(path: str) -> SearchStrategy[HttpCase]:
+        chat = path == "/v1/chat/completions"
+        return st.builds(
+            lambda body, ctype, when: HttpCase("POST", path, body, ctype, "json", when),
+            generation_bodies(world, vocabulary, chat),
+            content_types,
+            timings,
+        )
+
+    def raw_case(path: str) -> SearchStrategy[HttpCase]:
+        chat = path == "/v1/chat/completions"
+        valid = generation_bodies(world, vocabulary, chat).map(
+            lambda body: json_text(body).encode("utf-8", "surrogatepass")
+        )
+        return st.builds(
+            lambda body, ctype: HttpCase("POST", path, body, ctype, "raw"),
+            _http_garbage(world, valid, max_bytes),
+            mostly(st.just("application/json"), st.sampled_from((*CONTENT_TYPES, None))),
+        )
+
+    served = {(method, path) for path, methods in routes.items() for method in methods}
+    gets = sorted(path for method, path in served if method == "GET")
+
+    def route_case(method: str, path: str, body: Any = None) -> HttpCase:
+        kind = "route" if (method, path.split("?", 1)[0]) in served else "other"
+        return HttpCase(method, path, body, "application/json", kind)
+
+    other = st.one_of(
+        st.builds(route_case, st.just("GET"), st.sampled_from(gets)),
+        st.builds(  # a query string or a body the route does not take
+            lambda path, query, body: route_case("GET", path + query, body),
+            st.sampled_from(gets),
+            st.sampled_from(("?limit=-1", "?a=" + "%00" * 10, "?" + "x=1&" * 500, "")),
+            st.one_of(st.none(), json_values()),
+        ),
+        # a method the route does not take (or does, without a body), a path no route serves
+        st.builds(route_case, st.sampled_from(HTTP_METHODS), st.sampled_from(sorted(routes))),
+        st.builds(
+            route_case,
+            st.sampled_from(HTTP_METHODS),
+            st.sampled_from(HTTP_ODD_PATHS),
+            st.one_of(st.none(), json_values()),
+        ),
+    )
+    posts = [path for path in generation if path in routes]
+    options = []
+    if "json" in parts:
+        options += [(8, json_case(path)) for path in posts]
+    if "raw" in parts:
+        options += [(1, raw_case(path)) for path in posts]
+    if "other" in parts:
+        options.append((2, other))
+    return choice(*options)
+
+
+def strict_json(data: bytes | str) -> Any:
+    """JSON as RFC 8259 has it: NaN and Infinity are not JSON (a strict client refuses them)."""
+
+    def refuse(name: str) -> Any:
+        raise ValueError(f"{name} is not JSON")
+
+    return json.loads(data, parse_constant=refuse)
+
+
+def openai_error_problems(value: Any) -> list[str]:
+    """What is wrong with ``value`` as OpenAI's error body ``{"error": {"message", "type",
+    "param", "code"}}`` (nothing: an empty list)."""
+    if not isinstance(value, dict) or set(value) != {"error"}:
+        return [f"shape: the error body is not {{'error': ...}}: {_shorten(repr(value), 300)}"]
+    error = value["error"]
+    if not isinstance(error, dict) or set(error) != ERROR_KEYS:
+        keys = sorted(error) if isinstance(error, dict) else type(error).__name__
+        return [f"shape: the error object has {keys}, not {sorted(ERROR_KEYS)}"]
+    problems = []
+    if not isinstance(error["message"], str) or not error["message"]:
+        problems.append(f"shape: the error message is {error['message']!r}")
+    if not isinstance(error["type"], str):
+        problems.append(f"shape: the error type is {error['type']!r}")
+    if error["param"] is not None and not isinstance(error["param"], str):
+        problems.append(f"shape: the error param is {error['param']!r}")
+    if error["code"] is not None and not isinstance(error["code"], (str, int)):
+        problems.append(f"shape: the error code is {error['code']!r}")
+    return problems
+
+
+@dataclass
+class _HttpAnswer:
+    code: str
+    message: str = ""
+    param: str = ""
+    problems: list[str] = field(default_factory=list)
+
+
+def sse_problems(text: str) -> tuple[list[str], dict[str, Any] | None]:
+    """What is wrong with an SSE body (``data: {json}`` events, then ``data: [DONE]``; an
+    error is an ``{"error": ...}`` chunk right before it), and the error chunk if any."""
+    problems: list[str] = []
+    if not text.endswith("\n\n"):
+        problems.append(f"stream: the stream ends mid-event: …{text[-200:]!r}")
+    datas = []
+    for block in (b for b in text.split("\n\n") if b.strip()):
+        lines = [line for line in block.split("\n") if not line.startswith(":")]
+        if not lines or not all(line.startswith("data: ") for line in lines):
+            problems.append(f"stream: an event that is not data: {_shorten(block, 200)!r}")
+            continue
+        datas.append("\n".join(line[len("data: ") :] for line in lines))
+    if not datas or datas[-1] != "[DONE]":
+        last = datas[-1] if datas else ""
+        problems.append(f"stream: the stream does not end with data: [DONE] (last: {last[:200]!r})")
+    if datas.count("[DONE]") > 1:
+        problems.append("stream: data: [DONE] more than once")
+    error: dict[str, Any] | None = None
+    chunks = [data for data in datas if data != "[DONE]"]
+    for index, data in enumerate(chunks):
+        try:
+            chunk = strict_json(data)
+        except ValueError as failure:
+            problems.append(f"shape: a chunk is not JSON ({failure}): {_shorten(data, 200)}")
+            continue
+        if isinstance(chunk, dict) and "error" in chunk:
+            problems += openai_error_problems(chunk)
+            error = chunk["error"] if isinstance(chunk["error"], dict) else None
+            if index != len(chunks) - 1:
+                problems.append("stream: chunks after the error chunk")
+        elif not isinstance(chunk, dict) or not isinstance(chunk.get("choices"), list):
+            problems.append(f"shape: a chunk without choices: {_shorten(data, 200)}")
+    return problems, error
+
+
+class HttpFuzzer:
+    """Sends :class:`HttpCase` requests to the HTTP API of a :func:`fuzz_server` started with
+    ``http_port=0`` and checks the properties after each: no 5xx; every error in OpenAI's shape
+    (a streamed one as an error chunk followed by ``data: [DONE]``) with no traceback and no
+    absolute server path; no dropped connection or hang; health (HTTP and gRPC) and the model
+    still served; a normal greedy stream over HTTP sent with each generation body gets the text
+    it gets alone."""
+
+    def __init__(self, fuzzer: Fuzzer) -> None:
+        if fuzzer.http_url is None:
+            raise ValueError("the server does not serve HTTP: fuzz_server(..., http_port=0)")
+        self.grpc, self.world, self.url = fuzzer, fuzzer.world, fuzzer.http_url
+        self.client = httpx.Client(base_url=self.url, timeout=CALL_TIMEOUT)
+        self.innocent_client = httpx.Client(base_url=self.url, timeout=CALL_TIMEOUT)
+        #: path -> methods (from /openapi.json, and the unlisted OpenAPI pages)
+        self.routes: dict[str, tuple[str, ...]] = {}
+        self.reference: tuple[str, str] | None = None
+
+    def close(self) -> None:
+        self.client.close()
+        self.innocent_client.close()
+
+    def start(self) -> None:
+        """Read the routes, and record the normal stream's text alone."""
+        spec = self.client.get("/openapi.json").json()
+        self.routes = {
+            path: tuple(sorted(method.upper() for method in methods))
+            for path, methods in spec["paths"].items()
+        }
+        for path in HTTP_UNLISTED:
+            self.routes.setdefault(path, ("GET",))
+        ended, text, finish = self.innocent()
+        if ended != "ok" or not text:
+            raise RuntimeError(f"the reference stream failed: {ended}")
+        self.reference = (text, finish)
+
+    def cases(self, max_bytes: int = 4 * 1024 * 1024, **kinds: Any) -> SearchStrategy[HttpCase]:
+        """:func:`http_cases` for this server's routes (``kinds``: its keyword arguments)."""
+        return http_cases(self.world, self.routes, max_bytes, **kinds)
+
+    def innocent_body(self) -> dict[str, Any]:
+        return {
+            "model": self.world.model_id,
+            "prompt": INNOCENT_PROMPT,
+            "max_tokens": INNOCENT_TOKENS,
+            "temperature": 0,
+            "stream": True,
+        }
+
+    def innocent(self, on_first: threading.Event | None = None) -> tuple[str, str, str]:
+        """(how the normal stream ended: "ok" or what went wrong, its text, finish reason)."""
+        texts: list[str] = []
+        finish = ""
+        ended = "was cut before data: [DONE]"
+        try:
+            with self.innocent_client.stream(
+                "POST", "/v1/completions", json=self.innocent_body()
+            ) as response:
+                if response.status_code != 200:
+                    body = response.read()[:300]
+                    return f"answered HTTP {response.status_code}: {body!r}", "", ""
+                for line in response.iter_lines():
+                    if line == "data: [DONE]":
+                        ended = "ok"
+                    elif line.startswith("data: "):
+                        chunk = json.loads(line[len("data: ") :])
+                        if "error" in chunk:
+                            return f"got an error chunk: {chunk['error']}", "".join(texts), ""
+                        for choice_ in chunk.get("choices", ()):
+                            texts.append(choice_.get("text") or "")
+                            finish = choice_.get("finish_reason") or finish
+                        if on_first is not None:
+                            on_first.set()
+        except (httpx.HTTPError, ValueError) as error:
+            return f"failed: {type(error).__name__}: {error}", "".join(texts), finish
+        finally:
+            if on_first is not None:
+                on_first.set()
+        return ended, "".join(texts), finish
+
+    def run(self, case: HttpCase) -> Outcome:
+        began = time.monotonic()
+        self.grpc.capture.drain()
+        if case.generation:
+            answer, innocent = self._with_innocent(case)
+        else:
+            answer, innocent = self.send(case), ""
+        outcome = Outcome(case.label, answer.code, answer.message, answer.param, innocent=innocent)
+        outcome.violations += answer.problems
+        if innocent and innocent != "ok":
+            outcome.violations.append(f"innocent: the normal stream {innocent}")
+        outcome.violations += [f"health: {problem}" for problem in self._check_health()]
+        outcome.causes = self.grpc.capture.drain()
+        outcome.seconds = time.monotonic() - began
+        return outcome
+
+    def _with_innocent(self, case: HttpCase) -> tuple[_HttpAnswer, str]:
+        assert self.reference is not None, "call start() first"
+        started = threading.Event()
+        together = threading.Barrier(2)
+        innocent: list[tuple[str, str, str]] = []
+
+        def run_innocent() -> None:
+            if case.timing == "together":
+                together.wait(timeout=30)
+            innocent.append(self.innocent(started))
+
+        thread = threading.Thread(target=run_innocent, name="fuzz-http-innocent")
+        thread.start()
+        if case.timing == "together":
+            together.wait(timeout=30)
+        else:
+            started.wait(timeout=30)
+        answer = self.send(case)
+        thread.join(timeout=CALL_TIMEOUT + 10)
+        if not innocent:
+            return answer, "did not finish"
+        ended, text, finish = innocent[0]
+        expected, expected_finish = self.reference
+        if ended != "ok":
+            return answer, ended
+        if text != expected:
+            return answer, f"text {text!r} != alone {expected!r}"
+        if finish != expected_finish:
+            return answer, f"finish reason {finish!r} != alone {expected_finish!r}"
+        return answer, "ok"
+
+    def send(self, case: HttpCase) -> _HttpAnswer:
+        """Send ``case``, read the whole answer (a stream to its end) and check its form."""
+        headers = {"content-type": case.content_type} if case.content_type is not None else {}
+        status, body = 0, b""
+        try:
+            with self.client.stream(
+                case.method, case.path, content=case.data or None, headers=headers
+            ) as response:
+                status, content_type = (
+                    response.status_code,
+                    response.headers.get("content-type", ""),
+                )
+                body = response.read()
+        except httpx.TimeoutException:
+            return _HttpAnswer(
+                str(status or "no answer"),
+                problems=[f"hang: no answer within {CALL_TIMEOUT:.0f} s"],
+            )
+        except httpx.HTTPError as error:
+            return _HttpAnswer(
+                str(status or "no answer"),
+                problems=[f"stream: the connection broke: {type(error).__name__}: {error}"],
+            )
+        answer = _HttpAnswer(str(status))
+        text = body.decode("utf-8", "replace")
+        if status >= 500:
+            answer.problems.append(f"internal: HTTP {status}: {_shorten(text, 300)}")
+        if self.grpc._leaks(text, case):
+            answer.problems.append(f"leak: the answer shows an absolute server path: {text[:300]}")
+        if _TRACEBACK.search(text):
+            answer.problems.append(f"leak: the answer shows a traceback: {_shorten(text, 300)}")
+        if case.method == "HEAD":
+            return answer
+        if content_type.startswith("text/event-stream"):
+            problems, chunk = sse_problems(text)
+            answer.problems += problems
+            if chunk is not None:
+                answer.code = f"{status} error chunk"
+                answer.message = str(chunk.get("message", ""))
+                answer.param = str(chunk.get("param") or "")
+            return answer
+        try:
+            value = strict_json(body) if content_type.startswith("application/json") else None
+        except ValueError as failure:
+            answer.problems.append(f"shape: the body is not JSON ({failure}): {text[:200]!r}")
+            return answer
+        if status >= 400:
+            if value is None:
+                answer.problems.append(f"shape: the error is {content_type!r}: {text[:200]!r}")
+                return answer
+            answer.problems += openai_error_problems(value)
+            shown = value.get("error") if isinstance(value, dict) else None
+            if isinstance(shown, dict):
+                answer.message = str(shown.get("message", ""))
+                answer.param = str(shown.get("param") or "")
+        elif case.kind in ("json", "raw") and not (
+            isinstance(value, dict) and isinstance(value.get("choices"), list)
+        ):
+            answer.problems.append(f"shape: a completion without choices: {text[:200]!r}")
+        return answer
+
+    def _check_health(self) -> list[str]:
+        problems = []
+        try:
+            health = self.client.get("/health", timeout=10)
+            if health.status_code != 200 or health.json() != {"status": "ok"}:
+                problems.append(f"GET /health answered {health.status_code}: {health.text[:200]}")
+            models = self.client.get("/v1/models", timeout=10)
+            served = [model["id"] for model in models.json()["data"]]
+            if models.status_code != 200 or self.world.model_id not in served:
+                problems.append(f"GET /v1/models answered {models.status_code}: {served}")
+        except (httpx.HTTPError, ValueError, KeyError, TypeError) as error:
+            problems.append(f"the HTTP API does not answer: {type(error).__name__}: {error}")
+        return problems + self.grpc._check_health()
+
+
+def run_http_fuzz(
+    fuzzer: HttpFuzzer,
+    count: int,
+    seed: int,
+    *,
+    strategy: SearchStrategy[HttpCase] | None = None,
+    strict: bool = False,
+    progress: Callable[[int, Any, Outcome], None] | None = None,
+) -> FuzzResult:
+    """:func:`run_fuzz` over the HTTP API (``strategy``: default every route)."""
+    cases = strategy if strategy is not None else fuzzer.cases()
+    return run_cases(fuzzer.run, cases, count, seed, strict=strict, progress=progress)
+
+
+def _no_delay(server: SteerServer) -> None:
+    """TCP_NODELAY on the HTTP listener (accepted connections inherit it). Without it each
+    answer on a kept-alive connection and each SSE chunk after the first few waits for the
+    client's delayed ACK (~40 ms: a 32-token stream takes 1.5 s instead of 0.1 s), which would
+    make the HTTP fuzzer ten times slower. The server's own listener lacks it
+    (steer/server/app.py; test_fuzz_http.py has the strict xfail that shows it); remove this
+    when that is fixed."""
+    http = server._http
+    for listening in getattr(http, "servers", ()) if http is not None else ():
+        for sock in listening.sockets:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
 def status_table(result: FuzzResult) -> tuple[list[dict[str, Any]], list[str]]:
@@ -2687,19 +3757,25 @@ __all__ = [
     "Fixture",
     "FuzzResult",
     "Fuzzer",
+    "HttpCase",
+    "HttpFuzzer",
     "Outcome",
     "Rpc",
     "World",
     "all_cases",
     "describe",
+    "describe_case",
     "failure_key",
     "fuzz_server",
     "garbage_cases",
+    "http_cases",
     "message_cases",
     "message_strategy",
     "prepare_root",
     "rpcs_of",
+    "run_cases",
     "run_fuzz",
+    "run_http_fuzz",
     "server_rpcs",
     "status_table",
 ]

@@ -22,11 +22,13 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Mapping
+from http import HTTPStatus
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from google.protobuf import json_format
+from starlette.exceptions import HTTPException
 
 from steer.errors import (
     HTTP_STATUS,
@@ -65,6 +67,12 @@ def create_app(core: ServiceCore) -> FastAPI:
             return response
         except Exception as error:  # every failure becomes OpenAI's error JSON
             return error_response(error)
+
+    @app.exception_handler(HTTPException)
+    async def routing_error(request: Request, error: HTTPException) -> Response:
+        # the router's own answers (no such route: 404, a method it does not take: 405) in
+        # OpenAI's error shape like every other error, not Starlette's {"detail": ...}
+        return routing_error_response(error)
 
     @app.get("/health")
     async def health() -> JSONResponse:
@@ -126,6 +134,17 @@ def error_body(error: BaseException) -> tuple[int, dict[str, Any]]:
 def error_response(error: BaseException) -> JSONResponse:
     status, body = error_body(error)
     return JSONResponse({"error": body}, status_code=status)
+
+
+def routing_error_response(error: HTTPException) -> Response:
+    """Starlette's HTTPException (404 no such route, 405 method not allowed) in OpenAI's shape,
+    with its headers (``Allow`` for a 405)."""
+    try:
+        code = HTTPStatus(error.status_code).name
+    except ValueError:
+        code = str(error.status_code)
+    body = {"message": str(error.detail), "type": code.lower(), "param": None, "code": code}
+    return JSONResponse({"error": body}, status_code=error.status_code, headers=error.headers)
 
 
 # -- one generation -------------------------------------------------------------------------

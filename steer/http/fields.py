@@ -45,7 +45,9 @@ their neutral values, on every request). A parameter of such a sampler (``smooth
 (``api_type``, ``truncation_length``...) and keys nobody defines are ignored silently.
 
 Errors. A bad value raises :class:`~steer.errors.InvalidArgumentError` whose ``field`` is the
-JSON key the client sent (``rep_pen``, ``messages[2].role``, ``steer.moralizing``).
+JSON key the client sent (``rep_pen``, ``messages[2].role``, ``steer.moralizing``). So does a
+string anywhere in the body that is not Unicode text (an escaped unpaired surrogate, ``\\ud800``),
+and a count past what the GenerateRequest proto carries (uint32).
 """
 
 from __future__ import annotations
@@ -72,8 +74,10 @@ PROMPT_FORMAT_FIELD = "steer_prompt_format"
 MAX_CHOICES = 16
 #: most alternatives per token ``logprobs`` / ``top_logprobs`` may ask for (OpenAI's limit)
 MAX_LOGPROBS = 20
-#: largest integer any integer field accepts (token ids, seeds and counts are int64 downstream)
+#: largest integer any integer field accepts (seeds are 64-bit downstream)
 _MAX_INTEGER = 2**63 - 1
+#: largest count (token counts, windows, top_k, modes: uint32 in the GenerateRequest proto)
+_MAX_COUNT = 2**32 - 1
 #: largest token id (every vocabulary indexes with int32)
 _MAX_TOKEN_ID = 2**31 - 1
 
@@ -129,6 +133,7 @@ def parse_request(body: Any, *, chat: bool) -> OpenAIRequest:
         raise InvalidArgumentError(
             f"the request body must be a JSON object, not {json_type(body)}", field="body"
         )
+    check_unicode(body)
     prompt, messages = _prompt_and_messages(body, chat)
     model = _first(body, ("model",))
     if model is not None and not isinstance(model[1], str):
@@ -149,6 +154,39 @@ def parse_request(body: Any, *, chat: bool) -> OpenAIRequest:
         prompt_format=_prompt_format(body),
         ignored=ignored_fields(body),
     )
+
+
+def check_unicode(body: Mapping[str, Any]) -> None:
+    """Refuse a body with a string (or key) that is not Unicode text: JSON's ``\\ud800`` escape
+    of an unpaired surrogate parses, but no tokenizer, protobuf or UTF-8 encoder takes it."""
+    pending: list[tuple[str, Any]] = [("", body)]
+    while pending:
+        path, value = pending.pop()
+        if isinstance(value, str):
+            _encodable(value, path or "body")
+        elif isinstance(value, list):
+            pending.extend((f"{path}[{index}]", item) for index, item in enumerate(value))
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                name = _printable(key)
+                child = f"{path}.{name}" if path else name
+                _encodable(key, child)
+                pending.append((child, item))
+
+
+def _printable(text: str) -> str:
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _encodable(text: str, field: str) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        bad = _printable(text[error.start : error.end])
+        raise InvalidArgumentError(
+            f"is not Unicode text: an unpaired surrogate ({bad}) at character {error.start}",
+            field=field,
+        ) from None
 
 
 # -- prompt and messages ---------------------------------------------------------------------
@@ -266,6 +304,14 @@ def _integer(key: str, value: Any) -> int:
     return value
 
 
+def _count(key: str, value: Any) -> int:
+    """An integer that travels as a uint32 (negative ones are SamplingConfig's to refuse)."""
+    count = _integer(key, value)
+    if count > _MAX_COUNT:
+        raise InvalidArgumentError(f"is too large: at most {_MAX_COUNT}, got {count}", field=key)
+    return count
+
+
 def _boolean(key: str, value: Any) -> bool:
     if not isinstance(value, bool):
         raise InvalidArgumentError(f"must be true or false, got {value!r}", field=key)
@@ -289,14 +335,14 @@ def _bounded(body: Mapping[str, Any], key: str, default: int, low: int, high: in
 
 def _whole_context(key: str, value: Any) -> int:
     """A token window where -1 (llama.cpp) and 0 (text-generation-webui) mean everything."""
-    window = _integer(key, value)
+    window = _count(key, value)
     if window < -1:
         raise InvalidArgumentError(f"must be -1, 0 or a token count, got {window}", field=key)
     return max(window, 0)
 
 
 def _top_k(key: str, value: Any) -> int:
-    top_k = _integer(key, value)
+    top_k = _count(key, value)
     return 0 if top_k == -1 else top_k
 
 
@@ -333,6 +379,8 @@ def _sequence_breakers(key: str, value: Any) -> tuple[str, ...]:
         return tuple(dict.fromkeys(part for part in text.split(",") if part))
     if not all(isinstance(item, str) for item in parsed):
         raise InvalidArgumentError("must be a JSON array of strings", field=key)
+    for index, item in enumerate(parsed):
+        _encodable(item, f"{key}[{index}]")  # JSON inside the string: not checked with the body
     return tuple(dict.fromkeys(item for item in parsed if item))
 
 
@@ -355,7 +403,7 @@ SAMPLER_FIELDS: dict[str, tuple[tuple[str, ...], Converter]] = {
     "typical_p": (("typical_p", "typical"), _number),
     "tfs": (("tfs", "tfs_z"), _number),
     "top_a": (("top_a",), _number),
-    "mirostat_mode": (("mirostat_mode", "mirostat"), _integer),
+    "mirostat_mode": (("mirostat_mode", "mirostat"), _count),
     "mirostat_tau": (("mirostat_tau",), _number),
     "mirostat_eta": (("mirostat_eta",), _number),
     "repetition_penalty": (("repetition_penalty", "rep_pen", "repeat_penalty"), _number),
@@ -367,14 +415,14 @@ SAMPLER_FIELDS: dict[str, tuple[tuple[str, ...], Converter]] = {
     "frequency_penalty": (("frequency_penalty",), _number),
     "dry_multiplier": (("dry_multiplier",), _number),
     "dry_base": (("dry_base",), _number),
-    "dry_allowed_length": (("dry_allowed_length",), _integer),
+    "dry_allowed_length": (("dry_allowed_length",), _count),
     "dry_sequence_breakers": (("dry_sequence_breakers",), _sequence_breakers),
     "dry_range": (("dry_penalty_last_n", "dry_range"), _whole_context),
     "xtc_threshold": (("xtc_threshold",), _number),
     "xtc_probability": (("xtc_probability",), _number),
     "banned_strings": (("banned_strings",), _string_list),
     "ban_eos": (("ignore_eos", "ban_eos_token"), _boolean),
-    "min_tokens": (("min_tokens", "min_length"), _integer),
+    "min_tokens": (("min_tokens", "min_length"), _count),
     "seed": (("seed", "sampler_seed"), _seed),
 }
 
@@ -663,7 +711,7 @@ def _max_new_tokens(body: Mapping[str, Any]) -> int | None:
     if found is None:
         return None
     key, value = found
-    tokens = _integer(key, value)
+    tokens = _count(key, value)
     if tokens == -1 and key in ("n_predict", "num_predict"):
         return None  # llama.cpp's "until the end of the sequence"
     if tokens < 1:
