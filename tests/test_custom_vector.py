@@ -247,6 +247,52 @@ def test_tiny_vector_is_normalised_swept_and_saved(tiny_llama, tmp_path: Path) -
     assert (out / "sweep.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_pairs_are_read_at_their_given_replies(tiny_llama, tmp_path: Path) -> None:
+    rows = [
+        ("Write about the sea.", "The sea is bright and kind.", "The sea is cold and grey."),
+        ("Describe the moon.", "A lovely silver smile.", "A dead grey rock."),
+        ("Tell me about bread.", "Warm bread makes me happy.", "Stale bread, again."),
+    ]
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text(
+        "\n".join(json.dumps({"prompt": p, "positive": a, "negative": b}) for p, a, b in rows)
+    )
+    neutral = tmp_path / "neutral.txt"
+    neutral.write_text("How do I bake bread?\nWrite a poem about the sea.\n")
+    recipe = load_recipe(
+        {
+            "kind": "steering",
+            "data": {"pairs": str(pairs), "reply_tokens": 4},
+            "search": {"layers": [2]},
+            "sweep": {"enabled": False, "neutral": str(neutral)},
+        }
+    )
+    out = compute(
+        tiny_llama,
+        recipe,
+        tmp_path / "out",
+        progress=lambda m, f: None,
+        cancelled=threading.Event(),
+    )
+    artifact = load_vector(out)
+    assert artifact.metadata["positions"] == "reply" and "sweep" not in artifact.metadata
+    # by hand: the mean of layer 2's output over each given reply's first 4 tokens
+    tokenizer, name = tiny_llama.tokenizer, "blocks.2.hook_resid_post"
+
+    def side(column: int) -> torch.Tensor:
+        means = []
+        for row in rows:
+            prompt = encode_chat(tiny_llama, row[0])
+            reply = tokenizer(row[column], add_special_tokens=False)["input_ids"][:4]
+            acts = forward(tiny_llama, [prompt + reply], hooks=[name], positions="all")
+            means.append(acts.activations[name][0][len(prompt) :].mean(0))
+        return torch.stack(means).mean(0)
+
+    expected = side(1) - side(2)
+    cosine = torch.nn.functional.cosine_similarity(artifact.vector.at(2), expected, dim=0)
+    assert cosine.item() == pytest.approx(1.0, abs=1e-5)
+
+
 def test_cli_honours_layers_and_every_flag(tiny_llama, tmp_path: Path, capsys) -> None:
     model = _saved(tiny_llama, tmp_path / "model")
     positive, negative = _tiny_files(tmp_path)
@@ -271,7 +317,7 @@ def test_cli_honours_layers_and_every_flag(tiny_llama, tmp_path: Path, capsys) -
         assert artifact.metadata["hooks"] == [f"blocks.{i}.hook_resid_post" for i in expected]
     out = tmp_path / "pca"
     argv = [
-        *common,
+        *common[:-2],
         "--out",
         str(out),
         "--method",
@@ -295,6 +341,10 @@ def test_cli_honours_layers_and_every_flag(tiny_llama, tmp_path: Path, capsys) -
     # flags a steering vector has no use for are refused, not ignored
     assert cli_main([*common, "--out", str(tmp_path / "x"), "--top-k", "2"]) == 1
     assert "--top-k does not apply" in capsys.readouterr().err
+    assert cli_main([*common, "--out", str(tmp_path / "x"), "--read", "prompt"]) == 1
+    assert "with --read prompt no reply is read" in capsys.readouterr().err
+    assert cli_main([*common, "--out", str(tmp_path / "x"), "--kl-bound", "0.3"]) == 1
+    assert "--kl-bound sets the sweep, which --no-sweep turns off" in capsys.readouterr().err
     # the refusal search honours --layers too: its per-layer candidate stays inside them
     recipe = tmp_path / "refusal.toml"
     recipe.write_text(

@@ -284,7 +284,28 @@ def compute_recipe(args: argparse.Namespace) -> Any:
         from dataclasses import replace
 
         recipe = replace(recipe, name=args.name)
-    return with_overrides(recipe, overrides)
+    recipe = with_overrides(recipe, overrides)
+    _check_combinations(args, recipe)
+    return recipe
+
+
+def _check_combinations(args: argparse.Namespace, recipe: Any) -> None:
+    """Flags that the rest of the command line would leave unread."""
+    if not recipe.is_steering:
+        return
+    if args.reply_tokens is not None and recipe.data.read == "prompt":
+        raise InvalidArgumentError(
+            "--reply-tokens sets how much of each reply is read; with --read prompt no reply "
+            "is read",
+            field="reply-tokens",
+        )
+    if not recipe.sweep.enabled:
+        for flag in ("strengths", "kl_bound"):
+            if getattr(args, flag) is not None:
+                raise InvalidArgumentError(
+                    f"--{flag.replace('_', '-')} sets the sweep, which --no-sweep turns off",
+                    field=flag.replace("_", "-"),
+                )
 
 
 def _name(args: argparse.Namespace) -> str:

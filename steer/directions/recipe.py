@@ -285,6 +285,11 @@ def load_recipe(source: str | Path | Mapping[str, Any]) -> Recipe:
     )
     recipe = Recipe(name=str(raw.get("name", "direction")), kind=kind, base=base, **sections)
     _validate(recipe)
+    if recipe.is_steering and recipe.data.read == Read.PROMPT and "reply_tokens" in raw["data"]:
+        raise InvalidArgumentError(
+            "reply_tokens sets how much of each reply is read; read = 'prompt' reads none",
+            field="data.reply_tokens",
+        )
     return recipe
 
 

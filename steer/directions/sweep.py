@@ -247,22 +247,25 @@ def run(
     words: TargetWords,
     *,
     hooks: Sequence[str] | None = None,
+    replies: Sequence[Sequence[int]] | None = None,
     progress: Callable[[str, float], None] = lambda message, fraction: None,
     check: Callable[[], None] = lambda: None,
 ) -> SweepResult:
-    """Measure ``vector`` at each strength on ``prompts`` (chat-encoded neutral prompts).
+    """Measure ``vector`` at each strength on ``prompts`` (chat-encoded neutral prompts) and
+    ``replies``, the unsteered model's greedy replies to them (generated when not given).
     ``hooks`` default to each layer's ``blocks.L.hook_resid_post``."""
-    from steer.directions.evaluate import generate
-
     if hooks is None:
         hooks = [f"blocks.{layer}.hook_resid_post" for layer in vector.layers]
-    progress("unsteered replies to the neutral prompts", 0.0)
-    replies = [
-        ids or [handle.pad_token_id]
-        for ids, _ in generate(
+    if replies is None:
+        from steer.directions.evaluate import generate
+
+        progress("unsteered replies to the neutral prompts", 0.0)
+        completions = generate(
             handle, prompts, max_new_tokens=options.tokens, batch_size=options.batch_size
         )
-    ]
+        replies = [ids for ids, _text in completions]
+    # a reply the model ended at once is read as one pad token
+    replies = [list(ids) or [handle.pad_token_id] for ids in replies]
     base = _measure(handle, prompts, replies, (), words, options.batch_size)
     measured: dict[float, _Measure] = {0.0: base}
     for side in (1.0, -1.0):
