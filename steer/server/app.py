@@ -110,6 +110,22 @@ def health_handler(servicer: health.aio.HealthServicer) -> grpc.GenericRpcHandle
     return grpc.method_handlers_generic_handler("grpc.health.v1.Health", handlers)
 
 
+def _tcp_listener(host: str, port: int) -> socket.socket:
+    """A listening socket made with IPPROTO_TCP, as asyncio's own are: asyncio sets TCP_NODELAY
+    only on connections whose socket says TCP, and without it every answer on a kept-alive
+    connection and every SSE chunk waits for the client's delayed ACK (about 40 ms)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    listener = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    try:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind((host, port))
+        listener.listen(128)
+    except BaseException:
+        listener.close()
+        raise
+    return listener
+
+
 def _bind(server: grpc.aio.Server, settings: ServerSettings) -> int:
     address = settings.address
     if settings.tls_cert is not None and settings.tls_key is not None:
@@ -234,7 +250,7 @@ class SteerServer:
         from steer.http.app import create_app
 
         settings = self.settings
-        listener = socket.create_server((settings.host, settings.http_port or 0))
+        listener = _tcp_listener(settings.host, settings.http_port or 0)
         config = uvicorn.Config(
             create_app(self.core),
             log_level="warning",
