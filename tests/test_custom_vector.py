@@ -16,6 +16,7 @@ from steer.activations import encode_chat, forward
 from steer.artifacts import load_vector
 from steer.cli import main as cli_main
 from steer.directions.api import compute
+from steer.directions.data import load_prompts
 from steer.directions.preflight import layer_count
 from steer.directions.recipe import load_recipe, with_overrides
 from steer.directions.scores import first_token_kl, next_token_logits
@@ -168,8 +169,8 @@ def test_normalise_scales_each_layer_to_its_typical_norm_shared_over_layers() ->
 
 
 def test_derived_words_are_what_tells_the_sides_apart() -> None:
-    cheerful = (DATA / "cheerful.txt").read_text().splitlines()
-    gloomy = (DATA / "gloomy.txt").read_text().splitlines()
+    cheerful, gloomy = load_prompts(DATA / "cheerful.txt"), load_prompts(DATA / "gloomy.txt")
+    assert len(cheerful) == len(gloomy) == 8  # the header comment is not a prompt
     positive, negative = derive_words((cheerful, gloomy), limit=40)
     assert {"cheerful", "fantastic", "delightful"} <= set(positive)
     assert {"gloomy", "hopeless", "bleak", "miserable"} <= set(negative)
@@ -502,9 +503,10 @@ def test_recipe_less_vector_steers_smollm2_both_ways_and_stays_coherent(
         f"{cheerful:.2f} at {high}"
     )
     assert cheerful > base + 0.5 and gloomy < base - 0.5
-    neutral = [encode_chat(smollm2, p) for p in (DATA / "neutral.txt").read_text().splitlines()]
+    neutral = [encode_chat(smollm2, p) for p in load_prompts(DATA / "neutral.txt")]
     for strength in (low, high):
         kl = first_token_kl(smollm2, neutral, (Add(artifact.vector, strength, hooks=hooks),))
+        print(f"first-token KL on the neutral prompts at {strength}: {kl:.3f}")
         assert kl <= KL_BOUND, (strength, kl)
     # --layers is honoured on the real model too (read at the prompt: no generation)
     out = tmp_path / "layers"

