@@ -355,8 +355,8 @@ def main() -> int:
             f"warmed first; best of {args.repeats} alternating runs. Load average before the "
             f"run: {os.getloadavg()[0]:.2f}.\n\n"
             + table(rows, columns)
-            + "\n\nGoals: overhead <= 5% at every stream count, gRPC and HTTP alike; 16 streams >= 3x one "
-            "stream. "
+            + "\n\nGoals: overhead <= 5% at every stream count, gRPC and HTTP alike; "
+            "16 streams >= 3x one stream. "
             "Repeated runs of the same build on this shared 2-core machine differ by a few "
             "percent either way, so a negative overhead means the gRPC run happened to be the "
             "faster one. The server runs model code other than decode steps (loading, the "
