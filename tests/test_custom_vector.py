@@ -25,6 +25,7 @@ from steer.directions.sweep import SweepRow, derive_words, suggested_range
 from steer.errors import InvalidArgumentError, NotFoundError
 from steer.interventions import Add
 from steer.models import ModelHandle
+from steer.vectors import SteeringVector
 
 DATA = Path(__file__).resolve().parents[1] / "recipes" / "data"
 
@@ -356,6 +357,45 @@ def test_cli_honours_layers_and_every_flag(tiny_llama, tmp_path: Path, capsys) -
     argv = ["directions", "compute", "--model", str(model), "--recipe", str(recipe)]
     assert cli_main([*argv, "--out", str(out), "--layers", "2"]) == 0
     assert load_vector(out).metadata["hooks"] == ["blocks.2.hook_resid_pre"]
+
+
+def test_sweep_command_measures_and_records_any_artifact(tiny_llama, tmp_path, capsys) -> None:
+    model = _saved(tiny_llama, tmp_path / "model")
+    positive, negative = _tiny_files(tmp_path)
+    neutral = tmp_path / "neutral.txt"
+    neutral.write_text("How do I bake bread?\nWrite a poem about the sea.\n")
+    out = tmp_path / "vector"
+    argv = ["directions", "compute", "--model", str(model), "--positive", str(positive)]
+    flags = ["--negative", str(negative), "--no-sweep", "--reply-tokens", "2", "--out", str(out)]
+    assert cli_main([*argv, *flags]) == 0
+    assert "suggested_strengths" not in load_vector(out).metadata
+    capsys.readouterr()
+    sweep = ["directions", "sweep", str(out), "--model", str(model), "--neutral", str(neutral)]
+    words = ["--positive-words", "sea,poem", "--negative-words", "fox,fire", "--tokens", "2"]
+    assert cli_main([*sweep, *words, "--strengths", "-4", "-1", "0", "1", "4"]) == 0
+    printed = capsys.readouterr().out
+    meta = load_vector(out).metadata
+    assert [row["strength"] for row in meta["sweep"]["rows"]] == [-4.0, -1.0, 0.0, 1.0, 4.0]
+    assert meta["sweep"]["words"] == {
+        "positive": ["sea", "poem"],
+        "negative": ["fox", "fire"],
+        "source": "given",
+    }
+    low, high = meta["suggested_strengths"]
+    assert f"suggested strengths {low:g} to {high:g}" in printed
+    assert (out / "sweep.png").exists() and (out / "sweep.csv").exists()
+    # a refusal-style direction (one vector for every layer, added at its hooks) sweeps too
+    from steer.artifacts import save_vector
+
+    direction = save_vector(
+        tmp_path / "direction",
+        SteeringVector.from_shared(load_vector(out).vector.at(2)),
+        handle=tiny_llama,
+        kind="direction",
+        hooks=["blocks.1.hook_resid_pre"],
+    )
+    assert cli_main([*sweep[:2], str(direction), *sweep[3:], "--strengths=-1,1"]) == 0
+    assert len(load_vector(direction).metadata["sweep"]["rows"]) == 3
 
 
 def test_compute_fails_before_loading_the_model(tiny_llama, tmp_path, monkeypatch, capsys):

@@ -77,7 +77,9 @@ class TargetWords:
     negative: tuple[str, ...] = ()
     positive_ids: tuple[int, ...] = ()
     negative_ids: tuple[int, ...] = ()
-    derived: bool = False
+    #: where the words come from: "given", "derived from the examples" or "recorded in the
+    #: artifact"
+    source: str = "given"
 
     @property
     def usable(self) -> bool:
@@ -87,7 +89,7 @@ class TargetWords:
         return {
             "positive": list(self.positive),
             "negative": list(self.negative),
-            "source": "derived from the examples" if self.derived else "given",
+            "source": self.source,
         }
 
 
@@ -184,7 +186,8 @@ def target_words(
         sides.append((kept[:DERIVED_WORDS] if derived else kept, ids))
     if derived:  # the ids of the words kept
         sides = [(kept, word_ids(tokenizer, kept)[1]) for kept, _ids in sides]
-    return TargetWords(sides[0][0], sides[1][0], sides[0][1], sides[1][1], derived)
+    source = "derived from the examples" if derived else "given"
+    return TargetWords(sides[0][0], sides[1][0], sides[0][1], sides[1][1], source)
 
 
 @dataclass(frozen=True)
@@ -512,7 +515,14 @@ def sweep_artifact(
     given = words or (recorded.get("positive") or (), recorded.get("negative") or ())
     positive, positive_ids = word_ids(handle.tokenizer, list(given[0]))
     negative, negative_ids = word_ids(handle.tokenizer, list(given[1]))
-    target = TargetWords(positive, negative, positive_ids, negative_ids, derived=words is None)
+    if words and not (positive_ids and negative_ids):
+        raise InvalidArgumentError(
+            "no word of one side is a single token for this model's tokenizer; give whole "
+            "common words",
+            field="negative_words" if positive_ids else "positive_words",
+        )
+    source = "given" if words else "recorded in the artifact"
+    target = TargetWords(positive, negative, positive_ids, negative_ids, source)
     prompts = [encode_chat(handle, text, system) for text in neutral]
     result = run(
         handle, artifact.vector, prompts, options, target, hooks=hooks or None, progress=progress
