@@ -2,10 +2,13 @@
 
 The pipeline reads as its steps::
 
-    load examples -> read activations -> one vector per layer -> normalise -> sweep -> save
+    load examples -> generate replies -> read activations -> one vector per layer
+        -> normalise -> sweep -> save
 
 * **Read.** ``read = "reply"`` (the default) lets the model answer each prompt greedily
-  (``reply_tokens`` tokens), then reads ``blocks.L.hook_resid_post`` over those reply tokens,
+  (``reply_tokens`` tokens; the unsteered replies to the neutral prompts, which the sweep
+  reads, are generated in the same batch), then reads ``blocks.L.hook_resid_post`` over those
+  reply tokens,
   teacher-forced, and averages them: the vector is what the model's own cheerful answers have
   that its gloomy ones lack. A pairs file's replies are given, not generated.
   ``read = "prompt"`` averages the prompt's last tokens instead (``search.positions``, default
