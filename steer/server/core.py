@@ -74,17 +74,21 @@ class ServiceCore:
 
         def prepare() -> tuple[list[convert.GenerationPlan], Subscription]:
             # converting and tokenising are blocking work: a thread, not the event loop
-            with loaded.worker.arrival():  # an idle engine waits for requests sent together
-                plans = [
-                    convert.generation_plan(
-                        request, loaded, self.store, self.saes, self.settings, self.sliders
-                    )
-                    for request in requests
-                ]
-                rows = [row for plan in plans for row in plan.requests]
-                return plans, loaded.worker.submit(rows, loop)
+            plans = [
+                convert.generation_plan(
+                    request, loaded, self.store, self.saes, self.settings, self.sliders
+                )
+                for request in requests
+            ]
+            rows = [row for plan in plans for row in plan.requests]
+            return plans, loaded.worker.submit(rows, loop)
 
-        return await loop.run_in_executor(None, prepare)
+        # Announced here, on the loop, the moment the request arrives: an idle engine waits for
+        # announced requests so that requests sent together share one prefill. Announced only
+        # once a pool thread picks it up, a burst of 16 reached the engine one prefill at a time
+        # on a loaded machine (16 streams: 32 tokens/s instead of 100+).
+        with loaded.worker.arrival():
+            return await loop.run_in_executor(None, prepare)
 
     def close(self, grace: float) -> None:
         self.draining.set()
