@@ -91,7 +91,7 @@ def test_fuzzed_http_requests_keep_the_properties(fuzzer: HttpFuzzer, group: str
         assert {"400", "404", "405"} <= set(result.statuses), result.statuses
         return
     # the bodies must reach the engine, not only the parser, and run beside the normal stream
-    assert result.statuses["200"] >= count // 5, result.statuses
+    assert result.statuses["200"] >= count // 10, result.statuses
     assert result.innocent_streams == len(result.outcomes)
     assert result.statuses["400"] >= count // 5, result.statuses
 
