@@ -38,7 +38,6 @@ import os
 import pkgutil
 import re
 import shutil
-import socket
 import struct
 import threading
 import time
@@ -2697,7 +2696,6 @@ def fuzz_server(
         fuzzer = Fuzzer(server.target, world, fixture, fixture_saes)
         if server.http_port is not None:
             fuzzer.http_url = server.http_url
-            _no_delay(server)
         try:
             fuzzer.restore()  # removes baked/first
             fuzzer.start()
@@ -3721,19 +3719,6 @@ def run_http_fuzz(
     """:func:`run_fuzz` over the HTTP API (``strategy``: default every route)."""
     cases = strategy if strategy is not None else fuzzer.cases()
     return run_cases(fuzzer.run, cases, count, seed, strict=strict, progress=progress)
-
-
-def _no_delay(server: SteerServer) -> None:
-    """TCP_NODELAY on the HTTP listener (accepted connections inherit it). Without it each
-    answer on a kept-alive connection and each SSE chunk after the first few waits for the
-    client's delayed ACK (~40 ms: a 32-token stream takes 1.5 s instead of 0.1 s), which would
-    make the HTTP fuzzer ten times slower. The server's own listener lacks it
-    (steer/server/app.py; test_fuzz_http.py has the strict xfail that shows it); remove this
-    when that is fixed."""
-    http = server._http
-    for listening in getattr(http, "servers", ()) if http is not None else ():
-        for sock in listening.sockets:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
 def status_table(result: FuzzResult) -> tuple[list[dict[str, Any]], list[str]]:
