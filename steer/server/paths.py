@@ -95,6 +95,15 @@ def confine_recipe(
             if isinstance(value, str) and value and not _is_builtin(value):
                 data[key] = str(confine_from(root, base, value, field=f"recipe.data.{key}"))
         result["data"] = data
+    sweep = result.get("sweep")
+    if isinstance(sweep, dict) and isinstance(sweep.get("neutral"), str) and sweep["neutral"]:
+        # a steering recipe's neutral prompts are a data file like data.positive
+        neutral = sweep["neutral"]
+        if not _is_builtin(neutral):
+            sweep = dict(
+                sweep, neutral=str(confine_from(root, base, neutral, field="recipe.sweep.neutral"))
+            )
+            result["sweep"] = sweep
     edits = result.get("edits")
     if isinstance(edits, list):
         confined = []
