@@ -41,6 +41,7 @@ from steer.generation import GenerationEvent
 from steer.http.fields import OpenAIRequest, parse_request
 from steer.json_input import parse_object
 from steer.proto.v1 import generation_pb2
+from steer.server import convert
 from steer.server.core import ServiceCore
 from steer.server.scheduler import Subscription
 from steer.server.sliders import named_interventions
@@ -206,7 +207,7 @@ def _generate_requests(
         max_new_tokens=parsed.max_new_tokens or 0,
         stop=list(parsed.stop),
         top_logprobs=parsed.logprobs,
-        sampling=sampling_params(parsed),
+        sampling=convert.sampling_params(parsed.sampling),
     )
     _set_prompt(base, parsed)
     renames: dict[str, str] = {}
@@ -292,49 +293,6 @@ def _scene(parsed: OpenAIRequest) -> tuple[dict[str, Any], str]:
         "system": system,
     }
     return scene, speaker
-
-
-#: SamplingConfig fields copied by name onto SamplingParams
-_SCALARS = (
-    "temperature",
-    "temperature_last",
-    "top_k",
-    "top_p",
-    "min_p",
-    "typical_p",
-    "tfs",
-    "top_a",
-    "mirostat_mode",
-    "mirostat_tau",
-    "mirostat_eta",
-    "repetition_penalty",
-    "repetition_penalty_range",
-    "presence_penalty",
-    "frequency_penalty",
-    "dry_multiplier",
-    "dry_base",
-    "dry_allowed_length",
-    "dry_range",
-    "xtc_threshold",
-    "xtc_probability",
-    "ban_eos",
-    "min_tokens",
-)
-
-
-def sampling_params(parsed: OpenAIRequest) -> generation_pb2.SamplingParams:
-    """The parsed sampler settings as the proto both front ends convert from."""
-    config = parsed.sampling
-    params = generation_pb2.SamplingParams(
-        dry_sequence_breakers=list(config.dry_sequence_breakers),
-        banned_strings=list(config.banned_strings),
-        sampler_order=list(config.sampler_order or ()),
-    )
-    for name in _SCALARS:
-        setattr(params, name, getattr(config, name))
-    for token, bias in config.logit_bias:
-        params.logit_bias[token] = bias
-    return params
 
 
 # -- answers ----------------------------------------------------------------------------------

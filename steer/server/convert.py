@@ -253,6 +253,21 @@ _SCALAR_SAMPLING_FIELDS = (
 )
 
 
+def sampling_params(config: SamplingConfig) -> generation_pb2.SamplingParams:
+    """The inverse of :func:`sampling_config` (the seed travels beside it): how the HTTP front
+    end hands its parsed sampler settings to the one conversion both front ends share."""
+    params = generation_pb2.SamplingParams(
+        dry_sequence_breakers=list(config.dry_sequence_breakers),
+        banned_strings=list(config.banned_strings),
+        sampler_order=list(config.sampler_order or ()),
+    )
+    for name in _SCALAR_SAMPLING_FIELDS:
+        setattr(params, name, getattr(config, name))
+    for token, bias in config.logit_bias:
+        params.logit_bias[token] = bias
+    return params
+
+
 def sampling_config(params: generation_pb2.SamplingParams, seed: int | None) -> SamplingConfig:
     values: dict[str, Any] = {"seed": seed}
     for name in _SCALAR_SAMPLING_FIELDS:
