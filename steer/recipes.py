@@ -18,7 +18,7 @@ A recipe is a TOML file (or the same structure as a dict) listing edits applied 
     [[edits]]
     kind = "add"
     vector = "cheerful"                # added at blocks.L.hook_resid_post for each listed layer
-    strength = 4.0
+    strength = 0.3
     layers = [10]
 
 Every edit converts to steer :class:`~steer.interventions.Intervention` objects

@@ -467,3 +467,80 @@ def test_sillytavern_chat_with_custom_sliders_and_group_names(
         timeout=60,
     )
     assert neutral.json()["choices"] == greedy.json()["choices"]
+
+
+CARD = {
+    "spec": "chara_card_v2",
+    "spec_version": "2.0",
+    "data": {
+        "name": "Mira",
+        "description": "{{char}} is a lighthouse keeper who talks to gulls.",
+        "personality": "dry, kind",
+        "scenario": "A storm is coming in over the harbour.",
+        "first_mes": "*Mira wipes the lamp glass.* You're late, {{user}}.",
+        "mes_example": "",
+    },
+}
+
+
+def test_chat_with_a_character_card_renders_the_cards_scene(
+    server: SteerServer, tiny_llama: ModelHandle
+) -> None:
+    """``steer_card``: the card's character, scenario and first message join the prompt exactly
+    as steer.rp renders them in process, and the reply is the card's character speaking."""
+    from steer.rp.cards import card_from_json, scene_with_card
+    from steer.rp.formats import get_format, tokenize
+
+    messages = [{"role": "user", "content": "Sorry, the ferry was slow.", "name": "Ada"}]
+    body = {"model": "tiny", "messages": messages, "max_tokens": 6, "temperature": 0}
+    reply = httpx.post(
+        f"{server.http_url}/v1/chat/completions", json=dict(body, steer_card=CARD), timeout=60
+    )
+    assert reply.status_code == 200, reply.text
+    scene = scene_with_card(
+        card_from_json(CARD),
+        {
+            "user": {"name": "Ada"},
+            "characters": [],
+            "turns": [{"speaker": "Ada", "content": messages[0]["content"]}],
+            "system": "",
+        },
+    )
+    rendered = get_format("chat_template").render(scene, "Mira", tokenizer=tiny_llama.tokenizer)
+    assert "lighthouse keeper" in rendered.text and "You're late, Ada." in rendered.text
+    tokens = tokenize(tiny_llama.tokenizer, rendered)
+    request = GenerationRequest(
+        prompt_ids=tokens.ids,
+        speakers=tokens.speakers,
+        speaker="Mira",
+        sampling=GREEDY,
+        max_new_tokens=6,
+        stop=rendered.stop,
+    )
+    assert reply.json()["usage"]["prompt_tokens"] == len(tokens.ids)
+    assert reply.json()["choices"][0]["message"]["content"] == _text(tiny_llama, request)
+    plain = httpx.post(f"{server.http_url}/v1/chat/completions", json=body, timeout=60)
+    assert plain.json()["usage"]["prompt_tokens"] < len(tokens.ids)
+
+
+@pytest.mark.parametrize(
+    ("card", "field"),
+    [
+        ("Mira", "steer_card"),
+        ({"spec": "chara_card_v2", "data": {"name": ""}}, "steer_card.name"),
+        ({"name": "Mira", "first_mes": 3}, "steer_card.first_mes"),
+    ],
+)
+def test_a_bad_card_is_a_400_naming_the_field(
+    server: SteerServer, card: object, field: str
+) -> None:
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "steer_card": card}
+    reply = httpx.post(f"{server.http_url}/v1/chat/completions", json=body, timeout=60)
+    assert reply.status_code == 400, reply.text
+    assert field in reply.json()["error"]["message"] or reply.json()["error"]["param"] == field
+
+
+def test_a_card_on_a_text_completion_is_a_400(server: SteerServer) -> None:
+    body = {"model": "tiny", "prompt": "hi", "steer_card": CARD}
+    reply = httpx.post(f"{server.http_url}/v1/completions", json=body, timeout=60)
+    assert reply.status_code == 400 and reply.json()["error"]["param"] == "steer_card"

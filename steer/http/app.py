@@ -41,6 +41,7 @@ from steer.generation import GenerationEvent
 from steer.http.fields import OpenAIRequest, parse_request
 from steer.json_input import parse_object
 from steer.proto.v1 import generation_pb2
+from steer.rp.cards import card_to_json
 from steer.server import convert
 from steer.server.core import ServiceCore
 from steer.server.scheduler import Subscription
@@ -257,7 +258,8 @@ def _set_prompt(message: generation_pb2.GenerateRequest, parsed: OpenAIRequest) 
         message.text = parsed.prompt
         return
     assert parsed.messages is not None
-    if parsed.prompt_format is None and not any(turn.name for turn in parsed.messages):
+    plain = parsed.prompt_format is None and parsed.card is None
+    if plain and not any(turn.name for turn in parsed.messages):
         message.chat.messages.extend(
             generation_pb2.ChatMessage(role=turn.role, content=turn.content)
             for turn in parsed.messages
@@ -265,6 +267,8 @@ def _set_prompt(message: generation_pb2.GenerateRequest, parsed: OpenAIRequest) 
         return
     scene, speaker = _scene(parsed)
     message.roleplay.scene_json = json.dumps(scene)
+    if parsed.card is not None:
+        message.roleplay.card_json = json.dumps(card_to_json(parsed.card))
     message.roleplay.prompt_format = parsed.prompt_format or "chat_template"
     message.roleplay.speaker = speaker
 
@@ -272,8 +276,11 @@ def _set_prompt(message: generation_pb2.GenerateRequest, parsed: OpenAIRequest) 
 def _scene(parsed: OpenAIRequest) -> tuple[dict[str, Any], str]:
     """A group chat as a steer.rp scene: each named speaker a character, so speaker-scoped
     interventions act on that character's words. The reply is written by the last named
-    assistant speaker (SillyTavern names the next speaker last)."""
+    assistant speaker (SillyTavern names the next speaker last). With a card, unnamed assistant
+    turns are the card's character, who replies unless another is named; the card's
+    character, scenario and first message join the scene when the server renders it."""
     assert parsed.messages is not None
+    card = parsed.card.name if parsed.card is not None else None
     system = "\n\n".join(turn.content for turn in parsed.messages if turn.role == "system")
     user = next((t.name for t in parsed.messages if t.role == "user" and t.name), "User")
     characters: list[str] = []
@@ -281,14 +288,15 @@ def _scene(parsed: OpenAIRequest) -> tuple[dict[str, Any], str]:
     for turn in parsed.messages:
         if turn.role == "system":
             continue
-        name = turn.name or (user if turn.role == "user" else "Assistant")
-        if turn.role == "assistant" and name not in characters:
+        name = turn.name or (user if turn.role == "user" else card or "Assistant")
+        if turn.role == "assistant" and name not in characters and name != card:
             characters.append(name)
         turns.append({"speaker": name, "content": turn.content})
-    speaker = characters[-1] if characters else "Assistant"
+    speaker = characters[-1] if characters else card or "Assistant"
+    listed = characters or ([] if card else [speaker])
     scene = {
         "user": {"name": user},
-        "characters": [{"name": name} for name in characters or [speaker]],
+        "characters": [{"name": name} for name in listed],
         "turns": turns,
         "system": system,
     }

@@ -63,13 +63,17 @@ from typing import Any
 from steer.errors import InvalidArgumentError
 from steer.json_input import json_type
 from steer.limits import MAX_LOGIT_BIAS, MAX_LOGIT_BIAS_ENTRIES
+from steer.rp.cards import card_from_json
 from steer.rp.formats import FORMATS
+from steer.rp.scene import Character
 from steer.sampling import DEFAULT_ORDER, SamplingConfig
 
 #: prefix of the flat numeric slider fields ("steer.moralizing": -1.0)
 SLIDER_PREFIX = "steer."
 #: the field naming a steer.rp prompt format for a chat request
 PROMPT_FORMAT_FIELD = "steer_prompt_format"
+#: the field carrying a character card (Tavern V1/V2 JSON object) for a chat request
+CARD_FIELD = "steer_card"
 #: most choices (``n``) one request may ask for
 MAX_CHOICES = 16
 #: most alternatives per token ``logprobs`` / ``top_logprobs`` may ask for (OpenAI's limit)
@@ -123,6 +127,8 @@ class OpenAIRequest:
     steering: tuple[Mapping[str, Any], ...]
     #: a steer.rp prompt format name (``steer_prompt_format``), or None
     prompt_format: str | None
+    #: the character card (``steer_card``), checked; the reply is in its character's voice
+    card: Character | None
     #: unsupported sampler fields present with a value that is not neutral, sorted
     ignored: tuple[str, ...]
 
@@ -152,6 +158,7 @@ def parse_request(body: Any, *, chat: bool) -> OpenAIRequest:
         sliders=_sliders(body),
         steering=_steering(body),
         prompt_format=_prompt_format(body),
+        card=_card(body, chat),
         ignored=ignored_fields(body),
     )
 
@@ -772,6 +779,22 @@ def _steering(body: Mapping[str, Any]) -> tuple[Mapping[str, Any], ...]:
                 f"must be an object, not {json_type(entry)}", field=f"steering[{index}]"
             )
     return tuple(dict(entry) for entry in value)
+
+
+def _card(body: Mapping[str, Any], chat: bool) -> Character | None:
+    value = body.get(CARD_FIELD)
+    if value is None:
+        return None
+    if not chat:
+        raise InvalidArgumentError(
+            "a character card needs chat messages: use /v1/chat/completions", field=CARD_FIELD
+        )
+    try:
+        return card_from_json(value)
+    except InvalidArgumentError as error:
+        key = (error.field or "").removeprefix("card").lstrip(".")
+        error.field = f"{CARD_FIELD}.{key}" if key else CARD_FIELD
+        raise
 
 
 def _prompt_format(body: Mapping[str, Any]) -> str | None:
