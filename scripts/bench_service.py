@@ -363,7 +363,7 @@ def main() -> int:
             "weight hash, jobs) in threads that end with it; before that, one weight hash on a "
             "gRPC handler thread left torch's OpenMP runtime with an extra thread pool that "
             "slowed every later decode step by about 15% (`in_short_thread` in "
-            "steer/server/scheduler.py)."
+            "steer/service/scheduler.py)."
         )
         write_section("benchmarks.md", "service", markdown, title="Benchmarks")
     return 0

@@ -24,7 +24,7 @@ from steer.models import ModelHandle
 from steer.proto.v1 import generation_pb2, generation_pb2_grpc
 from steer.sampling import SamplingConfig
 from steer.server import SteerServer
-from steer.server.sliders import SliderCatalogue
+from steer.service.sliders import SliderCatalogue
 from steer.vectors import SteeringVector
 
 g = generation_pb2

@@ -36,9 +36,9 @@ from steer.interventions import Intervention as EngineIntervention
 from steer.models import ModelHandle
 from steer.sampling import SamplingConfig
 from steer.server import ServerSettings, SteerServer
-from steer.server.jobs import JobState
-from steer.server.scheduler import ModelWorker
 from steer.server.status import status_of
+from steer.service.jobs import JobState
+from steer.service.scheduler import ModelWorker
 from steer.vectors import SteeringVector
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -482,7 +482,7 @@ def test_model_work_off_the_engine_runs_in_threads_that_end(
     """Loading, the weight hash and jobs run in threads that end with them (libgomp keeps a
     thread pool per thread that ran torch, which slowed the engine's steps; see
     in_short_thread), never on the caller's thread."""
-    from steer.server.scheduler import in_short_thread
+    from steer.service.scheduler import in_short_thread
 
     caller = threading.get_ident()
     ran_on: list[threading.Thread] = []
@@ -496,7 +496,7 @@ def test_model_work_off_the_engine_runs_in_threads_that_end(
     with pytest.raises(ZeroDivisionError):
         in_short_thread(lambda: 1 / 0)
     # the registry hashes the weights when a model is added: Info reads the cached value
-    from steer.server.registry import ModelRegistry
+    from steer.service.registry import ModelRegistry
 
     registry = ModelRegistry(served.settings)
     fresh = ModelHandle(tiny_llama.model, tiny_llama.tokenizer, "fresh", tiny_llama.resolver)

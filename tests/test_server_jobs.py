@@ -19,7 +19,7 @@ from steer.errors import NotFoundError
 from steer.models import ModelHandle, load_model
 from steer.proto.v1 import jobs_pb2
 from steer.server import SteerServer
-from steer.server.jobs import JobRunner, JobState
+from steer.service.jobs import JobRunner, JobState
 
 
 def _has(module: str) -> bool:

@@ -16,7 +16,6 @@ the error catalogue (:data:`steer.errors.HTTP_STATUS`); never a stack trace.
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
 import logging
 import time
@@ -42,11 +41,12 @@ from steer.http.fields import OpenAIRequest, parse_request
 from steer.json_input import parse_object
 from steer.proto.v1 import generation_pb2
 from steer.rp.cards import card_to_json
-from steer.server import convert
-from steer.server.core import ServiceCore
-from steer.server.scheduler import Subscription
-from steer.server.sliders import named_interventions
-from steer.server.status import status_of
+from steer.service import convert
+from steer.service.auth import bearer_matches
+from steer.service.core import ServiceCore
+from steer.service.failures import describe
+from steer.service.scheduler import Subscription
+from steer.service.sliders import named_interventions
 
 log = logging.getLogger("steer.http")
 
@@ -117,16 +117,17 @@ def _authorise(core: ServiceCore, request: Request) -> None:
     if token is None or request.url.path in _PUBLIC:
         return
     given = request.headers.get("authorization", "")
-    if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
+    if not bearer_matches(given, token):
         raise UnauthenticatedError("missing or wrong bearer token (Authorization header)")
 
 
 def error_body(error: BaseException) -> tuple[int, dict[str, Any]]:
     """(HTTP status, OpenAI's error object ``{"message", "type", "param", "code"}``)."""
-    code, message, field = status_of(error)
-    body = {"message": message, "type": code.name.lower(), "param": field, "code": code.name}
-    status = HTTP_STATUS.get(code.name, 500)
-    if code.name == "RESOURCE_EXHAUSTED" and field != "queue":
+    failure = describe(error)
+    code, field = failure.code, failure.field
+    body = {"message": failure.message, "type": code.lower(), "param": field, "code": code}
+    status = HTTP_STATUS.get(code, 500)
+    if code == "RESOURCE_EXHAUSTED" and field != "queue":
         # a full queue is "retry later" (429); a prompt or body over a limit is the request's
         # own fault and retrying it cannot help (OpenAI answers 400 for context length)
         status = 413 if field == "body" else 400

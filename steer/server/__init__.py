@@ -1,22 +1,16 @@
-"""The gRPC service: thin servicers over the engine.
+"""The gRPC front end, and :class:`SteerServer`, the process that serves both front ends.
 
-Layout (one concern per module):
+The shared core (settings, scheduler, models, artifacts, SAEs, sliders, jobs, conversion) is
+:mod:`steer.service`; here only what speaks gRPC:
 
-* ``settings``   -- :class:`ServerSettings`, the one typed schema of limits and flags
-* ``status``     -- domain exception -> gRPC status mapping, applied to every rpc
-* ``convert``    -- proto messages <-> steer domain objects (the only module that knows both)
-* ``scheduler``  -- one engine loop thread per model; requests join its running batch
-* ``registry``   -- loaded models by id
-* ``store``      -- vector artifacts under the models root
-* ``saes``       -- loaded SAEs by id, each bound to its model
-* ``paths``      -- confinement of user paths to the models root
+* ``status``     -- failures -> gRPC status codes, applied to every rpc
 * ``auth``       -- bearer-token interceptor
-* ``jobs``       -- generic job runner (progress, cancel, result) for directions and bakes
 * ``servicers``  -- one class per proto service
-* ``app``        -- :class:`SteerServer`: wires it all into a ``grpc.Server``
+* ``app``        -- :class:`SteerServer`: the gRPC services, health, reflection and the HTTP API
+  (:mod:`steer.http`) on one event loop
 """
 
 from steer.server.app import SteerServer
-from steer.server.settings import ServerSettings
+from steer.service.settings import ServerSettings
 
 __all__ = ["ServerSettings", "SteerServer"]

@@ -1,4 +1,4 @@
-""":class:`SteerServer`: the gRPC server with every service, health and reflection wired in.
+""":class:`SteerServer`: gRPC (every service, health, reflection) and HTTP on one event loop.
 
 Services are registered from their proto descriptors: each rpc named in a ``service`` block is
 served by the servicer method of the same name, wrapped by :func:`~steer.server.status.guard`.
@@ -37,7 +37,6 @@ from steer.proto.v1 import (
     models_pb2,
 )
 from steer.server.auth import TokenAuthInterceptor
-from steer.server.core import ServiceCore
 from steer.server.servicers import (
     BakeServicer,
     DirectionsServicer,
@@ -46,9 +45,10 @@ from steer.server.servicers import (
     JobsServicer,
     ModelsServicer,
 )
-from steer.server.settings import ServerSettings
-from steer.server.sliders import SliderCatalogue
 from steer.server.status import Malformed, guard
+from steer.service.core import ServiceCore
+from steer.service.settings import ServerSettings
+from steer.service.sliders import SliderCatalogue
 
 log = logging.getLogger("steer.server")
 

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import hmac
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
+
+from steer.service.auth import bearer_matches
 
 EXEMPT_PREFIXES = ("/grpc.health.v1.Health/",)
 
@@ -15,7 +16,7 @@ class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
     """Rejects calls without ``authorization: Bearer <token>`` with UNAUTHENTICATED."""
 
     def __init__(self, token: str) -> None:
-        self._expected = f"Bearer {token}".encode()
+        self._token = token
 
     async def intercept_service(
         self,
@@ -29,7 +30,7 @@ class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
         for key, value in handler_call_details.invocation_metadata or ():
             if key == "authorization":
                 given = value if isinstance(value, str) else value.decode("latin-1")
-        if hmac.compare_digest(given.encode(), self._expected):
+        if bearer_matches(given, self._token):
             return await continuation(handler_call_details)
         handler = await continuation(handler_call_details)
         return _rejecting(handler, "missing or wrong bearer token (authorization metadata)")

@@ -34,15 +34,15 @@ from steer.proto.v1 import (
     jobs_pb2,
     models_pb2,
 )
-from steer.server import convert
-from steer.server.core import ServiceCore
-from steer.server.jobs import JobRunner
-from steer.server.paths import check_id, confine, confine_recipe, hide_root, root_hidden
-from steer.server.registry import ModelRegistry
-from steer.server.saes import LoadedSae, SaeRegistry
-from steer.server.settings import ServerSettings
 from steer.server.status import inline
-from steer.server.store import ArtifactStore
+from steer.service import convert
+from steer.service.core import ServiceCore
+from steer.service.jobs import JobRunner
+from steer.service.paths import check_id, confine, confine_recipe, hide_root, root_hidden
+from steer.service.registry import ModelRegistry
+from steer.service.saes import LoadedSae, SaeRegistry
+from steer.service.settings import ServerSettings
+from steer.service.store import ArtifactStore
 
 
 class GenerationServicer:
@@ -105,7 +105,7 @@ class FeaturesServicer:
     """SAEs by id, and feature reads through :mod:`steer.sae.features`.
 
     The library calls run on the model's engine thread between two steps
-    (:meth:`~steer.server.scheduler.ModelWorker.call`): their hooks attach to the modules the
+    (:meth:`~steer.service.scheduler.ModelWorker.call`): their hooks attach to the modules the
     running batch's forward passes use. The handler coroutine awaits the result (no thread
     waits); a client that goes away before its call starts takes the call off the queue.
     """

@@ -1,10 +1,8 @@
 """Errors on the wire: domain exceptions -> gRPC status codes, never a stack trace.
 
-Every servicer method is wrapped by :func:`guard`, which maps
-
-* :class:`steer.errors.SteerError` subclasses to their ``status_code``,
-* ``torch.OutOfMemoryError`` / ``MemoryError`` to ``RESOURCE_EXHAUSTED``,
-* anything else to ``INTERNAL`` with an incident id (the traceback goes to the server log only).
+Every servicer method is wrapped by :func:`guard`, which answers each exception with the status
+:func:`steer.service.failures.describe` names for it (``INTERNAL`` with an incident id for one
+that is not a domain error; the traceback goes to the server log only).
 
 The offending field travels in the trailing metadata key ``steer-field`` so the client can
 re-raise the same typed exception with the same ``field``.
@@ -15,13 +13,10 @@ from __future__ import annotations
 import asyncio
 import functools
 import inspect
-import logging
-import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import grpc
-import torch
 
 from steer.errors import (
     AlreadyExistsError,
@@ -31,6 +26,7 @@ from steer.errors import (
     UnavailableError,
     UnimplementedError,
 )
+from steer.service.failures import describe
 
 # the service's errors live with every other domain error (steer.errors); re-exported here
 __all__ = [
@@ -43,8 +39,6 @@ __all__ = [
     "status_of",
 ]
 
-log = logging.getLogger("steer.server")
-
 FIELD_KEY = "steer-field"
 
 
@@ -55,31 +49,10 @@ class Malformed:
         self.error = error
 
 
-#: longest message and field name sent back: a client's 10,000-character id echoed in the
-#: details would overflow gRPC's metadata limit and turn the error into another one
-MAX_MESSAGE = 2000
-MAX_FIELD = 200
-
-
-def _clip(text: str, limit: int) -> str:
-    return text if len(text) <= limit else f"{text[: limit - 16]}... ({len(text)} chars)"
-
-
 def status_of(error: BaseException) -> tuple[grpc.StatusCode, str, str | None]:
     """(status code, message, field) for an exception raised while serving."""
-    if isinstance(error, SteerError):
-        field = _clip(error.field, MAX_FIELD) if error.field else error.field
-        text = f"{field}: {error.message}" if field else error.message
-        return grpc.StatusCode[error.status_code], _clip(text, MAX_MESSAGE), field
-    if isinstance(error, (torch.OutOfMemoryError, MemoryError)):
-        return (
-            grpc.StatusCode.RESOURCE_EXHAUSTED,
-            "out of memory while running this request; try fewer tokens or a smaller batch",
-            None,
-        )
-    incident = uuid.uuid4().hex[:12]
-    log.error("internal error %s", incident, exc_info=error)
-    return grpc.StatusCode.INTERNAL, f"internal error (incident {incident}; see server log)", None
+    failure = describe(error)
+    return grpc.StatusCode[failure.code], failure.message, failure.field
 
 
 async def abort(context: grpc.aio.ServicerContext, error: BaseException) -> None:

@@ -45,12 +45,12 @@ class ServerSettings:
     tls_key: Path | None = None
     #: seconds streams get to finish on shutdown before they are cancelled
     shutdown_grace: float = 10.0
-    #: the operator's named sliders (TOML, steer.server.sliders); None = none
+    #: the operator's named sliders (TOML, steer.service.sliders); None = none
     sliders: Path | None = None
     #: port of the OpenAI-compatible HTTP API on the same host; 0 picks a free one, None = off
     http_port: int | None = None
     #: longest wait (seconds) of an idle engine for the rest of a burst of requests, so
-    #: requests sent together share one prefill (steer.server.scheduler); 0 turns it off
+    #: requests sent together share one prefill (steer.service.scheduler); 0 turns it off
     admission_window: float = 0.05
 
     def __post_init__(self) -> None:

@@ -4,7 +4,7 @@ sliders, jobs and settings, and the one path from a generation request to a runn
 The gRPC servicers and the OpenAI-compatible HTTP routes are thin layers over one
 :class:`ServiceCore`: a model is loaded once, whichever front end calls it, and a request over
 either becomes a ``GenerateRequest`` message that :meth:`ServiceCore.start_generation` turns into
-engine rows through :func:`steer.server.convert.generation_plan`. So a slider, an artifact or a
+engine rows through :func:`steer.service.convert.generation_plan`. So a slider, an artifact or a
 sampler field means the same thing on both.
 """
 
@@ -19,14 +19,14 @@ from steer.bake.provenance import remove_stale_under
 from steer.errors import UnavailableError
 from steer.models import ModelHandle
 from steer.proto.v1 import generation_pb2
-from steer.server import convert
-from steer.server.jobs import JobRunner
-from steer.server.registry import ModelRegistry
-from steer.server.saes import SaeRegistry
-from steer.server.scheduler import Subscription
-from steer.server.settings import ServerSettings
-from steer.server.sliders import SliderCatalogue
-from steer.server.store import ArtifactStore
+from steer.service import convert
+from steer.service.jobs import JobRunner
+from steer.service.registry import ModelRegistry
+from steer.service.saes import SaeRegistry
+from steer.service.scheduler import Subscription
+from steer.service.settings import ServerSettings
+from steer.service.sliders import SliderCatalogue
+from steer.service.store import ArtifactStore
 
 
 @dataclass(eq=False)

@@ -20,12 +20,12 @@ from steer.limits import check_text_size
 from steer.models import ModelHandle
 from steer.proto.v1 import directions_pb2, features_pb2, generation_pb2, jobs_pb2, models_pb2
 from steer.sampling import SamplingConfig
-from steer.server.jobs import JobSnapshot
-from steer.server.registry import LoadedModel
-from steer.server.saes import LoadedSae, SaeRegistry
-from steer.server.settings import ServerSettings
-from steer.server.sliders import Slider, SliderCatalogue
-from steer.server.store import ArtifactFiles, ArtifactStore
+from steer.service.jobs import JobSnapshot
+from steer.service.registry import LoadedModel
+from steer.service.saes import LoadedSae, SaeRegistry
+from steer.service.settings import ServerSettings
+from steer.service.sliders import Slider, SliderCatalogue
+from steer.service.store import ArtifactFiles, ArtifactStore
 from steer.vectors import SteeringVector
 
 if TYPE_CHECKING:

@@ -19,8 +19,8 @@ from dataclasses import dataclass, replace
 from enum import StrEnum
 
 from steer.errors import NotFoundError, SteerError
-from steer.server.scheduler import in_short_thread
-from steer.server.status import status_of
+from steer.service.failures import describe
+from steer.service.scheduler import in_short_thread
 
 Work = Callable[[Callable[[str, float], None], threading.Event], tuple[str, str]]
 
@@ -108,7 +108,7 @@ class JobRunner:
             job = _Job(JobSnapshot(job_id, kind))
             self._jobs[job_id] = job
         # the executor bounds how many jobs run at once; each runs in a thread of its own that
-        # ends with it (see steer.server.scheduler.in_short_thread)
+        # ends with it (see steer.service.scheduler.in_short_thread)
         self._executor.submit(in_short_thread, lambda: self._run(job, work))
         return job.snapshot
 
@@ -127,8 +127,8 @@ class JobRunner:
             if job.cancelled.is_set():
                 self._finish(job, state=JobState.CANCELLED)
                 return
-            code, message, _field = status_of(error)
-            self._finish(job, state=JobState.FAILED, error_code=code.name, error=message)
+            failure = describe(error)
+            self._finish(job, state=JobState.FAILED, error_code=failure.code, error=failure.message)
             return
         if job.cancelled.is_set():
             self._finish(job, state=JobState.CANCELLED)

@@ -20,7 +20,7 @@ from steer.errors import (
     SteerError,
 )
 from steer.models import ModelHandle
-from steer.server.paths import check_id, is_id
+from steer.service.paths import check_id, is_id
 
 
 @dataclass(frozen=True)

@@ -14,9 +14,9 @@ from typing import TYPE_CHECKING
 
 from steer.errors import AlreadyExistsError, FailedPreconditionError, NotFoundError, SteerError
 from steer.models import ModelHandle
-from steer.server.paths import check_id, confine, root_hidden
-from steer.server.registry import LoadedModel
-from steer.server.scheduler import in_short_thread
+from steer.service.paths import check_id, confine, root_hidden
+from steer.service.registry import LoadedModel
+from steer.service.scheduler import in_short_thread
 
 if TYPE_CHECKING:  # steer.sae imports SAELens, which the server loads only once an SAE is used
     from steer.sae import SparseAutoencoder

@@ -29,7 +29,7 @@
 A slider at value ``v`` is the gRPC :class:`Intervention` its kind names with ``v`` as the
 ablation weight, the addition strength or the feature slider's value. Both front ends move
 sliders by name (HTTP: a flat ``"steer.NAME": v`` field; gRPC: ``Intervention.named``) and both
-turn the result into a domain intervention through :func:`steer.server.convert.intervention`,
+turn the result into a domain intervention through :func:`steer.service.convert.intervention`,
 so a slider means the same thing everywhere. At its neutral value (0; 1 for ``scale``) a slider
 adds no intervention at all, so the output is bit-identical to no slider.
 """

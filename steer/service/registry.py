@@ -1,4 +1,4 @@
-"""Loaded models by id, each with its :class:`~steer.server.scheduler.ModelWorker`."""
+"""Loaded models by id, each with its :class:`~steer.service.scheduler.ModelWorker`."""
 
 from __future__ import annotations
 
@@ -16,9 +16,9 @@ from steer.errors import (
 )
 from steer.models import ModelHandle, load_model
 from steer.offline import OFFLINE_MODELS
-from steer.server.paths import check_id, confine, root_hidden
-from steer.server.scheduler import ModelWorker, in_short_thread
-from steer.server.settings import ServerSettings
+from steer.service.paths import check_id, confine, root_hidden
+from steer.service.scheduler import ModelWorker, in_short_thread
+from steer.service.settings import ServerSettings
 
 
 @dataclass(frozen=True, eq=False)
