@@ -28,6 +28,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from google.protobuf import json_format
 from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from steer.errors import (
     HTTP_STATUS,
@@ -61,14 +62,7 @@ def create_app(core: ServiceCore) -> FastAPI:
     app = FastAPI(title="steer", summary="OpenAI-compatible API with steering sliders")
     app.state.core = core
 
-    @app.middleware("http")
-    async def errors_and_auth(request: Request, call_next: Any) -> Response:
-        try:
-            _authorise(core, request)
-            response: Response = await call_next(request)
-            return response
-        except Exception as error:  # every failure becomes OpenAI's error JSON
-            return error_response(error)
+    app.add_middleware(_Guard, core=core)
 
     @app.exception_handler(HTTPException)
     async def routing_error(request: Request, error: HTTPException) -> Response:
@@ -110,6 +104,35 @@ def create_app(core: ServiceCore) -> FastAPI:
         return await _generate(core, request, chat=True)
 
     return app
+
+
+class _Guard:
+    """Checks the bearer token, and turns every failure before the response starts into
+    OpenAI's error JSON. A plain ASGI middleware: Starlette's ``BaseHTTPMiddleware`` would pass
+    every streamed chunk through a memory stream and a task switch of its own."""
+
+    def __init__(self, app: ASGIApp, core: ServiceCore) -> None:
+        self.app = app
+        self.core = core
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def watch(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            _authorise(self.core, Request(scope))
+            await self.app(scope, receive, watch)
+        except Exception as error:  # every failure becomes OpenAI's error JSON
+            if started:
+                raise
+            await error_response(error)(scope, receive, send)
 
 
 def _authorise(core: ServiceCore, request: Request) -> None:
