@@ -11,11 +11,12 @@ For each stream count N, N chat requests with N distinct sliders (random unit ve
 3. over the OpenAI-compatible HTTP API of the same server: N threads streaming
    ``/v1/chat/completions`` (SSE) with the same slider as a ``steering`` entry.
 
-All paths are first warmed on the largest workload; then each N runs ``--repeats`` times,
-alternating, and the fastest run of each is kept. Reported per N: aggregate tokens/s (all tokens
-/ wall time), per-token latency p50/p99 (gaps between streamed messages of one request), time to
-first token, and each front end's overhead ``wall / in_process_wall - 1``. Prints one JSON line
-and writes docs/benchmarks.md section "service".
+All paths are first warmed on the largest workload; then each N runs ``--repeats`` rounds, each
+round running the three paths one after the other. Reported per N: aggregate tokens/s of the
+best round of each path (all tokens / wall time), per-token latency p50/p99 (gaps between
+streamed messages of one request), time to first token, and each front end's overhead: the
+median over rounds of ``wall / in_process_wall - 1`` within the round, with its range. Prints
+one JSON line and writes docs/benchmarks.md section "service".
 """
 
 from __future__ import annotations
@@ -234,6 +235,48 @@ def over_http(url: str, d_model: int, streams: int, max_new_tokens: int) -> Meas
     return Measurement(wall, sum(counts.values()), ordered, gaps, first, errors)  # type: ignore[arg-type]
 
 
+def overheads(remotes: list[Measurement], locals_: list[Measurement]) -> list[float]:
+    """Each round's overhead in percent: the front end's wall over the in-process wall of the
+    same round (adjacent in time, so a slow spell of the shared machine hits both)."""
+    return [100 * (r.wall / l.wall - 1) for r, l in zip(remotes, locals_, strict=True)]
+
+
+def summarise(
+    handle: ModelHandle,
+    streams: int,
+    locals_: list[Measurement],
+    remotes: list[Measurement],
+    webs: list[Measurement],
+) -> dict[str, Any]:
+    """One table row: throughput of the best round of each path, and the median (and range) of
+    the paired per-round overheads."""
+    local = min(locals_, key=lambda m: m.wall)
+    remote = min(remotes, key=lambda m: m.wall)
+    web = min(webs, key=lambda m: m.wall)
+    local_texts = [
+        handle.tokenizer.decode(ids, skip_special_tokens=True) for ids in local.ids if ids
+    ]
+    grpc_rounds, http_rounds = overheads(remotes, locals_), overheads(webs, locals_)
+    return {
+        "streams": streams,
+        "grpc_tokens_per_s": remote.tokens / remote.wall,
+        "in_process_tokens_per_s": local.tokens / local.wall,
+        "p50_token_ms": 1000 * percentile(remote.gaps, 0.5),
+        "p99_token_ms": 1000 * percentile(remote.gaps, 0.99),
+        "first_token_ms": 1000 * statistics.median(remote.first or [float("nan")]),
+        "overhead_pct": statistics.median(grpc_rounds),
+        "overhead_range_pct": f"{min(grpc_rounds):.1f} .. {max(grpc_rounds):.1f}",
+        "same_tokens": all(m.ids == local.ids for m in remotes),
+        "errors": sum(len(m.errors) for m in remotes),
+        "http_tokens_per_s": web.tokens / web.wall,
+        "http_overhead_pct": statistics.median(http_rounds),
+        "http_overhead_range_pct": f"{min(http_rounds):.1f} .. {max(http_rounds):.1f}",
+        "http_first_token_ms": 1000 * statistics.median(web.first or [float("nan")]),
+        "http_same_text": all(m.ids == local_texts for m in webs),
+        "http_errors": sum(len(m.errors) for m in webs),
+    }
+
+
 def start_server(port: int) -> tuple[subprocess.Popen[str], str, str]:
     command = [
         sys.executable,
@@ -265,12 +308,13 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--streams", type=int, nargs="+", default=[1, 4, 16])
     parser.add_argument("--max-new-tokens", type=int, default=32)
-    parser.add_argument("--repeats", type=int, default=3, help="alternating runs; best kept")
+    parser.add_argument("--repeats", type=int, default=5, help="rounds of the three paths")
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--no-docs", action="store_true")
     args = parser.parse_args()
 
     started = time.perf_counter()
+    load_before = os.getloadavg()[0]
     handle = load_model(MODEL)
     server, target, url = start_server(args.port)
     rows: list[dict[str, Any]] = []
@@ -283,34 +327,11 @@ def main() -> int:
         over_http(url, handle.d_model, largest, 8)
         for streams in args.streams:
             locals_, remotes, webs = [], [], []
-            for _ in range(args.repeats):  # alternate, keep the best of each
+            for _ in range(args.repeats):  # alternate: each round is one paired comparison
                 locals_.append(in_process(handle, streams, args.max_new_tokens))
                 remotes.append(over_grpc(target, handle.d_model, streams, args.max_new_tokens))
                 webs.append(over_http(url, handle.d_model, streams, args.max_new_tokens))
-            local = min(locals_, key=lambda m: m.wall)
-            remote = min(remotes, key=lambda m: m.wall)
-            web = min(webs, key=lambda m: m.wall)
-            local_texts = [
-                handle.tokenizer.decode(ids, skip_special_tokens=True) for ids in local.ids if ids
-            ]
-            rows.append(
-                {
-                    "streams": streams,
-                    "grpc_tokens_per_s": remote.tokens / remote.wall,
-                    "in_process_tokens_per_s": local.tokens / local.wall,
-                    "p50_token_ms": 1000 * percentile(remote.gaps, 0.5),
-                    "p99_token_ms": 1000 * percentile(remote.gaps, 0.99),
-                    "first_token_ms": 1000 * statistics.median(remote.first or [float("nan")]),
-                    "overhead_pct": 100 * (remote.wall / local.wall - 1),
-                    "same_tokens": remote.ids == local.ids,
-                    "errors": len(remote.errors),
-                    "http_tokens_per_s": web.tokens / web.wall,
-                    "http_overhead_pct": 100 * (web.wall / local.wall - 1),
-                    "http_first_token_ms": 1000 * statistics.median(web.first or [float("nan")]),
-                    "http_same_text": web.ids == local_texts,
-                    "http_errors": len(web.errors),
-                }
-            )
+            rows.append(summarise(handle, streams, locals_, remotes, webs))
     finally:
         server.terminate()
         server.wait(timeout=60)
@@ -323,6 +344,8 @@ def main() -> int:
         "max_new_tokens": args.max_new_tokens,
         "machine": machine(),
         "rows": rows,
+        "load_average_before": load_before,
+        "load_average_after": os.getloadavg()[0],
         "wall_s": time.perf_counter() - started,
     }
     emit(record)
@@ -333,6 +356,7 @@ def main() -> int:
             "in_process_tokens_per_s",
             "scaling_vs_1",
             "overhead_pct",
+            "overhead_range_pct",
             "p50_token_ms",
             "p99_token_ms",
             "first_token_ms",
@@ -340,6 +364,7 @@ def main() -> int:
             "errors",
             "http_tokens_per_s",
             "http_overhead_pct",
+            "http_overhead_range_pct",
             "http_first_token_ms",
             "http_same_text",
             "http_errors",
@@ -352,14 +377,19 @@ def main() -> int:
             "subprocess serving both APIs; clients stream from threads of the benchmark process "
             "(gRPC: `SteerClient`; HTTP: httpx streaming `/v1/chat/completions` with the slider "
             "as a `steering` entry). Every path "
-            f"warmed first; best of {args.repeats} alternating runs. Load average before the "
-            f"run: {os.getloadavg()[0]:.2f}.\n\n"
+            f"warmed first; then {args.repeats} rounds, each running the in-process engine, gRPC "
+            "and HTTP once, one after the other. Tokens/s are the best round of each path; an "
+            "overhead is the median of the rounds' paired overheads (front-end wall / in-process "
+            "wall of the same round - 1), with their range. Load average before the runs: "
+            f"{load_before:.2f}; after: {record['load_average_after']:.2f} (the runs raise it "
+            "themselves).\n\n"
             + table(rows, columns)
             + "\n\nGoals: overhead <= 5% at every stream count, gRPC and HTTP alike; "
             "16 streams >= 3x one stream. "
-            "Repeated runs of the same build on this shared 2-core machine differ by a few "
-            "percent either way, so a negative overhead means the gRPC run happened to be the "
-            "faster one. The server runs model code other than decode steps (loading, the "
+            "On this shared 2-core machine the same build's rounds differ by several percent "
+            "either way (the range columns), so a negative overhead means that front end's "
+            "round happened to be the faster one; the client threads that read the streams run "
+            "on the same two cores as the engine and are counted in the overhead. The server runs model code other than decode steps (loading, the "
             "weight hash, jobs) in threads that end with it; before that, one weight hash on a "
             "gRPC handler thread left torch's OpenMP runtime with an extra thread pool that "
             "slowed every later decode step by about 15% (`in_short_thread` in "
