@@ -238,7 +238,7 @@ def over_http(url: str, d_model: int, streams: int, max_new_tokens: int) -> Meas
 def overheads(remotes: list[Measurement], locals_: list[Measurement]) -> list[float]:
     """Each round's overhead in percent: the front end's wall over the in-process wall of the
     same round (adjacent in time, so a slow spell of the shared machine hits both)."""
-    return [100 * (r.wall / l.wall - 1) for r, l in zip(remotes, locals_, strict=True)]
+    return [100 * (far.wall / near.wall - 1) for far, near in zip(remotes, locals_, strict=True)]
 
 
 def summarise(
@@ -389,8 +389,9 @@ def main() -> int:
             "On this shared 2-core machine the same build's rounds differ by several percent "
             "either way (the range columns), so a negative overhead means that front end's "
             "round happened to be the faster one; the client threads that read the streams run "
-            "on the same two cores as the engine and are counted in the overhead. The server runs model code other than decode steps (loading, the "
-            "weight hash, jobs) in threads that end with it; before that, one weight hash on a "
+            "on the same two cores as the engine and are counted in the overhead. The server "
+            "runs model code other than decode steps (loading, the weight hash, jobs) in "
+            "threads that end with it; before that, one weight hash on a "
             "gRPC handler thread left torch's OpenMP runtime with an extra thread pool that "
             "slowed every later decode step by about 15% (`in_short_thread` in "
             "steer/service/scheduler.py)."
