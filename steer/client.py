@@ -680,26 +680,13 @@ class SteerClient:
 
 def _set_recipe(request: Any, recipe: str | Mapping[str, Any]) -> None:
     if isinstance(recipe, Mapping):
-        request.recipe_toml = _to_toml(recipe)
+        from steer.recipes import toml_text
+
+        request.recipe_toml = toml_text(recipe)
     elif recipe.endswith(".toml") and "\n" not in recipe:
         request.recipe_path = recipe
     else:
         request.recipe_toml = recipe
-
-
-def _to_toml(table: Mapping[str, Any], prefix: str = "") -> str:
-    """Minimal TOML writer for recipe dicts (scalars, lists of scalars, nested tables)."""
-    lines, nested = [], []
-    for key, value in table.items():
-        if isinstance(value, Mapping):
-            nested.append((key, value))
-        else:
-            lines.append(f"{key} = {json.dumps(value)}")
-    text = "\n".join(lines) + ("\n" if lines else "")
-    for key, value in nested:
-        name = f"{prefix}.{key}" if prefix else key
-        text += f"\n[{name}]\n" + _to_toml(value, name)
-    return text
 
 
 # -- asyncio client ---------------------------------------------------------------------------

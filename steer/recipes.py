@@ -42,7 +42,7 @@ import torch
 
 from steer.artifacts import VectorArtifact, load_vector
 from steer.errors import InvalidArgumentError, NotFoundError
-from steer.hooks import HookKind, parse_hook_name
+from steer.hooks import HookKind, parse_hook_name, resid_post_hooks
 from steer.interventions import Ablate, Add, Intervention
 from steer.vectors import SteeringVector
 
@@ -178,23 +178,17 @@ class Recipe:
             if isinstance(edit, AblateEdit):
                 result.append((edit, _ablate_interventions(self, edit, num_layers, loader, where)))
             elif isinstance(edit, AddEdit):
-                artifact = loader(self.resolve(edit.vector))
-                vector = artifact.vector
-                # explicit hooks, else the listed layers' outputs, else the hooks the artifact
-                # was read at (a direction from `steer directions`), else its layers' outputs
-                hooks = edit.hooks
-                if not hooks and edit.layers is None:
-                    hooks = tuple(artifact.metadata.get("hooks") or ())
-                hooks = hooks or tuple(
-                    f"blocks.{layer}.hook_resid_post" for layer in (edit.layers or vector.layers)
+                addition = loader(self.resolve(edit.vector)).addition(
+                    edit.strength, hooks=edit.hooks or None, layers=edit.layers
                 )
+                hooks = addition.hooks or resid_post_hooks(addition.vector.layers)
                 if not hooks:
                     raise InvalidArgumentError(
                         "a shared vector needs `layers` or `hooks`", field=f"{where}.layers"
                     )
                 for hook in hooks:
                     parse_hook_name(hook, num_layers, field=f"{where}.hooks")
-                result.append((edit, [Add(vector, edit.strength, hooks=hooks)]))
+                result.append((edit, [addition]))
             else:
                 result.append((edit, [_feature_intervention(self, edit, num_layers, where)]))
         return result
@@ -586,22 +580,36 @@ def recipe_to_dict(recipe: Recipe) -> dict[str, Any]:
 
 def recipe_to_toml(recipe: Recipe) -> str:
     """The recipe as TOML text that :func:`load_recipe` reads back (artifact paths absolute)."""
-    data = recipe_to_dict(recipe)
-    lines = [
-        f"{key} = {_toml_value(data[key])}"
-        for key in ("name", "description", "dtype")
-        if key in data
-    ]
-    for edit in data["edits"]:
-        lines += ["", "[[edits]]"]
-        tables = {key: value for key, value in edit.items() if isinstance(value, dict)}
-        lines += [
-            f"{key} = {_toml_value(value)}" for key, value in edit.items() if key not in tables
-        ]
-        for key, table in tables.items():
-            lines.append(f"[edits.{key}]")
-            lines += [f"{name} = {_toml_value(value)}" for name, value in table.items()]
-    return "\n".join(lines) + "\n"
+    return toml_text(recipe_to_dict(recipe))
+
+
+def toml_text(data: Mapping[str, Any]) -> str:
+    """``data`` as TOML text: scalars and lists of them, tables, and lists of tables written as
+    ``[[name]]`` (a recipe's ``[[edits]]``); what :func:`load_recipe` and a server read back."""
+    return "\n".join(_toml_lines(data, "")).lstrip("\n") + "\n"
+
+
+def _toml_lines(table: Mapping[str, Any], prefix: str) -> list[str]:
+    lines, nested = [], []
+    for key, value in table.items():
+        name = f"{prefix}.{_toml_key(key)}" if prefix else _toml_key(key)
+        if isinstance(value, Mapping):
+            nested += ["", f"[{name}]", *_toml_lines(value, name)]
+        elif (
+            isinstance(value, list | tuple)
+            and value
+            and all(isinstance(item, Mapping) for item in value)
+        ):
+            for item in value:
+                nested += ["", f"[[{name}]]", *_toml_lines(item, name)]
+        else:
+            lines.append(f"{_toml_key(key)} = {_toml_value(value)}")
+    return lines + nested
+
+
+def _toml_key(key: str) -> str:
+    bare = key and all(c.isascii() and (c.isalnum() or c in "-_") for c in key)
+    return key if bare else json.dumps(key)
 
 
 def _toml_value(value: Any) -> str:
@@ -611,7 +619,7 @@ def _toml_value(value: Any) -> str:
         return repr(value)
     if isinstance(value, str):
         return json.dumps(value)  # a JSON string is a valid TOML basic string
-    if isinstance(value, list):
+    if isinstance(value, list | tuple):
         return "[" + ", ".join(_toml_value(item) for item in value) + "]"
     raise TypeError(f"no TOML form for {type(value).__name__}")
 

@@ -391,3 +391,20 @@ def test_the_root_is_intact_after_every_refusal(served) -> None:  # type: ignore
     assert (root / "data" / "notes.txt").read_text() == "an operator's notes"
     assert json.loads((root / "artifacts" / "direction" / "steer.json").read_text())
     assert (root / "tiny-llama" / "config.json").exists()
+
+
+def test_a_recipe_given_as_a_dict_bakes_through_the_server(client, served) -> None:  # type: ignore[no-untyped-def]
+    """The client writes a dict recipe's ``[[edits]]`` as TOML the server reads (its own writer
+    once sent ``edits = [{...}]``, JSON that no TOML parser reads)."""
+    recipe = {
+        "name": "from-a-dict",
+        "edits": [{"kind": "ablate", "direction": "direction", "layers": [1, 2], "weight": 0.5}],
+    }
+    done = _finished(client, client.bake("tiny-llama", recipe, "baked/from-dict"))
+    assert done.state == jobs_pb2.JOB_STATE_SUCCEEDED, done.error
+    assert done.result == "baked/from-dict"
+    record = json.loads(
+        (served.settings.models_root / "baked" / "from-dict" / "steer_provenance.json").read_text()
+    )
+    assert record["recipe"]["name"] == "from-a-dict"
+    assert record["recipe"]["edits"][0]["weight"] == 0.5
