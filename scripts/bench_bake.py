@@ -34,7 +34,7 @@ from pathlib import Path
 mode, source, target = sys.argv[1], sys.argv[2], sys.argv[3]
 import torch
 from steer.bake.api import bake_with_options
-from steer.bake.model import BakeOptions
+from steer.bake.options import BakeOptions
 from steer.recipes import load_recipe
 usage = resource.getrusage(resource.RUSAGE_SELF)
 cpu_at_start = usage.ru_utime + usage.ru_stime

@@ -17,7 +17,7 @@ from steer.artifacts import save_vector
 from steer.bake import BakeCancelled, bake, read_control_vector, verify
 from steer.bake.api import bake_with_options
 from steer.bake.memory import edited_copy
-from steer.bake.model import BakeOptions
+from steer.bake.options import BakeOptions
 from steer.bake.source import open_source
 from steer.cli.bake import main as bake_main
 from steer.errors import (
@@ -693,14 +693,14 @@ def test_full_disk_leaves_nothing(sources, tmp_path, sharded) -> None:  # type: 
 def test_parallel_shards_equal_one_at_a_time(sources, tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     """Shards written by several threads at once are byte for byte the shards one thread
     writes, with the same recorded hashes."""
-    import steer.bake.model as bake_model
+    import steer.bake.writer as bake_writer
 
     handle, _source, direction = sources["qwen2"]
     sharded = save_source(handle, tmp_path / "sharded", max_shard_size="60KB")
     assert len(list(sharded.glob("*.safetensors"))) > 2
     recipe = {"edits": [{"kind": "ablate", "direction": str(direction)}]}
     parallel = bake(str(sharded), recipe, tmp_path / "parallel")
-    monkeypatch.setattr(bake_model, "SHARD_THREADS", 1)
+    monkeypatch.setattr(bake_writer, "SHARD_THREADS", 1)
     serial = bake(str(sharded), recipe, tmp_path / "serial")
     files = sorted(p.name for p in serial.iterdir() if p.name != "steer_provenance.json")
     assert sorted(p.name for p in parallel.iterdir() if p.name != "steer_provenance.json") == files

@@ -10,7 +10,9 @@ from typing import Any
 
 from steer.bake import provenance
 from steer.bake.control_vector import write_control_vector
-from steer.bake.model import BakeCancelled, BakeOptions, bake_weights, resolve
+from steer.bake.model import bake_weights
+from steer.bake.options import BakeCancelled, BakeOptions
+from steer.bake.resolve import resolve
 from steer.bake.source import open_source
 from steer.errors import FailedPreconditionError, InvalidArgumentError
 from steer.offline import OFFLINE_MODELS, resolve_offline

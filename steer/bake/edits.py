@@ -261,7 +261,7 @@ def _check_size(size: int, d_model: int, field_name: str) -> None:
 #: overhead: measured on Qwen2.5-0.5B (2 cores, scripts/bench_bake.py), 32768-element blocks
 #: (about 8,000 per bake) gave a bake of 1.29 s and 1.88 CPU s, 262144-element blocks 1.04 s and
 #: 1.64 CPU s. Blocks above torch's grain size (32768) would start intra-op threads; the bake's
-#: shard threads run torch on themselves only (steer.bake.model.serial_torch_in_this_thread).
+#: shard threads run torch on themselves only (steer.bake.threads.serial_torch_in_this_thread).
 BLOCK_ELEMENTS = 262144
 
 

@@ -12,7 +12,7 @@ import copy
 import torch
 
 from steer.bake.edits import check_layout, edit_columns
-from steer.bake.model import resolve
+from steer.bake.resolve import resolve
 from steer.errors import InvalidArgumentError
 from steer.hooks import ArchitectureLayout
 from steer.models import ModelHandle, from_pretrained_model

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from steer.artifacts import load_vector
 from steer.bake.api import OUTPUT_FORMATS, bake_with_options, recipe_from_flags
 from steer.bake.control_vector import verify_control_vector
-from steer.bake.model import BakeOptions
+from steer.bake.options import BakeOptions
 from steer.bake.provenance import PROVENANCE, verify
 from steer.errors import NotFoundError
 from steer.models import DTYPES
