@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,6 +27,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from steer.errors import FailedPreconditionError, InvalidArgumentError, NotFoundError
+from steer.hooks import resid_post_hooks
+from steer.interventions import Ablate, Add, Phase
 from steer.json_input import json_type, parse_object
 from steer.models import WEIGHT_HASH_FORMAT, ModelHandle, stale_weight_hash_hint
 from steer.vectors import SteeringVector
@@ -39,12 +41,73 @@ SIDECAR = "steer.json"
 
 @dataclass(frozen=True, eq=False)
 class VectorArtifact:
+    """A loaded artifact; :meth:`addition` and :meth:`ablation` are the one way every caller
+    (server, client, CLI, recipes, ``steer directions``) turns it into an intervention."""
+
     vector: SteeringVector
     metadata: Mapping[str, Any] = field(default_factory=dict)
 
     @property
     def kind(self) -> str:
         return str(self.metadata.get("kind", "vector"))
+
+    @property
+    def hooks(self) -> tuple[str, ...]:
+        """The hook names ``steer.json`` records (where a direction was read); may be empty."""
+        return tuple(str(hook) for hook in self.metadata.get("hooks") or ())
+
+    def addition(
+        self,
+        strength: float = 1.0,
+        *,
+        hooks: Sequence[str] | None = None,
+        layers: Sequence[int] | None = None,
+        phase: Phase = Phase.ALL,
+        speaker: str | None = None,
+    ) -> Add:
+        """Activation addition of the vector at ``strength``.
+
+        Where, the first that applies: ``hooks``; ``blocks.L.hook_resid_post`` for each of
+        ``layers``; the hooks the artifact records; ``blocks.L.hook_resid_post`` for each layer
+        the vector has its own vector for (:class:`~steer.interventions.Add`'s default).
+        """
+        if hooks is None:
+            hooks = self.hooks if layers is None else resid_post_hooks(layers)
+        return Add(self.vector, strength, hooks=tuple(hooks), phase=phase, speaker=speaker)
+
+    def ablation(
+        self,
+        weight: float = 1.0,
+        *,
+        layers: Sequence[int] | None = None,
+        layer_weights: Mapping[int, float] | None = None,
+        speaker: str | None = None,
+    ) -> Ablate:
+        """Directional ablation of the vector; see :func:`ablation`."""
+        return ablation(
+            self.vector, weight, layers=layers, layer_weights=layer_weights, speaker=speaker
+        )
+
+
+def ablation(
+    direction: SteeringVector,
+    weight: float = 1.0,
+    *,
+    layers: Sequence[int] | None = None,
+    layer_weights: Mapping[int, float] | None = None,
+    speaker: str | None = None,
+) -> Ablate:
+    """Directional ablation of ``direction`` on ``layers``; without them, on the layers a
+    per-layer direction has vectors for, or every layer for a shared one."""
+    if layers is None and direction.shared is None:
+        layers = direction.layers
+    return Ablate(
+        direction,
+        layers=None if layers is None else tuple(layers),
+        weight=weight,
+        layer_weights=layer_weights,
+        speaker=speaker,
+    )
 
 
 def model_identity(handle: ModelHandle) -> dict[str, Any]:

@@ -24,6 +24,7 @@ is the sparse MoE block (some Qwen MoE layers a dense MLP), described by :class:
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -89,6 +90,12 @@ def parse_hook_name(name: str, num_layers: int, *, field: str = "hook") -> HookP
             field=field,
         )
     return HookPoint(layer, kind)
+
+
+def resid_post_hooks(layers: Iterable[int]) -> tuple[str, ...]:
+    """``blocks.L.hook_resid_post`` for each layer: where a vector is added when no hooks are
+    named (the repeng / control-vector convention)."""
+    return tuple(HookPoint(layer, HookKind.RESID_POST).name for layer in layers)
 
 
 def all_hook_names(num_layers: int) -> list[str]:

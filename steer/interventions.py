@@ -28,7 +28,7 @@ from enum import StrEnum
 import torch
 
 from steer.errors import InvalidArgumentError
-from steer.hooks import HookKind, HookPoint, HookResolver
+from steer.hooks import HookKind, HookPoint, HookResolver, resid_post_hooks
 from steer.limits import MAX_INTERVENTION_MAGNITUDE, finite
 from steer.vectors import SteeringVector
 
@@ -151,7 +151,7 @@ class Add(Intervention):
                 "a shared vector needs explicit hooks (e.g. blocks.10.hook_resid_post)",
                 field="hooks",
             )
-        return [resolver.parse(f"blocks.{layer}.hook_resid_post") for layer in self.vector.layers]
+        return [resolver.parse(name) for name in resid_post_hooks(self.vector.layers)]
 
     def lower(self, resolver: HookResolver, d_model: int) -> list[tuple[HookPoint, Op]]:
         _check_dimension(self.vector, d_model, "vector")

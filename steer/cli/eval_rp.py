@@ -70,17 +70,15 @@ def parse_direction(spec: str) -> tuple[str, float | None, str | None]:
 
 def _interventions(handle: Any, specs: list[str]) -> tuple[Any, ...]:
     from steer.artifacts import load_vector
-    from steer.interventions import Ablate, Add
 
     interventions: list[Any] = []
     for spec in specs:
         path, strength, speaker = parse_direction(spec)
         artifact = load_vector(path, handle=handle)
         if strength is None:
-            interventions.append(Ablate(artifact.vector, speaker=speaker))
+            interventions.append(artifact.ablation(speaker=speaker))
         else:
-            hooks = tuple(artifact.metadata.get("hooks") or ())
-            interventions.append(Add(artifact.vector, strength, hooks=hooks, speaker=speaker))
+            interventions.append(artifact.addition(strength, speaker=speaker))
     return tuple(interventions)
 
 
