@@ -1,0 +1,93 @@
+"""The pipeline: run the active processors in order, then draw a token (or Mirostat)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+
+import torch
+
+from steer.sampling.config import SamplingConfig
+from steer.sampling.processors import PENALTIES, SAMPLERS, RowContext, SamplerState
+
+
+def process(
+    logits: torch.Tensor,
+    config: SamplingConfig,
+    history: Sequence[int] = (),
+    row: RowContext | None = None,
+) -> torch.Tensor:
+    """Run every active processor on one row's float32 logits (vocab,)."""
+    row = row if row is not None else RowContext(history=history)
+    order = config.order()
+    if config.mirostat_mode:
+        order = tuple(n for n in order if n in PENALTIES or n == "temperature")
+    for name in order:
+        processor = SAMPLERS[name]
+        if processor.is_active(config):
+            logits = processor(logits, config, row)
+    return logits
+
+
+def _mirostat_k(epsilon: float, s_hat: float, mu: float, vocab: int) -> int:
+    """Mirostat 1's ``k = ((e 2^mu) / (1 - N^-e))^(1/s_hat)`` in [1, vocab], overflow-safe."""
+    if abs(epsilon) < 1e-9 or s_hat <= 0:
+        return vocab
+    try:
+        k_float = ((epsilon * 2**mu) / (1 - vocab**-epsilon)) ** (1 / s_hat)
+    except (OverflowError, ZeroDivisionError):
+        return vocab
+    if isinstance(k_float, complex) or not math.isfinite(k_float):
+        return vocab
+    return int(min(max(k_float, 1), vocab))
+
+
+def _mirostat(logits: torch.Tensor, config: SamplingConfig, row: RowContext) -> int:
+    state = row.state
+    tau, eta = config.mirostat_tau, config.mirostat_eta
+    mu = state.mirostat_mu if state.mirostat_mu is not None else 2 * tau
+    sorted_logits, order = torch.sort(logits, descending=True)
+    probs = torch.softmax(sorted_logits, dim=-1)
+    if config.mirostat_mode == 1:
+        top = probs[:100].clamp_min(1e-30)
+        steps = torch.arange(len(top) - 1, dtype=torch.float64)
+        t = torch.log((steps + 2) / (steps + 1))
+        b = torch.log(top[:-1].double() / top[1:].double())
+        s_hat = float((t * b).sum() / (t * t).sum()) if len(top) > 1 else 1.0
+        epsilon = s_hat - 1
+        vocab = probs.numel()
+        k = _mirostat_k(epsilon, s_hat, mu, vocab)
+        keep = torch.arange(vocab) < k
+    else:
+        keep = -torch.log2(probs) <= mu
+        keep[0] = True
+    kept = torch.where(keep, probs, torch.zeros_like(probs))
+    kept = kept / kept.sum()
+    index = int(torch.multinomial(kept, 1, generator=row.generator).item())
+    surprise = -math.log2(float(kept[index]))
+    state.mirostat_mu = mu - eta * (surprise - tau)
+    return int(order[index].item())
+
+
+def choose(
+    logits: torch.Tensor,
+    config: SamplingConfig,
+    generator: torch.Generator | None,
+    history: Sequence[int] = (),
+    state: SamplerState | None = None,
+    banned_tokens: Iterable[int] = (),
+) -> int:
+    """Pick the next token for one row; ``banned_tokens`` are masked before anything runs."""
+    row = RowContext(history, generator, state if state is not None else SamplerState())
+    banned = list(banned_tokens)
+    if banned:
+        logits = logits.index_fill(0, torch.tensor(banned), -math.inf)
+    if config.greedy:
+        if config.mirostat_mode or any(SAMPLERS[n].is_active(config) for n in config.order()):
+            logits = process(logits, config, row=row)
+        return int(torch.argmax(logits).item())
+    logits = process(logits, config, row=row)
+    if config.mirostat_mode:
+        return _mirostat(logits, config, row)
+    probs = torch.softmax(logits, dim=-1)
+    return int(torch.multinomial(probs, 1, generator=generator).item())
