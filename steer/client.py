@@ -1,10 +1,10 @@
 """Python clients for the steer gRPC service: :class:`SteerClient` (sync) and
 :class:`AsyncSteerClient` (asyncio).
 
-Status codes come back as typed exceptions that are also the matching :mod:`steer.errors` classes
-(``InvalidArgument`` is an :class:`~steer.errors.InvalidArgumentError`), with the server's
-``field``. Interventions are built with :func:`ablate`, :func:`add`, :func:`add_local` and
-:func:`slider` (an SAE feature of an SAE loaded with ``load_sae``)::
+Status codes come back as the :mod:`steer.errors` classes themselves (``InvalidArgument`` is
+another name of :class:`~steer.errors.InvalidArgumentError`), with the server's ``field``.
+Interventions are built with :func:`ablate`, :func:`add`, :func:`add_local` and :func:`slider`
+(an SAE feature of an SAE loaded with ``load_sae``)::
 
     with SteerClient("127.0.0.1:50051") as client:
         for event in client.generate("Tell me a story", interventions=[add("calm", 4.0)]):
@@ -40,83 +40,26 @@ from steer.proto.v1 import (
 from steer.vectors import SteeringVector
 
 DEFAULT_TARGET = "127.0.0.1:50051"
-FIELD_KEY = "steer-field"
 
 # -- errors -----------------------------------------------------------------------------------
+# A failed call raises the steer.errors class of its status (with the server's ``field``, and
+# ``code``, the grpc.StatusCode); these names are the same classes, kept for callers of old.
+
+RemoteError = errors.SteerError
+InvalidArgument = errors.InvalidArgumentError
+NotFound = errors.NotFoundError
+FailedPrecondition = errors.FailedPreconditionError
+ResourceExhausted = errors.ResourceExhaustedError
+AlreadyExists = errors.AlreadyExistsError
+Unauthenticated = errors.UnauthenticatedError
+Unavailable = errors.UnavailableError
+Unimplemented = errors.UnimplementedError
+Cancelled = errors.CancelledError
+DeadlineExceeded = errors.DeadlineExceededError
+Internal = errors.InternalError
 
 
-class RemoteError(errors.SteerError):
-    """An rpc failed; ``code`` is the gRPC status code."""
-
-    code = grpc.StatusCode.UNKNOWN
-
-    def __init__(self, message: str, *, field: str | None = None) -> None:
-        super().__init__(message, field=field)
-
-
-class InvalidArgument(RemoteError, errors.InvalidArgumentError):
-    code = grpc.StatusCode.INVALID_ARGUMENT
-
-
-class NotFound(RemoteError, errors.NotFoundError):
-    code = grpc.StatusCode.NOT_FOUND
-
-
-class FailedPrecondition(RemoteError, errors.FailedPreconditionError):
-    code = grpc.StatusCode.FAILED_PRECONDITION
-
-
-class ResourceExhausted(RemoteError, errors.ResourceExhaustedError):
-    code = grpc.StatusCode.RESOURCE_EXHAUSTED
-
-
-class AlreadyExists(RemoteError, errors.AlreadyExistsError):
-    code = grpc.StatusCode.ALREADY_EXISTS
-
-
-class Unauthenticated(RemoteError, errors.UnauthenticatedError):
-    code = grpc.StatusCode.UNAUTHENTICATED
-
-
-class Unavailable(RemoteError, errors.UnavailableError):
-    code = grpc.StatusCode.UNAVAILABLE
-
-
-class Unimplemented(RemoteError, errors.UnimplementedError):
-    code = grpc.StatusCode.UNIMPLEMENTED
-
-
-class Cancelled(RemoteError, errors.ClientCancelledError):
-    code = grpc.StatusCode.CANCELLED
-
-
-class DeadlineExceeded(RemoteError):
-    code = grpc.StatusCode.DEADLINE_EXCEEDED
-
-
-class Internal(RemoteError):
-    code = grpc.StatusCode.INTERNAL
-
-
-_BY_CODE: dict[grpc.StatusCode, type[RemoteError]] = {
-    cls.code: cls
-    for cls in (
-        InvalidArgument,
-        NotFound,
-        FailedPrecondition,
-        ResourceExhausted,
-        AlreadyExists,
-        Unauthenticated,
-        Unavailable,
-        Unimplemented,
-        Cancelled,
-        DeadlineExceeded,
-        Internal,
-    )
-}
-
-
-def translate(error: grpc.RpcError) -> RemoteError:
+def translate(error: grpc.RpcError) -> errors.SteerError:
     """The typed exception for a failed call (``grpc.RpcError`` from a sync or aio call)."""
     code = error.code() if callable(getattr(error, "code", None)) else grpc.StatusCode.UNKNOWN
     details = error.details() if callable(getattr(error, "details", None)) else str(error)
@@ -125,16 +68,14 @@ def translate(error: grpc.RpcError) -> RemoteError:
         error.trailing_metadata() if callable(getattr(error, "trailing_metadata", None)) else None
     )
     for key, value in trailing or ():
-        if key == FIELD_KEY:
+        if key == errors.FIELD_METADATA_KEY:
             field_name = value if isinstance(value, str) else value.decode()
     message = details or str(code)
     if field_name and message.startswith(f"{field_name}: "):
         message = message.removeprefix(f"{field_name}: ")
-    cls = _BY_CODE.get(code, RemoteError)
-    remote = cls(message, field=field_name)
-    if cls is RemoteError:
-        remote.code = code
-    return remote
+    raised = errors.error_for(code.name, message, field=field_name)
+    raised.code = code
+    return raised
 
 
 # -- interventions ----------------------------------------------------------------------------
@@ -440,7 +381,7 @@ def _channel_options(max_message_bytes: int) -> list[tuple[str, Any]]:
 
 
 class SteerClient:
-    """Blocking client. Every method raises a :class:`RemoteError` subclass on failure."""
+    """Blocking client. Every method raises a :mod:`steer.errors` class on failure."""
 
     def __init__(
         self,

@@ -11,15 +11,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from steer.bake.tensor_io import Opener, default_opener
-from steer.errors import SteerError
+from steer.errors import CancelledError
 
 Progress = Callable[[str, float], None]
 
 
-class BakeCancelled(SteerError):
-    """The caller cancelled the bake; nothing was written at the target."""
-
-    status_code = "CANCELLED"
+#: the caller cancelled the bake; nothing was written at the target (steer.errors' one
+#: cancellation error, by the name steer.bake has always raised it under)
+BakeCancelled = CancelledError
 
 
 @dataclass

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from steer import digests
-from steer.errors import FailedPreconditionError, NotFoundError, SteerError
+from steer.errors import FailedPreconditionError, NotFoundError, OutputExistsError, SteerError
 
 PROVENANCE = "steer_provenance.json"
 FORMAT = "steer.bake"
@@ -93,13 +93,6 @@ def fsync_path(path: Path) -> None:
         os.fsync(descriptor)
     finally:
         os.close(descriptor)
-
-
-class OutputExistsError(FailedPreconditionError):
-    """The output exists and overwrite was not asked for: ``ALREADY_EXISTS`` on the wire, a
-    :class:`FailedPreconditionError` for library callers (what they caught before)."""
-
-    status_code = "ALREADY_EXISTS"
 
 
 def is_bake_output(path: Path) -> bool:

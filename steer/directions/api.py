@@ -49,7 +49,7 @@ from steer.directions.search import (
     write_plot,
     write_table,
 )
-from steer.errors import FailedPreconditionError, InvalidArgumentError, SteerError
+from steer.errors import CancelledError, FailedPreconditionError, InvalidArgumentError
 from steer.interventions import Intervention
 from steer.models import ModelHandle
 
@@ -59,12 +59,6 @@ Progress = Callable[[str, float], None]
 REPLY = 0
 #: at most this many reply tokens (from the end) are averaged for pair activations
 MAX_REPLY_TOKENS = 32
-
-
-class CancelledError(SteerError):
-    """The caller cancelled the computation; nothing was written."""
-
-    status_code = "CANCELLED"
 
 
 @dataclass(frozen=True)

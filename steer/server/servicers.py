@@ -21,7 +21,7 @@ import grpc
 
 from steer.errors import (
     AlreadyExistsError,
-    ClientCancelledError,
+    CancelledError,
     FailedPreconditionError,
     InvalidArgumentError,
     NotFoundError,
@@ -214,7 +214,7 @@ class FeaturesServicer:
         try:
             return await asyncio.wrap_future(future)
         except concurrent.futures.CancelledError:
-            raise ClientCancelledError("cancelled before it ran") from None
+            raise CancelledError("cancelled before it ran") from None
 
 
 def _recipe(message: Any, settings: ServerSettings) -> dict[str, Any]:

@@ -4,8 +4,9 @@ Every servicer method is wrapped by :func:`guard`, which answers each exception 
 :func:`steer.service.failures.describe` names for it (``INTERNAL`` with an incident id for one
 that is not a domain error; the traceback goes to the server log only).
 
-The offending field travels in the trailing metadata key ``steer-field`` so the client can
-re-raise the same typed exception with the same ``field``.
+The offending field travels in the trailing metadata key ``steer-field``
+(:data:`steer.errors.FIELD_METADATA_KEY`) so the client can re-raise the same typed exception
+with the same ``field``.
 """
 
 from __future__ import annotations
@@ -18,28 +19,10 @@ from typing import Any
 
 import grpc
 
-from steer.errors import (
-    AlreadyExistsError,
-    ClientCancelledError,
-    SteerError,
-    UnauthenticatedError,
-    UnavailableError,
-    UnimplementedError,
-)
+from steer.errors import FIELD_METADATA_KEY, InvalidArgumentError
 from steer.service.failures import describe
 
-# the service's errors live with every other domain error (steer.errors); re-exported here
-__all__ = [
-    "AlreadyExistsError",
-    "ClientCancelledError",
-    "UnauthenticatedError",
-    "UnavailableError",
-    "UnimplementedError",
-    "guard",
-    "status_of",
-]
-
-FIELD_KEY = "steer-field"
+__all__ = ["guard", "status_of"]
 
 
 class Malformed:
@@ -58,17 +41,13 @@ def status_of(error: BaseException) -> tuple[grpc.StatusCode, str, str | None]:
 async def abort(context: grpc.aio.ServicerContext, error: BaseException) -> None:
     code, message, field = status_of(error)
     if field:
-        context.set_trailing_metadata(((FIELD_KEY, field),))
+        context.set_trailing_metadata(((FIELD_METADATA_KEY, field),))
     await context.abort(code, message)
 
 
 def _check_request(request: Any) -> None:
     if isinstance(request, Malformed):
-        raise _MalformedRequest(f"the request does not parse: {request.error}")
-
-
-class _MalformedRequest(SteerError):
-    status_code = "INVALID_ARGUMENT"
+        raise InvalidArgumentError(f"the request does not parse: {request.error}")
 
 
 def inline(method: Callable[..., Any]) -> Callable[..., Any]:

@@ -18,7 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from enum import StrEnum
 
-from steer.errors import NotFoundError, SteerError
+from steer.errors import NotFoundError
 from steer.service.failures import describe
 from steer.service.scheduler import in_short_thread
 
@@ -48,10 +48,6 @@ class JobSnapshot:
     result_metadata: str = ""
     error_code: str = ""
     error: str = ""
-
-
-class JobCancelled(SteerError):
-    status_code = "CANCELLED"
 
 
 class _Job:
