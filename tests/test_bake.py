@@ -558,20 +558,20 @@ def test_a_checked_bf16_bake_hashes_each_source_byte_once(sources, tmp_path, mon
     hashed on the way (BackgroundHash.update, the real one still runs): each source tensor once
     (its leaf is the file hash's and the weight hash's) plus the output tensors it edits; the
     tensors it copies unchanged reuse the source's leaves. The outputs still verify."""
-    from steer.bake import tensor_io
+    from steer.bake import hashing
 
     handle, _source, _direction = sources["qwen2"]
     bf16 = tmp_path / "src"
     save_source(handle, bf16, torch.bfloat16, max_shard_size="60KB")
     direction = save_vector(tmp_path / "d", random_vector(1), handle=load_model(bf16))
     hashed = [0]
-    update = tensor_io.BackgroundHash.update
+    update = hashing.BackgroundHash.update
 
     def counting(self, data):  # type: ignore[no-untyped-def]
         hashed[0] += memoryview(data).nbytes
         update(self, data)
 
-    monkeypatch.setattr(tensor_io.BackgroundHash, "update", counting)
+    monkeypatch.setattr(hashing.BackgroundHash, "update", counting)
     recipe = {"edits": [{"kind": "ablate", "direction": str(direction), "layers": [1]}]}
     out = bake(str(bf16), recipe, tmp_path / "out")
     opened = open_source(str(bf16))
@@ -588,7 +588,7 @@ def test_background_hashes_keep_order_and_bound_the_queue() -> None:
     within the bound (plus the update just submitted)."""
     import blake3
 
-    from steer.bake.tensor_io import BackgroundHash, HashWorkers
+    from steer.bake.hashing import BackgroundHash, HashWorkers
 
     workers = HashWorkers(threads=2, max_queued=256 << 10)
     generator = torch.Generator().manual_seed(0)

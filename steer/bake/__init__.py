@@ -1,7 +1,8 @@
 """Baking: write recipe edits into new weights (model, LoRA adapter) or a control vector.
 
 Layers: :mod:`steer.bake.edits` (pure torch: interventions -> rank-1 weight deltas),
-:mod:`steer.bake.tensor_io` (streaming safetensors), :mod:`steer.bake.source` (what is read),
+:mod:`steer.bake.tensor_io` (streaming safetensors), :mod:`steer.bake.hashing` (background
+hashing), :mod:`steer.bake.source` (what is read),
 :mod:`steer.bake.model` (bake a model or adapter: its steps), :mod:`steer.bake.resolve` (recipe
 -> weight plan, the directions' model check), :mod:`steer.bake.writer` (the shard-by-shard
 full-model writer), :mod:`steer.bake.lora` (PEFT LoRA export), :mod:`steer.bake.names`

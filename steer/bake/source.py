@@ -31,7 +31,7 @@ from steer.errors import (
     NotFoundError,
     UnsupportedArchitectureError,
 )
-from steer.hooks import LAYOUTS
+from steer.hooks import LAYOUTS, ExpertLayout
 from steer.models import (
     bfloat16_bytes,
     check_gguf_model,
@@ -189,6 +189,18 @@ def state_dict_entries(
             renamed = block.sub(rf"\g<1>{experts.block}.", name, count=1)
             if renamed != name:
                 entries[renamed] = entries.pop(name)
+    entries.update(_stacked_experts(layout.layers, experts, found, specs))
+    return entries
+
+
+def _stacked_experts(
+    layers_prefix: str,
+    experts: ExpertLayout,
+    found: dict[tuple[int, str], dict[int, str]],
+    specs: dict[str, TensorSpec],
+) -> dict[str, tuple[tuple[int, ...], tuple[str, ...]]]:
+    """The stacked expert entries of each layer, from {(layer, kind): {expert: stored name}}."""
+    entries: dict[str, tuple[tuple[int, ...], tuple[str, ...]]] = {}
     layers = sorted({layer for layer, _kind in found})
     for layer in layers:
         down = _experts_in_order(found.get((layer, "down"), {}), layer)
@@ -200,7 +212,7 @@ def state_dict_entries(
                 f"{len(up)} up projections in the checkpoint",
                 field="model",
             )
-        base = f"{layout.layers}.{layer}"
+        base = f"{layers_prefix}.{layer}"
         rows, columns = specs[down[0]].shape
         entries[f"{base}.{experts.down}"] = ((len(down), rows, columns), tuple(down))
         gate_rows, width = specs[gate[0]].shape
@@ -259,17 +271,22 @@ def open_source(
     raise NotFoundError(f"no safetensors or .bin weights in {path}", field="model")
 
 
-def _safetensors_source(name: str, directory: Path) -> Source:
+def _safetensors_files(directory: Path) -> list[str]:
+    """The weight files: those the index names, else the one safetensors file."""
     index_path = directory / "model.safetensors.index.json"
     if index_path.exists():
         weight_map: dict[str, str] = json.loads(index_path.read_text())["weight_map"]
-        files = sorted(set(weight_map.values()))
-    else:
-        files = sorted(p.name for p in directory.glob("*.safetensors"))
-        if len(files) != 1:
-            raise InvalidArgumentError(
-                f"{directory} has {len(files)} safetensors files and no index", field="model"
-            )
+        return sorted(set(weight_map.values()))
+    files = sorted(p.name for p in directory.glob("*.safetensors"))
+    if len(files) != 1:
+        raise InvalidArgumentError(
+            f"{directory} has {len(files)} safetensors files and no index", field="model"
+        )
+    return files
+
+
+def _safetensors_source(name: str, directory: Path) -> Source:
+    files = _safetensors_files(directory)
     readers = {file: SafetensorsReader(directory / file) for file in files}
     owner: dict[str, SafetensorsReader] = {}
     shards: dict[str, list[str]] = {}
