@@ -1,0 +1,134 @@
+"""The asyncio client, :class:`AsyncSteerClient`: generation, models, artifacts and features,
+awaited."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+import grpc
+import grpc.aio
+
+from steer.client.calls import DEFAULT_TARGET, channel_options, metadata, translate
+from steer.client.messages import feature_info_request, generate_request, load_sae_request
+from steer.client.results import Completion, GenerateEvent
+from steer.proto.v1 import (
+    directions_pb2,
+    directions_pb2_grpc,
+    features_pb2,
+    features_pb2_grpc,
+    generation_pb2_grpc,
+    models_pb2,
+    models_pb2_grpc,
+)
+
+
+class AsyncSteerClient:
+    """The asyncio client: the same generation, model and artifact calls, awaited."""
+
+    def __init__(
+        self,
+        target: str = DEFAULT_TARGET,
+        *,
+        token: str | None = None,
+        root_certificates: bytes | None = None,
+        timeout: float | None = None,
+        max_message_bytes: int = 64 * 1024 * 1024,
+    ) -> None:
+        options = channel_options(max_message_bytes)
+        if root_certificates is not None:
+            credentials = grpc.ssl_channel_credentials(root_certificates)
+            self.channel = grpc.aio.secure_channel(target, credentials, options=options)
+        else:
+            self.channel = grpc.aio.insecure_channel(target, options=options)
+        self.timeout = timeout
+        self.metadata = metadata(token)
+        self._generation = generation_pb2_grpc.GenerationStub(self.channel)
+        self._models = models_pb2_grpc.ModelsStub(self.channel)
+        self._directions = directions_pb2_grpc.DirectionsStub(self.channel)
+        self._features = features_pb2_grpc.FeaturesStub(self.channel)
+
+    async def close(self) -> None:
+        await self.channel.close()
+
+    async def __aenter__(self) -> AsyncSteerClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def _call(self, method: Any, request: Any) -> Any:
+        try:
+            return await method(request, timeout=self.timeout, metadata=self.metadata)
+        except grpc.RpcError as error:
+            raise translate(error) from None
+
+    async def generate(
+        self, prompt: str | None = None, **options: Any
+    ) -> AsyncIterator[GenerateEvent]:
+        call = self._generation.Generate(
+            generate_request(prompt, **options), timeout=self.timeout, metadata=self.metadata
+        )
+        try:
+            async for message in call:
+                yield GenerateEvent.from_proto(message)
+        except grpc.RpcError as error:
+            raise translate(error) from None
+        finally:
+            call.cancel()
+
+    async def complete(
+        self, prompt: str | None = None, **options: Any
+    ) -> dict[str | None, Completion]:
+        completions: dict[str | None, Completion] = {}
+        async for event in self.generate(prompt, **options):
+            completions.setdefault(event.side, Completion()).add(event)
+        return completions
+
+    async def models(self) -> models_pb2.ListModelsResponse:
+        return await self._call(self._models.List, models_pb2.ListModelsRequest())
+
+    async def model_info(self, model_id: str = "") -> models_pb2.ModelInfo:
+        return await self._call(self._models.Info, models_pb2.ModelInfoRequest(model_id=model_id))
+
+    async def artifacts(self) -> list[directions_pb2.ArtifactInfo]:
+        response = await self._call(self._directions.List, directions_pb2.ListArtifactsRequest())
+        return list(response.artifacts)
+
+    async def load_sae(self, path: str, sae_id: str = "", **options: Any) -> features_pb2.SaeInfo:
+        return await self._call(self._features.LoadSae, load_sae_request(path, sae_id, **options))
+
+    async def saes(self) -> list[features_pb2.SaeInfo]:
+        response = await self._call(self._features.ListSaes, features_pb2.ListSaesRequest())
+        return list(response.saes)
+
+    async def unload_sae(self, sae_id: str) -> None:
+        await self._call(self._features.UnloadSae, features_pb2.UnloadSaeRequest(sae_id=sae_id))
+
+    async def feature_activations(
+        self, sae_id: str, text: str, *, k: int = 0, per_token: bool = False
+    ) -> features_pb2.ActivationsResponse:
+        request = features_pb2.ActivationsRequest(
+            sae_id=sae_id, text=text, k=k, per_token=per_token
+        )
+        return await self._call(self._features.Activations, request)
+
+    async def search_features(
+        self, sae_id: str, examples: Sequence[str], *, k: int = 0
+    ) -> list[features_pb2.RankedFeature]:
+        request = features_pb2.SearchRequest(sae_id=sae_id, examples=list(examples), k=k)
+        return list((await self._call(self._features.Search, request)).features)
+
+    async def contrast_features(
+        self, sae_id: str, set_a: Sequence[str], set_b: Sequence[str], *, k: int = 0
+    ) -> list[features_pb2.RankedFeature]:
+        request = features_pb2.ContrastRequest(
+            sae_id=sae_id, set_a=list(set_a), set_b=list(set_b), k=k
+        )
+        return list((await self._call(self._features.Contrast, request)).features)
+
+    async def feature_info(
+        self, sae_id: str, feature: int, **options: Any
+    ) -> features_pb2.FeatureInfo:
+        request = feature_info_request(sae_id, feature, **options)
+        return await self._call(self._features.Info, request)

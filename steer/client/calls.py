@@ -1,0 +1,58 @@
+"""What every call of the clients shares: the channel options, the bearer token's metadata, and
+a failed call's status raised as its :mod:`steer.errors` class."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import grpc
+
+from steer import errors
+
+DEFAULT_TARGET = "127.0.0.1:50051"
+
+# A failed call raises the steer.errors class of its status (with the server's ``field``, and
+# ``code``, the grpc.StatusCode); these names are the same classes, kept for callers of old.
+
+RemoteError = errors.SteerError
+InvalidArgument = errors.InvalidArgumentError
+NotFound = errors.NotFoundError
+FailedPrecondition = errors.FailedPreconditionError
+ResourceExhausted = errors.ResourceExhaustedError
+AlreadyExists = errors.AlreadyExistsError
+Unauthenticated = errors.UnauthenticatedError
+Unavailable = errors.UnavailableError
+Unimplemented = errors.UnimplementedError
+Cancelled = errors.CancelledError
+DeadlineExceeded = errors.DeadlineExceededError
+Internal = errors.InternalError
+
+
+def translate(error: grpc.RpcError) -> errors.SteerError:
+    """The typed exception for a failed call (``grpc.RpcError`` from a sync or aio call)."""
+    code = error.code() if callable(getattr(error, "code", None)) else grpc.StatusCode.UNKNOWN
+    details = error.details() if callable(getattr(error, "details", None)) else str(error)
+    field_name = None
+    trailing = (
+        error.trailing_metadata() if callable(getattr(error, "trailing_metadata", None)) else None
+    )
+    for key, value in trailing or ():
+        if key == errors.FIELD_METADATA_KEY:
+            field_name = value if isinstance(value, str) else value.decode()
+    message = details or str(code)
+    if field_name and message.startswith(f"{field_name}: "):
+        message = message.removeprefix(f"{field_name}: ")
+    raised = errors.error_for(code.name, message, field=field_name)
+    raised.code = code
+    return raised
+
+
+def metadata(token: str | None) -> tuple[tuple[str, str], ...]:
+    return (("authorization", f"Bearer {token}"),) if token else ()
+
+
+def channel_options(max_message_bytes: int) -> list[tuple[str, Any]]:
+    return [
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.max_send_message_length", max_message_bytes),
+    ]
