@@ -20,39 +20,13 @@ from steer.errors import InvalidArgumentError
 from steer.interventions import Intervention, Phase, build_plan, validate
 from steer.models import ModelHandle
 from steer.runtime import HookFn, attach, compose, recorder
+from steer.text import encode_chat, post_instruction_positions
 
 #: "last", "all", or explicit negative offsets from the end (e.g. (-3, -2, -1))
 Positions = Literal["last", "all"] | Sequence[int]
 
-_PLACEHOLDER = "\u2063STEER_USER_MESSAGE\u2063"
-
-
-def encode_chat(handle: ModelHandle, user: str, system: str | None = None) -> list[int]:
-    """Token ids of a one-turn chat prompt, ending with the assistant header."""
-    messages = [{"role": "system", "content": system}] if system else []
-    messages.append({"role": "user", "content": user})
-    if handle.chat_template is None:
-        return list(handle.tokenizer(user)["input_ids"])
-    text = handle.tokenizer.apply_chat_template(
-        messages, tokenize=False, add_generation_prompt=True
-    )
-    return list(handle.tokenizer(text, add_special_tokens=False)["input_ids"])
-
-
-def post_instruction_positions(handle: ModelHandle) -> tuple[int, ...]:
-    """Negative offsets of the chat template's tokens after the user message.
-
-    E.g. for ChatML ``<|im_end|>\\n<|im_start|>assistant\\n`` these are the last 5 tokens.
-    These positions are where refusal is decided (Arditi et al.).
-    """
-    if handle.chat_template is None:
-        return (-1,)
-    text = handle.tokenizer.apply_chat_template(
-        [{"role": "user", "content": _PLACEHOLDER}], tokenize=False, add_generation_prompt=True
-    )
-    suffix = text[text.index(_PLACEHOLDER) + len(_PLACEHOLDER) :]
-    count = len(handle.tokenizer(suffix, add_special_tokens=False)["input_ids"])
-    return tuple(range(-max(count, 1), 0))
+#: encoding prompts lives in steer.text; kept importable here for the callers that read with it
+__all__ = ["ForwardResult", "Positions", "encode_chat", "forward", "post_instruction_positions"]
 
 
 @dataclass

@@ -10,8 +10,10 @@
 4. returns the events (token ids, text delta, finish reason, usage) of this step.
 
 Rows join and leave only at step boundaries, which is what a server's scheduler needs. The
-engine is synchronous and not thread-safe except for :meth:`submit` and :meth:`cancel`, which
-may be called from other threads.
+engine works on token ids: a request's text is turned into ids by :mod:`steer.text`
+(:func:`encoded`) before its row is queued, and each row keeps a :class:`~steer.text.TextStream`
+only to find stop strings and stream text. The engine is synchronous and not thread-safe except
+for :meth:`~Engine.submit` and :meth:`~Engine.cancel`, which may be called from other threads.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import itertools
 import secrets
 import threading
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -36,6 +38,7 @@ from steer.interventions import Intervention, InterventionPlan, Phase, build_pla
 from steer.models import ModelHandle
 from steer.runtime import attach
 from steer.sampling import BannedStrings, SamplerState, SamplingConfig, banned_strings, choose
+from steer.text import Message, TextStream, encode_prompt
 
 
 def cache_keyword(model: Any) -> str:
@@ -43,12 +46,6 @@ def cache_keyword(model: Any) -> str:
     renamed it (``past_key_values`` then warns on every call), else the old name."""
     parameters = inspect.signature(model.forward).parameters
     return "cache" if "cache" in parameters else "past_key_values"
-
-
-@dataclass(frozen=True)
-class Message:
-    role: str
-    content: str
 
 
 @dataclass(frozen=True)
@@ -101,109 +98,20 @@ class GenerationResult:
     seed: int
 
 
-def encode_prompt(handle: ModelHandle, request: GenerationRequest) -> list[int]:
-    """Token ids of a request's prompt (chat template applied to ``messages``)."""
-    given = [x is not None for x in (request.prompt, request.messages, request.prompt_ids)]
-    if sum(given) != 1:
-        raise InvalidArgumentError(
-            "set exactly one of prompt, messages or prompt_ids", field="prompt"
-        )
+def encoded(handle: ModelHandle, request: GenerationRequest) -> GenerationRequest:
+    """``request`` with its prompt as token ids: ``prompt`` or ``messages`` encoded by
+    :mod:`steer.text`, ``prompt_ids`` checked against the vocabulary. The scheduler calls this
+    (to check the prompt's length first) and so does :meth:`Engine.submit`; a request that is
+    already ids is only checked, never encoded twice."""
+    ids = encode_prompt(
+        handle,
+        prompt=request.prompt,
+        messages=request.messages,
+        prompt_ids=request.prompt_ids,
+    )
     if request.prompt_ids is not None:
-        ids = [int(i) for i in request.prompt_ids]
-        vocab = handle.model.config.vocab_size
-        bad = [i for i in ids if not 0 <= i < vocab]
-        if bad:
-            raise InvalidArgumentError(
-                f"token ids outside [0, {vocab}): {bad[:5]}", field="prompt_ids"
-            )
-    elif request.messages is not None:
-        if not request.messages:
-            raise InvalidArgumentError("no messages", field="messages")
-        if handle.chat_template is None:
-            raise InvalidArgumentError(
-                "the model has no chat template; send a raw prompt", field="messages"
-            )
-        text = handle.tokenizer.apply_chat_template(
-            [{"role": m.role, "content": m.content} for m in request.messages],
-            tokenize=False,
-            add_generation_prompt=True,
-        )
-        ids = handle.tokenizer(text, add_special_tokens=False)["input_ids"]
-    else:
-        assert request.prompt is not None
-        ids = handle.tokenizer(request.prompt)["input_ids"]
-    if not ids:
-        raise InvalidArgumentError("the prompt is empty", field="prompt")
-    return list(ids)
-
-
-class _TextStream:
-    """Incremental detokenisation with stop strings.
-
-    Only a short window of ids is decoded per token: the text of ``ids[prefix:read]`` (already
-    in ``text``) and of ``ids[prefix:]``; the difference is the new text. Decoding from a few
-    tokens back keeps context-dependent spacing right, and a window that ends in an incomplete
-    UTF-8 character (U+FFFD) waits for the next token. Text that might be the start of a stop
-    string is held back until the next token decides it. Cost per token is O(window + stop
-    length), not O(length of the reply).
-    """
-
-    def __init__(self, tokenizer: Any, stop: Sequence[str]) -> None:
-        self.tokenizer = tokenizer
-        self.stop = [s for s in stop if s]
-        self.ids: list[int] = []
-        self.emitted = 0
-        self.text = ""
-        #: ids[prefix:read] produced the end of ``text``; ids[read:] are not in ``text`` yet
-        self.prefix = 0
-        self.read = 0
-
-    def _decode(self, ids: Sequence[int]) -> str:
-        return str(self.tokenizer.decode(ids, skip_special_tokens=True))
-
-    def _advance(self, *, final: bool = False) -> None:
-        before = self._decode(self.ids[self.prefix : self.read])
-        after = self._decode(self.ids[self.prefix :])
-        if len(after) > len(before) and (final or not after.endswith("\ufffd")):
-            self.text += after[len(before) :]
-            self.prefix, self.read = self.read, len(self.ids)
-
-    def push(self, token_id: int) -> tuple[str, bool]:
-        """Add a token; return (text delta, stopped)."""
-        self.ids.append(token_id)
-        self._advance()
-        cut = min(
-            (i for i in (self.text.find(s, self.emitted) for s in self.stop) if i >= 0),
-            default=-1,
-        )
-        if cut >= 0:
-            delta = self.text[self.emitted : cut]
-            self.text = self.text[:cut]
-            self.emitted = cut
-            self.prefix = self.read = len(self.ids)  # nothing after a stop string is text
-            return delta, True
-        end = len(self.text) - self._held_back()
-        delta = self.text[self.emitted : end] if end > self.emitted else ""
-        self.emitted = max(self.emitted, end)
-        return delta, False
-
-    def _held_back(self) -> int:
-        if self.text.endswith("\ufffd"):
-            return 1
-        longest = 0
-        for stop in self.stop:
-            for k in range(min(len(stop) - 1, len(self.text)), 0, -1):
-                if self.text.endswith(stop[:k]):
-                    longest = max(longest, k)
-                    break
-        return longest
-
-    def flush(self) -> str:
-        if self.read < len(self.ids):
-            self._advance(final=True)
-        delta = self.text[self.emitted :]
-        self.emitted = len(self.text)
-        return delta
+        return request
+    return replace(request, prompt=None, messages=None, prompt_ids=tuple(ids))
 
 
 @dataclass
@@ -212,7 +120,7 @@ class _Row:
     prompt_ids: list[int]
     seed: int
     generator: torch.Generator | None
-    stream: _TextStream
+    stream: TextStream
     generated: list[int] = field(default_factory=list)
     position: int = 0  # position id of the next token fed to the model
     finish_reason: str | None = None
@@ -248,7 +156,9 @@ class Engine:
             raise InvalidArgumentError("must be >= 1", field="max_new_tokens")
         if request.top_logprobs < 0 or request.top_logprobs > 20:
             raise InvalidArgumentError("must be in [0, 20]", field="top_logprobs")
-        prompt_ids = encode_prompt(self.handle, request)
+        request = encoded(self.handle, request)
+        assert request.prompt_ids is not None
+        prompt_ids = list(request.prompt_ids)
         if request.speakers is not None and len(request.speakers) != len(prompt_ids):
             raise InvalidArgumentError(
                 f"{len(request.speakers)} speakers for {len(prompt_ids)} prompt tokens",
@@ -275,13 +185,13 @@ class Engine:
                 )
             request_id = request.request_id or f"req-{next(self._ids)}"
             if request.request_id == "":
-                request = _with_id(request, request_id)
+                request = replace(request, request_id=request_id)
             row = _Row(
                 request=request,
                 prompt_ids=prompt_ids,
                 seed=seed,
                 generator=generator,
-                stream=_TextStream(self.handle.tokenizer, request.stop),
+                stream=TextStream(self.handle.tokenizer, request.stop),
                 sampler_state=sampler_state,
                 banned=banned,
             )
@@ -597,9 +507,3 @@ def _non_finite(request: GenerationRequest) -> Exception:
             field="interventions",
         )
     return FailedPreconditionError("the model produced inf or NaN logits for this prompt")
-
-
-def _with_id(request: GenerationRequest, request_id: str) -> GenerationRequest:
-    from dataclasses import replace
-
-    return replace(request, request_id=request_id)

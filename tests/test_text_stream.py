@@ -13,7 +13,7 @@ import random
 import pytest
 from tiny import tiny_tokenizer
 
-from steer.generation import _TextStream
+from steer.text import TextStream
 
 TEXTS = [
     "Hello there, traveller. The tavern is warm tonight.",
@@ -37,7 +37,7 @@ def _reference(tokenizer, ids: list[int], stop: tuple[str, ...]) -> tuple[str, i
 
 
 def _stream(tokenizer, ids: list[int], stop: tuple[str, ...]) -> tuple[str, int | None]:  # type: ignore[no-untyped-def]
-    stream = _TextStream(tokenizer, stop)
+    stream = TextStream(tokenizer, stop)
     text = ""
     for i, token in enumerate(ids):
         delta, stopped = stream.push(token)

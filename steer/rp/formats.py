@@ -8,7 +8,8 @@ interventions), and the stop strings that end the reply. The speaker-name prefix
 Registered formats (``FORMATS``):
 
 * ``chat_template`` -- the tokenizer's own chat template (default); characters are the assistant,
-  the user's persona is the user, names prefix every message
+  the user's persona is the user, names prefix every message (a model without a chat template:
+  :mod:`steer.text`'s plain rule, one message per line)
 * ``chatml``, ``mistral``, ``llama3`` -- the instruct formats written out
 * ``alpaca`` -- LimaRP's extended Alpaca (``### Instruction:`` with personas and scenario,
   ``### Input:`` / ``### Response: (length = medium)``)
@@ -30,6 +31,7 @@ from typing import Any, Protocol
 
 from steer.errors import InvalidArgumentError
 from steer.rp.scene import Scene, Turn
+from steer.text import Message, has_chat_template, render_chat
 
 #: length words per format family, as documented on the model cards
 LIMARP_LENGTHS = (
@@ -266,7 +268,9 @@ class Mistral:
 
 
 class ChatTemplate:
-    """The tokenizer's own chat template; message text is located in the output to label it."""
+    """The tokenizer's own chat template (:func:`steer.text.render_chat`, so a model without one
+    gets its plain rule: one message per line); message text is located in the output to label
+    it."""
 
     name = "chat_template"
 
@@ -281,15 +285,11 @@ class ChatTemplate:
                 "(chatml, mistral, llama3, ...)",
                 field="tokenizer",
             )
-        if getattr(tokenizer, "chat_template", None) is None:
-            raise InvalidArgumentError(
-                "the model has no chat template; choose another format", field="format"
-            )
-        messages: list[dict[str, str]] = []
+        messages: list[Message] = []
         labelled: list[tuple[str, str | None]] = []
         setting = _setting(scene)
         if setting:
-            messages.append({"role": "system", "content": setting})
+            messages.append(Message("system", setting))
             labelled.append((setting, None))
         for turn in scene.turns:
             role = _role_of(scene, turn)
@@ -299,14 +299,17 @@ class ChatTemplate:
                 content, who = f"(OOC: {turn.content})", None
             else:
                 content, who = f"[Note: {turn.content}]", None
-            messages.append({"role": role, "content": content})
+            messages.append(Message(role, content))
             labelled.append((content, who))
         if not messages:  # a chat template cannot render an empty conversation
             raise InvalidArgumentError(
                 "nothing to render: the scene has no description, scenario or turns",
                 field="turns",
             )
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        text = render_chat(tokenizer, messages)
+        if not has_chat_template(tokenizer):
+            # steer.text's plain rule adds nothing for the reply: its name starts a line
+            text += "\n"
         spans: list[tuple[int, int, str]] = []
         cursor = 0
         for content, who in labelled:

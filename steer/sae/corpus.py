@@ -4,8 +4,9 @@
   ``.jsonl`` file (per line: a string, or an object with ``text``, or with ``prompt`` and
   ``response``/``completion``, or with ``messages``).
 * :func:`generate_corpus` -- the model answers each prompt (sampled, seeded) through the engine;
-  every transcript is rendered with the chat template, so the SAE sees the same token stream the
-  model sees when it chats.
+  every transcript is rendered by :func:`steer.text.render_chat` (the chat template, or the plain
+  rule for a model without one), so the SAE sees the same token stream the model sees when it
+  chats.
 """
 
 from __future__ import annotations
@@ -18,9 +19,10 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from steer.errors import InvalidArgumentError, NotFoundError
-from steer.generation import Engine, GenerationRequest, Message
+from steer.generation import Engine, GenerationRequest
 from steer.models import ModelHandle
 from steer.sampling import SamplingConfig
+from steer.text import Message, render_chat
 
 
 def _text_of(record: Any, where: str) -> str:
@@ -87,18 +89,6 @@ def read_prompts(path: str | Path) -> list[str]:
     return prompts
 
 
-def render_chat(handle: ModelHandle, user: str, assistant: str) -> str:
-    """One exchange as the model sees it (plain ``user\\nassistant`` without a chat template)."""
-    if handle.chat_template is None:
-        return f"{user}\n{assistant}"
-    return str(
-        handle.tokenizer.apply_chat_template(
-            [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}],
-            tokenize=False,
-        )
-    )
-
-
 def generate_corpus(
     handle: ModelHandle,
     prompts: Sequence[str],
@@ -113,8 +103,7 @@ def generate_corpus(
     engine = Engine(handle, max_batch=max_batch, max_waiting=len(prompts) + max_batch)
     requests = [
         GenerationRequest(
-            messages=(Message("user", prompt),) if handle.chat_template is not None else None,
-            prompt=None if handle.chat_template is not None else prompt,
+            messages=(Message("user", prompt),),
             sampling=SamplingConfig(temperature=temperature, seed=seed + index),
             max_new_tokens=max_new_tokens,
         )
@@ -131,6 +120,10 @@ def generate_corpus(
                 if event.finish_reason is not None:
                     bar.update(1)
     return [
-        render_chat(handle, prompt, "".join(texts.get(request_id, [])))
+        render_chat(
+            handle.tokenizer,
+            [Message("user", prompt), Message("assistant", "".join(texts.get(request_id, [])))],
+            add_generation_prompt=False,
+        )
         for prompt, request_id in zip(prompts, ids, strict=True)
     ]

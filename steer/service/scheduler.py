@@ -45,7 +45,7 @@ from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
 from steer.errors import ResourceExhaustedError, UnavailableError
-from steer.generation import Engine, GenerationEvent, GenerationRequest, encode_prompt
+from steer.generation import Engine, GenerationEvent, GenerationRequest, encoded
 from steer.limits import check_text_size
 from steer.models import ModelHandle
 
@@ -253,20 +253,15 @@ class ModelWorker:
             len(message.content) for message in request.messages or ()
         )
         check_text_size(characters, self.max_prompt_tokens, "prompt")
-        ids = encode_prompt(self.handle, request)
-        if len(ids) > self.max_prompt_tokens:
+        request = encoded(self.handle, request)
+        assert request.prompt_ids is not None
+        if len(request.prompt_ids) > self.max_prompt_tokens:
             raise ResourceExhaustedError(
-                f"the prompt has {len(ids)} tokens; this server accepts at most "
+                f"the prompt has {len(request.prompt_ids)} tokens; this server accepts at most "
                 f"{self.max_prompt_tokens}",
                 field="prompt",
             )
-        return replace(
-            request,
-            prompt=None,
-            messages=None,
-            prompt_ids=tuple(ids),
-            request_id=f"{self.handle.name}-{uuid.uuid4().hex}",
-        )
+        return replace(request, request_id=f"{self.handle.name}-{uuid.uuid4().hex}")
 
     def call(self, function: Callable[[], Any]) -> Future[Any]:
         """Run ``function()`` on the engine thread before its next step; its future result.
