@@ -401,8 +401,8 @@ def test_bad_input_is_a_typed_error_naming_the_field(
         (lambda: Clamp(sae, 96, 1.0), "feature"),
         (lambda: Clamp(sae, -1, 1.0), "feature"),
         (lambda: Clamp(sae, 1, float("nan")), "value"),
-        (lambda: Scale(sae, 1, float("inf")), "factor"),
-        (lambda: AddDecoder(sae, 1, "strong"), "strength"),  # type: ignore[arg-type]
+        (lambda: Scale(sae, 1, float("inf")), "value"),
+        (lambda: AddDecoder(sae, 1, "strong"), "value"),  # type: ignore[arg-type]
         (lambda: Clamp(sae, 1, 1.0, phase="later"), "phase"),  # type: ignore[arg-type]
         (lambda: TrainingConfig(hook=HOOK, architecture="magic"), "architecture"),
         (lambda: TrainingConfig(hook=HOOK, d_sae=0), "d_sae"),

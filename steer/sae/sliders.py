@@ -8,10 +8,13 @@ slider changes ``f`` to ``f'`` and keeps the error term, so the new value is::
 computed as that difference, which is exactly zero wherever ``f' == f`` (``decode`` is
 deterministic), so a slider at its neutral value leaves the model's output bit-identical.
 
+Every slider has one knob, ``value`` (as in the proto's ``FeatureSlider.value``); its
+:class:`~steer.sae.modes.SliderMode` says what it does:
+
 * :class:`Clamp` -- ``f'_k = value`` (0 switches the feature off);
-* :class:`Scale` -- ``f'_k = factor * f_k`` (1 is neutral; 0 switches it off where it fires);
-* :class:`AddDecoder` -- ``f'_k = f_k + strength`` (0 is neutral). For an affine decoder this
-  is adding ``strength`` times the feature's decoder direction, which lowers to the engine's
+* :class:`Scale` -- ``f'_k = value * f_k`` (1 is neutral; 0 switches it off where it fires);
+* :class:`AddDecoder` -- ``f'_k = f_k + value`` (0 is neutral). For an affine decoder this
+  is adding ``value`` times the feature's decoder direction, which lowers to the engine's
   batched ``AddVector`` op; :func:`decoder_direction` gives that direction as a steering vector
   (what a bake of a slider writes: exact for AddDecoder, an approximation for Clamp/Scale, which
   depend on the current activation).
@@ -24,6 +27,7 @@ apply in the order given, each reading the stream the previous one left.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -38,6 +42,7 @@ from steer.interventions import (
     _check_finite,
 )
 from steer.sae.loading import SparseAutoencoder
+from steer.sae.modes import SliderMode
 from steer.vectors import SteeringVector
 
 
@@ -92,8 +97,9 @@ def _edit_function(sae: SparseAutoencoder, feature: int, edit):  # type: ignore[
 
 
 @dataclass(frozen=True, eq=False)
-class Clamp(Intervention):
-    """Set feature ``feature`` of ``sae`` to ``value`` on the covered tokens."""
+class FeatureSlider(Intervention):
+    """Base of the sliders: feature ``feature`` of ``sae`` moved by ``value`` on the covered
+    tokens, as the subclass's :class:`~steer.sae.modes.SliderMode` says."""
 
     sae: SparseAutoencoder
     feature: int
@@ -101,76 +107,87 @@ class Clamp(Intervention):
     phase: Phase = Phase.ALL
     speaker: str | None = None
 
+    mode: ClassVar[SliderMode]
+
     def __post_init__(self) -> None:
         self.sae.check_feature(self.feature)
         object.__setattr__(self, "value", _check_finite(self.value, "value"))
         object.__setattr__(self, "phase", _check_phase(self.phase))
 
+    def is_noop(self) -> bool:
+        return self.value == self.mode.neutral
+
+    def edit(self, activations: torch.Tensor) -> torch.Tensor:
+        """The feature's new activations from its current ones (n,) -> (n,)."""
+        raise NotImplementedError
+
     def lower(self, resolver: HookResolver, d_model: int) -> list[tuple[HookPoint, Op]]:
         point = _check_sae(self.sae, resolver, d_model)
-        value = self.value
-        fn = _edit_function(self.sae, self.feature, lambda acts: torch.full_like(acts, value))
+        fn = _edit_function(self.sae, self.feature, self.edit)
         return [(point, RowFunction(fn, self.phase, self.speaker))]
 
 
 @dataclass(frozen=True, eq=False)
-class Scale(Intervention):
-    """Multiply feature ``feature`` of ``sae`` by ``factor`` on the covered tokens."""
+class Clamp(FeatureSlider):
+    """Set feature ``feature`` of ``sae`` to ``value`` on the covered tokens."""
 
-    sae: SparseAutoencoder
-    feature: int
-    factor: float
-    phase: Phase = Phase.ALL
-    speaker: str | None = None
+    mode: ClassVar[SliderMode] = SliderMode.CLAMP
 
-    def __post_init__(self) -> None:
-        self.sae.check_feature(self.feature)
-        object.__setattr__(self, "factor", _check_finite(self.factor, "factor"))
-        object.__setattr__(self, "phase", _check_phase(self.phase))
-
-    def is_noop(self) -> bool:
-        return self.factor == 1.0
-
-    def lower(self, resolver: HookResolver, d_model: int) -> list[tuple[HookPoint, Op]]:
-        point = _check_sae(self.sae, resolver, d_model)
-        factor = self.factor
-        fn = _edit_function(self.sae, self.feature, lambda acts: acts * factor)
-        return [(point, RowFunction(fn, self.phase, self.speaker))]
+    def edit(self, activations: torch.Tensor) -> torch.Tensor:
+        return torch.full_like(activations, self.value)
 
 
 @dataclass(frozen=True, eq=False)
-class AddDecoder(Intervention):
-    """Add ``strength`` to feature ``feature``: ``x += strength * direction_k``."""
+class Scale(FeatureSlider):
+    """Multiply feature ``feature`` of ``sae`` by ``value`` on the covered tokens."""
 
-    sae: SparseAutoencoder
-    feature: int
-    strength: float
-    phase: Phase = Phase.ALL
-    speaker: str | None = None
+    mode: ClassVar[SliderMode] = SliderMode.SCALE
 
-    def __post_init__(self) -> None:
-        self.sae.check_feature(self.feature)
-        object.__setattr__(self, "strength", _check_finite(self.strength, "strength"))
-        object.__setattr__(self, "phase", _check_phase(self.phase))
+    def edit(self, activations: torch.Tensor) -> torch.Tensor:
+        return activations * self.value
 
-    def is_noop(self) -> bool:
-        return self.strength == 0.0
+
+@dataclass(frozen=True, eq=False)
+class AddDecoder(FeatureSlider):
+    """Add ``value`` to feature ``feature``: ``x += value * direction_k``."""
+
+    mode: ClassVar[SliderMode] = SliderMode.ADD_DECODER
+
+    def edit(self, activations: torch.Tensor) -> torch.Tensor:
+        return activations + self.value
 
     def lower(self, resolver: HookResolver, d_model: int) -> list[tuple[HookPoint, Op]]:
+        if not self.sae.affine_decoder:
+            return super().lower(resolver, d_model)
         point = _check_sae(self.sae, resolver, d_model)
-        if self.sae.affine_decoder:
-            vector = self.sae.direction(self.feature) * self.strength
-            return [(point, AddVector(vector, self.phase, self.speaker))]
-        strength = self.strength
-        fn = _edit_function(self.sae, self.feature, lambda acts: acts + strength)
-        return [(point, RowFunction(fn, self.phase, self.speaker))]
+        vector = self.sae.direction(self.feature) * self.value
+        return [(point, AddVector(vector, self.phase, self.speaker))]
+
+
+#: the slider class of each mode
+SLIDERS: dict[SliderMode, type[FeatureSlider]] = {
+    slider.mode: slider for slider in (Clamp, Scale, AddDecoder)
+}
+
+
+def feature_slider(
+    mode: SliderMode | str,
+    sae: SparseAutoencoder,
+    feature: int,
+    value: float,
+    phase: Phase = Phase.ALL,
+    speaker: str | None = None,
+) -> FeatureSlider:
+    """The slider of ``mode`` (a :class:`SliderMode` or its name): the one way from a mode to
+    an intervention."""
+    return SLIDERS[SliderMode.parse(mode)](sae, feature, value, phase, speaker)
 
 
 def decoder_direction(sae: SparseAutoencoder, feature: int) -> SteeringVector:
     """The feature's decoder direction at the SAE's layer, as a steering vector.
 
-    ``Add(decoder_direction(sae, k), strength, hooks=(sae.hook_name,))`` equals
-    ``AddDecoder(sae, k, strength)``. For Clamp/Scale it is only an approximation (their
+    ``Add(decoder_direction(sae, k), value, hooks=(sae.hook_name,))`` equals
+    ``AddDecoder(sae, k, value)``. For Clamp/Scale it is only an approximation (their
     effect depends on how strongly the feature fires), which is what a bake of them exports.
     """
     layer = sae.hook_point(10**6).layer

@@ -19,6 +19,7 @@ from steer.json_input import parse_object
 from steer.limits import check_text_size
 from steer.models import ModelHandle
 from steer.proto.v1 import directions_pb2, features_pb2, generation_pb2, jobs_pb2, models_pb2
+from steer.sae.modes import SliderMode
 from steer.sampling import SamplingConfig
 from steer.service.jobs import JobSnapshot
 from steer.service.registry import LoadedModel
@@ -395,11 +396,11 @@ def _intervention(
     return built
 
 
-#: slider mode -> (library class, the name its constructor gives the value)
+#: proto slider mode -> steer's
 _SLIDER_MODES = {
-    generation_pb2.SLIDER_MODE_CLAMP: ("Clamp", "value"),
-    generation_pb2.SLIDER_MODE_SCALE: ("Scale", "factor"),
-    generation_pb2.SLIDER_MODE_ADD_DECODER: ("AddDecoder", "strength"),
+    generation_pb2.SLIDER_MODE_CLAMP: SliderMode.CLAMP,
+    generation_pb2.SLIDER_MODE_SCALE: SliderMode.SCALE,
+    generation_pb2.SLIDER_MODE_ADD_DECODER: SliderMode.ADD_DECODER,
 }
 
 
@@ -410,7 +411,7 @@ def _slider(
     saes: SaeRegistry,
 ) -> Intervention:
     """A :mod:`steer.sae.sliders` intervention on an SAE loaded for this request's model."""
-    import steer.sae.sliders
+    from steer.sae.sliders import feature_slider
 
     if message.mode not in _SLIDER_MODES:
         raise InvalidArgumentError("set mode: clamp, scale or add_decoder", field="mode")
@@ -420,17 +421,14 @@ def _slider(
         raise InvalidArgumentError("required", field="sae_id")
     entry = saes.get(message.sae_id)
     entry.check_model(loaded.handle, loaded.model_id, field="sae_id")
-    class_name, value_name = _SLIDER_MODES[message.mode]
-    slider = getattr(steer.sae.sliders, class_name)
-    try:
-        built: Intervention = slider(
-            entry.sae, message.feature, message.value, _PHASES[message.phase], speaker
-        )
-    except SteerError as error:
-        if error.field == value_name:
-            error.field = "value"  # the proto's name for clamp value, factor and strength
-        raise
-    return built
+    return feature_slider(
+        _SLIDER_MODES[message.mode],
+        entry.sae,
+        message.feature,
+        message.value,
+        _PHASES[message.phase],
+        speaker,
+    )
 
 
 def generate_response(event: GenerationEvent, side: Any) -> generation_pb2.GenerateResponse:
