@@ -21,7 +21,8 @@ from steer.directions.preflight import layer_count
 from steer.directions.recipe import load_recipe, with_overrides
 from steer.directions.scores import first_token_kl, next_token_logits
 from steer.directions.steering import normalise
-from steer.directions.sweep import SweepRow, derive_words, suggested_range
+from steer.directions.sweep import SweepRow, suggested_range
+from steer.directions.words import derive_words
 from steer.errors import InvalidArgumentError, NotFoundError
 from steer.interventions import Add
 from steer.models import ModelHandle

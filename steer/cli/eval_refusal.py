@@ -14,9 +14,12 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from steer.directions.evaluate import is_moralizing, is_refusal
+
+if TYPE_CHECKING:
+    from steer.directions.recipe import Recipe
 
 
 def parser(prog: str, *, kind: str) -> argparse.ArgumentParser:
@@ -50,52 +53,20 @@ def parser(prog: str, *, kind: str) -> argparse.ArgumentParser:
 
 
 def run(argv: list[str], *, prog: str, kind: str) -> int:
+    """Check the flags -> recipe -> prompts -> models and edits -> evaluate -> print."""
     args = parser(prog, kind=kind).parse_args(argv)
-    from steer.artifacts import load_vector
-    from steer.directions.api import held_out, interventions_for
-    from steer.directions.data import load_prompts
     from steer.directions.evaluate import evaluate_rate
-    from steer.directions.recipe import load_recipe, with_overrides
-    from steer.errors import InvalidArgumentError
     from steer.models import load_model
 
-    if args.strength is not None and args.direction is None:
-        raise InvalidArgumentError("--strength needs --direction", field="strength")
-    chosen = [flag for flag in ("direction", "edits", "baked") if getattr(args, flag)]
-    if len(chosen) > 1:
-        raise InvalidArgumentError(
-            f"use one of --direction, --edits and --baked, not {' and '.join(chosen)}",
-            field=chosen[1],
-        )
-    recipe = with_overrides(
-        load_recipe(args.recipe),
-        {
-            "evaluate.max_new_tokens": args.max_new_tokens,
-            "evaluate.kl_tokens": args.kl_tokens,
-            "evaluate.max_test": args.max_test,
-        },
-    )
+    _check_flags(args)
+    recipe = _recipe(args)
     seconds: dict[str, float] = {}
     start = time.perf_counter()
-    positive, negative = held_out(recipe)
-    if args.positive:
-        positive = load_prompts(args.positive, column=args.column, field="harmful")
-    if args.harmless:
-        negative = load_prompts(args.harmless, column=args.column, field="harmless")
-    elif kind == "moralizing":
-        negative = _harmless_test()
-    cap = recipe.evaluate.max_test
-    if cap:
-        positive, negative = positive[:cap], negative[:cap]
+    positive, negative = _prompts(args, recipe, kind)
     handle = load_model(args.model, dtype=args.dtype)
     edited = load_model(args.baked, dtype=args.dtype) if args.baked else None
     judge = load_model(args.judge, dtype=args.dtype) if args.judge else None
-    interventions: tuple[Any, ...] = ()
-    if args.direction:
-        artifact = load_vector(args.direction, handle=handle)
-        interventions = interventions_for(artifact, strength=args.strength)
-    if args.edits:
-        interventions = recipe_interventions(args.edits, handle)
+    interventions = _interventions(args, handle)
     seconds["load"] = time.perf_counter() - start
     report = evaluate_rate(
         handle,
@@ -127,6 +98,68 @@ def run(argv: list[str], *, prog: str, kind: str) -> int:
         record["examples"] = report.examples[: args.examples]
     print(json.dumps(record, default=float), flush=True)
     return 0
+
+
+def _check_flags(args: argparse.Namespace) -> None:
+    """--strength needs --direction; --direction, --edits and --baked exclude each other."""
+    from steer.errors import InvalidArgumentError
+
+    if args.strength is not None and args.direction is None:
+        raise InvalidArgumentError("--strength needs --direction", field="strength")
+    chosen = [flag for flag in ("direction", "edits", "baked") if getattr(args, flag)]
+    if len(chosen) > 1:
+        raise InvalidArgumentError(
+            f"use one of --direction, --edits and --baked, not {' and '.join(chosen)}",
+            field=chosen[1],
+        )
+
+
+def _recipe(args: argparse.Namespace) -> Recipe:
+    """The direction recipe with the evaluation flags applied."""
+    from steer.directions.recipe import load_recipe, with_overrides
+
+    return with_overrides(
+        load_recipe(args.recipe),
+        {
+            "evaluate.max_new_tokens": args.max_new_tokens,
+            "evaluate.kl_tokens": args.kl_tokens,
+            "evaluate.max_test": args.max_test,
+        },
+    )
+
+
+def _prompts(args: argparse.Namespace, recipe: Recipe, kind: str) -> tuple[list[str], list[str]]:
+    """(prompts to measure the rate on, harmless prompts for the KL): the files given, else the
+    recipe's held-out test splits, capped at ``evaluate.max_test``."""
+    from steer.directions.api import held_out
+    from steer.directions.data import load_prompts
+
+    positive, negative = held_out(recipe)
+    if args.positive:
+        positive = load_prompts(args.positive, column=args.column, field="harmful")
+    if args.harmless:
+        negative = load_prompts(args.harmless, column=args.column, field="harmless")
+    elif kind == "moralizing":
+        negative = _harmless_test()
+    cap = recipe.evaluate.max_test
+    if cap:
+        positive, negative = positive[:cap], negative[:cap]
+    return positive, negative
+
+
+def _interventions(args: argparse.Namespace, handle: Any) -> tuple[Any, ...]:
+    """The run-time edits: the direction's (ablated, or added at ``--strength``) or the edit
+    recipe's; none for the unedited or a baked model."""
+    from steer.artifacts import load_vector
+    from steer.directions.api import interventions_for
+
+    interventions: tuple[Any, ...] = ()
+    if args.direction:
+        artifact = load_vector(args.direction, handle=handle)
+        interventions = interventions_for(artifact, strength=args.strength)
+    if args.edits:
+        interventions = recipe_interventions(args.edits, handle)
+    return interventions
 
 
 def recipe_interventions(path: str, handle: Any) -> tuple[Any, ...]:

@@ -211,10 +211,58 @@ def evaluate_rate(
     hits = [bool(matcher(text)) for text in texts]
     judged_rate = None
     if judge_handle is not None:
-        start = time.perf_counter()
-        verdicts = judge(judge_handle, positive, texts)
-        judged_rate = sum(verdicts) / max(len(verdicts), 1)
-        seconds["judge"] = time.perf_counter() - start
+        judged_rate = _judged_rate(judge_handle, positive, texts, seconds)
+    kl_first, kl_multi = _kl_cost(
+        handle,
+        negative_ids,
+        interventions,
+        edited_handle=edited_handle,
+        continuations=continuations,
+        kl_tokens=kl_tokens,
+        batch_size=batch_size,
+        seconds=seconds,
+    )
+    examples = [
+        {"prompt": p, "response": t, "hit": h}
+        for p, t, h in zip(positive, texts, hits, strict=True)
+    ]
+    return RateReport(
+        rate=sum(hits) / max(len(hits), 1),
+        n=len(hits),
+        kl_first_token=kl_first,
+        kl_multi_token=kl_multi,
+        judged_rate=judged_rate,
+        seconds=seconds,
+        examples=examples,
+    )
+
+
+def _judged_rate(
+    judge_handle: ModelHandle,
+    prompts: Sequence[str],
+    texts: Sequence[str],
+    seconds: dict[str, float],
+) -> float:
+    """The share of replies the judge model calls hits (its time in ``seconds["judge"]``)."""
+    start = time.perf_counter()
+    verdicts = judge(judge_handle, prompts, texts)
+    seconds["judge"] = time.perf_counter() - start
+    return sum(verdicts) / max(len(verdicts), 1)
+
+
+def _kl_cost(
+    handle: ModelHandle,
+    negative_ids: Sequence[Sequence[int]],
+    interventions: Sequence[Intervention],
+    *,
+    edited_handle: ModelHandle | None,
+    continuations: Sequence[Sequence[int]] | None,
+    kl_tokens: int,
+    batch_size: int,
+    seconds: dict[str, float],
+) -> tuple[float, float]:
+    """(first-token KL, multi-token KL) of the edited model on the negative prompts, over the
+    base model's continuations (computed unless given); times in ``seconds``."""
     start = time.perf_counter()
     if continuations is None:
         continuations = base_continuations(
@@ -229,16 +277,4 @@ def evaluate_rate(
     else:
         kl_first, kl_multi = 0.0, 0.0  # the unedited model against itself
     seconds["kl"] = time.perf_counter() - start
-    examples = [
-        {"prompt": p, "response": t, "hit": h}
-        for p, t, h in zip(positive, texts, hits, strict=True)
-    ]
-    return RateReport(
-        rate=sum(hits) / max(len(hits), 1),
-        n=len(hits),
-        kl_first_token=kl_first,
-        kl_multi_token=kl_multi,
-        judged_rate=judged_rate,
-        seconds=seconds,
-        examples=examples,
-    )
+    return kl_first, kl_multi

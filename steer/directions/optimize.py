@@ -127,7 +127,10 @@ def optimize(
     seed: int = 0,
     progress: Callable[[str, float], None] | None = None,
 ) -> list[dict[str, Any]]:
-    """Run ``trials`` more trials of the study in ``storage``; return the Pareto front."""
+    """Run ``trials`` more trials of the study in ``storage``; return the Pareto front.
+
+    Steps: prepare the data -> per-layer directions (saved) -> objectives -> study -> front.
+    """
     import optuna
 
     if trials < 0:
@@ -135,49 +138,8 @@ def optimize(
     out_dir.mkdir(parents=True, exist_ok=True)
     storage = storage or out_dir / "study.db"
     prepared = prepare(handle, recipe)
-    vector = layer_directions(handle, prepared)
-    directions_dir = save_vector(
-        out_dir / "directions",
-        vector,
-        handle=handle,
-        kind="direction",
-        hooks=[f"blocks.{layer}.hook_resid_pre" for layer in vector.layers],
-        positions=[-1],
-        method=recipe.search.method,
-        recipe=recipe.to_dict(),
-    )
-    artifact = load_vector(directions_dir, handle=handle)
-    score = _objective_scorer(handle, prepared)
-    kl = kl_scorer(handle, prepared.negative_validation, recipe.search.batch_size)
-    num_layers = handle.num_layers
-    layers = vector.layers
-    low_index = max(float(layers[0]), 0.4 * (num_layers - 1))
-    high_index = min(float(layers[-1]), 0.9 * (num_layers - 1))
-
-    def objective(trial: optuna.Trial) -> tuple[float, float]:
-        params = {
-            "direction_index": trial.suggest_float(
-                "direction_index", low_index, max(high_index, low_index)
-            )
-        }
-        for part in ("attention", "mlp"):
-            params[f"{part}_max_weight"] = trial.suggest_float(f"{part}_max_weight", 0.8, 1.5)
-            params[f"{part}_peak"] = trial.suggest_float(
-                f"{part}_peak", 0.6 * (num_layers - 1), num_layers - 1
-            )
-            params[f"{part}_min_fraction"] = trial.suggest_float(f"{part}_min_fraction", 0.0, 1.0)
-            params[f"{part}_width"] = trial.suggest_float(
-                f"{part}_width", 1.0, max(1.0, 0.6 * num_layers)
-            )
-        interventions = trial_recipe(params, directions_dir).lowered(
-            num_layers, load=lambda _path: artifact
-        )
-        values = score(interventions), kl(interventions)
-        if progress:
-            done = trial.number + 1
-            progress(f"trial {trial.number}: score {values[0]:.3f}, kl {values[1]:.4f}", done)
-        return values
-
+    directions_dir = _save_directions(handle, prepared, out_dir / "directions")
+    objective = _objective(handle, prepared, directions_dir, progress)
     study = optuna.create_study(
         study_name=recipe.name,
         storage=f"sqlite:///{storage}",
@@ -187,6 +149,73 @@ def optimize(
     )
     if trials:
         study.optimize(objective, n_trials=trials)
+    return _write_front(study, recipe, directions_dir, out_dir)
+
+
+def _save_directions(handle: ModelHandle, prepared: Prepared, directory: Path) -> Path:
+    """The per-layer directions (:func:`layer_directions`), saved as an artifact."""
+    recipe = prepared.recipe
+    vector = layer_directions(handle, prepared)
+    return save_vector(
+        directory,
+        vector,
+        handle=handle,
+        kind="direction",
+        hooks=[f"blocks.{layer}.hook_resid_pre" for layer in vector.layers],
+        positions=[-1],
+        method=recipe.search.method,
+        recipe=recipe.to_dict(),
+    )
+
+
+def _objective(
+    handle: ModelHandle,
+    prepared: Prepared,
+    directions_dir: Path,
+    progress: Callable[[str, float], None] | None,
+) -> Callable[[Any], tuple[float, float]]:
+    """The study's objective: a trial's (score, first-token KL), both minimised."""
+    artifact = load_vector(directions_dir, handle=handle)
+    score = _objective_scorer(handle, prepared)
+    kl = kl_scorer(handle, prepared.negative_validation, prepared.recipe.search.batch_size)
+    num_layers = handle.num_layers
+    layers = artifact.vector.layers
+    low_index = max(float(layers[0]), 0.4 * (num_layers - 1))
+    high_index = min(float(layers[-1]), 0.9 * (num_layers - 1))
+
+    def objective(trial: Any) -> tuple[float, float]:
+        params = _suggest(trial, num_layers, low_index, max(high_index, low_index))
+        interventions = trial_recipe(params, directions_dir).lowered(
+            num_layers, load=lambda _path: artifact
+        )
+        values = score(interventions), kl(interventions)
+        if progress:
+            done = trial.number + 1
+            progress(f"trial {trial.number}: score {values[0]:.3f}, kl {values[1]:.4f}", done)
+        return values
+
+    return objective
+
+
+def _suggest(trial: Any, num_layers: int, low_index: float, high_index: float) -> dict[str, float]:
+    """One trial's parameters (see :func:`trial_recipe`), drawn from the study's sampler."""
+    params = {"direction_index": trial.suggest_float("direction_index", low_index, high_index)}
+    for part in ("attention", "mlp"):
+        params[f"{part}_max_weight"] = trial.suggest_float(f"{part}_max_weight", 0.8, 1.5)
+        params[f"{part}_peak"] = trial.suggest_float(
+            f"{part}_peak", 0.6 * (num_layers - 1), num_layers - 1
+        )
+        params[f"{part}_min_fraction"] = trial.suggest_float(f"{part}_min_fraction", 0.0, 1.0)
+        params[f"{part}_width"] = trial.suggest_float(
+            f"{part}_width", 1.0, max(1.0, 0.6 * num_layers)
+        )
+    return params
+
+
+def _write_front(
+    study: Any, recipe: Recipe, directions_dir: Path, out_dir: Path
+) -> list[dict[str, Any]]:
+    """Write ``recipes/trial-N.toml`` per front entry and ``front.json``; return the front."""
     recipes_dir = out_dir / "recipes"
     recipes_dir.mkdir(exist_ok=True)
     front = []

@@ -43,7 +43,8 @@ from steer.artifacts import save_vector
 from steer.directions import data as datasets
 from steer.directions.methods import compute_direction, get_method
 from steer.directions.recipe import Read, Recipe
-from steer.directions.sweep import SweepResult, TargetWords
+from steer.directions.sweep import SweepResult
+from steer.directions.words import TargetWords, target_words
 from steer.errors import InvalidArgumentError
 from steer.models import ModelHandle
 from steer.vectors import SteeringVector
@@ -191,7 +192,7 @@ def compute_vector(
     norms = typical_norms(handle, neutral, layers, batch_size=recipe.search.batch_size)
     vector = normalise(raw, norms, name=recipe.name)
     check()
-    words = sweep.target_words(handle.tokenizer, recipe.sweep, texts.prompts, texts.replies)
+    words = target_words(handle.tokenizer, recipe.sweep, texts.prompts, texts.replies)
     measured = None
     if recipe.sweep.enabled:
         measured = sweep.run(
