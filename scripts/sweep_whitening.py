@@ -37,12 +37,7 @@ import torch
 from report import emit, machine, table, write_section
 
 from steer.activations import encode_chat
-from steer.directions.api import (
-    filtered_train_activations,
-    held_out,
-    pair_activations,
-    prepare,
-)
+from steer.directions.api import held_out
 from steer.directions.data import RECIPES_DIR
 from steer.directions.evaluate import (
     base_continuations,
@@ -51,6 +46,7 @@ from steer.directions.evaluate import (
     is_refusal,
 )
 from steer.directions.methods import compute_direction, shrink
+from steer.directions.pipeline import filtered_train_activations, pair_activations, prepare
 from steer.directions.recipe import RecipeKind, load_recipe
 from steer.directions.search import ablation, token_covariances
 from steer.models import load_model

@@ -15,7 +15,7 @@ from steer.activations import encode_chat, forward
 from steer.artifacts import load_vector, save_vector
 from steer.cli import main as cli_main
 from steer.directions import data as datasets
-from steer.directions.api import CancelledError, compute, held_out, interventions_for, prepare
+from steer.directions.api import CancelledError, compute, held_out, interventions_for
 from steer.directions.evaluate import evaluate_rate, is_moralizing, is_refusal
 from steer.directions.methods import (
     METHODS,
@@ -25,6 +25,7 @@ from steer.directions.methods import (
     shrink,
 )
 from steer.directions.optimize import optimize, trial_recipe
+from steer.directions.pipeline import prepare
 from steer.directions.recipe import load_recipe, with_overrides
 from steer.directions.scores import (
     first_token_kl,

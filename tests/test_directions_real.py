@@ -68,8 +68,8 @@ def test_generation_filter_keeps_what_the_evaluation_calls_refusals(qwen) -> Non
     keeps those whose first-token refusal score is positive."""
     from dataclasses import replace
 
-    from steer.directions.api import filter_masks, prepare
     from steer.directions.evaluate import generate, is_refusal
+    from steer.directions.pipeline import filter_masks, prepare
     from steer.directions.recipe import load_recipe, with_overrides
     from steer.directions.scores import (
         next_token_logits,

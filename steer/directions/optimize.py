@@ -31,14 +31,15 @@ from typing import Any
 import torch
 
 from steer.artifacts import load_vector, save_vector
-from steer.directions.api import (
+from steer.directions.methods import get_method
+from steer.directions.pipeline import (
     Prepared,
     filtered_train_activations,
     pair_activations,
+    pair_scorers,
     prepare,
     whitening_covariances,
 )
-from steer.directions.methods import get_method
 from steer.directions.recipe import Recipe, RecipeKind
 from steer.directions.scores import refusal_scores_from_logits, refusal_token_ids
 from steer.directions.search import kl_scorer
@@ -101,9 +102,7 @@ def _objective_scorer(
 ) -> Callable[[Sequence[Intervention]], float]:
     batch = prepared.recipe.search.batch_size
     if prepared.recipe.kind is RecipeKind.PAIRS:
-        from steer.directions.api import _pair_scorers
-
-        margin, _ = _pair_scorers(handle, prepared)
+        margin, _ = pair_scorers(handle, prepared)
         return lambda interventions: float(margin(interventions).mean())
     from steer.directions.scores import next_token_logits
 

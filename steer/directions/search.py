@@ -29,6 +29,9 @@ from pathlib import Path
 import torch
 
 from steer.activations import forward
+
+# one rule for ablating a direction: on the layers a per-layer one has vectors for, else all
+from steer.artifacts import ablation
 from steer.directions.methods import DirectionMethod, compute_direction
 from steer.directions.scores import kl_divergence, next_token_logits
 from steer.errors import InvalidArgumentError
@@ -78,12 +81,6 @@ class SearchResult:
     layers: tuple[int, ...]
     positions: tuple[int, ...]
     notes: list[str] = field(default_factory=list)
-
-
-def ablation(vector: SteeringVector, weight: float = 1.0) -> Ablate:
-    """Ablate ``vector`` everywhere it is defined (every layer for a shared vector)."""
-    layers = None if vector.shared is not None else vector.layers
-    return Ablate(vector, layers=layers, weight=weight)
 
 
 def resid_hooks(num_layers: int) -> list[str]:
