@@ -41,7 +41,7 @@ from typing import Any
 import torch
 
 from steer.artifacts import VectorArtifact, load_vector
-from steer.errors import InvalidArgumentError, NotFoundError
+from steer.errors import InvalidArgumentError, NotFoundError, SteerError
 from steer.hooks import HookKind, parse_hook_name, resid_post_hooks
 from steer.interventions import Ablate, Add, Intervention
 from steer.vectors import SteeringVector
@@ -308,31 +308,15 @@ def _ablate_interventions(
 def _feature_intervention(
     recipe: Recipe, edit: FeatureEdit, num_layers: int, where: str
 ) -> Intervention:
-    import json
+    from steer.sae.loading import decoder_row
 
-    from safetensors.torch import load_file
-
-    directory = recipe.resolve(edit.sae)
-    config_path, weights_path = directory / "cfg.json", directory / "sae_weights.safetensors"
-    if not config_path.exists() or not weights_path.exists():
-        raise NotFoundError(
-            f"{directory} is not an SAE directory (cfg.json + sae_weights.safetensors)",
-            field=f"{where}.sae",
-        )
-    config = json.loads(config_path.read_text())
-    hook = (config.get("metadata") or {}).get("hook_name") or config.get("hook_name")
-    if not hook:
-        raise InvalidArgumentError(f"{config_path} names no hook_name", field=f"{where}.sae")
-    parse_hook_name(hook, num_layers, field=f"{where}.sae")
-    decoder = load_file(str(weights_path))["W_dec"]
-    if not 0 <= edit.feature < decoder.shape[0]:
-        raise InvalidArgumentError(
-            f"feature {edit.feature} out of range 0..{decoder.shape[0] - 1}",
-            field=f"{where}.feature",
-        )
-    vector = SteeringVector.from_shared(
-        decoder[edit.feature].float(), name=f"feature-{edit.feature}"
-    )
+    try:
+        hook, row = decoder_row(recipe.resolve(edit.sae), edit.feature)
+        parse_hook_name(hook, num_layers, field="sae")
+    except SteerError as error:
+        error.field = f"{where}.{error.field}" if error.field else where
+        raise
+    vector = SteeringVector.from_shared(row, name=f"feature-{edit.feature}")
     return Add(vector, edit.value, hooks=(hook,))
 
 

@@ -15,17 +15,20 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from sae_lens import SAE
 from safetensors import SafetensorError
+from safetensors.torch import load_file
 
 from steer.artifacts import check_model, check_model_record, check_types
 from steer.errors import FailedPreconditionError, InvalidArgumentError, NotFoundError
 from steer.hooks import HookKind, HookPoint, parse_hook_name
 from steer.json_input import parse_object
 from steer.models import ModelHandle
+
+if TYPE_CHECKING:  # SAELens is slow to import: only loading an SAE needs it
+    from sae_lens import SAE
 
 CONFIG = "cfg.json"
 WEIGHTS = "sae_weights.safetensors"
@@ -164,19 +167,9 @@ def load_sae(
     """
     directory = Path(path)
     where = where or str(directory)
-    if directory.exists() and not directory.is_dir():
-        raise InvalidArgumentError(f"{where} is a file, not an SAE directory", field="sae")
-    for name in (CONFIG, WEIGHTS):
-        if not (directory / name).is_file():
-            raise NotFoundError(f"{where} is not an SAE directory: {name} is missing", field="sae")
-    _read_config(directory, where)
+    config = _open_directory(directory, where)
     sae = _saelens_load(directory, where)
-    hook_name = hook or sae.cfg.metadata.hook_name
-    if not hook_name:
-        raise InvalidArgumentError(
-            f"{where}: {CONFIG} has no metadata.hook_name; pass the hook it was trained on",
-            field="sae.hook_name",
-        )
+    hook_name = hook or _hook_name(config, where)
     metadata: dict[str, Any] = {}
     if (directory / SIDECAR).is_file():
         metadata = _read_json(directory, SIDECAR, where)
@@ -199,6 +192,64 @@ _CONFIG_TYPES: dict[str, type] = {
     "metadata": dict,
     "reshape_activations": str,
 }
+
+
+def decoder_row(
+    path: str | Path, feature: int, *, where: str | None = None
+) -> tuple[str, torch.Tensor]:
+    """The hook name and feature ``feature``'s decoder row ``W_dec[feature]`` (d_in,), float32,
+    of the SAE directory ``path``: what a bake of a feature edit adds.
+
+    Read from the files without SAELens (a bake needs no SAE at run time), with the checks
+    :func:`load_sae` makes of them: the directory, ``cfg.json``'s keys and architecture, the
+    hook name; and ``W_dec`` must be a (d_sae, d_in) float matrix.
+    """
+    directory = Path(path)
+    where = where or str(directory)
+    config = _open_directory(directory, where)
+    hook_name = _hook_name(config, where)
+    try:
+        decoder = load_file(str(directory / WEIGHTS)).get("W_dec")
+    except (SafetensorError, OSError) as error:
+        raise InvalidArgumentError(
+            f"{where}: {WEIGHTS} is not a safetensors file ({error})", field="sae"
+        ) from None
+    shape = (config["d_sae"], config["d_in"])
+    if decoder is None or tuple(decoder.shape) != shape or not decoder.is_floating_point():
+        found = "none" if decoder is None else f"{tuple(decoder.shape)} {decoder.dtype}"
+        raise InvalidArgumentError(
+            f"{where}: {WEIGHTS} needs W_dec, a float matrix of shape {shape} (d_sae, d_in) "
+            f"as {CONFIG} says; found {found}",
+            field="sae",
+        )
+    if isinstance(feature, bool) or not isinstance(feature, int) or not 0 <= feature < shape[0]:
+        raise InvalidArgumentError(
+            f"feature {feature} out of range: the SAE has features 0..{shape[0] - 1}",
+            field="feature",
+        )
+    return hook_name, decoder[feature].float()
+
+
+def _open_directory(directory: Path, where: str) -> dict[str, Any]:
+    """The checked ``cfg.json`` of an SAE directory that has both of SAELens' files."""
+    if directory.exists() and not directory.is_dir():
+        raise InvalidArgumentError(f"{where} is a file, not an SAE directory", field="sae")
+    for name in (CONFIG, WEIGHTS):
+        if not (directory / name).is_file():
+            raise NotFoundError(f"{where} is not an SAE directory: {name} is missing", field="sae")
+    return _read_config(directory, where)
+
+
+def _hook_name(config: Mapping[str, Any], where: str) -> str:
+    """The hook an SAE reads: ``metadata.hook_name`` (SAELens 6), else a top-level
+    ``hook_name`` (older SAELens configs, which SAELens 6 no longer reads)."""
+    hook_name = (config.get("metadata") or {}).get("hook_name") or config.get("hook_name")
+    if not hook_name:
+        raise InvalidArgumentError(
+            f"{where}: {CONFIG} has no metadata.hook_name; pass the hook it was trained on",
+            field="sae.hook_name",
+        )
+    return str(hook_name)
 
 
 def _read_json(directory: Path, name: str, where: str) -> dict[str, Any]:
@@ -237,6 +288,8 @@ def _read_config(directory: Path, where: str) -> dict[str, Any]:
 
 def _saelens_load(directory: Path, where: str) -> SAE:  # type: ignore[type-arg]
     """SAELens' own loader; what it trips on (it reads the files unchecked) is the files' fault."""
+    from sae_lens import SAE
+
     try:
         sae = SAE.load_from_disk(str(directory), device="cpu")
     except torch.OutOfMemoryError:
@@ -270,6 +323,8 @@ def load_pretrained_sae(
         raise NotFoundError(f"unknown SAELens release {release!r}", field="sae.release")
     if sae_id not in directory[release].saes_map:
         raise NotFoundError(f"release {release!r} has no SAE {sae_id!r}", field="sae.id")
+    from sae_lens import SAE
+
     try:
         sae = SAE.from_pretrained(release, sae_id, device="cpu")
     except (OSError, ConnectionError) as error:
