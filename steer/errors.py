@@ -114,6 +114,13 @@ class InternalError(SteerError):
     status_code = "INTERNAL"
 
 
+def within(error: SteerError, prefix: str) -> InvalidArgumentError:
+    """``error``, raised by a part of a request, as the request's INVALID_ARGUMENT error: its field
+    named from the request's top (``prefix.field``, or ``prefix`` when it named none)."""
+    field = f"{prefix}.{error.field}" if error.field else prefix
+    return InvalidArgumentError(error.message, field=field)
+
+
 #: the class a status name is raised as; a status not listed is raised as :class:`SteerError`
 _BY_STATUS: dict[str, type[SteerError]] = {
     cls.status_code: cls

@@ -11,6 +11,7 @@ from __future__ import annotations
 from steer.errors import InvalidArgumentError
 from steer.interventions import Phase
 from steer.proto.v1 import generation_pb2
+from steer.sae.modes import SliderMode
 
 #: a phase's name (a :class:`Phase` value) -> its proto enum
 PHASES: dict[str, generation_pb2.Phase] = {
@@ -24,14 +25,14 @@ PHASE_OF: dict[int, Phase] = {
     **{number: Phase(name) for name, number in PHASES.items()},
 }
 
-#: a slider mode's name (the :mod:`steer.sae.sliders` class in snake case) -> its proto enum
-SLIDER_MODES: dict[str, generation_pb2.SliderMode] = {
-    "clamp": generation_pb2.SLIDER_MODE_CLAMP,
-    "scale": generation_pb2.SLIDER_MODE_SCALE,
-    "add_decoder": generation_pb2.SLIDER_MODE_ADD_DECODER,
+#: a slider mode (:class:`~steer.sae.modes.SliderMode`, a string) -> its proto enum
+SLIDER_MODES: dict[SliderMode, generation_pb2.SliderMode] = {
+    SliderMode.CLAMP: generation_pb2.SLIDER_MODE_CLAMP,
+    SliderMode.SCALE: generation_pb2.SLIDER_MODE_SCALE,
+    SliderMode.ADD_DECODER: generation_pb2.SLIDER_MODE_ADD_DECODER,
 }
-#: a proto slider mode -> its name
-SLIDER_MODE_NAMES: dict[int, str] = {number: name for name, number in SLIDER_MODES.items()}
+#: a proto slider mode -> the library's mode
+SLIDER_MODE_OF: dict[int, SliderMode] = {number: mode for mode, number in SLIDER_MODES.items()}
 
 #: a finish reason the engine reports -> its proto enum
 FINISH_REASONS: dict[str, generation_pb2.FinishReason] = {
@@ -64,4 +65,4 @@ def slider_mode_number(name: str) -> generation_pb2.SliderMode:
     """The proto enum of the slider mode ``name``; an unknown name is refused naming ``mode``."""
     if name not in SLIDER_MODES:
         raise InvalidArgumentError(f"use one of {', '.join(SLIDER_MODES)}", field="mode")
-    return SLIDER_MODES[name]
+    return SLIDER_MODES[SliderMode(name)]

@@ -5,7 +5,7 @@ One concern per module:
 
 * ``settings``   -- :class:`ServerSettings`, the one typed schema of limits and flags
 * ``core``       -- :class:`ServiceCore`: models, artifacts, SAEs, sliders, jobs; request -> stream
-* ``convert``    -- proto messages <-> steer domain objects (the only module that knows both)
+* ``convert``    -- proto messages <-> steer domain objects, one module per service
 * ``sliders``    -- named sliders: the operator's TOML catalogue
 * ``scheduler``  -- one engine loop thread per model; requests join its running batch
 * ``registry``   -- loaded models by id

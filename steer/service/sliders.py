@@ -43,20 +43,13 @@ from pathlib import Path
 from typing import Any
 
 from steer.errors import InvalidArgumentError
+from steer.interventions import Phase
 from steer.limits import MAX_INTERVENTION_MAGNITUDE, finite
 from steer.proto.v1 import generation_pb2
+from steer.sae.modes import SliderMode
+from steer.wire import PHASES, SLIDER_MODE_OF, SLIDER_MODES
 
 KINDS = ("ablate", "add", "feature")
-_PHASES = {
-    "all": generation_pb2.PHASE_ALL,
-    "prompt": generation_pb2.PHASE_PROMPT,
-    "generated": generation_pb2.PHASE_GENERATED,
-}
-_MODES = {
-    "add_decoder": generation_pb2.SLIDER_MODE_ADD_DECODER,
-    "scale": generation_pb2.SLIDER_MODE_SCALE,
-    "clamp": generation_pb2.SLIDER_MODE_CLAMP,
-}
 _KEYS = {
     "ablate": {"artifact", "allow_other_model"},
     "add": {"artifact", "hooks", "phase", "allow_other_model"},
@@ -83,12 +76,7 @@ class Slider:
         """The value that means "no intervention" (None: a clamp has none)."""
         if self.kind != "feature":
             return 0.0
-        mode = self.template.slider.mode
-        if mode == generation_pb2.SLIDER_MODE_SCALE:
-            return 1.0
-        if mode == generation_pb2.SLIDER_MODE_ADD_DECODER:
-            return 0.0
-        return None
+        return SLIDER_MODE_OF[self.template.slider.mode].neutral
 
     def intervention(
         self, value: float, *, field: str, speaker: str = ""
@@ -220,8 +208,10 @@ def _text(table: Mapping[str, Any], key: str, where: str) -> str:
     return value
 
 
-def _choice(table: Mapping[str, Any], key: str, choices: Mapping[str, Any], where: str) -> Any:
-    value = table.get(key, next(iter(choices)))
+def _choice(
+    table: Mapping[str, Any], key: str, choices: Mapping[Any, Any], default: str, where: str
+) -> Any:
+    value = table.get(key, default)
     if value not in choices:
         raise InvalidArgumentError(
             f"must be one of {', '.join(choices)}, got {value!r}", field=f"{where}.{key}"
@@ -241,7 +231,7 @@ def _template(kind: str, table: Mapping[str, Any], where: str) -> generation_pb2
         if not isinstance(hooks, list) or not all(isinstance(h, str) for h in hooks):
             raise InvalidArgumentError("a list of hook names", field=f"{where}.hooks")
         message.add.hooks.extend(hooks)
-        message.add.phase = _choice(table, "phase", _PHASES, where)
+        message.add.phase = _choice(table, "phase", PHASES, Phase.ALL, where)
         message.add.allow_other_model = allow_other
     else:
         message.slider.sae_id = _text(table, "sae", where)
@@ -249,6 +239,6 @@ def _template(kind: str, table: Mapping[str, Any], where: str) -> generation_pb2
         if isinstance(feature, bool) or not isinstance(feature, int) or not 0 <= feature < 2**32:
             raise InvalidArgumentError("a feature index >= 0", field=f"{where}.feature")
         message.slider.feature = feature
-        message.slider.mode = _choice(table, "mode", _MODES, where)
-        message.slider.phase = _choice(table, "phase", _PHASES, where)
+        message.slider.mode = _choice(table, "mode", SLIDER_MODES, SliderMode.ADD_DECODER, where)
+        message.slider.phase = _choice(table, "phase", PHASES, Phase.ALL, where)
     return message

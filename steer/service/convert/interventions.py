@@ -1,0 +1,161 @@
+"""Proto interventions -> steer's: an ablation or addition of a server artifact or an inline
+vector, an SAE feature slider, or a named slider of the operator's catalogue.
+
+Errors name the request field in proto terms (``interventions[2].add.strength``).
+"""
+
+from __future__ import annotations
+
+from steer.artifacts import VectorArtifact
+from steer.errors import InvalidArgumentError, SteerError, within
+from steer.interventions import Add, Intervention, validate
+from steer.proto.v1 import generation_pb2
+from steer.service.registry import LoadedModel
+from steer.service.saes import SaeRegistry
+from steer.service.sliders import SliderCatalogue
+from steer.service.store import ArtifactStore
+from steer.vectors import SteeringVector
+from steer.wire import PHASE_OF, SLIDER_MODE_OF
+
+
+def intervention(
+    message: generation_pb2.Intervention,
+    loaded: LoadedModel,
+    store: ArtifactStore,
+    saes: SaeRegistry,
+    field: str,
+    sliders: SliderCatalogue | None = None,
+) -> Intervention | None:
+    """The domain intervention of one proto intervention (None: a named slider at its neutral
+    value, which does nothing)."""
+    which = message.WhichOneof("kind")
+    if which is None:
+        raise InvalidArgumentError("set ablate, add, slider or named", field=field)
+    if which == "named":
+        catalogue = sliders or SliderCatalogue()
+        slider = catalogue.get(message.named.name, f"{field}.named.name")
+        resolved = slider.intervention(
+            message.named.value, field=f"{field}.named.value", speaker=message.speaker
+        )
+        if resolved is None:
+            return None
+        return intervention(resolved, loaded, store, saes, f"{field}.named", catalogue)
+    return _intervention(message, which, loaded, store, saes, f"{field}.{which}")
+
+
+def _intervention(
+    message: generation_pb2.Intervention,
+    which: str,
+    loaded: LoadedModel,
+    store: ArtifactStore,
+    saes: SaeRegistry,
+    field: str,
+) -> Intervention:
+    handle = loaded.handle
+    speaker = message.speaker or None
+    built: Intervention
+    try:
+        if which == "slider":
+            built = _slider(message.slider, speaker, loaded, saes)
+        elif which == "ablate":
+            built = _ablation(message.ablate, speaker, loaded, store)
+        else:
+            built = _addition(message.add, speaker, loaded, store)
+        validate([built], handle.resolver, handle.d_model)
+    except SteerError as error:
+        if error.status_code != "INVALID_ARGUMENT":
+            error.field = f"{field}.{error.field}" if error.field else field
+            raise
+        raise within(error, field) from None
+    return built
+
+
+def _artifact(
+    store: ArtifactStore, artifact_id: str, loaded: LoadedModel, allow_other_model: bool
+) -> VectorArtifact:
+    return store.load_for(
+        artifact_id, loaded.handle, allow_other_model=allow_other_model, field="artifact_id"
+    )
+
+
+def _ablation(
+    message: generation_pb2.AblateDirection,
+    speaker: str | None,
+    loaded: LoadedModel,
+    store: ArtifactStore,
+) -> Intervention:
+    if not message.artifact_id:
+        raise InvalidArgumentError("required", field="artifact_id")
+    artifact = _artifact(store, message.artifact_id, loaded, message.allow_other_model)
+    return artifact.ablation(
+        message.weight if message.HasField("weight") else 1.0,
+        layers=tuple(message.layers) or None,
+        layer_weights=dict(message.layer_weights) or None,
+        speaker=speaker,
+    )
+
+
+def _addition(
+    message: generation_pb2.AddVector,
+    speaker: str | None,
+    loaded: LoadedModel,
+    store: ArtifactStore,
+) -> Intervention:
+    source = message.WhichOneof("vector")
+    if source is None:
+        raise InvalidArgumentError("set artifact_id or inline", field="vector")
+    artifact = None
+    if source == "artifact_id":
+        artifact = _artifact(store, message.artifact_id, loaded, message.allow_other_model)
+    vector = artifact.vector if artifact is not None else _inline_vector(message.inline, "inline")
+    if message.phase not in PHASE_OF:
+        raise InvalidArgumentError(f"unknown phase {message.phase}", field="phase")
+    phase = PHASE_OF[message.phase]
+    if artifact is not None:  # hooks default to the artifact's own
+        hooks = tuple(message.hooks) or None
+        return artifact.addition(message.strength, hooks=hooks, phase=phase, speaker=speaker)
+    return Add(
+        vector, strength=message.strength, hooks=tuple(message.hooks), phase=phase, speaker=speaker
+    )
+
+
+def _inline_vector(message: generation_pb2.InlineVector, field: str) -> SteeringVector:
+    per_layer: dict[int, list[float]] = {}
+    for index, layer in enumerate(message.layers):
+        if layer.layer in per_layer:
+            raise InvalidArgumentError(
+                f"layer {layer.layer} given twice", field=f"{field}.layers[{index}].layer"
+            )
+        per_layer[layer.layer] = list(layer.values)
+    shared = list(message.shared) or None
+    try:
+        return SteeringVector(per_layer=per_layer, shared=shared)  # type: ignore[arg-type]
+    except SteerError as error:
+        raise InvalidArgumentError(error.message, field=field) from None
+
+
+def _slider(
+    message: generation_pb2.FeatureSlider,
+    speaker: str | None,
+    loaded: LoadedModel,
+    saes: SaeRegistry,
+) -> Intervention:
+    """A :mod:`steer.sae.sliders` intervention on an SAE loaded for this request's model."""
+    from steer.sae.sliders import feature_slider
+
+    if message.mode not in SLIDER_MODE_OF:
+        raise InvalidArgumentError("set mode: clamp, scale or add_decoder", field="mode")
+    if message.phase not in PHASE_OF:
+        raise InvalidArgumentError(f"unknown phase {message.phase}", field="phase")
+    if not message.sae_id:
+        raise InvalidArgumentError("required", field="sae_id")
+    entry = saes.get(message.sae_id)
+    entry.check_model(loaded.handle, loaded.model_id, field="sae_id")
+    return feature_slider(
+        SLIDER_MODE_OF[message.mode],
+        entry.sae,
+        message.feature,
+        message.value,
+        PHASE_OF[message.phase],
+        speaker,
+    )
