@@ -315,14 +315,7 @@ def held_out(recipe: Recipe) -> tuple[list[str], list[str]]:
             field="recipe",
         )
     if recipe.kind is RecipeKind.PAIRS:
-        pairs = datasets.load_pairs(
-            data.pairs,
-            prompt_key=data.prompt_key,
-            positive_key=data.positive_key,
-            negative_key=data.negative_key,
-            field="data.pairs",
-            base=recipe.base,
-        )
+        pairs = datasets.recipe_pairs(recipe)
         test = datasets.split(pairs, seed=data.seed, train=data.train, validation=data.validation)
         situations = [pair.prompt for pair in test.test]
         return situations, situations

@@ -25,9 +25,12 @@ import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Generic, TypeVar
+from typing import TYPE_CHECKING, Generic, TypeVar
 
 from steer.errors import FailedPreconditionError, InvalidArgumentError, NotFoundError
+
+if TYPE_CHECKING:
+    from steer.directions.recipe import Recipe
 
 T = TypeVar("T")
 
@@ -157,6 +160,19 @@ def load_pairs(
     if not pairs:
         raise InvalidArgumentError(f"{path} holds no pairs", field=field)
     return pairs
+
+
+def recipe_pairs(recipe: Recipe) -> list[Pair]:
+    """The pairs a recipe's ``data.pairs`` names, read with its keys (relative to its file)."""
+    data = recipe.data
+    return load_pairs(
+        data.pairs,
+        prompt_key=data.prompt_key,
+        positive_key=data.positive_key,
+        negative_key=data.negative_key,
+        field="data.pairs",
+        base=recipe.base,
+    )
 
 
 def split(

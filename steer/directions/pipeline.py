@@ -98,14 +98,7 @@ def _prepare_pairs(handle: ModelHandle, recipe: Recipe) -> Prepared:
     """Load, split, cap and encode a pairs recipe's data (prompts and both replies)."""
     data = recipe.data
     system = data.system or None
-    pairs = datasets.load_pairs(
-        data.pairs,
-        prompt_key=data.prompt_key,
-        positive_key=data.positive_key,
-        negative_key=data.negative_key,
-        field="data.pairs",
-        base=recipe.base,
-    )
+    pairs = datasets.recipe_pairs(recipe)
     splits = datasets.split(
         pairs, seed=data.seed, train=data.train, validation=data.validation, field="data"
     )

@@ -46,14 +46,7 @@ def check_data(recipe: Recipe) -> None:
         return
     data = recipe.data
     if recipe.kind is RecipeKind.PAIRS:
-        datasets.load_pairs(
-            data.pairs,
-            prompt_key=data.prompt_key,
-            positive_key=data.positive_key,
-            negative_key=data.negative_key,
-            field="data.pairs",
-            base=recipe.base,
-        )
+        datasets.recipe_pairs(recipe)
         return
     for name, column in (("positive", data.positive_column), ("negative", data.negative_column)):
         datasets.load_prompts(

@@ -119,14 +119,7 @@ def load_examples(recipe: Recipe) -> Examples:
     sets of one size."""
     data, cap = recipe.data, recipe.data.max_train
     if data.pairs:
-        pairs = datasets.load_pairs(
-            data.pairs,
-            prompt_key=data.prompt_key,
-            positive_key=data.positive_key,
-            negative_key=data.negative_key,
-            field="data.pairs",
-            base=recipe.base,
-        )[: cap or None]
+        pairs = datasets.recipe_pairs(recipe)[: cap or None]
         prompts = tuple(pair.prompt for pair in pairs)
         return Examples(
             prompts,
