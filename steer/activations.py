@@ -125,8 +125,7 @@ def _run_batch(
         handle.dtype,
         handle.device,
     )
-    plan.phase = Phase.PROMPT
-    functions: dict = dict(plan.hooks())
+    functions: dict = dict(plan.hooks(Phase.PROMPT))
     select = _select(positions)
     for point in points:
         record: HookFn = recorder(stores[point.name], select)

@@ -292,10 +292,8 @@ class Engine:
         phase: Phase,
         speakers: Sequence[Sequence[str | None]] | None = None,
     ) -> torch.Tensor:
-        plan.phase = phase
-        plan.token_speakers = speakers
         device = self.handle.device
-        with attach(self.handle.resolver, plan.hooks()):
+        with attach(self.handle.resolver, plan.hooks(phase, speakers)):
             output = self.handle.model(
                 input_ids=input_ids.to(device),
                 attention_mask=mask.to(device),

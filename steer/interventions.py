@@ -10,10 +10,12 @@ Value objects:
   ``w = 1`` this removes the direction from everything the model reads at those points.
 
 Each intervention lowers to primitive *ops* at hook points (:class:`ProjectOut`,
-:class:`AddVector`). :func:`build_plan` groups the ops of every row of a batch by hook point and
-stacks them into batched tensors, once per batch composition, so a hook costs one or two
-``einsum``/``add`` calls whatever the number of rows. Rows without ops at a point are left
-untouched (bit-identical), because the plan only touches the rows that have ops there.
+:class:`AddVector`), once per model (:meth:`Intervention.lowered`). :func:`build_plan` groups
+the ops of every row of a batch by hook point and stacks them into batched tensors, once per
+batch composition, so a hook costs one or two ``einsum``/``add`` calls whatever the number of
+rows. Rows without ops at a point are left untouched (bit-identical), because the plan only
+touches the rows that have ops there. A plan holds no per-pass state: the engine passes each
+forward pass's phase and speakers to :meth:`InterventionPlan.hooks`.
 
 Order at one hook point: ablations first, then additions, in the order the interventions were
 given.
@@ -97,10 +99,27 @@ Op = ProjectOut | AddVector | RowFunction
 
 
 class Intervention:
-    """Base class: an intervention lowers itself to ops at hook points of a given model."""
+    """Base class: an intervention lowers itself to ops at hook points of a given model.
+
+    Subclasses implement :meth:`lower`; callers use :meth:`lowered`, which lowers once per
+    model and keeps the ops on the object. Lowering depends only on the intervention and the
+    model, so a request's interventions are lowered once however often they are validated and
+    planned (the service's conversion, :meth:`Engine.submit <steer.generation.Engine.submit>`,
+    the plan of every batch the row is in).
+    """
 
     def lower(self, resolver: HookResolver, d_model: int) -> list[tuple[HookPoint, Op]]:
         raise NotImplementedError
+
+    def lowered(self, resolver: HookResolver, d_model: int) -> tuple[tuple[HookPoint, Op], ...]:
+        """:meth:`lower` for this model, computed on the first call (raises as it does)."""
+        cached = self.__dict__.get("_lowered")
+        if cached is not None and cached[0] is resolver and cached[1] == d_model:
+            return cached[2]  # type: ignore[no-any-return]
+        ops = tuple(self.lower(resolver, d_model))
+        # object.__setattr__: the frozen dataclass subclasses keep their fields immutable
+        object.__setattr__(self, "_lowered", (resolver, d_model, ops))
+        return ops
 
     def is_noop(self) -> bool:
         """True when the intervention changes nothing (zero strength or zero weight)."""
@@ -238,7 +257,7 @@ def validate(interventions: Sequence[Intervention], resolver: HookResolver, d_mo
                 f"expected an Intervention, got {type(intervention).__name__}",
                 field="interventions",
             )
-        intervention.lower(resolver, d_model)
+        intervention.lowered(resolver, d_model)
 
 
 class _PointProgram:
@@ -375,15 +394,12 @@ def _orthonormal_if_full(units: list[torch.Tensor], ops: list[ProjectOut]) -> li
 class InterventionPlan:
     """Per-hook-point programs for one batch of rows.
 
-    Before each forward pass the engine sets ``phase`` (prompt or generated tokens) and, for
-    speaker-scoped interventions, ``token_speakers``: per row, the speaker of each token fed in
-    this pass (right-aligned; padding is None).
+    The plan holds no per-pass state: each forward pass gets its own hook functions from
+    :meth:`hooks`, bound to that pass's phase and speakers.
     """
 
     def __init__(self, programs: dict[HookPoint, _PointProgram]) -> None:
         self.programs = programs
-        self.phase = Phase.PROMPT
-        self.token_speakers: Sequence[Sequence[str | None]] | None = None
 
     @property
     def is_empty(self) -> bool:
@@ -393,11 +409,15 @@ class InterventionPlan:
     def needs_speakers(self) -> bool:
         return any(program.scoped for program in self.programs.values())
 
-    def hooks(self) -> dict[HookPoint, Callable[[torch.Tensor], torch.Tensor]]:
-        """One function per hook point; each reads the plan's current phase when called."""
+    def hooks(
+        self, phase: Phase, token_speakers: Sequence[Sequence[str | None]] | None = None
+    ) -> dict[HookPoint, Callable[[torch.Tensor], torch.Tensor]]:
+        """One function per hook point for a forward pass over ``phase``'s tokens (prompt or
+        generated). ``token_speakers``, needed by speaker-scoped interventions: per row, the
+        speaker of each token fed in this pass (right-aligned; padding is None)."""
 
         def bind(program: _PointProgram) -> Callable[[torch.Tensor], torch.Tensor]:
-            return lambda x: program.apply(x, self.phase, self.token_speakers)
+            return lambda x: program.apply(x, phase, token_speakers)
 
         return {point: bind(program) for point, program in self.programs.items()}
 
@@ -415,7 +435,7 @@ def build_plan(
         for intervention in interventions:
             if intervention.is_noop():
                 continue
-            for point, op in intervention.lower(resolver, d_model):
+            for point, op in intervention.lowered(resolver, d_model):
                 by_point.setdefault(point, {}).setdefault(row, []).append(op)
     programs = {}
     for point in sorted(by_point, key=lambda p: (-1 if p.layer is None else p.layer, p.kind)):

@@ -113,10 +113,8 @@ def _hidden(
 ) -> list[torch.Tensor]:
     """Hidden states (tokens, d_model) at ``hooks`` for one prompt, with the engine's plan."""
     plan = build_plan([interventions], handle.resolver, handle.d_model, handle.dtype, handle.device)
-    plan.phase = Phase.PROMPT
-    plan.token_speakers = [speakers]
     stores: list[list[torch.Tensor]] = [[] for _ in hooks]
-    functions = dict(plan.hooks())
+    functions = dict(plan.hooks(Phase.PROMPT, [speakers]))
     for hook, store in zip(hooks, stores, strict=True):
         point = handle.resolver.parse(hook)
         record = recorder(store, lambda x: x)
