@@ -1,5 +1,8 @@
-"""Intervention plans: each request's interventions are lowered once, and a plan's hooks take
-their phase and speakers per forward pass instead of reading state the engine mutates."""
+"""Intervention plans: each request's interventions lowered once, hooks given their phase per pass.
+
+A plan's hooks take the phase and speakers of their forward pass instead of reading state the
+engine mutates.
+"""
 
 from __future__ import annotations
 
