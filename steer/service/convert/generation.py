@@ -79,8 +79,9 @@ def generation_plan(
 def _check_limits(
     message: generation_pb2.GenerateRequest, settings: ServerSettings
 ) -> tuple[int, tuple[str, ...]]:
-    """The request's length and stop strings within this server's limits (and its counts of
-    interventions and alternatives per token)."""
+    """The request's length and stop strings within this server's limits, and its count of
+    interventions. What holds on every engine (``max_new_tokens`` >= 1, ``top_logprobs`` in
+    [0, 20]) is :meth:`steer.generation.Engine.submit`'s to check, once."""
     max_new_tokens = message.max_new_tokens or settings.default_max_new_tokens
     if max_new_tokens > settings.max_new_tokens_cap:
         raise InvalidArgumentError(
@@ -97,8 +98,6 @@ def _check_limits(
             raise InvalidArgumentError(
                 f"stop strings must have 1-{MAX_STOP_LENGTH} characters", field=f"stop[{index}]"
             )
-    if message.top_logprobs > 20:
-        raise InvalidArgumentError("must be in [0, 20]", field="top_logprobs")
     if len(message.interventions) > settings.max_interventions:
         raise InvalidArgumentError(
             f"{len(message.interventions)} interventions; at most {settings.max_interventions}",
