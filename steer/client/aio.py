@@ -9,8 +9,15 @@ from typing import Any
 import grpc
 import grpc.aio
 
-from steer.client.calls import DEFAULT_TARGET, channel_options, metadata, translate
-from steer.client.messages import feature_info_request, generate_request, load_sae_request
+from steer.client.calls import DEFAULT_TARGET, metadata, open_channel, translate
+from steer.client.messages import (
+    activations_request,
+    contrast_request,
+    feature_info_request,
+    generate_request,
+    load_sae_request,
+    search_request,
+)
 from steer.client.results import Completion, GenerateEvent
 from steer.proto.v1 import (
     directions_pb2,
@@ -35,12 +42,7 @@ class AsyncSteerClient:
         timeout: float | None = None,
         max_message_bytes: int = 64 * 1024 * 1024,
     ) -> None:
-        options = channel_options(max_message_bytes)
-        if root_certificates is not None:
-            credentials = grpc.ssl_channel_credentials(root_certificates)
-            self.channel = grpc.aio.secure_channel(target, credentials, options=options)
-        else:
-            self.channel = grpc.aio.insecure_channel(target, options=options)
+        self.channel = open_channel(grpc.aio, target, root_certificates, max_message_bytes)
         self.timeout = timeout
         self.metadata = metadata(token)
         self._generation = generation_pb2_grpc.GenerationStub(self.channel)
@@ -108,23 +110,19 @@ class AsyncSteerClient:
     async def feature_activations(
         self, sae_id: str, text: str, *, k: int = 0, per_token: bool = False
     ) -> features_pb2.ActivationsResponse:
-        request = features_pb2.ActivationsRequest(
-            sae_id=sae_id, text=text, k=k, per_token=per_token
-        )
+        request = activations_request(sae_id, text, k=k, per_token=per_token)
         return await self._call(self._features.Activations, request)
 
     async def search_features(
         self, sae_id: str, examples: Sequence[str], *, k: int = 0
     ) -> list[features_pb2.RankedFeature]:
-        request = features_pb2.SearchRequest(sae_id=sae_id, examples=list(examples), k=k)
+        request = search_request(sae_id, examples, k=k)
         return list((await self._call(self._features.Search, request)).features)
 
     async def contrast_features(
         self, sae_id: str, set_a: Sequence[str], set_b: Sequence[str], *, k: int = 0
     ) -> list[features_pb2.RankedFeature]:
-        request = features_pb2.ContrastRequest(
-            sae_id=sae_id, set_a=list(set_a), set_b=list(set_b), k=k
-        )
+        request = contrast_request(sae_id, set_a, set_b, k=k)
         return list((await self._call(self._features.Contrast, request)).features)
 
     async def feature_info(

@@ -51,8 +51,16 @@ def metadata(token: str | None) -> tuple[tuple[str, str], ...]:
     return (("authorization", f"Bearer {token}"),) if token else ()
 
 
-def channel_options(max_message_bytes: int) -> list[tuple[str, Any]]:
-    return [
+def open_channel(
+    module: Any, target: str, root_certificates: bytes | None, max_message_bytes: int
+) -> Any:
+    """A channel of ``module`` (``grpc`` or ``grpc.aio``): TLS with ``root_certificates``, else
+    plain, with messages up to ``max_message_bytes`` either way."""
+    options = [
         ("grpc.max_receive_message_length", max_message_bytes),
         ("grpc.max_send_message_length", max_message_bytes),
     ]
+    if root_certificates is not None:
+        credentials = grpc.ssl_channel_credentials(root_certificates)
+        return module.secure_channel(target, credentials, options=options)
+    return module.insecure_channel(target, options=options)

@@ -1,5 +1,8 @@
-"""Request messages built from keyword arguments: Generate (:func:`generate_request`), LoadSae,
-Features.Info, and the recipe of a direction or bake job."""
+"""Request messages both clients build from keyword arguments: Generate, Features, job recipes.
+
+:func:`generate_request` takes a prompt in any of its kinds and the sampler settings by name; a
+direction or bake job's recipe is TOML text, a path on the server, or a dict.
+"""
 
 from __future__ import annotations
 
@@ -105,6 +108,24 @@ def load_sae_request(
     return features_pb2.LoadSaeRequest(
         path=path, sae_id=sae_id, model=model, hook=hook, allow_other_model=allow_other_model
     )
+
+
+def activations_request(
+    sae_id: str, text: str, *, k: int = 0, per_token: bool = False
+) -> features_pb2.ActivationsRequest:
+    return features_pb2.ActivationsRequest(sae_id=sae_id, text=text, k=k, per_token=per_token)
+
+
+def search_request(
+    sae_id: str, examples: Sequence[str], *, k: int = 0
+) -> features_pb2.SearchRequest:
+    return features_pb2.SearchRequest(sae_id=sae_id, examples=list(examples), k=k)
+
+
+def contrast_request(
+    sae_id: str, set_a: Sequence[str], set_b: Sequence[str], *, k: int = 0
+) -> features_pb2.ContrastRequest:
+    return features_pb2.ContrastRequest(sae_id=sae_id, set_a=list(set_a), set_b=list(set_b), k=k)
 
 
 def feature_info_request(

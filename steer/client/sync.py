@@ -8,11 +8,14 @@ from typing import Any
 
 import grpc
 
-from steer.client.calls import DEFAULT_TARGET, channel_options, metadata, translate
+from steer.client.calls import DEFAULT_TARGET, metadata, open_channel, translate
 from steer.client.messages import (
+    activations_request,
+    contrast_request,
     feature_info_request,
     generate_request,
     load_sae_request,
+    search_request,
     set_recipe,
 )
 from steer.client.results import Completion, GenerateEvent
@@ -44,12 +47,7 @@ class SteerClient:
         timeout: float | None = None,
         max_message_bytes: int = 64 * 1024 * 1024,
     ) -> None:
-        options = channel_options(max_message_bytes)
-        if root_certificates is not None:
-            credentials = grpc.ssl_channel_credentials(root_certificates)
-            self.channel = grpc.secure_channel(target, credentials, options=options)
-        else:
-            self.channel = grpc.insecure_channel(target, options=options)
+        self.channel = open_channel(grpc, target, root_certificates, max_message_bytes)
         self.target = target
         self.timeout = timeout
         self.metadata = metadata(token)
@@ -186,23 +184,19 @@ class SteerClient:
         self, sae_id: str, text: str, *, k: int = 0, per_token: bool = False
     ) -> features_pb2.ActivationsResponse:
         """The top features of ``text`` (and with ``per_token`` each token's); k 0 = 10."""
-        request = features_pb2.ActivationsRequest(
-            sae_id=sae_id, text=text, k=k, per_token=per_token
-        )
+        request = activations_request(sae_id, text, k=k, per_token=per_token)
         return self._call(self._features.Activations, request)
 
     def search_features(
         self, sae_id: str, examples: Sequence[str], *, k: int = 0
     ) -> list[features_pb2.RankedFeature]:
-        request = features_pb2.SearchRequest(sae_id=sae_id, examples=list(examples), k=k)
+        request = search_request(sae_id, examples, k=k)
         return list(self._call(self._features.Search, request).features)
 
     def contrast_features(
         self, sae_id: str, set_a: Sequence[str], set_b: Sequence[str], *, k: int = 0
     ) -> list[features_pb2.RankedFeature]:
-        request = features_pb2.ContrastRequest(
-            sae_id=sae_id, set_a=list(set_a), set_b=list(set_b), k=k
-        )
+        request = contrast_request(sae_id, set_a, set_b, k=k)
         return list(self._call(self._features.Contrast, request).features)
 
     def feature_info(self, sae_id: str, feature: int, **options: Any) -> features_pb2.FeatureInfo:
