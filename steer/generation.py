@@ -157,8 +157,7 @@ class Engine:
         if request.top_logprobs < 0 or request.top_logprobs > 20:
             raise InvalidArgumentError("must be in [0, 20]", field="top_logprobs")
         request = encoded(self.handle, request)
-        assert request.prompt_ids is not None
-        prompt_ids = list(request.prompt_ids)
+        prompt_ids = list(request.prompt_ids or ())
         if request.speakers is not None and len(request.speakers) != len(prompt_ids):
             raise InvalidArgumentError(
                 f"{len(request.speakers)} speakers for {len(prompt_ids)} prompt tokens",
@@ -169,23 +168,17 @@ class Engine:
         sampler_state = SamplerState.for_request(
             request.sampling, tokenizer, int(self.handle.model.config.vocab_size)
         )
-        banned = None
-        if request.sampling.banned_strings:
-            banned = banned_strings(request.sampling.banned_strings, tokenizer)
-        seed = request.sampling.seed
-        if seed is None:
-            seed = secrets.randbits(63)
-        generator = None
-        if not request.sampling.greedy:
-            generator = torch.Generator(device="cpu").manual_seed(seed)
+        strings = request.sampling.banned_strings
+        banned = banned_strings(strings, tokenizer) if strings else None
+        seed = secrets.randbits(63) if request.sampling.seed is None else request.sampling.seed
+        greedy = request.sampling.greedy
+        generator = None if greedy else torch.Generator(device="cpu").manual_seed(seed)
         with self._lock:
             if len(self._waiting) >= self.max_waiting:
                 raise ResourceExhaustedError(
                     f"{len(self._waiting)} requests already waiting", field="queue"
                 )
-            request_id = request.request_id or f"req-{next(self._ids)}"
-            if request.request_id == "":
-                request = replace(request, request_id=request_id)
+            request = replace(request, request_id=request.request_id or f"req-{next(self._ids)}")
             row = _Row(
                 request=request,
                 prompt_ids=prompt_ids,
@@ -196,7 +189,7 @@ class Engine:
                 banned=banned,
             )
             self._waiting.append(row)
-        return request_id
+        return request.request_id
 
     def cancel(self, request_id: str) -> None:
         """Mark a request cancelled; its row is freed at the next step."""
@@ -237,35 +230,12 @@ class Engine:
     def run(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
         """Generate ``requests`` to completion; results in the order given."""
         ids = [self.submit(request) for request in requests]
-        tokens: dict[str, list[int]] = {i: [] for i in ids}
-        texts: dict[str, list[str]] = {i: [] for i in ids}
-        finals: dict[str, GenerationEvent] = {}
+        events: dict[str, list[GenerationEvent]] = {i: [] for i in ids}
         while self.has_work:
             for event in self.step():
-                if event.request_id not in tokens:
-                    continue
-                tokens[event.request_id].extend(event.token_ids)
-                texts[event.request_id].append(event.text)
-                if event.finish_reason is not None:
-                    finals[event.request_id] = event
-        results = []
-        for request_id in ids:
-            final = finals[request_id]
-            if final.error is not None:
-                raise final.error
-            assert final.usage is not None and final.finish_reason is not None
-            assert final.seed is not None
-            results.append(
-                GenerationResult(
-                    request_id=request_id,
-                    token_ids=tuple(tokens[request_id]),
-                    text="".join(texts[request_id]),
-                    finish_reason=final.finish_reason,
-                    usage=final.usage,
-                    seed=final.seed,
-                )
-            )
-        return results
+                if event.request_id in events:
+                    events[event.request_id].append(event)
+        return [_result(request_id, events[request_id]) for request_id in ids]
 
     # -- internals --------------------------------------------------------------------------
 
@@ -495,6 +465,23 @@ class Engine:
             )
             self._rows = [self._rows[i] for i in keep]
         self._plan = self._build_plan(self._rows)
+
+
+def _result(request_id: str, events: Sequence[GenerationEvent]) -> GenerationResult:
+    """One request's result from its events; its error if it failed."""
+    final = events[-1]
+    if final.error is not None:
+        raise final.error
+    assert final.usage is not None and final.finish_reason is not None
+    assert final.seed is not None
+    return GenerationResult(
+        request_id=request_id,
+        token_ids=tuple(token for event in events for token in event.token_ids),
+        text="".join(event.text for event in events),
+        finish_reason=final.finish_reason,
+        usage=final.usage,
+        seed=final.seed,
+    )
 
 
 def _non_finite(request: GenerationRequest) -> Exception:

@@ -25,11 +25,20 @@ A new format is one class with ``name`` and ``render`` passed to :func:`register
 from __future__ import annotations
 
 import string
-from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 from steer.errors import InvalidArgumentError
+from steer.rp.rendering import (
+    Builder,
+    PromptFormat,
+    Rendered,
+    add_message,
+    check_length,
+    check_speaker,
+    role_of,
+    setting_text,
+)
 from steer.rp.scene import Scene, Turn
 from steer.text import Message, has_chat_template, render_chat
 
@@ -65,99 +74,6 @@ LIMAMONO_TRIGGER = (
 )
 
 
-@dataclass(frozen=True)
-class Rendered:
-    """A rendered prompt: text, speaker spans over it, stop strings, and the replying speaker."""
-
-    text: str
-    #: (start, end, speaker) character spans; text outside every span belongs to nobody
-    spans: tuple[tuple[int, int, str], ...]
-    stop: tuple[str, ...]
-    speaker: str
-    #: stop strings that mean the model started writing the user's lines
-    impersonation_stop: tuple[str, ...] = ()
-
-    def speaker_at(self, index: int) -> str | None:
-        for start, end, speaker in self.spans:
-            if start <= index < end:
-                return speaker
-        return None
-
-
-class _Builder:
-    def __init__(self) -> None:
-        self.parts: list[str] = []
-        self.length = 0
-        self.spans: list[tuple[int, int, str]] = []
-
-    def add(self, text: str, speaker: str | None = None) -> _Builder:
-        if speaker is not None and text:
-            self.spans.append((self.length, self.length + len(text), speaker))
-        self.parts.append(text)
-        self.length += len(text)
-        return self
-
-    def build(
-        self, scene: Scene, speaker: str, stop: Sequence[str], user_stops: bool = True
-    ) -> Rendered:
-        impersonation = (f"\n{scene.user.name}:",) if user_stops else ()
-        return Rendered(
-            text="".join(self.parts),
-            spans=tuple(self.spans),
-            stop=tuple(dict.fromkeys([*stop, *impersonation])),
-            speaker=speaker,
-            impersonation_stop=impersonation,
-        )
-
-
-class PromptFormat(Protocol):
-    @property
-    def name(self) -> str: ...
-
-    def render(
-        self, scene: Scene, speaker: str, *, length: str | None = None, tokenizer: Any = None
-    ) -> Rendered:
-        """Render ``scene`` up to the start of ``speaker``'s next message."""
-        ...
-
-
-def _check_length(length: str | None, allowed: Sequence[str], format_name: str) -> None:
-    if length is not None and length not in allowed:
-        raise InvalidArgumentError(
-            f"{format_name} has no length {length!r}; use one of {list(allowed)}", field="length"
-        )
-
-
-def _check_speaker(scene: Scene, speaker: str) -> None:
-    scene.character(speaker)
-
-
-def _setting(scene: Scene) -> str:
-    """System prompt, character profiles, persona and scenario as one plain text block."""
-    parts = [scene.system.strip()] if scene.system.strip() else []
-    for character in scene.characters:
-        if character.system_prompt.strip():
-            parts.append(character.system_prompt.strip())
-    for character in scene.characters:
-        if character.profile():
-            parts.append(f"{character.name}'s Persona: {character.profile()}")
-    if scene.user.profile():
-        parts.append(f"{scene.user.name}'s Persona: {scene.user.profile()}")
-    if scene.scenario.strip():
-        parts.append(f"Scenario: {scene.scenario.strip()}")
-    return "\n".join(parts)
-
-
-def _message(builder: _Builder, turn: Turn) -> None:
-    """``Name: content`` labelled as the speaker's; OOC and notes are nobody's."""
-    if turn.kind == "message":
-        builder.add(f"{turn.speaker}: {turn.content}", turn.speaker)
-    elif turn.kind == "ooc":
-        builder.add(f"(OOC: {turn.content})")
-    else:
-        builder.add(f"[Note: {turn.content}]")
-
-
 # -------------------------------------------------------------------------------------------------
 # Role-based instruct formats
 
@@ -172,14 +88,6 @@ class _RoleMarkup:
     stop: tuple[str, ...]
 
 
-def _role_of(scene: Scene, turn: Turn) -> str:
-    if turn.kind == "note":
-        return "system"
-    if turn.kind == "ooc" or turn.speaker == scene.user.name:
-        return "user"
-    return "assistant"
-
-
 class _RoleFormat:
     """Shared renderer for ChatML and Llama 3: one block per turn, system block first."""
 
@@ -189,15 +97,15 @@ class _RoleFormat:
     def render(
         self, scene: Scene, speaker: str, *, length: str | None = None, tokenizer: Any = None
     ) -> Rendered:
-        _check_speaker(scene, speaker)
+        check_speaker(scene, speaker)
         markup = self.markup
-        builder = _Builder().add(markup.begin)
-        setting = _setting(scene)
+        builder = Builder().add(markup.begin)
+        setting = setting_text(scene)
         if setting:
             builder.add(markup.role_prefix["system"] + setting + markup.suffix)
         for turn in scene.turns:
-            builder.add(markup.role_prefix[_role_of(scene, turn)])
-            _message(builder, turn)
+            builder.add(markup.role_prefix[role_of(scene, turn)])
+            add_message(builder, turn)
             builder.add(markup.suffix)
         builder.add(markup.role_prefix["assistant"]).add(f"{speaker}:", speaker)
         return builder.build(scene, speaker, markup.stop)
@@ -234,10 +142,10 @@ class Mistral:
     def render(
         self, scene: Scene, speaker: str, *, length: str | None = None, tokenizer: Any = None
     ) -> Rendered:
-        _check_speaker(scene, speaker)
-        builder = _Builder().add("<s>")
+        check_speaker(scene, speaker)
+        builder = Builder().add("<s>")
         pending: list[Turn] = []
-        setting = _setting(scene)
+        setting = setting_text(scene)
 
         def flush_instruction(first: bool) -> None:
             builder.add("[INST] ")
@@ -246,18 +154,18 @@ class Mistral:
             for index, turn in enumerate(pending):
                 if index:
                     builder.add("\n")
-                _message(builder, turn)
+                add_message(builder, turn)
             builder.add(" [/INST]")
             pending.clear()
 
         first = True
         for turn in scene.turns:
-            if _role_of(scene, turn) == "assistant":
+            if role_of(scene, turn) == "assistant":
                 if pending or first:
                     flush_instruction(first)
                     first = False
                 builder.add(" ")
-                _message(builder, turn)
+                add_message(builder, turn)
                 builder.add("</s>")
             else:
                 pending.append(turn)
@@ -277,7 +185,7 @@ class ChatTemplate:
     def render(
         self, scene: Scene, speaker: str, *, length: str | None = None, tokenizer: Any = None
     ) -> Rendered:
-        _check_speaker(scene, speaker)
+        check_speaker(scene, speaker)
         if tokenizer is None:
             raise InvalidArgumentError(
                 "the chat_template format renders with the model's tokenizer; pass "
@@ -287,12 +195,12 @@ class ChatTemplate:
             )
         messages: list[Message] = []
         labelled: list[tuple[str, str | None]] = []
-        setting = _setting(scene)
+        setting = setting_text(scene)
         if setting:
             messages.append(Message("system", setting))
             labelled.append((setting, None))
         for turn in scene.turns:
-            role = _role_of(scene, turn)
+            role = role_of(scene, turn)
             if turn.kind == "message":
                 content, who = f"{turn.speaker}: {turn.content}", turn.speaker
             elif turn.kind == "ooc":
@@ -358,14 +266,14 @@ class Alpaca:
     def render(
         self, scene: Scene, speaker: str, *, length: str | None = None, tokenizer: Any = None
     ) -> Rendered:
-        _check_speaker(scene, speaker)
-        _check_length(length, self.lengths, self.name)
-        builder = _Builder().add("### Instruction:\n" + self._instruction(scene, speaker))
+        check_speaker(scene, speaker)
+        check_length(length, self.lengths, self.name)
+        builder = Builder().add("### Instruction:\n" + self._instruction(scene, speaker))
         for turn in scene.turns:
-            _check_length(turn.length, self.lengths, self.name)
-            header = "### Input:" if _role_of(scene, turn) != "assistant" else "### Response:"
+            check_length(turn.length, self.lengths, self.name)
+            header = "### Input:" if role_of(scene, turn) != "assistant" else "### Response:"
             builder.add(f"\n\n{header}{_hint(turn.length)}\n")
-            _message(builder, turn)
+            add_message(builder, turn)
         builder.add(f"\n\n### Response:{_hint(length)}\n").add(f"{speaker}:", speaker)
         return builder.build(scene, speaker, ("\n###",))
 
@@ -384,20 +292,20 @@ class Limamono:
         self, scene: Scene, speaker: str, *, length: str | None = None, tokenizer: Any = None
     ) -> Rendered:
         character = scene.character(speaker)
-        _check_length(length, self.lengths, self.name)
+        check_length(length, self.lengths, self.name)
         sheet = [character.name, character.profile()]
         for other in scene.characters:
             if other.name != speaker:
                 sheet += [other.name, other.profile()]
         if scene.scenario.strip():
             sheet.append(f"Scenario: {scene.scenario.strip()}")
-        builder = _Builder().add(LIMAMONO_TRIGGER + "\n### Instruction:\n")
+        builder = Builder().add(LIMAMONO_TRIGGER + "\n### Instruction:\n")
         builder.add("\n".join(line for line in sheet if line))
         for turn in scene.turns:
-            _check_length(turn.length, self.lengths, self.name)
-            header = "### Input:" if _role_of(scene, turn) != "assistant" else "### Response:"
+            check_length(turn.length, self.lengths, self.name)
+            header = "### Input:" if role_of(scene, turn) != "assistant" else "### Response:"
             builder.add(f"\n{header}{_hint(turn.length)}\n")
-            _message(builder, turn)
+            add_message(builder, turn)
         builder.add(f"\n### Response:{_hint(length)}\n").add(f"{speaker}:", speaker)
         return builder.build(scene, speaker, ("\n###",))
 
@@ -411,9 +319,9 @@ class ShoriRP:
     def render(
         self, scene: Scene, speaker: str, *, length: str | None = None, tokenizer: Any = None
     ) -> Rendered:
-        _check_speaker(scene, speaker)
-        _check_length(length, self.lengths, self.name)
-        builder = _Builder()
+        check_speaker(scene, speaker)
+        check_length(length, self.lengths, self.name)
+        builder = Builder()
         if scene.system.strip():
             builder.add(f"[INST] {scene.system.strip()} [/INST]\n")
         if scene.title:
@@ -431,7 +339,7 @@ class ShoriRP:
         if scene.scenario.strip():
             builder.add(f"▀scenario {scene.scenario.strip()}▄\n")
         for turn in scene.turns:
-            _check_length(turn.length, self.lengths, self.name)
+            check_length(turn.length, self.lengths, self.name)
             if turn.kind == "note":
                 builder.add(f"[INST] {turn.content} [/INST]\n")
             elif turn.kind == "ooc":
@@ -489,8 +397,8 @@ class TemplateFormat:
     def render(
         self, scene: Scene, speaker: str, *, length: str | None = None, tokenizer: Any = None
     ) -> Rendered:
-        _check_speaker(scene, speaker)
-        builder = _Builder().add(
+        check_speaker(scene, speaker)
+        builder = Builder().add(
             self.preamble.format(
                 system=scene.system,
                 char=speaker,
