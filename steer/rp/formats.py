@@ -241,7 +241,27 @@ class ChatTemplate:
 # Roleplay formats from the model cards
 
 
-class Alpaca:
+class _AlpacaFamily:
+    """What Alpaca and Limamono share: the turns after the instruction."""
+
+    name = ""
+    lengths: tuple[str, ...] = ()
+    #: what comes before each ``###`` header
+    gap = "\n\n"
+
+    def _turns(self, builder: Builder, scene: Scene, speaker: str, length: str | None) -> Rendered:
+        """``### Input:`` / ``### Response:`` blocks with length hints, then the reply's header
+        and name."""
+        for turn in scene.turns:
+            check_length(turn.length, self.lengths, self.name)
+            header = "### Input:" if role_of(scene, turn) != "assistant" else "### Response:"
+            builder.add(f"{self.gap}{header}{_hint(turn.length)}\n")
+            add_message(builder, turn)
+        builder.add(f"{self.gap}### Response:{_hint(length)}\n").add(f"{speaker}:", speaker)
+        return builder.build(scene, speaker, ("\n###",))
+
+
+class Alpaca(_AlpacaFamily):
     """LimaRP's extended Alpaca (seed 002)."""
 
     name = "alpaca"
@@ -269,24 +289,19 @@ class Alpaca:
         check_speaker(scene, speaker)
         check_length(length, self.lengths, self.name)
         builder = Builder().add("### Instruction:\n" + self._instruction(scene, speaker))
-        for turn in scene.turns:
-            check_length(turn.length, self.lengths, self.name)
-            header = "### Input:" if role_of(scene, turn) != "assistant" else "### Response:"
-            builder.add(f"\n\n{header}{_hint(turn.length)}\n")
-            add_message(builder, turn)
-        builder.add(f"\n\n### Response:{_hint(length)}\n").add(f"{speaker}:", speaker)
-        return builder.build(scene, speaker, ("\n###",))
+        return self._turns(builder, scene, speaker, length)
 
 
 def _hint(length: str | None) -> str:
     return f" (length = {length})" if length else ""
 
 
-class Limamono:
+class Limamono(_AlpacaFamily):
     """Limamono's variant (seed 004): trigger phrase, name first, ``Scenario:`` last, no blanks."""
 
     name = "limamono"
     lengths = LIMAMONO_LENGTHS
+    gap = "\n"
 
     def render(
         self, scene: Scene, speaker: str, *, length: str | None = None, tokenizer: Any = None
@@ -301,13 +316,7 @@ class Limamono:
             sheet.append(f"Scenario: {scene.scenario.strip()}")
         builder = Builder().add(LIMAMONO_TRIGGER + "\n### Instruction:\n")
         builder.add("\n".join(line for line in sheet if line))
-        for turn in scene.turns:
-            check_length(turn.length, self.lengths, self.name)
-            header = "### Input:" if role_of(scene, turn) != "assistant" else "### Response:"
-            builder.add(f"\n{header}{_hint(turn.length)}\n")
-            add_message(builder, turn)
-        builder.add(f"\n### Response:{_hint(length)}\n").add(f"{speaker}:", speaker)
-        return builder.build(scene, speaker, ("\n###",))
+        return self._turns(builder, scene, speaker, length)
 
 
 class ShoriRP:
