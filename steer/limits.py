@@ -35,9 +35,15 @@ MAX_SEQUENCE_BREAKER_LENGTH = 32
 MAX_LOGIT_BIAS_ENTRIES = 4096
 
 
-def finite(value: Any, field: str, *, magnitude: float | None = None) -> float:
-    """``value`` as a float, refused unless it is a finite number (and ``|value| <= magnitude``)."""
-    if isinstance(value, bool):
+def finite(
+    value: Any, field: str, *, magnitude: float | None = None, numbers_only: bool = False
+) -> float:
+    """``value`` as a float, refused unless it is a finite number (and ``|value| <= magnitude``).
+
+    The one finiteness check of steer. ``numbers_only`` refuses what ``float()`` would convert
+    but a typed file does not call a number (a string such as ``"1.5"``): what a recipe reads.
+    """
+    if isinstance(value, bool) or (numbers_only and not isinstance(value, int | float)):
         raise InvalidArgumentError(f"expected a number, got {value!r}", field=field)
     try:
         number = float(value)

@@ -44,6 +44,7 @@ from steer.artifacts import VectorArtifact, load_vector
 from steer.errors import InvalidArgumentError, NotFoundError, SteerError
 from steer.hooks import HookKind, parse_hook_name, resid_post_hooks
 from steer.interventions import Ablate, Add, Intervention
+from steer.limits import finite
 from steer.vectors import SteeringVector
 
 
@@ -346,11 +347,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 
 
 def _number(value: Any, field_name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise InvalidArgumentError(f"expected a number, got {value!r}", field=field_name)
-    if not math.isfinite(value):
-        raise InvalidArgumentError(f"must be finite, got {value!r}", field=field_name)
-    return float(value)
+    return finite(value, field_name, numbers_only=True)
 
 
 def _string(value: Any, field_name: str) -> str:

@@ -7,7 +7,6 @@ cast to the model's dtype/device once, when an intervention plan is built.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -15,6 +14,7 @@ from types import MappingProxyType
 import torch
 
 from steer.errors import InvalidArgumentError
+from steer.limits import finite
 
 
 def _as_vector(value: torch.Tensor | list[float], *, field_name: str) -> torch.Tensor:
@@ -106,9 +106,8 @@ class SteeringVector:
         return self._map(unit)
 
     def __mul__(self, scale: float) -> SteeringVector:
-        if not math.isfinite(float(scale)):
-            raise InvalidArgumentError("scale must be finite", field="strength")
-        return self._map(lambda vec: vec * float(scale))
+        factor = finite(scale, "strength")
+        return self._map(lambda vec: vec * factor)
 
     __rmul__ = __mul__
 

@@ -13,7 +13,6 @@ current directory.
 
 from __future__ import annotations
 
-import math
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
@@ -23,6 +22,7 @@ from typing import Any
 
 from steer.directions.methods import DEFAULT_SHRINKAGE, METHODS
 from steer.errors import InvalidArgumentError, NotFoundError
+from steer.limits import finite
 
 
 class RecipeKind(StrEnum):
@@ -464,8 +464,8 @@ def _validate_steering(recipe: Recipe) -> None:
         raise InvalidArgumentError("must be > 0", field="sweep.kl_bound")
     if sweep.tokens < 1:
         raise InvalidArgumentError("must be >= 1", field="sweep.tokens")
-    if not all(math.isfinite(s) for s in sweep.strengths):
-        raise InvalidArgumentError("strengths must be finite", field="sweep.strengths")
+    for strength in sweep.strengths:
+        finite(strength, "sweep.strengths")
     if bool(sweep.positive_words) != bool(sweep.negative_words):
         raise InvalidArgumentError(
             "give words for both sides, or none (then they come from the data)",

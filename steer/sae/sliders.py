@@ -33,14 +33,8 @@ import torch
 
 from steer.errors import FailedPreconditionError, InvalidArgumentError
 from steer.hooks import HookPoint, HookResolver
-from steer.interventions import (
-    AddVector,
-    Intervention,
-    Op,
-    Phase,
-    RowFunction,
-    _check_finite,
-)
+from steer.interventions import AddVector, Intervention, Op, Phase, RowFunction
+from steer.limits import MAX_INTERVENTION_MAGNITUDE, finite
 from steer.sae.loading import SparseAutoencoder
 from steer.sae.modes import SliderMode
 from steer.vectors import SteeringVector
@@ -111,7 +105,8 @@ class FeatureSlider(Intervention):
 
     def __post_init__(self) -> None:
         self.sae.check_feature(self.feature)
-        object.__setattr__(self, "value", _check_finite(self.value, "value"))
+        value = finite(self.value, "value", magnitude=MAX_INTERVENTION_MAGNITUDE)
+        object.__setattr__(self, "value", value)
         object.__setattr__(self, "phase", _check_phase(self.phase))
 
     def is_noop(self) -> bool:

@@ -38,6 +38,7 @@ from steer.artifacts import model_identity
 from steer.errors import InvalidArgumentError
 from steer.hooks import HookPoint, HookResolver
 from steer.interventions import Intervention, Op, RowFunction
+from steer.limits import finite
 from steer.models import ModelHandle
 from steer.sae.loading import SIDECAR, SIDECAR_FORMAT, SparseAutoencoder, load_sae
 
@@ -90,7 +91,7 @@ class TrainingConfig:
             raise InvalidArgumentError(f"k={self.k} exceeds d_sae={self.d_sae}", field="k")
         for name in ("sparsity_coefficient", "learning_rate"):
             value = getattr(self, name)
-            if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+            if finite(value, name, numbers_only=True) <= 0:
                 raise InvalidArgumentError(f"must be a positive number, got {value!r}", field=name)
         if not 0.0 <= self.eval_fraction < 1.0:
             raise InvalidArgumentError("must be in [0, 1)", field="eval_fraction")
