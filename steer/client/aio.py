@@ -9,7 +9,7 @@ from typing import Any
 import grpc
 import grpc.aio
 
-from steer.client.calls import DEFAULT_TARGET, metadata, open_channel, translate
+from steer.client.calls import Connection, translate
 from steer.client.messages import (
     activations_request,
     contrast_request,
@@ -21,34 +21,15 @@ from steer.client.messages import (
 from steer.client.results import Completion, GenerateEvent
 from steer.proto.v1 import (
     directions_pb2,
-    directions_pb2_grpc,
     features_pb2,
-    features_pb2_grpc,
-    generation_pb2_grpc,
     models_pb2,
-    models_pb2_grpc,
 )
 
 
-class AsyncSteerClient:
+class AsyncSteerClient(Connection):
     """The asyncio client: the same generation, model and artifact calls, awaited."""
 
-    def __init__(
-        self,
-        target: str = DEFAULT_TARGET,
-        *,
-        token: str | None = None,
-        root_certificates: bytes | None = None,
-        timeout: float | None = None,
-        max_message_bytes: int = 64 * 1024 * 1024,
-    ) -> None:
-        self.channel = open_channel(grpc.aio, target, root_certificates, max_message_bytes)
-        self.timeout = timeout
-        self.metadata = metadata(token)
-        self._generation = generation_pb2_grpc.GenerationStub(self.channel)
-        self._models = models_pb2_grpc.ModelsStub(self.channel)
-        self._directions = directions_pb2_grpc.DirectionsStub(self.channel)
-        self._features = features_pb2_grpc.FeaturesStub(self.channel)
+    grpc_module = grpc.aio
 
     async def close(self) -> None:
         await self.channel.close()

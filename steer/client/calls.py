@@ -8,6 +8,14 @@ from typing import Any
 import grpc
 
 from steer import errors
+from steer.proto.v1 import (
+    bake_pb2_grpc,
+    directions_pb2_grpc,
+    features_pb2_grpc,
+    generation_pb2_grpc,
+    jobs_pb2_grpc,
+    models_pb2_grpc,
+)
 
 DEFAULT_TARGET = "127.0.0.1:50051"
 
@@ -64,3 +72,32 @@ def open_channel(
         credentials = grpc.ssl_channel_credentials(root_certificates)
         return module.secure_channel(target, credentials, options=options)
     return module.insecure_channel(target, options=options)
+
+
+class Connection:
+    """A channel to a steer server and a stub per service: what both clients are built on.
+
+    ``grpc_module`` is ``grpc`` (the blocking client) or ``grpc.aio`` (the asyncio one).
+    """
+
+    grpc_module: Any = grpc
+
+    def __init__(
+        self,
+        target: str = DEFAULT_TARGET,
+        *,
+        token: str | None = None,
+        root_certificates: bytes | None = None,
+        timeout: float | None = None,
+        max_message_bytes: int = 64 * 1024 * 1024,
+    ) -> None:
+        self.channel = open_channel(self.grpc_module, target, root_certificates, max_message_bytes)
+        self.target = target
+        self.timeout = timeout
+        self.metadata = metadata(token)
+        self._generation = generation_pb2_grpc.GenerationStub(self.channel)
+        self._models = models_pb2_grpc.ModelsStub(self.channel)
+        self._directions = directions_pb2_grpc.DirectionsStub(self.channel)
+        self._bake = bake_pb2_grpc.BakeStub(self.channel)
+        self._jobs = jobs_pb2_grpc.JobsStub(self.channel)
+        self._features = features_pb2_grpc.FeaturesStub(self.channel)

@@ -8,7 +8,7 @@ from typing import Any
 
 import grpc
 
-from steer.client.calls import DEFAULT_TARGET, metadata, open_channel, translate
+from steer.client.calls import Connection, translate
 from steer.client.messages import (
     activations_request,
     contrast_request,
@@ -20,43 +20,17 @@ from steer.client.messages import (
 )
 from steer.client.results import Completion, GenerateEvent
 from steer.proto.v1 import bake_pb2 as bake_messages
-from steer.proto.v1 import bake_pb2_grpc as bake_services
 from steer.proto.v1 import (
     directions_pb2,
-    directions_pb2_grpc,
     features_pb2,
-    features_pb2_grpc,
     generation_pb2,
-    generation_pb2_grpc,
     jobs_pb2,
-    jobs_pb2_grpc,
     models_pb2,
-    models_pb2_grpc,
 )
 
 
-class SteerClient:
+class SteerClient(Connection):
     """Blocking client. Every method raises a :mod:`steer.errors` class on failure."""
-
-    def __init__(
-        self,
-        target: str = DEFAULT_TARGET,
-        *,
-        token: str | None = None,
-        root_certificates: bytes | None = None,
-        timeout: float | None = None,
-        max_message_bytes: int = 64 * 1024 * 1024,
-    ) -> None:
-        self.channel = open_channel(grpc, target, root_certificates, max_message_bytes)
-        self.target = target
-        self.timeout = timeout
-        self.metadata = metadata(token)
-        self._generation = generation_pb2_grpc.GenerationStub(self.channel)
-        self._models = models_pb2_grpc.ModelsStub(self.channel)
-        self._directions = directions_pb2_grpc.DirectionsStub(self.channel)
-        self._bake = bake_services.BakeStub(self.channel)
-        self._jobs = jobs_pb2_grpc.JobsStub(self.channel)
-        self._features = features_pb2_grpc.FeaturesStub(self.channel)
 
     def close(self) -> None:
         self.channel.close()
