@@ -35,6 +35,7 @@ from steer.errors import (
     ResourceExhaustedError,
 )
 from steer.interventions import Intervention, InterventionPlan, Phase, build_plan, validate
+from steer.limits import MAX_TOP_LOGPROBS
 from steer.models import ModelHandle
 from steer.runtime import attach
 from steer.sampling import BannedStrings, SamplerState, SamplingConfig, banned_strings, choose
@@ -154,8 +155,8 @@ class Engine:
         """Validate and queue a request; it joins the batch at the next step. Returns its id."""
         if request.max_new_tokens < 1:
             raise InvalidArgumentError("must be >= 1", field="max_new_tokens")
-        if request.top_logprobs < 0 or request.top_logprobs > 20:
-            raise InvalidArgumentError("must be in [0, 20]", field="top_logprobs")
+        if not 0 <= request.top_logprobs <= MAX_TOP_LOGPROBS:
+            raise InvalidArgumentError(f"must be in [0, {MAX_TOP_LOGPROBS}]", field="top_logprobs")
         request = encoded(self.handle, request)
         prompt_ids = list(request.prompt_ids or ())
         if request.speakers is not None and len(request.speakers) != len(prompt_ids):

@@ -33,6 +33,8 @@ MAX_SEQUENCE_BREAKERS = 64
 MAX_SEQUENCE_BREAKER_LENGTH = 32
 #: most logit-bias entries in one request
 MAX_LOGIT_BIAS_ENTRIES = 4096
+#: most alternatives per generated token a request may ask for (OpenAI's limit too)
+MAX_TOP_LOGPROBS = 20
 
 
 def finite(

@@ -69,6 +69,7 @@ from steer.http.values import (
     check_unicode,
 )
 from steer.json_input import json_type
+from steer.limits import MAX_TOP_LOGPROBS
 from steer.rp.cards import card_from_json
 from steer.rp.formats import FORMATS
 from steer.rp.scene import Character
@@ -103,8 +104,9 @@ PROMPT_FORMAT_FIELD = "steer_prompt_format"
 CARD_FIELD = "steer_card"
 #: most choices (``n``) one request may ask for
 MAX_CHOICES = 16
-#: most alternatives per token ``logprobs`` / ``top_logprobs`` may ask for (OpenAI's limit)
-MAX_LOGPROBS = 20
+#: most alternatives per token ``logprobs`` / ``top_logprobs`` may ask for (the engine's limit,
+#: checked here to name the key the client sent)
+MAX_LOGPROBS = MAX_TOP_LOGPROBS
 
 
 @dataclass(frozen=True)
