@@ -16,6 +16,7 @@ from __future__ import annotations
 from steer.client.aio import AsyncSteerClient
 from steer.client.calls import (
     DEFAULT_TARGET,
+    FIELD_KEY,
     AlreadyExists,
     Cancelled,
     DeadlineExceeded,
@@ -37,6 +38,7 @@ from steer.client.sync import SteerClient
 
 __all__ = [
     "DEFAULT_TARGET",
+    "FIELD_KEY",
     "AlreadyExists",
     "AsyncSteerClient",
     "Cancelled",

@@ -18,6 +18,8 @@ from steer.proto.v1 import (
 )
 
 DEFAULT_TARGET = "127.0.0.1:50051"
+#: the trailing metadata key of the offending field (steer.errors' one definition)
+FIELD_KEY = errors.FIELD_METADATA_KEY
 
 # A failed call raises the steer.errors class of its status (with the server's ``field``, and
 # ``code``, the grpc.StatusCode); these names are the same classes, kept for callers of old.
