@@ -35,15 +35,15 @@ mode, source, target = sys.argv[1], sys.argv[2], sys.argv[3]
 import torch
 from steer.bake.api import bake_with_options
 from steer.bake.options import BakeOptions
-from steer.recipes import load_recipe
+from steer.recipes import load_edit_recipe
 usage = resource.getrusage(resource.RUSAGE_SELF)
 cpu_at_start = usage.ru_utime + usage.ru_stime
 start = time.perf_counter()
 if mode == "bake":
-    recipe = load_recipe({"edits": [{"kind": "ablate", "direction": sys.argv[4]}]})
+    recipe = load_edit_recipe({"edits": [{"kind": "ablate", "direction": sys.argv[4]}]})
     bake_with_options(source, recipe, Path(target), BakeOptions(overwrite=True))
 elif mode == "bake-unchecked":
-    recipe = load_recipe({"edits": [{"kind": "ablate", "direction": sys.argv[4]}]})
+    recipe = load_edit_recipe({"edits": [{"kind": "ablate", "direction": sys.argv[4]}]})
     options = BakeOptions(overwrite=True, allow_other_model=True)
     bake_with_options(source, recipe, Path(target), options)
 elif mode == "copy":

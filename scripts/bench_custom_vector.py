@@ -48,13 +48,13 @@ def end_to_end(out: Path, model: str) -> float:
 def steps(model: str, out: Path) -> dict[str, float]:
     """Seconds per step of one in-process run (load included)."""
     from steer.directions.api import compute
-    from steer.directions.recipe import load_recipe
+    from steer.directions.recipe import load_direction_recipe
     from steer.models import load_model
 
     start = time.perf_counter()
     handle = load_model(model)
     seconds = {"load model": time.perf_counter() - start}
-    recipe = load_recipe(
+    recipe = load_direction_recipe(
         {
             "name": "cheerful-vs-gloomy",
             "kind": "steering",

@@ -26,7 +26,7 @@ from steer.cli.directions import _layers
 from steer.directions.api import compute, held_out, interventions_for
 from steer.directions.data import RECIPES_DIR
 from steer.directions.evaluate import evaluate_rate, is_moralizing
-from steer.directions.recipe import load_recipe, with_overrides
+from steer.directions.recipe import load_direction_recipe, with_overrides
 from steer.models import load_model
 
 
@@ -45,7 +45,7 @@ def main() -> int:
     args = parser.parse_args()
     command = "python scripts/eval_moralizing.py " + " ".join(sys.argv[1:])
     recipe = with_overrides(
-        load_recipe(args.recipe),
+        load_direction_recipe(args.recipe),
         {
             "data.max_train": args.max_train,
             "data.max_validation": args.max_validation,
@@ -56,7 +56,7 @@ def main() -> int:
     situations, _ = held_out(recipe)
     if args.max_situations:
         situations = situations[: args.max_situations]
-    harmless = held_out(load_recipe(RECIPES_DIR / "refusal.toml"))[1][: args.max_harmless]
+    harmless = held_out(load_direction_recipe(RECIPES_DIR / "refusal.toml"))[1][: args.max_harmless]
     records = []
     for name in args.models.split(","):
         record = measure(name, recipe, situations, harmless, Path(args.out) / name)

@@ -37,7 +37,7 @@ from steer.cli.eval_refusal import recipe_interventions
 from steer.directions.api import compute, held_out, interventions_for
 from steer.directions.data import RECIPES_DIR
 from steer.directions.evaluate import evaluate_rate, generate, is_refusal
-from steer.directions.recipe import load_recipe, with_overrides
+from steer.directions.recipe import load_direction_recipe, with_overrides
 from steer.models import load_model
 
 
@@ -64,7 +64,7 @@ def main() -> int:
     command = "python scripts/eval_refusal.py " + " ".join(sys.argv[1:])
     seconds: dict[str, float] = {}
     recipe = with_overrides(
-        load_recipe(args.recipe),
+        load_direction_recipe(args.recipe),
         {
             "data.max_train": args.max_train,
             "data.max_validation": args.max_validation,

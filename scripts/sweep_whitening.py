@@ -47,7 +47,7 @@ from steer.directions.evaluate import (
 )
 from steer.directions.methods import compute_direction, shrink
 from steer.directions.pipeline import filtered_train_activations, pair_activations, prepare
-from steer.directions.recipe import RecipeKind, load_recipe
+from steer.directions.recipe import RecipeKind, load_direction_recipe
 from steer.directions.search import ablation, token_covariances
 from steer.models import load_model
 from steer.vectors import SteeringVector
@@ -67,12 +67,12 @@ def main() -> int:
     parser.add_argument("--no-docs", action="store_true", help="do not write docs/results.md")
     args = parser.parse_args()
     command = "python scripts/sweep_whitening.py " + " ".join(sys.argv[1:])
-    recipe = load_recipe(args.recipe)
+    recipe = load_direction_recipe(args.recipe)
     handle = load_model(args.model)
     batch = recipe.search.batch_size
 
     pairs = recipe.kind is RecipeKind.PAIRS
-    refusal = load_recipe(RECIPES_DIR / "refusal.toml") if pairs else recipe
+    refusal = load_direction_recipe(RECIPES_DIR / "refusal.toml") if pairs else recipe
     prepared = prepare(handle, recipe)
     if pairs:
         positive, negative = pair_activations(handle, prepared, batch)

@@ -23,7 +23,7 @@ from report import emit, machine, table, write_section
 
 from steer.models import load_model
 from steer.sae.features import auroc, contrast, text_scores
-from steer.sae.recipe import load_recipe
+from steer.sae.recipe import load_sae_recipe
 from steer.sae.training import save, train_on_texts
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -75,7 +75,7 @@ def main() -> int:
         torch.set_num_threads(args.threads)
 
     started = time.perf_counter()
-    recipe = load_recipe(args.recipe)
+    recipe = load_sae_recipe(args.recipe)
     load_average = os.getloadavg()[0]
     handle = load_model(recipe.model, dtype=recipe.dtype)
     corpus_started = time.perf_counter()

@@ -9,7 +9,7 @@ import torch
 
 from steer.activations import forward
 from steer.models import ModelHandle
-from steer.recipes import load_recipe
+from steer.recipes import load_edit_recipe
 from steer.vectors import SteeringVector
 
 #: token-id prompts of different lengths (padding is exercised) for the tiny models
@@ -41,7 +41,7 @@ def random_vector(seed: int, layers: int = 4, d_model: int = 64) -> SteeringVect
 
 
 def interventions_of(recipe: dict[str, Any], num_layers: int = 4) -> list[Any]:
-    return load_recipe(recipe).lowered(num_layers)
+    return load_edit_recipe(recipe).lowered(num_layers)
 
 
 def residual_stream(handle: ModelHandle, prompt: list[int]) -> dict[str, torch.Tensor]:

@@ -28,7 +28,7 @@ from steer.errors import (
 )
 from steer.interventions import Ablate, Add
 from steer.models import WEIGHT_HASH_FORMAT, ModelHandle, load_model
-from steer.recipes import load_recipe
+from steer.recipes import load_edit_recipe
 from steer.vectors import SteeringVector
 
 LLAMA_LIKE = ("llama", "mistral", "qwen2")
@@ -154,7 +154,7 @@ def test_norm_preserving_equals_in_memory_form(sources, tmp_path, architecture) 
     recipe = {
         "edits": [{"kind": "ablate", "direction": str(direction), "variant": "norm_preserving"}]
     }
-    edited = edited_copy(handle, load_recipe(recipe))
+    edited = edited_copy(handle, load_edit_recipe(recipe))
     baked = load_model(bake(str(source), recipe, tmp_path / "out"))
     assert relative_difference(logits(edited), logits(baked)) <= 1e-4
     # norms of the written vectors are kept; the direction is gone from them
@@ -329,7 +329,7 @@ def test_sharded_output_dtype_and_provenance(sources, tmp_path, monkeypatch) -> 
     assert verify(out) == []
     # --dtype
     options = BakeOptions(dtype="bfloat16")
-    out16 = bake_with_options(str(sharded), load_recipe(recipe), tmp_path / "bf16", options)
+    out16 = bake_with_options(str(sharded), load_edit_recipe(recipe), tmp_path / "bf16", options)
     assert load_model(out16, dtype="bfloat16").model.model.layers[1].mlp.down_proj.bias.dtype == (
         torch.bfloat16
     )
@@ -481,7 +481,7 @@ def test_direction_from_another_model_is_refused(sources, tmp_path) -> None:  # 
         bake(str(source), {"edits": [{"kind": "ablate", "direction": str(wide)}]}, tmp_path / "b")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["wide"]
     options = BakeOptions(allow_other_model=True)
-    recipe = load_recipe({"edits": [{"kind": "ablate", "direction": str(qwen_direction)}]})
+    recipe = load_edit_recipe({"edits": [{"kind": "ablate", "direction": str(qwen_direction)}]})
     assert bake_with_options(str(source), recipe, tmp_path / "c", options).exists()
 
 
@@ -643,7 +643,7 @@ def test_pickled_source_needs_the_flag(sources, tmp_path) -> None:  # type: igno
         bake(str(pickled), recipe, tmp_path / "out")
     assert not (tmp_path / "out").exists()
     options = BakeOptions(allow_pickle=True)
-    out = bake_with_options(str(pickled), load_recipe(recipe), tmp_path / "out", options)
+    out = bake_with_options(str(pickled), load_edit_recipe(recipe), tmp_path / "out", options)
     assert (
         relative_difference(logits(handle, interventions_of(recipe)), logits(load_model(out)))
         <= 1e-4
@@ -683,7 +683,7 @@ def test_full_disk_leaves_nothing(sources, tmp_path, sharded) -> None:  # type: 
     handle, source, direction = sources["llama"]
     if sharded:
         source = save_source(handle, tmp_path / "sharded", max_shard_size="60KB")
-    recipe = load_recipe({"edits": [{"kind": "ablate", "direction": str(direction)}]})
+    recipe = load_edit_recipe({"edits": [{"kind": "ablate", "direction": str(direction)}]})
     options = BakeOptions(opener=FullDisk(100_000))
     with pytest.raises(ResourceExhaustedError, match="no space left"):
         bake_with_options(str(source), recipe, tmp_path / "out", options)
@@ -757,7 +757,7 @@ def test_cancel_leaves_nothing(sources, tmp_path) -> None:  # type: ignore[no-un
 )
 def test_recipe_errors_name_the_field(recipe, field) -> None:  # type: ignore[no-untyped-def]
     with pytest.raises(InvalidArgumentError) as error:
-        load_recipe(recipe)
+        load_edit_recipe(recipe)
     assert error.value.field == field
 
 
@@ -788,7 +788,7 @@ def test_toml_recipe_paths_are_relative_to_the_file(sources, tmp_path) -> None: 
         ["--model", str(source), "--recipe", str(recipe_file), "--out", str(tmp_path / "o")]
     )
     assert code == 0
-    recipe = load_recipe(str(recipe_file))
+    recipe = load_edit_recipe(str(recipe_file))
     interventions = recipe.lowered(4)
     assert isinstance(interventions[0], Add)
     assert interventions[0].vector.at(2).equal(random_vector(5).at(2))
@@ -871,7 +871,7 @@ def test_example_recipes_parse() -> None:
     files = sorted(root.glob("bake-*.toml"))
     assert len(files) >= 3
     for file in files:
-        recipe = load_recipe(str(file))
+        recipe = load_edit_recipe(str(file))
         assert recipe.edits and recipe.name
 
 

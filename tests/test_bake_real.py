@@ -17,7 +17,7 @@ from steer.bake.memory import edited_copy
 from steer.bake.source import open_source
 from steer.interventions import Ablate
 from steer.models import ModelHandle, load_model
-from steer.recipes import load_recipe
+from steer.recipes import load_edit_recipe
 from steer.vectors import SteeringVector
 
 pytestmark = pytest.mark.slow
@@ -80,7 +80,7 @@ def test_ablation_baked_equals_plain_ablate(smollm2, converted, direction, tmp_p
     recipe = {"edits": [{"kind": "ablate", "direction": str(direction), "direction_layer": 12}]}
     out = bake(str(converted), recipe, tmp_path / "ablated")
     baked = load_model(out)
-    unit = load_recipe(recipe).interventions(30)[0][1][0].direction  # type: ignore[attr-defined]
+    unit = load_edit_recipe(recipe).interventions(30)[0][1][0].direction  # type: ignore[attr-defined]
     runtime = logits(smollm2, [Ablate(unit)])
     assert relative_difference(runtime, logits(baked)) <= 1e-4
     assert relative_difference(runtime, logits(smollm2)) > 1e-3
@@ -114,7 +114,7 @@ def test_projected_kernel_and_add_baked_equal_runtime(
             {"kind": "add", "vector": str(direction), "strength": 0.5, "layers": [10, 20]},
         ]
     }
-    interventions = load_recipe(recipe).lowered(30)
+    interventions = load_edit_recipe(recipe).lowered(30)
     out = bake(str(converted), recipe, tmp_path / "out")
     assert json.loads((out / "config.json").read_text())["mlp_bias"] is True
     baked = load_model(out)
@@ -135,7 +135,7 @@ def test_norm_preserving_equals_in_memory(smollm2, converted, direction, tmp_pat
         ]
     }
     baked = load_model(bake(str(converted), recipe, tmp_path / "out", output_format="model"))
-    in_memory = edited_copy(smollm2, load_recipe(recipe))
+    in_memory = edited_copy(smollm2, load_edit_recipe(recipe))
     assert relative_difference(logits(in_memory), logits(baked)) <= 1e-4
     before = smollm2.model.model.layers[5].self_attn.o_proj.weight.norm(dim=0)
     after = baked.model.model.layers[5].self_attn.o_proj.weight.norm(dim=0)

@@ -18,7 +18,7 @@ from steer.cli import main as cli_main
 from steer.directions.api import compute
 from steer.directions.data import load_prompts
 from steer.directions.preflight import layer_count
-from steer.directions.recipe import load_recipe, with_overrides
+from steer.directions.recipe import load_direction_recipe, with_overrides
 from steer.directions.scores import first_token_kl, next_token_logits
 from steer.directions.steering import normalise
 from steer.directions.sweep import SweepRow, suggested_range
@@ -112,7 +112,7 @@ def _saved(handle: ModelHandle, directory: Path) -> Path:
 
 
 def test_steering_recipe_parses_and_refuses_what_it_would_not_read(tmp_path: Path) -> None:
-    recipe = load_recipe("recipes/steering.toml")
+    recipe = load_direction_recipe("recipes/steering.toml")
     assert recipe.is_steering and recipe.data.read == "reply"
     assert recipe.sweep.positive_words[0] == "happy" and recipe.sweep.kl_bound == KL_BOUND
     base = recipe.to_dict()
@@ -130,12 +130,12 @@ def test_steering_recipe_parses_and_refuses_what_it_would_not_read(tmp_path: Pat
         broken = json.loads(json.dumps(base))
         broken[section][key] = value
         with pytest.raises(InvalidArgumentError) as error:
-            load_recipe(broken)
+            load_direction_recipe(broken)
         assert error.value.field == field, (key, error.value)
     # a refusal recipe does not read the sweep, and says so
-    refusal = load_recipe("recipes/refusal.toml").to_dict()
+    refusal = load_direction_recipe("recipes/refusal.toml").to_dict()
     with pytest.raises(InvalidArgumentError, match="only kind 'steering'") as error:
-        load_recipe(refusal | {"sweep": {"kl_bound": 1.0}})
+        load_direction_recipe(refusal | {"sweep": {"kl_bound": 1.0}})
     assert error.value.field == "sweep.kl_bound"
     with pytest.raises(InvalidArgumentError) as error:
         with_overrides(recipe, {"search.kl_threshold": 0.2})
@@ -150,7 +150,7 @@ def test_recipe_paths_are_relative_to_the_recipe_file(tmp_path: Path, monkeypatc
         'kind = "steering"\n[data]\npositive = "up.txt"\nnegative = "down.txt"\n'
     )
     monkeypatch.chdir(tmp_path)  # not the recipe's directory
-    recipe = load_recipe("mine/r.toml")
+    recipe = load_direction_recipe("mine/r.toml")
     assert recipe.base == str(folder.resolve())
     from steer.directions.preflight import check_data
 
@@ -205,7 +205,7 @@ def test_tiny_vector_is_normalised_swept_and_saved(tiny_llama, tmp_path: Path) -
     positive, negative = _tiny_files(tmp_path)
     neutral = tmp_path / "neutral.txt"
     neutral.write_text("How do I bake bread?\nWrite a poem about the sea.\nThe fox jumps.\n")
-    recipe = load_recipe(
+    recipe = load_direction_recipe(
         {
             "name": "tiny",
             "kind": "steering",
@@ -262,7 +262,7 @@ def test_pairs_are_read_at_their_given_replies(tiny_llama, tmp_path: Path) -> No
     )
     neutral = tmp_path / "neutral.txt"
     neutral.write_text("How do I bake bread?\nWrite a poem about the sea.\n")
-    recipe = load_recipe(
+    recipe = load_direction_recipe(
         {
             "kind": "steering",
             "data": {"pairs": str(pairs), "reply_tokens": 4},

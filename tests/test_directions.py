@@ -26,7 +26,7 @@ from steer.directions.methods import (
 )
 from steer.directions.optimize import optimize, trial_recipe
 from steer.directions.pipeline import prepare
-from steer.directions.recipe import load_recipe, with_overrides
+from steer.directions.recipe import load_direction_recipe, with_overrides
 from steer.directions.scores import (
     first_token_kl,
     kl_divergence,
@@ -286,8 +286,8 @@ def test_method_errors() -> None:
 
 
 def test_shipped_recipes_load() -> None:
-    refusal = load_recipe("recipes/refusal.toml")
-    moralizing = load_recipe("recipes/moralizing.toml")
+    refusal = load_direction_recipe("recipes/refusal.toml")
+    moralizing = load_direction_recipe("recipes/moralizing.toml")
     assert refusal.kind.value == "refusal" and moralizing.kind.value == "pairs"
     harmful, harmless = held_out(refusal)
     train = datasets.split(
@@ -297,7 +297,7 @@ def test_shipped_recipes_load() -> None:
 
 
 def test_recipe_errors_name_the_field() -> None:
-    base = load_recipe("recipes/refusal.toml").to_dict()
+    base = load_direction_recipe("recipes/refusal.toml").to_dict()
     for path, value, field in (
         (("data", "train"), "half", "data.train"),
         (("data", "train"), 1.5, "data.train"),
@@ -309,9 +309,11 @@ def test_recipe_errors_name_the_field() -> None:
         broken = json.loads(json.dumps(base))
         broken[path[0]][path[1]] = value
         with pytest.raises(InvalidArgumentError) as error:
-            load_recipe(broken)
+            load_direction_recipe(broken)
         assert error.value.field == field
-    recipe = with_overrides(load_recipe(base), {"search.layers": (3, 4), "data.seed": None})
+    recipe = with_overrides(
+        load_direction_recipe(base), {"search.layers": (3, 4), "data.seed": None}
+    )
     assert recipe.search.layers == (3, 4) and recipe.data.seed == 0
     with pytest.raises(InvalidArgumentError):
         with_overrides(recipe, {"search.nope": 1})
@@ -434,7 +436,7 @@ def test_whitened_compute_reads_the_harmless_token_covariance(
     assert "harmless token covariance" in messages
     # the saved direction is the whitened one of its layer and position, not the mean difference
     layer, position = artifact.metadata["layer"], artifact.metadata["positions"][0]
-    prepared = prepare(tiny_llama, load_recipe(recipe))
+    prepared = prepare(tiny_llama, load_direction_recipe(recipe))
     positive, _ = collect(tiny_llama, prepared.positive_train, (position,), batch_size=4)
     negative, _ = collect(tiny_llama, prepared.negative_train, (position,), batch_size=4)
     covariances = token_covariances(tiny_llama, prepared.negative_train, batch_size=4)
@@ -610,7 +612,7 @@ def test_trial_recipe_interpolates_and_zero_kernel_is_exact(tiny_llama, tmp_path
 def test_optimize_resumes_and_writes_recipes_that_reproduce_trials(
     tiny_llama, prompt_files, tmp_path
 ) -> None:
-    recipe = load_recipe(tiny_recipe(*prompt_files))
+    recipe = load_direction_recipe(tiny_recipe(*prompt_files))
     front = optimize(tiny_llama, recipe, tmp_path / "opt", trials=2)
     assert front and all({"score", "kl", "params", "recipe"} <= set(t) for t in front)
     optimize(tiny_llama, recipe, tmp_path / "opt", trials=1)

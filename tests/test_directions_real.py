@@ -70,7 +70,7 @@ def test_generation_filter_keeps_what_the_evaluation_calls_refusals(qwen) -> Non
 
     from steer.directions.evaluate import generate, is_refusal
     from steer.directions.pipeline import filter_masks, prepare
-    from steer.directions.recipe import load_recipe, with_overrides
+    from steer.directions.recipe import load_direction_recipe, with_overrides
     from steer.directions.scores import (
         next_token_logits,
         refusal_scores_from_logits,
@@ -78,7 +78,7 @@ def test_generation_filter_keeps_what_the_evaluation_calls_refusals(qwen) -> Non
     )
 
     overrides = {"data.max_train": 12, "data.filter_by": "generation", "data.filter_tokens": 10}
-    recipe = with_overrides(load_recipe("recipes/refusal.toml"), overrides)
+    recipe = with_overrides(load_direction_recipe("recipes/refusal.toml"), overrides)
     prepared = prepare(qwen, recipe)
     logits = [
         next_token_logits(qwen, prompts)

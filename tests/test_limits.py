@@ -8,10 +8,10 @@ from typing import Any
 import pytest
 import torch
 
-from steer.directions.recipe import load_recipe as load_direction_recipe
+from steer.directions.recipe import load_direction_recipe
 from steer.errors import InvalidArgumentError
 from steer.limits import finite
-from steer.recipes import load_recipe
+from steer.recipes import load_edit_recipe
 from steer.sae.training import TrainingConfig
 from steer.vectors import SteeringVector
 
@@ -32,7 +32,9 @@ def test_finite() -> None:
 
 
 def _add_edit(strength: Any) -> Callable[[], object]:
-    return lambda: load_recipe({"edits": [{"kind": "add", "vector": "v", "strength": strength}]})
+    return lambda: load_edit_recipe(
+        {"edits": [{"kind": "add", "vector": "v", "strength": strength}]}
+    )
 
 
 @pytest.mark.parametrize(

@@ -29,7 +29,7 @@ from steer.bake.source import open_source
 from steer.errors import InvalidArgumentError, UnsupportedArchitectureError
 from steer.interventions import Ablate, Add
 from steer.models import ModelHandle, load_model
-from steer.recipes import load_recipe
+from steer.recipes import load_edit_recipe
 from steer.vectors import SteeringVector
 
 
@@ -173,7 +173,7 @@ def test_norm_preserving_equals_in_memory_form(sources, tmp_path, architecture) 
     recipe = {
         "edits": [{"kind": "ablate", "direction": str(direction), "variant": "norm_preserving"}]
     }
-    edited = edited_copy(handle, load_recipe(recipe))
+    edited = edited_copy(handle, load_edit_recipe(recipe))
     baked = load_model(bake(str(source), recipe, tmp_path / "out"))
     assert relative_difference(logits(edited), logits(baked)) <= 1e-4
     before = handle.model.model.layers[2].mlp.experts.down_proj

@@ -12,14 +12,14 @@ from safetensors.torch import save_file
 
 from steer.errors import InvalidArgumentError, NotFoundError
 from steer.interventions import Add
-from steer.recipes import load_recipe
+from steer.recipes import load_edit_recipe
 from steer.sae.loading import load_sae
 
 HOOK = "blocks.1.hook_resid_post"
 
 
 def _feature_add(sae: Path, feature: int = 3, value: float = 2.0) -> Add:
-    recipe = load_recipe(
+    recipe = load_edit_recipe(
         {"edits": [{"kind": "feature", "sae": str(sae), "feature": feature, "value": value}]}
     )
     (intervention,) = recipe.lowered(4)

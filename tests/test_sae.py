@@ -475,9 +475,11 @@ def test_cli_train_then_features(
 
 
 def test_recipe_is_validated_with_field_names(tmp_path: Path) -> None:
-    from steer.sae.recipe import load_recipe
+    from steer.sae.recipe import load_sae_recipe
 
-    shipped = load_recipe(Path(__file__).resolve().parent.parent / "recipes" / "sae-smollm2.toml")
+    shipped = load_sae_recipe(
+        Path(__file__).resolve().parent.parent / "recipes" / "sae-smollm2.toml"
+    )
     assert shipped.training.hook.startswith("blocks.") and shipped.corpus.generated
     assert shipped.corpus.prompts is not None and shipped.corpus.prompts.is_file()
     assert all(file.is_file() for file in shipped.corpus.files)
@@ -491,7 +493,7 @@ def test_recipe_is_validated_with_field_names(tmp_path: Path) -> None:
         path = tmp_path / "recipe.toml"
         path.write_text(text)
         with pytest.raises(InvalidArgumentError) as error:
-            load_recipe(path)
+            load_sae_recipe(path)
         assert error.value.field == field, text
 
 

@@ -16,7 +16,7 @@ from steer.bake.resolve import resolve
 from steer.bake.source import open_source
 from steer.errors import FailedPreconditionError, InvalidArgumentError
 from steer.offline import OFFLINE_MODELS, resolve_offline
-from steer.recipes import Recipe, load_recipe, recipe_to_dict
+from steer.recipes import EditRecipe, load_edit_recipe, recipe_to_dict
 from steer.vectors import SteeringVector
 
 OUTPUT_FORMATS = ("model", "lora", "control-vector")
@@ -51,11 +51,11 @@ def bake(
         keep=tuple(keep),
         reserved=tuple(reserved),
     )
-    return bake_with_options(model_source, load_recipe(recipe), pathlib.Path(out_dir), options)
+    return bake_with_options(model_source, load_edit_recipe(recipe), pathlib.Path(out_dir), options)
 
 
 def bake_with_options(
-    model_source: str, recipe: Recipe, out_dir: pathlib.Path, options: BakeOptions
+    model_source: str, recipe: EditRecipe, out_dir: pathlib.Path, options: BakeOptions
 ) -> pathlib.Path:
     check_output(
         out_dir,
@@ -71,7 +71,7 @@ def bake_with_options(
 
 
 def bake_control_vector(
-    model_source: str, recipe: Recipe, out_path: pathlib.Path, options: BakeOptions
+    model_source: str, recipe: EditRecipe, out_path: pathlib.Path, options: BakeOptions
 ) -> pathlib.Path:
     """Additive edits at resid_post (or what is equivalent to it) as one control-vector GGUF."""
     source = open_source(

@@ -16,11 +16,11 @@ from steer.bake.resolve import resolve
 from steer.errors import InvalidArgumentError
 from steer.hooks import ArchitectureLayout
 from steer.models import ModelHandle, from_pretrained_model
-from steer.recipes import Recipe
+from steer.recipes import EditRecipe
 
 
 @torch.no_grad()
-def edited_copy(handle: ModelHandle, recipe: Recipe) -> ModelHandle:
+def edited_copy(handle: ModelHandle, recipe: EditRecipe) -> ModelHandle:
     """A new handle whose model has ``recipe``'s ablations merged into its weights."""
     resolved = resolve(recipe, num_layers=handle.num_layers, d_model=handle.d_model)
     plan = resolved.plan

@@ -22,10 +22,12 @@ from steer.bake.writer import plan_output, write_model
 from steer.errors import InvalidArgumentError
 from steer.hooks import layout_for
 from steer.models import DTYPES
-from steer.recipes import Recipe, recipe_to_dict
+from steer.recipes import EditRecipe, recipe_to_dict
 
 
-def bake_weights(model_source: str, recipe: Recipe, out_dir: Path, options: BakeOptions) -> Path:
+def bake_weights(
+    model_source: str, recipe: EditRecipe, out_dir: Path, options: BakeOptions
+) -> Path:
     """Bake ``recipe`` into a model directory (format "model") or a LoRA adapter ("lora")."""
     if options.output_format not in ("model", "lora"):
         raise InvalidArgumentError(
@@ -47,7 +49,7 @@ def bake_weights(model_source: str, recipe: Recipe, out_dir: Path, options: Bake
 
 
 def _bake(
-    source: Source, recipe: Recipe, out_dir: Path, options: BakeOptions, dtype_name: str | None
+    source: Source, recipe: EditRecipe, out_dir: Path, options: BakeOptions, dtype_name: str | None
 ) -> Path:
     config = source.config
     num_layers, d_model = int(config["num_hidden_layers"]), int(config["hidden_size"])

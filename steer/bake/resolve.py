@@ -16,7 +16,7 @@ from steer.bake.source import Source
 from steer.errors import FailedPreconditionError, InvalidArgumentError
 from steer.interventions import Intervention
 from steer.models import stale_weight_hash_hint
-from steer.recipes import AblateEdit, AblationVariant, FeatureEdit, Recipe
+from steer.recipes import AblateEdit, AblationVariant, EditRecipe, FeatureEdit
 
 
 @dataclass
@@ -27,7 +27,7 @@ class ResolvedRecipe:
     approximate: bool
 
 
-def resolve(recipe: Recipe, *, num_layers: int, d_model: int) -> ResolvedRecipe:
+def resolve(recipe: EditRecipe, *, num_layers: int, d_model: int) -> ResolvedRecipe:
     """Lower the recipe to interventions and those to a weight plan."""
     artifacts: dict[str, dict[str, Any]] = {}
 

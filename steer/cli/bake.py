@@ -25,7 +25,7 @@ from steer.bake.provenance import PROVENANCE, verify
 from steer.errors import NotFoundError
 from steer.models import DTYPES
 from steer.offline import DEFAULT_MODEL
-from steer.recipes import AblationVariant, Recipe, load_recipe
+from steer.recipes import AblationVariant, EditRecipe, load_edit_recipe
 
 
 def _parser(prog: str) -> argparse.ArgumentParser:
@@ -61,7 +61,7 @@ def _parser(prog: str) -> argparse.ArgumentParser:
     return parser
 
 
-def _edit_paths(recipe: Recipe) -> Iterator[tuple[str, str]]:
+def _edit_paths(recipe: EditRecipe) -> Iterator[tuple[str, str]]:
     """(field, path as written) for every file an edit names."""
     for index, edit in enumerate(recipe.edits):
         for key in ("direction", "harmless_mean", "vector", "sae"):
@@ -76,7 +76,7 @@ def _shown(path: Path) -> str:
     return os.path.abspath(path) if relative.startswith("..") else relative
 
 
-def check_recipe_files(recipe: Recipe, origin: str) -> None:
+def check_recipe_files(recipe: EditRecipe, origin: str) -> None:
     """Every artifact and SAE a recipe names exists (and an artifact loads) before the model is
     loaded, which takes a while; a missing one is named as written, where it was looked for and
     what relative paths are taken from (``origin``)."""
@@ -116,7 +116,7 @@ def main(argv: list[str], *, prog: str = "steer bake", command: str = "bake") ->
         parser.error("give --recipe or --ablate/--add, not both")
     if not args.recipe and not (args.ablate or args.add):
         parser.error("give --recipe, --ablate or --add")
-    recipe = load_recipe(
+    recipe = load_edit_recipe(
         args.recipe or recipe_from_flags(args.ablate, args.add, variant=args.variant)
     )
     check_recipe_files(recipe, args.recipe or "--ablate/--add")

@@ -209,7 +209,7 @@ def main(argv: list[str], *, prog: str = "steer directions", command: str = "dir
         return _compute(args)
     if args.action == "sweep":
         return _sweep(args)
-    from steer.directions.recipe import load_recipe
+    from steer.directions.recipe import load_direction_recipe
     from steer.models import load_model
 
     if args.action == "refresh":
@@ -221,7 +221,7 @@ def main(argv: list[str], *, prog: str = "steer directions", command: str = "dir
         return 0
     from steer.directions.preflight import check_recipe
 
-    recipe = load_recipe(args.recipe)
+    recipe = load_direction_recipe(args.recipe)
     if recipe.is_steering:
         raise InvalidArgumentError(
             "optimize searches ablation kernels for refusal, pairs and contrast recipes; a "
@@ -250,7 +250,7 @@ def compute_recipe(args: argparse.Namespace) -> Any:
     """The recipe ``steer directions compute`` runs: ``--recipe`` with the flags over it, or
     with no recipe a steering recipe from the prompt files. Flags the recipe's kind would not
     read are errors; data paths given as flags are taken from the current directory."""
-    from steer.directions.recipe import applies, load_recipe, with_overrides
+    from steer.directions.recipe import applies, load_direction_recipe, with_overrides
 
     overrides = {field: getattr(args, flag) for flag, field in _FIELDS.items()}
     overrides["data.filter"] = False if args.no_filter else None
@@ -258,14 +258,16 @@ def compute_recipe(args: argparse.Namespace) -> Any:
     for key in ("data.positive", "data.negative", "data.pairs", "sweep.neutral"):
         overrides[key] = _cli_path(overrides[key], key)
     if args.recipe:
-        recipe = load_recipe(args.recipe)
+        recipe = load_direction_recipe(args.recipe)
     elif args.positive or args.negative or args.pairs:
         data = {
             key.removeprefix("data."): overrides.pop(key)
             for key in ("data.positive", "data.negative", "data.pairs")
             if overrides[key]
         }
-        recipe = load_recipe({"name": args.name or _name(args), "kind": "steering", "data": data})
+        recipe = load_direction_recipe(
+            {"name": args.name or _name(args), "kind": "steering", "data": data}
+        )
     else:
         raise InvalidArgumentError(
             "give --positive and --negative (two prompt files) or --pairs for a steering "

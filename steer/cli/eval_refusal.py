@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 from steer.directions.evaluate import is_moralizing, is_refusal
 
 if TYPE_CHECKING:
-    from steer.directions.recipe import Recipe
+    from steer.directions.recipe import DirectionRecipe
 
 
 def parser(prog: str, *, kind: str) -> argparse.ArgumentParser:
@@ -114,12 +114,12 @@ def _check_flags(args: argparse.Namespace) -> None:
         )
 
 
-def _recipe(args: argparse.Namespace) -> Recipe:
+def _recipe(args: argparse.Namespace) -> DirectionRecipe:
     """The direction recipe with the evaluation flags applied."""
-    from steer.directions.recipe import load_recipe, with_overrides
+    from steer.directions.recipe import load_direction_recipe, with_overrides
 
     return with_overrides(
-        load_recipe(args.recipe),
+        load_direction_recipe(args.recipe),
         {
             "evaluate.max_new_tokens": args.max_new_tokens,
             "evaluate.kl_tokens": args.kl_tokens,
@@ -128,7 +128,9 @@ def _recipe(args: argparse.Namespace) -> Recipe:
     )
 
 
-def _prompts(args: argparse.Namespace, recipe: Recipe, kind: str) -> tuple[list[str], list[str]]:
+def _prompts(
+    args: argparse.Namespace, recipe: DirectionRecipe, kind: str
+) -> tuple[list[str], list[str]]:
     """(prompts to measure the rate on, harmless prompts for the KL): the files given, else the
     recipe's held-out test splits, capped at ``evaluate.max_test``."""
     from steer.directions.api import held_out
@@ -165,10 +167,10 @@ def _interventions(args: argparse.Namespace, handle: Any) -> tuple[Any, ...]:
 def recipe_interventions(path: str, handle: Any) -> tuple[Any, ...]:
     """The run-time form of an edit recipe, its artifacts checked against ``handle``."""
     from steer.artifacts import load_vector
-    from steer.recipes import load_recipe
+    from steer.recipes import load_edit_recipe
 
     return tuple(
-        load_recipe(path).lowered(
+        load_edit_recipe(path).lowered(
             handle.num_layers, load=lambda artifact: load_vector(artifact, handle=handle)
         )
     )
@@ -177,9 +179,9 @@ def recipe_interventions(path: str, handle: Any) -> tuple[Any, ...]:
 def _harmless_test() -> list[str]:
     from steer.directions.api import held_out
     from steer.directions.data import RECIPES_DIR
-    from steer.directions.recipe import load_recipe
+    from steer.directions.recipe import load_direction_recipe
 
-    return held_out(load_recipe(RECIPES_DIR / "refusal.toml"))[1]
+    return held_out(load_direction_recipe(RECIPES_DIR / "refusal.toml"))[1]
 
 
 def main(argv: list[str], *, prog: str = "steer eval refusal", command: str = "refusal") -> int:

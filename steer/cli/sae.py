@@ -21,7 +21,7 @@ from typing import Any
 from steer.errors import InvalidArgumentError
 from steer.models import load_model
 from steer.sae.loading import load_sae
-from steer.sae.recipe import CorpusSpec, SaeRecipe, load_recipe
+from steer.sae.recipe import CorpusSpec, SaeRecipe, load_sae_recipe
 from steer.sae.training import ARCHITECTURES, TrainingConfig, save, train_on_texts
 
 #: command-line option -> TrainingConfig field
@@ -96,7 +96,7 @@ def _corpus(args: argparse.Namespace, base: CorpusSpec | None) -> CorpusSpec:
 
 
 def _recipe(args: argparse.Namespace) -> SaeRecipe:
-    base = load_recipe(args.recipe) if args.recipe else None
+    base = load_sae_recipe(args.recipe) if args.recipe else None
     if base is None and not args.hook:
         raise InvalidArgumentError("give --hook (or --recipe)", field="hook")
     overrides = {

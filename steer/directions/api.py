@@ -41,7 +41,7 @@ from steer.directions.pipeline import (
     uses_filter,
     whitening_covariances,
 )
-from steer.directions.recipe import Recipe, RecipeKind, load_recipe
+from steer.directions.recipe import DirectionRecipe, RecipeKind, load_direction_recipe
 from steer.directions.scores import refusal_token_ids
 from steer.directions.search import (
     SearchResult,
@@ -67,7 +67,7 @@ REPLY = 0
 
 def compute(
     handle: ModelHandle,
-    recipe_path_or_dict: str | Path | Mapping[str, Any] | Recipe,
+    recipe_path_or_dict: str | Path | Mapping[str, Any] | DirectionRecipe,
     out_dir: str | Path,
     *,
     progress: Progress,
@@ -76,8 +76,8 @@ def compute(
     """Run the recipe on ``handle`` and save the chosen direction to ``out_dir``."""
     recipe = (
         recipe_path_or_dict
-        if isinstance(recipe_path_or_dict, Recipe)
-        else load_recipe(recipe_path_or_dict)
+        if isinstance(recipe_path_or_dict, DirectionRecipe)
+        else load_direction_recipe(recipe_path_or_dict)
     )
 
     def check() -> None:
@@ -139,7 +139,7 @@ def search(
 
 def _score(
     handle: ModelHandle,
-    recipe: Recipe,
+    recipe: DirectionRecipe,
     collected: _Collected,
     candidates: list[Any],
     *,
@@ -298,14 +298,14 @@ def interventions_for(
     return (vector_artifact.addition(strength),)
 
 
-def _plot_writer(recipe: Recipe) -> Callable[[Path, SearchResult], Path]:
+def _plot_writer(recipe: DirectionRecipe) -> Callable[[Path, SearchResult], Path]:
     def writer(path: Path, result: SearchResult) -> Path:
         return write_plot(path, result, title=f"{recipe.name}: {recipe.search.method}")
 
     return writer
 
 
-def held_out(recipe: Recipe) -> tuple[list[str], list[str]]:
+def held_out(recipe: DirectionRecipe) -> tuple[list[str], list[str]]:
     """The recipe's test prompts: (positive, negative); for pairs, (situations, situations)."""
     data = recipe.data
     if recipe.is_steering:

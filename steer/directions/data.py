@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Generic, TypeVar
 from steer.errors import FailedPreconditionError, InvalidArgumentError, NotFoundError
 
 if TYPE_CHECKING:
-    from steer.directions.recipe import Recipe
+    from steer.directions.recipe import DirectionRecipe
 
 T = TypeVar("T")
 
@@ -162,7 +162,7 @@ def load_pairs(
     return pairs
 
 
-def recipe_pairs(recipe: Recipe) -> list[Pair]:
+def recipe_pairs(recipe: DirectionRecipe) -> list[Pair]:
     """The pairs a recipe's ``data.pairs`` names, read with its keys (relative to its file)."""
     data = recipe.data
     return load_pairs(

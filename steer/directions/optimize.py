@@ -9,7 +9,7 @@ outputs (:class:`steer.recipes.Kernel`)::
 
 and a fractional ``direction_layer``: the unit per-layer directions (mean difference at the last
 prompt token, refused / answered prompts only) of the two neighbouring layers are interpolated.
-Trials are lowered to interventions by :meth:`steer.recipes.Recipe.lowered`, the same path
+Trials are lowered to interventions by :meth:`steer.recipes.EditRecipe.lowered`, the same path
 the run-time engine and the bake use, so a front entry means the same thing everywhere.
 
 Two objectives are minimised on validation data: the *refusal* objective (mean refusal
@@ -40,14 +40,13 @@ from steer.directions.pipeline import (
     prepare,
     whitening_covariances,
 )
-from steer.directions.recipe import Recipe, RecipeKind
+from steer.directions.recipe import DirectionRecipe, RecipeKind
 from steer.directions.scores import refusal_scores_from_logits, refusal_token_ids
 from steer.directions.search import kl_scorer
 from steer.errors import InvalidArgumentError
 from steer.interventions import Intervention
 from steer.models import ModelHandle
-from steer.recipes import AblateEdit, Kernel, recipe_to_toml
-from steer.recipes import Recipe as EditRecipe
+from steer.recipes import AblateEdit, EditRecipe, Kernel, recipe_to_toml
 from steer.vectors import SteeringVector
 
 
@@ -118,7 +117,7 @@ def _objective_scorer(
 
 def optimize(
     handle: ModelHandle,
-    recipe: Recipe,
+    recipe: DirectionRecipe,
     out_dir: Path,
     *,
     trials: int,
@@ -212,7 +211,7 @@ def _suggest(trial: Any, num_layers: int, low_index: float, high_index: float) -
 
 
 def _write_front(
-    study: Any, recipe: Recipe, directions_dir: Path, out_dir: Path
+    study: Any, recipe: DirectionRecipe, directions_dir: Path, out_dir: Path
 ) -> list[dict[str, Any]]:
     """Write ``recipes/trial-N.toml`` per front entry and ``front.json``; return the front."""
     recipes_dir = out_dir / "recipes"

@@ -16,7 +16,7 @@ import torch
 from steer.activations import encode_chat
 from steer.directions import data as datasets
 from steer.directions.methods import get_method, shrink
-from steer.directions.recipe import Recipe, RecipeKind
+from steer.directions.recipe import DirectionRecipe, RecipeKind
 from steer.directions.scores import (
     continuation_logprobs,
     next_token_logits,
@@ -38,7 +38,7 @@ MAX_REPLY_TOKENS = 32
 class Prepared:
     """Encoded train and validation data of one recipe."""
 
-    recipe: Recipe
+    recipe: DirectionRecipe
     positive_train: list[list[int]]
     negative_train: list[list[int]]
     positive_validation: list[list[int]]
@@ -49,7 +49,7 @@ class Prepared:
     hashes: Mapping[str, str] | None = None
 
 
-def prepare(handle: ModelHandle, recipe: Recipe) -> Prepared:
+def prepare(handle: ModelHandle, recipe: DirectionRecipe) -> Prepared:
     """Load, split, cap and encode the recipe's data."""
     if recipe.is_steering:
         raise InvalidArgumentError(
@@ -94,7 +94,7 @@ def prepare(handle: ModelHandle, recipe: Recipe) -> Prepared:
     )
 
 
-def _prepare_pairs(handle: ModelHandle, recipe: Recipe) -> Prepared:
+def _prepare_pairs(handle: ModelHandle, recipe: DirectionRecipe) -> Prepared:
     """Load, split, cap and encode a pairs recipe's data (prompts and both replies)."""
     data = recipe.data
     system = data.system or None
@@ -137,7 +137,7 @@ def _reply_ids(handle: ModelHandle, reply: str) -> list[int]:
 
 def refusals(
     handle: ModelHandle,
-    recipe: Recipe,
+    recipe: DirectionRecipe,
     prompts: Sequence[Sequence[int]],
     token_ids: Sequence[int],
     batch: int,
@@ -181,7 +181,7 @@ def filter_masks(
 MIN_KEPT = 2
 
 
-def uses_filter(recipe: Recipe) -> bool:
+def uses_filter(recipe: DirectionRecipe) -> bool:
     return recipe.kind is RecipeKind.REFUSAL and recipe.data.filter
 
 
@@ -252,7 +252,7 @@ def kept_prompts(prompts: list[list[int]], keep: torch.Tensor) -> list[list[int]
 
 
 def whitening_covariances(
-    handle: ModelHandle, recipe: Recipe, negative_prompts: Sequence[Sequence[int]]
+    handle: ModelHandle, recipe: DirectionRecipe, negative_prompts: Sequence[Sequence[int]]
 ) -> torch.Tensor | None:
     """Shrunk per-layer token covariances of the negative prompts when the recipe's method
     whitens (``whitened``) and the recipe contrasts prompts; None otherwise (paired replies

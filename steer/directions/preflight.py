@@ -15,13 +15,13 @@ from pathlib import Path
 from typing import BinaryIO
 
 from steer.directions import data as datasets
-from steer.directions.recipe import Recipe, RecipeKind
+from steer.directions.recipe import DirectionRecipe, RecipeKind
 from steer.errors import InvalidArgumentError, NotFoundError
 from steer.offline import OFFLINE_MODELS, resolve_offline
 
 
 def check_recipe(
-    recipe: Recipe, *, model: str | None = None, out: str | Path | None = None
+    recipe: DirectionRecipe, *, model: str | None = None, out: str | Path | None = None
 ) -> None:
     """Raise what computing ``recipe`` on ``model`` into ``out`` would raise about its data,
     layers or output path, without loading the model."""
@@ -35,7 +35,7 @@ def check_recipe(
         raise InvalidArgumentError(f"output {out} is a file, not a directory", field="out")
 
 
-def check_data(recipe: Recipe) -> None:
+def check_data(recipe: DirectionRecipe) -> None:
     """Read every data set of ``recipe`` (errors name the field and what a relative path is
     relative to)."""
     if recipe.kind is RecipeKind.STEERING:

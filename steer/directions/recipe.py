@@ -6,7 +6,7 @@ wrong types are errors that name the field (``data.train``). Command-line flags 
 through :func:`with_overrides`. A field the recipe's kind does not read (``search.top_k`` in a
 steering recipe, ``sweep`` in a refusal one) is an error too, so nothing set is silently ignored.
 
-Relative data paths in a recipe file are taken from the file's directory (``Recipe.base``);
+Relative data paths in a recipe file are taken from the file's directory (``DirectionRecipe.base``);
 those in a dict (the server's, already absolute) or given on the command line, from the
 current directory.
 """
@@ -153,7 +153,7 @@ class SweepSection:
 
 
 @dataclass(frozen=True)
-class Recipe:
+class DirectionRecipe:
     name: str = "direction"
     kind: RecipeKind = RecipeKind.REFUSAL
     data: DataSection = field(default_factory=DataSection)
@@ -244,7 +244,7 @@ def _check_applies(kind: RecipeKind, keys: Mapping[str, Any]) -> None:
             raise InvalidArgumentError(f"{what} does not use {key} ({why})", field=key)
 
 
-def load_recipe(source: str | Path | Mapping[str, Any]) -> Recipe:
+def load_direction_recipe(source: str | Path | Mapping[str, Any]) -> DirectionRecipe:
     """Parse and validate a recipe from a TOML path or a dict. Relative data paths in a file
     are taken from its directory."""
     base = ""
@@ -283,7 +283,9 @@ def load_recipe(source: str | Path | Mapping[str, Any]) -> Recipe:
             for key, value in raw[name].items()
         },
     )
-    recipe = Recipe(name=str(raw.get("name", "direction")), kind=kind, base=base, **sections)
+    recipe = DirectionRecipe(
+        name=str(raw.get("name", "direction")), kind=kind, base=base, **sections
+    )
     _validate(recipe)
     if recipe.is_steering and recipe.data.read == Read.PROMPT and "reply_tokens" in raw["data"]:
         raise InvalidArgumentError(
@@ -293,7 +295,7 @@ def load_recipe(source: str | Path | Mapping[str, Any]) -> Recipe:
     return recipe
 
 
-def with_overrides(recipe: Recipe, overrides: Mapping[str, Any]) -> Recipe:
+def with_overrides(recipe: DirectionRecipe, overrides: Mapping[str, Any]) -> DirectionRecipe:
     """Replace fields named ``section.field`` (values already typed, None = keep)."""
     sections: dict[str, Any] = {name: getattr(recipe, name) for name in _SECTIONS}
     given = {key: value for key, value in overrides.items() if value is not None}
@@ -364,7 +366,7 @@ def _tuple(value: Any, item: type, where: str) -> tuple[Any, ...]:
     return tuple(float(v) for v in value) if item is float else tuple(value)
 
 
-def _validate(recipe: Recipe) -> None:
+def _validate(recipe: DirectionRecipe) -> None:
     data, search, evaluate = recipe.data, recipe.search, recipe.evaluate
     if recipe.is_steering:
         _validate_steering(recipe)
@@ -424,7 +426,7 @@ def _validate(recipe: Recipe) -> None:
         raise InvalidArgumentError("must be >= 0 (0 = all)", field="evaluate.max_test")
 
 
-def _validate_steering(recipe: Recipe) -> None:
+def _validate_steering(recipe: DirectionRecipe) -> None:
     data, search, sweep = recipe.data, recipe.search, recipe.sweep
     sets = bool(data.positive or data.negative)
     if data.pairs and sets:

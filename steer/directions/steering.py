@@ -42,7 +42,7 @@ from steer.activations import encode_chat, forward, post_instruction_positions
 from steer.artifacts import save_vector
 from steer.directions import data as datasets
 from steer.directions.methods import compute_direction, get_method
-from steer.directions.recipe import Read, Recipe
+from steer.directions.recipe import DirectionRecipe, Read
 from steer.directions.sweep import SweepResult
 from steer.directions.words import TargetWords, target_words
 from steer.errors import InvalidArgumentError
@@ -113,7 +113,7 @@ def steering_layers(num_layers: int, layers: Sequence[int]) -> tuple[int, ...]:
     return tuple(sorted(set(layers)))
 
 
-def load_examples(recipe: Recipe) -> Examples:
+def load_examples(recipe: DirectionRecipe) -> Examples:
     """Read the recipe's data (no model needed: ``steer directions compute`` checks it before
     loading one). PCA pairs line ``i`` of one set with line ``i`` of the other, so it needs
     sets of one size."""
@@ -148,13 +148,13 @@ def load_examples(recipe: Recipe) -> Examples:
     return Examples(sides[0], sides[1], hashes=hashes)
 
 
-def load_neutral(recipe: Recipe) -> list[str]:
+def load_neutral(recipe: DirectionRecipe) -> list[str]:
     return datasets.load_prompts(recipe.sweep.neutral, field="sweep.neutral", base=recipe.base)
 
 
 def compute_vector(
     handle: ModelHandle,
-    recipe: Recipe,
+    recipe: DirectionRecipe,
     out_dir: Path,
     *,
     progress: Progress,
@@ -207,7 +207,7 @@ def compute_vector(
 
 def generate_replies(
     handle: ModelHandle,
-    recipe: Recipe,
+    recipe: DirectionRecipe,
     examples: Examples,
     sides: tuple[list[list[int]], list[list[int]]],
     neutral: list[list[int]],
@@ -270,7 +270,7 @@ def greedy(
 
 def read_activations(
     handle: ModelHandle,
-    recipe: Recipe,
+    recipe: DirectionRecipe,
     examples: Examples,
     sides: tuple[list[list[int]], list[list[int]]],
     replies: list[list[int]] | None,
@@ -375,7 +375,7 @@ def normalise(
 
 
 def normalization_record(
-    raw: Mapping[int, torch.Tensor], norms: Mapping[int, float], recipe: Recipe
+    raw: Mapping[int, torch.Tensor], norms: Mapping[int, float], recipe: DirectionRecipe
 ) -> dict[str, Any]:
     """What ``steer.json`` says about the units of strength."""
     return {
@@ -394,7 +394,7 @@ def normalization_record(
     }
 
 
-def save(handle: ModelHandle, recipe: Recipe, made: Made, out_dir: Path) -> Path:
+def save(handle: ModelHandle, recipe: DirectionRecipe, made: Made, out_dir: Path) -> Path:
     """Write the sweep files (when the sweep ran) and the artifact."""
     from steer.directions import sweep
 

@@ -25,6 +25,10 @@ Every edit converts to steer :class:`~steer.interventions.Intervention` objects
 (:meth:`EditRecipe.interventions`); the run-time engine applies those, and :mod:`steer.bake`
 turns the very same objects into weight deltas, so the two forms cannot drift apart.
 Validation errors name the field, e.g. ``edits[1].strength: must be finite``.
+
+The other two recipe files have names of their own: a ``steer directions`` recipe is a
+:class:`~steer.directions.recipe.DirectionRecipe` (``load_direction_recipe``), an SAE training
+recipe a :class:`~steer.sae.recipe.SaeRecipe` (``load_sae_recipe``).
 """
 
 from __future__ import annotations
@@ -49,11 +53,6 @@ from steer.recipes.schema import (
     Kernel,
 )
 
-# the names before EditRecipe and load_edit_recipe, kept until every caller has moved
-Recipe = EditRecipe
-load_recipe = load_edit_recipe
-parse_recipe = parse_edit_recipe
-
 __all__ = [
     "DTYPES",
     "WEIGHT_ABLATION_KINDS",
@@ -65,11 +64,8 @@ __all__ = [
     "EditRecipe",
     "FeatureEdit",
     "Kernel",
-    "Recipe",
     "load_edit_recipe",
-    "load_recipe",
     "parse_edit_recipe",
-    "parse_recipe",
     "recipe_to_dict",
     "recipe_to_toml",
     "toml_text",

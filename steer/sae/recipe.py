@@ -106,7 +106,7 @@ def _path(value: Any, base: Path, field_name: str) -> Path:
     return path if path.is_absolute() else base / path
 
 
-def load_recipe(path: str | Path) -> SaeRecipe:
+def load_sae_recipe(path: str | Path) -> SaeRecipe:
     """Read and validate a recipe; errors name the offending field."""
     file = Path(path)
     if not file.is_file():
