@@ -35,7 +35,13 @@ from dataclasses import dataclass, field
 import torch
 
 from steer.errors import InvalidArgumentError, UnsupportedArchitectureError
-from steer.hooks import ArchitectureLayout, HookKind, HookPoint, parse_hook_name
+from steer.hooks import (
+    ArchitectureLayout,
+    HookKind,
+    HookPoint,
+    parse_hook_name,
+    resid_post_hooks,
+)
 from steer.interventions import Ablate, Add, Intervention, Phase
 
 
@@ -213,8 +219,8 @@ def _points(add: Add, num_layers: int, field_name: str) -> Iterator[HookPoint]:
         return
     if not add.vector.per_layer:
         raise InvalidArgumentError("a shared vector needs explicit hooks", field=field_name)
-    for layer in add.vector.layers:
-        yield parse_hook_name(f"blocks.{layer}.hook_resid_post", num_layers, field=field_name)
+    for name in resid_post_hooks(add.vector.layers):
+        yield parse_hook_name(name, num_layers, field=field_name)
 
 
 def build_plan(

@@ -46,6 +46,7 @@ from steer.directions.recipe import DirectionRecipe, Read
 from steer.directions.sweep import SweepResult
 from steer.directions.words import TargetWords, target_words
 from steer.errors import InvalidArgumentError
+from steer.hooks import resid_post_hooks
 from steer.models import ModelHandle
 from steer.vectors import SteeringVector
 
@@ -92,7 +93,8 @@ class Made:
 
 
 def hook(layer: int) -> str:
-    return f"blocks.{layer}.hook_resid_post"
+    (name,) = resid_post_hooks((layer,))
+    return name
 
 
 def default_layers(num_layers: int) -> tuple[int, ...]:

@@ -40,6 +40,7 @@ from steer.activations import forward
 from steer.directions.recipe import SweepSection
 from steer.directions.words import TargetWords, word_ids
 from steer.errors import InvalidArgumentError
+from steer.hooks import resid_post_hooks
 from steer.interventions import Add, Intervention
 from steer.models import ModelHandle
 from steer.vectors import SteeringVector
@@ -136,7 +137,7 @@ def run(
     ``replies``, the unsteered model's greedy replies to them (generated when not given).
     ``hooks`` default to each layer's ``blocks.L.hook_resid_post``."""
     if hooks is None:
-        hooks = [f"blocks.{layer}.hook_resid_post" for layer in vector.layers]
+        hooks = list(resid_post_hooks(vector.layers))
     if replies is None:
         from steer.directions.evaluate import generate
 
