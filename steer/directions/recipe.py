@@ -13,7 +13,6 @@ current directory.
 
 from __future__ import annotations
 
-import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from enum import StrEnum
@@ -23,6 +22,7 @@ from typing import Any
 from steer.directions.methods import DEFAULT_SHRINKAGE, METHODS
 from steer.errors import InvalidArgumentError, NotFoundError
 from steer.limits import finite
+from steer.toml_input import read_toml
 
 
 class RecipeKind(StrEnum):
@@ -258,10 +258,7 @@ def load_direction_recipe(source: str | Path | Mapping[str, Any]) -> DirectionRe
                 + ("" if path.is_absolute() else f" (relative to {Path.cwd()})"),
                 field="recipe",
             )
-        try:
-            raw = tomllib.loads(path.read_text())
-        except tomllib.TOMLDecodeError as error:
-            raise InvalidArgumentError(f"{path}: {error}", field="recipe") from None
+        raw = read_toml(path, field="recipe")
         base = str(path.resolve().parent)
     unknown = set(raw) - {"name", "kind", *_SECTIONS}
     if unknown:

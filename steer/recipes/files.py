@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import tomllib
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
@@ -20,6 +19,7 @@ from steer.recipes.schema import (
     FeatureEdit,
     Kernel,
 )
+from steer.toml_input import parse_toml, read_toml
 
 _T = TypeVar("_T")
 
@@ -205,16 +205,9 @@ def load_edit_recipe(source: str | Path | Mapping[str, Any]) -> EditRecipe:
     if "\n" not in text and "=" not in text:
         if not path.exists():
             raise NotFoundError(f"recipe file {text!r} does not exist", field="recipe")
-        try:
-            data = tomllib.loads(path.read_text())
-        except tomllib.TOMLDecodeError as error:
-            raise InvalidArgumentError(f"{path}: {error}", field="recipe") from None
+        data = read_toml(path, field="recipe")
         return parse_edit_recipe(data, base_dir=path.resolve().parent)
-    try:
-        data = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as error:
-        raise InvalidArgumentError(f"recipe TOML: {error}", field="recipe") from None
-    return parse_edit_recipe(data)
+    return parse_edit_recipe(parse_toml(text, what="recipe TOML", field="recipe"))
 
 
 def recipe_to_dict(recipe: EditRecipe) -> dict[str, Any]:

@@ -22,7 +22,6 @@
 
 from __future__ import annotations
 
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,6 +30,7 @@ from steer.errors import InvalidArgumentError, NotFoundError
 from steer.models import ModelHandle
 from steer.sae.corpus import generate_corpus, read_corpus, read_prompts
 from steer.sae.training import TrainingConfig
+from steer.toml_input import read_toml
 
 
 @dataclass(frozen=True)
@@ -111,10 +111,7 @@ def load_sae_recipe(path: str | Path) -> SaeRecipe:
     file = Path(path)
     if not file.is_file():
         raise NotFoundError(f"recipe {file} does not exist", field="recipe")
-    try:
-        data = tomllib.loads(file.read_text(encoding="utf-8"))
-    except tomllib.TOMLDecodeError as error:
-        raise InvalidArgumentError(f"{file}: {error}", field="recipe") from None
+    data = read_toml(file, field="recipe")
     unknown = sorted(set(data) - {"model", "corpus", "sae"})
     if unknown:
         raise InvalidArgumentError(f"{file}: unknown table(s) {unknown}", field=unknown[0])
