@@ -46,18 +46,26 @@ def finite(
     but a typed file does not call a number (a string such as ``"1.5"``): what a recipe reads.
     """
     if isinstance(value, bool) or (numbers_only and not isinstance(value, int | float)):
-        raise InvalidArgumentError(f"expected a number, got {value!r}", field=field)
+        raise InvalidArgumentError(f"expected a number, got {_shown(value)}", field=field)
     try:
         number = float(value)
-    except (TypeError, ValueError, OverflowError):
-        raise InvalidArgumentError(f"expected a number, got {value!r}", field=field) from None
+    except OverflowError:
+        raise InvalidArgumentError("is too large for a number", field=field) from None
+    except (TypeError, ValueError):
+        raise InvalidArgumentError(f"expected a number, got {_shown(value)}", field=field) from None
     if not math.isfinite(number):
         raise InvalidArgumentError(f"must be finite, got {value!r}", field=field)
     if magnitude is not None and abs(number) > magnitude:
         raise InvalidArgumentError(
-            f"must be within [-{magnitude:g}, {magnitude:g}], got {value!r}", field=field
+            f"must be within [-{magnitude:g}, {magnitude:g}], got {_shown(value)}", field=field
         )
     return number
+
+
+def _shown(value: Any) -> str:
+    """``repr(value)``, cut short: a message must not echo a megabyte a client sent."""
+    text = repr(value)
+    return text if len(text) <= 40 else f"{text[:37]}..."
 
 
 def check_text_size(characters: int, max_tokens: int, field: str) -> None:

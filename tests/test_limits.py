@@ -71,3 +71,22 @@ def test_finite_scale_still_scales() -> None:
     assert vector.shared is not None
     scaled = 3 * vector
     assert scaled.shared is not None and torch.equal(scaled.shared, torch.tensor([3.0, -6.0]))
+
+
+def test_messages_do_not_echo_huge_values() -> None:
+    with pytest.raises(InvalidArgumentError) as error:
+        finite("x" * 1_000_000, "strength")
+    assert len(error.value.message) < 100
+    with pytest.raises(InvalidArgumentError) as error:
+        finite(10**4000, "strength")
+    assert error.value.message == "is too large for a number"
+
+
+def test_http_numbers_use_the_same_check() -> None:
+    from steer.http.values import _number
+
+    assert _number("temperature", 2) == 2.0
+    for bad in (float("inf"), 10**400):
+        with pytest.raises(InvalidArgumentError) as error:
+            _number("temperature", bad)
+        assert error.value.field == "temperature"

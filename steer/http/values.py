@@ -9,12 +9,12 @@ as this module's interface to :mod:`steer.http.fields` and :mod:`steer.http.samp
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from steer.errors import InvalidArgumentError
 from steer.json_input import json_type
+from steer.limits import finite
 
 __all__ = [
     "MAX_TOKEN_ID",
@@ -87,13 +87,7 @@ def _first(body: Mapping[str, Any], names: Iterable[str]) -> tuple[str, Any] | N
 def _number(key: str, value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise InvalidArgumentError(f"must be a number, not {json_type(value)}", field=key)
-    try:
-        number = float(value)
-    except OverflowError:
-        raise InvalidArgumentError("is too large", field=key) from None
-    if not math.isfinite(number):
-        raise InvalidArgumentError(f"must be finite, got {value!r}", field=key)
-    return number
+    return finite(value, key)
 
 
 def _integer(key: str, value: Any) -> int:
