@@ -1,4 +1,4 @@
-"""TOML from outside (recipe files and texts) parsed into a table, every failure a field error.
+"""TOML from outside (recipes, presets, slider files) read into a table, each failure a field error.
 
 ``tomllib.loads`` raises ``TOMLDecodeError`` for bad syntax, but reading and parsing a file from
 outside can also fail with ``OSError`` (a directory, no permission), ``UnicodeDecodeError`` (TOML

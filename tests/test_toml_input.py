@@ -56,3 +56,20 @@ def test_parse_and_read(tmp_path: Path) -> None:
     path = tmp_path / "ok.toml"
     path.write_text('[t]\nname = "café"\n', encoding="utf-8")
     assert read_toml(path, field="f") == {"t": {"name": "café"}}
+
+
+def test_presets_and_slider_files_read_the_same_way(tmp_path: Path) -> None:
+    from steer.rp.presets import load_preset
+    from steer.service.sliders import SliderCatalogue
+
+    path = tmp_path / "mine.toml"
+    path.write_bytes(b"temperature = \xff\n")
+    with pytest.raises(InvalidArgumentError) as preset:
+        load_preset(str(path))
+    assert preset.value.field == "preset" and "not UTF-8" in preset.value.message
+    with pytest.raises(InvalidArgumentError) as sliders:
+        SliderCatalogue.load(path)
+    assert sliders.value.field == "sliders" and "not UTF-8" in sliders.value.message
+    with pytest.raises(InvalidArgumentError) as missing:
+        SliderCatalogue.load(tmp_path / "absent.toml")
+    assert missing.value.field == "sliders"

@@ -7,7 +7,6 @@ same field names, so users can keep their own presets next to recipes.
 
 from __future__ import annotations
 
-import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
@@ -15,6 +14,7 @@ from typing import Any
 
 from steer.errors import InvalidArgumentError, NotFoundError
 from steer.sampling import SamplingConfig
+from steer.toml_input import read_toml
 
 
 @dataclass(frozen=True)
@@ -115,10 +115,7 @@ def load_preset(name_or_path: str) -> SamplingConfig:
     if path.suffix == ".toml":
         if not path.is_file():
             raise NotFoundError(f"no preset file at {path}", field="preset")
-        try:
-            settings = tomllib.loads(path.read_text())
-        except tomllib.TOMLDecodeError as error:
-            raise InvalidArgumentError(f"{path}: {error}", field="preset") from None
+        settings = read_toml(path, field="preset")
         return _config(settings.get("sampling", settings), str(path))
     raise NotFoundError(
         f"unknown preset {name_or_path!r}; choose from {sorted(PRESETS)} or a .toml file",

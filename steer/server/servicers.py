@@ -12,7 +12,6 @@ import concurrent.futures
 import importlib
 import json
 import threading
-import tomllib
 from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -43,6 +42,7 @@ from steer.service.registry import ModelRegistry
 from steer.service.saes import LoadedSae, SaeRegistry
 from steer.service.settings import ServerSettings
 from steer.service.store import ArtifactStore
+from steer.toml_input import parse_toml
 
 
 class GenerationServicer:
@@ -265,12 +265,7 @@ def _parse_recipe(text: str, field: str) -> dict[str, Any]:
             f"a recipe has at most {MAX_RECIPE_BYTES} characters and {MAX_RECIPE_DOTS} dots",
             field=field,
         )
-    try:
-        return tomllib.loads(text)
-    except tomllib.TOMLDecodeError as error:
-        raise InvalidArgumentError(f"not valid TOML: {error}", field=field) from None
-    except RecursionError:
-        raise InvalidArgumentError("not valid TOML: nested too deeply", field=field) from None
+    return parse_toml(text, what="not valid TOML", field=field)
 
 
 def _library(module: str, feature: str) -> Any:

@@ -36,7 +36,6 @@ adds no intervention at all, so the output is bit-identical to no slider.
 
 from __future__ import annotations
 
-import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,6 +46,7 @@ from steer.interventions import Phase
 from steer.limits import MAX_INTERVENTION_MAGNITUDE, finite
 from steer.proto.v1 import generation_pb2
 from steer.sae.modes import SliderMode
+from steer.toml_input import read_toml
 from steer.wire import PHASES, SLIDER_MODE_OF, SLIDER_MODES
 
 KINDS = ("ablate", "add", "feature")
@@ -125,15 +125,7 @@ class SliderCatalogue:
     @classmethod
     def load(cls, path: Path) -> SliderCatalogue:
         """Read a sliders TOML file; every mistake names ``sliders.NAME.KEY``."""
-        try:
-            data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError) as error:
-            raise InvalidArgumentError(f"cannot read {path}: {error}", field="sliders") from None
-        except tomllib.TOMLDecodeError as error:
-            raise InvalidArgumentError(
-                f"{path} is not valid TOML: {error}", field="sliders"
-            ) from None
-        return cls.from_dict(data)
+        return cls.from_dict(read_toml(Path(path), field="sliders"))
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> SliderCatalogue:
