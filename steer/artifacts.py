@@ -29,7 +29,7 @@ from safetensors.torch import load_file, save_file
 from steer.errors import FailedPreconditionError, InvalidArgumentError, NotFoundError
 from steer.hooks import resid_post_hooks
 from steer.interventions import Ablate, Add, Phase
-from steer.json_input import json_type, parse_object
+from steer.json_input import json_type, read_object
 from steer.models import WEIGHT_HASH_FORMAT, ModelHandle, stale_weight_hash_hint
 from steer.vectors import SteeringVector
 
@@ -216,13 +216,7 @@ _LAYER_TENSOR = re.compile(r"layer\.(0|[1-9][0-9]{0,5})")
 
 
 def _read_sidecar(directory: Path, where: str) -> dict[str, Any]:
-    try:
-        source = (directory / SIDECAR).read_bytes()
-    except OSError as error:
-        raise InvalidArgumentError(
-            f"{where}: {SIDECAR} cannot be read ({error.strerror})", field="steer_json"
-        ) from None
-    metadata = parse_object(source, what=f"{where}: {SIDECAR}", field="steer_json")
+    metadata = read_object(directory / SIDECAR, what=f"{where}: {SIDECAR}", field="steer_json")
     if metadata.get("format") != FORMAT:
         raise InvalidArgumentError(
             f"{where}: {SIDECAR} has format {metadata.get('format')!r}, not {FORMAT!r}",

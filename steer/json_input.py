@@ -10,6 +10,7 @@ it returns can be walked and written back (``json.dumps``) without hitting the r
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 from steer.errors import InvalidArgumentError
@@ -36,6 +37,18 @@ def parse_object(source: str | bytes, *, what: str, field: str) -> dict[str, Any
             f"{what} nests lists and objects more than {MAX_DEPTH} levels deep", field=field
         )
     return value
+
+
+def read_object(path: Path, *, what: str, field: str) -> dict[str, Any]:
+    """The JSON file ``path`` as an object (see :func:`parse_object`); a file that cannot be
+    read is the same :class:`InvalidArgumentError`. ``what`` names it in messages."""
+    try:
+        source = path.read_bytes()
+    except OSError as error:
+        raise InvalidArgumentError(
+            f"{what} cannot be read ({error.strerror})", field=field
+        ) from None
+    return parse_object(source, what=what, field=field)
 
 
 def depth(value: Any) -> int:

@@ -91,3 +91,17 @@ def test_loaded_artifact_records_its_hooks(tiny_llama: ModelHandle, tmp_path: Pa
     path = save_vector(tmp_path / "v", vector, handle=tiny_llama, hooks=["blocks.2.hook_attn_out"])
     assert load_vector(path).hooks == ("blocks.2.hook_attn_out",)
     assert load_vector(save_vector(tmp_path / "w", vector)).hooks == ()
+
+
+def test_an_unreadable_sidecar_is_a_field_error(tiny_llama: ModelHandle, tmp_path: Path) -> None:
+    from steer.json_input import read_object
+
+    path = save_vector(tmp_path / "v", _vector((2,), tiny_llama.d_model))
+    (path / "steer.json").unlink()
+    (path / "steer.json").mkdir()  # exists, cannot be read as a file
+    with pytest.raises(InvalidArgumentError) as error:
+        load_vector(path)
+    assert error.value.field == "steer_json" and "cannot be read" in error.value.message
+    with pytest.raises(InvalidArgumentError) as missing:
+        read_object(tmp_path / "absent.json", what="absent.json", field="f")
+    assert missing.value.field == "f" and missing.value.message.startswith("absent.json cannot")

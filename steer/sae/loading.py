@@ -24,7 +24,7 @@ from safetensors.torch import load_file
 from steer.artifacts import check_model, check_model_record, check_types
 from steer.errors import FailedPreconditionError, InvalidArgumentError, NotFoundError
 from steer.hooks import HookKind, HookPoint, parse_hook_name
-from steer.json_input import parse_object
+from steer.json_input import read_object
 from steer.models import ModelHandle
 
 if TYPE_CHECKING:  # SAELens is slow to import: only loading an SAE needs it
@@ -253,13 +253,7 @@ def _hook_name(config: Mapping[str, Any], where: str) -> str:
 
 
 def _read_json(directory: Path, name: str, where: str) -> dict[str, Any]:
-    try:
-        source = (directory / name).read_bytes()
-    except OSError as error:
-        raise InvalidArgumentError(
-            f"{where}: {name} cannot be read ({error.strerror})", field="sae"
-        ) from None
-    return parse_object(source, what=f"{where}: {name}", field="sae")
+    return read_object(directory / name, what=f"{where}: {name}", field="sae")
 
 
 def _read_config(directory: Path, where: str) -> dict[str, Any]:
