@@ -78,6 +78,9 @@ def test_compute_direction_job_then_use_it(client: SteerClient, served: SteerSer
     assert len(states) > 2 and any(0 < s.progress < 1 for s in states)
     assert final.result == "fire"
     assert json.loads(final.result_metadata)["kind"] == "direction"
+    root = str(served.settings.models_root.resolve())
+    saved = (served.settings.artifacts_dir / "fire" / "steer.json").read_text()
+    assert root not in saved and "data" in json.loads(saved)["recipe"]  # paths relative to it
     info = client.artifact("fire")
     assert info.d_model == 64
     handle = served.registry.get("tiny").handle

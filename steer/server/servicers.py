@@ -314,6 +314,7 @@ class DirectionsServicer:
                 out = api.compute(
                     loaded.handle, recipe, target, progress=progress, cancelled=cancelled
                 )
+            self.store.hide_paths(Path(out), root)
             return Path(out).name, hide_root(_sidecar_json(Path(out)), root)
 
         return convert.job(self.jobs.start("directions", work))

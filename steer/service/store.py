@@ -20,7 +20,7 @@ from steer.errors import (
     SteerError,
 )
 from steer.models import ModelHandle
-from steer.service.paths import check_id, is_id
+from steer.service.paths import check_id, hide_root, is_id
 
 
 @dataclass(frozen=True)
@@ -44,6 +44,21 @@ class ArtifactStore:
         if directory.is_symlink():
             raise NotFoundError(f"artifact {artifact_id!r} is a link; not served", field=field)
         return directory
+
+    def hide_paths(self, directory: Path, models_root: Path) -> None:
+        """Rewrite the sidecar of an artifact the server just computed with every path under
+        ``models_root`` relative to it: the library records the absolute data paths it was
+        handed, and whoever downloads the artifact need not learn where the root is."""
+        sidecar = directory / SIDECAR
+        if not sidecar.is_file():
+            return
+        text = sidecar.read_text()
+        hidden = hide_root(text, models_root)
+        if hidden == text:
+            return
+        temporary = sidecar.with_name(f".{SIDECAR}.{secrets.token_hex(4)}.tmp")
+        temporary.write_text(hidden)
+        temporary.replace(sidecar)
 
     def ids(self) -> list[str]:
         if not self.root.is_dir():
