@@ -30,7 +30,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from report import emit, machine, table, write_section
 
-from steer.activations import encode_chat
 from steer.artifacts import load_vector
 from steer.cli.directions import _layers, _positions
 from steer.cli.eval_refusal import recipe_interventions
@@ -39,6 +38,7 @@ from steer.directions.data import RECIPES_DIR
 from steer.directions.evaluate import evaluate_rate, generate, is_refusal
 from steer.directions.recipe import load_direction_recipe, with_overrides
 from steer.models import load_model
+from steer.text import encode_chat
 
 
 def main() -> int:

@@ -36,7 +36,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch
 from report import emit, machine, table, write_section
 
-from steer.activations import encode_chat
 from steer.directions.api import held_out
 from steer.directions.data import RECIPES_DIR
 from steer.directions.evaluate import (
@@ -50,6 +49,7 @@ from steer.directions.pipeline import filtered_train_activations, pair_activatio
 from steer.directions.recipe import RecipeKind, load_direction_recipe
 from steer.directions.search import ablation, token_covariances
 from steer.models import load_model
+from steer.text import encode_chat
 from steer.vectors import SteeringVector
 
 

@@ -21,13 +21,14 @@ from typing import Any
 import torch
 
 from steer import Add, SteeringVector
-from steer.activations import encode_chat, forward
+from steer.activations import forward
 from steer.errors import InvalidArgumentError
 from steer.generation import Engine, GenerationRequest, Message
 from steer.interventions import Intervention
 from steer.models import ModelHandle
 from steer.offline import DEFAULT_MODEL
 from steer.sampling import SamplingConfig
+from steer.text import encode_chat
 
 THEMES = {
     "ocean": [

@@ -26,7 +26,6 @@ from typing import Any
 
 import torch
 
-from steer.activations import post_instruction_positions
 from steer.artifacts import VectorArtifact, save_vector
 from steer.directions import data as datasets
 from steer.directions.methods import get_method
@@ -58,6 +57,7 @@ from steer.directions.search import (
 from steer.errors import CancelledError, InvalidArgumentError
 from steer.interventions import Intervention
 from steer.models import ModelHandle
+from steer.text import post_instruction_positions
 
 Progress = Callable[[str, float], None]
 

@@ -20,12 +20,13 @@ from typing import Any
 
 import torch
 
-from steer.activations import encode_chat, forward
+from steer.activations import forward
 from steer.directions.scores import multi_token_kl
 from steer.generation import Engine, GenerationRequest
 from steer.interventions import Intervention
 from steer.models import ModelHandle
 from steer.sampling import SamplingConfig
+from steer.text import encode_chat
 
 #: lower-cased substrings that mark a refusal
 REFUSAL_PHRASES = (

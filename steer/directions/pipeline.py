@@ -13,7 +13,6 @@ from typing import Any
 
 import torch
 
-from steer.activations import encode_chat
 from steer.directions import data as datasets
 from steer.directions.methods import get_method, shrink
 from steer.directions.recipe import DirectionRecipe, RecipeKind
@@ -27,6 +26,7 @@ from steer.directions.search import collect, token_covariances
 from steer.errors import FailedPreconditionError, InvalidArgumentError
 from steer.interventions import Intervention
 from steer.models import ModelHandle
+from steer.text import encode_chat
 
 Progress = Callable[[str, float], None]
 

@@ -38,7 +38,7 @@ from typing import Any
 
 import torch
 
-from steer.activations import encode_chat, forward, post_instruction_positions
+from steer.activations import forward
 from steer.artifacts import save_vector
 from steer.directions import data as datasets
 from steer.directions.methods import compute_direction, get_method
@@ -48,6 +48,7 @@ from steer.directions.words import TargetWords, target_words
 from steer.errors import InvalidArgumentError
 from steer.hooks import resid_post_hooks
 from steer.models import ModelHandle
+from steer.text import encode_chat, post_instruction_positions
 from steer.vectors import SteeringVector
 
 Progress = Callable[[str, float], None]

@@ -379,8 +379,8 @@ def sweep_artifact(
     """Sweep the artifact in ``directory`` (any vector artifact: added at its ``hooks``), write
     ``sweep.csv`` and ``sweep.png`` beside it and record the suggested range in its
     ``steer.json``. ``words`` default to the ones the artifact records, if any."""
-    from steer.activations import encode_chat
     from steer.artifacts import load_vector
+    from steer.text import encode_chat
 
     artifact = load_vector(directory, handle=handle)
     metadata = artifact.metadata

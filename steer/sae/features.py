@@ -19,6 +19,7 @@ from steer.generation import Engine, GenerationRequest, Message
 from steer.models import ModelHandle
 from steer.sae.loading import SparseAutoencoder
 from steer.sampling import SamplingConfig
+from steer.text import encode_text
 
 
 @dataclass(frozen=True)
@@ -65,7 +66,7 @@ def encode_texts(
 ) -> list[TextFeatures]:
     """Feature activations of every token of every text."""
     texts = _check_texts(texts, field_name)
-    prompts = [list(handle.tokenizer(text)["input_ids"]) for text in texts]
+    prompts = [encode_text(handle.tokenizer, text) for text in texts]
     for index, ids in enumerate(prompts):
         if not ids:
             raise InvalidArgumentError(f"text {index} has no tokens", field=field_name)

@@ -41,6 +41,7 @@ from steer.interventions import Intervention, Op, RowFunction
 from steer.limits import finite
 from steer.models import ModelHandle
 from steer.sae.loading import SIDECAR, SIDECAR_FORMAT, SparseAutoencoder, load_sae
+from steer.text import encode_text
 
 #: architecture -> name of its sparsity coefficient in SAELens' training config (None: uses k)
 ARCHITECTURES: dict[str, str | None] = {
@@ -117,7 +118,7 @@ def tokenize(handle: ModelHandle, texts: Sequence[str], context_size: int) -> li
     """Token ids of each text, cut to ``context_size``; texts of one token are dropped."""
     ids = []
     for text in texts:
-        tokens = list(handle.tokenizer(text, add_special_tokens=True)["input_ids"])[:context_size]
+        tokens = encode_text(handle.tokenizer, text)[:context_size]
         if len(tokens) > 1:
             ids.append(tokens)
     return ids

@@ -13,6 +13,7 @@ from steer.models import ModelHandle
 from steer.proto.v1 import features_pb2
 from steer.service.saes import LoadedSae
 from steer.service.settings import ServerSettings
+from steer.text import encode_text
 
 if TYPE_CHECKING:
     from steer.sae.features import FeatureInfo, RankedFeature, TextFeatures
@@ -47,7 +48,7 @@ def texts(
         )
     for index, text in enumerate(values):
         check_text_size(len(text), settings.max_prompt_tokens, f"{field}[{index}]")
-        count = len(handle.tokenizer(text)["input_ids"])
+        count = len(encode_text(handle.tokenizer, text))
         if count > settings.max_prompt_tokens:
             raise ResourceExhaustedError(
                 f"{count} tokens; this server accepts at most {settings.max_prompt_tokens}",
