@@ -8,6 +8,7 @@ from steer.errors import (
     SteerError,
     UnsupportedArchitectureError,
 )
+from steer.gates import Condition, Gated, GateScope
 from steer.interventions import Ablate, Add, Intervention, Phase
 from steer.vectors import SteeringVector
 
@@ -16,7 +17,10 @@ __version__ = "0.1.0"
 __all__ = [
     "Ablate",
     "Add",
+    "Condition",
     "FailedPreconditionError",
+    "GateScope",
+    "Gated",
     "Intervention",
     "InvalidArgumentError",
     "NotFoundError",

@@ -130,6 +130,9 @@ class _Row:
     banned: BannedStrings | None = None
     #: set when this row failed on its own (finish_reason "error")
     error: BaseException | None = None
+    #: this request's prompt-gate decisions (steer.gates): taken in its prompt pass, held for
+    #: its reply; they live and die with the row, whatever batch it is in
+    gate_decisions: dict[object, bool] = field(default_factory=dict)
 
 
 class Engine:
@@ -261,10 +264,12 @@ class Engine:
         cache: Any,
         plan: InterventionPlan,
         phase: Phase,
+        rows: Sequence[_Row],
         speakers: Sequence[Sequence[str | None]] | None = None,
     ) -> torch.Tensor:
         device = self.handle.device
-        with attach(self.handle.resolver, plan.hooks(phase, speakers)):
+        decisions = [row.gate_decisions for row in rows]
+        with attach(self.handle.resolver, plan.hooks(phase, speakers, decisions)):
             output = self.handle.model(
                 input_ids=input_ids.to(device),
                 attention_mask=mask.to(device),
@@ -284,7 +289,14 @@ class Engine:
         if self._plan.needs_speakers:
             speakers = [[row.request.speaker] for row in self._rows]
         logits = self._forward(
-            last, self._mask, positions, self._cache, self._plan, Phase.GENERATED, speakers
+            last,
+            self._mask,
+            positions,
+            self._cache,
+            self._plan,
+            Phase.GENERATED,
+            self._rows,
+            speakers,
         )
         for row in self._rows:
             row.position += 1
@@ -344,7 +356,9 @@ class Engine:
                 + list(r.request.speakers or padding[: len(r.prompt_ids)])
                 for r in rows
             ]
-        logits = self._forward(input_ids, mask, positions, cache, plan, Phase.PROMPT, speakers)
+        logits = self._forward(
+            input_ids, mask, positions, cache, plan, Phase.PROMPT, rows, speakers
+        )
         return logits, cache, mask
 
     def _join(

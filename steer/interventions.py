@@ -19,6 +19,11 @@ forward pass's phase and speakers to :meth:`InterventionPlan.hooks`.
 
 Order at one hook point: ablations first, then additions, in the order the interventions were
 given.
+
+Gates (:mod:`steer.gates`) lower to two more ops: :class:`ReadGate` decides a gate at its
+condition's hook point (read before any op there edits ``x``) and :class:`GatedOp` wraps an op so
+that it acts only where its gate fired. Decisions are per-pass or per-request state
+(:class:`GateState`), handed to :meth:`InterventionPlan.hooks` with the pass like the speakers.
 """
 
 from __future__ import annotations
@@ -91,7 +96,46 @@ class RowFunction:
     speaker: str | None = None
 
 
-Op = ProjectOut | AddVector | RowFunction
+class GateScope(StrEnum):
+    """Where a gate's decision holds (:mod:`steer.gates`)."""
+
+    #: per token, from that token's activation at the condition's hook, in the same pass
+    TOKEN = "token"
+    #: once per row, from the prompt's last token, then held for the whole reply (CAST)
+    PROMPT = "prompt"
+
+
+@dataclass(frozen=True, eq=False)
+class ReadGate:
+    """Decide a gate at this hook point: per token, ``(x . unit) > threshold`` (``<`` if
+    ``below``), read before any op at the point edits ``x``. ``gate`` is the key the gated ops
+    find the decision under (the :class:`~steer.gates.Gated` intervention itself)."""
+
+    gate: object
+    unit: torch.Tensor
+    threshold: float
+    below: bool
+    scope: GateScope
+    speaker: None = None
+
+
+@dataclass(frozen=True, eq=False)
+class GatedOp:
+    """``op`` on the tokens where ``gate`` fired. ``decided_before``: this op's hook point comes
+    at or after the condition's in the forward pass, so a prompt gate is already decided there
+    during the prompt pass (an op before it acts from the first generated token on)."""
+
+    op: ProjectOut | AddVector | RowFunction
+    gate: object
+    scope: GateScope
+    decided_before: bool
+
+    @property
+    def speaker(self) -> str | None:
+        return self.op.speaker
+
+
+Op = ProjectOut | AddVector | RowFunction | ReadGate | GatedOp
 
 
 # ---------------------------------------------------------------------------------------------
@@ -260,12 +304,26 @@ def validate(interventions: Sequence[Intervention], resolver: HookResolver, d_mo
         intervention.lowered(resolver, d_model)
 
 
+class GateState:
+    """The gate decisions one forward pass sees.
+
+    ``decisions``: per row of the pass, the prompt gates decided so far, a dict its request owns
+    (the engine keeps one per row and passes them in the rows' current order, so a decision
+    follows its request through every replan). ``token_masks``: the token gates of this pass
+    only, (row, gate) -> (tokens,) bool; a new GateState per pass, so they never outlive it.
+    """
+
+    def __init__(self, decisions: Sequence[dict[object, bool]]) -> None:
+        self.decisions = decisions
+        self.token_masks: dict[tuple[int, object], torch.Tensor] = {}
+
+
 class _PointProgram:
     """All ops of every row at one hook point, stacked for the batch.
 
     Unscoped ops are stacked into (rows, K, D) bases and (rows, D) sums and applied in one go.
-    Speaker-scoped ops are kept as a short list and applied with a per-token mask built from the
-    plan's ``token_speakers`` for the current forward pass.
+    Speaker-scoped and gated ops are kept as a short list and applied with a per-token mask built
+    from the pass's ``token_speakers`` and gate decisions; gate reads run first.
     """
 
     def __init__(
@@ -276,10 +334,13 @@ class _PointProgram:
         device: torch.device,
     ) -> None:
         self.scoped: list[tuple[int, Op]] = []
-        unscoped: dict[int, list[Op]] = {}
+        self.reads: list[tuple[int, ReadGate]] = []
+        unscoped: dict[int, list[ProjectOut | AddVector]] = {}
         for row, ops in row_ops.items():
             for op in ops:
-                if op.speaker is None and not isinstance(op, RowFunction):
+                if isinstance(op, ReadGate):
+                    self.reads.append((row, op))
+                elif isinstance(op, (ProjectOut, AddVector)) and op.speaker is None:
                     unscoped.setdefault(row, []).append(op)
                 else:
                     self.scoped.append((row, _to(op, dtype, device)))
@@ -298,9 +359,7 @@ class _PointProgram:
         }
         if not rows:
             return
-        first = unscoped[rows[0]][0]
-        assert not isinstance(first, RowFunction)
-        d_model = _op_size(first)
+        d_model = _op_size(unscoped[rows[0]][0])
         max_k = max(sum(isinstance(op, ProjectOut) for op in ops) for ops in unscoped.values())
         if max_k:
             basis = torch.zeros(len(rows), max_k, d_model)
@@ -327,21 +386,35 @@ class _PointProgram:
             self.additions[phase] = total.to(device=device, dtype=dtype) if any_add else None
 
     def apply(
-        self, x: torch.Tensor, phase: Phase, token_speakers: Sequence[Sequence[str | None]] | None
+        self,
+        x: torch.Tensor,
+        phase: Phase,
+        token_speakers: Sequence[Sequence[str | None]] | None,
+        gates: GateState,
     ) -> torch.Tensor:
         """x: (batch, tokens, d_model) -> same shape."""
+        for row, read in self.reads:
+            _read_gate(x, row, read, phase, gates)
         x = self._apply_unscoped(x, phase)
-        for row, op in self.scoped:
+        for row, scoped in self.scoped:
+            op = scoped.op if isinstance(scoped, GatedOp) else scoped
+            assert not isinstance(op, (ReadGate, GatedOp))
             if isinstance(op, (AddVector, RowFunction)) and not op.phase.covers(phase):
                 continue
             if op.speaker is None:
-                mask = [True] * x.shape[1]
+                mask = torch.ones(x.shape[1], dtype=torch.bool)
             else:
                 speakers = token_speakers[row] if token_speakers is not None else ()
-                mask = [s == op.speaker for s in speakers[-x.shape[1] :]]
-            if not any(mask):
-                continue
-            weight = torch.tensor(mask, dtype=x.dtype, device=x.device)[:, None]  # (T, 1)
+                listed = [s == op.speaker for s in speakers[-x.shape[1] :]]
+                if not any(listed):
+                    continue
+                mask = torch.tensor(listed, dtype=torch.bool)
+            mask = mask.to(x.device)
+            if isinstance(scoped, GatedOp):
+                mask = mask & _gate_mask(scoped, row, phase, gates, x.shape[1], x.device)
+                if not bool(mask.any()):
+                    continue
+            weight = mask.to(device=x.device, dtype=x.dtype)[:, None]  # (T, 1)
             x = x.clone()
             if isinstance(op, RowFunction):
                 x[row] = op.fn(x[row], weight[:, 0].bool())
@@ -369,8 +442,38 @@ class _PointProgram:
         return x.index_copy(0, self.rows, shifted)
 
 
+def _read_gate(x: torch.Tensor, row: int, read: ReadGate, phase: Phase, gates: GateState) -> None:
+    """Record where ``read``'s gate fires for ``row``: every token (token scope), or the prompt's
+    last token during the prompt pass (prompt scope; left padding puts it at position -1)."""
+    if read.scope is GateScope.PROMPT:
+        if phase is not Phase.PROMPT:
+            return  # decided in the prompt pass, held since
+        x = x[:, -1:, :]
+    projection = x[row].float() @ read.unit.to(x.device)  # (T,)
+    fired = projection < read.threshold if read.below else projection > read.threshold
+    if read.scope is GateScope.PROMPT:
+        gates.decisions[row][read.gate] = bool(fired[0])
+    else:
+        gates.token_masks[(row, read.gate)] = fired
+
+
+def _gate_mask(
+    op: GatedOp, row: int, phase: Phase, gates: GateState, tokens: int, device: torch.device
+) -> torch.Tensor:
+    """(tokens,) bool: where ``op``'s gate lets it act on ``row`` in this pass."""
+    if op.scope is GateScope.TOKEN:
+        return gates.token_masks[(row, op.gate)][-tokens:]
+    decided = phase is Phase.GENERATED or op.decided_before
+    fired = decided and gates.decisions[row].get(op.gate, False)
+    return torch.full((tokens,), fired, dtype=torch.bool, device=device)
+
+
 def _to(op: Op, dtype: torch.dtype, device: torch.device) -> Op:
-    if isinstance(op, RowFunction):
+    if isinstance(op, GatedOp):
+        inner = _to(op.op, dtype, device)
+        assert isinstance(inner, (ProjectOut, AddVector, RowFunction))
+        return GatedOp(inner, op.gate, op.scope, op.decided_before)
+    if isinstance(op, (RowFunction, ReadGate)):
         return op
     if isinstance(op, ProjectOut):
         return ProjectOut(op.unit.to(device, dtype), op.weight, op.speaker)
@@ -398,8 +501,9 @@ class InterventionPlan:
     :meth:`hooks`, bound to that pass's phase and speakers.
     """
 
-    def __init__(self, programs: dict[HookPoint, _PointProgram]) -> None:
+    def __init__(self, programs: dict[HookPoint, _PointProgram], batch_size: int = 0) -> None:
         self.programs = programs
+        self.batch_size = batch_size
 
     @property
     def is_empty(self) -> bool:
@@ -410,14 +514,23 @@ class InterventionPlan:
         return any(program.scoped for program in self.programs.values())
 
     def hooks(
-        self, phase: Phase, token_speakers: Sequence[Sequence[str | None]] | None = None
+        self,
+        phase: Phase,
+        token_speakers: Sequence[Sequence[str | None]] | None = None,
+        gate_decisions: Sequence[dict[object, bool]] | None = None,
     ) -> dict[HookPoint, Callable[[torch.Tensor], torch.Tensor]]:
         """One function per hook point for a forward pass over ``phase``'s tokens (prompt or
         generated). ``token_speakers``, needed by speaker-scoped interventions: per row, the
-        speaker of each token fed in this pass (right-aligned; padding is None)."""
+        speaker of each token fed in this pass (right-aligned; padding is None).
+        ``gate_decisions``: per row, the dict its request keeps its prompt gates' decisions in
+        (written in the prompt pass, read in the decode passes); None = fresh ones, for a
+        single pass."""
+        if gate_decisions is None:
+            gate_decisions = [{} for _ in range(self.batch_size)]
+        gates = GateState(gate_decisions)
 
         def bind(program: _PointProgram) -> Callable[[torch.Tensor], torch.Tensor]:
-            return lambda x: program.apply(x, phase, token_speakers)
+            return lambda x: program.apply(x, phase, token_speakers, gates)
 
         return {point: bind(program) for point, program in self.programs.items()}
 
@@ -444,4 +557,4 @@ def build_plan(
             for row, ops in by_point[point].items()
         }
         programs[point] = _PointProgram(len(rows), row_ops, dtype, device)
-    return InterventionPlan(programs)
+    return InterventionPlan(programs, len(rows))

@@ -48,7 +48,7 @@ def attach(resolver: HookResolver, functions: Mapping[HookPoint, HookFn]) -> Ite
     handles: list[RemovableHandle] = []
     owned = _owned_by(threading.get_ident())
     try:
-        for point in sorted(functions, key=_forward_order):
+        for point in sorted(functions, key=forward_order):
             handles.extend(_register(resolver, point, functions[point], functions, owned))
         yield
     finally:
@@ -83,7 +83,8 @@ def _owned_by(owner: int) -> Wrap:
     return wrap
 
 
-def _forward_order(point: HookPoint) -> tuple[int, int]:
+def forward_order(point: HookPoint) -> tuple[int, int]:
+    """Sort key of hook points in the order a forward pass reaches them."""
     return (-1 if point.layer is None else point.layer, _KIND_ORDER[point.kind])
 
 

@@ -1,0 +1,166 @@
+"""Gated (conditional) interventions: Add, Ablate or an SAE slider only where a condition holds.
+
+A :class:`Condition` reads one hook point and compares the projection of the residual onto a unit
+direction with a threshold: it fires where ``x . unit > threshold`` (``<`` with ``below``).
+:class:`Gated` wraps an intervention with a condition and a :class:`GateScope`:
+
+* ``token`` -- decided per token from that token's activation at the condition's hook in the same
+  forward pass; the wrapped ops act on the tokens where it fired. They must sit at the condition's
+  hook point or after it in the forward pass (an op before it would need the decision first).
+* ``prompt`` -- conditional activation steering (CAST, arXiv 2409.05907): decided once per row
+  from the prompt's last token (the post-instruction position of a chat prompt), then held for
+  every generated token. In the prompt pass itself the wrapped ops act on the prompt's tokens
+  only where their phase covers the prompt and their hook point is at or after the condition's;
+  an op with phase ``prompt`` before the condition would never act and is refused.
+
+The condition is read before any op at its hook point edits the residual. A gate that never fires
+changes nothing: its ops touch no token. Gates lower to the engine's ops
+(:class:`~steer.interventions.ReadGate`, :class:`~steer.interventions.GatedOp`); a decision lives
+in the forward pass (token scope) or with its request (prompt scope), never on the plan or the
+model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from steer.errors import InvalidArgumentError, SteerError, within
+from steer.hooks import HookPoint, HookResolver
+from steer.interventions import (
+    Ablate,
+    Add,
+    AddVector,
+    GatedOp,
+    GateScope,
+    Intervention,
+    Op,
+    Phase,
+    ProjectOut,
+    ReadGate,
+    RowFunction,
+)
+from steer.limits import finite
+from steer.runtime import forward_order
+from steer.vectors import SteeringVector
+
+__all__ = ["Condition", "GateScope", "Gated"]
+
+
+@dataclass(frozen=True, eq=False)
+class Condition:
+    """Fires where the residual at ``hook`` projects onto ``direction`` (normalised; a
+    :class:`SteeringVector` gives its vector at the hook's layer) above ``threshold``, or below it
+    with ``below``."""
+
+    hook: str
+    direction: SteeringVector | torch.Tensor
+    threshold: float
+    below: bool = False
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "threshold", finite(self.threshold, "condition.threshold"))
+        if not isinstance(self.direction, SteeringVector | torch.Tensor):
+            raise InvalidArgumentError(
+                f"expected a SteeringVector or a tensor, got {type(self.direction).__name__}",
+                field="condition.direction",
+            )
+
+    def read(self, gate: object, scope: GateScope, point: HookPoint, d_model: int) -> ReadGate:
+        """The op that decides ``gate`` at ``point`` (raises for a bad direction)."""
+        return ReadGate(gate, self.unit(point, d_model), self.threshold, self.below, scope)
+
+    def point(self, resolver: HookResolver) -> HookPoint:
+        return resolver.parse(self.hook, field="condition.hook")
+
+    def unit(self, point: HookPoint, d_model: int) -> torch.Tensor:
+        """(d_model,) float32 unit vector of the direction at ``point``."""
+        if isinstance(self.direction, SteeringVector):
+            try:
+                vector = self.direction.at(0 if point.layer is None else point.layer)
+            except SteerError as error:
+                raise within(error, "condition.direction") from None
+        else:
+            vector = self.direction
+        vector = vector.detach().to("cpu", torch.float32)
+        if vector.dim() != 1 or vector.numel() != d_model:
+            raise InvalidArgumentError(
+                f"direction has shape {tuple(vector.shape)} but the model's d_model is {d_model}",
+                field="condition.direction",
+            )
+        norm = vector.norm()
+        if not bool(torch.isfinite(vector).all()) or not float(norm) > 0.0:
+            raise InvalidArgumentError(
+                "direction must be finite and nonzero", field="condition.direction"
+            )
+        return vector / norm
+
+
+@dataclass(frozen=True, eq=False)
+class Gated(Intervention):
+    """``inner`` (an Add, Ablate, SAE slider...) only where ``condition`` fires, per ``scope``."""
+
+    condition: Condition
+    inner: Intervention
+    scope: GateScope = GateScope.TOKEN
+
+    def __post_init__(self) -> None:
+        try:
+            object.__setattr__(self, "scope", GateScope(self.scope))
+        except ValueError:
+            raise InvalidArgumentError(
+                f"unknown scope {self.scope!r}; use token or prompt", field="scope"
+            ) from None
+        if not isinstance(self.condition, Condition):
+            raise InvalidArgumentError("expected a Condition", field="condition")
+        if not isinstance(self.inner, Intervention) or isinstance(self.inner, Gated):
+            raise InvalidArgumentError(
+                "expected an ungated intervention (Add, Ablate, an SAE slider)", field="inner"
+            )
+
+    def is_noop(self) -> bool:
+        return self.inner.is_noop()
+
+    def lower(self, resolver: HookResolver, d_model: int) -> list[tuple[HookPoint, Op]]:
+        condition_point = self.condition.point(resolver)
+        read = self.condition.read(self, self.scope, condition_point, d_model)
+        try:
+            inner_ops = self.inner.lowered(resolver, d_model)
+        except SteerError as error:
+            if error.status_code != "INVALID_ARGUMENT":
+                raise
+            raise within(error, "inner") from None
+        ops: list[tuple[HookPoint, Op]] = [(condition_point, read)]
+        for point, op in inner_ops:
+            ops.append((point, self._gated(op, point, condition_point)))
+        return ops
+
+    def _gated(self, op: Op, point: HookPoint, condition_point: HookPoint) -> GatedOp:
+        if not isinstance(op, ProjectOut | AddVector | RowFunction):
+            raise InvalidArgumentError(
+                f"cannot gate an op of type {type(op).__name__}", field="inner"
+            )
+        after = forward_order(point) >= forward_order(condition_point)
+        phase = Phase.ALL if isinstance(op, ProjectOut) else op.phase
+        if not after and (self.scope is GateScope.TOKEN or phase is Phase.PROMPT):
+            why = (
+                "a token gate acts at or after its condition's hook"
+                if self.scope is GateScope.TOKEN
+                else "a prompt gate is decided at its condition's hook, so a prompt-phase op "
+                "before it would never act"
+            )
+            raise InvalidArgumentError(
+                f"{point.name} comes before the condition's hook {condition_point.name}: {why}",
+                field=_inner_points_field(self.inner),
+            )
+        return GatedOp(op, self, self.scope, decided_before=after)
+
+
+def _inner_points_field(inner: Intervention) -> str:
+    """The field of ``inner`` that chooses its hook points."""
+    if isinstance(inner, Add):
+        return "inner.hooks"
+    if isinstance(inner, Ablate):
+        return "inner.layers"
+    return "inner"
