@@ -1,5 +1,6 @@
-"""The protocol's enum tables, once: phases, slider modes, finish reasons and sides by the names
-people write, for the service's conversion (:mod:`steer.service.convert`) and the client alike.
+"""The protocol's enum tables, once: phases, slider modes, gate scopes, finish reasons and sides
+by the names people write, for the service's conversion (:mod:`steer.service.convert`) and the
+client alike.
 
 The proto enums are numbers on the wire; a user writes ``phase="prompt"`` or ``mode="clamp"``,
 the engine reports ``finish_reason="length"``, the library speaks
@@ -9,7 +10,7 @@ the engine reports ``finish_reason="length"``, the library speaks
 from __future__ import annotations
 
 from steer.errors import InvalidArgumentError
-from steer.interventions import Phase
+from steer.interventions import GateScope, Phase
 from steer.proto.v1 import generation_pb2
 from steer.sae.modes import SliderMode
 
@@ -33,6 +34,14 @@ SLIDER_MODES: dict[SliderMode, generation_pb2.SliderMode] = {
 }
 #: a proto slider mode -> the library's mode
 SLIDER_MODE_OF: dict[int, SliderMode] = {number: mode for mode, number in SLIDER_MODES.items()}
+
+#: a gate scope (:class:`~steer.interventions.GateScope`) -> its proto enum
+GATE_SCOPES: dict[GateScope, generation_pb2.GateScope] = {
+    GateScope.TOKEN: generation_pb2.GATE_SCOPE_TOKEN,
+    GateScope.PROMPT: generation_pb2.GATE_SCOPE_PROMPT,
+}
+#: a proto gate scope -> the library's (unspecified is refused)
+GATE_SCOPE_OF: dict[int, GateScope] = {number: scope for scope, number in GATE_SCOPES.items()}
 
 #: a finish reason the engine reports -> its proto enum
 FINISH_REASONS: dict[str, generation_pb2.FinishReason] = {
@@ -66,3 +75,10 @@ def slider_mode_number(name: str) -> generation_pb2.SliderMode:
     if name not in SLIDER_MODES:
         raise InvalidArgumentError(f"use one of {', '.join(SLIDER_MODES)}", field="mode")
     return SLIDER_MODES[SliderMode(name)]
+
+
+def gate_scope_number(name: str) -> generation_pb2.GateScope:
+    """The proto enum of the gate scope ``name``; an unknown name is refused naming ``scope``."""
+    if name not in GATE_SCOPES:
+        raise InvalidArgumentError(f"use one of {', '.join(GATE_SCOPES)}", field="scope")
+    return GATE_SCOPES[GateScope(name)]

@@ -3,8 +3,9 @@
 
 Status codes come back as the :mod:`steer.errors` classes themselves (``InvalidArgument`` is
 another name of :class:`~steer.errors.InvalidArgumentError`), with the server's ``field``.
-Interventions are built with :func:`ablate`, :func:`add`, :func:`add_local` and :func:`slider`
-(an SAE feature of an SAE loaded with ``load_sae``)::
+Interventions are built with :func:`ablate`, :func:`add`, :func:`add_local`, :func:`slider`
+(an SAE feature of an SAE loaded with ``load_sae``) and :func:`gated` (one of them only where a
+condition fires)::
 
     with SteerClient("127.0.0.1:50051") as client:
         for event in client.generate("Tell me a story", interventions=[add("calm", 4.0)]):
@@ -31,7 +32,7 @@ from steer.client.calls import (
     Unimplemented,
     translate,
 )
-from steer.client.interventions import ablate, add, add_local, inline_vector, slider
+from steer.client.interventions import ablate, add, add_local, gated, inline_vector, slider
 from steer.client.messages import feature_info_request, generate_request, load_sae_request
 from steer.client.results import Completion, GenerateEvent
 from steer.client.sync import SteerClient
@@ -59,6 +60,7 @@ __all__ = [
     "add",
     "add_local",
     "feature_info_request",
+    "gated",
     "generate_request",
     "inline_vector",
     "load_sae_request",

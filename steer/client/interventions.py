@@ -1,6 +1,7 @@
 """Interventions for a request, built on the client's side: :func:`ablate` and :func:`add` (a
-server artifact, or a vector sent inline), :func:`add_local` (a local artifact) and
-:func:`slider` (a feature of an SAE the server has loaded)."""
+server artifact, or a vector sent inline), :func:`add_local` (a local artifact),
+:func:`slider` (a feature of an SAE the server has loaded) and :func:`gated` (any of them only
+where a condition fires)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from pathlib import Path
 
 from steer.proto.v1 import generation_pb2
 from steer.vectors import SteeringVector
-from steer.wire import phase_number, slider_mode_number
+from steer.wire import gate_scope_number, phase_number, slider_mode_number
 
 
 def ablate(
@@ -107,3 +108,30 @@ def slider(
         phase=phase_number(phase),
     )
     return generation_pb2.Intervention(slider=message, speaker=speaker)
+
+
+def gated(
+    inner: generation_pb2.Intervention,
+    hook: str,
+    direction: str | SteeringVector | Sequence[float],
+    threshold: float,
+    *,
+    scope: str = "token",
+    below: bool = False,
+    allow_other_model: bool = False,
+) -> generation_pb2.Intervention:
+    """``inner`` only where the residual at ``hook`` projects onto ``direction`` (a server
+    artifact id, a :class:`SteeringVector` or floats; normalised by the server) above
+    ``threshold`` (below it with ``below``): per token (``scope="token"``) or decided once from
+    the prompt's last token and held for the reply (``scope="prompt"``)."""
+    condition = generation_pb2.GateCondition(
+        hook=hook, threshold=threshold, below=below, allow_other_model=allow_other_model
+    )
+    if isinstance(direction, str):
+        condition.artifact_id = direction
+    else:
+        condition.inline.CopyFrom(inline_vector(direction))
+    message = generation_pb2.GatedIntervention(
+        condition=condition, inner=inner, scope=gate_scope_number(scope)
+    )
+    return generation_pb2.Intervention(gated=message)

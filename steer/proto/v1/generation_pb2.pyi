@@ -21,6 +21,12 @@ class SliderMode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     SLIDER_MODE_SCALE: _ClassVar[SliderMode]
     SLIDER_MODE_ADD_DECODER: _ClassVar[SliderMode]
 
+class GateScope(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    GATE_SCOPE_UNSPECIFIED: _ClassVar[GateScope]
+    GATE_SCOPE_TOKEN: _ClassVar[GateScope]
+    GATE_SCOPE_PROMPT: _ClassVar[GateScope]
+
 class Side(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     SIDE_UNSPECIFIED: _ClassVar[Side]
@@ -41,6 +47,9 @@ SLIDER_MODE_UNSPECIFIED: SliderMode
 SLIDER_MODE_CLAMP: SliderMode
 SLIDER_MODE_SCALE: SliderMode
 SLIDER_MODE_ADD_DECODER: SliderMode
+GATE_SCOPE_UNSPECIFIED: GateScope
+GATE_SCOPE_TOKEN: GateScope
+GATE_SCOPE_PROMPT: GateScope
 SIDE_UNSPECIFIED: Side
 SIDE_DEFAULT: Side
 SIDE_STEERED: Side
@@ -225,19 +234,47 @@ class NamedSlider(_message.Message):
     value: float
     def __init__(self, name: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
 
+class GateCondition(_message.Message):
+    __slots__ = ("hook", "artifact_id", "inline", "threshold", "below", "allow_other_model")
+    HOOK_FIELD_NUMBER: _ClassVar[int]
+    ARTIFACT_ID_FIELD_NUMBER: _ClassVar[int]
+    INLINE_FIELD_NUMBER: _ClassVar[int]
+    THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    BELOW_FIELD_NUMBER: _ClassVar[int]
+    ALLOW_OTHER_MODEL_FIELD_NUMBER: _ClassVar[int]
+    hook: str
+    artifact_id: str
+    inline: InlineVector
+    threshold: float
+    below: bool
+    allow_other_model: bool
+    def __init__(self, hook: _Optional[str] = ..., artifact_id: _Optional[str] = ..., inline: _Optional[_Union[InlineVector, _Mapping]] = ..., threshold: _Optional[float] = ..., below: _Optional[bool] = ..., allow_other_model: _Optional[bool] = ...) -> None: ...
+
+class GatedIntervention(_message.Message):
+    __slots__ = ("condition", "inner", "scope")
+    CONDITION_FIELD_NUMBER: _ClassVar[int]
+    INNER_FIELD_NUMBER: _ClassVar[int]
+    SCOPE_FIELD_NUMBER: _ClassVar[int]
+    condition: GateCondition
+    inner: Intervention
+    scope: GateScope
+    def __init__(self, condition: _Optional[_Union[GateCondition, _Mapping]] = ..., inner: _Optional[_Union[Intervention, _Mapping]] = ..., scope: _Optional[_Union[GateScope, str]] = ...) -> None: ...
+
 class Intervention(_message.Message):
-    __slots__ = ("ablate", "add", "slider", "named", "speaker")
+    __slots__ = ("ablate", "add", "slider", "named", "gated", "speaker")
     ABLATE_FIELD_NUMBER: _ClassVar[int]
     ADD_FIELD_NUMBER: _ClassVar[int]
     SLIDER_FIELD_NUMBER: _ClassVar[int]
     NAMED_FIELD_NUMBER: _ClassVar[int]
+    GATED_FIELD_NUMBER: _ClassVar[int]
     SPEAKER_FIELD_NUMBER: _ClassVar[int]
     ablate: AblateDirection
     add: AddVector
     slider: FeatureSlider
     named: NamedSlider
+    gated: GatedIntervention
     speaker: str
-    def __init__(self, ablate: _Optional[_Union[AblateDirection, _Mapping]] = ..., add: _Optional[_Union[AddVector, _Mapping]] = ..., slider: _Optional[_Union[FeatureSlider, _Mapping]] = ..., named: _Optional[_Union[NamedSlider, _Mapping]] = ..., speaker: _Optional[str] = ...) -> None: ...
+    def __init__(self, ablate: _Optional[_Union[AblateDirection, _Mapping]] = ..., add: _Optional[_Union[AddVector, _Mapping]] = ..., slider: _Optional[_Union[FeatureSlider, _Mapping]] = ..., named: _Optional[_Union[NamedSlider, _Mapping]] = ..., gated: _Optional[_Union[GatedIntervention, _Mapping]] = ..., speaker: _Optional[str] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
     __slots__ = ("model", "text", "chat", "token_ids", "roleplay", "sampling", "stop", "seed", "max_new_tokens", "interventions", "top_logprobs", "compare")

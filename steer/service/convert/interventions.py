@@ -1,5 +1,6 @@
 """Proto interventions -> steer's: an ablation or addition of a server artifact or an inline
-vector, an SAE feature slider, or a named slider of the operator's catalogue.
+vector, an SAE feature slider, a named slider of the operator's catalogue, or any of these gated
+by a condition (:mod:`steer.gates`).
 
 Errors name the request field in proto terms (``interventions[2].add.strength``).
 """
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 from steer.artifacts import VectorArtifact
 from steer.errors import InvalidArgumentError, SteerError, within
+from steer.gates import Condition, Gated
 from steer.interventions import Add, Intervention, validate
 from steer.proto.v1 import generation_pb2
 from steer.service.registry import LoadedModel
@@ -15,7 +17,7 @@ from steer.service.saes import SaeRegistry
 from steer.service.sliders import SliderCatalogue
 from steer.service.store import ArtifactStore
 from steer.vectors import SteeringVector
-from steer.wire import PHASE_OF, SLIDER_MODE_OF
+from steer.wire import GATE_SCOPE_OF, PHASE_OF, SLIDER_MODE_OF
 
 
 def intervention(
@@ -30,7 +32,7 @@ def intervention(
     value, which does nothing)."""
     which = message.WhichOneof("kind")
     if which is None:
-        raise InvalidArgumentError("set ablate, add, slider or named", field=field)
+        raise InvalidArgumentError("set ablate, add, slider, named or gated", field=field)
     if which == "named":
         catalogue = sliders or SliderCatalogue()
         slider = catalogue.get(message.named.name, f"{field}.named.name")
@@ -40,6 +42,8 @@ def intervention(
         if resolved is None:
             return None
         return intervention(resolved, loaded, store, saes, f"{field}.named", catalogue)
+    if which == "gated":
+        return _gated(message, loaded, store, saes, field, sliders)
     return _intervention(message, which, loaded, store, saes, f"{field}.{which}")
 
 
@@ -68,6 +72,67 @@ def _intervention(
             raise
         raise within(error, field) from None
     return built
+
+
+def _gated(
+    message: generation_pb2.Intervention,
+    loaded: LoadedModel,
+    store: ArtifactStore,
+    saes: SaeRegistry,
+    field: str,
+    sliders: SliderCatalogue | None,
+) -> Intervention | None:
+    """A :class:`~steer.gates.Gated` intervention; its inner one is converted like any other (None:
+    a named slider at its neutral value, which does nothing gated or not)."""
+    gated = message.gated
+    if message.speaker:
+        raise InvalidArgumentError(
+            "a gate has no speaker of its own; set it on the inner intervention",
+            field=f"{field}.speaker",
+        )
+    field = f"{field}.gated"
+    if gated.scope not in GATE_SCOPE_OF:
+        raise InvalidArgumentError("set scope: token or prompt", field=f"{field}.scope")
+    if not gated.HasField("inner"):
+        raise InvalidArgumentError("required", field=f"{field}.inner")
+    inner_which = gated.inner.WhichOneof("kind")
+    inner = intervention(gated.inner, loaded, store, saes, f"{field}.inner", sliders)
+    if inner is None:
+        return None
+    handle = loaded.handle
+    try:
+        condition = _condition(gated.condition, loaded, store)
+        built = Gated(condition, inner, GATE_SCOPE_OF[gated.scope])
+        validate([built], handle.resolver, handle.d_model)
+    except SteerError as error:
+        # the library names the inner intervention's fields "inner.x"; the proto "inner.<kind>.x"
+        if error.field and error.field.startswith("inner.") and inner_which:
+            error.field = f"inner.{inner_which}.{error.field.removeprefix('inner.')}"
+        if error.status_code != "INVALID_ARGUMENT":
+            error.field = f"{field}.{error.field}" if error.field else field
+            raise
+        raise within(error, field) from None
+    return built
+
+
+def _condition(
+    message: generation_pb2.GateCondition, loaded: LoadedModel, store: ArtifactStore
+) -> Condition:
+    if not message.hook:
+        raise InvalidArgumentError("required", field="condition.hook")
+    source = message.WhichOneof("direction")
+    if source is None:
+        raise InvalidArgumentError("set artifact_id or inline", field="condition.direction")
+    if source == "artifact_id":
+        try:
+            artifact = _artifact(store, message.artifact_id, loaded, message.allow_other_model)
+        except SteerError as error:
+            error.field = f"condition.{error.field}" if error.field else "condition"
+            raise
+        direction = artifact.vector
+    else:
+        direction = _inline_vector(message.inline, "condition.inline")
+    return Condition(message.hook, direction, message.threshold, message.below)
 
 
 def _artifact(
