@@ -80,7 +80,7 @@ class Condition:
             try:
                 vector = self.direction.at(0 if point.layer is None else point.layer)
             except SteerError as error:
-                raise within(error, "condition.direction") from None
+                raise InvalidArgumentError(error.message, field="condition.direction") from None
         else:
             vector = self.direction
         vector = vector.detach().to("cpu", torch.float32)
@@ -89,12 +89,12 @@ class Condition:
                 f"direction has shape {tuple(vector.shape)} but the model's d_model is {d_model}",
                 field="condition.direction",
             )
-        norm = vector.norm()
-        if not bool(torch.isfinite(vector).all()) or not float(norm) > 0.0:
+        norm = float(vector.double().norm())  # float64: a float32 norm of large values overflows
+        if not bool(torch.isfinite(vector).all()) or not norm > 0.0:
             raise InvalidArgumentError(
                 "direction must be finite and nonzero", field="condition.direction"
             )
-        return vector / norm
+        return (vector.double() / norm).float()
 
 
 @dataclass(frozen=True, eq=False)

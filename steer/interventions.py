@@ -29,7 +29,7 @@ that it acts only where its gate fired. Decisions are per-pass or per-request st
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
 
 import torch
@@ -339,7 +339,8 @@ class _PointProgram:
         for row, ops in row_ops.items():
             for op in ops:
                 if isinstance(op, ReadGate):
-                    self.reads.append((row, op))
+                    # projected in float32 whatever the model's dtype: only the device moves
+                    self.reads.append((row, replace(op, unit=op.unit.to(device))))
                 elif isinstance(op, (ProjectOut, AddVector)) and op.speaker is None:
                     unscoped.setdefault(row, []).append(op)
                 else:
@@ -449,7 +450,7 @@ def _read_gate(x: torch.Tensor, row: int, read: ReadGate, phase: Phase, gates: G
         if phase is not Phase.PROMPT:
             return  # decided in the prompt pass, held since
         x = x[:, -1:, :]
-    projection = x[row].float() @ read.unit.to(x.device)  # (T,)
+    projection = x[row].float() @ read.unit  # (T,)
     fired = projection < read.threshold if read.below else projection > read.threshold
     if read.scope is GateScope.PROMPT:
         gates.decisions[row][read.gate] = bool(fired[0])

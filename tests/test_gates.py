@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 
 import pytest
@@ -251,6 +252,12 @@ def test_bad_gates_name_their_field(tiny_llama: ModelHandle) -> None:
             lambda: Gated(Condition(CONDITION_HOOK, zero, 0.0), inner),
             lambda: Gated(Condition(CONDITION_HOOK, torch.ones(handle.d_model + 1), 0.0), inner),
             lambda: Gated(Condition(CONDITION_HOOK, torch.ones(2, handle.d_model), 0.0), inner),
+            lambda: Gated(
+                Condition(CONDITION_HOOK, torch.full((handle.d_model,), math.nan), 0), inner
+            ),
+            lambda: Gated(
+                Condition(CONDITION_HOOK, SteeringVector(per_layer={0: zero + 1}), 0.0), inner
+            ),
         ],
         "condition.hook": [
             lambda: Gated(Condition("blocks.99.hook_resid_post", zero + 1, 0.0), inner),
