@@ -1349,6 +1349,34 @@ def interventions(world: World, *, hostile: bool) -> SearchStrategy[generation_p
              "value": st.sampled_from((0.0, 0.5, 1.0, -0.5)), "speaker": speaker},
         ),
     ]  # fmt: skip
+    plain = st.one_of([st.builds(build, **sane) for build, sane in kinds])
+
+    def gate(
+        hook: str,
+        direction: Any,
+        threshold: float,
+        below: bool,
+        scope: int,
+        inner: generation_pb2.Intervention,
+    ) -> Any:
+        condition = generation_pb2.GateCondition(
+            hook=hook, inline=direction, threshold=threshold, below=below
+        )
+        message = generation_pb2.GatedIntervention(condition=condition, inner=inner, scope=scope)
+        return generation_pb2.Intervention(gated=message)
+
+    # at hook_embed nothing comes before the condition, so every ordinary inner one fits
+    kinds.append(
+        (
+            gate,
+            {"hook": st.just("hook_embed"), "direction": shared,
+             "threshold": st.sampled_from((-1e6, 0.0, 0.5, 1e6)), "below": st.booleans(),
+             "scope": st.sampled_from((1, 2)), "inner": plain},
+        )
+    )  # fmt: skip
+    bad["hook"] = world.hooks()
+    bad["threshold"] = floats()
+    bad["scope"] = st.sampled_from((0, 3, -1))
     if not hostile:
         return st.one_of([st.builds(build, **sane) for build, sane in kinds])
     options = []
@@ -1356,11 +1384,18 @@ def interventions(world: World, *, hostile: bool) -> SearchStrategy[generation_p
         hostile_fields = {name: bad[name] for name in sane if name in bad}
         if "vector" in sane:
             hostile_fields["vector"] = inline_vectors(world, hostile=True)
+        if "direction" in sane:
+            hostile_fields["direction"] = inline_vectors(world, hostile=True)
+        if "inner" in sane:
+            hostile_fields["inner"] = st.deferred(lambda: interventions(world, hostile=True))
         if "weight" in sane:
             hostile_fields["weight"] = floats()
         if "value" in sane:
             hostile_fields["value"] = floats()
-        numeric = {"strength": 3, "weight": 3, "layer_weights": 3, "value": 3, "vector": 2}
+        numeric = {
+            "strength": 3, "weight": 3, "layer_weights": 3, "value": 3, "vector": 2,
+            "threshold": 3, "direction": 2,
+        }  # fmt: skip
         options.append(one_hostile(build, sane, hostile_fields, numeric))
     options.append(st.just(generation_pb2.Intervention()))
     return st.one_of(options)
