@@ -17,8 +17,9 @@ import torch
 from tqdm.auto import tqdm
 
 from steer.errors import InvalidArgumentError
-from steer.interventions import Intervention, Phase, build_plan, validate
+from steer.interventions import Intervention, Phase, validate
 from steer.models import ModelHandle
+from steer.plan import build_plan
 from steer.runtime import HookFn, attach, compose, recorder
 from steer.text import encode_chat, post_instruction_positions
 

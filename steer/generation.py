@@ -18,7 +18,6 @@ for :meth:`~Engine.submit` and :meth:`~Engine.cancel`, which may be called from 
 
 from __future__ import annotations
 
-import inspect
 import itertools
 import secrets
 import threading
@@ -34,19 +33,13 @@ from steer.errors import (
     InvalidArgumentError,
     ResourceExhaustedError,
 )
-from steer.interventions import Intervention, InterventionPlan, Phase, build_plan, validate
+from steer.interventions import Intervention, Phase, validate
 from steer.limits import MAX_TOP_LOGPROBS
 from steer.models import ModelHandle
-from steer.runtime import attach
+from steer.plan import InterventionPlan, build_plan
+from steer.runtime import attach, cache_keyword
 from steer.sampling import BannedStrings, SamplerState, SamplingConfig, banned_strings, choose
 from steer.text import Message, TextStream, encode_prompt
-
-
-def cache_keyword(model: Any) -> str:
-    """The name this model's ``forward`` takes the KV cache under: ``cache`` since transformers
-    renamed it (``past_key_values`` then warns on every call), else the old name."""
-    parameters = inspect.signature(model.forward).parameters
-    return "cache" if "cache" in parameters else "past_key_values"
 
 
 @dataclass(frozen=True)
@@ -282,21 +275,13 @@ class Engine:
 
     def _decode(self) -> list[GenerationEvent]:
         assert self._mask is not None and self._plan is not None
-        last = torch.tensor([[row.generated[-1]] for row in self._rows])
-        positions = torch.tensor([[row.position] for row in self._rows])
-        self._mask = torch.cat([self._mask, torch.ones(len(self._rows), 1, dtype=torch.long)], 1)
-        speakers = None
-        if self._plan.needs_speakers:
-            speakers = [[row.request.speaker] for row in self._rows]
+        rows, plan = self._rows, self._plan
+        last = torch.tensor([[row.generated[-1]] for row in rows])
+        positions = torch.tensor([[row.position] for row in rows])
+        self._mask = torch.cat([self._mask, torch.ones(len(rows), 1, dtype=torch.long)], 1)
+        speakers = [[row.request.speaker] for row in rows] if plan.needs_speakers else None
         logits = self._forward(
-            last,
-            self._mask,
-            positions,
-            self._cache,
-            self._plan,
-            Phase.GENERATED,
-            self._rows,
-            speakers,
+            last, self._mask, positions, self._cache, plan, Phase.GENERATED, rows, speakers
         )
         for row in self._rows:
             row.position += 1

@@ -6,10 +6,12 @@ reading, evaluation -- goes through :func:`attach`, and every hook is removed in
 Hooks live on modules that every forward pass shares, so a hook acts only on forward passes run
 by the thread that attached it: a direction computation on a job thread and the engine's decode
 steps on its own thread can use one model at once without seeing each other's interventions.
+:func:`cache_keyword` names the argument a model's ``forward`` takes its KV cache under.
 """
 
 from __future__ import annotations
 
+import inspect
 import threading
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -183,3 +185,10 @@ def recorder(store: list[torch.Tensor], select: Callable[[torch.Tensor], torch.T
         return x
 
     return record
+
+
+def cache_keyword(model: Any) -> str:
+    """The name this model's ``forward`` takes the KV cache under: ``cache`` since transformers
+    renamed it (``past_key_values`` then warns on every call), else the old name."""
+    parameters = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in parameters else "past_key_values"

@@ -16,8 +16,9 @@ import torch
 from steer.client import SteerClient, add
 from steer.generation import Engine, GenerationRequest
 from steer.hooks import HookPoint, HookResolver
-from steer.interventions import Add, Op, Phase, build_plan
+from steer.interventions import Add, Op, Phase
 from steer.models import ModelHandle
+from steer.plan import build_plan
 from steer.sampling import SamplingConfig
 from steer.server import ServerSettings, SteerServer
 from steer.vectors import SteeringVector

@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from steer.generation import Engine, GenerationRequest
-from steer.interventions import Add, Phase, build_plan
+from steer.interventions import Add, Phase
 from steer.models import ModelHandle
+from steer.plan import build_plan
 from steer.rp import Character, Scene, Turn, get_format, tokenize
 from steer.rp.evaluate import EvalSettings, evaluate_rp, load_scenarios
 from steer.rp.metrics import (
