@@ -1,0 +1,182 @@
+"""Gate calibration (steer.calibration) on a tiny random model with synthetic separable prompts."""
+
+from __future__ import annotations
+
+import inspect
+import itertools
+import math
+from dataclasses import replace
+
+import pytest
+import torch
+
+import steer.calibration
+from steer import Add, Gated, GateScope, InvalidArgumentError, Phase, SteeringVector
+from steer.activations import forward
+from steer.calibration import ContrastPrompts, calibrate_gate
+from steer.generation import Engine, GenerationRequest
+from steer.models import ModelHandle
+from steer.sampling import SamplingConfig
+from steer.text import encode_chat
+
+HOOK = "blocks.1.hook_resid_post"
+WORDS = ("fox", "sea", "moon", "bread", "knight", "dragon", "robot", "stars")
+PROMPTS = tuple(f"Tell me about the {a} and the {b}." for a, b in itertools.permutations(WORDS, 2))
+REQUEST = GenerationRequest(
+    sampling=SamplingConfig.greedy_config(), max_new_tokens=3, top_logprobs=5
+)
+
+
+def _direction(handle: ModelHandle) -> SteeringVector:
+    generator = torch.Generator().manual_seed(7)
+    return SteeringVector.from_shared(torch.randn(handle.d_model, generator=generator))
+
+
+def _projections(handle: ModelHandle, prompts: tuple[str, ...]) -> list[float]:
+    """Independently of steer.calibration: last chat-prompt token at HOOK onto the unit."""
+    ids = [encode_chat(handle, prompt) for prompt in prompts]
+    last = forward(handle, ids, hooks=[HOOK]).activations[HOOK]
+    assert isinstance(last, torch.Tensor)
+    vector = _direction(handle).at(1)
+    return (last @ (vector / vector.norm())).tolist()
+
+
+def _splits(
+    handle: ModelHandle, count: int = 32
+) -> tuple[ContrastPrompts, ContrastPrompts, dict[str, float]]:
+    """Separable by construction: the upper half of the projections should fire, the lower
+    half should not; alternate prompts go to train and validation."""
+    prompts = PROMPTS[:count]
+    projection = dict(zip(prompts, _projections(handle, prompts), strict=True))
+    ordered = sorted(prompts, key=projection.__getitem__)
+    quiet, fire = ordered[: count // 2], ordered[count // 2 :]
+    train = ContrastPrompts(fire=fire[::2], quiet=quiet[::2])
+    validation = ContrastPrompts(fire=fire[1::2], quiet=quiet[1::2])
+    return train, validation, projection
+
+
+@pytest.mark.parametrize("target", [0.0, 0.05, 0.25, 0.5])
+def test_the_threshold_is_the_lowest_that_keeps_the_train_false_positive_rate(
+    tiny_llama: ModelHandle, target: float
+) -> None:
+    train, validation, projection = _splits(tiny_llama)
+    # the quiet train prompts include some fire prompts, so the target decides the threshold
+    mixed = ContrastPrompts(fire=train.fire, quiet=tuple(train.quiet) + tuple(train.fire[:4]))
+    result = calibrate_gate(
+        tiny_llama, HOOK, _direction(tiny_llama), train=mixed, validation=validation,
+        target_fpr=target,
+    )  # fmt: skip
+    quiet = [projection[p] for p in mixed.quiet]
+    # read in other batches, a value can differ in its last bits: the threshold sits on one
+    on = sum(abs(q - result.threshold) <= 1e-4 for q in quiet)
+    above = sum(q > result.threshold + 1e-4 for q in quiet)
+    assert on >= 1
+    assert result.train.false_positive_rate == above / len(quiet) <= target
+    # lowest: any lower threshold fires on the quiet prompt it sits on and exceeds the target
+    assert (above + on) / len(quiet) > target
+    assert result.train.quiet_count == len(quiet) and result.train.fire_count == len(train.fire)
+    expected_tpr = sum(projection[p] > result.threshold for p in validation.fire)
+    assert result.validation.true_positive_rate == expected_tpr / len(validation.fire)
+    assert result.target_fpr == target and result.hook == HOOK
+
+
+def test_separable_prompts_are_separated_on_validation(tiny_llama: ModelHandle) -> None:
+    train, validation, _ = _splits(tiny_llama)
+    result = calibrate_gate(
+        tiny_llama, HOOK, _direction(tiny_llama), train=train, validation=validation
+    )
+    assert result.train.true_positive_rate == 1.0
+    assert result.train.false_positive_rate == 0.0
+    assert result.validation.false_positive_rate <= 0.125  # one quiet prompt at most
+    assert result.validation.true_positive_rate >= 0.875
+
+
+def test_below_calibrates_the_negated_projection(tiny_llama: ModelHandle) -> None:
+    train, validation, projection = _splits(tiny_llama)
+    flipped = ContrastPrompts(fire=train.quiet, quiet=train.fire)
+    result = calibrate_gate(
+        tiny_llama, HOOK, _direction(tiny_llama), train=flipped,
+        validation=ContrastPrompts(fire=validation.quiet, quiet=validation.fire), below=True,
+    )  # fmt: skip
+    assert result.below
+    assert result.train.true_positive_rate == 1.0 and result.train.false_positive_rate == 0.0
+    assert min(projection[p] for p in train.fire) == pytest.approx(result.threshold, rel=1e-6)
+
+
+def test_the_calibrated_prompt_gate_fires_exactly_where_the_projection_exceeds_it(
+    tiny_llama: ModelHandle,
+) -> None:
+    handle = tiny_llama
+    train, validation, projection = _splits(handle)
+    result = calibrate_gate(handle, HOOK, _direction(handle), train=train, validation=validation)
+    generator = torch.Generator().manual_seed(3)
+    vector = SteeringVector.from_shared(torch.randn(handle.d_model, generator=generator) * 4)
+    inner = Add(vector, 1.0, ("blocks.0.hook_resid_post",), Phase.GENERATED)
+    gated = Gated(result.condition(_direction(handle)), inner, GateScope.PROMPT)
+    # a prompt sitting on the threshold is decided by rounding: leave it out
+    prompts = [p for p in projection if abs(projection[p] - result.threshold) > 1e-4]
+    fired = [projection[p] > result.threshold for p in prompts]
+    assert 0 < sum(fired) < len(prompts)
+
+    def run(interventions: tuple) -> list[list]:  # type: ignore[type-arg]
+        engine = Engine(handle, max_batch=8)
+        ids = [
+            engine.submit(
+                replace(
+                    REQUEST,
+                    prompt_ids=tuple(encode_chat(handle, p)),
+                    interventions=interventions,
+                )
+            )
+            for p in prompts
+        ]
+        logprobs: dict[str, list] = {request_id: [] for request_id in ids}  # type: ignore[type-arg]
+        while engine.has_work:
+            for event in engine.step():
+                logprobs[event.request_id].append(event.top_logprobs)
+        return [logprobs[request_id] for request_id in ids]
+
+    plain, ungated, steered = run(()), run((inner,)), run((gated,))
+    for index, fires in enumerate(fired):
+        assert plain[index] != ungated[index]
+        if fires:
+            assert steered[index] == pytest.approx(ungated[index], rel=1e-4, abs=1e-4)
+        else:
+            assert steered[index] == plain[index]
+
+
+def test_no_test_split_is_touched(tiny_llama: ModelHandle, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The function has no test split to take, and reads only the prompts it is given."""
+    assert not any("test" in name for name in inspect.signature(calibrate_gate).parameters)
+    train, validation, _ = _splits(tiny_llama, count=16)
+    read: list[list[int]] = []
+    original = steer.calibration.forward
+
+    def recording(handle, prompts, **kwargs):  # type: ignore[no-untyped-def]
+        read.extend(list(p) for p in prompts)
+        return original(handle, prompts, **kwargs)
+
+    monkeypatch.setattr(steer.calibration, "forward", recording)
+    calibrate_gate(tiny_llama, HOOK, _direction(tiny_llama), train=train, validation=validation)
+    given = [*train.fire, *train.quiet, *validation.fire, *validation.quiet]
+    assert sorted(read) == sorted(encode_chat(tiny_llama, p) for p in given)
+
+
+def test_bad_inputs_name_their_field(tiny_llama: ModelHandle) -> None:
+    handle = tiny_llama
+    train, validation, _ = _splits(handle, count=8)
+    direction = _direction(handle)
+
+    def field(**changes) -> str | None:  # type: ignore[no-untyped-def]
+        arguments = {"train": train, "validation": validation, "direction": direction} | changes
+        with pytest.raises(InvalidArgumentError) as raised:
+            calibrate_gate(handle, HOOK, **arguments)
+        return raised.value.field
+
+    assert field(train=ContrastPrompts(fire=(), quiet=train.quiet)) == "train.fire"
+    assert field(validation=ContrastPrompts(fire=validation.fire, quiet=())) == "validation.quiet"
+    assert field(train=ContrastPrompts(fire=train.fire, quiet=("ok", ""))) == "train.quiet[1]"
+    assert field(direction=torch.full((handle.d_model,), math.nan)) == "direction"
+    assert field(direction=torch.zeros(handle.d_model)) == "direction"
+    for target in (math.nan, math.inf, -0.1, 1.0, True):
+        assert field(target_fpr=target) == "target_fpr"
