@@ -21,6 +21,12 @@ A recipe is a TOML file (or the same structure as a dict) listing edits applied 
     strength = 0.3
     layers = [10]
 
+    [edits.gate]                       # optional: only where a condition holds (steer.gates)
+    hook = "blocks.8.hook_resid_post"  # read the residual here ...
+    direction = "moralizing-trigger"   # ... projected onto this vector artifact's unit ...
+    threshold = 2.5                    # ... fires above it (below with below = true)
+    scope = "prompt"                   # token | prompt (decided once from the prompt's end)
+
 Every edit converts to steer :class:`~steer.interventions.Intervention` objects
 (:meth:`EditRecipe.interventions`); the run-time engine applies those, and :mod:`steer.bake`
 turns the very same objects into weight deltas, so the two forms cannot drift apart.
@@ -47,6 +53,7 @@ from steer.recipes.schema import (
     AblationVariant,
     AddEdit,
     Edit,
+    EditGate,
     EditKind,
     EditRecipe,
     FeatureEdit,
@@ -60,6 +67,7 @@ __all__ = [
     "AblationVariant",
     "AddEdit",
     "Edit",
+    "EditGate",
     "EditKind",
     "EditRecipe",
     "FeatureEdit",

@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, TypeVar
 
 from steer.errors import InvalidArgumentError, NotFoundError
+from steer.gates import GateScope
 from steer.limits import finite
 from steer.recipes.schema import (
     AblateEdit,
     AblationVariant,
     AddEdit,
     Edit,
+    EditGate,
     EditKind,
     EditRecipe,
     FeatureEdit,
@@ -35,10 +38,12 @@ _FIELDS: dict[EditKind, set[str]] = {
         "direction_layer",
         "harmless_mean",
         "embedding_weight",
+        "gate",
     },
-    EditKind.ADD: {"kind", "vector", "strength", "layers", "hooks"},
-    EditKind.FEATURE: {"kind", "sae", "feature", "value"},
+    EditKind.ADD: {"kind", "vector", "strength", "layers", "hooks", "gate"},
+    EditKind.FEATURE: {"kind", "sae", "feature", "value", "gate"},
 }
+_GATE = {"hook", "direction", "threshold", "below", "scope"}
 _TOP = {"name", "description", "dtype", "edits"}
 _KERNEL = {"max_weight", "min_weight", "peak_layer", "width"}
 DTYPES = ("float32", "bfloat16", "float16")
@@ -102,11 +107,40 @@ def _parse_edit(table: Any, where: str) -> Edit:
             field=f"{where}.kind",
         ) from None
     _check_keys(table, _FIELDS[kind], where)
+    edit: Edit
     if kind is EditKind.ABLATE:
-        return _parse_ablate(table, where)
-    if kind is EditKind.ADD:
-        return _parse_add(table, where)
-    return _parse_feature(table, where)
+        edit = _parse_ablate(table, where)
+    elif kind is EditKind.ADD:
+        edit = _parse_add(table, where)
+    else:
+        edit = _parse_feature(table, where)
+    gate = _optional(table, "gate", _parse_gate, where)
+    return edit if gate is None else replace(edit, gate=gate)
+
+
+def _parse_gate(value: Any, where: str) -> EditGate:
+    if not isinstance(value, Mapping):
+        raise InvalidArgumentError("expected a table", field=where)
+    _check_keys(value, _GATE, where)
+    for key in ("hook", "direction", "threshold"):
+        if key not in value:
+            raise InvalidArgumentError("missing", field=f"{where}.{key}")
+    below = value.get("below", False)
+    if not isinstance(below, bool):
+        raise InvalidArgumentError(f"expected true or false, got {below!r}", field=f"{where}.below")
+    try:
+        scope = GateScope(value.get("scope", GateScope.TOKEN.value))
+    except ValueError:
+        raise InvalidArgumentError(
+            f"unknown scope {value.get('scope')!r}; use token or prompt", field=f"{where}.scope"
+        ) from None
+    return EditGate(
+        hook=_string(value["hook"], f"{where}.hook"),
+        direction=_string(value["direction"], f"{where}.direction"),
+        threshold=_number(value["threshold"], f"{where}.threshold"),
+        below=below,
+        scope=scope,
+    )
 
 
 def _parse_ablate(table: Mapping[str, Any], where: str) -> AblateEdit:
@@ -223,6 +257,19 @@ def recipe_to_dict(recipe: EditRecipe) -> dict[str, Any]:
 
 
 def _edit_dict(recipe: EditRecipe, edit: Edit) -> dict[str, Any]:
+    entry = _ungated_dict(recipe, edit)
+    if edit.gate is not None:
+        entry["gate"] = {
+            "hook": edit.gate.hook,
+            "direction": str(recipe.resolve(edit.gate.direction)),
+            "threshold": edit.gate.threshold,
+            "below": edit.gate.below,
+            "scope": edit.gate.scope.value,
+        }
+    return entry
+
+
+def _ungated_dict(recipe: EditRecipe, edit: Edit) -> dict[str, Any]:
     if isinstance(edit, FeatureEdit):
         return {
             "kind": "feature",

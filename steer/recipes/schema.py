@@ -14,7 +14,8 @@ from pathlib import Path
 import torch
 
 from steer.artifacts import VectorArtifact, load_vector
-from steer.errors import InvalidArgumentError, SteerError
+from steer.errors import InvalidArgumentError, SteerError, within
+from steer.gates import Condition, Gated, GateScope
 from steer.hooks import HookKind, parse_hook_name, resid_post_hooks
 from steer.interventions import Ablate, Add, Intervention
 from steer.vectors import SteeringVector
@@ -59,6 +60,19 @@ class Kernel:
 
 
 @dataclass(frozen=True)
+class EditGate:
+    """``[edits.gate]``: the edit acts only where the residual at ``hook`` projects onto
+    ``direction`` (a vector artifact) above ``threshold`` (below it with ``below``); see
+    :class:`~steer.gates.Gated`. Weights cannot hold a gate: baking needs ``ungated``."""
+
+    hook: str
+    direction: str
+    threshold: float
+    below: bool = False
+    scope: GateScope = GateScope.TOKEN
+
+
+@dataclass(frozen=True)
 class AblateEdit:
     direction: str
     variant: AblationVariant = AblationVariant.STANDARD
@@ -72,6 +86,7 @@ class AblateEdit:
     #: weight of the embedding edit (resid_pre of layer 0); default: the weight at layer 0
     embedding_weight: float | None = None
     kind: EditKind = EditKind.ABLATE
+    gate: EditGate | None = None
 
     def layer_weight(self, layer: int, *, mlp: bool = False) -> float:
         if mlp and self.mlp_kernel is not None:
@@ -90,6 +105,7 @@ class AddEdit:
     layers: tuple[int, ...] | None = None
     hooks: tuple[str, ...] = ()
     kind: EditKind = EditKind.ADD
+    gate: EditGate | None = None
 
 
 @dataclass(frozen=True)
@@ -102,6 +118,7 @@ class FeatureEdit:
     value: float
     kind: EditKind = EditKind.FEATURE
     approximate: bool = True
+    gate: EditGate | None = None
 
 
 Edit = AblateEdit | AddEdit | FeatureEdit
@@ -127,6 +144,8 @@ class EditRecipe:
                 paths.append(self.resolve(edit.vector))
             else:
                 paths.append(self.resolve(edit.sae))
+            if edit.gate is not None:
+                paths.append(self.resolve(edit.gate.direction))
         return paths
 
     def resolve(self, path: str) -> Path:
@@ -148,23 +167,34 @@ class EditRecipe:
         result: list[tuple[Edit, list[Intervention]]] = []
         for index, edit in enumerate(self.edits):
             where = f"edits[{index}]"
-            if isinstance(edit, AblateEdit):
-                result.append((edit, _ablate_interventions(self, edit, num_layers, loader, where)))
-            elif isinstance(edit, AddEdit):
-                addition = loader(self.resolve(edit.vector)).addition(
-                    edit.strength, hooks=edit.hooks or None, layers=edit.layers
-                )
-                hooks = addition.hooks or resid_post_hooks(addition.vector.layers)
-                if not hooks:
-                    raise InvalidArgumentError(
-                        "a shared vector needs `layers` or `hooks`", field=f"{where}.layers"
-                    )
-                for hook in hooks:
-                    parse_hook_name(hook, num_layers, field=f"{where}.hooks")
-                result.append((edit, [addition]))
-            else:
-                result.append((edit, [_feature_intervention(self, edit, num_layers, where)]))
+            group = self._ungated(edit, num_layers, loader, where)
+            if edit.gate is not None:
+                group = _gated(self, edit.gate, group, num_layers, loader, f"{where}.gate")
+            result.append((edit, group))
         return result
+
+    def _ungated(
+        self,
+        edit: Edit,
+        num_layers: int,
+        loader: Callable[[Path], VectorArtifact],
+        where: str,
+    ) -> list[Intervention]:
+        if isinstance(edit, AblateEdit):
+            return _ablate_interventions(self, edit, num_layers, loader, where)
+        if isinstance(edit, FeatureEdit):
+            return [_feature_intervention(self, edit, num_layers, where)]
+        addition = loader(self.resolve(edit.vector)).addition(
+            edit.strength, hooks=edit.hooks or None, layers=edit.layers
+        )
+        hooks = addition.hooks or resid_post_hooks(addition.vector.layers)
+        if not hooks:
+            raise InvalidArgumentError(
+                "a shared vector needs `layers` or `hooks`", field=f"{where}.layers"
+            )
+        for hook in hooks:
+            parse_hook_name(hook, num_layers, field=f"{where}.hooks")
+        return [addition]
 
     def lowered(
         self,
@@ -174,6 +204,27 @@ class EditRecipe:
     ) -> list[Intervention]:
         """All the recipe's interventions in order, as the run-time engine applies them."""
         return [i for _edit, group in self.interventions(num_layers, load=load) for i in group]
+
+
+def _gated(
+    recipe: EditRecipe,
+    gate: EditGate,
+    group: list[Intervention],
+    num_layers: int,
+    loader: Callable[[Path], VectorArtifact],
+    where: str,
+) -> list[Intervention]:
+    """Each of an edit's interventions wrapped in the gate (the same condition for each)."""
+    parse_hook_name(gate.hook, num_layers, field=f"{where}.hook")
+    direction = loader(recipe.resolve(gate.direction)).vector
+    try:
+        condition = Condition(gate.hook, direction, gate.threshold, gate.below)
+        return [Gated(condition, inner, gate.scope) for inner in group]
+    except SteerError as error:
+        if error.status_code != "INVALID_ARGUMENT":
+            raise
+        field_name = error.field.removeprefix("condition.") if error.field else None
+        raise within(InvalidArgumentError(error.message, field=field_name), where) from None
 
 
 def _direction(
