@@ -6,6 +6,7 @@ import json
 import pathlib
 import threading
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import replace
 from typing import Any
 
 from steer.bake import provenance
@@ -65,9 +66,37 @@ def bake_with_options(
         keep=(*options.keep, source_path(model_source)),
         reserved=options.reserved,
     )
+    recipe, options = without_gates(recipe, options)
     if options.output_format == "control-vector":
         return bake_control_vector(model_source, recipe, out_dir, options)
     return bake_weights(model_source, recipe, out_dir, options)
+
+
+def without_gates(recipe: EditRecipe, options: BakeOptions) -> tuple[EditRecipe, BakeOptions]:
+    """``recipe`` with its gates dropped and ``options`` with a note per dropped gate (for the
+    provenance), when ``options.ungated`` asks for it; a gated recipe is refused otherwise."""
+    gated = [index for index, edit in enumerate(recipe.edits) if edit.gate is not None]
+    if not gated:
+        return recipe, options
+    if not options.ungated:
+        raise InvalidArgumentError(
+            "weights cannot hold a gate: a baked edit acts on every token of every prompt. "
+            "Apply the recipe at run time to keep the gate, or bake the ungated edit "
+            "explicitly (steer bake --ungated, BakeOptions(ungated=True))",
+            field=f"edits[{gated[0]}].gate",
+        )
+    notes = list(options.notes)
+    for index in gated:
+        gate = recipe.edits[index].gate
+        assert gate is not None
+        notes.append(
+            f"UNGATED: edits[{index}]'s gate (hook {gate.hook}, direction "
+            f"{recipe.resolve(gate.direction)}, threshold {gate.threshold!r}, below "
+            f"{str(gate.below).lower()}, scope {gate.scope.value}) was dropped; the baked edit "
+            "acts everywhere"
+        )
+    edits = tuple(replace(edit, gate=None) for edit in recipe.edits)
+    return replace(recipe, edits=edits), replace(options, notes=notes)
 
 
 def bake_control_vector(
@@ -89,11 +118,13 @@ def bake_control_vector(
                 field="output_format",
             )
         vector = SteeringVector(per_layer=dict(plan.down_bias), name=recipe.name)
-        record = {
+        record: dict[str, object] = {
             "recipe": recipe_to_dict(recipe),
             "source": source.name,
             "directions": resolved.artifacts,
         }
+        if options.notes:
+            record["notes"] = list(options.notes)
         with provenance.atomic_file(out_path, overwrite=options.overwrite) as temp:
             write_control_vector(
                 temp,

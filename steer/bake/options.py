@@ -28,6 +28,9 @@ class BakeOptions:
     dtype: str | None = None
     allow_pickle: bool = False
     allow_other_model: bool = False
+    #: bake a recipe's gated edits without their gates (weights cannot hold a gate); without
+    #: it such a recipe is refused. The provenance notes each dropped gate.
+    ungated: bool = False
     progress: Progress | None = None
     cancelled: threading.Event | None = None
     #: opens output files; tests pass a failing one to simulate a full disk

@@ -45,6 +45,12 @@ def resolve(recipe: EditRecipe, *, num_layers: int, d_model: int) -> ResolvedRec
 
     pairs: list[tuple[Intervention, bool]] = []
     approximate = False
+    for index, edit in enumerate(recipe.edits):
+        if edit.gate is not None:  # bake_with_options drops gates only when asked to
+            raise InvalidArgumentError(
+                "weights cannot hold a gate: bake the ungated edit explicitly (ungated=True)",
+                field=f"edits[{index}].gate",
+            )
     for edit, interventions in recipe.interventions(num_layers, load=load):
         norm_preserving = (
             isinstance(edit, AblateEdit) and edit.variant is AblationVariant.NORM_PRESERVING

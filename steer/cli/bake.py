@@ -3,6 +3,7 @@
 steer bake --model M (--recipe R | --ablate DIR ... | --add DIR:STRENGTH ...) --out OUT
            [--format model|lora|control-vector] [--dtype float32|bfloat16|float16]
            [--variant standard|projected|norm_preserving] [--overwrite] [--allow-pickle]
+           [--ungated]
 steer bake --verify OUT
 """
 
@@ -54,6 +55,12 @@ def _parser(prog: str) -> argparse.ArgumentParser:
         help="use directions whose sidecar names other weights",
     )
     parser.add_argument(
+        "--ungated",
+        action="store_true",
+        help="bake gated edits without their gates (weights cannot hold a gate; noted in the "
+        "provenance)",
+    )
+    parser.add_argument(
         "--verify",
         metavar="OUT",
         help="re-hash a baked output (directory, or control-vector .gguf) and exit",
@@ -68,6 +75,8 @@ def _edit_paths(recipe: EditRecipe) -> Iterator[tuple[str, str]]:
             value = getattr(edit, key, None)
             if value:
                 yield f"edits[{index}].{key}", value
+        if edit.gate is not None:
+            yield f"edits[{index}].gate.direction", edit.gate.direction
 
 
 def _shown(path: Path) -> str:
@@ -90,7 +99,7 @@ def check_recipe_files(recipe: EditRecipe, origin: str) -> None:
                 "steer directions compute --out DIR",
                 field=field,
             )
-        if field.endswith(("direction", "vector", "harmless_mean")):
+        if field.endswith(("direction", "vector", "harmless_mean")):  # incl. gate.direction
             load_vector(path, where=shown)
 
 
@@ -136,6 +145,7 @@ def main(argv: list[str], *, prog: str = "steer bake", command: str = "bake") ->
         dtype=args.dtype,
         allow_pickle=args.allow_pickle,
         allow_other_model=args.allow_other_model,
+        ungated=args.ungated,
         progress=progress,
     )
     try:
