@@ -134,6 +134,21 @@ def test_bake_paths_are_confined(client: SteerClient) -> None:
     assert edit.value.field == "recipe.edits[0].direction"
 
 
+@pytest.mark.skipif(not _has("steer.bake.api"), reason="bake library not present")
+def test_a_gated_recipe_is_refused_at_once_and_its_gate_direction_confined(
+    client: SteerClient,
+) -> None:
+    edit = 'name = "b"\n[[edits]]\nkind = "ablate"\ndirection = "made-here"\n'
+    gate = '[edits.gate]\nhook = "blocks.1.hook_resid_post"\nthreshold = 0.5\n'
+    with pytest.raises(InvalidArgument) as gated:
+        client.bake("tiny-llama", f'{edit}{gate}direction = "made-here"\n', "baked/g")
+    assert gated.value.field == "recipe.edits[0].gate"
+    assert "weights cannot hold a gate" in str(gated.value)
+    with pytest.raises(InvalidArgument) as sneaky:
+        client.bake("tiny-llama", f'{edit}{gate}direction = "../../elsewhere"\n', "baked/g")
+    assert sneaky.value.field == "recipe.edits[0].gate.direction"
+
+
 def test_finished_jobs_are_kept_up_to_a_count_running_ones_always() -> None:
     runner = JobRunner(workers=2, keep_finished=3)
     release = threading.Event()

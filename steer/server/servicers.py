@@ -232,6 +232,19 @@ def _recipe(message: Any, settings: ServerSettings) -> dict[str, Any]:
     return confine_recipe(_parse_recipe(text, field), root, base, settings.artifacts_dir)
 
 
+def _refuse_gates(recipe: dict[str, Any]) -> None:
+    """Weights cannot hold a gate, and the Bake RPC has no switch to drop one: refuse at once
+    rather than as a job that fails later."""
+    edits = recipe.get("edits")
+    for index, edit in enumerate(edits if isinstance(edits, list) else []):
+        if isinstance(edit, dict) and "gate" in edit:
+            raise InvalidArgumentError(
+                "weights cannot hold a gate: apply a gated recipe at run time, or bake its "
+                "ungated edit locally with steer bake --ungated",
+                field=f"recipe.edits[{index}].gate",
+            )
+
+
 #: a recipe is a page of TOML; these bound what parsing one may cost (tomllib keeps every prefix
 #: of a dotted key: one key of 10,000 parts, 20 KB of text, takes 400 MB)
 MAX_RECIPE_BYTES = 256 * 1024
@@ -381,6 +394,7 @@ class BakeServicer:
         with root_hidden(root):
             source = self._source(request.model_source)
             recipe = _recipe(request, self.settings)
+            _refuse_gates(recipe)
             if not request.output:
                 raise InvalidArgumentError("required", field="output")
             output = confine(root, request.output, field="output", must_exist=False)

@@ -109,18 +109,37 @@ def confine_recipe(
         confined = []
         for index, edit in enumerate(edits):
             if isinstance(edit, dict):
-                edit = dict(edit)
-                for key in _EDIT_KEYS:
-                    value = edit.get(key)
-                    if isinstance(value, str) and value:
-                        where = f"recipe.edits[{index}].{key}"
-                        if _ID.match(value) and (artifacts / value).is_dir():
-                            edit[key] = str(confine_from(root, artifacts, value, field=where))
-                        else:
-                            edit[key] = str(confine_from(root, base, value, field=where))
+                where = f"recipe.edits[{index}]"
+                edit = _confine_edit(edit, _EDIT_KEYS, root, base, artifacts, where)
+                if isinstance(edit.get("gate"), dict):  # a gate's direction is an artifact too
+                    gate = edit["gate"]
+                    edit["gate"] = _confine_edit(
+                        gate, ("direction",), root, base, artifacts, f"{where}.gate"
+                    )
             confined.append(edit)
         result["edits"] = confined
     return result
+
+
+def _confine_edit(
+    edit: dict[str, Any],
+    keys: tuple[str, ...],
+    root: Path,
+    base: Path,
+    artifacts: Path,
+    where: str,
+) -> dict[str, Any]:
+    """A copy of ``edit`` whose ``keys`` (artifact ids on the server, or paths) lie under root."""
+    edit = dict(edit)
+    for key in keys:
+        value = edit.get(key)
+        if isinstance(value, str) and value:
+            field = f"{where}.{key}"
+            if _ID.match(value) and (artifacts / value).is_dir():
+                edit[key] = str(confine_from(root, artifacts, value, field=field))
+            else:
+                edit[key] = str(confine_from(root, base, value, field=field))
+    return edit
 
 
 def _is_builtin(value: str) -> bool:
