@@ -239,7 +239,13 @@ class InterventionPlan:
 
     @property
     def needs_speakers(self) -> bool:
-        return any(program.scoped for program in self.programs.values())
+        """Whether any op is speaker-scoped (SAE sliders and gated ops without a speaker are
+        in the scoped list too, but act without the pass's speakers)."""
+        return any(
+            (op.op if isinstance(op, GatedOp) else op).speaker is not None
+            for program in self.programs.values()
+            for _, op in program.scoped
+        )
 
     def hooks(
         self,
