@@ -443,7 +443,10 @@ def test_artifact_for_other_weights_is_refused_unless_allowed(
         client.complete("Hi", max_new_tokens=2, interventions=[ablate("foreign")])
     assert refused.value.field == "interventions[0].ablate.artifact_id"
     allowed = client.complete(
-        "Hi", max_new_tokens=2, interventions=[ablate("foreign", allow_other_model=True)]
+        "Hi",
+        temperature=0,
+        max_new_tokens=2,
+        interventions=[ablate("foreign", allow_other_model=True)],
     )
     assert allowed[None].completion_tokens == 2
 
@@ -547,7 +550,9 @@ def test_token_auth(tiny_llama: ModelHandle, tmp_path: Path) -> None:
                 with pytest.raises(Unauthenticated):
                     anonymous.complete("Hi", max_new_tokens=2)
         with SteerClient(server.target, token="s3cret") as member:
-            assert member.complete("Hi", max_new_tokens=2)[None].completion_tokens == 2
+            assert (
+                member.complete("Hi", temperature=0, max_new_tokens=2)[None].completion_tokens == 2
+            )
 
 
 def test_reflection_lists_the_services(client: SteerClient) -> None:
@@ -632,7 +637,9 @@ def test_tls(tiny_llama: ModelHandle, tmp_path: Path) -> None:
     settings = make_settings(tmp_path, tls_cert=cert, tls_key=key)
     with SteerServer(settings, models={"tiny": tiny_llama}) as server:
         with SteerClient(f"localhost:{server.port}", root_certificates=cert.read_bytes()) as secure:
-            assert secure.complete("Hi", max_new_tokens=2)[None].completion_tokens == 2
+            assert (
+                secure.complete("Hi", temperature=0, max_new_tokens=2)[None].completion_tokens == 2
+            )
         with SteerClient(server.target, timeout=5) as plaintext, pytest.raises(Unavailable):
             plaintext.models()
 

@@ -86,7 +86,9 @@ def test_compute_direction_job_then_use_it(client: SteerClient, served: SteerSer
     handle = served.registry.get("tiny").handle
     vector = load_vector(served.settings.artifacts_dir / "fire", handle=handle).vector
     assert torch.isfinite(vector.at(info.layers[0] if info.layers else 1)).all()
-    completion = client.complete("The dragon", max_new_tokens=3, interventions=[ablate("fire")])
+    completion = client.complete(
+        "The dragon", temperature=0, max_new_tokens=3, interventions=[ablate("fire")]
+    )
     assert completion[None].completion_tokens == 3
 
 
