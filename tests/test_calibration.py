@@ -140,7 +140,11 @@ def test_the_calibrated_prompt_gate_fires_exactly_where_the_projection_exceeds_i
     for index, fires in enumerate(fired):
         assert plain[index] != ungated[index]
         if fires:
-            assert steered[index] == pytest.approx(ungated[index], rel=1e-4, abs=1e-4)
+            flat = [[(t, v) for step in r[index] for t, v in step] for r in (steered, ungated)]
+            assert [t for t, _ in flat[0]] == [t for t, _ in flat[1]]
+            assert [v for _, v in flat[0]] == pytest.approx(
+                [v for _, v in flat[1]], rel=1e-4, abs=1e-4
+            )
         else:
             assert steered[index] == plain[index]
 
