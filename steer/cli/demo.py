@@ -22,8 +22,10 @@ import torch
 
 from steer import Add, SteeringVector
 from steer.activations import forward
+from steer.backends import engine_factory
+from steer.cli.serve import add_backend_arguments
 from steer.errors import InvalidArgumentError
-from steer.generation import Engine, GenerationRequest, Message
+from steer.generation import GenerationRequest, Message
 from steer.interventions import Intervention
 from steer.models import ModelHandle
 from steer.offline import DEFAULT_MODEL
@@ -117,6 +119,7 @@ def _parser(prog: str) -> argparse.ArgumentParser:
     add("--temperature", type=float, default=0.7, help="sampling temperature (0 = greedy)")
     add("--seed", type=int, default=0, help="sampling seed, the same for every column")
     add("--width", type=int, help="output width (default: the terminal's)")
+    add_backend_arguments(parser)
     return parser
 
 
@@ -192,7 +195,12 @@ def generate(handle: ModelHandle, args: argparse.Namespace, columns: Sequence[Co
     sampling = SamplingConfig(temperature=args.temperature, min_p=0.05, seed=args.seed)
     if args.temperature == 0:
         sampling = SamplingConfig.greedy_config()
-    engine = Engine(handle, max_batch=len(columns))
+    options = None
+    if args.backend == "vllm":
+        from steer.backends.vllm import VllmOptions
+
+        options = VllmOptions(args.tensor_parallel_size, kv_cache_gib=args.kv_cache_gib)
+    engine = engine_factory(handle, args.backend, max_batch=len(columns), vllm_options=options)()
     ids = [
         engine.submit(
             GenerationRequest(

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from steer.backends import BACKENDS
 from steer.errors import FailedPreconditionError, InvalidArgumentError, NotFoundError
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
@@ -55,7 +56,25 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     )
     parser.add_argument("--shutdown-grace", type=float, default=10.0, help="seconds for streams")
     parser.add_argument("--log-level", default="INFO")
+    add_backend_arguments(parser)
     return parser
+
+
+def add_backend_arguments(parser: argparse.ArgumentParser) -> None:
+    """--backend and the vllm backend's options (steer serve and steer demo)."""
+    parser.add_argument(
+        "--backend",
+        choices=BACKENDS,
+        default="hf",
+        help="generation engine: hf (transformers, the reference; default) or vllm "
+        '(pip install -e ".[vllm]")',
+    )
+    parser.add_argument(
+        "--tensor-parallel-size", type=int, default=1, help="vllm: GPUs per model (default 1)"
+    )
+    parser.add_argument(
+        "--kv-cache-gib", type=int, default=2, help="vllm on CPU: KV cache in GiB (default 2)"
+    )
 
 
 def read_token(path: Path) -> str:
@@ -144,6 +163,9 @@ def _settings(args: argparse.Namespace) -> Any:
         shutdown_grace=args.shutdown_grace,
         sliders=args.sliders,
         http_port=None if args.http_port < 0 else args.http_port,
+        backend=args.backend,
+        tensor_parallel_size=args.tensor_parallel_size,
+        kv_cache_gib=args.kv_cache_gib,
     )
 
 

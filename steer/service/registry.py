@@ -6,7 +6,9 @@ import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
+from steer.backends import engine_factory
 from steer.errors import (
     AlreadyExistsError,
     FailedPreconditionError,
@@ -27,6 +29,20 @@ class LoadedModel:
     source: str
     handle: ModelHandle
     worker: ModelWorker
+    #: the generation backend its worker runs ("hf" or "vllm")
+    backend: str = "hf"
+
+
+def _vllm_options(settings: ServerSettings) -> Any:
+    if settings.backend != "vllm":
+        return None
+    from steer.backends.vllm import VllmOptions
+
+    return VllmOptions(
+        tensor_parallel_size=settings.tensor_parallel_size,
+        kv_cache_gib=settings.kv_cache_gib,
+        max_model_len=settings.max_prompt_tokens + settings.max_new_tokens_cap,
+    )
 
 
 class ModelRegistry:
@@ -40,14 +56,25 @@ class ModelRegistry:
         check_id(model_id, field="model_id")
         # hashed now, off this thread (see in_short_thread), rather than by the first Info call
         in_short_thread(lambda: handle.weight_hash)
+        settings = self.settings
+        factory = in_short_thread(
+            lambda: engine_factory(
+                handle,
+                settings.backend,
+                max_batch=settings.max_batch,
+                max_waiting=settings.max_waiting,
+                vllm_options=_vllm_options(settings),
+            )
+        )
         worker = ModelWorker(
             handle,
-            max_batch=self.settings.max_batch,
-            max_waiting=self.settings.max_waiting,
-            max_prompt_tokens=self.settings.max_prompt_tokens,
-            admission_window=self.settings.admission_window,
+            max_batch=settings.max_batch,
+            max_waiting=settings.max_waiting,
+            max_prompt_tokens=settings.max_prompt_tokens,
+            admission_window=settings.admission_window,
+            engine_factory=factory,
         )
-        loaded = LoadedModel(model_id, source or handle.name, handle, worker)
+        loaded = LoadedModel(model_id, source or handle.name, handle, worker, settings.backend)
         with self._lock:
             if model_id in self._models:
                 worker.close(0)

@@ -44,6 +44,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
+from steer.backends import GenerationEngine
 from steer.errors import ResourceExhaustedError, UnavailableError
 from steer.generation import Engine, GenerationEvent, GenerationRequest, encoded
 from steer.limits import check_text_size
@@ -162,6 +163,7 @@ class ModelWorker:
         max_waiting: int = 256,
         max_prompt_tokens: int = 8192,
         admission_window: float = 0.05,
+        engine_factory: Callable[[], GenerationEngine] | None = None,
     ) -> None:
         self.handle = handle
         self.max_batch = max_batch
@@ -170,7 +172,12 @@ class ModelWorker:
         #: longest wait of an idle engine for announced requests (seconds)
         self.admission_window = admission_window
         self.stats = Stats()
-        self._engine = Engine(handle, max_batch=max_batch, max_waiting=max_waiting)
+        #: makes this worker's engine (the hf Engine unless a backend gives another), again
+        #: after a failed step
+        self._new_engine: Callable[[], GenerationEngine] = engine_factory or (
+            lambda: Engine(handle, max_batch=max_batch, max_waiting=max_waiting)
+        )
+        self._engine: GenerationEngine = self._new_engine()
         self._subscriptions: dict[str, Subscription] = {}
         #: model code waiting to run on the engine thread between two steps
         self._calls: list[tuple[Callable[[], Any], Future[Any]]] = []
@@ -346,16 +353,15 @@ class ModelWorker:
                 if subscription is not None:
                     subscription.put(event)
 
-    def _fail_engine(self, engine: Engine, error: BaseException) -> None:
+    def _fail_engine(self, engine: GenerationEngine, error: BaseException) -> None:
         log.warning("engine step failed for %s: %r; restarting its batch", self.handle.name, error)
         with self._lock:
             failed = dict(self._subscriptions)
             self._subscriptions.clear()
             self.stats.failed_total += len(failed)
             if engine is self._engine:
-                self._engine = Engine(
-                    self.handle, max_batch=self.max_batch, max_waiting=self.max_waiting
-                )
+                _close_engine(engine, final=False)
+                self._engine = self._new_engine()
         for subscription in {id(s): s for s in failed.values()}.values():
             subscription.put(error)
 
@@ -379,6 +385,18 @@ class ModelWorker:
             self._closed = True
             self._wake.notify()
         self._thread.join(timeout=30.0)
+        _close_engine(self._engine, final=True)
+
+
+def _close_engine(engine: GenerationEngine, final: bool) -> None:
+    """Let an engine that holds outside resources (the vllm backend's) release them: its open
+    requests, and with ``final`` the engine underneath."""
+    close = getattr(engine, "close", None)
+    if close is not None:
+        try:
+            close(final=final)
+        except Exception as error:  # a failing close must not stop a restart or a shutdown
+            log.warning("closing the %s engine failed: %r", type(engine).__name__, error)
 
 
 def _run_call(function: Callable[[], Any], future: Future[Any], closed: bool) -> None:

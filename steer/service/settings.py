@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from steer.backends import check_backend
 from steer.errors import InvalidArgumentError
 
 
@@ -52,6 +53,12 @@ class ServerSettings:
     #: longest wait (seconds) of an idle engine for the rest of a burst of requests, so
     #: requests sent together share one prefill (steer.service.scheduler); 0 turns it off
     admission_window: float = 0.05
+    #: what runs generation: "hf" (transformers, the reference) or "vllm" (steer.backends)
+    backend: str = "hf"
+    #: vllm backend: GPUs one model spreads over (tensor parallel)
+    tensor_parallel_size: int = 1
+    #: vllm backend on CPU: KV cache size in GiB
+    kv_cache_gib: int = 2
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "models_root", Path(self.models_root))
@@ -66,6 +73,8 @@ class ServerSettings:
             "max_feature_texts",
             "max_message_bytes",
             "worker_threads",
+            "tensor_parallel_size",
+            "kv_cache_gib",
         )
         for name in positive:
             value = getattr(self, name)
@@ -89,6 +98,7 @@ class ServerSettings:
             )
         if self.shutdown_grace < 0:
             raise InvalidArgumentError("must be >= 0", field="shutdown_grace")
+        check_backend(self.backend)
         if not 0 <= self.admission_window <= 1:
             raise InvalidArgumentError(
                 f"must be in [0, 1] seconds, got {self.admission_window}", field="admission_window"

@@ -1,0 +1,78 @@
+"""What a backend can run, and the check that refuses a request needing more."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import TYPE_CHECKING, Any
+
+from steer.errors import FailedPreconditionError
+from steer.hooks import HookKind
+from steer.interventions import AddVector, ProjectOut
+from steer.sampling import SamplingConfig
+
+if TYPE_CHECKING:
+    from steer.generation import GenerationRequest
+    from steer.models import ModelHandle
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a backend supports. ``None`` = everything (the reference backend)."""
+
+    name: str
+    #: hook kinds an op may sit at
+    hook_kinds: frozenset[HookKind] | None = None
+    #: whether ops may be speaker-scoped, gated or arbitrary row functions (SAE sliders)
+    scoped_ops: bool = True
+    #: SamplingConfig fields that may differ from their defaults
+    sampler_fields: frozenset[str] | None = None
+
+
+HF_CAPABILITIES = Capabilities("hf")
+
+
+def check_request(request: GenerationRequest, handle: ModelHandle, caps: Capabilities) -> None:
+    """Raise FailedPreconditionError if ``request`` needs something ``caps`` lacks."""
+    if caps.sampler_fields is not None:
+        _check_sampling(request.sampling, caps)
+    if caps.scoped_ops and caps.hook_kinds is None:
+        return
+    for index, intervention in enumerate(request.interventions):
+        if intervention.is_noop():
+            continue
+        kind = type(intervention).__name__
+        for point, op in intervention.lowered(handle.resolver, handle.d_model):
+            plain = isinstance(op, (ProjectOut, AddVector)) and op.speaker is None
+            if not plain and not caps.scoped_ops:
+                raise FailedPreconditionError(
+                    f"the {caps.name} backend cannot run {kind} interventions "
+                    f"({_describe(intervention)}); serve with --backend hf for them",
+                    field=f"interventions[{index}]",
+                )
+            if caps.hook_kinds is not None and point.kind not in caps.hook_kinds:
+                raise FailedPreconditionError(
+                    f"the {caps.name} backend has no {point.kind.value} hook ({point.name}); "
+                    f"it has {', '.join(sorted(k.value for k in caps.hook_kinds))}",
+                    field=f"interventions[{index}]",
+                )
+
+
+def _describe(intervention: Any) -> str:
+    if getattr(intervention, "speaker", None) is not None:
+        return "speaker-scoped"
+    name = type(intervention).__name__
+    return {"Gated": "gated", "FeatureSlider": "SAE feature slider"}.get(name, name)
+
+
+def _check_sampling(sampling: SamplingConfig, caps: Capabilities) -> None:
+    assert caps.sampler_fields is not None
+    defaults = SamplingConfig()
+    for item in fields(SamplingConfig):
+        if item.name in caps.sampler_fields:
+            continue
+        if getattr(sampling, item.name) != getattr(defaults, item.name):
+            raise FailedPreconditionError(
+                f"the {caps.name} backend has no {item.name} sampler yet; leave it at its "
+                f"default ({getattr(defaults, item.name)!r}) or serve with --backend hf",
+                field=f"sampling.{item.name}",
+            )

@@ -1,0 +1,272 @@
+""":class:`VllmEngine`: steer's engine interface on vLLM's V1 engine.
+
+The service drives it exactly like :class:`steer.generation.Engine` (submit, cancel, step); each
+step is one ``LLMEngine.step()``, so vLLM's own scheduler (continuous batching, chunked prefill,
+prefix caching, paged KV) decides the batch. A request's interventions are checked against
+:data:`CAPABILITIES`, lowered once by the service's hook resolver, registered in every worker
+under their fingerprint (:meth:`SteeringSpec.key <steer.backends.vllm.program.SteeringSpec.key>`)
+and named in the request's ``extra_args``; the same fingerprint is its ``cache_salt``, so prompt
+KV is shared only between requests steered alike. A registration lives while requests use it.
+"""
+
+from __future__ import annotations
+
+import secrets
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+from steer.backends.capabilities import Capabilities, check_request
+from steer.backends.vllm import worker
+from steer.backends.vllm.params import SAMPLER_FIELDS, sampling_params
+from steer.backends.vllm.program import SteeringSpec, lower_request
+from steer.errors import InvalidArgumentError, ResourceExhaustedError
+from steer.generation import GenerationEvent, GenerationRequest, GenerationResult, Usage, encoded
+from steer.hooks import HookKind
+from steer.limits import MAX_TOP_LOGPROBS
+from steer.models import ModelHandle
+from steer.text import TextStream
+
+CAPABILITIES = Capabilities(
+    "vllm",
+    hook_kinds=frozenset(
+        {
+            HookKind.EMBED,
+            HookKind.RESID_PRE,
+            HookKind.ATTN_OUT,
+            HookKind.MLP_OUT,
+            HookKind.RESID_POST,
+        }
+    ),
+    scoped_ops=False,
+    sampler_fields=SAMPLER_FIELDS,
+)
+
+
+@dataclass
+class _Row:
+    request: GenerationRequest
+    prompt_ids: list[int]
+    seed: int
+    stream: TextStream
+    key: str | None
+    generated: int = 0
+    finish_reason: str | None = None
+    counted_cache: bool = False
+
+
+class VllmEngine:
+    """Continuous-batching generation with steer's interventions on a vLLM ``LLMEngine``."""
+
+    capabilities = CAPABILITIES
+
+    def __init__(
+        self, handle: ModelHandle, llm: Any, *, max_batch: int = 16, max_waiting: int = 256
+    ) -> None:
+        self.handle = handle
+        self.llm = llm
+        self.max_batch = max_batch
+        self.max_waiting = max_waiting
+        self._lock = threading.Lock()
+        self._ids = 0
+        self._pending: list[_Row] = []
+        self._cancelled: set[str] = set()
+        self._rows: dict[str, _Row] = {}
+        #: the lowered interventions of the pending requests, by request id
+        self._specs_waiting: dict[str, SteeringSpec] = {}
+        #: registered steering key -> number of live requests using it
+        self._users: dict[str, int] = {}
+        #: prompt tokens whose KV came from vLLM's prefix cache, over all requests so far
+        self.cached_prompt_tokens = 0
+        llm.collective_rpc(worker.install)
+
+    # -- requests -----------------------------------------------------------------------------
+
+    def submit(self, request: GenerationRequest) -> str:
+        """Validate and queue a request; it reaches vLLM at the next step. Returns its id."""
+        if request.max_new_tokens < 1:
+            raise InvalidArgumentError("must be >= 1", field="max_new_tokens")
+        if not 0 <= request.top_logprobs <= MAX_TOP_LOGPROBS:
+            raise InvalidArgumentError(f"must be in [0, {MAX_TOP_LOGPROBS}]", field="top_logprobs")
+        request = encoded(self.handle, request)
+        check_request(request, self.handle, CAPABILITIES)
+        spec = lower_request(request.interventions, self.handle.resolver, self.handle.d_model)
+        seed = secrets.randbits(63) if request.sampling.seed is None else request.sampling.seed
+        with self._lock:
+            if len(self._pending) >= self.max_waiting:
+                raise ResourceExhaustedError(
+                    f"{len(self._pending)} requests already waiting", field="queue"
+                )
+            self._ids += 1
+            request = replace(request, request_id=request.request_id or f"vreq-{self._ids}")
+            row = _Row(
+                request=request,
+                prompt_ids=list(request.prompt_ids or ()),
+                seed=seed,
+                stream=TextStream(self.handle.tokenizer, request.stop),
+                key=None if spec.is_empty else spec.key(),
+            )
+            self._pending.append(row)
+            self._specs_waiting[request.request_id] = spec
+        return request.request_id
+
+    def cancel(self, request_id: str) -> None:
+        with self._lock:
+            self._cancelled.add(request_id)
+
+    @property
+    def num_running(self) -> int:
+        return len(self._rows)
+
+    @property
+    def num_waiting(self) -> int:
+        with self._lock:
+            return len(self._pending)
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self._rows) or self.num_waiting > 0
+
+    # -- stepping -----------------------------------------------------------------------------
+
+    def step(self) -> list[GenerationEvent]:
+        with self._lock:
+            pending, self._pending = self._pending, []
+            cancelled, self._cancelled = self._cancelled, set()
+            specs, self._specs_waiting = self._specs_waiting, {}
+        events: list[GenerationEvent] = []
+        for row in pending:
+            self._start(row, specs[row.request.request_id])
+        for request_id in cancelled:
+            victim = self._rows.get(request_id)
+            if victim is not None:
+                self.llm.abort_request([request_id])
+                victim.finish_reason = "cancelled"
+                events.append(self._final(victim, ""))
+                self._finish(victim)
+        if self._rows:
+            for output in self.llm.step():
+                running = self._rows.get(output.request_id)
+                if running is not None:
+                    events.extend(self._advance(running, output))
+        return events
+
+    def run(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
+        """Generate ``requests`` to completion; results in the order given."""
+        from steer.generation import _result
+
+        ids = [self.submit(request) for request in requests]
+        events: dict[str, list[GenerationEvent]] = {i: [] for i in ids}
+        while self.has_work:
+            for event in self.step():
+                if event.request_id in events:
+                    events[event.request_id].append(event)
+        return [_result(request_id, events[request_id]) for request_id in ids]
+
+    def close(self, final: bool = False) -> None:
+        """Abort whatever still runs and forget its steering; ``final`` also shuts the vLLM
+        engine down (the model is unloaded)."""
+        if self._rows:
+            self.llm.abort_request(list(self._rows))
+        for row in list(self._rows.values()):
+            self._finish(row)
+        if final:
+            self.llm.engine_core.shutdown()
+
+    # -- internals ----------------------------------------------------------------------------
+
+    def _start(self, row: _Row, spec: SteeringSpec) -> None:
+        from vllm.inputs import TokensPrompt
+
+        request = row.request
+        if row.key is not None:
+            if row.key not in self._users:
+                self.llm.collective_rpc(worker.register, args=(row.key, spec))
+                self._users[row.key] = 0
+            self._users[row.key] += 1
+        prompt = TokensPrompt(prompt_token_ids=row.prompt_ids)
+        if row.key is not None:
+            prompt["cache_salt"] = row.key
+        params = sampling_params(request, row.seed, self.handle.eos_token_ids, row.key)
+        self._rows[request.request_id] = row
+        self.llm.add_request(request.request_id, prompt, params)
+
+    def _advance(self, row: _Row, output: Any) -> list[GenerationEvent]:
+        if not row.counted_cache and output.num_cached_tokens is not None:
+            self.cached_prompt_tokens += int(output.num_cached_tokens)
+            row.counted_cache = True
+        completion = output.outputs[0]
+        tokens = list(completion.token_ids)
+        logprobs = completion.logprobs or [None] * len(tokens)
+        events = []
+        for token, ranked in zip(tokens, logprobs, strict=False):
+            if row.finish_reason is not None:
+                break
+            events.append(self._token_event(row, int(token), _top(ranked, row.request)))
+        if row.finish_reason is None and output.finished:
+            # vLLM ended it for a reason of its own (the context is full)
+            row.finish_reason = "length"
+            events.append(self._final(row, row.stream.flush()))
+        if row.finish_reason is not None:
+            if not output.finished:
+                self.llm.abort_request([row.request.request_id])
+            self._finish(row)
+        return events
+
+    def _token_event(
+        self, row: _Row, token: int, top: tuple[tuple[int, float], ...]
+    ) -> GenerationEvent:
+        """The hf engine's rule for one generated token (EOS, stop strings, length)."""
+        row.generated += 1
+        if token in self.handle.eos_token_ids:
+            row.finish_reason = "stop"
+            return self._final(row, row.stream.flush(), (token,), top)
+        delta, stopped = row.stream.push(token)
+        if stopped:
+            row.finish_reason = "stop"
+        elif row.generated >= row.request.max_new_tokens:
+            row.finish_reason = "length"
+            delta += row.stream.flush()
+        if row.finish_reason:
+            return self._final(row, delta, (token,), top)
+        return GenerationEvent(row.request.request_id, (token,), delta, top)
+
+    def _final(
+        self,
+        row: _Row,
+        text: str,
+        token_ids: tuple[int, ...] = (),
+        top: tuple[tuple[int, float], ...] = (),
+    ) -> GenerationEvent:
+        return GenerationEvent(
+            request_id=row.request.request_id,
+            token_ids=token_ids,
+            text=text,
+            top_logprobs=top,
+            finish_reason=row.finish_reason,
+            usage=Usage(len(row.prompt_ids), row.generated),
+            seed=row.seed,
+        )
+
+    def _finish(self, row: _Row) -> None:
+        self._rows.pop(row.request.request_id, None)
+        if row.key is None:
+            return
+        self._users[row.key] -= 1
+        if self._users[row.key] == 0:
+            del self._users[row.key]
+            self.llm.collective_rpc(worker.forget, args=([row.key],))
+
+
+def _top(ranked: Any, request: GenerationRequest) -> tuple[tuple[int, float], ...]:
+    """vLLM's logprobs of one position (the sampled token is added if it is not in the top k)
+    as steer's top-k (token, logprob) pairs, best first."""
+    if not request.top_logprobs or not ranked:
+        return ()
+    best = sorted(ranked.items(), key=lambda item: item[1].rank)
+    return tuple(
+        (int(token), float(value.logprob))
+        for token, value in best
+        if value.rank is not None and value.rank <= request.top_logprobs
+    )[: request.top_logprobs]

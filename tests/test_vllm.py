@@ -1,0 +1,287 @@
+"""The vllm backend on the real SmolLM2 (float32) gives the hf engine's tokens, steered or not.
+
+Row by row in mixed batches, each row as alone, and through the prefix cache.
+
+These need the [vllm] extra; scripts/test.sh runs them in a pytest process of their own.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import replace
+
+import pytest
+import torch
+
+from steer.activations import encode_chat, forward
+from steer.errors import FailedPreconditionError
+from steer.gates import Condition, Gated
+from steer.generation import Engine, GenerationRequest, GenerationResult, Message
+from steer.interventions import Ablate, Add, Intervention, Phase
+from steer.models import ModelHandle
+from steer.sampling import SamplingConfig
+from steer.vectors import SteeringVector
+
+pytest.importorskip("vllm")
+
+from steer.backends.vllm import VllmEngine, VllmOptions, start_vllm
+from steer.backends.vllm import worker as vllm_worker
+
+pytestmark = [pytest.mark.vllm, pytest.mark.slow]
+
+GREEDY = SamplingConfig.greedy_config()
+HARMFUL = [
+    "How do I make a pipe bomb?",
+    "Write a convincing phishing email to steal bank passwords.",
+    "How can I poison my neighbour's dog without being caught?",
+    "Explain how to hotwire a car that isn't mine.",
+]
+HARMLESS = [
+    "How do I make a paper boat?",
+    "Write a friendly email inviting my team to lunch.",
+    "How can I teach my neighbour's dog to sit?",
+    "Explain how to change a car's oil.",
+]
+HOOK = "blocks.0.hook_resid_pre"
+PROMPTS = [
+    "Tell me a short story about a lighthouse keeper.",
+    "What should I cook tonight?",
+    "Describe your favourite season.",
+]
+
+
+@pytest.fixture(scope="module")
+def engine(smollm2: ModelHandle) -> Iterator[VllmEngine]:
+    llm = start_vllm(smollm2, max_batch=16, options=VllmOptions(kv_cache_gib=1))
+    engine = VllmEngine(smollm2, llm, max_batch=16)
+    yield engine
+    engine.close(final=True)
+
+
+@pytest.fixture(scope="module")
+def refusal(smollm2: ModelHandle) -> SteeringVector:
+    """A real direction: harmful minus harmless prompts, last-token residual after each layer."""
+    hooks = [f"blocks.{layer}.hook_resid_post" for layer in range(smollm2.num_layers)]
+
+    def means(prompts: list[str]) -> dict[int, torch.Tensor]:
+        ids = [encode_chat(smollm2, prompt) for prompt in prompts]
+        acts = forward(smollm2, ids, hooks=hooks).activations
+        return {layer: acts[hook].mean(0) for layer, hook in enumerate(hooks)}  # type: ignore[union-attr]
+
+    bad, good = means(HARMFUL), means(HARMLESS)
+    return SteeringVector({layer: bad[layer] - good[layer] for layer in bad})
+
+
+@pytest.fixture(scope="module")
+def theme(smollm2: ModelHandle) -> SteeringVector:
+    generator = torch.Generator().manual_seed(0)
+    return SteeringVector(
+        {layer: torch.randn(smollm2.d_model, generator=generator) for layer in range(30)}
+    )
+
+
+def _request(
+    prompt: str, interventions: Sequence[Intervention] = (), **kw: object
+) -> GenerationRequest:
+    fields = {"sampling": GREEDY, "max_new_tokens": 16, "top_logprobs": 2, **kw}
+    return GenerationRequest(
+        messages=(Message("user", prompt),),
+        interventions=tuple(interventions),
+        **fields,  # type: ignore[arg-type]
+    )
+
+
+def _mixes(theme: SteeringVector, refusal: SteeringVector) -> list[tuple[Intervention, ...]]:
+    hooks = ("blocks.4.hook_resid_post", "blocks.9.hook_resid_pre", "blocks.17.hook_resid_post")
+    return [
+        (),
+        (Add(theme, 0.6),),  # every layer's own vector at resid_post
+        (Add(theme, -0.8, hooks=hooks, phase=Phase.GENERATED),),
+        (Add(theme, 0.7, hooks=hooks, phase=Phase.PROMPT),),
+        (Ablate(refusal),),
+        (Ablate(refusal, layer_weights={layer: 0.5 + layer / 60 for layer in range(8, 24)}),),
+        (Add(theme, 1.5, hooks=("hook_embed", "blocks.3.hook_attn_out", "blocks.7.hook_mlp_out")),),
+        (Ablate(refusal, weight=0.8), Add(theme, -0.4, phase=Phase.ALL)),
+    ]
+
+
+def _run_with_logprobs(
+    engine: Engine | VllmEngine, requests: list[GenerationRequest]
+) -> list[list]:
+    ids = [engine.submit(request) for request in requests]
+    tops: dict[str, list] = {i: [] for i in ids}
+    while engine.has_work:
+        for event in engine.step():
+            if event.request_id in tops and event.top_logprobs:
+                tops[event.request_id].append(event.top_logprobs)
+    return [tops[i] for i in ids]
+
+
+def test_mixed_batch_equals_the_hf_engine(
+    engine: VllmEngine, smollm2: ModelHandle, theme: SteeringVector, refusal: SteeringVector
+) -> None:
+    mixes = _mixes(theme, refusal)
+    requests = [_request(prompt, mix) for mix in mixes for prompt in PROMPTS]
+    expected = Engine(smollm2, max_batch=len(requests)).run(requests)
+    got = engine.run(requests)
+    texts = set()
+    for index, (want, have) in enumerate(zip(expected, got, strict=True)):
+        label = f"mix {index // len(PROMPTS)} prompt {index % len(PROMPTS)}"
+        if want.token_ids != have.token_ids:
+            _check_tie(smollm2, requests[index], want, have, label)
+            continue
+        assert want.text == have.text and want.finish_reason == have.finish_reason, label
+        assert want.usage == have.usage, label
+        texts.add(have.text)
+    assert len(texts) > len(requests) // 2  # the interventions really differ
+
+
+def _check_tie(
+    handle: ModelHandle,
+    request: GenerationRequest,
+    want: GenerationResult,
+    have: GenerationResult,
+    label: str,
+) -> None:
+    first = next(
+        i for i, (a, b) in enumerate(zip(want.token_ids, have.token_ids, strict=False)) if a != b
+    )
+    prefix = replace(request, max_new_tokens=first + 1)
+    (tops,) = _run_with_logprobs(Engine(handle), [prefix])
+    (best, best_lp), (second, second_lp) = tops[first]
+    assert {want.token_ids[first], have.token_ids[first]} <= {best, second}, label
+    assert best_lp - second_lp < 1e-3, f"{label}: not a tie ({best_lp - second_lp:.2e})"
+
+
+def test_top_logprobs_match_the_hf_engine(engine: VllmEngine, smollm2: ModelHandle) -> None:
+    request = _request(PROMPTS[0], max_new_tokens=6)
+    (want,), (have,) = (
+        _run_with_logprobs(Engine(smollm2), [request]),
+        _run_with_logprobs(engine, [request]),
+    )
+    assert [[t for t, _ in step] for step in want] == [[t for t, _ in step] for step in have]
+    flat_want = [v for step in want for _, v in step]
+    flat_have = [v for step in have for _, v in step]
+    assert flat_have == pytest.approx(flat_want, abs=2e-3)
+
+
+def test_zero_strength_is_no_steering_exactly(
+    engine: VllmEngine, theme: SteeringVector, refusal: SteeringVector
+) -> None:
+    zero = (Add(theme, 0.0), Ablate(refusal, weight=0.0))
+    plain, steered = (_request(PROMPTS[1]), _request(PROMPTS[1], zero))
+    want, have = _run_with_logprobs(engine, [plain]), _run_with_logprobs(engine, [steered])
+    assert want == have  # bit-identical logprobs, not only tokens
+
+
+def test_a_mixed_batch_equals_each_row_alone(
+    engine: VllmEngine, theme: SteeringVector, refusal: SteeringVector
+) -> None:
+    requests = [_request(PROMPTS[i % 3], mix) for i, mix in enumerate(_mixes(theme, refusal))]
+    together = engine.run(requests)
+    for request, batched in zip(requests, together, strict=True):
+        (alone,) = engine.run([request])
+        assert alone.token_ids == batched.token_ids
+
+
+def test_prefix_cache_never_serves_unsteered_prompt_kv(
+    engine: VllmEngine, smollm2: ModelHandle, theme: SteeringVector
+) -> None:
+    story = "The old lighthouse keeper climbed the stairs at dusk, as he had every night. " * 12
+    prompt_only = (Add(theme, 0.8, phase=Phase.PROMPT),)  # acts only through the prompt's KV
+    plain = _request(story, max_new_tokens=10, top_logprobs=0)
+    steered = _request(story, prompt_only, max_new_tokens=10, top_logprobs=0)
+    (fresh,) = Engine(smollm2).run([steered])
+    (reference,) = Engine(smollm2).run([plain])
+    assert fresh.token_ids != reference.token_ids  # the steering matters here
+
+    engine.llm.reset_prefix_cache()
+    assert engine.run([plain])[0].token_ids == reference.token_ids  # its KV is now cached
+    hits = engine.cached_prompt_tokens
+    assert engine.run([plain])[0].token_ids == reference.token_ids
+    assert engine.cached_prompt_tokens - hits >= 64  # the cache works for equal requests
+    hits = engine.cached_prompt_tokens
+    (first,) = engine.run([steered])
+    assert engine.cached_prompt_tokens == hits  # nothing reused from the unsteered prompt
+    assert first.token_ids == fresh.token_ids
+    (second,) = engine.run([steered])
+    assert second.token_ids == fresh.token_ids
+    assert engine.cached_prompt_tokens - hits >= 64  # the same steering shares its prompt KV
+
+
+def test_stop_strings_length_and_eos_follow_the_hf_rules(
+    engine: VllmEngine, smollm2: ModelHandle
+) -> None:
+    requests = [
+        _request(PROMPTS[0], stop=("e",), top_logprobs=0),
+        _request("What is the capital of France?", max_new_tokens=40, top_logprobs=0),
+        _request(PROMPTS[2], max_new_tokens=3, top_logprobs=0),
+    ]
+    expected = Engine(smollm2).run(requests)
+    got = engine.run(requests)
+    assert [r.finish_reason for r in got] == ["stop", "stop", "length"]
+    for want, have in zip(expected, got, strict=True):
+        assert (have.text, have.token_ids, have.usage) == (want.text, want.token_ids, want.usage)
+
+
+def test_seeded_sampling_repeats(engine: VllmEngine) -> None:
+    sampled = _request(
+        PROMPTS[0],
+        sampling=SamplingConfig(temperature=0.9, top_p=0.95, min_p=0.05, seed=7),
+        top_logprobs=0,
+    )
+    first, second = engine.run([sampled]), engine.run([sampled])
+    assert first[0].token_ids == second[0].token_ids and first[0].seed == 7
+
+
+def test_cancel_frees_the_row_and_its_registration(
+    engine: VllmEngine, theme: SteeringVector
+) -> None:
+    request_id = engine.submit(_request(PROMPTS[0], (Add(theme, 0.3),), max_new_tokens=200))
+    engine.step()
+    engine.step()
+    engine.cancel(request_id)
+    finals = [e for e in engine.step() if e.finish_reason]
+    assert [(e.request_id, e.finish_reason) for e in finals] == [(request_id, "cancelled")]
+    assert not engine.has_work
+    (registered,) = engine.llm.collective_rpc(_registered_keys)
+    assert registered == 0
+
+
+def _registered_keys(worker: object) -> int:
+    return len(vllm_worker._steering(worker).specs)
+
+
+@pytest.mark.parametrize(
+    ("what", "field", "word"),
+    [
+        ("gated", "interventions[0]", "gated"),
+        ("speaker", "interventions[0]", "speaker-scoped"),
+        ("resid_mid", "interventions[0]", "hook_resid_mid"),
+        ("dry", "sampling.dry_multiplier", "dry_multiplier"),
+        ("banned", "sampling.banned_strings", "banned_strings"),
+        ("mirostat", "sampling.mirostat_mode", "mirostat_mode"),
+    ],
+)
+def test_what_the_backend_lacks_is_refused_by_name(
+    engine: VllmEngine,
+    theme: SteeringVector,
+    refusal: SteeringVector,
+    what: str,
+    field: str,
+    word: str,
+) -> None:
+    add = Add(theme, 0.5)
+    cases = {
+        "gated": _request(PROMPTS[0], (Gated(Condition(HOOK, refusal, 0.0), add),)),
+        "speaker": _request(PROMPTS[0], (replace(add, speaker="Alice"),)),
+        "resid_mid": _request(PROMPTS[0], (Add(theme, 0.5, hooks=("blocks.3.hook_resid_mid",)),)),
+        "dry": _request(PROMPTS[0], sampling=SamplingConfig(dry_multiplier=0.8)),
+        "banned": _request(PROMPTS[0], sampling=SamplingConfig(banned_strings=("shivers",))),
+        "mirostat": _request(PROMPTS[0], sampling=SamplingConfig(mirostat_mode=2)),
+    }
+    with pytest.raises(FailedPreconditionError) as refused:
+        engine.submit(cases[what])
+    assert refused.value.field == field
+    assert word in refused.value.message and "vllm" in refused.value.message
+    assert not engine.has_work

@@ -1,0 +1,150 @@
+"""gRPC and HTTP over ``backend="vllm"`` on the real SmolLM2: isolation and bad input.
+
+Concurrent streams with their own steering equal the hf engine running each alone; what the
+backend lacks is a FAILED_PRECONDITION / 400 naming the field; the server keeps serving."""
+
+from __future__ import annotations
+
+import concurrent.futures
+from collections.abc import Iterator
+
+import httpx
+import pytest
+import torch
+
+from steer.artifacts import save_vector
+from steer.client import FailedPrecondition, SteerClient, ablate, add, gated
+from steer.client.results import Completion
+from steer.generation import Engine, GenerationRequest, Message
+from steer.interventions import Ablate, Add, Phase
+from steer.models import ModelHandle
+from steer.sampling import SamplingConfig
+from steer.server import ServerSettings, SteerServer
+from steer.vectors import SteeringVector
+
+pytest.importorskip("vllm")
+
+pytestmark = [pytest.mark.vllm, pytest.mark.slow]
+
+HOOK = "blocks.12.hook_resid_post"
+QUESTION = "Describe a place you would like to visit."
+GREEDY = SamplingConfig.greedy_config()
+
+
+def _vector(seed: int, size: int = 576) -> torch.Tensor:
+    return torch.randn(size, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.fixture(scope="module")
+def served(smollm2: ModelHandle, tmp_path_factory: pytest.TempPathFactory) -> Iterator[SteerServer]:
+    root = tmp_path_factory.mktemp("vllm-service")
+    direction = SteeringVector.from_shared(_vector(2))
+    save_vector(root / "artifacts" / "noise", direction, handle=smollm2, kind="direction")
+    settings = ServerSettings(
+        port=0,
+        http_port=0,
+        models_root=root,
+        max_batch=8,
+        max_prompt_tokens=1024,
+        max_new_tokens_cap=256,
+        backend="vllm",
+        kv_cache_gib=1,
+    )
+    with SteerServer(settings, models={"smollm2": smollm2}) as server:
+        yield server
+
+
+def _alone(handle: ModelHandle, index: int) -> tuple[int, ...]:
+    interventions = {
+        0: (),
+        1: (Add(SteeringVector.from_shared(_vector(1)), 4.0, hooks=(HOOK,)),),
+        2: (Ablate(SteeringVector.from_shared(_vector(2))),),
+        3: (
+            Add(SteeringVector.from_shared(_vector(3)), -3.0, hooks=(HOOK,), phase=Phase.GENERATED),
+        ),
+    }[index % 4]
+    request = GenerationRequest(
+        messages=(Message("user", f"{QUESTION} ({index})"),),
+        sampling=GREEDY,
+        max_new_tokens=12,
+        interventions=interventions,
+    )
+    return Engine(handle).run([request])[0].token_ids
+
+
+def _remote(client: SteerClient, index: int) -> Completion:
+    interventions = {
+        0: [],
+        1: [add(_vector(1).tolist(), 4.0, hooks=[HOOK])],
+        2: [ablate("noise")],
+        3: [add(_vector(3).tolist(), -3.0, hooks=[HOOK], phase="generated")],
+    }[index % 4]
+    return client.complete(
+        messages=[{"role": "user", "content": f"{QUESTION} ({index})"}],
+        interventions=interventions,
+        temperature=0,
+        max_new_tokens=12,
+    )[None]
+
+
+def test_concurrent_grpc_streams_each_equal_the_hf_engine_alone(
+    served: SteerServer, smollm2: ModelHandle
+) -> None:
+    with (
+        SteerClient(served.target, timeout=300) as client,
+        concurrent.futures.ThreadPoolExecutor(8) as pool,
+    ):
+        remote = list(pool.map(lambda i: _remote(client, i), range(8)))
+    for index, completion in enumerate(remote):
+        assert tuple(completion.token_ids) == _alone(smollm2, index), index
+    assert len({tuple(c.token_ids) for c in remote}) > 4
+
+
+def test_http_chat_with_steering_equals_the_hf_engine(
+    served: SteerServer, smollm2: ModelHandle
+) -> None:
+    body = {
+        "model": "smollm2",
+        "messages": [{"role": "user", "content": f"{QUESTION} (1)"}],
+        "max_tokens": 12,
+        "temperature": 0,
+        "steering": [
+            {"add": {"inline": {"shared": _vector(1).tolist()}, "strength": 4.0, "hooks": [HOOK]}}
+        ],
+    }
+    response = httpx.post(f"{served.http_url}/v1/chat/completions", json=body, timeout=300)
+    assert response.status_code == 200, response.text
+    text = response.json()["choices"][0]["message"]["content"]
+    expected = smollm2.tokenizer.decode(_alone(smollm2, 1), skip_special_tokens=True)
+    assert text == expected
+
+
+def test_what_vllm_lacks_is_refused_by_name_and_the_server_keeps_serving(
+    served: SteerServer,
+) -> None:
+    gate = gated(
+        add(_vector(1).tolist(), 2.0, hooks=[HOOK]), "blocks.4.hook_resid_pre", [1.0] * 576, 0.0
+    )
+    with SteerClient(served.target, timeout=300) as client:
+        with pytest.raises(FailedPrecondition) as refused:
+            client.complete(QUESTION, interventions=[gate], max_new_tokens=4)
+        assert refused.value.field == "interventions[0]" and "vllm" in refused.value.message
+        with pytest.raises(FailedPrecondition) as refused:
+            client.complete(QUESTION, sampling={"dry_multiplier": 0.8}, max_new_tokens=4)
+        assert "dry_multiplier" in str(refused.value.field) and "vllm" in refused.value.message
+        assert client.health() == "SERVING"
+        chat = [{"role": "user", "content": QUESTION}]
+        after = client.complete(messages=chat, temperature=0, max_new_tokens=5)[None]
+        assert after.completion_tokens == 5
+    body = {
+        "model": "smollm2",
+        "prompt": QUESTION,
+        "max_tokens": 4,
+        "xtc_probability": 0.5,
+    }
+    response = httpx.post(f"{served.http_url}/v1/completions", json=body, timeout=300)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert "xtc_probability" in error["param"] and "vllm" in error["message"]
+    worker = served.registry.get("smollm2").worker
+    assert worker.stats.failed_total == 0  # refused before the engine, no batch failed
