@@ -1,21 +1,25 @@
-"""Decode speed with and without steering, same model, same run.
+"""Decode speed with and without steering, per backend, same model, same run.
 
 Steered = Add at 8 layers + Ablate of one direction everywhere (every resid_pre, attn_out and
 mlp_out). Rows run the full ``--new-tokens`` (EOS is ignored by using raw story prompts and
-counting only decode steps while the whole batch is running). Configurations are interleaved
-``--repeats`` times and the median tokens/s is reported, so background load hits both sides.
+counting only decode steps while the whole batch is running). Configurations (backend x steered
+or not) are interleaved ``--repeats`` times and the median tokens/s is reported, so background
+load hits every side; with both backends the vllm/hf ratio comes from the same run.
 
-    python scripts/bench_engine.py                      # SmolLM2-135M on CPU
+    python scripts/bench_engine.py                      # SmolLM2-135M on CPU, hf engine
+    python scripts/bench_engine.py --backend hf,vllm    # both backends side by side
     python scripts/bench_engine.py --device cuda        # random Llama-3-8B-config model on GPU
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -23,7 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from report import emit, machine, table, write_section
 
 from steer import Ablate, Add, SteeringVector
-from steer.generation import Engine, GenerationRequest
+from steer.backends import engine_factory
+from steer.generation import GenerationRequest
 from steer.models import ModelHandle, from_pretrained_model, load_model
 from steer.sampling import SamplingConfig
 
@@ -62,9 +67,9 @@ def steering(handle: ModelHandle) -> tuple:
     return (Add(vector, 0.5), Ablate(direction))
 
 
-def decode_rate(handle: ModelHandle, batch: int, new_tokens: int, interventions: tuple) -> float:
+def decode_rate(engine: Any, batch: int, new_tokens: int, interventions: tuple) -> float:
+    handle = engine.handle
     ids = tuple(handle.tokenizer(PROMPT)["input_ids"])
-    engine = Engine(handle, max_batch=batch)
     for index in range(batch):
         engine.submit(
             GenerationRequest(
@@ -100,44 +105,71 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=48)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--no-docs", action="store_true")
+    parser.add_argument("--backend", default="hf", help="hf, vllm or hf,vllm (side by side)")
     args = parser.parse_args()
 
     if args.device == "cpu":
         handle = load_model(args.model)
     else:
         handle = llama3_8b_random(args.device, torch.bfloat16)
+    batches = [int(b) for b in args.batches.split(",")]
+    backends = args.backend.split(",")
+    engines = {name: engine_factory(handle, name, max_batch=max(batches))() for name in backends}
     steered = steering(handle)
+    load_before = os.getloadavg()[0]
     record: dict = {"model": handle.name, "device": args.device, "machine": machine()}
     rows = []
-    for batch in [int(b) for b in args.batches.split(",")]:
-        decode_rate(handle, batch, 4, ())  # warm-up
-        plain, steer = [], []
+    for batch in batches:
+        rates: dict[tuple[str, bool], list[float]] = {}
+        for engine in engines.values():
+            decode_rate(engine, batch, 4, ())  # warm-up
+            decode_rate(engine, batch, 4, steered)
         for _ in range(args.repeats):
-            plain.append(decode_rate(handle, batch, args.new_tokens, ()))
-            steer.append(decode_rate(handle, batch, args.new_tokens, steered))
-        plain_rate, steer_rate = statistics.median(plain), statistics.median(steer)
-        record[f"batch{batch}_unsteered_tok_s"] = round(plain_rate, 2)
-        record[f"batch{batch}_steered_tok_s"] = round(steer_rate, 2)
-        record[f"batch{batch}_ratio"] = round(steer_rate / plain_rate, 4)
-        rows.append(
-            {
+            for name, engine in engines.items():
+                for steer in (False, True):
+                    rate = decode_rate(engine, batch, args.new_tokens, steered if steer else ())
+                    rates.setdefault((name, steer), []).append(rate)
+        for name in backends:
+            plain_rate = statistics.median(rates[(name, False)])
+            steer_rate = statistics.median(rates[(name, True)])
+            row = {
+                "backend": name,
                 "batch": batch,
                 "unsteered tok/s": plain_rate,
                 "steered tok/s": steer_rate,
-                "ratio": steer_rate / plain_rate,
+                "steered/unsteered": steer_rate / plain_rate,
             }
-        )
+            if "hf" in backends:
+                reference = statistics.median(rates[("hf", False)])
+                row["unsteered vs hf"] = plain_rate / reference
+                row["steered vs hf"] = steer_rate / statistics.median(rates[("hf", True)])
+            rows.append(row)
+            prefix = f"{name}_batch{batch}"
+            record[f"{prefix}_unsteered_tok_s"] = round(plain_rate, 2)
+            record[f"{prefix}_steered_tok_s"] = round(steer_rate, 2)
+            record[f"{prefix}_ratio"] = round(steer_rate / plain_rate, 4)
+    record["load_before"] = round(load_before, 2)
+    record["load_after"] = round(os.getloadavg()[0], 2)
     emit(record)
     if not args.no_docs:
-        section = f"engine-{args.device}"
-        markdown = (
-            f"### Engine decode speed, {handle.name} on {args.device}\n\n"
-            f"Machine: {record['machine']}. Steered = Add at 8 layers + Ablate everywhere; "
-            f"median of {args.repeats} interleaved runs of {args.new_tokens} tokens.\n"
-            f"Command: `python scripts/bench_engine.py --device {args.device}`\n\n"
-            + table(rows, ["batch", "unsteered tok/s", "steered tok/s", "ratio"])
-        )
-        write_section("benchmarks.md", section, markdown, title="Benchmarks")
+        _write_docs(args, handle, record, rows, backends)
+
+
+def _write_docs(args: Any, handle: ModelHandle, record: dict, rows: list, backends: list) -> None:
+    section = f"engine-{args.device}"
+    columns = ["backend", "batch", "unsteered tok/s", "steered tok/s", "steered/unsteered"]
+    if "hf" in backends and len(backends) > 1:
+        columns += ["unsteered vs hf", "steered vs hf"]
+    markdown = (
+        f"### Engine decode speed, {handle.name} ({handle.dtype}) on {args.device}\n\n"
+        f"Machine: {record['machine']}; load average {record['load_before']} before, "
+        f"{record['load_after']} after. Steered = Add at 8 layers + Ablate everywhere; median "
+        f"of {args.repeats} interleaved runs of {args.new_tokens} tokens per configuration, "
+        "all backends in one process and one run. Goal: steered/unsteered >= 0.97.\n"
+        f"Command: `python scripts/bench_engine.py --device {args.device} "
+        f"--backend {args.backend}`\n\n" + table(rows, columns)
+    )
+    write_section("benchmarks.md", section, markdown, title="Benchmarks")
 
 
 if __name__ == "__main__":

@@ -77,58 +77,159 @@ def lower_request(
     return SteeringSpec(tuple(ops))
 
 
-class FlatProgram:
-    """The ops of one batch composition at one hook point, for flattened tokens."""
+class Selection:
+    """The tokens of one pass that belong to a given set of steered rows.
 
-    def __init__(self, program: _PointProgram, batch_size: int) -> None:
+    ``tokens`` None: every real token of the pass (``x[:count]``), else their indices; ``index``:
+    each selected token's position among the rows with ops; ``is_prompt``: each selected
+    token's phase, None when they are all of one phase (``phase`` says which)."""
+
+    def __init__(
+        self, lookup: torch.Tensor, token_rows: torch.Tensor, is_prompt: torch.Tensor
+    ) -> None:
+        index = lookup[token_rows]
+        steered = index >= 0
+        self.count = int(token_rows.numel())
+        if bool(steered.all()):
+            self.tokens: torch.Tensor | None = None
+        else:
+            self.tokens = torch.nonzero(steered).squeeze(1)
+            index, is_prompt = index[self.tokens], is_prompt[self.tokens]
+        self.index = index
+        self.empty = self.tokens is not None and self.tokens.numel() == 0
+        prompt_tokens = int(is_prompt.sum())
+        self.phase: Phase | None = None
+        self.is_prompt: torch.Tensor | None = is_prompt
+        if prompt_tokens == 0 or prompt_tokens == is_prompt.numel():
+            self.phase = Phase.GENERATED if prompt_tokens == 0 else Phase.PROMPT
+            self.is_prompt = None
+
+
+class FlatProgram:
+    """The ops of one batch composition at one hook point, for flattened tokens.
+
+    ``uniform``: every row with ops here has the same ops (one steering for the whole batch, or
+    one row), so they apply as plain matrix products without gathering per-token copies."""
+
+    def __init__(self, program: _PointProgram, batch_size: int, uniform: bool) -> None:
+        self.uniform = uniform
         self.basis = program.basis
         self.weights = program.weights
-        self.prompt_add = program.additions[Phase.PROMPT]
-        self.generated_add = program.additions[Phase.GENERATED]
+        self.additions = {
+            phase: program.additions[phase] for phase in (Phase.PROMPT, Phase.GENERATED)
+        }
         # batch row -> index among the rows with ops here (-1: none)
         lookup = torch.full((batch_size,), -1, dtype=torch.long)
         lookup[program.rows.cpu()] = torch.arange(len(program.rows))
         self.lookup = lookup.to(program.rows.device)
+        #: whether the delta reads the stream (ablation); an addition alone does not
+        self.needs_stream = self.basis is not None
+        #: rows with ops here: the programs of one pass that share them share a Selection
+        self.rows_key = tuple(program.rows.tolist())
+        if uniform and self.basis is not None:
+            self.basis = self.basis[0]  # (K, D)
+            self.basis_transposed = self.basis.t().contiguous()
+            self.weights = None if self.weights is None else self.weights[0]
+        if uniform:
+            self.additions = {
+                phase: None if table is None else table[0]
+                for phase, table in self.additions.items()
+            }
 
-    def delta(
-        self, x: torch.Tensor, token_rows: torch.Tensor, is_prompt: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """What to add to ``x`` (tokens, D): (token indices, (M, D) deltas), or None.
+    def apply(self, target: torch.Tensor, stream: torch.Tensor, selection: Selection) -> None:
+        """Add this point's delta, computed from the residual-stream value ``stream``, to
+        ``target`` in place (the same tensor, or the part of the stream a module returns)."""
+        if selection.empty:
+            return
+        if self.uniform and selection.tokens is None:
+            self._apply_in_place(target[: selection.count], stream[: selection.count], selection)
+            return
+        tokens = selection.tokens
+        sub = stream[: selection.count] if tokens is None else stream.index_select(0, tokens)
+        delta = self._delta(sub, selection)
+        if delta is None:
+            return
+        if tokens is None:
+            target[: selection.count] += delta.to(target.dtype)
+        else:
+            target.index_add_(0, tokens, delta.to(target.dtype))
 
-        ``token_rows``: batch row of each real token (padding tokens beyond it are skipped);
-        ``is_prompt``: (tokens,) bool."""
-        index = self.lookup[token_rows]
-        tokens = torch.nonzero(index >= 0).squeeze(1)
-        if tokens.numel() == 0:
-            return None
-        index = index[tokens]
-        sub = x.index_select(0, tokens)
-        delta = torch.zeros_like(sub)
-        if self.prompt_add is not None or self.generated_add is not None:
-            prompt = self._addition(self.prompt_add, index, sub)
-            generated = self._addition(self.generated_add, index, sub)
-            delta = torch.where(is_prompt[tokens][:, None], prompt, generated)
+    def _apply_in_place(
+        self, target: torch.Tensor, sub: torch.Tensor, selection: Selection
+    ) -> None:
+        """The hot path (every row steered alike, e.g. one request): two or three fused ops."""
+        coefficient = None
         if self.basis is not None:
-            basis = self.basis.index_select(0, index)  # (M, K, D)
+            coefficient = sub @ self.basis_transposed  # (M, K), read before anything is added
+            if self.weights is not None:
+                coefficient = coefficient * self.weights
+        prompt, generated = self.additions[Phase.PROMPT], self.additions[Phase.GENERATED]
+        if selection.phase is not None:
+            vector = prompt if selection.phase is Phase.PROMPT else generated
+            if vector is not None:
+                target += vector
+        elif prompt is not None or generated is not None:
+            assert selection.is_prompt is not None
+            zero = torch.zeros((), dtype=target.dtype, device=target.device)
+            target += torch.where(
+                selection.is_prompt[:, None],
+                zero if prompt is None else prompt,
+                zero if generated is None else generated,
+            )
+        if coefficient is not None and self.basis is not None:
+            target.addmm_(coefficient, self.basis, alpha=-1)
+
+    def _delta(self, sub: torch.Tensor, selection: Selection) -> torch.Tensor | None:
+        """The delta of the selected tokens ``sub`` (M, D), gathered per token's row."""
+        delta = self._added(sub, selection)
+        if self.basis is None:
+            return delta
+        if self.uniform:
+            coefficient = sub @ self.basis_transposed  # (M, K)
+            if self.weights is not None:
+                coefficient = coefficient * self.weights
+            projection = coefficient @ self.basis
+        else:
+            basis = self.basis.index_select(0, selection.index)  # (M, K, D)
             coefficient = torch.bmm(sub[:, None, :], basis.transpose(1, 2))  # (M, 1, K)
             if self.weights is not None:
-                coefficient = coefficient * self.weights.index_select(0, index)[:, None, :]
-            delta = delta - torch.bmm(coefficient, basis).squeeze(1)
-        return tokens, delta
+                coefficient = (
+                    coefficient * self.weights.index_select(0, selection.index)[:, None, :]
+                )
+            projection = torch.bmm(coefficient, basis).squeeze(1)
+        return -projection if delta is None else delta - projection
 
-    @staticmethod
+    def _added(self, sub: torch.Tensor, selection: Selection) -> torch.Tensor | None:
+        prompt, generated = self.additions[Phase.PROMPT], self.additions[Phase.GENERATED]
+        if prompt is None and generated is None:
+            return None
+        chosen = (
+            self._addition(prompt, selection.index, sub),
+            self._addition(generated, selection.index, sub),
+        )
+        if selection.phase is not None:
+            return chosen[0] if selection.phase is Phase.PROMPT else chosen[1]
+        assert selection.is_prompt is not None
+        return torch.where(selection.is_prompt[:, None], *chosen)
+
     def _addition(
-        table: torch.Tensor | None, index: torch.Tensor, sub: torch.Tensor
+        self, table: torch.Tensor | None, index: torch.Tensor, sub: torch.Tensor
     ) -> torch.Tensor:
         if table is None:
             return torch.zeros_like(sub)
+        if self.uniform:
+            return table.expand_as(sub)
         return table.index_select(0, index)
 
 
 def build_flat_programs(
-    specs: Sequence[SteeringSpec | None], dtype: torch.dtype, device: torch.device
+    specs: Sequence[SteeringSpec | None],
+    keys: Sequence[str | None],
+    dtype: torch.dtype,
+    device: torch.device,
 ) -> dict[HookPoint, FlatProgram]:
-    """Stack the ops of a batch's rows (``specs[i]``: row i's, None = unsteered) per point."""
+    """Stack the ops of a batch's rows (``specs[i]``: row i's under ``keys[i]``, None =
+    unsteered) per point."""
     by_point: dict[HookPoint, dict[int, list[ProjectOut | AddVector]]] = {}
     for row, spec in enumerate(specs):
         if spec is None:
@@ -142,5 +243,6 @@ def build_flat_programs(
             for row, ops in row_ops.items()
         }
         program = _PointProgram(len(specs), ordered, dtype, device)
-        programs[point] = FlatProgram(program, len(specs))
+        uniform = len({keys[row] for row in row_ops}) == 1
+        programs[point] = FlatProgram(program, len(specs), uniform)
     return programs

@@ -17,6 +17,8 @@ norm)::
     hook_mlp_out     output of mlp
     hook_resid_post  layer output: stream = hidden + residual; the delta goes into hidden
 
+Deltas are added in place, into tensors the forward pass has just made for the next module.
+
 The hooks are plain PyTorch hooks, so the model must run eagerly (``enforce_eager=True``; CUDA
 graphs would replay kernels without them).
 """
@@ -33,6 +35,7 @@ from torch import nn
 from steer.backends.vllm.program import (
     EXTRA_ARGS_KEY,
     FlatProgram,
+    Selection,
     SteeringSpec,
     build_flat_programs,
 )
@@ -43,7 +46,8 @@ PROGRAM_CACHE_SIZE = 64
 
 
 class _Pass:
-    """What the hooks of one forward pass need."""
+    """What the hooks of one forward pass need: the batch's programs and, per set of steered
+    rows, which tokens they own (worked out once per pass, shared by every point)."""
 
     def __init__(
         self, programs: dict[HookPoint, FlatProgram], rows: torch.Tensor, is_prompt: torch.Tensor
@@ -51,6 +55,14 @@ class _Pass:
         self.programs = programs
         self.rows = rows
         self.is_prompt = is_prompt
+        self._selections: dict[tuple[int, ...], Selection] = {}
+
+    def selection(self, program: FlatProgram) -> Selection:
+        found = self._selections.get(program.rows_key)
+        if found is None:
+            found = Selection(program.lookup, self.rows, self.is_prompt)
+            self._selections[program.rows_key] = found
+        return found
 
 
 class WorkerSteering:
@@ -104,7 +116,7 @@ class WorkerSteering:
         if programs is None:
             dtype = next(self.model.parameters()).dtype
             specs = [self.specs.get(key) if key else None for key in keys]
-            programs = build_flat_programs(specs, dtype, positions.device)
+            programs = build_flat_programs(specs, keys, dtype, positions.device)
             self._programs[keys] = programs
             while len(self._programs) > PROGRAM_CACHE_SIZE:
                 self._programs.popitem(last=False)
@@ -119,18 +131,12 @@ class WorkerSteering:
         key = extra.get(EXTRA_ARGS_KEY)
         return key if key in self.specs else None
 
-    def _delta(self, point: HookPoint, stream: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        """``target`` plus ``point``'s delta computed from the residual-stream value
-        ``stream`` (the same tensor as target, or target + residual)."""
+    def _program(self, point: HookPoint) -> tuple[FlatProgram, Selection] | None:
         current = self.current
         program = None if current is None else current.programs.get(point)
         if current is None or program is None:
-            return target
-        found = program.delta(stream, current.rows, current.is_prompt)
-        if found is None:
-            return target
-        tokens, delta = found
-        return target.index_add(0, tokens, delta.to(target.dtype))
+            return None
+        return program, current.selection(program)
 
     # -- hooks ----------------------------------------------------------------------------------
 
@@ -153,22 +159,33 @@ class WorkerSteering:
 
     def _output_hook(self, point: HookPoint) -> Callable[..., torch.Tensor]:
         def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
-            return self._delta(point, output, output)
+            found = self._program(point)
+            if found is not None:
+                found[0].apply(output, output, found[1])
+            return output
 
         return hook
 
-    def _resid_pre_hook(self, point: HookPoint) -> Callable[..., tuple]:
-        def hook(module: nn.Module, args: tuple) -> tuple:
-            positions, hidden, residual = args[0], args[1], args[2]
-            stream = hidden if residual is None else hidden + residual
-            return (positions, self._delta(point, stream, hidden), residual, *args[3:])
+    def _resid_pre_hook(self, point: HookPoint) -> Callable[..., None]:
+        def hook(module: nn.Module, args: tuple) -> None:
+            found = self._program(point)
+            if found is not None:
+                program, selection = found
+                hidden, residual = args[1], args[2]
+                plain = residual is None or not program.needs_stream
+                program.apply(hidden, hidden if plain else hidden + residual, selection)
 
         return hook
 
     def _resid_post_hook(self, point: HookPoint) -> Callable[..., tuple]:
         def hook(module: nn.Module, args: tuple, output: tuple) -> tuple:
-            hidden, residual = output
-            return (self._delta(point, hidden + residual, hidden), residual)
+            found = self._program(point)
+            if found is not None:
+                program, selection = found
+                hidden, residual = output
+                stream = hidden + residual if program.needs_stream else hidden
+                program.apply(hidden, stream, selection)
+            return output
 
         return hook
 

@@ -1,0 +1,160 @@
+"""The vllm backend's flattened-batch programs equal the hf engine's plan, op for op (no vLLM).
+
+vLLM lays a batch's tokens end to end and mixes prompt and generated tokens in one pass;
+:class:`~steer.backends.vllm.program.FlatProgram` must give every token what the hf engine's
+:class:`~steer.plan.InterventionPlan` gives it in the (rows, tokens) layout of its own passes.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from steer.backends.capabilities import check_request
+from steer.backends.vllm.engine import CAPABILITIES
+from steer.backends.vllm.program import Selection, SteeringSpec, build_flat_programs, lower_request
+from steer.errors import FailedPreconditionError
+from steer.generation import GenerationRequest
+from steer.interventions import Ablate, Add, Intervention, Phase
+from steer.models import ModelHandle
+from steer.plan import build_plan
+from steer.sampling import SamplingConfig
+from steer.vectors import SteeringVector
+
+D = 64
+HOOKS = ("blocks.1.hook_resid_post", "blocks.2.hook_attn_out")
+
+
+def _vector(seed: int) -> torch.Tensor:
+    return torch.randn(D, generator=torch.Generator().manual_seed(seed))
+
+
+def _rows() -> list[tuple[Intervention, ...]]:
+    shared = SteeringVector.from_shared
+    return [
+        (),
+        (Add(shared(_vector(1)), 2.0, hooks=HOOKS),),
+        (Add(shared(_vector(2)), -1.5, hooks=HOOKS, phase=Phase.GENERATED),),
+        (Ablate(shared(_vector(3))),),
+        (Ablate(shared(_vector(4)), weight=0.6), Add(shared(_vector(5)), 1.0, hooks=HOOKS[:1])),
+        (Add(shared(_vector(6)), 0.7, hooks=HOOKS, phase=Phase.PROMPT),),
+        (
+            Ablate(shared(_vector(7)), weight=0.8),
+            Add(shared(_vector(8)), 1.2, hooks=HOOKS, phase=Phase.GENERATED),
+            Add(shared(_vector(9)), -0.9, hooks=HOOKS[:1], phase=Phase.PROMPT),
+        ),
+    ]
+
+
+@pytest.mark.parametrize("layout", ["mixed", "uniform", "uniform-but-one"])
+@pytest.mark.parametrize("phase", [Phase.PROMPT, Phase.GENERATED])
+def test_flat_programs_equal_the_hf_plan(
+    tiny_llama: ModelHandle, layout: str, phase: Phase
+) -> None:
+    rows = _rows()
+    if layout == "uniform":  # every row steered alike: the in-place fast path
+        rows = [rows[6]] * 5
+    elif layout == "uniform-but-one":  # alike but for an unsteered row: gathered tokens
+        rows = [rows[0], *[rows[6]] * 4]
+    resolver, d_model = tiny_llama.resolver, tiny_llama.d_model
+    plan = build_plan(rows, resolver, d_model, torch.float32, torch.device("cpu"))
+    specs = [lower_request(row, resolver, d_model) for row in rows]
+    keys = [spec.key() if not spec.is_empty else None for spec in specs]
+    flat = build_flat_programs(
+        [None if key is None else spec for spec, key in zip(specs, keys, strict=True)],
+        keys,
+        torch.float32,
+        torch.device("cpu"),
+    )
+    assert set(flat) == set(plan.programs)
+    tokens = 5
+    x = torch.randn(len(rows), tokens, D, generator=torch.Generator().manual_seed(9))
+    token_rows = torch.arange(len(rows)).repeat_interleave(tokens)
+    is_prompt = torch.full((len(rows) * tokens,), phase is Phase.PROMPT)
+    hooks = plan.hooks(phase)
+    for point, program in flat.items():
+        expected = hooks[point](x.clone())
+        got = x.clone().reshape(-1, D)
+        program.apply(got, got.clone(), Selection(program.lookup, token_rows, is_prompt))
+        torch.testing.assert_close(got.reshape(x.shape), expected, rtol=1e-5, atol=1e-5)
+        if not rows[0]:
+            assert torch.equal(got.reshape(x.shape)[0], x[0])  # the unsteered row is untouched
+
+
+def test_mixed_phases_in_one_pass_equal_two_hf_passes(tiny_llama: ModelHandle) -> None:
+    """A pass with one row's prompt chunk and another row's decode token, as vLLM schedules."""
+    rows = [*_rows(), *[_rows()[6]] * 2]  # the last three alike
+    resolver, d_model = tiny_llama.resolver, tiny_llama.d_model
+    specs: list[SteeringSpec | None] = [lower_request(row, resolver, d_model) for row in rows]
+    keys = [spec.key() for spec in specs if spec is not None]
+    flat = build_flat_programs(specs, keys, torch.float32, torch.device("cpu"))
+    plan = build_plan(rows, resolver, d_model, torch.float32, torch.device("cpu"))
+    x = torch.randn(len(rows), 1, D, generator=torch.Generator().manual_seed(3))
+    token_rows = torch.arange(len(rows))
+    is_prompt = token_rows % 2 == 0  # even rows in their prompt, odd rows decoding
+    for point, program in flat.items():
+        prompt_pass = plan.hooks(Phase.PROMPT)[point](x.clone())
+        decode_pass = plan.hooks(Phase.GENERATED)[point](x.clone())
+        expected = torch.where(is_prompt[:, None, None], prompt_pass, decode_pass)
+        got = x.clone().reshape(-1, D)
+        program.apply(got, got.clone(), Selection(program.lookup, token_rows, is_prompt))
+        torch.testing.assert_close(got.reshape(x.shape), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_equal_steering_has_equal_keys_and_different_steering_does_not(
+    tiny_llama: ModelHandle,
+) -> None:
+    resolver, d_model = tiny_llama.resolver, tiny_llama.d_model
+    vector = SteeringVector.from_shared(_vector(1))
+
+    def key(*interventions: Intervention) -> str:
+        return lower_request(interventions, resolver, d_model).key()
+
+    assert key(Add(vector, 2.0, hooks=HOOKS)) == key(Add(vector, 2.0, hooks=HOOKS))
+    assert key(Add(vector, 2.0, hooks=HOOKS)) != key(Add(vector, 2.5, hooks=HOOKS))
+    assert key(Add(vector, 2.0, hooks=HOOKS)) != key(
+        Add(vector, 2.0, hooks=HOOKS, phase=Phase.PROMPT)
+    )
+    assert key(Ablate(vector)) != key(Ablate(vector, weight=0.5))
+    assert lower_request((Add(vector, 0.0, hooks=HOOKS),), resolver, d_model).is_empty
+
+
+@pytest.mark.parametrize(
+    ("request_", "field"),
+    [
+        (
+            GenerationRequest(prompt="Hi", sampling=SamplingConfig(xtc_probability=0.5)),
+            "sampling.xtc_probability",
+        ),
+        (
+            GenerationRequest(prompt="Hi", sampling=SamplingConfig(typical_p=0.9)),
+            "sampling.typical_p",
+        ),
+        (
+            GenerationRequest(
+                prompt="Hi",
+                interventions=(
+                    Add(SteeringVector.from_shared(_vector(1)), 1.0, hooks=HOOKS, speaker="Bo"),
+                ),
+            ),
+            "interventions[0]",
+        ),
+    ],
+)
+def test_capabilities_refuse_by_field(
+    tiny_llama: ModelHandle, request_: GenerationRequest, field: str
+) -> None:
+    with pytest.raises(FailedPreconditionError) as refused:
+        check_request(request_, tiny_llama, CAPABILITIES)
+    assert refused.value.field == field and "vllm" in refused.value.message
+
+
+def test_what_vllm_has_passes_the_check(tiny_llama: ModelHandle) -> None:
+    vector = SteeringVector.from_shared(_vector(1))
+    sampling = SamplingConfig(temperature=0.8, top_k=40, top_p=0.9, min_p=0.05, seed=3)
+    request = GenerationRequest(
+        prompt="Hi",
+        sampling=sampling,
+        interventions=(Add(vector, 1.0, hooks=HOOKS), Ablate(vector)),
+    )
+    check_request(request, tiny_llama, CAPABILITIES)
