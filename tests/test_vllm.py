@@ -285,3 +285,41 @@ def test_what_the_backend_lacks_is_refused_by_name(
     assert refused.value.field == field
     assert word in refused.value.message and "vllm" in refused.value.message
     assert not engine.has_work
+
+
+@pytest.mark.parametrize("architecture", ["llama", "mistral", "qwen2"])
+def test_every_supported_architecture_equals_the_hf_engine(architecture: str) -> None:
+    """Tiny random models of each family the backend claims, mixed steering in one batch."""
+    from tiny import VLLM_SIZES, tiny_handle
+
+    handle = tiny_handle(architecture, seed=4, **VLLM_SIZES)
+    generator = torch.Generator().manual_seed(1)
+    vector = SteeringVector(
+        {layer: torch.randn(handle.d_model, generator=generator) for layer in range(4)}
+    )
+    direction = SteeringVector.from_shared(torch.randn(handle.d_model, generator=generator))
+    mixes: list[tuple[Intervention, ...]] = [
+        (),
+        (Add(vector, 3.0),),
+        (Ablate(direction),),
+        (Add(vector, -2.0, hooks=("blocks.1.hook_attn_out",), phase=Phase.GENERATED),),
+    ]
+    requests = [
+        GenerationRequest(
+            prompt=f"The knight drew her sword {index}",
+            interventions=mix,
+            sampling=GREEDY,
+            max_new_tokens=10,
+        )
+        for index, mix in enumerate(mixes * 2)
+    ]
+    engine = VllmEngine(
+        handle, start_vllm(handle, max_batch=8, options=VllmOptions(kv_cache_gib=1))
+    )
+    try:
+        got = engine.run(requests)
+    finally:
+        engine.close(final=True)
+    expected = Engine(handle, max_batch=8).run(requests)
+    assert [r.token_ids for r in got] == [r.token_ids for r in expected]
+    assert len({r.token_ids for r in got}) > 4

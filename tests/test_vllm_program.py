@@ -7,13 +7,16 @@ vLLM lays a batch's tokens end to end and mixes prompt and generated tokens in o
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
 from steer.backends.capabilities import check_request
 from steer.backends.vllm.engine import CAPABILITIES
+from steer.backends.vllm.launch import export_for_vllm
 from steer.backends.vllm.program import Selection, SteeringSpec, build_flat_programs, lower_request
-from steer.errors import FailedPreconditionError
+from steer.errors import FailedPreconditionError, UnsupportedArchitectureError
 from steer.generation import GenerationRequest
 from steer.interventions import Ablate, Add, Intervention, Phase
 from steer.models import ModelHandle
@@ -158,3 +161,26 @@ def test_what_vllm_has_passes_the_check(tiny_llama: ModelHandle) -> None:
         interventions=(Add(vector, 1.0, hooks=HOOKS), Ablate(vector)),
     )
     check_request(request, tiny_llama, CAPABILITIES)
+
+
+def test_an_architecture_the_backend_does_not_know_is_refused_before_vllm_starts(
+    tmp_path: Path,
+) -> None:
+    from tiny import tiny_handle
+
+    with pytest.raises(UnsupportedArchitectureError) as refused:
+        export_for_vllm(tiny_handle("gemma2"), root=tmp_path)
+    assert "gemma2" in refused.value.message and "--backend hf" in refused.value.message
+    assert not any(tmp_path.iterdir())  # nothing written
+
+
+def test_export_writes_once_and_is_found_by_weight_hash(
+    tiny_llama: ModelHandle, tmp_path: Path
+) -> None:
+    first = export_for_vllm(tiny_llama, root=tmp_path)
+    assert (first / "model.safetensors").exists() and (first / "config.json").exists()
+    assert tiny_llama.weight_hash[:32] in first.name
+    stamp = (first / "model.safetensors").stat().st_mtime_ns
+    assert export_for_vllm(tiny_llama, root=tmp_path) == first
+    assert (first / "model.safetensors").stat().st_mtime_ns == stamp
+    assert [p.name for p in tmp_path.iterdir()] == [first.name]  # no staging left behind

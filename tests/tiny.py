@@ -123,9 +123,21 @@ ARCHITECTURES = ("llama", "mistral", "qwen2", "gemma2", "gemma3_text")
 MOE_ARCHITECTURES = ("mixtral", "qwen2_moe", "qwen3_moe")
 
 
-def tiny_handle(architecture: str, seed: int = 0) -> ModelHandle:
+#: vLLM's CPU attention has kernels for head sizes of 32 and up, not the 16 of the tiny configs
+VLLM_SIZES = {
+    "hidden_size": 128,
+    "num_attention_heads": 2,
+    "num_key_value_heads": 1,
+    "head_dim": 64,
+}
+
+
+def tiny_handle(architecture: str, seed: int = 0, **sizes: int) -> ModelHandle:
+    """``sizes`` override config fields (e.g. :data:`VLLM_SIZES`)."""
     torch.manual_seed(seed)
     config = tiny_config(architecture)
+    for name, value in sizes.items():
+        setattr(config, name, value)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     # Random init leaves norms at 1 and small weights: scale up so outputs are not flat.
     # (ndim 3: the stacked experts of MoE blocks)

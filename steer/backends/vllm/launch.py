@@ -28,7 +28,8 @@ from steer.offline import cache_dir
 
 #: model types whose vLLM decoder layer has the Llama layout the worker hooks expect
 #: (``model.layers[L].self_attn`` / ``.mlp``, returning ``(hidden, residual)``)
-VLLM_ARCHITECTURES = frozenset({"llama", "mistral", "qwen2", "qwen3"})
+#: (each is tested against the hf engine in tests/test_vllm.py)
+VLLM_ARCHITECTURES = frozenset({"llama", "mistral", "qwen2"})
 
 #: written last into an export directory: its presence means the export is complete
 _COMPLETE = "steer-export.json"
@@ -109,7 +110,7 @@ def start_vllm(
     require_vllm()
     options = options or VllmOptions()
     directory = export_for_vllm(handle)
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(options.kv_cache_gib))
+    os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(options.kv_cache_gib)
     if options.tensor_parallel_size == 1:
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
