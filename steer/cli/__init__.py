@@ -15,6 +15,7 @@ from steer.errors import SteerError
 COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("steer.cli.demo", "steered vs default generation on a local model, side by side"),
     "serve": ("steer.cli.serve", "run the gRPC service"),
+    "deploy": ("steer.cli.deploy", "serve on Ray Serve: replicas behind one endpoint"),
     "generate": ("steer.cli.remote", "generate through a running server"),
     "chat": ("steer.cli.remote", "interactive chat through a running server, with sliders"),
     "models": ("steer.cli.remote", "list, load and unload models and SAEs on a running server"),

@@ -1,0 +1,250 @@
+"""steer on Ray Serve: the deployment file, and two replicas of SmolLM2 behind one endpoint.
+
+The config tests run everywhere; the Ray tests need the [ray] extra and run in a pytest process
+of their own (scripts/test.sh): a local Ray with 2 CPUs, two replicas holding one model each,
+requests with their own steering equal to the single-process engine, routing by model id, a
+replica killed mid-stream, and a shutdown that leaves no Ray process behind.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+
+from steer.cluster import ClusterConfig
+from steer.errors import InvalidArgumentError
+from steer.generation import Engine, GenerationRequest, Message
+from steer.interventions import Add
+from steer.models import ModelHandle
+from steer.sampling import SamplingConfig
+from steer.vectors import SteeringVector
+
+HOOK = "blocks.12.hook_resid_post"
+MODELS = {"a": {"source": "smollm2-135m-instruct"}, "b": {"source": "smollm2-135m-instruct"}}
+
+
+def _config(port: int = 8000, **replicas: object) -> ClusterConfig:
+    return ClusterConfig.from_dict(
+        {
+            "cluster": {"port": port, "num_cpus": 2},
+            "replicas": {"num_replicas": 2, "num_cpus": 1, "max_models_per_replica": 1, **replicas},
+            "server": {"models_root": "models", "max_batch": 8},
+            "models": MODELS,
+        }
+    )
+
+
+# -- the deployment file (no Ray needed) -----------------------------------------------------------
+
+
+def test_a_config_round_trips_and_maps_to_ray_serve_options(tmp_path: Path) -> None:
+    config = _config()
+    assert ClusterConfig.from_dict(config.to_dict()) == config
+    options = config.replicas.deployment_options()
+    assert options["num_replicas"] == 2 and options["ray_actor_options"]["num_cpus"] == 1
+    scaled = _config(min_replicas=1, max_replicas=8)
+    autoscaling = scaled.replicas.deployment_options()["autoscaling_config"]
+    assert (autoscaling["min_replicas"], autoscaling["max_replicas"]) == (1, 8)
+    assert config.server_settings().max_batch == 8 and config.default_model == "a"
+    path = tmp_path / "deploy.toml"
+    path.write_text(
+        '[replicas]\nnum_replicas = 3\n[server]\nbackend = "vllm"\n'
+        '[models.m]\nsource = "smollm2-135m-instruct"\n'
+    )
+    loaded = ClusterConfig.load(path)
+    assert loaded.replicas.num_replicas == 3 and loaded.server_settings().backend == "vllm"
+
+
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        ({"extra": {}}, "extra"),
+        ({"models": {}}, "models"),
+        ({"models": {"m": {"dtype": "float32"}}}, "models.m"),
+        ({"models": {"m": {"source": 3}}}, "models.m.source"),
+        ({"replicas": {"num_replicas": 0}}, "replicas.num_replicas"),
+        ({"replicas": {"num_replicas": "two"}}, "replicas.num_replicas"),
+        ({"replicas": {"num_gpus": -1}}, "replicas.num_gpus"),
+        ({"replicas": {"colour": 1}}, "replicas.colour"),
+        ({"server": {"max_batch": 0}}, "max_batch"),
+        ({"server": {"port": 1}}, "server.port"),
+        ({"server": {"backend": "tgi"}}, "backend"),
+        ({"cluster": {"port": 0}}, "cluster.port"),
+    ],
+)
+def test_a_bad_config_is_refused_by_field(change: dict, field: str) -> None:
+    data = {"models": {"m": {"source": "smollm2-135m-instruct"}}, **change}
+    with pytest.raises(InvalidArgumentError) as refused:
+        ClusterConfig.from_dict(data)
+    assert refused.value.field == field
+
+
+# -- on Ray Serve ---------------------------------------------------------------------------------
+
+
+def _short_temp_dir() -> str:
+    """Ray's socket paths must fit in 107 bytes: pytest's temp paths are too long."""
+    return tempfile.mkdtemp(prefix="steer-ray-", dir="/tmp")
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    pytest.importorskip("ray")
+    from steer.cli.deploy import start, stop
+
+    temp = _short_temp_dir()
+    root = tmp_path_factory.mktemp("models")
+    config = ClusterConfig.from_dict(
+        {**_config(_free_port()).to_dict(), "server": {"models_root": str(root), "max_batch": 8}}
+    )
+    url = start(config, temp_dir=temp)
+    try:
+        yield url
+    finally:
+        stop()
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def _vector(seed: int) -> torch.Tensor:
+    return torch.randn(576, generator=torch.Generator().manual_seed(seed))
+
+
+def _body(model: str, index: int, **extra: object) -> dict[str, object]:
+    steering = [
+        {"add": {"inline": {"shared": _vector(index).tolist()}, "strength": 4.0, "hooks": [HOOK]}}
+    ]
+    return {
+        "model": model,
+        "messages": [{"role": "user", "content": f"Describe a harbour at dawn ({index})."}],
+        "max_tokens": 10,
+        "temperature": 0,
+        "steering": steering if index else [],
+        **extra,
+    }
+
+
+def _expected(handle: ModelHandle, index: int) -> str:
+    interventions = (
+        (Add(SteeringVector.from_shared(_vector(index)), 4.0, hooks=(HOOK,)),) if index else ()
+    )
+    request = GenerationRequest(
+        messages=(Message("user", f"Describe a harbour at dawn ({index})."),),
+        sampling=SamplingConfig.greedy_config(),
+        max_new_tokens=10,
+        interventions=interventions,
+    )
+    return Engine(handle).run([request])[0].text
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_requests_with_their_own_steering_equal_the_single_process_engine(
+    endpoint: str, smollm2: ModelHandle
+) -> None:
+    replicas: dict[str, set[str]] = {}
+    for index, model in enumerate(["a", "b", "a", "b"]):
+        response = httpx.post(f"{endpoint}/chat/completions", json=_body(model, index), timeout=600)
+        assert response.status_code == 200, response.text
+        text = response.json()["choices"][0]["message"]["content"]
+        assert text == _expected(smollm2, index), (model, index)
+        replicas.setdefault(model, set()).add(response.headers["x-steer-replica"])
+    # each model stays on the replica that holds it, and the two are held apart
+    assert len(replicas["a"]) == 1 and len(replicas["b"]) == 1 and replicas["a"] != replicas["b"]
+    listed = httpx.get(f"{endpoint}/models", timeout=30).json()
+    assert [entry["id"] for entry in listed["data"]] == ["a", "b"]
+    missing = httpx.post(f"{endpoint}/chat/completions", json=_body("zzz", 0), timeout=30)
+    assert missing.status_code == 404 and missing.json()["error"]["param"] == "model"
+    unknown_artifact = _body("a", 0, steering=[{"add": {"artifactId": "nope", "strength": 1}}])
+    refused = httpx.post(f"{endpoint}/chat/completions", json=unknown_artifact, timeout=60)
+    assert refused.status_code == 404 and "nope" in refused.text  # never served unsteered
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_a_killed_replica_fails_only_its_streams_and_the_app_recovers(endpoint: str) -> None:
+    import ray
+
+    holder = httpx.post(f"{endpoint}/chat/completions", json=_body("a", 0), timeout=600)
+    victim = holder.headers["x-steer-replica"]
+    outcome: dict[str, object] = {}
+
+    def stream(model: str) -> None:
+        body = _body(model, 0, max_tokens=120, stream=True)
+        lines: list[str] = []
+        try:
+            with httpx.stream("POST", f"{endpoint}/chat/completions", json=body, timeout=600) as r:
+                for line in r.iter_lines():
+                    lines.append(line)
+                    if model == "a" and len(lines) == 6:
+                        outcome["started"] = True
+        except httpx.HTTPError as error:
+            outcome[f"{model}_error"] = error
+        outcome[model] = lines
+
+    threads = [threading.Thread(target=stream, args=(m,)) for m in ("a", "b")]
+    for thread in threads:
+        thread.start()
+    deadline = time.monotonic() + 300
+    while "started" not in outcome and time.monotonic() < deadline:
+        time.sleep(0.05)
+    names = ray.util.list_named_actors(all_namespaces=True)
+    (actor,) = [n for n in names if n["name"].endswith(victim)]
+    ray.kill(ray.get_actor(actor["name"], namespace=actor["namespace"]), no_restart=True)
+    for thread in threads:
+        thread.join(600)
+    b_lines = outcome["b"]
+    assert isinstance(b_lines, list) and "data: [DONE]" in b_lines  # the other one finished
+    a_lines = outcome["a"]
+    assert isinstance(a_lines, list) and "data: [DONE]" not in a_lines  # this one did not
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:  # Ray Serve replaces the replica; "a" is served again
+        again = httpx.post(f"{endpoint}/chat/completions", json=_body("a", 0), timeout=600)
+        if again.status_code == 200:
+            assert again.headers["x-steer-replica"] != victim
+            return
+        time.sleep(2)
+    pytest.fail("the application did not recover from the killed replica")
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_shutdown_leaves_no_ray_process() -> None:
+    psutil = pytest.importorskip("psutil")
+    pytest.importorskip("ray")
+    from steer.cli.deploy import start, stop
+
+    config = ClusterConfig.from_dict(
+        {
+            **_config(_free_port()).to_dict(),
+            "models": {"m": MODELS["a"]},
+            "replicas": {"num_replicas": 1, "num_cpus": 1},
+        }
+    )
+    import ray
+
+    if ray.is_initialized():  # the module's application first
+        stop()
+    temp = _short_temp_dir()
+    start(config, temp_dir=temp)
+    stop()
+    shutil.rmtree(temp, ignore_errors=True)
+    time.sleep(2)
+    own = psutil.Process(os.getpid())
+    left = [p.name() for p in own.children(recursive=True) if p.is_running()]
+    assert not [name for name in left if "ray" in name or "gcs" in name], left
