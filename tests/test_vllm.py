@@ -248,6 +248,19 @@ def test_cancel_frees_the_row_and_its_registration(
     assert registered == 0
 
 
+def test_a_request_vllm_refuses_fails_alone(engine: VllmEngine, theme: SteeringVector) -> None:
+    too_long = GenerationRequest(prompt_ids=(100,) * 9000, max_new_tokens=4)  # > max_model_len
+    fine = _request(PROMPTS[1], (Add(theme, 0.3),), max_new_tokens=4, top_logprobs=0)
+    ids = [engine.submit(too_long), engine.submit(fine)]
+    finals = {}
+    while engine.has_work:
+        finals.update({e.request_id: e for e in engine.step() if e.finish_reason})
+    assert finals[ids[0]].finish_reason == "error" and finals[ids[0]].error is not None
+    assert finals[ids[1]].finish_reason == "length" and finals[ids[1]].error is None
+    (registered,) = engine.llm.collective_rpc(_registered_keys)
+    assert registered == 0
+
+
 def _registered_keys(worker: object) -> int:
     return len(vllm_worker._steering(worker).specs)
 

@@ -121,8 +121,10 @@ class VllmEngine:
 
     @property
     def num_waiting(self) -> int:
+        """Requests not yet in a running batch: steer's queue and vLLM's own beyond
+        ``max_batch`` (so the service's ``max_waiting`` bounds both)."""
         with self._lock:
-            return len(self._pending)
+            return len(self._pending) + max(0, len(self._rows) - self.max_batch)
 
     @property
     def has_work(self) -> bool:
@@ -137,7 +139,12 @@ class VllmEngine:
             specs, self._specs_waiting = self._specs_waiting, {}
         events: list[GenerationEvent] = []
         for row in pending:
-            self._start(row, specs[row.request.request_id])
+            try:
+                self._start(row, specs[row.request.request_id])
+            except Exception as error:  # vLLM refused this request alone (its prompt's length)
+                row.finish_reason = "error"
+                events.append(replace(self._final(row, ""), error=error))
+                self._finish(row)
         for request_id in cancelled:
             victim = self._rows.get(request_id)
             if victim is not None:
@@ -190,7 +197,7 @@ class VllmEngine:
             prompt["cache_salt"] = row.key
         params = sampling_params(request, row.seed, self.handle.eos_token_ids, row.key)
         self._rows[request.request_id] = row
-        self.llm.add_request(request.request_id, prompt, params)
+        self.llm.add_request(request.request_id, prompt, params)  # raises for this row alone
 
     def _advance(self, row: _Row, output: Any) -> list[GenerationEvent]:
         if not row.counted_cache and output.num_cached_tokens is not None:
@@ -251,8 +258,8 @@ class VllmEngine:
 
     def _finish(self, row: _Row) -> None:
         self._rows.pop(row.request.request_id, None)
-        if row.key is None:
-            return
+        if row.key is None or row.key not in self._users:
+            return  # unsteered, or it failed before its steering was registered
         self._users[row.key] -= 1
         if self._users[row.key] == 0:
             del self._users[row.key]
