@@ -7,6 +7,7 @@ These need the [vllm] extra; scripts/test.sh runs them in a pytest process of th
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Iterator, Sequence
 from dataclasses import replace
 
@@ -14,6 +15,8 @@ import pytest
 import torch
 
 from steer.activations import encode_chat, forward
+from steer.backends.vllm import VllmEngine, VllmOptions, start_vllm
+from steer.backends.vllm import worker as vllm_worker
 from steer.errors import FailedPreconditionError
 from steer.gates import Condition, Gated
 from steer.generation import Engine, GenerationRequest, GenerationResult, Message
@@ -22,12 +25,12 @@ from steer.models import ModelHandle
 from steer.sampling import SamplingConfig
 from steer.vectors import SteeringVector
 
-pytest.importorskip("vllm")
-
-from steer.backends.vllm import VllmEngine, VllmOptions, start_vllm
-from steer.backends.vllm import worker as vllm_worker
-
-pytestmark = [pytest.mark.vllm, pytest.mark.slow]
+# find_spec, not an import: the main suite collects this module too and must not import vLLM
+pytestmark = [
+    pytest.mark.vllm,
+    pytest.mark.slow,
+    pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="needs the [vllm] extra"),
+]
 
 GREEDY = SamplingConfig.greedy_config()
 HARMFUL = [

@@ -6,6 +6,7 @@ backend lacks is a FAILED_PRECONDITION / 400 naming the field; the server keeps 
 from __future__ import annotations
 
 import concurrent.futures
+import importlib.util
 from collections.abc import Iterator
 
 import httpx
@@ -22,9 +23,12 @@ from steer.sampling import SamplingConfig
 from steer.server import ServerSettings, SteerServer
 from steer.vectors import SteeringVector
 
-pytest.importorskip("vllm")
-
-pytestmark = [pytest.mark.vllm, pytest.mark.slow]
+# find_spec, not an import: the main suite collects this module too and must not import vLLM
+pytestmark = [
+    pytest.mark.vllm,
+    pytest.mark.slow,
+    pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="needs the [vllm] extra"),
+]
 
 HOOK = "blocks.12.hook_resid_post"
 QUESTION = "Describe a place you would like to visit."
