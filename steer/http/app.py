@@ -256,7 +256,8 @@ def _generate_requests(
 
 def _rename(error: SteerError, renames: Mapping[str, str]) -> None:
     """Name the field as the client sent it: ``interventions[0].named.value`` was the flat
-    ``steer.cheerful`` field, ``interventions[2].add.strength`` was ``steering[1].add.strength``."""
+    ``steer.cheerful`` field, ``interventions[2].add.strength`` was ``steering[1].add.strength``,
+    ``sampling.dry_multiplier`` was ``dry_multiplier``."""
     field = error.field or ""
     for prefix, name in renames.items():
         if field == prefix or field.startswith(prefix + "."):
@@ -265,6 +266,8 @@ def _rename(error: SteerError, renames: Mapping[str, str]) -> None:
                 rest = ""  # a slider is one number: its name is the whole story
             error.field = name + rest
             return
+    if field.startswith("sampling."):  # a sampler is a top-level field of the HTTP request
+        error.field = field.removeprefix("sampling.")
 
 
 def _steering_entry(entry: Mapping[str, Any], field: str) -> generation_pb2.Intervention:

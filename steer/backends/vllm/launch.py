@@ -125,7 +125,8 @@ def start_vllm(
         "enforce_eager": True,
         "enable_prefix_caching": options.enable_prefix_caching,
         "max_num_seqs": max_batch,
-        "max_model_len": options.max_model_len or min(longest, 8192),
+        # never past what the model's positions allow (vLLM refuses to start otherwise)
+        "max_model_len": min(options.max_model_len or 8192, longest),
         "tensor_parallel_size": options.tensor_parallel_size,
         "seed": 0,
         "disable_log_stats": True,
