@@ -100,8 +100,6 @@ class WorkerSteering:
 
     def _begin_pass(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         self.current = None
-        if not self.specs:
-            return
         batch = self.runner.input_batch
         count = batch.num_reqs
         keys = tuple(self._key(request_id) for request_id in batch.req_ids[:count])
@@ -129,7 +127,10 @@ class WorkerSteering:
         params = getattr(state, "sampling_params", None)
         extra = getattr(params, "extra_args", None) or {}
         key = extra.get(EXTRA_ARGS_KEY)
-        return key if key in self.specs else None
+        if key is not None and key not in self.specs:
+            # never run a steered request unsteered: fail the pass instead
+            raise RuntimeError(f"request {request_id} names steering {key} this worker lacks")
+        return key
 
     def _program(self, point: HookPoint) -> tuple[FlatProgram, Selection] | None:
         current = self.current
