@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import transformers
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from report import emit, machine, table, write_section
@@ -156,13 +157,14 @@ def main() -> None:
 
 
 def _write_docs(args: Any, handle: ModelHandle, record: dict, rows: list, backends: list) -> None:
-    section = f"engine-{args.device}"
+    section = f"engine-{args.device}-{args.backend.replace(',', '-')}"
     columns = ["backend", "batch", "unsteered tok/s", "steered tok/s", "steered/unsteered"]
     if "hf" in backends and len(backends) > 1:
         columns += ["unsteered vs hf", "steered vs hf"]
     markdown = (
         f"### Engine decode speed, {handle.name} ({handle.dtype}) on {args.device}\n\n"
-        f"Machine: {record['machine']}; load average {record['load_before']} before, "
+        f"Machine: {record['machine']}, transformers {transformers.__version__}; load average "
+        f"{record['load_before']} before, "
         f"{record['load_after']} after. Steered = Add at 8 layers + Ablate everywhere; median "
         f"of {args.repeats} interleaved runs of {args.new_tokens} tokens per configuration, "
         "all backends in one process and one run. Goal: steered/unsteered >= 0.97.\n"

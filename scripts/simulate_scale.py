@@ -109,11 +109,11 @@ def measured_curve(backend: str, benchmarks: Path) -> Curve | None:
     else:
         rows = [
             row
-            for row in sections.get("engine-cpu", [])
+            for row in sections.get("engine-cpu-hf-vllm", [])
             if row.get("backend", "hf") == backend and "steered tok/s" in row
         ]
         points = {int(row["batch"]): float(row["steered tok/s"]) for row in rows}
-        source = "docs/benchmarks.md, section engine-cpu (bench_engine.py, steered tok/s)"
+        source = "docs/benchmarks.md, section engine-cpu-hf-vllm (bench_engine.py, steered tok/s)"
     if not points:
         return None
     streams = tuple(sorted(points))
