@@ -108,6 +108,41 @@ def encoded(handle: ModelHandle, request: GenerationRequest) -> GenerationReques
     return replace(request, prompt=None, messages=None, prompt_ids=tuple(ids))
 
 
+def checked(handle: ModelHandle, request: GenerationRequest) -> GenerationRequest:
+    """The checks every engine makes at submit (token limits), and the request as ids."""
+    if request.max_new_tokens < 1:
+        raise InvalidArgumentError("must be >= 1", field="max_new_tokens")
+    if not 0 <= request.top_logprobs <= MAX_TOP_LOGPROBS:
+        raise InvalidArgumentError(f"must be in [0, {MAX_TOP_LOGPROBS}]", field="top_logprobs")
+    return encoded(handle, request)
+
+
+def next_text(
+    stream: TextStream, token: int, eos_ids: frozenset[int], generated: int, limit: int
+) -> tuple[str, str | None]:
+    """Every engine's rule for its ``generated``-th token: (text delta, finish reason or None).
+    EOS stops (its text is not the reply's), a stop string stops, ``limit`` tokens end it."""
+    if token in eos_ids:
+        return stream.flush(), "stop"
+    delta, stopped = stream.push(token)
+    if stopped:
+        return delta, "stop"
+    if generated >= limit:
+        return delta + stream.flush(), "length"
+    return delta, None
+
+
+def run_to_end(engine: Any, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
+    """Submit ``requests`` to ``engine`` and step it until it has no work; results in order."""
+    ids = [engine.submit(request) for request in requests]
+    events: dict[str, list[GenerationEvent]] = {i: [] for i in ids}
+    while engine.has_work:
+        for event in engine.step():
+            if event.request_id in events:
+                events[event.request_id].append(event)
+    return [_result(request_id, events[request_id]) for request_id in ids]
+
+
 @dataclass
 class _Row:
     request: GenerationRequest
@@ -149,11 +184,7 @@ class Engine:
 
     def submit(self, request: GenerationRequest) -> str:
         """Validate and queue a request; it joins the batch at the next step. Returns its id."""
-        if request.max_new_tokens < 1:
-            raise InvalidArgumentError("must be >= 1", field="max_new_tokens")
-        if not 0 <= request.top_logprobs <= MAX_TOP_LOGPROBS:
-            raise InvalidArgumentError(f"must be in [0, {MAX_TOP_LOGPROBS}]", field="top_logprobs")
-        request = encoded(self.handle, request)
+        request = checked(self.handle, request)
         prompt_ids = list(request.prompt_ids or ())
         if request.speakers is not None and len(request.speakers) != len(prompt_ids):
             raise InvalidArgumentError(
@@ -226,13 +257,7 @@ class Engine:
 
     def run(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
         """Generate ``requests`` to completion; results in the order given."""
-        ids = [self.submit(request) for request in requests]
-        events: dict[str, list[GenerationEvent]] = {i: [] for i in ids}
-        while self.has_work:
-            for event in self.step():
-                if event.request_id in events:
-                    events[event.request_id].append(event)
-        return [_result(request_id, events[request_id]) for request_id in ids]
+        return run_to_end(self, requests)
 
     # -- internals --------------------------------------------------------------------------
 
@@ -395,15 +420,13 @@ class Engine:
         if request.top_logprobs:
             values, indices = torch.log_softmax(logits, -1).topk(request.top_logprobs)
             top = tuple(zip(indices.tolist(), values.tolist(), strict=True))
-        if token in self.handle.eos_token_ids:
-            row.finish_reason = "stop"
-            return self._final_event(row, row.stream.flush(), (token,), top)
-        delta, stopped = row.stream.push(token)
-        if stopped:
-            row.finish_reason = "stop"
-        elif len(row.generated) >= request.max_new_tokens:
-            row.finish_reason = "length"
-            delta += row.stream.flush()
+        delta, row.finish_reason = next_text(
+            row.stream,
+            token,
+            self.handle.eos_token_ids,
+            len(row.generated),
+            request.max_new_tokens,
+        )
         if row.finish_reason:
             return self._final_event(row, delta, (token,), top)
         return GenerationEvent(request.request_id, (token,), delta, top)

@@ -21,10 +21,17 @@ from steer.backends.capabilities import Capabilities, check_request
 from steer.backends.vllm import worker
 from steer.backends.vllm.params import SAMPLER_FIELDS, sampling_params
 from steer.backends.vllm.program import SteeringSpec, lower_request
-from steer.errors import InvalidArgumentError, ResourceExhaustedError
-from steer.generation import GenerationEvent, GenerationRequest, GenerationResult, Usage, encoded
+from steer.errors import ResourceExhaustedError
+from steer.generation import (
+    GenerationEvent,
+    GenerationRequest,
+    GenerationResult,
+    Usage,
+    checked,
+    next_text,
+    run_to_end,
+)
 from steer.hooks import HookKind
-from steer.limits import MAX_TOP_LOGPROBS
 from steer.models import ModelHandle
 from steer.text import TextStream
 
@@ -85,11 +92,7 @@ class VllmEngine:
 
     def submit(self, request: GenerationRequest) -> str:
         """Validate and queue a request; it reaches vLLM at the next step. Returns its id."""
-        if request.max_new_tokens < 1:
-            raise InvalidArgumentError("must be >= 1", field="max_new_tokens")
-        if not 0 <= request.top_logprobs <= MAX_TOP_LOGPROBS:
-            raise InvalidArgumentError(f"must be in [0, {MAX_TOP_LOGPROBS}]", field="top_logprobs")
-        request = encoded(self.handle, request)
+        request = checked(self.handle, request)
         check_request(request, self.handle, CAPABILITIES)
         spec = lower_request(request.interventions, self.handle.resolver, self.handle.d_model)
         seed = secrets.randbits(63) if request.sampling.seed is None else request.sampling.seed
@@ -161,15 +164,7 @@ class VllmEngine:
 
     def run(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
         """Generate ``requests`` to completion; results in the order given."""
-        from steer.generation import _result
-
-        ids = [self.submit(request) for request in requests]
-        events: dict[str, list[GenerationEvent]] = {i: [] for i in ids}
-        while self.has_work:
-            for event in self.step():
-                if event.request_id in events:
-                    events[event.request_id].append(event)
-        return [_result(request_id, events[request_id]) for request_id in ids]
+        return run_to_end(self, requests)
 
     def close(self, final: bool = False) -> None:
         """Abort whatever still runs and forget its steering; ``final`` also shuts the vLLM
@@ -226,15 +221,9 @@ class VllmEngine:
     ) -> GenerationEvent:
         """The hf engine's rule for one generated token (EOS, stop strings, length)."""
         row.generated += 1
-        if token in self.handle.eos_token_ids:
-            row.finish_reason = "stop"
-            return self._final(row, row.stream.flush(), (token,), top)
-        delta, stopped = row.stream.push(token)
-        if stopped:
-            row.finish_reason = "stop"
-        elif row.generated >= row.request.max_new_tokens:
-            row.finish_reason = "length"
-            delta += row.stream.flush()
+        delta, row.finish_reason = next_text(
+            row.stream, token, self.handle.eos_token_ids, row.generated, row.request.max_new_tokens
+        )
         if row.finish_reason:
             return self._final(row, delta, (token,), top)
         return GenerationEvent(row.request.request_id, (token,), delta, top)
