@@ -33,114 +33,36 @@ from steer.errors import (
     InvalidArgumentError,
     ResourceExhaustedError,
 )
-from steer.interventions import Intervention, Phase, validate
-from steer.limits import MAX_TOP_LOGPROBS
+from steer.interventions import Phase, validate
 from steer.models import ModelHandle
 from steer.plan import InterventionPlan, build_plan
+from steer.requests import (
+    GenerationEvent,
+    GenerationRequest,
+    GenerationResult,
+    Usage,
+    checked,
+    encoded,
+    next_text,
+    run_to_end,
+)
 from steer.runtime import attach, cache_keyword
-from steer.sampling import BannedStrings, SamplerState, SamplingConfig, banned_strings, choose
-from steer.text import Message, TextStream, encode_prompt
+from steer.sampling import BannedStrings, SamplerState, banned_strings, choose
+from steer.text import Message, TextStream
 
-
-@dataclass(frozen=True)
-class GenerationRequest:
-    """One completion. Exactly one of ``prompt``, ``messages`` or ``prompt_ids`` is set."""
-
-    prompt: str | None = None
-    messages: tuple[Message, ...] | None = None
-    prompt_ids: tuple[int, ...] | None = None
-    interventions: tuple[Intervention, ...] = ()
-    sampling: SamplingConfig = field(default_factory=SamplingConfig)
-    max_new_tokens: int = 64
-    stop: tuple[str, ...] = ()
-    top_logprobs: int = 0
-    request_id: str = ""
-    #: speaker of each prompt token (for speaker-scoped interventions); None = nobody's
-    speakers: tuple[str | None, ...] | None = None
-    #: speaker of the generated tokens (the character the model writes as)
-    speaker: str | None = None
-
-
-@dataclass(frozen=True)
-class Usage:
-    prompt_tokens: int
-    completion_tokens: int
-
-
-@dataclass(frozen=True)
-class GenerationEvent:
-    """A streamed piece of one request's output. The last event has ``finish_reason`` set."""
-
-    request_id: str
-    token_ids: tuple[int, ...] = ()
-    text: str = ""
-    top_logprobs: tuple[tuple[int, float], ...] = ()
-    finish_reason: str | None = None  # "stop" | "length" | "cancelled" | "error"
-    usage: Usage | None = None
-    seed: int | None = None
-    #: why this request failed (finish_reason "error"); the other rows of its batch go on
-    error: BaseException | None = None
-
-
-@dataclass(frozen=True)
-class GenerationResult:
-    request_id: str
-    token_ids: tuple[int, ...]
-    text: str
-    finish_reason: str
-    usage: Usage
-    seed: int
-
-
-def encoded(handle: ModelHandle, request: GenerationRequest) -> GenerationRequest:
-    """``request`` with its prompt as token ids: ``prompt`` or ``messages`` encoded by
-    :mod:`steer.text`, ``prompt_ids`` checked against the vocabulary. The scheduler calls this
-    (to check the prompt's length first) and so does :meth:`Engine.submit`; a request that is
-    already ids is only checked, never encoded twice."""
-    ids = encode_prompt(
-        handle,
-        prompt=request.prompt,
-        messages=request.messages,
-        prompt_ids=request.prompt_ids,
-    )
-    if request.prompt_ids is not None:
-        return request
-    return replace(request, prompt=None, messages=None, prompt_ids=tuple(ids))
-
-
-def checked(handle: ModelHandle, request: GenerationRequest) -> GenerationRequest:
-    """The checks every engine makes at submit (token limits), and the request as ids."""
-    if request.max_new_tokens < 1:
-        raise InvalidArgumentError("must be >= 1", field="max_new_tokens")
-    if not 0 <= request.top_logprobs <= MAX_TOP_LOGPROBS:
-        raise InvalidArgumentError(f"must be in [0, {MAX_TOP_LOGPROBS}]", field="top_logprobs")
-    return encoded(handle, request)
-
-
-def next_text(
-    stream: TextStream, token: int, eos_ids: frozenset[int], generated: int, limit: int
-) -> tuple[str, str | None]:
-    """Every engine's rule for its ``generated``-th token: (text delta, finish reason or None).
-    EOS stops (its text is not the reply's), a stop string stops, ``limit`` tokens end it."""
-    if token in eos_ids:
-        return stream.flush(), "stop"
-    delta, stopped = stream.push(token)
-    if stopped:
-        return delta, "stop"
-    if generated >= limit:
-        return delta + stream.flush(), "length"
-    return delta, None
-
-
-def run_to_end(engine: Any, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
-    """Submit ``requests`` to ``engine`` and step it until it has no work; results in order."""
-    ids = [engine.submit(request) for request in requests]
-    events: dict[str, list[GenerationEvent]] = {i: [] for i in ids}
-    while engine.has_work:
-        for event in engine.step():
-            if event.request_id in events:
-                events[event.request_id].append(event)
-    return [_result(request_id, events[request_id]) for request_id in ids]
+# re-exported: the request types and engine rules live in steer.requests
+__all__ = [
+    "Engine",
+    "GenerationEvent",
+    "GenerationRequest",
+    "GenerationResult",
+    "Message",
+    "Usage",
+    "checked",
+    "encoded",
+    "next_text",
+    "run_to_end",
+]
 
 
 @dataclass
@@ -488,23 +410,6 @@ class Engine:
             )
             self._rows = [self._rows[i] for i in keep]
         self._plan = self._build_plan(self._rows)
-
-
-def _result(request_id: str, events: Sequence[GenerationEvent]) -> GenerationResult:
-    """One request's result from its events; its error if it failed."""
-    final = events[-1]
-    if final.error is not None:
-        raise final.error
-    assert final.usage is not None and final.finish_reason is not None
-    assert final.seed is not None
-    return GenerationResult(
-        request_id=request_id,
-        token_ids=tuple(token for event in events for token in event.token_ids),
-        text="".join(event.text for event in events),
-        finish_reason=final.finish_reason,
-        usage=final.usage,
-        seed=final.seed,
-    )
 
 
 def _non_finite(request: GenerationRequest) -> Exception:

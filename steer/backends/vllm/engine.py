@@ -22,7 +22,9 @@ from steer.backends.vllm import worker
 from steer.backends.vllm.params import SAMPLER_FIELDS, sampling_params
 from steer.backends.vllm.program import SteeringSpec, lower_request
 from steer.errors import ResourceExhaustedError
-from steer.generation import (
+from steer.hooks import HookKind
+from steer.models import ModelHandle
+from steer.requests import (
     GenerationEvent,
     GenerationRequest,
     GenerationResult,
@@ -31,8 +33,6 @@ from steer.generation import (
     next_text,
     run_to_end,
 )
-from steer.hooks import HookKind
-from steer.models import ModelHandle
 from steer.text import TextStream
 
 CAPABILITIES = Capabilities(
