@@ -30,6 +30,10 @@ class SteerError(Exception):
         self.message = message
         self.field = field
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        # pickled with its field (a job's failure crosses processes in a cluster)
+        return (type(self), (self.message,), dict(self.__dict__))
+
     def __str__(self) -> str:
         if self.field:
             return f"{self.field}: {self.message}"

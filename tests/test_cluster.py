@@ -2,8 +2,9 @@
 
 The config tests run everywhere; the Ray tests need the [ray] extra and run in a pytest process
 of their own (scripts/test.sh): a local Ray with 2 CPUs, two replicas holding one model each,
-requests with their own steering equal to the single-process engine, routing by model id, a
-replica killed mid-stream, and a shutdown that leaves no Ray process behind.
+HTTP and gRPC requests with their own steering equal to the single-process engine, routing by
+model id, a direction job run as a Ray task equal to the same compute in process, a replica
+killed mid-stream, and a shutdown that leaves no Ray process behind.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import httpx
 import pytest
 import torch
 
+from steer.client import FailedPrecondition, NotFound, SteerClient, Unavailable, add
 from steer.cluster import ClusterConfig
 from steer.errors import InvalidArgumentError
 from steer.generation import Engine, GenerationRequest, Message
@@ -33,10 +35,10 @@ HOOK = "blocks.12.hook_resid_post"
 MODELS = {"a": {"source": "smollm2-135m-instruct"}, "b": {"source": "smollm2-135m-instruct"}}
 
 
-def _config(port: int = 8000, **replicas: object) -> ClusterConfig:
+def _config(port: int = 8000, grpc_port: int = 50051, **replicas: object) -> ClusterConfig:
     return ClusterConfig.from_dict(
         {
-            "cluster": {"port": port, "num_cpus": 2},
+            "cluster": {"port": port, "grpc_port": grpc_port, "num_cpus": 2},
             "replicas": {"num_replicas": 2, "num_cpus": 1, "max_models_per_replica": 1, **replicas},
             "server": {"models_root": "models", "max_batch": 8},
             "models": MODELS,
@@ -48,8 +50,15 @@ def _config(port: int = 8000, **replicas: object) -> ClusterConfig:
 
 
 def test_a_config_round_trips_and_maps_to_ray_serve_options(tmp_path: Path) -> None:
-    config = _config()
+    config = ClusterConfig.from_dict(
+        {
+            **_config().to_dict(),
+            "saes": {"res": {"model": "a", "path": "saes/res"}},
+            "jobs": {"num_cpus": 2, "num_gpus": 1},
+        }
+    )
     assert ClusterConfig.from_dict(config.to_dict()) == config
+    assert config.saes["res"].model == "a" and config.jobs.num_gpus == 1
     options = config.replicas.deployment_options()
     assert options["num_replicas"] == 2 and options["ray_actor_options"]["num_cpus"] == 1
     scaled = _config(min_replicas=1, max_replicas=8)
@@ -80,6 +89,11 @@ def test_a_config_round_trips_and_maps_to_ray_serve_options(tmp_path: Path) -> N
         ({"server": {"port": 1}}, "server.port"),
         ({"server": {"backend": "tgi"}}, "backend"),
         ({"cluster": {"port": 0}}, "cluster.port"),
+        ({"cluster": {"port": 9000, "grpc_port": 9000}}, "cluster.grpc_port"),
+        ({"saes": {"s": {"model": "nope", "path": "saes/s"}}}, "saes.s.model"),
+        ({"saes": {"s": {"model": "m"}}}, "saes.s"),
+        ({"jobs": {"num_cpus": -1}}, "jobs.num_cpus"),
+        ({"jobs": {"max_running": 0}}, "jobs.max_running"),
     ],
 )
 def test_a_bad_config_is_refused_by_field(change: dict, field: str) -> None:
@@ -104,21 +118,38 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ClusterConfig]:
     pytest.importorskip("ray")
     from steer.cli.deploy import start, stop
 
     temp = _short_temp_dir()
     root = tmp_path_factory.mktemp("models")
     config = ClusterConfig.from_dict(
-        {**_config(_free_port()).to_dict(), "server": {"models_root": str(root), "max_batch": 8}}
+        {
+            **_config().to_dict(),
+            # a third logical CPU: the replicas hold two, a job's Ray task takes its own
+            "cluster": {"port": _free_port(), "grpc_port": _free_port(), "num_cpus": 3},
+            "server": {"models_root": str(root), "max_batch": 8},
+            "jobs": {"num_cpus": 1},
+        }
     )
-    url = start(config, temp_dir=temp)
+    start(config, temp_dir=temp)
     try:
-        yield url
+        yield config
     finally:
         stop()
         shutil.rmtree(temp, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def endpoint(cluster: ClusterConfig) -> str:
+    return f"http://{cluster.host}:{cluster.port}/v1"
+
+
+@pytest.fixture(scope="module")
+def client(cluster: ClusterConfig) -> Iterator[SteerClient]:
+    with SteerClient(f"{cluster.host}:{cluster.grpc_port}", timeout=600) as connected:
+        yield connected
 
 
 def _vector(seed: int) -> torch.Tensor:
@@ -177,8 +208,97 @@ def test_requests_with_their_own_steering_equal_the_single_process_engine(
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_a_killed_replica_fails_only_its_streams_and_the_app_recovers(endpoint: str) -> None:
+def test_grpc_requests_equal_the_single_process_engine(
+    client: SteerClient, smollm2: ModelHandle
+) -> None:
+    for index, model in enumerate(["b", "a", "b"]):
+        steering = [add(_vector(index), 4.0, hooks=[HOOK])] if index else []
+        completion = client.complete(
+            messages=[{"role": "user", "content": f"Describe a harbour at dawn ({index})."}],
+            model=model,
+            interventions=steering,
+            temperature=0,
+            max_new_tokens=10,
+        )[None]
+        assert completion.text == _expected(smollm2, index), (model, index)
+    listed = client.models()
+    assert [info.model_id for info in listed.models] == ["a", "b"]
+    assert listed.default_model == "a"
+    assert client.model_info().model_id == "a"  # no model named: the deployment's first
+    with pytest.raises(NotFound) as unknown:
+        client.complete("Hi", model="zzz", max_new_tokens=2)
+    assert unknown.value.field == "model"
+    with pytest.raises(NotFound) as missing:  # the replica's own error, never unsteered text
+        client.complete("Hi", model="b", interventions=[add("nope", 1.0)], max_new_tokens=2)
+    assert "nope" in missing.value.message
+    with pytest.raises(FailedPrecondition):  # a cluster's models are its deployment file's
+        client.load_model("smollm2-135m-instruct", "c")
+    assert client.health() == "SERVING"
+
+
+CONTRAST = """
+name = "harbour"
+kind = "contrast"
+[data]
+positive = "data/sea.txt"
+negative = "data/bread.txt"
+train = 0.5
+validation = 0.25
+filter = false
+[search]
+layers = [6]
+positions = [-1]
+top_k = 1
+[evaluate]
+max_new_tokens = 2
+kl_tokens = 2
+"""
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_a_direction_job_runs_as_a_ray_task_and_equals_the_same_compute_in_process(
+    client: SteerClient, cluster: ClusterConfig, smollm2: ModelHandle, tmp_path: Path
+) -> None:
+    import threading
+
+    from steer.artifacts import load_vector
+    from steer.directions.api import compute
+    from steer.proto.v1 import jobs_pb2
+
+    root = cluster.server_settings().models_root
+    for directory in (root, tmp_path):
+        (directory / "data").mkdir(exist_ok=True)
+        (directory / "data" / "sea.txt").write_text(
+            "\n".join(f"The ship sailed out of harbour {i}" for i in range(8))
+        )
+        (directory / "data" / "bread.txt").write_text(
+            "\n".join(f"How do I bake bread {i}" for i in range(8))
+        )
+    job = client.compute_direction(CONTRAST, "harbour", model="b")
+    states = list(client.watch_job(job.job_id))
+    assert states[-1].state == jobs_pb2.JOB_STATE_SUCCEEDED, states[-1].error
+    assert any(state.stage.startswith("running as Ray task") for state in states)
+    assert client.job(job.job_id).state == jobs_pb2.JOB_STATE_SUCCEEDED  # any replica sees it
+    recipe = tmp_path / "harbour.toml"
+    recipe.write_text(CONTRAST)
+    local = compute(
+        smollm2, recipe, tmp_path / "local", progress=lambda *_: None, cancelled=threading.Event()
+    )
+    remote = load_vector(root / "artifacts" / "harbour", handle=smollm2).vector
+    expected = load_vector(local, handle=smollm2).vector
+    (layer,) = expected.layers
+    torch.testing.assert_close(remote.at(layer), expected.at(layer), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_a_killed_replica_fails_only_its_streams_and_the_app_recovers(
+    endpoint: str, client: SteerClient
+) -> None:
     import ray
+
+    from steer.errors import SteerError
 
     holder = httpx.post(f"{endpoint}/chat/completions", json=_body("a", 0), timeout=600)
     victim = holder.headers["x-steer-replica"]
@@ -197,7 +317,18 @@ def test_a_killed_replica_fails_only_its_streams_and_the_app_recovers(endpoint: 
             outcome[f"{model}_error"] = error
         outcome[model] = lines
 
+    def grpc_stream(model: str) -> None:
+        prompt = [{"role": "user", "content": "Describe a harbour at dawn (0)."}]
+        try:
+            events = list(
+                client.generate(messages=prompt, model=model, temperature=0, max_new_tokens=120)
+            )
+            outcome[f"grpc_{model}"] = events[-1].finish_reason
+        except SteerError as error:
+            outcome[f"grpc_{model}"] = error
+
     threads = [threading.Thread(target=stream, args=(m,)) for m in ("a", "b")]
+    threads += [threading.Thread(target=grpc_stream, args=(m,)) for m in ("a", "b")]
     for thread in threads:
         thread.start()
     deadline = time.monotonic() + 300
@@ -212,6 +343,8 @@ def test_a_killed_replica_fails_only_its_streams_and_the_app_recovers(endpoint: 
     assert isinstance(b_lines, list) and "data: [DONE]" in b_lines  # the other one finished
     a_lines = outcome["a"]
     assert isinstance(a_lines, list) and "data: [DONE]" not in a_lines  # this one did not
+    assert outcome["grpc_b"] == "length"  # over gRPC: the same
+    assert isinstance(outcome["grpc_a"], Unavailable), outcome["grpc_a"]
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:  # Ray Serve replaces the replica; "a" is served again
         again = httpx.post(f"{endpoint}/chat/completions", json=_body("a", 0), timeout=600)

@@ -1,9 +1,9 @@
 """``steer deploy CONFIG``: serve steer as a Ray Serve application (docs/scaling.md).
 
 Starts (or joins, with ``[cluster] address``) a Ray cluster, runs the application that
-``CONFIG`` describes (replicas of the service core behind one OpenAI-compatible HTTP endpoint,
-models routed to the replicas that hold them) and serves until interrupted, then shuts Serve and
-Ray down.
+``CONFIG`` describes (replicas of the service core behind one OpenAI-compatible HTTP endpoint
+and one gRPC endpoint, models routed to the replicas that hold them) and serves until
+interrupted, then shuts Serve and Ray down.
 """
 
 from __future__ import annotations
@@ -66,6 +66,8 @@ def main(argv: list[str], *, prog: str = "steer deploy", command: str = "deploy"
     print(f"starting {len(config.models)} model(s) on Ray Serve ...", file=sys.stderr, flush=True)
     url = start(config)
     print(f"serving the OpenAI-compatible API on {url}", file=sys.stderr, flush=True)
+    target = f"{config.host}:{config.grpc_port}"
+    print(f"serving steer's gRPC API on {target}", file=sys.stderr, flush=True)
     stopped = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stopped.set())

@@ -1,13 +1,17 @@
-"""steer as a Ray Serve application: an HTTP router in front of replicas of the service core.
+"""steer as a Ray Serve application: HTTP and gRPC endpoints in front of service-core replicas.
 
-* ``SteerReplica`` (``num_replicas`` or autoscaled) holds one :class:`ServiceCore` with the
-  configured backend and answers the OpenAI-compatible API by running steer's own HTTP app
-  (:func:`steer.http.app.create_app`) in process for each request it is handed. Models load on
-  demand with Ray Serve's model multiplexing (``max_models_per_replica``, least recently used
-  unloaded first), so one endpoint serves several merges.
-* ``SteerRouter`` is the HTTP ingress: it reads the request's ``model``, sends the request to a
-  replica with ``multiplexed_model_id`` set to it (Ray Serve prefers replicas that hold that
-  model) and streams the replica's response back unchanged.
+* ``SteerReplica`` (``num_replicas`` or autoscaled) runs steer's own server
+  (:class:`steer.server.SteerServer`, gRPC on loopback) with the configured backend, and answers
+  the OpenAI-compatible API by running steer's HTTP app (:func:`steer.http.app.create_app`) on
+  the same service core for each request it is handed. Models (and the SAEs configured for them)
+  load on demand with Ray Serve's model multiplexing (``max_models_per_replica``, least recently
+  used unloaded first), so one endpoint serves several merges.
+* ``SteerRouter`` is the ingress: over HTTP it reads the request's ``model``, sends the request
+  to a replica with ``multiplexed_model_id`` set to it (Ray Serve prefers replicas that hold that
+  model) and streams the replica's response back unchanged; over gRPC
+  (:mod:`steer.cluster.grpc_ingress`) it does the same with steer's gRPC rpcs.
+* ``SteerJobs`` holds the job table every replica shares; each job runs as a Ray task
+  (:mod:`steer.cluster.jobs`).
 
 Steering state comes from the shared ``models_root`` every replica mounts (artifacts, slider
 files, SAEs, each checked against the model's weight hash); a replica that cannot find what a
@@ -21,9 +25,11 @@ import asyncio
 import contextlib
 import json
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from typing import Any
 
 from steer.cluster.config import ClusterConfig
+from steer.cluster.jobs import JobsBody
 
 #: response header naming the replica that answered
 REPLICA_HEADER = "x-steer-replica"
@@ -43,26 +49,34 @@ class _Held:
 class ReplicaBody:
     """The replica's logic (wrapped as a Ray Serve deployment by :func:`build_app`)."""
 
-    def __init__(self, config: dict[str, Any]) -> None:
+    def __init__(self, config: dict[str, Any], jobs: Any) -> None:
         from ray import serve
 
+        from steer.cluster.jobs import RemoteJobs
         from steer.http.app import create_app
-        from steer.service.core import ServiceCore
+        from steer.server import SteerServer
 
         self.config = ClusterConfig.from_dict(config)
-        self.core = ServiceCore.create(self.config.server_settings())
+        settings = replace(self.config.server_settings(), host="127.0.0.1", port=0)
+        self.server = SteerServer(settings, jobs=RemoteJobs(jobs))
+        self.server.start()
+        self.core = self.server.core
         self.app = create_app(self.core)
         self.name = serve.get_replica_context().replica_id.unique_id
+        self._channel: Any = None
 
     async def load(self, model_id: str) -> _Held:
         """Load ``model_id`` (wrapped by ``serve.multiplexed`` in :func:`build_app`, under this
         same name, which is how Ray Serve tells a multiplexed method from a function)."""
         spec = self.config.models[model_id]
-        loop = asyncio.get_running_loop()
-        await loop.run_in_executor(
-            None,
-            lambda: self.core.registry.load(spec.source, model_id, spec.dtype, spec.device),
-        )
+        saes = [(sae_id, sae) for sae_id, sae in self.config.saes.items() if sae.model == model_id]
+
+        def load() -> None:
+            loaded = self.core.registry.load(spec.source, model_id, spec.dtype, spec.device)
+            for sae_id, sae in saes:
+                self.core.saes.load(loaded, sae.path, sae_id, hook=sae.hook)
+
+        await asyncio.get_running_loop().run_in_executor(None, load)
         return _Held(self.core, model_id)
 
     async def http(
@@ -75,6 +89,35 @@ class ReplicaBody:
         await self.load(serve.get_multiplexed_model_id())
         async for item in run_asgi(self.app, method, path, query, headers, body, self.name):
             yield item
+
+    async def grpc(
+        self, method: str, request: bytes, metadata: tuple[tuple[str, str], ...], streaming: bool
+    ) -> AsyncIterator[Any]:
+        """Run one gRPC call on this replica's own server: yields its replies as bytes, or an
+        error tuple (see :func:`steer.cluster.grpc_ingress.relay`)."""
+        import grpc
+        from ray import serve
+
+        from steer.cluster.grpc_ingress import relay
+
+        model_id = serve.get_multiplexed_model_id()
+        if model_id:
+            await self.load(model_id)
+        if self._channel is None:  # made on the loop that uses it
+            limit = self.server.settings.max_message_bytes
+            self._channel = grpc.aio.insecure_channel(
+                self.server.target,
+                options=[
+                    ("grpc.max_receive_message_length", limit),
+                    ("grpc.max_send_message_length", limit),
+                ],
+            )
+        async for reply in relay(self._channel, method, request, metadata, streaming):
+            yield reply
+
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):  # Ray Serve's shutdown; the process ends anyway
+            self.server.stop(grace=0.0)
 
     def check_health(self) -> None:
         """Ray Serve's health probe: a replica whose engine threads died is restarted."""
@@ -138,11 +181,16 @@ async def run_asgi(
 
 
 class RouterBody:
-    """The HTTP ingress's logic: route by model id, stream the replica's answer back."""
+    """The ingress's logic: route by model id, stream the replica's answer back (HTTP here,
+    gRPC in :class:`steer.cluster.grpc_ingress.GrpcIngress`, started with the router)."""
 
-    def __init__(self, replicas: Any, config: dict[str, Any]) -> None:
+    async def __init__(self, replicas: Any, config: dict[str, Any]) -> None:  # type: ignore[misc]
+        from steer.cluster.grpc_ingress import GrpcIngress
+
         self.replicas = replicas
         self.config = ClusterConfig.from_dict(config)
+        self.grpc = GrpcIngress(replicas, self.config)
+        await self.grpc.start()
 
     async def __call__(self, request: Any) -> Any:
         from starlette.responses import JSONResponse, StreamingResponse
@@ -212,5 +260,8 @@ def build_app(config: ClusterConfig) -> Any:
     )
     replica = serve.deployment(name="SteerReplica")(replica_class)
     router = serve.deployment(name="SteerRouter")(type("SteerRouter", (RouterBody,), {}))
-    replicas = replica.options(**config.replicas.deployment_options()).bind(plain)
-    return router.options(num_replicas=1, ray_actor_options={"num_cpus": 0}).bind(replicas, plain)
+    jobs = serve.deployment(name="SteerJobs")(type("SteerJobs", (JobsBody,), {}))
+    no_cpu: dict[str, Any] = {"num_replicas": 1, "ray_actor_options": {"num_cpus": 0}}
+    shared_jobs = jobs.options(**no_cpu).bind(plain)
+    replicas = replica.options(**config.replicas.deployment_options()).bind(plain, shared_jobs)
+    return router.options(**no_cpu).bind(replicas, plain)

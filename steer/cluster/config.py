@@ -5,8 +5,9 @@
     [cluster]
     address = ""              # a running Ray cluster ("auto", "ray://host:10001"); "" = local
     num_cpus = 2              # local Ray only
-    host = "127.0.0.1"        # HTTP ingress (the OpenAI-compatible API)
-    port = 8000
+    host = "127.0.0.1"        # the endpoints' host
+    port = 8000               # HTTP ingress (the OpenAI-compatible API)
+    grpc_port = 50051         # gRPC ingress (steer's gRPC API)
 
     [replicas]
     num_replicas = 2          # fixed; or min_replicas / max_replicas (autoscaling, with
@@ -24,6 +25,15 @@
     source = "smollm2-135m-instruct"
     dtype = "float32"
     device = "cpu"
+
+    [saes.res12]              # SAEs (under models_root), loaded with their model by every replica
+    model = "smollm2"
+    path = "saes/smollm2-res12"
+
+    [jobs]                    # direction computes and bakes: each a Ray task with these resources
+    num_cpus = 1
+    num_gpus = 0
+    max_running = 1
 """
 
 from __future__ import annotations
@@ -42,6 +52,22 @@ class ModelSpec:
     source: str
     dtype: str = "float32"
     device: str = "cpu"
+
+
+@dataclass(frozen=True)
+class SaeSpec:
+    model: str
+    path: str
+    #: hook point, when the SAE's own config does not say
+    hook: str = ""
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+    #: jobs running at once (more wait in the queue)
+    max_running: int = 1
 
 
 @dataclass(frozen=True)
@@ -77,16 +103,29 @@ class ReplicaSpec:
 class ClusterConfig:
     models: dict[str, ModelSpec]
     replicas: ReplicaSpec = field(default_factory=ReplicaSpec)
+    saes: dict[str, SaeSpec] = field(default_factory=dict)
+    jobs: JobSpec = field(default_factory=JobSpec)
     #: ServerSettings fields for every replica (ports are the cluster's, not these)
     server: dict[str, Any] = field(default_factory=dict)
     address: str = ""
     num_cpus: int | None = None
     host: str = "127.0.0.1"
     port: int = 8000
+    grpc_port: int = 50051
 
     def __post_init__(self) -> None:
         if not self.models:
             raise InvalidArgumentError("name at least one [models.ID] table", field="models")
+        if self.grpc_port == self.port:
+            raise InvalidArgumentError(
+                f"must differ from cluster.port ({self.port})", field="cluster.grpc_port"
+            )
+        for sae_id, sae in self.saes.items():
+            if sae.model not in self.models:
+                raise InvalidArgumentError(
+                    f"names model {sae.model!r}, which no [models.ID] table defines",
+                    field=f"saes.{sae_id}.model",
+                )
         self.server_settings()  # every server field checked now, not in a replica
 
     @property
@@ -113,20 +152,18 @@ class ClusterConfig:
                     ("num_cpus", self.num_cpus),
                     ("host", self.host),
                     ("port", self.port),
+                    ("grpc_port", self.grpc_port),
                 )
                 if value is not None
             },
-            "replicas": {
-                item.name: getattr(self.replicas, item.name) for item in fields(ReplicaSpec)
-            },
+            "replicas": _plain(self.replicas),
+            "saes": {sae_id: _plain(spec) for sae_id, spec in self.saes.items()},
+            "jobs": _plain(self.jobs),
             "server": {
                 key: str(value) if isinstance(value, Path) else value
                 for key, value in self.server.items()
             },
-            "models": {
-                model_id: {"source": spec.source, "dtype": spec.dtype, "device": spec.device}
-                for model_id, spec in self.models.items()
-            },
+            "models": {model_id: _plain(spec) for model_id, spec in self.models.items()},
         }
 
     @classmethod
@@ -134,8 +171,9 @@ class ClusterConfig:
         cluster = _table(data, "cluster")
         replicas = _table(data, "replicas")
         models = _table(data, "models")
+        saes = _table(data, "saes")
         for section in data:
-            if section not in ("cluster", "replicas", "server", "models"):
+            if section not in ("cluster", "replicas", "server", "models", "saes", "jobs"):
                 raise InvalidArgumentError(f"unknown section [{section}]", field=section)
         return cls(
             models={
@@ -145,6 +183,11 @@ class ClusterConfig:
                 for model_id in models
             },
             replicas=_build(ReplicaSpec, replicas, "replicas"),
+            saes={
+                sae_id: _build(SaeSpec, _table(saes, sae_id, "saes."), f"saes.{sae_id}")
+                for sae_id in saes
+            },
+            jobs=_build(JobSpec, _table(data, "jobs"), "jobs"),
             server=dict(_table(data, "server")),
             **_build(_ClusterFields, cluster, "cluster").__dict__,
         )
@@ -162,6 +205,11 @@ class _ClusterFields:
     num_cpus: int | None = None
     host: str = "127.0.0.1"
     port: int = 8000
+    grpc_port: int = 50051
+
+
+def _plain(spec: Any) -> dict[str, Any]:
+    return {item.name: getattr(spec, item.name) for item in fields(spec)}
 
 
 def _table(data: dict[str, Any], name: str, prefix: str = "") -> dict[str, Any]:

@@ -47,6 +47,7 @@ from steer.server.servicers import (
 )
 from steer.server.status import Malformed, guard
 from steer.service.core import ServiceCore
+from steer.service.jobs import Jobs
 from steer.service.settings import ServerSettings
 from steer.service.sliders import SliderCatalogue
 
@@ -155,9 +156,10 @@ class SteerServer:
         *,
         models: Mapping[str, ModelHandle] | None = None,
         sliders: SliderCatalogue | None = None,
+        jobs: Jobs | None = None,
     ) -> None:
         self.settings = settings or ServerSettings()
-        self.core = ServiceCore.create(self.settings, models, sliders)
+        self.core = ServiceCore.create(self.settings, models, sliders, jobs)
         self.registry, self.store, self.saes = self.core.registry, self.core.store, self.core.saes
         self.jobs, self.draining = self.core.jobs, self.core.draining
         self.health = health.aio.HealthServicer()

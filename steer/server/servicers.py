@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import importlib
-import json
-import threading
+import functools
 from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -24,7 +22,6 @@ from steer.errors import (
     FailedPreconditionError,
     InvalidArgumentError,
     NotFoundError,
-    UnimplementedError,
 )
 from steer.proto.v1 import (
     directions_pb2,
@@ -36,9 +33,10 @@ from steer.proto.v1 import (
 from steer.server.status import inline
 from steer.service import convert
 from steer.service.core import ServiceCore
-from steer.service.jobs import JobRunner
-from steer.service.paths import check_id, confine, confine_recipe, hide_root, root_hidden
-from steer.service.registry import ModelRegistry
+from steer.service.job_work import ModelRef, bake, compute_direction, library
+from steer.service.jobs import Jobs
+from steer.service.paths import check_id, confine, confine_recipe, root_hidden
+from steer.service.registry import LoadedModel, ModelRegistry
 from steer.service.saes import LoadedSae, SaeRegistry
 from steer.service.settings import ServerSettings
 from steer.service.store import ArtifactStore
@@ -281,20 +279,8 @@ def _parse_recipe(text: str, field: str) -> dict[str, Any]:
     return parse_toml(text, what="not valid TOML", field=field)
 
 
-def _library(module: str, feature: str) -> Any:
-    try:
-        return importlib.import_module(module)
-    except ImportError as error:
-        raise UnimplementedError(
-            f"{feature} is not available on this server ({module} could not be imported: {error})"
-        ) from None
-
-
-def _sidecar_json(directory: Path) -> str:
-    for name in ("provenance.json", "steer.json"):
-        if (directory / name).is_file():
-            return (directory / name).read_text()
-    return json.dumps({"path": str(directory)})
+def _dtype_name(loaded: LoadedModel) -> str:
+    return str(loaded.handle.dtype).removeprefix("torch.")
 
 
 class DirectionsServicer:
@@ -302,7 +288,7 @@ class DirectionsServicer:
         self,
         registry: ModelRegistry,
         store: ArtifactStore,
-        jobs: JobRunner,
+        jobs: Jobs,
         settings: ServerSettings,
     ) -> None:
         self.registry, self.store, self.jobs, self.settings = registry, store, jobs, settings
@@ -310,7 +296,7 @@ class DirectionsServicer:
     def Compute(
         self, request: directions_pb2.ComputeDirectionRequest, context: grpc.ServicerContext
     ) -> jobs_pb2.Job:
-        api = _library("steer.directions.api", "direction computation")
+        library("steer.directions.api", "direction computation")  # refused now, not in the job
         loaded = self.registry.get(request.model)
         recipe = _recipe(request, self.settings)
         target = self.store.path(request.artifact_id)
@@ -318,18 +304,15 @@ class DirectionsServicer:
             raise AlreadyExistsError(
                 f"artifact {request.artifact_id!r} exists; set overwrite", field="artifact_id"
             )
-
-        def work(
-            progress: Callable[[str, float], None], cancelled: threading.Event
-        ) -> tuple[str, str]:
-            root = self.settings.models_root
-            with root_hidden(root):  # the library names the absolute paths the recipe now has
-                out = api.compute(
-                    loaded.handle, recipe, target, progress=progress, cancelled=cancelled
-                )
-            self.store.hide_paths(Path(out), root)
-            return Path(out).name, hide_root(_sidecar_json(Path(out)), root)
-
+        # a job that runs elsewhere (a Ray task) loads the model itself
+        model = ModelRef(loaded.source, _dtype_name(loaded)) if self.jobs.remote else loaded.handle
+        work = functools.partial(
+            compute_direction,
+            model=model,
+            recipe=recipe,
+            target=target,
+            models_root=self.settings.models_root,
+        )
         return convert.job(self.jobs.start("directions", work))
 
     def List(
@@ -384,12 +367,12 @@ class BakeServicer:
     ``overwrite`` replaces only a previous bake output."""
 
     def __init__(
-        self, jobs: JobRunner, settings: ServerSettings, registry: ModelRegistry, saes: SaeRegistry
+        self, jobs: Jobs, settings: ServerSettings, registry: ModelRegistry, saes: SaeRegistry
     ) -> None:
         self.jobs, self.settings, self.registry, self.saes = jobs, settings, registry, saes
 
     def Bake(self, request: Any, context: grpc.ServicerContext) -> jobs_pb2.Job:
-        api = _library("steer.bake.api", "baking")
+        api = library("steer.bake.api", "baking")
         root = self.settings.models_root
         with root_hidden(root):
             source = self._source(request.model_source)
@@ -413,24 +396,14 @@ class BakeServicer:
                 **rules,
             )
 
-        def work(
-            progress: Callable[[str, float], None], cancelled: threading.Event
-        ) -> tuple[str, str]:
-            with root_hidden(root):
-                out = api.bake(
-                    source,
-                    recipe,
-                    output,
-                    output_format=output_format,
-                    overwrite=request.overwrite,
-                    progress=progress,
-                    cancelled=cancelled,
-                    **rules,
-                )
-            out = Path(out)
-            relative = str(out.resolve().relative_to(root.resolve()))
-            return relative, hide_root(_sidecar_json(out), root)
-
+        work = functools.partial(
+            bake,
+            source=source,
+            recipe=recipe,
+            output=output,
+            options={"output_format": output_format, "overwrite": request.overwrite, **rules},
+            models_root=root,
+        )
         return convert.job(self.jobs.start("bake", work))
 
     def _source(self, model_source: str) -> str:
@@ -456,7 +429,7 @@ class BakeServicer:
 
 
 class JobsServicer:
-    def __init__(self, jobs: JobRunner) -> None:
+    def __init__(self, jobs: Jobs) -> None:
         self.jobs = jobs
 
     def Get(self, request: jobs_pb2.JobRequest, context: grpc.ServicerContext) -> jobs_pb2.Job:

@@ -20,7 +20,7 @@ from steer.errors import UnavailableError
 from steer.models import ModelHandle
 from steer.proto.v1 import generation_pb2
 from steer.service import convert
-from steer.service.jobs import JobRunner
+from steer.service.jobs import JobRunner, Jobs
 from steer.service.registry import ModelRegistry
 from steer.service.saes import SaeRegistry
 from steer.service.scheduler import Subscription
@@ -35,7 +35,7 @@ class ServiceCore:
     registry: ModelRegistry
     store: ArtifactStore
     saes: SaeRegistry
-    jobs: JobRunner
+    jobs: Jobs
     sliders: SliderCatalogue
     #: set on shutdown: new streams are refused with UNAVAILABLE
     draining: threading.Event = field(default_factory=threading.Event)
@@ -46,7 +46,10 @@ class ServiceCore:
         settings: ServerSettings,
         models: Mapping[str, ModelHandle] | None = None,
         sliders: SliderCatalogue | None = None,
+        jobs: Jobs | None = None,
     ) -> ServiceCore:
+        """``jobs``: where direction computes and bakes run (default: a thread of this
+        process; a cluster passes the one job table its replicas share)."""
         if sliders is None:
             sliders = SliderCatalogue.load(settings.sliders) if settings.sliders else None
         core = cls(
@@ -54,7 +57,7 @@ class ServiceCore:
             registry=ModelRegistry(settings),
             store=ArtifactStore(settings.artifacts_dir),
             saes=SaeRegistry(settings.models_root),
-            jobs=JobRunner(),
+            jobs=jobs or JobRunner(),
             sliders=sliders or SliderCatalogue(),
         )
         remove_stale_under(settings.models_root)  # what bakes killed with a server left

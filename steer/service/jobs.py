@@ -1,9 +1,9 @@
 """A small generic job runner: an id, a progress stream, cancellation and a result.
 
 A job is a function ``work(progress, cancelled) -> (result, metadata_json)`` run on a worker
-thread; ``progress(stage, fraction)`` updates watchers and ``cancelled`` is a
-:class:`threading.Event` the function checks between steps. Direction computation and bakes both
-run through it.
+thread (or placed elsewhere: ``JobRunner.place``); ``progress(stage, fraction)`` updates
+watchers and ``cancelled`` is a :class:`threading.Event` the function checks between steps.
+Direction computation and bakes both run through it.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from enum import StrEnum
+from typing import Protocol
 
 from steer.errors import NotFoundError
 from steer.service.failures import describe
@@ -81,15 +82,42 @@ class _Job:
             await event.wait()
 
 
+class Jobs(Protocol):
+    """What the servicers need of a job table: :class:`JobRunner` in one process, or a
+    cluster's shared one (:class:`steer.cluster.jobs.RemoteJobs`)."""
+
+    #: True when jobs run outside this process (their work must then be plain data)
+    remote: bool
+
+    def start(self, kind: str, work: Work) -> JobSnapshot: ...
+    def get(self, job_id: str) -> JobSnapshot: ...
+    def list(self) -> list[JobSnapshot]: ...
+    def cancel(self, job_id: str) -> JobSnapshot: ...
+    def watch_async(self, job_id: str) -> AsyncIterator[JobSnapshot]: ...
+    def close(self) -> None: ...
+
+
 #: finished jobs kept for Get / List / Watch; older ones are forgotten (NOT_FOUND)
 KEEP_FINISHED = 256
 
 
 class JobRunner:
     """Runs jobs, ``workers`` at once. Queued and running jobs are always kept; of the finished
-    ones only the latest ``keep_finished``, so a long-lived server's job list stays bounded."""
+    ones only the latest ``keep_finished``, so a long-lived server's job list stays bounded.
 
-    def __init__(self, workers: int = 1, keep_finished: int = KEEP_FINISHED) -> None:
+    ``place`` wraps each job's work before it runs (:func:`steer.cluster.jobs.on_ray` runs it
+    as a Ray task); a runner with one is ``remote``: its work must be plain data (see
+    :mod:`steer.service.job_work`), not a closure over the server's loaded models."""
+
+    def __init__(
+        self,
+        workers: int = 1,
+        keep_finished: int = KEEP_FINISHED,
+        place: Callable[[str, Work], Work] | None = None,
+    ) -> None:
+        self.place = place
+        #: True when jobs run outside this process (they then load their own models)
+        self.remote = place is not None
         self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="steer-job")
         self._jobs: dict[str, _Job] = {}
         #: ids of finished jobs still kept, oldest first
@@ -105,7 +133,8 @@ class JobRunner:
             self._jobs[job_id] = job
         # the executor bounds how many jobs run at once; each runs in a thread of its own that
         # ends with it (see steer.service.scheduler.in_short_thread)
-        self._executor.submit(in_short_thread, lambda: self._run(job, work))
+        placed = self.place(job_id, work) if self.place is not None else work
+        self._executor.submit(in_short_thread, lambda: self._run(job, placed))
         return job.snapshot
 
     def _run(self, job: _Job, work: Work) -> None:
