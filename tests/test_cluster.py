@@ -128,7 +128,12 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ClusterConfig]
         {
             **_config().to_dict(),
             # a third logical CPU: the replicas hold two, a job's Ray task takes its own
-            "cluster": {"port": _free_port(), "grpc_port": _free_port(), "num_cpus": 3},
+            "cluster": {
+                "port": _free_port(),
+                "grpc_port": _free_port(),
+                "metrics_port": _free_port(),
+                "num_cpus": 3,
+            },
             "server": {"models_root": str(root), "max_batch": 8},
             "jobs": {"num_cpus": 1},
         }
@@ -204,6 +209,30 @@ def test_requests_with_their_own_steering_equal_the_single_process_engine(
     unknown_artifact = _body("a", 0, steering=[{"add": {"artifactId": "nope", "strength": 1}}])
     refused = httpx.post(f"{endpoint}/chat/completions", json=unknown_artifact, timeout=60)
     assert refused.status_code == 404 and "nope" in refused.text  # never served unsteered
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_each_replica_reports_its_metrics(cluster: ClusterConfig, endpoint: str) -> None:
+    import re
+
+    for model in ("a", "b"):
+        response = httpx.post(f"{endpoint}/chat/completions", json=_body(model, 0), timeout=600)
+        assert response.status_code == 200
+    deadline = time.monotonic() + 120
+    replicas: set[str] = set()
+    gauged: set[str] = set()
+    while time.monotonic() < deadline and (len(replicas) < 2 or gauged != {"a", "b"}):
+        time.sleep(3)  # Ray exports every few seconds; steer's gauges follow the health probe
+        text = httpx.get(f"http://127.0.0.1:{cluster.metrics_port}/metrics", timeout=30).text
+        for line in text.splitlines():
+            if line.startswith("ray_serve_deployment_request_counter") and (
+                'deployment="SteerReplica"' in line
+            ):
+                replicas.update(re.findall(r'replica="([^"]+)"', line))
+            if line.split("{")[0] in ("steer_rows_running", "ray_steer_rows_running"):
+                gauged.update(re.findall(r'model="([^"]+)"', line))
+    assert len(replicas) == 2 and gauged == {"a", "b"}, (replicas, gauged)
 
 
 @pytest.mark.ray

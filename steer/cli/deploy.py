@@ -36,8 +36,11 @@ def start(config: Any, temp_dir: str | None = None) -> str:
         options: dict[str, Any] = {"include_dashboard": False}
         if config.address:
             options["address"] = config.address
-        elif config.num_cpus is not None:
-            options["num_cpus"] = config.num_cpus
+        else:
+            if config.num_cpus is not None:
+                options["num_cpus"] = config.num_cpus
+            if config.metrics_port is not None:
+                options["_metrics_export_port"] = config.metrics_port
         if temp_dir is not None:
             options["_temp_dir"] = temp_dir
         ray.init(**options)

@@ -64,6 +64,7 @@ class ReplicaBody:
         self.app = create_app(self.core)
         self.name = serve.get_replica_context().replica_id.unique_id
         self._channel: Any = None
+        self.gauges = _replica_gauges()
 
     async def load(self, model_id: str) -> _Held:
         """Load ``model_id`` (wrapped by ``serve.multiplexed`` in :func:`build_app`, under this
@@ -120,10 +121,29 @@ class ReplicaBody:
             self.server.stop(grace=0.0)
 
     def check_health(self) -> None:
-        """Ray Serve's health probe: a replica whose engine threads died is restarted."""
+        """Ray Serve's health probe (every 10 s): a replica whose engine threads died is
+        restarted. It also updates the replica's own gauges (Ray adds the replica's tags)."""
         for loaded in self.core.registry.all().values():
             if not loaded.worker._thread.is_alive():
                 raise RuntimeError(f"the engine thread of {loaded.model_id} is not running")
+            tags = {"model": loaded.model_id}
+            self.gauges["running"].set(loaded.worker.running, tags=tags)
+            self.gauges["waiting"].set(loaded.worker.waiting, tags=tags)
+
+
+def _replica_gauges() -> dict[str, Any]:
+    """steer's per-replica figures beside Ray Serve's own request counts and latencies, on the
+    Prometheus endpoint of every node (``[cluster] metrics_port``)."""
+    from ray.util.metrics import Gauge
+
+    return {
+        "running": Gauge(
+            "steer_rows_running", "generation rows in the model's batch", tag_keys=("model",)
+        ),
+        "waiting": Gauge(
+            "steer_requests_waiting", "requests queued for the model's batch", tag_keys=("model",)
+        ),
+    }
 
 
 async def run_asgi(

@@ -8,6 +8,7 @@
     host = "127.0.0.1"        # the endpoints' host
     port = 8000               # HTTP ingress (the OpenAI-compatible API)
     grpc_port = 50051         # gRPC ingress (steer's gRPC API)
+    metrics_port = 8080       # Prometheus metrics of every replica (local Ray only; unset: Ray's)
 
     [replicas]
     num_replicas = 2          # fixed; or min_replicas / max_replicas (autoscaling, with
@@ -112,6 +113,7 @@ class ClusterConfig:
     host: str = "127.0.0.1"
     port: int = 8000
     grpc_port: int = 50051
+    metrics_port: int | None = None
 
     def __post_init__(self) -> None:
         if not self.models:
@@ -153,6 +155,7 @@ class ClusterConfig:
                     ("host", self.host),
                     ("port", self.port),
                     ("grpc_port", self.grpc_port),
+                    ("metrics_port", self.metrics_port),
                 )
                 if value is not None
             },
@@ -206,6 +209,7 @@ class _ClusterFields:
     host: str = "127.0.0.1"
     port: int = 8000
     grpc_port: int = 50051
+    metrics_port: int | None = None
 
 
 def _plain(spec: Any) -> dict[str, Any]:
