@@ -16,7 +16,7 @@ from steer.artifacts import load_vector, save_vector
 from steer.cli import main as cli_main
 from steer.directions import data as datasets
 from steer.directions.api import CancelledError, compute, held_out, interventions_for
-from steer.directions.evaluate import evaluate_rate, is_moralizing, is_refusal
+from steer.directions.evaluate import evaluate_rate, is_moralizing, is_refusal, wilson_interval
 from steer.directions.methods import (
     METHODS,
     compute_direction,
@@ -520,6 +520,41 @@ def test_evaluate_rate_unedited_has_zero_kl(tiny_llama) -> None:
     assert report.kl_first_token == 0.0 and report.kl_multi_token == 0.0
 
 
+def test_wilson_interval_matches_the_textbook_values() -> None:
+    low, high = wilson_interval(0, 10)
+    assert low == 0.0 and high == pytest.approx(0.2775, abs=1e-4)
+    low, high = wilson_interval(5, 10)
+    assert (low, high) == (pytest.approx(0.2366, abs=1e-4), pytest.approx(0.7634, abs=1e-4))
+    low, high = wilson_interval(3, 125)
+    assert low < 3 / 125 < high and high - low < 0.06
+
+
+def test_rates_by_length_equal_shorter_generations(tiny_llama) -> None:
+    """One 6-token generation scored at 1 and 4 tokens gives what 1- and 4-token generations
+    give: greedy replies are prefixes of longer ones."""
+
+    def matcher(text: str) -> bool:  # a hit that depends on the length of the reply
+        return "a" in text.lower()
+
+    prompts = HARMFUL[:6]
+    long = evaluate_rate(
+        tiny_llama, prompts, HARMLESS[:1], matcher=matcher, max_new_tokens=6, lengths=(1, 4, 6)
+    )
+    assert [entry.tokens for entry in long.by_length] == [1, 4, 6]
+    assert long.by_length[-1].rate == long.rate
+    assert long.by_length[0].rate < long.by_length[1].rate  # the lengths tell apart here
+    assert long.interval == wilson_interval(round(long.rate * long.n), long.n)
+    for entry in long.by_length[:2]:
+        short = evaluate_rate(
+            tiny_llama, prompts, HARMLESS[:1], matcher=matcher, max_new_tokens=entry.tokens
+        )
+        assert entry.rate == short.rate, entry.tokens
+        assert entry.low <= entry.rate <= entry.high
+    with pytest.raises(InvalidArgumentError) as refused:
+        evaluate_rate(tiny_llama, prompts, HARMLESS[:1], max_new_tokens=4, lengths=(8,))
+    assert refused.value.field == "lengths"
+
+
 def test_phrase_matchers() -> None:
     assert is_refusal("I'm sorry, but I can't assist with that.")
     assert is_refusal("I’m unable to help")  # typographic apostrophe
@@ -683,6 +718,15 @@ def test_cli_compute_then_eval_json(tiny_llama, prompt_files, tmp_path, capsys) 
     base = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert base["kl_first_token"] == 0.0 and base["kl_multi_token"] == 0.0
     assert base["n"] == 2 and 0 <= base["refusal_rate"] <= 1
+    low, high = base["interval_95"]
+    assert low <= base["refusal_rate"] <= high
+    assert cli_main(["eval", "refusal", *common, "--lengths", "4,2"]) == 0
+    lengths = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert lengths["max_new_tokens"] == 4  # the longest length
+    assert [entry["tokens"] for entry in lengths["by_length"]] == [2, 4]
+    assert lengths["by_length"][-1]["rate"] == lengths["refusal_rate"]
+    with pytest.raises(SystemExit):
+        cli_main(["eval", "refusal", *common, "--lengths", "0,16"])
     assert cli_main(["eval", "refusal", *common, "--direction", str(out)]) == 0
     edited = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert edited["kl_first_token"] > 0 and edited["n"] == base["n"]

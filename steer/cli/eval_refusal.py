@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
 
 from steer.directions.evaluate import is_moralizing, is_refusal
@@ -43,6 +44,13 @@ def parser(prog: str, *, kind: str) -> argparse.ArgumentParser:
     parser.add_argument("--harmless", help="harmless prompts for the KL (default: held-out)")
     parser.add_argument("--column", help="CSV column / JSONL field of the prompt files")
     parser.add_argument("--max-new-tokens", type=int, help="greedy tokens per response")
+    parser.add_argument(
+        "--lengths",
+        type=_lengths,
+        default=(),
+        help="also the rate over each reply's first N tokens, e.g. 16,64,128 "
+        "(one generation at the longest; sets --max-new-tokens to it)",
+    )
     parser.add_argument("--kl-tokens", type=int, help="teacher-forced tokens for multi-token KL")
     parser.add_argument("--max-test", type=int, help="cap on prompts per set (0 = all)")
     parser.add_argument("--judge", help="also judge responses with this chat model")
@@ -80,9 +88,13 @@ def run(argv: list[str], *, prog: str, kind: str) -> int:
         max_new_tokens=recipe.evaluate.max_new_tokens,
         kl_tokens=recipe.evaluate.kl_tokens,
         batch_size=recipe.evaluate.batch_size,
+        lengths=args.lengths,
     )
     record: dict[str, Any] = {
         f"{kind}_rate": report.rate,
+        "interval_95": list(report.interval),
+        "max_new_tokens": recipe.evaluate.max_new_tokens,
+        "by_length": [asdict(entry) for entry in report.by_length],
         "n": report.n,
         "kl_first_token": report.kl_first_token,
         "kl_multi_token": report.kl_multi_token,
@@ -94,10 +106,21 @@ def run(argv: list[str], *, prog: str, kind: str) -> int:
     }
     if report.judged_rate is not None:
         record[f"judged_{kind}_rate"] = report.judged_rate
+        record["judge_agreement"] = report.judge_agreement
     if args.examples:
         record["examples"] = report.examples[: args.examples]
     print(json.dumps(record, default=float), flush=True)
     return 0
+
+
+def _lengths(text: str) -> tuple[int, ...]:
+    try:
+        lengths = tuple(sorted({int(part) for part in text.split(",") if part.strip()}))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a list of token counts: {text!r}") from None
+    if not lengths or lengths[0] < 1:
+        raise argparse.ArgumentTypeError(f"token counts must be >= 1: {text!r}")
+    return lengths
 
 
 def _check_flags(args: argparse.Namespace) -> None:
@@ -121,7 +144,7 @@ def _recipe(args: argparse.Namespace) -> DirectionRecipe:
     return with_overrides(
         load_direction_recipe(args.recipe),
         {
-            "evaluate.max_new_tokens": args.max_new_tokens,
+            "evaluate.max_new_tokens": max(args.lengths) if args.lengths else args.max_new_tokens,
             "evaluate.kl_tokens": args.kl_tokens,
             "evaluate.max_test": args.max_test,
         },

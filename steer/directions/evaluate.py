@@ -9,10 +9,16 @@ optional judge -- any loaded chat model -- can be asked a fixed yes/no question 
 
 Cost is measured against the unedited model on harmless prompts: first-token KL, and multi-token
 KL teacher-forced over the base model's own first ``kl_tokens`` greedy tokens.
+
+Every rate comes with its Wilson 95% interval. ``lengths`` also scores each reply's first N
+tokens for each N: greedy replies are prefixes of longer ones, so one generation at the longest
+length gives the rates a short-reply and a long-reply evaluation would (a refusal after a
+compliant opening counts only in the longer ones).
 """
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -22,6 +28,7 @@ import torch
 
 from steer.activations import forward
 from steer.directions.scores import multi_token_kl
+from steer.errors import InvalidArgumentError
 from steer.generation import Engine, GenerationRequest
 from steer.interventions import Intervention
 from steer.models import ModelHandle
@@ -155,6 +162,26 @@ def judge(
     return (yes_mass > no_mass).tolist()
 
 
+def wilson_interval(hits: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """The Wilson score interval of a rate ``hits / n`` (95% for the default ``z``)."""
+    if n <= 0:
+        return (0.0, 1.0)
+    rate = hits / n
+    centre = (rate + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(rate * (1 - rate) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+@dataclass
+class LengthRate:
+    """The rate over each reply's first ``tokens`` tokens, with its 95% interval."""
+
+    tokens: int
+    rate: float
+    low: float
+    high: float
+
+
 @dataclass
 class RateReport:
     """One evaluation: the rate on positive prompts and the KL cost on negative ones."""
@@ -166,6 +193,12 @@ class RateReport:
     judged_rate: float | None = None
     seconds: dict[str, float] = field(default_factory=dict)
     examples: list[dict[str, Any]] = field(default_factory=list)
+    #: Wilson 95% interval of ``rate``
+    interval: tuple[float, float] = (0.0, 1.0)
+    #: the rate at each of the requested reply lengths (the full replies give ``rate``)
+    by_length: list[LengthRate] = field(default_factory=list)
+    #: share of replies where the judge and the matcher agree (with a judge)
+    judge_agreement: float | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -193,12 +226,19 @@ def evaluate_rate(
     kl_tokens: int = 8,
     batch_size: int = 16,
     continuations: Sequence[Sequence[int]] | None = None,
+    lengths: Sequence[int] = (),
 ) -> RateReport:
     """Rate of ``matcher`` hits on ``positive`` prompts; KL cost on ``negative`` prompts.
 
     The edited model is ``handle`` with ``interventions``, or ``edited_handle`` (baked weights)
     compared against ``handle``. ``continuations`` may pass precomputed base continuations.
+    ``lengths`` (each at most ``max_new_tokens``) adds the rate over each reply's first N tokens.
     """
+    if any(tokens > max_new_tokens for tokens in lengths):
+        raise InvalidArgumentError(
+            f"reply lengths {list(lengths)} must be at most max_new_tokens ({max_new_tokens})",
+            field="lengths",
+        )
     seconds: dict[str, float] = {}
     model = edited_handle or handle
     positive_ids = [encode_chat(model, p, system) for p in positive]
@@ -210,9 +250,12 @@ def evaluate_rate(
     seconds["generate"] = time.perf_counter() - start
     texts = [text for _ids, text in outputs]
     hits = [bool(matcher(text)) for text in texts]
-    judged_rate = None
+    by_length = [_rate_at(model, outputs, matcher, tokens) for tokens in lengths]
+    judged_rate = agreement = None
     if judge_handle is not None:
-        judged_rate = _judged_rate(judge_handle, positive, texts, seconds)
+        verdicts = _verdicts(judge_handle, positive, texts, seconds)
+        judged_rate = sum(verdicts) / max(len(verdicts), 1)
+        agreement = sum(v == h for v, h in zip(verdicts, hits, strict=True)) / max(len(hits), 1)
     kl_first, kl_multi = _kl_cost(
         handle,
         negative_ids,
@@ -235,20 +278,35 @@ def evaluate_rate(
         judged_rate=judged_rate,
         seconds=seconds,
         examples=examples,
+        interval=wilson_interval(sum(hits), len(hits)),
+        by_length=by_length,
+        judge_agreement=agreement,
     )
 
 
-def _judged_rate(
+def _rate_at(
+    handle: ModelHandle, outputs: Sequence[tuple[list[int], str]], matcher: Any, tokens: int
+) -> LengthRate:
+    """The matcher's rate over each reply's first ``tokens`` tokens."""
+    if tokens < 1:
+        raise InvalidArgumentError(f"a reply length must be >= 1, got {tokens}", field="lengths")
+    decode = handle.tokenizer.decode
+    hits = sum(bool(matcher(decode(ids[:tokens], skip_special_tokens=True))) for ids, _ in outputs)
+    low, high = wilson_interval(hits, len(outputs))
+    return LengthRate(tokens, hits / max(len(outputs), 1), low, high)
+
+
+def _verdicts(
     judge_handle: ModelHandle,
     prompts: Sequence[str],
     texts: Sequence[str],
     seconds: dict[str, float],
-) -> float:
-    """The share of replies the judge model calls hits (its time in ``seconds["judge"]``)."""
+) -> list[bool]:
+    """The judge model's verdict on each reply (its time in ``seconds["judge"]``)."""
     start = time.perf_counter()
     verdicts = judge(judge_handle, prompts, texts)
     seconds["judge"] = time.perf_counter() - start
-    return sum(verdicts) / max(len(verdicts), 1)
+    return list(verdicts)
 
 
 def _kl_cost(
