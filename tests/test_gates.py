@@ -328,3 +328,33 @@ def test_an_sae_slider_is_gated_like_the_others(tiny_llama: ModelHandle) -> None
             assert _logprobs(steered) == _logprobs(events)
         for events, steered in zip(ungated, _run(tiny_llama, (always,)), strict=True):
             _assert_close(steered, events)
+
+
+def test_teacher_forced_logits_of_a_prompt_gate_equal_the_engines(tiny: ModelHandle) -> None:
+    """The KL of steer eval runs a prompt gate as generation does: decided in the prompt pass,
+    then held over the continuation as generated tokens. The addition sits before the
+    condition's hook, so it acts on generated tokens only; one pass over prompt + continuation
+    (the old measurement) would never apply it."""
+    from steer.directions.scores import _continuation_logits, multi_token_kl
+
+    early = Add(_vector(tiny, 3, 4.0), 1.0, ("blocks.0.hook_resid_post",))
+    gated = Gated(_condition(tiny, -1e6), early, GateScope.PROMPT)
+    ids = [list(tiny.tokenizer(p)["input_ids"]) for p in PROMPTS]
+    tokens = []
+    for prompt in ids:
+        request = replace(BASE, prompt_ids=tuple(prompt), interventions=(gated,))
+        events = list(Engine(tiny).generate([request]))
+        tokens.append(_tokens(events))
+        logits = _continuation_logits(tiny, [prompt], [tokens[-1]], (gated,))[0]
+        logprobs = torch.log_softmax(logits, -1)
+        assert logits.argmax(-1).tolist() == tokens[-1]  # the engine's greedy choices
+        for position, top in enumerate(_logprobs(events)):
+            for token, value in top:
+                assert float(logprobs[position, token]) == pytest.approx(value, abs=1e-4)
+    plain = _continuation_logits(tiny, ids, tokens, ())
+    assert any(
+        not torch.allclose(a, b)
+        for a, b in zip(plain, _continuation_logits(tiny, ids, tokens, (gated,)), strict=True)
+    )
+    never = Gated(_condition(tiny, 1e6), early, GateScope.PROMPT)
+    assert multi_token_kl(tiny, ids, tokens, (never,)) == (0.0, 0.0)

@@ -319,17 +319,29 @@ def held_out(recipe: DirectionRecipe) -> tuple[list[str], list[str]]:
         test = datasets.split(pairs, seed=data.seed, train=data.train, validation=data.validation)
         situations = [pair.prompt for pair in test.test]
         return situations, situations
-    out = []
-    for source, column, name in (
-        (data.positive, data.positive_column, "data.positive"),
-        (data.negative, data.negative_column, "data.negative"),
-    ):
-        items = datasets.load_prompts(source, column=column or None, field=name, base=recipe.base)
-        out.append(
-            list(
-                datasets.split(
-                    items, seed=data.seed, train=data.train, validation=data.validation
-                ).test
-            )
+    splits = contrast_splits(recipe)
+    return list(splits["positive"].test), list(splits["negative"].test)
+
+
+def contrast_splits(recipe: DirectionRecipe) -> dict[str, datasets.Splits[str]]:
+    """A contrast recipe's prompts split as every step splits them: ``{"positive": Splits,
+    "negative": Splits}`` (train / validation / test, before any cap or filter). Choices (a
+    layer, a weight, a gate's threshold) are made on train and validation only."""
+    data = recipe.data
+    if recipe.kind is RecipeKind.PAIRS or recipe.is_steering:
+        raise InvalidArgumentError(
+            "only a contrast recipe (two prompt sets) has positive and negative splits",
+            field="recipe",
         )
-    return out[0], out[1]
+    out = {}
+    for source, column, name in (
+        (data.positive, data.positive_column, "positive"),
+        (data.negative, data.negative_column, "negative"),
+    ):
+        items = datasets.load_prompts(
+            source, column=column or None, field=f"data.{name}", base=recipe.base
+        )
+        out[name] = datasets.split(
+            items, seed=data.seed, train=data.train, validation=data.validation
+        )
+    return out

@@ -1,4 +1,4 @@
-"""Cheap teacher-forced measurements (no generation), all through ``steer.activations.forward``.
+"""Cheap teacher-forced measurements (no generation).
 
 * refusal score (Arditi et al.): with ``p_R`` the next-token probability mass on the first tokens
   of refusal openers, ``score = log p_R - log(1 - p_R)``; > 0 means refusing is more likely
@@ -6,7 +6,11 @@
 * first-token KL ``KL(P_base || P_edited)`` of the next-token distributions, averaged over
   prompts.
 * continuation log-probabilities and multi-token KL, teacher-forced over given continuations
-  (computed chunk by chunk, so full-vocabulary logits for only a few prompts are ever held).
+  the way the engine generates them (the prompt pass, then the continuation as generated
+  tokens, so phases and prompt gates act as in generation), chunk by chunk, so full-vocabulary
+  logits for only a few prompts are ever held.
+
+The scores read through :func:`steer.activations.forward`.
 """
 
 from __future__ import annotations
@@ -16,8 +20,10 @@ from collections.abc import Sequence
 import torch
 
 from steer.activations import forward
-from steer.interventions import Intervention
+from steer.interventions import Intervention, Phase
 from steer.models import ModelHandle
+from steer.plan import build_plan
+from steer.runtime import attach, cache_keyword
 
 #: Openers whose first token marks a refusal. The first token of each, as the model's tokenizer
 #: splits it, goes into p_R. For many tokenizers this includes the bare "I" (as in Arditi et
@@ -113,21 +119,60 @@ def first_token_kl(
     return float(kl_divergence(base_logits, edited).mean())
 
 
+@torch.inference_mode()
 def _continuation_logits(
     handle: ModelHandle,
     prompts: Sequence[Sequence[int]],
     continuations: Sequence[Sequence[int]],
     interventions: Sequence[Intervention],
 ) -> list[torch.Tensor]:
-    """Per row, (len(continuation), vocab) logits predicting each continuation token."""
-    full = [list(p) + list(c) for p, c in zip(prompts, continuations, strict=True)]
-    result = forward(handle, full, interventions=interventions, logits="all", batch_size=len(full))
-    assert isinstance(result.logits, list)
-    out = []
-    for row, prompt, continuation in zip(result.logits, prompts, continuations, strict=True):
-        start = len(prompt) - 1
-        out.append(row[start : start + len(continuation)])
-    return out
+    """Per row, (len(continuation), vocab) logits predicting each continuation token, computed
+    as the engine computes them while generating: the prompt in one pass (``Phase.PROMPT``;
+    prompt-scope gates decide here), then the continuation's tokens in one pass over the cache
+    as generated tokens (``Phase.GENERATED``). So a phase-limited or gated intervention costs
+    here what it costs in generation (one pass over prompt + continuation would decide a prompt
+    gate on the continuation's last token and treat generated tokens as prompt)."""
+    from transformers.cache_utils import DynamicCache
+
+    rows, pad, device = len(prompts), handle.pad_token_id, handle.device
+    width = max(len(p) for p in prompts)
+    input_ids = torch.tensor([[pad] * (width - len(p)) + list(p) for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    plan = build_plan([interventions] * rows, handle.resolver, handle.d_model, handle.dtype, device)
+    decisions: list[dict[object, bool]] = [{} for _ in range(rows)]
+    cache = DynamicCache(config=handle.model.config)
+    keyword = cache_keyword(handle.model)
+    with attach(handle.resolver, plan.hooks(Phase.PROMPT, None, decisions)):
+        logits = (
+            handle.model(
+                input_ids=input_ids.to(device),
+                attention_mask=mask.to(device),
+                position_ids=(mask.cumsum(-1) - 1).clamp(min=0).to(device),
+                **{keyword: cache},
+                use_cache=True,
+                logits_to_keep=1,
+            )
+            .logits[:, -1:, :]
+            .float()
+        )
+    steps = max(len(c) for c in continuations) - 1
+    if steps > 0:  # right padding: a causal model's real tokens never see it
+        fed = torch.tensor([list(c[:-1]) + [pad] * (steps + 1 - len(c)) for c in continuations])
+        with attach(handle.resolver, plan.hooks(Phase.GENERATED, None, decisions)):
+            rest = handle.model(
+                input_ids=fed.to(device),
+                attention_mask=torch.cat([mask, torch.ones(rows, steps, dtype=mask.dtype)], 1).to(
+                    device
+                ),
+                position_ids=torch.tensor([[len(p) + i for i in range(steps)] for p in prompts]).to(
+                    device
+                ),
+                **{keyword: cache},
+                use_cache=True,
+                logits_to_keep=0,
+            ).logits.float()
+        logits = torch.cat([logits, rest], 1)
+    return [logits[i, : len(c)].cpu() for i, c in enumerate(continuations)]
 
 
 def continuation_logprobs(
