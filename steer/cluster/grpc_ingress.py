@@ -27,24 +27,10 @@ from grpc_health.v1 import health, health_pb2
 
 from steer.cluster.config import ClusterConfig
 from steer.errors import FIELD_METADATA_KEY
-from steer.proto.v1 import (
-    bake_pb2,
-    directions_pb2,
-    features_pb2,
-    generation_pb2,
-    jobs_pb2,
-    models_pb2,
-)
+from steer.proto.v1 import models_pb2
+from steer.server.app import SERVICES, health_handler
 from steer.service.auth import bearer_matches
 
-SERVICES: list[tuple[ModuleType, str]] = [
-    (generation_pb2, "Generation"),
-    (models_pb2, "Models"),
-    (features_pb2, "Features"),
-    (directions_pb2, "Directions"),
-    (bake_pb2, "Bake"),
-    (jobs_pb2, "Jobs"),
-]
 _FIXED_MODELS = "in a cluster the models are named in the deployment file ([models.ID])"
 _FIXED_SAES = "in a cluster the SAEs are named in the deployment file ([saes.ID])"
 REFUSED = {
@@ -98,8 +84,6 @@ class GrpcIngress:
 
     async def start(self) -> int:
         """Bind ``[cluster] host:grpc_port`` and serve; returns the port."""
-        from steer.server.app import health_handler
-
         limit = int(self.config.server.get("max_message_bytes", 64 * 1024 * 1024))
         server = grpc.aio.server(
             options=[

@@ -53,6 +53,16 @@ from steer.service.sliders import SliderCatalogue
 
 log = logging.getLogger("steer.server")
 
+#: steer's gRPC services: (module of the generated stubs, service name)
+SERVICES: list[tuple[ModuleType, str]] = [
+    (generation_pb2, "Generation"),
+    (models_pb2, "Models"),
+    (features_pb2, "Features"),
+    (directions_pb2, "Directions"),
+    (bake_pb2, "Bake"),
+    (jobs_pb2, "Jobs"),
+]
+
 
 def _deserializer(message_class: Any) -> Callable[[bytes], Any]:
     def deserialize(data: bytes) -> Any:
@@ -179,18 +189,15 @@ class SteerServer:
 
     def _services(self) -> list[tuple[ModuleType, str, object]]:
         core, settings = self.core, self.settings
-        return [
-            (generation_pb2, "Generation", GenerationServicer(core)),
-            (models_pb2, "Models", ModelsServicer(core)),
-            (features_pb2, "Features", FeaturesServicer(self.registry, self.saes, settings)),
-            (
-                directions_pb2,
-                "Directions",
-                DirectionsServicer(self.registry, self.store, self.jobs, settings),
-            ),
-            (bake_pb2, "Bake", BakeServicer(self.jobs, settings, self.registry, self.saes)),
-            (jobs_pb2, "Jobs", JobsServicer(self.jobs)),
-        ]
+        servicers: dict[str, object] = {
+            "Generation": GenerationServicer(core),
+            "Models": ModelsServicer(core),
+            "Features": FeaturesServicer(self.registry, self.saes, settings),
+            "Directions": DirectionsServicer(self.registry, self.store, self.jobs, settings),
+            "Bake": BakeServicer(self.jobs, settings, self.registry, self.saes),
+            "Jobs": JobsServicer(self.jobs),
+        }
+        return [(module, name, servicers[name]) for module, name in SERVICES]
 
     def start(self) -> int:
         """Bind and start serving on an event loop thread of its own; returns the bound port."""
