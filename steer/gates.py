@@ -9,9 +9,12 @@ direction with a threshold: it fires where ``x . unit > threshold`` (``<`` with 
   hook point or after it in the forward pass (an op before it would need the decision first).
 * ``prompt`` -- conditional activation steering (CAST, arXiv 2409.05907): decided once per row
   from the prompt's last token (the post-instruction position of a chat prompt), then held for
-  every generated token. In the prompt pass itself the wrapped ops act on the prompt's tokens
-  only where their phase covers the prompt and their hook point is at or after the condition's;
-  an op with phase ``prompt`` before the condition would never act and is refused.
+  every generated token. Where a wrapped op sits before the condition's hook, the prompt pass
+  cannot apply it (the decision comes later in that pass), so for a row whose gate fired the
+  engine runs the prompt pass again with the decision held: a request whose gate fired runs
+  exactly as with the wrapped intervention always on (its prompt included), one whose gate did
+  not as without it. The second pass costs one more prefill, only for rows whose gate fired and
+  only when such an op exists.
 
 The condition is read before any op at its hook point edits the residual. A gate that never fires
 changes nothing: its ops touch no token. Gates lower to the engine's ops
@@ -36,7 +39,6 @@ from steer.interventions import (
     GateScope,
     Intervention,
     Op,
-    Phase,
     ProjectOut,
     ReadGate,
     RowFunction,
@@ -142,16 +144,10 @@ class Gated(Intervention):
                 f"cannot gate an op of type {type(op).__name__}", field="inner"
             )
         after = forward_order(point) >= forward_order(condition_point)
-        phase = Phase.ALL if isinstance(op, ProjectOut) else op.phase
-        if not after and (self.scope is GateScope.TOKEN or phase is Phase.PROMPT):
-            why = (
-                "a token gate acts at or after its condition's hook"
-                if self.scope is GateScope.TOKEN
-                else "a prompt gate is decided at its condition's hook, so a prompt-phase op "
-                "before it would never act"
-            )
+        if not after and self.scope is GateScope.TOKEN:
             raise InvalidArgumentError(
-                f"{point.name} comes before the condition's hook {condition_point.name}: {why}",
+                f"{point.name} comes before the condition's hook {condition_point.name}: "
+                "a token gate acts at or after its condition's hook",
                 field=_inner_points_field(self.inner),
             )
         return GatedOp(op, self, self.scope, decided_before=after)

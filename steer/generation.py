@@ -206,10 +206,11 @@ class Engine:
         phase: Phase,
         rows: Sequence[_Row],
         speakers: Sequence[Sequence[str | None]] | None = None,
+        held: bool = False,
     ) -> torch.Tensor:
         device = self.handle.device
         decisions = [row.gate_decisions for row in rows]
-        with attach(self.handle.resolver, plan.hooks(phase, speakers, decisions)):
+        with attach(self.handle.resolver, plan.hooks(phase, speakers, decisions, held)):
             output = self.handle.model(
                 input_ids=input_ids.to(device),
                 attention_mask=mask.to(device),
@@ -291,6 +292,13 @@ class Engine:
         logits = self._forward(
             input_ids, mask, positions, cache, plan, Phase.PROMPT, rows, speakers
         )
+        if plan.refills([row.gate_decisions for row in rows]):
+            # a prompt gate fired for an edit before its condition's hook: the prompt again with
+            # the decisions held (rows whose gates did not fire come out as before)
+            cache = DynamicCache(config=self.handle.model.config)
+            logits = self._forward(
+                input_ids, mask, positions, cache, plan, Phase.PROMPT, rows, speakers, held=True
+            )
         return logits, cache, mask
 
     def _join(

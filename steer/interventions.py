@@ -116,7 +116,8 @@ class ReadGate:
 class GatedOp:
     """``op`` on the tokens where ``gate`` fired. ``decided_before``: this op's hook point comes
     at or after the condition's in the forward pass, so a prompt gate is already decided there
-    during the prompt pass (an op before it acts from the first generated token on)."""
+    during the prompt pass (for an op before it, the engine runs the prompt pass again once the
+    gate has fired: :attr:`steer.plan.InterventionPlan.needs_refill`)."""
 
     op: ProjectOut | AddVector | RowFunction
     gate: object

@@ -38,10 +38,14 @@ class GateState:
     (the engine keeps one per row and passes them in the rows' current order, so a decision
     follows its request through every replan). ``token_masks``: the token gates of this pass
     only, (row, gate) -> (tokens,) bool; a new GateState per pass, so they never outlive it.
+    ``held``: a second prompt pass over rows whose prompt gates are already decided (see
+    :attr:`InterventionPlan.needs_refill`): no prompt gate is read again, and every gated op
+    acts where its gate fired, before the condition's hook too.
     """
 
-    def __init__(self, decisions: Sequence[dict[object, bool]]) -> None:
+    def __init__(self, decisions: Sequence[dict[object, bool]], held: bool = False) -> None:
         self.decisions = decisions
+        self.held = held
         self.token_masks: dict[tuple[int, object], torch.Tensor] = {}
 
 
@@ -174,8 +178,8 @@ def _read_gate(x: torch.Tensor, row: int, read: ReadGate, phase: Phase, gates: G
     """Record where ``read``'s gate fires for ``row``: every token (token scope), or the prompt's
     last token during the prompt pass (prompt scope; left padding puts it at position -1)."""
     if read.scope is GateScope.PROMPT:
-        if phase is not Phase.PROMPT:
-            return  # decided in the prompt pass, held since
+        if phase is not Phase.PROMPT or gates.held:
+            return  # decided in the (first) prompt pass, held since
         x = x[:, -1:, :]
     projection = x[row].float() @ read.unit  # (T,)
     fired = projection < read.threshold if read.below else projection > read.threshold
@@ -191,7 +195,7 @@ def _gate_mask(
     """(tokens,) bool: where ``op``'s gate lets it act on ``row`` in this pass."""
     if op.scope is GateScope.TOKEN:
         return gates.token_masks[(row, op.gate)][-tokens:]
-    decided = phase is Phase.GENERATED or op.decided_before
+    decided = phase is Phase.GENERATED or op.decided_before or gates.held
     fired = decided and gates.decisions[row].get(op.gate, False)
     return torch.full((tokens,), fired, dtype=torch.bool, device=device)
 
@@ -238,6 +242,23 @@ class InterventionPlan:
         return not self.programs
 
     @property
+    def needs_refill(self) -> bool:
+        """Whether a prompt gate guards an op before its condition's hook. Such an op cannot act
+        in the prompt pass that decides the gate (the decision comes later in that pass), so
+        where the gate fires the prompt pass runs again with the decision held
+        (``hooks(..., held=True)``): a request whose gate fired then runs exactly as with the
+        gate's edit always on, prompt included, and one whose gate did not, as without it."""
+        return any(
+            isinstance(op, GatedOp) and op.scope is GateScope.PROMPT and not op.decided_before
+            for program in self.programs.values()
+            for _, op in program.scoped
+        )
+
+    def refills(self, gate_decisions: Sequence[dict[object, bool]]) -> bool:
+        """Whether this prompt pass must run again: :attr:`needs_refill` and a gate fired."""
+        return self.needs_refill and any(any(d.values()) for d in gate_decisions)
+
+    @property
     def needs_speakers(self) -> bool:
         """Whether any op is speaker-scoped (SAE sliders and gated ops without a speaker are
         in the scoped list too, but act without the pass's speakers)."""
@@ -252,16 +273,18 @@ class InterventionPlan:
         phase: Phase,
         token_speakers: Sequence[Sequence[str | None]] | None = None,
         gate_decisions: Sequence[dict[object, bool]] | None = None,
+        held: bool = False,
     ) -> dict[HookPoint, Callable[[torch.Tensor], torch.Tensor]]:
         """One function per hook point for a forward pass over ``phase``'s tokens (prompt or
         generated). ``token_speakers``, needed by speaker-scoped interventions: per row, the
         speaker of each token fed in this pass (right-aligned; padding is None).
         ``gate_decisions``: per row, the dict its request keeps its prompt gates' decisions in
         (written in the prompt pass, read in the decode passes); None = fresh ones, for a
-        single pass."""
+        single pass. ``held``: the prompt pass again, with the prompt gates as decided (see
+        :attr:`needs_refill`)."""
         if gate_decisions is None:
             gate_decisions = [{} for _ in range(self.batch_size)]
-        gates = GateState(gate_decisions)
+        gates = GateState(gate_decisions, held)
 
         def bind(program: _PointProgram) -> Callable[[torch.Tensor], torch.Tensor]:
             return lambda x: program.apply(x, phase, token_speakers, gates)

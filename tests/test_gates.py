@@ -202,6 +202,39 @@ def test_prompt_gate_is_decided_per_row_and_held_through_decoding(
     assert ungated.token_ids != plain[fired_index]
 
 
+@pytest.mark.parametrize("phase", [Phase.ALL, Phase.PROMPT])
+def test_a_fired_prompt_gate_runs_as_its_edit_always_on_prompt_included(
+    tiny_llama: ModelHandle, phase: Phase
+) -> None:
+    """An edit before the condition's hook cannot act in the pass that decides the gate, so the
+    engine runs the prompt pass again for rows whose gate fired: such a row equals the edit
+    always on (its prompt included), the other row equals no edit, batched or alone; the
+    teacher-forced KL path does the same."""
+    from steer.directions.scores import _continuation_logits
+
+    handle = tiny_llama
+    inner = Add(_vector(handle, 3, 4.0), 1.0, ("blocks.0.hook_resid_post",), phase)
+    gated = _prompt_gate(handle, inner)
+    first, second = _last_projections(handle, _vector(handle, 7))
+    fired = 0 if first > second else 1
+    requests = [replace(BASE, prompt=p, interventions=(gated,)) for p in PROMPTS]
+    together = Engine(handle, max_batch=4).run(requests)
+    always = Engine(handle).run([replace(requests[fired], interventions=(inner,))])[0]
+    plain = Engine(handle).run([replace(requests[1 - fired], interventions=())])[0]
+    assert together[fired].token_ids == always.token_ids
+    assert together[1 - fired].token_ids == plain.token_ids
+    alone = list(Engine(handle).generate([requests[fired]]))
+    ungated = list(Engine(handle).generate([replace(requests[fired], interventions=(inner,))]))
+    for steered, reference in zip(_logprobs(alone), _logprobs(ungated), strict=True):
+        assert [t for t, _ in steered] == [t for t, _ in reference]
+        assert [v for _, v in steered] == pytest.approx([v for _, v in reference], abs=1e-5)
+    ids = [list(handle.tokenizer(p)["input_ids"]) for p in PROMPTS]
+    continuation = [list(always.token_ids)]
+    teacher_gated = _continuation_logits(handle, [ids[fired]], continuation, (gated,))[0]
+    teacher_always = _continuation_logits(handle, [ids[fired]], continuation, (inner,))[0]
+    torch.testing.assert_close(teacher_gated, teacher_always, rtol=1e-5, atol=1e-5)
+
+
 def test_prompt_gate_decisions_follow_their_requests_through_replans(
     tiny_llama: ModelHandle,
 ) -> None:
@@ -271,11 +304,6 @@ def test_bad_gates_name_their_field(tiny_llama: ModelHandle) -> None:
             lambda: Gated(
                 Condition(CONDITION_HOOK, zero + 1, 0.0),
                 Add(_vector(handle, 3), 1.0, ("blocks.1.hook_resid_pre",)),
-            ),
-            lambda: Gated(
-                Condition(CONDITION_HOOK, zero + 1, 0.0),
-                Add(_vector(handle, 3), 1.0, ("blocks.0.hook_mlp_out",), Phase.PROMPT),
-                GateScope.PROMPT,
             ),
         ],
         "inner.layers": [

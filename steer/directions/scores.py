@@ -140,11 +140,13 @@ def _continuation_logits(
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
     plan = build_plan([interventions] * rows, handle.resolver, handle.d_model, handle.dtype, device)
     decisions: list[dict[object, bool]] = [{} for _ in range(rows)]
-    cache = DynamicCache(config=handle.model.config)
     keyword = cache_keyword(handle.model)
-    with attach(handle.resolver, plan.hooks(Phase.PROMPT, None, decisions)):
-        logits = (
-            handle.model(
+    for held in (False, True):  # the prompt pass; again with prompt gates held, as the engine
+        if held and not plan.refills(decisions):
+            break
+        cache = DynamicCache(config=handle.model.config)
+        with attach(handle.resolver, plan.hooks(Phase.PROMPT, None, decisions, held)):
+            output = handle.model(
                 input_ids=input_ids.to(device),
                 attention_mask=mask.to(device),
                 position_ids=(mask.cumsum(-1) - 1).clamp(min=0).to(device),
@@ -152,9 +154,7 @@ def _continuation_logits(
                 use_cache=True,
                 logits_to_keep=1,
             )
-            .logits[:, -1:, :]
-            .float()
-        )
+        logits = output.logits[:, -1:, :].float()
     steps = max(len(c) for c in continuations) - 1
     if steps > 0:  # right padding: a causal model's real tokens never see it
         fed = torch.tensor([list(c[:-1]) + [pad] * (steps + 1 - len(c)) for c in continuations])
