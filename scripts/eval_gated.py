@@ -7,9 +7,9 @@ Every choice is made on train and validation, and the test split is measured onc
 2. the gate: a prompt-scope condition (CAST) on the direction's projection at the chat prompt's
    last token. For each candidate layer (the direction's own and --gate-layers) its
    threshold is the lowest whose false-positive rate on the *train* harmless prompts is at most
-   --target-fpr (:func:`steer.calibration.calibrate_gate`); among the layers, the earliest whose
-   validation TPR - FPR is within 0.02 of the best is kept (in the prompt pass a prompt gate's
-   edits act only at and after its hook, so an earlier gate edits more of the prompt);
+   --target-fpr (:func:`steer.calibration.calibrate_gate`); among the layers, the one with the
+   highest validation TPR - FPR is kept (the earliest of equals). Where it fires, the request
+   runs as with the edit always on, prompt included (the engine runs the prompt pass again);
 3. the edits: the direction ablated at every layer, always on and behind the gate, each at
    weight 1 (nothing tuned);
 4. the test split, once: the rate at each reply length (one greedy generation at the longest,
@@ -78,8 +78,7 @@ def _timed(seconds: dict[str, float], name: str, work: Any) -> Any:
 def _choose_gate(
     handle: Any, vector: Any, layers: Sequence[int], splits: dict[str, Any], target_fpr: float
 ) -> tuple[GateCalibration, list[dict[str, Any]]]:
-    """Calibrate a gate at each layer on train; keep the earliest near the best validation
-    TPR - FPR."""
+    """Calibrate a gate at each layer on train; keep the best validation TPR - FPR."""
     train = ContrastPrompts(splits["positive"].train, splits["negative"].train)
     validation = ContrastPrompts(splits["positive"].validation, splits["negative"].validation)
     tried = []
@@ -98,7 +97,7 @@ def _choose_gate(
         return c.validation.true_positive_rate - c.validation.false_positive_rate
 
     top = max(youden(c) for c in tried)
-    best = next(c for _, c in sorted(zip(layers, tried, strict=True)) if youden(c) >= top - 0.02)
+    best = next(c for _, c in sorted(zip(layers, tried, strict=True)) if youden(c) == top)
     rows = [
         {
             "gate hook": c.hook,
@@ -238,8 +237,9 @@ and multi-token KL (over the base model's first {args.kl_tokens} greedy tokens) 
 harmless test split. The direction is ablated at every layer at weight 1 (not tuned), always on
 or behind a prompt-scope gate.
 
-Gate calibration (threshold: lowest with train FPR <= {args.target_fpr}; layer: the earliest
-within 0.02 of the best validation TPR - FPR; no test prompt read):
+Gate calibration (threshold: lowest with train FPR <= {args.target_fpr}; layer: the best
+validation TPR - FPR; no test prompt read). Where the gate fires, the request runs as with the
+ablation always on, prompt included:
 
 {table(calibration_rows, list(calibration_rows[0]))}
 
