@@ -17,10 +17,13 @@ Every choice is made on train and validation, and the test split is measured onc
    multi-token KL over the base model's first --kl-tokens tokens on held-out harmless prompts.
 
 The gated recipe (threshold and calibration figures in it) is written to --out. Prints one JSON
-line. Only contrast recipes (two prompt sets: refusal, custom contrasts) have the harmful and
-harmless splits a gate is calibrated on.
+line. A contrast recipe (refusal, custom contrasts) gives the prompts the gate should fire on and
+those it should not; a pairs recipe (moralizing) fires on its RP situations and stays quiet on
+the harmless instructions of recipes/refusal.toml, each split as every step splits them, and is
+scored with the moralizing matcher.
 
     python scripts/eval_gated.py --model qwen2.5-coder-0.5b-instruct --out out/gated-refusal
+    python scripts/eval_gated.py --recipe recipes/moralizing.toml --out out/gated-moralizing
 """
 
 from __future__ import annotations
@@ -41,10 +44,17 @@ from report import emit, machine, table, write_section
 from steer.artifacts import load_vector
 from steer.calibration import ContrastPrompts, GateCalibration, calibrate_gate
 from steer.cli.eval_refusal import _lengths
+from steer.directions import data as datasets
 from steer.directions.api import compute, contrast_splits, interventions_for
 from steer.directions.data import RECIPES_DIR
-from steer.directions.evaluate import RateReport, base_continuations, evaluate_rate, is_refusal
-from steer.directions.recipe import load_direction_recipe
+from steer.directions.evaluate import (
+    RateReport,
+    base_continuations,
+    evaluate_rate,
+    is_moralizing,
+    is_refusal,
+)
+from steer.directions.recipe import RecipeKind, load_direction_recipe
 from steer.gates import Gated, GateScope
 from steer.models import load_model
 from steer.text import encode_chat
@@ -113,6 +123,19 @@ def _choose_gate(
     return best, rows
 
 
+def _splits(recipe: Any) -> dict[str, Any]:
+    """{"positive": Splits, "negative": Splits} of the prompts a gate fires / stays quiet on."""
+    if recipe.kind is not RecipeKind.PAIRS:
+        return contrast_splits(recipe)
+    data = recipe.data
+    situations = [pair.prompt for pair in datasets.recipe_pairs(recipe)]
+    harmless = contrast_splits(load_direction_recipe(RECIPES_DIR / "refusal.toml"))["negative"]
+    positive = datasets.split(
+        situations, seed=data.seed, train=data.train, validation=data.validation
+    )
+    return {"positive": positive, "negative": harmless}
+
+
 def _gated_recipe(direction: Path, calibration: GateCalibration) -> str:
     v = calibration.validation
     return (
@@ -162,7 +185,8 @@ def main() -> int:
     artifact = load_vector(directory, handle=handle)
     layer = int(artifact.metadata.get("layer") or artifact.vector.layers[0])
     layers = sorted({layer, *(int(x) for x in args.gate_layers.split(",") if x.strip())})
-    splits = contrast_splits(recipe)
+    splits = _splits(recipe)
+    matcher = is_moralizing if recipe.kind is RecipeKind.PAIRS else is_refusal
     calibration, calibration_rows = _timed(
         seconds,
         "calibrate_gate",
@@ -187,7 +211,7 @@ def main() -> int:
         ),
     )
     options: dict[str, Any] = {
-        "matcher": is_refusal,
+        "matcher": matcher,
         "max_new_tokens": max(args.lengths),
         "lengths": args.lengths,
         "kl_tokens": args.kl_tokens,
@@ -205,6 +229,7 @@ def main() -> int:
     load_after = os.getloadavg()[0]
     rows = [_row(name, report, len(harmless)) for name, report in reports.items()]
     record = {
+        "kind": "moralizing" if recipe.kind is RecipeKind.PAIRS else "refusal",
         "model": args.model,
         "direction": str(directory),
         "gate": calibration_rows,
@@ -228,10 +253,16 @@ def _write_docs(
 ) -> None:
     lengths = [f"rate @{n}" for n in args.lengths]
     columns = ["edit", *lengths, "first-token KL", "multi-token KL", "n"]
-    markdown = f"""## Gated refusal ablation (`scripts/eval_gated.py`)
+    kind = record["kind"]
+    rated = (
+        "moralizing rate on the held-out RP situations (recipes/data/moralizing_pairs.jsonl)"
+        if kind == "moralizing"
+        else "refusal rate on the held-out test split of the recipe's harmful prompts"
+    )
+    markdown = f"""## Gated {kind} ablation (`scripts/eval_gated.py`)
 
 Model `{args.model}`, direction `{record["direction"]}`. Every choice on train / validation; the
-test split measured once, after them: refusal rate on the held-out StrongREJECT test split with
+test split measured once, after them: {rated}, with
 the phrase matcher over each greedy reply's first N tokens (Wilson 95% intervals); first-token
 and multi-token KL (over the base model's first {args.kl_tokens} greedy tokens) on the held-out
 harmless test split. The direction is ablated at every layer at weight 1 (not tuned), always on
@@ -257,7 +288,7 @@ Command:
 {command}
 ```
 """
-    write_section("results.md", "gated", markdown)
+    write_section("results.md", "gated" if kind == "refusal" else f"gated-{kind}", markdown)
 
 
 if __name__ == "__main__":
