@@ -36,14 +36,16 @@ REPLICA_HEADER = "x-steer-replica"
 
 
 class _Held:
-    """A model a replica holds for Ray Serve's multiplexing; unloaded when Ray evicts it."""
+    """A model a replica holds for Ray Serve's multiplexing; unloaded with its SAEs when Ray
+    evicts it (so loading it again loads them again)."""
 
     def __init__(self, core: Any, model_id: str) -> None:
         self.core, self.model_id = core, model_id
 
     def __del__(self) -> None:
         with contextlib.suppress(Exception):  # already gone (the replica is shutting down)
-            self.core.registry.unload(self.model_id, grace=0.0)
+            unloaded = self.core.registry.unload(self.model_id, grace=0.0)
+            self.core.saes.forget_model(unloaded.handle)
 
 
 class ReplicaBody:
