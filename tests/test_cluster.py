@@ -17,6 +17,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -124,9 +125,11 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ClusterConfig]
 
     temp = _short_temp_dir()
     root = tmp_path_factory.mktemp("models")
+    _random_sae().save_model(str(root / "saes" / "res"))
     config = ClusterConfig.from_dict(
         {
             **_config().to_dict(),
+            "saes": {"res": {"model": "a", "path": "saes/res"}},
             # a third logical CPU: the replicas hold two, a job's Ray task takes its own
             "cluster": {
                 "port": _free_port(),
@@ -155,6 +158,22 @@ def endpoint(cluster: ClusterConfig) -> str:
 def client(cluster: ClusterConfig) -> Iterator[SteerClient]:
     with SteerClient(f"{cluster.host}:{cluster.grpc_port}", timeout=600) as connected:
         yield connected
+
+
+SAE_HOOK = "blocks.6.hook_resid_post"
+
+
+def _random_sae() -> Any:
+    """A SAELens standard SAE for SmolLM2's residual stream, random weights."""
+    from sae_lens.saes.standard_sae import StandardSAE, StandardSAEConfig
+
+    torch.manual_seed(0)
+    sae = StandardSAE(StandardSAEConfig(d_in=576, d_sae=32))
+    sae.cfg.metadata.hook_name = SAE_HOOK
+    with torch.no_grad():
+        for parameter in sae.parameters():
+            parameter.normal_(0, 0.05 if parameter.ndim == 1 else 0.3)
+    return sae
 
 
 def _vector(seed: int) -> torch.Tensor:
@@ -263,6 +282,32 @@ def test_grpc_requests_equal_the_single_process_engine(
     with pytest.raises(FailedPrecondition):  # a cluster's models are its deployment file's
         client.load_model("smollm2-135m-instruct", "c")
     assert client.health() == "SERVING"
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_a_configured_sae_slider_equals_the_single_process_engine(
+    client: SteerClient, cluster: ClusterConfig, smollm2: ModelHandle
+) -> None:
+    from steer.client import slider
+    from steer.sae import feature_slider, load_sae
+
+    prompt = [{"role": "user", "content": "Describe a harbour at dawn (0)."}]
+    moved = slider("res", 3, "add_decoder", 8.0)
+    completion = client.complete(
+        messages=prompt, model="a", interventions=[moved], temperature=0, max_new_tokens=10
+    )[None]
+    sae = load_sae(cluster.server_settings().models_root / "saes" / "res", smollm2)
+    request = GenerationRequest(
+        messages=(Message("user", prompt[0]["content"]),),
+        sampling=SamplingConfig.greedy_config(),
+        max_new_tokens=10,
+        interventions=(feature_slider("add_decoder", sae, 3, 8.0),),
+    )
+    expected = Engine(smollm2).run([request])[0].text
+    assert completion.text == expected and expected != _expected(smollm2, 0)
+    with pytest.raises(NotFound):  # configured for model "a" only
+        client.complete(messages=prompt, model="b", interventions=[moved], max_new_tokens=2)
 
 
 CONTRAST = """
