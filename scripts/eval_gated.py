@@ -139,7 +139,7 @@ def _splits(recipe: Any) -> dict[str, Any]:
 def _gated_recipe(direction: Path, calibration: GateCalibration) -> str:
     v = calibration.validation
     return (
-        f"# The direction ablated at every layer, only in replies to prompts the gate fires on.\n"
+        f"# The direction ablated at every layer, only for prompts the gate fires on.\n"
         f"# Threshold chosen on the train split (FPR <= {calibration.target_fpr} on harmless);\n"
         f"# validation: TPR {v.true_positive_rate:.3f} on {v.fire_count} harmful, "
         f"FPR {v.false_positive_rate:.3f} on {v.quiet_count} harmless (scripts/eval_gated.py).\n"
