@@ -196,31 +196,6 @@ class Engine:
             self._remove_finished()
         return events
 
-    def _forward(
-        self,
-        input_ids: torch.Tensor,
-        mask: torch.Tensor,
-        positions: torch.Tensor,
-        cache: Any,
-        plan: InterventionPlan,
-        phase: Phase,
-        rows: Sequence[_Row],
-        speakers: Sequence[Sequence[str | None]] | None = None,
-        held: bool = False,
-    ) -> torch.Tensor:
-        device = self.handle.device
-        decisions = [row.gate_decisions for row in rows]
-        with attach(self.handle.resolver, plan.hooks(phase, speakers, decisions, held)):
-            output = self.handle.model(
-                input_ids=input_ids.to(device),
-                attention_mask=mask.to(device),
-                position_ids=positions.to(device),
-                **{self._cache_keyword: cache},
-                use_cache=True,
-                logits_to_keep=1,
-            )
-        return output.logits[:, -1, :].float()
-
     def _decode(self) -> list[GenerationEvent]:
         assert self._mask is not None and self._plan is not None
         rows, plan = self._rows, self._plan
@@ -228,9 +203,17 @@ class Engine:
         positions = torch.tensor([[row.position] for row in rows])
         self._mask = torch.cat([self._mask, torch.ones(len(rows), 1, dtype=torch.long)], 1)
         speakers = [[row.request.speaker] for row in rows] if plan.needs_speakers else None
-        logits = self._forward(
-            last, self._mask, positions, self._cache, plan, Phase.GENERATED, rows, speakers
-        )
+        decisions = [row.gate_decisions for row in rows]
+        logits = forward_pass(
+            self.handle,
+            plan,
+            Phase.GENERATED,
+            (last, self._mask, positions),
+            self._cache,
+            decisions,
+            speakers,
+            keyword=self._cache_keyword,
+        )[:, -1, :]
         for row in self._rows:
             row.position += 1
         return [self._advance_or_fail(row, logits[i]) for i, row in enumerate(self._rows)]
@@ -269,17 +252,8 @@ class Engine:
             yield ([row], *prefilled)
 
     def _prefill(self, rows: Sequence[_Row]) -> tuple[torch.Tensor, Any, torch.Tensor]:
-        """One forward pass over the prompts of ``rows``: (last logits, new cache, mask)."""
-        from transformers.cache_utils import DynamicCache
-
+        """The prompt pass over ``rows`` (:func:`prefill`): (last logits, new cache, mask)."""
         width = max(len(row.prompt_ids) for row in rows)
-        pad = self.handle.pad_token_id
-        input_ids = torch.tensor([[pad] * (width - len(r.prompt_ids)) + r.prompt_ids for r in rows])
-        mask = torch.tensor(
-            [[0] * (width - len(r.prompt_ids)) + [1] * len(r.prompt_ids) for r in rows]
-        )
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        cache = DynamicCache(config=self.handle.model.config)
         plan = self._build_plan(rows)
         speakers: list[list[str | None]] | None = None
         if plan.needs_speakers:
@@ -289,17 +263,14 @@ class Engine:
                 + list(r.request.speakers or padding[: len(r.prompt_ids)])
                 for r in rows
             ]
-        logits = self._forward(
-            input_ids, mask, positions, cache, plan, Phase.PROMPT, rows, speakers
+        return prefill(
+            self.handle,
+            plan,
+            [row.prompt_ids for row in rows],
+            [row.gate_decisions for row in rows],
+            speakers,
+            keyword=self._cache_keyword,
         )
-        if plan.refills([row.gate_decisions for row in rows]):
-            # a prompt gate fired for an edit before its condition's hook: the prompt again with
-            # the decisions held (rows whose gates did not fire come out as before)
-            cache = DynamicCache(config=self.handle.model.config)
-            logits = self._forward(
-                input_ids, mask, positions, cache, plan, Phase.PROMPT, rows, speakers, held=True
-            )
-        return logits, cache, mask
 
     def _join(
         self, rows: list[_Row], logits: torch.Tensor, cache: Any, mask: torch.Tensor
@@ -418,6 +389,76 @@ class Engine:
             )
             self._rows = [self._rows[i] for i in keep]
         self._plan = self._build_plan(self._rows)
+
+
+def forward_pass(
+    handle: ModelHandle,
+    plan: InterventionPlan,
+    phase: Phase,
+    tokens: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    cache: Any,
+    decisions: Sequence[dict[object, bool]],
+    speakers: Sequence[Sequence[str | None]] | None = None,
+    *,
+    held: bool = False,
+    keep: int = 1,
+    keyword: str | None = None,
+) -> torch.Tensor:
+    """One forward pass with ``plan``'s hooks for ``phase`` over ``tokens`` (input ids, attention
+    mask, position ids) into ``cache``: float logits of the last ``keep`` positions (0 = all),
+    (rows, positions, vocab). ``decisions``: each row's prompt-gate decisions (see
+    :meth:`~steer.plan.InterventionPlan.hooks`); ``keyword``: :func:`cache_keyword`, if known."""
+    device = handle.device
+    input_ids, mask, positions = tokens
+    with attach(handle.resolver, plan.hooks(phase, speakers, decisions, held)):
+        output = handle.model(
+            input_ids=input_ids.to(device),
+            attention_mask=mask.to(device),
+            position_ids=positions.to(device),
+            **{keyword or cache_keyword(handle.model): cache},
+            use_cache=True,
+            logits_to_keep=keep,
+        )
+    return output.logits.float()
+
+
+def prefill(
+    handle: ModelHandle,
+    plan: InterventionPlan,
+    prompts: Sequence[Sequence[int]],
+    decisions: Sequence[dict[object, bool]],
+    speakers: Sequence[Sequence[str | None]] | None = None,
+    *,
+    keyword: str | None = None,
+) -> tuple[torch.Tensor, Any, torch.Tensor]:
+    """The prompt pass over left-padded ``prompts`` into a new cache: (last logits (rows, vocab),
+    cache, attention mask). Prompt gates decide here; where one fired for an edit before its
+    condition's hook (:meth:`~steer.plan.InterventionPlan.refills`) the pass runs again with the
+    decisions held, so that request runs as with the edit always on, prompt included, and the
+    rows whose gates did not fire come out as before."""
+    from transformers.cache_utils import DynamicCache
+
+    width = max(len(prompt) for prompt in prompts)
+    pad = handle.pad_token_id
+    input_ids = torch.tensor([[pad] * (width - len(p)) + list(p) for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    tokens = (input_ids, mask, (mask.cumsum(-1) - 1).clamp(min=0))
+    for held in (False, True):
+        if held and not plan.refills(decisions):
+            break
+        cache = DynamicCache(config=handle.model.config)
+        logits = forward_pass(
+            handle,
+            plan,
+            Phase.PROMPT,
+            tokens,
+            cache,
+            decisions,
+            speakers,
+            held=held,
+            keyword=keyword,
+        )
+    return logits[:, -1, :], cache, mask
 
 
 def _non_finite(request: GenerationRequest) -> Exception:

@@ -23,7 +23,6 @@ from steer.activations import forward
 from steer.interventions import Intervention, Phase
 from steer.models import ModelHandle
 from steer.plan import build_plan
-from steer.runtime import attach, cache_keyword
 
 #: Openers whose first token marks a refusal. The first token of each, as the model's tokenizer
 #: splits it, goes into p_R. For many tokenizers this includes the bare "I" (as in Arditi et
@@ -132,45 +131,24 @@ def _continuation_logits(
     as generated tokens (``Phase.GENERATED``). So a phase-limited or gated intervention costs
     here what it costs in generation (one pass over prompt + continuation would decide a prompt
     gate on the continuation's last token and treat generated tokens as prompt)."""
-    from transformers.cache_utils import DynamicCache
+    from steer.generation import forward_pass, prefill
 
-    rows, pad, device = len(prompts), handle.pad_token_id, handle.device
-    width = max(len(p) for p in prompts)
-    input_ids = torch.tensor([[pad] * (width - len(p)) + list(p) for p in prompts])
-    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
-    plan = build_plan([interventions] * rows, handle.resolver, handle.d_model, handle.dtype, device)
+    rows, pad = len(prompts), handle.pad_token_id
+    plan = build_plan(
+        [interventions] * rows, handle.resolver, handle.d_model, handle.dtype, handle.device
+    )
     decisions: list[dict[object, bool]] = [{} for _ in range(rows)]
-    keyword = cache_keyword(handle.model)
-    for held in (False, True):  # the prompt pass; again with prompt gates held, as the engine
-        if held and not plan.refills(decisions):
-            break
-        cache = DynamicCache(config=handle.model.config)
-        with attach(handle.resolver, plan.hooks(Phase.PROMPT, None, decisions, held)):
-            output = handle.model(
-                input_ids=input_ids.to(device),
-                attention_mask=mask.to(device),
-                position_ids=(mask.cumsum(-1) - 1).clamp(min=0).to(device),
-                **{keyword: cache},
-                use_cache=True,
-                logits_to_keep=1,
-            )
-        logits = output.logits[:, -1:, :].float()
+    last, cache, mask = prefill(handle, plan, prompts, decisions)
+    logits = last[:, None, :]
     steps = max(len(c) for c in continuations) - 1
     if steps > 0:  # right padding: a causal model's real tokens never see it
         fed = torch.tensor([list(c[:-1]) + [pad] * (steps + 1 - len(c)) for c in continuations])
-        with attach(handle.resolver, plan.hooks(Phase.GENERATED, None, decisions)):
-            rest = handle.model(
-                input_ids=fed.to(device),
-                attention_mask=torch.cat([mask, torch.ones(rows, steps, dtype=mask.dtype)], 1).to(
-                    device
-                ),
-                position_ids=torch.tensor([[len(p) + i for i in range(steps)] for p in prompts]).to(
-                    device
-                ),
-                **{keyword: cache},
-                use_cache=True,
-                logits_to_keep=0,
-            ).logits.float()
+        tokens = (
+            fed,
+            torch.cat([mask, torch.ones(rows, steps, dtype=mask.dtype)], 1),
+            torch.tensor([[len(p) + i for i in range(steps)] for p in prompts]),
+        )
+        rest = forward_pass(handle, plan, Phase.GENERATED, tokens, cache, decisions, keep=0)
         logits = torch.cat([logits, rest], 1)
     return [logits[i, : len(c)].cpu() for i, c in enumerate(continuations)]
 
