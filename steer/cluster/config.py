@@ -101,19 +101,25 @@ class ReplicaSpec:
 
 
 @dataclass(frozen=True)
-class ClusterConfig:
-    models: dict[str, ModelSpec]
-    replicas: ReplicaSpec = field(default_factory=ReplicaSpec)
-    saes: dict[str, SaeSpec] = field(default_factory=dict)
-    jobs: JobSpec = field(default_factory=JobSpec)
-    #: ServerSettings fields for every replica (ports are the cluster's, not these)
-    server: dict[str, Any] = field(default_factory=dict)
+class ClusterFields:
+    """The ``[cluster]`` table."""
+
     address: str = ""
     num_cpus: int | None = None
     host: str = "127.0.0.1"
     port: int = 8000
     grpc_port: int = 50051
     metrics_port: int | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class ClusterConfig(ClusterFields):
+    models: dict[str, ModelSpec]
+    replicas: ReplicaSpec = field(default_factory=ReplicaSpec)
+    saes: dict[str, SaeSpec] = field(default_factory=dict)
+    jobs: JobSpec = field(default_factory=JobSpec)
+    #: ServerSettings fields for every replica (ports are the cluster's, not these)
+    server: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not self.models:
@@ -149,14 +155,7 @@ class ClusterConfig:
         return {
             "cluster": {
                 name: value
-                for name, value in (
-                    ("address", self.address),
-                    ("num_cpus", self.num_cpus),
-                    ("host", self.host),
-                    ("port", self.port),
-                    ("grpc_port", self.grpc_port),
-                    ("metrics_port", self.metrics_port),
-                )
+                for name, value in _plain(self, ClusterFields).items()
                 if value is not None
             },
             "replicas": _plain(self.replicas),
@@ -192,7 +191,7 @@ class ClusterConfig:
             },
             jobs=_build(JobSpec, _table(data, "jobs"), "jobs"),
             server=dict(_table(data, "server")),
-            **_build(_ClusterFields, cluster, "cluster").__dict__,
+            **_plain(_build(ClusterFields, cluster, "cluster")),
         )
 
     @classmethod
@@ -202,18 +201,9 @@ class ClusterConfig:
         return cls.from_dict(read_toml(path, field="config"))
 
 
-@dataclass(frozen=True)
-class _ClusterFields:
-    address: str = ""
-    num_cpus: int | None = None
-    host: str = "127.0.0.1"
-    port: int = 8000
-    grpc_port: int = 50051
-    metrics_port: int | None = None
-
-
-def _plain(spec: Any) -> dict[str, Any]:
-    return {item.name: getattr(spec, item.name) for item in fields(spec)}
+def _plain(spec: Any, kind: Any = None) -> dict[str, Any]:
+    """``spec``'s fields (those of ``kind``, when given) as a dict."""
+    return {item.name: getattr(spec, item.name) for item in fields(kind or spec)}
 
 
 def _table(data: dict[str, Any], name: str, prefix: str = "") -> dict[str, Any]:
