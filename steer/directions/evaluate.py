@@ -228,17 +228,11 @@ def evaluate_rate(
     continuations: Sequence[Sequence[int]] | None = None,
     lengths: Sequence[int] = (),
 ) -> RateReport:
-    """Rate of ``matcher`` hits on ``positive`` prompts; KL cost on ``negative`` prompts.
-
-    The edited model is ``handle`` with ``interventions``, or ``edited_handle`` (baked weights)
-    compared against ``handle``. ``continuations`` may pass precomputed base continuations.
-    ``lengths`` (each at most ``max_new_tokens``) adds the rate over each reply's first N tokens.
-    """
-    if any(tokens > max_new_tokens for tokens in lengths):
-        raise InvalidArgumentError(
-            f"reply lengths {list(lengths)} must be at most max_new_tokens ({max_new_tokens})",
-            field="lengths",
-        )
+    """Rate of ``matcher`` hits on ``positive`` prompts; KL cost on ``negative`` prompts. The
+    edited model is ``handle`` with ``interventions``, or ``edited_handle`` (baked weights)
+    against ``handle``; ``continuations``: precomputed base continuations; ``lengths`` (each at
+    most ``max_new_tokens``) adds the rate over each reply's first N tokens."""
+    _check_lengths(lengths, max_new_tokens)
     seconds: dict[str, float] = {}
     model = edited_handle or handle
     positive_ids = [encode_chat(model, p, system) for p in positive]
@@ -248,14 +242,11 @@ def evaluate_rate(
         model, positive_ids, interventions, max_new_tokens=max_new_tokens, batch_size=batch_size
     )
     seconds["generate"] = time.perf_counter() - start
-    texts = [text for _ids, text in outputs]
-    hits = [bool(matcher(text)) for text in texts]
+    texts, hits = [text for _, text in outputs], [bool(matcher(text)) for _, text in outputs]
     by_length = [_rate_at(model, outputs, matcher, tokens) for tokens in lengths]
     judged_rate = agreement = None
     if judge_handle is not None:
-        verdicts = _verdicts(judge_handle, positive, texts, seconds)
-        judged_rate = sum(verdicts) / max(len(verdicts), 1)
-        agreement = sum(v == h for v, h in zip(verdicts, hits, strict=True)) / max(len(hits), 1)
+        judged_rate, agreement = _judged(judge_handle, positive, texts, hits, seconds)
     kl_first, kl_multi = _kl_cost(
         handle,
         negative_ids,
@@ -266,10 +257,6 @@ def evaluate_rate(
         batch_size=batch_size,
         seconds=seconds,
     )
-    examples = [
-        {"prompt": p, "response": t, "hit": h}
-        for p, t, h in zip(positive, texts, hits, strict=True)
-    ]
     return RateReport(
         rate=sum(hits) / max(len(hits), 1),
         n=len(hits),
@@ -277,7 +264,10 @@ def evaluate_rate(
         kl_multi_token=kl_multi,
         judged_rate=judged_rate,
         seconds=seconds,
-        examples=examples,
+        examples=[
+            {"prompt": p, "response": t, "hit": h}
+            for p, t, h in zip(positive, texts, hits, strict=True)
+        ],
         interval=wilson_interval(sum(hits), len(hits)),
         by_length=by_length,
         judge_agreement=agreement,
@@ -296,17 +286,28 @@ def _rate_at(
     return LengthRate(tokens, hits / max(len(outputs), 1), low, high)
 
 
-def _verdicts(
+def _check_lengths(lengths: Sequence[int], max_new_tokens: int) -> None:
+    if any(tokens > max_new_tokens for tokens in lengths):
+        raise InvalidArgumentError(
+            f"reply lengths {list(lengths)} must be at most max_new_tokens ({max_new_tokens})",
+            field="lengths",
+        )
+
+
+def _judged(
     judge_handle: ModelHandle,
     prompts: Sequence[str],
     texts: Sequence[str],
+    hits: Sequence[bool],
     seconds: dict[str, float],
-) -> list[bool]:
-    """The judge model's verdict on each reply (its time in ``seconds["judge"]``)."""
+) -> tuple[float, float]:
+    """(the share of replies the judge model calls hits, the share where it agrees with the
+    matcher's ``hits``); its time in ``seconds["judge"]``."""
     start = time.perf_counter()
     verdicts = judge(judge_handle, prompts, texts)
     seconds["judge"] = time.perf_counter() - start
-    return list(verdicts)
+    agreement = sum(v == h for v, h in zip(verdicts, hits, strict=True)) / max(len(hits), 1)
+    return sum(verdicts) / max(len(verdicts), 1), agreement
 
 
 def _kl_cost(
