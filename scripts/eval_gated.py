@@ -5,11 +5,15 @@ Every choice is made on train and validation, and the test split is measured onc
 1. the direction: computed with the recipe (its layer and position chosen by the search on the
    validation split), or given with --direction;
 2. the gate: a prompt-scope condition (CAST) on the direction's projection at the chat prompt's
-   last token. For each candidate layer (the direction's own and --gate-layers) its
-   threshold is the lowest whose false-positive rate on the *train* harmless prompts is at most
-   --target-fpr (:func:`steer.calibration.calibrate_gate`); among the layers, the one with the
-   highest validation TPR - FPR is kept (the earliest of equals). Where it fires, the request
-   runs as with the edit always on, prompt included (the engine runs the prompt pass again);
+   last token, at one of the candidate layers (the direction's own and --gate-layers, read in
+   one pass). Candidate thresholds come from train: for each target in --fpr-grid, the lowest
+   whose false-positive rate on the *train* harmless prompts is at most it
+   (:meth:`steer.calibration.GateScores.calibrate`). The validation split chooses among them
+   by outcome: it is evaluated twice, unedited and with the edit always on, and since a request
+   whose gate fires runs exactly as always on and any other as unedited, every candidate's
+   validation rate and KL follow from those two runs (:func:`gated_report`). Kept: the lowest
+   validation first-token KL among candidates whose validation rate at the longest length is at
+   most --max-rate (default: the always-on rate there);
 3. the edits: the direction ablated at every layer, always on and behind the gate, each at
    weight 1 (nothing tuned);
 4. the test split, once: the rate at each reply length (one greedy generation at the longest,
@@ -42,7 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from report import emit, machine, table, write_section
 
 from steer.artifacts import load_vector
-from steer.calibration import ContrastPrompts, GateCalibration, calibrate_gate
+from steer.calibration import ContrastPrompts, GateCalibration, GateScores, gate_scores
 from steer.cli.eval_refusal import _lengths
 from steer.directions import data as datasets
 from steer.directions.api import compute, contrast_splits, interventions_for
@@ -51,6 +55,7 @@ from steer.directions.evaluate import (
     RateReport,
     base_continuations,
     evaluate_rate,
+    gated_report,
     is_moralizing,
     is_refusal,
 )
@@ -68,14 +73,35 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", default="out/gated-refusal")
     parser.add_argument("--lengths", type=_lengths, default=(16, 64))
     parser.add_argument("--kl-tokens", type=int, default=32)
-    parser.add_argument("--target-fpr", type=float, default=0.05)
+    parser.add_argument(
+        "--fpr-grid",
+        type=_rates,
+        default=(0.0, 0.01, 0.02, 0.05, 0.1, 0.2),
+        help="train false-positive rates that give the candidate thresholds",
+    )
+    parser.add_argument(
+        "--max-rate",
+        type=float,
+        default=None,
+        help="the highest validation rate a kept gate may have (default: the always-on rate)",
+    )
     parser.add_argument(
         "--gate-layers", default="", help="candidate gate layers besides the direction's own"
     )
     parser.add_argument("--max-test", type=int, default=0, help="cap test prompts (0 = all)")
+    parser.add_argument(
+        "--max-validation",
+        type=int,
+        default=0,
+        help="cap the validation prompts evaluated for the gate choice (0 = all; smoke runs)",
+    )
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--no-docs", action="store_true", help="do not write docs/results.md")
     return parser
+
+
+def _rates(text: str) -> tuple[float, ...]:
+    return tuple(float(x) for x in text.split(",") if x.strip())
 
 
 def _timed(seconds: dict[str, float], name: str, work: Any) -> Any:
@@ -85,40 +111,58 @@ def _timed(seconds: dict[str, float], name: str, work: Any) -> Any:
     return result
 
 
+def _candidates(
+    scores: Sequence[GateScores],
+    fpr_grid: Sequence[float],
+    unedited: RateReport,
+    always: RateReport,
+) -> list[tuple[GateCalibration, RateReport]]:
+    """Each candidate gate (a hook, a threshold from train) with its validation report."""
+    candidates = []
+    for score in scores:
+        thresholds: set[float] = set()
+        for target in fpr_grid:
+            calibration = score.calibrate(target)
+            if calibration.threshold in thresholds:
+                continue  # a coarser target that gives the same threshold
+            thresholds.add(calibration.threshold)
+            report = gated_report(
+                unedited,
+                always,
+                score.fires("validation.fire", calibration.threshold)[: unedited.n],
+                score.fires("validation.quiet", calibration.threshold)[: len(unedited.kl_rows)],
+            )
+            candidates.append((calibration, report))
+    return candidates
+
+
 def _choose_gate(
-    handle: Any, vector: Any, layers: Sequence[int], splits: dict[str, Any], target_fpr: float
+    candidates: list[tuple[GateCalibration, RateReport]], max_rate: float
 ) -> tuple[GateCalibration, list[dict[str, Any]]]:
-    """Calibrate a gate at each layer on train; keep the best validation TPR - FPR."""
-    train = ContrastPrompts(splits["positive"].train, splits["negative"].train)
-    validation = ContrastPrompts(splits["positive"].validation, splits["negative"].validation)
-    tried = []
-    for layer in layers:
-        calibration = calibrate_gate(
-            handle,
-            f"blocks.{layer}.hook_resid_pre",
-            vector,
-            train=train,
-            validation=validation,
-            target_fpr=target_fpr,
-        )
-        tried.append(calibration)
+    """The lowest validation first-token KL (then multi-token KL) among candidates with a
+    validation rate (longest length) of at most ``max_rate``; the lowest rate if none has."""
 
-    def youden(c: GateCalibration) -> float:
-        return c.validation.true_positive_rate - c.validation.false_positive_rate
+    def rate(report: RateReport) -> float:
+        return report.by_length[-1].rate if report.by_length else report.rate
 
-    top = max(youden(c) for c in tried)
-    best = next(c for _, c in sorted(zip(layers, tried, strict=True)) if youden(c) == top)
+    allowed = [c for c in candidates if rate(c[1]) <= max_rate + 1e-12]
+    if allowed:
+        best = min(allowed, key=lambda c: (c[1].kl_first_token, c[1].kl_multi_token))[0]
+    else:
+        best = min(candidates, key=lambda c: (rate(c[1]), c[1].kl_first_token))[0]
     rows = [
         {
             "gate hook": c.hook,
+            "train FPR target": c.target_fpr,
             "threshold": c.threshold,
-            "train TPR": c.train.true_positive_rate,
-            "train FPR": c.train.false_positive_rate,
             "validation TPR": c.validation.true_positive_rate,
             "validation FPR": c.validation.false_positive_rate,
+            "validation rate": rate(report),
+            "validation first-token KL": report.kl_first_token,
+            "validation multi-token KL": report.kl_multi_token,
             "kept": "yes" if c is best else "",
         }
-        for c in tried
+        for c, report in candidates
     ]
     return best, rows
 
@@ -140,9 +184,10 @@ def _gated_recipe(direction: Path, calibration: GateCalibration) -> str:
     v = calibration.validation
     return (
         f"# The direction ablated at every layer, only for prompts the gate fires on.\n"
-        f"# Threshold chosen on the train split (FPR <= {calibration.target_fpr} on harmless);\n"
-        f"# validation: TPR {v.true_positive_rate:.3f} on {v.fire_count} harmful, "
-        f"FPR {v.false_positive_rate:.3f} on {v.quiet_count} harmless (scripts/eval_gated.py).\n"
+        f"# Threshold from the train split (FPR <= {calibration.target_fpr} on harmless), kept\n"
+        f"# for its validation outcome (scripts/eval_gated.py); validation: fires on\n"
+        f"# {v.true_positive_rate:.3f} of {v.fire_count} prompts it should fire on and "
+        f"{v.false_positive_rate:.3f} of {v.quiet_count} it should not.\n"
         f'name = "gated-ablation"\n\n[[edits]]\nkind = "ablate"\n'
         f'direction = "{direction.resolve()}"\nweight = 1.0\n\n[edits.gate]\n'
         f'hook = "{calibration.hook}"\ndirection = "{direction.resolve()}"\n'
@@ -158,6 +203,69 @@ def _row(name: str, report: RateReport, n_kl: int) -> dict[str, Any]:
     row["multi-token KL"] = report.kl_multi_token
     row["n"] = f"{report.n} / {n_kl}"
     return row
+
+
+def _evaluator(
+    handle: Any, args: argparse.Namespace, matcher: Any, positive: list[str], negative: list[str]
+) -> Any:
+    """evaluate(edits) -> RateReport on these prompts, base continuations computed once."""
+    ids = [encode_chat(handle, prompt) for prompt in negative]
+    continuations = base_continuations(
+        handle, ids, tokens=args.kl_tokens, batch_size=args.batch_size
+    )
+    options: dict[str, Any] = {
+        "matcher": matcher,
+        "max_new_tokens": max(args.lengths),
+        "lengths": args.lengths,
+        "kl_tokens": args.kl_tokens,
+        "batch_size": args.batch_size,
+        "continuations": continuations,
+    }
+    return lambda edits: evaluate_rate(handle, positive, negative, edits, **options)
+
+
+def _gate(
+    handle: Any, args: argparse.Namespace, artifact: Any, splits: dict[str, Any], matcher: Any,
+    seconds: dict[str, float],
+) -> tuple[GateCalibration, list[dict[str, Any]], dict[str, Any]]:  # fmt: skip
+    """The kept gate, every candidate's validation row, and the validation reference rows."""
+    layer = int(artifact.metadata.get("layer") or artifact.vector.layers[0])
+    layers = sorted({layer, *(int(x) for x in args.gate_layers.split(",") if x.strip())})
+    scores = _timed(
+        seconds,
+        "gate_scores",
+        lambda: gate_scores(
+            handle,
+            [f"blocks.{n}.hook_resid_pre" for n in layers],
+            artifact.vector,
+            train=ContrastPrompts(splits["positive"].train, splits["negative"].train),
+            validation=ContrastPrompts(
+                splits["positive"].validation, splits["negative"].validation
+            ),
+            batch_size=args.batch_size,
+        ),
+    )
+    cap = args.max_validation or None
+    evaluate = _evaluator(
+        handle,
+        args,
+        matcher,
+        list(splits["positive"].validation)[:cap],
+        list(splits["negative"].validation)[:cap],
+    )
+    unedited = _timed(seconds, "validation_unedited", lambda: evaluate(()))
+    always = _timed(seconds, "validation_always_on", lambda: evaluate(interventions_for(artifact)))
+    longest = always.by_length[-1].rate
+    max_rate = longest if args.max_rate is None else args.max_rate
+    calibration, rows = _choose_gate(_candidates(scores, args.fpr_grid, unedited, always), max_rate)
+    reference = {
+        "unedited rate": unedited.by_length[-1].rate,
+        "always-on rate": longest,
+        "always-on first-token KL": always.kl_first_token,
+        "always-on multi-token KL": always.kl_multi_token,
+        "max rate": max_rate,
+    }
+    return calibration, rows, reference
 
 
 def main() -> int:
@@ -183,14 +291,10 @@ def main() -> int:
             ),
         )
     artifact = load_vector(directory, handle=handle)
-    layer = int(artifact.metadata.get("layer") or artifact.vector.layers[0])
-    layers = sorted({layer, *(int(x) for x in args.gate_layers.split(",") if x.strip())})
     splits = _splits(recipe)
     matcher = is_moralizing if recipe.kind is RecipeKind.PAIRS else is_refusal
-    calibration, calibration_rows = _timed(
-        seconds,
-        "calibrate_gate",
-        lambda: _choose_gate(handle, artifact.vector, layers, splits, args.target_fpr),
+    calibration, calibration_rows, reference = _gate(
+        handle, args, artifact, splits, matcher, seconds
     )
     (out / "gated.toml").write_text(_gated_recipe(directory, calibration))
     always = interventions_for(artifact)
@@ -202,28 +306,11 @@ def main() -> int:
     harmless = list(splits["negative"].test)
     if args.max_test:
         harmful, harmless = harmful[: args.max_test], harmless[: args.max_test]
-    harmless_ids = [encode_chat(handle, prompt) for prompt in harmless]
-    continuations = _timed(
-        seconds,
-        "base_continuations",
-        lambda: base_continuations(
-            handle, harmless_ids, tokens=args.kl_tokens, batch_size=args.batch_size
-        ),
+    evaluate = _timed(
+        seconds, "base_continuations", lambda: _evaluator(handle, args, matcher, harmful, harmless)
     )
-    options: dict[str, Any] = {
-        "matcher": matcher,
-        "max_new_tokens": max(args.lengths),
-        "lengths": args.lengths,
-        "kl_tokens": args.kl_tokens,
-        "batch_size": args.batch_size,
-        "continuations": continuations,
-    }
     reports = {
-        name: _timed(
-            seconds,
-            f"evaluate_{name}",
-            lambda edits=edits: evaluate_rate(handle, harmful, harmless, edits, **options),
-        )
+        name: _timed(seconds, f"evaluate_{name}", lambda edits=edits: evaluate(edits))
         for name, edits in (("unedited", ()), ("always on", always), ("gated", gated))
     }
     load_after = os.getloadavg()[0]
@@ -232,6 +319,7 @@ def main() -> int:
         "kind": "moralizing" if recipe.kind is RecipeKind.PAIRS else "refusal",
         "model": args.model,
         "direction": str(directory),
+        "validation": reference,
         "gate": calibration_rows,
         "test": rows,
         "seconds": seconds,
@@ -254,6 +342,7 @@ def _write_docs(
     lengths = [f"rate @{n}" for n in args.lengths]
     columns = ["edit", *lengths, "first-token KL", "multi-token KL", "n"]
     kind = record["kind"]
+    v = record["validation"]
     rated = (
         "moralizing rate on the held-out RP situations (recipes/data/moralizing_pairs.jsonl)"
         if kind == "moralizing"
@@ -268,9 +357,14 @@ and multi-token KL (over the base model's first {args.kl_tokens} greedy tokens) 
 harmless test split. The direction is ablated at every layer at weight 1 (not tuned), always on
 or behind a prompt-scope gate.
 
-Gate calibration (threshold: lowest with train FPR <= {args.target_fpr}; layer: the best
-validation TPR - FPR; no test prompt read). Where the gate fires, the request runs as with the
-ablation always on, prompt included:
+Gate choice (no test prompt read). Candidate thresholds come from train: for each target in
+{", ".join(str(x) for x in args.fpr_grid)}, the lowest with that train false-positive rate at
+most, at each candidate hook. The validation split, evaluated unedited and always on (rate
+{v["unedited rate"]:.3f} and {v["always-on rate"]:.3f} at {max(args.lengths)} tokens; always-on KL
+{v["always-on first-token KL"]:.4f} / {v["always-on multi-token KL"]:.4f}), gives each
+candidate's validation figures (a request whose gate fires runs as always on, prompt included;
+any other as unedited). Kept: the lowest validation first-token KL among the candidates with a
+validation rate of at most {v["max rate"]:.3f}.
 
 {table(calibration_rows, list(calibration_rows[0]))}
 

@@ -19,11 +19,19 @@ import torch
 from steer.activations import forward
 from steer.errors import InvalidArgumentError, SteerError
 from steer.gates import Condition
+from steer.hooks import HookPoint
 from steer.models import ModelHandle
 from steer.text import encode_chat
 from steer.vectors import SteeringVector
 
-__all__ = ["ContrastPrompts", "GateCalibration", "SplitRates", "calibrate_gate"]
+__all__ = [
+    "ContrastPrompts",
+    "GateCalibration",
+    "GateScores",
+    "SplitRates",
+    "calibrate_gate",
+    "gate_scores",
+]
 
 
 @dataclass(frozen=True)
@@ -60,6 +68,70 @@ class GateCalibration:
         return Condition(self.hook, direction, self.threshold, self.below)
 
 
+@dataclass(frozen=True)
+class GateScores:
+    """The numbers a prompt-scope gate at ``hook`` decides on, for each prompt of each split:
+    the projection at the prompt's last token (negated with ``below``, so a gate always fires
+    above its threshold here). Any threshold's rates follow from them without another pass."""
+
+    hook: str
+    below: bool
+    #: {"train.fire", "train.quiet", "validation.fire", "validation.quiet"}: projections
+    read: dict[str, list[float]]
+
+    def fires(self, key: str, threshold: float) -> list[bool]:
+        """Whether the gate fires on each prompt of ``key`` (e.g. "validation.fire") at
+        ``threshold`` (the threshold as a :class:`Condition` holds it)."""
+        sign = -1.0 if self.below else 1.0
+        return [p > sign * threshold for p in self.read[key]]
+
+    def calibrate(self, target_fpr: float = 0.05) -> GateCalibration:
+        """The lowest threshold with train FPR <= ``target_fpr``; its train and validation
+        rates."""
+        target_fpr = _target(target_fpr)
+        threshold = _lowest_threshold(self.read["train.quiet"], target_fpr)
+        read = self.read
+        return GateCalibration(
+            hook=self.hook,
+            threshold=(-1.0 if self.below else 1.0) * threshold,
+            below=self.below,
+            target_fpr=target_fpr,
+            train=_rates(read["train.fire"], read["train.quiet"], threshold),
+            validation=_rates(read["validation.fire"], read["validation.quiet"], threshold),
+        )
+
+
+def gate_scores(
+    handle: ModelHandle,
+    hooks: Sequence[str],
+    direction: SteeringVector | torch.Tensor,
+    *,
+    train: ContrastPrompts,
+    validation: ContrastPrompts,
+    below: bool = False,
+    system: str | None = None,
+    batch_size: int = 16,
+) -> list[GateScores]:
+    """:class:`GateScores` at each of ``hooks`` (a :class:`SteeringVector` gives its vector at
+    each hook's layer), all read in one forward pass over the prompts."""
+    if isinstance(hooks, str) or not hooks:
+        raise InvalidArgumentError("needs at least one hook", field="hooks")
+    points = [handle.resolver.parse(hook, field=f"hooks[{i}]") for i, hook in enumerate(hooks)]
+    try:
+        units = [Condition(p.name, direction, 0.0).unit(p, handle.d_model) for p in points]
+    except SteerError as error:
+        raise InvalidArgumentError(error.message, field="direction") from None
+    sign = -1.0 if below else 1.0  # "below t" is "above -t" on the negated projections
+    read: list[dict[str, list[float]]] = [{} for _ in points]
+    for name, split in (("train", train), ("validation", validation)):
+        for side, prompts in (("fire", split.fire), ("quiet", split.quiet)):
+            key = f"{name}.{side}"
+            per_hook = _projections(handle, points, units, prompts, key, system, batch_size)
+            for store, values in zip(read, per_hook, strict=True):
+                store[key] = [sign * value for value in values]
+    return [GateScores(point.name, below, store) for point, store in zip(points, read, strict=True)]
+
+
 def calibrate_gate(
     handle: ModelHandle,
     hook: str,
@@ -77,29 +149,17 @@ def calibrate_gate(
     The gate fires where the projection is above the threshold (below it with ``below``).
     """
     target_fpr = _target(target_fpr)
-    point = handle.resolver.parse(hook, field="hook")
-    try:
-        unit = Condition(hook, direction, 0.0).unit(point, handle.d_model)
-    except SteerError as error:
-        raise InvalidArgumentError(error.message, field="direction") from None
-    sign = -1.0 if below else 1.0  # "below t" is "above -t" on the negated projections
-    read = {
-        f"{name}.{side}": [
-            sign * p
-            for p in _projections(handle, hook, unit, prompts, f"{name}.{side}", system, batch_size)
-        ]
-        for name, split in (("train", train), ("validation", validation))
-        for side, prompts in (("fire", split.fire), ("quiet", split.quiet))
-    }
-    threshold = _lowest_threshold(read["train.quiet"], target_fpr)
-    return GateCalibration(
-        hook=point.name,
-        threshold=sign * threshold,
+    scores = gate_scores(
+        handle,
+        [hook],
+        direction,
+        train=train,
+        validation=validation,
         below=below,
-        target_fpr=target_fpr,
-        train=_rates(read["train.fire"], read["train.quiet"], threshold),
-        validation=_rates(read["validation.fire"], read["validation.quiet"], threshold),
+        system=system,
+        batch_size=batch_size,
     )
+    return scores[0].calibrate(target_fpr)
 
 
 def _target(target_fpr: float) -> float:
@@ -114,31 +174,37 @@ def _target(target_fpr: float) -> float:
 
 def _projections(
     handle: ModelHandle,
-    hook: str,
-    unit: torch.Tensor,
+    points: Sequence[HookPoint],
+    units: Sequence[torch.Tensor],
     prompts: Sequence[str],
     field: str,
     system: str | None,
     batch_size: int,
-) -> list[float]:
-    """Each prompt's residual at ``hook``, last token, projected onto ``unit`` in float32: the
-    number a prompt-scope :class:`~steer.plan.ReadGate` compares with its threshold."""
+) -> list[list[float]]:
+    """At each point, each prompt's residual at the last token projected onto that point's unit
+    in float32: the number a prompt-scope :class:`~steer.interventions.ReadGate` compares with
+    its threshold."""
     if isinstance(prompts, str) or not prompts:
         raise InvalidArgumentError("needs at least one prompt", field=field)
     for index, prompt in enumerate(prompts):
         if not isinstance(prompt, str) or not prompt:
             raise InvalidArgumentError("expected a non-empty string", field=f"{field}[{index}]")
     ids = [encode_chat(handle, prompt, system) for prompt in prompts]
-    last = forward(handle, ids, hooks=[hook], batch_size=batch_size).activations
-    activations = next(iter(last.values()))
-    assert isinstance(activations, torch.Tensor)  # (prompts, d_model) float32
-    projections = (activations @ unit).tolist()
-    for index, value in enumerate(projections):
-        if not math.isfinite(value):
-            raise InvalidArgumentError(
-                f"the projection is not finite ({value})", field=f"{field}[{index}]"
-            )
-    return projections
+    names = [point.name for point in points]
+    last = forward(handle, ids, hooks=names, batch_size=batch_size).activations
+    per_point = []
+    for name, unit in zip(names, units, strict=True):
+        activations = last[name]
+        assert isinstance(activations, torch.Tensor)  # (prompts, d_model) float32
+        projections = (activations @ unit).tolist()
+        for index, value in enumerate(projections):
+            if not math.isfinite(value):
+                raise InvalidArgumentError(
+                    f"the projection at {name} is not finite ({value})",
+                    field=f"{field}[{index}]",
+                )
+        per_point.append(projections)
+    return per_point
 
 
 def _lowest_threshold(quiet: list[float], target_fpr: float) -> float:

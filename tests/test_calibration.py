@@ -11,9 +11,18 @@ import pytest
 import torch
 
 import steer.calibration
-from steer import Add, Gated, GateScope, InvalidArgumentError, Phase, SteeringVector
+from steer import (
+    Add,
+    Condition,
+    Gated,
+    GateScope,
+    InvalidArgumentError,
+    Phase,
+    SteeringVector,
+)
 from steer.activations import forward
-from steer.calibration import ContrastPrompts, calibrate_gate
+from steer.calibration import ContrastPrompts, calibrate_gate, gate_scores
+from steer.directions.evaluate import evaluate_rate, gated_report
 from steer.generation import Engine, GenerationRequest
 from steer.models import ModelHandle
 from steer.sampling import SamplingConfig
@@ -184,3 +193,79 @@ def test_bad_inputs_name_their_field(tiny_llama: ModelHandle) -> None:
     assert field(direction=torch.zeros(handle.d_model)) == "direction"
     for target in (math.nan, math.inf, -0.1, 1.0, True):
         assert field(target_fpr=target) == "target_fpr"
+
+
+def test_scores_at_several_hooks_in_one_pass_calibrate_as_each_hook_alone(
+    tiny_llama: ModelHandle,
+) -> None:
+    handle = tiny_llama
+    train, validation, _ = _splits(handle, count=16)
+    hooks = [HOOK, "blocks.0.hook_resid_pre", "blocks.1.hook_resid_pre"]
+    scores = gate_scores(handle, hooks, _direction(handle), train=train, validation=validation)
+    assert [s.hook for s in scores] == hooks
+    for hook, score in zip(hooks, scores, strict=True):
+        for target in (0.0, 0.25):
+            alone = calibrate_gate(
+                handle, hook, _direction(handle), train=train, validation=validation,
+                target_fpr=target,
+            )  # fmt: skip
+            assert score.calibrate(target) == alone
+            assert sum(score.fires("validation.fire", alone.threshold)) == round(
+                alone.validation.true_positive_rate * alone.validation.fire_count
+            )
+    assert scores[0].read != scores[1].read  # the hooks are read apart
+    with pytest.raises(InvalidArgumentError) as raised:
+        gate_scores(handle, [HOOK, "blocks.99.hook_resid_pre"], _direction(handle),
+                    train=train, validation=validation)  # fmt: skip
+    assert raised.value.field == "hooks[1]"
+
+
+def test_a_gated_report_from_two_evaluations_equals_running_the_gate(
+    tiny_llama: ModelHandle,
+) -> None:
+    """Any threshold's figures follow from the unedited and the always-on evaluations: the rows
+    the gate fires on run as always on, the others as unedited, rates by length and KL rows
+    included."""
+    handle = tiny_llama
+    train, validation, projection = _splits(handle, count=24)
+    score = gate_scores(handle, [HOOK], _direction(handle), train=train, validation=validation)[0]
+    generator = torch.Generator().manual_seed(3)
+    vector = SteeringVector.from_shared(torch.randn(handle.d_model, generator=generator) * 4)
+    inner = Add(vector, 1.0, ("blocks.0.hook_resid_post",))
+    positive = list(validation.fire)
+    negative = list(validation.quiet)
+    options = {
+        "matcher": lambda text: "e" in text.lower(),
+        "max_new_tokens": 6,
+        "lengths": (2, 6),
+        "kl_tokens": 3,
+        "batch_size": 4,
+    }
+    unedited = evaluate_rate(handle, positive, negative, **options)
+    always = evaluate_rate(handle, positive, negative, (inner,), **options)
+    assert always.kl_first_token > 0 and [e["hit"] for e in always.examples] != [
+        e["hit"] for e in unedited.examples
+    ]
+    everything = [projection[p] for p in (*positive, *negative)]
+    # a threshold between two prompts (none sits on it), that fires on some of each side
+    third = len(everything) // 3
+    threshold = sum(sorted(everything)[third : third + 2]) / 2
+    fire_positive = [projection[p] > threshold for p in positive]
+    fire_negative = [projection[p] > threshold for p in negative]
+    assert 0 < sum(fire_positive) + sum(fire_negative) < len(everything)
+    gated = Gated(Condition(HOOK, _direction(handle), threshold), inner, GateScope.PROMPT)
+    measured = evaluate_rate(handle, positive, negative, (gated,), **options)
+    predicted = gated_report(unedited, always, fire_positive, fire_negative)
+    assert [e["response"] for e in predicted.examples] == [e["response"] for e in measured.examples]
+    assert predicted.rate == measured.rate and predicted.interval == measured.interval
+    for mine, theirs in zip(predicted.by_length, measured.by_length, strict=True):
+        assert (mine.tokens, mine.hits, mine.rate) == (theirs.tokens, theirs.hits, theirs.rate)
+    for mine_row, their_row in zip(predicted.kl_rows, measured.kl_rows, strict=True):
+        assert mine_row == pytest.approx(their_row, abs=1e-5)
+    assert predicted.kl_first_token == pytest.approx(measured.kl_first_token, abs=1e-6)
+    assert predicted.kl_multi_token == pytest.approx(measured.kl_multi_token, abs=1e-6)
+    assert 0 < predicted.kl_first_token < always.kl_first_token
+    assert score.fires("validation.quiet", threshold)[: len(negative)] == fire_negative
+    with pytest.raises(InvalidArgumentError) as raised:
+        gated_report(unedited, always, fire_positive[1:], fire_negative)
+    assert raised.value.field == "fire"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -181,3 +182,30 @@ def test_a_gate_hook_outside_the_model_names_the_field(
     with pytest.raises(InvalidArgumentError) as raised:
         load_edit_recipe(path).lowered(tiny_llama.num_layers)
     assert raised.value.field == "edits[0].gate.hook"
+
+
+def test_eval_rp_edits_play_a_gated_recipe_per_reply(
+    tiny_llama: ModelHandle, artifacts: dict[str, Path]
+) -> None:
+    """``steer eval rp --edits``: a prompt gate that never fires plays the scenarios exactly as
+    no edit; one that always fires (below a huge threshold) as the edit ungated."""
+    from steer.cli.eval_rp import _interventions
+    from steer.rp.evaluate import EvalSettings, evaluate_rp, load_scenarios
+    from steer.sampling import SamplingConfig
+
+    handle, scenarios = tiny_llama, load_scenarios()[:2]
+    settings = EvalSettings(sampling=SamplingConfig(min_p=0.1), max_new_tokens=6, rounds=2)
+
+    def play(text: str | None) -> dict[str, Any]:
+        path = None
+        if text is not None:
+            path = artifacts["vector"].parent / "rp.toml"
+            path.write_text(text)
+        edits = _interventions(handle, [], None if path is None else str(path))
+        return evaluate_rp(handle, replace(settings, interventions=edits), scenarios)
+
+    ungated = f'name = "plain"\n\n[[edits]]\n{ADD}\n'
+    plain, edited = play(None), play(ungated)
+    assert plain != edited
+    assert play(_recipe_text(ADD, 1e6, "prompt")) == plain
+    assert play(_recipe_text(ADD, 1e6, "prompt", below=True)) == edited

@@ -3,9 +3,12 @@
     steer eval rp --model smollm2-135m-instruct --preset shorirp --json
     steer eval rp --direction artifacts/moralizing            # ablate a direction
     steer eval rp --direction artifacts/warm:4@Lysa           # add it at strength 4, Lysa only
+    steer eval rp --edits out/gated-moralizing/gated.toml     # an edit recipe, gates included
 
 ``--direction SPEC`` (repeatable) is ``PATH`` (ablate), ``PATH:STRENGTH`` (activation addition
 at the artifact's hooks), either followed by ``@SPEAKER`` to act only on that character's tokens.
+``--edits RECIPE.toml`` adds an edit recipe's run-time edits (the schema ``steer bake`` reads;
+gated edits decide per request, i.e. per reply).
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ def parser(prog: str) -> argparse.ArgumentParser:
         metavar="PATH[:STRENGTH][@SPEAKER]",
         help="ablate (or with :STRENGTH add) a direction artifact; @SPEAKER scopes it",
     )
+    parser.add_argument("--edits", help="an edit recipe (TOML) applied at run time")
     parser.add_argument(
         "--preset", default="default", help=f"sampler preset ({', '.join(PRESETS)}) or a .toml"
     )
@@ -40,6 +44,11 @@ def parser(prog: str) -> argparse.ArgumentParser:
     parser.add_argument("--length", help="length hint for formats that have them (e.g. medium)")
     parser.add_argument("--scenarios", default=str(SCENARIOS), help="scenario JSONL file")
     parser.add_argument("--max-scenarios", type=int, default=0, help="play only the first N")
+    parser.add_argument(
+        "--skip-tags",
+        default="",
+        help="leave out scenarios with any of these tags (comma-separated, e.g. villain,crime)",
+    )
     parser.add_argument("--rounds", type=int, default=3, help="replies per scenario")
     parser.add_argument("--max-new-tokens", type=int, default=80)
     parser.add_argument("--seed", type=int, default=0)
@@ -68,8 +77,9 @@ def parse_direction(spec: str) -> tuple[str, float | None, str | None]:
     return path, strength, speaker
 
 
-def _interventions(handle: Any, specs: list[str]) -> tuple[Any, ...]:
+def _interventions(handle: Any, specs: list[str], edits: str | None = None) -> tuple[Any, ...]:
     from steer.artifacts import load_vector
+    from steer.cli.eval_refusal import recipe_interventions
 
     interventions: list[Any] = []
     for spec in specs:
@@ -79,6 +89,8 @@ def _interventions(handle: Any, specs: list[str]) -> tuple[Any, ...]:
             interventions.append(artifact.ablation(speaker=speaker))
         else:
             interventions.append(artifact.addition(strength, speaker=speaker))
+    if edits:
+        interventions.extend(recipe_interventions(edits, handle))
     return tuple(interventions)
 
 
@@ -94,6 +106,10 @@ def main(argv: list[str], *, prog: str = "steer eval rp", command: str = "rp") -
         parse_direction(spec)
     sampling = load_preset(args.preset)
     scenarios = load_scenarios(args.scenarios)
+    skipped = {tag.strip() for tag in args.skip_tags.split(",") if tag.strip()}
+    scenarios = [s for s in scenarios if not skipped.intersection(s.tags)]
+    if not scenarios:
+        raise InvalidArgumentError("--skip-tags leaves no scenario", field="skip_tags")
     if args.max_scenarios:
         scenarios = scenarios[: args.max_scenarios]
     start = time.perf_counter()
@@ -101,7 +117,7 @@ def main(argv: list[str], *, prog: str = "steer eval rp", command: str = "rp") -
     settings = EvalSettings(
         format=args.format,
         sampling=replace(sampling, seed=None),
-        interventions=_interventions(handle, args.direction),
+        interventions=_interventions(handle, args.direction, args.edits),
         max_new_tokens=args.max_new_tokens,
         rounds=args.rounds,
         length=args.length,
@@ -111,6 +127,8 @@ def main(argv: list[str], *, prog: str = "steer eval rp", command: str = "rp") -
     report.update(
         preset=args.preset,
         directions=args.direction,
+        edits=args.edits,
+        scenarios=[s.id for s in scenarios],
         seconds=round(time.perf_counter() - start, 1),
     )
     print(json.dumps(report))

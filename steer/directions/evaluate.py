@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from steer.activations import forward
-from steer.directions.scores import multi_token_kl
+from steer.directions.scores import kl_means, token_kls
 from steer.errors import InvalidArgumentError
 from steer.generation import Engine, GenerationRequest
 from steer.interventions import Intervention
@@ -180,6 +180,8 @@ class LengthRate:
     rate: float
     low: float
     high: float
+    #: per prompt, whether its first ``tokens`` tokens are a hit
+    hits: list[bool] = field(default_factory=list)
 
 
 @dataclass
@@ -199,6 +201,8 @@ class RateReport:
     by_length: list[LengthRate] = field(default_factory=list)
     #: share of replies where the judge and the matcher agree (with a judge)
     judge_agreement: float | None = None
+    #: per negative prompt, the KL at each token of the base continuation
+    kl_rows: list[list[float]] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -247,7 +251,7 @@ def evaluate_rate(
     judged_rate = agreement = None
     if judge_handle is not None:
         judged_rate, agreement = _judged(judge_handle, positive, texts, hits, seconds)
-    kl_first, kl_multi = _kl_cost(
+    kl_rows = _kl_cost(
         handle,
         negative_ids,
         interventions,
@@ -257,6 +261,7 @@ def evaluate_rate(
         batch_size=batch_size,
         seconds=seconds,
     )
+    kl_first, kl_multi = kl_means(kl_rows)
     return RateReport(
         rate=sum(hits) / max(len(hits), 1),
         n=len(hits),
@@ -271,6 +276,7 @@ def evaluate_rate(
         interval=wilson_interval(sum(hits), len(hits)),
         by_length=by_length,
         judge_agreement=agreement,
+        kl_rows=kl_rows,
     )
 
 
@@ -281,9 +287,9 @@ def _rate_at(
     if tokens < 1:
         raise InvalidArgumentError(f"a reply length must be >= 1, got {tokens}", field="lengths")
     decode = handle.tokenizer.decode
-    hits = sum(bool(matcher(decode(ids[:tokens], skip_special_tokens=True))) for ids, _ in outputs)
-    low, high = wilson_interval(hits, len(outputs))
-    return LengthRate(tokens, hits / max(len(outputs), 1), low, high)
+    hits = [bool(matcher(decode(ids[:tokens], skip_special_tokens=True))) for ids, _ in outputs]
+    low, high = wilson_interval(sum(hits), len(hits))
+    return LengthRate(tokens, sum(hits) / max(len(hits), 1), low, high, hits)
 
 
 def _check_lengths(lengths: Sequence[int], max_new_tokens: int) -> None:
@@ -320,9 +326,9 @@ def _kl_cost(
     kl_tokens: int,
     batch_size: int,
     seconds: dict[str, float],
-) -> tuple[float, float]:
-    """(first-token KL, multi-token KL) of the edited model on the negative prompts, over the
-    base model's continuations (computed unless given); times in ``seconds``."""
+) -> list[list[float]]:
+    """Per negative prompt, the edited model's KL at each token of the base model's
+    continuation (computed unless given); times in ``seconds``."""
     start = time.perf_counter()
     if continuations is None:
         continuations = base_continuations(
@@ -331,10 +337,53 @@ def _kl_cost(
     seconds["base_continuations"] = time.perf_counter() - start
     start = time.perf_counter()
     if interventions or edited_handle is not None:
-        kl_first, kl_multi = multi_token_kl(
+        rows = token_kls(
             handle, negative_ids, continuations, interventions, edited_handle=edited_handle
         )
     else:
-        kl_first, kl_multi = 0.0, 0.0  # the unedited model against itself
+        rows = [[0.0] * len(c) for c in continuations]  # the unedited model against itself
     seconds["kl"] = time.perf_counter() - start
-    return kl_first, kl_multi
+    return rows
+
+
+def gated_report(
+    unedited: RateReport,
+    always: RateReport,
+    fire_positive: Sequence[bool],
+    fire_negative: Sequence[bool],
+) -> RateReport:
+    """The report of a prompt-scope gate with these per-prompt decisions, from the reports of
+    the same prompts unedited and with the gated edit always on: a row whose gate fires runs as
+    the edit always on, prompt included, and any other as no edit (the engine runs them so), so
+    one pair of evaluations gives every threshold's figures without generating again."""
+    if len(fire_positive) != unedited.n or len(fire_negative) != len(unedited.kl_rows):
+        raise InvalidArgumentError(
+            f"expected {unedited.n} and {len(unedited.kl_rows)} decisions, got "
+            f"{len(fire_positive)} and {len(fire_negative)}",
+            field="fire",
+        )
+    examples = [
+        (a if fired else u)
+        for u, a, fired in zip(unedited.examples, always.examples, fire_positive, strict=True)
+    ]
+    hits = [bool(example["hit"]) for example in examples]
+    by_length = []
+    for u, a in zip(unedited.by_length, always.by_length, strict=True):
+        picked = [x if f else y for x, y, f in zip(a.hits, u.hits, fire_positive, strict=True)]
+        low, high = wilson_interval(sum(picked), len(picked))
+        by_length.append(LengthRate(u.tokens, sum(picked) / len(picked), low, high, picked))
+    kl_rows = [
+        list(a if fired else u)
+        for u, a, fired in zip(unedited.kl_rows, always.kl_rows, fire_negative, strict=True)
+    ]
+    kl_first, kl_multi = kl_means(kl_rows)
+    return RateReport(
+        rate=sum(hits) / max(len(hits), 1),
+        n=len(hits),
+        kl_first_token=kl_first,
+        kl_multi_token=kl_multi,
+        examples=examples,
+        interval=wilson_interval(sum(hits), len(hits)),
+        by_length=by_length,
+        kl_rows=kl_rows,
+    )

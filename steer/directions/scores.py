@@ -175,6 +175,37 @@ def continuation_logprobs(
     return torch.tensor(means)
 
 
+def token_kls(
+    handle: ModelHandle,
+    prompts: Sequence[Sequence[int]],
+    continuations: Sequence[Sequence[int]],
+    interventions: Sequence[Intervention] = (),
+    *,
+    edited_handle: ModelHandle | None = None,
+    chunk_size: int = 4,
+) -> list[list[float]]:
+    """Per prompt, the KL (base || edited) at each token of its continuation, teacher-forced
+    over the base model's continuations (non-empty)."""
+    rows: list[list[float]] = []
+    edited_model = edited_handle or handle
+    for start in range(0, len(prompts), chunk_size):
+        chunk_p = prompts[start : start + chunk_size]
+        chunk_c = continuations[start : start + chunk_size]
+        base = _continuation_logits(handle, chunk_p, chunk_c, ())
+        edited = _continuation_logits(edited_model, chunk_p, chunk_c, interventions)
+        for base_row, edited_row in zip(base, edited, strict=True):
+            rows.append(kl_divergence(base_row, edited_row).tolist())
+    return rows
+
+
+def kl_means(rows: Sequence[Sequence[float]]) -> tuple[float, float]:
+    """(first-token KL, multi-token KL) of :func:`token_kls` rows: the mean of each row's first
+    value, and the mean over every token of every row."""
+    every = [value for row in rows for value in row]
+    first = float(torch.tensor([row[0] for row in rows]).mean())
+    return first, float(torch.tensor(every).mean())
+
+
 def multi_token_kl(
     handle: ModelHandle,
     prompts: Sequence[Sequence[int]],
@@ -189,16 +220,12 @@ def multi_token_kl(
     Position 0 of each continuation is the first-token KL; the multi-token KL averages every
     continuation position of every prompt. Continuations must be non-empty.
     """
-    first: list[float] = []
-    every: list[float] = []
-    edited_model = edited_handle or handle
-    for start in range(0, len(prompts), chunk_size):
-        chunk_p = prompts[start : start + chunk_size]
-        chunk_c = continuations[start : start + chunk_size]
-        base = _continuation_logits(handle, chunk_p, chunk_c, ())
-        edited = _continuation_logits(edited_model, chunk_p, chunk_c, interventions)
-        for base_row, edited_row in zip(base, edited, strict=True):
-            kl = kl_divergence(base_row, edited_row)
-            first.append(float(kl[0]))
-            every.extend(kl.tolist())
-    return float(torch.tensor(first).mean()), float(torch.tensor(every).mean())
+    rows = token_kls(
+        handle,
+        prompts,
+        continuations,
+        interventions,
+        edited_handle=edited_handle,
+        chunk_size=chunk_size,
+    )
+    return kl_means(rows)

@@ -41,6 +41,7 @@ class Scenario:
     kind: str
     scene: Scene
     followups: tuple[str, ...] = ()
+    tags: tuple[str, ...] = ()
 
 
 def load_scenarios(path: str | Path = SCENARIOS) -> list[Scenario]:
@@ -61,6 +62,7 @@ def load_scenarios(path: str | Path = SCENARIOS) -> list[Scenario]:
                 kind=str(data.get("kind", "plain")),
                 scene=Scene.from_dict(data),
                 followups=tuple(data.get("followups", ())),
+                tags=tuple(str(tag) for tag in data.get("tags", ())),
             )
         )
     return scenarios
