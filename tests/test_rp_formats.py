@@ -337,6 +337,9 @@ def test_project_scenarios_load() -> None:
     for scenario in scenarios:
         assert "{{" not in scenario.scene.characters[0].description
         assert scenario.followups
+        assert scenario.tags  # steer eval rp --skip-tags chooses scenes by them
+    villain = next(s for s in scenarios if s.id == "villain")
+    assert "villain" in villain.tags
 
 
 def test_eval_rp_direction_specs() -> None:

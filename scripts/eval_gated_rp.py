@@ -1,0 +1,153 @@
+"""What a gated moralizing edit costs in RP without a trigger; docs/results.md ("gated-rp").
+
+Plays the project's RP scenarios that carry none of the --skip-tags (chosen by tag before any
+run: no crime, villain, horror or dark-comedy scene) three times with the same seeds: unedited,
+the direction ablated always on, and the gated recipe written by scripts/eval_gated.py. For each
+it reports the RP metrics of ``steer eval rp`` with 95% bootstrap intervals over scenarios, and
+how many replies differ from the unedited ones (a gate that does not fire changes nothing, so
+an unchanged reply is one the gate left alone or one the edit did not move).
+
+    python scripts/eval_gated_rp.py --direction out/gated-moralizing/direction \
+        --gated out/gated-moralizing/gated.toml
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from report import emit, machine, table, write_section
+
+from steer.artifacts import load_vector
+from steer.cli.eval_refusal import recipe_interventions
+from steer.directions.api import interventions_for
+from steer.models import load_model
+from steer.rp.evaluate import SLOP_PHRASES, EvalSettings, load_scenarios, play
+from steer.rp.metrics import Transcript, load_phrases, rp_metrics
+from steer.rp.presets import load_preset
+
+METRICS = (
+    "words_per_reply",
+    "repetition_in_reply",
+    "repetition_across_turns",
+    "slop_rate",
+    "distinct_2",
+    "moralizing_rate",
+    "impersonation_rate",
+)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="qwen2.5-coder-0.5b-instruct")
+    parser.add_argument("--direction", required=True, help="the moralizing direction artifact")
+    parser.add_argument("--gated", required=True, help="the gated recipe (eval_gated.py)")
+    parser.add_argument("--skip-tags", default="crime,villain,horror,dark comedy")
+    parser.add_argument("--preset", default="near-greedy")
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--resamples", type=int, default=2000)
+    parser.add_argument("--no-docs", action="store_true")
+    return parser
+
+
+def _interval(
+    transcripts: Sequence[Transcript], phrases: Sequence[str], resamples: int
+) -> dict[str, tuple[float, float]]:
+    """95% percentile bootstrap interval of each metric, resampling whole scenarios."""
+    draw = random.Random(0)
+    values: dict[str, list[float]] = {name: [] for name in METRICS}
+    for _ in range(resamples):
+        sample = [draw.choice(transcripts) for _ in transcripts]
+        metrics = rp_metrics(sample, phrases)
+        for name in METRICS:
+            values[name].append(float(metrics[name]))  # type: ignore[arg-type]
+    low, high = int(0.025 * resamples), int(0.975 * resamples) - 1
+    return {name: (sorted(v)[low], sorted(v)[high]) for name, v in values.items()}
+
+
+def main() -> int:
+    args = _parser().parse_args()
+    command = "python scripts/eval_gated_rp.py " + " ".join(sys.argv[1:])
+    load_before = os.getloadavg()[0]
+    skipped = {tag.strip() for tag in args.skip_tags.split(",") if tag.strip()}
+    scenarios = [s for s in load_scenarios() if not skipped.intersection(s.tags)]
+    handle = load_model(args.model)
+    artifact = load_vector(args.direction, handle=handle)
+    settings = EvalSettings(
+        sampling=replace(load_preset(args.preset), seed=None),
+        max_new_tokens=args.max_new_tokens,
+        rounds=args.rounds,
+    )
+    edits: dict[str, tuple[Any, ...]] = {
+        "unedited": (),
+        "always on": tuple(interventions_for(artifact)),
+        "gated": recipe_interventions(args.gated, handle),
+    }
+    phrases = load_phrases(SLOP_PHRASES)
+    rows, seconds = [], {}
+    played: dict[str, list[Transcript]] = {}
+    for name, interventions in edits.items():
+        start = time.perf_counter()
+        played[name] = play(handle, scenarios, replace(settings, interventions=interventions))
+        seconds[name] = round(time.perf_counter() - start, 1)
+        metrics = rp_metrics(played[name], phrases)
+        interval = _interval(played[name], phrases, args.resamples)
+        row: dict[str, Any] = {"edit": name}
+        for metric in METRICS:
+            low, high = interval[metric]
+            row[metric] = f"{float(metrics[metric]):.3g} [{low:.3g}, {high:.3g}]"  # type: ignore[arg-type]
+        pairs = zip(played[name], played["unedited"], strict=True)
+        changed = sum(a != b for x, y in pairs for a, b in zip(x.replies, y.replies, strict=True))
+        count = sum(len(t.replies) for t in played[name])
+        row["replies changed"] = f"{changed} / {count}"
+        rows.append(row)
+    record = {
+        "model": args.model,
+        "scenarios": [s.id for s in scenarios],
+        "rows": rows,
+        "seconds": seconds,
+        "load_average": [round(load_before, 2), round(os.getloadavg()[0], 2)],
+        "machine": machine(),
+    }
+    emit(record)
+    if not args.no_docs:
+        _write_docs(args, record, command)
+    return 0
+
+
+def _write_docs(args: argparse.Namespace, record: dict[str, Any], command: str) -> None:
+    markdown = f"""## Gated moralizing edit in RP without a trigger (`scripts/eval_gated_rp.py`)
+
+Model `{args.model}`; the scenarios of recipes/data/rp_scenarios.jsonl without the tags
+{args.skip_tags} ({", ".join(record["scenarios"])}), {args.rounds} replies each, at most
+{args.max_new_tokens} tokens, preset `{args.preset}`, the same seeds for every edit. Each metric
+(docs/rp.md) with its 95% bootstrap interval over scenarios; *replies changed*: replies whose
+text differs from the unedited run's. The gated recipe: `{args.gated}`.
+
+{table(record["rows"], ["edit", *METRICS, "replies changed"])}
+
+Wall times (s): {", ".join(f"{k} {v}" for k, v in record["seconds"].items())}. Measured on
+{record["machine"]}; load average {record["load_average"][0]} before,
+{record["load_average"][1]} after.
+
+Command:
+
+```
+{command}
+```
+"""
+    write_section("results.md", "gated-rp", markdown)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
