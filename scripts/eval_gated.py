@@ -9,13 +9,14 @@ Every choice is made on train and validation, and the test split is measured onc
    one pass). Candidate thresholds come from train: for each target in --fpr-grid, the lowest
    whose false-positive rate on the *train* harmless prompts is at most it
    (:meth:`steer.calibration.GateScores.calibrate`). The validation split chooses among them
-   by outcome: it is evaluated twice, unedited and with the edit always on, and since a request
-   whose gate fires runs exactly as always on and any other as unedited, every candidate's
-   validation rate and KL follow from those two runs (:func:`gated_report`). Kept: the lowest
-   validation first-token KL among candidates whose validation rate at the longest length is at
-   most --max-rate (default: the always-on rate there);
-3. the edits: the direction ablated at every layer, always on and behind the gate, each at
-   weight 1 (nothing tuned);
+   by outcome: it is evaluated unedited and with the ablation always on at each of --weights,
+   and since a request whose gate fires runs exactly as always on and any other as unedited,
+   every candidate's (weight, hook, threshold) validation rate and KL follow from those runs
+   (:func:`gated_report`). Kept: the lowest validation first-token KL among candidates whose
+   validation rate at the longest length is at most --max-rate (default: the lowest always-on
+   rate there);
+3. the edits: the direction ablated at every layer at the kept weight, always on and behind
+   the gate;
 4. the test split, once: the rate at each reply length (one greedy generation at the longest,
    matcher over each reply's first N tokens) with Wilson 95% intervals, first-token KL and
    multi-token KL over the base model's first --kl-tokens tokens on held-out harmless prompts.
@@ -38,6 +39,7 @@ import sys
 import threading
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -45,11 +47,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from report import emit, machine, table, write_section
 
-from steer.artifacts import load_vector
-from steer.calibration import ContrastPrompts, GateCalibration, GateScores, gate_scores
+from steer.artifacts import load_vector, save_vector
+from steer.calibration import (
+    ContrastPrompts,
+    GateCalibration,
+    GateScores,
+    contrast_condition,
+    gate_scores,
+)
 from steer.cli.eval_refusal import _lengths
 from steer.directions import data as datasets
-from steer.directions.api import compute, contrast_splits, interventions_for
+from steer.directions.api import compute, contrast_splits
 from steer.directions.data import RECIPES_DIR
 from steer.directions.evaluate import (
     RateReport,
@@ -80,10 +88,24 @@ def _parser() -> argparse.ArgumentParser:
         help="train false-positive rates that give the candidate thresholds",
     )
     parser.add_argument(
+        "--conditions",
+        type=lambda text: tuple(x.strip() for x in text.split(",") if x.strip()),
+        default=("direction", "contrast"),
+        help="what a gate reads: the edit's direction, and/or a contrast condition vector "
+        "(train fire minus quiet prompts' last-token means, CAST)",
+    )
+    parser.add_argument(
+        "--weights",
+        type=_rates,
+        default=(1.0,),
+        help="ablation weights to choose from on validation (each costs a validation run)",
+    )
+    parser.add_argument(
         "--max-rate",
         type=float,
         default=None,
-        help="the highest validation rate a kept gate may have (default: the always-on rate)",
+        help="the highest validation rate a kept gate may have (default: the lowest always-on "
+        "rate of --weights)",
     )
     parser.add_argument(
         "--gate-layers", default="", help="candidate gate layers besides the direction's own"
@@ -111,58 +133,75 @@ def _timed(seconds: dict[str, float], name: str, work: Any) -> Any:
     return result
 
 
+@dataclass(frozen=True)
+class Candidate:
+    """A gated edit: the ablation's weight and a gate (hook, threshold from train), with the
+    validation report it would give."""
+
+    weight: float
+    condition: str  # "direction" (the edit's own) or "contrast" (CAST's condition vector)
+    vector: Any  # the condition's SteeringVector
+    calibration: GateCalibration
+    report: RateReport
+
+
 def _candidates(
-    scores: Sequence[GateScores],
+    conditions: dict[str, tuple[Any, list[GateScores]]],
     fpr_grid: Sequence[float],
     unedited: RateReport,
-    always: RateReport,
-) -> list[tuple[GateCalibration, RateReport]]:
-    """Each candidate gate (a hook, a threshold from train) with its validation report."""
+    always: dict[float, RateReport],
+) -> list[Candidate]:
+    """Each candidate (weight, condition, hook, threshold) with its validation report."""
     candidates = []
-    for score in scores:
-        thresholds: set[float] = set()
-        for target in fpr_grid:
-            calibration = score.calibrate(target)
-            if calibration.threshold in thresholds:
-                continue  # a coarser target that gives the same threshold
-            thresholds.add(calibration.threshold)
-            report = gated_report(
-                unedited,
-                always,
-                score.fires("validation.fire", calibration.threshold)[: unedited.n],
-                score.fires("validation.quiet", calibration.threshold)[: len(unedited.kl_rows)],
-            )
-            candidates.append((calibration, report))
+    pairs = [(name, v, score) for name, (v, scores) in conditions.items() for score in scores]
+    for weight, report in always.items():
+        for name, vector, score in pairs:
+            thresholds: set[float] = set()
+            for target in fpr_grid:
+                calibration = score.calibrate(target)
+                if calibration.threshold in thresholds:
+                    continue  # a coarser target that gives the same threshold
+                thresholds.add(calibration.threshold)
+                gated = gated_report(
+                    unedited,
+                    report,
+                    score.fires("validation.fire", calibration.threshold)[: unedited.n],
+                    score.fires("validation.quiet", calibration.threshold)[: len(unedited.kl_rows)],
+                )
+                candidates.append(Candidate(weight, name, vector, calibration, gated))
     return candidates
 
 
+def _rate(report: RateReport) -> float:
+    """The rate at the longest reply length."""
+    return report.by_length[-1].rate if report.by_length else report.rate
+
+
 def _choose_gate(
-    candidates: list[tuple[GateCalibration, RateReport]], max_rate: float
-) -> tuple[GateCalibration, list[dict[str, Any]]]:
+    candidates: list[Candidate], max_rate: float
+) -> tuple[Candidate, list[dict[str, Any]]]:
     """The lowest validation first-token KL (then multi-token KL) among candidates with a
     validation rate (longest length) of at most ``max_rate``; the lowest rate if none has."""
-
-    def rate(report: RateReport) -> float:
-        return report.by_length[-1].rate if report.by_length else report.rate
-
-    allowed = [c for c in candidates if rate(c[1]) <= max_rate + 1e-12]
+    allowed = [c for c in candidates if _rate(c.report) <= max_rate + 1e-12]
     if allowed:
-        best = min(allowed, key=lambda c: (c[1].kl_first_token, c[1].kl_multi_token))[0]
+        best = min(allowed, key=lambda c: (c.report.kl_first_token, c.report.kl_multi_token))
     else:
-        best = min(candidates, key=lambda c: (rate(c[1]), c[1].kl_first_token))[0]
+        best = min(candidates, key=lambda c: (_rate(c.report), c.report.kl_first_token))
     rows = [
         {
-            "gate hook": c.hook,
-            "train FPR target": c.target_fpr,
-            "threshold": c.threshold,
-            "validation TPR": c.validation.true_positive_rate,
-            "validation FPR": c.validation.false_positive_rate,
-            "validation rate": rate(report),
-            "validation first-token KL": report.kl_first_token,
-            "validation multi-token KL": report.kl_multi_token,
+            "weight": c.weight,
+            "condition": c.condition,
+            "gate hook": c.calibration.hook,
+            "train FPR target": c.calibration.target_fpr,
+            "threshold": c.calibration.threshold,
+            "validation TPR": c.calibration.validation.true_positive_rate,
+            "validation FPR": c.calibration.validation.false_positive_rate,
+            "validation rate": _rate(c.report),
+            "validation first-token KL": c.report.kl_first_token,
+            "validation multi-token KL": c.report.kl_multi_token,
             "kept": "yes" if c is best else "",
         }
-        for c, report in candidates
+        for c in candidates
     ]
     return best, rows
 
@@ -180,7 +219,9 @@ def _splits(recipe: Any) -> dict[str, Any]:
     return {"positive": positive, "negative": harmless}
 
 
-def _gated_recipe(direction: Path, calibration: GateCalibration) -> str:
+def _gated_recipe(
+    direction: Path, condition: Path, calibration: GateCalibration, weight: float
+) -> str:
     v = calibration.validation
     return (
         f"# The direction ablated at every layer, only for prompts the gate fires on.\n"
@@ -189,8 +230,8 @@ def _gated_recipe(direction: Path, calibration: GateCalibration) -> str:
         f"# {v.true_positive_rate:.3f} of {v.fire_count} prompts it should fire on and "
         f"{v.false_positive_rate:.3f} of {v.quiet_count} it should not.\n"
         f'name = "gated-ablation"\n\n[[edits]]\nkind = "ablate"\n'
-        f'direction = "{direction.resolve()}"\nweight = 1.0\n\n[edits.gate]\n'
-        f'hook = "{calibration.hook}"\ndirection = "{direction.resolve()}"\n'
+        f'direction = "{direction.resolve()}"\nweight = {weight!r}\n\n[edits.gate]\n'
+        f'hook = "{calibration.hook}"\ndirection = "{condition.resolve()}"\n'
         f'threshold = {calibration.threshold!r}\nscope = "prompt"\n'
     )
 
@@ -224,26 +265,36 @@ def _evaluator(
     return lambda edits: evaluate_rate(handle, positive, negative, edits, **options)
 
 
+def _conditions(
+    handle: Any, args: argparse.Namespace, artifact: Any, splits: dict[str, Any], layers: list[int]
+) -> dict[str, tuple[Any, list[GateScores]]]:
+    """{condition name: (its vector, its GateScores at each candidate hook)} for --conditions."""
+    hooks = [f"blocks.{n}.hook_resid_pre" for n in layers]
+    train = ContrastPrompts(splits["positive"].train, splits["negative"].train)
+    validation = ContrastPrompts(splits["positive"].validation, splits["negative"].validation)
+    vectors = {
+        "direction": lambda: artifact.vector,
+        "contrast": lambda: contrast_condition(handle, hooks, train, batch_size=args.batch_size),
+    }
+    conditions = {}
+    for name in args.conditions:
+        vector = vectors[name]()
+        scores = gate_scores(
+            handle, hooks, vector, train=train, validation=validation, batch_size=args.batch_size
+        )
+        conditions[name] = (vector, scores)
+    return conditions
+
+
 def _gate(
     handle: Any, args: argparse.Namespace, artifact: Any, splits: dict[str, Any], matcher: Any,
     seconds: dict[str, float],
-) -> tuple[GateCalibration, list[dict[str, Any]], dict[str, Any]]:  # fmt: skip
-    """The kept gate, every candidate's validation row, and the validation reference rows."""
+) -> tuple[Candidate, list[dict[str, Any]], dict[str, Any]]:  # fmt: skip
+    """The kept candidate, every candidate's validation row, and the validation reference."""
     layer = int(artifact.metadata.get("layer") or artifact.vector.layers[0])
     layers = sorted({layer, *(int(x) for x in args.gate_layers.split(",") if x.strip())})
-    scores = _timed(
-        seconds,
-        "gate_scores",
-        lambda: gate_scores(
-            handle,
-            [f"blocks.{n}.hook_resid_pre" for n in layers],
-            artifact.vector,
-            train=ContrastPrompts(splits["positive"].train, splits["negative"].train),
-            validation=ContrastPrompts(
-                splits["positive"].validation, splits["negative"].validation
-            ),
-            batch_size=args.batch_size,
-        ),
+    conditions = _timed(
+        seconds, "gate_scores", lambda: _conditions(handle, args, artifact, splits, layers)
     )
     cap = args.max_validation or None
     evaluate = _evaluator(
@@ -254,22 +305,38 @@ def _gate(
         list(splits["negative"].validation)[:cap],
     )
     unedited = _timed(seconds, "validation_unedited", lambda: evaluate(()))
-    always = _timed(seconds, "validation_always_on", lambda: evaluate(interventions_for(artifact)))
-    longest = always.by_length[-1].rate
-    max_rate = longest if args.max_rate is None else args.max_rate
-    calibration, rows = _choose_gate(_candidates(scores, args.fpr_grid, unedited, always), max_rate)
+    always = {
+        weight: _timed(
+            seconds,
+            f"validation_always_on_{weight:g}",
+            lambda weight=weight: evaluate((artifact.ablation(weight),)),
+        )
+        for weight in args.weights
+    }
+    lowest = min(_rate(report) for report in always.values())
+    max_rate = lowest if args.max_rate is None else args.max_rate
+    best, rows = _choose_gate(_candidates(conditions, args.fpr_grid, unedited, always), max_rate)
     reference = {
-        "unedited rate": unedited.by_length[-1].rate,
-        "always-on rate": longest,
-        "always-on first-token KL": always.kl_first_token,
-        "always-on multi-token KL": always.kl_multi_token,
+        "unedited rate": _rate(unedited),
+        "always on": [
+            {
+                "weight": weight,
+                "validation rate": _rate(report),
+                "validation first-token KL": report.kl_first_token,
+                "validation multi-token KL": report.kl_multi_token,
+            }
+            for weight, report in always.items()
+        ],
         "max rate": max_rate,
     }
-    return calibration, rows, reference
+    return best, rows, reference
 
 
 def main() -> int:
-    args = _parser().parse_args()
+    parser = _parser()
+    args = parser.parse_args()
+    if not args.conditions or set(args.conditions) - {"direction", "contrast"}:
+        parser.error(f"--conditions: direction and/or contrast, got {args.conditions}")
     command = "python scripts/eval_gated.py " + " ".join(sys.argv[1:])
     load_before = os.getloadavg()[0]
     seconds: dict[str, float] = {}
@@ -293,12 +360,16 @@ def main() -> int:
     artifact = load_vector(directory, handle=handle)
     splits = _splits(recipe)
     matcher = is_moralizing if recipe.kind is RecipeKind.PAIRS else is_refusal
-    calibration, calibration_rows, reference = _gate(
-        handle, args, artifact, splits, matcher, seconds
+    best, calibration_rows, reference = _gate(handle, args, artifact, splits, matcher, seconds)
+    calibration = best.calibration
+    condition_path = directory
+    if best.condition != "direction":
+        condition_path = save_vector(out / "condition", best.vector, handle=handle)
+    (out / "gated.toml").write_text(
+        _gated_recipe(directory, condition_path, calibration, best.weight)
     )
-    (out / "gated.toml").write_text(_gated_recipe(directory, calibration))
-    always = interventions_for(artifact)
-    condition = calibration.condition(artifact.vector)
+    always = (artifact.ablation(best.weight),)
+    condition = calibration.condition(best.vector)
     gated = tuple(Gated(condition=condition, inner=op, scope=GateScope.PROMPT) for op in always)
 
     # the test split, once
@@ -343,6 +414,9 @@ def _write_docs(
     columns = ["edit", *lengths, "first-token KL", "multi-token KL", "n"]
     kind = record["kind"]
     v = record["validation"]
+    max_rate_source = (
+        "the lowest always-on validation rate" if args.max_rate is None else "--max-rate"
+    )
     rated = (
         "moralizing rate on the held-out RP situations (recipes/data/moralizing_pairs.jsonl)"
         if kind == "moralizing"
@@ -354,17 +428,20 @@ Model `{args.model}`, direction `{record["direction"]}`. Every choice on train /
 test split measured once, after them: {rated}, with
 the phrase matcher over each greedy reply's first N tokens (Wilson 95% intervals); first-token
 and multi-token KL (over the base model's first {args.kl_tokens} greedy tokens) on the held-out
-harmless test split. The direction is ablated at every layer at weight 1 (not tuned), always on
-or behind a prompt-scope gate.
+harmless test split. The direction is ablated at every layer (weight chosen with the gate on
+validation from --weights), always on or behind a prompt-scope gate.
 
 Gate choice (no test prompt read). Candidate thresholds come from train: for each target in
 {", ".join(str(x) for x in args.fpr_grid)}, the lowest with that train false-positive rate at
-most, at each candidate hook. The validation split, evaluated unedited and always on (rate
-{v["unedited rate"]:.3f} and {v["always-on rate"]:.3f} at {max(args.lengths)} tokens; always-on KL
-{v["always-on first-token KL"]:.4f} / {v["always-on multi-token KL"]:.4f}), gives each
-candidate's validation figures (a request whose gate fires runs as always on, prompt included;
-any other as unedited). Kept: the lowest validation first-token KL among the candidates with a
-validation rate of at most {v["max rate"]:.3f}.
+most, at each candidate hook. The validation split is evaluated unedited (rate
+{v["unedited rate"]:.3f} at {max(args.lengths)} tokens) and with the ablation always on at each
+weight:
+
+{table(v["always on"], list(v["always on"][0]))}
+
+and these give every candidate's validation figures (a request whose gate fires runs as always
+on, prompt included; any other as unedited). Kept: the lowest validation first-token KL among
+the candidates with a validation rate of at most {v["max rate"]:.3f} ({max_rate_source}).
 
 {table(calibration_rows, list(calibration_rows[0]))}
 

@@ -30,6 +30,7 @@ __all__ = [
     "GateScores",
     "SplitRates",
     "calibrate_gate",
+    "contrast_condition",
     "gate_scores",
 ]
 
@@ -132,6 +133,63 @@ def gate_scores(
     return [GateScores(point.name, below, store) for point, store in zip(points, read, strict=True)]
 
 
+def contrast_condition(
+    handle: ModelHandle,
+    hooks: Sequence[str],
+    train: ContrastPrompts,
+    *,
+    system: str | None = None,
+    batch_size: int = 16,
+) -> SteeringVector:
+    """A condition direction of its own (CAST's condition vector): at each hook's layer, the
+    mean residual at the last token of the ``train.fire`` prompts minus that of the
+    ``train.quiet`` prompts. For a gate whose edit direction was read elsewhere (e.g. from
+    reply tokens), this is what tells the prompts apart where the gate decides."""
+    if isinstance(hooks, str) or not hooks:
+        raise InvalidArgumentError("needs at least one hook", field="hooks")
+    points = [handle.resolver.parse(hook, field=f"hooks[{i}]") for i, hook in enumerate(hooks)]
+    layers = [-1 if point.layer is None else point.layer for point in points]
+    if -1 in layers or len(set(layers)) != len(layers):
+        raise InvalidArgumentError("expected hooks at distinct layers", field="hooks")
+    fire = _last_token_means(handle, points, train.fire, "train.fire", system, batch_size)
+    quiet = _last_token_means(handle, points, train.quiet, "train.quiet", system, batch_size)
+    per_layer = {
+        layer: fire[point.name] - quiet[point.name]
+        for layer, point in zip(layers, points, strict=True)
+    }
+    return SteeringVector(per_layer=per_layer, name="condition")
+
+
+def _last_token_means(
+    handle: ModelHandle,
+    points: Sequence[HookPoint],
+    prompts: Sequence[str],
+    field: str,
+    system: str | None,
+    batch_size: int,
+) -> dict[str, torch.Tensor]:
+    ids = _encoded(handle, prompts, field, system)
+    names = [point.name for point in points]
+    last = forward(handle, ids, hooks=names, batch_size=batch_size).activations
+    means = {}
+    for name in names:
+        activations = last[name]
+        assert isinstance(activations, torch.Tensor)  # (prompts, d_model) float32
+        means[name] = activations.double().mean(0).float()
+    return means
+
+
+def _encoded(
+    handle: ModelHandle, prompts: Sequence[str], field: str, system: str | None
+) -> list[list[int]]:
+    if isinstance(prompts, str) or not prompts:
+        raise InvalidArgumentError("needs at least one prompt", field=field)
+    for index, prompt in enumerate(prompts):
+        if not isinstance(prompt, str) or not prompt:
+            raise InvalidArgumentError("expected a non-empty string", field=f"{field}[{index}]")
+    return [encode_chat(handle, prompt, system) for prompt in prompts]
+
+
 def calibrate_gate(
     handle: ModelHandle,
     hook: str,
@@ -184,12 +242,7 @@ def _projections(
     """At each point, each prompt's residual at the last token projected onto that point's unit
     in float32: the number a prompt-scope :class:`~steer.interventions.ReadGate` compares with
     its threshold."""
-    if isinstance(prompts, str) or not prompts:
-        raise InvalidArgumentError("needs at least one prompt", field=field)
-    for index, prompt in enumerate(prompts):
-        if not isinstance(prompt, str) or not prompt:
-            raise InvalidArgumentError("expected a non-empty string", field=f"{field}[{index}]")
-    ids = [encode_chat(handle, prompt, system) for prompt in prompts]
+    ids = _encoded(handle, prompts, field, system)
     names = [point.name for point in points]
     last = forward(handle, ids, hooks=names, batch_size=batch_size).activations
     per_point = []

@@ -21,7 +21,7 @@ from steer import (
     SteeringVector,
 )
 from steer.activations import forward
-from steer.calibration import ContrastPrompts, calibrate_gate, gate_scores
+from steer.calibration import ContrastPrompts, calibrate_gate, contrast_condition, gate_scores
 from steer.directions.evaluate import evaluate_rate, gated_report
 from steer.generation import Engine, GenerationRequest
 from steer.models import ModelHandle
@@ -269,3 +269,34 @@ def test_a_gated_report_from_two_evaluations_equals_running_the_gate(
     with pytest.raises(InvalidArgumentError) as raised:
         gated_report(unedited, always, fire_positive[1:], fire_negative)
     assert raised.value.field == "fire"
+
+
+def test_a_contrast_condition_is_the_train_mean_difference_at_each_layer(
+    tiny_llama: ModelHandle,
+) -> None:
+    handle = tiny_llama
+    train, validation, _ = _splits(handle, count=16)
+    # (at blocks.0.hook_resid_pre every chat prompt's last token is the same embedding: the
+    # difference is 0 there, and a gate refuses it)
+    hooks = ["blocks.2.hook_resid_pre", HOOK]
+    condition = contrast_condition(handle, hooks, train)
+    assert sorted(condition.layers) == [1, 2]
+    for hook, layer in zip(hooks, (2, 1), strict=True):
+        means = []
+        for prompts in (train.fire, train.quiet):
+            ids = [encode_chat(handle, p) for p in prompts]
+            last = forward(handle, ids, hooks=[hook]).activations[hook]
+            assert isinstance(last, torch.Tensor)
+            means.append(last.mean(0))
+        assert torch.allclose(condition.at(layer), means[0] - means[1], atol=1e-5)
+    # its own train prompts project higher on the fire side, on average (by |difference|^2)
+    score = gate_scores(handle, hooks, condition, train=train, validation=validation)[1]
+    fire, quiet = score.read["train.fire"], score.read["train.quiet"]
+    assert sum(fire) / len(fire) > sum(quiet) / len(quiet)
+    for bad in ([], [HOOK, HOOK], ["blocks.9.hook_resid_pre"]):
+        with pytest.raises(InvalidArgumentError) as raised:
+            contrast_condition(handle, bad, train)
+        assert raised.value.field is not None and raised.value.field.startswith("hooks")
+    with pytest.raises(InvalidArgumentError) as raised:
+        contrast_condition(handle, hooks, ContrastPrompts(fire=(), quiet=train.quiet))
+    assert raised.value.field == "train.fire"
