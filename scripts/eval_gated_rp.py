@@ -35,6 +35,9 @@ from steer.rp.evaluate import SLOP_PHRASES, EvalSettings, load_scenarios, play
 from steer.rp.metrics import Transcript, load_phrases, rp_metrics
 from steer.rp.presets import load_preset
 
+#: distinct-n falls when a resample repeats a scenario (its replies count twice), so a bootstrap
+#: over scenarios would put its interval below the value: it is shown without one
+UNRESAMPLED = ("distinct_2",)
 METRICS = (
     "words_per_reply",
     "repetition_in_reply",
@@ -65,11 +68,12 @@ def _interval(
 ) -> dict[str, tuple[float, float]]:
     """95% percentile bootstrap interval of each metric, resampling whole scenarios."""
     draw = random.Random(0)
-    values: dict[str, list[float]] = {name: [] for name in METRICS}
+    resampled = [name for name in METRICS if name not in UNRESAMPLED]
+    values: dict[str, list[float]] = {name: [] for name in resampled}
     for _ in range(resamples):
         sample = [draw.choice(transcripts) for _ in transcripts]
         metrics = rp_metrics(sample, phrases)
-        for name in METRICS:
+        for name in resampled:
             values[name].append(float(metrics[name]))  # type: ignore[arg-type]
     low, high = int(0.025 * resamples), int(0.975 * resamples) - 1
     return {name: (sorted(v)[low], sorted(v)[high]) for name, v in values.items()}
@@ -104,8 +108,11 @@ def main() -> int:
         interval = _interval(played[name], phrases, args.resamples)
         row: dict[str, Any] = {"edit": name}
         for metric in METRICS:
-            low, high = interval[metric]
-            row[metric] = f"{float(metrics[metric]):.3g} [{low:.3g}, {high:.3g}]"  # type: ignore[arg-type]
+            value = f"{float(metrics[metric]):.3g}"  # type: ignore[arg-type]
+            if metric in interval:
+                low, high = interval[metric]
+                value += f" [{low:.3g}, {high:.3g}]"
+            row[metric] = value
         pairs = zip(played[name], played["unedited"], strict=True)
         changed = sum(a != b for x, y in pairs for a, b in zip(x.replies, y.replies, strict=True))
         count = sum(len(t.replies) for t in played[name])
@@ -131,8 +138,9 @@ def _write_docs(args: argparse.Namespace, record: dict[str, Any], command: str) 
 Model `{args.model}`; the scenarios of recipes/data/rp_scenarios.jsonl without the tags
 {args.skip_tags} ({", ".join(record["scenarios"])}), {args.rounds} replies each, at most
 {args.max_new_tokens} tokens, preset `{args.preset}`, the same seeds for every edit. Each metric
-(docs/rp.md) with its 95% bootstrap interval over scenarios; *replies changed*: replies whose
-text differs from the unedited run's. The gated recipe: `{args.gated}`.
+(docs/rp.md) with its 95% bootstrap interval over scenarios (distinct_2 without one: a resample
+that repeats a scenario repeats its replies, which lowers distinct-n); *replies changed*:
+replies whose text differs from the unedited run's. The gated recipe: `{args.gated}`.
 
 {table(record["rows"], ["edit", *METRICS, "replies changed"])}
 

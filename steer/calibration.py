@@ -6,6 +6,12 @@ direction -- for prompts the gate should fire on and prompts it should not. On t
 chooses the lowest threshold whose false-positive rate on the "should not fire" prompts is at most
 ``target_fpr``; on the validation split it measures the true- and false-positive rates that
 threshold gives. It takes no test split: what a test split measures is chosen without it.
+
+:func:`gate_scores` reads those projections at several hooks in one pass and keeps them
+(:class:`GateScores`), so any false-positive target's threshold (``calibrate``) and any
+threshold's decisions (``fires``) follow without another pass. :func:`contrast_condition` gives
+a gate a direction of its own where the edit's direction is not what tells the prompts apart:
+the train prompts' last-token mean it should fire on minus the one it should not (CAST).
 """
 
 from __future__ import annotations
