@@ -414,6 +414,12 @@ def _write_docs(
     columns = ["edit", *lengths, "first-token KL", "multi-token KL", "n"]
     kind = record["kind"]
     v = record["validation"]
+    reached = any(row["validation rate"] <= v["max rate"] + 1e-12 for row in calibration_rows)
+    kept = (
+        ""
+        if reached
+        else "; no candidate reached it, so the lowest validation rate, then the lowest KL"
+    )
     max_rate_source = (
         "the lowest always-on validation rate" if args.max_rate is None else "--max-rate"
     )
@@ -441,7 +447,7 @@ weight:
 
 and these give every candidate's validation figures (a request whose gate fires runs as always
 on, prompt included; any other as unedited). Kept: the lowest validation first-token KL among
-the candidates with a validation rate of at most {v["max rate"]:.3f} ({max_rate_source}).
+the candidates with a validation rate of at most {v["max rate"]:.3f} ({max_rate_source}){kept}.
 
 {table(calibration_rows, list(calibration_rows[0]))}
 
