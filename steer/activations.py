@@ -60,9 +60,7 @@ def forward(
     batch_size: int = 16,
     progress: bool = False,
 ) -> ForwardResult:
-    """Run ``prompts`` (token id lists) and collect activations and/or logits, in the order
-    given. Batches are formed by length (shortest first), so little of a batch is padding; the
-    results are put back in the prompts' order."""
+    """Run ``prompts`` (token id lists) and collect activations and/or logits."""
     _check_positions(positions)
     points = [handle.resolver.parse(name, field="hooks") for name in hooks]
     validate(interventions, handle.resolver, handle.d_model)
@@ -71,35 +69,17 @@ def forward(
     stores: dict[str, list[torch.Tensor]] = {point.name: [] for point in points}
     logit_store: list[torch.Tensor] = []
     lengths: list[int] = []
-    order = sorted(range(len(prompts)), key=lambda index: len(prompts[index]))
     batches = range(0, len(prompts), batch_size)
     for start in tqdm(batches, desc="forward", disable=not progress):
-        batch = [list(prompts[index]) for index in order[start : start + batch_size]]
+        batch = [list(p) for p in prompts[start : start + batch_size]]
         lengths.extend(len(p) for p in batch)
         _run_batch(handle, batch, interventions, points, positions, logits, stores, logit_store)
     result = ForwardResult()
     for name, chunks in stores.items():
-        result.activations[name] = _in_order(_gather(chunks, positions, lengths), order)
+        result.activations[name] = _gather(chunks, positions, lengths)
     if logits != "none":
-        gathered = _gather(logit_store, "all" if logits == "all" else "last", lengths)
-        result.logits = _in_order(gathered, order)
+        result.logits = _gather(logit_store, "all" if logits == "all" else "last", lengths)
     return result
-
-
-def _in_order(
-    rows: torch.Tensor | list[torch.Tensor], order: list[int]
-) -> torch.Tensor | list[torch.Tensor]:
-    """Rows gathered in ``order`` (row k is prompt ``order[k]``), put back in prompt order."""
-    if isinstance(rows, list):
-        restored: list[torch.Tensor] = [rows[0]] * len(rows)
-        for position, index in enumerate(order):
-            restored[index] = rows[position]
-        return restored
-    if rows.shape[0] != len(order):  # nothing gathered (no prompts)
-        return rows
-    restored_tensor = torch.empty_like(rows)
-    restored_tensor[torch.tensor(order, dtype=torch.long)] = rows
-    return restored_tensor
 
 
 def _select(positions: Positions):  # type: ignore[no-untyped-def]
