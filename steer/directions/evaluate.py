@@ -261,22 +261,40 @@ def evaluate_rate(
         batch_size=batch_size,
         seconds=seconds,
     )
+    examples = [
+        {"prompt": p, "response": t, "hit": h}
+        for p, t, h in zip(positive, texts, hits, strict=True)
+    ]
+    return _report(
+        examples,
+        by_length,
+        kl_rows,
+        judged_rate=judged_rate,
+        seconds=seconds,
+        judge_agreement=agreement,
+    )
+
+
+def _report(
+    examples: list[dict[str, Any]],
+    by_length: list[LengthRate],
+    kl_rows: list[list[float]],
+    **extra: Any,
+) -> RateReport:
+    """The report of these replies (``examples``, each with its ``hit``) and KL rows: the rate,
+    its interval and the KL means follow from them."""
+    hits = [bool(example["hit"]) for example in examples]
     kl_first, kl_multi = kl_means(kl_rows)
     return RateReport(
         rate=sum(hits) / max(len(hits), 1),
         n=len(hits),
         kl_first_token=kl_first,
         kl_multi_token=kl_multi,
-        judged_rate=judged_rate,
-        seconds=seconds,
-        examples=[
-            {"prompt": p, "response": t, "hit": h}
-            for p, t, h in zip(positive, texts, hits, strict=True)
-        ],
+        examples=examples,
         interval=wilson_interval(sum(hits), len(hits)),
         by_length=by_length,
-        judge_agreement=agreement,
         kl_rows=kl_rows,
+        **extra,
     )
 
 
@@ -366,7 +384,6 @@ def gated_report(
         (a if fired else u)
         for u, a, fired in zip(unedited.examples, always.examples, fire_positive, strict=True)
     ]
-    hits = [bool(example["hit"]) for example in examples]
     by_length = []
     for u, a in zip(unedited.by_length, always.by_length, strict=True):
         picked = [x if f else y for x, y, f in zip(a.hits, u.hits, fire_positive, strict=True)]
@@ -376,14 +393,4 @@ def gated_report(
         list(a if fired else u)
         for u, a, fired in zip(unedited.kl_rows, always.kl_rows, fire_negative, strict=True)
     ]
-    kl_first, kl_multi = kl_means(kl_rows)
-    return RateReport(
-        rate=sum(hits) / max(len(hits), 1),
-        n=len(hits),
-        kl_first_token=kl_first,
-        kl_multi_token=kl_multi,
-        examples=examples,
-        interval=wilson_interval(sum(hits), len(hits)),
-        by_length=by_length,
-        kl_rows=kl_rows,
-    )
+    return _report(examples, by_length, kl_rows)
