@@ -40,23 +40,21 @@ import json
 import os
 import subprocess
 import sys
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from report import emit, machine, table, write_section
+from report import DOCS, emit, machine, rate_evaluator, table, timed, write_section
 
 from steer.backends.vllm.launch import export_for_vllm
-from steer.cli.eval_refusal import _lengths
+from steer.cli.eval_refusal import _lengths, recipe_interventions
 from steer.directions.api import contrast_splits
 from steer.directions.data import RECIPES_DIR
-from steer.directions.evaluate import RateReport, base_continuations, evaluate_rate, is_refusal
+from steer.directions.evaluate import RateReport, is_refusal
 from steer.directions.recipe import load_direction_recipe
 from steer.models import ModelHandle, load_model
-from steer.text import encode_chat
 
 HERETIC = "heretic-llm==1.4.0"
 DRIVER = Path(__file__).resolve().parent / "heretic_driver.py"
@@ -102,15 +100,29 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--lengths", type=_lengths, default=(16, 64))
     parser.add_argument("--kl-tokens", type=int, default=32)
     parser.add_argument("--eval-batch-size", type=int, default=16)
+    parser.add_argument(
+        "--steer",
+        action="append",
+        default=[],
+        type=lambda text: _named(text, "--steer"),
+        metavar="NAME=RECIPE",
+        help="also evaluate this steer edit recipe at run time (repeatable)",
+    )
+    parser.add_argument(
+        "--baked",
+        action="append",
+        default=[],
+        type=lambda text: _named(text, "--baked"),
+        metavar="NAME=DIR",
+        help="also evaluate these baked weights (steer bake's output; repeatable)",
+    )
+    parser.add_argument(
+        "--steer-seconds",
+        type=float,
+        help="wall seconds steer took to make its edits (as their scripts printed them)",
+    )
     parser.add_argument("--no-docs", action="store_true", help="do not write docs/results.md")
     return parser
-
-
-def _timed(seconds: dict[str, float], name: str, work: Any) -> Any:
-    start = time.perf_counter()
-    result = work()
-    seconds[name] = round(time.perf_counter() - start, 1)
-    return result
 
 
 def _log(message: str) -> None:
@@ -245,9 +257,10 @@ def run_heretic(
         # heretic would ask whether to resume; with stdin closed it would just exit
         raise SystemExit(f"{existing} exists: pass --reuse to export it, or remove it")
     write_datasets(splits, work, args)
-    hf_dir = _timed(seconds, "hf_dir", lambda: hf_directory(handle, args))
+    hf_dir = timed(seconds, "hf_dir", lambda: hf_directory(handle, args))
     command, log = heretic_command(args, hf_dir, work), work / "heretic.log"
-    _timed(seconds, "heretic", lambda: run_logged(command, work, log, "Optimization finished!"))
+    timed(seconds, "heretic", lambda: run_logged(command, work, log, "Optimization finished!"))
+    (work / "heretic-seconds.json").write_text(json.dumps(seconds["heretic"]))
     journal = study_file(work)
     if journal is None:
         raise SystemExit(f"heretic left no study in {work / 'checkpoints'}; see heretic.log")
@@ -255,7 +268,14 @@ def run_heretic(
 
 
 def export_trials(args: argparse.Namespace, journal: Path, work: Path) -> dict[str, Any]:
-    """scripts/heretic_driver.py in heretic's venv: WORK/trial-N per Pareto-front trial."""
+    """scripts/heretic_driver.py in heretic's venv: WORK/trial-N per Pareto-front trial. With
+    --reuse, an export already made from this journal (every trial directory there) is kept."""
+    done = work / "heretic-trials.json"
+    if args.reuse and done.exists() and done.stat().st_mtime > journal.stat().st_mtime:
+        kept: dict[str, Any] = json.loads(done.read_text())
+        if all((Path(trial["dir"]) / "config.json").exists() for trial in kept["trials"]):
+            _log(f"keeping the export in {done}")
+            return kept
     command = [str(Path(args.venv) / "bin" / "python"), str(DRIVER), "--study", str(journal)]
     command += ["--out", str(work), *(["--verify"] if args.verify else [])]
     run_logged(command, work, work / "export.log")
@@ -263,55 +283,69 @@ def export_trials(args: argparse.Namespace, journal: Path, work: Path) -> dict[s
     return manifest
 
 
-def evaluate_trials(
+def _named(text: str, flag: str) -> tuple[str, str]:
+    name, sep, value = text.partition("=")
+    if not sep or not name or not value:
+        raise argparse.ArgumentTypeError(f"{flag} takes NAME=PATH, got {text!r}")
+    return name, value
+
+
+def evaluate_models(
     handle: ModelHandle,
     trials: Sequence[dict[str, Any]],
     test: tuple[list[str], list[str]],
     args: argparse.Namespace,
     seconds: dict[str, float],
 ) -> list[dict[str, Any]]:
-    """The unedited model's row, then each trial's, on the test split."""
-    harmful, harmless = test
-    harmless_ids = [encode_chat(handle, prompt) for prompt in harmless]
-    continuations = _timed(
+    """On the test split: the unedited model's row, each heretic trial's, then each of steer's
+    edits (--steer run-time recipes, --baked weight directories)."""
+    evaluate = timed(
         seconds,
         "base_continuations",
-        lambda: base_continuations(
-            handle, harmless_ids, tokens=args.kl_tokens, batch_size=args.eval_batch_size
+        lambda: rate_evaluator(
+            handle,
+            *test,
+            matcher=is_refusal,
+            lengths=args.lengths,
+            kl_tokens=args.kl_tokens,
+            batch_size=args.eval_batch_size,
         ),
     )
-    options: dict[str, Any] = {
-        "matcher": is_refusal,
-        "max_new_tokens": max(args.lengths),
-        "lengths": args.lengths,
-        "kl_tokens": args.kl_tokens,
-        "batch_size": args.eval_batch_size,
-        "continuations": continuations,
-    }
-    base = _timed(
-        seconds, "evaluate_unedited", lambda: evaluate_rate(handle, harmful, harmless, **options)
-    )
-    rows = [_row("unedited", None, base)]
+    base = timed(seconds, "evaluate_unedited", lambda: evaluate(()))
+    rows = [_row("unedited", "unedited", base)]
     if trials:
         first = trials[0]
         rows[0][HERETIC_REFUSALS] = f"{first['base_refusals']} / {first['n_bad_prompts']}"
     for trial in trials:
-        name = f"trial {trial['trial']}"
+        name = f"heretic trial {trial['trial']}"
         _log(f"evaluating {name} on the test split")
-
-        def measure(trial: dict[str, Any] = trial) -> RateReport:
-            edited = load_model(trial["dir"])
-            return evaluate_rate(handle, harmful, harmless, edited_handle=edited, **options)
-
-        rows.append(_row(name, trial, _timed(seconds, f"evaluate_{name}", measure)))
+        report = timed(
+            seconds,
+            f"evaluate_{name}",
+            lambda trial=trial: evaluate(edited_handle=load_model(trial["dir"])),
+        )
+        row = _row(name, "heretic", report)
+        row[HERETIC_REFUSALS] = f"{trial['refusals']} / {trial['n_bad_prompts']}"
+        row[HERETIC_KL] = trial["kl_divergence"]
+        rows.append(row)
+    for name, recipe in args.steer:
+        _log(f"evaluating steer's {name} ({recipe}) on the test split")
+        edits = recipe_interventions(recipe, handle)
+        report = timed(seconds, f"evaluate_{name}", lambda edits=edits: evaluate(edits))
+        rows.append(_row(f"steer {name}", "steer", report))
+    for name, directory in args.baked:
+        _log(f"evaluating steer's baked {name} ({directory}) on the test split")
+        report = timed(
+            seconds,
+            f"evaluate_{name}",
+            lambda directory=directory: evaluate(edited_handle=load_model(directory)),
+        )
+        rows.append(_row(f"steer {name}", "steer", report))
     return rows
 
 
-def _row(name: str, trial: dict[str, Any] | None, report: RateReport) -> dict[str, Any]:
-    row: dict[str, Any] = {"model": name}
-    if trial is not None:
-        row[HERETIC_REFUSALS] = f"{trial['refusals']} / {trial['n_bad_prompts']}"
-        row[HERETIC_KL] = trial["kl_divergence"]
+def _row(name: str, side: str, report: RateReport) -> dict[str, Any]:
+    row: dict[str, Any] = {"model": name, "_side": side}
     for entry in report.by_length:
         row[f"rate @{entry.tokens}"] = f"{entry.rate:.3f} [{entry.low:.3f}, {entry.high:.3f}]"
         row[f"_rate@{entry.tokens}"] = entry.rate
@@ -321,35 +355,99 @@ def _row(name: str, trial: dict[str, Any] | None, report: RateReport) -> dict[st
     return row
 
 
+def beats(rows: Sequence[dict[str, Any]], tokens: int) -> dict[str, list[str]]:
+    """For each of steer's rows, the heretic trials it beats on both axes: a strictly lower
+    refusal rate at ``tokens`` and a strictly lower first-token KL."""
+    key = f"_rate@{tokens}"
+    heretic = [row for row in rows if row["_side"] == "heretic"]
+    return {
+        row["model"]: [
+            other["model"]
+            for other in heretic
+            if row[key] < other[key] and row["first-token KL"] < other["first-token KL"]
+        ]
+        for row in rows
+        if row["_side"] == "steer"
+    }
+
+
+def front(points: Sequence[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The points no other point is at least as good as on both axes (lower is better), sorted
+    by the first axis."""
+    kept: list[tuple[float, float]] = []
+    for x, y in sorted(set(points)):
+        if not kept or y < kept[-1][1]:
+            kept.append((x, y))
+    return kept
+
+
 def write_plot(rows: Sequence[dict[str, Any]], lengths: Sequence[int], path: Path) -> Path:
-    """Test refusal rate at the longest length against multi-token KL, one point per model."""
+    """Test refusal rate at the longest length against first-token and multi-token KL: one
+    point per model, each side's front as a line."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    figure = Figure(figsize=(6, 4))
+    figure = Figure(figsize=(11, 4.5))
     FigureCanvasAgg(figure)
-    axes = figure.subplots()
     key = f"_rate@{max(lengths)}"
-    for row in rows:
-        axes.plot([row["multi-token KL"]], [row[key]], "o")
-        axes.annotate(row["model"], (row["multi-token KL"], row[key]), fontsize=7)
-    axes.set_xlabel("multi-token KL (harmless test prompts)")
-    axes.set_ylabel(f"refusal rate @{max(lengths)} tokens (harmful test prompts)")
-    axes.set_title("heretic's Pareto-front trials, measured by steer")
+    styles = {"unedited": ("k", "s"), "heretic": ("tab:orange", "o"), "steer": ("tab:blue", "D")}
+    for axes, kl in zip(figure.subplots(1, 2), ("first-token KL", "multi-token KL"), strict=True):
+        for side, (colour, marker) in styles.items():
+            points = [(row[kl], row[key]) for row in rows if row["_side"] == side]
+            if not points:
+                continue
+            if side != "unedited":
+                axes.plot(*zip(*front(points), strict=True), color=colour, linewidth=1)
+            axes.scatter(*zip(*points, strict=True), color=colour, marker=marker, label=side)
+        for row in rows:
+            axes.annotate(row["model"].removeprefix("heretic "), (row[kl], row[key]), fontsize=6)
+        axes.set_xscale("symlog", linthresh=1e-3)
+        axes.set_xlabel(f"{kl} (harmless test prompts)")
+        axes.set_ylabel(f"refusal rate @{max(lengths)} tokens (harmful test prompts)")
+        axes.legend(fontsize=7)
+    figure.suptitle("heretic's Pareto-front trials and steer's edits, measured by steer")
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     return path
 
 
+def _summary(record: dict[str, Any]) -> str:
+    """Which of steer's points beat every heretic point, and the two wall times."""
+    heretic = [row for row in record["test"] if row["_side"] == "heretic"]
+    won = [
+        name for name, beaten in record["beats"].items() if heretic and len(beaten) == len(heretic)
+    ]
+    best = ", ".join(
+        f"{name} beats {len(b)} of {len(heretic)}" for name, b in record["beats"].items()
+    )
+    wall, steer = record["heretic_seconds"], record["steer_seconds"]
+    times = f"heretic {wall:.0f} s" if wall is not None else "heretic's time not measured"
+    if steer is not None:
+        times += f", steer {steer:.0f} s"
+        if wall:
+            times += f" ({steer / wall:.2f} of heretic's)"
+    verdict = (
+        f"{', '.join(won)} beat{'s' if len(won) == 1 else ''} every heretic point"
+        if won
+        else "No steer point beats every heretic point"
+    )
+    return (
+        f"{verdict} on both axes (a strictly lower refusal rate at {max(record['lengths'])} "
+        f"tokens and a strictly lower first-token KL){': ' + best if best else ''}. "
+        f"Time to make the edits: {times}."
+    )
+
+
 def markdown(record: dict[str, Any], rows: Sequence[dict[str, Any]], command: str) -> str:
-    columns = [key for key in rows[-1] if not key.startswith("_")]
+    rates = [f"rate @{tokens}" for tokens in record["lengths"]]
+    columns = ["model", *rates, "first-token KL", "multi-token KL", "n"]
+    columns += [HERETIC_REFUSALS, HERETIC_KL]
     sizes = record["prompts"]
-    wall = record["heretic_seconds"]
-    heretic_time = "not measured (--reuse)" if wall is None else f"{wall:.0f} s"
     times = ", ".join(f"{k} {v:.0f} s" for k, v in record["seconds"].items())
+    steer = [row["model"] for row in rows if row["_side"] == "steer"]
     return "\n".join(
         [
-            "## heretic 1.4 on the same model and prompts",
+            "## heretic 1.4 beside steer, on the same model and prompts",
             "",
             f"`{record['heretic']}` on `{record['model']}` with {record['trials']} TPE trials "
             f"(seed {record['seed']}, float32 on the CPU). Its refusal directions come from "
@@ -358,17 +456,22 @@ def markdown(record: dict[str, Any], rows: Sequence[dict[str, Any]], command: st
             f"first-token KL from the validation split ({sizes['bad-evaluation-prompts']} / "
             f"{sizes['good-evaluation-prompts']}); system prompt {record['system_prompt']!r}, "
             "otherwise heretic's defaults (100-token replies, its own refusal markers). "
-            "Each trial on its Pareto front is saved as heretic saves a merged model and "
-            "measured by steer's evaluator (no system prompt, as in steer's own runs) on the "
-            f"held-out test split (n = {rows[0]['n']} harmful; greedy, refusal phrase matcher "
-            f"over each reply's first {', '.join(str(n) for n in record['lengths'])} tokens "
-            f"with Wilson 95% intervals; KL on {record['n_harmless_test']} harmless test prompts, "
-            f"multi-token over the base model's first {record['kl_tokens']} tokens).",
+            "Each trial on its Pareto front is saved as heretic saves a merged model. "
+            f"steer's edits ({', '.join(steer) or 'none'}) were chosen on the same train and "
+            "validation splits (scripts/eval_gated.py). Every row is measured by steer's "
+            "evaluator (no system prompt) on the held-out test split, once "
+            f"(n = {rows[0]['n']} harmful; greedy, refusal phrase matcher over each reply's "
+            f"first {', '.join(str(n) for n in record['lengths'])} tokens with Wilson 95% "
+            f"intervals; KL on {record['n_harmless_test']} harmless test prompts, multi-token "
+            f"over the base model's first {record['kl_tokens']} tokens).",
             "",
             table(rows, columns),
             "",
-            f"heretic's wall time: {heretic_time} for {record['trials']} trials (batch size "
-            f"{record['batch_size']}). Wall times on {record['machine']}: {times}.",
+            _summary(record),
+            "",
+            f"![refusals against KL, both fronts]({Path(record['plot']).name})",
+            "",
+            f"Wall times on {record['machine']}: {times}.",
             "",
             "Command:",
             "",
@@ -393,17 +496,23 @@ def hf_directory(handle: ModelHandle, args: argparse.Namespace) -> Path:
     return hf_dir
 
 
+def _recorded_seconds(work: Path) -> float | None:
+    """heretic's wall seconds as its run in WORK recorded them (for --reuse)."""
+    path = work / "heretic-seconds.json"
+    return float(json.loads(path.read_text())) if path.exists() else None
+
+
 def main() -> int:
     args = _parser().parse_args()
     command = "python scripts/compare_heretic.py " + " ".join(sys.argv[1:])
     work = Path(args.work).resolve()  # heretic and the driver run with WORK as cwd
     work.mkdir(parents=True, exist_ok=True)
     seconds: dict[str, float] = {}
-    handle = _timed(seconds, "load_model", lambda: load_model(args.model))
+    handle = timed(seconds, "load_model", lambda: load_model(args.model))
     splits = contrast_splits(load_direction_recipe(args.recipe))
-    _timed(seconds, "venv", lambda: ensure_venv(Path(args.venv)))
+    timed(seconds, "venv", lambda: ensure_venv(Path(args.venv)))
     journal = run_heretic(args, handle, splits, work, seconds)
-    manifest = _timed(seconds, "export", lambda: export_trials(args, journal, work))
+    manifest = timed(seconds, "export", lambda: export_trials(args, journal, work))
     trials, settings = manifest["trials"], manifest["settings"]
     record: dict[str, Any] = {
         "script": "compare_heretic",
@@ -415,7 +524,8 @@ def main() -> int:
         "batch_size": settings["batch_size"],
         "system_prompt": settings["system_prompt"],
         "prompts": dataset_sizes(work),
-        "heretic_seconds": seconds.get("heretic"),
+        "heretic_seconds": seconds.get("heretic", _recorded_seconds(work)),
+        "steer_seconds": args.steer_seconds,
         "exported": [
             {k: t[k] for k in ("trial", "dir", "refusals", "n_bad_prompts", "kl_divergence")}
             | ({"verify": t["verify"]} if "verify" in t else {})
@@ -427,10 +537,12 @@ def main() -> int:
     if args.evaluate:
         cap = args.max_test or None
         test = (list(splits["positive"].test)[:cap], list(splits["negative"].test)[:cap])
-        rows = evaluate_trials(handle, trials, test, args, seconds)
+        rows = evaluate_models(handle, trials, test, args, seconds)
         record |= {"lengths": list(args.lengths), "kl_tokens": args.kl_tokens}
         record |= {"n_harmless_test": len(test[1]), "test": rows}
-        record["plot"] = str(write_plot(rows, args.lengths, work / "heretic-test.png"))
+        record["beats"] = beats(rows, max(args.lengths))
+        plot = (DOCS if not args.no_docs else work) / "heretic-test.png"
+        record["plot"] = str(write_plot(rows, args.lengths, plot))
         if not args.no_docs:
             write_section("results.md", "heretic", markdown(record, rows, command))
     emit(record)

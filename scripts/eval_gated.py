@@ -37,7 +37,6 @@ import argparse
 import os
 import sys
 import threading
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,7 +44,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from report import emit, machine, table, write_section
+from report import emit, machine, rate_evaluator, table, timed, write_section
 
 from steer.artifacts import load_vector, save_vector
 from steer.calibration import (
@@ -61,8 +60,6 @@ from steer.directions.api import compute, contrast_splits
 from steer.directions.data import RECIPES_DIR
 from steer.directions.evaluate import (
     RateReport,
-    base_continuations,
-    evaluate_rate,
     gated_report,
     is_moralizing,
     is_refusal,
@@ -70,7 +67,6 @@ from steer.directions.evaluate import (
 from steer.directions.recipe import RecipeKind, load_direction_recipe
 from steer.gates import Gated, GateScope
 from steer.models import load_model
-from steer.text import encode_chat
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -124,13 +120,6 @@ def _parser() -> argparse.ArgumentParser:
 
 def _rates(text: str) -> tuple[float, ...]:
     return tuple(float(x) for x in text.split(",") if x.strip())
-
-
-def _timed(seconds: dict[str, float], name: str, work: Any) -> Any:
-    start = time.perf_counter()
-    result = work()
-    seconds[name] = round(time.perf_counter() - start, 1)
-    return result
 
 
 @dataclass(frozen=True)
@@ -250,19 +239,15 @@ def _evaluator(
     handle: Any, args: argparse.Namespace, matcher: Any, positive: list[str], negative: list[str]
 ) -> Any:
     """evaluate(edits) -> RateReport on these prompts, base continuations computed once."""
-    ids = [encode_chat(handle, prompt) for prompt in negative]
-    continuations = base_continuations(
-        handle, ids, tokens=args.kl_tokens, batch_size=args.batch_size
+    return rate_evaluator(
+        handle,
+        positive,
+        negative,
+        matcher=matcher,
+        lengths=args.lengths,
+        kl_tokens=args.kl_tokens,
+        batch_size=args.batch_size,
     )
-    options: dict[str, Any] = {
-        "matcher": matcher,
-        "max_new_tokens": max(args.lengths),
-        "lengths": args.lengths,
-        "kl_tokens": args.kl_tokens,
-        "batch_size": args.batch_size,
-        "continuations": continuations,
-    }
-    return lambda edits: evaluate_rate(handle, positive, negative, edits, **options)
 
 
 def _conditions(
@@ -293,7 +278,7 @@ def _gate(
     """The kept candidate, every candidate's validation row, and the validation reference."""
     layer = int(artifact.metadata.get("layer") or artifact.vector.layers[0])
     layers = sorted({layer, *(int(x) for x in args.gate_layers.split(",") if x.strip())})
-    conditions = _timed(
+    conditions = timed(
         seconds, "gate_scores", lambda: _conditions(handle, args, artifact, splits, layers)
     )
     cap = args.max_validation or None
@@ -304,9 +289,9 @@ def _gate(
         list(splits["positive"].validation)[:cap],
         list(splits["negative"].validation)[:cap],
     )
-    unedited = _timed(seconds, "validation_unedited", lambda: evaluate(()))
+    unedited = timed(seconds, "validation_unedited", lambda: evaluate(()))
     always = {
-        weight: _timed(
+        weight: timed(
             seconds,
             f"validation_always_on_{weight:g}",
             lambda weight=weight: evaluate((artifact.ablation(weight),)),
@@ -343,10 +328,10 @@ def main() -> int:
     recipe = load_direction_recipe(args.recipe)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    handle = _timed(seconds, "load_model", lambda: load_model(args.model))
+    handle = timed(seconds, "load_model", lambda: load_model(args.model))
     directory = Path(args.direction) if args.direction else None
     if directory is None:
-        directory = _timed(
+        directory = timed(
             seconds,
             "compute_direction",
             lambda: compute(
@@ -377,11 +362,11 @@ def main() -> int:
     harmless = list(splits["negative"].test)
     if args.max_test:
         harmful, harmless = harmful[: args.max_test], harmless[: args.max_test]
-    evaluate = _timed(
+    evaluate = timed(
         seconds, "base_continuations", lambda: _evaluator(handle, args, matcher, harmful, harmless)
     )
     reports = {
-        name: _timed(seconds, f"evaluate_{name}", lambda edits=edits: evaluate(edits))
+        name: timed(seconds, f"evaluate_{name}", lambda edits=edits: evaluate(edits))
         for name, edits in (("unedited", ()), ("always on", always), ("gated", gated))
     }
     load_after = os.getloadavg()[0]

@@ -10,7 +10,8 @@ from __future__ import annotations
 import json
 import platform
 import re
-from collections.abc import Mapping, Sequence
+import time
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -58,3 +59,45 @@ def write_section(filename: str, name: str, markdown: str, title: str | None = N
     text = pattern.sub(lambda _m: block, text) if pattern.search(text) else text + f"\n{block}\n"
     path.write_text(text)
     return path
+
+
+def timed(seconds: dict[str, float], name: str, work: Callable[..., Any]) -> Any:
+    """``work()``, its wall seconds kept in ``seconds[name]``."""
+    start = time.perf_counter()
+    result = work()
+    seconds[name] = round(time.perf_counter() - start, 1)
+    return result
+
+
+def rate_evaluator(
+    handle: Any,
+    positive: Sequence[str],
+    negative: Sequence[str],
+    *,
+    matcher: Any,
+    lengths: Sequence[int],
+    kl_tokens: int,
+    batch_size: int,
+) -> Callable[..., Any]:
+    """``evaluate(edits=(), **extra) -> RateReport`` on these prompts: greedy replies as long as
+    the longest of ``lengths``, the rate over each reply's first N tokens, KL over the base
+    model's first ``kl_tokens`` tokens (computed here, once for every call); ``extra`` goes to
+    ``evaluate_rate`` (e.g. ``edited_handle`` for baked weights)."""
+    from steer.directions.evaluate import base_continuations, evaluate_rate
+    from steer.text import encode_chat
+
+    ids = [encode_chat(handle, prompt) for prompt in negative]
+    continuations = base_continuations(handle, ids, tokens=kl_tokens, batch_size=batch_size)
+    options: dict[str, Any] = {
+        "matcher": matcher,
+        "max_new_tokens": max(lengths),
+        "lengths": lengths,
+        "kl_tokens": kl_tokens,
+        "batch_size": batch_size,
+        "continuations": continuations,
+    }
+
+    def evaluate(edits: Sequence[Any] = (), **extra: Any) -> Any:
+        return evaluate_rate(handle, positive, negative, edits, **options, **extra)
+
+    return evaluate
