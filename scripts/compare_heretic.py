@@ -40,6 +40,8 @@ import json
 import os
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -79,6 +81,11 @@ def _parser() -> argparse.ArgumentParser:
         "--startup-trials", type=int, help="heretic's --n-startup-trials (its default: 60)"
     )
     parser.add_argument("--seed", type=int, default=0, help="heretic's --seed")
+    parser.add_argument(
+        "--time-limit",
+        type=float,
+        help="stop heretic after this many seconds and keep the trials it completed",
+    )
     parser.add_argument(
         "--system-prompt",
         help='heretic\'s --system-prompt (its default: "You are a helpful assistant.")',
@@ -207,11 +214,18 @@ def heretic_command(args: argparse.Namespace, hf_dir: Path, work: Path) -> list[
     return command
 
 
-def run_logged(command: Sequence[str], work: Path, log: Path, finished: str = "") -> None:
+def run_logged(
+    command: Sequence[str],
+    work: Path,
+    log: Path,
+    finished: str = "",
+    time_limit: float | None = None,
+) -> bool:
     """Run in WORK (heretic reads a config.toml from its working directory; WORK has none),
-    stdin /dev/null, output to ``log`` and stderr. A failed exit is an error unless the output
-    holds ``finished``: heretic, its trials done, asks which trial to keep and dies with
-    EOFError on the closed stdin."""
+    stdin /dev/null, output to ``log`` and stderr; stopped (SIGTERM) after ``time_limit``
+    seconds. A failed exit is an error unless the output holds ``finished`` (heretic, its trials
+    done, asks which trial to keep and dies with EOFError on the closed stdin) or the time limit
+    stopped it. True when the time limit stopped it."""
     with log.open("w") as out:
         process = subprocess.Popen(
             command,
@@ -222,13 +236,19 @@ def run_logged(command: Sequence[str], work: Path, log: Path, finished: str = ""
             stderr=subprocess.STDOUT,
             text=True,
         )
+        timer = threading.Timer(time_limit or 0, process.terminate)
+        if time_limit:
+            timer.start()
         assert process.stdout is not None
         for line in process.stdout:
             out.write(line)
             print(line, end="", file=sys.stderr, flush=True)
         code = process.wait()
-    if code != 0 and not (finished and finished in log.read_text()):
+        stopped = timer.is_alive() is False and time_limit is not None and code != 0
+        timer.cancel()
+    if code != 0 and not stopped and not (finished and finished in log.read_text()):
         raise SystemExit(f"{command[0]} exited with {code}; see {log}")
+    return stopped
 
 
 def study_file(work: Path) -> Path | None:
@@ -259,8 +279,15 @@ def run_heretic(
     write_datasets(splits, work, args)
     hf_dir = timed(seconds, "hf_dir", lambda: hf_directory(handle, args))
     command, log = heretic_command(args, hf_dir, work), work / "heretic.log"
-    timed(seconds, "heretic", lambda: run_logged(command, work, log, "Optimization finished!"))
-    (work / "heretic-seconds.json").write_text(json.dumps(seconds["heretic"]))
+    record = work / "heretic-run.json"
+    record.write_text(json.dumps({"started": time.time()}))
+    stopped = timed(
+        seconds,
+        "heretic",
+        lambda: run_logged(command, work, log, "Optimization finished!", args.time_limit),
+    )
+    run = json.loads(record.read_text()) | {"seconds": seconds["heretic"], "stopped": stopped}
+    record.write_text(json.dumps(run))
     journal = study_file(work)
     if journal is None:
         raise SystemExit(f"heretic left no study in {work / 'checkpoints'}; see heretic.log")
@@ -438,6 +465,15 @@ def _summary(record: dict[str, Any]) -> str:
     )
 
 
+def _trials(record: dict[str, Any]) -> str:
+    done, asked = record["completed_trials"], record["trials"]
+    if record["heretic_stopped"]:
+        done_text = f"{done} TPE trials completed of {asked} asked (stopped at the time limit)"
+    else:
+        done_text = f"{done} TPE trials"
+    return f"{done_text}, the first {record['startup_trials']} random"
+
+
 def markdown(record: dict[str, Any], rows: Sequence[dict[str, Any]], command: str) -> str:
     rates = [f"rate @{tokens}" for tokens in record["lengths"]]
     columns = ["model", *rates, "first-token KL", "multi-token KL", "n"]
@@ -449,7 +485,7 @@ def markdown(record: dict[str, Any], rows: Sequence[dict[str, Any]], command: st
         [
             "## heretic 1.4 beside steer, on the same model and prompts",
             "",
-            f"`{record['heretic']}` on `{record['model']}` with {record['trials']} TPE trials "
+            f"`{record['heretic']}` on `{record['model']}`: {_trials(record)} "
             f"(seed {record['seed']}, float32 on the CPU). Its refusal directions come from "
             f"recipes/refusal.toml's train split ({sizes['bad-prompts']} harmful, "
             f"{sizes['good-prompts']} harmless prompts), its per-trial refusal count and "
@@ -496,10 +532,15 @@ def hf_directory(handle: ModelHandle, args: argparse.Namespace) -> Path:
     return hf_dir
 
 
-def _recorded_seconds(work: Path) -> float | None:
-    """heretic's wall seconds as its run in WORK recorded them (for --reuse)."""
-    path = work / "heretic-seconds.json"
-    return float(json.loads(path.read_text())) if path.exists() else None
+def heretic_run(work: Path, manifest: dict[str, Any]) -> dict[str, Any]:
+    """heretic's wall seconds and whether it was stopped early, as its run in WORK recorded
+    them. A run stopped from outside (no seconds recorded) counts from its start to its last
+    completed trial."""
+    path = work / "heretic-run.json"
+    run: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {}
+    if "seconds" not in run and "started" in run:
+        run |= {"seconds": manifest["last_complete"] - run["started"], "stopped": True}
+    return {"seconds": run.get("seconds"), "stopped": run.get("stopped", False)}
 
 
 def main() -> int:
@@ -521,10 +562,13 @@ def main() -> int:
         "hf_dir": settings["model"],
         "trials": settings["n_trials"],
         "seed": settings["seed"],
+        "startup_trials": settings["n_startup_trials"],
         "batch_size": settings["batch_size"],
         "system_prompt": settings["system_prompt"],
         "prompts": dataset_sizes(work),
-        "heretic_seconds": seconds.get("heretic", _recorded_seconds(work)),
+        "completed_trials": manifest["completed_trials"],
+        "heretic_seconds": heretic_run(work, manifest)["seconds"],
+        "heretic_stopped": heretic_run(work, manifest)["stopped"],
         "steer_seconds": args.steer_seconds,
         "exported": [
             {k: t[k] for k in ("trial", "dir", "refusals", "n_bad_prompts", "kl_divergence")}

@@ -137,7 +137,13 @@ def export(study_path: Path, out: Path, verify: bool) -> list[dict[str, Any]]:
         record["export_seconds"] = round(time.perf_counter() - start, 1)
         (directory / "heretic-trial.json").write_text(json.dumps(record, indent=2) + "\n")
         records.append(record)
-    summary = {"study": str(study_path), "settings": json.loads(settings.model_dump_json())}
+    completed = [t for t in study.trials if t.state == TrialState.COMPLETE]
+    summary = {
+        "study": str(study_path),
+        "settings": json.loads(settings.model_dump_json()),
+        "completed_trials": len(completed),
+        "last_complete": max(t.datetime_complete.timestamp() for t in completed),
+    }
     manifest = {**summary, "trials": records}
     (out / "heretic-trials.json").write_text(json.dumps(manifest, indent=2) + "\n")
     return records

@@ -78,5 +78,6 @@ def test_evaluate_rate_reports_the_judge_beside_the_matcher(qwen: ModelHandle) -
     assert report.judged_rate == pytest.approx(sum(verdicts) / 3)
     agreement = sum(v == h for v, h in zip(verdicts, hits, strict=True)) / 3
     assert report.judge_agreement == pytest.approx(agreement)
+    assert [example["judged"] for example in report.examples] == verdicts
     # the haiku is neither judged nor matched a refusal: the figures are not vacuous
     assert verdicts[1] is False and hits[1] is False

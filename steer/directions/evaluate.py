@@ -279,9 +279,11 @@ def evaluate_rate(
     seconds["generate"] = time.perf_counter() - start
     texts, hits = [text for _, text in outputs], [bool(matcher(text)) for _, text in outputs]
     by_length = [_rate_at(model, outputs, matcher, tokens) for tokens in lengths]
+    verdicts: list[bool | None] = [None] * len(texts)
     judged_rate = agreement = None
     if judge_handle is not None:
-        judged_rate, agreement = _judged(judge_handle, positive, texts, hits, seconds)
+        judged, judged_rate, agreement = _judged(judge_handle, positive, texts, hits, seconds)
+        verdicts = list(judged)
     kl_rows = _kl_cost(
         handle,
         negative_ids,
@@ -293,8 +295,8 @@ def evaluate_rate(
         seconds=seconds,
     )
     examples = [
-        {"prompt": p, "response": t, "hit": h}
-        for p, t, h in zip(positive, texts, hits, strict=True)
+        {"prompt": p, "response": t, "hit": h} | ({} if v is None else {"judged": v})
+        for p, t, h, v in zip(positive, texts, hits, verdicts, strict=True)
     ]
     return _report(
         examples,
@@ -355,14 +357,14 @@ def _judged(
     texts: Sequence[str],
     hits: Sequence[bool],
     seconds: dict[str, float],
-) -> tuple[float, float]:
-    """(the share of replies the judge model calls hits, the share where it agrees with the
-    matcher's ``hits``); its time in ``seconds["judge"]``."""
+) -> tuple[list[bool], float, float]:
+    """(the judge's verdict on each reply, the share it calls hits, the share where it agrees
+    with the matcher's ``hits``); its time in ``seconds["judge"]``."""
     start = time.perf_counter()
     verdicts = judge(judge_handle, prompts, texts)
     seconds["judge"] = time.perf_counter() - start
     agreement = sum(v == h for v, h in zip(verdicts, hits, strict=True)) / max(len(hits), 1)
-    return sum(verdicts) / max(len(verdicts), 1), agreement
+    return verdicts, sum(verdicts) / max(len(verdicts), 1), agreement
 
 
 def _kl_cost(
