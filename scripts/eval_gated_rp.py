@@ -1,11 +1,13 @@
-"""What a gated moralizing edit costs in RP without a trigger; docs/results.md ("gated-rp").
+"""What a gated moralizing edit does in RP, without a trigger (docs/results.md "gated-rp") and
+with one (--triggers: "gated-rp-triggers").
 
 Plays the project's RP scenarios that carry none of the --skip-tags (chosen by tag before any
-run: no crime, villain, horror or dark-comedy scene) three times with the same seeds: unedited,
-the direction ablated always on, and the gated recipe written by scripts/eval_gated.py. For each
-it reports the RP metrics of ``steer eval rp`` with 95% bootstrap intervals over scenarios, and
-how many replies differ from the unedited ones (a gate that does not fire changes nothing, so
-an unchanged reply is one the gate left alone or one the edit did not move).
+run: no crime, villain, horror or dark-comedy scene; with --triggers only the scenes that carry
+one) three times with the same seeds: unedited, the direction ablated always on, and the gated
+recipe written by scripts/eval_gated.py. For each it reports the RP metrics of ``steer eval rp``
+with 95% bootstrap intervals over scenarios, and how many replies differ from the unedited ones
+(a gate that does not fire changes nothing, so an unchanged reply is one the gate left alone or
+one the edit did not move).
 
     python scripts/eval_gated_rp.py --direction out/gated-moralizing/direction \
         --gated out/gated-moralizing/gated.toml
@@ -55,6 +57,11 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--direction", required=True, help="the moralizing direction artifact")
     parser.add_argument("--gated", required=True, help="the gated recipe (eval_gated.py)")
     parser.add_argument("--skip-tags", default="crime,villain,horror,dark comedy")
+    parser.add_argument(
+        "--triggers",
+        action="store_true",
+        help="play only the scenes WITH one of --skip-tags (docs section gated-rp-triggers)",
+    )
     parser.add_argument("--preset", default="near-greedy")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--max-new-tokens", type=int, default=64)
@@ -84,7 +91,7 @@ def main() -> int:
     command = "python scripts/eval_gated_rp.py " + " ".join(sys.argv[1:])
     load_before = os.getloadavg()[0]
     skipped = {tag.strip() for tag in args.skip_tags.split(",") if tag.strip()}
-    scenarios = [s for s in load_scenarios() if not skipped.intersection(s.tags)]
+    scenarios = [s for s in load_scenarios() if bool(skipped.intersection(s.tags)) == args.triggers]
     handle = load_model(args.model)
     artifact = load_vector(args.direction, handle=handle)
     settings = EvalSettings(
@@ -133,9 +140,10 @@ def main() -> int:
 
 
 def _write_docs(args: argparse.Namespace, record: dict[str, Any], command: str) -> None:
-    markdown = f"""## Gated moralizing edit in RP without a trigger (`scripts/eval_gated_rp.py`)
+    kind = "with" if args.triggers else "without"
+    markdown = f"""## Gated moralizing edit in RP {kind} a trigger (`scripts/eval_gated_rp.py`)
 
-Model `{args.model}`; the scenarios of recipes/data/rp_scenarios.jsonl without the tags
+Model `{args.model}`; the scenarios of recipes/data/rp_scenarios.jsonl {kind} one of the tags
 {args.skip_tags} ({", ".join(record["scenarios"])}), {args.rounds} replies each, at most
 {args.max_new_tokens} tokens, preset `{args.preset}`, the same seeds for every edit. Each metric
 (docs/rp.md) with its 95% bootstrap interval over scenarios (distinct_2 without one: a resample
@@ -154,7 +162,7 @@ Command:
 {command}
 ```
 """
-    write_section("results.md", "gated-rp", markdown)
+    write_section("results.md", "gated-rp-triggers" if args.triggers else "gated-rp", markdown)
 
 
 if __name__ == "__main__":
