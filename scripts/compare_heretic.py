@@ -48,7 +48,17 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from report import DOCS, emit, machine, rate_evaluator, table, timed, write_section
+from report import (
+    DOCS,
+    command_block,
+    emit,
+    machine,
+    named,
+    rate_evaluator,
+    table,
+    timed,
+    write_section,
+)
 
 from steer.backends.vllm.launch import export_for_vllm
 from steer.cli.eval_refusal import _lengths, recipe_interventions
@@ -111,7 +121,7 @@ def _parser() -> argparse.ArgumentParser:
         "--steer",
         action="append",
         default=[],
-        type=lambda text: _named(text, "--steer"),
+        type=named("--steer"),
         metavar="NAME=RECIPE",
         help="also evaluate this steer edit recipe at run time (repeatable)",
     )
@@ -119,7 +129,7 @@ def _parser() -> argparse.ArgumentParser:
         "--baked",
         action="append",
         default=[],
-        type=lambda text: _named(text, "--baked"),
+        type=named("--baked"),
         metavar="NAME=DIR",
         help="also evaluate these baked weights (steer bake's output; repeatable)",
     )
@@ -308,13 +318,6 @@ def export_trials(args: argparse.Namespace, journal: Path, work: Path) -> dict[s
     run_logged(command, work, work / "export.log")
     manifest: dict[str, Any] = json.loads((work / "heretic-trials.json").read_text())
     return manifest
-
-
-def _named(text: str, flag: str) -> tuple[str, str]:
-    name, sep, value = text.partition("=")
-    if not sep or not name or not value:
-        raise argparse.ArgumentTypeError(f"{flag} takes NAME=PATH, got {text!r}")
-    return name, value
 
 
 def evaluate_models(
@@ -509,11 +512,7 @@ def markdown(record: dict[str, Any], rows: Sequence[dict[str, Any]], command: st
             "",
             f"Wall times on {record['machine']}: {times}.",
             "",
-            "Command:",
-            "",
-            "```",
-            command,
-            "```",
+            *command_block(command),
         ]
     )
 

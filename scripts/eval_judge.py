@@ -23,7 +23,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from report import emit, machine, table, timed, write_section
+from report import command_block, emit, machine, named, table, timed, write_section
 
 from steer.cli.eval_refusal import _lengths, recipe_interventions
 from steer.directions.api import contrast_splits
@@ -33,19 +33,14 @@ from steer.directions.recipe import load_direction_recipe
 from steer.models import load_model
 
 
-def _named(text: str) -> tuple[str, str]:
-    name, sep, path = text.partition("=")
-    if not sep or not name or not path:
-        raise argparse.ArgumentTypeError(f"--edits takes NAME=RECIPE, got {text!r}")
-    return name, path
-
-
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="qwen2.5-coder-0.5b-instruct")
     parser.add_argument("--judge", help="the judge model (default: --model itself)")
     parser.add_argument("--recipe", default=str(RECIPES_DIR / "refusal.toml"))
-    parser.add_argument("--edits", action="append", default=[], type=_named, metavar="NAME=TOML")
+    parser.add_argument(
+        "--edits", action="append", default=[], type=named("--edits"), metavar="NAME=TOML"
+    )
     parser.add_argument("--sample", type=int, default=48, help="harmful test prompts (0 = all)")
     parser.add_argument("--seed", type=int, default=0, help="the sample's seed")
     parser.add_argument("--lengths", type=_lengths, default=(16, 64, 128))
@@ -166,11 +161,7 @@ def _markdown(
             f"Wall times (s): {times}. Measured on {record['machine']}; load average "
             f"{load[0]} before, {load[1]} after.",
             "",
-            "Command:",
-            "",
-            "```",
-            command,
-            "```",
+            *command_block(command),
         ]
     )
 

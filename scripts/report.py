@@ -101,3 +101,21 @@ def rate_evaluator(
         return evaluate_rate(handle, positive, negative, edits, **options, **extra)
 
     return evaluate
+
+
+def named(flag: str) -> Callable[[str], tuple[str, str]]:
+    """An argparse ``type`` for ``NAME=VALUE`` options (``flag`` names the option in errors)."""
+    import argparse
+
+    def parse(text: str) -> tuple[str, str]:
+        name, sep, value = text.partition("=")
+        if not sep or not name or not value:
+            raise argparse.ArgumentTypeError(f"{flag} takes NAME=VALUE, got {text!r}")
+        return name, value
+
+    return parse
+
+
+def command_block(command: str) -> list[str]:
+    """The closing lines of a docs section: the command that wrote it."""
+    return ["Command:", "", "```", command, "```"]
