@@ -51,6 +51,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from report import (
     DOCS,
     command_block,
+    command_line,
     emit,
     machine,
     named,
@@ -544,7 +545,7 @@ def heretic_run(work: Path, manifest: dict[str, Any]) -> dict[str, Any]:
 
 def main() -> int:
     args = _parser().parse_args()
-    command = "python scripts/compare_heretic.py " + " ".join(sys.argv[1:])
+    command = command_line()
     work = Path(args.work).resolve()  # heretic and the driver run with WORK as cwd
     work.mkdir(parents=True, exist_ok=True)
     seconds: dict[str, float] = {}

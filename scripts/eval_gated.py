@@ -44,7 +44,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from report import emit, machine, rate_evaluator, table, timed, write_section
+from report import command_line, emit, machine, rate_evaluator, table, timed, write_section
 
 from steer.artifacts import load_vector, save_vector
 from steer.calibration import (
@@ -322,7 +322,7 @@ def main() -> int:
     args = parser.parse_args()
     if not args.conditions or set(args.conditions) - {"direction", "contrast"}:
         parser.error(f"--conditions: direction and/or contrast, got {args.conditions}")
-    command = "python scripts/eval_gated.py " + " ".join(sys.argv[1:])
+    command = command_line()
     load_before = os.getloadavg()[0]
     seconds: dict[str, float] = {}
     recipe = load_direction_recipe(args.recipe)

@@ -27,7 +27,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from report import emit, machine, table, write_section
+from report import command_line, emit, machine, table, write_section
 
 from steer.artifacts import load_vector
 from steer.cli.eval_refusal import recipe_interventions
@@ -88,7 +88,7 @@ def _interval(
 
 def main() -> int:
     args = _parser().parse_args()
-    command = "python scripts/eval_gated_rp.py " + " ".join(sys.argv[1:])
+    command = command_line()
     load_before = os.getloadavg()[0]
     skipped = {tag.strip() for tag in args.skip_tags.split(",") if tag.strip()}
     scenarios = [s for s in load_scenarios() if bool(skipped.intersection(s.tags)) == args.triggers]

@@ -23,7 +23,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from report import command_block, emit, machine, named, table, timed, write_section
+from report import command_block, command_line, emit, machine, named, table, timed, write_section
 
 from steer.cli.eval_refusal import _lengths, recipe_interventions
 from steer.directions.api import contrast_splits
@@ -77,7 +77,7 @@ def _disagreements(name: str, report: RateReport, count: int) -> list[str]:
 
 def main() -> int:
     args = _parser().parse_args()
-    command = "python scripts/eval_judge.py " + " ".join(sys.argv[1:])
+    command = command_line()
     load_before = os.getloadavg()[0]
     seconds: dict[str, float] = {}
     handle = timed(seconds, "load_model", lambda: load_model(args.model))

@@ -19,7 +19,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from report import emit, machine, table, write_section
+from report import command_line, emit, machine, table, write_section
 
 from steer.artifacts import load_vector
 from steer.cli.directions import _layers
@@ -43,7 +43,7 @@ def main() -> int:
     parser.add_argument("--top-k", type=int, help="override search.top_k")
     parser.add_argument("--no-docs", action="store_true")
     args = parser.parse_args()
-    command = "python scripts/eval_moralizing.py " + " ".join(sys.argv[1:])
+    command = command_line()
     recipe = with_overrides(
         load_direction_recipe(args.recipe),
         {

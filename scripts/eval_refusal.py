@@ -28,7 +28,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from report import emit, machine, table, write_section
+from report import command_line, emit, machine, table, write_section
 
 from steer.artifacts import load_vector
 from steer.cli.directions import _layers, _positions
@@ -61,7 +61,7 @@ def main() -> int:
     parser.add_argument("--bake", action="store_true", help="bake the last edit; eval --baked")
     parser.add_argument("--no-docs", action="store_true", help="do not write docs/results.md")
     args = parser.parse_args()
-    command = "python scripts/eval_refusal.py " + " ".join(sys.argv[1:])
+    command = command_line()
     seconds: dict[str, float] = {}
     recipe = with_overrides(
         load_direction_recipe(args.recipe),

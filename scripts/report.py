@@ -119,3 +119,11 @@ def named(flag: str) -> Callable[[str], tuple[str, str]]:
 def command_block(command: str) -> list[str]:
     """The closing lines of a docs section: the command that wrote it."""
     return ["Command:", "", "```", command, "```"]
+
+
+def command_line() -> str:
+    """The command that ran this script, quoted so that it can be pasted back into a shell."""
+    import shlex
+    import sys
+
+    return shlex.join(["python", f"scripts/{Path(sys.argv[0]).name}", *sys.argv[1:]])

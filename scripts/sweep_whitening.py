@@ -34,7 +34,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch
-from report import emit, machine, table, write_section
+from report import command_line, emit, machine, table, write_section
 
 from steer.directions.api import held_out
 from steer.directions.data import RECIPES_DIR
@@ -66,7 +66,7 @@ def main() -> int:
     parser.add_argument("--max-harmless", type=int, default=0, help="harmless prompts for KL")
     parser.add_argument("--no-docs", action="store_true", help="do not write docs/results.md")
     args = parser.parse_args()
-    command = "python scripts/sweep_whitening.py " + " ".join(sys.argv[1:])
+    command = command_line()
     recipe = load_direction_recipe(args.recipe)
     handle = load_model(args.model)
     batch = recipe.search.batch_size
