@@ -454,7 +454,7 @@ def _summary(record: dict[str, Any]) -> str:
     wall, steer = record["heretic_seconds"], record["steer_seconds"]
     times = f"heretic {wall:.0f} s" if wall is not None else "heretic's time not measured"
     if steer is not None:
-        times += f", steer {steer:.0f} s"
+        times += f", steer {steer:.0f} s (as given by --steer-seconds)"
         if wall:
             times += f" ({steer / wall:.2f} of heretic's)"
     verdict = (
@@ -470,12 +470,13 @@ def _summary(record: dict[str, Any]) -> str:
 
 
 def _trials(record: dict[str, Any]) -> str:
-    done, asked = record["completed_trials"], record["trials"]
+    done, asked, startup = record["completed_trials"], record["trials"], record["startup_trials"]
+    text = f"{done} trials"
     if record["heretic_stopped"]:
-        done_text = f"{done} TPE trials completed of {asked} asked (stopped at the time limit)"
-    else:
-        done_text = f"{done} TPE trials"
-    return f"{done_text}, the first {record['startup_trials']} random"
+        text += f" completed of {asked} asked (stopped early)"
+    if done <= startup:
+        return f"{text}, all of them random start-up trials (TPE starts after {startup})"
+    return f"{text}, the first {startup} random start-up trials, then TPE"
 
 
 def markdown(record: dict[str, Any], rows: Sequence[dict[str, Any]], command: str) -> str:
@@ -489,8 +490,8 @@ def markdown(record: dict[str, Any], rows: Sequence[dict[str, Any]], command: st
         [
             "## heretic 1.4 beside steer, on the same model and prompts",
             "",
-            f"`{record['heretic']}` on `{record['model']}`: {_trials(record)} "
-            f"(seed {record['seed']}, float32 on the CPU). Its refusal directions come from "
+            f"`{record['heretic']}` on `{record['model']}`: {_trials(record)}; "
+            f"seed {record['seed']}, float32 on the CPU. Its refusal directions come from "
             f"recipes/refusal.toml's train split ({sizes['bad-prompts']} harmful, "
             f"{sizes['good-prompts']} harmless prompts), its per-trial refusal count and "
             f"first-token KL from the validation split ({sizes['bad-evaluation-prompts']} / "

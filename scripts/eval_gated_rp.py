@@ -1,5 +1,6 @@
-"""What a gated moralizing edit does in RP, without a trigger (docs/results.md "gated-rp") and
-with one (--triggers: "gated-rp-triggers").
+"""A gated moralizing edit in RP scenes without a trigger (--triggers: with one); docs/results.md.
+
+Sections "gated-rp" and, with --triggers, "gated-rp-triggers".
 
 Plays the project's RP scenarios that carry none of the --skip-tags (chosen by tag before any
 run: no crime, villain, horror or dark-comedy scene; with --triggers only the scenes that carry
