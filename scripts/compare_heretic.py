@@ -431,7 +431,10 @@ def write_plot(rows: Sequence[dict[str, Any]], lengths: Sequence[int], path: Pat
                 axes.plot(*zip(*front(points), strict=True), color=colour, linewidth=1)
             axes.scatter(*zip(*points, strict=True), color=colour, marker=marker, label=side)
         for row in rows:
-            axes.annotate(row["model"].removeprefix("heretic "), (row[kl], row[key]), fontsize=6)
+            label = row["model"].removeprefix("heretic ")
+            axes.annotate(
+                label, (row[kl], row[key]), xytext=(4, 4), textcoords="offset points", fontsize=6
+            )
         axes.set_xscale("symlog", linthresh=1e-3)
         axes.set_xlabel(f"{kl} (harmless test prompts)")
         axes.set_ylabel(f"refusal rate @{max(lengths)} tokens (harmful test prompts)")
