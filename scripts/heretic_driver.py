@@ -120,6 +120,8 @@ def export(study_path: Path, out: Path, verify: bool) -> list[dict[str, Any]]:
     study = load_study(study_path)
     settings = Settings.model_validate_json(study.user_attrs["settings"])
     front = pareto_front(study)
+    if not front:
+        raise SystemExit(f"{study_path} holds no completed trial (stopped too early?)")
     set_seed(settings.seed)
     model = Model(settings)
     directions = refusal_directions(settings, model)
