@@ -247,7 +247,13 @@ def run_logged(
             stderr=subprocess.STDOUT,
             text=True,
         )
-        timer = threading.Timer(time_limit or 0, process.terminate)
+        stopped = threading.Event()
+
+        def stop() -> None:
+            stopped.set()
+            process.terminate()
+
+        timer = threading.Timer(time_limit or 0, stop)
         if time_limit:
             timer.start()
         assert process.stdout is not None
@@ -255,11 +261,10 @@ def run_logged(
             out.write(line)
             print(line, end="", file=sys.stderr, flush=True)
         code = process.wait()
-        stopped = timer.is_alive() is False and time_limit is not None and code != 0
         timer.cancel()
-    if code != 0 and not stopped and not (finished and finished in log.read_text()):
+    if code != 0 and not stopped.is_set() and not (finished and finished in log.read_text()):
         raise SystemExit(f"{command[0]} exited with {code}; see {log}")
-    return stopped
+    return stopped.is_set()
 
 
 def study_file(work: Path) -> Path | None:
@@ -559,6 +564,7 @@ def main() -> int:
     journal = run_heretic(args, handle, splits, work, seconds)
     manifest = timed(seconds, "export", lambda: export_trials(args, journal, work))
     trials, settings = manifest["trials"], manifest["settings"]
+    run = heretic_run(work, manifest)
     record: dict[str, Any] = {
         "script": "compare_heretic",
         "heretic": HERETIC,
@@ -571,8 +577,8 @@ def main() -> int:
         "system_prompt": settings["system_prompt"],
         "prompts": dataset_sizes(work),
         "completed_trials": manifest["completed_trials"],
-        "heretic_seconds": heretic_run(work, manifest)["seconds"],
-        "heretic_stopped": heretic_run(work, manifest)["stopped"],
+        "heretic_seconds": run["seconds"],
+        "heretic_stopped": run["stopped"],
         "steer_seconds": args.steer_seconds,
         "exported": [
             {k: t[k] for k in ("trial", "dir", "refusals", "n_bad_prompts", "kl_divergence")}

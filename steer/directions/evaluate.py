@@ -279,11 +279,7 @@ def evaluate_rate(
     seconds["generate"] = time.perf_counter() - start
     texts, hits = [text for _, text in outputs], [bool(matcher(text)) for _, text in outputs]
     by_length = [_rate_at(model, outputs, matcher, tokens) for tokens in lengths]
-    verdicts: list[bool | None] = [None] * len(texts)
-    judged_rate = agreement = None
-    if judge_handle is not None:
-        judged, judged_rate, agreement = _judged(judge_handle, positive, texts, hits, seconds)
-        verdicts = list(judged)
+    verdicts = None if judge_handle is None else _judged(judge_handle, positive, texts, seconds)
     kl_rows = _kl_cost(
         handle,
         negative_ids,
@@ -295,17 +291,13 @@ def evaluate_rate(
         seconds=seconds,
     )
     examples = [
-        {"prompt": p, "response": t, "hit": h} | ({} if v is None else {"judged": v})
-        for p, t, h, v in zip(positive, texts, hits, verdicts, strict=True)
+        {"prompt": p, "response": t, "hit": h}
+        for p, t, h in zip(positive, texts, hits, strict=True)
     ]
-    return _report(
-        examples,
-        by_length,
-        kl_rows,
-        judged_rate=judged_rate,
-        seconds=seconds,
-        judge_agreement=agreement,
-    )
+    if verdicts is not None:
+        for example, verdict in zip(examples, verdicts, strict=True):
+            example["judged"] = verdict
+    return _report(examples, by_length, kl_rows, seconds=seconds)
 
 
 def _report(
@@ -314,9 +306,15 @@ def _report(
     kl_rows: list[list[float]],
     **extra: Any,
 ) -> RateReport:
-    """The report of these replies (``examples``, each with its ``hit``) and KL rows: the rate,
-    its interval and the KL means follow from them."""
+    """The report of these replies (``examples``, each with its ``hit`` and, when judged, the
+    judge's verdict ``judged``) and KL rows: the rates, the interval, the judge's agreement with
+    the matcher and the KL means follow from them."""
     hits = [bool(example["hit"]) for example in examples]
+    if examples and all("judged" in example for example in examples):
+        verdicts = [bool(example["judged"]) for example in examples]
+        extra["judged_rate"] = sum(verdicts) / len(verdicts)
+        agree = sum(v == h for v, h in zip(verdicts, hits, strict=True))
+        extra["judge_agreement"] = agree / len(hits)
     kl_first, kl_multi = kl_means(kl_rows)
     return RateReport(
         rate=sum(hits) / max(len(hits), 1),
@@ -355,16 +353,13 @@ def _judged(
     judge_handle: ModelHandle,
     prompts: Sequence[str],
     texts: Sequence[str],
-    hits: Sequence[bool],
     seconds: dict[str, float],
-) -> tuple[list[bool], float, float]:
-    """(the judge's verdict on each reply, the share it calls hits, the share where it agrees
-    with the matcher's ``hits``); its time in ``seconds["judge"]``."""
+) -> list[bool]:
+    """The judge's verdict on each reply; its time in ``seconds["judge"]``."""
     start = time.perf_counter()
     verdicts = judge(judge_handle, prompts, texts)
     seconds["judge"] = time.perf_counter() - start
-    agreement = sum(v == h for v, h in zip(verdicts, hits, strict=True)) / max(len(hits), 1)
-    return verdicts, sum(verdicts) / max(len(verdicts), 1), agreement
+    return verdicts
 
 
 def _kl_cost(
