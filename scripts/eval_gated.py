@@ -4,10 +4,11 @@ Every choice is made on train and validation, and the test split is measured onc
 
 1. the direction: computed with the recipe (its layer and position chosen by the search on the
    validation split), or given with --direction;
-2. the gate: a prompt-scope condition (CAST) on the direction's projection at the chat prompt's
-   last token, at one of the candidate layers (the direction's own and --gate-layers, read in
-   one pass). Candidate thresholds come from train: for each target in --fpr-grid, the lowest
-   whose false-positive rate on the *train* harmless prompts is at most it
+2. the gate: a prompt-scope condition (CAST) on a projection at the chat prompt's last token
+   (onto the direction itself, CAST's contrast condition vector, or Fisher's discriminant; see
+   --conditions), at one of the candidate layers (the direction's own and --gate-layers; every
+   prompt read once). Candidate thresholds come from train: for each target in --fpr-grid,
+   the lowest whose false-positive rate on the *train* harmless prompts is at most it
    (:meth:`steer.calibration.GateScores.calibrate`). The validation split chooses among them
    by outcome: it is evaluated unedited and with the ablation always on at each of --weights,
    and since a request whose gate fires runs exactly as always on and any other as unedited,
@@ -51,8 +52,7 @@ from steer.calibration import (
     ContrastPrompts,
     GateCalibration,
     GateScores,
-    contrast_condition,
-    gate_scores,
+    read_prompts,
 )
 from steer.cli.eval_refusal import _lengths
 from steer.directions import data as datasets
@@ -86,9 +86,10 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--conditions",
         type=lambda text: tuple(x.strip() for x in text.split(",") if x.strip()),
-        default=("direction", "contrast"),
-        help="what a gate reads: the edit's direction, and/or a contrast condition vector "
-        "(train fire minus quiet prompts' last-token means, CAST)",
+        default=("direction", "contrast", "discriminant"),
+        help="what a gate reads: the edit's direction; a contrast condition vector (train fire "
+        "minus quiet prompts' last-token means, CAST); a discriminant one (that difference "
+        "whitened by the within-class covariance, Fisher's)",
     )
     parser.add_argument(
         "--weights",
@@ -128,7 +129,7 @@ class Candidate:
     validation report it would give."""
 
     weight: float
-    condition: str  # "direction" (the edit's own) or "contrast" (CAST's condition vector)
+    condition: str  # "direction" (the edit's own), "contrast" (CAST's) or "discriminant"
     vector: Any  # the condition's SteeringVector
     calibration: GateCalibration
     report: RateReport
@@ -253,21 +254,23 @@ def _evaluator(
 def _conditions(
     handle: Any, args: argparse.Namespace, artifact: Any, splits: dict[str, Any], layers: list[int]
 ) -> dict[str, tuple[Any, list[GateScores]]]:
-    """{condition name: (its vector, its GateScores at each candidate hook)} for --conditions."""
+    """{condition name: (its vector, its GateScores at each candidate hook)} for --conditions,
+    every prompt read once."""
     hooks = [f"blocks.{n}.hook_resid_pre" for n in layers]
     train = ContrastPrompts(splits["positive"].train, splits["negative"].train)
     validation = ContrastPrompts(splits["positive"].validation, splits["negative"].validation)
+    reads = read_prompts(
+        handle, hooks, train=train, validation=validation, batch_size=args.batch_size
+    )
     vectors = {
         "direction": lambda: artifact.vector,
-        "contrast": lambda: contrast_condition(handle, hooks, train, batch_size=args.batch_size),
+        "contrast": lambda: reads.condition(),
+        "discriminant": lambda: reads.condition(discriminant=True),
     }
     conditions = {}
     for name in args.conditions:
         vector = vectors[name]()
-        scores = gate_scores(
-            handle, hooks, vector, train=train, validation=validation, batch_size=args.batch_size
-        )
-        conditions[name] = (vector, scores)
+        conditions[name] = (vector, reads.scores(vector))
     return conditions
 
 
@@ -320,8 +323,8 @@ def _gate(
 def main() -> int:
     parser = _parser()
     args = parser.parse_args()
-    if not args.conditions or set(args.conditions) - {"direction", "contrast"}:
-        parser.error(f"--conditions: direction and/or contrast, got {args.conditions}")
+    if not args.conditions or set(args.conditions) - {"direction", "contrast", "discriminant"}:
+        parser.error(f"--conditions: direction, contrast, discriminant; got {args.conditions}")
     command = command_line()
     load_before = os.getloadavg()[0]
     seconds: dict[str, float] = {}

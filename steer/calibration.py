@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from steer.activations import forward
+from steer.directions.methods import ledoit_wolf_shrinkage, shrink
 from steer.errors import InvalidArgumentError, SteerError
 from steer.gates import Condition
 from steer.hooks import HookPoint
@@ -34,10 +35,12 @@ __all__ = [
     "ContrastPrompts",
     "GateCalibration",
     "GateScores",
+    "PromptReads",
     "SplitRates",
     "calibrate_gate",
     "contrast_condition",
     "gate_scores",
+    "read_prompts",
 ]
 
 
@@ -108,6 +111,85 @@ class GateScores:
         )
 
 
+@dataclass(frozen=True)
+class PromptReads:
+    """The residual at each prompt's last chat token (what a prompt-scope gate decides on) at
+    each hook, for each split's prompts, read in one pass. Any direction's :class:`GateScores`
+    and any contrast condition follow from it without another pass."""
+
+    points: tuple[HookPoint, ...]
+    #: {"train.fire", "train.quiet", and with a validation split "validation.fire",
+    #: "validation.quiet"}: {hook name: (prompts, d_model) float32}
+    read: dict[str, dict[str, torch.Tensor]]
+
+    def scores(
+        self, direction: SteeringVector | torch.Tensor, *, below: bool = False
+    ) -> list[GateScores]:
+        """:class:`GateScores` of ``direction`` at each hook (a :class:`SteeringVector` gives
+        its vector at each hook's layer)."""
+        if "validation.fire" not in self.read:
+            raise InvalidArgumentError("these reads have no validation split", field="validation")
+        d_model = int(self.read["train.fire"][self.points[0].name].shape[-1])
+        try:
+            units = [Condition(p.name, direction, 0.0).unit(p, d_model) for p in self.points]
+        except SteerError as error:
+            raise InvalidArgumentError(error.message, field="direction") from None
+        sign = -1.0 if below else 1.0  # "below t" is "above -t" on the negated projections
+        scores = []
+        for point, unit in zip(self.points, units, strict=True):
+            store = {
+                key: [sign * v for v in _projected(by_hook[point.name], unit, point.name, key)]
+                for key, by_hook in self.read.items()
+            }
+            scores.append(GateScores(point.name, below, store))
+        return scores
+
+    def condition(self, *, discriminant: bool = False) -> SteeringVector:
+        """A condition direction of its own from the train reads (CAST's condition vector): at
+        each hook's layer, the ``train.fire`` mean minus the ``train.quiet`` mean; with
+        ``discriminant``, that difference whitened by the pooled within-class covariance
+        (Fisher's linear discriminant, shrunk towards a scaled identity by the Ledoit-Wolf
+        estimate, so no parameter), which weighs down directions where the prompts vary
+        anyway."""
+        layers = [-1 if point.layer is None else point.layer for point in self.points]
+        if -1 in layers or len(set(layers)) != len(layers):
+            raise InvalidArgumentError("expected hooks at distinct layers", field="hooks")
+        per_layer = {}
+        for layer, point in zip(layers, self.points, strict=True):
+            fire = self.read["train.fire"][point.name].double()
+            quiet = self.read["train.quiet"][point.name].double()
+            difference = fire.mean(0) - quiet.mean(0)
+            if discriminant:
+                difference = _discriminant(fire, quiet, difference)
+            per_layer[layer] = difference.float()
+        return SteeringVector(per_layer=per_layer, name="condition")
+
+
+def read_prompts(
+    handle: ModelHandle,
+    hooks: Sequence[str],
+    *,
+    train: ContrastPrompts,
+    validation: ContrastPrompts | None = None,
+    system: str | None = None,
+    batch_size: int = 16,
+) -> PromptReads:
+    """:class:`PromptReads` of ``train`` (and ``validation``) at each of ``hooks``."""
+    if isinstance(hooks, str) or not hooks:
+        raise InvalidArgumentError("needs at least one hook", field="hooks")
+    points = tuple(handle.resolver.parse(hook, field=f"hooks[{i}]") for i, hook in enumerate(hooks))
+    names = [point.name for point in points]
+    splits = {"train": train} if validation is None else {"train": train, "validation": validation}
+    read: dict[str, dict[str, torch.Tensor]] = {}
+    for name, split in splits.items():
+        for side, prompts in (("fire", split.fire), ("quiet", split.quiet)):
+            key = f"{name}.{side}"
+            ids = _encoded(handle, prompts, key, system)
+            last = forward(handle, ids, hooks=names, batch_size=batch_size).activations
+            read[key] = {hook: _checked(last[hook]) for hook in names}
+    return PromptReads(points, read)
+
+
 def gate_scores(
     handle: ModelHandle,
     hooks: Sequence[str],
@@ -121,22 +203,10 @@ def gate_scores(
 ) -> list[GateScores]:
     """:class:`GateScores` at each of ``hooks`` (a :class:`SteeringVector` gives its vector at
     each hook's layer), all read in one forward pass over the prompts."""
-    if isinstance(hooks, str) or not hooks:
-        raise InvalidArgumentError("needs at least one hook", field="hooks")
-    points = [handle.resolver.parse(hook, field=f"hooks[{i}]") for i, hook in enumerate(hooks)]
-    try:
-        units = [Condition(p.name, direction, 0.0).unit(p, handle.d_model) for p in points]
-    except SteerError as error:
-        raise InvalidArgumentError(error.message, field="direction") from None
-    sign = -1.0 if below else 1.0  # "below t" is "above -t" on the negated projections
-    read: list[dict[str, list[float]]] = [{} for _ in points]
-    for name, split in (("train", train), ("validation", validation)):
-        for side, prompts in (("fire", split.fire), ("quiet", split.quiet)):
-            key = f"{name}.{side}"
-            per_hook = _projections(handle, points, units, prompts, key, system, batch_size)
-            for store, values in zip(read, per_hook, strict=True):
-                store[key] = [sign * value for value in values]
-    return [GateScores(point.name, below, store) for point, store in zip(points, read, strict=True)]
+    reads = read_prompts(
+        handle, hooks, train=train, validation=validation, system=system, batch_size=batch_size
+    )
+    return reads.scores(direction, below=below)
 
 
 def contrast_condition(
@@ -144,45 +214,37 @@ def contrast_condition(
     hooks: Sequence[str],
     train: ContrastPrompts,
     *,
+    discriminant: bool = False,
     system: str | None = None,
     batch_size: int = 16,
 ) -> SteeringVector:
-    """A condition direction of its own (CAST's condition vector): at each hook's layer, the
-    mean residual at the last token of the ``train.fire`` prompts minus that of the
-    ``train.quiet`` prompts. For a gate whose edit direction was read elsewhere (e.g. from
-    reply tokens), this is what tells the prompts apart where the gate decides."""
-    if isinstance(hooks, str) or not hooks:
-        raise InvalidArgumentError("needs at least one hook", field="hooks")
-    points = [handle.resolver.parse(hook, field=f"hooks[{i}]") for i, hook in enumerate(hooks)]
-    layers = [-1 if point.layer is None else point.layer for point in points]
-    if -1 in layers or len(set(layers)) != len(layers):
-        raise InvalidArgumentError("expected hooks at distinct layers", field="hooks")
-    fire = _last_token_means(handle, points, train.fire, "train.fire", system, batch_size)
-    quiet = _last_token_means(handle, points, train.quiet, "train.quiet", system, batch_size)
-    per_layer = {
-        layer: fire[point.name] - quiet[point.name]
-        for layer, point in zip(layers, points, strict=True)
-    }
-    return SteeringVector(per_layer=per_layer, name="condition")
+    """A condition direction of its own (CAST's condition vector, or with ``discriminant``
+    Fisher's; see :meth:`PromptReads.condition`) at each hook's layer. For a gate whose edit
+    direction was read elsewhere (e.g. from reply tokens), this is what tells the prompts apart
+    where the gate decides."""
+    reads = read_prompts(handle, hooks, train=train, system=system, batch_size=batch_size)
+    return reads.condition(discriminant=discriminant)
 
 
-def _last_token_means(
-    handle: ModelHandle,
-    points: Sequence[HookPoint],
-    prompts: Sequence[str],
-    field: str,
-    system: str | None,
-    batch_size: int,
-) -> dict[str, torch.Tensor]:
-    ids = _encoded(handle, prompts, field, system)
-    names = [point.name for point in points]
-    last = forward(handle, ids, hooks=names, batch_size=batch_size).activations
-    means = {}
-    for name in names:
-        activations = last[name]
-        assert isinstance(activations, torch.Tensor)  # (prompts, d_model) float32
-        means[name] = activations.double().mean(0).float()
-    return means
+def _discriminant(
+    fire: torch.Tensor, quiet: torch.Tensor, difference: torch.Tensor
+) -> torch.Tensor:
+    """``difference`` (float64) whitened by the shrunk pooled within-class covariance, scaled
+    so that its component along the mean difference is the mean difference's."""
+    if len(fire) + len(quiet) < 3:
+        raise InvalidArgumentError(
+            "a discriminant condition needs at least three train prompts", field="train"
+        )
+    centred = torch.cat([fire - fire.mean(0), quiet - quiet.mean(0)])
+    covariance = centred.T @ centred / (len(centred) - 2)
+    whitened = torch.linalg.solve(shrink(covariance, ledoit_wolf_shrinkage(centred)), difference)
+    unit = whitened / whitened.norm().clamp_min(1e-300)
+    return unit * (difference @ unit)
+
+
+def _checked(activations: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:
+    assert isinstance(activations, torch.Tensor)  # (prompts, d_model) float32
+    return activations
 
 
 def _encoded(
@@ -236,34 +298,16 @@ def _target(target_fpr: float) -> float:
     return float(target_fpr)
 
 
-def _projections(
-    handle: ModelHandle,
-    points: Sequence[HookPoint],
-    units: Sequence[torch.Tensor],
-    prompts: Sequence[str],
-    field: str,
-    system: str | None,
-    batch_size: int,
-) -> list[list[float]]:
-    """At each point, each prompt's residual at the last token projected onto that point's unit
-    in float32: the number a prompt-scope :class:`~steer.interventions.ReadGate` compares with
-    its threshold."""
-    ids = _encoded(handle, prompts, field, system)
-    names = [point.name for point in points]
-    last = forward(handle, ids, hooks=names, batch_size=batch_size).activations
-    per_point = []
-    for name, unit in zip(names, units, strict=True):
-        activations = last[name]
-        assert isinstance(activations, torch.Tensor)  # (prompts, d_model) float32
-        projections = (activations @ unit).tolist()
-        for index, value in enumerate(projections):
-            if not math.isfinite(value):
-                raise InvalidArgumentError(
-                    f"the projection at {name} is not finite ({value})",
-                    field=f"{field}[{index}]",
-                )
-        per_point.append(projections)
-    return per_point
+def _projected(activations: torch.Tensor, unit: torch.Tensor, hook: str, field: str) -> list[float]:
+    """Each prompt's residual projected onto ``unit`` in float32: the number a prompt-scope
+    :class:`~steer.interventions.ReadGate` compares with its threshold."""
+    projections = (activations @ unit).tolist()
+    for index, value in enumerate(projections):
+        if not math.isfinite(value):
+            raise InvalidArgumentError(
+                f"the projection at {hook} is not finite ({value})", field=f"{field}[{index}]"
+            )
+    return projections
 
 
 def _lowest_threshold(quiet: list[float], target_fpr: float) -> float:

@@ -21,7 +21,14 @@ from steer import (
     SteeringVector,
 )
 from steer.activations import forward
-from steer.calibration import ContrastPrompts, calibrate_gate, contrast_condition, gate_scores
+from steer.calibration import (
+    ContrastPrompts,
+    PromptReads,
+    calibrate_gate,
+    contrast_condition,
+    gate_scores,
+    read_prompts,
+)
 from steer.directions.evaluate import evaluate_rate, gated_report
 from steer.generation import Engine, GenerationRequest
 from steer.models import ModelHandle
@@ -300,3 +307,75 @@ def test_a_contrast_condition_is_the_train_mean_difference_at_each_layer(
     with pytest.raises(InvalidArgumentError) as raised:
         contrast_condition(handle, hooks, ContrastPrompts(fire=(), quiet=train.quiet))
     assert raised.value.field == "train.fire"
+
+
+def _synthetic_reads(handle: ModelHandle, seed: int) -> PromptReads:
+    """Two classes whose means differ a little along a quiet axis (e2) and more along a loud
+    one (e1) where every prompt varies a lot: the mean difference points mostly along the loud
+    axis, which hardly tells the classes apart; the quiet axis separates them."""
+    generator = torch.Generator().manual_seed(seed)
+    d = handle.d_model
+    scale = torch.ones(d)
+    scale[0] = 20.0
+    shift = torch.zeros(d)
+    shift[0], shift[1] = 2.0, 1.5
+
+    def rows(n: int, fire: bool) -> torch.Tensor:
+        noise = torch.randn(n, d, generator=generator) * scale * 0.3
+        return noise + (shift if fire else 0.0)
+
+    point = handle.resolver.parse(HOOK)
+    read = {
+        f"{split}.{side}": {point.name: rows(64, side == "fire")}
+        for split in ("train", "validation")
+        for side in ("fire", "quiet")
+    }
+    return PromptReads((point,), read)
+
+
+def test_a_discriminant_condition_separates_what_the_mean_difference_cannot(
+    tiny_llama: ModelHandle,
+) -> None:
+    reads = _synthetic_reads(tiny_llama, seed=3)
+    auc = {}  # on validation: the share of (fire, quiet) pairs the projection orders right
+    for discriminant in (False, True):
+        condition = reads.condition(discriminant=discriminant)
+        assert condition.layers == (1,)
+        score = reads.scores(condition)[0]
+        fire, quiet = score.read["validation.fire"], score.read["validation.quiet"]
+        auc[discriminant] = sum(f > q for f in fire for q in quiet) / (len(fire) * len(quiet))
+    assert auc[False] < 0.8 < 0.99 < auc[True]
+    # along the mean difference, it has the mean difference's length
+    fire, quiet = (reads.read[f"train.{side}"][reads.points[0].name] for side in ("fire", "quiet"))
+    difference = fire.double().mean(0) - quiet.double().mean(0)
+    vector = reads.condition(discriminant=True).at(1).double()
+    unit = vector / vector.norm()
+    assert float(vector @ unit) == pytest.approx(float(difference @ unit), rel=1e-5)
+
+
+def test_reads_give_the_scores_and_conditions_of_the_one_call_functions(
+    tiny_llama: ModelHandle,
+) -> None:
+    handle = tiny_llama
+    train, validation, _ = _splits(handle, count=16)
+    hooks = ["blocks.2.hook_resid_pre", HOOK]
+    reads = read_prompts(handle, hooks, train=train, validation=validation)
+    for discriminant in (False, True):
+        condition = reads.condition(discriminant=discriminant)
+        alone = contrast_condition(handle, hooks, train, discriminant=discriminant)
+        for layer in (1, 2):
+            assert torch.equal(condition.at(layer), alone.at(layer))
+        scores = gate_scores(handle, hooks, condition, train=train, validation=validation)
+        assert [s.read for s in reads.scores(condition)] == [s.read for s in scores]
+    # a discriminant condition's own train prompts project higher on the fire side
+    score = reads.scores(reads.condition(discriminant=True))[1]
+    fire, quiet = score.read["train.fire"], score.read["train.quiet"]
+    assert sum(fire) / len(fire) > sum(quiet) / len(quiet)
+    train_only = read_prompts(handle, hooks, train=train)
+    with pytest.raises(InvalidArgumentError) as raised:
+        train_only.scores(_direction(handle))
+    assert raised.value.field == "validation"
+    tiny = ContrastPrompts(fire=train.fire[:1], quiet=train.quiet[:1])
+    with pytest.raises(InvalidArgumentError) as raised:
+        contrast_condition(handle, hooks, tiny, discriminant=True)
+    assert raised.value.field == "train"
