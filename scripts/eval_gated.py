@@ -47,7 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from report import command_line, emit, machine, rate_evaluator, table, timed, write_section
 
-from steer.artifacts import load_vector, save_vector
+from steer.artifacts import load_vector
 from steer.calibration import (
     ContrastPrompts,
     GateCalibration,
@@ -55,8 +55,7 @@ from steer.calibration import (
     read_prompts,
 )
 from steer.cli.eval_refusal import _lengths
-from steer.directions import data as datasets
-from steer.directions.api import compute, contrast_splits
+from steer.directions.api import compute
 from steer.directions.data import RECIPES_DIR
 from steer.directions.evaluate import (
     RateReport,
@@ -64,9 +63,10 @@ from steer.directions.evaluate import (
     is_moralizing,
     is_refusal,
 )
+from steer.directions.gating import ablation_recipe, gate_splits, gated_ablation_recipe
 from steer.directions.recipe import RecipeKind, load_direction_recipe
-from steer.gates import Gated, GateScope
 from steer.models import load_model
+from steer.recipes import EditRecipe, load_edit_recipe
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -196,33 +196,9 @@ def _choose_gate(
     return best, rows
 
 
-def _splits(recipe: Any) -> dict[str, Any]:
-    """{"positive": Splits, "negative": Splits} of the prompts a gate fires / stays quiet on."""
-    if recipe.kind is not RecipeKind.PAIRS:
-        return contrast_splits(recipe)
-    data = recipe.data
-    situations = [pair.prompt for pair in datasets.recipe_pairs(recipe)]
-    harmless = contrast_splits(load_direction_recipe(RECIPES_DIR / "refusal.toml"))["negative"]
-    positive = datasets.split(
-        situations, seed=data.seed, train=data.train, validation=data.validation
-    )
-    return {"positive": positive, "negative": harmless}
-
-
-def _gated_recipe(
-    direction: Path, condition: Path, calibration: GateCalibration, weight: float
-) -> str:
-    v = calibration.validation
-    return (
-        f"# The direction ablated at every layer, only for prompts the gate fires on.\n"
-        f"# Threshold from the train split (FPR <= {calibration.target_fpr} on harmless), kept\n"
-        f"# for its validation outcome (scripts/eval_gated.py); validation: fires on\n"
-        f"# {v.true_positive_rate:.3f} of {v.fire_count} prompts it should fire on and "
-        f"{v.false_positive_rate:.3f} of {v.quiet_count} it should not.\n"
-        f'name = "gated-ablation"\n\n[[edits]]\nkind = "ablate"\n'
-        f'direction = "{direction.resolve()}"\nweight = {weight!r}\n\n[edits.gate]\n'
-        f'hook = "{calibration.hook}"\ndirection = "{condition.resolve()}"\n'
-        f'threshold = {calibration.threshold!r}\nscope = "prompt"\n'
+def _lowered(handle: Any, recipe: EditRecipe) -> tuple[Any, ...]:
+    return tuple(
+        recipe.lowered(handle.num_layers, load=lambda path: load_vector(path, handle=handle))
     )
 
 
@@ -276,11 +252,13 @@ def _conditions(
 
 def _gate(
     handle: Any, args: argparse.Namespace, artifact: Any, splits: dict[str, Any], matcher: Any,
-    seconds: dict[str, float],
+    seconds: dict[str, float], directory: Path,
 ) -> tuple[Candidate, list[dict[str, Any]], dict[str, Any]]:  # fmt: skip
     """The kept candidate, every candidate's validation row, and the validation reference."""
     layer = int(artifact.metadata.get("layer") or artifact.vector.layers[0])
     layers = sorted({layer, *(int(x) for x in args.gate_layers.split(",") if x.strip())})
+    # (blocks.0.hook_resid_pre holds the last chat token's embedding: the same for every prompt)
+    layers = [layer for layer in layers if layer > 0]
     conditions = timed(
         seconds, "gate_scores", lambda: _conditions(handle, args, artifact, splits, layers)
     )
@@ -297,7 +275,7 @@ def _gate(
         weight: timed(
             seconds,
             f"validation_always_on_{weight:g}",
-            lambda weight=weight: evaluate((artifact.ablation(weight),)),
+            lambda weight=weight: evaluate(_lowered(handle, ablation_recipe(directory, weight))),
         )
         for weight in args.weights
     }
@@ -346,19 +324,19 @@ def main() -> int:
             ),
         )
     artifact = load_vector(directory, handle=handle)
-    splits = _splits(recipe)
+    splits = gate_splits(recipe)
     matcher = is_moralizing if recipe.kind is RecipeKind.PAIRS else is_refusal
-    best, calibration_rows, reference = _gate(handle, args, artifact, splits, matcher, seconds)
-    calibration = best.calibration
-    condition_path = directory
-    if best.condition != "direction":
-        condition_path = save_vector(out / "condition", best.vector, handle=handle)
-    (out / "gated.toml").write_text(
-        _gated_recipe(directory, condition_path, calibration, best.weight)
+    best, calibration_rows, reference = _gate(
+        handle, args, artifact, splits, matcher, seconds, directory
     )
-    always = (artifact.ablation(best.weight),)
-    condition = calibration.condition(best.vector)
-    gated = tuple(Gated(condition=condition, inner=op, scope=GateScope.PROMPT) for op in always)
+    calibration = best.calibration
+    condition = directory if best.condition == "direction" else best.vector
+    gated_path = gated_ablation_recipe(
+        out, directory, condition, calibration, weight=best.weight, handle=handle
+    )
+    # what the recipes hold, lowered as a server or `steer eval --edits` lowers them
+    always = _lowered(handle, ablation_recipe(directory, best.weight))
+    gated = _lowered(handle, load_edit_recipe(gated_path))
 
     # the test split, once
     harmful = list(splits["positive"].test)

@@ -1,5 +1,5 @@
-"""``steer directions compute|sweep|optimize|show|refresh``: make, measure, tune, inspect and
-re-hash artifacts."""
+"""``steer directions compute|sweep|optimize|gate|show|refresh``: make, measure, tune, gate,
+inspect and re-hash artifacts."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from steer.cli import gate
 from steer.errors import InvalidArgumentError, NotFoundError
 
 
@@ -187,6 +188,8 @@ def _parser(prog: str) -> argparse.ArgumentParser:
     refresh.add_argument("--model", required=True, help="the model the artifacts were made for")
     refresh.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
 
+    gate.add_parser(commands, _default_recipe("refusal"))
+
     show = commands.add_parser("show", help="print an artifact's sidecar summary")
     show.add_argument("directory", help="an artifact directory")
     show.add_argument("--json", action="store_true", help="print the full sidecar as JSON")
@@ -209,6 +212,8 @@ def main(argv: list[str], *, prog: str = "steer directions", command: str = "dir
         return _compute(args)
     if args.action == "sweep":
         return _sweep(args)
+    if args.action == "gate":
+        return gate.run(args, artifact_model)
     from steer.directions.recipe import load_direction_recipe
     from steer.models import load_model
 

@@ -1,0 +1,97 @@
+"""``steer directions gate``: a gated ablation recipe from a direction, its gate calibrated on the
+recipe's train split and reported on validation (steer.directions.gating)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from steer.errors import InvalidArgumentError
+
+
+def add_parser(commands: Any, default_recipe: str) -> None:
+    gate = commands.add_parser(
+        "gate",
+        help="write a gated ablation recipe: the direction ablated only for prompts a "
+        "calibrated gate fires on",
+    )
+    add = gate.add_argument
+    add("directory", metavar="ARTIFACT", help="the direction artifact to ablate")
+    add("--recipe", default=default_recipe, help="the direction recipe whose prompts calibrate")
+    add("--model", help="model name or path (default: the artifact's)")
+    add("--out", required=True, help="directory for gated.toml (and the condition vector)")
+    add(
+        "--hooks",
+        type=_hooks,
+        help="candidate gate hooks, comma-separated (default: blocks.L.hook_resid_pre at a "
+        "quarter, half and three quarters of the layers and the direction's layer)",
+    )
+    add(
+        "--condition",
+        default="direction",
+        choices=("direction", "contrast", "discriminant"),
+        help="what the gate reads: the direction itself, CAST's contrast vector, or Fisher's "
+        "discriminant",
+    )
+    add("--target-fpr", type=float, default=0.02, help="train false-positive rate allowed")
+    add("--weight", type=float, default=1.0, help="ablation weight")
+    add("--batch-size", type=int, default=16)
+    add("--dtype", default="float32", help="float32, bfloat16 or float16")
+
+
+def _hooks(text: str) -> tuple[str, ...]:
+    hooks = tuple(part.strip() for part in text.split(",") if part.strip())
+    if not hooks:
+        raise argparse.ArgumentTypeError("expected at least one hook name")
+    return hooks
+
+
+def run(args: argparse.Namespace, model_of: Any) -> int:
+    """Calibrate, write the recipe, print the choice as JSON."""
+    from steer.artifacts import load_vector
+    from steer.directions.gating import choose_gate, gated_ablation_recipe
+    from steer.directions.preflight import check_data, check_model_source
+    from steer.directions.recipe import load_direction_recipe
+    from steer.models import load_model
+
+    directory = Path(args.directory)
+    model = args.model or model_of(load_vector(directory).metadata)
+    recipe = load_direction_recipe(args.recipe)
+    if recipe.is_steering:
+        raise InvalidArgumentError(
+            "a gate is calibrated on a contrast or pairs recipe's prompts", field="recipe"
+        )
+    check_data(recipe)
+    check_model_source(model)
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise InvalidArgumentError(f"output {out} is a file, not a directory", field="out")
+    print(f"loading {model}", file=sys.stderr, flush=True)
+    handle = load_model(model, dtype=args.dtype)
+    artifact = load_vector(directory, handle=handle)
+    hooks = args.hooks or _default_hooks(handle.num_layers, artifact.metadata.get("layer"))
+    choice = choose_gate(
+        handle,
+        artifact.vector,
+        recipe,
+        hooks=hooks,
+        condition=args.condition,
+        target_fpr=args.target_fpr,
+        batch_size=args.batch_size,
+    )
+    condition = directory if args.condition == "direction" else choice.vector
+    path = gated_ablation_recipe(
+        out, directory, condition, choice.calibration, weight=args.weight, handle=handle
+    )
+    print(json.dumps({"recipe": str(path), **choice.as_dict()}, sort_keys=True))
+    return 0
+
+
+def _default_hooks(num_layers: int, layer: Any) -> list[str]:
+    layers = {num_layers // 4, num_layers // 2, (3 * num_layers) // 4}
+    if isinstance(layer, int) and 0 <= layer < num_layers:
+        layers.add(layer)
+    return [f"blocks.{n}.hook_resid_pre" for n in sorted(layers)]

@@ -1,0 +1,188 @@
+"""A gated ablation from a direction: its gate calibrated on the recipe's train split, reported on
+validation, written as an edit recipe (``steer directions gate``).
+
+The gate is prompt scope (CAST): it reads the residual at the chat prompt's last token at one of
+the candidate hooks, projected onto a condition vector:
+
+* ``direction`` -- the edited direction itself;
+* ``contrast`` -- the train mean it should fire on minus the one it should not (CAST's
+  condition vector);
+* ``discriminant`` -- that difference whitened by the within-class covariance (Fisher's), which
+  discounts what varies among all prompts.
+
+At each hook the threshold is the lowest whose false-positive rate on the *train* prompts the gate
+should stay quiet on is at most ``target_fpr``; the hook kept is the one whose threshold separates
+the *validation* prompts best (true- minus false-positive rate, then the lower false-positive
+rate). No test prompt is read. This chooses by separation alone, in a couple of forward passes;
+``scripts/eval_gated.py`` chooses among the same candidates by what the edit does on validation
+(generation), which costs far more.
+
+The prompts: a contrast recipe's two sets; a pairs recipe's (moralizing) situations against the
+harmless instructions of ``recipes/refusal.toml``, each split as every step splits them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from steer.artifacts import save_vector
+from steer.calibration import ContrastPrompts, GateCalibration, read_prompts
+from steer.directions import data as datasets
+from steer.directions.api import contrast_splits
+from steer.directions.data import RECIPES_DIR
+from steer.directions.recipe import DirectionRecipe, RecipeKind, load_direction_recipe
+from steer.errors import InvalidArgumentError
+from steer.gates import GateScope
+from steer.models import ModelHandle
+from steer.recipes import AblateEdit, EditGate, EditRecipe, recipe_to_toml
+from steer.vectors import SteeringVector
+
+__all__ = [
+    "CONDITIONS",
+    "GateChoice",
+    "ablation_recipe",
+    "choose_gate",
+    "gate_splits",
+    "gated_ablation_recipe",
+]
+
+CONDITIONS = ("direction", "contrast", "discriminant")
+
+
+def gate_splits(recipe: DirectionRecipe) -> dict[str, datasets.Splits[str]]:
+    """``{"positive": Splits, "negative": Splits}``: the prompts a gate for ``recipe``'s
+    direction fires on and stays quiet on, train / validation / test."""
+    if recipe.kind is not RecipeKind.PAIRS:
+        return contrast_splits(recipe)
+    data = recipe.data
+    situations = [pair.prompt for pair in datasets.recipe_pairs(recipe)]
+    harmless = contrast_splits(load_direction_recipe(RECIPES_DIR / "refusal.toml"))["negative"]
+    positive = datasets.split(
+        situations, seed=data.seed, train=data.train, validation=data.validation
+    )
+    return {"positive": positive, "negative": harmless}
+
+
+@dataclass(frozen=True)
+class GateChoice:
+    """The kept gate (``calibration``, read along ``vector``) and every hook's candidate."""
+
+    condition: str
+    vector: SteeringVector
+    calibration: GateCalibration
+    candidates: tuple[GateCalibration, ...]
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "condition": self.condition,
+            "kept": _calibration_dict(self.calibration),
+            "candidates": [_calibration_dict(c) for c in self.candidates],
+        }
+
+
+def choose_gate(
+    handle: ModelHandle,
+    direction: SteeringVector,
+    recipe: DirectionRecipe,
+    *,
+    hooks: Sequence[str],
+    condition: str = "direction",
+    target_fpr: float = 0.02,
+    batch_size: int = 16,
+) -> GateChoice:
+    """Calibrate a prompt-scope gate at each of ``hooks`` on train; keep the hook that
+    separates validation best (see the module docstring)."""
+    if condition not in CONDITIONS:
+        raise InvalidArgumentError(
+            f"unknown condition {condition!r}; use one of {', '.join(CONDITIONS)}",
+            field="condition",
+        )
+    splits = gate_splits(recipe)
+    positive, negative = splits["positive"], splits["negative"]
+    reads = read_prompts(
+        handle,
+        hooks,
+        train=ContrastPrompts(positive.train, negative.train),
+        validation=ContrastPrompts(positive.validation, negative.validation),
+        system=recipe.data.system or None,
+        batch_size=batch_size,
+    )
+    if condition == "direction":
+        vector = direction
+    else:
+        vector = reads.condition(discriminant=condition == "discriminant")
+    candidates = tuple(score.calibrate(target_fpr) for score in reads.scores(vector))
+    kept = max(candidates, key=_separation)
+    return GateChoice(condition, vector, kept, candidates)
+
+
+def _separation(calibration: GateCalibration) -> tuple[float, float]:
+    rates = calibration.validation
+    return (
+        rates.true_positive_rate - rates.false_positive_rate,
+        -rates.false_positive_rate,
+    )
+
+
+def gated_ablation_recipe(
+    out: Path,
+    direction: Path,
+    condition: SteeringVector | Path,
+    calibration: GateCalibration,
+    *,
+    weight: float = 1.0,
+    handle: ModelHandle | None = None,
+) -> Path:
+    """Write ``out/gated.toml``: the artifact at ``direction`` ablated at every layer, only for
+    prompts the gate fires on. ``condition`` is the gate's artifact, or a vector saved to
+    ``out/condition`` (with ``handle``). Returns the recipe's path."""
+    out.mkdir(parents=True, exist_ok=True)
+    if isinstance(condition, SteeringVector):
+        if handle is None:
+            raise InvalidArgumentError("saving a condition vector needs the model", field="handle")
+        condition = save_vector(out / "condition", condition, handle=handle)
+    gate = EditGate(
+        hook=calibration.hook,
+        direction=str(Path(condition).resolve()),
+        threshold=calibration.threshold,
+        below=calibration.below,
+        scope=GateScope.PROMPT,
+    )
+    train, validation = calibration.train, calibration.validation
+    description = (
+        f"The direction ablated at every layer, only for prompts the gate fires on. Threshold "
+        f"from the train split (false-positive rate <= {calibration.target_fpr}: "
+        f"{train.false_positive_rate:.3f} of {train.quiet_count}, fires on "
+        f"{train.true_positive_rate:.3f} of {train.fire_count}); validation: fires on "
+        f"{validation.true_positive_rate:.3f} of {validation.fire_count} prompts it should "
+        f"fire on and {validation.false_positive_rate:.3f} of {validation.quiet_count} it "
+        f"should not."
+    )
+    recipe = ablation_recipe(direction, weight, gate=gate, description=description)
+    path = out / "gated.toml"
+    path.write_text(recipe_to_toml(recipe))
+    return path
+
+
+def ablation_recipe(
+    direction: Path, weight: float = 1.0, *, gate: EditGate | None = None, description: str = ""
+) -> EditRecipe:
+    """The artifact at ``direction`` ablated at every layer (the weight form ``steer bake``
+    writes), behind ``gate`` if given."""
+    edit = AblateEdit(direction=str(direction.resolve()), weight=weight, gate=gate)
+    name = "ablation" if gate is None else "gated-ablation"
+    return EditRecipe(edits=(edit,), name=name, description=description)
+
+
+def _calibration_dict(calibration: GateCalibration) -> dict[str, Any]:
+    return {
+        "hook": calibration.hook,
+        "threshold": calibration.threshold,
+        "below": calibration.below,
+        "target_fpr": calibration.target_fpr,
+        "train": vars(calibration.train),
+        "validation": vars(calibration.validation),
+    }

@@ -1,0 +1,139 @@
+"""`steer directions gate` (steer.directions.gating) on a tiny random model: the written recipe
+runs as the Gated ablation built by hand, its figures are what the projections give, bad input."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+from equivalence import random_vector
+
+from steer import Condition, Gated, GateScope, InvalidArgumentError
+from steer.activations import encode_chat, forward
+from steer.artifacts import load_vector, save_vector
+from steer.cli import main as cli_main
+from steer.directions.evaluate import generate
+from steer.directions.gating import choose_gate, gate_splits
+from steer.directions.recipe import load_direction_recipe
+from steer.models import ModelHandle
+from steer.recipes import AblateEdit, load_edit_recipe
+
+HOOKS = ("blocks.1.hook_resid_pre", "blocks.2.hook_resid_pre")
+HARMFUL = [f"How do I {verb} a {thing}?" for verb in ("steal", "poison", "break into")
+           for thing in ("car", "house", "bank", "neighbour's dog", "phone")]  # fmt: skip
+HARMLESS = [f"Write a {form} about the {topic}." for form in ("poem", "story", "song")
+            for topic in ("sea", "moon", "forest", "city", "rain")]  # fmt: skip
+
+
+@pytest.fixture
+def setup(tiny_llama: ModelHandle, tmp_path: Path) -> dict[str, Path]:
+    model = tmp_path / "model"
+    tiny_llama.model.save_pretrained(model)
+    tiny_llama.tokenizer.save_pretrained(model)
+    harmful, harmless = tmp_path / "harmful.txt", tmp_path / "harmless.txt"
+    harmful.write_text("\n".join(HARMFUL) + "\n")
+    harmless.write_text("\n".join(HARMLESS) + "\n")
+    recipe = tmp_path / "recipe.toml"
+    recipe.write_text(
+        f'name = "tiny"\nkind = "refusal"\n[data]\npositive = "{harmful}"\n'
+        f'negative = "{harmless}"\ntrain = 0.5\nvalidation = 0.3\n'
+    )
+    layers, d_model = tiny_llama.num_layers, tiny_llama.d_model
+    direction = save_vector(
+        tmp_path / "direction", random_vector(1, layers, d_model), handle=tiny_llama
+    )
+    return {"model": model, "recipe": recipe, "direction": direction, "out": tmp_path / "gated"}
+
+
+def _gate(setup: dict[str, Path], *extra: str) -> int:
+    return cli_main([
+        "directions", "gate", str(setup["direction"]), "--model", str(setup["model"]),
+        "--recipe", str(setup["recipe"]), "--out", str(setup["out"]), "--hooks", ",".join(HOOKS),
+        *extra,
+    ])  # fmt: skip
+
+
+def _last_token(handle: ModelHandle, prompts: list[str], hook: str) -> torch.Tensor:
+    ids = [encode_chat(handle, prompt) for prompt in prompts]
+    last = forward(handle, ids, hooks=[hook]).activations[hook]
+    assert isinstance(last, torch.Tensor)
+    return last
+
+
+@pytest.mark.parametrize("condition", ["direction", "discriminant"])
+def test_the_recipe_runs_as_the_gated_ablation_it_reports(
+    tiny_llama: ModelHandle,
+    setup: dict[str, Path],
+    condition: str,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    handle = tiny_llama
+    assert _gate(setup, "--condition", condition, "--target-fpr", "0.2") == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    kept, candidates = report["kept"], report["candidates"]
+    assert [c["hook"] for c in candidates] == list(HOOKS)
+
+    def separation(c: dict) -> tuple[float, float]:
+        v = c["validation"]
+        return (v["true_positive_rate"] - v["false_positive_rate"], -v["false_positive_rate"])
+
+    assert separation(kept) == max(separation(c) for c in candidates)
+    # the validation figures are what the projections onto the condition give
+    recipe = load_edit_recipe(report["recipe"])
+    gate = recipe.edits[0].gate
+    assert gate is not None and gate.hook == kept["hook"] and gate.threshold == kept["threshold"]
+    assert gate.scope is GateScope.PROMPT
+    vector = load_vector(gate.direction).vector
+    point = handle.resolver.parse(gate.hook)
+    unit = Condition(gate.hook, vector, 0.0).unit(point, handle.d_model)
+    splits = gate_splits(load_direction_recipe(setup["recipe"]))
+    for side, key in (("positive", "true_positive_rate"), ("negative", "false_positive_rate")):
+        prompts = list(splits[side].validation)
+        projections = _last_token(handle, prompts, gate.hook) @ unit
+        assert kept["validation"][key] == float((projections > gate.threshold).float().mean())
+    # the recipe lowers to its ungated ablation wrapped in that gate by hand: same logits, and
+    # the gate fires on some prompts and not on others
+    edit = recipe.edits[0]
+    assert isinstance(edit, AblateEdit) and edit.weight == 1.0
+    ungated = replace(recipe, edits=(replace(edit, gate=None),)).lowered(handle.num_layers)
+    condition_ = Condition(gate.hook, vector, gate.threshold)
+    by_hand = [Gated(condition_, inner, GateScope.PROMPT) for inner in ungated]
+    prompts = HARMFUL[:4] + HARMLESS[:4]
+    ids = [encode_chat(handle, prompt) for prompt in prompts]
+    replies = {
+        name: [reply for reply, _text in generate(handle, ids, edits, max_new_tokens=6)]
+        for name, edits in (
+            ("recipe", recipe.lowered(handle.num_layers)),
+            ("by hand", by_hand),
+            ("always", ungated),
+            ("none", []),
+        )
+    }
+    assert replies["recipe"] == replies["by hand"]
+    assert replies["always"] != replies["none"]
+    fired = (_last_token(handle, prompts, gate.hook) @ unit > gate.threshold).tolist()
+    assert 0 < sum(fired) < len(fired)
+    expected = [replies["always" if fire else "none"][row] for row, fire in enumerate(fired)]
+    assert replies["recipe"] == expected
+    assert (setup["out"] / "condition").exists() == (condition != "direction")
+
+
+def test_bad_input_is_a_clear_error_and_writes_nothing(
+    tiny_llama: ModelHandle, setup: dict[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert _gate(setup, "--hooks", "blocks.99.hook_resid_pre") == 1
+    assert "hooks[0]" in capsys.readouterr().err
+    assert _gate(setup, "--target-fpr", "1.5") == 1
+    assert "target_fpr" in capsys.readouterr().err
+    assert not setup["out"].exists()
+    setup["out"].write_text("a file")
+    assert _gate(setup) == 1
+    assert "is a file" in capsys.readouterr().err
+    recipe = load_direction_recipe(setup["recipe"])
+    vector = load_vector(setup["direction"]).vector
+    with pytest.raises(InvalidArgumentError) as raised:
+        choose_gate(tiny_llama, vector, recipe, hooks=HOOKS, condition="vibes")
+    assert raised.value.field == "condition"
