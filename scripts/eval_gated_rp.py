@@ -4,14 +4,14 @@ Sections "gated-rp" and, with --triggers, "gated-rp-triggers".
 
 Plays the project's RP scenarios that carry none of the --skip-tags (chosen by tag before any
 run: no crime, villain, horror or dark-comedy scene; with --triggers only the scenes that carry
-one) three times with the same seeds: unedited, the direction ablated always on, and the gated
-recipe written by scripts/eval_gated.py. For each it reports the RP metrics of ``steer eval rp``
+one) three times with the same seeds: unedited, always on (the gated recipe's edits without
+their gate, or --direction ablated at each layer's residual), and the gated recipe written by
+scripts/eval_gated.py. For each it reports the RP metrics of ``steer eval rp``
 with 95% bootstrap intervals over scenarios, and how many replies differ from the unedited ones
 (a gate that does not fire changes nothing, so an unchanged reply is one the gate left alone or
 one the edit did not move).
 
-    python scripts/eval_gated_rp.py --direction out/gated-moralizing/direction \
-        --gated out/gated-moralizing/gated.toml
+    python scripts/eval_gated_rp.py --gated out/gated-moralizing/gated.toml
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ from steer.artifacts import load_vector
 from steer.cli.eval_refusal import recipe_interventions
 from steer.directions.api import interventions_for
 from steer.models import load_model
+from steer.recipes import load_edit_recipe
 from steer.rp.evaluate import SLOP_PHRASES, EvalSettings, load_scenarios, play
 from steer.rp.metrics import Transcript, load_phrases, rp_metrics
 from steer.rp.presets import load_preset
@@ -55,7 +56,11 @@ METRICS = (
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="qwen2.5-coder-0.5b-instruct")
-    parser.add_argument("--direction", required=True, help="the moralizing direction artifact")
+    parser.add_argument(
+        "--direction",
+        help="always on: this direction ablated at each layer's residual (default: the gated "
+        "recipe's edits without their gate)",
+    )
     parser.add_argument("--gated", required=True, help="the gated recipe (eval_gated.py)")
     parser.add_argument("--skip-tags", default="crime,villain,horror,dark comedy")
     parser.add_argument(
@@ -87,6 +92,16 @@ def _interval(
     return {name: (sorted(v)[low], sorted(v)[high]) for name, v in values.items()}
 
 
+def _always_on(args: argparse.Namespace, handle: Any) -> tuple[Any, ...]:
+    if args.direction:
+        return tuple(interventions_for(load_vector(args.direction, handle=handle)))
+    recipe = load_edit_recipe(args.gated)
+    ungated = replace(recipe, edits=tuple(replace(edit, gate=None) for edit in recipe.edits))
+    return tuple(
+        ungated.lowered(handle.num_layers, load=lambda path: load_vector(path, handle=handle))
+    )
+
+
 def main() -> int:
     args = _parser().parse_args()
     command = command_line()
@@ -94,7 +109,6 @@ def main() -> int:
     skipped = {tag.strip() for tag in args.skip_tags.split(",") if tag.strip()}
     scenarios = [s for s in load_scenarios() if bool(skipped.intersection(s.tags)) == args.triggers]
     handle = load_model(args.model)
-    artifact = load_vector(args.direction, handle=handle)
     settings = EvalSettings(
         sampling=replace(load_preset(args.preset), seed=None),
         max_new_tokens=args.max_new_tokens,
@@ -102,7 +116,7 @@ def main() -> int:
     )
     edits: dict[str, tuple[Any, ...]] = {
         "unedited": (),
-        "always on": tuple(interventions_for(artifact)),
+        "always on": _always_on(args, handle),
         "gated": recipe_interventions(args.gated, handle),
     }
     phrases = load_phrases(SLOP_PHRASES)
