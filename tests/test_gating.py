@@ -1,5 +1,7 @@
-"""`steer directions gate` (steer.directions.gating) on a tiny random model: the written recipe
-runs as the Gated ablation built by hand, its figures are what the projections give, bad input."""
+"""`steer directions gate` on a tiny random model: its recipe runs as the gate it reports.
+
+The written recipe runs as the Gated ablation built by hand, its figures are what the
+projections give, and bad input is a clear error."""
 
 from __future__ import annotations
 

@@ -1,5 +1,7 @@
-"""``steer directions gate``: a gated ablation recipe from a direction, its gate calibrated on the
-recipe's train split and reported on validation (steer.directions.gating)."""
+"""``steer directions gate``: write a gated ablation recipe for a direction artifact.
+
+The gate is calibrated on the recipe's train split and reported on validation
+(steer.directions.gating)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,7 @@
-"""A gated ablation from a direction: its gate calibrated on the recipe's train split, reported on
-validation, written as an edit recipe (``steer directions gate``).
+"""A gated ablation recipe from a direction, its gate calibrated on train (steer directions gate).
+
+The gate is calibrated on the recipe's train split, reported on validation and written with the
+edit as an edit recipe.
 
 The gate is prompt scope (CAST): it reads the residual at the chat prompt's last token at one of
 the candidate hooks, projected onto a condition vector:
