@@ -49,6 +49,7 @@ from report import command_line, emit, machine, rate_evaluator, table, timed, wr
 
 from steer.artifacts import load_vector
 from steer.calibration import (
+    CONDITIONS,
     ContrastPrompts,
     GateCalibration,
     GateScores,
@@ -86,7 +87,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--conditions",
         type=lambda text: tuple(x.strip() for x in text.split(",") if x.strip()),
-        default=("direction", "contrast", "discriminant"),
+        default=CONDITIONS,
         help="what a gate reads: the edit's direction; a contrast condition vector (train fire "
         "minus quiet prompts' last-token means, CAST); a discriminant one (that difference "
         "whitened by the within-class covariance, Fisher's)",
@@ -238,16 +239,7 @@ def _conditions(
     reads = read_prompts(
         handle, hooks, train=train, validation=validation, batch_size=args.batch_size
     )
-    vectors = {
-        "direction": lambda: artifact.vector,
-        "contrast": lambda: reads.condition(),
-        "discriminant": lambda: reads.condition(discriminant=True),
-    }
-    conditions = {}
-    for name in args.conditions:
-        vector = vectors[name]()
-        conditions[name] = (vector, reads.scores(vector))
-    return conditions
+    return {name: reads.gate(name, artifact.vector) for name in args.conditions}
 
 
 def _gate(
@@ -301,8 +293,8 @@ def _gate(
 def main() -> int:
     parser = _parser()
     args = parser.parse_args()
-    if not args.conditions or set(args.conditions) - {"direction", "contrast", "discriminant"}:
-        parser.error(f"--conditions: direction, contrast, discriminant; got {args.conditions}")
+    if not args.conditions or set(args.conditions) - set(CONDITIONS):
+        parser.error(f"--conditions: some of {', '.join(CONDITIONS)}; got {args.conditions}")
     command = command_line()
     load_before = os.getloadavg()[0]
     seconds: dict[str, float] = {}

@@ -34,6 +34,7 @@ from steer.text import encode_chat
 from steer.vectors import SteeringVector
 
 __all__ = [
+    "CONDITIONS",
     "ContrastPrompts",
     "GateCalibration",
     "GateScores",
@@ -44,6 +45,13 @@ __all__ = [
     "gate_scores",
     "read_prompts",
 ]
+
+#: what a gate can read: the edit's own direction, CAST's contrast, Fisher's discriminant
+CONDITIONS = ("direction", "contrast", "discriminant")
+#: the shrinkages a discriminant condition chooses among, by cross-validation on train
+SHRINKAGES = (0.1, 0.3, 0.5, 0.7, 0.9, 0.95, 0.99)
+#: folds of that cross-validation
+FOLDS = 4
 
 
 @dataclass(frozen=True)
@@ -146,6 +154,44 @@ class PromptReads:
             scores.append(GateScores(point.name, below, store))
         return scores
 
+    def gate(
+        self, condition: str, direction: SteeringVector | torch.Tensor
+    ) -> tuple[SteeringVector | torch.Tensor, list[GateScores]]:
+        """A gate's condition vector of kind ``condition`` (one of :data:`CONDITIONS`) and its
+        :class:`GateScores` at each hook: ``direction`` itself; CAST's ``contrast``; or Fisher's
+        ``discriminant``, fitted on three quarters of the train prompts and calibrated on the
+        other quarter (projected onto a direction fitted on them, train prompts sit further from
+        the boundary than new ones, and a threshold chosen on them fires too often)."""
+        if condition == "direction":
+            return direction, self.scores(direction)
+        if condition == "contrast":
+            vector = self.condition()
+            return vector, self.scores(vector)
+        if condition == "discriminant":
+            fit, calibrate = self.split_train()
+            vector = fit.condition(discriminant=True)
+            return vector, calibrate.scores(vector)
+        raise InvalidArgumentError(
+            f"unknown condition {condition!r}; use one of {', '.join(CONDITIONS)}",
+            field="condition",
+        )
+
+    def split_train(self) -> tuple[PromptReads, PromptReads]:
+        """These reads with the train prompts split in two: every :data:`FOLDS`-th prompt of
+        each side in the second, the rest in the first (validation in both)."""
+        fit, held = dict(self.read), dict(self.read)
+        for key in ("train.fire", "train.quiet"):
+            by_hook = self.read[key]
+            count = len(next(iter(by_hook.values())))
+            if count < 2 * FOLDS:
+                raise InvalidArgumentError(
+                    f"needs at least {2 * FOLDS} train prompts on each side", field="train"
+                )
+            keep = torch.arange(count) % FOLDS != 0
+            fit[key] = {hook: rows[keep] for hook, rows in by_hook.items()}
+            held[key] = {hook: rows[~keep] for hook, rows in by_hook.items()}
+        return PromptReads(self.points, fit), PromptReads(self.points, held)
+
     def condition(self, *, discriminant: bool = False) -> SteeringVector:
         """A condition direction of its own from the train reads (CAST's condition vector): at
         each hook's layer, the ``train.fire`` mean minus the ``train.quiet`` mean; with
@@ -226,12 +272,6 @@ def contrast_condition(
     where the gate decides."""
     reads = read_prompts(handle, hooks, train=train, system=system, batch_size=batch_size)
     return reads.condition(discriminant=discriminant)
-
-
-#: the shrinkages a discriminant condition chooses among, by cross-validation on train
-SHRINKAGES = (0.1, 0.3, 0.5, 0.7, 0.9, 0.95, 0.99)
-#: folds of that cross-validation
-FOLDS = 4
 
 
 def _discriminant(

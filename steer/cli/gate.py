@@ -34,7 +34,6 @@ def add_parser(commands: Any, default_recipe: str) -> None:
     add(
         "--condition",
         default="direction",
-        choices=("direction", "contrast", "discriminant"),
         help="what the gate reads: the direction itself, CAST's contrast vector, or Fisher's "
         "discriminant",
     )
@@ -54,11 +53,17 @@ def _hooks(text: str) -> tuple[str, ...]:
 def run(args: argparse.Namespace, model_of: Any) -> int:
     """Calibrate, write the recipe, print the choice as JSON."""
     from steer.artifacts import load_vector
+    from steer.calibration import CONDITIONS
     from steer.directions.gating import choose_gate, gated_ablation_recipe
     from steer.directions.preflight import check_data, check_model_source
     from steer.directions.recipe import load_direction_recipe
     from steer.models import load_model
 
+    if args.condition not in CONDITIONS:
+        raise InvalidArgumentError(
+            f"unknown condition {args.condition!r}; use one of {', '.join(CONDITIONS)}",
+            field="condition",
+        )
     directory = Path(args.directory)
     model = args.model or model_of(load_vector(directory).metadata)
     recipe = load_direction_recipe(args.recipe)

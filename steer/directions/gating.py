@@ -10,7 +10,8 @@ the candidate hooks, projected onto a condition vector:
 * ``contrast`` -- the train mean it should fire on minus the one it should not (CAST's
   condition vector);
 * ``discriminant`` -- that difference whitened by the within-class covariance (Fisher's), which
-  discounts what varies among all prompts.
+  discounts what varies among all prompts; fitted on three quarters of the train prompts, its
+  threshold calibrated on the other quarter.
 
 At each hook the threshold is the lowest whose false-positive rate on the *train* prompts the gate
 should stay quiet on is at most ``target_fpr``; the hook kept is the one whose threshold separates
@@ -30,8 +31,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from steer.artifacts import save_vector
-from steer.calibration import ContrastPrompts, GateCalibration, read_prompts
+from steer.calibration import CONDITIONS, ContrastPrompts, GateCalibration, read_prompts
 from steer.directions import data as datasets
 from steer.directions.api import contrast_splits
 from steer.directions.data import RECIPES_DIR
@@ -50,8 +53,6 @@ __all__ = [
     "gate_splits",
     "gated_ablation_recipe",
 ]
-
-CONDITIONS = ("direction", "contrast", "discriminant")
 
 
 def gate_splits(recipe: DirectionRecipe) -> dict[str, datasets.Splits[str]]:
@@ -73,7 +74,7 @@ class GateChoice:
     """The kept gate (``calibration``, read along ``vector``) and every hook's candidate."""
 
     condition: str
-    vector: SteeringVector
+    vector: SteeringVector | torch.Tensor
     calibration: GateCalibration
     candidates: tuple[GateCalibration, ...]
 
@@ -97,11 +98,6 @@ def choose_gate(
 ) -> GateChoice:
     """Calibrate a prompt-scope gate at each of ``hooks`` on train; keep the hook that
     separates validation best (see the module docstring)."""
-    if condition not in CONDITIONS:
-        raise InvalidArgumentError(
-            f"unknown condition {condition!r}; use one of {', '.join(CONDITIONS)}",
-            field="condition",
-        )
     splits = gate_splits(recipe)
     positive, negative = splits["positive"], splits["negative"]
     reads = read_prompts(
@@ -112,11 +108,8 @@ def choose_gate(
         system=recipe.data.system or None,
         batch_size=batch_size,
     )
-    if condition == "direction":
-        vector = direction
-    else:
-        vector = reads.condition(discriminant=condition == "discriminant")
-    candidates = tuple(score.calibrate(target_fpr) for score in reads.scores(vector))
+    vector, scores = reads.gate(condition, direction)
+    candidates = tuple(score.calibrate(target_fpr) for score in scores)
     kept = max(candidates, key=_separation)
     return GateChoice(condition, vector, kept, candidates)
 
@@ -132,7 +125,7 @@ def _separation(calibration: GateCalibration) -> tuple[float, float]:
 def gated_ablation_recipe(
     out: Path,
     direction: Path,
-    condition: SteeringVector | Path,
+    condition: SteeringVector | torch.Tensor | Path,
     calibration: GateCalibration,
     *,
     weight: float = 1.0,
@@ -142,6 +135,8 @@ def gated_ablation_recipe(
     prompts the gate fires on. ``condition`` is the gate's artifact, or a vector saved to
     ``out/condition`` (with ``handle``). Returns the recipe's path."""
     out.mkdir(parents=True, exist_ok=True)
+    if isinstance(condition, torch.Tensor):
+        condition = SteeringVector.from_shared(condition)
     if isinstance(condition, SteeringVector):
         if handle is None:
             raise InvalidArgumentError("saving a condition vector needs the model", field="handle")
