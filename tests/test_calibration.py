@@ -379,3 +379,32 @@ def test_reads_give_the_scores_and_conditions_of_the_one_call_functions(
     with pytest.raises(InvalidArgumentError) as raised:
         contrast_condition(handle, hooks, tiny, discriminant=True)
     assert raised.value.field == "train"
+
+
+def test_each_condition_kind_gives_its_vector_and_scores(tiny_llama: ModelHandle) -> None:
+    reads = _synthetic_reads(tiny_llama, seed=5)
+    direction = _direction(tiny_llama)
+    vector, scores = reads.gate("direction", direction)
+    assert vector is direction and [s.read for s in scores] == [
+        s.read for s in reads.scores(direction)
+    ]
+    vector, scores = reads.gate("contrast", direction)
+    assert isinstance(vector, SteeringVector)
+    assert torch.equal(vector.at(1), reads.condition().at(1))
+    # the discriminant: fitted on three quarters of train, its threshold from the fourth
+    fit, held = reads.split_train()
+    hook = reads.points[0].name
+    assert len(fit.read["train.fire"][hook]) == 48 and len(held.read["train.fire"][hook]) == 16
+    assert torch.equal(held.read["train.quiet"][hook], reads.read["train.quiet"][hook][::4])
+    assert held.read["validation.fire"] is reads.read["validation.fire"]
+    vector, scores = reads.gate("discriminant", direction)
+    assert isinstance(vector, SteeringVector)
+    assert torch.equal(vector.at(1), fit.condition(discriminant=True).at(1))
+    assert len(scores[0].read["train.quiet"]) == 16
+    # calibrated on prompts it was not fitted on, its threshold holds on validation
+    calibration = scores[0].calibrate(0.0)
+    assert calibration.validation.false_positive_rate <= 0.1
+    assert calibration.validation.true_positive_rate >= 0.9
+    with pytest.raises(InvalidArgumentError) as raised:
+        reads.gate("vibes", direction)
+    assert raised.value.field == "condition"
