@@ -151,7 +151,7 @@ def gated_ablation_recipe(
     train, validation = calibration.train, calibration.validation
     description = (
         f"The direction ablated at every layer, only for prompts the gate fires on. Threshold "
-        f"from the train split (false-positive rate <= {calibration.target_fpr}: "
+        f"from train prompts (false-positive rate <= {calibration.target_fpr}: "
         f"{train.false_positive_rate:.3f} of {train.quiet_count}, fires on "
         f"{train.true_positive_rate:.3f} of {train.fire_count}); validation: fires on "
         f"{validation.true_positive_rate:.3f} of {validation.fire_count} prompts it should "
