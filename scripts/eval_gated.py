@@ -68,6 +68,7 @@ from steer.directions.gating import ablation_recipe, gate_splits, gated_ablation
 from steer.directions.recipe import RecipeKind, load_direction_recipe
 from steer.models import load_model
 from steer.recipes import EditRecipe, load_edit_recipe
+from steer.rp.metrics import ngrams, repeated_share, words
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -209,8 +210,17 @@ def _row(name: str, report: RateReport, n_kl: int) -> dict[str, Any]:
         row[f"rate @{entry.tokens}"] = f"{entry.rate:.3f} [{entry.low:.3f}, {entry.high:.3f}]"
     row["first-token KL"] = report.kl_first_token
     row["multi-token KL"] = report.kl_multi_token
+    row["repetition in reply"] = _repetition(report)
     row["n"] = f"{report.n} / {n_kl}"
     return row
+
+
+def _repetition(report: RateReport) -> float:
+    """Mean share of a reply's word 3-grams that occurred earlier in it (``steer eval rp``'s
+    repetition_in_reply) over the positive prompts' replies: where an edit breaks the model
+    rather than moves it, the rate can drop while the replies loop."""
+    shares = [repeated_share(ngrams(words(e["response"]), 3)) for e in report.examples]
+    return sum(shares) / max(len(shares), 1)
 
 
 def _evaluator(
@@ -282,6 +292,7 @@ def _gate(
                 "validation rate": _rate(report),
                 "validation first-token KL": report.kl_first_token,
                 "validation multi-token KL": report.kl_multi_token,
+                "validation repetition in reply": _repetition(report),
             }
             for weight, report in always.items()
         ],
@@ -369,7 +380,7 @@ def _write_docs(
     command: str,
 ) -> None:
     lengths = [f"rate @{n}" for n in args.lengths]
-    columns = ["edit", *lengths, "first-token KL", "multi-token KL", "n"]
+    columns = ["edit", *lengths, "first-token KL", "multi-token KL", "repetition in reply", "n"]
     kind = record["kind"]
     v = record["validation"]
     reached = any(row["validation rate"] <= v["max rate"] + 1e-12 for row in calibration_rows)
@@ -392,8 +403,10 @@ Model `{args.model}`, direction `{record["direction"]}`. Every choice on train /
 test split measured once, after them: {rated}, with
 the phrase matcher over each greedy reply's first N tokens (Wilson 95% intervals); first-token
 and multi-token KL (over the base model's first {args.kl_tokens} greedy tokens) on the held-out
-harmless test split. The direction is ablated at every layer (weight chosen with the gate on
-validation from --weights), always on or behind a prompt-scope gate.
+harmless test split; repetition in reply: the mean share of a reply's word 3-grams that occurred
+earlier in it, over the replies the rate is read from (an edit that breaks the model rather than
+moves it lowers the rate and raises this). The direction is ablated at every layer (weight
+chosen with the gate on validation from --weights), always on or behind a prompt-scope gate.
 
 Gate choice (no test prompt read). Candidate thresholds come from train: for each target in
 {", ".join(str(x) for x in args.fpr_grid)}, the lowest with that train false-positive rate at
