@@ -55,7 +55,7 @@ from steer.calibration import (
     GateScores,
     read_prompts,
 )
-from steer.cli.eval_refusal import _lengths
+from steer.cli.eval_refusal import _lengths, recipe_interventions
 from steer.directions.api import compute
 from steer.directions.data import RECIPES_DIR
 from steer.directions.evaluate import (
@@ -67,7 +67,6 @@ from steer.directions.evaluate import (
 from steer.directions.gating import ablation_recipe, gate_splits, gated_ablation_recipe
 from steer.directions.recipe import RecipeKind, load_direction_recipe
 from steer.models import load_model
-from steer.recipes import EditRecipe, load_edit_recipe
 from steer.rp.metrics import ngrams, repeated_share, words
 
 
@@ -198,12 +197,6 @@ def _choose_gate(
     return best, rows
 
 
-def _lowered(handle: Any, recipe: EditRecipe) -> tuple[Any, ...]:
-    return tuple(
-        recipe.lowered(handle.num_layers, load=lambda path: load_vector(path, handle=handle))
-    )
-
-
 def _row(name: str, report: RateReport, n_kl: int) -> dict[str, Any]:
     row: dict[str, Any] = {"edit": name}
     for entry in report.by_length:
@@ -277,7 +270,9 @@ def _gate(
         weight: timed(
             seconds,
             f"validation_always_on_{weight:g}",
-            lambda weight=weight: evaluate(_lowered(handle, ablation_recipe(directory, weight))),
+            lambda weight=weight: evaluate(
+                recipe_interventions(ablation_recipe(directory, weight), handle)
+            ),
         )
         for weight in args.weights
     }
@@ -338,8 +333,8 @@ def main() -> int:
         out, directory, condition, calibration, weight=best.weight, handle=handle
     )
     # what the recipes hold, lowered as a server or `steer eval --edits` lowers them
-    always = _lowered(handle, ablation_recipe(directory, best.weight))
-    gated = _lowered(handle, load_edit_recipe(gated_path))
+    always = recipe_interventions(ablation_recipe(directory, best.weight), handle)
+    gated = recipe_interventions(gated_path, handle)
 
     # the test split, once
     harmful = list(splits["positive"].test)

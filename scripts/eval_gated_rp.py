@@ -95,11 +95,7 @@ def _interval(
 def _always_on(args: argparse.Namespace, handle: Any) -> tuple[Any, ...]:
     if args.direction:
         return tuple(interventions_for(load_vector(args.direction, handle=handle)))
-    recipe = load_edit_recipe(args.gated)
-    ungated = replace(recipe, edits=tuple(replace(edit, gate=None) for edit in recipe.edits))
-    return tuple(
-        ungated.lowered(handle.num_layers, load=lambda path: load_vector(path, handle=handle))
-    )
+    return recipe_interventions(load_edit_recipe(args.gated).ungated(), handle)
 
 
 def main() -> int:

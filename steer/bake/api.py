@@ -95,8 +95,7 @@ def without_gates(recipe: EditRecipe, options: BakeOptions) -> tuple[EditRecipe,
             f"{str(gate.below).lower()}, scope {gate.scope.value}) was dropped; the baked edit "
             "acts everywhere"
         )
-    edits = tuple(replace(edit, gate=None) for edit in recipe.edits)
-    return replace(recipe, edits=edits), replace(options, notes=notes)
+    return recipe.ungated(), replace(options, notes=notes)
 
 
 def bake_control_vector(

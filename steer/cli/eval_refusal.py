@@ -187,13 +187,16 @@ def _interventions(args: argparse.Namespace, handle: Any) -> tuple[Any, ...]:
     return interventions
 
 
-def recipe_interventions(path: str, handle: Any) -> tuple[Any, ...]:
-    """The run-time form of an edit recipe, its artifacts checked against ``handle``."""
+def recipe_interventions(recipe: Any, handle: Any) -> tuple[Any, ...]:
+    """The run-time form of an edit recipe (an :class:`~steer.recipes.EditRecipe` or its
+    path), its artifacts checked against ``handle``."""
     from steer.artifacts import load_vector
-    from steer.recipes import load_edit_recipe
+    from steer.recipes import EditRecipe, load_edit_recipe
 
+    if not isinstance(recipe, EditRecipe):
+        recipe = load_edit_recipe(recipe)
     return tuple(
-        load_edit_recipe(path).lowered(
+        recipe.lowered(
             handle.num_layers, load=lambda artifact: load_vector(artifact, handle=handle)
         )
     )

@@ -27,7 +27,7 @@ harmless instructions of ``recipes/refusal.toml``, each split as every step spli
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -81,8 +81,8 @@ class GateChoice:
     def as_dict(self) -> dict[str, Any]:
         return {
             "condition": self.condition,
-            "kept": _calibration_dict(self.calibration),
-            "candidates": [_calibration_dict(c) for c in self.candidates],
+            "kept": asdict(self.calibration),
+            "candidates": [asdict(c) for c in self.candidates],
         }
 
 
@@ -172,14 +172,3 @@ def ablation_recipe(
     edit = AblateEdit(direction=str(direction.resolve()), weight=weight, gate=gate)
     name = "ablation" if gate is None else "gated-ablation"
     return EditRecipe(edits=(edit,), name=name, description=description)
-
-
-def _calibration_dict(calibration: GateCalibration) -> dict[str, Any]:
-    return {
-        "hook": calibration.hook,
-        "threshold": calibration.threshold,
-        "below": calibration.below,
-        "target_fpr": calibration.target_fpr,
-        "train": vars(calibration.train),
-        "validation": vars(calibration.validation),
-    }

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from pathlib import Path
 
@@ -147,6 +147,10 @@ class EditRecipe:
             if edit.gate is not None:
                 paths.append(self.resolve(edit.gate.direction))
         return paths
+
+    def ungated(self) -> EditRecipe:
+        """This recipe with every edit's gate dropped: each edit acts everywhere."""
+        return replace(self, edits=tuple(replace(edit, gate=None) for edit in self.edits))
 
     def resolve(self, path: str) -> Path:
         candidate = Path(path).expanduser()
