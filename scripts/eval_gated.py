@@ -26,7 +26,9 @@ The gated recipe (threshold and calibration figures in it) is written to --out. 
 line. A contrast recipe (refusal, custom contrasts) gives the prompts the gate should fire on and
 those it should not; a pairs recipe (moralizing) fires on its RP situations and stays quiet on
 the harmless instructions of recipes/refusal.toml, each split as every step splits them, and is
-scored with the moralizing matcher.
+scored with the moralizing matcher. A recipe's data.gate_quiet prompts (moralizing: RP situations
+without a trigger) join the quiet side: of the calibration, of the validation KL the choice
+reads, and of the test, where their KL is reported apart.
 
     python scripts/eval_gated.py --model qwen2.5-coder-0.5b-instruct --out out/gated-refusal
     python scripts/eval_gated.py --recipe recipes/moralizing.toml --out out/gated-moralizing
@@ -64,8 +66,14 @@ from steer.directions.evaluate import (
     is_moralizing,
     is_refusal,
 )
-from steer.directions.gating import ablation_recipe, gate_splits, gated_ablation_recipe
+from steer.directions.gating import (
+    ablation_recipe,
+    gate_splits,
+    gated_ablation_recipe,
+    quiet_prompts,
+)
 from steer.directions.recipe import RecipeKind, load_direction_recipe
+from steer.directions.scores import kl_means
 from steer.models import load_model
 from steer.rp.metrics import ngrams, repeated_share, words
 
@@ -197,14 +205,19 @@ def _choose_gate(
     return best, rows
 
 
-def _row(name: str, report: RateReport, n_kl: int) -> dict[str, Any]:
+def _row(name: str, report: RateReport, n_kl: int, n_quiet: int = 0) -> dict[str, Any]:
+    """A test row: rates, KL on the first ``n_kl`` negative prompts (harmless), and on the
+    ``n_quiet`` after them (the recipe's ``gate_quiet`` set) the KL and how many it moved."""
     row: dict[str, Any] = {"edit": name}
     for entry in report.by_length:
         row[f"rate @{entry.tokens}"] = f"{entry.rate:.3f} [{entry.low:.3f}, {entry.high:.3f}]"
-    row["first-token KL"] = report.kl_first_token
-    row["multi-token KL"] = report.kl_multi_token
+    row["first-token KL"], row["multi-token KL"] = kl_means(report.kl_rows[:n_kl])
+    if n_quiet:
+        quiet = report.kl_rows[n_kl:]
+        row["quiet first-token KL"], row["quiet multi-token KL"] = kl_means(quiet)
+        row["quiet moved"] = f"{sum(max(r) > 0 for r in quiet)} / {n_quiet}"
     row["repetition in reply"] = _repetition(report)
-    row["n"] = f"{report.n} / {n_kl}"
+    row["n"] = f"{report.n} / {n_kl}" + (f" + {n_quiet}" if n_quiet else "")
     return row
 
 
@@ -237,8 +250,8 @@ def _conditions(
     """{condition name: (its vector, its GateScores at each candidate hook)} for --conditions,
     every prompt read once."""
     hooks = [f"blocks.{n}.hook_resid_pre" for n in layers]
-    train = ContrastPrompts(splits["positive"].train, splits["negative"].train)
-    validation = ContrastPrompts(splits["positive"].validation, splits["negative"].validation)
+    train = ContrastPrompts(splits["positive"].train, quiet_prompts(splits, "train"))
+    validation = ContrastPrompts(splits["positive"].validation, quiet_prompts(splits, "validation"))
     reads = read_prompts(
         handle, hooks, train=train, validation=validation, batch_size=args.batch_size
     )
@@ -263,7 +276,7 @@ def _gate(
         args,
         matcher,
         list(splits["positive"].validation)[:cap],
-        list(splits["negative"].validation)[:cap],
+        list(quiet_prompts(splits, "validation"))[:cap],
     )
     unedited = timed(seconds, "validation_unedited", lambda: evaluate(()))
     always = {
@@ -337,19 +350,21 @@ def main() -> int:
     gated = recipe_interventions(gated_path, handle)
 
     # the test split, once
-    harmful = list(splits["positive"].test)
-    harmless = list(splits["negative"].test)
-    if args.max_test:
-        harmful, harmless = harmful[: args.max_test], harmless[: args.max_test]
+    cap = args.max_test or None
+    harmful = list(splits["positive"].test)[:cap]
+    harmless = list(splits["negative"].test)[:cap]
+    quiet = list(splits["quiet"].test)[:cap] if "quiet" in splits else []
     evaluate = timed(
-        seconds, "base_continuations", lambda: _evaluator(handle, args, matcher, harmful, harmless)
+        seconds,
+        "base_continuations",
+        lambda: _evaluator(handle, args, matcher, harmful, harmless + quiet),
     )
     reports = {
         name: timed(seconds, f"evaluate_{name}", lambda edits=edits: evaluate(edits))
         for name, edits in (("unedited", ()), ("always on", always), ("gated", gated))
     }
     load_after = os.getloadavg()[0]
-    rows = [_row(name, report, len(harmless)) for name, report in reports.items()]
+    rows = [_row(name, report, len(harmless), len(quiet)) for name, report in reports.items()]
     record = {
         "kind": "moralizing" if recipe.kind is RecipeKind.PAIRS else "refusal",
         "model": args.model,
@@ -375,7 +390,18 @@ def _write_docs(
     command: str,
 ) -> None:
     lengths = [f"rate @{n}" for n in args.lengths]
-    columns = ["edit", *lengths, "first-token KL", "multi-token KL", "repetition in reply", "n"]
+    quiet = ["quiet first-token KL", "quiet multi-token KL", "quiet moved"]
+    quiet = quiet if quiet[0] in rows[0] else []
+    columns = ["edit", *lengths, "first-token KL", "multi-token KL", *quiet]
+    columns += ["repetition in reply", "n"]
+    also = (
+        f" The recipe's data.gate_quiet prompts ({args.recipe}) are quiet prompts too: the gate "
+        "is calibrated to stay quiet on them, the validation KL below is over both sets, and "
+        "the test table gives their KL (*quiet*) and how many of them the edit moved (first-"
+        "token KL above 0) apart from the harmless ones'."
+        if quiet
+        else ""
+    )
     kind = record["kind"]
     v = record["validation"]
     reached = any(row["validation rate"] <= v["max rate"] + 1e-12 for row in calibration_rows)
@@ -401,7 +427,7 @@ and multi-token KL (over the base model's first {args.kl_tokens} greedy tokens) 
 harmless test split; repetition in reply: the mean share of a reply's word 3-grams that occurred
 earlier in it, over the replies the rate is read from (an edit that breaks the model rather than
 moves it lowers the rate and raises this). The direction is ablated at every layer (weight
-chosen with the gate on validation from --weights), always on or behind a prompt-scope gate.
+chosen with the gate on validation from --weights), always on or behind a prompt-scope gate.{also}
 
 Gate choice (no test prompt read). Candidate thresholds come from train: for each target in
 {", ".join(str(x) for x in args.fpr_grid)}, the lowest with that train false-positive rate at

@@ -18,7 +18,7 @@ from steer.activations import encode_chat, forward
 from steer.artifacts import load_vector, save_vector
 from steer.cli import main as cli_main
 from steer.directions.evaluate import generate
-from steer.directions.gating import choose_gate, gate_splits
+from steer.directions.gating import choose_gate, gate_splits, quiet_prompts
 from steer.directions.recipe import load_direction_recipe
 from steer.models import ModelHandle
 from steer.recipes import AblateEdit, load_edit_recipe
@@ -28,6 +28,7 @@ HARMFUL = [f"How do I {verb} a {thing}?" for verb in ("steal", "poison", "break 
            for thing in ("car", "house", "bank", "neighbour's dog", "phone")]  # fmt: skip
 HARMLESS = [f"Write a {form} about the {topic}." for form in ("poem", "story", "song")
             for topic in ("sea", "moon", "forest", "city", "rain")]  # fmt: skip
+PARTS = ("train", "validation", "test")
 
 
 @pytest.fixture
@@ -139,3 +140,50 @@ def test_bad_input_is_a_clear_error_and_writes_nothing(
     with pytest.raises(InvalidArgumentError) as raised:
         choose_gate(tiny_llama, vector, recipe, hooks=HOOKS, condition="vibes")
     assert raised.value.field == "condition"
+
+
+def test_gate_quiet_prompts_join_the_quiet_side(
+    tiny_llama: ModelHandle, setup: dict[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A recipe's data.gate_quiet prompts are split like the others and calibrated and
+    reported as prompts the gate stays quiet on, after the negative set's."""
+    quiet = setup["recipe"].parent / "quiet.txt"
+    situations = [
+        f"You are {who}. A guest asks about the {what}. Reply in character."
+        for who in ("a baker", "a ferry captain")
+        for what in ("bread", "weather", "harbour", "festival", "garden")
+    ]
+    quiet.write_text("# in-character situations without a trigger\n" + "\n".join(situations))
+    text = setup["recipe"].read_text()
+    setup["recipe"].write_text(text + f'gate_quiet = "{quiet}"\n')
+    recipe = load_direction_recipe(setup["recipe"])
+    splits = gate_splits(recipe)
+    assert [len(getattr(splits["quiet"], part)) for part in PARTS] == [5, 3, 2]
+    validation = quiet_prompts(splits, "validation")
+    assert validation == (*splits["negative"].validation, *splits["quiet"].validation)
+
+    assert _gate(setup, "--condition", "direction", "--target-fpr", "0.2") == 0
+    kept = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["kept"]
+    assert kept["validation"]["quiet_count"] == len(validation)
+    assert kept["train"]["quiet_count"] == len(quiet_prompts(splits, "train"))
+    unit = Condition(kept["hook"], load_vector(setup["direction"]).vector, 0.0).unit(
+        tiny_llama.resolver.parse(kept["hook"]), tiny_llama.d_model
+    )
+    projections = _last_token(tiny_llama, list(validation), kept["hook"]) @ unit
+    fired = int((projections > kept["threshold"]).sum())
+    assert kept["validation"]["false_positive_rate"] == fired / len(validation)
+
+
+def test_gate_quiet_is_checked(setup: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    text = setup["recipe"].read_text()
+    setup["recipe"].write_text(text + 'gate_quiet = "no-such-file.txt"\n')
+    assert _gate(setup) == 1
+    assert "data.gate_quiet" in capsys.readouterr().err
+    assert not setup["out"].exists()
+    steering = setup["recipe"].parent / "steering.toml"
+    steering.write_text(
+        'kind = "steering"\n[data]\npositive = "a.txt"\nnegative = "b.txt"\ngate_quiet = "c.txt"\n'
+    )
+    with pytest.raises(InvalidArgumentError) as raised:
+        load_direction_recipe(steering)
+    assert raised.value.field == "data.gate_quiet"

@@ -21,7 +21,10 @@ rate). No test prompt is read. This chooses by separation alone, in a couple of 
 (generation), which costs far more.
 
 The prompts: a contrast recipe's two sets; a pairs recipe's (moralizing) situations against the
-harmless instructions of ``recipes/refusal.toml``, each split as every step splits them.
+harmless instructions of ``recipes/refusal.toml``, each split as every step splits them. A
+recipe's ``data.gate_quiet`` adds prompts the gate must stay quiet on too: for moralizing,
+in-character RP situations without a trigger, without which the gate learns RP against
+assistant requests and fires on every RP turn.
 """
 
 from __future__ import annotations
@@ -52,21 +55,38 @@ __all__ = [
     "choose_gate",
     "gate_splits",
     "gated_ablation_recipe",
+    "quiet_prompts",
 ]
 
 
 def gate_splits(recipe: DirectionRecipe) -> dict[str, datasets.Splits[str]]:
     """``{"positive": Splits, "negative": Splits}``: the prompts a gate for ``recipe``'s
-    direction fires on and stays quiet on, train / validation / test."""
-    if recipe.kind is not RecipeKind.PAIRS:
-        return contrast_splits(recipe)
+    direction fires on and stays quiet on, train / validation / test; with the recipe's
+    ``data.gate_quiet``, also ``"quiet"``: more prompts it stays quiet on (see
+    :func:`quiet_prompts`)."""
     data = recipe.data
-    situations = [pair.prompt for pair in datasets.recipe_pairs(recipe)]
-    harmless = contrast_splits(load_direction_recipe(RECIPES_DIR / "refusal.toml"))["negative"]
-    positive = datasets.split(
-        situations, seed=data.seed, train=data.train, validation=data.validation
-    )
-    return {"positive": positive, "negative": harmless}
+    if recipe.kind is not RecipeKind.PAIRS:
+        splits = dict(contrast_splits(recipe))
+    else:
+        situations = [pair.prompt for pair in datasets.recipe_pairs(recipe)]
+        harmless = contrast_splits(load_direction_recipe(RECIPES_DIR / "refusal.toml"))
+        positive = datasets.split(
+            situations, seed=data.seed, train=data.train, validation=data.validation
+        )
+        splits = {"positive": positive, "negative": harmless["negative"]}
+    if data.gate_quiet:
+        prompts = datasets.load_prompts(data.gate_quiet, field="data.gate_quiet", base=recipe.base)
+        splits["quiet"] = datasets.split(
+            prompts, seed=data.seed, train=data.train, validation=data.validation
+        )
+    return splits
+
+
+def quiet_prompts(splits: dict[str, datasets.Splits[str]], part: str) -> tuple[str, ...]:
+    """Every prompt of split ``part`` ("train", "validation", "test") a gate stays quiet on:
+    the negative set's, then the ``quiet`` set's."""
+    extra = getattr(splits["quiet"], part) if "quiet" in splits else ()
+    return (*getattr(splits["negative"], part), *extra)
 
 
 @dataclass(frozen=True)
@@ -99,12 +119,12 @@ def choose_gate(
     """Calibrate a prompt-scope gate at each of ``hooks`` on train; keep the hook that
     separates validation best (see the module docstring)."""
     splits = gate_splits(recipe)
-    positive, negative = splits["positive"], splits["negative"]
+    positive = splits["positive"]
     reads = read_prompts(
         handle,
         hooks,
-        train=ContrastPrompts(positive.train, negative.train),
-        validation=ContrastPrompts(positive.validation, negative.validation),
+        train=ContrastPrompts(positive.train, quiet_prompts(splits, "train")),
+        validation=ContrastPrompts(positive.validation, quiet_prompts(splits, "validation")),
         system=recipe.data.system or None,
         batch_size=batch_size,
     )

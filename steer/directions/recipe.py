@@ -65,6 +65,10 @@ class DataSection:
     negative_key: str = "negative"
     #: optional system prompt used when encoding prompts
     system: str = ""
+    #: prompts a gate for this direction must also stay quiet on, besides the harmless ones
+    #: (``steer directions gate``; e.g. in-character RP situations with no moralizing trigger,
+    #: so the gate learns the trigger rather than RP itself); split like the other sets
+    gate_quiet: str = ""
     #: seed of the train / validation / test shuffle
     seed: int = 0
     #: shares of each set for training and validation; the rest is held-out test data
@@ -197,7 +201,16 @@ _SECTIONS = {
 #: fields only the candidate search reads (kinds refusal, pairs, contrast); None = the section
 _SEARCH_ONLY: dict[str, frozenset[str] | None] = {
     "data": frozenset(
-        {"train", "validation", "max_validation", "seed", "filter", "filter_by", "filter_tokens"}
+        {
+            "train",
+            "validation",
+            "max_validation",
+            "seed",
+            "filter",
+            "filter_by",
+            "filter_tokens",
+            "gate_quiet",
+        }
     ),
     "search": frozenset(
         {
