@@ -83,6 +83,13 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--model", default="qwen2.5-coder-0.5b-instruct")
     parser.add_argument("--recipe", default=str(RECIPES_DIR / "refusal.toml"))
     parser.add_argument("--direction", help="use this artifact instead of computing one")
+    parser.add_argument(
+        "--also",
+        type=lambda text: tuple(Path(x.strip()) for x in text.split(",") if x.strip()),
+        default=(),
+        help="more direction artifacts ablated with the direction, at the same weight and "
+        "behind the same gate (comma-separated; the gate reads the direction's condition)",
+    )
     parser.add_argument("--out", default="out/gated-refusal")
     parser.add_argument("--lengths", type=_lengths, default=(16, 64))
     parser.add_argument("--kl-tokens", type=int, default=32)
@@ -284,7 +291,7 @@ def _gate(
             seconds,
             f"validation_always_on_{weight:g}",
             lambda weight=weight: evaluate(
-                recipe_interventions(ablation_recipe(directory, weight), handle)
+                recipe_interventions(ablation_recipe([directory, *args.also], weight), handle)
             ),
         )
         for weight in args.weights
@@ -343,10 +350,10 @@ def main() -> int:
     calibration = best.calibration
     condition = directory if best.condition == "direction" else best.vector
     gated_path = gated_ablation_recipe(
-        out, directory, condition, calibration, weight=best.weight, handle=handle
+        out, [directory, *args.also], condition, calibration, weight=best.weight, handle=handle
     )
     # what the recipes hold, lowered as a server or `steer eval --edits` lowers them
-    always = recipe_interventions(ablation_recipe(directory, best.weight), handle)
+    always = recipe_interventions(ablation_recipe([directory, *args.also], best.weight), handle)
     gated = recipe_interventions(gated_path, handle)
 
     # the test split, once
@@ -369,6 +376,7 @@ def main() -> int:
         "kind": "moralizing" if recipe.kind is RecipeKind.PAIRS else "refusal",
         "model": args.model,
         "direction": str(directory),
+        "also": [str(path) for path in args.also],
         "validation": reference,
         "gate": calibration_rows,
         "test": rows,
@@ -394,7 +402,11 @@ def _write_docs(
     quiet = quiet if quiet[0] in rows[0] else []
     columns = ["edit", *lengths, "first-token KL", "multi-token KL", *quiet]
     columns += ["repetition in reply", "n"]
+    ablated = ", ".join(f"`{path}`" for path in record["also"])
     also = (
+        f" (ablated with {ablated}, at the same weight and behind the same gate)" if ablated else ""
+    )
+    quiet_text = (
         f" The recipe's data.gate_quiet prompts ({args.recipe}) are quiet prompts too: the gate "
         "is calibrated to stay quiet on them, the validation KL below is over both sets, and "
         "the test table gives their KL (*quiet*) and how many of them the edit moved (first-"
@@ -420,14 +432,15 @@ def _write_docs(
     )
     markdown = f"""## Gated {kind} ablation (`scripts/eval_gated.py`)
 
-Model `{args.model}`, direction `{record["direction"]}`. Every choice on train / validation; the
-test split measured once, after them: {rated}, with
+Model `{args.model}`, direction `{record["direction"]}`{also}. Every choice on train /
+validation; the test split measured once, after them: {rated}, with
 the phrase matcher over each greedy reply's first N tokens (Wilson 95% intervals); first-token
 and multi-token KL (over the base model's first {args.kl_tokens} greedy tokens) on the held-out
 harmless test split; repetition in reply: the mean share of a reply's word 3-grams that occurred
 earlier in it, over the replies the rate is read from (an edit that breaks the model rather than
 moves it lowers the rate and raises this). The direction is ablated at every layer (weight
-chosen with the gate on validation from --weights), always on or behind a prompt-scope gate.{also}
+chosen with the gate on validation from --weights), always on or behind a prompt-scope
+gate.{quiet_text}
 
 Gate choice (no test prompt read). Candidate thresholds come from train: for each target in
 {", ".join(str(x) for x in args.fpr_grid)}, the lowest with that train false-positive rate at

@@ -18,10 +18,10 @@ from steer.activations import encode_chat, forward
 from steer.artifacts import load_vector, save_vector
 from steer.cli import main as cli_main
 from steer.directions.evaluate import generate
-from steer.directions.gating import choose_gate, gate_splits, quiet_prompts
+from steer.directions.gating import ablation_recipe, choose_gate, gate_splits, quiet_prompts
 from steer.directions.recipe import load_direction_recipe
 from steer.models import ModelHandle
-from steer.recipes import AblateEdit, load_edit_recipe
+from steer.recipes import AblateEdit, EditGate, load_edit_recipe
 
 HOOKS = ("blocks.1.hook_resid_pre", "blocks.2.hook_resid_pre")
 HARMFUL = [f"How do I {verb} a {thing}?" for verb in ("steal", "poison", "break into")
@@ -187,3 +187,33 @@ def test_gate_quiet_is_checked(setup: dict[str, Path], capsys: pytest.CaptureFix
     with pytest.raises(InvalidArgumentError) as raised:
         load_direction_recipe(steering)
     assert raised.value.field == "data.gate_quiet"
+
+
+def test_several_directions_share_the_weight_and_the_gate(
+    tiny_llama: ModelHandle, setup: dict[str, Path]
+) -> None:
+    other = save_vector(
+        setup["out"].parent / "other",
+        random_vector(2, tiny_llama.num_layers, tiny_llama.d_model),
+        handle=tiny_llama,
+    )
+    gate = EditGate(hook=HOOKS[0], direction=str(other), threshold=0.5)
+    recipe = ablation_recipe([setup["direction"], other], 0.8, gate=gate)
+    assert [e.direction for e in recipe.edits] == [str(setup["direction"]), str(other)]
+    assert all(e.weight == 0.8 and e.gate == gate for e in recipe.edits)
+    # lowered, it runs as the two single-direction recipes' interventions in turn
+    layers = tiny_llama.num_layers
+    one = ablation_recipe(setup["direction"], 0.8).lowered(layers)
+    two = ablation_recipe(other, 0.8).lowered(layers)
+    ids = [encode_chat(tiny_llama, prompt) for prompt in HARMFUL[:3]]
+    replies = {
+        name: [reply for reply, _text in generate(tiny_llama, ids, edits, max_new_tokens=6)]
+        for name, edits in (
+            ("both", ablation_recipe([setup["direction"], other], 0.8).lowered(layers)),
+            ("in turn", [*one, *two]),
+            ("one", one),
+        )
+    }
+    assert replies["both"] == replies["in turn"] != replies["one"]
+    with pytest.raises(InvalidArgumentError):
+        ablation_recipe([])

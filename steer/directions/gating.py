@@ -144,16 +144,16 @@ def _separation(calibration: GateCalibration) -> tuple[float, float]:
 
 def gated_ablation_recipe(
     out: Path,
-    direction: Path,
+    direction: Path | Sequence[Path],
     condition: SteeringVector | torch.Tensor | Path,
     calibration: GateCalibration,
     *,
     weight: float = 1.0,
     handle: ModelHandle | None = None,
 ) -> Path:
-    """Write ``out/gated.toml``: the artifact at ``direction`` ablated at every layer, only for
-    prompts the gate fires on. ``condition`` is the gate's artifact, or a vector saved to
-    ``out/condition`` (with ``handle``). Returns the recipe's path."""
+    """Write ``out/gated.toml``: the artifact at ``direction`` (or each of several) ablated at
+    every layer, only for prompts the gate fires on. ``condition`` is the gate's artifact, or
+    a vector saved to ``out/condition`` (with ``handle``). Returns the recipe's path."""
     out.mkdir(parents=True, exist_ok=True)
     if isinstance(condition, torch.Tensor):
         condition = SteeringVector.from_shared(condition)
@@ -169,8 +169,10 @@ def gated_ablation_recipe(
         scope=GateScope.PROMPT,
     )
     train, validation = calibration.train, calibration.validation
+    several = not isinstance(direction, Path) and len(direction) > 1
+    what = "The directions" if several else "The direction"
     description = (
-        f"The direction ablated at every layer, only for prompts the gate fires on. Threshold "
+        f"{what} ablated at every layer, only for prompts the gate fires on. Threshold "
         f"from train prompts (false-positive rate <= {calibration.target_fpr}: "
         f"{train.false_positive_rate:.3f} of {train.quiet_count}, fires on "
         f"{train.true_positive_rate:.3f} of {train.fire_count}); validation: fires on "
@@ -185,10 +187,19 @@ def gated_ablation_recipe(
 
 
 def ablation_recipe(
-    direction: Path, weight: float = 1.0, *, gate: EditGate | None = None, description: str = ""
+    direction: Path | Sequence[Path],
+    weight: float = 1.0,
+    *,
+    gate: EditGate | None = None,
+    description: str = "",
 ) -> EditRecipe:
-    """The artifact at ``direction`` ablated at every layer (the weight form ``steer bake``
-    writes), behind ``gate`` if given."""
-    edit = AblateEdit(direction=str(direction.resolve()), weight=weight, gate=gate)
+    """The artifact at ``direction`` (or each of several) ablated at every layer (the weight
+    form ``steer bake`` writes), behind ``gate`` if given."""
+    directions = [direction] if isinstance(direction, Path) else list(direction)
+    if not directions:
+        raise InvalidArgumentError("no direction to ablate", field="direction")
+    edits = tuple(
+        AblateEdit(direction=str(path.resolve()), weight=weight, gate=gate) for path in directions
+    )
     name = "ablation" if gate is None else "gated-ablation"
-    return EditRecipe(edits=(edit,), name=name, description=description)
+    return EditRecipe(edits=edits, name=name, description=description)
