@@ -132,6 +132,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--no-docs", action="store_true", help="do not write docs/results.md")
+    parser.add_argument(
+        "--validation-only",
+        action="store_true",
+        help="stop after the gate choice: print the validation figures and write the gated "
+        "recipe, read no test prompt (to compare configurations without spending the test split)",
+    )
     return parser
 
 
@@ -352,6 +358,10 @@ def main() -> int:
     gated_path = gated_ablation_recipe(
         out, [directory, *args.also], condition, calibration, weight=best.weight, handle=handle
     )
+    if args.validation_only:
+        kept = [row for row in calibration_rows if row["kept"]]
+        emit({"validation": reference, "kept": kept, "recipe": str(gated_path), "seconds": seconds})
+        return 0
     # what the recipes hold, lowered as a server or `steer eval --edits` lowers them
     always = recipe_interventions(ablation_recipe([directory, *args.also], best.weight), handle)
     gated = recipe_interventions(gated_path, handle)
