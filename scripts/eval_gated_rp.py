@@ -4,14 +4,15 @@ Sections "gated-rp" and, with --triggers, "gated-rp-triggers".
 
 Plays the project's RP scenarios that carry none of the --skip-tags (chosen by tag before any
 run: no crime, villain, horror or dark-comedy scene; with --triggers only the scenes that carry
-one) three times with the same seeds: unedited, always on (the gated recipe's edits without
-their gate, or --direction ablated at each layer's residual), and the gated recipe written by
+one) with the same seeds: unedited, always on (the first gated recipe's edits without their
+gate, or --direction ablated at each layer's residual), and each --gated recipe written by
 scripts/eval_gated.py. For each it reports the RP metrics of ``steer eval rp``
 with 95% bootstrap intervals over scenarios, and how many replies differ from the unedited ones
 (a gate that does not fire changes nothing, so an unchanged reply is one the gate left alone or
 one the edit did not move).
 
     python scripts/eval_gated_rp.py --gated out/gated-moralizing/gated.toml
+    python scripts/eval_gated_rp.py --gated assistant=A/gated.toml --gated rp-aware=B/gated.toml
 """
 
 from __future__ import annotations
@@ -61,7 +62,14 @@ def _parser() -> argparse.ArgumentParser:
         help="always on: this direction ablated at each layer's residual (default: the gated "
         "recipe's edits without their gate)",
     )
-    parser.add_argument("--gated", required=True, help="the gated recipe (eval_gated.py)")
+    parser.add_argument(
+        "--gated",
+        required=True,
+        action="append",
+        type=_named,
+        help="a gated recipe (eval_gated.py), as PATH or NAME=PATH (row 'gated (NAME)'); "
+        "repeat to compare gates on the same edit (always on: the first one's, ungated)",
+    )
     parser.add_argument("--skip-tags", default="crime,villain,horror,dark comedy")
     parser.add_argument(
         "--triggers",
@@ -74,6 +82,11 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--resamples", type=int, default=2000)
     parser.add_argument("--no-docs", action="store_true")
     return parser
+
+
+def _named(text: str) -> tuple[str, str]:
+    name, _, path = text.rpartition("=")
+    return (f"gated ({name})" if name else "gated", path)
 
 
 def _interval(
@@ -95,7 +108,7 @@ def _interval(
 def _always_on(args: argparse.Namespace, handle: Any) -> tuple[Any, ...]:
     if args.direction:
         return tuple(interventions_for(load_vector(args.direction, handle=handle)))
-    return recipe_interventions(load_edit_recipe(args.gated).ungated(), handle)
+    return recipe_interventions(load_edit_recipe(args.gated[0][1]).ungated(), handle)
 
 
 def main() -> int:
@@ -113,7 +126,7 @@ def main() -> int:
     edits: dict[str, tuple[Any, ...]] = {
         "unedited": (),
         "always on": _always_on(args, handle),
-        "gated": recipe_interventions(args.gated, handle),
+        **{name: recipe_interventions(path, handle) for name, path in args.gated},
     }
     phrases = load_phrases(SLOP_PHRASES)
     rows, seconds = [], {}
@@ -152,6 +165,7 @@ def main() -> int:
 
 def _write_docs(args: argparse.Namespace, record: dict[str, Any], command: str) -> None:
     kind = "with" if args.triggers else "without"
+    gated = ", ".join(f"{name} `{path}`" for name, path in args.gated)
     markdown = f"""## Gated moralizing edit in RP {kind} a trigger (`scripts/eval_gated_rp.py`)
 
 Model `{args.model}`; the scenarios of recipes/data/rp_scenarios.jsonl {kind} one of the tags
@@ -159,7 +173,7 @@ Model `{args.model}`; the scenarios of recipes/data/rp_scenarios.jsonl {kind} on
 {args.max_new_tokens} tokens, preset `{args.preset}`, the same seeds for every edit. Each metric
 (docs/rp.md) with its 95% bootstrap interval over scenarios (distinct_2 without one: a resample
 that repeats a scenario repeats its replies, which lowers distinct-n); *replies changed*:
-replies whose text differs from the unedited run's. The gated recipe: `{args.gated}`.
+replies whose text differs from the unedited run's. Gated recipes: {gated}.
 
 {table(record["rows"], ["edit", *METRICS, "replies changed"])}
 
