@@ -132,6 +132,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--no-docs", action="store_true", help="do not write docs/results.md")
+    parser.add_argument("--section", help="docs/results.md section (default: gated, or gated-KIND)")
+    parser.add_argument(
+        "--no-gate-quiet",
+        action="store_true",
+        help="calibrate the gate against the negative prompts only (leave out the recipe's "
+        "data.gate_quiet)",
+    )
     parser.add_argument(
         "--validation-only",
         action="store_true",
@@ -349,6 +356,8 @@ def main() -> int:
         )
     artifact = load_vector(directory, handle=handle)
     splits = gate_splits(recipe)
+    if args.no_gate_quiet:
+        splits.pop("quiet", None)
     matcher = is_moralizing if recipe.kind is RecipeKind.PAIRS else is_refusal
     best, calibration_rows, reference = _gate(
         handle, args, artifact, splits, matcher, seconds, directory
@@ -440,7 +449,8 @@ def _write_docs(
         if kind == "moralizing"
         else "refusal rate on the held-out test split of the recipe's harmful prompts"
     )
-    markdown = f"""## Gated {kind} ablation (`scripts/eval_gated.py`)
+    heading = f"Gated {kind} ablation" + (f", {args.section}" if args.section else "")
+    markdown = f"""## {heading} (`scripts/eval_gated.py`)
 
 Model `{args.model}`, direction `{record["direction"]}`{also}. Every choice on train /
 validation; the test split measured once, after them: {rated}, with
@@ -480,7 +490,8 @@ Command:
 {command}
 ```
 """
-    write_section("results.md", "gated" if kind == "refusal" else f"gated-{kind}", markdown)
+    section = args.section or ("gated" if kind == "refusal" else f"gated-{kind}")
+    write_section("results.md", section, markdown)
 
 
 if __name__ == "__main__":
