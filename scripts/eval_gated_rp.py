@@ -81,6 +81,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--resamples", type=int, default=2000)
     parser.add_argument("--no-docs", action="store_true")
+    parser.add_argument(
+        "--section", help="docs/results.md section (default: gated-rp or gated-rp-triggers)"
+    )
     return parser
 
 
@@ -166,7 +169,10 @@ def main() -> int:
 def _write_docs(args: argparse.Namespace, record: dict[str, Any], command: str) -> None:
     kind = "with" if args.triggers else "without"
     gated = ", ".join(f"{name} `{path}`" for name, path in args.gated)
-    markdown = f"""## Gated moralizing edit in RP {kind} a trigger (`scripts/eval_gated_rp.py`)
+    heading = f"Gated moralizing edit in RP {kind} a trigger" + (
+        f", {args.section}" if args.section else ""
+    )
+    markdown = f"""## {heading} (`scripts/eval_gated_rp.py`)
 
 Model `{args.model}`; the scenarios of recipes/data/rp_scenarios.jsonl {kind} one of the tags
 {args.skip_tags} ({", ".join(record["scenarios"])}), {args.rounds} replies each, at most
@@ -187,7 +193,8 @@ Command:
 {command}
 ```
 """
-    write_section("results.md", "gated-rp-triggers" if args.triggers else "gated-rp", markdown)
+    section = args.section or ("gated-rp-triggers" if args.triggers else "gated-rp")
+    write_section("results.md", section, markdown)
 
 
 if __name__ == "__main__":
