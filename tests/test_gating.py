@@ -178,7 +178,9 @@ def test_gate_quiet_is_checked(setup: dict[str, Path], capsys: pytest.CaptureFix
     text = setup["recipe"].read_text()
     setup["recipe"].write_text(text + 'gate_quiet = "no-such-file.txt"\n')
     assert _gate(setup) == 1
-    assert "data.gate_quiet" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "data.gate_quiet" in err
+    assert "loading" not in err  # checked before the model loads
     assert not setup["out"].exists()
     steering = setup["recipe"].parent / "steering.toml"
     steering.write_text(
@@ -217,3 +219,21 @@ def test_several_directions_share_the_weight_and_the_gate(
     assert replies["both"] == replies["in turn"] != replies["one"]
     with pytest.raises(InvalidArgumentError):
         ablation_recipe([])
+
+
+def test_the_cli_ablates_every_direction_behind_one_gate(
+    tiny_llama: ModelHandle, setup: dict[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    other = save_vector(
+        setup["out"].parent / "other",
+        random_vector(3, tiny_llama.num_layers, tiny_llama.d_model),
+        handle=tiny_llama,
+    )
+    assert _gate(setup, "--also", str(other), "--weight", "0.9") == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    edits = load_edit_recipe(report["recipe"]).edits
+    assert [Path(e.direction) for e in edits] == [setup["direction"], other]
+    assert edits[0].gate is not None and edits[0].gate == edits[1].gate
+    assert all(e.weight == 0.9 for e in edits)
+    assert _gate(setup, "--also", str(setup["out"].parent / "missing")) == 1
+    assert "missing" in capsys.readouterr().err

@@ -39,6 +39,14 @@ def add_parser(commands: Any, default_recipe: str) -> None:
     )
     add("--target-fpr", type=float, default=0.02, help="train false-positive rate allowed")
     add("--weight", type=float, default=1.0, help="ablation weight")
+    add(
+        "--also",
+        action="append",
+        default=[],
+        metavar="ARTIFACT",
+        help="another direction ablated at the same weight behind the same gate (repeatable; "
+        "the gate reads the first direction's condition)",
+    )
     add("--batch-size", type=int, default=16)
     add("--dtype", default="float32", help="float32, bfloat16 or float16")
 
@@ -79,6 +87,9 @@ def run(args: argparse.Namespace, model_of: Any) -> int:
     print(f"loading {model}", file=sys.stderr, flush=True)
     handle = load_model(model, dtype=args.dtype)
     artifact = load_vector(directory, handle=handle)
+    also = [Path(path) for path in args.also]
+    for path in also:
+        load_vector(path, handle=handle)  # made for this model, or a clear error
     hooks = args.hooks or _default_hooks(handle.num_layers, artifact.metadata.get("layer"))
     choice = choose_gate(
         handle,
@@ -91,7 +102,7 @@ def run(args: argparse.Namespace, model_of: Any) -> int:
     )
     condition = directory if args.condition == "direction" else choice.vector
     path = gated_ablation_recipe(
-        out, directory, condition, choice.calibration, weight=args.weight, handle=handle
+        out, [directory, *also], condition, choice.calibration, weight=args.weight, handle=handle
     )
     print(json.dumps({"recipe": str(path), **choice.as_dict()}, sort_keys=True))
     return 0

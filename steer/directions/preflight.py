@@ -45,6 +45,8 @@ def check_data(recipe: DirectionRecipe) -> None:
         load_neutral(recipe)
         return
     data = recipe.data
+    if data.gate_quiet:
+        datasets.load_prompts(data.gate_quiet, field="data.gate_quiet", base=recipe.base)
     if recipe.kind is RecipeKind.PAIRS:
         datasets.recipe_pairs(recipe)
         return
