@@ -59,6 +59,12 @@ def _gate(setup: dict[str, Path], *extra: str) -> int:
     ])  # fmt: skip
 
 
+def _other_direction(handle: ModelHandle, setup: dict[str, Path], *, seed: int) -> Path:
+    """A second random direction artifact beside the setup's."""
+    vector = random_vector(seed, handle.num_layers, handle.d_model)
+    return save_vector(setup["out"].parent / "other", vector, handle=handle)
+
+
 def _last_token(handle: ModelHandle, prompts: list[str], hook: str) -> torch.Tensor:
     ids = [encode_chat(handle, prompt) for prompt in prompts]
     last = forward(handle, ids, hooks=[hook]).activations[hook]
@@ -194,11 +200,7 @@ def test_gate_quiet_is_checked(setup: dict[str, Path], capsys: pytest.CaptureFix
 def test_several_directions_share_the_weight_and_the_gate(
     tiny_llama: ModelHandle, setup: dict[str, Path]
 ) -> None:
-    other = save_vector(
-        setup["out"].parent / "other",
-        random_vector(2, tiny_llama.num_layers, tiny_llama.d_model),
-        handle=tiny_llama,
-    )
+    other = _other_direction(tiny_llama, setup, seed=2)
     gate = EditGate(hook=HOOKS[0], direction=str(other), threshold=0.5)
     recipe = ablation_recipe([setup["direction"], other], 0.8, gate=gate)
     assert [e.direction for e in recipe.edits] == [str(setup["direction"]), str(other)]
@@ -224,11 +226,7 @@ def test_several_directions_share_the_weight_and_the_gate(
 def test_the_cli_ablates_every_direction_behind_one_gate(
     tiny_llama: ModelHandle, setup: dict[str, Path], capsys: pytest.CaptureFixture[str]
 ) -> None:
-    other = save_vector(
-        setup["out"].parent / "other",
-        random_vector(3, tiny_llama.num_layers, tiny_llama.d_model),
-        handle=tiny_llama,
-    )
+    other = _other_direction(tiny_llama, setup, seed=3)
     assert _gate(setup, "--also", str(other), "--weight", "0.9") == 0
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     edits = load_edit_recipe(report["recipe"]).edits
