@@ -74,6 +74,9 @@ def run(args: argparse.Namespace, model_of: Any) -> int:
         )
     directory = Path(args.directory)
     model = args.model or model_of(load_vector(directory).metadata)
+    also = [Path(path) for path in args.also]
+    for path in also:
+        load_vector(path)  # readable before the model loads
     recipe = load_direction_recipe(args.recipe)
     if recipe.is_steering:
         raise InvalidArgumentError(
@@ -87,7 +90,6 @@ def run(args: argparse.Namespace, model_of: Any) -> int:
     print(f"loading {model}", file=sys.stderr, flush=True)
     handle = load_model(model, dtype=args.dtype)
     artifact = load_vector(directory, handle=handle)
-    also = [Path(path) for path in args.also]
     for path in also:
         load_vector(path, handle=handle)  # made for this model, or a clear error
     hooks = args.hooks or _default_hooks(handle.num_layers, artifact.metadata.get("layer"))
