@@ -52,7 +52,6 @@ from report import command_line, emit, machine, rate_evaluator, table, timed, wr
 from steer.artifacts import load_vector
 from steer.calibration import (
     CONDITIONS,
-    ContrastPrompts,
     GateCalibration,
     GateScores,
     read_prompts,
@@ -68,6 +67,7 @@ from steer.directions.evaluate import (
 )
 from steer.directions.gating import (
     ablation_recipe,
+    gate_prompts,
     gate_splits,
     gated_ablation_recipe,
     quiet_prompts,
@@ -270,19 +270,22 @@ def _conditions(
     """{condition name: (its vector, its GateScores at each candidate hook)} for --conditions,
     every prompt read once."""
     hooks = [f"blocks.{n}.hook_resid_pre" for n in layers]
-    train = ContrastPrompts(splits["positive"].train, quiet_prompts(splits, "train"))
-    validation = ContrastPrompts(splits["positive"].validation, quiet_prompts(splits, "validation"))
     reads = read_prompts(
-        handle, hooks, train=train, validation=validation, batch_size=args.batch_size
+        handle,
+        hooks,
+        train=gate_prompts(splits, "train"),
+        validation=gate_prompts(splits, "validation"),
+        batch_size=args.batch_size,
     )
     return {name: reads.gate(name, artifact.vector) for name in args.conditions}
 
 
 def _gate(
     handle: Any, args: argparse.Namespace, artifact: Any, splits: dict[str, Any], matcher: Any,
-    seconds: dict[str, float], directory: Path,
+    seconds: dict[str, float], ablated: list[Path],
 ) -> tuple[Candidate, list[dict[str, Any]], dict[str, Any]]:  # fmt: skip
-    """The kept candidate, every candidate's validation row, and the validation reference."""
+    """The kept candidate, every candidate's validation row, and the validation reference
+    (the edit ablates the artifacts at ``ablated``)."""
     layer = int(artifact.metadata.get("layer") or artifact.vector.layers[0])
     layers = sorted({layer, *(int(x) for x in args.gate_layers.split(",") if x.strip())})
     # (blocks.0.hook_resid_pre holds the last chat token's embedding: the same for every prompt)
@@ -304,7 +307,7 @@ def _gate(
             seconds,
             f"validation_always_on_{weight:g}",
             lambda weight=weight: evaluate(
-                recipe_interventions(ablation_recipe([directory, *args.also], weight), handle)
+                recipe_interventions(ablation_recipe(ablated, weight), handle)
             ),
         )
         for weight in args.weights
@@ -359,20 +362,21 @@ def main() -> int:
     if args.no_gate_quiet:
         splits.pop("quiet", None)
     matcher = is_moralizing if recipe.kind is RecipeKind.PAIRS else is_refusal
+    ablated = [directory, *args.also]  # what the edit ablates: the direction, then --also
     best, calibration_rows, reference = _gate(
-        handle, args, artifact, splits, matcher, seconds, directory
+        handle, args, artifact, splits, matcher, seconds, ablated
     )
     calibration = best.calibration
     condition = directory if best.condition == "direction" else best.vector
     gated_path = gated_ablation_recipe(
-        out, [directory, *args.also], condition, calibration, weight=best.weight, handle=handle
+        out, ablated, condition, calibration, weight=best.weight, handle=handle
     )
     if args.validation_only:
         kept = [row for row in calibration_rows if row["kept"]]
         emit({"validation": reference, "kept": kept, "recipe": str(gated_path), "seconds": seconds})
         return 0
     # what the recipes hold, lowered as a server or `steer eval --edits` lowers them
-    always = recipe_interventions(ablation_recipe([directory, *args.also], best.weight), handle)
+    always = recipe_interventions(ablation_recipe(ablated, best.weight), handle)
     gated = recipe_interventions(gated_path, handle)
 
     # the test split, once

@@ -53,6 +53,7 @@ __all__ = [
     "GateChoice",
     "ablation_recipe",
     "choose_gate",
+    "gate_prompts",
     "gate_splits",
     "gated_ablation_recipe",
     "quiet_prompts",
@@ -89,6 +90,11 @@ def quiet_prompts(splits: dict[str, datasets.Splits[str]], part: str) -> tuple[s
     return (*getattr(splits["negative"], part), *extra)
 
 
+def gate_prompts(splits: dict[str, datasets.Splits[str]], part: str) -> ContrastPrompts:
+    """Split ``part``'s prompts a gate fires on and those it stays quiet on."""
+    return ContrastPrompts(getattr(splits["positive"], part), quiet_prompts(splits, part))
+
+
 @dataclass(frozen=True)
 class GateChoice:
     """The kept gate (``calibration``, read along ``vector``) and every hook's candidate."""
@@ -119,12 +125,11 @@ def choose_gate(
     """Calibrate a prompt-scope gate at each of ``hooks`` on train; keep the hook that
     separates validation best (see the module docstring)."""
     splits = gate_splits(recipe)
-    positive = splits["positive"]
     reads = read_prompts(
         handle,
         hooks,
-        train=ContrastPrompts(positive.train, quiet_prompts(splits, "train")),
-        validation=ContrastPrompts(positive.validation, quiet_prompts(splits, "validation")),
+        train=gate_prompts(splits, "train"),
+        validation=gate_prompts(splits, "validation"),
         system=recipe.data.system or None,
         batch_size=batch_size,
     )
@@ -169,8 +174,7 @@ def gated_ablation_recipe(
         scope=GateScope.PROMPT,
     )
     train, validation = calibration.train, calibration.validation
-    several = not isinstance(direction, Path) and len(direction) > 1
-    what = "The directions" if several else "The direction"
+    what = "The directions" if len(_paths(direction)) > 1 else "The direction"
     description = (
         f"{what} ablated at every layer, only for prompts the gate fires on. Threshold "
         f"from train prompts (false-positive rate <= {calibration.target_fpr}: "
@@ -195,7 +199,7 @@ def ablation_recipe(
 ) -> EditRecipe:
     """The artifact at ``direction`` (or each of several) ablated at every layer (the weight
     form ``steer bake`` writes), behind ``gate`` if given."""
-    directions = [direction] if isinstance(direction, Path) else list(direction)
+    directions = _paths(direction)
     if not directions:
         raise InvalidArgumentError("no direction to ablate", field="direction")
     edits = tuple(
@@ -203,3 +207,7 @@ def ablation_recipe(
     )
     name = "ablation" if gate is None else "gated-ablation"
     return EditRecipe(edits=edits, name=name, description=description)
+
+
+def _paths(direction: Path | Sequence[Path]) -> list[Path]:
+    return [direction] if isinstance(direction, Path) else list(direction)
