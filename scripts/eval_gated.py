@@ -28,7 +28,10 @@ those it should not; a pairs recipe (moralizing) fires on its RP situations and 
 the harmless instructions of recipes/refusal.toml, each split as every step splits them, and is
 scored with the moralizing matcher. A recipe's data.gate_quiet prompts (moralizing: RP situations
 without a trigger) join the quiet side: of the calibration, of the validation KL the choice
-reads, and of the test, where their KL is reported apart.
+reads, and of the test, where their KL is reported apart. With the recipe's data.gate_scenes
+(moralizing), the gate is also calibrated on the situations of both sides rendered as RP scenes
+(steer.directions.gating.scene_prompt); the validation choice reads the one-message runs, and the
+validation TPR / FPR columns count the scenes too.
 
     python scripts/eval_gated.py --model qwen2.5-coder-0.5b-instruct --out out/gated-refusal
     python scripts/eval_gated.py --recipe recipes/moralizing.toml --out out/gated-moralizing
@@ -49,6 +52,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from report import command_line, emit, machine, rate_evaluator, table, timed, write_section
 
+from steer.activations import forward
 from steer.artifacts import load_vector
 from steer.calibration import (
     CONDITIONS,
@@ -71,9 +75,11 @@ from steer.directions.gating import (
     gate_splits,
     gated_ablation_recipe,
     quiet_prompts,
+    scene_prompt,
 )
 from steer.directions.recipe import RecipeKind, load_direction_recipe
 from steer.directions.scores import kl_means
+from steer.gates import Condition
 from steer.models import load_model
 from steer.rp.metrics import ngrams, repeated_share, words
 
@@ -138,6 +144,11 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="calibrate the gate against the negative prompts only (leave out the recipe's "
         "data.gate_quiet)",
+    )
+    parser.add_argument(
+        "--no-gate-scenes",
+        action="store_true",
+        help="calibrate on one-message prompts only (leave out the recipe's data.gate_scenes)",
     )
     parser.add_argument(
         "--validation-only",
@@ -249,6 +260,32 @@ def _repetition(report: RateReport) -> float:
     return sum(shares) / max(len(shares), 1)
 
 
+def _scene_fires(
+    handle: Any, args: argparse.Namespace, splits: dict[str, Any], best: Candidate
+) -> dict[str, str]:
+    """How many test situations, rendered as RP scenes, the kept gate fires on: those with a
+    trigger and the data.gate_quiet ones without (a projection, no generation)."""
+    render = scene_prompt(handle)
+    calibration = best.calibration
+    hook = calibration.hook
+    unit = Condition(hook, best.vector, 0.0).unit(handle.resolver.parse(hook), handle.d_model)
+    counts = {}
+    for name, texts in (
+        ("trigger", splits["positive"].test),
+        ("trigger-free", splits["quiet"].test),
+    ):
+        ids = [render(text) for text in texts]
+        last = forward(handle, ids, hooks=[hook], batch_size=args.batch_size).activations[hook]
+        projection = last @ unit
+        fired = (
+            projection < calibration.threshold
+            if calibration.below
+            else projection > calibration.threshold
+        )
+        counts[name] = f"{int(fired.sum())} / {len(ids)}"
+    return counts
+
+
 def _evaluator(
     handle: Any, args: argparse.Namespace, matcher: Any, positive: list[str], negative: list[str]
 ) -> Any:
@@ -268,13 +305,16 @@ def _conditions(
     handle: Any, args: argparse.Namespace, artifact: Any, splits: dict[str, Any], layers: list[int]
 ) -> dict[str, tuple[Any, list[GateScores]]]:
     """{condition name: (its vector, its GateScores at each candidate hook)} for --conditions,
-    every prompt read once."""
+    every prompt read once. With the recipe's data.gate_scenes, the situations rendered as RP
+    scenes come after the one-message prompts on each side, so the first prompts of each
+    validation side are still the ones the validation runs generated for."""
     hooks = [f"blocks.{n}.hook_resid_pre" for n in layers]
+    scenes = scene_prompt(handle) if args.scenes else None
     reads = read_prompts(
         handle,
         hooks,
-        train=gate_prompts(splits, "train"),
-        validation=gate_prompts(splits, "validation"),
+        train=gate_prompts(splits, "train", scenes),
+        validation=gate_prompts(splits, "validation", scenes),
         batch_size=args.batch_size,
     )
     return {name: reads.gate(name, artifact.vector) for name in args.conditions}
@@ -361,6 +401,7 @@ def main() -> int:
     splits = gate_splits(recipe)
     if args.no_gate_quiet:
         splits.pop("quiet", None)
+    args.scenes = recipe.data.gate_scenes and not args.no_gate_scenes
     matcher = is_moralizing if recipe.kind is RecipeKind.PAIRS else is_refusal
     ablated = [directory, *args.also]  # what the edit ablates: the direction, then --also
     best, calibration_rows, reference = _gate(
@@ -393,6 +434,7 @@ def main() -> int:
         name: timed(seconds, f"evaluate_{name}", lambda edits=edits: evaluate(edits))
         for name, edits in (("unedited", ()), ("always on", always), ("gated", gated))
     }
+    scene_fires = _scene_fires(handle, args, splits, best) if args.scenes else {}
     load_after = os.getloadavg()[0]
     rows = [_row(name, report, len(harmless), len(quiet)) for name, report in reports.items()]
     record = {
@@ -403,6 +445,7 @@ def main() -> int:
         "validation": reference,
         "gate": calibration_rows,
         "test": rows,
+        "test scenes fired": scene_fires,
         "seconds": seconds,
         "load_average": [round(load_before, 2), round(load_after, 2)],
         "machine": machine(),
@@ -435,6 +478,15 @@ def _write_docs(
         "the test table gives their KL (*quiet*) and how many of them the edit moved (first-"
         "token KL above 0) apart from the harmless ones'."
         if quiet
+        else ""
+    )
+    fired = record["test scenes fired"]
+    scenes_text = (
+        "\nThe gate is calibrated on the situations as RP scenes too (data.gate_scenes). On the "
+        "test situations rendered as scenes it fires on "
+        f"{fired['trigger']} with a trigger and {fired['trigger-free']} without one (a "
+        "projection at the scene prompt's last token, no generation).\n"
+        if fired
         else ""
     )
     kind = record["kind"]
@@ -483,7 +535,7 @@ the candidates with a validation rate of at most {v["max rate"]:.3f} ({max_rate_
 Test split, measured once:
 
 {table(rows, columns)}
-
+{scenes_text}
 Wall times (s): {", ".join(f"{k} {v}" for k, v in record["seconds"].items())}. Measured on
 {record["machine"]}; load average {record["load_average"][0]} before, {record["load_average"][1]}
 after.

@@ -38,6 +38,7 @@ __all__ = [
     "ContrastPrompts",
     "GateCalibration",
     "GateScores",
+    "Prompt",
     "PromptReads",
     "SplitRates",
     "calibrate_gate",
@@ -54,12 +55,18 @@ SHRINKAGES = (0.1, 0.3, 0.5, 0.7, 0.9, 0.95, 0.99)
 FOLDS = 4
 
 
+#: a user message, or a rendered prompt's token ids
+Prompt = str | Sequence[int]
+
+
 @dataclass(frozen=True)
 class ContrastPrompts:
-    """One split of user prompts: those a gate should fire on, those it should not."""
+    """One split of prompts: those a gate should fire on, those it should not. Each is a user
+    message (rendered with the chat template and the system prompt) or the token ids of a
+    prompt already rendered (an RP scene, :func:`steer.rp.evaluate.reply_prompt`)."""
 
-    fire: Sequence[str]
-    quiet: Sequence[str]
+    fire: Sequence[Prompt]
+    quiet: Sequence[Prompt]
 
 
 @dataclass(frozen=True)
@@ -337,14 +344,24 @@ def _checked(activations: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:
 
 
 def _encoded(
-    handle: ModelHandle, prompts: Sequence[str], field: str, system: str | None
+    handle: ModelHandle, prompts: Sequence[Prompt], field: str, system: str | None
 ) -> list[list[int]]:
     if isinstance(prompts, str) or not prompts:
         raise InvalidArgumentError("needs at least one prompt", field=field)
+    encoded = []
+    vocab = handle.model.config.vocab_size
     for index, prompt in enumerate(prompts):
-        if not isinstance(prompt, str) or not prompt:
-            raise InvalidArgumentError("expected a non-empty string", field=f"{field}[{index}]")
-    return [encode_chat(handle, prompt, system) for prompt in prompts]
+        if isinstance(prompt, str) and prompt:
+            encoded.append(encode_chat(handle, prompt, system))
+            continue
+        ids = [] if isinstance(prompt, str) else list(prompt)
+        if not ids or not all(isinstance(i, int) and 0 <= i < vocab for i in ids):
+            raise InvalidArgumentError(
+                "expected a non-empty string or token ids within the vocabulary",
+                field=f"{field}[{index}]",
+            )
+        encoded.append(ids)
+    return encoded
 
 
 def calibrate_gate(

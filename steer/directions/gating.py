@@ -24,12 +24,16 @@ The prompts: a contrast recipe's two sets; a pairs recipe's (moralizing) situati
 harmless instructions of ``recipes/refusal.toml``, each split as every step splits them. A
 recipe's ``data.gate_quiet`` adds prompts the gate must stay quiet on too: for moralizing,
 in-character RP situations without a trigger, without which the gate learns RP against
-assistant requests and fires on every RP turn.
+assistant requests and fires on every RP turn. With ``data.gate_scenes`` the situations of both
+sides are also rendered as RP scenes (a card, the event as the user's turn, the prompt ending in
+the character's name, as ``steer eval rp`` and the RP endpoints send them): a threshold
+calibrated on one-message prompts alone fires on no reply in a played scene.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import zlib
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -37,7 +41,7 @@ from typing import Any
 import torch
 
 from steer.artifacts import save_vector
-from steer.calibration import CONDITIONS, ContrastPrompts, GateCalibration, read_prompts
+from steer.calibration import CONDITIONS, ContrastPrompts, GateCalibration, Prompt, read_prompts
 from steer.directions import data as datasets
 from steer.directions.api import contrast_splits
 from steer.directions.data import RECIPES_DIR
@@ -46,17 +50,22 @@ from steer.errors import InvalidArgumentError
 from steer.gates import GateScope
 from steer.models import ModelHandle
 from steer.recipes import AblateEdit, EditGate, EditRecipe, recipe_to_toml
+from steer.rp.evaluate import reply_prompt
+from steer.rp.scene import situation_scene
 from steer.vectors import SteeringVector
 
 __all__ = [
     "CONDITIONS",
+    "SCENE_OPENERS",
     "GateChoice",
     "ablation_recipe",
+    "check_scenes",
     "choose_gate",
     "gate_prompts",
     "gate_splits",
     "gated_ablation_recipe",
     "quiet_prompts",
+    "scene_prompt",
 ]
 
 
@@ -90,9 +99,59 @@ def quiet_prompts(splits: dict[str, datasets.Splits[str]], part: str) -> tuple[s
     return (*getattr(splits["negative"], part), *extra)
 
 
-def gate_prompts(splits: dict[str, datasets.Splits[str]], part: str) -> ContrastPrompts:
-    """Split ``part``'s prompts a gate fires on and those it stays quiet on."""
-    return ContrastPrompts(getattr(splits["positive"], part), quiet_prompts(splits, part))
+def gate_prompts(
+    splits: dict[str, datasets.Splits[str]],
+    part: str,
+    scenes: Callable[[str], Prompt] | None = None,
+) -> ContrastPrompts:
+    """Split ``part``'s prompts a gate fires on and those it stays quiet on; with ``scenes``
+    (:func:`scene_prompt`), the positive and ``quiet`` situations again after them, each
+    rendered as an RP scene."""
+    fire: list[Prompt] = list(getattr(splits["positive"], part))
+    quiet: list[Prompt] = list(quiet_prompts(splits, part))
+    if scenes is not None:
+        fire += [scenes(text) for text in getattr(splits["positive"], part)]
+        extra = getattr(splits["quiet"], part) if "quiet" in splits else ()
+        quiet += [scenes(text) for text in extra]
+    return ContrastPrompts(fire, quiet)
+
+
+#: the character's line before the user's turn in a situation's scene (one per situation, by a
+#: hash of its text): a played scene always has history before the reply, and without it the
+#: scenes sat further from real ones (written for steer)
+SCENE_OPENERS = (
+    '*looks up* "Yes? What is it?"',
+    '"You again. Go on, then."',
+    '*sets down what they were holding* "I\'m listening."',
+    '"Well, don\'t just stand there."',
+    '*nods* "Speak."',
+    '"Ah. I wondered when you\'d come."',
+)
+
+
+def scene_prompt(handle: ModelHandle) -> Callable[[str], Prompt]:
+    """situation -> the token ids of the prompt :func:`steer.rp.evaluate.play` would send for
+    the character's reply in its scene (:func:`steer.rp.scene.situation_scene`, opened by one
+    of :data:`SCENE_OPENERS`)."""
+
+    def render(text: str) -> Prompt:
+        opener = SCENE_OPENERS[zlib.crc32(text.encode()) % len(SCENE_OPENERS)]
+        scene = situation_scene(text, opener=opener, field="data.gate_scenes")
+        _, tokens = reply_prompt(handle, scene)
+        return tokens.ids
+
+    return render
+
+
+def check_scenes(recipe: DirectionRecipe) -> None:
+    """Raise what ``data.gate_scenes`` would raise about a situation that is not
+    "You are WHO. EVENT", without a model."""
+    splits = gate_splits(recipe)
+    for name in ("positive", "quiet"):
+        if name in splits:
+            for part in ("train", "validation", "test"):
+                for text in getattr(splits[name], part):
+                    situation_scene(text, field="data.gate_scenes")
 
 
 @dataclass(frozen=True)
@@ -125,11 +184,12 @@ def choose_gate(
     """Calibrate a prompt-scope gate at each of ``hooks`` on train; keep the hook that
     separates validation best (see the module docstring)."""
     splits = gate_splits(recipe)
+    scenes = scene_prompt(handle) if recipe.data.gate_scenes else None
     reads = read_prompts(
         handle,
         hooks,
-        train=gate_prompts(splits, "train"),
-        validation=gate_prompts(splits, "validation"),
+        train=gate_prompts(splits, "train", scenes),
+        validation=gate_prompts(splits, "validation", scenes),
         system=recipe.data.system or None,
         batch_size=batch_size,
     )

@@ -47,6 +47,10 @@ def check_data(recipe: DirectionRecipe) -> None:
     data = recipe.data
     if data.gate_quiet:
         datasets.load_prompts(data.gate_quiet, field="data.gate_quiet", base=recipe.base)
+    if data.gate_scenes:
+        from steer.directions.gating import check_scenes
+
+        check_scenes(recipe)
     if recipe.kind is RecipeKind.PAIRS:
         datasets.recipe_pairs(recipe)
         return

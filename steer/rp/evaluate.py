@@ -23,7 +23,7 @@ from steer.errors import InvalidArgumentError, NotFoundError
 from steer.generation import Engine, GenerationRequest
 from steer.interventions import Intervention
 from steer.models import ModelHandle
-from steer.rp.formats import get_format, tokenize
+from steer.rp.formats import PromptTokens, Rendered, get_format, tokenize
 from steer.rp.metrics import Transcript, load_phrases, rp_metrics
 from steer.rp.scene import Scene, Turn
 from steer.sampling import SamplingConfig
@@ -92,11 +92,26 @@ def _cut_impersonation(text: str, user: str) -> str:
     return text.strip()
 
 
+def reply_prompt(
+    handle: ModelHandle,
+    scene: Scene,
+    speaker: str | None = None,
+    *,
+    format: str = "chat_template",
+    length: str | None = None,
+) -> tuple[Rendered, PromptTokens]:
+    """The prompt for ``speaker``'s (default: the first character's) next reply in ``scene``,
+    rendered in ``format`` and tokenized, as :func:`play` sends it: it ends with the speaker's
+    name, so a prompt-scope gate reads that name's last token."""
+    speaker = scene.names[0] if speaker is None else speaker
+    rendered = get_format(format).render(scene, speaker, length=length, tokenizer=handle.tokenizer)
+    return rendered, tokenize(handle.tokenizer, rendered)
+
+
 def play(
     handle: ModelHandle, scenarios: Sequence[Scenario], settings: EvalSettings
 ) -> list[Transcript]:
     """Play every scenario for ``settings.rounds`` replies; returns their transcripts."""
-    prompt_format = get_format(settings.format)
     scenes = [s.scene for s in scenarios]
     replies: list[list[str]] = [[] for _ in scenarios]
     first_prompts: list[str] = [""] * len(scenarios)
@@ -105,12 +120,11 @@ def play(
         requests = []
         for index, scene in enumerate(scenes):
             speaker = _next_speaker(scene, round_index)
-            rendered = prompt_format.render(
-                scene, speaker, length=settings.length, tokenizer=handle.tokenizer
+            rendered, tokens = reply_prompt(
+                handle, scene, speaker, format=settings.format, length=settings.length
             )
             if round_index == 0:
                 first_prompts[index] = rendered.text
-            tokens = tokenize(handle.tokenizer, rendered)
             stop = tuple(s for s in rendered.stop if s not in rendered.impersonation_stop)
             seed = settings.seed * 1_000_003 + index * 101 + round_index
             requests.append(

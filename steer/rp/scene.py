@@ -180,3 +180,30 @@ def _built_each(kind: type[_Part], values: Any, field: str) -> tuple[_Part, ...]
     if not isinstance(values, (list, tuple)):
         raise InvalidArgumentError(f"must be a list, not {json_type(values)}", field=field)
     return tuple(_built(kind, value, f"{field}[{index}]") for index, value in enumerate(values))
+
+
+#: a one-message RP situation: "You are WHO. EVENT" (recipes/moralizing_pairs.jsonl, rp_benign.txt)
+_SITUATION = re.compile(r"\s*You are (?P<who>[^.]+?)\.\s+(?P<event>\S.*)", re.DOTALL)
+#: the closing cue a situation gives the model, which a played scene does not carry
+_REPLY_CUE = re.compile(r"\s*(?:Reply|Respond) in character\.\s*$")
+
+
+def situation_scene(text: str, *, opener: str = "", field: str = "situation") -> Scene:
+    """A one-message RP situation ("You are Bram, a village baker. A customer asks ...
+    Reply in character.") as a scene: a card saying who the character is, the character's
+    ``opener`` line if given, then the event as the user's turn (without the "Reply in
+    character." cue). The character is named by what precedes the first comma of WHO."""
+    match = _SITUATION.fullmatch(text)
+    if match is None:
+        raise InvalidArgumentError(f"expected 'You are WHO. EVENT', got {text[:60]!r}", field=field)
+    who = match.group("who").strip()
+    event = _REPLY_CUE.sub("", match.group("event")).strip() or match.group("event").strip()
+    name = who.split(",")[0].strip()
+    if name == "User":
+        raise InvalidArgumentError("the character cannot be named 'User'", field=field)
+    turns = (Turn(name, opener),) if opener else ()
+    return Scene(
+        characters=(Character(name, description=f"{{{{char}}}} is {who}."),),
+        user=Character("User"),
+        turns=(*turns, Turn("User", event)),
+    )
