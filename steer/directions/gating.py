@@ -26,7 +26,7 @@ recipe's ``data.gate_quiet`` adds prompts the gate must stay quiet on too: for m
 in-character RP situations without a trigger, without which the gate learns RP against
 assistant requests and fires on every RP turn. With ``data.gate_scenes`` the situations of both
 sides are also rendered as RP scenes (a card, the event as the user's turn, the prompt ending in
-the character's name, as ``steer eval rp`` and the RP endpoints send them): a threshold
+the character's name, as ``steer eval rp`` and gRPC scene requests render them): a threshold
 calibrated on one-message prompts alone fires on no reply in a played scene.
 """
 
