@@ -69,8 +69,8 @@ class DataSection:
     #: (``steer directions gate``; e.g. in-character RP situations with no moralizing trigger,
     #: so the gate learns the trigger rather than RP itself); split like the other sets
     gate_quiet: str = ""
-    #: pairs recipes: also calibrate the gate on each RP situation (the pairs' situations and
-    #: gate_quiet's, "You are WHO. EVENT") rendered as the RP scene steer plays
+    #: also calibrate the gate on the positive and gate_quiet prompts, RP situations ("You are
+    #: WHO. EVENT"; moralizing), each rendered as the RP scene steer plays
     #: (:func:`steer.rp.scene.situation_scene`): in a scene a gate reads the character's name
     #: at the end of the prompt, not the chat template's assistant header, and a threshold
     #: calibrated on one-message prompts does not carry over
