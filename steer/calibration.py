@@ -30,7 +30,7 @@ from steer.errors import InvalidArgumentError, SteerError
 from steer.gates import Condition
 from steer.hooks import HookPoint
 from steer.models import ModelHandle
-from steer.text import encode_chat
+from steer.text import encode_chat, encode_prompt
 from steer.vectors import SteeringVector
 
 __all__ = [
@@ -349,18 +349,19 @@ def _encoded(
     if isinstance(prompts, str) or not prompts:
         raise InvalidArgumentError("needs at least one prompt", field=field)
     encoded = []
-    vocab = handle.model.config.vocab_size
     for index, prompt in enumerate(prompts):
         if isinstance(prompt, str) and prompt:
             encoded.append(encode_chat(handle, prompt, system))
             continue
-        ids = [] if isinstance(prompt, str) else list(prompt)
-        if not ids or not all(isinstance(i, int) and 0 <= i < vocab for i in ids):
+        what = "expected a non-empty string or token ids within the vocabulary"
+        if isinstance(prompt, str) or not all(isinstance(i, int) for i in prompt):
+            raise InvalidArgumentError(what, field=f"{field}[{index}]")
+        try:  # the vocabulary and emptiness checks every prompt_ids request gets
+            encoded.append(encode_prompt(handle, prompt_ids=prompt))
+        except InvalidArgumentError as error:
             raise InvalidArgumentError(
-                "expected a non-empty string or token ids within the vocabulary",
-                field=f"{field}[{index}]",
-            )
-        encoded.append(ids)
+                f"{what}: {error.message}", field=f"{field}[{index}]"
+            ) from None
     return encoded
 
 
