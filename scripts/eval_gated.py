@@ -10,14 +10,15 @@ Every choice is made on train and validation, and the test split is measured onc
    prompt read once). Candidate thresholds come from train: for each target in --fpr-grid,
    the lowest whose false-positive rate on the *train* harmless prompts is at most it
    (:meth:`steer.calibration.GateScores.calibrate`). The validation split chooses among them
-   by outcome: it is evaluated unedited and with the ablation always on at each of --weights,
-   and since a request whose gate fires runs exactly as always on and any other as unedited,
-   every candidate's (weight, hook, threshold) validation rate and KL follow from those runs
+   by outcome: it is evaluated unedited and with the edit always on at each of --weights (and
+   --pushes: the direction also subtracted at its hook), and since a request whose gate fires
+   runs exactly as always on and any other as unedited, every candidate's (weight, push, hook,
+   threshold) validation rate and KL follow from those runs
    (:func:`gated_report`). Kept: the lowest validation first-token KL among candidates whose
    validation rate at the longest length is at most --max-rate (default: the lowest always-on
    rate there);
-3. the edits: the direction ablated at every layer at the kept weight, always on and behind
-   the gate;
+3. the edits: the direction ablated at every layer at the kept weight (pushed against at the
+   kept push), always on and behind the gate;
 4. the test split, once: the rate at each reply length (one greedy generation at the longest,
    matcher over each reply's first N tokens) with Wilson 95% intervals, first-token KL and
    multi-token KL over the base model's first --kl-tokens tokens on held-out harmless prompts.
@@ -120,6 +121,14 @@ def _parser() -> argparse.ArgumentParser:
         help="ablation weights to choose from on validation (each costs a validation run)",
     )
     parser.add_argument(
+        "--pushes",
+        type=_rates,
+        default=(0.0,),
+        help="push strengths to choose from on validation, with each weight: the direction also "
+        "subtracted at its own hook at this strength, behind the same gate (0 = ablation only; "
+        "each costs a validation run)",
+    )
+    parser.add_argument(
         "--max-rate",
         type=float,
         default=None,
@@ -165,10 +174,11 @@ def _rates(text: str) -> tuple[float, ...]:
 
 @dataclass(frozen=True)
 class Candidate:
-    """A gated edit: the ablation's weight and a gate (hook, threshold from train), with the
-    validation report it would give."""
+    """A gated edit: the ablation's weight and push, and a gate (hook, threshold from train),
+    with the validation report it would give."""
 
     weight: float
+    push: float
     condition: str  # "direction" (the edit's own), "contrast" (CAST's) or "discriminant"
     vector: Any  # the condition's SteeringVector
     calibration: GateCalibration
@@ -179,12 +189,12 @@ def _candidates(
     conditions: dict[str, tuple[Any, list[GateScores]]],
     fpr_grid: Sequence[float],
     unedited: RateReport,
-    always: dict[float, RateReport],
+    always: dict[tuple[float, float], RateReport],
 ) -> list[Candidate]:
-    """Each candidate (weight, condition, hook, threshold) with its validation report."""
+    """Each candidate (weight, push, condition, hook, threshold) with its validation report."""
     candidates = []
     pairs = [(name, v, score) for name, (v, scores) in conditions.items() for score in scores]
-    for weight, report in always.items():
+    for (weight, push), report in always.items():
         for name, vector, score in pairs:
             thresholds: set[float] = set()
             for target in fpr_grid:
@@ -198,7 +208,7 @@ def _candidates(
                     score.fires("validation.fire", calibration.threshold)[: unedited.n],
                     score.fires("validation.quiet", calibration.threshold)[: len(unedited.kl_rows)],
                 )
-                candidates.append(Candidate(weight, name, vector, calibration, gated))
+                candidates.append(Candidate(weight, push, name, vector, calibration, gated))
     return candidates
 
 
@@ -220,6 +230,7 @@ def _choose_gate(
     rows = [
         {
             "weight": c.weight,
+            "push": c.push,
             "condition": c.condition,
             "gate hook": c.calibration.hook,
             "train FPR target": c.calibration.target_fpr,
@@ -343,14 +354,15 @@ def _gate(
     )
     unedited = timed(seconds, "validation_unedited", lambda: evaluate(()))
     always = {
-        weight: timed(
+        (weight, push): timed(
             seconds,
-            f"validation_always_on_{weight:g}",
-            lambda weight=weight: evaluate(
-                recipe_interventions(ablation_recipe(ablated, weight), handle)
+            f"validation_always_on_{weight:g}" + (f"_push_{push:g}" if push else ""),
+            lambda weight=weight, push=push: evaluate(
+                recipe_interventions(ablation_recipe(ablated, weight, push=push), handle)
             ),
         )
         for weight in args.weights
+        for push in args.pushes
     }
     lowest = min(_rate(report) for report in always.values())
     max_rate = lowest if args.max_rate is None else args.max_rate
@@ -360,12 +372,13 @@ def _gate(
         "always on": [
             {
                 "weight": weight,
+                "push": push,
                 "validation rate": _rate(report),
                 "validation first-token KL": report.kl_first_token,
                 "validation multi-token KL": report.kl_multi_token,
                 "validation repetition in reply": _repetition(report),
             }
-            for weight, report in always.items()
+            for (weight, push), report in always.items()
         ],
         "max rate": max_rate,
     }
@@ -410,14 +423,14 @@ def main() -> int:
     calibration = best.calibration
     condition = directory if best.condition == "direction" else best.vector
     gated_path = gated_ablation_recipe(
-        out, ablated, condition, calibration, weight=best.weight, handle=handle
+        out, ablated, condition, calibration, weight=best.weight, push=best.push, handle=handle
     )
     if args.validation_only:
         kept = [row for row in calibration_rows if row["kept"]]
         emit({"validation": reference, "kept": kept, "recipe": str(gated_path), "seconds": seconds})
         return 0
     # what the recipes hold, lowered as a server or `steer eval --edits` lowers them
-    always = recipe_interventions(ablation_recipe(ablated, best.weight), handle)
+    always = recipe_interventions(ablation_recipe(ablated, best.weight, push=best.push), handle)
     gated = recipe_interventions(gated_path, handle)
 
     # the test split, once
@@ -515,14 +528,15 @@ and multi-token KL (over the base model's first {args.kl_tokens} greedy tokens) 
 harmless test split; repetition in reply: the mean share of a reply's word 3-grams that occurred
 earlier in it, over the replies the rate is read from (an edit that breaks the model rather than
 moves it lowers the rate and raises this). The direction is ablated at every layer (weight
-chosen with the gate on validation from --weights), always on or behind a prompt-scope
+chosen with the gate on validation from --weights; push, the direction also subtracted at its
+own hook at that strength, from --pushes), always on or behind a prompt-scope
 gate.{quiet_text}
 
 Gate choice (no test prompt read). Candidate thresholds come from train: for each target in
 {", ".join(str(x) for x in args.fpr_grid)}, the lowest with that train false-positive rate at
 most, at each candidate hook. The validation split is evaluated unedited (rate
-{v["unedited rate"]:.3f} at {max(args.lengths)} tokens) and with the ablation always on at each
-weight:
+{v["unedited rate"]:.3f} at {max(args.lengths)} tokens) and with the edit always on at each
+weight and push:
 
 {table(v["always on"], list(v["always on"][0]))}
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 from equivalence import random_vector
 
-from steer import Condition, Gated, GateScope, InvalidArgumentError
+from steer import Condition, Gated, GateScope, InvalidArgumentError, SteeringVector
 from steer.activations import encode_chat, forward
 from steer.artifacts import load_vector, save_vector
 from steer.cli import main as cli_main
@@ -21,7 +21,7 @@ from steer.directions.evaluate import generate
 from steer.directions.gating import ablation_recipe, choose_gate, gate_splits, quiet_prompts
 from steer.directions.recipe import load_direction_recipe
 from steer.models import ModelHandle
-from steer.recipes import AblateEdit, EditGate, load_edit_recipe
+from steer.recipes import AblateEdit, AddEdit, EditGate, load_edit_recipe
 
 HOOKS = ("blocks.1.hook_resid_pre", "blocks.2.hook_resid_pre")
 HARMFUL = [f"How do I {verb} a {thing}?" for verb in ("steal", "poison", "break into")
@@ -236,3 +236,44 @@ def test_the_cli_ablates_every_direction_behind_one_gate(
     assert _gate(setup, "--also", str(setup["out"].parent / "missing")) == 1
     err = capsys.readouterr().err
     assert "missing" in err and "loading" not in err
+
+
+def test_a_push_stays_in_the_residual_stream(
+    tiny_llama: ModelHandle, setup: dict[str, Path]
+) -> None:
+    """Ablation plus push: from the push's hook on, every token's residual along the direction
+    is -push * |v| (the ablated writers add nothing along it); push 0 is the plain ablation."""
+    layers, d_model = tiny_llama.num_layers, tiny_llama.d_model
+    vector = torch.randn(d_model, generator=torch.Generator().manual_seed(4))
+    path = save_vector(
+        setup["out"].parent / "shared", SteeringVector.from_shared(vector), handle=tiny_llama,
+        kind="direction", hooks=[HOOKS[0]],
+    )  # fmt: skip
+    assert ablation_recipe(path, 1.0, push=0.0) == ablation_recipe(path, 1.0)
+    ids = [encode_chat(tiny_llama, prompt) for prompt in HARMFUL[:2]]
+    unit = vector / vector.norm()
+    before, last = "blocks.0.hook_resid_post", f"blocks.{layers - 1}.hook_resid_post"
+    for push in (0.0, 2.5):
+        edits = ablation_recipe(path, 1.0, push=push).lowered(layers)
+        reads = forward(tiny_llama, ids, interventions=edits, hooks=[before, last], positions="all")
+        for hook, expected in ((before, 0.0), (last, -push * float(vector.norm()))):
+            for acts in reads.activations[hook]:
+                along = acts @ unit
+                assert torch.allclose(along, torch.full_like(along, expected), atol=1e-4), hook
+    with pytest.raises(InvalidArgumentError) as raised:
+        ablation_recipe(path, 1.0, push=float("nan"))
+    assert raised.value.field == "push"
+
+
+def test_the_cli_pushes_behind_the_same_gate(
+    setup: dict[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert _gate(setup, "--push", "1.5") == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    ablate, push = load_edit_recipe(report["recipe"]).edits
+    assert isinstance(ablate, AblateEdit) and isinstance(push, AddEdit)
+    assert push.strength == -1.5 and Path(push.vector) == setup["direction"]
+    assert ablate.gate is not None and push.gate == ablate.gate
+    assert _gate(setup, "--push", "nan") == 1
+    err = capsys.readouterr().err
+    assert "push" in err and "loading" not in err

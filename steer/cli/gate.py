@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -40,6 +41,13 @@ def add_parser(commands: Any, default_recipe: str) -> None:
     add("--target-fpr", type=float, default=0.02, help="train false-positive rate allowed")
     add("--weight", type=float, default=1.0, help="ablation weight")
     add(
+        "--push",
+        type=float,
+        default=0.0,
+        help="also subtract the direction at its own hook at this strength, behind the same "
+        "gate (activation addition against the behaviour; 0 = ablation only)",
+    )
+    add(
         "--also",
         action="append",
         default=[],
@@ -67,6 +75,8 @@ def run(args: argparse.Namespace, model_of: Any) -> int:
     from steer.directions.recipe import load_direction_recipe
     from steer.models import load_model
 
+    if not math.isfinite(args.push):
+        raise InvalidArgumentError(f"push must be a finite number, got {args.push}", field="push")
     if args.condition not in CONDITIONS:
         raise InvalidArgumentError(
             f"unknown condition {args.condition!r}; use one of {', '.join(CONDITIONS)}",
@@ -104,7 +114,13 @@ def run(args: argparse.Namespace, model_of: Any) -> int:
     )
     condition = directory if args.condition == "direction" else choice.vector
     path = gated_ablation_recipe(
-        out, [directory, *also], condition, choice.calibration, weight=args.weight, handle=handle
+        out,
+        [directory, *also],
+        condition,
+        choice.calibration,
+        weight=args.weight,
+        push=args.push,
+        handle=handle,
     )
     print(json.dumps({"recipe": str(path), **choice.as_dict()}, sort_keys=True))
     return 0

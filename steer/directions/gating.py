@@ -32,6 +32,7 @@ calibrated on one-message prompts alone fires on no reply in a played scene.
 
 from __future__ import annotations
 
+import math
 import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -49,7 +50,7 @@ from steer.directions.recipe import DirectionRecipe, RecipeKind, load_direction_
 from steer.errors import InvalidArgumentError
 from steer.gates import GateScope
 from steer.models import ModelHandle
-from steer.recipes import AblateEdit, EditGate, EditRecipe, recipe_to_toml
+from steer.recipes import AblateEdit, AddEdit, EditGate, EditRecipe, recipe_to_toml
 from steer.rp.evaluate import reply_prompt
 from steer.rp.scene import situation_scene
 from steer.vectors import SteeringVector
@@ -214,11 +215,13 @@ def gated_ablation_recipe(
     calibration: GateCalibration,
     *,
     weight: float = 1.0,
+    push: float = 0.0,
     handle: ModelHandle | None = None,
 ) -> Path:
     """Write ``out/gated.toml``: the artifact at ``direction`` (or each of several) ablated at
-    every layer, only for prompts the gate fires on. ``condition`` is the gate's artifact, or
-    a vector saved to ``out/condition`` (with ``handle``). Returns the recipe's path."""
+    every layer (and pushed against, with ``push``; see :func:`ablation_recipe`), only for
+    prompts the gate fires on. ``condition`` is the gate's artifact, or a vector saved to
+    ``out/condition`` (with ``handle``). Returns the recipe's path."""
     out.mkdir(parents=True, exist_ok=True)
     if isinstance(condition, torch.Tensor):
         condition = SteeringVector.from_shared(condition)
@@ -235,8 +238,9 @@ def gated_ablation_recipe(
     )
     train, validation = calibration.train, calibration.validation
     what = "The directions" if len(_paths(direction)) > 1 else "The direction"
+    pushed = f", the first also subtracted at its hook at strength {push:g}," if push else ""
     description = (
-        f"{what} ablated at every layer, only for prompts the gate fires on. Threshold "
+        f"{what} ablated at every layer{pushed} only for prompts the gate fires on. Threshold "
         f"from train prompts (false-positive rate <= {calibration.target_fpr}: "
         f"{train.false_positive_rate:.3f} of {train.quiet_count}, fires on "
         f"{train.true_positive_rate:.3f} of {train.fire_count}); validation: fires on "
@@ -244,7 +248,7 @@ def gated_ablation_recipe(
         f"fire on and {validation.false_positive_rate:.3f} of {validation.quiet_count} it "
         f"should not."
     )
-    recipe = ablation_recipe(direction, weight, gate=gate, description=description)
+    recipe = ablation_recipe(direction, weight, push=push, gate=gate, description=description)
     path = out / "gated.toml"
     path.write_text(recipe_to_toml(recipe))
     return path
@@ -254,17 +258,25 @@ def ablation_recipe(
     direction: Path | Sequence[Path],
     weight: float = 1.0,
     *,
+    push: float = 0.0,
     gate: EditGate | None = None,
     description: str = "",
 ) -> EditRecipe:
     """The artifact at ``direction`` (or each of several) ablated at every layer (the weight
-    form ``steer bake`` writes), behind ``gate`` if given."""
+    form ``steer bake`` writes), behind ``gate`` if given. With ``push``, the first direction
+    is also subtracted at its own hook (activation addition at strength ``-push``, behind the
+    same gate): the ablated model's writers no longer write along it, so what the push leaves
+    in the residual stream stays there for every later layer."""
     directions = _paths(direction)
     if not directions:
         raise InvalidArgumentError("no direction to ablate", field="direction")
-    edits = tuple(
+    if not math.isfinite(push):
+        raise InvalidArgumentError(f"push must be a finite number, got {push}", field="push")
+    edits: tuple[AblateEdit | AddEdit, ...] = tuple(
         AblateEdit(direction=str(path.resolve()), weight=weight, gate=gate) for path in directions
     )
+    if push:
+        edits += (AddEdit(vector=str(directions[0].resolve()), strength=-push, gate=gate),)
     name = "ablation" if gate is None else "gated-ablation"
     return EditRecipe(edits=edits, name=name, description=description)
 
