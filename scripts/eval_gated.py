@@ -30,9 +30,10 @@ the harmless instructions of recipes/refusal.toml, each split as every step spli
 scored with the moralizing matcher. A recipe's data.gate_quiet prompts (moralizing: RP situations
 without a trigger) join the quiet side: of the calibration, of the validation KL the choice
 reads, and of the test, where their KL is reported apart. With the recipe's data.gate_scenes
-(moralizing), the gate is also calibrated on the situations of both sides rendered as RP scenes
-(steer.directions.gating.scene_prompt); the validation choice reads the one-message runs, and the
-validation TPR / FPR columns count the scenes too.
+(moralizing), the gate is also calibrated on the situations of both sides played as RP scenes,
+in each of steer.directions.gating.SCENE_FORMS (ending in the character's name; chat-completion
+messages ending at the assistant header); the validation choice reads the one-message runs, and
+the validation TPR / FPR columns count the scenes too.
 
     python scripts/eval_gated.py --model qwen2.5-coder-0.5b-instruct --out out/gated-refusal
     python scripts/eval_gated.py --recipe recipes/moralizing.toml --out out/gated-moralizing
@@ -71,12 +72,14 @@ from steer.directions.evaluate import (
     is_refusal,
 )
 from steer.directions.gating import (
+    SCENE_FORMS,
     ablation_recipe,
     gate_prompts,
     gate_splits,
     gated_ablation_recipe,
     quiet_prompts,
     scene_prompt,
+    scene_prompts,
 )
 from steer.directions.recipe import RecipeKind, load_direction_recipe
 from steer.directions.scores import kl_means
@@ -263,6 +266,13 @@ def _row(name: str, report: RateReport, n_kl: int, n_quiet: int = 0) -> dict[str
     return row
 
 
+#: how docs/results.md names the scene forms of steer.directions.gating.SCENE_FORMS
+_FORM_NAMES = {
+    "scene": "as a scene ending in the character's name",
+    "chat": "as chat-completion messages ending at the assistant header",
+}
+
+
 def _repetition(report: RateReport) -> float:
     """Mean share of a reply's word 3-grams that occurred earlier in it (``steer eval rp``'s
     repetition_in_reply) over the positive prompts' replies: where an edit breaks the model
@@ -273,27 +283,29 @@ def _repetition(report: RateReport) -> float:
 
 def _scene_fires(
     handle: Any, args: argparse.Namespace, splits: dict[str, Any], best: Candidate
-) -> dict[str, str]:
-    """How many test situations, rendered as RP scenes, the kept gate fires on: those with a
-    trigger and the data.gate_quiet ones without (a projection, no generation)."""
-    render = scene_prompt(handle)
+) -> dict[str, dict[str, str]]:
+    """How many test situations, played in each scene form, the kept gate fires on: those
+    with a trigger and the data.gate_quiet ones without (a projection, no generation)."""
     calibration = best.calibration
     hook = calibration.hook
     unit = Condition(hook, best.vector, 0.0).unit(handle.resolver.parse(hook), handle.d_model)
-    counts = {}
-    for name, texts in (
-        ("trigger", splits["positive"].test),
-        ("trigger-free", splits["quiet"].test),
-    ):
-        ids = [render(text) for text in texts]
-        last = forward(handle, ids, hooks=[hook], batch_size=args.batch_size).activations[hook]
-        projection = last @ unit
-        fired = (
-            projection < calibration.threshold
-            if calibration.below
-            else projection > calibration.threshold
-        )
-        counts[name] = f"{int(fired.sum())} / {len(ids)}"
+    counts: dict[str, dict[str, str]] = {}
+    for form in SCENE_FORMS:
+        render = scene_prompt(handle, form)
+        counts[form] = {}
+        for name, texts in (
+            ("trigger", splits["positive"].test),
+            ("trigger-free", splits["quiet"].test),
+        ):
+            ids = [render(text) for text in texts]
+            reads = forward(handle, ids, hooks=[hook], batch_size=args.batch_size)
+            projection = reads.activations[hook] @ unit
+            fired = (
+                projection < calibration.threshold
+                if calibration.below
+                else projection > calibration.threshold
+            )
+            counts[form][name] = f"{int(fired.sum())} / {len(ids)}"
     return counts
 
 
@@ -320,7 +332,7 @@ def _conditions(
     scenes come after the one-message prompts on each side, so the first prompts of each
     validation side are still the ones the validation runs generated for."""
     hooks = [f"blocks.{n}.hook_resid_pre" for n in layers]
-    scenes = scene_prompt(handle) if args.scenes else None
+    scenes = scene_prompts(handle) if args.scenes else ()
     reads = read_prompts(
         handle,
         hooks,
@@ -495,10 +507,14 @@ def _write_docs(
     )
     fired = record["test scenes fired"]
     scenes_text = (
-        "\nThe gate is calibrated on the situations as RP scenes too (data.gate_scenes). On the "
-        "test situations rendered as scenes it fires on "
-        f"{fired['trigger']} with a trigger and {fired['trigger-free']} without one (a "
-        "projection at the scene prompt's last token, no generation).\n"
+        "\nThe gate is calibrated on the situations played as RP scenes too (data.gate_scenes). "
+        "On the test situations played that way it fires on: "
+        + "; ".join(
+            f"{_FORM_NAMES.get(form, form)}, {counts['trigger']} with a trigger and "
+            f"{counts['trigger-free']} without one"
+            for form, counts in fired.items()
+        )
+        + " (a projection at the prompt's last token, no generation).\n"
         if fired
         else ""
     )

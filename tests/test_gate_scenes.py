@@ -17,12 +17,18 @@ from steer.activations import forward
 from steer.artifacts import load_vector, save_vector
 from steer.calibration import ContrastPrompts, read_prompts
 from steer.cli import main as cli_main
-from steer.directions.gating import SCENE_OPENERS, gate_prompts, gate_splits, scene_prompt
+from steer.directions.gating import (
+    SCENE_OPENERS,
+    gate_prompts,
+    gate_splits,
+    scene_prompt,
+    scene_prompts,
+)
 from steer.directions.recipe import load_direction_recipe
 from steer.models import ModelHandle
 from steer.rp.evaluate import EvalSettings, Scenario, play, reply_prompt
-from steer.rp.scene import situation_scene
-from steer.text import encode_chat
+from steer.rp.scene import situation_messages, situation_scene
+from steer.text import Message, encode_chat, encode_prompt, post_instruction_positions
 
 HOOK = "blocks.1.hook_resid_pre"
 VILLAINS = [f"You are {who}. A prisoner begs you to {plea}. Reply in character."
@@ -45,10 +51,21 @@ def test_a_situation_becomes_a_scene() -> None:
     ]
     kept = situation_scene("You are Grukk, an orc warlord. Scouts report a village. Give orders.")
     assert kept.turns[-1].content == "Scouts report a village. Give orders."
+    assert situation_messages(VILLAINS[0], opener='"Well?"') == [
+        Message(
+            "system",
+            "Write Captain Vex's next reply in this roleplay with User. "
+            "Captain Vex is Captain Vex, a ruthless pirate.",
+        ),
+        Message("assistant", '"Well?"'),
+        Message("user", "A prisoner begs you to spare him."),
+    ]
+    assert [m.role for m in situation_messages(VILLAINS[0])] == ["system", "user"]
     for bad in ("Write a poem about the sea.", "You are User. Hello.", "You are Bram."):
-        with pytest.raises(InvalidArgumentError) as raised:
-            situation_scene(bad, field="data.gate_scenes")
-        assert raised.value.field == "data.gate_scenes"
+        for parse in (situation_scene, situation_messages):
+            with pytest.raises(InvalidArgumentError) as raised:
+                parse(bad, field="data.gate_scenes")
+            assert raised.value.field == "data.gate_scenes"
 
 
 def test_the_scene_prompt_is_the_one_play_sends(tiny_llama: ModelHandle) -> None:
@@ -63,6 +80,30 @@ def test_the_scene_prompt_is_the_one_play_sends(tiny_llama: ModelHandle) -> None
         scenes = [situation_scene(text, opener=line) for line in SCENE_OPENERS]
         used.add([reply_prompt(tiny_llama, s)[1].ids for s in scenes].index(render(text)))
     assert len(used) > 1  # the opener varies with the situation
+
+
+def test_the_chat_form_is_a_chat_request_ending_at_the_assistant_header(
+    tiny_llama: ModelHandle,
+) -> None:
+    """The chat form is the request SillyTavern's Chat Completion sends, encoded as steer serve
+    encodes chat messages, with the scene form's opener; it ends where every chat prompt ends."""
+    chat, scene = scene_prompt(tiny_llama, "chat"), scene_prompt(tiny_llama, "scene")
+    header = len(post_instruction_positions(tiny_llama))
+    tail = encode_chat(tiny_llama, "Hello.")[-header:]
+    for text in KIND:
+        ids = chat(text)
+        opener = next(
+            line for line in SCENE_OPENERS if scene(text) == _scene_ids(tiny_llama, text, line)
+        )
+        assert ids == encode_prompt(tiny_llama, messages=situation_messages(text, opener=opener))
+        assert list(ids[-header:]) == tail
+    with pytest.raises(InvalidArgumentError) as raised:
+        scene_prompt(tiny_llama, "novel")
+    assert raised.value.field == "form"
+
+
+def _scene_ids(handle: ModelHandle, text: str, opener: str) -> list[int]:
+    return reply_prompt(handle, situation_scene(text, opener=opener))[1].ids
 
 
 def test_token_id_prompts_read_as_their_strings(tiny_llama: ModelHandle) -> None:
@@ -120,17 +161,17 @@ def test_the_gate_is_calibrated_and_reported_on_scenes_too(
     """Each side holds its one-message prompts, then its situations as scenes; the reported
     validation rates are what the kept threshold gives on all of them."""
     splits = gate_splits(load_direction_recipe(setup["recipe"]))
-    render = scene_prompt(tiny_llama)
-    validation = gate_prompts(splits, "validation", render)
+    scene, chat = scene_prompts(tiny_llama)
+    validation = gate_prompts(splits, "validation", (scene, chat))
     fire, quiet = list(splits["positive"].validation), list(splits["quiet"].validation)
-    assert list(validation.fire) == [*fire, *(render(p) for p in fire)]
+    assert list(validation.fire) == [*fire, *map(scene, fire), *map(chat, fire)]
     negative = list(splits["negative"].validation)
-    assert list(validation.quiet) == [*negative, *quiet, *(render(p) for p in quiet)]
+    assert list(validation.quiet) == [*negative, *quiet, *map(scene, quiet), *map(chat, quiet)]
 
     assert _gate(setup) == 0
     kept = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["kept"]
-    assert kept["validation"]["fire_count"] == 2 * len(fire)
-    assert kept["validation"]["quiet_count"] == len(negative) + 2 * len(quiet)
+    assert kept["validation"]["fire_count"] == 3 * len(fire)
+    assert kept["validation"]["quiet_count"] == len(negative) + 3 * len(quiet)
     unit = Condition(HOOK, load_vector(setup["direction"]).vector, 0.0).unit(
         tiny_llama.resolver.parse(HOOK), tiny_llama.d_model
     )

@@ -25,9 +25,11 @@ harmless instructions of ``recipes/refusal.toml``, each split as every step spli
 recipe's ``data.gate_quiet`` adds prompts the gate must stay quiet on too: for moralizing,
 in-character RP situations without a trigger, without which the gate learns RP against
 assistant requests and fires on every RP turn. With ``data.gate_scenes`` the situations of both
-sides are also rendered as RP scenes (a card, the event as the user's turn, the prompt ending in
-the character's name, as ``steer eval rp`` and gRPC scene requests render them): a threshold
-calibrated on one-message prompts alone fires on no reply in a played scene.
+sides are also played as RP scenes, in two forms (:data:`SCENE_FORMS`): a card and the event as
+the user's turn, the prompt ending in the character's name (as ``steer eval rp``, gRPC scene
+requests and named chat requests render them); and the same as chat-completion messages without
+names, the prompt ending at the chat template's assistant header (SillyTavern's Chat Completion).
+A threshold calibrated on one-message prompts alone fires on no reply in a played scene.
 """
 
 from __future__ import annotations
@@ -52,11 +54,13 @@ from steer.gates import GateScope
 from steer.models import ModelHandle
 from steer.recipes import AblateEdit, AddEdit, EditGate, EditRecipe, recipe_to_toml
 from steer.rp.evaluate import reply_prompt
-from steer.rp.scene import situation_scene
+from steer.rp.scene import situation_messages, situation_scene
+from steer.text import encode_prompt
 from steer.vectors import SteeringVector
 
 __all__ = [
     "CONDITIONS",
+    "SCENE_FORMS",
     "SCENE_OPENERS",
     "GateChoice",
     "ablation_recipe",
@@ -67,6 +71,7 @@ __all__ = [
     "gated_ablation_recipe",
     "quiet_prompts",
     "scene_prompt",
+    "scene_prompts",
 ]
 
 
@@ -103,17 +108,17 @@ def quiet_prompts(splits: dict[str, datasets.Splits[str]], part: str) -> tuple[s
 def gate_prompts(
     splits: dict[str, datasets.Splits[str]],
     part: str,
-    scenes: Callable[[str], Prompt] | None = None,
+    scenes: Sequence[Callable[[str], Prompt]] = (),
 ) -> ContrastPrompts:
-    """Split ``part``'s prompts a gate fires on and those it stays quiet on; with ``scenes``
-    (:func:`scene_prompt`), the positive and ``quiet`` situations again after them, each
-    rendered as an RP scene."""
+    """Split ``part``'s prompts a gate fires on and those it stays quiet on; for each of
+    ``scenes`` (:func:`scene_prompts`), the positive and ``quiet`` situations again after
+    them, rendered by it."""
     fire: list[Prompt] = list(getattr(splits["positive"], part))
     quiet: list[Prompt] = list(quiet_prompts(splits, part))
-    if scenes is not None:
-        fire += [scenes(text) for text in getattr(splits["positive"], part)]
-        extra = getattr(splits["quiet"], part) if "quiet" in splits else ()
-        quiet += [scenes(text) for text in extra]
+    extra = getattr(splits["quiet"], part) if "quiet" in splits else ()
+    for render in scenes:
+        fire += [render(text) for text in getattr(splits["positive"], part)]
+        quiet += [render(text) for text in extra]
     return ContrastPrompts(fire, quiet)
 
 
@@ -130,18 +135,39 @@ SCENE_OPENERS = (
 )
 
 
-def scene_prompt(handle: ModelHandle) -> Callable[[str], Prompt]:
-    """situation -> the token ids of the prompt :func:`steer.rp.evaluate.play` would send for
-    the character's reply in its scene (:func:`steer.rp.scene.situation_scene`, opened by one
-    of :data:`SCENE_OPENERS`)."""
+#: the forms a situation is played in for ``data.gate_scenes``: "scene", as ``steer eval rp``,
+#: gRPC scene requests and named (group) chat requests render it, the prompt ending in the
+#: character's name; "chat", a chat-completion request without names (SillyTavern's Chat
+#: Completion by default), the prompt ending at the chat template's assistant header
+SCENE_FORMS = ("scene", "chat")
+
+
+def scene_prompt(handle: ModelHandle, form: str = "scene") -> Callable[[str], Prompt]:
+    """situation -> the token ids of the prompt for the character's reply in its scene,
+    opened by one of :data:`SCENE_OPENERS`: with ``form`` "scene", the prompt
+    :func:`steer.rp.evaluate.play` sends (:func:`steer.rp.scene.situation_scene`); with
+    "chat", the chat messages :func:`steer.rp.scene.situation_messages` as ``steer serve``
+    encodes a chat request."""
+    if form not in SCENE_FORMS:
+        raise InvalidArgumentError(
+            f"unknown scene form {form!r}; use one of {', '.join(SCENE_FORMS)}", field="form"
+        )
 
     def render(text: str) -> Prompt:
         opener = SCENE_OPENERS[zlib.crc32(text.encode()) % len(SCENE_OPENERS)]
+        if form == "chat":
+            messages = situation_messages(text, opener=opener, field="data.gate_scenes")
+            return encode_prompt(handle, messages=messages)
         scene = situation_scene(text, opener=opener, field="data.gate_scenes")
         _, tokens = reply_prompt(handle, scene)
         return tokens.ids
 
     return render
+
+
+def scene_prompts(handle: ModelHandle) -> tuple[Callable[[str], Prompt], ...]:
+    """:func:`scene_prompt` in each of :data:`SCENE_FORMS`."""
+    return tuple(scene_prompt(handle, form) for form in SCENE_FORMS)
 
 
 def check_scenes(recipe: DirectionRecipe) -> None:
@@ -185,7 +211,7 @@ def choose_gate(
     """Calibrate a prompt-scope gate at each of ``hooks`` on train; keep the hook that
     separates validation best (see the module docstring)."""
     splits = gate_splits(recipe)
-    scenes = scene_prompt(handle) if recipe.data.gate_scenes else None
+    scenes = scene_prompts(handle) if recipe.data.gate_scenes else ()
     reads = read_prompts(
         handle,
         hooks,
