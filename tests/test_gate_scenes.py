@@ -6,6 +6,7 @@ and the reported figures count the scenes."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -27,8 +28,8 @@ from steer.directions.gating import (
 from steer.directions.recipe import load_direction_recipe
 from steer.models import ModelHandle
 from steer.rp.evaluate import EvalSettings, Scenario, play, reply_prompt
-from steer.rp.scene import situation_messages, situation_scene
-from steer.text import Message, encode_chat, encode_prompt, post_instruction_positions
+from steer.rp.scene import situation_scene
+from steer.text import encode_chat, post_instruction_positions
 
 HOOK = "blocks.1.hook_resid_pre"
 VILLAINS = [f"You are {who}. A prisoner begs you to {plea}. Reply in character."
@@ -51,21 +52,10 @@ def test_a_situation_becomes_a_scene() -> None:
     ]
     kept = situation_scene("You are Grukk, an orc warlord. Scouts report a village. Give orders.")
     assert kept.turns[-1].content == "Scouts report a village. Give orders."
-    assert situation_messages(VILLAINS[0], opener='"Well?"') == [
-        Message(
-            "system",
-            "Write Captain Vex's next reply in this roleplay with User. "
-            "Captain Vex is Captain Vex, a ruthless pirate.",
-        ),
-        Message("assistant", '"Well?"'),
-        Message("user", "A prisoner begs you to spare him."),
-    ]
-    assert [m.role for m in situation_messages(VILLAINS[0])] == ["system", "user"]
     for bad in ("Write a poem about the sea.", "You are User. Hello.", "You are Bram."):
-        for parse in (situation_scene, situation_messages):
-            with pytest.raises(InvalidArgumentError) as raised:
-                parse(bad, field="data.gate_scenes")
-            assert raised.value.field == "data.gate_scenes"
+        with pytest.raises(InvalidArgumentError) as raised:
+            situation_scene(bad, field="data.gate_scenes")
+        assert raised.value.field == "data.gate_scenes"
 
 
 def test_the_scene_prompt_is_the_one_play_sends(tiny_llama: ModelHandle) -> None:
@@ -85,24 +75,27 @@ def test_the_scene_prompt_is_the_one_play_sends(tiny_llama: ModelHandle) -> None
 def test_the_chat_form_is_a_chat_request_ending_at_the_assistant_header(
     tiny_llama: ModelHandle,
 ) -> None:
-    """The chat form is the request SillyTavern's Chat Completion sends, encoded as steer serve
-    encodes chat messages, with the scene form's opener; it ends where every chat prompt ends."""
+    """The chat form is the scene form's scene, opener included, as a chat-completion request
+    without names under a system prompt asking for the reply: it ends where every chat prompt
+    ends, not at the character's name."""
     chat, scene = scene_prompt(tiny_llama, "chat"), scene_prompt(tiny_llama, "scene")
     header = len(post_instruction_positions(tiny_llama))
     tail = encode_chat(tiny_llama, "Hello.")[-header:]
     for text in KIND:
-        ids = chat(text)
-        opener = next(
-            line for line in SCENE_OPENERS if scene(text) == _scene_ids(tiny_llama, text, line)
+        opener = next(line for line in SCENE_OPENERS if scene(text) == _ids(tiny_llama, text, line))
+        played = replace(
+            situation_scene(text, opener=opener),
+            system=f"Write {text[8:].split(',')[0]}'s next reply in this roleplay with User.",
         )
-        assert ids == encode_prompt(tiny_llama, messages=situation_messages(text, opener=opener))
-        assert list(ids[-header:]) == tail
+        rendered, tokens = reply_prompt(tiny_llama, played, format="chat_completion")
+        assert chat(text) == tokens.ids and list(tokens.ids[-header:]) == tail
+        assert opener in rendered.text and "User:" not in rendered.text
     with pytest.raises(InvalidArgumentError) as raised:
         scene_prompt(tiny_llama, "novel")
     assert raised.value.field == "form"
 
 
-def _scene_ids(handle: ModelHandle, text: str, opener: str) -> list[int]:
+def _ids(handle: ModelHandle, text: str, opener: str) -> list[int]:
     return reply_prompt(handle, situation_scene(text, opener=opener))[1].ids
 
 

@@ -29,6 +29,7 @@ from steer.rp.cards import PNG_SIGNATURE, card_to_json
 from steer.rp.evaluate import load_scenarios
 from steer.rp.formats import TemplateFormat
 from steer.rp.presets import PRESETS, load_preset
+from steer.text import Message, encode_messages
 
 REIMU = Character(
     "Reimu",
@@ -158,6 +159,42 @@ def test_instruct_formats_golden() -> None:
         get_format("chat_template").render(scene, "Ann", tokenizer=tokenizer).text
         == get_format("chatml").render(scene, "Ann").text
     )
+
+
+def test_chat_completion_is_a_chat_request_without_names() -> None:
+    """What a chat-completion request without speaker names sends, token for token as
+    ``steer serve`` encodes its messages; the character's words are still labelled hers."""
+    scene = Scene(
+        characters=(Character("Ann", "A baker."),),
+        user=Character("Bo"),
+        turns=(Turn("Bo", "Hi."), Turn("Ann", "Hello."), Turn("Bo", "Bread?")),
+    )
+    tokenizer = tiny_tokenizer()
+    rendered = get_format("chat_completion").render(scene, "Ann", tokenizer=tokenizer)
+    assert rendered.text == (
+        "<|im_start|>system\nAnn's Persona: A baker.<|im_end|>\n"
+        "<|im_start|>user\nHi.<|im_end|>\n<|im_start|>assistant\nHello.<|im_end|>\n"
+        "<|im_start|>user\nBread?<|im_end|>\n<|im_start|>assistant\n"
+    )
+    messages = [
+        Message("system", "Ann's Persona: A baker."),
+        Message("user", "Hi."),
+        Message("assistant", "Hello."),
+        Message("user", "Bread?"),
+    ]
+    tokens = tokenize(tokenizer, rendered)
+    assert list(tokens.ids) == encode_messages(tokenizer, messages)
+    words = {"Ann": "Hello.", "Bo": "Hi. Bread?"}
+    for (start, end), speaker in zip(
+        tokenizer(rendered.text, add_special_tokens=False, return_offsets_mapping=True)[
+            "offset_mapping"
+        ],
+        tokens.speakers,
+        strict=True,
+    ):
+        if speaker is not None:
+            assert rendered.text[start:end].strip() in words[speaker]
+    assert "Ann" in tokens.speakers and tokens.speakers[-1] is None
 
 
 def test_user_template_format() -> None:

@@ -37,7 +37,7 @@ from __future__ import annotations
 import math
 import zlib
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -54,8 +54,7 @@ from steer.gates import GateScope
 from steer.models import ModelHandle
 from steer.recipes import AblateEdit, AddEdit, EditGate, EditRecipe, recipe_to_toml
 from steer.rp.evaluate import reply_prompt
-from steer.rp.scene import situation_messages, situation_scene
-from steer.text import encode_prompt
+from steer.rp.scene import situation_scene
 from steer.vectors import SteeringVector
 
 __all__ = [
@@ -143,11 +142,11 @@ SCENE_FORMS = ("scene", "chat")
 
 
 def scene_prompt(handle: ModelHandle, form: str = "scene") -> Callable[[str], Prompt]:
-    """situation -> the token ids of the prompt for the character's reply in its scene,
-    opened by one of :data:`SCENE_OPENERS`: with ``form`` "scene", the prompt
-    :func:`steer.rp.evaluate.play` sends (:func:`steer.rp.scene.situation_scene`); with
-    "chat", the chat messages :func:`steer.rp.scene.situation_messages` as ``steer serve``
-    encodes a chat request."""
+    """situation -> the token ids of the prompt :func:`steer.rp.evaluate.play` sends for the
+    character's reply in its scene (:func:`steer.rp.scene.situation_scene`, opened by one of
+    :data:`SCENE_OPENERS`): with ``form`` "scene", in the ``chat_template`` format; with
+    "chat", in ``chat_completion`` (no names), under a system prompt asking for the
+    character's next reply, as a chat-completion front end sends it."""
     if form not in SCENE_FORMS:
         raise InvalidArgumentError(
             f"unknown scene form {form!r}; use one of {', '.join(SCENE_FORMS)}", field="form"
@@ -155,11 +154,12 @@ def scene_prompt(handle: ModelHandle, form: str = "scene") -> Callable[[str], Pr
 
     def render(text: str) -> Prompt:
         opener = SCENE_OPENERS[zlib.crc32(text.encode()) % len(SCENE_OPENERS)]
-        if form == "chat":
-            messages = situation_messages(text, opener=opener, field="data.gate_scenes")
-            return encode_prompt(handle, messages=messages)
         scene = situation_scene(text, opener=opener, field="data.gate_scenes")
-        _, tokens = reply_prompt(handle, scene)
+        if form == "chat":
+            main = f"Write {scene.names[0]}'s next reply in this roleplay with User."
+            _, tokens = reply_prompt(handle, replace(scene, system=main), format="chat_completion")
+        else:
+            _, tokens = reply_prompt(handle, scene)
         return tokens.ids
 
     return render

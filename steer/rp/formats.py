@@ -10,6 +10,8 @@ Registered formats (``FORMATS``):
 * ``chat_template`` -- the tokenizer's own chat template (default); characters are the assistant,
   the user's persona is the user, names prefix every message (a model without a chat template:
   :mod:`steer.text`'s plain rule, one message per line)
+* ``chat_completion`` -- the same without names: a chat-completion request's prompt, ending at
+  the template's generation prompt
 * ``chatml``, ``mistral``, ``llama3`` -- the instruct formats written out
 * ``alpaca`` -- LimaRP's extended Alpaca (``### Instruction:`` with personas and scenario,
   ``### Input:`` / ``### Response: (length = medium)``)
@@ -181,6 +183,8 @@ class ChatTemplate:
     it."""
 
     name = "chat_template"
+    #: "Name: " before every message and the reply (not in :class:`ChatCompletion`)
+    names = True
 
     def render(
         self, scene: Scene, speaker: str, *, length: str | None = None, tokenizer: Any = None
@@ -202,7 +206,8 @@ class ChatTemplate:
         for turn in scene.turns:
             role = role_of(scene, turn)
             if turn.kind == "message":
-                content, who = f"{turn.speaker}: {turn.content}", turn.speaker
+                content = f"{turn.speaker}: {turn.content}" if self.names else turn.content
+                who = turn.speaker
             elif turn.kind == "ooc":
                 content, who = f"(OOC: {turn.content})", None
             else:
@@ -228,13 +233,22 @@ class ChatTemplate:
             cursor = start + len(content)
             if who is not None:
                 spans.append((start, cursor, who))
-        prefix = f"{speaker}:"
-        spans.append((len(text), len(text) + len(prefix), speaker))
+        prefix = f"{speaker}:" if self.names else ""
+        if prefix:
+            spans.append((len(text), len(text) + len(prefix), speaker))
         stops = [tokenizer.eos_token] if getattr(tokenizer, "eos_token", None) else []
         user = f"\n{scene.user.name}:"
         return Rendered(
             text + prefix, tuple(spans), tuple(dict.fromkeys([*stops, user])), speaker, (user,)
         )
+
+
+class ChatCompletion(ChatTemplate):
+    """The chat template without names, ending at its generation prompt: a chat-completion
+    request without speaker names (SillyTavern's Chat Completion default; ``steer serve``)."""
+
+    name = "chat_completion"
+    names = False
 
 
 # -------------------------------------------------------------------------------------------------
@@ -434,7 +448,8 @@ def register(prompt_format: PromptFormat) -> PromptFormat:
     return prompt_format
 
 
-for _format in (ChatTemplate(), ChatML(), Mistral(), Llama3(), Alpaca(), Limamono(), ShoriRP()):
+_BUILT_IN = (ChatTemplate(), ChatCompletion(), ChatML(), Mistral(), Llama3(), Alpaca())
+for _format in (*_BUILT_IN, Limamono(), ShoriRP()):
     register(_format)
 
 

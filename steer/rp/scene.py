@@ -9,7 +9,6 @@ from typing import Any, TypeVar
 
 from steer.errors import InvalidArgumentError
 from steer.json_input import json_type
-from steer.text import Message
 
 #: what a turn is: an in-character message, out-of-character talk, or an author's note
 TURN_KINDS = ("message", "ooc", "note")
@@ -194,27 +193,6 @@ def situation_scene(text: str, *, opener: str = "", field: str = "situation") ->
     Reply in character.") as a scene: a card saying who the character is, the character's
     ``opener`` line if given, then the event as the user's turn (without the "Reply in
     character." cue). The character is named by what precedes the first comma of WHO."""
-    name, who, event = _situation(text, field)
-    turns = (Turn(name, opener),) if opener else ()
-    return Scene(
-        characters=(Character(name, description=f"{{{{char}}}} is {who}."),),
-        user=Character("User"),
-        turns=(*turns, Turn("User", event)),
-    )
-
-
-def situation_messages(text: str, *, opener: str = "", field: str = "situation") -> list[Message]:
-    """The same situation as a chat-completion request without speaker names (SillyTavern's
-    Chat Completion by default): a system prompt asking for the character's next reply, with
-    the card; the ``opener`` as the assistant's turn if given; the event as the user's."""
-    name, who, event = _situation(text, field)
-    system = f"Write {name}'s next reply in this roleplay with User. {name} is {who}."
-    opening = [Message("assistant", opener)] if opener else []
-    return [Message("system", system), *opening, Message("user", event)]
-
-
-def _situation(text: str, field: str) -> tuple[str, str, str]:
-    """(name, who, event) of "You are WHO. EVENT"; the error names ``field``."""
     match = _SITUATION.fullmatch(text)
     if match is None:
         raise InvalidArgumentError(f"expected 'You are WHO. EVENT', got {text[:60]!r}", field=field)
@@ -223,4 +201,9 @@ def _situation(text: str, field: str) -> tuple[str, str, str]:
     name = who.split(",")[0].strip()
     if name == "User":
         raise InvalidArgumentError("the character cannot be named 'User'", field=field)
-    return name, who, event
+    turns = (Turn(name, opener),) if opener else ()
+    return Scene(
+        characters=(Character(name, description=f"{{{{char}}}} is {who}."),),
+        user=Character("User"),
+        turns=(*turns, Turn("User", event)),
+    )
