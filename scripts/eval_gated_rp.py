@@ -77,6 +77,12 @@ def _parser() -> argparse.ArgumentParser:
         help="play only the scenes WITH one of --skip-tags (docs section gated-rp-triggers)",
     )
     parser.add_argument("--preset", default="near-greedy")
+    parser.add_argument(
+        "--format",
+        default="chat_template",
+        help="prompt format the scenes are played in (steer.rp.formats; chat_completion: as a "
+        "chat-completion request without names, ending at the assistant header)",
+    )
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--resamples", type=int, default=2000)
@@ -125,6 +131,7 @@ def main() -> int:
         sampling=replace(load_preset(args.preset), seed=None),
         max_new_tokens=args.max_new_tokens,
         rounds=args.rounds,
+        format=args.format,
     )
     edits: dict[str, tuple[Any, ...]] = {
         "unedited": (),
@@ -176,7 +183,8 @@ def _write_docs(args: argparse.Namespace, record: dict[str, Any], command: str) 
 
 Model `{args.model}`; the scenarios of recipes/data/rp_scenarios.jsonl {kind} one of the tags
 {args.skip_tags} ({", ".join(record["scenarios"])}), {args.rounds} replies each, at most
-{args.max_new_tokens} tokens, preset `{args.preset}`, the same seeds for every edit. Each metric
+{args.max_new_tokens} tokens, preset `{args.preset}`, format `{args.format}`, the same seeds for
+every edit. Each metric
 (docs/rp.md) with its 95% bootstrap interval over scenarios (distinct_2 without one: a resample
 that repeats a scenario repeats its replies, which lowers distinct-n); *replies changed*:
 replies whose text differs from the unedited run's. Gated recipes: {gated}.
