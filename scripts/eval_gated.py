@@ -16,7 +16,9 @@ Every choice is made on train and validation, and the test split is measured onc
    threshold) validation rate and KL follow from those runs
    (:func:`gated_report`). Kept: the lowest validation first-token KL among candidates whose
    validation rate at the longest length is at most --max-rate (default: the lowest always-on
-   rate there);
+   rate there); or, with --max-kl, the lowest validation rate among candidates whose
+   validation first-token KL is at most it, ties to the higher validation TPR (a rate of a
+   few dozen prompts ties often; the gate that catches more of them generalises better);
 3. the edits: the direction ablated at every layer at the kept weight (pushed against at the
    kept push), always on and behind the gate;
 4. the test split, once: the rate at each reply length (one greedy generation at the longest,
@@ -139,6 +141,14 @@ def _parser() -> argparse.ArgumentParser:
         "rate of --weights)",
     )
     parser.add_argument(
+        "--max-kl",
+        type=float,
+        default=None,
+        help="keep the lowest validation rate among candidates with a validation first-token "
+        "KL of at most this (ties: the higher validation TPR, then the lower KL) instead of "
+        "the --max-rate rule",
+    )
+    parser.add_argument(
         "--gate-layers", default="", help="candidate gate layers besides the direction's own"
     )
     parser.add_argument("--max-test", type=int, default=0, help="cap test prompts (0 = all)")
@@ -221,16 +231,34 @@ def _rate(report: RateReport) -> float:
 
 
 def _choose_gate(
-    candidates: list[Candidate], max_rate: float
+    candidates: list[Candidate], max_rate: float, max_kl: float | None = None
 ) -> tuple[Candidate, list[dict[str, Any]]]:
     """The lowest validation first-token KL (then multi-token KL) among candidates with a
-    validation rate (longest length) of at most ``max_rate``; the lowest rate if none has."""
+    validation rate (longest length) of at most ``max_rate``; the lowest rate if none has.
+    With ``max_kl``: the lowest validation rate among candidates with a validation first-token
+    KL of at most it (then the higher validation TPR, the lower KL); the lowest KL if none."""
+    if max_kl is not None:
+        within = [c for c in candidates if c.report.kl_first_token <= max_kl + 1e-12]
+        best = (
+            min(within, key=lambda c: (_rate(c.report), -_tpr(c), c.report.kl_first_token))
+            if within
+            else min(candidates, key=lambda c: (c.report.kl_first_token, _rate(c.report)))
+        )
+        return best, _rows(candidates, best)
     allowed = [c for c in candidates if _rate(c.report) <= max_rate + 1e-12]
     if allowed:
         best = min(allowed, key=lambda c: (c.report.kl_first_token, c.report.kl_multi_token))
     else:
         best = min(candidates, key=lambda c: (_rate(c.report), c.report.kl_first_token))
-    rows = [
+    return best, _rows(candidates, best)
+
+
+def _tpr(candidate: Candidate) -> float:
+    return candidate.calibration.validation.true_positive_rate
+
+
+def _rows(candidates: list[Candidate], best: Candidate) -> list[dict[str, Any]]:
+    return [
         {
             "weight": c.weight,
             "push": c.push,
@@ -247,7 +275,6 @@ def _choose_gate(
         }
         for c in candidates
     ]
-    return best, rows
 
 
 def _row(name: str, report: RateReport, n_kl: int, n_quiet: int = 0) -> dict[str, Any]:
@@ -378,7 +405,8 @@ def _gate(
     }
     lowest = min(_rate(report) for report in always.values())
     max_rate = lowest if args.max_rate is None else args.max_rate
-    best, rows = _choose_gate(_candidates(conditions, args.fpr_grid, unedited, always), max_rate)
+    candidates = _candidates(conditions, args.fpr_grid, unedited, always)
+    best, rows = _choose_gate(candidates, max_rate, args.max_kl)
     reference = {
         "unedited rate": _rate(unedited),
         "always on": [
@@ -393,6 +421,7 @@ def _gate(
             for (weight, push), report in always.items()
         ],
         "max rate": max_rate,
+        "max kl": args.max_kl,
     }
     return best, rows, reference
 
@@ -520,14 +549,12 @@ def _write_docs(
     )
     kind = record["kind"]
     v = record["validation"]
-    reached = any(row["validation rate"] <= v["max rate"] + 1e-12 for row in calibration_rows)
-    kept = (
-        ""
-        if reached
-        else "; no candidate reached it, so the lowest validation rate, then the lowest KL"
-    )
-    max_rate_source = (
-        "the lowest always-on validation rate" if args.max_rate is None else "--max-rate"
+    rule = _rule_text(v, args, calibration_rows)
+    best = next(row for row in calibration_rows if row["kept"])
+    kept_text = (
+        f"Kept: weight {best['weight']:g}, push {best['push']:g}; the {best['condition']} gate "
+        f"at `{best['gate hook']}`, threshold {best['threshold']:.4g} (validation TPR "
+        f"{best['validation TPR']:.3f}, FPR {best['validation FPR']:.3f})."
     )
     rated = (
         "moralizing rate on the held-out RP situations (recipes/data/moralizing_pairs.jsonl)"
@@ -557,10 +584,11 @@ weight and push:
 {table(v["always on"], list(v["always on"][0]))}
 
 and these give every candidate's validation figures (a request whose gate fires runs as always
-on, prompt included; any other as unedited). Kept: the lowest validation first-token KL among
-the candidates with a validation rate of at most {v["max rate"]:.3f} ({max_rate_source}){kept}.
+on, prompt included; any other as unedited). {rule}
 
 {table(calibration_rows, list(calibration_rows[0]))}
+
+{kept_text}
 
 Test split, measured once:
 
@@ -578,6 +606,29 @@ Command:
 """
     section = args.section or ("gated" if kind == "refusal" else f"gated-{kind}")
     write_section("results.md", section, markdown)
+
+
+def _rule_text(v: dict[str, Any], args: argparse.Namespace, rows: list[dict[str, Any]]) -> str:
+    """The sentence that states how the kept candidate was chosen."""
+    if v.get("max kl") is not None:
+        within = any(row["validation first-token KL"] <= v["max kl"] + 1e-12 for row in rows)
+        return (
+            "Kept: the lowest validation rate among the candidates with a validation first-"
+            f"token KL of at most {v['max kl']:g} (--max-kl), ties to the higher validation "
+            "TPR, then the lower KL"
+            + ("." if within else "; no candidate reached it, so the lowest KL.")
+        )
+    reached = any(row["validation rate"] <= v["max rate"] + 1e-12 for row in rows)
+    source = "the lowest always-on validation rate" if args.max_rate is None else "--max-rate"
+    return (
+        "Kept: the lowest validation first-token KL among the candidates with a validation "
+        f"rate of at most {v['max rate']:.3f} ({source})"
+        + (
+            "."
+            if reached
+            else "; no candidate reached it, so the lowest validation rate, then the lowest KL."
+        )
+    )
 
 
 if __name__ == "__main__":
