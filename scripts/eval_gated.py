@@ -552,8 +552,8 @@ def _write_docs(
     rule = _rule_text(v, args, calibration_rows)
     best = next(row for row in calibration_rows if row["kept"])
     kept_text = (
-        f"Kept: weight {best['weight']:g}, push {best['push']:g}; the {best['condition']} gate "
-        f"at `{best['gate hook']}`, threshold {best['threshold']:.4g} (validation TPR "
+        f"The row kept: weight {best['weight']:g}, push {best['push']:g}; the "
+        f"{best['condition']} gate at `{best['gate hook']}`, threshold {best['threshold']:.4g} (validation TPR "
         f"{best['validation TPR']:.3f}, FPR {best['validation FPR']:.3f})."
     )
     rated = (
