@@ -553,8 +553,8 @@ def _write_docs(
     best = next(row for row in calibration_rows if row["kept"])
     kept_text = (
         f"The row kept: weight {best['weight']:g}, push {best['push']:g}; the "
-        f"{best['condition']} gate at `{best['gate hook']}`, threshold {best['threshold']:.4g} (validation TPR "
-        f"{best['validation TPR']:.3f}, FPR {best['validation FPR']:.3f})."
+        f"{best['condition']} gate at `{best['gate hook']}`, threshold {best['threshold']:.4g} "
+        f"(validation TPR {best['validation TPR']:.3f}, FPR {best['validation FPR']:.3f})."
     )
     rated = (
         "moralizing rate on the held-out RP situations (recipes/data/moralizing_pairs.jsonl)"
