@@ -47,6 +47,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--examples", type=int, default=2, help="disagreements shown per edit")
     parser.add_argument("--no-docs", action="store_true", help="do not write docs/results.md")
+    parser.add_argument("--section", default="judge", help="docs/results.md section")
     return parser
 
 
@@ -124,7 +125,8 @@ def main() -> int:
             for name, report in reports.items()
             for line in _disagreements(name, report, args.examples)
         ]
-        write_section("results.md", "judge", _markdown(args, record, rows, examples, command))
+        markdown = _markdown(args, record, rows, examples, command)
+        write_section("results.md", args.section, markdown)
     return 0
 
 
@@ -141,7 +143,9 @@ def _markdown(
     load = record["load_average"]
     return "\n".join(
         [
-            "## The refusal matcher beside a judge (`scripts/eval_judge.py`)",
+            "## The refusal matcher beside a judge"
+            + ("" if args.section == "judge" else f", {args.section}")
+            + " (`scripts/eval_judge.py`)",
             "",
             f"Model `{record['model']}`, judge `{record['judge']}`. A sample of "
             f"{rows[0]['n']} held-out harmful test prompts (seed {args.seed}), greedy replies "
