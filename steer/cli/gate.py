@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -70,13 +69,12 @@ def run(args: argparse.Namespace, model_of: Any) -> int:
     """Calibrate, write the recipe, print the choice as JSON."""
     from steer.artifacts import load_vector
     from steer.calibration import CONDITIONS
-    from steer.directions.gating import choose_gate, gated_ablation_recipe
+    from steer.directions.gating import check_push, choose_gate, gated_ablation_recipe
     from steer.directions.preflight import check_data, check_model_source
     from steer.directions.recipe import load_direction_recipe
     from steer.models import load_model
 
-    if not math.isfinite(args.push):
-        raise InvalidArgumentError(f"push must be a finite number, got {args.push}", field="push")
+    check_push(args.push)
     if args.condition not in CONDITIONS:
         raise InvalidArgumentError(
             f"unknown condition {args.condition!r}; use one of {', '.join(CONDITIONS)}",

@@ -63,6 +63,7 @@ __all__ = [
     "SCENE_OPENERS",
     "GateChoice",
     "ablation_recipe",
+    "check_push",
     "check_scenes",
     "choose_gate",
     "gate_prompts",
@@ -296,8 +297,7 @@ def ablation_recipe(
     directions = _paths(direction)
     if not directions:
         raise InvalidArgumentError("no direction to ablate", field="direction")
-    if not math.isfinite(push):
-        raise InvalidArgumentError(f"push must be a finite number, got {push}", field="push")
+    check_push(push)
     edits: tuple[AblateEdit | AddEdit, ...] = tuple(
         AblateEdit(direction=str(path.resolve()), weight=weight, gate=gate) for path in directions
     )
@@ -305,6 +305,12 @@ def ablation_recipe(
         edits += (AddEdit(vector=str(directions[0].resolve()), strength=-push, gate=gate),)
     name = "ablation" if gate is None else "gated-ablation"
     return EditRecipe(edits=edits, name=name, description=description)
+
+
+def check_push(push: float) -> None:
+    """Raise what :func:`ablation_recipe` raises about ``push`` (before a model loads)."""
+    if not math.isfinite(push):
+        raise InvalidArgumentError(f"push must be a finite number, got {push}", field="push")
 
 
 def _paths(direction: Path | Sequence[Path]) -> list[Path]:

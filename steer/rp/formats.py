@@ -448,9 +448,8 @@ def register(prompt_format: PromptFormat) -> PromptFormat:
     return prompt_format
 
 
-_BUILT_IN = (ChatTemplate(), ChatCompletion(), ChatML(), Mistral(), Llama3(), Alpaca())
-for _format in (*_BUILT_IN, Limamono(), ShoriRP()):
-    register(_format)
+for _kind in (ChatTemplate, ChatCompletion, ChatML, Mistral, Llama3, Alpaca, Limamono, ShoriRP):
+    register(_kind())
 
 
 def get_format(name: str) -> PromptFormat:
