@@ -54,7 +54,17 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from report import command_line, emit, machine, rate_evaluator, table, timed, write_section
+from report import (
+    command_line,
+    emit,
+    machine,
+    rate_evaluator,
+    rate_row,
+    reply_repetition,
+    table,
+    timed,
+    write_section,
+)
 
 from steer.activations import forward
 from steer.artifacts import load_vector
@@ -84,10 +94,8 @@ from steer.directions.gating import (
     scene_prompts,
 )
 from steer.directions.recipe import RecipeKind, load_direction_recipe
-from steer.directions.scores import kl_means
 from steer.gates import Condition
 from steer.models import load_model
-from steer.rp.metrics import ngrams, repeated_share, words
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -277,35 +285,11 @@ def _rows(candidates: list[Candidate], best: Candidate) -> list[dict[str, Any]]:
     ]
 
 
-def _row(name: str, report: RateReport, n_kl: int, n_quiet: int = 0) -> dict[str, Any]:
-    """A test row: rates, KL on the first ``n_kl`` negative prompts (harmless), and on the
-    ``n_quiet`` after them (the recipe's ``gate_quiet`` set) the KL and how many it moved."""
-    row: dict[str, Any] = {"edit": name}
-    for entry in report.by_length:
-        row[f"rate @{entry.tokens}"] = f"{entry.rate:.3f} [{entry.low:.3f}, {entry.high:.3f}]"
-    row["first-token KL"], row["multi-token KL"] = kl_means(report.kl_rows[:n_kl])
-    if n_quiet:
-        quiet = report.kl_rows[n_kl:]
-        row["quiet first-token KL"], row["quiet multi-token KL"] = kl_means(quiet)
-        row["quiet moved"] = f"{sum(max(r) > 0 for r in quiet)} / {n_quiet}"
-    row["repetition in reply"] = _repetition(report)
-    row["n"] = f"{report.n} / {n_kl}" + (f" + {n_quiet}" if n_quiet else "")
-    return row
-
-
 #: how docs/results.md names the scene forms of steer.directions.gating.SCENE_FORMS
 _FORM_NAMES = {
     "scene": "as a scene ending in the character's name",
     "chat": "as chat-completion messages ending at the assistant header",
 }
-
-
-def _repetition(report: RateReport) -> float:
-    """Mean share of a reply's word 3-grams that occurred earlier in it (``steer eval rp``'s
-    repetition_in_reply) over the positive prompts' replies: where an edit breaks the model
-    rather than moves it, the rate can drop while the replies loop."""
-    shares = [repeated_share(ngrams(words(e["response"]), 3)) for e in report.examples]
-    return sum(shares) / max(len(shares), 1)
 
 
 def _scene_fires(
@@ -416,7 +400,7 @@ def _gate(
                 "validation rate": _rate(report),
                 "validation first-token KL": report.kl_first_token,
                 "validation multi-token KL": report.kl_multi_token,
-                "validation repetition in reply": _repetition(report),
+                "validation repetition in reply": reply_repetition(report),
             }
             for (weight, push), report in always.items()
         ],
@@ -490,7 +474,7 @@ def main() -> int:
     }
     scene_fires = _scene_fires(handle, args, splits, best) if args.scenes else {}
     load_after = os.getloadavg()[0]
-    rows = [_row(name, report, len(harmless), len(quiet)) for name, report in reports.items()]
+    rows = [rate_row(name, report, len(harmless), len(quiet)) for name, report in reports.items()]
     record = {
         "kind": "moralizing" if recipe.kind is RecipeKind.PAIRS else "refusal",
         "model": args.model,

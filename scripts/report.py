@@ -127,3 +127,31 @@ def command_line() -> str:
     import sys
 
     return shlex.join(["python", f"scripts/{Path(sys.argv[0]).name}", *sys.argv[1:]])
+
+
+def rate_row(name: str, report: Any, n_kl: int, n_quiet: int = 0) -> dict[str, Any]:
+    """A test row: rates, KL on the first ``n_kl`` negative prompts (harmless), and on the
+    ``n_quiet`` after them (the recipe's ``gate_quiet`` set) the KL and how many it moved."""
+    from steer.directions.scores import kl_means
+
+    row: dict[str, Any] = {"edit": name}
+    for entry in report.by_length:
+        row[f"rate @{entry.tokens}"] = f"{entry.rate:.3f} [{entry.low:.3f}, {entry.high:.3f}]"
+    row["first-token KL"], row["multi-token KL"] = kl_means(report.kl_rows[:n_kl])
+    if n_quiet:
+        quiet = report.kl_rows[n_kl:]
+        row["quiet first-token KL"], row["quiet multi-token KL"] = kl_means(quiet)
+        row["quiet moved"] = f"{sum(max(r) > 0 for r in quiet)} / {n_quiet}"
+    row["repetition in reply"] = reply_repetition(report)
+    row["n"] = f"{report.n} / {n_kl}" + (f" + {n_quiet}" if n_quiet else "")
+    return row
+
+
+def reply_repetition(report: Any) -> float:
+    """Mean share of a reply's word 3-grams that occurred earlier in it (``steer eval rp``'s
+    repetition_in_reply) over the positive prompts' replies: where an edit breaks the model
+    rather than moves it, the rate can drop while the replies loop."""
+    from steer.rp.metrics import ngrams, repeated_share, words
+
+    shares = [repeated_share(ngrams(words(e["response"]), 3)) for e in report.examples]
+    return sum(shares) / max(len(shares), 1)

@@ -147,6 +147,28 @@ def test_shipped_contrast_data_is_large_enough_and_unique() -> None:
     assert all(is_moralizing(p.positive) and not is_moralizing(p.negative) for p in pairs)
 
 
+def test_unseen_check_sets_share_nothing_with_the_data_choices_were_made_on() -> None:
+    """scripts/eval_unseen.py's prompts: unique, playable as scenes, and neither a situation nor
+    a character name of the moralizing pairs or the gate's quiet set (what every moralizing
+    choice read)."""
+    from steer.rp.scene import situation_scene
+
+    recipe = load_direction_recipe(datasets.RECIPES_DIR / "moralizing.toml")
+    seen = [pair.prompt for pair in datasets.recipe_pairs(recipe)]
+    seen += datasets.load_prompts("recipes:rp_benign.txt")
+    seen_names = {situation_scene(text).names[0] for text in seen}
+    unseen = {
+        name: datasets.load_prompts(f"recipes:{name}")
+        for name in ("moralizing_unseen.txt", "rp_benign_unseen.txt")
+    }
+    assert (len(unseen["moralizing_unseen.txt"]), len(unseen["rp_benign_unseen.txt"])) == (64, 40)
+    for prompts in unseen.values():
+        assert len(set(prompts)) == len(prompts)
+        assert not set(prompts) & set(seen)
+        assert not {situation_scene(text).names[0] for text in prompts} & seen_names
+    assert not set(unseen["moralizing_unseen.txt"]) & set(unseen["rp_benign_unseen.txt"])
+
+
 def test_splits_are_seeded_disjoint_and_complete() -> None:
     items = [f"p{i}" for i in range(50)]
     first = datasets.split(items, seed=3, train=0.4, validation=0.2)

@@ -1,0 +1,169 @@
+"""Edits on prompts no choice has read; docs/results.md ("unseen").
+
+A test split read by many edits over many sessions stops being held out: every edit kept because
+it did well there was, in part, chosen on it. This script measures finished edits on prompts
+written after those choices were made and never used for one (by default
+recipes/data/moralizing_unseen.txt, villain and dark-fiction RP situations, and
+recipes/data/rp_benign_unseen.txt, RP situations without a trigger). Each edit is measured once,
+unedited first:
+
+* the rate on the unseen prompts (greedy, the moralizing or refusal phrase matcher over each
+  reply's first N tokens, Wilson 95% intervals);
+* first-token and multi-token KL (over the base model's first --kl-tokens greedy tokens) on the
+  held-out harmless test prompts the recipe's gate stays quiet on (recipes/refusal.toml's), and
+  apart on the unseen trigger-free situations, with how many of those the edit moved at all (a
+  gate that does not fire moves none).
+
+Prints one JSON line and writes the section (with --section, another name).
+
+    python scripts/eval_unseen.py --edit gated=out/gated-moralizing/gated.toml \\
+        --edit 'always on=out/gated-moralizing/always.toml'
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from report import (
+    command_line,
+    emit,
+    machine,
+    named,
+    rate_evaluator,
+    rate_row,
+    table,
+    timed,
+    write_section,
+)
+
+from steer.cli.eval_refusal import _lengths, recipe_interventions
+from steer.directions.data import RECIPES_DIR, load_prompts
+from steer.directions.evaluate import is_moralizing, is_refusal
+from steer.directions.gating import gate_splits
+from steer.directions.recipe import load_direction_recipe
+from steer.models import load_model
+
+MATCHERS = {"moralizing": is_moralizing, "refusal": is_refusal}
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="qwen2.5-coder-0.5b-instruct")
+    parser.add_argument(
+        "--edit",
+        action="append",
+        required=True,
+        type=named("--edit"),
+        help="NAME=RECIPE.toml, an edit recipe to measure (repeat; the unedited row comes first)",
+    )
+    parser.add_argument("--matcher", choices=sorted(MATCHERS), default="moralizing")
+    parser.add_argument("--prompts", default="recipes:moralizing_unseen.txt")
+    parser.add_argument(
+        "--quiet",
+        default="recipes:rp_benign_unseen.txt",
+        help="unseen prompts an edit should leave alone, KL reported apart ('' = none)",
+    )
+    parser.add_argument(
+        "--recipe",
+        default=str(RECIPES_DIR / "moralizing.toml"),
+        help="the direction recipe whose held-out harmless test prompts give the KL",
+    )
+    parser.add_argument("--lengths", type=_lengths, default=(16, 64))
+    parser.add_argument("--kl-tokens", type=int, default=32)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--no-docs", action="store_true", help="do not write docs/results.md")
+    parser.add_argument("--section", default="unseen", help="docs/results.md section")
+    return parser
+
+
+def main() -> int:
+    args = _parser().parse_args()
+    command = command_line()
+    load_before = os.getloadavg()[0]
+    seconds: dict[str, float] = {}
+    prompts = load_prompts(args.prompts, field="prompts")
+    quiet = load_prompts(args.quiet, field="quiet") if args.quiet else []
+    harmless = list(gate_splits(load_direction_recipe(args.recipe))["negative"].test)
+    handle = timed(seconds, "load_model", lambda: load_model(args.model))
+    edits = {name: recipe_interventions(path, handle) for name, path in args.edit}
+    evaluate = timed(
+        seconds,
+        "base_continuations",
+        lambda: rate_evaluator(
+            handle,
+            prompts,
+            [*harmless, *quiet],
+            matcher=MATCHERS[args.matcher],
+            lengths=args.lengths,
+            kl_tokens=args.kl_tokens,
+            batch_size=args.batch_size,
+        ),
+    )
+    rows = [rate_row("unedited", timed(seconds, "unedited", evaluate), len(harmless), len(quiet))]
+    for name, interventions in edits.items():
+        report = timed(seconds, name, lambda i=interventions: evaluate(i))
+        rows.append(rate_row(name, report, len(harmless), len(quiet)))
+    record: dict[str, Any] = {
+        "model": args.model,
+        "prompts": args.prompts,
+        "quiet": args.quiet,
+        "edits": dict(args.edit),
+        "rows": rows,
+        "seconds": seconds,
+        "load_average": [round(load_before, 2), round(os.getloadavg()[0], 2)],
+        "machine": machine(),
+    }
+    emit(record)
+    if not args.no_docs:
+        _write_docs(args, record, command, len(prompts), len(harmless), len(quiet))
+    return 0
+
+
+def _write_docs(
+    args: argparse.Namespace,
+    record: dict[str, Any],
+    command: str,
+    n: int,
+    n_harmless: int,
+    n_quiet: int,
+) -> None:
+    columns = [key for key in record["rows"][0] if key != "n"]
+    edits = ", ".join(f"{name} `{path}`" for name, path in args.edit)
+    quiet = (
+        f" and on the {n_quiet} trigger-free situations of `{args.quiet}` (*quiet*; *quiet "
+        "moved*: how many of them the edit changed at all)"
+        if n_quiet
+        else ""
+    )
+    markdown = f"""## Edits on prompts no choice has read (`scripts/eval_unseen.py`)
+
+Model `{args.model}`; {n} prompts of `{args.prompts}`, written after every choice behind these
+edits was made and read once per edit here. Greedy replies, the {args.matcher} phrase matcher
+over each reply's first {", ".join(str(t) for t in args.lengths)} tokens with Wilson 95%
+intervals; first-token KL and KL over the base model's first {args.kl_tokens} greedy tokens on
+the {n_harmless} held-out harmless test prompts of `{Path(args.recipe).name}`'s gate{quiet}.
+Edits: {edits}.
+
+{table(record["rows"], [*columns, "n"])}
+
+Wall times (s): {", ".join(f"{k} {v}" for k, v in record["seconds"].items())}. Measured on
+{record["machine"]}; load average {record["load_average"][0]} before,
+{record["load_average"][1]} after.
+
+Command:
+
+```
+{command}
+```
+"""
+    write_section("results.md", args.section, markdown)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
