@@ -149,13 +149,14 @@ def test_shipped_contrast_data_is_large_enough_and_unique() -> None:
 
 def test_unseen_check_sets_share_nothing_with_the_data_choices_were_made_on() -> None:
     """scripts/eval_unseen.py's prompts: unique, playable as scenes, and neither a situation nor
-    a character name of the moralizing pairs or the gate's quiet set (what every moralizing
-    choice read)."""
+    a character name of the moralizing pairs or the gate's fire and quiet sets (what every
+    moralizing choice read)."""
     from steer.rp.scene import situation_scene
 
     recipe = load_direction_recipe(datasets.RECIPES_DIR / "moralizing.toml")
     seen = [pair.prompt for pair in datasets.recipe_pairs(recipe)]
     seen += datasets.load_prompts("recipes:rp_benign.txt")
+    seen += datasets.load_prompts("recipes:moralizing_gate_fire.txt")
     seen_names = {situation_scene(text).names[0] for text in seen}
     unseen = {
         name: datasets.load_prompts(f"recipes:{name}")

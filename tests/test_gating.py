@@ -18,7 +18,13 @@ from steer.activations import encode_chat, forward
 from steer.artifacts import load_vector, save_vector
 from steer.cli import main as cli_main
 from steer.directions.evaluate import generate
-from steer.directions.gating import ablation_recipe, choose_gate, gate_splits, quiet_prompts
+from steer.directions.gating import (
+    ablation_recipe,
+    choose_gate,
+    gate_prompts,
+    gate_splits,
+    quiet_prompts,
+)
 from steer.directions.recipe import load_direction_recipe
 from steer.models import ModelHandle
 from steer.recipes import AblateEdit, AddEdit, EditGate, load_edit_recipe
@@ -180,21 +186,53 @@ def test_gate_quiet_prompts_join_the_quiet_side(
     assert kept["validation"]["false_positive_rate"] == fired / len(validation)
 
 
-def test_gate_quiet_is_checked(setup: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
+def test_gate_fire_prompts_join_the_fire_side_after_the_positive_ones(
+    tiny_llama: ModelHandle, setup: dict[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A recipe's data.gate_fire prompts are split like the others and calibrated and
+    reported as prompts the gate fires on, after the positive set's (whose replies the
+    validation runs of scripts/eval_gated.py generate)."""
+    fire = setup["recipe"].parent / "fire.txt"
+    fire.write_text("\n".join(f"Explain how to pick lock number {n}." for n in range(10)))
     text = setup["recipe"].read_text()
-    setup["recipe"].write_text(text + 'gate_quiet = "no-such-file.txt"\n')
+    setup["recipe"].write_text(text + f'gate_fire = "{fire}"\n')
+    recipe = load_direction_recipe(setup["recipe"])
+    splits = gate_splits(recipe)
+    assert [len(getattr(splits["fire"], part)) for part in PARTS] == [5, 3, 2]
+    validation = gate_prompts(splits, "validation")
+    assert validation.fire == [*splits["positive"].validation, *splits["fire"].validation]
+    assert validation.quiet == list(quiet_prompts(splits, "validation"))
+
+    assert _gate(setup, "--condition", "direction", "--target-fpr", "0.2") == 0
+    kept = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["kept"]
+    assert kept["validation"]["fire_count"] == len(validation.fire)
+    assert kept["train"]["fire_count"] == len(gate_prompts(splits, "train").fire)
+    unit = Condition(kept["hook"], load_vector(setup["direction"]).vector, 0.0).unit(
+        tiny_llama.resolver.parse(kept["hook"]), tiny_llama.d_model
+    )
+    projections = _last_token(tiny_llama, list(validation.fire), kept["hook"]) @ unit
+    fired = int((projections > kept["threshold"]).sum())
+    assert kept["validation"]["true_positive_rate"] == fired / len(validation.fire)
+
+
+@pytest.mark.parametrize("name", ["gate_fire", "gate_quiet"])
+def test_gate_prompt_files_are_checked(
+    setup: dict[str, Path], capsys: pytest.CaptureFixture[str], name: str
+) -> None:
+    text = setup["recipe"].read_text()
+    setup["recipe"].write_text(text + f'{name} = "no-such-file.txt"\n')
     assert _gate(setup) == 1
     err = capsys.readouterr().err
-    assert "data.gate_quiet" in err
+    assert f"data.{name}" in err
     assert "loading" not in err  # checked before the model loads
     assert not setup["out"].exists()
     steering = setup["recipe"].parent / "steering.toml"
     steering.write_text(
-        'kind = "steering"\n[data]\npositive = "a.txt"\nnegative = "b.txt"\ngate_quiet = "c.txt"\n'
+        f'kind = "steering"\n[data]\npositive = "a.txt"\nnegative = "b.txt"\n{name} = "c.txt"\n'
     )
     with pytest.raises(InvalidArgumentError) as raised:
         load_direction_recipe(steering)
-    assert raised.value.field == "data.gate_quiet"
+    assert raised.value.field == f"data.{name}"
 
 
 def test_several_directions_share_the_weight_and_the_gate(

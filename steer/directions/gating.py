@@ -24,7 +24,10 @@ The prompts: a contrast recipe's two sets; a pairs recipe's (moralizing) situati
 harmless instructions of ``recipes/refusal.toml``, each split as every step splits them. A
 recipe's ``data.gate_quiet`` adds prompts the gate must stay quiet on too: for moralizing,
 in-character RP situations without a trigger, without which the gate learns RP against
-assistant requests and fires on every RP turn. With ``data.gate_scenes`` the situations of both
+assistant requests and fires on every RP turn; ``data.gate_fire`` adds prompts it must fire on
+(after the positive set's): for moralizing, more villain situations, without replies (the pairs'
+situations alone gave a gate that fired on too few new ones). With ``data.gate_scenes`` the
+situations of both
 sides are also played as RP scenes, in two forms (:data:`SCENE_FORMS`): a card and the event as
 the user's turn, the prompt ending in the character's name (as ``steer eval rp``, gRPC scene
 requests and named chat requests render them); and the same as chat-completion messages without
@@ -78,8 +81,8 @@ __all__ = [
 def gate_splits(recipe: DirectionRecipe) -> dict[str, datasets.Splits[str]]:
     """``{"positive": Splits, "negative": Splits}``: the prompts a gate for ``recipe``'s
     direction fires on and stays quiet on, train / validation / test; with the recipe's
-    ``data.gate_quiet``, also ``"quiet"``: more prompts it stays quiet on (see
-    :func:`quiet_prompts`)."""
+    ``data.gate_fire``, also ``"fire"``: more prompts it fires on; with ``data.gate_quiet``,
+    ``"quiet"``: more prompts it stays quiet on (see :func:`quiet_prompts`)."""
     data = recipe.data
     if recipe.kind is not RecipeKind.PAIRS:
         splits = dict(contrast_splits(recipe))
@@ -90,19 +93,21 @@ def gate_splits(recipe: DirectionRecipe) -> dict[str, datasets.Splits[str]]:
             situations, seed=data.seed, train=data.train, validation=data.validation
         )
         splits = {"positive": positive, "negative": harmless["negative"]}
-    if data.gate_quiet:
-        prompts = datasets.load_prompts(data.gate_quiet, field="data.gate_quiet", base=recipe.base)
-        splits["quiet"] = datasets.split(
-            prompts, seed=data.seed, train=data.train, validation=data.validation
-        )
+    for name, key in (("gate_fire", "fire"), ("gate_quiet", "quiet")):
+        if getattr(data, name):
+            prompts = datasets.load_prompts(
+                getattr(data, name), field=f"data.{name}", base=recipe.base
+            )
+            splits[key] = datasets.split(
+                prompts, seed=data.seed, train=data.train, validation=data.validation
+            )
     return splits
 
 
 def quiet_prompts(splits: dict[str, datasets.Splits[str]], part: str) -> tuple[str, ...]:
     """Every prompt of split ``part`` ("train", "validation", "test") a gate stays quiet on:
     the negative set's, then the ``quiet`` set's."""
-    extra = getattr(splits["quiet"], part) if "quiet" in splits else ()
-    return (*getattr(splits["negative"], part), *extra)
+    return (*getattr(splits["negative"], part), *_part(splits, "quiet", part))
 
 
 def gate_prompts(
@@ -110,16 +115,21 @@ def gate_prompts(
     part: str,
     scenes: Sequence[Callable[[str], Prompt]] = (),
 ) -> ContrastPrompts:
-    """Split ``part``'s prompts a gate fires on and those it stays quiet on; for each of
-    ``scenes`` (:func:`scene_prompts`), the positive and ``quiet`` situations again after
-    them, rendered by it."""
-    fire: list[Prompt] = list(getattr(splits["positive"], part))
+    """Split ``part``'s prompts a gate fires on (the positive set's first, then the ``fire``
+    set's) and those it stays quiet on; for each of ``scenes`` (:func:`scene_prompts`), the
+    positive, ``fire`` and ``quiet`` situations again after them, rendered by it."""
+    situations = (*getattr(splits["positive"], part), *_part(splits, "fire", part))
+    fire: list[Prompt] = list(situations)
     quiet: list[Prompt] = list(quiet_prompts(splits, part))
-    extra = getattr(splits["quiet"], part) if "quiet" in splits else ()
     for render in scenes:
-        fire += [render(text) for text in getattr(splits["positive"], part)]
-        quiet += [render(text) for text in extra]
+        fire += [render(text) for text in situations]
+        quiet += [render(text) for text in _part(splits, "quiet", part)]
     return ContrastPrompts(fire, quiet)
+
+
+def _part(splits: dict[str, datasets.Splits[str]], name: str, part: str) -> tuple[str, ...]:
+    """Split ``part`` of the set ``name``, or nothing where the recipe has no such set."""
+    return getattr(splits[name], part) if name in splits else ()
 
 
 #: the character's line before the user's turn in a situation's scene (one per situation, by a
@@ -175,7 +185,7 @@ def check_scenes(recipe: DirectionRecipe) -> None:
     """Raise what ``data.gate_scenes`` would raise about a situation that is not
     "You are WHO. EVENT", without a model."""
     splits = gate_splits(recipe)
-    for name in ("positive", "quiet"):
+    for name in ("positive", "fire", "quiet"):
         if name in splits:
             for part in ("train", "validation", "test"):
                 for text in getattr(splits[name], part):

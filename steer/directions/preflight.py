@@ -45,8 +45,9 @@ def check_data(recipe: DirectionRecipe) -> None:
         load_neutral(recipe)
         return
     data = recipe.data
-    if data.gate_quiet:
-        datasets.load_prompts(data.gate_quiet, field="data.gate_quiet", base=recipe.base)
+    for name in ("gate_fire", "gate_quiet"):
+        if getattr(data, name):
+            datasets.load_prompts(getattr(data, name), field=f"data.{name}", base=recipe.base)
     if data.gate_scenes:
         from steer.directions.gating import check_scenes
 

@@ -69,8 +69,12 @@ class DataSection:
     #: (``steer directions gate``; e.g. in-character RP situations with no moralizing trigger,
     #: so the gate learns the trigger rather than RP itself); split like the other sets
     gate_quiet: str = ""
-    #: also calibrate the gate on the positive and gate_quiet prompts, RP situations ("You are
-    #: WHO. EVENT"; moralizing), each rendered as the RP scene steer plays
+    #: prompts a gate for this direction must also fire on, besides the positive ones (e.g.
+    #: more RP situations with a moralizing trigger, without replies: a gate needs more
+    #: varied prompts than a direction needs pairs); split like the other sets
+    gate_fire: str = ""
+    #: also calibrate the gate on the positive, gate_fire and gate_quiet prompts, RP
+    #: situations ("You are WHO. EVENT"; moralizing), each rendered as the RP scene steer plays
     #: (:func:`steer.rp.scene.situation_scene`): in a scene a gate reads the character's name
     #: at the end of the prompt, not the chat template's assistant header, and a threshold
     #: calibrated on one-message prompts does not carry over
@@ -215,6 +219,7 @@ _SEARCH_ONLY: dict[str, frozenset[str] | None] = {
             "filter",
             "filter_by",
             "filter_tokens",
+            "gate_fire",
             "gate_quiet",
             "gate_scenes",
         }
