@@ -29,13 +29,15 @@ The gated recipe (threshold and calibration figures in it) is written to --out. 
 line. A contrast recipe (refusal, custom contrasts) gives the prompts the gate should fire on and
 those it should not; a pairs recipe (moralizing) fires on its RP situations and stays quiet on
 the harmless instructions of recipes/refusal.toml, each split as every step splits them, and is
-scored with the moralizing matcher. A recipe's data.gate_quiet prompts (moralizing: RP situations
-without a trigger) join the quiet side: of the calibration, of the validation KL the choice
-reads, and of the test, where their KL is reported apart. With the recipe's data.gate_scenes
-(moralizing), the gate is also calibrated on the situations of both sides played as RP scenes,
-in each of steer.directions.gating.SCENE_FORMS (ending in the character's name; chat-completion
-messages ending at the assistant header); the validation choice reads the one-message runs, and
-the validation TPR / FPR columns count the scenes too.
+scored with the moralizing matcher. A recipe's data.gate_fire prompts (moralizing: more villain
+situations, no replies) join the fire side of the calibration and of the validation TPR (the
+rates are read on the positive set's replies). A recipe's data.gate_quiet prompts (moralizing:
+RP situations without a trigger) join the quiet side: of the calibration, of the validation KL
+the choice reads, and of the test, where their KL is reported apart. With the recipe's
+data.gate_scenes (moralizing), the gate is also calibrated on the situations of both sides
+played as RP scenes, in each of steer.directions.gating.SCENE_FORMS (ending in the character's
+name; chat-completion messages ending at the assistant header); the validation choice reads the
+one-message runs, and the validation TPR / FPR columns count the scenes too.
 
     python scripts/eval_gated.py --model qwen2.5-coder-0.5b-instruct --out out/gated-refusal
     python scripts/eval_gated.py --recipe recipes/moralizing.toml --out out/gated-moralizing
@@ -510,7 +512,13 @@ def _write_docs(
     also = (
         f" (ablated with {ablated}, at the same weight and behind the same gate)" if ablated else ""
     )
-    quiet_text = (
+    fire_text = (
+        " The recipe's data.gate_fire prompts are fire prompts too: they join the calibration "
+        "and the validation TPR, not the rates (read on the positive set's replies)."
+        if load_direction_recipe(args.recipe).data.gate_fire
+        else ""
+    )
+    quiet_text = fire_text + (
         f" The recipe's data.gate_quiet prompts ({args.recipe}) are quiet prompts too: the gate "
         "is calibrated to stay quiet on them, the validation KL below is over both sets, and "
         "the test table gives their KL (*quiet*) and how many of them the edit moved (first-"

@@ -27,11 +27,11 @@ in-character RP situations without a trigger, without which the gate learns RP a
 assistant requests and fires on every RP turn; ``data.gate_fire`` adds prompts it must fire on
 (after the positive set's): for moralizing, more villain situations, without replies (the pairs'
 situations alone gave a gate that fired on too few new ones). With ``data.gate_scenes`` the
-situations of both
-sides are also played as RP scenes, in two forms (:data:`SCENE_FORMS`): a card and the event as
-the user's turn, the prompt ending in the character's name (as ``steer eval rp``, gRPC scene
-requests and named chat requests render them); and the same as chat-completion messages without
-names, the prompt ending at the chat template's assistant header (SillyTavern's Chat Completion).
+situations of both sides are also played as RP scenes, in two forms (:data:`SCENE_FORMS`): a
+card and the event as the user's turn, the prompt ending in the character's name (as ``steer
+eval rp``, gRPC scene requests and named chat requests render them); and the same as
+chat-completion messages without names, the prompt ending at the chat template's assistant
+header (SillyTavern's Chat Completion).
 A threshold calibrated on one-message prompts alone fires on no reply in a played scene.
 """
 
