@@ -63,6 +63,7 @@ from report import (
     rate_evaluator,
     rate_row,
     reply_repetition,
+    run_footer,
     table,
     timed,
     write_section,
@@ -586,16 +587,7 @@ Test split, measured once:
 
 {table(rows, columns)}
 {scenes_text}
-Wall times (s): {", ".join(f"{k} {v}" for k, v in record["seconds"].items())}. Measured on
-{record["machine"]}; load average {record["load_average"][0]} before, {record["load_average"][1]}
-after.
-
-Command:
-
-```
-{command}
-```
-"""
+{run_footer(record, command)}"""
     section = args.section or ("gated" if kind == "refusal" else f"gated-{kind}")
     write_section("results.md", section, markdown)
 

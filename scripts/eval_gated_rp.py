@@ -29,7 +29,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from report import command_line, emit, machine, table, write_section
+from report import command_line, emit, machine, run_footer, table, write_section
 
 from steer.artifacts import load_vector
 from steer.cli.eval_refusal import recipe_interventions
@@ -191,16 +191,7 @@ replies whose text differs from the unedited run's. Gated recipes: {gated}.
 
 {table(record["rows"], ["edit", *METRICS, "replies changed"])}
 
-Wall times (s): {", ".join(f"{k} {v}" for k, v in record["seconds"].items())}. Measured on
-{record["machine"]}; load average {record["load_average"][0]} before,
-{record["load_average"][1]} after.
-
-Command:
-
-```
-{command}
-```
-"""
+{run_footer(record, command)}"""
     section = args.section or ("gated-rp-triggers" if args.triggers else "gated-rp")
     write_section("results.md", section, markdown)
 

@@ -37,6 +37,7 @@ from report import (
     named,
     rate_evaluator,
     rate_row,
+    run_footer,
     table,
     timed,
     write_section,
@@ -152,16 +153,7 @@ Edits: {edits}.
 
 {table(record["rows"], [*columns, "n"])}
 
-Wall times (s): {", ".join(f"{k} {v}" for k, v in record["seconds"].items())}. Measured on
-{record["machine"]}; load average {record["load_average"][0]} before,
-{record["load_average"][1]} after.
-
-Command:
-
-```
-{command}
-```
-"""
+{run_footer(record, command)}"""
     write_section("results.md", args.section, markdown)
 
 

@@ -116,6 +116,20 @@ def named(flag: str) -> Callable[[str], tuple[str, str]]:
     return parse
 
 
+def run_footer(record: Mapping[str, Any], command: str) -> str:
+    """The closing paragraphs of a results section: wall times, machine and load average from
+    ``record`` (keys ``seconds``, ``machine``, ``load_average``), then the command."""
+    times = ", ".join(f"{k} {v}" for k, v in record["seconds"].items())
+    before, after = record["load_average"]
+    lines = [
+        f"Wall times (s): {times}. Measured on {record['machine']}; load average {before} "
+        f"before, {after} after.",
+        "",
+        *command_block(command),
+    ]
+    return "\n".join(lines) + "\n"
+
+
 def command_block(command: str) -> list[str]:
     """The closing lines of a docs section: the command that wrote it."""
     return ["Command:", "", "```", command, "```"]
