@@ -59,10 +59,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from report import (
     command_line,
     emit,
-    machine,
     rate_evaluator,
     rate_row,
     reply_repetition,
+    run_facts,
     run_footer,
     table,
     timed,
@@ -476,7 +476,6 @@ def main() -> int:
         for name, edits in (("unedited", ()), ("always on", always), ("gated", gated))
     }
     scene_fires = _scene_fires(handle, args, splits, best) if args.scenes else {}
-    load_after = os.getloadavg()[0]
     rows = [rate_row(name, report, len(harmless), len(quiet)) for name, report in reports.items()]
     record = {
         "kind": "moralizing" if recipe.kind is RecipeKind.PAIRS else "refusal",
@@ -487,13 +486,11 @@ def main() -> int:
         "gate": calibration_rows,
         "test": rows,
         "test scenes fired": scene_fires,
-        "seconds": seconds,
-        "load_average": [round(load_before, 2), round(load_after, 2)],
-        "machine": machine(),
+        **run_facts(seconds, load_before),
     }
     emit(record)
     if not args.no_docs:
-        _write_docs(args, record, rows, calibration_rows, command)
+        _write_docs(args, record, rows, calibration_rows, command, bool(recipe.data.gate_fire))
     return 0
 
 
@@ -503,6 +500,7 @@ def _write_docs(
     rows: list[dict[str, Any]],
     calibration_rows: list[dict[str, Any]],
     command: str,
+    gate_fire: bool,
 ) -> None:
     lengths = [f"rate @{n}" for n in args.lengths]
     quiet = ["quiet first-token KL", "quiet multi-token KL", "quiet moved"]
@@ -516,7 +514,7 @@ def _write_docs(
     fire_text = (
         " The recipe's data.gate_fire prompts are fire prompts too: they join the calibration "
         "and the validation TPR, not the rates (read on the positive set's replies)."
-        if load_direction_recipe(args.recipe).data.gate_fire
+        if gate_fire
         else ""
     )
     quiet_text = fire_text + (

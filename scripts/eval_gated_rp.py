@@ -29,7 +29,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from report import command_line, emit, machine, run_footer, table, write_section
+from report import command_line, emit, run_facts, run_footer, table, write_section
 
 from steer.artifacts import load_vector
 from steer.cli.eval_refusal import recipe_interventions
@@ -163,9 +163,7 @@ def main() -> int:
         "model": args.model,
         "scenarios": [s.id for s in scenarios],
         "rows": rows,
-        "seconds": seconds,
-        "load_average": [round(load_before, 2), round(os.getloadavg()[0], 2)],
-        "machine": machine(),
+        **run_facts(seconds, load_before),
     }
     emit(record)
     if not args.no_docs:

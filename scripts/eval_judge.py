@@ -23,7 +23,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from report import command_block, command_line, emit, machine, named, table, timed, write_section
+from report import command_block, command_line, emit, named, run_facts, table, timed, write_section
 
 from steer.cli.eval_refusal import _lengths, recipe_interventions
 from steer.directions.api import contrast_splits
@@ -114,9 +114,7 @@ def main() -> int:
         "judge": args.judge or args.model,
         "edits": dict(args.edits),
         "rows": rows,
-        "seconds": seconds,
-        "load_average": [round(load_before, 2), round(os.getloadavg()[0], 2)],
-        "machine": machine(),
+        **run_facts(seconds, load_before),
     }
     emit(record)
     if not args.no_docs:

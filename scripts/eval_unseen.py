@@ -33,10 +33,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from report import (
     command_line,
     emit,
-    machine,
     named,
     rate_evaluator,
     rate_row,
+    run_facts,
     run_footer,
     table,
     timed,
@@ -116,9 +116,7 @@ def main() -> int:
         "quiet": args.quiet,
         "edits": dict(args.edit),
         "rows": rows,
-        "seconds": seconds,
-        "load_average": [round(load_before, 2), round(os.getloadavg()[0], 2)],
-        "machine": machine(),
+        **run_facts(seconds, load_before),
     }
     emit(record)
     if not args.no_docs:

@@ -8,6 +8,7 @@ are always generated, never typed.
 from __future__ import annotations
 
 import json
+import os
 import platform
 import re
 import time
@@ -22,8 +23,6 @@ DOCS = Path(__file__).resolve().parent.parent / "docs"
 
 def machine() -> str:
     """A short description of where the numbers were measured."""
-    import os
-
     if torch.cuda.is_available():
         return f"{torch.cuda.get_device_name(0)}, torch {torch.__version__}"
     threads = torch.get_num_threads()
@@ -116,6 +115,16 @@ def named(flag: str) -> Callable[[str], tuple[str, str]]:
     return parse
 
 
+def run_facts(seconds: Mapping[str, float], load_before: float) -> dict[str, Any]:
+    """The record keys :func:`run_footer` reads: the wall ``seconds`` of each step, the load
+    average before the run (``load_before``) and now, and the machine."""
+    return {
+        "seconds": dict(seconds),
+        "load_average": [round(load_before, 2), round(os.getloadavg()[0], 2)],
+        "machine": machine(),
+    }
+
+
 def run_footer(record: Mapping[str, Any], command: str) -> str:
     """The closing paragraphs of a results section: wall times, machine and load average from
     ``record`` (keys ``seconds``, ``machine``, ``load_average``), then the command."""
@@ -145,7 +154,8 @@ def command_line() -> str:
 
 def rate_row(name: str, report: Any, n_kl: int, n_quiet: int = 0) -> dict[str, Any]:
     """A test row: rates, KL on the first ``n_kl`` negative prompts (harmless), and on the
-    ``n_quiet`` after them (the recipe's ``gate_quiet`` set) the KL and how many it moved."""
+    ``n_quiet`` after them (the trigger-free situations: the recipe's ``gate_quiet`` set, or
+    eval_unseen.py's unseen one) the KL and how many it moved."""
     from steer.directions.scores import kl_means
 
     row: dict[str, Any] = {"edit": name}
