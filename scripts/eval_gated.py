@@ -56,6 +56,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import torch
 from report import (
     command_line,
     emit,
@@ -76,6 +77,7 @@ from steer.calibration import (
     GateCalibration,
     GateScores,
     read_prompts,
+    summed_scores,
 )
 from steer.cli.eval_refusal import _lengths, recipe_interventions
 from steer.directions.api import compute
@@ -97,7 +99,6 @@ from steer.directions.gating import (
     scene_prompts,
 )
 from steer.directions.recipe import RecipeKind, load_direction_recipe
-from steer.gates import Condition
 from steer.models import load_model
 
 
@@ -161,6 +162,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--gate-layers", default="", help="candidate gate layers besides the direction's own"
+    )
+    parser.add_argument(
+        "--summed",
+        action="store_true",
+        help="one more candidate hook per condition: the sum over all the candidate gate "
+        "layers, each layer's projection divided by its spread over the quiet train prompts "
+        "(steer.calibration.summed_scores; a gate reading several hooks)",
     )
     parser.add_argument("--max-test", type=int, default=0, help="cap test prompts (0 = all)")
     parser.add_argument(
@@ -264,6 +272,25 @@ def _choose_gate(
     return best, _rows(candidates, best)
 
 
+def _summed_text(args: argparse.Namespace) -> str:
+    """What the docs say about the --summed candidate hook."""
+    if not args.summed:
+        return ""
+    return (
+        " and one reading all of them at once (--summed; hook `blocks.A+B+...`: the sum of "
+        "the hooks' projections, each divided by its standard deviation over the quiet train "
+        "prompts)"
+    )
+
+
+def _hook_text(hook: str | tuple[str, ...]) -> str:
+    """A gate's hook, or its hooks as "blocks.4+8+12.hook_resid_pre"."""
+    if isinstance(hook, str):
+        return hook
+    layers = "+".join(name.split(".")[1] for name in hook)
+    return f"blocks.{layers}.hook_resid_pre"
+
+
 def _tpr(candidate: Candidate) -> float:
     return candidate.calibration.validation.true_positive_rate
 
@@ -274,7 +301,7 @@ def _rows(candidates: list[Candidate], best: Candidate) -> list[dict[str, Any]]:
             "weight": c.weight,
             "push": c.push,
             "condition": c.condition,
-            "gate hook": c.calibration.hook,
+            "gate hook": _hook_text(c.calibration.hook),
             "train FPR target": c.calibration.target_fpr,
             "threshold": c.calibration.threshold,
             "validation TPR": c.calibration.validation.true_positive_rate,
@@ -301,8 +328,13 @@ def _scene_fires(
     """How many test situations, played in each scene form, the kept gate fires on: those
     with a trigger and the data.gate_quiet ones without (a projection, no generation)."""
     calibration = best.calibration
-    hook = calibration.hook
-    unit = Condition(hook, best.vector, 0.0).unit(handle.resolver.parse(hook), handle.d_model)
+    condition = calibration.condition(best.vector)
+    points = condition.points(handle.resolver)
+    weights = condition.weights or (1.0,) * len(points)
+    hooks = [point.name for point in points]
+    units = [
+        condition.unit(point, handle.d_model) * w for point, w in zip(points, weights, strict=True)
+    ]
     counts: dict[str, dict[str, str]] = {}
     for form in SCENE_FORMS:
         render = scene_prompt(handle, form)
@@ -312,8 +344,9 @@ def _scene_fires(
             ("trigger-free", splits["quiet"].test),
         ):
             ids = [render(text) for text in texts]
-            reads = forward(handle, ids, hooks=[hook], batch_size=args.batch_size)
-            projection = reads.activations[hook] @ unit
+            reads = forward(handle, ids, hooks=hooks, batch_size=args.batch_size)
+            projection = sum(reads.activations[h] @ u for h, u in zip(hooks, units, strict=True))
+            assert isinstance(projection, torch.Tensor)
             fired = (
                 projection < calibration.threshold
                 if calibration.below
@@ -354,7 +387,11 @@ def _conditions(
         validation=gate_prompts(splits, "validation", scenes),
         batch_size=args.batch_size,
     )
-    return {name: reads.gate(name, artifact.vector) for name in args.conditions}
+    conditions = {name: reads.gate(name, artifact.vector) for name in args.conditions}
+    if args.summed and len(hooks) > 1:
+        for _vector, scores in conditions.values():
+            scores.append(summed_scores(scores))
+    return conditions
 
 
 def _gate(
@@ -568,7 +605,7 @@ gate.{quiet_text}
 
 Gate choice (no test prompt read). Candidate thresholds come from train: for each target in
 {", ".join(str(x) for x in args.fpr_grid)}, the lowest with that train false-positive rate at
-most, at each candidate hook. The validation split is evaluated unedited (rate
+most, at each candidate hook{_summed_text(args)}. The validation split is evaluated unedited (rate
 {v["unedited rate"]:.3f} at {max(args.lengths)} tokens) and with the edit always on at each
 weight and push:
 

@@ -45,6 +45,7 @@ __all__ = [
     "contrast_condition",
     "gate_scores",
     "read_prompts",
+    "summed_scores",
 ]
 
 #: what a gate can read: the edit's own direction, CAST's contrast, Fisher's discriminant
@@ -81,18 +82,20 @@ class SplitRates:
 
 @dataclass(frozen=True)
 class GateCalibration:
-    """A calibrated threshold for a condition at ``hook``, with the figures it was chosen by."""
+    """A calibrated threshold for a condition at ``hook`` (or the weighted sum over several
+    hooks: :func:`summed_scores`), with the figures it was chosen by."""
 
-    hook: str
+    hook: str | tuple[str, ...]
     threshold: float
     below: bool
     target_fpr: float
     train: SplitRates
     validation: SplitRates
+    weights: tuple[float, ...] = ()
 
     def condition(self, direction: SteeringVector | torch.Tensor) -> Condition:
         """The gate's condition (``direction`` must be the one calibrated with)."""
-        return Condition(self.hook, direction, self.threshold, self.below)
+        return Condition(self.hook, direction, self.threshold, self.below, self.weights)
 
 
 @dataclass(frozen=True)
@@ -101,10 +104,12 @@ class GateScores:
     the projection at the prompt's last token (negated with ``below``, so a gate always fires
     above its threshold here). Any threshold's rates follow from them without another pass."""
 
-    hook: str
+    hook: str | tuple[str, ...]
     below: bool
     #: {"train.fire", "train.quiet", "validation.fire", "validation.quiet"}: projections
     read: dict[str, list[float]]
+    #: with several hooks, each one's weight in the sum (:func:`summed_scores`)
+    weights: tuple[float, ...] = ()
 
     def fires(self, key: str, threshold: float) -> list[bool]:
         """Whether the gate fires on each prompt of ``key`` (e.g. "validation.fire") at
@@ -125,7 +130,37 @@ class GateScores:
             target_fpr=target_fpr,
             train=_rates(read["train.fire"], read["train.quiet"], threshold),
             validation=_rates(read["validation.fire"], read["validation.quiet"], threshold),
+            weights=self.weights,
         )
+
+
+def summed_scores(scores: Sequence[GateScores]) -> GateScores:
+    """One gate over all the hooks of ``scores`` (one hook each, the same ``below``): the sum of
+    their projections, each divided by its standard deviation over the train prompts it should
+    stay quiet on, so that every layer counts alike whatever the residual's scale there (a
+    :class:`Condition` over several hooks with these weights reads the same sum)."""
+    if len(scores) < 2 or any(not isinstance(s.hook, str) for s in scores):
+        raise InvalidArgumentError("needs scores at two or more single hooks", field="scores")
+    if len({s.below for s in scores}) != 1:
+        raise InvalidArgumentError("the scores disagree about below", field="scores")
+    weights = []
+    for score in scores:
+        spread = torch.tensor(score.read["train.quiet"], dtype=torch.float64).std()
+        if not bool(torch.isfinite(spread)) or not float(spread) > 0.0:
+            raise InvalidArgumentError(
+                f"the projections at {score.hook} do not vary over the quiet train prompts",
+                field="scores",
+            )
+        weights.append(1.0 / float(spread))
+    read = {
+        key: [
+            sum(w * s.read[key][i] for w, s in zip(weights, scores, strict=True))
+            for i in range(len(scores[0].read[key]))
+        ]
+        for key in scores[0].read
+    }
+    hooks = tuple(str(s.hook) for s in scores)
+    return GateScores(hook=hooks, below=scores[0].below, read=read, weights=tuple(weights))
 
 
 @dataclass(frozen=True)

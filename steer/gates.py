@@ -43,7 +43,7 @@ from steer.interventions import (
     ReadGate,
     RowFunction,
 )
-from steer.limits import finite
+from steer.limits import MAX_INTERVENTION_MAGNITUDE, finite
 from steer.runtime import forward_order
 from steer.vectors import SteeringVector
 
@@ -54,12 +54,18 @@ __all__ = ["Condition", "GateScope", "Gated"]
 class Condition:
     """Fires where the residual at ``hook`` projects onto ``direction`` (normalised; a
     :class:`SteeringVector` gives its vector at the hook's layer) above ``threshold``, or below it
-    with ``below``."""
+    with ``below``.
 
-    hook: str
+    ``hook`` may name several hooks (a tuple, at distinct points): the condition then reads each
+    and compares the sum of the projections, each times its entry of ``weights`` (1 each by
+    default), with the threshold -- a linear read of several layers at once, decided at the last
+    of them in the forward pass (:func:`steer.calibration.summed_scores` calibrates one)."""
+
+    hook: str | tuple[str, ...]
     direction: SteeringVector | torch.Tensor
     threshold: float
     below: bool = False
+    weights: tuple[float, ...] = ()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "threshold", finite(self.threshold, "condition.threshold"))
@@ -68,13 +74,63 @@ class Condition:
                 f"expected a SteeringVector or a tensor, got {type(self.direction).__name__}",
                 field="condition.direction",
             )
+        hooks = _hooks(self.hook)
+        if not isinstance(self.hook, str):
+            object.__setattr__(self, "hook", hooks)
+        weights = self.weights
+        if isinstance(weights, str | bytes) or not isinstance(weights, tuple | list):
+            raise InvalidArgumentError(
+                f"expected a list of numbers, got {type(weights).__name__}",
+                field="condition.weights",
+            )
+        if weights and len(weights) != len(hooks):
+            raise InvalidArgumentError(
+                f"expected one weight per hook ({len(hooks)}), got {len(weights)}",
+                field="condition.weights",
+            )
+        checked = tuple(
+            finite(w, f"condition.weights[{i}]", magnitude=MAX_INTERVENTION_MAGNITUDE)
+            for i, w in enumerate(weights)
+        )
+        object.__setattr__(self, "weights", checked)
 
-    def read(self, gate: object, scope: GateScope, point: HookPoint, d_model: int) -> ReadGate:
-        """The op that decides ``gate`` at ``point`` (raises for a bad direction)."""
-        return ReadGate(gate, self.unit(point, d_model), self.threshold, self.below, scope)
+    @property
+    def hooks(self) -> tuple[str, ...]:
+        """The hook names read, in the order given."""
+        return _hooks(self.hook)
+
+    def reads(
+        self, gate: object, scope: GateScope, resolver: HookResolver, d_model: int
+    ) -> list[tuple[HookPoint, ReadGate]]:
+        """The ops that decide ``gate``, in forward order: one per hook, the last deciding
+        (raises for an unknown hook, a repeated point or a bad direction)."""
+        points = self.points(resolver)
+        order = sorted(range(len(points)), key=lambda i: forward_order(points[i]))
+        weights = self.weights or (1.0,) * len(points)
+        reads = []
+        for rank, index in enumerate(order):
+            unit = self.unit(points[index], d_model) * weights[index]
+            final = rank == len(order) - 1
+            read = ReadGate(gate, unit, self.threshold, self.below, scope, final=final)
+            reads.append((points[index], read))
+        return reads
+
+    def points(self, resolver: HookResolver) -> list[HookPoint]:
+        """The hook points read, in the order given."""
+        hooks = self.hooks
+        single = len(hooks) == 1 and isinstance(self.hook, str)
+        points = []
+        for index, hook in enumerate(hooks):
+            field = "condition.hook" if single else f"condition.hook[{index}]"
+            point = resolver.parse(hook, field=field)
+            if point in points:
+                raise InvalidArgumentError(f"reads {point.name} twice", field=field)
+            points.append(point)
+        return points
 
     def point(self, resolver: HookResolver) -> HookPoint:
-        return resolver.parse(self.hook, field="condition.hook")
+        """The point the condition is decided at: its last hook in the forward pass."""
+        return max(self.points(resolver), key=forward_order)
 
     def unit(self, point: HookPoint, d_model: int) -> torch.Tensor:
         """(d_model,) float32 unit vector of the direction at ``point``."""
@@ -125,15 +181,15 @@ class Gated(Intervention):
         return self.inner.is_noop()
 
     def lower(self, resolver: HookResolver, d_model: int) -> list[tuple[HookPoint, Op]]:
-        condition_point = self.condition.point(resolver)
-        read = self.condition.read(self, self.scope, condition_point, d_model)
+        reads = self.condition.reads(self, self.scope, resolver, d_model)
+        condition_point = reads[-1][0]
         try:
             inner_ops = self.inner.lowered(resolver, d_model)
         except SteerError as error:
             if error.status_code != "INVALID_ARGUMENT":
                 raise
             raise within(error, "inner") from None
-        ops: list[tuple[HookPoint, Op]] = [(condition_point, read)]
+        ops: list[tuple[HookPoint, Op]] = list(reads)
         for point, op in inner_ops:
             ops.append((point, self._gated(op, point, condition_point)))
         return ops
@@ -151,6 +207,22 @@ class Gated(Intervention):
                 field=_inner_points_field(self.inner),
             )
         return GatedOp(op, self, self.scope, decided_before=after)
+
+
+def _hooks(hook: object) -> tuple[str, ...]:
+    """``hook`` (one name or a non-empty sequence of names) as a tuple of names."""
+    if isinstance(hook, str):
+        return (hook,)
+    if not isinstance(hook, tuple | list) or not hook:
+        raise InvalidArgumentError(
+            "expected a hook name or a non-empty list of them", field="condition.hook"
+        )
+    for index, name in enumerate(hook):
+        if not isinstance(name, str):
+            raise InvalidArgumentError(
+                f"expected a hook name, got {type(name).__name__}", field=f"condition.hook[{index}]"
+            )
+    return tuple(hook)
 
 
 def _inner_points_field(inner: Intervention) -> str:

@@ -102,13 +102,17 @@ class GateScope(StrEnum):
 class ReadGate:
     """Decide a gate at this hook point: per token, ``(x . unit) > threshold`` (``<`` if
     ``below``), read before any op at the point edits ``x``. ``gate`` is the key the gated ops
-    find the decision under (the :class:`~steer.gates.Gated` intervention itself)."""
+    find the decision under (the :class:`~steer.gates.Gated` intervention itself). A condition
+    over several hooks lowers to one read per hook: all but the last (``final`` False) only add
+    ``x . unit`` (``unit`` already times the hook's weight) to the pass's running sum for the
+    gate; the last adds its own and decides on the sum."""
 
     gate: object
     unit: torch.Tensor
     threshold: float
     below: bool
     scope: GateScope
+    final: bool = True
     speaker: None = None
 
 

@@ -47,6 +47,9 @@ class GateState:
         self.decisions = decisions
         self.held = held
         self.token_masks: dict[tuple[int, object], torch.Tensor] = {}
+        #: (row, gate) -> the projections summed so far in this pass, for a gate read at several
+        #: hooks (:attr:`ReadGate.final`)
+        self.partial: dict[tuple[int, object], torch.Tensor] = {}
 
 
 class _PointProgram:
@@ -176,12 +179,19 @@ class _PointProgram:
 
 def _read_gate(x: torch.Tensor, row: int, read: ReadGate, phase: Phase, gates: GateState) -> None:
     """Record where ``read``'s gate fires for ``row``: every token (token scope), or the prompt's
-    last token during the prompt pass (prompt scope; left padding puts it at position -1)."""
+    last token during the prompt pass (prompt scope; left padding puts it at position -1). A read
+    that is not its gate's last only adds its projection to the gate's sum for the pass."""
     if read.scope is GateScope.PROMPT:
         if phase is not Phase.PROMPT or gates.held:
             return  # decided in the (first) prompt pass, held since
         x = x[:, -1:, :]
     projection = x[row].float() @ read.unit  # (T,)
+    summed = gates.partial.pop((row, read.gate), None)
+    if summed is not None:
+        projection = summed + projection
+    if not read.final:
+        gates.partial[(row, read.gate)] = projection
+        return
     fired = projection < read.threshold if read.below else projection > read.threshold
     if read.scope is GateScope.PROMPT:
         gates.decisions[row][read.gate] = bool(fired[0])

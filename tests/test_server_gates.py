@@ -95,6 +95,31 @@ def test_a_gated_request_equals_the_same_gate_in_process(
     assert tuple(remote.token_ids) == _local(tiny_llama, PROMPTS[1], local_gate)
 
 
+def test_a_gate_over_several_hooks_equals_the_same_gate_in_process(
+    client: SteerClient, served: SteerServer, tiny_llama: ModelHandle
+) -> None:
+    direction = load_vector(served.settings.artifacts_dir / "refusal").vector
+    vector = _vector(3, 4.0)
+    inner = Add(SteeringVector.from_shared(vector), 1.0, (LATER,))
+    replies = set()
+    for threshold in (-1e6, 0.0, 1e6):
+        remote_gate = gated(
+            add(vector.tolist(), 1.0, hooks=[LATER]),
+            [HOOK, LATER],
+            "refusal",
+            threshold,
+            weights=[0.5, -2.0],
+        )
+        condition = Condition((HOOK, LATER), direction, threshold, weights=(0.5, -2.0))
+        for prompt in PROMPTS:
+            remote = client.complete(
+                prompt, temperature=0, max_new_tokens=10, interventions=[remote_gate]
+            )[None]
+            assert tuple(remote.token_ids) == _local(tiny_llama, prompt, Gated(condition, inner))
+            replies.add(tuple(remote.token_ids))
+    assert len(replies) > len(PROMPTS)  # the thresholds change the replies
+
+
 def test_the_http_steering_list_takes_the_json_form_of_a_gate() -> None:
     from steer.http.app import _steering_entry
 
@@ -110,6 +135,15 @@ def test_the_http_steering_list_takes_the_json_form_of_a_gate() -> None:
     assert message.gated.scope == generation_pb2.GATE_SCOPE_PROMPT
     assert message.gated.inner.add.strength == 2.0
     assert json_format.MessageToDict(message) == entry
+    entry["gated"]["condition"] = {
+        "hooks": [HOOK, LATER],
+        "weights": [1.0, 0.5],
+        "artifactId": "refusal",
+        "threshold": 0.25,
+    }
+    message = _steering_entry(entry, "steering[0]")
+    assert list(message.gated.condition.hooks) == [HOOK, LATER]
+    assert list(message.gated.condition.weights) == [1.0, 0.5]
 
 
 def _gate(**changes: object) -> generation_pb2.Intervention:
@@ -127,6 +161,8 @@ def _gate(**changes: object) -> generation_pb2.Intervention:
                 setattr(message.gated, name, value)
         elif name == "inline":
             message.gated.condition.inline.CopyFrom(generation_pb2.InlineVector(shared=value))
+        elif name in ("hooks", "weights"):
+            getattr(message.gated.condition, name).extend(value)
         else:
             setattr(message.gated.condition, name, value)
     return message
@@ -145,6 +181,14 @@ BAD_GATES: dict[str, Callable[[], generation_pb2.Intervention]] = {
         inner=add(_vector(3).tolist(), math.inf, hooks=[LATER])
     ),
     "interventions[0].speaker": lambda: _gate(speaker="Lysa"),
+    "interventions[0].gated.condition.hooks": lambda: _gate(hooks=[HOOK, LATER]),
+    "interventions[0].gated.condition.hooks[1]": lambda: _gate(
+        hook="", hooks=[HOOK, "blocks.9.hook_resid_post"]
+    ),
+    "interventions[0].gated.condition.weights": lambda: _gate(weights=[1.0]),
+    "interventions[0].gated.condition.weights[0]": lambda: _gate(
+        hook="", hooks=[HOOK, LATER], weights=[math.inf, 1.0]
+    ),
 }
 
 

@@ -90,7 +90,7 @@ def without_gates(recipe: EditRecipe, options: BakeOptions) -> tuple[EditRecipe,
         gate = recipe.edits[index].gate
         assert gate is not None
         notes.append(
-            f"UNGATED: edits[{index}]'s gate (hook {gate.hook}, direction "
+            f"UNGATED: edits[{index}]'s gate (hook {_hooks_text(gate.hook)}, direction "
             f"{recipe.resolve(gate.direction)}, threshold {gate.threshold!r}, below "
             f"{str(gate.below).lower()}, scope {gate.scope.value}) was dropped; the baked edit "
             "acts everywhere"
@@ -264,3 +264,7 @@ __all__ = [
     "recipe_from_flags",
     "source_path",
 ]
+
+
+def _hooks_text(hook: str | tuple[str, ...]) -> str:
+    return hook if isinstance(hook, str) else " + ".join(hook)

@@ -38,6 +38,13 @@ def add_parser(commands: Any, default_recipe: str) -> None:
         "discriminant",
     )
     add("--target-fpr", type=float, default=0.02, help="train false-positive rate allowed")
+    add(
+        "--summed",
+        action="store_true",
+        help="also a gate reading all the hooks at once: the sum of their projections, each "
+        "scaled by its spread over the quiet train prompts (kept if it separates validation "
+        "best)",
+    )
     add("--weight", type=float, default=1.0, help="ablation weight")
     add(
         "--push",
@@ -108,6 +115,7 @@ def run(args: argparse.Namespace, model_of: Any) -> int:
         hooks=hooks,
         condition=args.condition,
         target_fpr=args.target_fpr,
+        summed=args.summed,
         batch_size=args.batch_size,
     )
     condition = directory if args.condition == "direction" else choice.vector

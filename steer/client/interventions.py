@@ -112,21 +112,29 @@ def slider(
 
 def gated(
     inner: generation_pb2.Intervention,
-    hook: str,
+    hook: str | Sequence[str],
     direction: str | SteeringVector | Sequence[float],
     threshold: float,
     *,
     scope: str = "token",
     below: bool = False,
+    weights: Sequence[float] = (),
     allow_other_model: bool = False,
 ) -> generation_pb2.Intervention:
     """``inner`` only where the residual at ``hook`` projects onto ``direction`` (a server
     artifact id, a :class:`SteeringVector` or floats; normalised by the server) above
     ``threshold`` (below it with ``below``): per token (``scope="token"``) or decided once from
-    the prompt's last token and held for the reply (``scope="prompt"``)."""
+    the prompt's last token and held for the reply (``scope="prompt"``). With several hooks (a
+    list), where the sum of their projections, each times its entry of ``weights`` (1 each by
+    default), is."""
     condition = generation_pb2.GateCondition(
-        hook=hook, threshold=threshold, below=below, allow_other_model=allow_other_model
+        threshold=threshold, below=below, allow_other_model=allow_other_model
     )
+    if isinstance(hook, str):
+        condition.hook = hook
+    else:
+        condition.hooks.extend(hook)
+        condition.weights.extend(weights)
     if isinstance(direction, str):
         condition.artifact_id = direction
     else:

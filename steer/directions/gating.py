@@ -47,7 +47,14 @@ from typing import Any
 import torch
 
 from steer.artifacts import save_vector
-from steer.calibration import CONDITIONS, ContrastPrompts, GateCalibration, Prompt, read_prompts
+from steer.calibration import (
+    CONDITIONS,
+    ContrastPrompts,
+    GateCalibration,
+    Prompt,
+    read_prompts,
+    summed_scores,
+)
 from steer.directions import data as datasets
 from steer.directions.api import contrast_splits
 from steer.directions.data import RECIPES_DIR
@@ -217,10 +224,12 @@ def choose_gate(
     hooks: Sequence[str],
     condition: str = "direction",
     target_fpr: float = 0.02,
+    summed: bool = False,
     batch_size: int = 16,
 ) -> GateChoice:
-    """Calibrate a prompt-scope gate at each of ``hooks`` on train; keep the hook that
-    separates validation best (see the module docstring)."""
+    """Calibrate a prompt-scope gate at each of ``hooks`` on train (with ``summed``, also one
+    reading all of them: :func:`steer.calibration.summed_scores`); keep the one that separates
+    validation best (see the module docstring)."""
     splits = gate_splits(recipe)
     scenes = scene_prompts(handle) if recipe.data.gate_scenes else ()
     reads = read_prompts(
@@ -232,6 +241,8 @@ def choose_gate(
         batch_size=batch_size,
     )
     vector, scores = reads.gate(condition, direction)
+    if summed and len(scores) > 1:
+        scores.append(summed_scores(scores))
     candidates = tuple(score.calibrate(target_fpr) for score in scores)
     kept = max(candidates, key=_separation)
     return GateChoice(condition, vector, kept, candidates)
@@ -272,6 +283,7 @@ def gated_ablation_recipe(
         threshold=calibration.threshold,
         below=calibration.below,
         scope=GateScope.PROMPT,
+        weights=calibration.weights,
     )
     train, validation = calibration.train, calibration.validation
     what = "The directions" if len(_paths(direction)) > 1 else "The direction"

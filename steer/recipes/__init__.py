@@ -26,6 +26,10 @@ A recipe is a TOML file (or the same structure as a dict) listing edits applied 
     direction = "moralizing-trigger"   # ... projected onto this vector artifact's unit ...
     threshold = 2.5                    # ... fires above it (below with below = true)
     scope = "prompt"                   # token | prompt (decided once from the prompt's end)
+    # or, instead of hook, several hooks: fires where the weighted sum of their projections
+    # (the direction at each hook's layer) is above the threshold, decided at the last of them
+    # hooks = ["blocks.8.hook_resid_pre", "blocks.16.hook_resid_pre"]
+    # weights = [2.1, 0.9]             # one per hook; 1 each if left out
 
 Every edit converts to steer :class:`~steer.interventions.Intervention` objects
 (:meth:`EditRecipe.interventions`); the run-time engine applies those, and :mod:`steer.bake`

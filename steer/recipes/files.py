@@ -43,7 +43,7 @@ _FIELDS: dict[EditKind, set[str]] = {
     EditKind.ADD: {"kind", "vector", "strength", "layers", "hooks", "gate"},
     EditKind.FEATURE: {"kind", "sae", "feature", "value", "gate"},
 }
-_GATE = {"hook", "direction", "threshold", "below", "scope"}
+_GATE = {"hook", "hooks", "weights", "direction", "threshold", "below", "scope"}
 _TOP = {"name", "description", "dtype", "edits"}
 _KERNEL = {"max_weight", "min_weight", "peak_layer", "width"}
 DTYPES = ("float32", "bfloat16", "float16")
@@ -122,7 +122,7 @@ def _parse_gate(value: Any, where: str) -> EditGate:
     if not isinstance(value, Mapping):
         raise InvalidArgumentError("expected a table", field=where)
     _check_keys(value, _GATE, where)
-    for key in ("hook", "direction", "threshold"):
+    for key in ("direction", "threshold"):
         if key not in value:
             raise InvalidArgumentError("missing", field=f"{where}.{key}")
     below = value.get("below", False)
@@ -134,13 +134,40 @@ def _parse_gate(value: Any, where: str) -> EditGate:
         raise InvalidArgumentError(
             f"unknown scope {value.get('scope')!r}; use token or prompt", field=f"{where}.scope"
         ) from None
+    hook, weights = _gate_hooks(value, where)
     return EditGate(
-        hook=_string(value["hook"], f"{where}.hook"),
+        hook=hook,
         direction=_string(value["direction"], f"{where}.direction"),
         threshold=_number(value["threshold"], f"{where}.threshold"),
         below=below,
         scope=scope,
+        weights=weights,
     )
+
+
+def _gate_hooks(
+    value: Mapping[str, Any], where: str
+) -> tuple[str | tuple[str, ...], tuple[float, ...]]:
+    """A gate's ``hook`` (one name), or its ``hooks`` (a list) with their ``weights``."""
+    if ("hook" in value) == ("hooks" in value):
+        raise InvalidArgumentError("give either hook or hooks", field=f"{where}.hook")
+    if "hook" in value:
+        if "weights" in value:
+            raise InvalidArgumentError("weights need hooks (a list)", field=f"{where}.weights")
+        return _string(value["hook"], f"{where}.hook"), ()
+    hooks = value["hooks"]
+    if not isinstance(hooks, list) or not hooks:
+        raise InvalidArgumentError(
+            f"expected a non-empty list of hook names, got {hooks!r}", field=f"{where}.hooks"
+        )
+    names = tuple(_string(h, f"{where}.hooks[{i}]") for i, h in enumerate(hooks))
+    weights = value.get("weights", [])
+    if not isinstance(weights, list) or len(weights) not in (0, len(names)):
+        raise InvalidArgumentError(
+            f"expected a list of {len(names)} numbers (one per hook), got {weights!r}",
+            field=f"{where}.weights",
+        )
+    return names, tuple(_number(w, f"{where}.weights[{i}]") for i, w in enumerate(weights))
 
 
 def _parse_ablate(table: Mapping[str, Any], where: str) -> AblateEdit:
@@ -259,12 +286,16 @@ def recipe_to_dict(recipe: EditRecipe) -> dict[str, Any]:
 def _edit_dict(recipe: EditRecipe, edit: Edit) -> dict[str, Any]:
     entry = _ungated_dict(recipe, edit)
     if edit.gate is not None:
+        gate = edit.gate
+        hooks: dict[str, Any] = {"hook": gate.hook}
+        if not isinstance(gate.hook, str):
+            hooks = {"hooks": list(gate.hook), "weights": list(gate.weights)}
         entry["gate"] = {
-            "hook": edit.gate.hook,
-            "direction": str(recipe.resolve(edit.gate.direction)),
-            "threshold": edit.gate.threshold,
-            "below": edit.gate.below,
-            "scope": edit.gate.scope.value,
+            **hooks,
+            "direction": str(recipe.resolve(gate.direction)),
+            "threshold": gate.threshold,
+            "below": gate.below,
+            "scope": gate.scope.value,
         }
     return entry
 

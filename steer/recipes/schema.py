@@ -62,14 +62,17 @@ class Kernel:
 @dataclass(frozen=True)
 class EditGate:
     """``[edits.gate]``: the edit acts only where the residual at ``hook`` projects onto
-    ``direction`` (a vector artifact) above ``threshold`` (below it with ``below``); see
-    :class:`~steer.gates.Gated`. Weights cannot hold a gate: baking needs ``ungated``."""
+    ``direction`` (a vector artifact) above ``threshold`` (below it with ``below``); with
+    several hooks (TOML ``hooks``), where the sum of their projections, each times its entry of
+    ``weights``, does; see :class:`~steer.gates.Gated`. Weights cannot hold a gate: baking needs
+    ``ungated``."""
 
-    hook: str
+    hook: str | tuple[str, ...]
     direction: str
     threshold: float
     below: bool = False
     scope: GateScope = GateScope.TOKEN
+    weights: tuple[float, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -219,15 +222,20 @@ def _gated(
     where: str,
 ) -> list[Intervention]:
     """Each of an edit's interventions wrapped in the gate (the same condition for each)."""
-    parse_hook_name(gate.hook, num_layers, field=f"{where}.hook")
+    if isinstance(gate.hook, str):
+        parse_hook_name(gate.hook, num_layers, field=f"{where}.hook")
+    for index, hook in enumerate(() if isinstance(gate.hook, str) else gate.hook):
+        parse_hook_name(hook, num_layers, field=f"{where}.hooks[{index}]")
     direction = loader(recipe.resolve(gate.direction)).vector
     try:
-        condition = Condition(gate.hook, direction, gate.threshold, gate.below)
+        condition = Condition(gate.hook, direction, gate.threshold, gate.below, gate.weights)
         return [Gated(condition, inner, gate.scope) for inner in group]
     except SteerError as error:
         if error.status_code != "INVALID_ARGUMENT":
             raise
         field_name = error.field.removeprefix("condition.") if error.field else None
+        if field_name and field_name.startswith("hook["):
+            field_name = "hooks" + field_name.removeprefix("hook")
         raise within(InvalidArgumentError(error.message, field=field_name), where) from None
 
 

@@ -108,6 +108,8 @@ def _gated(
         # the library names the inner intervention's fields "inner.x"; the proto "inner.<kind>.x"
         if error.field and error.field.startswith("inner.") and inner_which:
             error.field = f"inner.{inner_which}.{error.field.removeprefix('inner.')}"
+        if error.field and error.field.startswith("condition.hook["):  # the proto's "hooks"
+            error.field = "condition.hooks" + error.field.removeprefix("condition.hook")
         if error.status_code != "INVALID_ARGUMENT":
             error.field = f"{field}.{error.field}" if error.field else field
             raise
@@ -118,8 +120,12 @@ def _gated(
 def _condition(
     message: generation_pb2.GateCondition, loaded: LoadedModel, store: ArtifactStore
 ) -> Condition:
-    if not message.hook:
+    if message.hook and message.hooks:
+        raise InvalidArgumentError("set hook or hooks, not both", field="condition.hooks")
+    if not message.hook and not message.hooks:
         raise InvalidArgumentError("required", field="condition.hook")
+    if message.weights and not message.hooks:
+        raise InvalidArgumentError("weights need hooks", field="condition.weights")
     source = message.WhichOneof("direction")
     if source is None:
         raise InvalidArgumentError("set artifact_id or inline", field="condition.direction")
@@ -132,7 +138,8 @@ def _condition(
         direction = artifact.vector
     else:
         direction = _inline_vector(message.inline, "condition.inline")
-    return Condition(message.hook, direction, message.threshold, message.below)
+    hook = message.hook or tuple(message.hooks)
+    return Condition(hook, direction, message.threshold, message.below, tuple(message.weights))
 
 
 def _artifact(
