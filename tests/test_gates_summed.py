@@ -27,9 +27,7 @@ FIRST = "blocks.0.hook_resid_post"
 MIDDLE = "blocks.1.hook_resid_post"
 SECOND = "blocks.2.hook_resid_post"
 PROMPTS = ("The quick brown fox", "How do I bake bread at home?")
-BASE = GenerationRequest(
-    sampling=SamplingConfig.greedy_config(), max_new_tokens=8, top_logprobs=5
-)
+BASE = GenerationRequest(sampling=SamplingConfig.greedy_config(), max_new_tokens=8, top_logprobs=5)
 
 
 def _direction(handle: ModelHandle) -> SteeringVector:
@@ -99,6 +97,10 @@ def _events(handle: ModelHandle, interventions: tuple, batch: int = 1) -> list[l
     return [events[request_id] for request_id in ids]
 
 
+def _tokens(events: list[list]) -> list[list[tuple[int, ...]]]:  # type: ignore[type-arg]
+    return [[tokens for tokens, _ in row] for row in events]
+
+
 def _last(handle: ModelHandle, weights: tuple[float, float]) -> list[float]:
     ids = [list(handle.tokenizer(p)["input_ids"]) for p in PROMPTS]
     return [float(row[-1]) for row in _summed(handle, ids, weights)]
@@ -129,13 +131,15 @@ def test_a_prompt_gate_over_two_hooks_is_decided_per_row_on_the_sum(
     first, second = _last(handle, weights)
     fired = 0 if first > second else 1
     inner = _added(handle, (FIRST,), Phase.GENERATED)  # before the decision
-    condition = Condition((FIRST, SECOND), _direction(handle), (first + second) / 2, weights=weights)
+    condition = Condition(
+        (FIRST, SECOND), _direction(handle), (first + second) / 2, weights=weights
+    )
     gated = Gated(condition, inner, GateScope.PROMPT)
-    together = _events(handle, (gated,), batch=2)
-    plain, always = _events(handle, ()), _events(handle, (inner,))
-    assert together == _events(handle, (gated,))  # batched == one at a time
+    together = _tokens(_events(handle, (gated,), batch=2))
+    plain, always = _tokens(_events(handle, ())), _tokens(_events(handle, (inner,)))
+    assert together == _tokens(_events(handle, (gated,)))  # batched == one at a time
     assert together[1 - fired] == plain[1 - fired]
-    assert [t for t, _ in together[fired]] == [t for t, _ in always[fired]]
+    assert together[fired] == always[fired]
     assert always[fired] != plain[fired]
 
 
@@ -195,19 +199,27 @@ scope = "prompt"
 """
 
 
+def _artifacts(handle: ModelHandle, directory: Path) -> tuple[SteeringVector, SteeringVector]:
+    """The recipe's condition and vector artifacts, saved in ``directory``."""
+    condition = _direction(handle)
+    save_vector(directory / "condition", condition, handle=handle)
+    vector = random_vector(3, handle.num_layers, handle.d_model) * 4.0
+    save_vector(directory / "vector", vector, handle=handle)
+    return condition, vector
+
+
 def test_a_recipe_gate_over_several_hooks_round_trips_and_runs_as_built_by_hand(
     tiny_llama: ModelHandle, tmp_path: Path
 ) -> None:
     handle = tiny_llama
-    condition = _direction(handle)
-    save_vector(tmp_path / "condition", condition, handle=handle)
-    vector = random_vector(3, handle.num_layers, handle.d_model) * 4.0
-    save_vector(tmp_path / "vector", vector, handle=handle)
+    condition, vector = _artifacts(handle, tmp_path)
     path = tmp_path / "summed.toml"
     path.write_text(_recipe(f'["{FIRST}", "{SECOND}"]', "[1.5, -0.5]"))
     recipe = load_edit_recipe(path)
     gate = recipe.edits[0].gate
-    assert gate == EditGate((FIRST, SECOND), "condition", 0.25, False, GateScope.PROMPT, (1.5, -0.5))
+    assert gate == EditGate(
+        (FIRST, SECOND), "condition", 0.25, False, GateScope.PROMPT, (1.5, -0.5)
+    )
     text = recipe_to_toml(recipe)
     assert recipe_to_toml(load_edit_recipe(text)) == text
     [from_recipe] = recipe.lowered(handle.num_layers)
@@ -239,10 +251,14 @@ def test_malformed_hook_lists_in_recipes_name_the_field(gate: dict[str, Any], fi
     assert raised.value.field == field
 
 
-def test_a_recipe_hook_outside_the_model_names_its_index(tiny_llama: ModelHandle) -> None:
-    text = _recipe(f'["{FIRST}", "blocks.99.hook_resid_post"]', "[1.0, 1.0]")
+def test_a_recipe_hook_outside_the_model_names_its_index(
+    tiny_llama: ModelHandle, tmp_path: Path
+) -> None:
+    _artifacts(tiny_llama, tmp_path)
+    path = tmp_path / "summed.toml"
+    path.write_text(_recipe(f'["{FIRST}", "blocks.99.hook_resid_post"]', "[1.0, 1.0]"))
     with pytest.raises(InvalidArgumentError) as raised:
-        load_edit_recipe(text).lowered(tiny_llama.num_layers)
+        load_edit_recipe(path).lowered(tiny_llama.num_layers)
     assert raised.value.field == "edits[0].gate.hooks[1]"
 
 
@@ -272,11 +288,14 @@ def test_summed_scores_calibrate_the_gate_the_engine_runs(tiny_llama: ModelHandl
     engine_prompts = list(validation.fire)
     fires = summed.fires("validation.fire", calibration.threshold)
     assert 0 < sum(fires) < len(fires)
+    moved = 0
     for prompt, fired in zip(engine_prompts, fires, strict=True):
         request = replace(BASE, prompt_ids=tuple(encode_chat(handle, prompt)), max_new_tokens=3)
         plain = Engine(handle).run([request])[0].token_ids
         steered = Engine(handle).run([replace(request, interventions=(gated,))])[0].token_ids
         always = Engine(handle).run([replace(request, interventions=(gated.inner,))])[0].token_ids
         assert steered == (always if fired else plain)
+        moved += always != plain
+    assert moved == len(engine_prompts)  # the edit shows wherever it acts
     with pytest.raises(InvalidArgumentError):
         summed_scores(scores[:1])
