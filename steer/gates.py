@@ -56,7 +56,8 @@ class Condition:
     :class:`SteeringVector` gives its vector at the hook's layer) above ``threshold``, or below it
     with ``below``.
 
-    ``hook`` may name several hooks (a tuple, at distinct points): the condition then reads each
+    ``hook`` may name several hooks (a tuple, at distinct points; errors name them
+    ``condition.hooks[i]``, as recipes and the wire do): the condition then reads each
     and compares the sum of the projections, each times its entry of ``weights`` (1 each by
     default), with the threshold -- a linear read of several layers at once, decided at the last
     of them in the forward pass (:func:`steer.calibration.summed_scores` calibrates one)."""
@@ -82,6 +83,10 @@ class Condition:
             raise InvalidArgumentError(
                 f"expected a list of numbers, got {type(weights).__name__}",
                 field="condition.weights",
+            )
+        if weights and isinstance(self.hook, str):
+            raise InvalidArgumentError(
+                "weights need hooks (a tuple of hook names)", field="condition.weights"
             )
         if weights and len(weights) != len(hooks):
             raise InvalidArgumentError(
@@ -121,7 +126,7 @@ class Condition:
         single = len(hooks) == 1 and isinstance(self.hook, str)
         points = []
         for index, hook in enumerate(hooks):
-            field = "condition.hook" if single else f"condition.hook[{index}]"
+            field = "condition.hook" if single else f"condition.hooks[{index}]"
             point = resolver.parse(hook, field=field)
             if point in points:
                 raise InvalidArgumentError(f"reads {point.name} twice", field=field)
@@ -220,7 +225,8 @@ def _hooks(hook: object) -> tuple[str, ...]:
     for index, name in enumerate(hook):
         if not isinstance(name, str):
             raise InvalidArgumentError(
-                f"expected a hook name, got {type(name).__name__}", field=f"condition.hook[{index}]"
+                f"expected a hook name, got {type(name).__name__}",
+                field=f"condition.hooks[{index}]",
             )
     return tuple(hook)
 

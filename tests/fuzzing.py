@@ -1358,10 +1358,16 @@ def interventions(world: World, *, hostile: bool) -> SearchStrategy[generation_p
         below: bool,
         scope: int,
         inner: generation_pb2.Intervention,
+        hooks: list[str],
+        weights: list[float],
     ) -> Any:
         condition = generation_pb2.GateCondition(
             hook=hook, inline=direction, threshold=threshold, below=below
         )
+        condition.hooks.extend(hooks)  # a condition over several hooks: hook "" and these
+        condition.weights.extend(weights)
+        if hooks:
+            condition.hook = ""
         message = generation_pb2.GatedIntervention(condition=condition, inner=inner, scope=scope)
         return generation_pb2.Intervention(gated=message)
 
@@ -1371,10 +1377,14 @@ def interventions(world: World, *, hostile: bool) -> SearchStrategy[generation_p
             gate,
             {"hook": st.just("hook_embed"), "direction": shared,
              "threshold": st.sampled_from((-1e6, 0.0, 0.5, 1e6)), "below": st.booleans(),
-             "scope": st.sampled_from((1, 2)), "inner": plain},
+             "scope": st.sampled_from((1, 2)), "inner": plain,
+             "hooks": st.sampled_from(([], ["hook_embed"])),
+             "weights": st.just([])},
         )
     )  # fmt: skip
     bad["hook"] = world.hooks()
+    bad["hooks"] = st.lists(world.hooks(), max_size=4)
+    bad["weights"] = st.lists(floats(), max_size=4)
     bad["threshold"] = floats()
     bad["scope"] = st.sampled_from((0, 3, -1))
     if not hostile:

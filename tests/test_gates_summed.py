@@ -156,20 +156,20 @@ def test_bad_hook_lists_and_weights_name_their_field(tiny_llama: ModelHandle) ->
     handle = tiny_llama
     direction = _direction(handle)
     inner = _added(handle, (SECOND,))
-    built = {
-        "condition.weights": lambda: Condition((FIRST, SECOND), direction, 0.0, weights=(1.0,)),
-        "condition.weights[1]": lambda: Condition(
-            (FIRST, SECOND), direction, 0.0, weights=(1.0, math.nan)
-        ),
-        "condition.hook": lambda: Condition((), direction, 0.0),
-        "condition.hook[1]": lambda: Condition((FIRST, 2), direction, 0.0),  # type: ignore[arg-type]
-    }
-    for field, factory in built.items():
+    built = [
+        ("condition.weights", lambda: Condition((FIRST, SECOND), direction, 0.0, weights=(1.0,))),
+        ("condition.weights", lambda: Condition(FIRST, direction, 0.0, weights=(1.0,))),
+        ("condition.weights[1]",
+         lambda: Condition((FIRST, SECOND), direction, 0.0, weights=(1.0, math.nan))),
+        ("condition.hook", lambda: Condition((), direction, 0.0)),
+        ("condition.hooks[1]", lambda: Condition((FIRST, 2), direction, 0.0)),  # type: ignore[arg-type]
+    ]  # fmt: skip
+    for field, factory in built:
         with pytest.raises(InvalidArgumentError) as raised:
             factory()
         assert raised.value.field == field
     lowered = {
-        "condition.hook[1]": [("blocks.2.hook_resid_post", "blocks.2.hook_resid_post"),
+        "condition.hooks[1]": [("blocks.2.hook_resid_post", "blocks.2.hook_resid_post"),
                               (FIRST, "blocks.99.hook_resid_post")],
     }  # fmt: skip
     for field, cases in lowered.items():

@@ -234,8 +234,6 @@ def _gated(
         if error.status_code != "INVALID_ARGUMENT":
             raise
         field_name = error.field.removeprefix("condition.") if error.field else None
-        if field_name and field_name.startswith("hook["):
-            field_name = "hooks" + field_name.removeprefix("hook")
         raise within(InvalidArgumentError(error.message, field=field_name), where) from None
 
 

@@ -108,8 +108,6 @@ def _gated(
         # the library names the inner intervention's fields "inner.x"; the proto "inner.<kind>.x"
         if error.field and error.field.startswith("inner.") and inner_which:
             error.field = f"inner.{inner_which}.{error.field.removeprefix('inner.')}"
-        if error.field and error.field.startswith("condition.hook["):  # the proto's "hooks"
-            error.field = "condition.hooks" + error.field.removeprefix("condition.hook")
         if error.status_code != "INVALID_ARGUMENT":
             error.field = f"{field}.{error.field}" if error.field else field
             raise
