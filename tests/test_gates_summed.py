@@ -86,7 +86,7 @@ def test_a_token_gate_over_two_hooks_edits_exactly_where_the_weighted_sum_passes
 
 
 def _events(handle: ModelHandle, interventions: tuple, batch: int = 1) -> list[list]:  # type: ignore[type-arg]
-    """(token, top logprobs) of each prompt's greedy reply, the prompts in one batch."""
+    """(tokens, top logprobs) of each prompt's greedy reply, at most ``batch`` prompts at once."""
     engine = Engine(handle, max_batch=batch)
     requests = [replace(BASE, prompt=p, interventions=interventions) for p in PROMPTS]
     ids = [engine.submit(request) for request in requests]

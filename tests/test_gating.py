@@ -136,6 +136,34 @@ def test_the_recipe_runs_as_the_gated_ablation_it_reports(
     assert (setup["out"] / "condition").exists() == (condition != "direction")
 
 
+def test_summed_adds_a_gate_reading_every_hook_at_once(
+    tiny_llama: ModelHandle, setup: dict[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``--summed``: one more candidate over all the hooks, its validation figures those of the
+    weighted sum of the projections onto the condition, read apart here."""
+    handle = tiny_llama
+    assert _gate(setup, "--condition", "discriminant", "--target-fpr", "0.2", "--summed") == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    candidates = report["candidates"]
+    assert [c["hook"] for c in candidates[:-1]] == list(HOOKS)
+    summed = candidates[-1]
+    assert summed["hook"] == list(HOOKS) and len(summed["weights"]) == len(HOOKS)
+    gate = load_edit_recipe(report["recipe"]).edits[0].gate
+    assert gate is not None
+    vector = load_vector(gate.direction).vector
+    splits = gate_splits(load_direction_recipe(setup["recipe"]))
+    for side, key in (("positive", "true_positive_rate"), ("negative", "false_positive_rate")):
+        prompts = list(splits[side].validation)
+        total = torch.zeros(len(prompts))
+        for hook, weight in zip(HOOKS, summed["weights"], strict=True):
+            unit = Condition(hook, vector, 0.0).unit(handle.resolver.parse(hook), handle.d_model)
+            total += weight * (_last_token(handle, prompts, hook) @ unit)
+        fired = float((total > summed["threshold"]).float().mean())
+        assert summed["validation"][key] == pytest.approx(fired)
+    if report["kept"] == summed:  # the recipe then names both hooks and their weights
+        assert gate.hook == HOOKS and list(gate.weights) == summed["weights"]
+
+
 def test_bad_input_is_a_clear_error_and_writes_nothing(
     tiny_llama: ModelHandle, setup: dict[str, Path], capsys: pytest.CaptureFixture[str]
 ) -> None:
