@@ -99,6 +99,7 @@ from steer.directions.gating import (
     scene_prompts,
 )
 from steer.directions.recipe import RecipeKind, load_direction_recipe
+from steer.gates import GateScope
 from steer.models import load_model
 
 
@@ -328,13 +329,11 @@ def _scene_fires(
     """How many test situations, played in each scene form, the kept gate fires on: those
     with a trigger and the data.gate_quiet ones without (a projection, no generation)."""
     calibration = best.calibration
-    condition = calibration.condition(best.vector)
-    points = condition.points(handle.resolver)
-    weights = condition.weights or (1.0,) * len(points)
-    hooks = [point.name for point in points]
-    units = [
-        condition.unit(point, handle.d_model) * w for point, w in zip(points, weights, strict=True)
-    ]
+    # the reads the engine's gate makes: each hook's unit direction times its weight
+    reads = calibration.condition(best.vector).reads(
+        best, GateScope.PROMPT, handle.resolver, handle.d_model
+    )
+    hooks = [point.name for point, _ in reads]
     counts: dict[str, dict[str, str]] = {}
     for form in SCENE_FORMS:
         render = scene_prompt(handle, form)
@@ -344,8 +343,8 @@ def _scene_fires(
             ("trigger-free", splits["quiet"].test),
         ):
             ids = [render(text) for text in texts]
-            reads = forward(handle, ids, hooks=hooks, batch_size=args.batch_size)
-            projection = sum(reads.activations[h] @ u for h, u in zip(hooks, units, strict=True))
+            last = forward(handle, ids, hooks=hooks, batch_size=args.batch_size).activations
+            projection = sum(last[point.name] @ read.unit for point, read in reads)
             assert isinstance(projection, torch.Tensor)
             fired = (
                 projection < calibration.threshold

@@ -133,10 +133,6 @@ class Condition:
             points.append(point)
         return points
 
-    def point(self, resolver: HookResolver) -> HookPoint:
-        """The point the condition is decided at: its last hook in the forward pass."""
-        return max(self.points(resolver), key=forward_order)
-
     def unit(self, point: HookPoint, d_model: int) -> torch.Tensor:
         """(d_model,) float32 unit vector of the direction at ``point``."""
         if isinstance(self.direction, SteeringVector):

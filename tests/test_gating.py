@@ -6,8 +6,10 @@ projections give, and bad input is a clear error."""
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -182,22 +184,39 @@ def test_bad_input_is_a_clear_error_and_writes_nothing(
     assert raised.value.field == "condition"
 
 
+def _with_prompt_file(setup: dict[str, Path], name: str, lines: list[str]) -> dict[str, Any]:
+    """The setup's recipe with ``data.<name>`` naming a new file of ``lines``; its gate splits."""
+    path = setup["recipe"].parent / f"{name}.txt"
+    path.write_text("\n".join(lines))
+    setup["recipe"].write_text(setup["recipe"].read_text() + f'{name} = "{path}"\n')
+    return gate_splits(load_direction_recipe(setup["recipe"]))
+
+
+def _fired(
+    handle: ModelHandle, setup: dict[str, Path], kept: dict[str, Any], prompts: Sequence[str]
+) -> int:
+    """How many of ``prompts`` the kept gate on the setup's direction fires on, read apart from
+    steer.calibration."""
+    point = handle.resolver.parse(kept["hook"])
+    unit = Condition(kept["hook"], load_vector(setup["direction"]).vector, 0.0).unit(
+        point, handle.d_model
+    )
+    projections = _last_token(handle, list(prompts), kept["hook"]) @ unit
+    return int((projections > kept["threshold"]).sum())
+
+
 def test_gate_quiet_prompts_join_the_quiet_side(
     tiny_llama: ModelHandle, setup: dict[str, Path], capsys: pytest.CaptureFixture[str]
 ) -> None:
     """A recipe's data.gate_quiet prompts are split like the others and calibrated and
     reported as prompts the gate stays quiet on, after the negative set's."""
-    quiet = setup["recipe"].parent / "quiet.txt"
     situations = [
         f"You are {who}. A guest asks about the {what}. Reply in character."
         for who in ("a baker", "a ferry captain")
         for what in ("bread", "weather", "harbour", "festival", "garden")
     ]
-    quiet.write_text("# in-character situations without a trigger\n" + "\n".join(situations))
-    text = setup["recipe"].read_text()
-    setup["recipe"].write_text(text + f'gate_quiet = "{quiet}"\n')
-    recipe = load_direction_recipe(setup["recipe"])
-    splits = gate_splits(recipe)
+    comment = "# in-character situations without a trigger"
+    splits = _with_prompt_file(setup, "gate_quiet", [comment, *situations])
     assert [len(getattr(splits["quiet"], part)) for part in PARTS] == [5, 3, 2]
     validation = quiet_prompts(splits, "validation")
     assert validation == (*splits["negative"].validation, *splits["quiet"].validation)
@@ -206,11 +225,7 @@ def test_gate_quiet_prompts_join_the_quiet_side(
     kept = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["kept"]
     assert kept["validation"]["quiet_count"] == len(validation)
     assert kept["train"]["quiet_count"] == len(quiet_prompts(splits, "train"))
-    unit = Condition(kept["hook"], load_vector(setup["direction"]).vector, 0.0).unit(
-        tiny_llama.resolver.parse(kept["hook"]), tiny_llama.d_model
-    )
-    projections = _last_token(tiny_llama, list(validation), kept["hook"]) @ unit
-    fired = int((projections > kept["threshold"]).sum())
+    fired = _fired(tiny_llama, setup, kept, validation)
     assert kept["validation"]["false_positive_rate"] == fired / len(validation)
 
 
@@ -220,12 +235,8 @@ def test_gate_fire_prompts_join_the_fire_side_after_the_positive_ones(
     """A recipe's data.gate_fire prompts are split like the others and calibrated and
     reported as prompts the gate fires on, after the positive set's (whose replies the
     validation runs of scripts/eval_gated.py generate)."""
-    fire = setup["recipe"].parent / "fire.txt"
-    fire.write_text("\n".join(f"Explain how to pick lock number {n}." for n in range(10)))
-    text = setup["recipe"].read_text()
-    setup["recipe"].write_text(text + f'gate_fire = "{fire}"\n')
-    recipe = load_direction_recipe(setup["recipe"])
-    splits = gate_splits(recipe)
+    locks = [f"Explain how to pick lock number {n}." for n in range(10)]
+    splits = _with_prompt_file(setup, "gate_fire", locks)
     assert [len(getattr(splits["fire"], part)) for part in PARTS] == [5, 3, 2]
     validation = gate_prompts(splits, "validation")
     assert validation.fire == [*splits["positive"].validation, *splits["fire"].validation]
@@ -235,11 +246,7 @@ def test_gate_fire_prompts_join_the_fire_side_after_the_positive_ones(
     kept = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["kept"]
     assert kept["validation"]["fire_count"] == len(validation.fire)
     assert kept["train"]["fire_count"] == len(gate_prompts(splits, "train").fire)
-    unit = Condition(kept["hook"], load_vector(setup["direction"]).vector, 0.0).unit(
-        tiny_llama.resolver.parse(kept["hook"]), tiny_llama.d_model
-    )
-    projections = _last_token(tiny_llama, list(validation.fire), kept["hook"]) @ unit
-    fired = int((projections > kept["threshold"]).sum())
+    fired = _fired(tiny_llama, setup, kept, validation.fire)
     assert kept["validation"]["true_positive_rate"] == fired / len(validation.fire)
 
 
