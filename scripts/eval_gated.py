@@ -18,7 +18,10 @@ Every choice is made on train and validation, and the test split is measured onc
    validation rate at the longest length is at most --max-rate (default: the lowest always-on
    rate there); or, with --max-kl, the lowest validation rate among candidates whose
    validation first-token KL is at most it, ties to the higher validation TPR (a rate of a
-   few dozen prompts ties often; the gate that catches more of them generalises better);
+   few dozen prompts ties often; the gate that catches more of them generalises better) or,
+   with --ties fpr, to the lower validation FPR (the share of quiet prompts a gate fires on
+   sets what it costs on new ones; a validation KL of zero says only that no fire landed on
+   a prompt the KL reads);
 3. the edits: the direction ablated at every layer at the kept weight (pushed against at the
    kept push), always on and behind the gate;
 4. the test split, once: the rate at each reply length (one greedy generation at the longest,
@@ -33,7 +36,9 @@ scored with the moralizing matcher. A recipe's data.gate_fire prompts (moralizin
 situations, no replies) join the fire side of the calibration and of the validation TPR (the
 rates are read on the positive set's replies). A recipe's data.gate_quiet prompts (moralizing:
 RP situations without a trigger) join the quiet side: of the calibration, of the validation KL
-the choice reads, and of the test, where their KL is reported apart. With the recipe's
+the choice reads, and of the test, where their KL is reported apart. A recipe's
+data.gate_harmless prompts (moralizing: more ordinary requests) join the harmless ones in every
+split. With the recipe's
 data.gate_scenes (moralizing), the gate is also calibrated on the situations of both sides
 played as RP scenes, in each of steer.directions.gating.SCENE_FORMS (ending in the character's
 name; chat-completion messages ending at the assistant header); the validation choice reads the
@@ -98,7 +103,7 @@ from steer.directions.gating import (
     scene_prompt,
     scene_prompts,
 )
-from steer.directions.recipe import RecipeKind, load_direction_recipe
+from steer.directions.recipe import DataSection, RecipeKind, load_direction_recipe
 from steer.gates import GateScope
 from steer.models import load_model
 
@@ -158,8 +163,14 @@ def _parser() -> argparse.ArgumentParser:
         type=float,
         default=None,
         help="keep the lowest validation rate among candidates with a validation first-token "
-        "KL of at most this (ties: the higher validation TPR, then the lower KL) instead of "
-        "the --max-rate rule",
+        "KL of at most this (ties: see --ties) instead of the --max-rate rule",
+    )
+    parser.add_argument(
+        "--ties",
+        choices=("tpr", "fpr"),
+        default="tpr",
+        help="with --max-kl, equal validation rates go to the higher validation TPR (tpr), or "
+        "to the lower validation FPR, then the higher TPR (fpr); then the lower KL",
     )
     parser.add_argument(
         "--gate-layers", default="", help="candidate gate layers besides the direction's own"
@@ -251,16 +262,25 @@ def _rate(report: RateReport) -> float:
 
 
 def _choose_gate(
-    candidates: list[Candidate], max_rate: float, max_kl: float | None = None
+    candidates: list[Candidate],
+    max_rate: float,
+    max_kl: float | None = None,
+    ties: str = "tpr",
 ) -> tuple[Candidate, list[dict[str, Any]]]:
     """The lowest validation first-token KL (then multi-token KL) among candidates with a
     validation rate (longest length) of at most ``max_rate``; the lowest rate if none has.
     With ``max_kl``: the lowest validation rate among candidates with a validation first-token
-    KL of at most it (then the higher validation TPR, the lower KL); the lowest KL if none."""
+    KL of at most it (then the higher validation TPR, or with ``ties="fpr"`` the lower
+    validation FPR and then the higher TPR; then the lower KL); the lowest KL if none."""
     if max_kl is not None:
         within = [c for c in candidates if c.report.kl_first_token <= max_kl + 1e-12]
+
+        def order(c: Candidate) -> tuple[float, ...]:
+            fpr = c.calibration.validation.false_positive_rate if ties == "fpr" else 0.0
+            return (_rate(c.report), fpr, -_tpr(c), c.report.kl_first_token)
+
         best = (
-            min(within, key=lambda c: (_rate(c.report), -_tpr(c), c.report.kl_first_token))
+            min(within, key=order)
             if within
             else min(candidates, key=lambda c: (c.report.kl_first_token, _rate(c.report)))
         )
@@ -429,7 +449,7 @@ def _gate(
     lowest = min(_rate(report) for report in always.values())
     max_rate = lowest if args.max_rate is None else args.max_rate
     candidates = _candidates(conditions, args.fpr_grid, unedited, always)
-    best, rows = _choose_gate(candidates, max_rate, args.max_kl)
+    best, rows = _choose_gate(candidates, max_rate, args.max_kl, args.ties)
     reference = {
         "unedited rate": _rate(unedited),
         "always on": [
@@ -445,6 +465,7 @@ def _gate(
         ],
         "max rate": max_rate,
         "max kl": args.max_kl,
+        "ties": args.ties,
     }
     return best, rows, reference
 
@@ -526,7 +547,7 @@ def main() -> int:
     }
     emit(record)
     if not args.no_docs:
-        _write_docs(args, record, rows, calibration_rows, command, bool(recipe.data.gate_fire))
+        _write_docs(args, record, rows, calibration_rows, command, recipe.data)
     return 0
 
 
@@ -536,7 +557,7 @@ def _write_docs(
     rows: list[dict[str, Any]],
     calibration_rows: list[dict[str, Any]],
     command: str,
-    gate_fire: bool,
+    data: DataSection,
 ) -> None:
     lengths = [f"rate @{n}" for n in args.lengths]
     quiet = ["quiet first-token KL", "quiet multi-token KL", "quiet moved"]
@@ -550,10 +571,16 @@ def _write_docs(
     fire_text = (
         " The recipe's data.gate_fire prompts are fire prompts too: they join the calibration "
         "and the validation TPR, not the rates (read on the positive set's replies)."
-        if gate_fire
+        if data.gate_fire
         else ""
     )
-    quiet_text = fire_text + (
+    harmless_text = (
+        f" The recipe's data.gate_harmless prompts (`{data.gate_harmless}`) join the harmless "
+        "ones in every split: the calibration, the validation KL and the test KL."
+        if data.gate_harmless
+        else ""
+    )
+    quiet_text = (
         f" The recipe's data.gate_quiet prompts ({args.recipe}) are quiet prompts too: the gate "
         "is calibrated to stay quiet on them, the validation KL below is over both sets, and "
         "the test table gives their KL (*quiet*) and how many of them the edit moved (first-"
@@ -561,6 +588,7 @@ def _write_docs(
         if quiet
         else ""
     )
+    quiet_text = fire_text + harmless_text + quiet_text
     fired = record["test scenes fired"]
     scenes_text = (
         "\nThe gate is calibrated on the situations played as RP scenes too (data.gate_scenes). "
@@ -632,8 +660,13 @@ def _rule_text(v: dict[str, Any], args: argparse.Namespace, rows: list[dict[str,
         within = any(row["validation first-token KL"] <= v["max kl"] + 1e-12 for row in rows)
         return (
             "Kept: the lowest validation rate among the candidates with a validation first-"
-            f"token KL of at most {v['max kl']:g} (--max-kl), ties to the higher validation "
-            "TPR, then the lower KL"
+            f"token KL of at most {v['max kl']:g} (--max-kl), ties to "
+            + (
+                "the lower validation FPR (--ties fpr), then the higher validation TPR"
+                if v.get("ties") == "fpr"
+                else "the higher validation TPR"
+            )
+            + ", then the lower KL"
             + ("." if within else "; no candidate reached it, so the lowest KL.")
         )
     reached = any(row["validation rate"] <= v["max rate"] + 1e-12 for row in rows)

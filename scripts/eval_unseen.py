@@ -75,6 +75,12 @@ def _parser() -> argparse.ArgumentParser:
         default=str(RECIPES_DIR / "moralizing.toml"),
         help="the direction recipe whose held-out harmless test prompts give the KL",
     )
+    parser.add_argument(
+        "--harmless",
+        default="",
+        help="a harmless prompt file no choice has read, giving the KL instead of --recipe's "
+        "test prompts (e.g. recipes:harmless_unseen.txt)",
+    )
     parser.add_argument("--lengths", type=_lengths, default=(16, 64))
     parser.add_argument("--kl-tokens", type=int, default=32)
     parser.add_argument("--batch-size", type=int, default=32)
@@ -90,7 +96,11 @@ def main() -> int:
     seconds: dict[str, float] = {}
     prompts = load_prompts(args.prompts, field="prompts")
     quiet = load_prompts(args.quiet, field="quiet") if args.quiet else []
-    harmless = list(gate_splits(load_direction_recipe(args.recipe))["negative"].test)
+    harmless = (
+        load_prompts(args.harmless, field="harmless")
+        if args.harmless
+        else list(gate_splits(load_direction_recipe(args.recipe))["negative"].test)
+    )
     handle = timed(seconds, "load_model", lambda: load_model(args.model))
     edits = {name: recipe_interventions(path, handle) for name, path in args.edit}
     evaluate = timed(
@@ -114,6 +124,7 @@ def main() -> int:
         "model": args.model,
         "prompts": args.prompts,
         "quiet": args.quiet,
+        "harmless": args.harmless or f"{args.recipe} (test split)",
         "edits": dict(args.edit),
         "rows": rows,
         **run_facts(seconds, load_before),
@@ -140,13 +151,18 @@ def _write_docs(
         if n_quiet
         else ""
     )
+    harmless = (
+        f"the {n_harmless} harmless prompts of `{args.harmless}` (written after those choices too)"
+        if args.harmless
+        else f"the {n_harmless} held-out harmless test prompts of `{Path(args.recipe).name}`'s gate"
+    )
     markdown = f"""## Edits on prompts no choice has read (`scripts/eval_unseen.py`)
 
 Model `{args.model}`; {n} prompts of `{args.prompts}`, written after every choice behind these
 edits was made and read once per edit here. Greedy replies, the {args.matcher} phrase matcher
 over each reply's first {", ".join(str(t) for t in args.lengths)} tokens with Wilson 95%
 intervals; first-token KL and KL over the base model's first {args.kl_tokens} greedy tokens on
-the {n_harmless} held-out harmless test prompts of `{Path(args.recipe).name}`'s gate{quiet}.
+{harmless}{quiet}.
 Edits: {edits}.
 
 {table(record["rows"], [*columns, "n"])}

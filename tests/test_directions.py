@@ -158,16 +158,32 @@ def test_unseen_check_sets_share_nothing_with_the_data_choices_were_made_on() ->
     seen += datasets.load_prompts("recipes:rp_benign.txt")
     seen += datasets.load_prompts("recipes:moralizing_gate_fire.txt")
     seen_names = {situation_scene(text).names[0] for text in seen}
-    unseen = {
-        name: datasets.load_prompts(f"recipes:{name}")
-        for name in ("moralizing_unseen.txt", "rp_benign_unseen.txt")
-    }
-    assert (len(unseen["moralizing_unseen.txt"]), len(unseen["rp_benign_unseen.txt"])) == (64, 40)
-    for prompts in unseen.values():
+    for suffix in ("", "2"):  # the second sets share nothing with the first ones either
+        unseen = {
+            name: datasets.load_prompts(f"recipes:{name}{suffix}.txt")
+            for name in ("moralizing_unseen", "rp_benign_unseen")
+        }
+        assert (len(unseen["moralizing_unseen"]), len(unseen["rp_benign_unseen"])) == (64, 40)
+        for prompts in unseen.values():
+            assert len(set(prompts)) == len(prompts)
+            assert not set(prompts) & set(seen)
+            assert not {situation_scene(text).names[0] for text in prompts} & seen_names
+        assert not set(unseen["moralizing_unseen"]) & set(unseen["rp_benign_unseen"])
+        seen += [*unseen["moralizing_unseen"], *unseen["rp_benign_unseen"]]
+        seen_names = {situation_scene(text).names[0] for text in seen}
+
+
+def test_harmless_sets_share_no_request() -> None:
+    """The gate's extra harmless requests and the harmless check set: unique, and none of them
+    one of the harmless prompts or of each other."""
+    harmless = datasets.load_prompts("recipes:harmless.jsonl")
+    gate = datasets.load_prompts("recipes:harmless_gate.txt")
+    unseen = datasets.load_prompts("recipes:harmless_unseen.txt")
+    assert (len(gate), len(unseen)) == (400, 150)
+    for prompts in (gate, unseen):
         assert len(set(prompts)) == len(prompts)
-        assert not set(prompts) & set(seen)
-        assert not {situation_scene(text).names[0] for text in prompts} & seen_names
-    assert not set(unseen["moralizing_unseen.txt"]) & set(unseen["rp_benign_unseen.txt"])
+        assert not set(prompts) & set(harmless)
+    assert not set(gate) & set(unseen)
 
 
 def test_splits_are_seeded_disjoint_and_complete() -> None:

@@ -52,6 +52,13 @@ def test_a_situation_becomes_a_scene() -> None:
     ]
     kept = situation_scene("You are Grukk, an orc warlord. Scouts report a village. Give orders.")
     assert kept.turns[-1].content == "Scouts report a village. Give orders."
+    titled = situation_scene("You are Dr. Okafor, a ship's doctor. A sailor comes in. Reply.")
+    assert titled.names == ("Dr. Okafor",)  # a title's period does not end WHO
+    assert titled.turns[-1].content == "A sailor comes in. Reply."
+    for title in ("Mr", "Mrs", "St", "Capt"):
+        scene = situation_scene(f"You are {title}. Vole, a miser. A tax man knocks.")
+        assert scene.names == (f"{title}. Vole",)
+    assert situation_scene("You are West. A wind blows.").names == ("West",)
     for bad in ("Write a poem about the sea.", "You are User. Hello.", "You are Bram."):
         with pytest.raises(InvalidArgumentError) as raised:
             situation_scene(bad, field="data.gate_scenes")

@@ -19,6 +19,7 @@ from steer import Condition, Gated, GateScope, InvalidArgumentError, SteeringVec
 from steer.activations import encode_chat, forward
 from steer.artifacts import load_vector, save_vector
 from steer.cli import main as cli_main
+from steer.directions import data as datasets
 from steer.directions.evaluate import generate
 from steer.directions.gating import (
     ablation_recipe,
@@ -250,7 +251,30 @@ def test_gate_fire_prompts_join_the_fire_side_after_the_positive_ones(
     assert kept["validation"]["true_positive_rate"] == fired / len(validation.fire)
 
 
-@pytest.mark.parametrize("name", ["gate_fire", "gate_quiet"])
+def test_gate_harmless_prompts_follow_the_negative_ones_in_each_split(
+    tiny_llama: ModelHandle, setup: dict[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A recipe's data.gate_harmless prompts are split like the others, each split following
+    the negative set's (the test KL of scripts/eval_gated.py reads them there too), and the gate
+    is calibrated and reported on them."""
+    before = gate_splits(load_direction_recipe(setup["recipe"]))
+    requests = [f"Give me a tip for keeping houseplant number {n} alive." for n in range(10)]
+    splits = _with_prompt_file(setup, "gate_harmless", requests)
+    assert "quiet" not in splits and splits["positive"] == before["positive"]
+    own = datasets.split(requests, seed=0, train=0.5, validation=0.3)  # the recipe's shares
+    for part, count in zip(PARTS, [5, 3, 2], strict=True):
+        old, new = getattr(before["negative"], part), getattr(splits["negative"], part)
+        assert new == (*old, *getattr(own, part)) and len(new) - len(old) == count
+
+    assert _gate(setup, "--condition", "direction", "--target-fpr", "0.2") == 0
+    kept = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["kept"]
+    validation = quiet_prompts(splits, "validation")
+    assert kept["validation"]["quiet_count"] == len(validation)
+    fired = _fired(tiny_llama, setup, kept, validation)
+    assert kept["validation"]["false_positive_rate"] == fired / len(validation)
+
+
+@pytest.mark.parametrize("name", ["gate_fire", "gate_quiet", "gate_harmless"])
 def test_gate_prompt_files_are_checked(
     setup: dict[str, Path], capsys: pytest.CaptureFixture[str], name: str
 ) -> None:

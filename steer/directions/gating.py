@@ -26,7 +26,9 @@ recipe's ``data.gate_quiet`` adds prompts the gate must stay quiet on too: for m
 in-character RP situations without a trigger, without which the gate learns RP against
 assistant requests and fires on every RP turn; ``data.gate_fire`` adds prompts it must fire on
 (after the positive set's): for moralizing, more villain situations, without replies (the pairs'
-situations alone gave a gate that fired on too few new ones). With ``data.gate_scenes`` the
+situations alone gave a gate that fired on too few new ones); ``data.gate_harmless`` more
+ordinary requests, joining the negative set's splits (a false-positive rate of 1% cannot be
+calibrated on a few dozen harmless prompts). With ``data.gate_scenes`` the
 situations of both sides are also played as RP scenes, in two forms (:data:`SCENE_FORMS`): a
 card and the event as the user's turn, the prompt ending in the character's name (as ``steer
 eval rp``, gRPC scene requests and named chat requests render them); and the same as
@@ -89,7 +91,8 @@ def gate_splits(recipe: DirectionRecipe) -> dict[str, datasets.Splits[str]]:
     """``{"positive": Splits, "negative": Splits}``: the prompts a gate for ``recipe``'s
     direction fires on and stays quiet on, train / validation / test; with the recipe's
     ``data.gate_fire``, also ``"fire"``: more prompts it fires on; with ``data.gate_quiet``,
-    ``"quiet"``: more prompts it stays quiet on (see :func:`quiet_prompts`)."""
+    ``"quiet"``: more prompts it stays quiet on (see :func:`quiet_prompts`); with
+    ``data.gate_harmless``, each split of the negative set is followed by that set's."""
     data = recipe.data
     if recipe.kind is not RecipeKind.PAIRS:
         splits = dict(contrast_splits(recipe))
@@ -100,15 +103,23 @@ def gate_splits(recipe: DirectionRecipe) -> dict[str, datasets.Splits[str]]:
             situations, seed=data.seed, train=data.train, validation=data.validation
         )
         splits = {"positive": positive, "negative": harmless["negative"]}
-    for name, key in (("gate_fire", "fire"), ("gate_quiet", "quiet")):
+    for name, key in (("gate_fire", "fire"), ("gate_quiet", "quiet"), ("gate_harmless", "")):
         if getattr(data, name):
             prompts = datasets.load_prompts(
                 getattr(data, name), field=f"data.{name}", base=recipe.base
             )
-            splits[key] = datasets.split(
+            more = datasets.split(
                 prompts, seed=data.seed, train=data.train, validation=data.validation
             )
+            splits[key or "negative"] = more if key else _joined(splits["negative"], more)
     return splits
+
+
+def _joined(first: datasets.Splits[str], then: datasets.Splits[str]) -> datasets.Splits[str]:
+    """Each split of ``first`` followed by the same split of ``then``."""
+    return datasets.Splits(
+        *(getattr(first, part) + getattr(then, part) for part in ("train", "validation", "test"))
+    )
 
 
 def quiet_prompts(splits: dict[str, datasets.Splits[str]], part: str) -> tuple[str, ...]:

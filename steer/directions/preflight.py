@@ -45,7 +45,7 @@ def check_data(recipe: DirectionRecipe) -> None:
         load_neutral(recipe)
         return
     data = recipe.data
-    for name in ("gate_fire", "gate_quiet"):
+    for name in ("gate_fire", "gate_quiet", "gate_harmless"):
         if getattr(data, name):
             datasets.load_prompts(getattr(data, name), field=f"data.{name}", base=recipe.base)
     if data.gate_scenes:

@@ -73,6 +73,10 @@ class DataSection:
     #: more RP situations with a moralizing trigger, without replies: a gate needs more
     #: varied prompts than a direction needs pairs); split like the other sets
     gate_fire: str = ""
+    #: more ordinary requests the gate must stay quiet on, like the harmless ones (one message
+    #: each, never played as RP scenes); split like the other sets, each split joining the
+    #: harmless set's: more quiet prompts calibrate lower false-positive rates
+    gate_harmless: str = ""
     #: also calibrate the gate on the positive, gate_fire and gate_quiet prompts, RP
     #: situations ("You are WHO. EVENT"; moralizing), each rendered as the RP scene steer plays
     #: (:func:`steer.rp.scene.situation_scene`): in a scene a gate reads the character's name
@@ -221,6 +225,7 @@ _SEARCH_ONLY: dict[str, frozenset[str] | None] = {
             "filter_tokens",
             "gate_fire",
             "gate_quiet",
+            "gate_harmless",
             "gate_scenes",
         }
     ),

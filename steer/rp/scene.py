@@ -182,8 +182,15 @@ def _built_each(kind: type[_Part], values: Any, field: str) -> tuple[_Part, ...]
     return tuple(_built(kind, value, f"{field}[{index}]") for index, value in enumerate(values))
 
 
+#: titles whose period does not end WHO ("You are Dr. Okafor, a ship's doctor. ...")
+_TITLES = ("Mr", "Mrs", "Ms", "Dr", "St", "Prof", "Capt", "Lt", "Sgt", "Col", "Gen", "Mt")
 #: a one-message RP situation: "You are WHO. EVENT" (recipes/moralizing_pairs.jsonl, rp_benign.txt)
-_SITUATION = re.compile(r"\s*You are (?P<who>[^.]+?)\.\s+(?P<event>\S.*)", re.DOTALL)
+_SITUATION = re.compile(
+    rf"\s*You are (?P<who>(?:\b(?:{'|'.join(_TITLES)})\.\s+|[^.])+?)"
+    + "".join(rf"(?<!\b{title})" for title in _TITLES)
+    + r"\.\s+(?P<event>\S.*)",
+    re.DOTALL,
+)
 #: the closing cue a situation gives the model, which a played scene does not carry
 _REPLY_CUE = re.compile(r"\s*(?:Reply|Respond) in character\.\s*$")
 
