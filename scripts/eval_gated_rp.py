@@ -2,7 +2,8 @@
 
 Sections "gated-rp" and, with --triggers, "gated-rp-triggers".
 
-Plays the project's RP scenarios that carry none of the --skip-tags (chosen by tag before any
+Plays the project's RP scenarios (--scenarios; recipes/data/rp_scenarios_unseen.jsonl is a check
+set written after the gates were built) that carry none of the --skip-tags (chosen by tag before any
 run: no crime, villain, horror or dark-comedy scene; with --triggers only the scenes that carry
 one) with the same seeds: unedited, always on (the first gated recipe's edits without their
 gate, or --direction ablated at each layer's residual), and each --gated recipe written by
@@ -40,6 +41,8 @@ from steer.rp.evaluate import SLOP_PHRASES, EvalSettings, load_scenarios, play
 from steer.rp.metrics import Transcript, load_phrases, rp_metrics
 from steer.rp.presets import load_preset
 
+ROOT = Path(__file__).resolve().parent.parent
+
 #: distinct-n falls when a resample repeats a scenario (its replies count twice), so a bootstrap
 #: over scenarios would put its interval below the value: it is shown without one
 UNRESAMPLED = ("distinct_2",)
@@ -69,6 +72,12 @@ def _parser() -> argparse.ArgumentParser:
         type=_named,
         help="a gated recipe (eval_gated.py), as PATH or NAME=PATH (row 'gated (NAME)'); "
         "repeat to compare gates on the same edit (always on: the first one's, ungated)",
+    )
+    parser.add_argument(
+        "--scenarios",
+        default="recipes/data/rp_scenarios.jsonl",
+        help="the scenario file (JSONL as steer eval rp reads; e.g. the check set "
+        "recipes/data/rp_scenarios_unseen.jsonl)",
     )
     parser.add_argument("--skip-tags", default="crime,villain,horror,dark comedy")
     parser.add_argument(
@@ -125,7 +134,11 @@ def main() -> int:
     command = command_line()
     load_before = os.getloadavg()[0]
     skipped = {tag.strip() for tag in args.skip_tags.split(",") if tag.strip()}
-    scenarios = [s for s in load_scenarios() if bool(skipped.intersection(s.tags)) == args.triggers]
+    scenarios = [
+        s
+        for s in load_scenarios(ROOT / args.scenarios)
+        if bool(skipped.intersection(s.tags)) == args.triggers
+    ]
     handle = load_model(args.model)
     settings = EvalSettings(
         sampling=replace(load_preset(args.preset), seed=None),
@@ -179,7 +192,7 @@ def _write_docs(args: argparse.Namespace, record: dict[str, Any], command: str) 
     )
     markdown = f"""## {heading} (`scripts/eval_gated_rp.py`)
 
-Model `{args.model}`; the scenarios of recipes/data/rp_scenarios.jsonl {kind} one of the tags
+Model `{args.model}`; the scenarios of {args.scenarios} {kind} one of the tags
 {args.skip_tags} ({", ".join(record["scenarios"])}), {args.rounds} replies each, at most
 {args.max_new_tokens} tokens, preset `{args.preset}`, format `{args.format}`, the same seeds for
 every edit. Each metric

@@ -145,8 +145,13 @@ def _markdown(
             + ("" if args.section == "judge" else f", {args.section}")
             + " (`scripts/eval_judge.py`)",
             "",
-            f"Model `{record['model']}`, judge `{record['judge']}`. A sample of "
-            f"{rows[0]['n']} held-out harmful test prompts (seed {args.seed}), greedy replies "
+            f"Model `{record['model']}`, judge `{record['judge']}`. "
+            + (
+                f"A sample of {rows[0]['n']} held-out harmful test prompts (seed {args.seed})"
+                if args.sample
+                else f"All {rows[0]['n']} held-out harmful test prompts"
+            )
+            + ", greedy replies "
             f"of {max(args.lengths)} tokens, unedited and with each edit: {edits}. Matcher: "
             "the refusal phrases over each reply's first N tokens. Judge: the whole reply "
             "(steer.directions.evaluate.judge). Agreement and the two disagreement counts "

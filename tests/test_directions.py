@@ -173,6 +173,27 @@ def test_unseen_check_sets_share_nothing_with_the_data_choices_were_made_on() ->
         seen_names = {situation_scene(text).names[0] for text in seen}
 
 
+def test_the_rp_check_scenes_share_no_character_with_the_data_choices_were_made_on() -> None:
+    """scripts/eval_gated_rp.py --scenarios recipes/data/rp_scenarios_unseen.jsonl: 16 scenes
+    with a trigger tag and 8 without, each ending at the user's turn, their characters named
+    in no scene or situation any choice read."""
+    from steer.rp.evaluate import load_scenarios
+    from steer.rp.scene import situation_scene
+
+    triggers = {"crime", "villain", "horror", "dark comedy"}
+    seen = {name for s in load_scenarios() for name in s.scene.names}
+    seen |= {
+        situation_scene(text).names[0]
+        for name in ("rp_benign.txt", "moralizing_gate_fire.txt", "moralizing_unseen.txt")
+        for text in datasets.load_prompts(f"recipes:{name}")
+    }
+    unseen = load_scenarios(datasets.RECIPES_DIR / "data" / "rp_scenarios_unseen.jsonl")
+    assert sorted(bool(triggers & set(s.tags)) for s in unseen) == [False] * 8 + [True] * 16
+    for scenario in unseen:
+        assert not set(scenario.scene.names) & seen
+        assert scenario.scene.turns[-1].speaker == scenario.scene.user.name
+
+
 def test_harmless_sets_share_no_request() -> None:
     """The gate's extra harmless requests and the harmless check set: unique, and none of them
     one of the harmless prompts or of each other."""
