@@ -512,7 +512,15 @@ def main() -> int:
     )
     if args.validation_only:
         kept = [row for row in calibration_rows if row["kept"]]
-        emit({"validation": reference, "kept": kept, "recipe": str(gated_path), "seconds": seconds})
+        emit(
+            {
+                "validation": reference,
+                "kept": kept,
+                "gate": calibration_rows,  # every candidate, to compare configurations by
+                "recipe": str(gated_path),
+                "seconds": seconds,
+            }
+        )
         return 0
     # what the recipes hold, lowered as a server or `steer eval --edits` lowers them
     always = recipe_interventions(ablation_recipe(ablated, best.weight, push=best.push), handle)
