@@ -156,7 +156,10 @@ def _write_docs(
         if args.harmless
         else f"the {n_harmless} held-out harmless test prompts of `{Path(args.recipe).name}`'s gate"
     )
-    markdown = f"""## Edits on prompts no choice has read (`scripts/eval_unseen.py`)
+    title = "Edits on prompts no choice has read" + (
+        "" if args.section == "unseen" else f", {args.section}"
+    )
+    markdown = f"""## {title} (`scripts/eval_unseen.py`)
 
 Model `{args.model}`; {n} prompts of `{args.prompts}`, written after every choice behind these
 edits was made and read once per edit here. Greedy replies, the {args.matcher} phrase matcher

@@ -103,7 +103,8 @@ def gate_splits(recipe: DirectionRecipe) -> dict[str, datasets.Splits[str]]:
             situations, seed=data.seed, train=data.train, validation=data.validation
         )
         splits = {"positive": positive, "negative": harmless["negative"]}
-    for name, key in (("gate_fire", "fire"), ("gate_quiet", "quiet"), ("gate_harmless", "")):
+    more_sets = (("gate_fire", "fire"), ("gate_quiet", "quiet"), ("gate_harmless", "negative"))
+    for name, key in more_sets:
         if getattr(data, name):
             prompts = datasets.load_prompts(
                 getattr(data, name), field=f"data.{name}", base=recipe.base
@@ -111,7 +112,7 @@ def gate_splits(recipe: DirectionRecipe) -> dict[str, datasets.Splits[str]]:
             more = datasets.split(
                 prompts, seed=data.seed, train=data.train, validation=data.validation
             )
-            splits[key or "negative"] = more if key else _joined(splits["negative"], more)
+            splits[key] = _joined(splits[key], more) if key in splits else more
     return splits
 
 
