@@ -111,13 +111,25 @@ def next_text(
 
 
 def run_to_end(engine: Any, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
-    """Submit ``requests`` to ``engine`` and step it until it has no work; results in order."""
-    ids = [engine.submit(request) for request in requests]
-    events: dict[str, list[GenerationEvent]] = {i: [] for i in ids}
+    """Submit ``requests`` to ``engine`` as its queue has room (an engine's ``max_waiting``
+    refuses more; a run of more requests than that is fed as rows finish) and step it until
+    it has no work; results in order."""
+    room = max(1, getattr(engine, "max_waiting", len(requests)))
+    pending = iter(requests)
+    ids: list[str] = []
+    events: dict[str, list[GenerationEvent]] = {}
+
+    def feed() -> None:
+        while engine.num_waiting < room and (request := next(pending, None)) is not None:
+            ids.append(engine.submit(request))
+            events[ids[-1]] = []
+
+    feed()
     while engine.has_work:
         for event in engine.step():
             if event.request_id in events:
                 events[event.request_id].append(event)
+        feed()
     return [_result(request_id, events[request_id]) for request_id in ids]
 
 

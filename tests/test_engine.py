@@ -8,7 +8,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from steer import Ablate, Add, InvalidArgumentError, Phase, SteeringVector
+from steer import Ablate, Add, InvalidArgumentError, Phase, ResourceExhaustedError, SteeringVector
 from steer.activations import forward
 from steer.generation import Engine, GenerationRequest, Message
 from steer.hooks import HookKind
@@ -75,6 +75,21 @@ def test_batch_of_mixed_rows_equals_each_row_alone(tiny: ModelHandle) -> None:
             assert [i for i, _ in ours.top_logprobs] == [i for i, _ in theirs.top_logprobs]
             for (_, x), (_, y) in zip(ours.top_logprobs, theirs.top_logprobs, strict=True):
                 assert abs(x - y) <= 1e-5 * max(1.0, abs(y))
+
+
+def test_a_run_longer_than_the_queue_is_fed_as_rows_finish(tiny: ModelHandle) -> None:
+    """Engine.run with more requests than max_waiting (an evaluation over hundreds of prompts)
+    submits them as room frees: the same results, in order, as with a queue that holds them
+    all; a submit past the limit is still refused."""
+    requests = _requests(tiny) * 2
+    fed = Engine(tiny, max_batch=2, max_waiting=3).run(requests)
+    for ours, theirs in zip(fed, Engine(tiny, max_batch=2).run(requests), strict=True):
+        _assert_same_generation(ours, theirs)
+    engine = Engine(tiny, max_batch=2, max_waiting=3)
+    for request in requests[:3]:
+        engine.submit(request)
+    with pytest.raises(ResourceExhaustedError):
+        engine.submit(requests[3])
 
 
 def test_steering_changes_the_output(tiny: ModelHandle) -> None:
