@@ -10,8 +10,9 @@ unedited first:
 * the rate on the unseen prompts (greedy, the moralizing or refusal phrase matcher over each
   reply's first N tokens, Wilson 95% intervals);
 * first-token and multi-token KL (over the base model's first --kl-tokens greedy tokens) on the
-  held-out harmless test prompts the recipe's gate stays quiet on (recipes/refusal.toml's), and
-  apart on the unseen trigger-free situations, with how many of those the edit moved at all (a
+  held-out harmless test prompts the recipe's gate stays quiet on (recipes/refusal.toml's; with
+  --harmless, on a harmless file written after the choices, e.g. recipes:harmless_unseen.txt),
+  and apart on the unseen trigger-free situations, with how many of those the edit moved at all (a
   gate that does not fire moves none).
 
 Prints one JSON line and writes the section (with --section, another name).
