@@ -60,7 +60,12 @@ from steer.calibration import (
 from steer.directions import data as datasets
 from steer.directions.api import contrast_splits
 from steer.directions.data import RECIPES_DIR
-from steer.directions.recipe import DirectionRecipe, RecipeKind, load_direction_recipe
+from steer.directions.recipe import (
+    GATE_SETS,
+    DirectionRecipe,
+    RecipeKind,
+    load_direction_recipe,
+)
 from steer.errors import InvalidArgumentError
 from steer.gates import GateScope
 from steer.models import ModelHandle
@@ -103,8 +108,7 @@ def gate_splits(recipe: DirectionRecipe) -> dict[str, datasets.Splits[str]]:
             situations, seed=data.seed, train=data.train, validation=data.validation
         )
         splits = {"positive": positive, "negative": harmless["negative"]}
-    more_sets = (("gate_fire", "fire"), ("gate_quiet", "quiet"), ("gate_harmless", "negative"))
-    for name, key in more_sets:
+    for name, key in GATE_SETS.items():
         if getattr(data, name):
             prompts = datasets.load_prompts(
                 getattr(data, name), field=f"data.{name}", base=recipe.base

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from steer.directions import data as datasets
-from steer.directions.recipe import DirectionRecipe, RecipeKind
+from steer.directions.recipe import GATE_SETS, DirectionRecipe, RecipeKind
 from steer.errors import InvalidArgumentError, NotFoundError
 from steer.offline import OFFLINE_MODELS, resolve_offline
 
@@ -45,7 +45,7 @@ def check_data(recipe: DirectionRecipe) -> None:
         load_neutral(recipe)
         return
     data = recipe.data
-    for name in ("gate_fire", "gate_quiet", "gate_harmless"):
+    for name in GATE_SETS:
         if getattr(data, name):
             datasets.load_prompts(getattr(data, name), field=f"data.{name}", base=recipe.base)
     if data.gate_scenes:

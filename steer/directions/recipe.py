@@ -73,9 +73,7 @@ class DataSection:
     #: more RP situations with a moralizing trigger, without replies: a gate needs more
     #: varied prompts than a direction needs pairs); split like the other sets
     gate_fire: str = ""
-    #: more ordinary requests the gate must stay quiet on, like the harmless ones (one message
-    #: each, never played as RP scenes); split like the other sets, each split joining the
-    #: harmless set's: more quiet prompts calibrate lower false-positive rates
+    #: more ordinary requests the gate stays quiet on, each split joining the harmless set's
     gate_harmless: str = ""
     #: also calibrate the gate on the positive, gate_fire and gate_quiet prompts, RP
     #: situations ("You are WHO. EVENT"; moralizing), each rendered as the RP scene steer plays
@@ -212,6 +210,8 @@ _SECTIONS = {
     "evaluate": EvaluateSection,
     "sweep": SweepSection,
 }
+#: a gate's more prompt files: the data field -> the gate split it adds (or, "negative", joins)
+GATE_SETS = {"gate_fire": "fire", "gate_quiet": "quiet", "gate_harmless": "negative"}
 #: fields only the candidate search reads (kinds refusal, pairs, contrast); None = the section
 _SEARCH_ONLY: dict[str, frozenset[str] | None] = {
     "data": frozenset(
@@ -223,9 +223,7 @@ _SEARCH_ONLY: dict[str, frozenset[str] | None] = {
             "filter",
             "filter_by",
             "filter_tokens",
-            "gate_fire",
-            "gate_quiet",
-            "gate_harmless",
+            *GATE_SETS,
             "gate_scenes",
         }
     ),
