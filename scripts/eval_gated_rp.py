@@ -123,6 +123,12 @@ def _interval(
     return {name: (sorted(v)[low], sorted(v)[high]) for name, v in values.items()}
 
 
+def _differ(played: Sequence[Transcript], other: Sequence[Transcript]) -> int:
+    """How many replies of one run differ from the other run's reply at the same turn."""
+    pairs = zip(played, other, strict=True)
+    return sum(a != b for x, y in pairs for a, b in zip(x.replies, y.replies, strict=True))
+
+
 def _always_on(args: argparse.Namespace, handle: Any) -> tuple[Any, ...]:
     if args.direction:
         return tuple(interventions_for(load_vector(args.direction, handle=handle)))
@@ -167,10 +173,12 @@ def main() -> int:
                 low, high = interval[metric]
                 value += f" [{low:.3g}, {high:.3g}]"
             row[metric] = value
-        pairs = zip(played[name], played["unedited"], strict=True)
-        changed = sum(a != b for x, y in pairs for a, b in zip(x.replies, y.replies, strict=True))
         count = sum(len(t.replies) for t in played[name])
-        row["replies changed"] = f"{changed} / {count}"
+        row["replies changed"] = f"{_differ(played[name], played['unedited'])} / {count}"
+        if name in ("unedited", "always on"):
+            row["as always on"] = ""
+        else:
+            row["as always on"] = f"{count - _differ(played[name], played['always on'])} / {count}"
         rows.append(row)
     record = {
         "model": args.model,
@@ -198,9 +206,12 @@ Model `{args.model}`; the scenarios of {args.scenarios} {kind} one of the tags
 every edit. Each metric
 (docs/rp.md) with its 95% bootstrap interval over scenarios (distinct_2 without one: a resample
 that repeats a scenario repeats its replies, which lowers distinct-n); *replies changed*:
-replies whose text differs from the unedited run's. Gated recipes: {gated}.
+replies whose text differs from the unedited run's; *as always on*: replies identical to the
+always-on run's (a gate that fires on every turn of a scene plays it exactly as always on; one
+that fires on some turns only plays an edited turn after an unedited one, or the reverse, and its
+later replies are new text). Gated recipes: {gated}.
 
-{table(record["rows"], ["edit", *METRICS, "replies changed"])}
+{table(record["rows"], ["edit", *METRICS, "replies changed", "as always on"])}
 
 {run_footer(record, command)}"""
     section = args.section or ("gated-rp-triggers" if args.triggers else "gated-rp")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import threading
 from pathlib import Path
 
@@ -158,7 +159,7 @@ def test_unseen_check_sets_share_nothing_with_the_data_choices_were_made_on() ->
     seen += datasets.load_prompts("recipes:rp_benign.txt")
     seen += datasets.load_prompts("recipes:moralizing_gate_fire.txt")
     seen_names = {situation_scene(text).names[0] for text in seen}
-    for suffix in ("", "2"):  # the second sets share nothing with the first ones either
+    for suffix in ("", "2", "3"):  # each later set shares nothing with the earlier ones either
         unseen = {
             name: datasets.load_prompts(f"recipes:{name}{suffix}.txt")
             for name in ("moralizing_unseen", "rp_benign_unseen")
@@ -205,6 +206,24 @@ def test_harmless_sets_share_no_request() -> None:
         assert len(set(prompts)) == len(prompts)
         assert not set(prompts) & set(harmless)
     assert not set(gate) & set(unseen)
+
+
+def test_the_harmful_check_set_is_none_of_the_strongreject_prompts() -> None:
+    """scripts/eval_unseen.py --matcher refusal --prompts recipes:harmful_unseen.txt: unique
+    requests, none a prompt of StrongREJECT (all the refusal recipe's harmful data) nor sharing
+    more than half of its words with one."""
+    strongreject = datasets.load_prompts("strongreject")
+    unseen = datasets.load_prompts("recipes:harmful_unseen.txt")
+    assert len(unseen) == len(set(unseen)) == 150
+    assert not set(unseen) & set(strongreject)
+
+    def words(text: str) -> set[str]:
+        return set(re.findall(r"[a-z']+", text.lower()))
+
+    for text in unseen:
+        mine = words(text)
+        overlap = max(len(mine & words(other)) / len(mine | words(other)) for other in strongreject)
+        assert overlap < 0.5, text
 
 
 def test_splits_are_seeded_disjoint_and_complete() -> None:
