@@ -15,6 +15,10 @@ unedited first:
   and apart on the unseen trigger-free situations, with how many of those the edit moved at all (a
   gate that does not fire moves none).
 
+For refusal edits, ``--matcher refusal --prompts recipes:harmful_unseen.txt --quiet ''``: 150
+harmful requests written after every refusal choice, none a StrongREJECT prompt (section
+"unseen-harmful").
+
 Prints one JSON line and writes the section (with --section, another name).
 
     python scripts/eval_unseen.py --edit gated=out/gated-moralizing/gated.toml \\

@@ -210,8 +210,8 @@ def test_harmless_sets_share_no_request() -> None:
 
 def test_the_harmful_check_set_is_none_of_the_strongreject_prompts() -> None:
     """scripts/eval_unseen.py --matcher refusal --prompts recipes:harmful_unseen.txt: unique
-    requests, none a prompt of StrongREJECT (all the refusal recipe's harmful data) nor sharing
-    more than half of its words with one."""
+    requests, none a prompt of StrongREJECT (all the refusal recipe's harmful data) nor close
+    to one (half or more of the two prompts' words in common, Jaccard)."""
     strongreject = datasets.load_prompts("strongreject")
     unseen = datasets.load_prompts("recipes:harmful_unseen.txt")
     assert len(unseen) == len(set(unseen)) == 150
