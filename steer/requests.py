@@ -114,7 +114,7 @@ def run_to_end(engine: Any, requests: Sequence[GenerationRequest]) -> list[Gener
     """Submit ``requests`` to ``engine`` as its queue has room (an engine's ``max_waiting``
     refuses more; a run of more requests than that is fed as rows finish) and step it until
     it has no work; results in order."""
-    room = max(1, getattr(engine, "max_waiting", len(requests)))
+    room = max(1, engine.max_waiting)
     pending = iter(requests)
     ids: list[str] = []
     events: dict[str, list[GenerationEvent]] = {}

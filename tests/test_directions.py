@@ -220,10 +220,10 @@ def test_the_harmful_check_set_is_none_of_the_strongreject_prompts() -> None:
     def words(text: str) -> set[str]:
         return set(re.findall(r"[a-z']+", text.lower()))
 
+    theirs = [words(other) for other in strongreject]
     for text in unseen:
         mine = words(text)
-        overlap = max(len(mine & words(other)) / len(mine | words(other)) for other in strongreject)
-        assert overlap < 0.5, text
+        assert max(len(mine & other) / len(mine | other) for other in theirs) < 0.5, text
 
 
 def test_splits_are_seeded_disjoint_and_complete() -> None:

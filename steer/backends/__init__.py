@@ -30,6 +30,9 @@ BACKENDS = ("hf", "vllm")
 class GenerationEngine(Protocol):
     """What the scheduler needs of an engine (both backends implement it)."""
 
+    #: how many requests may wait for a row before ``submit`` refuses (ResourceExhaustedError)
+    max_waiting: int
+
     def submit(self, request: GenerationRequest) -> str: ...
     def cancel(self, request_id: str) -> None: ...
     def step(self) -> list[GenerationEvent]: ...
