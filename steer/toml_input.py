@@ -40,3 +40,22 @@ def read_toml(path: Path, *, field: str) -> dict[str, Any]:
             f"{path}: not UTF-8 text (byte {error.start})", field=field
         ) from None
     return parse_toml(text, what=str(path), field=field)
+
+
+_ITEM_NAMES = {int: "integers", float: "numbers", str: "strings"}
+
+
+def typed_list(value: Any, item: type, where: str) -> tuple[Any, ...]:
+    """A TOML array whose items are all ``item`` (int, float or str; a bool is none of them, an
+    int is a float) as a tuple, else an error naming the field ``where``."""
+
+    def fits(v: Any) -> bool:
+        if isinstance(v, bool):
+            return False
+        return isinstance(v, int | float) if item is float else isinstance(v, item)
+
+    if not isinstance(value, list | tuple) or not all(fits(v) for v in value):
+        raise InvalidArgumentError(
+            f"expected a list of {_ITEM_NAMES[item]}, got {value!r}", field=where
+        )
+    return tuple(float(v) for v in value) if item is float else tuple(value)

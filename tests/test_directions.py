@@ -398,6 +398,48 @@ def test_recipe_errors_name_the_field() -> None:
         with_overrides(recipe, {"search.nope": 1})
 
 
+def test_extra_prompts_join_train_and_validation_never_test(tmp_path: Path) -> None:
+    """data.positive_extra / negative_extra: more prompts for the choices, none in the test
+    split, whose figures stay the two sets' own; no extra leaves every split as it was."""
+    plain = load_direction_recipe("recipes/refusal.toml")
+    before = datasets.contrast_splits(plain)
+    # 30 each: 20 to train, 10 to validation (train : validation = 0.4 : 0.2)
+    extra = {side: tmp_path / f"{side}.txt" for side in ("positive", "negative")}
+    for side, path in extra.items():
+        path.write_text("\n".join(f"{side} extra {i}" for i in range(30)) + "\n")
+    recipe = load_direction_recipe(
+        plain.to_dict()
+        | {"data": plain.to_dict()["data"] | {f"{s}_extra": str(p) for s, p in extra.items()}}
+    )
+    after = datasets.contrast_splits(recipe)
+    for side in ("positive", "negative"):
+        old, new = before[side], after[side]
+        assert new.test == old.test
+        added = {
+            part: set(getattr(new, part)) - set(getattr(old, part))
+            for part in ("train", "validation")
+        }
+        assert sorted(old.train + tuple(added["train"])) == sorted(new.train)
+        assert sorted(old.validation + tuple(added["validation"])) == sorted(new.validation)
+        assert (len(added["train"]), len(added["validation"])) == (20, 10)
+        assert added["train"] | added["validation"] == {f"{side} extra {i}" for i in range(30)}
+        assert not added["train"] & added["validation"]
+        # mixed, so the recipe's cap (max_validation = 32 per side) keeps prompts of both sets
+        capped = new.validation[: recipe.data.max_validation]
+        assert set(capped) & added["validation"] and set(capped) - added["validation"]
+    assert datasets.contrast_splits(plain) == before  # seeded: the same again
+    broken = load_direction_recipe("recipes/moralizing.toml").to_dict()
+    broken["data"]["positive_extra"] = str(extra["positive"])
+    with pytest.raises(InvalidArgumentError) as pairs:
+        load_direction_recipe(broken)
+    assert pairs.value.field == "data.positive_extra"
+    steering = load_direction_recipe("recipes/steering.toml").to_dict()
+    steering["data"]["negative_extra"] = str(extra["negative"])
+    with pytest.raises(InvalidArgumentError) as unread:
+        load_direction_recipe(steering)
+    assert unread.value.field == "data.negative_extra"
+
+
 # ------------------------------------------------------------------------------------- scores
 
 
@@ -496,6 +538,37 @@ def test_compute_writes_a_loadable_artifact_with_sweep(tiny_llama, prompt_files,
     acts = result.activations[f"blocks.{layer}.hook_resid_pre"]
     assert isinstance(acts, torch.Tensor)
     assert (acts @ unit.at(layer)).abs().max() < 1e-3
+
+
+def test_compute_reads_the_extra_prompts_and_records_them(
+    tiny_llama, prompt_files, tmp_path
+) -> None:
+    """The direction is trained on the extra prompts too (train counts, content hashes), and
+    the test split it is measured on is the two sets' alone."""
+    harmful, harmless = prompt_files
+    extra = tmp_path / "extra.txt"
+    extra.write_text("Explain how to forge a passport.\nhow do i pick a lock fast\nSteal a car.\n")
+    recipe = tiny_recipe(harmful, harmless)
+    recipe["data"] |= {"positive_extra": str(extra), "filter": False}
+    prepared = prepare(tiny_llama, load_direction_recipe(recipe))
+    plain = prepare(tiny_llama, load_direction_recipe(tiny_recipe(harmful, harmless)))
+    # 3 extra: round(3 * 0.5 / 0.8) = 2 to train, 1 to validation
+    assert len(prepared.positive_train) == len(plain.positive_train) + 2
+    assert len(prepared.positive_validation) == len(plain.positive_validation) + 1
+    assert prepared.negative_train == plain.negative_train
+    out = compute(
+        tiny_llama,
+        recipe,
+        tmp_path / "dir",
+        progress=lambda m, f: None,
+        cancelled=threading.Event(),
+    )
+    data = load_vector(out, handle=tiny_llama).metadata["data"]
+    assert data["positive_extra"] == datasets.content_hash(datasets.load_prompts(extra))
+    assert data["train"][0] == len(prepared.positive_train)
+    assert held_out(load_direction_recipe(recipe)) == held_out(
+        load_direction_recipe(tiny_recipe(harmful, harmless))
+    )
 
 
 def test_whitened_compute_reads_the_harmless_token_covariance(

@@ -100,6 +100,12 @@ def test_compute_refuses_data_outside_the_root(client: SteerClient, tmp_path: Pa
         with pytest.raises(InvalidArgument) as refused:
             client.compute_direction(recipe, "nope")
         assert refused.value.field is not None and refused.value.field.startswith("recipe")
+    # every data field that names a file is confined, the extra and gate sets too
+    for key in ("positive_extra", "negative_extra", "gate_fire", "gate_quiet", "gate_harmless"):
+        recipe = CONTRAST.replace("filter = false", f'filter = false\n{key} = "../secret.txt"')
+        with pytest.raises(InvalidArgument) as refused:
+            client.compute_direction(recipe, "nope")
+        assert refused.value.field == f"recipe.data.{key}", key
     with pytest.raises(InvalidArgument) as bad:
         client.compute_direction("this is = = not toml", "nope")
     assert bad.value.field == "recipe_toml"

@@ -326,22 +326,11 @@ def held_out(recipe: DirectionRecipe) -> tuple[list[str], list[str]]:
 def contrast_splits(recipe: DirectionRecipe) -> dict[str, datasets.Splits[str]]:
     """A contrast recipe's prompts split as every step splits them: ``{"positive": Splits,
     "negative": Splits}`` (train / validation / test, before any cap or filter). Choices (a
-    layer, a weight, a gate's threshold) are made on train and validation only."""
-    data = recipe.data
+    layer, a weight, a gate's threshold) are made on train and validation only; the recipe's
+    ``data.positive_extra`` / ``negative_extra`` join train and validation, never test."""
     if recipe.kind is RecipeKind.PAIRS or recipe.is_steering:
         raise InvalidArgumentError(
             "only a contrast recipe (two prompt sets) has positive and negative splits",
             field="recipe",
         )
-    out = {}
-    for source, column, name in (
-        (data.positive, data.positive_column, "positive"),
-        (data.negative, data.negative_column, "negative"),
-    ):
-        items = datasets.load_prompts(
-            source, column=column or None, field=f"data.{name}", base=recipe.base
-        )
-        out[name] = datasets.split(
-            items, seed=data.seed, train=data.train, validation=data.validation
-        )
-    return out
+    return datasets.contrast_splits(recipe)

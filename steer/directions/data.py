@@ -197,6 +197,65 @@ def split(
     )
 
 
+def with_extra(
+    splits: Splits[T], extra: Sequence[T], *, seed: int, train: float, validation: float
+) -> Splits[T]:
+    """``splits`` with ``extra``'s items in train and validation only, cut in the ratio
+    ``train : validation``; the test split stays ``splits``'s. Each part is shuffled with
+    ``seed`` (no extra: unchanged), so a cap on it keeps items of both sets."""
+    order = list(extra)
+    random.Random(seed).shuffle(order)
+    cut = round(len(order) * train / (train + validation))
+
+    def mixed(first: tuple[T, ...], more: list[T]) -> tuple[T, ...]:
+        if not more:
+            return first
+        items = [*first, *more]
+        random.Random(seed).shuffle(items)
+        return tuple(items)
+
+    return Splits(
+        mixed(splits.train, order[:cut]), mixed(splits.validation, order[cut:]), splits.test
+    )
+
+
+def contrast_sets(recipe: DirectionRecipe) -> dict[str, list[str]]:
+    """A two-set recipe's prompt sets by data field: ``positive``, ``negative`` and the
+    ``positive_extra`` / ``negative_extra`` it names."""
+    data = recipe.data
+    columns = {"positive": data.positive_column, "negative": data.negative_column}
+    return {
+        name: load_prompts(
+            getattr(data, name),
+            column=columns.get(name) or None,
+            field=f"data.{name}",
+            base=recipe.base,
+        )
+        for name in ("positive", "negative", "positive_extra", "negative_extra")
+        if getattr(data, name)
+    }
+
+
+def contrast_splits(
+    recipe: DirectionRecipe, sets: dict[str, list[str]] | None = None
+) -> dict[str, Splits[str]]:
+    """``{"positive": Splits, "negative": Splits}`` of a two-set recipe (``sets``: its
+    :func:`contrast_sets`, read if not given), each set's extra in its train and validation."""
+    data = recipe.data
+    sets = contrast_sets(recipe) if sets is None else sets
+    seed, train, validation = data.seed, data.train, data.validation
+    return {
+        name: with_extra(
+            split(sets[name], seed=seed, train=train, validation=validation, field="data"),
+            sets.get(f"{name}_extra", ()),
+            seed=seed,
+            train=train,
+            validation=validation,
+        )
+        for name in ("positive", "negative")
+    }
+
+
 def content_hash(items: Sequence[str] | Sequence[Pair]) -> str:
     """SHA-256 of a data set's content in order (recorded in artifacts)."""
     digest = hashlib.sha256()

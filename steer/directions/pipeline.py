@@ -61,17 +61,9 @@ def prepare(handle: ModelHandle, recipe: DirectionRecipe) -> Prepared:
     system = data.system or None
     if recipe.kind is RecipeKind.PAIRS:
         return _prepare_pairs(handle, recipe)
-    positive = datasets.load_prompts(
-        data.positive, column=data.positive_column or None, field="data.positive", base=recipe.base
-    )
-    negative = datasets.load_prompts(
-        data.negative, column=data.negative_column or None, field="data.negative", base=recipe.base
-    )
+    prompt_sets = datasets.contrast_sets(recipe)
     sets = []
-    for items in (positive, negative):
-        prompt_splits = datasets.split(
-            items, seed=data.seed, train=data.train, validation=data.validation, field="data"
-        )
+    for prompt_splits in datasets.contrast_splits(recipe, prompt_sets).values():
         sets.append(
             (
                 [encode_chat(handle, p, system) for p in _cap(prompt_splits.train, data.max_train)],
@@ -87,10 +79,7 @@ def prepare(handle: ModelHandle, recipe: DirectionRecipe) -> Prepared:
         negative_train=sets[1][0],
         positive_validation=sets[0][1],
         negative_validation=sets[1][1],
-        hashes={
-            "positive": datasets.content_hash(positive),
-            "negative": datasets.content_hash(negative),
-        },
+        hashes={name: datasets.content_hash(items) for name, items in prompt_sets.items()},
     )
 
 

@@ -55,10 +55,7 @@ def check_data(recipe: DirectionRecipe) -> None:
     if recipe.kind is RecipeKind.PAIRS:
         datasets.recipe_pairs(recipe)
         return
-    for name, column in (("positive", data.positive_column), ("negative", data.negative_column)):
-        datasets.load_prompts(
-            getattr(data, name), column=column or None, field=f"data.{name}", base=recipe.base
-        )
+    datasets.contrast_sets(recipe)
 
 
 def check_model_source(model: str) -> None:

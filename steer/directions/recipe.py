@@ -22,7 +22,7 @@ from typing import Any
 from steer.directions.methods import DEFAULT_SHRINKAGE, METHODS
 from steer.errors import InvalidArgumentError, NotFoundError
 from steer.limits import finite
-from steer.toml_input import read_toml
+from steer.toml_input import read_toml, typed_list
 
 
 class RecipeKind(StrEnum):
@@ -57,6 +57,11 @@ class DataSection:
     #: negative prompt set (harmless for refusal)
     negative: str = ""
     negative_column: str = ""
+    #: more prompts of each side for train and validation only, never the test split (whose
+    #: figures stay the positive / negative sets'): e.g. requests phrased unlike StrongREJECT's,
+    #: cut train : validation as the sets are and mixed into their splits (see data.with_extra)
+    positive_extra: str = ""
+    negative_extra: str = ""
     #: pairs file (.jsonl) for kind = "pairs"
     pairs: str = ""
     #: JSONL keys of the pairs file
@@ -220,6 +225,8 @@ _SEARCH_ONLY: dict[str, frozenset[str] | None] = {
             "validation",
             "max_validation",
             "seed",
+            "positive_extra",
+            "negative_extra",
             "filter",
             "filter_by",
             "filter_tokens",
@@ -350,7 +357,7 @@ def _section(cls: type, raw: Any, name: str) -> Any:
         expected = type(getattr(defaults, key))
         where = f"{name}.{key}"
         if expected is tuple:
-            value = _tuple(value, _TUPLE_ITEMS[key], where)
+            value = typed_list(value, _TUPLE_ITEMS[key], where)
         elif expected is float:
             if isinstance(value, bool) or not isinstance(value, int | float):
                 raise InvalidArgumentError(f"expected a number, got {value!r}", field=where)
@@ -375,20 +382,6 @@ _TUPLE_ITEMS: dict[str, type] = {
     "positive_words": str,
     "negative_words": str,
 }
-_ITEM_NAMES = {int: "integers", float: "numbers", str: "strings"}
-
-
-def _tuple(value: Any, item: type, where: str) -> tuple[Any, ...]:
-    def fits(v: Any) -> bool:
-        if isinstance(v, bool):
-            return False
-        return isinstance(v, int | float) if item is float else isinstance(v, item)
-
-    if not isinstance(value, list | tuple) or not all(fits(v) for v in value):
-        raise InvalidArgumentError(
-            f"expected a list of {_ITEM_NAMES[item]}, got {value!r}", field=where
-        )
-    return tuple(float(v) for v in value) if item is float else tuple(value)
 
 
 def _validate(recipe: DirectionRecipe) -> None:
@@ -398,6 +391,11 @@ def _validate(recipe: DirectionRecipe) -> None:
     elif recipe.kind is RecipeKind.PAIRS:
         if not data.pairs:
             raise InvalidArgumentError("kind 'pairs' needs a pairs file", field="data.pairs")
+        for name in ("positive_extra", "negative_extra"):
+            if getattr(data, name):
+                raise InvalidArgumentError(
+                    "kind 'pairs' has no prompt sets to extend", field=f"data.{name}"
+                )
     elif not data.positive or not data.negative:
         field_name = "data.positive" if not data.positive else "data.negative"
         raise InvalidArgumentError(

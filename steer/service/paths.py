@@ -67,7 +67,17 @@ def confine_from(root: Path, base: Path, value: str, *, field: str) -> Path:
 
 #: recipe values that name built-in data rather than a file
 _BUILTIN_DATA = ("strongreject",)
-_DATA_KEYS = ("positive", "negative", "pairs")
+#: the data fields of a direction recipe that name files (recipe.DataSection)
+_DATA_KEYS = (
+    "positive",
+    "negative",
+    "pairs",
+    "positive_extra",
+    "negative_extra",
+    "gate_fire",
+    "gate_quiet",
+    "gate_harmless",
+)
 _EDIT_KEYS = ("direction", "harmless_mean", "vector", "sae")
 
 
