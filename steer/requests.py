@@ -8,7 +8,7 @@ and collect results with :func:`run_to_end`. :mod:`steer.generation` re-exports 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -110,10 +110,16 @@ def next_text(
     return delta, None
 
 
-def run_to_end(engine: Any, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
+def run_to_end(
+    engine: Any,
+    requests: Sequence[GenerationRequest],
+    *,
+    finished: Callable[[], None] | None = None,
+) -> list[GenerationResult]:
     """Submit ``requests`` to ``engine`` as its queue has room (an engine's ``max_waiting``
     refuses more; a run of more requests than that is fed as rows finish) and step it until
-    it has no work; results in order."""
+    it has no work; results in order. ``finished`` is called as each request ends (a progress
+    bar)."""
     room = max(1, engine.max_waiting)
     pending = iter(requests)
     ids: list[str] = []
@@ -129,6 +135,8 @@ def run_to_end(engine: Any, requests: Sequence[GenerationRequest]) -> list[Gener
         for event in engine.step():
             if event.request_id in events:
                 events[event.request_id].append(event)
+                if finished is not None and event.finish_reason is not None:
+                    finished()
         feed()
     return [_result(request_id, events[request_id]) for request_id in ids]
 

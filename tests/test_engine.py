@@ -10,7 +10,7 @@ import torch
 
 from steer import Ablate, Add, InvalidArgumentError, Phase, ResourceExhaustedError, SteeringVector
 from steer.activations import forward
-from steer.generation import Engine, GenerationRequest, Message
+from steer.generation import Engine, GenerationRequest, Message, run_to_end
 from steer.hooks import HookKind
 from steer.models import ModelHandle
 from steer.sampling import SamplingConfig
@@ -82,7 +82,11 @@ def test_a_run_longer_than_the_queue_is_fed_as_rows_finish(tiny: ModelHandle) ->
     submits them as room frees: the same results, in order, as with a queue that holds them
     all; a submit past the limit is still refused."""
     requests = _requests(tiny) * 2
-    fed = Engine(tiny, max_batch=2, max_waiting=3).run(requests)
+    ended: list[int] = []
+    fed = run_to_end(
+        Engine(tiny, max_batch=2, max_waiting=3), requests, finished=lambda: ended.append(1)
+    )
+    assert len(ended) == len(requests)  # the progress callback, once per request
     for ours, theirs in zip(fed, Engine(tiny, max_batch=2).run(requests), strict=True):
         _assert_same_generation(ours, theirs)
     engine = Engine(tiny, max_batch=2, max_waiting=3)

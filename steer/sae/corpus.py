@@ -19,7 +19,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from steer.errors import InvalidArgumentError, NotFoundError
-from steer.generation import Engine, GenerationRequest
+from steer.generation import Engine, GenerationRequest, run_to_end
 from steer.models import ModelHandle
 from steer.sampling import SamplingConfig
 from steer.text import Message, render_chat
@@ -100,7 +100,6 @@ def generate_corpus(
     progress: bool = False,
 ) -> list[str]:
     """The model's answers to ``prompts``, rendered as chat transcripts."""
-    engine = Engine(handle, max_batch=max_batch, max_waiting=len(prompts) + max_batch)
     requests = [
         GenerationRequest(
             messages=(Message("user", prompt),),
@@ -109,21 +108,16 @@ def generate_corpus(
         )
         for index, prompt in enumerate(prompts)
     ]
-    texts: dict[str, list[str]] = {}
-    ids = [engine.submit(request) for request in requests]
-    with tqdm(total=len(ids), desc="generating corpus", unit="text", disable=not progress) as bar:
-        while engine.has_work:
-            for event in engine.step():
-                if event.error is not None:
-                    raise event.error
-                texts.setdefault(event.request_id, []).append(event.text)
-                if event.finish_reason is not None:
-                    bar.update(1)
+    engine = Engine(handle, max_batch=max_batch)
+    with tqdm(
+        total=len(requests), desc="generating corpus", unit="text", disable=not progress
+    ) as bar:
+        results = run_to_end(engine, requests, finished=lambda: bar.update(1))
     return [
         render_chat(
             handle.tokenizer,
-            [Message("user", prompt), Message("assistant", "".join(texts.get(request_id, [])))],
+            [Message("user", prompt), Message("assistant", result.text)],
             add_generation_prompt=False,
         )
-        for prompt, request_id in zip(prompts, ids, strict=True)
+        for prompt, result in zip(prompts, results, strict=True)
     ]
