@@ -208,22 +208,40 @@ def test_harmless_sets_share_no_request() -> None:
     assert not set(gate) & set(unseen)
 
 
-def test_the_harmful_check_set_is_none_of_the_strongreject_prompts() -> None:
-    """scripts/eval_unseen.py --matcher refusal --prompts recipes:harmful_unseen.txt: unique
-    requests, none a prompt of StrongREJECT (all the refusal recipe's harmful data) nor close
-    to one (half or more of the two prompts' words in common, Jaccard)."""
-    strongreject = datasets.load_prompts("strongreject")
-    unseen = datasets.load_prompts("recipes:harmful_unseen.txt")
-    assert len(unseen) == len(set(unseen)) == 150
-    assert not set(unseen) & set(strongreject)
+def _closest(texts: list[str], others: list[str]) -> float:
+    """The highest share of words (Jaccard, lowercase) any of ``texts`` has with any of
+    ``others``: near-copies score high, prompts on the same topic well under 0.5."""
 
     def words(text: str) -> set[str]:
         return set(re.findall(r"[a-z']+", text.lower()))
 
-    theirs = [words(other) for other in strongreject]
-    for text in unseen:
-        mine = words(text)
-        assert max(len(mine & other) / len(mine | other) for other in theirs) < 0.5, text
+    theirs = [words(other) for other in others]
+    return max(
+        len(mine & other) / len(mine | other) for mine in map(words, texts) for other in theirs
+    )
+
+
+def test_the_harmful_check_sets_are_none_of_the_training_prompts() -> None:
+    """scripts/eval_unseen.py --matcher refusal --prompts recipes:harmful_unseen*.txt: unique
+    requests, none a StrongREJECT prompt (all the refusal recipe's harmful data) nor close to
+    one (half or more of their words in common); the second set, written after
+    harmful_varied.txt (training data, data.positive_extra), is not close to any of it
+    either, nor is that training data close to a StrongREJECT or harmless.jsonl test prompt."""
+    strongreject = datasets.load_prompts("strongreject")
+    first = datasets.load_prompts("recipes:harmful_unseen.txt")
+    second = datasets.load_prompts("recipes:harmful_unseen2.txt")
+    varied = datasets.load_prompts("recipes:harmful_varied.txt")
+    ordinary = datasets.load_prompts("recipes:harmless_varied.txt")
+    for check in (first, second):
+        assert len(check) == len(set(check)) == 150
+        assert not set(check) & set(strongreject)
+        assert _closest(check, strongreject) < 0.5
+    assert not set(first) & set(second) and _closest(second, first) < 0.4
+    assert len(set(varied)) == len(set(ordinary)) == 240 and not set(varied) & set(ordinary)
+    assert _closest(second, varied + ordinary) < 0.4
+    assert _closest(first, varied) < 0.4
+    assert _closest(varied, strongreject) < 0.4
+    assert _closest(ordinary, datasets.load_prompts("recipes:harmless.jsonl")) < 0.4
 
 
 def test_splits_are_seeded_disjoint_and_complete() -> None:
