@@ -393,6 +393,25 @@ def test_shipped_recipes_load() -> None:
     assert harmful and harmless and not set(harmful) & set(train)
 
 
+def test_the_moralizing_gate_reads_the_harmless_set_without_the_refusal_extras() -> None:
+    """recipes/refusal.toml trains on extra requests (data.negative_extra); the moralizing
+    gate's ordinary requests stay harmless.jsonl's splits (then harmless_gate.txt's), so its
+    calibration and the results made with it do not move with the refusal recipe's data."""
+    from steer.directions.gating import gate_splits
+
+    refusal = load_direction_recipe("recipes/refusal.toml")
+    assert refusal.data.negative_extra  # the shipped recipe has them: this test guards that
+    harmless = datasets.split(
+        datasets.load_prompts("recipes:harmless.jsonl"), seed=0, train=0.4, validation=0.2
+    )
+    negative = gate_splits(load_direction_recipe("recipes/moralizing.toml"))["negative"]
+    extra = set(datasets.load_prompts(refusal.data.negative_extra))
+    for part in ("train", "validation", "test"):
+        ours = getattr(negative, part)
+        assert ours[: len(getattr(harmless, part))] == getattr(harmless, part)
+        assert not extra & set(ours)
+
+
 def test_recipe_errors_name_the_field() -> None:
     base = load_direction_recipe("recipes/refusal.toml").to_dict()
     for path, value, field in (
@@ -419,7 +438,9 @@ def test_recipe_errors_name_the_field() -> None:
 def test_extra_prompts_join_train_and_validation_never_test(tmp_path: Path) -> None:
     """data.positive_extra / negative_extra: more prompts for the choices, none in the test
     split, whose figures stay the two sets' own; no extra leaves every split as it was."""
-    plain = load_direction_recipe("recipes/refusal.toml")
+    shipped = load_direction_recipe("recipes/refusal.toml").to_dict()
+    none = {"positive_extra": "", "negative_extra": ""}
+    plain = load_direction_recipe(shipped | {"data": shipped["data"] | none})
     before = datasets.contrast_splits(plain)
     # 30 each: 20 to train, 10 to validation (train : validation = 0.4 : 0.2)
     extra = {side: tmp_path / f"{side}.txt" for side in ("positive", "negative")}

@@ -103,11 +103,10 @@ def gate_splits(recipe: DirectionRecipe) -> dict[str, datasets.Splits[str]]:
         splits = dict(contrast_splits(recipe))
     else:
         situations = [pair.prompt for pair in datasets.recipe_pairs(recipe)]
-        harmless = contrast_splits(load_direction_recipe(RECIPES_DIR / "refusal.toml"))
         positive = datasets.split(
             situations, seed=data.seed, train=data.train, validation=data.validation
         )
-        splits = {"positive": positive, "negative": harmless["negative"]}
+        splits = {"positive": positive, "negative": refusal_harmless()}
     for name, key in GATE_SETS.items():
         if getattr(data, name):
             prompts = datasets.load_prompts(
@@ -118,6 +117,20 @@ def gate_splits(recipe: DirectionRecipe) -> dict[str, datasets.Splits[str]]:
             )
             splits[key] = _joined(splits[key], more) if key in splits else more
     return splits
+
+
+def refusal_harmless() -> datasets.Splits[str]:
+    """recipes/refusal.toml's harmless instructions (its ``data.negative``, not the extra
+    training requests) split as that recipe splits them: the ordinary requests a pairs
+    recipe's gate stays quiet on."""
+    refusal = load_direction_recipe(RECIPES_DIR / "refusal.toml")
+    data = refusal.data
+    return datasets.split(
+        datasets.load_prompts(data.negative, field="data.negative", base=refusal.base),
+        seed=data.seed,
+        train=data.train,
+        validation=data.validation,
+    )
 
 
 def _joined(first: datasets.Splits[str], then: datasets.Splits[str]) -> datasets.Splits[str]:
