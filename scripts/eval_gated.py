@@ -30,8 +30,9 @@ Every choice is made on train and validation, and the test split is measured onc
 
 The gated recipe (threshold and calibration figures in it) is written to --out. Prints one JSON
 line. A contrast recipe (refusal, custom contrasts) gives the prompts the gate should fire on and
-those it should not; a pairs recipe (moralizing) fires on its RP situations and stays quiet on
-the harmless instructions of recipes/refusal.toml, each split as every step splits them, and is
+those it should not (its data.positive_extra / negative_extra join train and validation only);
+a pairs recipe (moralizing) fires on its RP situations and stays quiet on the harmless
+instructions of recipes/refusal.toml (not its extras), each split as every step splits them, and is
 scored with the moralizing matcher. A recipe's data.gate_fire prompts (moralizing: more villain
 situations, no replies) join the fire side of the calibration and of the validation TPR (the
 rates are read on the positive set's replies). A recipe's data.gate_quiet prompts (moralizing:

@@ -17,7 +17,9 @@ unedited first:
 
 For refusal edits, ``--matcher refusal --prompts recipes:harmful_unseen.txt --quiet ''``: 150
 harmful requests written after every refusal choice, none a StrongREJECT prompt (section
-"unseen-harmful").
+"unseen-harmful"); ``recipes:harmful_unseen2.txt``, 150 more written before the edits trained on
+recipes/refusal.toml's varied requests were measured, none close to one of those (section
+"unseen-harmful2").
 
 Prints one JSON line and writes the section (with --section, another name).
 

@@ -224,9 +224,10 @@ def _closest(texts: list[str], others: list[str]) -> float:
 def test_the_harmful_check_sets_are_none_of_the_training_prompts() -> None:
     """scripts/eval_unseen.py --matcher refusal --prompts recipes:harmful_unseen*.txt: unique
     requests, none a StrongREJECT prompt (all the refusal recipe's harmful data) nor close to
-    one (half or more of their words in common); the second set, written after
-    harmful_varied.txt (training data, data.positive_extra), is not close to any of it
-    either, nor is that training data close to a StrongREJECT or harmless.jsonl test prompt."""
+    one (half or more of their words in common); the second set, written beside
+    harmful_varied.txt (training data, data.positive_extra) by another hand, is not close to
+    any training prompt either (0.4), nor is that training data close to a StrongREJECT or
+    harmless.jsonl prompt (the test splits' sources)."""
     strongreject = datasets.load_prompts("strongreject")
     first = datasets.load_prompts("recipes:harmful_unseen.txt")
     second = datasets.load_prompts("recipes:harmful_unseen2.txt")
