@@ -57,9 +57,8 @@ class DataSection:
     #: negative prompt set (harmless for refusal)
     negative: str = ""
     negative_column: str = ""
-    #: more prompts of each side for train and validation only, never the test split (whose
-    #: figures stay the positive / negative sets'): e.g. requests phrased unlike StrongREJECT's,
-    #: cut train : validation as the sets are and mixed into their splits (see data.with_extra)
+    #: more prompts of each side for train and validation only, never the test split: cut
+    #: train : validation as the sets are, mixed into their splits (see data.with_extra)
     positive_extra: str = ""
     negative_extra: str = ""
     #: pairs file (.jsonl) for kind = "pairs"
@@ -389,13 +388,7 @@ def _validate(recipe: DirectionRecipe) -> None:
     if recipe.is_steering:
         _validate_steering(recipe)
     elif recipe.kind is RecipeKind.PAIRS:
-        if not data.pairs:
-            raise InvalidArgumentError("kind 'pairs' needs a pairs file", field="data.pairs")
-        for name in ("positive_extra", "negative_extra"):
-            if getattr(data, name):
-                raise InvalidArgumentError(
-                    "kind 'pairs' has no prompt sets to extend", field=f"data.{name}"
-                )
+        _validate_pairs(data)
     elif not data.positive or not data.negative:
         field_name = "data.positive" if not data.positive else "data.negative"
         raise InvalidArgumentError(
@@ -447,6 +440,14 @@ def _validate(recipe: DirectionRecipe) -> None:
             raise InvalidArgumentError("must be >= 1", field=f"{section}.{name}")
     if evaluate.max_test < 0:
         raise InvalidArgumentError("must be >= 0 (0 = all)", field="evaluate.max_test")
+
+
+def _validate_pairs(data: DataSection) -> None:
+    if not data.pairs:
+        raise InvalidArgumentError("kind 'pairs' needs a pairs file", field="data.pairs")
+    for name in ("positive_extra", "negative_extra"):
+        if getattr(data, name):
+            raise InvalidArgumentError("kind 'pairs' has no sets to extend", field=f"data.{name}")
 
 
 def _validate_steering(recipe: DirectionRecipe) -> None:
