@@ -123,10 +123,11 @@ def main() -> int:
             batch_size=args.batch_size,
         ),
     )
-    rows = [rate_row("unedited", timed(seconds, "unedited", evaluate), len(harmless), len(quiet))]
+    unedited = timed(seconds, "unedited", evaluate)
+    rows = [_row("unedited", unedited, unedited, len(harmless), len(quiet))]
     for name, interventions in edits.items():
         report = timed(seconds, name, lambda i=interventions: evaluate(i))
-        rows.append(rate_row(name, report, len(harmless), len(quiet)))
+        rows.append(_row(name, report, unedited, len(harmless), len(quiet)))
     record: dict[str, Any] = {
         "model": args.model,
         "prompts": args.prompts,
@@ -140,6 +141,23 @@ def main() -> int:
     if not args.no_docs:
         _write_docs(args, record, command, len(prompts), len(harmless), len(quiet))
     return 0
+
+
+def _row(name: str, report: Any, unedited: Any, n_harmless: int, n_quiet: int) -> dict[str, Any]:
+    """:func:`report.rate_row`, and what the edit moved at all: *harmless moved*, the harmless
+    prompts whose KL is not 0 (behind a prompt-scope gate, those it fired on: a gate that does
+    not fire leaves a row bit-identical), and *replies changed*, the unseen prompts whose reply
+    differs from the unedited one (behind a gate, at most those it fired on)."""
+    row = rate_row(name, report, n_harmless, n_quiet)
+    count = row.pop("n")
+    moved = sum(max(kl) > 0 for kl in report.kl_rows[:n_harmless])
+    changed = sum(
+        mine["response"] != theirs["response"]
+        for mine, theirs in zip(report.examples, unedited.examples, strict=True)
+    )
+    row["harmless moved"] = f"{moved} / {n_harmless}"
+    row["replies changed"] = f"{changed} / {len(report.examples)}"
+    return {**row, "n": count}
 
 
 def _write_docs(
@@ -172,7 +190,9 @@ Model `{args.model}`; {n} prompts of `{args.prompts}`, written after every choic
 edits was made and read once per edit here. Greedy replies, the {args.matcher} phrase matcher
 over each reply's first {", ".join(str(t) for t in args.lengths)} tokens with Wilson 95%
 intervals; first-token KL and KL over the base model's first {args.kl_tokens} greedy tokens on
-{harmless}{quiet}.
+{harmless}{quiet}. *Harmless moved*: the harmless prompts whose KL is not 0 (behind a
+prompt-scope gate, those it fired on); *replies changed*: the unseen prompts whose reply is not
+the unedited one's (behind a gate, at most those it fired on).
 Edits: {edits}.
 
 {table(record["rows"], [*columns, "n"])}

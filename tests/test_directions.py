@@ -245,6 +245,24 @@ def test_the_harmful_check_sets_are_none_of_the_training_prompts() -> None:
     assert _closest(ordinary, datasets.load_prompts("recipes:harmless.jsonl")) < 0.4
 
 
+def test_the_third_check_sets_are_close_to_no_other_prompt() -> None:
+    """recipes:harmful_unseen3.txt and harmless_unseen2.txt (scripts/eval_unseen.py, section
+    "unseen-harmful3"), written together after every refusal choice: 150 unique requests each,
+    under 0.35 word overlap (Jaccard) with every prompt of every other data file, StrongREJECT
+    and each other, so no choice made on those prompts reads these."""
+    harmful = datasets.load_prompts("recipes:harmful_unseen3.txt")
+    harmless = datasets.load_prompts("recipes:harmless_unseen2.txt")
+    others = [*datasets.load_prompts("strongreject")]
+    for path in sorted(datasets.RECIPES_DIR.joinpath("data").glob("*.txt")):
+        if path.name not in ("harmful_unseen3.txt", "harmless_unseen2.txt"):
+            others += datasets.load_prompts(f"recipes:{path.name}")
+    others += datasets.load_prompts("recipes:harmless.jsonl")
+    for check in (harmful, harmless):
+        assert len(check) == len(set(check)) == 150
+        assert _closest(check, others) < 0.35
+    assert _closest(harmful, harmless) < 0.35
+
+
 def test_splits_are_seeded_disjoint_and_complete() -> None:
     items = [f"p{i}" for i in range(50)]
     first = datasets.split(items, seed=3, train=0.4, validation=0.2)

@@ -1,0 +1,170 @@
+"""A prompt-scope gate on prompts in a style it was not fitted on; docs/results.md ("gate-styles").
+
+The gate's validation figures (what ``steer directions gate`` and ``scripts/eval_gated.py``
+report and choose by) come from prompts of the same sets as its train prompts. This script
+estimates what the gate does on requests written another way, from train and validation prompts
+only (:func:`steer.directions.gate_styles.held_out_styles`): each style is held out in turn,
+the gate fitted and calibrated on the others exactly as the product does, its rates read on the
+held-out one, then pooled. Two kinds of style:
+
+* *source*: the recipe's own sets (for refusal: StrongREJECT and harmless.jsonl) against its
+  ``data.positive_extra`` / ``negative_extra`` (harmful_varied.txt / harmless_varied.txt);
+* *phrasing*: the extras' blocks of ``--block`` lines, one phrasing each, matched line by line in
+  the two files (twelve blocks of 20 in the refusal data); the recipe's own sets stay in every fit.
+
+For each condition, hook and train false-positive target: the same-style validation rates, then
+both held-out estimates. No test or check prompt is read. Prints one JSON line.
+
+    python scripts/eval_gate_styles.py --direction out/gated-refusal/direction
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from report import command_line, emit, run_facts, run_footer, table, timed, write_section
+
+from steer.artifacts import load_vector
+from steer.calibration import CONDITIONS, PromptReads, read_prompts
+from steer.directions import data as datasets
+from steer.directions.data import RECIPES_DIR
+from steer.directions.gate_styles import held_out_styles
+from steer.directions.gating import gate_prompts, gate_splits
+from steer.directions.recipe import DirectionRecipe, load_direction_recipe
+from steer.models import load_model
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="qwen2.5-coder-0.5b-instruct")
+    parser.add_argument("--recipe", default=str(RECIPES_DIR / "refusal.toml"))
+    parser.add_argument("--direction", required=True, help="the edit's direction artifact")
+    parser.add_argument("--gate-layers", default="8,12,16,18")
+    parser.add_argument("--targets", default="0.02,0.1", help="train false-positive targets")
+    parser.add_argument("--conditions", default=",".join(CONDITIONS))
+    parser.add_argument("--block", type=int, default=20, help="lines per phrasing in the extras")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--no-docs", action="store_true", help="do not write docs/results.md")
+    parser.add_argument("--section", default="gate-styles", help="docs/results.md section")
+    return parser
+
+
+def style_labels(recipe: DirectionRecipe, block: int) -> dict[str, dict[str, str]]:
+    """{"source": {prompt: style}, "phrasing": {prompt: style}} for the recipe's extras (a
+    prompt of neither extra file is absent: labelled "" where it is read)."""
+    source: dict[str, str] = {}
+    phrasing: dict[str, str] = {}
+    for name in ("positive_extra", "negative_extra"):
+        path = getattr(recipe.data, name)
+        if not path:
+            raise SystemExit(f"{recipe.name}: data.{name} is empty; styles come from the extras")
+        for index, prompt in enumerate(datasets.load_prompts(path, base=recipe.base)):
+            source[prompt] = "extras"
+            phrasing[prompt] = f"phrasing {index // block + 1}"
+    return {"source": source, "phrasing": phrasing}
+
+
+def labelled(
+    reads: PromptReads, prompts: dict[str, list[str]], styles: dict[str, str], own: str
+) -> dict[str, list[str]]:
+    """Each read prompt's style: ``styles``' or, for a prompt of the recipe's own sets, ``own``."""
+    return {key: [styles.get(p, own) for p in prompts[key]] for key in reads.read}
+
+
+def main() -> int:
+    args = _parser().parse_args()
+    command = command_line()
+    load_before = os.getloadavg()[0]
+    seconds: dict[str, float] = {}
+    recipe = load_direction_recipe(args.recipe)
+    splits = gate_splits(recipe)
+    labels = style_labels(recipe, args.block)
+    parts = {part: gate_prompts(splits, part) for part in ("train", "validation")}
+    prompts = {
+        f"{part}.{side}": [str(p) for p in getattr(split, side)]
+        for part, split in parts.items()
+        for side in ("fire", "quiet")
+    }
+    handle = timed(seconds, "load_model", lambda: load_model(args.model))
+    direction = load_vector(args.direction, handle=handle).vector
+    hooks = [f"blocks.{int(x)}.hook_resid_pre" for x in args.gate_layers.split(",") if x.strip()]
+    reads = timed(
+        seconds,
+        "read_prompts",
+        lambda: read_prompts(
+            handle,
+            hooks,
+            train=parts["train"],
+            validation=parts["validation"],
+            system=recipe.data.system or None,
+            batch_size=args.batch_size,
+        ),
+    )
+    by_source = labelled(reads, prompts, labels["source"], "own sets")
+    by_phrasing = labelled(reads, prompts, labels["phrasing"], "")
+    rows: list[dict[str, Any]] = []
+    for condition in (c.strip() for c in args.conditions.split(",") if c.strip()):
+        _, scores = reads.gate(condition, direction)
+        for target in (float(x) for x in args.targets.split(",")):
+            source = held_out_styles(reads, by_source, condition, direction, target_fpr=target)
+            phrasing = held_out_styles(reads, by_phrasing, condition, direction, target_fpr=target)
+            for score, one, other in zip(scores, source, phrasing, strict=True):
+                rows.append(_row(condition, target, score.calibrate(target).validation, one, other))
+    record = {
+        "model": args.model,
+        "recipe": args.recipe,
+        "direction": args.direction,
+        "rows": rows,
+        **run_facts(seconds, load_before),
+    }
+    emit(record)
+    if not args.no_docs:
+        _write_docs(args, record, command)
+    return 0
+
+
+def _row(condition: str, target: float, same: Any, source: Any, phrasing: Any) -> dict[str, Any]:
+    return {
+        "condition": condition,
+        "gate hook": source.hook,
+        "train FPR target": target,
+        "same-style TPR": round(same.true_positive_rate, 3),
+        "same-style FPR": round(same.false_positive_rate, 3),
+        "new source TPR": round(source.true_positive_rate, 3),
+        "new source FPR": round(source.false_positive_rate, 3),
+        "new phrasing TPR": round(phrasing.true_positive_rate, 3),
+        "new phrasing FPR": round(phrasing.false_positive_rate, 3),
+        "by source (TPR, FPR)": "; ".join(
+            f"{name} {tpr:.2f}, {fpr:.2f}" for name, (tpr, fpr) in source.by_style.items()
+        ),
+    }
+
+
+def _write_docs(args: argparse.Namespace, record: dict[str, Any], command: str) -> None:
+    title = "A gate on prompts in a style it was not fitted on"
+    markdown = f"""## {title} (`scripts/eval_gate_styles.py`)
+
+Model `{args.model}`, recipe `{args.recipe}`, direction `{args.direction}`; train and validation
+prompts only. *Same-style*: the gate calibrated on train at the target, its rates on validation
+(what the gate reports and is chosen by). *New source*: fitted and calibrated on all the train
+and validation prompts of one source (the recipe's own sets, or its extras), rates on the other,
+pooled over both ways (by source: the rates on each source when it was the held-out one).
+*New phrasing*: the same with each of the extras' phrasings (blocks of {args.block} lines) held
+out in turn, the recipe's own sets always fitted. A threshold that keeps its false-positive
+rate only on prompts written like its train prompts shows here as a new-style FPR far above the
+target.
+
+{table(record["rows"], list(record["rows"][0]))}
+
+{run_footer(record, command)}"""
+    write_section("results.md", args.section, markdown)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
