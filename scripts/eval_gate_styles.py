@@ -13,7 +13,10 @@ held-out one, then pooled. Two kinds of style:
   the two files (twelve blocks of 20 in the refusal data); the recipe's own sets stay in every fit.
 
 For each condition, hook and train false-positive target: the same-style validation rates, then
-both held-out estimates. No test or check prompt is read. Prints one JSON line.
+both held-out estimates. With ``--mean-last 1,5``, also for a gate reading the mean of the
+prompt's last 5 tokens (the chat template's post-instruction tokens) instead of the last one:
+an estimate only, no gate in steer reads that. No test or check prompt is read. Prints one
+JSON line.
 
     python scripts/eval_gate_styles.py --direction out/gated-refusal/direction
 """
@@ -30,14 +33,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from report import command_line, emit, run_facts, run_footer, table, timed, write_section
 
+from steer.activations import forward
 from steer.artifacts import load_vector
-from steer.calibration import CONDITIONS, PromptReads, read_prompts
+from steer.calibration import CONDITIONS, ContrastPrompts, PromptReads
 from steer.directions import data as datasets
 from steer.directions.data import RECIPES_DIR
 from steer.directions.gate_styles import held_out_styles
-from steer.directions.gating import gate_prompts, gate_splits
+from steer.directions.gating import gate_prompts, gate_splits, source_labels
 from steer.directions.recipe import DirectionRecipe, load_direction_recipe
-from steer.models import load_model
+from steer.models import ModelHandle, load_model
+from steer.text import encode_chat
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -49,32 +54,27 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--targets", default="0.02,0.1", help="train false-positive targets")
     parser.add_argument("--conditions", default=",".join(CONDITIONS))
     parser.add_argument("--block", type=int, default=20, help="lines per phrasing in the extras")
+    parser.add_argument(
+        "--mean-last",
+        default="1",
+        help="comma-separated K: rows for a gate reading the mean of the prompt's last K tokens "
+        "(1: the last token, what a prompt-scope gate reads)",
+    )
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--no-docs", action="store_true", help="do not write docs/results.md")
     parser.add_argument("--section", default="gate-styles", help="docs/results.md section")
     return parser
 
 
-def style_labels(recipe: DirectionRecipe, block: int) -> dict[str, dict[str, str]]:
-    """{"source": {prompt: style}, "phrasing": {prompt: style}} for the recipe's extras (a
-    prompt of neither extra file is absent: labelled "" where it is read)."""
-    source: dict[str, str] = {}
+def phrasing_labels(recipe: DirectionRecipe, block: int) -> dict[str, str]:
+    """{prompt: its phrasing} for the recipe's extras: block ``i`` of ``block`` lines is
+    phrasing i + 1 (the prompts of the recipe's own sets are absent)."""
     phrasing: dict[str, str] = {}
     for name in ("positive_extra", "negative_extra"):
         path = getattr(recipe.data, name)
-        if not path:
-            raise SystemExit(f"{recipe.name}: data.{name} is empty; styles come from the extras")
         for index, prompt in enumerate(datasets.load_prompts(path, base=recipe.base)):
-            source[prompt] = "extras"
             phrasing[prompt] = f"phrasing {index // block + 1}"
-    return {"source": source, "phrasing": phrasing}
-
-
-def labelled(
-    reads: PromptReads, prompts: dict[str, list[str]], styles: dict[str, str], own: str
-) -> dict[str, list[str]]:
-    """Each read prompt's style: ``styles``' or, for a prompt of the recipe's own sets, ``own``."""
-    return {key: [styles.get(p, own) for p in prompts[key]] for key in reads.read}
+    return phrasing
 
 
 def main() -> int:
@@ -84,38 +84,37 @@ def main() -> int:
     seconds: dict[str, float] = {}
     recipe = load_direction_recipe(args.recipe)
     splits = gate_splits(recipe)
-    labels = style_labels(recipe, args.block)
     parts = {part: gate_prompts(splits, part) for part in ("train", "validation")}
-    prompts = {
-        f"{part}.{side}": [str(p) for p in getattr(split, side)]
+    by_source = source_labels(recipe, parts)
+    if by_source is None:
+        raise SystemExit(f"{args.recipe}: styles come from data.positive_extra / negative_extra")
+    phrasings = phrasing_labels(recipe, args.block)
+    by_phrasing = {
+        f"{part}.{side}": [phrasings.get(str(p), "") for p in getattr(split, side)]
         for part, split in parts.items()
         for side in ("fire", "quiet")
     }
     handle = timed(seconds, "load_model", lambda: load_model(args.model))
     direction = load_vector(args.direction, handle=handle).vector
     hooks = [f"blocks.{int(x)}.hook_resid_pre" for x in args.gate_layers.split(",") if x.strip()]
-    reads = timed(
+    spans = sorted({int(x) for x in args.mean_last.split(",") if x.strip()})
+    by_span = timed(
         seconds,
         "read_prompts",
-        lambda: read_prompts(
-            handle,
-            hooks,
-            train=parts["train"],
-            validation=parts["validation"],
-            system=recipe.data.system or None,
-            batch_size=args.batch_size,
-        ),
+        lambda: read_spans(handle, hooks, parts, spans, recipe.data.system, args.batch_size),
     )
-    by_source = labelled(reads, prompts, labels["source"], "own sets")
-    by_phrasing = labelled(reads, prompts, labels["phrasing"], "")
     rows: list[dict[str, Any]] = []
-    for condition in (c.strip() for c in args.conditions.split(",") if c.strip()):
-        _, scores = reads.gate(condition, direction)
-        for target in (float(x) for x in args.targets.split(",")):
-            source = held_out_styles(reads, by_source, condition, direction, target_fpr=target)
-            phrasing = held_out_styles(reads, by_phrasing, condition, direction, target_fpr=target)
-            for score, one, other in zip(scores, source, phrasing, strict=True):
-                rows.append(_row(condition, target, score.calibrate(target).validation, one, other))
+    for span, reads in by_span.items():
+        for condition in (c.strip() for c in args.conditions.split(",") if c.strip()):
+            _, scores = reads.gate(condition, direction)
+            for target in (float(x) for x in args.targets.split(",")):
+                source = held_out_styles(reads, by_source, condition, direction, target_fpr=target)
+                phrasing = held_out_styles(
+                    reads, by_phrasing, condition, direction, target_fpr=target
+                )
+                for score, one, other in zip(scores, source, phrasing, strict=True):
+                    same = score.calibrate(target).validation
+                    rows.append(_row(span, condition, target, same, one, other))
     record = {
         "model": args.model,
         "recipe": args.recipe,
@@ -129,8 +128,41 @@ def main() -> int:
     return 0
 
 
-def _row(condition: str, target: float, same: Any, source: Any, phrasing: Any) -> dict[str, Any]:
+def read_spans(
+    handle: ModelHandle,
+    hooks: list[str],
+    parts: dict[str, ContrastPrompts],
+    spans: list[int],
+    system: str,
+    batch_size: int,
+) -> dict[int, PromptReads]:
+    """{K: the reads of every prompt at ``hooks``, each the mean of its last K tokens}, from one
+    pass (K = 1: what :func:`steer.calibration.read_prompts` reads)."""
+    points = tuple(handle.resolver.parse(hook) for hook in hooks)
+    last = list(range(-max(spans), 0))
+    read: dict[str, dict[str, Any]] = {}
+    for part, split in parts.items():
+        for side in ("fire", "quiet"):
+            ids = [encode_chat(handle, str(p), system or None) for p in getattr(split, side)]
+            result = forward(handle, ids, hooks=hooks, positions=last, batch_size=batch_size)
+            read[f"{part}.{side}"] = result.activations
     return {
+        span: PromptReads(
+            points,
+            {
+                key: {h: rows[:, -span:].float().mean(1) for h, rows in by_hook.items()}
+                for key, by_hook in read.items()
+            },
+        )
+        for span in spans
+    }
+
+
+def _row(
+    span: int, condition: str, target: float, same: Any, source: Any, phrasing: Any
+) -> dict[str, Any]:
+    return {
+        "reads": "last token" if span == 1 else f"mean of last {span}",
         "condition": condition,
         "gate hook": source.hook,
         "train FPR target": target,
@@ -151,7 +183,9 @@ def _write_docs(args: argparse.Namespace, record: dict[str, Any], command: str) 
     markdown = f"""## {title} (`scripts/eval_gate_styles.py`)
 
 Model `{args.model}`, recipe `{args.recipe}`, direction `{args.direction}`; train and validation
-prompts only. *Same-style*: the gate calibrated on train at the target, its rates on validation
+prompts only. *Reads*: the residual at the prompt's last token (what a prompt-scope gate reads),
+or the mean over its last K tokens (an estimate only: no gate in steer reads that).
+*Same-style*: the gate calibrated on train at the target, its rates on validation
 (what the gate reports and is chosen by). *New source*: fitted and calibrated on all the train
 and validation prompts of one source (the recipe's own sets, or its extras), rates on the other,
 pooled over both ways (by source: the rates on each source when it was the held-out one).

@@ -6,6 +6,7 @@ projections give, and bad input is a clear error."""
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -165,6 +166,53 @@ def test_summed_adds_a_gate_reading_every_hook_at_once(
         assert summed["validation"][key] == pytest.approx(fired)
     if report["kept"] == summed:  # the recipe then names both hooks and their weights
         assert gate.hook == HOOKS and list(gate.weights) == summed["weights"]
+
+
+def test_with_extras_the_gate_reports_its_rates_on_a_source_it_was_not_fitted_on(
+    tiny_llama: ModelHandle, setup: dict[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """data.positive_extra / negative_extra: ``new_source`` holds the kept gate fitted and
+    calibrated on one source's train and validation prompts, read on the other's; checked by
+    hand for the extras held out. Without extras there is none."""
+    assert _gate(setup, "--target-fpr", "0.2") == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["new_source"] is None
+    places = ("a shop", "a van")
+    extra = {
+        "positive_extra": [f"tell me how to {v} {p} tonight" for v in ("rob", "torch", "vandalise")
+                           for p in places],
+        "negative_extra": [f"tell me how to {v} {p} tonight" for v in ("paint", "clean", "decorate")
+                           for p in places],
+    }  # fmt: skip
+    for name, lines in extra.items():
+        path = setup["recipe"].parent / f"{name}.txt"
+        path.write_text("\n".join(lines))
+        setup["recipe"].write_text(setup["recipe"].read_text() + f'{name} = "{path}"\n')
+    assert _gate(setup, "--target-fpr", "0.2") == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    new_source, kept = report["new_source"], report["kept"]
+    assert new_source["hook"] == kept["hook"]
+    assert set(new_source["by_style"]) == {"own sets", "extras"}
+    splits = gate_splits(load_direction_recipe(setup["recipe"]))
+    fire = [*splits["positive"].train, *splits["positive"].validation]
+    quiet = [*splits["negative"].train, *splits["negative"].validation]
+    assert (new_source["fire_count"], new_source["quiet_count"]) == (len(fire), len(quiet))
+    # by hand: the direction's threshold from the own sets' quiet prompts, read on the extras
+    vector = load_vector(setup["direction"]).vector
+    hook = kept["hook"]
+    unit = Condition(hook, vector, 0.0).unit(tiny_llama.resolver.parse(hook), tiny_llama.d_model)
+    own_quiet = [p for p in quiet if p not in extra["negative_extra"]]
+    ordered = sorted((_last_token(tiny_llama, own_quiet, hook) @ unit).tolist(), reverse=True)
+    threshold = ordered[math.floor(0.2 * len(own_quiet) + 1e-9)]
+    rates = []
+    for side in ("positive_extra", "negative_extra"):
+        prompts = [p for p in (fire if side == "positive_extra" else quiet) if p in extra[side]]
+        rates.append(
+            float((_last_token(tiny_llama, prompts, hook) @ unit > threshold).float().mean())
+        )
+    assert new_source["by_style"]["extras"] == pytest.approx(rates)
+    description = load_edit_recipe(report["recipe"]).description
+    assert "Fitted without each source of prompts in turn (" in description
+    assert "own sets" in description and "extras" in description
 
 
 def test_bad_input_is_a_clear_error_and_writes_nothing(

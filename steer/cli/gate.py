@@ -127,6 +127,7 @@ def run(args: argparse.Namespace, model_of: Any) -> int:
         weight=args.weight,
         push=args.push,
         handle=handle,
+        new_source=choice.new_source,
     )
     print(json.dumps({"recipe": str(path), **choice.as_dict()}, sort_keys=True))
     return 0

@@ -20,6 +20,12 @@ rate). No test prompt is read. This chooses by separation alone, in a couple of 
 ``scripts/eval_gated.py`` chooses among the same candidates by what the edit does on validation
 (generation), which costs far more.
 
+Validation prompts come from the same sets as the train ones, and so flatter the gate for
+requests written otherwise. With the recipe's ``data.positive_extra`` / ``negative_extra``, the
+kept gate is also fitted and calibrated without each source (the recipe's own sets; its extras)
+in turn and measured on the held-out one (:mod:`steer.directions.gate_styles`): on refusal data
+its false-positive rate there is several times the target (docs/results.md "gate-styles").
+
 The prompts: a contrast recipe's two sets; a pairs recipe's (moralizing) situations against the
 harmless instructions of ``recipes/refusal.toml``, each split as every step splits them. A
 recipe's ``data.gate_quiet`` adds prompts the gate must stay quiet on too: for moralizing,
@@ -60,6 +66,7 @@ from steer.calibration import (
 from steer.directions import data as datasets
 from steer.directions.api import contrast_splits
 from steer.directions.data import RECIPES_DIR
+from steer.directions.gate_styles import StyleRates, held_out_styles
 from steer.directions.recipe import (
     GATE_SETS,
     DirectionRecipe,
@@ -89,6 +96,7 @@ __all__ = [
     "quiet_prompts",
     "scene_prompt",
     "scene_prompts",
+    "source_labels",
 ]
 
 
@@ -230,18 +238,23 @@ def check_scenes(recipe: DirectionRecipe) -> None:
 
 @dataclass(frozen=True)
 class GateChoice:
-    """The kept gate (``calibration``, read along ``vector``) and every hook's candidate."""
+    """The kept gate (``calibration``, read along ``vector``) and every hook's candidate; with
+    the recipe's extras, ``new_source``: the kept hook's gate fitted without each source in turn
+    (:func:`source_labels`), its rates on the held-out one (an estimate for requests written
+    unlike every train prompt; None for a gate over several hooks)."""
 
     condition: str
     vector: SteeringVector | torch.Tensor
     calibration: GateCalibration
     candidates: tuple[GateCalibration, ...]
+    new_source: StyleRates | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return {
             "condition": self.condition,
             "kept": asdict(self.calibration),
             "candidates": [asdict(c) for c in self.candidates],
+            "new_source": None if self.new_source is None else asdict(self.new_source),
         }
 
 
@@ -258,14 +271,16 @@ def choose_gate(
 ) -> GateChoice:
     """Calibrate a prompt-scope gate at each of ``hooks`` on train (with ``summed``, also one
     reading all of them: :func:`steer.calibration.summed_scores`); keep the one that separates
-    validation best (see the module docstring)."""
+    validation best (see the module docstring). With the recipe's extras, also the kept gate's
+    rates on each source when fitted without it (:attr:`GateChoice.new_source`)."""
     splits = gate_splits(recipe)
     scenes = scene_prompts(handle) if recipe.data.gate_scenes else ()
+    parts = {part: gate_prompts(splits, part, scenes) for part in ("train", "validation")}
     reads = read_prompts(
         handle,
         hooks,
-        train=gate_prompts(splits, "train", scenes),
-        validation=gate_prompts(splits, "validation", scenes),
+        train=parts["train"],
+        validation=parts["validation"],
         system=recipe.data.system or None,
         batch_size=batch_size,
     )
@@ -274,7 +289,54 @@ def choose_gate(
         scores.append(summed_scores(scores))
     candidates = tuple(score.calibrate(target_fpr) for score in scores)
     kept = max(candidates, key=_separation)
-    return GateChoice(condition, vector, kept, candidates)
+    labels = source_labels(recipe, parts)
+    new_source = None
+    if labels is not None and isinstance(kept.hook, str):
+        try:
+            by_hook = held_out_styles(
+                reads, labels, condition, direction, target_fpr=kept.target_fpr
+            )
+        except InvalidArgumentError:
+            by_hook = []  # a source too small to fit a gate without the other: no estimate
+        new_source = next((rates for rates in by_hook if rates.hook == kept.hook), None)
+    return GateChoice(condition, vector, kept, candidates, new_source)
+
+
+def source_labels(
+    recipe: DirectionRecipe, prompts: dict[str, ContrastPrompts]
+) -> dict[str, list[str]] | None:
+    """Each prompt's source, for :func:`steer.directions.gate_styles.held_out_styles`, keyed as
+    :class:`~steer.calibration.PromptReads` keys its reads ("train.fire", ...; ``prompts`` by
+    split): "extras" for one of the recipe's ``data.positive_extra`` / ``negative_extra``, "own
+    sets" for one of its positive / negative sets, "" for any other (gate_fire, gate_quiet,
+    gate_harmless, scenes: never held out). None unless the recipe has both extras."""
+    data = recipe.data
+    if recipe.kind is RecipeKind.PAIRS or not (data.positive_extra and data.negative_extra):
+        return None
+    extras = {
+        prompt
+        for name in ("positive_extra", "negative_extra")
+        for prompt in datasets.load_prompts(getattr(data, name), base=recipe.base)
+    }
+    splits = contrast_splits(recipe)
+    own = {
+        prompt
+        for splits_ in splits.values()
+        for part in ("train", "validation")
+        for prompt in getattr(splits_, part)
+        if prompt not in extras
+    }
+
+    def label(prompt: Prompt) -> str:
+        if not isinstance(prompt, str):
+            return ""
+        return "extras" if prompt in extras else "own sets" if prompt in own else ""
+
+    return {
+        f"{part}.{side}": [label(prompt) for prompt in getattr(split, side)]
+        for part, split in prompts.items()
+        for side in ("fire", "quiet")
+    }
 
 
 def _separation(calibration: GateCalibration) -> tuple[float, float]:
@@ -294,11 +356,13 @@ def gated_ablation_recipe(
     weight: float = 1.0,
     push: float = 0.0,
     handle: ModelHandle | None = None,
+    new_source: StyleRates | None = None,
 ) -> Path:
     """Write ``out/gated.toml``: the artifact at ``direction`` (or each of several) ablated at
     every layer (and pushed against, with ``push``; see :func:`ablation_recipe`), only for
     prompts the gate fires on. ``condition`` is the gate's artifact, or a vector saved to
-    ``out/condition`` (with ``handle``). Returns the recipe's path."""
+    ``out/condition`` (with ``handle``); ``new_source`` (:attr:`GateChoice.new_source`) joins the
+    calibration figures in the recipe's description. Returns the recipe's path."""
     out.mkdir(parents=True, exist_ok=True)
     if isinstance(condition, torch.Tensor):
         condition = SteeringVector.from_shared(condition)
@@ -326,6 +390,13 @@ def gated_ablation_recipe(
         f"fire on and {validation.false_positive_rate:.3f} of {validation.quiet_count} it "
         f"should not."
     )
+    if new_source is not None:
+        description += (
+            f" Fitted without each source of prompts in turn ({', '.join(new_source.by_style)}), "
+            f"on the held-out one: fires on {new_source.true_positive_rate:.3f} of "
+            f"{new_source.fire_count} and {new_source.false_positive_rate:.3f} of "
+            f"{new_source.quiet_count} (what requests written unlike every train prompt may see)."
+        )
     recipe = ablation_recipe(direction, weight, push=push, gate=gate, description=description)
     path = out / "gated.toml"
     path.write_text(recipe_to_toml(recipe))
