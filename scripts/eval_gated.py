@@ -56,7 +56,7 @@ import os
 import sys
 import threading
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -82,6 +82,7 @@ from steer.calibration import (
     CONDITIONS,
     GateCalibration,
     GateScores,
+    PromptReads,
     read_prompts,
     summed_scores,
 )
@@ -94,6 +95,7 @@ from steer.directions.evaluate import (
     is_moralizing,
     is_refusal,
 )
+from steer.directions.gate_styles import StyleRates, held_out_styles
 from steer.directions.gating import (
     SCENE_FORMS,
     ablation_recipe,
@@ -103,6 +105,7 @@ from steer.directions.gating import (
     quiet_prompts,
     scene_prompt,
     scene_prompts,
+    source_labels,
 )
 from steer.directions.recipe import DataSection, RecipeKind, load_direction_recipe
 from steer.gates import GateScope
@@ -392,31 +395,52 @@ def _evaluator(
 
 
 def _conditions(
-    handle: Any, args: argparse.Namespace, artifact: Any, splits: dict[str, Any], layers: list[int]
-) -> dict[str, tuple[Any, list[GateScores]]]:
+    handle: Any,
+    args: argparse.Namespace,
+    artifact: Any,
+    splits: dict[str, Any],
+    recipe: Any,
+    layers: list[int],
+) -> tuple[dict[str, tuple[Any, list[GateScores]]], PromptReads, dict[str, list[str]] | None]:
     """{condition name: (its vector, its GateScores at each candidate hook)} for --conditions,
-    every prompt read once. With the recipe's data.gate_scenes, the situations rendered as RP
-    scenes come after the one-message prompts on each side, so the first prompts of each
-    validation side are still the ones the validation runs generated for."""
+    every prompt read once; the reads; each read prompt's source (None without the recipe's
+    extras: :func:`steer.directions.gating.source_labels`). With the recipe's data.gate_scenes,
+    the situations rendered as RP scenes come after the one-message prompts on each side, so the
+    first prompts of each validation side are still the ones the validation runs generated
+    for."""
     hooks = [f"blocks.{n}.hook_resid_pre" for n in layers]
     scenes = scene_prompts(handle) if args.scenes else ()
+    parts = {part: gate_prompts(splits, part, scenes) for part in ("train", "validation")}
     reads = read_prompts(
         handle,
         hooks,
-        train=gate_prompts(splits, "train", scenes),
-        validation=gate_prompts(splits, "validation", scenes),
+        train=parts["train"],
+        validation=parts["validation"],
         batch_size=args.batch_size,
     )
     conditions = {name: reads.gate(name, artifact.vector) for name in args.conditions}
     if args.summed and len(hooks) > 1:
         for _vector, scores in conditions.values():
             scores.append(summed_scores(scores))
-    return conditions
+    return conditions, reads, source_labels(recipe, parts)
+
+
+def _new_source(
+    best: Candidate, reads: PromptReads, labels: dict[str, list[str]] | None, artifact: Any
+) -> StyleRates | None:
+    """The kept gate fitted without each source in turn, read on it (None without extras or for
+    a gate over several hooks)."""
+    hook = best.calibration.hook
+    if labels is None or not isinstance(hook, str):
+        return None
+    target = best.calibration.target_fpr
+    by_hook = held_out_styles(reads, labels, best.condition, artifact.vector, target_fpr=target)
+    return next(rates for rates in by_hook if rates.hook == hook)
 
 
 def _gate(
-    handle: Any, args: argparse.Namespace, artifact: Any, splits: dict[str, Any], matcher: Any,
-    seconds: dict[str, float], ablated: list[Path],
+    handle: Any, args: argparse.Namespace, artifact: Any, splits: dict[str, Any], recipe: Any,
+    matcher: Any, seconds: dict[str, float], ablated: list[Path],
 ) -> tuple[Candidate, list[dict[str, Any]], dict[str, Any]]:  # fmt: skip
     """The kept candidate, every candidate's validation row, and the validation reference
     (the edit ablates the artifacts at ``ablated``)."""
@@ -424,8 +448,8 @@ def _gate(
     layers = sorted({layer, *(int(x) for x in args.gate_layers.split(",") if x.strip())})
     # (blocks.0.hook_resid_pre holds the last chat token's embedding: the same for every prompt)
     layers = [layer for layer in layers if layer > 0]
-    conditions = timed(
-        seconds, "gate_scores", lambda: _conditions(handle, args, artifact, splits, layers)
+    conditions, reads, labels = timed(
+        seconds, "gate_scores", lambda: _conditions(handle, args, artifact, splits, recipe, layers)
     )
     cap = args.max_validation or None
     evaluate = _evaluator(
@@ -451,6 +475,7 @@ def _gate(
     max_rate = lowest if args.max_rate is None else args.max_rate
     candidates = _candidates(conditions, args.fpr_grid, unedited, always)
     best, rows = _choose_gate(candidates, max_rate, args.max_kl, args.ties)
+    new_source = _new_source(best, reads, labels, artifact)
     reference = {
         "unedited rate": _rate(unedited),
         "always on": [
@@ -467,6 +492,7 @@ def _gate(
         "max rate": max_rate,
         "max kl": args.max_kl,
         "ties": args.ties,
+        "new source": None if new_source is None else asdict(new_source),
     }
     return best, rows, reference
 
@@ -504,12 +530,20 @@ def main() -> int:
     matcher = is_moralizing if recipe.kind is RecipeKind.PAIRS else is_refusal
     ablated = [directory, *args.also]  # what the edit ablates: the direction, then --also
     best, calibration_rows, reference = _gate(
-        handle, args, artifact, splits, matcher, seconds, ablated
+        handle, args, artifact, splits, recipe, matcher, seconds, ablated
     )
     calibration = best.calibration
     condition = directory if best.condition == "direction" else best.vector
+    new_source = reference["new source"]
     gated_path = gated_ablation_recipe(
-        out, ablated, condition, calibration, weight=best.weight, push=best.push, handle=handle
+        out,
+        ablated,
+        condition,
+        calibration,
+        weight=best.weight,
+        push=best.push,
+        handle=handle,
+        new_source=None if new_source is None else StyleRates(**new_source),
     )
     if args.validation_only:
         kept = [row for row in calibration_rows if row["kept"]]
@@ -620,6 +654,17 @@ def _write_docs(
         f"{best['condition']} gate at `{best['gate hook']}`, threshold {best['threshold']:.4g} "
         f"(validation TPR {best['validation TPR']:.3f}, FPR {best['validation FPR']:.3f})."
     )
+    if v.get("new source"):
+        held = v["new source"]
+        kept_text += (
+            " Fitted and calibrated the same way without each source of prompts in turn ("
+            + ", ".join(held["by_style"])
+            + f"), on the held-out one it fires on {held['true_positive_rate']:.3f} of "
+            f"{held['fire_count']} prompts it should fire on and "
+            f"{held['false_positive_rate']:.3f} of {held['quiet_count']} it should not: what "
+            "requests written unlike every train prompt may see "
+            "(steer.directions.gate_styles)."
+        )
     rated = (
         "moralizing rate on the held-out RP situations (recipes/data/moralizing_pairs.jsonl)"
         if kind == "moralizing"
