@@ -95,13 +95,14 @@ from steer.directions.evaluate import (
     is_moralizing,
     is_refusal,
 )
-from steer.directions.gate_styles import StyleRates, held_out_styles
+from steer.directions.gate_styles import StyleRates
 from steer.directions.gating import (
     SCENE_FORMS,
     ablation_recipe,
     gate_prompts,
     gate_splits,
     gated_ablation_recipe,
+    new_source_rates,
     quiet_prompts,
     scene_prompt,
     scene_prompts,
@@ -425,19 +426,6 @@ def _conditions(
     return conditions, reads, source_labels(recipe, parts)
 
 
-def _new_source(
-    best: Candidate, reads: PromptReads, labels: dict[str, list[str]] | None, artifact: Any
-) -> StyleRates | None:
-    """The kept gate fitted without each source in turn, read on it (None without extras or for
-    a gate over several hooks)."""
-    hook = best.calibration.hook
-    if labels is None or not isinstance(hook, str):
-        return None
-    target = best.calibration.target_fpr
-    by_hook = held_out_styles(reads, labels, best.condition, artifact.vector, target_fpr=target)
-    return next(rates for rates in by_hook if rates.hook == hook)
-
-
 def _gate(
     handle: Any, args: argparse.Namespace, artifact: Any, splits: dict[str, Any], recipe: Any,
     matcher: Any, seconds: dict[str, float], ablated: list[Path],
@@ -475,7 +463,7 @@ def _gate(
     max_rate = lowest if args.max_rate is None else args.max_rate
     candidates = _candidates(conditions, args.fpr_grid, unedited, always)
     best, rows = _choose_gate(candidates, max_rate, args.max_kl, args.ties)
-    new_source = _new_source(best, reads, labels, artifact)
+    new_source = new_source_rates(reads, labels, best.condition, artifact.vector, best.calibration)
     reference = {
         "unedited rate": _rate(unedited),
         "always on": [

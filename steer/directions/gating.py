@@ -60,6 +60,7 @@ from steer.calibration import (
     ContrastPrompts,
     GateCalibration,
     Prompt,
+    PromptReads,
     read_prompts,
     summed_scores,
 )
@@ -93,6 +94,7 @@ __all__ = [
     "gate_prompts",
     "gate_splits",
     "gated_ablation_recipe",
+    "new_source_rates",
     "quiet_prompts",
     "scene_prompt",
     "scene_prompts",
@@ -289,17 +291,28 @@ def choose_gate(
         scores.append(summed_scores(scores))
     candidates = tuple(score.calibrate(target_fpr) for score in scores)
     kept = max(candidates, key=_separation)
-    labels = source_labels(recipe, parts)
-    new_source = None
-    if labels is not None and isinstance(kept.hook, str):
-        try:
-            by_hook = held_out_styles(
-                reads, labels, condition, direction, target_fpr=kept.target_fpr
-            )
-        except InvalidArgumentError:
-            by_hook = []  # a source too small to fit a gate without the other: no estimate
-        new_source = next((rates for rates in by_hook if rates.hook == kept.hook), None)
+    new_source = new_source_rates(reads, source_labels(recipe, parts), condition, direction, kept)
     return GateChoice(condition, vector, kept, candidates, new_source)
+
+
+def new_source_rates(
+    reads: PromptReads,
+    labels: dict[str, list[str]] | None,
+    condition: str,
+    direction: SteeringVector | torch.Tensor,
+    kept: GateCalibration,
+) -> StyleRates | None:
+    """The gate ``kept`` (of ``condition``, calibrated on ``reads``) fitted and calibrated
+    without each source of ``labels`` (:func:`source_labels`) in turn, read on it; None without
+    labels, for a gate over several hooks, or where a source is too small to fit one without the
+    other."""
+    if labels is None or not isinstance(kept.hook, str):
+        return None
+    try:
+        by_hook = held_out_styles(reads, labels, condition, direction, target_fpr=kept.target_fpr)
+    except InvalidArgumentError:
+        return None
+    return next((rates for rates in by_hook if rates.hook == kept.hook), None)
 
 
 def source_labels(
