@@ -28,8 +28,10 @@ Every choice is made on train and validation, and the test split is measured onc
    matcher over each reply's first N tokens) with Wilson 95% intervals, first-token KL and
    multi-token KL over the base model's first --kl-tokens tokens on held-out harmless prompts.
 
-The gated recipe (threshold and calibration figures in it) is written to --out. Prints one JSON
-line. A contrast recipe (refusal, custom contrasts) gives the prompts the gate should fire on and
+The gated recipe (threshold and calibration figures in it) is written to --out; with the
+recipe's data.positive_extra / negative_extra, the kept gate's rates on a source of prompts it
+was not fitted on (:func:`steer.directions.gating.new_source_rates`) join its figures there and
+in the docs. Prints one JSON line. A contrast recipe (refusal, custom contrasts) gives the prompts the gate should fire on and
 those it should not (its data.positive_extra / negative_extra join train and validation only);
 a pairs recipe (moralizing) fires on its RP situations and stays quiet on the harmless
 instructions of recipes/refusal.toml (not its extras), each split as every step splits them, and is
