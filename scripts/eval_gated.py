@@ -28,24 +28,24 @@ Every choice is made on train and validation, and the test split is measured onc
    matcher over each reply's first N tokens) with Wilson 95% intervals, first-token KL and
    multi-token KL over the base model's first --kl-tokens tokens on held-out harmless prompts.
 
-The gated recipe (threshold and calibration figures in it) is written to --out; with the
-recipe's data.positive_extra / negative_extra, the kept gate's rates on a source of prompts it
-was not fitted on (:func:`steer.directions.gating.new_source_rates`) join its figures there and
-in the docs. Prints one JSON line. A contrast recipe (refusal, custom contrasts) gives the prompts the gate should fire on and
-those it should not (its data.positive_extra / negative_extra join train and validation only);
-a pairs recipe (moralizing) fires on its RP situations and stays quiet on the harmless
-instructions of recipes/refusal.toml (not its extras), each split as every step splits them, and is
-scored with the moralizing matcher. A recipe's data.gate_fire prompts (moralizing: more villain
-situations, no replies) join the fire side of the calibration and of the validation TPR (the
-rates are read on the positive set's replies). A recipe's data.gate_quiet prompts (moralizing:
-RP situations without a trigger) join the quiet side: of the calibration, of the validation KL
-the choice reads, and of the test, where their KL is reported apart. A recipe's
+The gated recipe (threshold and calibration figures in it) is written to --out; with the recipe's
+data.positive_extra / negative_extra, the kept gate's rates on a source of prompts it was not
+fitted on (:func:`steer.directions.gating.new_source_rates`) join its figures there and in the
+docs. Prints one JSON line. A contrast recipe (refusal, custom contrasts) gives the prompts the
+gate should fire on and those it should not (its data.positive_extra / negative_extra join train
+and validation only); a pairs recipe (moralizing) fires on its RP situations and stays quiet on the
+harmless instructions of recipes/refusal.toml (not its extras), each split as every step splits
+them, and is scored with the moralizing matcher. A recipe's data.gate_fire prompts (moralizing:
+more villain situations, no replies) join the fire side of the calibration and of the validation
+TPR (the rates are read on the positive set's replies). A recipe's data.gate_quiet prompts
+(moralizing: RP situations without a trigger) join the quiet side: of the calibration, of the
+validation KL the choice reads, and of the test, where their KL is reported apart. A recipe's
 data.gate_harmless prompts (moralizing: more ordinary requests) join the harmless ones in every
-split. With the recipe's
-data.gate_scenes (moralizing), the gate is also calibrated on the situations of both sides
-played as RP scenes, in each of steer.directions.gating.SCENE_FORMS (ending in the character's
-name; chat-completion messages ending at the assistant header); the validation choice reads the
-one-message runs, and the validation TPR / FPR columns count the scenes too.
+split. With the recipe's data.gate_scenes (moralizing), the gate is also calibrated on the
+situations of both sides played as RP scenes, in each of steer.directions.gating.SCENE_FORMS
+(ending in the character's name; chat-completion messages ending at the assistant header); the
+validation choice reads the one-message runs, and the validation TPR / FPR columns count the scenes
+too.
 
     python scripts/eval_gated.py --model qwen2.5-coder-0.5b-instruct --out out/gated-refusal
     python scripts/eval_gated.py --recipe recipes/moralizing.toml --out out/gated-moralizing
