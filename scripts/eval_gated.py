@@ -431,9 +431,10 @@ def _conditions(
 def _gate(
     handle: Any, args: argparse.Namespace, artifact: Any, splits: dict[str, Any], recipe: Any,
     matcher: Any, seconds: dict[str, float], ablated: list[Path],
-) -> tuple[Candidate, list[dict[str, Any]], dict[str, Any]]:  # fmt: skip
-    """The kept candidate, every candidate's validation row, and the validation reference
-    (the edit ablates the artifacts at ``ablated``)."""
+) -> tuple[Candidate, list[dict[str, Any]], dict[str, Any], StyleRates | None]:  # fmt: skip
+    """The kept candidate, every candidate's validation row, the validation reference (the edit
+    ablates the artifacts at ``ablated``), and the kept gate's rates on a source it was not
+    fitted on (:func:`steer.directions.gating.new_source_rates`)."""
     layer = int(artifact.metadata.get("layer") or artifact.vector.layers[0])
     layers = sorted({layer, *(int(x) for x in args.gate_layers.split(",") if x.strip())})
     # (blocks.0.hook_resid_pre holds the last chat token's embedding: the same for every prompt)
@@ -484,7 +485,7 @@ def _gate(
         "ties": args.ties,
         "new source": None if new_source is None else asdict(new_source),
     }
-    return best, rows, reference
+    return best, rows, reference, new_source
 
 
 def main() -> int:
@@ -519,12 +520,11 @@ def main() -> int:
     args.scenes = recipe.data.gate_scenes and not args.no_gate_scenes
     matcher = is_moralizing if recipe.kind is RecipeKind.PAIRS else is_refusal
     ablated = [directory, *args.also]  # what the edit ablates: the direction, then --also
-    best, calibration_rows, reference = _gate(
+    best, calibration_rows, reference, new_source = _gate(
         handle, args, artifact, splits, recipe, matcher, seconds, ablated
     )
     calibration = best.calibration
     condition = directory if best.condition == "direction" else best.vector
-    new_source = reference["new source"]
     gated_path = gated_ablation_recipe(
         out,
         ablated,
@@ -533,7 +533,7 @@ def main() -> int:
         weight=best.weight,
         push=best.push,
         handle=handle,
-        new_source=None if new_source is None else StyleRates(**new_source),
+        new_source=new_source,
     )
     if args.validation_only:
         kept = [row for row in calibration_rows if row["kept"]]

@@ -64,11 +64,14 @@ def held_out_styles(
         _, scores = fold.gate(condition, direction)
         hooks = [score.hook for score in scores]
         for index, score in enumerate(scores):
-            rates = score.calibrate(target_fpr).validation
+            calibration = score.calibrate(target_fpr)
+            fired = [sum(score.fires(f"validation.{side}", calibration.threshold))
+                     for side in ("fire", "quiet")]  # fmt: skip
             total = counts.setdefault(index, [0, 0, 0, 0])
-            total[0] += round(rates.true_positive_rate * rates.fire_count)
+            rates = calibration.validation
+            total[0] += fired[0]
             total[1] += rates.fire_count
-            total[2] += round(rates.false_positive_rate * rates.quiet_count)
+            total[2] += fired[1]
             total[3] += rates.quiet_count
             by_style.setdefault(index, {})[style] = (
                 rates.true_positive_rate,

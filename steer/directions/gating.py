@@ -308,11 +308,16 @@ def new_source_rates(
     other."""
     if labels is None or not isinstance(kept.hook, str):
         return None
+    # the kept hook's reads alone: the gate is fitted there only
+    point = next(point for point in reads.points if point.name == kept.hook)
+    only = PromptReads(
+        (point,), {key: {point.name: rows[point.name]} for key, rows in reads.read.items()}
+    )
     try:
-        by_hook = held_out_styles(reads, labels, condition, direction, target_fpr=kept.target_fpr)
+        [rates] = held_out_styles(only, labels, condition, direction, target_fpr=kept.target_fpr)
     except InvalidArgumentError:
         return None
-    return next((rates for rates in by_hook if rates.hook == kept.hook), None)
+    return rates
 
 
 def source_labels(
