@@ -67,13 +67,16 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def phrasing_labels(recipe: DirectionRecipe, block: int) -> dict[str, str]:
-    """{prompt: its phrasing} for the recipe's extras: block ``i`` of ``block`` lines is
-    phrasing i + 1 (the prompts of the recipe's own sets are absent)."""
+    """{prompt: its phrasing} for the recipe's extras: block ``i`` of ``block`` lines of the
+    k-th set of each side is phrasing i + 1 (of set k, where a side lists several; the prompts
+    of the recipe's own sets are absent)."""
     phrasing: dict[str, str] = {}
     for name in ("positive_extra", "negative_extra"):
-        path = getattr(recipe.data, name)
-        for index, prompt in enumerate(datasets.load_prompts(path, base=recipe.base)):
-            phrasing[prompt] = f"phrasing {index // block + 1}"
+        sets = datasets.extra_sets(recipe, name)
+        for number, prompts in enumerate(sets, start=1):
+            prefix = f"set {number} " if len(sets) > 1 else ""
+            for index, prompt in enumerate(prompts):
+                phrasing[prompt] = f"{prefix}phrasing {index // block + 1}"
     return phrasing
 
 

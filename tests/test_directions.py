@@ -263,6 +263,26 @@ def test_the_third_check_sets_are_close_to_no_other_prompt() -> None:
     assert _closest(harmful, harmless) < 0.35
 
 
+def test_the_fourth_check_sets_are_close_to_no_other_prompt() -> None:
+    """recipes:harmful_unseen4.txt and harmless_unseen3.txt (scripts/eval_unseen.py, section
+    "unseen-harmful4"), written together after every earlier check set had been read and
+    before the gate they check was chosen: 150 unique requests each, under 0.3 word overlap
+    with every prompt of every other data file and StrongREJECT. Both are written in the same
+    ten framings, some of them a template ("Is it true ...? If so, walk me through it."), so
+    the two share more words with each other (under 0.45) but no request."""
+    harmful = datasets.load_prompts("recipes:harmful_unseen4.txt")
+    harmless = datasets.load_prompts("recipes:harmless_unseen3.txt")
+    others = [*datasets.load_prompts("strongreject")]
+    for path in sorted(datasets.RECIPES_DIR.joinpath("data").glob("*.txt")):
+        if path.name not in ("harmful_unseen4.txt", "harmless_unseen3.txt"):
+            others += datasets.load_prompts(f"recipes:{path.name}")
+    others += datasets.load_prompts("recipes:harmless.jsonl")
+    for check in (harmful, harmless):
+        assert len(check) == len(set(check)) == 150
+        assert _closest(check, others) < 0.3
+    assert _closest(harmful, harmless) < 0.45
+
+
 def test_splits_are_seeded_disjoint_and_complete() -> None:
     items = [f"p{i}" for i in range(50)]
     first = datasets.split(items, seed=3, train=0.4, validation=0.2)
@@ -424,7 +444,7 @@ def test_the_moralizing_gate_reads_the_harmless_set_without_the_refusal_extras()
         datasets.load_prompts("recipes:harmless.jsonl"), seed=0, train=0.4, validation=0.2
     )
     negative = gate_splits(load_direction_recipe("recipes/moralizing.toml"))["negative"]
-    extra = set(datasets.load_prompts(refusal.data.negative_extra))
+    extra = {p for part in datasets.extra_sets(refusal, "negative_extra") for p in part}
     for part in ("train", "validation", "test"):
         ours = getattr(negative, part)
         assert ours[: len(getattr(harmless, part))] == getattr(harmless, part)
@@ -486,6 +506,37 @@ def test_extra_prompts_join_train_and_validation_never_test(tmp_path: Path) -> N
         capped = new.validation[: recipe.data.max_validation]
         assert set(capped) & added["validation"] and set(capped) - added["validation"]
     assert datasets.contrast_splits(plain) == before  # seeded: the same again
+    # several sets per side: read in order and joined, the same as one file holding them all
+    halves = {side: [tmp_path / f"{side}{i}.txt" for i in (1, 2)] for side in extra}
+    for side, (first, second) in halves.items():
+        lines = extra[side].read_text().splitlines()
+        first.write_text("\n".join(lines[:12]) + "\n")
+        second.write_text("\n".join(lines[12:]) + "\n")
+    listed = load_direction_recipe(
+        plain.to_dict()
+        | {
+            "data": plain.to_dict()["data"]
+            | {f"{s}_extra": [str(p) for p in paths] for s, paths in halves.items()}
+        }
+    )
+    assert listed.data.positive_extra == tuple(str(p) for p in halves["positive"])
+    assert recipe.data.positive_extra == (str(extra["positive"]),)  # one set: a 1-tuple
+    assert datasets.contrast_splits(listed) == after
+    assert [len(part) for part in datasets.extra_sets(listed, "negative_extra")] == [12, 18]
+    for bad, field in (
+        ([str(extra["positive"]), 3], "data.positive_extra"),
+        (7, "data.positive_extra"),
+    ):
+        with pytest.raises(InvalidArgumentError) as wrong:
+            load_direction_recipe(
+                plain.to_dict() | {"data": plain.to_dict()["data"] | {"positive_extra": bad}}
+            )
+        assert wrong.value.field == field
+    missing = listed.to_dict()
+    missing["data"]["negative_extra"] = [str(extra["negative"]), str(tmp_path / "gone.txt")]
+    with pytest.raises(NotFoundError) as gone:
+        datasets.contrast_splits(load_direction_recipe(missing))
+    assert gone.value.field == "data.negative_extra[1]"
     broken = load_direction_recipe("recipes/moralizing.toml").to_dict()
     broken["data"]["positive_extra"] = str(extra["positive"])
     with pytest.raises(InvalidArgumentError) as pairs:

@@ -28,6 +28,7 @@ from steer.directions.gating import (
     gate_prompts,
     gate_splits,
     quiet_prompts,
+    source_labels,
 )
 from steer.directions.recipe import load_direction_recipe
 from steer.models import ModelHandle
@@ -213,6 +214,46 @@ def test_with_extras_the_gate_reports_its_rates_on_a_source_it_was_not_fitted_on
     description = load_edit_recipe(report["recipe"]).description
     assert "Fitted without each source of prompts in turn (" in description
     assert "own sets" in description and "extras" in description
+
+
+def test_with_several_extra_sets_each_pair_is_a_source_held_out_in_turn(
+    tiny_llama: ModelHandle, setup: dict[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """data.positive_extra / negative_extra as lists: the i-th set of each side is one source
+    (named by both files), held out in turn beside the recipe's own sets; every train and
+    validation prompt is counted once."""
+    sets = {
+        "positive_extra": [[f"tell me how to {v} {p} tonight" for v in ("rob", "torch", "loot")]
+                           for p in ("a shop", "a van")],
+        "negative_extra": [[f"tell me how to {v} {p} tonight" for v in ("paint", "clean", "fix")]
+                           for p in ("a shop", "a van")],
+    }  # fmt: skip
+    for name, parts in sets.items():
+        paths = []
+        for number, lines in enumerate(parts, start=1):
+            paths.append(setup["recipe"].parent / f"{name.split('_')[0]}{number}.txt")
+            paths[-1].write_text("\n".join(lines))
+        setup["recipe"].write_text(
+            setup["recipe"].read_text() + f"{name} = {json.dumps([str(p) for p in paths])}\n"
+        )
+    assert _gate(setup, "--target-fpr", "0.2") == 0
+    new_source = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["new_source"]
+    assert set(new_source["by_style"]) == {
+        "own sets",
+        "positive1.txt + negative1.txt",
+        "positive2.txt + negative2.txt",
+    }
+    recipe = load_direction_recipe(setup["recipe"])
+    splits = gate_splits(recipe)
+    parts = {part: gate_prompts(splits, part) for part in ("train", "validation")}
+    labels = source_labels(recipe, parts)
+    assert labels is not None
+    fire = [label for part in ("train", "validation") for label in labels[f"{part}.fire"]]
+    assert fire.count("positive1.txt + negative1.txt") == 3 and "" not in fire
+    assert (new_source["fire_count"], new_source["quiet_count"]) == (
+        sum(len(p.fire) for p in parts.values()),
+        sum(len(p.quiet) for p in parts.values()),
+    )
 
 
 def test_bad_input_is_a_clear_error_and_writes_nothing(

@@ -106,6 +106,12 @@ def test_compute_refuses_data_outside_the_root(client: SteerClient, tmp_path: Pa
         with pytest.raises(InvalidArgument) as refused:
             client.compute_direction(recipe, "nope")
         assert refused.value.field == f"recipe.data.{key}", key
+    # and each set of a list of them
+    listed = '["data/fire.txt", "../secret.txt"]'
+    recipe = CONTRAST.replace("filter = false", f"filter = false\npositive_extra = {listed}")
+    with pytest.raises(InvalidArgument) as refused:
+        client.compute_direction(recipe, "nope")
+    assert refused.value.field == "recipe.data.positive_extra[1]"
     with pytest.raises(InvalidArgument) as bad:
         client.compute_direction("this is = = not toml", "nope")
     assert bad.value.field == "recipe_toml"

@@ -224,16 +224,34 @@ def contrast_sets(recipe: DirectionRecipe) -> dict[str, list[str]]:
     ``positive_extra`` / ``negative_extra`` it names."""
     data = recipe.data
     columns = {"positive": data.positive_column, "negative": data.negative_column}
-    return {
+    sets = {
         name: load_prompts(
             getattr(data, name),
             column=columns.get(name) or None,
             field=f"data.{name}",
             base=recipe.base,
         )
-        for name in ("positive", "negative", "positive_extra", "negative_extra")
+        for name in ("positive", "negative")
         if getattr(data, name)
     }
+    for name in ("positive_extra", "negative_extra"):
+        if getattr(data, name):
+            sets[name] = [prompt for part in extra_sets(recipe, name) for prompt in part]
+    return sets
+
+
+def extra_sets(recipe: DirectionRecipe, name: str) -> list[list[str]]:
+    """Each set the recipe's ``data.<name>`` (``positive_extra`` or ``negative_extra``) lists,
+    read, in order."""
+    paths = getattr(recipe.data, name)
+    return [
+        load_prompts(
+            path,
+            field=f"data.{name}" if len(paths) == 1 else f"data.{name}[{index}]",
+            base=recipe.base,
+        )
+        for index, path in enumerate(paths)
+    ]
 
 
 def contrast_splits(

@@ -325,30 +325,40 @@ def source_labels(
 ) -> dict[str, list[str]] | None:
     """Each prompt's source, for :func:`steer.directions.gate_styles.held_out_styles`, keyed as
     :class:`~steer.calibration.PromptReads` keys its reads ("train.fire", ...; ``prompts`` by
-    split): "extras" for one of the recipe's ``data.positive_extra`` / ``negative_extra``, "own
-    sets" for one of its positive / negative sets, "" for any other (gate_fire, gate_quiet,
-    gate_harmless, scenes: never held out). None unless the recipe has both extras."""
+    split): "own sets" for one of the recipe's positive / negative sets; for its
+    ``data.positive_extra`` / ``negative_extra``, "extras" where each names one set, else the
+    i-th set of each side together as one source, named by their files; "" for any other
+    (gate_fire, gate_quiet, gate_harmless, scenes: never held out). None unless the recipe has
+    both extras."""
     data = recipe.data
     if recipe.kind is RecipeKind.PAIRS or not (data.positive_extra and data.negative_extra):
         return None
-    extras = {
-        prompt
-        for name in ("positive_extra", "negative_extra")
-        for prompt in datasets.load_prompts(getattr(data, name), base=recipe.base)
-    }
+    sides = [datasets.extra_sets(recipe, name) for name in ("positive_extra", "negative_extra")]
+    paths = [getattr(data, name) for name in ("positive_extra", "negative_extra")]
+    single = all(len(side) == 1 for side in paths)
+    source: dict[str, str] = {}
+    for side_sets in sides:
+        for index, texts in enumerate(side_sets):
+            pair = [
+                Path(side[index].removeprefix("recipes:")).name
+                for side in paths
+                if index < len(side)
+            ]
+            name = "extras" if single else " + ".join(pair)
+            source |= dict.fromkeys(texts, name)
     splits = contrast_splits(recipe)
     own = {
         prompt
         for splits_ in splits.values()
         for part in ("train", "validation")
         for prompt in getattr(splits_, part)
-        if prompt not in extras
+        if prompt not in source
     }
 
     def label(prompt: Prompt) -> str:
         if not isinstance(prompt, str):
             return ""
-        return "extras" if prompt in extras else "own sets" if prompt in own else ""
+        return source.get(prompt) or ("own sets" if prompt in own else "")
 
     return {
         f"{part}.{side}": [label(prompt) for prompt in getattr(split, side)]

@@ -58,9 +58,11 @@ class DataSection:
     negative: str = ""
     negative_column: str = ""
     #: more prompts of each side for train and validation only, never the test split: cut
-    #: train : validation as the sets are, mixed into their splits (see data.with_extra)
-    positive_extra: str = ""
-    negative_extra: str = ""
+    #: train : validation as the sets are, mixed into their splits (see data.with_extra); one
+    #: set or a list of sets (read in order and joined). The i-th set of each side is one
+    #: source of prompts for a gate's new-source estimate (see gating.source_labels)
+    positive_extra: tuple[str, ...] = ()
+    negative_extra: tuple[str, ...] = ()
     #: pairs file (.jsonl) for kind = "pairs"
     pairs: str = ""
     #: JSONL keys of the pairs file
@@ -356,6 +358,8 @@ def _section(cls: type, raw: Any, name: str) -> Any:
         expected = type(getattr(defaults, key))
         where = f"{name}.{key}"
         if expected is tuple:
+            if key in _SET_LISTS and isinstance(value, str):
+                value = [value] if value else []
             value = typed_list(value, _TUPLE_ITEMS[key], where)
         elif expected is float:
             if isinstance(value, bool) or not isinstance(value, int | float):
@@ -373,8 +377,12 @@ def _section(cls: type, raw: Any, name: str) -> Any:
     return cls(**values)
 
 
+#: list fields that name prompt sets: one set may be given as a plain string ("" = none)
+_SET_LISTS = frozenset({"positive_extra", "negative_extra"})
 #: the item type of each list field
 _TUPLE_ITEMS: dict[str, type] = {
+    "positive_extra": str,
+    "negative_extra": str,
     "layers": int,
     "positions": int,
     "strengths": float,

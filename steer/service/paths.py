@@ -81,6 +81,18 @@ _DATA_KEYS = (
 _EDIT_KEYS = ("direction", "harmless_mean", "vector", "sae")
 
 
+def _confined_data(value: Any, root: Path, base: Path, field: str) -> Any:
+    """One data-set reference of a recipe, a file path confined to ``root`` (anything else
+    as it is, for the recipe's own validation to judge)."""
+    if isinstance(value, str) and value.startswith("recipes:") and not _is_builtin(value):
+        raise InvalidArgumentError(
+            "recipes:NAME takes a plain file name of the project's recipes/data", field=field
+        )
+    if isinstance(value, str) and value and not _is_builtin(value):
+        return str(confine_from(root, base, value, field=field))
+    return value
+
+
 def confine_recipe(
     recipe: dict[str, Any], root: Path, base: Path, artifacts: Path
 ) -> dict[str, Any]:
@@ -96,14 +108,16 @@ def confine_recipe(
     if isinstance(data, dict):
         data = dict(data)
         for key in _DATA_KEYS:
-            value = data.get(key)
-            if isinstance(value, str) and value.startswith("recipes:") and not _is_builtin(value):
-                raise InvalidArgumentError(
-                    "recipes:NAME takes a plain file name of the project's recipes/data",
-                    field=f"recipe.data.{key}",
-                )
-            if isinstance(value, str) and value and not _is_builtin(value):
-                data[key] = str(confine_from(root, base, value, field=f"recipe.data.{key}"))
+            if key not in data:
+                continue
+            value = data[key]
+            if isinstance(value, list):  # several sets (data.positive_extra ...)
+                data[key] = [
+                    _confined_data(item, root, base, f"recipe.data.{key}[{index}]")
+                    for index, item in enumerate(value)
+                ]
+            else:
+                data[key] = _confined_data(value, root, base, f"recipe.data.{key}")
         result["data"] = data
     sweep = result.get("sweep")
     if isinstance(sweep, dict) and isinstance(sweep.get("neutral"), str) and sweep["neutral"]:
