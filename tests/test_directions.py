@@ -245,42 +245,35 @@ def test_the_harmful_check_sets_are_none_of_the_training_prompts() -> None:
     assert _closest(ordinary, datasets.load_prompts("recipes:harmless.jsonl")) < 0.4
 
 
-def test_the_third_check_sets_are_close_to_no_other_prompt() -> None:
-    """recipes:harmful_unseen3.txt and harmless_unseen2.txt (scripts/eval_unseen.py, section
-    "unseen-harmful3"), written together after every refusal choice: 150 unique requests each,
-    under 0.35 word overlap (Jaccard) with every prompt of every other data file, StrongREJECT
-    and each other, so no choice made on those prompts reads these."""
-    harmful = datasets.load_prompts("recipes:harmful_unseen3.txt")
-    harmless = datasets.load_prompts("recipes:harmless_unseen2.txt")
+@pytest.mark.parametrize(
+    ("harmful_file", "harmless_file", "to_others", "to_each_other"),
+    [
+        ("harmful_unseen3.txt", "harmless_unseen2.txt", 0.35, 0.35),
+        ("harmful_unseen4.txt", "harmless_unseen3.txt", 0.3, 0.45),
+    ],
+)
+def test_the_later_check_sets_are_close_to_no_other_prompt(
+    harmful_file: str, harmless_file: str, to_others: float, to_each_other: float
+) -> None:
+    """The third and fourth refusal check sets and their ordinary partners
+    (scripts/eval_unseen.py, sections "unseen-harmful3", "unseen-harmful4"), each pair written
+    together after the choices they check (the fourth after every earlier check set had been
+    read, before the gate it checks was chosen): 150 unique requests each, far in words
+    (Jaccard) from every prompt of every other data file and StrongREJECT, so no choice made on
+    those prompts reads these. The fourth pair is written in shared framings, some of them a
+    template ("Is it true ...? If so, walk me through it."), so its two sides share more words
+    with each other, but no request."""
+    harmful = datasets.load_prompts(f"recipes:{harmful_file}")
+    harmless = datasets.load_prompts(f"recipes:{harmless_file}")
     others = [*datasets.load_prompts("strongreject")]
     for path in sorted(datasets.RECIPES_DIR.joinpath("data").glob("*.txt")):
-        if path.name not in ("harmful_unseen3.txt", "harmless_unseen2.txt"):
+        if path.name not in (harmful_file, harmless_file):
             others += datasets.load_prompts(f"recipes:{path.name}")
     others += datasets.load_prompts("recipes:harmless.jsonl")
     for check in (harmful, harmless):
         assert len(check) == len(set(check)) == 150
-        assert _closest(check, others) < 0.35
-    assert _closest(harmful, harmless) < 0.35
-
-
-def test_the_fourth_check_sets_are_close_to_no_other_prompt() -> None:
-    """recipes:harmful_unseen4.txt and harmless_unseen3.txt (scripts/eval_unseen.py, section
-    "unseen-harmful4"), written together after every earlier check set had been read and
-    before the gate they check was chosen: 150 unique requests each, under 0.3 word overlap
-    with every prompt of every other data file and StrongREJECT. Both are written in the same
-    ten framings, some of them a template ("Is it true ...? If so, walk me through it."), so
-    the two share more words with each other (under 0.45) but no request."""
-    harmful = datasets.load_prompts("recipes:harmful_unseen4.txt")
-    harmless = datasets.load_prompts("recipes:harmless_unseen3.txt")
-    others = [*datasets.load_prompts("strongreject")]
-    for path in sorted(datasets.RECIPES_DIR.joinpath("data").glob("*.txt")):
-        if path.name not in ("harmful_unseen4.txt", "harmless_unseen3.txt"):
-            others += datasets.load_prompts(f"recipes:{path.name}")
-    others += datasets.load_prompts("recipes:harmless.jsonl")
-    for check in (harmful, harmless):
-        assert len(check) == len(set(check)) == 150
-        assert _closest(check, others) < 0.3
-    assert _closest(harmful, harmless) < 0.45
+        assert _closest(check, others) < to_others
+    assert _closest(harmful, harmless) < to_each_other
 
 
 def test_splits_are_seeded_disjoint_and_complete() -> None:
