@@ -9,6 +9,8 @@ is UTF-8) and ``RecursionError`` (arrays nested thousands deep). :func:`parse_to
 from __future__ import annotations
 
 import tomllib
+from collections.abc import Mapping, Set
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -59,3 +61,46 @@ def typed_list(value: Any, item: type, where: str) -> tuple[Any, ...]:
             f"expected a list of {_ITEM_NAMES[item]}, got {value!r}", field=where
         )
     return tuple(float(v) for v in value) if item is float else tuple(value)
+
+
+def typed_table(
+    cls: type,
+    raw: Any,
+    name: str,
+    *,
+    list_items: Mapping[str, type],
+    one_or_list: Set[str] = frozenset(),
+) -> Any:
+    """The dataclass ``cls`` (every field defaulted) from the TOML table ``raw`` named ``name``:
+    unknown fields and values not of the field's default's type are errors naming
+    ``name.field``; an int is a float, a bool is neither; a tuple field is a list of
+    ``list_items[field]``, and for a field in ``one_or_list`` a plain string is a list of that one
+    string ("" = none)."""
+    if not isinstance(raw, Mapping):
+        raise InvalidArgumentError("must be a table", field=name)
+    unknown = set(raw) - {f.name for f in fields(cls)}
+    if unknown:
+        raise InvalidArgumentError(f"unknown fields {sorted(unknown)}", field=name)
+    values = {}
+    defaults = cls()
+    for key, value in raw.items():
+        expected = type(getattr(defaults, key))
+        where = f"{name}.{key}"
+        if expected is tuple:
+            if key in one_or_list and isinstance(value, str):
+                value = [value] if value else []
+            value = typed_list(value, list_items[key], where)
+        elif expected is float:
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise InvalidArgumentError(f"expected a number, got {value!r}", field=where)
+            value = float(value)
+        elif expected is bool:
+            if not isinstance(value, bool):
+                raise InvalidArgumentError(f"expected true or false, got {value!r}", field=where)
+        elif expected is int:
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise InvalidArgumentError(f"expected an integer, got {value!r}", field=where)
+        elif not isinstance(value, expected):
+            raise InvalidArgumentError(f"expected {expected.__name__}, got {value!r}", field=where)
+        values[key] = value
+    return cls(**values)

@@ -333,27 +333,22 @@ def source_labels(
     data = recipe.data
     if recipe.kind is RecipeKind.PAIRS or not (data.positive_extra and data.negative_extra):
         return None
-    sides = [datasets.extra_sets(recipe, name) for name in ("positive_extra", "negative_extra")]
-    paths = [getattr(data, name) for name in ("positive_extra", "negative_extra")]
+    names = ("positive_extra", "negative_extra")
+    paths = [getattr(data, name) for name in names]
     single = all(len(side) == 1 for side in paths)
+
+    def source_name(index: int) -> str:
+        files = [
+            Path(side[index].removeprefix("recipes:")).name for side in paths if index < len(side)
+        ]
+        return "extras" if single else " + ".join(files)
+
     source: dict[str, str] = {}
-    for side_sets in sides:
-        for index, texts in enumerate(side_sets):
-            pair = [
-                Path(side[index].removeprefix("recipes:")).name
-                for side in paths
-                if index < len(side)
-            ]
-            name = "extras" if single else " + ".join(pair)
-            source |= dict.fromkeys(texts, name)
-    splits = contrast_splits(recipe)
-    own = {
-        prompt
-        for splits_ in splits.values()
-        for part in ("train", "validation")
-        for prompt in getattr(splits_, part)
-        if prompt not in source
-    }
+    for name in names:
+        for index, texts in enumerate(datasets.extra_sets(recipe, name)):
+            source |= dict.fromkeys(texts, source_name(index))
+    sets = datasets.contrast_sets(recipe)
+    own = {*sets["positive"], *sets["negative"]} - source.keys()
 
     def label(prompt: Prompt) -> str:
         if not isinstance(prompt, str):

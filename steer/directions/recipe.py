@@ -22,7 +22,7 @@ from typing import Any
 from steer.directions.methods import DEFAULT_SHRINKAGE, METHODS
 from steer.errors import InvalidArgumentError, NotFoundError
 from steer.limits import finite
-from steer.toml_input import read_toml, typed_list
+from steer.toml_input import read_toml, typed_table
 
 
 class RecipeKind(StrEnum):
@@ -346,35 +346,7 @@ def with_overrides(recipe: DirectionRecipe, overrides: Mapping[str, Any]) -> Dir
 
 
 def _section(cls: type, raw: Any, name: str) -> Any:
-    if not isinstance(raw, Mapping):
-        raise InvalidArgumentError("must be a table", field=name)
-    known = {f.name: f for f in fields(cls)}
-    unknown = set(raw) - set(known)
-    if unknown:
-        raise InvalidArgumentError(f"unknown fields {sorted(unknown)}", field=name)
-    values = {}
-    defaults = cls()
-    for key, value in raw.items():
-        expected = type(getattr(defaults, key))
-        where = f"{name}.{key}"
-        if expected is tuple:
-            if key in _SET_LISTS and isinstance(value, str):
-                value = [value] if value else []
-            value = typed_list(value, _TUPLE_ITEMS[key], where)
-        elif expected is float:
-            if isinstance(value, bool) or not isinstance(value, int | float):
-                raise InvalidArgumentError(f"expected a number, got {value!r}", field=where)
-            value = float(value)
-        elif expected is bool:
-            if not isinstance(value, bool):
-                raise InvalidArgumentError(f"expected true or false, got {value!r}", field=where)
-        elif expected is int:
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise InvalidArgumentError(f"expected an integer, got {value!r}", field=where)
-        elif not isinstance(value, expected):
-            raise InvalidArgumentError(f"expected {expected.__name__}, got {value!r}", field=where)
-        values[key] = value
-    return cls(**values)
+    return typed_table(cls, raw, name, list_items=_TUPLE_ITEMS, one_or_list=_SET_LISTS)
 
 
 #: list fields that name prompt sets: one set may be given as a plain string ("" = none)
