@@ -145,8 +145,8 @@ def main() -> int:
 
 def _row(name: str, report: Any, unedited: Any, n_harmless: int, n_quiet: int) -> dict[str, Any]:
     """:func:`report.rate_row`, and what the edit moved at all: *harmless moved*, the harmless
-    prompts whose KL is not 0 (behind a prompt-scope gate, those it fired on: a gate that does
-    not fire leaves a row bit-identical), and *replies changed*, the unseen prompts whose reply
+    prompts whose KL is not 0 (behind a prompt- or reply-scope gate, those it fired on: a gate that
+    does not fire leaves a row bit-identical), and *replies changed*, the unseen prompts whose reply
     differs from the unedited one (behind a gate, at most those it fired on)."""
     row = rate_row(name, report, n_harmless, n_quiet)
     count = row.pop("n")
@@ -191,8 +191,8 @@ edits was made and read once per edit here. Greedy replies, the {args.matcher} p
 over each reply's first {", ".join(str(t) for t in args.lengths)} tokens with Wilson 95%
 intervals; first-token KL and KL over the base model's first {args.kl_tokens} greedy tokens on
 {harmless}{quiet}. *Harmless moved*: the harmless prompts whose KL is not 0 (behind a
-prompt-scope gate, those it fired on); *replies changed*: the unseen prompts whose reply is not
-the unedited one's (behind a gate, at most those it fired on).
+prompt- or reply-scope gate, those it fired on); *replies changed*: the unseen prompts whose
+reply is not the unedited one's (behind a gate, at most those it fired on).
 Edits: {edits}.
 
 {table(record["rows"], [*columns, "n"])}

@@ -17,6 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from steer.errors import InvalidArgumentError
+from steer.gates import reply_gated
 from steer.interventions import Intervention, Phase, validate
 from steer.models import ModelHandle
 from steer.plan import build_plan
@@ -64,6 +65,13 @@ def forward(
     _check_positions(positions)
     points = [handle.resolver.parse(name, field="hooks") for name in hooks]
     validate(interventions, handle.resolver, handle.d_model)
+    if reply_gated(interventions):
+        raise InvalidArgumentError(
+            "a reply-scope gate decides on the reply's first tokens, which one pass over a "
+            "prompt has not got: generate (steer.generation.Engine) or score continuations "
+            "(steer.directions.scores.token_kls)",
+            field="interventions",
+        )
     if any(len(p) == 0 for p in prompts):
         raise InvalidArgumentError("empty prompt", field="prompts")
     stores: dict[str, list[torch.Tensor]] = {point.name: [] for point in points}

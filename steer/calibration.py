@@ -6,6 +6,9 @@ direction -- for prompts the gate should fire on and prompts it should not. On t
 chooses the lowest threshold whose false-positive rate on the "should not fire" prompts is at most
 ``target_fpr``; on the validation split it measures the true- and false-positive rates that
 threshold gives. It takes no test split: what a test split measures is chosen without it.
+With ``reply_tokens`` K, the same for a reply-scope gate: each prompt's number is the largest
+projection over the K positions that draw its first K greedy reply tokens (the prompt's last
+token and the first K - 1 reply tokens, teacher-forced), as the engine reads them.
 
 :func:`read_prompts` reads those residuals at several hooks in one pass and keeps them
 (:class:`PromptReads`); any direction's projections follow from them (:class:`GateScores`), so
@@ -27,7 +30,7 @@ import torch
 
 from steer.activations import forward
 from steer.errors import InvalidArgumentError, SteerError
-from steer.gates import Condition
+from steer.gates import MAX_REPLY_TOKENS, Condition
 from steer.hooks import HookPoint
 from steer.models import ModelHandle
 from steer.text import encode_chat, encode_prompt
@@ -92,6 +95,8 @@ class GateCalibration:
     train: SplitRates
     validation: SplitRates
     weights: tuple[float, ...] = ()
+    #: a reply-scope gate's window (0: a prompt-scope gate)
+    reply_tokens: int = 0
 
     def condition(self, direction: SteeringVector | torch.Tensor) -> Condition:
         """The gate's condition (``direction`` must be the one calibrated with)."""
@@ -110,6 +115,8 @@ class GateScores:
     read: dict[str, list[float]]
     #: with several hooks, each one's weight in the sum (:func:`summed_scores`)
     weights: tuple[float, ...] = ()
+    #: a reply-scope gate's window (0: the prompt's last token)
+    reply_tokens: int = 0
 
     def fires(self, key: str, threshold: float) -> list[bool]:
         """Whether the gate fires on each prompt of ``key`` (e.g. "validation.fire") at
@@ -131,6 +138,7 @@ class GateScores:
             train=_rates(read["train.fire"], read["train.quiet"], threshold),
             validation=_rates(read["validation.fire"], read["validation.quiet"], threshold),
             weights=self.weights,
+            reply_tokens=self.reply_tokens,
         )
 
 
@@ -160,7 +168,7 @@ def summed_scores(scores: Sequence[GateScores]) -> GateScores:
         for key in scores[0].read
     }
     hooks = tuple(str(s.hook) for s in scores)
-    return GateScores(hook=hooks, below=scores[0].below, read=read, weights=tuple(weights))
+    return GateScores(hooks, scores[0].below, read, tuple(weights), scores[0].reply_tokens)
 
 
 @dataclass(frozen=True)
@@ -171,8 +179,11 @@ class PromptReads:
 
     points: tuple[HookPoint, ...]
     #: {"train.fire", "train.quiet", and with a validation split "validation.fire",
-    #: "validation.quiet"}: {hook name: (prompts, d_model) float32}
+    #: "validation.quiet"}: {hook name: (prompts, d_model) float32, or with ``reply_tokens``
+    #: (prompts, reply_tokens, d_model): the window's positions}
     read: dict[str, dict[str, torch.Tensor]]
+    #: a reply-scope gate's window (0: the prompt's last token)
+    reply_tokens: int = 0
 
     def scores(
         self, direction: SteeringVector | torch.Tensor, *, below: bool = False
@@ -190,10 +201,10 @@ class PromptReads:
         scores = []
         for point, unit in zip(self.points, units, strict=True):
             store = {
-                key: [sign * v for v in _projected(by_hook[point.name], unit, point.name, key)]
+                key: _projected(by_hook[point.name], unit * sign, point.name, key)
                 for key, by_hook in self.read.items()
             }
-            scores.append(GateScores(point.name, below, store))
+            scores.append(GateScores(point.name, below, store, reply_tokens=self.reply_tokens))
         return scores
 
     def gate(
@@ -232,7 +243,10 @@ class PromptReads:
             keep = torch.arange(count) % FOLDS != 0
             fit[key] = {hook: rows[keep] for hook, rows in by_hook.items()}
             held[key] = {hook: rows[~keep] for hook, rows in by_hook.items()}
-        return PromptReads(self.points, fit), PromptReads(self.points, held)
+        return (
+            PromptReads(self.points, fit, self.reply_tokens),
+            PromptReads(self.points, held, self.reply_tokens),
+        )
 
     def condition(self, *, discriminant: bool = False) -> SteeringVector:
         """A condition direction of its own from the train reads (CAST's condition vector): at
@@ -246,8 +260,9 @@ class PromptReads:
             raise InvalidArgumentError("expected hooks at distinct layers", field="hooks")
         per_layer = {}
         for layer, point in zip(layers, self.points, strict=True):
-            fire = self.read["train.fire"][point.name].double()
-            quiet = self.read["train.quiet"][point.name].double()
+            # a reply window's positions count as prompts of their own here
+            fire = self.read["train.fire"][point.name].double().flatten(0, -2)
+            quiet = self.read["train.quiet"][point.name].double().flatten(0, -2)
             difference = fire.mean(0) - quiet.mean(0)
             if discriminant:
                 difference = _discriminant(fire, quiet, difference)
@@ -263,8 +278,11 @@ def read_prompts(
     validation: ContrastPrompts | None = None,
     system: str | None = None,
     batch_size: int = 16,
+    reply_tokens: int = 0,
 ) -> PromptReads:
-    """:class:`PromptReads` of ``train`` (and ``validation``) at each of ``hooks``."""
+    """:class:`PromptReads` of ``train`` (and ``validation``) at each of ``hooks``: at each
+    prompt's last token, or with ``reply_tokens`` K at the K positions that draw its first K
+    greedy reply tokens (:func:`_windows`)."""
     if isinstance(hooks, str) or not hooks:
         raise InvalidArgumentError("needs at least one hook", field="hooks")
     points = tuple(handle.resolver.parse(hook, field=f"hooks[{i}]") for i, hook in enumerate(hooks))
@@ -275,9 +293,43 @@ def read_prompts(
         for side, prompts in (("fire", split.fire), ("quiet", split.quiet)):
             key = f"{name}.{side}"
             ids = _encoded(handle, prompts, key, system)
+            if reply_tokens:
+                read[key] = _windows(handle, ids, names, reply_tokens, batch_size)
+                continue
             last = forward(handle, ids, hooks=names, batch_size=batch_size).activations
             read[key] = {hook: _checked(last[hook]) for hook in names}
-    return PromptReads(points, read)
+    return PromptReads(points, read, reply_tokens)
+
+
+def _windows(
+    handle: ModelHandle, prompts: list[list[int]], hooks: list[str], count: int, batch_size: int
+) -> dict[str, torch.Tensor]:
+    """{hook: (prompts, count, d_model)}: the residuals at the positions that draw each prompt's
+    first ``count`` greedy reply tokens (generated without interventions), teacher-forced. A
+    reply that ends sooner has fewer such positions; its first is repeated to fill the window
+    (the gate reads their largest projection, which that leaves as it is)."""
+    from steer.directions.steering import greedy
+
+    if not 1 <= count <= MAX_REPLY_TOKENS:
+        raise InvalidArgumentError(
+            f"must be from 1 to {MAX_REPLY_TOKENS}, got {count}", field="reply_tokens"
+        )
+    replies = greedy(handle, [(prompts, count - 1)])[0] if count > 1 else [[] for _ in prompts]
+    ends = set(handle.eos_token_ids)  # the engine feeds no token after an end token
+    replies = [r[: next((i for i, t in enumerate(r) if t in ends), len(r))] for r in replies]
+    # the reply's last token draws nothing of the window: read up to the one before it
+    fed = [p + r[: count - 1] for p, r in zip(prompts, replies, strict=True)]
+    offsets = tuple(range(-count, 0))
+    activations = forward(handle, fed, hooks=hooks, positions=offsets, batch_size=batch_size)
+    windows = {}
+    for hook in hooks:
+        rows = _checked(activations.activations[hook]).clone()  # (prompts, count, d_model)
+        for index, reply in enumerate(replies):
+            missing = count - 1 - len(reply[: count - 1])
+            if missing:
+                rows[index, :missing] = rows[index, missing]
+        windows[hook] = rows
+    return windows
 
 
 def gate_scores(
@@ -442,8 +494,12 @@ def _target(target_fpr: float) -> float:
 
 def _projected(activations: torch.Tensor, unit: torch.Tensor, hook: str, field: str) -> list[float]:
     """Each prompt's residual projected onto ``unit`` in float32: the number a prompt-scope
-    :class:`~steer.interventions.ReadGate` compares with its threshold."""
-    projections = (activations @ unit).tolist()
+    :class:`~steer.interventions.ReadGate` compares with its threshold; for a reply window
+    (prompts, positions, d_model), its largest projection (the gate fires if any fires)."""
+    projected = activations @ unit
+    if projected.dim() == 2:
+        projected = projected.amax(-1)
+    projections = projected.tolist()
     for index, value in enumerate(projections):
         if not math.isfinite(value):
             raise InvalidArgumentError(

@@ -15,6 +15,16 @@ direction with a threshold: it fires where ``x . unit > threshold`` (``<`` with 
   exactly as with the wrapped intervention always on (its prompt included), one whose gate did
   not as without it. The second pass costs one more prefill, only for rows whose gate fired and
   only when such an op exists.
+* ``reply`` -- decided once per row from the model's first ``reply_tokens`` reply tokens, drawn
+  without the wrapped edit: the condition is read at each position that draws one of them (the
+  prompt's last token, then each reply token but the last) and fires if it fires at any. Where
+  it does not, the reply goes on as drawn, bit-identical to one without the gate; where it does,
+  the tokens drawn so far are dropped and the reply starts over from the prompt with the edit
+  on, exactly as with the wrapped intervention always on (same seed, prompt pass included).
+  So the gate can read what the model starts to say (a refusal's opening, a lecture's first
+  words), which a prompt's last token does not show, and act before any of it is sent: the
+  engine holds a row's first ``reply_tokens`` tokens back until its gates have decided. A fired
+  row costs one more prompt pass and ``reply_tokens`` more decode steps.
 
 The condition is read before any op at its hook point edits the residual. A gate that never fires
 changes nothing: its ops touch no token. Gates lower to the engine's ops
@@ -25,6 +35,7 @@ model.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -47,7 +58,19 @@ from steer.limits import MAX_INTERVENTION_MAGNITUDE, finite
 from steer.runtime import forward_order
 from steer.vectors import SteeringVector
 
-__all__ = ["Condition", "GateScope", "Gated"]
+__all__ = [
+    "DEFAULT_REPLY_TOKENS",
+    "MAX_REPLY_TOKENS",
+    "Condition",
+    "GateScope",
+    "Gated",
+    "reply_gated",
+]
+
+#: how many reply tokens a reply-scope gate reads when not told
+DEFAULT_REPLY_TOKENS = 4
+#: the most it may read (the engine holds that many tokens back before streaming)
+MAX_REPLY_TOKENS = 64
 
 
 @dataclass(frozen=True, eq=False)
@@ -158,19 +181,23 @@ class Condition:
 
 @dataclass(frozen=True, eq=False)
 class Gated(Intervention):
-    """``inner`` (an Add, Ablate, SAE slider...) only where ``condition`` fires, per ``scope``."""
+    """``inner`` (an Add, Ablate, SAE slider...) only where ``condition`` fires, per ``scope``.
+    ``reply_tokens``: how many reply tokens a reply-scope gate reads (None:
+    :data:`DEFAULT_REPLY_TOKENS`; other scopes take none)."""
 
     condition: Condition
     inner: Intervention
     scope: GateScope = GateScope.TOKEN
+    reply_tokens: int | None = None
 
     def __post_init__(self) -> None:
         try:
             object.__setattr__(self, "scope", GateScope(self.scope))
         except ValueError:
             raise InvalidArgumentError(
-                f"unknown scope {self.scope!r}; use token or prompt", field="scope"
+                f"unknown scope {self.scope!r}; use token, prompt or reply", field="scope"
             ) from None
+        object.__setattr__(self, "reply_tokens", _reply_tokens(self.reply_tokens, self.scope))
         if not isinstance(self.condition, Condition):
             raise InvalidArgumentError("expected a Condition", field="condition")
         if not isinstance(self.inner, Intervention) or isinstance(self.inner, Gated):
@@ -201,6 +228,8 @@ class Gated(Intervention):
                 f"cannot gate an op of type {type(op).__name__}", field="inner"
             )
         after = forward_order(point) >= forward_order(condition_point)
+        if self.scope is GateScope.REPLY:
+            after = True  # decided in an earlier run of the reply, never in the pass it acts in
         if not after and self.scope is GateScope.TOKEN:
             raise InvalidArgumentError(
                 f"{point.name} comes before the condition's hook {condition_point.name}: "
@@ -208,6 +237,35 @@ class Gated(Intervention):
                 field=_inner_points_field(self.inner),
             )
         return GatedOp(op, self, self.scope, decided_before=after)
+
+
+def reply_gated(interventions: Sequence[Intervention]) -> tuple[Gated, ...]:
+    """The reply-scope gates among ``interventions`` (none that do nothing)."""
+    return tuple(
+        i
+        for i in interventions
+        if isinstance(i, Gated) and i.scope is GateScope.REPLY and not i.is_noop()
+    )
+
+
+def _reply_tokens(value: object, scope: GateScope) -> int | None:
+    """``value`` checked for ``scope``: reply scope's window (None = the default), else None."""
+    if scope is not GateScope.REPLY:
+        if value is not None:
+            raise InvalidArgumentError(
+                f"only a reply-scope gate reads reply tokens (this one's scope is {scope.value})",
+                field="reply_tokens",
+            )
+        return None
+    if value is None:
+        return DEFAULT_REPLY_TOKENS
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidArgumentError(f"expected a whole number, got {value!r}", field="reply_tokens")
+    if not 1 <= value <= MAX_REPLY_TOKENS:
+        raise InvalidArgumentError(
+            f"must be from 1 to {MAX_REPLY_TOKENS}, got {value}", field="reply_tokens"
+        )
+    return value
 
 
 def _hooks(hook: object) -> tuple[str, ...]:

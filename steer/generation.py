@@ -9,6 +9,10 @@
    first token, and merges their KV cache into the running batch,
 4. returns the events (token ids, text delta, finish reason, usage) of this step.
 
+A request with a reply-scope gate (:mod:`steer.gates`) holds its first tokens back until the
+gate decides; if it fires, the row leaves the batch and rejoins the queue's head to start its
+reply over with the gate's edit on (same seed), and the tokens it held back are dropped.
+
 Rows join and leave only at step boundaries, which is what a server's scheduler needs. The
 engine works on token ids: a request's text is turned into ids by :mod:`steer.text`
 (:func:`encoded`) before its row is queued, and each row keeps a :class:`~steer.text.TextStream`
@@ -33,9 +37,11 @@ from steer.errors import (
     InvalidArgumentError,
     ResourceExhaustedError,
 )
+from steer.gates import Gated, reply_gated
 from steer.interventions import Phase, validate
 from steer.models import ModelHandle
-from steer.plan import InterventionPlan, build_plan
+from steer.passes import forward_pass, prefill
+from steer.plan import InterventionPlan, Window, build_plan
 from steer.requests import (
     GenerationEvent,
     GenerationRequest,
@@ -46,7 +52,7 @@ from steer.requests import (
     next_text,
     run_to_end,
 )
-from steer.runtime import attach, cache_keyword
+from steer.runtime import cache_keyword
 from steer.sampling import BannedStrings, SamplerState, banned_strings, choose
 from steer.text import Message, TextStream
 
@@ -83,6 +89,11 @@ class _Row:
     #: this request's prompt-gate decisions (steer.gates): taken in its prompt pass, held for
     #: its reply; they live and die with the row, whatever batch it is in
     gate_decisions: dict[object, bool] = field(default_factory=dict)
+    #: the request's reply-scope gates, and the events held back until they have decided
+    reply_gates: tuple[Gated, ...] = ()
+    held_back: list[GenerationEvent] = field(default_factory=list)
+    #: a reply gate fired: the row leaves the batch and queues again to start over
+    restarting: bool = False
 
 
 class Engine:
@@ -137,6 +148,7 @@ class Engine:
                 stream=TextStream(self.handle.tokenizer, request.stop),
                 sampler_state=sampler_state,
                 banned=banned,
+                reply_gates=reply_gated(request.interventions),
             )
             self._waiting.append(row)
         return request.request_id
@@ -216,7 +228,7 @@ class Engine:
         )[:, -1, :]
         for row in self._rows:
             row.position += 1
-        return [self._advance_or_fail(row, logits[i]) for i, row in enumerate(self._rows)]
+        return [e for i, row in enumerate(self._rows) for e in self._after_pass(row, logits[i])]
 
     def _admit(self) -> list[GenerationEvent]:
         with self._lock:
@@ -279,7 +291,7 @@ class Engine:
         events = []
         for index, row in enumerate(rows):
             row.position = len(row.prompt_ids)
-            events.append(self._advance_or_fail(row, logits[index]))
+            events.extend(self._after_pass(row, logits[index]))
         if self._rows:
             assert self._mask is not None
             self._cache, self._mask = kvcache.merge(self._cache, self._mask, cache, mask)
@@ -296,6 +308,46 @@ class Engine:
             self.handle.dtype,
             self.handle.device,
         )
+
+    def _after_pass(self, row: _Row, logits: torch.Tensor) -> list[GenerationEvent]:
+        """The events of ``row`` after a forward pass: its next token's, unless a reply gate
+        fired in that pass (the row starts over: none) or is still reading (held back)."""
+        undecided = [gate for gate in row.reply_gates if gate not in row.gate_decisions]
+        if any(row.gate_decisions.get(Window(gate)) for gate in undecided):
+            self._start_over(row)
+            return []
+        event = self._advance_or_fail(row, logits)
+        if not undecided:
+            return [event]
+        if row.finish_reason == "error":
+            row.held_back.clear()
+            return [event]
+        for gate in undecided:
+            assert gate.reply_tokens is not None
+            if row.finish_reason or len(row.generated) >= gate.reply_tokens:
+                row.gate_decisions[gate] = False  # read its whole window without firing
+        row.held_back.append(event)
+        if any(gate not in row.gate_decisions for gate in undecided):
+            return []
+        events, row.held_back = row.held_back, []
+        return events
+
+    def _start_over(self, row: _Row) -> None:
+        """Reset ``row`` to before its first token, with every reply gate that has fired held
+        on (the others read again), and mark it to leave the batch for the queue's head."""
+        decided = row.gate_decisions
+        fired = [g for g in row.reply_gates if decided.get(Window(g)) or decided.get(g)]
+        row.gate_decisions.clear()
+        row.gate_decisions.update({gate: True for gate in fired})
+        request = row.request
+        row.generated, row.held_back, row.position = [], [], 0
+        row.stream = TextStream(self.handle.tokenizer, request.stop)
+        row.sampler_state = SamplerState.for_request(
+            request.sampling, self.handle.tokenizer, int(self.handle.model.config.vocab_size)
+        )
+        if row.generator is not None:
+            row.generator = torch.Generator(device="cpu").manual_seed(row.seed)
+        row.restarting = True
 
     def _advance_or_fail(self, row: _Row, logits: torch.Tensor) -> GenerationEvent:
         """:meth:`_advance`; an exception there belongs to this row (its sampler settings, or
@@ -376,9 +428,17 @@ class Engine:
         )
 
     def _remove_finished(self, force_replan: bool = False) -> None:
-        keep = [i for i, row in enumerate(self._rows) if row.finish_reason is None]
+        """Drop finished rows from the batch, and rows starting over (back to the queue's
+        head); replan if any left (or with ``force_replan``)."""
+        rows = self._rows
+        keep = [i for i, r in enumerate(rows) if r.finish_reason is None and not r.restarting]
         if len(keep) == len(self._rows) and not force_replan:
             return
+        again = [row for row in self._rows if row.restarting and row.finish_reason is None]
+        for row in again:
+            row.restarting = False
+        with self._lock:
+            self._waiting[:0] = again
         if not keep:
             self._rows, self._cache, self._mask, self._plan = [], None, None, None
             return
@@ -389,76 +449,6 @@ class Engine:
             )
             self._rows = [self._rows[i] for i in keep]
         self._plan = self._build_plan(self._rows)
-
-
-def forward_pass(
-    handle: ModelHandle,
-    plan: InterventionPlan,
-    phase: Phase,
-    tokens: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
-    cache: Any,
-    decisions: Sequence[dict[object, bool]],
-    speakers: Sequence[Sequence[str | None]] | None = None,
-    *,
-    held: bool = False,
-    keep: int = 1,
-    keyword: str | None = None,
-) -> torch.Tensor:
-    """One forward pass with ``plan``'s hooks for ``phase`` over ``tokens`` (input ids, attention
-    mask, position ids) into ``cache``: float logits of the last ``keep`` positions (0 = all),
-    (rows, positions, vocab). ``decisions``: each row's prompt-gate decisions (see
-    :meth:`~steer.plan.InterventionPlan.hooks`); ``keyword``: :func:`cache_keyword`, if known."""
-    device = handle.device
-    input_ids, mask, positions = tokens
-    with attach(handle.resolver, plan.hooks(phase, speakers, decisions, held)):
-        output = handle.model(
-            input_ids=input_ids.to(device),
-            attention_mask=mask.to(device),
-            position_ids=positions.to(device),
-            **{keyword or cache_keyword(handle.model): cache},
-            use_cache=True,
-            logits_to_keep=keep,
-        )
-    return output.logits.float()
-
-
-def prefill(
-    handle: ModelHandle,
-    plan: InterventionPlan,
-    prompts: Sequence[Sequence[int]],
-    decisions: Sequence[dict[object, bool]],
-    speakers: Sequence[Sequence[str | None]] | None = None,
-    *,
-    keyword: str | None = None,
-) -> tuple[torch.Tensor, Any, torch.Tensor]:
-    """The prompt pass over left-padded ``prompts`` into a new cache: (last logits (rows, vocab),
-    cache, attention mask). Prompt gates decide here; where one fired for an edit before its
-    condition's hook (:meth:`~steer.plan.InterventionPlan.refills`) the pass runs again with the
-    decisions held, so that request runs as with the edit always on, prompt included, and the
-    rows whose gates did not fire come out as before."""
-    from transformers.cache_utils import DynamicCache
-
-    width = max(len(prompt) for prompt in prompts)
-    pad = handle.pad_token_id
-    input_ids = torch.tensor([[pad] * (width - len(p)) + list(p) for p in prompts])
-    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
-    tokens = (input_ids, mask, (mask.cumsum(-1) - 1).clamp(min=0))
-    for held in (False, True):
-        if held and not plan.refills(decisions):
-            break
-        cache = DynamicCache(config=handle.model.config)
-        logits = forward_pass(
-            handle,
-            plan,
-            Phase.PROMPT,
-            tokens,
-            cache,
-            decisions,
-            speakers,
-            held=held,
-            keyword=keyword,
-        )
-    return logits[:, -1, :], cache, mask
 
 
 def _non_finite(request: GenerationRequest) -> Exception:

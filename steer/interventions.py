@@ -96,6 +96,9 @@ class GateScope(StrEnum):
     TOKEN = "token"
     #: once per row, from the prompt's last token, then held for the whole reply (CAST)
     PROMPT = "prompt"
+    #: once per row, from the first reply tokens drawn without the edit; where it fires, the
+    #: reply starts over with the edit on from its first token (:mod:`steer.gates`)
+    REPLY = "reply"
 
 
 @dataclass(frozen=True, eq=False)

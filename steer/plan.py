@@ -13,7 +13,7 @@ additions, in the order the interventions were given.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -29,6 +29,15 @@ from steer.interventions import (
     ReadGate,
     RowFunction,
 )
+
+
+@dataclass(frozen=True)
+class Window:
+    """The key a reply-scope gate's reads use in a row's decision dict: True once the condition
+    has fired at a position of the reply's first tokens (the engine then starts the reply over
+    with the gate decided; the gate's own key holds only the engine's decisions)."""
+
+    gate: object
 
 
 class GateState:
@@ -185,6 +194,10 @@ def _read_gate(x: torch.Tensor, row: int, read: ReadGate, phase: Phase, gates: G
         if phase is not Phase.PROMPT or gates.held:
             return  # decided in the (first) prompt pass, held since
         x = x[:, -1:, :]
+    elif read.scope is GateScope.REPLY:
+        if read.gate in gates.decisions[row]:
+            return  # decided by the engine: its window has closed or the reply started over
+        x = x[:, -1:, :]  # the position that draws the next reply token
     projection = x[row].float() @ read.unit  # (T,)
     summed = gates.partial.pop((row, read.gate), None)
     if summed is not None:
@@ -195,6 +208,11 @@ def _read_gate(x: torch.Tensor, row: int, read: ReadGate, phase: Phase, gates: G
     fired = projection < read.threshold if read.below else projection > read.threshold
     if read.scope is GateScope.PROMPT:
         gates.decisions[row][read.gate] = bool(fired[0])
+    elif read.scope is GateScope.REPLY:
+        # a prompt pass run again with prompt gates held reads the prompt afresh: it replaces
+        window = Window(read.gate)
+        earlier = phase is Phase.GENERATED and gates.decisions[row].get(window, False)
+        gates.decisions[row][window] = bool(earlier or fired[0])
     else:
         gates.token_masks[(row, read.gate)] = fired
 
@@ -205,6 +223,9 @@ def _gate_mask(
     """(tokens,) bool: where ``op``'s gate lets it act on ``row`` in this pass."""
     if op.scope is GateScope.TOKEN:
         return gates.token_masks[(row, op.gate)][-tokens:]
+    if op.scope is GateScope.REPLY:
+        fired = gates.decisions[row].get(op.gate, False)  # the engine's decision only
+        return torch.full((tokens,), fired, dtype=torch.bool, device=device)
     decided = phase is Phase.GENERATED or op.decided_before or gates.held
     fired = decided and gates.decisions[row].get(op.gate, False)
     return torch.full((tokens,), fired, dtype=torch.bool, device=device)
@@ -266,7 +287,9 @@ class InterventionPlan:
 
     def refills(self, gate_decisions: Sequence[dict[object, bool]]) -> bool:
         """Whether this prompt pass must run again: :attr:`needs_refill` and a gate fired."""
-        return self.needs_refill and any(any(d.values()) for d in gate_decisions)
+        return self.needs_refill and any(
+            value for d in gate_decisions for key, value in d.items() if not isinstance(key, Window)
+        )
 
     @property
     def needs_speakers(self) -> bool:

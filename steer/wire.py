@@ -39,6 +39,7 @@ SLIDER_MODE_OF: dict[int, SliderMode] = {number: mode for mode, number in SLIDER
 GATE_SCOPES: dict[GateScope, generation_pb2.GateScope] = {
     GateScope.TOKEN: generation_pb2.GATE_SCOPE_TOKEN,
     GateScope.PROMPT: generation_pb2.GATE_SCOPE_PROMPT,
+    GateScope.REPLY: generation_pb2.GATE_SCOPE_REPLY,
 }
 #: a proto gate scope -> the library's (unspecified is refused)
 GATE_SCOPE_OF: dict[int, GateScope] = {number: scope for scope, number in GATE_SCOPES.items()}

@@ -250,19 +250,21 @@ def test_the_harmful_check_sets_are_none_of_the_training_prompts() -> None:
     [
         ("harmful_unseen3.txt", "harmless_unseen2.txt", 0.35, 0.35),
         ("harmful_unseen4.txt", "harmless_unseen3.txt", 0.3, 0.45),
+        ("harmful_unseen5.txt", "harmless_unseen4.txt", 0.3, 0.45),
     ],
 )
 def test_the_later_check_sets_are_close_to_no_other_prompt(
     harmful_file: str, harmless_file: str, to_others: float, to_each_other: float
 ) -> None:
-    """The third and fourth refusal check sets and their ordinary partners
-    (scripts/eval_unseen.py, sections "unseen-harmful3", "unseen-harmful4"), each pair written
+    """The third, fourth and fifth refusal check sets and their ordinary partners
+    (scripts/eval_unseen.py, sections "unseen-harmful3", "-4", "-5"), each pair written
     together after the choices they check (the fourth after every earlier check set had been
     read, before the gate it checks was chosen): 150 unique requests each, far in words
     (Jaccard) from every prompt of every other data file and StrongREJECT, so no choice made on
     those prompts reads these. The fourth pair is written in shared framings, some of them a
     template ("Is it true ...? If so, walk me through it."), so its two sides share more words
-    with each other, but no request."""
+    with each other, but no request. The fifth pair was written before the reply-scope gate it
+    checks was run on any data, in ten framings none of the others uses."""
     harmful = datasets.load_prompts(f"recipes:{harmful_file}")
     harmless = datasets.load_prompts(f"recipes:{harmless_file}")
     others = [*datasets.load_prompts("strongreject")]

@@ -76,7 +76,8 @@ ADD = 'kind = "add"\nvector = "vector"\nstrength = 1.5\nhooks = ["blocks.2.hook_
 ABLATE = 'kind = "ablate"\ndirection = "direction"\nweight = 1.0'
 
 
-@pytest.mark.parametrize("scope", list(GateScope))
+# forward() refuses reply gates; tests/test_gates_reply.py runs them through the engine
+@pytest.mark.parametrize("scope", [GateScope.TOKEN, GateScope.PROMPT])
 @pytest.mark.parametrize("below", [False, True])
 def test_a_gated_add_recipe_runs_as_the_gated_built_by_hand(
     tiny_llama: ModelHandle, artifacts: dict[str, Path], scope: GateScope, below: bool
@@ -133,6 +134,25 @@ def test_a_gated_recipe_round_trips_through_toml(artifacts: dict[str, Path]) -> 
     assert recipe_to_toml(again) == text
 
 
+def test_a_reply_gate_keeps_its_window_through_toml(
+    tiny_llama: ModelHandle, artifacts: dict[str, Path]
+) -> None:
+    path = artifacts["vector"].parent / "gated.toml"
+    path.write_text(_recipe_text(ADD, 0.5, "reply") + "reply_tokens = 6\n")
+    recipe = load_edit_recipe(path)
+    gate = recipe.edits[0].gate
+    assert gate is not None and gate.scope is GateScope.REPLY and gate.reply_tokens == 6
+    again = load_edit_recipe(recipe_to_toml(recipe))
+    assert again.edits[0].gate is not None and again.edits[0].gate.reply_tokens == 6
+    (lowered,) = again.lowered(tiny_llama.num_layers)
+    assert isinstance(lowered, Gated) and lowered.reply_tokens == 6
+    # without the key a reply gate reads the default window; other scopes write no key
+    path.write_text(_recipe_text(ADD, 0.5, "reply"))
+    (default,) = load_edit_recipe(path).lowered(tiny_llama.num_layers)
+    assert isinstance(default, Gated) and default.reply_tokens == 4
+    assert "reply_tokens" not in recipe_to_toml(load_edit_recipe(_recipe_text(ADD, 0.5, "token")))
+
+
 def _edit(**gate: Any) -> dict[str, Any]:
     table: dict[str, Any] = {"hook": HOOK, "direction": "condition", "threshold": 1.0} | gate
     return {"edits": [{"kind": "add", "vector": "v", "layers": [1], "gate": table}]}
@@ -149,6 +169,8 @@ def _edit(**gate: Any) -> dict[str, Any]:
         ({"hook": ""}, "edits[0].gate.hook"),
         ({"direction": 3}, "edits[0].gate.direction"),
         ({"colour": "red"}, "edits[0].gate.colour"),
+        ({"scope": "reply", "reply_tokens": "four"}, "edits[0].gate.reply_tokens"),
+        ({"scope": "reply", "reply_tokens": True}, "edits[0].gate.reply_tokens"),
     ],
 )
 def test_malformed_gate_tables_name_the_field(gate: dict[str, Any], field: str) -> None:

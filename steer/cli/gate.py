@@ -39,6 +39,15 @@ def add_parser(commands: Any, default_recipe: str) -> None:
     )
     add("--target-fpr", type=float, default=0.02, help="train false-positive rate allowed")
     add(
+        "--reply-tokens",
+        type=int,
+        default=0,
+        metavar="K",
+        help="a reply-scope gate: read the model's first K reply tokens, drawn without the edit, "
+        "and start the reply over with the edit on where it fires (0 = a prompt-scope gate, "
+        "reading the prompt's last token)",
+    )
+    add(
         "--summed",
         action="store_true",
         help="also a gate reading all the hooks at once: the sum of their projections, each "
@@ -79,9 +88,14 @@ def run(args: argparse.Namespace, model_of: Any) -> int:
     from steer.directions.gating import check_push, choose_gate, gated_ablation_recipe
     from steer.directions.preflight import check_data, check_model_source
     from steer.directions.recipe import load_direction_recipe
+    from steer.gates import MAX_REPLY_TOKENS
     from steer.models import load_model
 
     check_push(args.push)
+    if not 0 <= args.reply_tokens <= MAX_REPLY_TOKENS:
+        raise InvalidArgumentError(
+            f"must be from 0 to {MAX_REPLY_TOKENS}, got {args.reply_tokens}", field="reply_tokens"
+        )
     if args.condition not in CONDITIONS:
         raise InvalidArgumentError(
             f"unknown condition {args.condition!r}; use one of {', '.join(CONDITIONS)}",
@@ -117,6 +131,7 @@ def run(args: argparse.Namespace, model_of: Any) -> int:
         target_fpr=args.target_fpr,
         summed=args.summed,
         batch_size=args.batch_size,
+        reply_tokens=args.reply_tokens,
     )
     condition = directory if args.condition == "direction" else choice.vector
     path = gated_ablation_recipe(

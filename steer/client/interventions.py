@@ -120,13 +120,15 @@ def gated(
     below: bool = False,
     weights: Sequence[float] = (),
     allow_other_model: bool = False,
+    reply_tokens: int = 0,
 ) -> generation_pb2.Intervention:
     """``inner`` only where the residual at ``hook`` projects onto ``direction`` (a server
     artifact id, a :class:`SteeringVector` or floats; normalised by the server) above
-    ``threshold`` (below it with ``below``): per token (``scope="token"``) or decided once from
-    the prompt's last token and held for the reply (``scope="prompt"``). With several hooks (a
-    list), where the sum of their projections, each times its entry of ``weights`` (1 each by
-    default), is."""
+    ``threshold`` (below it with ``below``): per token (``scope="token"``), decided once from
+    the prompt's last token and held for the reply (``scope="prompt"``), or decided once from
+    the first ``reply_tokens`` reply tokens (0: the server's default), the reply starting over
+    with ``inner`` on where it fires (``scope="reply"``). With several hooks (a list), where the
+    sum of their projections, each times its entry of ``weights`` (1 each by default), is."""
     condition = generation_pb2.GateCondition(
         threshold=threshold, below=below, allow_other_model=allow_other_model
     )
@@ -140,6 +142,9 @@ def gated(
     else:
         condition.inline.CopyFrom(inline_vector(direction))
     message = generation_pb2.GatedIntervention(
-        condition=condition, inner=inner, scope=gate_scope_number(scope)
+        condition=condition,
+        inner=inner,
+        scope=gate_scope_number(scope),
+        reply_tokens=reply_tokens,
     )
     return generation_pb2.Intervention(gated=message)

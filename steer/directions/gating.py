@@ -270,11 +270,13 @@ def choose_gate(
     target_fpr: float = 0.02,
     summed: bool = False,
     batch_size: int = 16,
+    reply_tokens: int = 0,
 ) -> GateChoice:
     """Calibrate a prompt-scope gate at each of ``hooks`` on train (with ``summed``, also one
     reading all of them: :func:`steer.calibration.summed_scores`); keep the one that separates
     validation best (see the module docstring). With the recipe's extras, also the kept gate's
-    rates on each source when fitted without it (:attr:`GateChoice.new_source`)."""
+    rates on each source when fitted without it (:attr:`GateChoice.new_source`). With
+    ``reply_tokens`` K, a reply-scope gate reading each prompt's first K greedy reply tokens."""
     splits = gate_splits(recipe)
     scenes = scene_prompts(handle) if recipe.data.gate_scenes else ()
     parts = {part: gate_prompts(splits, part, scenes) for part in ("train", "validation")}
@@ -285,6 +287,7 @@ def choose_gate(
         validation=parts["validation"],
         system=recipe.data.system or None,
         batch_size=batch_size,
+        reply_tokens=reply_tokens,
     )
     vector, scores = reads.gate(condition, direction)
     if summed and len(scores) > 1:
@@ -398,14 +401,18 @@ def gated_ablation_recipe(
         direction=str(Path(condition).resolve()),
         threshold=calibration.threshold,
         below=calibration.below,
-        scope=GateScope.PROMPT,
+        scope=GateScope.REPLY if calibration.reply_tokens else GateScope.PROMPT,
         weights=calibration.weights,
+        reply_tokens=calibration.reply_tokens or None,
     )
     train, validation = calibration.train, calibration.validation
     what = "The directions" if len(_paths(direction)) > 1 else "The direction"
     pushed = f", the first also subtracted at its hook at strength {push:g}," if push else ""
+    fires_on = "prompts"
+    if calibration.reply_tokens:
+        fires_on = f"replies whose first {calibration.reply_tokens} tokens (drawn without it)"
     description = (
-        f"{what} ablated at every layer{pushed} only for prompts the gate fires on. Threshold "
+        f"{what} ablated at every layer{pushed} only for {fires_on} the gate fires on. Threshold "
         f"from train prompts (false-positive rate <= {calibration.target_fpr}: "
         f"{train.false_positive_rate:.3f} of {train.quiet_count}, fires on "
         f"{train.true_positive_rate:.3f} of {train.fire_count}); validation: fires on "

@@ -20,6 +20,7 @@ from collections.abc import Sequence
 import torch
 
 from steer.activations import forward
+from steer.gates import reply_gated
 from steer.interventions import Intervention, Phase
 from steer.models import ModelHandle
 from steer.plan import build_plan
@@ -128,16 +129,21 @@ def _continuation_logits(
     """Per row, (len(continuation), vocab) logits predicting each continuation token, computed
     as the engine computes them while generating: the prompt in one pass (``Phase.PROMPT``;
     prompt-scope gates decide here), then the continuation's tokens in one pass over the cache
-    as generated tokens (``Phase.GENERATED``). So a phase-limited or gated intervention costs
-    here what it costs in generation (one pass over prompt + continuation would decide a prompt
-    gate on the continuation's last token and treat generated tokens as prompt)."""
-    from steer.generation import forward_pass, prefill
+    as generated tokens (``Phase.GENERATED``); reply-scope gates first decide on the
+    continuations' first tokens (:func:`steer.passes.reply_decisions`). So a phase-limited
+    or gated intervention costs here what it costs in generation (one pass over prompt +
+    continuation would decide a prompt gate on the continuation's last token and treat
+    generated tokens as prompt)."""
+    from steer.passes import forward_pass, prefill, reply_decisions
 
     rows, pad = len(prompts), handle.pad_token_id
     plan = build_plan(
         [interventions] * rows, handle.resolver, handle.d_model, handle.dtype, handle.device
     )
     decisions: list[dict[object, bool]] = [{} for _ in range(rows)]
+    gates = reply_gated(interventions)
+    if gates:  # decided on the continuations' first tokens, then held from the prompt on
+        decisions = reply_decisions(handle, plan, prompts, continuations, gates)
     last, cache, mask = prefill(handle, plan, prompts, decisions)
     logits = last[:, None, :]
     steps = max(len(c) for c in continuations) - 1

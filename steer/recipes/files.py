@@ -43,7 +43,7 @@ _FIELDS: dict[EditKind, set[str]] = {
     EditKind.ADD: {"kind", "vector", "strength", "layers", "hooks", "gate"},
     EditKind.FEATURE: {"kind", "sae", "feature", "value", "gate"},
 }
-_GATE = {"hook", "hooks", "weights", "direction", "threshold", "below", "scope"}
+_GATE = {"hook", "hooks", "weights", "direction", "threshold", "below", "scope", "reply_tokens"}
 _TOP = {"name", "description", "dtype", "edits"}
 _KERNEL = {"max_weight", "min_weight", "peak_layer", "width"}
 DTYPES = ("float32", "bfloat16", "float16")
@@ -132,8 +132,16 @@ def _parse_gate(value: Any, where: str) -> EditGate:
         scope = GateScope(value.get("scope", GateScope.TOKEN.value))
     except ValueError:
         raise InvalidArgumentError(
-            f"unknown scope {value.get('scope')!r}; use token or prompt", field=f"{where}.scope"
+            f"unknown scope {value.get('scope')!r}; use token, prompt or reply",
+            field=f"{where}.scope",
         ) from None
+    reply_tokens = value.get("reply_tokens")
+    if reply_tokens is not None and (
+        isinstance(reply_tokens, bool) or not isinstance(reply_tokens, int)
+    ):
+        raise InvalidArgumentError(
+            f"expected a whole number, got {reply_tokens!r}", field=f"{where}.reply_tokens"
+        )
     hook, weights = _gate_hooks(value, where)
     return EditGate(
         hook=hook,
@@ -142,6 +150,7 @@ def _parse_gate(value: Any, where: str) -> EditGate:
         below=below,
         scope=scope,
         weights=weights,
+        reply_tokens=reply_tokens,
     )
 
 
@@ -297,6 +306,8 @@ def _edit_dict(recipe: EditRecipe, edit: Edit) -> dict[str, Any]:
             "below": gate.below,
             "scope": gate.scope.value,
         }
+        if gate.reply_tokens is not None:
+            entry["gate"]["reply_tokens"] = gate.reply_tokens
     return entry
 
 

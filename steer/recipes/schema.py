@@ -73,6 +73,8 @@ class EditGate:
     below: bool = False
     scope: GateScope = GateScope.TOKEN
     weights: tuple[float, ...] = ()
+    #: with ``scope = "reply"``: how many reply tokens the condition reads (None: the default)
+    reply_tokens: int | None = None
 
 
 @dataclass(frozen=True)
@@ -229,7 +231,7 @@ def _gated(
     direction = loader(recipe.resolve(gate.direction)).vector
     try:
         condition = Condition(gate.hook, direction, gate.threshold, gate.below, gate.weights)
-        return [Gated(condition, inner, gate.scope) for inner in group]
+        return [Gated(condition, inner, gate.scope, gate.reply_tokens) for inner in group]
     except SteerError as error:
         if error.status_code != "INVALID_ARGUMENT":
             raise

@@ -26,6 +26,7 @@ class GateScope(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     GATE_SCOPE_UNSPECIFIED: _ClassVar[GateScope]
     GATE_SCOPE_TOKEN: _ClassVar[GateScope]
     GATE_SCOPE_PROMPT: _ClassVar[GateScope]
+    GATE_SCOPE_REPLY: _ClassVar[GateScope]
 
 class Side(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -50,6 +51,7 @@ SLIDER_MODE_ADD_DECODER: SliderMode
 GATE_SCOPE_UNSPECIFIED: GateScope
 GATE_SCOPE_TOKEN: GateScope
 GATE_SCOPE_PROMPT: GateScope
+GATE_SCOPE_REPLY: GateScope
 SIDE_UNSPECIFIED: Side
 SIDE_DEFAULT: Side
 SIDE_STEERED: Side
@@ -255,14 +257,16 @@ class GateCondition(_message.Message):
     def __init__(self, hook: _Optional[str] = ..., artifact_id: _Optional[str] = ..., inline: _Optional[_Union[InlineVector, _Mapping]] = ..., threshold: _Optional[float] = ..., below: _Optional[bool] = ..., allow_other_model: _Optional[bool] = ..., hooks: _Optional[_Iterable[str]] = ..., weights: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class GatedIntervention(_message.Message):
-    __slots__ = ("condition", "inner", "scope")
+    __slots__ = ("condition", "inner", "scope", "reply_tokens")
     CONDITION_FIELD_NUMBER: _ClassVar[int]
     INNER_FIELD_NUMBER: _ClassVar[int]
     SCOPE_FIELD_NUMBER: _ClassVar[int]
+    REPLY_TOKENS_FIELD_NUMBER: _ClassVar[int]
     condition: GateCondition
     inner: Intervention
     scope: GateScope
-    def __init__(self, condition: _Optional[_Union[GateCondition, _Mapping]] = ..., inner: _Optional[_Union[Intervention, _Mapping]] = ..., scope: _Optional[_Union[GateScope, str]] = ...) -> None: ...
+    reply_tokens: int
+    def __init__(self, condition: _Optional[_Union[GateCondition, _Mapping]] = ..., inner: _Optional[_Union[Intervention, _Mapping]] = ..., scope: _Optional[_Union[GateScope, str]] = ..., reply_tokens: _Optional[int] = ...) -> None: ...
 
 class Intervention(_message.Message):
     __slots__ = ("ablate", "add", "slider", "named", "gated", "speaker")

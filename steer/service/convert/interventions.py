@@ -92,7 +92,7 @@ def _gated(
         )
     field = f"{field}.gated"
     if gated.scope not in GATE_SCOPE_OF:
-        raise InvalidArgumentError("set scope: token or prompt", field=f"{field}.scope")
+        raise InvalidArgumentError("set scope: token, prompt or reply", field=f"{field}.scope")
     if not gated.HasField("inner"):
         raise InvalidArgumentError("required", field=f"{field}.inner")
     inner_which = gated.inner.WhichOneof("kind")
@@ -102,7 +102,7 @@ def _gated(
     handle = loaded.handle
     try:
         condition = _condition(gated.condition, loaded, store)
-        built = Gated(condition, inner, GATE_SCOPE_OF[gated.scope])
+        built = Gated(condition, inner, GATE_SCOPE_OF[gated.scope], gated.reply_tokens or None)
         validate([built], handle.resolver, handle.d_model)
     except SteerError as error:
         # the library names the inner intervention's fields "inner.x"; the proto "inner.<kind>.x"
