@@ -159,7 +159,7 @@ def test_unseen_check_sets_share_nothing_with_the_data_choices_were_made_on() ->
     seen += datasets.load_prompts("recipes:rp_benign.txt")
     seen += datasets.load_prompts("recipes:moralizing_gate_fire.txt")
     seen_names = {situation_scene(text).names[0] for text in seen}
-    for suffix in ("", "2", "3"):  # each later set shares nothing with the earlier ones either
+    for suffix in ("", "2", "3", "4"):  # each later set shares nothing with the earlier ones either
         unseen = {
             name: datasets.load_prompts(f"recipes:{name}{suffix}.txt")
             for name in ("moralizing_unseen", "rp_benign_unseen")
