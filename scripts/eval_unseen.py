@@ -19,7 +19,9 @@ For refusal edits, ``--matcher refusal --prompts recipes:harmful_unseen.txt --qu
 harmful requests written after every refusal choice, none a StrongREJECT prompt (section
 "unseen-harmful"); ``recipes:harmful_unseen2.txt``, 150 more written before the edits trained on
 recipes/refusal.toml's varied requests were measured, none close to one of those (section
-"unseen-harmful2").
+"unseen-harmful2"); ``harmful_unseen3.txt`` to ``harmful_unseen5.txt`` with their ordinary
+partners (``--harmless recipes:harmless_unseen2.txt`` to ``harmless_unseen4.txt``), each written
+before the gate it checks (sections "unseen-harmful3" to "unseen-harmful5").
 
 Prints one JSON line and writes the section (with --section, another name).
 
