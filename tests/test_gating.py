@@ -256,6 +256,39 @@ def test_with_several_extra_sets_each_pair_is_a_source_held_out_in_turn(
     )
 
 
+def test_a_reply_gate_reports_what_the_engine_decides(
+    tiny_llama: ModelHandle, setup: dict[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``--reply-tokens K``: the recipe's gate is reply-scoped with K, and its validation rates
+    are the share of prompts whose first K greedy reply tokens the engine's decision fires on."""
+    from steer.passes import reply_decisions
+    from steer.plan import build_plan
+
+    handle, tokens = tiny_llama, 3
+    assert _gate(setup, "--target-fpr", "0.2", "--reply-tokens", str(tokens)) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    kept = report["kept"]
+    assert kept["reply_tokens"] == tokens
+    recipe = load_edit_recipe(report["recipe"])
+    gate = recipe.edits[0].gate
+    assert gate is not None and gate.scope is GateScope.REPLY and gate.reply_tokens == tokens
+    gated = recipe.lowered(handle.num_layers)
+    assert all(isinstance(g, Gated) and g.reply_tokens == tokens for g in gated)
+    splits = gate_splits(load_direction_recipe(setup["recipe"]))
+    rates = []
+    for side in ("positive", "negative"):
+        ids = [encode_chat(handle, prompt) for prompt in splits[side].validation]
+        replies = [reply for reply, _text in generate(handle, ids, max_new_tokens=tokens)]
+        rows = [gated] * len(ids)
+        plan = build_plan(rows, handle.resolver, handle.d_model, handle.dtype, handle.device)
+        gates = [g for g in gated if isinstance(g, Gated)]
+        decided = reply_decisions(handle, plan, ids, replies, gates)
+        rates.append(sum(row[gated[0]] for row in decided) / len(ids))
+    validation = kept["validation"]
+    assert rates == [validation["true_positive_rate"], validation["false_positive_rate"]]
+    assert validation["true_positive_rate"] + validation["false_positive_rate"] > 0
+
+
 def test_bad_input_is_a_clear_error_and_writes_nothing(
     tiny_llama: ModelHandle, setup: dict[str, Path], capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -263,6 +296,8 @@ def test_bad_input_is_a_clear_error_and_writes_nothing(
     assert "hooks[0]" in capsys.readouterr().err
     assert _gate(setup, "--target-fpr", "1.5") == 1
     assert "target_fpr" in capsys.readouterr().err
+    assert _gate(setup, "--reply-tokens", "65") == 1
+    assert "reply_tokens" in capsys.readouterr().err
     assert not setup["out"].exists()
     setup["out"].write_text("a file")
     assert _gate(setup) == 1
