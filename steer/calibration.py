@@ -30,9 +30,10 @@ import torch
 
 from steer.activations import forward
 from steer.errors import InvalidArgumentError, SteerError
-from steer.gates import MAX_REPLY_TOKENS, Condition
+from steer.gates import Condition
 from steer.hooks import HookPoint
 from steer.models import ModelHandle
+from steer.passes import reply_windows
 from steer.text import encode_chat, encode_prompt
 from steer.vectors import SteeringVector
 
@@ -282,7 +283,7 @@ def read_prompts(
 ) -> PromptReads:
     """:class:`PromptReads` of ``train`` (and ``validation``) at each of ``hooks``: at each
     prompt's last token, or with ``reply_tokens`` K at the K positions that draw its first K
-    greedy reply tokens (:func:`_windows`)."""
+    greedy reply tokens (:func:`steer.passes.reply_windows`)."""
     if isinstance(hooks, str) or not hooks:
         raise InvalidArgumentError("needs at least one hook", field="hooks")
     points = tuple(handle.resolver.parse(hook, field=f"hooks[{i}]") for i, hook in enumerate(hooks))
@@ -294,42 +295,11 @@ def read_prompts(
             key = f"{name}.{side}"
             ids = _encoded(handle, prompts, key, system)
             if reply_tokens:
-                read[key] = _windows(handle, ids, names, reply_tokens, batch_size)
+                read[key] = reply_windows(handle, ids, names, reply_tokens, batch_size)
                 continue
             last = forward(handle, ids, hooks=names, batch_size=batch_size).activations
             read[key] = {hook: _checked(last[hook]) for hook in names}
     return PromptReads(points, read, reply_tokens)
-
-
-def _windows(
-    handle: ModelHandle, prompts: list[list[int]], hooks: list[str], count: int, batch_size: int
-) -> dict[str, torch.Tensor]:
-    """{hook: (prompts, count, d_model)}: the residuals at the positions that draw each prompt's
-    first ``count`` greedy reply tokens (generated without interventions), teacher-forced. A
-    reply that ends sooner has fewer such positions; its first is repeated to fill the window
-    (the gate reads their largest projection, which that leaves as it is)."""
-    from steer.directions.steering import greedy
-
-    if not 1 <= count <= MAX_REPLY_TOKENS:
-        raise InvalidArgumentError(
-            f"must be from 1 to {MAX_REPLY_TOKENS}, got {count}", field="reply_tokens"
-        )
-    replies = greedy(handle, [(prompts, count - 1)])[0] if count > 1 else [[] for _ in prompts]
-    ends = set(handle.eos_token_ids)  # the engine feeds no token after an end token
-    replies = [r[: next((i for i, t in enumerate(r) if t in ends), len(r))] for r in replies]
-    # the reply's last token draws nothing of the window: read up to the one before it
-    fed = [p + r[: count - 1] for p, r in zip(prompts, replies, strict=True)]
-    offsets = tuple(range(-count, 0))
-    activations = forward(handle, fed, hooks=hooks, positions=offsets, batch_size=batch_size)
-    windows = {}
-    for hook in hooks:
-        rows = _checked(activations.activations[hook]).clone()  # (prompts, count, d_model)
-        for index, reply in enumerate(replies):
-            missing = count - 1 - len(reply[: count - 1])
-            if missing:
-                rows[index, :missing] = rows[index, missing]
-        windows[hook] = rows
-    return windows
 
 
 def gate_scores(

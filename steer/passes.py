@@ -2,7 +2,8 @@
 
 :func:`forward_pass` runs one pass with a plan's hooks for a phase into a KV cache; :func:`prefill`
 is the prompt pass (prompt gates decide there); :func:`reply_decisions` takes reply-scope gates'
-decisions on given continuations as the engine takes them on the tokens it draws. The engine
+decisions on given continuations as the engine takes them on the tokens it draws, and
+:func:`reply_windows` reads the residuals those gates read, for calibrating them. The engine
 (:mod:`steer.generation`) and :mod:`steer.directions.scores` both go through them, so an edit
 scored on fixed continuations costs what it costs in generation.
 """
@@ -15,7 +16,9 @@ from typing import Any
 
 import torch
 
-from steer.gates import Gated
+from steer.activations import forward
+from steer.errors import InvalidArgumentError
+from steer.gates import MAX_REPLY_TOKENS, Gated
 from steer.interventions import Phase
 from steer.models import ModelHandle
 from steer.plan import InterventionPlan, Window
@@ -124,3 +127,38 @@ def reply_decisions(
         positions = torch.tensor([[len(p) + read - 1] for p in prompts])
         forward_pass(handle, plan, Phase.GENERATED, (fed, mask, positions), cache, decisions)
     raise AssertionError("unreachable")
+
+
+def reply_windows(
+    handle: ModelHandle, prompts: list[list[int]], hooks: list[str], count: int, batch_size: int
+) -> dict[str, torch.Tensor]:
+    """{hook: (prompts, count, d_model)}: the residuals at the positions that draw each prompt's
+    first ``count`` greedy reply tokens (generated without interventions), teacher-forced. A
+    reply that ends sooner has fewer such positions; its first is repeated to fill the window
+    (the gate reads their largest projection, which that leaves as it is). What
+    :func:`steer.calibration.read_prompts` reads for a reply-scope gate: the positions
+    :func:`reply_decisions` reads, in one teacher-forced pass."""
+    from steer.directions.steering import greedy  # it runs the engine, which imports this
+
+    if not 1 <= count <= MAX_REPLY_TOKENS:
+        raise InvalidArgumentError(
+            f"must be from 1 to {MAX_REPLY_TOKENS}, got {count}", field="reply_tokens"
+        )
+    replies = greedy(handle, [(prompts, count - 1)])[0] if count > 1 else [[] for _ in prompts]
+    ends = set(handle.eos_token_ids)  # the engine feeds no token after an end token
+    replies = [r[: next((i for i, t in enumerate(r) if t in ends), len(r))] for r in replies]
+    # the reply's last token draws nothing of the window: read up to the one before it
+    fed = [p + r[: count - 1] for p, r in zip(prompts, replies, strict=True)]
+    offsets = tuple(range(-count, 0))
+    activations = forward(handle, fed, hooks=hooks, positions=offsets, batch_size=batch_size)
+    windows = {}
+    for hook in hooks:
+        read = activations.activations[hook]
+        assert isinstance(read, torch.Tensor)
+        rows = read.clone()  # (prompts, count, d_model)
+        for index, reply in enumerate(replies):
+            missing = count - 1 - len(reply[: count - 1])
+            if missing:
+                rows[index, :missing] = rows[index, missing]
+        windows[hook] = rows
+    return windows
