@@ -84,23 +84,12 @@ def _hooks(text: str) -> tuple[str, ...]:
 def run(args: argparse.Namespace, model_of: Any) -> int:
     """Calibrate, write the recipe, print the choice as JSON."""
     from steer.artifacts import load_vector
-    from steer.calibration import CONDITIONS
-    from steer.directions.gating import check_push, choose_gate, gated_ablation_recipe
+    from steer.directions.gating import choose_gate, gated_ablation_recipe
     from steer.directions.preflight import check_data, check_model_source
     from steer.directions.recipe import load_direction_recipe
-    from steer.gates import MAX_REPLY_TOKENS
     from steer.models import load_model
 
-    check_push(args.push)
-    if not 0 <= args.reply_tokens <= MAX_REPLY_TOKENS:
-        raise InvalidArgumentError(
-            f"must be from 0 to {MAX_REPLY_TOKENS}, got {args.reply_tokens}", field="reply_tokens"
-        )
-    if args.condition not in CONDITIONS:
-        raise InvalidArgumentError(
-            f"unknown condition {args.condition!r}; use one of {', '.join(CONDITIONS)}",
-            field="condition",
-        )
+    _check_options(args)
     directory = Path(args.directory)
     model = args.model or model_of(load_vector(directory).metadata)
     also = [Path(path) for path in args.also]
@@ -146,6 +135,24 @@ def run(args: argparse.Namespace, model_of: Any) -> int:
     )
     print(json.dumps({"recipe": str(path), **choice.as_dict()}, sort_keys=True))
     return 0
+
+
+def _check_options(args: argparse.Namespace) -> None:
+    """The options that need no file or model, checked first."""
+    from steer.calibration import CONDITIONS
+    from steer.directions.gating import check_push
+    from steer.gates import MAX_REPLY_TOKENS
+
+    check_push(args.push)
+    if not 0 <= args.reply_tokens <= MAX_REPLY_TOKENS:
+        raise InvalidArgumentError(
+            f"must be from 0 to {MAX_REPLY_TOKENS}, got {args.reply_tokens}", field="reply_tokens"
+        )
+    if args.condition not in CONDITIONS:
+        raise InvalidArgumentError(
+            f"unknown condition {args.condition!r}; use one of {', '.join(CONDITIONS)}",
+            field="condition",
+        )
 
 
 def _default_hooks(num_layers: int, layer: Any) -> list[str]:
