@@ -64,6 +64,7 @@ __all__ = [
     "Condition",
     "GateScope",
     "Gated",
+    "check_reply_tokens",
     "reply_gated",
 ]
 
@@ -257,8 +258,12 @@ def _reply_tokens(value: object, scope: GateScope) -> int | None:
                 field="reply_tokens",
             )
         return None
-    if value is None:
-        return DEFAULT_REPLY_TOKENS
+    return DEFAULT_REPLY_TOKENS if value is None else check_reply_tokens(value)
+
+
+def check_reply_tokens(value: object) -> int:
+    """``value`` if it is a reply-scope gate's window (a whole number from 1 to
+    :data:`MAX_REPLY_TOKENS`), else ``INVALID_ARGUMENT`` at ``reply_tokens``."""
     if isinstance(value, bool) or not isinstance(value, int):
         raise InvalidArgumentError(f"expected a whole number, got {value!r}", field="reply_tokens")
     if not 1 <= value <= MAX_REPLY_TOKENS:

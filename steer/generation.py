@@ -125,15 +125,10 @@ class Engine:
                 field="speakers",
             )
         validate(request.interventions, self.handle.resolver, self.handle.d_model)
-        tokenizer = self.handle.tokenizer
-        sampler_state = SamplerState.for_request(
-            request.sampling, tokenizer, int(self.handle.model.config.vocab_size)
-        )
         strings = request.sampling.banned_strings
-        banned = banned_strings(strings, tokenizer) if strings else None
+        banned = banned_strings(strings, self.handle.tokenizer) if strings else None
         seed = secrets.randbits(63) if request.sampling.seed is None else request.sampling.seed
-        greedy = request.sampling.greedy
-        generator = None if greedy else torch.Generator(device="cpu").manual_seed(seed)
+        stream, sampler_state, generator = self._reply_start(request, seed)
         with self._lock:
             if len(self._waiting) >= self.max_waiting:
                 raise ResourceExhaustedError(
@@ -145,7 +140,7 @@ class Engine:
                 prompt_ids=prompt_ids,
                 seed=seed,
                 generator=generator,
-                stream=TextStream(self.handle.tokenizer, request.stop),
+                stream=stream,
                 sampler_state=sampler_state,
                 banned=banned,
                 reply_gates=reply_gated(request.interventions),
@@ -339,15 +334,21 @@ class Engine:
         fired = [g for g in row.reply_gates if decided.get(Window(g)) or decided.get(g)]
         row.gate_decisions.clear()
         row.gate_decisions.update({gate: True for gate in fired})
-        request = row.request
         row.generated, row.held_back, row.position = [], [], 0
-        row.stream = TextStream(self.handle.tokenizer, request.stop)
-        row.sampler_state = SamplerState.for_request(
-            request.sampling, self.handle.tokenizer, int(self.handle.model.config.vocab_size)
-        )
-        if row.generator is not None:
-            row.generator = torch.Generator(device="cpu").manual_seed(row.seed)
+        row.stream, row.sampler_state, row.generator = self._reply_start(row.request, row.seed)
         row.restarting = True
+
+    def _reply_start(
+        self, request: GenerationRequest, seed: int
+    ) -> tuple[TextStream, SamplerState, torch.Generator | None]:
+        """A reply's state before its first token (text stream, sampler state, random
+        generator seeded with ``seed``): at submit, and again where a reply starts over."""
+        tokenizer = self.handle.tokenizer
+        vocab = int(self.handle.model.config.vocab_size)
+        sampler_state = SamplerState.for_request(request.sampling, tokenizer, vocab)
+        greedy = request.sampling.greedy
+        generator = None if greedy else torch.Generator(device="cpu").manual_seed(seed)
+        return TextStream(tokenizer, request.stop), sampler_state, generator
 
     def _advance_or_fail(self, row: _Row, logits: torch.Tensor) -> GenerationEvent:
         """:meth:`_advance`; an exception there belongs to this row (its sampler settings, or
@@ -434,7 +435,7 @@ class Engine:
         keep = [i for i, r in enumerate(rows) if r.finish_reason is None and not r.restarting]
         if len(keep) == len(self._rows) and not force_replan:
             return
-        again = [row for row in self._rows if row.restarting and row.finish_reason is None]
+        again = [row for row in rows if row.restarting and row.finish_reason is None]
         for row in again:
             row.restarting = False
         with self._lock:

@@ -17,8 +17,7 @@ from typing import Any
 import torch
 
 from steer.activations import forward
-from steer.errors import InvalidArgumentError
-from steer.gates import MAX_REPLY_TOKENS, Gated
+from steer.gates import Gated, check_reply_tokens
 from steer.interventions import Phase
 from steer.models import ModelHandle
 from steer.plan import InterventionPlan, Window
@@ -140,15 +139,12 @@ def reply_windows(
     :func:`reply_decisions` reads, in one teacher-forced pass."""
     from steer.directions.steering import greedy  # it runs the engine, which imports this
 
-    if not 1 <= count <= MAX_REPLY_TOKENS:
-        raise InvalidArgumentError(
-            f"must be from 1 to {MAX_REPLY_TOKENS}, got {count}", field="reply_tokens"
-        )
+    check_reply_tokens(count)
+    # the window's last position draws token K, so only the first K - 1 are fed
     replies = greedy(handle, [(prompts, count - 1)])[0] if count > 1 else [[] for _ in prompts]
     ends = set(handle.eos_token_ids)  # the engine feeds no token after an end token
     replies = [r[: next((i for i, t in enumerate(r) if t in ends), len(r))] for r in replies]
-    # the reply's last token draws nothing of the window: read up to the one before it
-    fed = [p + r[: count - 1] for p, r in zip(prompts, replies, strict=True)]
+    fed = [p + r for p, r in zip(prompts, replies, strict=True)]
     offsets = tuple(range(-count, 0))
     activations = forward(handle, fed, hooks=hooks, positions=offsets, batch_size=batch_size)
     windows = {}
@@ -157,7 +153,7 @@ def reply_windows(
         assert isinstance(read, torch.Tensor)
         rows = read.clone()  # (prompts, count, d_model)
         for index, reply in enumerate(replies):
-            missing = count - 1 - len(reply[: count - 1])
+            missing = count - 1 - len(reply)
             if missing:
                 rows[index, :missing] = rows[index, missing]
         windows[hook] = rows

@@ -209,7 +209,8 @@ def _read_gate(x: torch.Tensor, row: int, read: ReadGate, phase: Phase, gates: G
     if read.scope is GateScope.PROMPT:
         gates.decisions[row][read.gate] = bool(fired[0])
     elif read.scope is GateScope.REPLY:
-        # a prompt pass run again with prompt gates held reads the prompt afresh: it replaces
+        # a prompt pass run again (prompt gates held) reads the prompt afresh: its read replaces
+        # the first pass's; generated tokens add to what the window has read so far
         window = Window(read.gate)
         earlier = phase is Phase.GENERATED and gates.decisions[row].get(window, False)
         gates.decisions[row][window] = bool(earlier or fired[0])
