@@ -8,7 +8,8 @@ chooses the lowest threshold whose false-positive rate on the "should not fire" 
 threshold gives. It takes no test split: what a test split measures is chosen without it.
 With ``reply_tokens`` K, the same for a reply-scope gate: each prompt's number is the largest
 projection over the K positions that draw its first K greedy reply tokens (the prompt's last
-token and the first K - 1 reply tokens, teacher-forced), as the engine reads them.
+token and the first K - 1 reply tokens, teacher-forced), or with ``reply_aggregate`` "mean"
+their mean, as the engine reads them.
 
 :func:`read_prompts` reads those residuals at several hooks in one pass and keeps them
 (:class:`PromptReads`); any direction's projections follow from them (:class:`GateScores`), so
@@ -29,8 +30,9 @@ from dataclasses import dataclass
 import torch
 
 from steer.activations import forward
+from steer.discriminant import FOLDS, discriminant_direction
 from steer.errors import InvalidArgumentError, SteerError
-from steer.gates import Condition
+from steer.gates import Condition, check_reply_aggregate
 from steer.hooks import HookPoint
 from steer.models import ModelHandle
 from steer.passes import reply_windows
@@ -54,10 +56,6 @@ __all__ = [
 
 #: what a gate can read: the edit's own direction, CAST's contrast, Fisher's discriminant
 CONDITIONS = ("direction", "contrast", "discriminant")
-#: the shrinkages a discriminant condition chooses among, by cross-validation on train
-SHRINKAGES = (0.1, 0.3, 0.5, 0.7, 0.9, 0.95, 0.99)
-#: folds of that cross-validation
-FOLDS = 4
 
 
 #: a user message, or a rendered prompt's token ids
@@ -98,6 +96,8 @@ class GateCalibration:
     weights: tuple[float, ...] = ()
     #: a reply-scope gate's window (0: a prompt-scope gate)
     reply_tokens: int = 0
+    #: how a reply-scope gate combines the window (:data:`steer.gates.REPLY_AGGREGATES`)
+    reply_aggregate: str = "any"
 
     def condition(self, direction: SteeringVector | torch.Tensor) -> Condition:
         """The gate's condition (``direction`` must be the one calibrated with)."""
@@ -118,6 +118,8 @@ class GateScores:
     weights: tuple[float, ...] = ()
     #: a reply-scope gate's window (0: the prompt's last token)
     reply_tokens: int = 0
+    #: how it combines the window: the projections' largest ("any") or their mean
+    reply_aggregate: str = "any"
 
     def fires(self, key: str, threshold: float) -> list[bool]:
         """Whether the gate fires on each prompt of ``key`` (e.g. "validation.fire") at
@@ -140,6 +142,7 @@ class GateScores:
             validation=_rates(read["validation.fire"], read["validation.quiet"], threshold),
             weights=self.weights,
             reply_tokens=self.reply_tokens,
+            reply_aggregate=self.reply_aggregate,
         )
 
 
@@ -169,7 +172,10 @@ def summed_scores(scores: Sequence[GateScores]) -> GateScores:
         for key in scores[0].read
     }
     hooks = tuple(str(s.hook) for s in scores)
-    return GateScores(hooks, scores[0].below, read, tuple(weights), scores[0].reply_tokens)
+    first = scores[0]
+    return GateScores(
+        hooks, first.below, read, tuple(weights), first.reply_tokens, first.reply_aggregate
+    )
 
 
 @dataclass(frozen=True)
@@ -185,6 +191,8 @@ class PromptReads:
     read: dict[str, dict[str, torch.Tensor]]
     #: a reply-scope gate's window (0: the prompt's last token)
     reply_tokens: int = 0
+    #: how a reply-scope gate combines the window (:data:`steer.gates.REPLY_AGGREGATES`)
+    reply_aggregate: str = "any"
 
     def scores(
         self, direction: SteeringVector | torch.Tensor, *, below: bool = False
@@ -201,11 +209,20 @@ class PromptReads:
         sign = -1.0 if below else 1.0  # "below t" is "above -t" on the negated projections
         scores = []
         for point, unit in zip(self.points, units, strict=True):
+            mean = self.reply_aggregate == "mean"
             store = {
-                key: _projected(by_hook[point.name], unit * sign, point.name, key)
+                key: _projected(by_hook[point.name], unit * sign, point.name, key, mean=mean)
                 for key, by_hook in self.read.items()
             }
-            scores.append(GateScores(point.name, below, store, reply_tokens=self.reply_tokens))
+            scores.append(
+                GateScores(
+                    point.name,
+                    below,
+                    store,
+                    reply_tokens=self.reply_tokens,
+                    reply_aggregate=self.reply_aggregate,
+                )
+            )
         return scores
 
     def gate(
@@ -245,8 +262,8 @@ class PromptReads:
             fit[key] = {hook: rows[keep] for hook, rows in by_hook.items()}
             held[key] = {hook: rows[~keep] for hook, rows in by_hook.items()}
         return (
-            PromptReads(self.points, fit, self.reply_tokens),
-            PromptReads(self.points, held, self.reply_tokens),
+            PromptReads(self.points, fit, self.reply_tokens, self.reply_aggregate),
+            PromptReads(self.points, held, self.reply_tokens, self.reply_aggregate),
         )
 
     def condition(self, *, discriminant: bool = False) -> SteeringVector:
@@ -266,7 +283,7 @@ class PromptReads:
             quiet = self.read["train.quiet"][point.name].double().flatten(0, -2)
             difference = fire.mean(0) - quiet.mean(0)
             if discriminant:
-                difference = _discriminant(fire, quiet, difference)
+                difference = discriminant_direction(fire, quiet, difference)
             per_layer[layer] = difference.float()
         return SteeringVector(per_layer=per_layer, name="condition")
 
@@ -280,10 +297,13 @@ def read_prompts(
     system: str | None = None,
     batch_size: int = 16,
     reply_tokens: int = 0,
+    reply_aggregate: str = "any",
 ) -> PromptReads:
     """:class:`PromptReads` of ``train`` (and ``validation``) at each of ``hooks``: at each
     prompt's last token, or with ``reply_tokens`` K at the K positions that draw its first K
-    greedy reply tokens (:func:`steer.passes.reply_windows`)."""
+    greedy reply tokens (:func:`steer.passes.reply_windows`), which a reply gate combines by
+    ``reply_aggregate``."""
+    check_reply_aggregate(reply_aggregate)
     if isinstance(hooks, str) or not hooks:
         raise InvalidArgumentError("needs at least one hook", field="hooks")
     points = tuple(handle.resolver.parse(hook, field=f"hooks[{i}]") for i, hook in enumerate(hooks))
@@ -299,7 +319,7 @@ def read_prompts(
                 continue
             last = forward(handle, ids, hooks=names, batch_size=batch_size).activations
             read[key] = {hook: _checked(last[hook]) for hook in names}
-    return PromptReads(points, read, reply_tokens)
+    return PromptReads(points, read, reply_tokens, reply_aggregate)
 
 
 def gate_scores(
@@ -336,63 +356,6 @@ def contrast_condition(
     where the gate decides."""
     reads = read_prompts(handle, hooks, train=train, system=system, batch_size=batch_size)
     return reads.condition(discriminant=discriminant)
-
-
-def _discriminant(
-    fire: torch.Tensor, quiet: torch.Tensor, difference: torch.Tensor
-) -> torch.Tensor:
-    """``difference`` (float64) whitened by the pooled within-class covariance, shrunk towards
-    a scaled identity by the shrinkage of :data:`SHRINKAGES` whose directions, fitted on three
-    train folds, order the fourth fold's prompts best (mean AUC; ties to the larger shrinkage,
-    the nearer the plain difference). Scaled so that its component along the mean difference
-    is the mean difference's. A sample covariance of a few hundred prompts in a residual of
-    ~1000 dimensions is far from the truth: whitened by it, the train prompts separate
-    perfectly and new ones do not."""
-    if min(len(fire), len(quiet)) < FOLDS:
-        raise InvalidArgumentError(
-            f"a discriminant condition needs at least {FOLDS} train prompts on each side",
-            field="train",
-        )
-    totals = [0.0] * len(SHRINKAGES)
-    for fold in range(FOLDS):
-        held = [rows[fold::FOLDS] for rows in (fire, quiet)]
-        kept = [_without_fold(rows, fold) for rows in (fire, quiet)]
-        for index, vector in enumerate(_whitened(kept[0], kept[1], SHRINKAGES)):
-            totals[index] += _auc(held[0] @ vector, held[1] @ vector)
-    best = max(range(len(SHRINKAGES)), key=lambda i: (round(totals[i], 9), SHRINKAGES[i]))
-    [whitened] = _whitened(fire, quiet, (SHRINKAGES[best],))
-    unit = whitened / whitened.norm().clamp_min(1e-300)
-    return unit * (difference @ unit)
-
-
-def _whitened(
-    fire: torch.Tensor, quiet: torch.Tensor, shrinkages: Sequence[float]
-) -> list[torch.Tensor]:
-    """For each shrinkage ``a``, ``((1 - a) S + a (trace S / d) I)^-1 (mean fire - mean quiet)``
-    with ``S`` the pooled within-class covariance (one eigendecomposition for all)."""
-    difference = fire.mean(0) - quiet.mean(0)
-    centred = torch.cat([fire - fire.mean(0), quiet - quiet.mean(0)])
-    covariance = centred.T @ centred / max(len(centred) - 2, 1)
-    values, vectors = torch.linalg.eigh(covariance)
-    values = values.clamp_min(0.0)
-    scale = values.mean()
-    rotated = vectors.T @ difference
-    return [
-        vectors @ (rotated / ((1.0 - a) * values + a * scale).clamp_min(1e-300)) for a in shrinkages
-    ]
-
-
-def _without_fold(rows: torch.Tensor, fold: int) -> torch.Tensor:
-    keep = torch.ones(len(rows), dtype=torch.bool)
-    keep[fold::FOLDS] = False
-    return rows[keep]
-
-
-def _auc(fire: torch.Tensor, quiet: torch.Tensor) -> float:
-    """The share of (fire, quiet) pairs ordered right, ties counting half."""
-    above = (fire[:, None] > quiet[None, :]).double().mean()
-    tied = (fire[:, None] == quiet[None, :]).double().mean()
-    return float(above + 0.5 * tied)
 
 
 def _checked(activations: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:
@@ -462,13 +425,16 @@ def _target(target_fpr: float) -> float:
     return float(target_fpr)
 
 
-def _projected(activations: torch.Tensor, unit: torch.Tensor, hook: str, field: str) -> list[float]:
+def _projected(
+    activations: torch.Tensor, unit: torch.Tensor, hook: str, field: str, *, mean: bool = False
+) -> list[float]:
     """Each prompt's residual projected onto ``unit`` in float32: the number a prompt-scope
     :class:`~steer.interventions.ReadGate` compares with its threshold; for a reply window
-    (prompts, positions, d_model), its largest projection (the gate fires if any fires)."""
+    (prompts, positions, d_model), its largest projection (the gate fires if any fires), or
+    with ``mean`` their mean."""
     projected = activations @ unit
     if projected.dim() == 2:
-        projected = projected.amax(-1)
+        projected = projected.mean(-1) if mean else projected.amax(-1)
     projections = projected.tolist()
     for index, value in enumerate(projections):
         if not math.isfinite(value):

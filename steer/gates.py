@@ -17,7 +17,9 @@ direction with a threshold: it fires where ``x . unit > threshold`` (``<`` with 
   only when such an op exists.
 * ``reply`` -- decided once per row from the model's first ``reply_tokens`` reply tokens, drawn
   without the wrapped edit: the condition is read at each position that draws one of them (the
-  prompt's last token, then each reply token but the last) and fires if it fires at any. Where
+  prompt's last token, then each reply token but the last) and fires if it fires at any (or,
+  with ``reply_aggregate`` "mean", if the projections' mean over the window does: one
+  position's spike then counts for less, a whole opening that leans one way for more). Where
   it does not, the reply goes on as drawn, bit-identical to one without the gate; where it does,
   the tokens drawn so far are dropped and the reply starts over from the prompt with the edit
   on, exactly as with the wrapped intervention always on (same seed, prompt pass included).
@@ -35,7 +37,7 @@ model.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -55,15 +57,18 @@ from steer.interventions import (
     RowFunction,
 )
 from steer.limits import MAX_INTERVENTION_MAGNITUDE, finite
+from steer.plan import WindowSum
 from steer.runtime import forward_order
 from steer.vectors import SteeringVector
 
 __all__ = [
     "DEFAULT_REPLY_TOKENS",
     "MAX_REPLY_TOKENS",
+    "REPLY_AGGREGATES",
     "Condition",
     "GateScope",
     "Gated",
+    "check_reply_aggregate",
     "check_reply_tokens",
     "reply_gated",
 ]
@@ -72,6 +77,9 @@ __all__ = [
 DEFAULT_REPLY_TOKENS = 4
 #: the most it may read (the engine holds that many tokens back before streaming)
 MAX_REPLY_TOKENS = 64
+#: how a reply-scope gate combines its window's positions: fires if any position's projection
+#: passes the threshold (the default), or if their mean does
+REPLY_AGGREGATES = ("any", "mean")
 
 
 @dataclass(frozen=True, eq=False)
@@ -129,10 +137,17 @@ class Condition:
         return _hooks(self.hook)
 
     def reads(
-        self, gate: object, scope: GateScope, resolver: HookResolver, d_model: int
+        self,
+        gate: object,
+        scope: GateScope,
+        resolver: HookResolver,
+        d_model: int,
+        *,
+        mean: bool = False,
     ) -> list[tuple[HookPoint, ReadGate]]:
         """The ops that decide ``gate``, in forward order: one per hook, the last deciding
-        (raises for an unknown hook, a repeated point or a bad direction)."""
+        (raises for an unknown hook, a repeated point or a bad direction); ``mean``: a reply
+        gate deciding on its window's mean (:attr:`ReadGate.mean`)."""
         points = self.points(resolver)
         order = sorted(range(len(points)), key=lambda i: forward_order(points[i]))
         weights = self.weights or (1.0,) * len(points)
@@ -140,7 +155,7 @@ class Condition:
         for rank, index in enumerate(order):
             unit = self.unit(points[index], d_model) * weights[index]
             final = rank == len(order) - 1
-            read = ReadGate(gate, unit, self.threshold, self.below, scope, final=final)
+            read = ReadGate(gate, unit, self.threshold, self.below, scope, final=final, mean=mean)
             reads.append((points[index], read))
         return reads
 
@@ -184,12 +199,14 @@ class Condition:
 class Gated(Intervention):
     """``inner`` (an Add, Ablate, SAE slider...) only where ``condition`` fires, per ``scope``.
     ``reply_tokens``: how many reply tokens a reply-scope gate reads (None:
-    :data:`DEFAULT_REPLY_TOKENS`; other scopes take none)."""
+    :data:`DEFAULT_REPLY_TOKENS`; other scopes take none); ``reply_aggregate``: how it combines
+    them, one of :data:`REPLY_AGGREGATES` (None: "any"; other scopes take none)."""
 
     condition: Condition
     inner: Intervention
     scope: GateScope = GateScope.TOKEN
     reply_tokens: int | None = None
+    reply_aggregate: str | None = None
 
     def __post_init__(self) -> None:
         try:
@@ -199,6 +216,8 @@ class Gated(Intervention):
                 f"unknown scope {self.scope!r}; use token, prompt or reply", field="scope"
             ) from None
         object.__setattr__(self, "reply_tokens", _reply_tokens(self.reply_tokens, self.scope))
+        aggregate = _reply_aggregate(self.reply_aggregate, self.scope)
+        object.__setattr__(self, "reply_aggregate", aggregate)
         if not isinstance(self.condition, Condition):
             raise InvalidArgumentError("expected a Condition", field="condition")
         if not isinstance(self.inner, Intervention) or isinstance(self.inner, Gated):
@@ -209,8 +228,20 @@ class Gated(Intervention):
     def is_noop(self) -> bool:
         return self.inner.is_noop()
 
+    def window_fires(self, decisions: Mapping[object, bool | float], count: int) -> bool:
+        """Whether a mean reply gate fires on the window it has read: its ``count`` positions'
+        running total in ``decisions`` (a row's decision dict), over ``count``, passes the
+        threshold. False for an "any" gate, which its reads decide on their own."""
+        if self.reply_aggregate != "mean" or count < 1:
+            return False
+        mean = float(decisions.get(WindowSum(self), 0.0)) / count
+        if self.condition.below:
+            return -mean < self.condition.threshold
+        return mean > self.condition.threshold
+
     def lower(self, resolver: HookResolver, d_model: int) -> list[tuple[HookPoint, Op]]:
-        reads = self.condition.reads(self, self.scope, resolver, d_model)
+        mean = self.reply_aggregate == "mean"
+        reads = self.condition.reads(self, self.scope, resolver, d_model, mean=mean)
         condition_point = reads[-1][0]
         try:
             inner_ops = self.inner.lowered(resolver, d_model)
@@ -259,6 +290,30 @@ def _reply_tokens(value: object, scope: GateScope) -> int | None:
             )
         return None
     return DEFAULT_REPLY_TOKENS if value is None else check_reply_tokens(value)
+
+
+def _reply_aggregate(value: object, scope: GateScope) -> str | None:
+    """``value`` checked for ``scope``: reply scope's aggregate (None = "any"), else None."""
+    if scope is not GateScope.REPLY:
+        if value is not None:
+            raise InvalidArgumentError(
+                f"only a reply-scope gate combines reply tokens (this one's scope is "
+                f"{scope.value})",
+                field="reply_aggregate",
+            )
+        return None
+    return "any" if value is None else check_reply_aggregate(value)
+
+
+def check_reply_aggregate(value: object) -> str:
+    """``value`` if it is one of :data:`REPLY_AGGREGATES`, else ``INVALID_ARGUMENT`` at
+    ``reply_aggregate``."""
+    if not isinstance(value, str) or value not in REPLY_AGGREGATES:
+        raise InvalidArgumentError(
+            f"unknown aggregate {value!r}; use {' or '.join(REPLY_AGGREGATES)}",
+            field="reply_aggregate",
+        )
+    return value
 
 
 def check_reply_tokens(value: object) -> int:

@@ -88,7 +88,7 @@ class _Row:
     error: BaseException | None = None
     #: this request's prompt-gate decisions (steer.gates): taken in its prompt pass, held for
     #: its reply; they live and die with the row, whatever batch it is in
-    gate_decisions: dict[object, bool] = field(default_factory=dict)
+    gate_decisions: dict[object, bool | float] = field(default_factory=dict)
     #: the request's reply-scope gates, and the events held back until they have decided
     reply_gates: tuple[Gated, ...] = ()
     held_back: list[GenerationEvent] = field(default_factory=list)
@@ -320,6 +320,10 @@ class Engine:
         for gate in undecided:
             assert gate.reply_tokens is not None
             if row.finish_reason or len(row.generated) >= gate.reply_tokens:
+                if gate.window_fires(row.gate_decisions, len(row.generated)):
+                    row.gate_decisions[Window(gate)] = True  # a mean gate, on its whole window
+                    self._start_over(row)
+                    return []
                 row.gate_decisions[gate] = False  # read its whole window without firing
         row.held_back.append(event)
         if any(gate not in row.gate_decisions for gate in undecided):
@@ -336,6 +340,7 @@ class Engine:
         row.gate_decisions.update({gate: True for gate in fired})
         row.generated, row.held_back, row.position = [], [], 0
         row.stream, row.sampler_state, row.generator = self._reply_start(row.request, row.seed)
+        row.finish_reason = None  # a mean gate decides after the window's last token, maybe EOS
         row.restarting = True
 
     def _reply_start(

@@ -108,7 +108,9 @@ class ReadGate:
     find the decision under (the :class:`~steer.gates.Gated` intervention itself). A condition
     over several hooks lowers to one read per hook: all but the last (``final`` False) only add
     ``x . unit`` (``unit`` already times the hook's weight) to the pass's running sum for the
-    gate; the last adds its own and decides on the sum."""
+    gate; the last adds its own and decides on the sum. ``mean`` (reply scope): the read only
+    adds its sum to the row's running total over the reply window (:class:`steer.plan.WindowSum`);
+    the engine decides on the window's mean when it closes."""
 
     gate: object
     unit: torch.Tensor
@@ -117,6 +119,7 @@ class ReadGate:
     scope: GateScope
     final: bool = True
     speaker: None = None
+    mean: bool = False
 
 
 @dataclass(frozen=True, eq=False)

@@ -30,7 +30,7 @@ def forward_pass(
     phase: Phase,
     tokens: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
     cache: Any,
-    decisions: Sequence[dict[object, bool]],
+    decisions: Sequence[dict[object, bool | float]],
     speakers: Sequence[Sequence[str | None]] | None = None,
     *,
     held: bool = False,
@@ -59,7 +59,7 @@ def prefill(
     handle: ModelHandle,
     plan: InterventionPlan,
     prompts: Sequence[Sequence[int]],
-    decisions: Sequence[dict[object, bool]],
+    decisions: Sequence[dict[object, bool | float]],
     speakers: Sequence[Sequence[str | None]] | None = None,
     *,
     keyword: str | None = None,
@@ -100,13 +100,13 @@ def reply_decisions(
     prompts: Sequence[Sequence[int]],
     replies: Sequence[Sequence[int]],
     gates: Sequence[Gated],
-) -> list[dict[object, bool]]:
+) -> list[dict[object, bool | float]]:
     """Each row's decisions for the reply-scope ``gates`` (those of ``plan``), taken on the given
     ``replies`` (non-empty) as the engine takes them on the tokens it draws: read at the prompt's
     last token, then one reply token per pass, until each gate has read its window or the reply
     ends. For scoring an edit on fixed continuations (:func:`steer.directions.scores.token_kls`);
     pass the decisions to :func:`prefill` and :func:`forward_pass`."""
-    decisions: list[dict[object, bool]] = [{} for _ in prompts]
+    decisions: list[dict[object, bool | float]] = [{} for _ in prompts]
     _, cache, mask = prefill(handle, plan, prompts, decisions)
     pad = handle.pad_token_id
     for read in itertools.count(1):  # positions read so far in every row
@@ -118,7 +118,7 @@ def reply_decisions(
                 if row.get(Window(gate)):
                     row[gate] = True
                 elif read >= gate.reply_tokens or read >= len(reply):
-                    row[gate] = False
+                    row[gate] = gate.window_fires(row, read)
         if all(gate in row for row in decisions for gate in gates):
             return decisions
         fed = torch.tensor([[r[read - 1] if read <= len(r) else pad] for r in replies])
@@ -133,8 +133,9 @@ def reply_windows(
 ) -> dict[str, torch.Tensor]:
     """{hook: (prompts, count, d_model)}: the residuals at the positions that draw each prompt's
     first ``count`` greedy reply tokens (generated without interventions), teacher-forced. A
-    reply that ends sooner has fewer such positions; its first is repeated to fill the window
-    (the gate reads their largest projection, which that leaves as it is). What
+    reply that ends sooner has fewer such positions; their mean fills the window, which leaves
+    both their largest projection and their mean projection as they are (what an "any" and a
+    "mean" gate read: a projection is linear). What
     :func:`steer.calibration.read_prompts` reads for a reply-scope gate: the positions
     :func:`reply_decisions` reads, in one teacher-forced pass."""
     from steer.directions.steering import greedy  # it runs the engine, which imports this
@@ -155,6 +156,6 @@ def reply_windows(
         for index, reply in enumerate(replies):
             missing = count - 1 - len(reply)
             if missing:
-                rows[index, :missing] = rows[index, missing]
+                rows[index, :missing] = rows[index, missing:].mean(0)
         windows[hook] = rows
     return windows

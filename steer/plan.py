@@ -40,6 +40,16 @@ class Window:
     gate: object
 
 
+@dataclass(frozen=True)
+class WindowSum:
+    """The key a mean reply gate's reads (:attr:`ReadGate.mean`) keep their running total under
+    in a row's decision dict: the projections summed over the window's positions read so far
+    (``below`` ones negated). The engine divides it by the positions read when the window closes
+    (:meth:`steer.gates.Gated.window_fires`)."""
+
+    gate: object
+
+
 class GateState:
     """The gate decisions one forward pass sees.
 
@@ -52,7 +62,7 @@ class GateState:
     acts where its gate fired, before the condition's hook too.
     """
 
-    def __init__(self, decisions: Sequence[dict[object, bool]], held: bool = False) -> None:
+    def __init__(self, decisions: Sequence[dict[object, bool | float]], held: bool = False) -> None:
         self.decisions = decisions
         self.held = held
         self.token_masks: dict[tuple[int, object], torch.Tensor] = {}
@@ -211,6 +221,12 @@ def _read_gate(x: torch.Tensor, row: int, read: ReadGate, phase: Phase, gates: G
     elif read.scope is GateScope.REPLY:
         # a prompt pass run again (prompt gates held) reads the prompt afresh: its read replaces
         # the first pass's; generated tokens add to what the window has read so far
+        if read.mean:
+            total = WindowSum(read.gate)
+            value = -float(projection[0]) if read.below else float(projection[0])
+            earlier = gates.decisions[row].get(total, 0.0) if phase is Phase.GENERATED else 0.0
+            gates.decisions[row][total] = earlier + value
+            return
         window = Window(read.gate)
         earlier = phase is Phase.GENERATED and gates.decisions[row].get(window, False)
         gates.decisions[row][window] = bool(earlier or fired[0])
@@ -286,10 +302,13 @@ class InterventionPlan:
             for _, op in program.scoped
         )
 
-    def refills(self, gate_decisions: Sequence[dict[object, bool]]) -> bool:
+    def refills(self, gate_decisions: Sequence[dict[object, bool | float]]) -> bool:
         """Whether this prompt pass must run again: :attr:`needs_refill` and a gate fired."""
         return self.needs_refill and any(
-            value for d in gate_decisions for key, value in d.items() if not isinstance(key, Window)
+            value
+            for d in gate_decisions
+            for key, value in d.items()
+            if not isinstance(key, Window | WindowSum)
         )
 
     @property
@@ -306,7 +325,7 @@ class InterventionPlan:
         self,
         phase: Phase,
         token_speakers: Sequence[Sequence[str | None]] | None = None,
-        gate_decisions: Sequence[dict[object, bool]] | None = None,
+        gate_decisions: Sequence[dict[object, bool | float]] | None = None,
         held: bool = False,
     ) -> dict[HookPoint, Callable[[torch.Tensor], torch.Tensor]]:
         """One function per hook point for a forward pass over ``phase``'s tokens (prompt or

@@ -42,9 +42,16 @@ def _inner(handle: ModelHandle) -> Add:
     return Add(_vector(handle, 3, 4.0), 1.0, hooks)
 
 
-def _gate(handle: ModelHandle, threshold: float, tokens: int = 4) -> Gated:
-    condition = Condition(HOOK, _vector(handle, 7), threshold)
-    return Gated(condition, _inner(handle), GateScope.REPLY, tokens)
+def _gate(
+    handle: ModelHandle,
+    threshold: float,
+    tokens: int = 4,
+    aggregate: str | None = None,
+    *,
+    below: bool = False,
+) -> Gated:
+    condition = Condition(HOOK, _vector(handle, 7), threshold, below)
+    return Gated(condition, _inner(handle), GateScope.REPLY, tokens, aggregate)
 
 
 def _ids(handle: ModelHandle) -> list[list[int]]:
@@ -65,12 +72,22 @@ def _alone(handle: ModelHandle, requests: list[GenerationRequest]) -> list[tuple
     return [Engine(handle).run([request])[0].token_ids for request in requests]
 
 
-def _windows(handle: ModelHandle, tokens: int) -> list[float]:
-    """Each prompt's largest projection over its window, as calibration reads it."""
+def _windows(
+    handle: ModelHandle, tokens: int, aggregate: str = "any", *, below: bool = False
+) -> list[float]:
+    """Each prompt's largest projection over its window (or their mean), as calibration reads
+    it (negated with ``below``)."""
     ids = _ids(handle)
     contrast = ContrastPrompts(fire=ids, quiet=ids)
-    reads = read_prompts(handle, [HOOK], train=contrast, validation=contrast, reply_tokens=tokens)
-    return reads.scores(_vector(handle, 7))[0].read["train.fire"]
+    reads = read_prompts(
+        handle,
+        [HOOK],
+        train=contrast,
+        validation=contrast,
+        reply_tokens=tokens,
+        reply_aggregate=aggregate,
+    )
+    return reads.scores(_vector(handle, 7), below=below)[0].read["train.fire"]
 
 
 def _split(scores: list[float]) -> float:
@@ -212,3 +229,103 @@ def test_a_reply_gate_reads_four_tokens_by_default(tiny_llama: ModelHandle) -> N
     condition = Condition(HOOK, _vector(tiny_llama, 7), 0.0)
     assert Gated(condition, _inner(tiny_llama), GateScope.REPLY).reply_tokens == 4
     assert Gated(condition, _inner(tiny_llama), GateScope.PROMPT).reply_tokens is None
+
+
+@pytest.mark.parametrize("below", [False, True])
+def test_a_mean_reply_gate_runs_each_row_as_its_window_mean_decides(
+    tiny_llama: ModelHandle, below: bool
+) -> None:
+    """``reply_aggregate="mean"``: the calibration's window means predict the engine's
+    decisions (above, or below, the threshold), each row in one batch as alone."""
+    handle = tiny_llama
+    scores = _windows(handle, 6, "mean", below=below)
+    split = _split(scores)
+    gate = _gate(handle, -split if below else split, 6, "mean", below=below)
+    plain = _alone(handle, _requests(handle, ()))
+    always = _alone(handle, _requests(handle, (gate.inner,)))
+    expected = [a if s > split else p for s, p, a in zip(scores, plain, always, strict=True)]
+    assert plain != always and expected not in (plain, always)  # some rows fire, some do not
+    batched = [r.token_ids for r in Engine(handle).run(_requests(handle, (gate,)))]
+    assert batched == expected
+    assert _alone(handle, _requests(handle, (gate,))) == expected
+
+
+def test_a_mean_gate_misses_a_window_any_position_of_which_fires(
+    tiny_llama: ModelHandle,
+) -> None:
+    """A threshold between a window's mean and its largest projection fires the "any" gate
+    and not the "mean" one."""
+    handle = tiny_llama
+    largest, mean = _windows(handle, 6), _windows(handle, 6, "mean")
+    row = max(range(len(PROMPTS)), key=lambda i: largest[i] - mean[i])
+    assert largest[row] - mean[row] > 1e-3
+    threshold = (largest[row] + mean[row]) / 2
+    request = _requests(handle, ())[row]
+    plain = _alone(handle, [request])
+    always = _alone(handle, [replace(request, interventions=(_inner(handle),))])
+    for aggregate, expected in (("any", always), ("mean", plain)):
+        gated = replace(request, interventions=(_gate(handle, threshold, 6, aggregate),))
+        assert _alone(handle, [gated]) == expected
+
+
+def test_a_mean_gate_decides_on_a_reply_shorter_than_its_window(
+    tiny_llama: ModelHandle,
+) -> None:
+    """A reply that ends before the window does (here at ``max_new_tokens``) is decided on the
+    positions it has; a fired row starts over and ends as the edit always on does, with no
+    event of the dropped reply."""
+    handle = tiny_llama
+    scores = _windows(handle, 3, "mean")
+    split = _split(scores)
+    short = _requests(handle, (), max_new_tokens=3)
+    gated = [replace(r, interventions=(_gate(handle, split, 8, "mean"),)) for r in short]
+    always = [replace(r, interventions=(_inner(handle),)) for r in short]
+    results = Engine(handle).run(gated)
+    for score, ours, plain, edited in zip(scores, results, short, always, strict=True):
+        reference = Engine(handle).run([edited if score > split else plain])[0]
+        assert ours.token_ids == reference.token_ids
+        assert ours.finish_reason == reference.finish_reason == "length"
+    engine = Engine(handle)
+    ids = [engine.submit(request) for request in gated]
+    events = [event for _ in iter(lambda: engine.has_work, False) for event in engine.step()]
+    for request_id, result in zip(ids, results, strict=True):
+        mine = [e for e in events if e.request_id == request_id]
+        assert tuple(t for e in mine for t in e.token_ids) == result.token_ids
+        assert [e.finish_reason for e in mine if e.finish_reason] == ["length"]
+
+
+def test_mean_reply_gates_score_continuations_as_the_engine_decides(
+    tiny_llama: ModelHandle,
+) -> None:
+    handle = tiny_llama
+    ids = _ids(handle)
+    continuations = list(_alone(handle, _requests(handle, ())))
+    scores = _windows(handle, 6, "mean")
+    threshold = _split(scores)
+    gated = token_kls(handle, ids, continuations, (_gate(handle, threshold, 6, "mean"),))
+    always = token_kls(handle, ids, continuations, (_inner(handle),))
+    assert any(s > threshold for s in scores) and any(s <= threshold for s in scores)
+    for score, ours, theirs in zip(scores, gated, always, strict=True):
+        if score > threshold:
+            assert ours == pytest.approx(theirs, rel=1e-5, abs=1e-7) and max(theirs) > 0
+        else:
+            assert ours == [0.0] * len(ours)
+
+
+@pytest.mark.parametrize(
+    ("scope", "aggregate", "message"),
+    [
+        (GateScope.REPLY, "median", "unknown aggregate"),
+        (GateScope.REPLY, 1, "unknown aggregate"),
+        (GateScope.PROMPT, "mean", "only a reply-scope gate"),
+        (GateScope.TOKEN, "any", "only a reply-scope gate"),
+    ],
+)
+def test_bad_reply_aggregates_are_refused(
+    tiny_llama: ModelHandle, scope: GateScope, aggregate: object, message: str
+) -> None:
+    condition = Condition(HOOK, _vector(tiny_llama, 7), 0.0)
+    with pytest.raises(InvalidArgumentError) as error:
+        Gated(condition, _inner(tiny_llama), scope, None, aggregate)  # type: ignore[arg-type]
+    assert error.value.field == "reply_aggregate" and message in error.value.message
+    assert Gated(condition, _inner(tiny_llama), GateScope.REPLY).reply_aggregate == "any"

@@ -256,24 +256,32 @@ def test_with_several_extra_sets_each_pair_is_a_source_held_out_in_turn(
     )
 
 
+@pytest.mark.parametrize(("aggregate", "fpr"), [("any", "0.2"), ("mean", "0.5")])
 def test_a_reply_gate_reports_what_the_engine_decides(
-    tiny_llama: ModelHandle, setup: dict[str, Path], capsys: pytest.CaptureFixture[str]
+    tiny_llama: ModelHandle,
+    setup: dict[str, Path],
+    capsys: pytest.CaptureFixture[str],
+    aggregate: str,
+    fpr: str,
 ) -> None:
-    """``--reply-tokens K``: the recipe's gate is reply-scoped with K, and its validation rates
-    are the share of prompts whose first K greedy reply tokens the engine's decision fires on."""
+    """``--reply-tokens K``: the recipe's gate is reply-scoped with K (and the aggregate), and
+    its validation rates are the share of prompts whose first K greedy reply tokens the
+    engine's decision fires on."""
     from steer.passes import reply_decisions
     from steer.plan import build_plan
 
     handle, tokens = tiny_llama, 3
-    assert _gate(setup, "--target-fpr", "0.2", "--reply-tokens", str(tokens)) == 0
+    extra = ("--reply-tokens", str(tokens), "--reply-aggregate", aggregate)
+    assert _gate(setup, "--target-fpr", fpr, *extra) == 0
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     kept = report["kept"]
-    assert kept["reply_tokens"] == tokens
+    assert kept["reply_tokens"] == tokens and kept["reply_aggregate"] == aggregate
     recipe = load_edit_recipe(report["recipe"])
     gate = recipe.edits[0].gate
     assert gate is not None and gate.scope is GateScope.REPLY and gate.reply_tokens == tokens
     gated = recipe.lowered(handle.num_layers)
     assert all(isinstance(g, Gated) and g.reply_tokens == tokens for g in gated)
+    assert all(isinstance(g, Gated) and g.reply_aggregate == aggregate for g in gated)
     splits = gate_splits(load_direction_recipe(setup["recipe"]))
     rates = []
     for side in ("positive", "negative"):
@@ -298,6 +306,9 @@ def test_bad_input_is_a_clear_error_and_writes_nothing(
     assert "target_fpr" in capsys.readouterr().err
     assert _gate(setup, "--reply-tokens", "65") == 1
     assert "reply_tokens" in capsys.readouterr().err
+    for extra in (("--reply-aggregate", "median"), ("--reply-aggregate", "mean")):
+        assert _gate(setup, *extra) == 1  # unknown; or without --reply-tokens
+        assert "reply_aggregate" in capsys.readouterr().err
     assert not setup["out"].exists()
     setup["out"].write_text("a file")
     assert _gate(setup) == 1

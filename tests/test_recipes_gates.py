@@ -153,6 +153,23 @@ def test_a_reply_gate_keeps_its_window_through_toml(
     assert "reply_tokens" not in recipe_to_toml(load_edit_recipe(_recipe_text(ADD, 0.5, "token")))
 
 
+def test_a_mean_reply_gate_keeps_its_aggregate_through_toml(
+    tiny_llama: ModelHandle, artifacts: dict[str, Path]
+) -> None:
+    path = artifacts["vector"].parent / "gated.toml"
+    path.write_text(_recipe_text(ADD, 0.5, "reply") + 'reply_aggregate = "mean"\n')
+    again = load_edit_recipe(recipe_to_toml(load_edit_recipe(path)))
+    assert again.edits[0].gate is not None and again.edits[0].gate.reply_aggregate == "mean"
+    (lowered,) = again.lowered(tiny_llama.num_layers)
+    assert isinstance(lowered, Gated) and lowered.reply_aggregate == "mean"
+    # an aggregate the library does not know, or one on a prompt gate, names the field
+    for scope, value in (("reply", "median"), ("prompt", "mean")):
+        path.write_text(_recipe_text(ADD, 0.5, scope) + f'reply_aggregate = "{value}"\n')
+        with pytest.raises(InvalidArgumentError) as raised:
+            load_edit_recipe(path).lowered(tiny_llama.num_layers)
+        assert raised.value.field == "edits[0].gate.reply_aggregate"
+
+
 def _edit(**gate: Any) -> dict[str, Any]:
     table: dict[str, Any] = {"hook": HOOK, "direction": "condition", "threshold": 1.0} | gate
     return {"edits": [{"kind": "add", "vector": "v", "layers": [1], "gate": table}]}
@@ -171,6 +188,7 @@ def _edit(**gate: Any) -> dict[str, Any]:
         ({"colour": "red"}, "edits[0].gate.colour"),
         ({"scope": "reply", "reply_tokens": "four"}, "edits[0].gate.reply_tokens"),
         ({"scope": "reply", "reply_tokens": True}, "edits[0].gate.reply_tokens"),
+        ({"scope": "reply", "reply_aggregate": 2}, "edits[0].gate.reply_aggregate"),
     ],
 )
 def test_malformed_gate_tables_name_the_field(gate: dict[str, Any], field: str) -> None:

@@ -158,6 +158,8 @@ def _gate(**changes: object) -> generation_pb2.Intervention:
             message.speaker = str(value)
         elif name == "reply_tokens":
             message.gated.reply_tokens = int(str(value))
+        elif name == "reply_aggregate":
+            message.gated.reply_aggregate = str(value)
         elif name in ("scope", "inner"):
             if value is None:
                 message.gated.ClearField(name)
@@ -190,6 +192,10 @@ BAD_GATES: dict[str, Callable[[], generation_pb2.Intervention]] = {
     "interventions[0].gated.reply_tokens": lambda: _gate(reply_tokens=8),
     "interventions[0].gated.reply_tokens ": lambda: _gate(
         scope=generation_pb2.GATE_SCOPE_REPLY, reply_tokens=65
+    ),
+    "interventions[0].gated.reply_aggregate": lambda: _gate(reply_aggregate="mean"),
+    "interventions[0].gated.reply_aggregate ": lambda: _gate(
+        scope=generation_pb2.GATE_SCOPE_REPLY, reply_aggregate="median"
     ),
     "interventions[0].gated.condition.hooks": lambda: _gate(hooks=[HOOK, LATER]),
     "interventions[0].gated.condition.hooks[1]": lambda: _gate(

@@ -48,6 +48,12 @@ def add_parser(commands: Any, default_recipe: str) -> None:
         "reading the prompt's last token)",
     )
     add(
+        "--reply-aggregate",
+        default="any",
+        help="how a reply-scope gate combines its K positions: fire if any position's "
+        "projection passes the threshold, or if their mean does (any, mean)",
+    )
+    add(
         "--summed",
         action="store_true",
         help="also a gate reading all the hooks at once: the sum of their projections, each "
@@ -121,6 +127,7 @@ def run(args: argparse.Namespace, model_of: Any) -> int:
         summed=args.summed,
         batch_size=args.batch_size,
         reply_tokens=args.reply_tokens,
+        reply_aggregate=args.reply_aggregate,
     )
     condition = directory if args.condition == "direction" else choice.vector
     path = gated_ablation_recipe(
@@ -141,9 +148,15 @@ def _check_options(args: argparse.Namespace) -> None:
     """The options that need no file or model, checked first."""
     from steer.calibration import CONDITIONS
     from steer.directions.gating import check_push
-    from steer.gates import MAX_REPLY_TOKENS
+    from steer.gates import MAX_REPLY_TOKENS, check_reply_aggregate
 
     check_push(args.push)
+    check_reply_aggregate(args.reply_aggregate)
+    if args.reply_aggregate != "any" and not args.reply_tokens:
+        raise InvalidArgumentError(
+            "only a reply-scope gate (--reply-tokens K) combines reply tokens",
+            field="reply_aggregate",
+        )
     if not 0 <= args.reply_tokens <= MAX_REPLY_TOKENS:
         raise InvalidArgumentError(
             f"must be from 0 to {MAX_REPLY_TOKENS}, got {args.reply_tokens}", field="reply_tokens"

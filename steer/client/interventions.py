@@ -121,14 +121,17 @@ def gated(
     weights: Sequence[float] = (),
     allow_other_model: bool = False,
     reply_tokens: int = 0,
+    reply_aggregate: str = "",
 ) -> generation_pb2.Intervention:
     """``inner`` only where the residual at ``hook`` projects onto ``direction`` (a server
     artifact id, a :class:`SteeringVector` or floats; normalised by the server) above
     ``threshold`` (below it with ``below``): per token (``scope="token"``), decided once from
     the prompt's last token and held for the reply (``scope="prompt"``), or decided once from
     the first ``reply_tokens`` reply tokens (0: the server's default), the reply starting over
-    with ``inner`` on where it fires (``scope="reply"``). With several hooks (a list), where the
-    sum of their projections, each times its entry of ``weights`` (1 each by default), is."""
+    with ``inner`` on where it fires (``scope="reply"``; ``reply_aggregate`` "mean": where
+    their projections' mean passes the threshold, "any" or "": where any does). With several
+    hooks (a list), where the sum of their projections, each times its entry of ``weights`` (1
+    each by default), is."""
     condition = generation_pb2.GateCondition(
         threshold=threshold, below=below, allow_other_model=allow_other_model
     )
@@ -146,5 +149,6 @@ def gated(
         inner=inner,
         scope=gate_scope_number(scope),
         reply_tokens=reply_tokens,
+        reply_aggregate=reply_aggregate,
     )
     return generation_pb2.Intervention(gated=message)

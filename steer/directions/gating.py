@@ -271,12 +271,14 @@ def choose_gate(
     summed: bool = False,
     batch_size: int = 16,
     reply_tokens: int = 0,
+    reply_aggregate: str = "any",
 ) -> GateChoice:
     """Calibrate a prompt-scope gate at each of ``hooks`` on train (with ``summed``, also one
     reading all of them: :func:`steer.calibration.summed_scores`); keep the one that separates
     validation best (see the module docstring). With the recipe's extras, also the kept gate's
     rates on each source when fitted without it (:attr:`GateChoice.new_source`). With
-    ``reply_tokens`` K, a reply-scope gate reading each prompt's first K greedy reply tokens."""
+    ``reply_tokens`` K, a reply-scope gate reading each prompt's first K greedy reply tokens,
+    combined by ``reply_aggregate`` (:data:`steer.gates.REPLY_AGGREGATES`)."""
     splits = gate_splits(recipe)
     scenes = scene_prompts(handle) if recipe.data.gate_scenes else ()
     parts = {part: gate_prompts(splits, part, scenes) for part in ("train", "validation")}
@@ -288,6 +290,7 @@ def choose_gate(
         system=recipe.data.system or None,
         batch_size=batch_size,
         reply_tokens=reply_tokens,
+        reply_aggregate=reply_aggregate,
     )
     vector, scores = reads.gate(condition, direction)
     if summed and len(scores) > 1:
@@ -404,6 +407,7 @@ def gated_ablation_recipe(
         scope=GateScope.REPLY if calibration.reply_tokens else GateScope.PROMPT,
         weights=calibration.weights,
         reply_tokens=calibration.reply_tokens or None,
+        reply_aggregate=calibration.reply_aggregate if calibration.reply_tokens else None,
     )
     train, validation = calibration.train, calibration.validation
     what = "The directions" if len(_paths(direction)) > 1 else "The direction"
@@ -411,6 +415,8 @@ def gated_ablation_recipe(
     fires_on = "prompts"
     if calibration.reply_tokens:
         fires_on = f"replies whose first {calibration.reply_tokens} tokens (drawn without it)"
+        if calibration.reply_aggregate == "mean":
+            fires_on += ", on their mean,"
     description = (
         f"{what} ablated at every layer{pushed} only for {fires_on} the gate fires on. Threshold "
         f"from train prompts (false-positive rate <= {calibration.target_fpr}: "

@@ -140,7 +140,7 @@ def _continuation_logits(
     plan = build_plan(
         [interventions] * rows, handle.resolver, handle.d_model, handle.dtype, handle.device
     )
-    decisions: list[dict[object, bool]] = [{} for _ in range(rows)]
+    decisions: list[dict[object, bool | float]] = [{} for _ in range(rows)]
     gates = reply_gated(interventions)
     if gates:  # decided on the continuations' first tokens, then held from the prompt on
         decisions = reply_decisions(handle, plan, prompts, continuations, gates)

@@ -43,7 +43,17 @@ _FIELDS: dict[EditKind, set[str]] = {
     EditKind.ADD: {"kind", "vector", "strength", "layers", "hooks", "gate"},
     EditKind.FEATURE: {"kind", "sae", "feature", "value", "gate"},
 }
-_GATE = {"hook", "hooks", "weights", "direction", "threshold", "below", "scope", "reply_tokens"}
+_GATE = {
+    "hook",
+    "hooks",
+    "weights",
+    "direction",
+    "threshold",
+    "below",
+    "scope",
+    "reply_tokens",
+    "reply_aggregate",
+}
 _TOP = {"name", "description", "dtype", "edits"}
 _KERNEL = {"max_weight", "min_weight", "peak_layer", "width"}
 DTYPES = ("float32", "bfloat16", "float16")
@@ -142,6 +152,11 @@ def _parse_gate(value: Any, where: str) -> EditGate:
         raise InvalidArgumentError(
             f"expected a whole number, got {reply_tokens!r}", field=f"{where}.reply_tokens"
         )
+    aggregate = value.get("reply_aggregate")
+    if aggregate is not None and not isinstance(aggregate, str):
+        raise InvalidArgumentError(
+            f"expected any or mean, got {aggregate!r}", field=f"{where}.reply_aggregate"
+        )
     hook, weights = _gate_hooks(value, where)
     return EditGate(
         hook=hook,
@@ -151,6 +166,7 @@ def _parse_gate(value: Any, where: str) -> EditGate:
         scope=scope,
         weights=weights,
         reply_tokens=reply_tokens,
+        reply_aggregate=aggregate,
     )
 
 
@@ -308,6 +324,8 @@ def _edit_dict(recipe: EditRecipe, edit: Edit) -> dict[str, Any]:
         }
         if gate.reply_tokens is not None:
             entry["gate"]["reply_tokens"] = gate.reply_tokens
+        if gate.reply_aggregate is not None:
+            entry["gate"]["reply_aggregate"] = gate.reply_aggregate
     return entry
 
 

@@ -75,6 +75,8 @@ class EditGate:
     weights: tuple[float, ...] = ()
     #: with ``scope = "reply"``: how many reply tokens the condition reads (None: the default)
     reply_tokens: int | None = None
+    #: with ``scope = "reply"``: "any" (None) or "mean" (:data:`steer.gates.REPLY_AGGREGATES`)
+    reply_aggregate: str | None = None
 
 
 @dataclass(frozen=True)
@@ -231,7 +233,10 @@ def _gated(
     direction = loader(recipe.resolve(gate.direction)).vector
     try:
         condition = Condition(gate.hook, direction, gate.threshold, gate.below, gate.weights)
-        return [Gated(condition, inner, gate.scope, gate.reply_tokens) for inner in group]
+        return [
+            Gated(condition, inner, gate.scope, gate.reply_tokens, gate.reply_aggregate)
+            for inner in group
+        ]
     except SteerError as error:
         if error.status_code != "INVALID_ARGUMENT":
             raise

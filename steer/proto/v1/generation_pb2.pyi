@@ -257,16 +257,18 @@ class GateCondition(_message.Message):
     def __init__(self, hook: _Optional[str] = ..., artifact_id: _Optional[str] = ..., inline: _Optional[_Union[InlineVector, _Mapping]] = ..., threshold: _Optional[float] = ..., below: _Optional[bool] = ..., allow_other_model: _Optional[bool] = ..., hooks: _Optional[_Iterable[str]] = ..., weights: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class GatedIntervention(_message.Message):
-    __slots__ = ("condition", "inner", "scope", "reply_tokens")
+    __slots__ = ("condition", "inner", "scope", "reply_tokens", "reply_aggregate")
     CONDITION_FIELD_NUMBER: _ClassVar[int]
     INNER_FIELD_NUMBER: _ClassVar[int]
     SCOPE_FIELD_NUMBER: _ClassVar[int]
     REPLY_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    REPLY_AGGREGATE_FIELD_NUMBER: _ClassVar[int]
     condition: GateCondition
     inner: Intervention
     scope: GateScope
     reply_tokens: int
-    def __init__(self, condition: _Optional[_Union[GateCondition, _Mapping]] = ..., inner: _Optional[_Union[Intervention, _Mapping]] = ..., scope: _Optional[_Union[GateScope, str]] = ..., reply_tokens: _Optional[int] = ...) -> None: ...
+    reply_aggregate: str
+    def __init__(self, condition: _Optional[_Union[GateCondition, _Mapping]] = ..., inner: _Optional[_Union[Intervention, _Mapping]] = ..., scope: _Optional[_Union[GateScope, str]] = ..., reply_tokens: _Optional[int] = ..., reply_aggregate: _Optional[str] = ...) -> None: ...
 
 class Intervention(_message.Message):
     __slots__ = ("ablate", "add", "slider", "named", "gated", "speaker")

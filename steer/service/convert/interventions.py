@@ -102,7 +102,9 @@ def _gated(
     handle = loaded.handle
     try:
         condition = _condition(gated.condition, loaded, store)
-        built = Gated(condition, inner, GATE_SCOPE_OF[gated.scope], gated.reply_tokens or None)
+        scope = GATE_SCOPE_OF[gated.scope]
+        aggregate = gated.reply_aggregate or None
+        built = Gated(condition, inner, scope, gated.reply_tokens or None, aggregate)
         validate([built], handle.resolver, handle.d_model)
     except SteerError as error:
         # the library names the inner intervention's fields "inner.x"; the proto "inner.<kind>.x"
