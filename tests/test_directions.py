@@ -251,6 +251,7 @@ def test_the_harmful_check_sets_are_none_of_the_training_prompts() -> None:
         ("harmful_unseen3.txt", "harmless_unseen2.txt", 0.35, 0.35),
         ("harmful_unseen4.txt", "harmless_unseen3.txt", 0.3, 0.45),
         ("harmful_unseen5.txt", "harmless_unseen4.txt", 0.3, 0.45),
+        ("harmful_unseen6.txt", "harmless_unseen5.txt", 0.3, 0.45),
     ],
 )
 def test_the_later_check_sets_are_close_to_no_other_prompt(
