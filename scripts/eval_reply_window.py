@@ -38,6 +38,7 @@ from steer.directions.evaluate import is_refusal
 from steer.directions.gating import gate_splits
 from steer.directions.recipe import load_direction_recipe
 from steer.directions.steering import greedy
+from steer.discriminant import auc
 from steer.models import load_model
 from steer.passes import reply_windows
 from steer.text import encode_chat
@@ -129,19 +130,13 @@ def _rows(
             validation = {"validation.fire": scores["f"], "validation.quiet": scores["q"]}
             gate = GateScores(hook, False, read | validation)  # only train's threshold is used
             row: dict[str, Any] = {"hook": hook, "aggregate": aggregate, "K": k}
-            row["AUC"] = _auc(torch.tensor(scores["f"]), torch.tensor(scores["q"]))
+            row["AUC"] = auc(torch.tensor(scores["f"]), torch.tensor(scores["q"]))
             for target in targets:
                 threshold = gate.calibrate(target).threshold
                 caught = sum(gate.fires("train.fire", threshold)) / len(scores["f"])
                 row[f"caught @ FPR {target:g}"] = caught
             rows.append(row)
     return rows
-
-
-def _auc(fire: torch.Tensor, quiet: torch.Tensor) -> float:
-    above = (fire[:, None] > quiet[None, :]).double().mean()
-    tied = (fire[:, None] == quiet[None, :]).double().mean()
-    return float(above + 0.5 * tied)
 
 
 def _write_docs(

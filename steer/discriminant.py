@@ -14,7 +14,7 @@ import torch
 
 from steer.errors import InvalidArgumentError
 
-__all__ = ["FOLDS", "SHRINKAGES", "discriminant_direction"]
+__all__ = ["FOLDS", "SHRINKAGES", "auc", "discriminant_direction"]
 
 #: the shrinkages a discriminant condition chooses among, by cross-validation on train
 SHRINKAGES = (0.1, 0.3, 0.5, 0.7, 0.9, 0.95, 0.99)
@@ -42,7 +42,7 @@ def discriminant_direction(
         held = [rows[fold::FOLDS] for rows in (fire, quiet)]
         kept = [_without_fold(rows, fold) for rows in (fire, quiet)]
         for index, vector in enumerate(_whitened(kept[0], kept[1], SHRINKAGES)):
-            totals[index] += _auc(held[0] @ vector, held[1] @ vector)
+            totals[index] += auc(held[0] @ vector, held[1] @ vector)
     best = max(range(len(SHRINKAGES)), key=lambda i: (round(totals[i], 9), SHRINKAGES[i]))
     [whitened] = _whitened(fire, quiet, (SHRINKAGES[best],))
     unit = whitened / whitened.norm().clamp_min(1e-300)
@@ -72,7 +72,7 @@ def _without_fold(rows: torch.Tensor, fold: int) -> torch.Tensor:
     return rows[keep]
 
 
-def _auc(fire: torch.Tensor, quiet: torch.Tensor) -> float:
+def auc(fire: torch.Tensor, quiet: torch.Tensor) -> float:
     """The share of (fire, quiet) pairs ordered right, ties counting half."""
     above = (fire[:, None] > quiet[None, :]).double().mean()
     tied = (fire[:, None] == quiet[None, :]).double().mean()
