@@ -56,9 +56,15 @@ def _local(handle: ModelHandle, prompt: str, gate: Gated) -> tuple[int, ...]:
     return Engine(handle).run([request])[0].token_ids
 
 
-@pytest.mark.parametrize("scope", list(GateScope))
+@pytest.mark.parametrize(
+    ("scope", "aggregate"), [*((scope, None) for scope in GateScope), (GateScope.REPLY, "mean")]
+)
 def test_a_gated_request_equals_the_same_gate_in_process(
-    client: SteerClient, served: SteerServer, tiny_llama: ModelHandle, scope: GateScope
+    client: SteerClient,
+    served: SteerServer,
+    tiny_llama: ModelHandle,
+    scope: GateScope,
+    aggregate: str | None,
 ) -> None:
     direction = load_vector(served.settings.artifacts_dir / "refusal").vector
     vector = _vector(3, 4.0)
@@ -71,8 +77,9 @@ def test_a_gated_request_equals_the_same_gate_in_process(
             "refusal",
             threshold,
             scope=scope.value,
+            reply_aggregate=aggregate or "",
         )
-        local_gate = Gated(Condition(HOOK, direction, threshold), inner, scope)
+        local_gate = Gated(Condition(HOOK, direction, threshold), inner, scope, None, aggregate)
         for prompt in PROMPTS:
             remote = client.complete(
                 prompt, temperature=0, max_new_tokens=10, interventions=[remote_gate]
@@ -135,10 +142,11 @@ def test_the_http_steering_list_takes_the_json_form_of_a_gate() -> None:
     assert message.gated.scope == generation_pb2.GATE_SCOPE_PROMPT
     assert message.gated.inner.add.strength == 2.0
     assert json_format.MessageToDict(message) == entry
-    reply = {"gated": entry["gated"] | {"scope": "GATE_SCOPE_REPLY", "replyTokens": 6}}
+    window = {"scope": "GATE_SCOPE_REPLY", "replyTokens": 6, "replyAggregate": "mean"}
+    reply = {"gated": entry["gated"] | window}
     message = _steering_entry(reply, "steering[0]")
     assert message.gated.scope == generation_pb2.GATE_SCOPE_REPLY
-    assert message.gated.reply_tokens == 6
+    assert message.gated.reply_tokens == 6 and message.gated.reply_aggregate == "mean"
     entry["gated"]["condition"] = {
         "hooks": [HOOK, LATER],
         "weights": [1.0, 0.5],
