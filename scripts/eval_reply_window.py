@@ -1,20 +1,24 @@
-"""How a reply-scope gate's window separates refused requests from ordinary ones; docs/results.md
-("reply-window").
+"""Which reply-gate window separates refused or moralizing replies; docs/results.md ("reply-window")
 
 A reply-scope gate (docs/service.md) reads a direction's projection at the positions that draw
 the model's first K reply tokens and fires if any of them passes its threshold ("any") or if
 their mean does ("mean"). Which K and which aggregate catch refusals best at a given false-positive
-rate is a question for train prompts only. This script takes ``--count`` harmful and harmless
-prompts from the recipe's train split (seeded), labels each harmful one by whether the unedited
-model refuses it (the refusal matcher on ``--label-tokens`` greedy tokens), reads the window the
+rate is a question for train prompts only. This script takes up to ``--count`` prompts the
+recipe's gate should fire on and as many it should stay quiet on, from the train split (seeded;
+:func:`steer.directions.gating.gate_prompts`), labels each of the first by whether the unedited
+model's reply matches (``--matcher``: refusal or moralizing, on ``--label-tokens`` greedy tokens),
+reads the window the
 engine reads (:func:`steer.passes.reply_windows`, ``--window`` positions) at each hook, and
-reports, for each aggregate and each K up to the window, the AUC of refused against harmless
-prompts and the share of refused prompts a threshold set by a harmless false-positive rate
+reports, for each aggregate and each K up to the window, the AUC of matched against quiet
+prompts and the share of matched prompts a threshold set by a harmless false-positive rate
 catches (the threshold as :meth:`steer.calibration.GateScores.calibrate` sets it). No
 validation, test or check prompt is read. Prints one JSON line.
 
     python scripts/eval_reply_window.py --direction out/refusal/direction \\
         --recipe recipes/refusal-gate.toml --section reply-window
+    python scripts/eval_reply_window.py --direction out/moralizing/direction \\
+        --recipe recipes/moralizing.toml --matcher moralizing --gate-layers 6,8,12,18 \\
+        --window 16 --section reply-window-moralizing
 """
 
 from __future__ import annotations
@@ -34,14 +38,24 @@ from report import command_line, emit, run_facts, run_footer, table, timed, writ
 
 from steer.artifacts import load_vector
 from steer.calibration import GateScores
-from steer.directions.evaluate import is_refusal
-from steer.directions.gating import gate_splits
+from steer.directions.evaluate import is_moralizing, is_refusal
+from steer.directions.gating import gate_prompts, gate_splits
 from steer.directions.recipe import load_direction_recipe
 from steer.directions.steering import greedy
 from steer.discriminant import auc
 from steer.models import load_model
 from steer.passes import reply_windows
 from steer.text import encode_chat
+
+#: what labels a fire prompt's unedited reply as one the gate should catch
+MATCHERS = {"refusal": is_refusal, "moralizing": is_moralizing}
+
+
+#: per matcher: what the unedited model does to the fire prompts, and the two sides' names
+LABELS = {
+    "refusal": ("refuses", ("harmful", "harmless")),
+    "moralizing": ("moralizes on", ("trigger", "quiet")),
+}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -50,7 +64,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--recipe", default="recipes/refusal-gate.toml")
     parser.add_argument("--direction", required=True, help="the condition's direction artifact")
     parser.add_argument("--gate-layers", default="12,16,18,20")
-    parser.add_argument("--count", type=int, default=200, help="train prompts per side")
+    parser.add_argument("--matcher", choices=sorted(MATCHERS), default="refusal")
+    parser.add_argument("--count", type=int, default=200, help="train prompts per side (at most)")
     parser.add_argument("--window", type=int, default=8, help="positions read (the largest K)")
     parser.add_argument("--label-tokens", type=int, default=48)
     parser.add_argument("--targets", default="0.01,0.02,0.05", help="harmless FPR targets")
@@ -67,10 +82,10 @@ def main() -> int:
     load_before = os.getloadavg()[0]
     seconds: dict[str, float] = {}
     recipe = load_direction_recipe(args.recipe)
-    splits = gate_splits(recipe)
+    train = gate_prompts(gate_splits(recipe), "train")
     rng = random.Random(args.seed)
-    harmful = rng.sample(list(splits["positive"].train), args.count)
-    harmless = rng.sample(list(splits["negative"].train), args.count)
+    harmful = rng.sample(list(train.fire), min(args.count, len(train.fire)))
+    harmless = rng.sample(list(train.quiet), min(args.count, len(train.quiet)))
     handle = timed(seconds, "load_model", lambda: load_model(args.model))
     direction = load_vector(args.direction, handle=handle).vector
     system = recipe.data.system or None
@@ -81,7 +96,8 @@ def main() -> int:
     replies = timed(
         seconds, "label", lambda: greedy(handle, [(ids["harmful"], args.label_tokens)])[0]
     )
-    refused = [is_refusal(handle.tokenizer.decode(r, skip_special_tokens=True)) for r in replies]
+    matches = MATCHERS[args.matcher]
+    refused = [matches(handle.tokenizer.decode(r, skip_special_tokens=True)) for r in replies]
     hooks = [f"blocks.{int(x)}.hook_resid_pre" for x in args.gate_layers.split(",") if x.strip()]
     windows = timed(
         seconds,
@@ -104,8 +120,9 @@ def main() -> int:
         "model": args.model,
         "recipe": args.recipe,
         "direction": args.direction,
-        "count": args.count,
-        "refused": sum(refused),
+        "matcher": args.matcher,
+        "count": [len(harmful), len(harmless)],
+        "matched": sum(refused),
         "rows": rows,
         **run_facts(seconds, load_before),
     }
@@ -143,18 +160,21 @@ def _write_docs(
     args: argparse.Namespace, record: dict[str, Any], targets: list[float], command: str
 ) -> None:
     columns = ["hook", "aggregate", "K", "AUC", *(f"caught @ FPR {t:g}" for t in targets)]
+    fire, quiet = record["count"]
+    label, sides = LABELS[record["matcher"]]
     lines = [
         f"## A reply gate's window on train prompts, {args.section} "
         "(`scripts/eval_reply_window.py`)",
         "",
-        f"Model `{record['model']}`; {record['count']} harmful and {record['count']} harmless "
-        f"prompts from the train split of `{record['recipe']}` (seed {args.seed}); the unedited "
-        f"model refuses {record['refused']} of the harmful ones (matcher, {args.label_tokens} "
-        f"greedy tokens). Condition: `{record['direction']}`. Each row: a reply gate reading the "
-        "first K positions of the window (any: the largest projection; mean: their mean); AUC of "
-        "refused against harmless prompts; *caught*: the share of refused prompts over the "
-        "threshold a harmless false-positive rate sets on these same prompts (an in-sample "
-        "estimate, to compare windows, not a gate's rates). Train prompts only.",
+        f"Model `{record['model']}`; {fire} {sides[0]} and {quiet} {sides[1]} prompts from the "
+        f"train split of `{record['recipe']}` (seed {args.seed}); the unedited model {label} "
+        f"{record['matched']} of the {sides[0]} ones ({record['matcher']} matcher, "
+        f"{args.label_tokens} greedy tokens). Condition: `{record['direction']}`. Each row: a "
+        "reply gate reading the first K positions of the window (any: the largest projection; "
+        f"mean: their mean); AUC of those {record['matched']} against the {sides[1]} prompts; "
+        f"*caught*: the share of them over the threshold a {sides[1]} false-positive rate sets "
+        "on these same prompts (an in-sample estimate, to compare windows, not a gate's rates). "
+        "Train prompts only.",
         "",
         table(record["rows"], columns),
         "",
