@@ -38,7 +38,7 @@ from report import command_line, emit, run_facts, run_footer, table, timed, writ
 
 from steer.artifacts import load_vector
 from steer.calibration import GateScores
-from steer.directions.evaluate import is_moralizing, is_refusal
+from steer.directions.evaluate import MATCHERS
 from steer.directions.gating import gate_prompts, gate_splits
 from steer.directions.recipe import load_direction_recipe
 from steer.directions.steering import greedy
@@ -46,10 +46,6 @@ from steer.discriminant import auc
 from steer.models import load_model
 from steer.passes import reply_windows
 from steer.text import encode_chat
-
-#: what labels a fire prompt's unedited reply as one the gate should catch
-MATCHERS = {"refusal": is_refusal, "moralizing": is_moralizing}
-
 
 #: per matcher: what the unedited model does to the fire prompts, and the two sides' names
 LABELS = {
@@ -84,20 +80,18 @@ def main() -> int:
     recipe = load_direction_recipe(args.recipe)
     train = gate_prompts(gate_splits(recipe), "train")
     rng = random.Random(args.seed)
-    harmful = rng.sample(list(train.fire), min(args.count, len(train.fire)))
-    harmless = rng.sample(list(train.quiet), min(args.count, len(train.quiet)))
+    fire = rng.sample(list(train.fire), min(args.count, len(train.fire)))
+    quiet = rng.sample(list(train.quiet), min(args.count, len(train.quiet)))
     handle = timed(seconds, "load_model", lambda: load_model(args.model))
     direction = load_vector(args.direction, handle=handle).vector
     system = recipe.data.system or None
     ids = {
         side: [encode_chat(handle, str(p), system) for p in prompts]
-        for side, prompts in (("harmful", harmful), ("harmless", harmless))
+        for side, prompts in (("fire", fire), ("quiet", quiet))
     }
-    replies = timed(
-        seconds, "label", lambda: greedy(handle, [(ids["harmful"], args.label_tokens)])[0]
-    )
+    replies = timed(seconds, "label", lambda: greedy(handle, [(ids["fire"], args.label_tokens)])[0])
     matches = MATCHERS[args.matcher]
-    refused = [matches(handle.tokenizer.decode(r, skip_special_tokens=True)) for r in replies]
+    matched = [matches(handle.tokenizer.decode(r, skip_special_tokens=True)) for r in replies]
     hooks = [f"blocks.{int(x)}.hook_resid_pre" for x in args.gate_layers.split(",") if x.strip()]
     windows = timed(
         seconds,
@@ -114,15 +108,15 @@ def main() -> int:
         unit = direction.at(layer).float()
         unit = unit / unit.norm()
         projected = {side: windows[side][hook].float() @ unit for side in windows}
-        fire = projected["harmful"][torch.tensor(refused, dtype=torch.bool)]
-        rows += _rows(hook, fire, projected["harmless"], targets, args.window)
+        fire_matched = projected["fire"][torch.tensor(matched, dtype=torch.bool)]
+        rows += _rows(hook, fire_matched, projected["quiet"], targets, args.window)
     record = {
         "model": args.model,
         "recipe": args.recipe,
         "direction": args.direction,
         "matcher": args.matcher,
-        "count": [len(harmful), len(harmless)],
-        "matched": sum(refused),
+        "count": [len(fire), len(quiet)],
+        "matched": sum(matched),
         "rows": rows,
         **run_facts(seconds, load_before),
     }
@@ -136,7 +130,7 @@ def _rows(
     hook: str, fire: torch.Tensor, quiet: torch.Tensor, targets: list[float], window: int
 ) -> list[dict[str, Any]]:
     """One row per aggregate and K (1, 2, 4, ... up to ``window``): (prompts, window)
-    projections of refused (``fire``) and harmless (``quiet``) prompts."""
+    projections of matched (``fire``) and quiet (``quiet``) prompts."""
     rows = []
     sizes = sorted({k for k in (1, 2, 4, 6, 8, 16, 32, 64) if k < window} | {window})
     for aggregate in ("any", "mean"):

@@ -54,12 +54,10 @@ from report import (
 
 from steer.cli.eval_refusal import _lengths, recipe_interventions
 from steer.directions.data import RECIPES_DIR, load_prompts
-from steer.directions.evaluate import is_moralizing, is_refusal
+from steer.directions.evaluate import MATCHERS
 from steer.directions.gating import gate_splits
 from steer.directions.recipe import load_direction_recipe
 from steer.models import load_model
-
-MATCHERS = {"moralizing": is_moralizing, "refusal": is_refusal}
 
 
 def _parser() -> argparse.ArgumentParser:

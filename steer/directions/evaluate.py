@@ -123,6 +123,10 @@ def is_moralizing(text: str) -> bool:
     return any(phrase in lowered for phrase in MORALIZING_PHRASES)
 
 
+#: the phrase matchers by name (``--matcher`` of the evaluation scripts)
+MATCHERS = {"moralizing": is_moralizing, "refusal": is_refusal}
+
+
 def generate(
     handle: ModelHandle,
     prompts: Sequence[Sequence[int]],
