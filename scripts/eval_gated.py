@@ -608,8 +608,8 @@ def _write_docs(
         else ""
     )
     harmless_text = (
-        f" The recipe's data.gate_harmless prompts (`{data.gate_harmless}`) join the harmless "
-        "ones in every split: the calibration, the validation KL and the test KL."
+        f" The recipe's data.gate_harmless prompts ({_files(data.gate_harmless)}) join the "
+        "harmless ones in every split: the calibration, the validation KL and the test KL."
         if data.gate_harmless
         else ""
     )
@@ -696,6 +696,11 @@ Test split, measured once:
 {run_footer(record, command)}"""
     section = args.section or ("gated" if kind == "refusal" else f"gated-{kind}")
     write_section("results.md", section, markdown)
+
+
+def _files(sources: tuple[str, ...]) -> str:
+    """Data files as the docs name them: each in backticks, joined by commas."""
+    return ", ".join(f"`{source}`" for source in sources)
 
 
 def _rule_text(v: dict[str, Any], args: argparse.Namespace, rows: list[dict[str, Any]]) -> str:

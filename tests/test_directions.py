@@ -18,6 +18,7 @@ from steer.cli import main as cli_main
 from steer.directions import data as datasets
 from steer.directions.api import CancelledError, compute, held_out, interventions_for
 from steer.directions.evaluate import evaluate_rate, is_moralizing, is_refusal, wilson_interval
+from steer.directions.gating import gate_splits
 from steer.directions.methods import (
     METHODS,
     compute_direction,
@@ -172,6 +173,26 @@ def test_unseen_check_sets_share_nothing_with_the_data_choices_were_made_on() ->
         assert not set(unseen["moralizing_unseen"]) & set(unseen["rp_benign_unseen"])
         seen += [*unseen["moralizing_unseen"], *unseen["rp_benign_unseen"]]
         seen_names = {situation_scene(text).names[0] for text in seen}
+
+
+def test_the_moralizing_gate_recipe_reads_every_set_already_read_and_no_check_set_left() -> None:
+    """recipes/moralizing-gate.toml adds the first three moralizing check sets (both sides) and
+    the read ordinary-request check sets to the gate's data, and none of the fourth check set or
+    its KL set (results.md "unseen4-moralizing")."""
+    base = gate_splits(load_direction_recipe(datasets.RECIPES_DIR / "moralizing.toml"))
+    more = gate_splits(load_direction_recipe(datasets.RECIPES_DIR / "moralizing-gate.toml"))
+
+    def prompts(splits: dict[str, datasets.Splits[str]]) -> set[str]:
+        parts = ("train", "validation", "test")
+        return {p for s in splits.values() for part in parts for p in getattr(s, part)}
+
+    assert prompts(base) < prompts(more)
+    for suffix in ("", "2", "3"):
+        for name in ("moralizing_unseen", "rp_benign_unseen", "harmless_unseen"):
+            assert set(datasets.load_prompts(f"recipes:{name}{suffix}.txt")) <= prompts(more)
+    for name in ("moralizing_unseen4", "rp_benign_unseen4", "harmless_unseen5"):
+        assert not set(datasets.load_prompts(f"recipes:{name}.txt")) & prompts(more), name
+    assert more["positive"] == base["positive"]  # the pairs: the rate's validation prompts
 
 
 def test_the_rp_check_scenes_share_no_character_with_the_data_choices_were_made_on() -> None:

@@ -30,7 +30,8 @@ from steer.directions.gating import (
     quiet_prompts,
     source_labels,
 )
-from steer.directions.recipe import load_direction_recipe
+from steer.directions.recipe import GATE_SETS, load_direction_recipe
+from steer.errors import NotFoundError
 from steer.models import ModelHandle
 from steer.recipes import AblateEdit, AddEdit, EditGate, load_edit_recipe
 
@@ -407,6 +408,45 @@ def test_gate_harmless_prompts_follow_the_negative_ones_in_each_split(
     assert kept["validation"]["quiet_count"] == len(validation)
     fired = _fired(tiny_llama, setup, kept, validation)
     assert kept["validation"]["false_positive_rate"] == fired / len(validation)
+
+
+@pytest.mark.parametrize("name", ["gate_fire", "gate_quiet", "gate_harmless"])
+def test_a_list_of_gate_sets_splits_each_set_and_joins_them_in_order(
+    setup: dict[str, Path], name: str
+) -> None:
+    """``data.gate_*`` may name several files: each is split on its own (as one file would be)
+    and their splits follow one another in the list's order; a one-item list == the plain
+    string; a missing file names its place in the list."""
+    base = setup["recipe"].read_text()
+    key = GATE_SETS[name]
+    folder = setup["recipe"].parent
+    texts = {
+        "a": [f"Tell me about harbour number {n}." for n in range(10)],
+        "b": [f"Describe lighthouse number {n}." for n in range(7)],
+    }
+    for stem, lines in texts.items():
+        (folder / f"{stem}.txt").write_text("\n".join(lines))
+
+    def splits(value: str) -> dict[str, datasets.Splits[str]]:
+        setup["recipe"].write_text(base + f"{name} = {value}\n")
+        return gate_splits(load_direction_recipe(setup["recipe"]))
+
+    one = splits(f'"{folder / "a.txt"}"')
+    assert splits(f'["{folder / "a.txt"}"]') == one
+    both = splits(f'["{folder / "a.txt"}", "{folder / "b.txt"}"]')
+    alone = {
+        stem: datasets.split(lines, seed=0, train=0.5, validation=0.3)  # the recipe's shares
+        for stem, lines in texts.items()
+    }
+    for part in PARTS:
+        first, added = getattr(one[key], part), getattr(alone["a"], part)
+        own = first[: len(first) - len(added)]  # the recipe's own set's (gate_harmless) or none
+        assert tuple(first) == (*own, *added)
+        assert tuple(getattr(both[key], part)) == (*own, *added, *getattr(alone["b"], part))
+    assert len(both[key].train) == len(one[key].train) + len(alone["b"].train) > 0
+    with pytest.raises(NotFoundError) as raised:
+        splits(f'["{folder / "a.txt"}", "{folder / "missing.txt"}"]')
+    assert raised.value.field == f"data.{name}[1]"
 
 
 @pytest.mark.parametrize("name", ["gate_fire", "gate_quiet", "gate_harmless"])

@@ -118,10 +118,8 @@ def gate_splits(recipe: DirectionRecipe) -> dict[str, datasets.Splits[str]]:
         )
         splits = {"positive": positive, "negative": refusal_harmless()}
     for name, key in GATE_SETS.items():
-        if getattr(data, name):
-            prompts = datasets.load_prompts(
-                getattr(data, name), field=f"data.{name}", base=recipe.base
-            )
+        for index, source in enumerate(getattr(data, name)):
+            prompts = datasets.load_prompts(source, field=f"data.{name}[{index}]", base=recipe.base)
             more = datasets.split(
                 prompts, seed=data.seed, train=data.train, validation=data.validation
             )

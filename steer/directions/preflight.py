@@ -46,8 +46,8 @@ def check_data(recipe: DirectionRecipe) -> None:
         return
     data = recipe.data
     for name in GATE_SETS:
-        if getattr(data, name):
-            datasets.load_prompts(getattr(data, name), field=f"data.{name}", base=recipe.base)
+        for index, source in enumerate(getattr(data, name)):
+            datasets.load_prompts(source, field=f"data.{name}[{index}]", base=recipe.base)
     if data.gate_scenes:
         from steer.directions.gating import check_scenes
 

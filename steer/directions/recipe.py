@@ -73,14 +73,16 @@ class DataSection:
     system: str = ""
     #: prompts a gate for this direction must also stay quiet on, besides the harmless ones
     #: (``steer directions gate``; e.g. in-character RP situations with no moralizing trigger,
-    #: so the gate learns the trigger rather than RP itself); split like the other sets
-    gate_quiet: str = ""
+    #: so the gate learns the trigger rather than RP itself); one set or a list, each split
+    #: like the other sets and joined split by split
+    gate_quiet: tuple[str, ...] = ()
     #: prompts a gate for this direction must also fire on, besides the positive ones (e.g.
     #: more RP situations with a moralizing trigger, without replies: a gate needs more
-    #: varied prompts than a direction needs pairs); split like the other sets
-    gate_fire: str = ""
-    #: more ordinary requests the gate stays quiet on, each split joining the harmless set's
-    gate_harmless: str = ""
+    #: varied prompts than a direction needs pairs); one set or a list, as gate_quiet
+    gate_fire: tuple[str, ...] = ()
+    #: more ordinary requests the gate stays quiet on, each split joining the harmless set's;
+    #: one set or a list, as gate_quiet
+    gate_harmless: tuple[str, ...] = ()
     #: also calibrate the gate on the positive, gate_fire and gate_quiet prompts, RP
     #: situations ("You are WHO. EVENT"; moralizing), each rendered as the RP scene steer plays
     #: (:func:`steer.rp.scene.situation_scene`): in a scene a gate reads the character's name
@@ -350,11 +352,12 @@ def _section(cls: type, raw: Any, name: str) -> Any:
 
 
 #: list fields that name prompt sets: one set may be given as a plain string ("" = none)
-_SET_LISTS = frozenset({"positive_extra", "negative_extra"})
+_SET_LISTS = frozenset({"positive_extra", "negative_extra", *GATE_SETS})
 #: the item type of each list field
 _TUPLE_ITEMS: dict[str, type] = {
     "positive_extra": str,
     "negative_extra": str,
+    **dict.fromkeys(GATE_SETS, str),
     "layers": int,
     "positions": int,
     "strengths": float,
