@@ -17,7 +17,7 @@ import time
 from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
 
-from steer.directions.evaluate import is_moralizing, is_refusal
+from steer.directions.evaluate import MATCHERS
 
 if TYPE_CHECKING:
     from steer.directions.recipe import DirectionRecipe
@@ -81,7 +81,7 @@ def run(argv: list[str], *, prog: str, kind: str) -> int:
         positive,
         negative,
         interventions,
-        matcher=is_refusal if kind == "refusal" else is_moralizing,
+        matcher=MATCHERS[kind],
         edited_handle=edited,
         judge_handle=judge,
         system=recipe.data.system or None,

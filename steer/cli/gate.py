@@ -38,21 +38,7 @@ def add_parser(commands: Any, default_recipe: str) -> None:
         "discriminant",
     )
     add("--target-fpr", type=float, default=0.02, help="train false-positive rate allowed")
-    add(
-        "--reply-tokens",
-        type=int,
-        default=0,
-        metavar="K",
-        help="a reply-scope gate: read the model's first K reply tokens, drawn without the edit, "
-        "and start the reply over with the edit on where it fires (0 = a prompt-scope gate, "
-        "reading the prompt's last token)",
-    )
-    add(
-        "--reply-aggregate",
-        default="any",
-        help="how a reply-scope gate combines its K positions: fire if any position's "
-        "projection passes the threshold, or if their mean does (any, mean)",
-    )
+    _reply_options(gate)
     add(
         "--summed",
         action="store_true",
@@ -78,6 +64,25 @@ def add_parser(commands: Any, default_recipe: str) -> None:
     )
     add("--batch-size", type=int, default=16)
     add("--dtype", default="float32", help="float32, bfloat16 or float16")
+
+
+def _reply_options(gate: argparse.ArgumentParser) -> None:
+    """The options of a reply-scope gate (what it reads after the prompt)."""
+    gate.add_argument(
+        "--reply-tokens",
+        type=int,
+        default=0,
+        metavar="K",
+        help="a reply-scope gate: read the model's first K reply tokens, drawn without the edit, "
+        "and start the reply over with the edit on where it fires (0 = a prompt-scope gate, "
+        "reading the prompt's last token)",
+    )
+    gate.add_argument(
+        "--reply-aggregate",
+        default="any",
+        help="how a reply-scope gate combines its K positions: fire if any position's "
+        "projection passes the threshold, or if their mean does (any, mean)",
+    )
 
 
 def _hooks(text: str) -> tuple[str, ...]:

@@ -407,8 +407,20 @@ def gated_ablation_recipe(
         reply_tokens=calibration.reply_tokens or None,
         reply_aggregate=calibration.reply_aggregate if calibration.reply_tokens else None,
     )
+    description = _gated_description(calibration, len(_paths(direction)), push, new_source)
+    recipe = ablation_recipe(direction, weight, push=push, gate=gate, description=description)
+    path = out / "gated.toml"
+    path.write_text(recipe_to_toml(recipe))
+    return path
+
+
+def _gated_description(
+    calibration: GateCalibration, directions: int, push: float, new_source: StyleRates | None
+) -> str:
+    """A gated ablation recipe's description: what it ablates, where the gate fires, and the
+    calibration's figures."""
     train, validation = calibration.train, calibration.validation
-    what = "The directions" if len(_paths(direction)) > 1 else "The direction"
+    what = "The directions" if directions > 1 else "The direction"
     pushed = f", the first also subtracted at its hook at strength {push:g}," if push else ""
     fires_on = "prompts"
     if calibration.reply_tokens:
@@ -431,10 +443,7 @@ def gated_ablation_recipe(
             f"{new_source.fire_count} and {new_source.false_positive_rate:.3f} of "
             f"{new_source.quiet_count} (what requests written unlike every train prompt may see)."
         )
-    recipe = ablation_recipe(direction, weight, push=push, gate=gate, description=description)
-    path = out / "gated.toml"
-    path.write_text(recipe_to_toml(recipe))
-    return path
+    return description
 
 
 def ablation_recipe(
