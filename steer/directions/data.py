@@ -241,8 +241,11 @@ def contrast_sets(recipe: DirectionRecipe) -> dict[str, list[str]]:
 
 
 def extra_sets(recipe: DirectionRecipe, name: str) -> list[list[str]]:
-    """Each set the recipe's ``data.<name>`` (``positive_extra`` or ``negative_extra``) lists,
-    read, in order."""
+    """Each prompt set the recipe's list field ``data.<name>`` names (``positive_extra``,
+    ``negative_extra``, ``gate_fire``, ``gate_quiet``, ``gate_harmless``), read, in order.
+
+    A bad file is named by its place: ``data.<name>`` when the field holds one file,
+    ``data.<name>[i]`` when it holds several."""
     paths = getattr(recipe.data, name)
     return [
         load_prompts(

@@ -118,8 +118,7 @@ def gate_splits(recipe: DirectionRecipe) -> dict[str, datasets.Splits[str]]:
         )
         splits = {"positive": positive, "negative": refusal_harmless()}
     for name, key in GATE_SETS.items():
-        for index, source in enumerate(getattr(data, name)):
-            prompts = datasets.load_prompts(source, field=f"data.{name}[{index}]", base=recipe.base)
+        for prompts in datasets.extra_sets(recipe, name):
             more = datasets.split(
                 prompts, seed=data.seed, train=data.train, validation=data.validation
             )

@@ -46,8 +46,7 @@ def check_data(recipe: DirectionRecipe) -> None:
         return
     data = recipe.data
     for name in GATE_SETS:
-        for index, source in enumerate(getattr(data, name)):
-            datasets.load_prompts(source, field=f"data.{name}[{index}]", base=recipe.base)
+        datasets.extra_sets(recipe, name)
     if data.gate_scenes:
         from steer.directions.gating import check_scenes
 
