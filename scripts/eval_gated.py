@@ -45,7 +45,8 @@ split. With the recipe's data.gate_scenes (moralizing), the gate is also calibra
 situations of both sides played as RP scenes, in each of steer.directions.gating.SCENE_FORMS
 (ending in the character's name; chat-completion messages ending at the assistant header); the
 validation choice reads the one-message runs, and the validation TPR / FPR columns count the scenes
-too.
+too. A recipe's data.gate_scenarios scenes (steer.directions.gate_scenarios), played unedited, join
+the calibration and those columns the same way, after the rendered situations.
 
     python scripts/eval_gated.py --model qwen2.5-coder-0.5b-instruct --out out/gated-refusal
     python scripts/eval_gated.py --recipe recipes/moralizing.toml --out out/gated-moralizing
@@ -97,6 +98,7 @@ from steer.directions.evaluate import (
     is_moralizing,
     is_refusal,
 )
+from steer.directions.gate_scenarios import with_scenarios
 from steer.directions.gate_styles import StyleRates
 from steer.directions.gating import (
     SCENE_FORMS,
@@ -414,6 +416,7 @@ def _conditions(
     hooks = [f"blocks.{n}.hook_resid_pre" for n in layers]
     scenes = scene_prompts(handle) if args.scenes else ()
     parts = {part: gate_prompts(splits, part, scenes) for part in ("train", "validation")}
+    parts = with_scenarios(handle, recipe, parts, SCENE_FORMS)
     reads = read_prompts(
         handle,
         hooks,

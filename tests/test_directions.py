@@ -160,7 +160,7 @@ def test_unseen_check_sets_share_nothing_with_the_data_choices_were_made_on() ->
     seen += datasets.load_prompts("recipes:rp_benign.txt")
     seen += datasets.load_prompts("recipes:moralizing_gate_fire.txt")
     seen_names = {situation_scene(text).names[0] for text in seen}
-    for suffix in ("", "2", "3", "4"):  # each later set shares nothing with the earlier ones either
+    for suffix in ("", "2", "3", "4", "5"):  # each later set shares nothing with earlier ones
         unseen = {
             name: datasets.load_prompts(f"recipes:{name}{suffix}.txt")
             for name in ("moralizing_unseen", "rp_benign_unseen")
@@ -175,12 +175,16 @@ def test_unseen_check_sets_share_nothing_with_the_data_choices_were_made_on() ->
         seen_names = {situation_scene(text).names[0] for text in seen}
 
 
-def test_the_moralizing_gate_recipe_reads_every_set_already_read_and_no_check_set_left() -> None:
-    """recipes/moralizing-gate.toml adds the first three moralizing check sets (both sides) and
-    the read ordinary-request check sets to the gate's data, and none of the fourth check set or
-    its KL set (results.md "unseen4-moralizing")."""
+@pytest.mark.parametrize("recipe", ["moralizing-gate.toml", "moralizing-gate-scenes.toml"])
+def test_the_moralizing_gate_recipe_reads_every_set_already_read_and_no_check_set_left(
+    recipe: str,
+) -> None:
+    """recipes/moralizing-gate.toml (and -scenes.toml, the same with played scenes) adds the
+    first three moralizing check sets (both sides) and the read ordinary-request check sets to
+    the gate's data, and none of the fourth or fifth check set or their KL sets (results.md
+    "unseen4-moralizing")."""
     base = gate_splits(load_direction_recipe(datasets.RECIPES_DIR / "moralizing.toml"))
-    more = gate_splits(load_direction_recipe(datasets.RECIPES_DIR / "moralizing-gate.toml"))
+    more = gate_splits(load_direction_recipe(datasets.RECIPES_DIR / recipe))
 
     def prompts(splits: dict[str, datasets.Splits[str]]) -> set[str]:
         parts = ("train", "validation", "test")
@@ -190,7 +194,10 @@ def test_the_moralizing_gate_recipe_reads_every_set_already_read_and_no_check_se
     for suffix in ("", "2", "3"):
         for name in ("moralizing_unseen", "rp_benign_unseen", "harmless_unseen"):
             assert set(datasets.load_prompts(f"recipes:{name}{suffix}.txt")) <= prompts(more)
-    for name in ("moralizing_unseen4", "rp_benign_unseen4", "harmless_unseen5"):
+    for name in (
+        "moralizing_unseen4", "rp_benign_unseen4", "harmless_unseen5",
+        "moralizing_unseen5", "rp_benign_unseen5", "harmless_unseen6",
+    ):  # fmt: skip
         assert not set(datasets.load_prompts(f"recipes:{name}.txt")) & prompts(more), name
     assert more["positive"] == base["positive"]  # the pairs: the rate's validation prompts
 
@@ -212,6 +219,22 @@ def test_the_rp_check_scenes_share_no_character_with_the_data_choices_were_made_
     unseen = load_scenarios(datasets.RECIPES_DIR / "data" / "rp_scenarios_unseen.jsonl")
     assert sorted(bool(triggers & set(s.tags)) for s in unseen) == [False] * 8 + [True] * 16
     for scenario in unseen:
+        assert not set(scenario.scene.names) & seen
+        assert scenario.scene.turns[-1].speaker == scenario.scene.user.name
+    # the second set (rp_scenarios_unseen2.jsonl, results.md "gated-rp-unseen2"): 12 and 12,
+    # no character of any scene or situation read before it, nor of the scenes the gate of
+    # recipes/moralizing-gate-scenes.toml plays
+    seen |= {name for s in unseen for name in s.scene.names}
+    seen |= {
+        situation_scene(text).names[0]
+        for suffix in ("2", "3", "4")
+        for name in ("moralizing_unseen", "rp_benign_unseen")
+        for text in datasets.load_prompts(f"recipes:{name}{suffix}.txt")
+    }
+    second = load_scenarios(datasets.RECIPES_DIR / "data" / "rp_scenarios_unseen2.jsonl")
+    assert sorted(bool(triggers & set(s.tags)) for s in second) == [False] * 12 + [True] * 12
+    assert not {s.id for s in second} & {s.id for s in [*unseen, *load_scenarios()]}
+    for scenario in second:
         assert not set(scenario.scene.names) & seen
         assert scenario.scene.turns[-1].speaker == scenario.scene.user.name
 

@@ -101,7 +101,10 @@ def test_compute_refuses_data_outside_the_root(client: SteerClient, tmp_path: Pa
             client.compute_direction(recipe, "nope")
         assert refused.value.field is not None and refused.value.field.startswith("recipe")
     # every data field that names a file is confined, the extra and gate sets too
-    for key in ("positive_extra", "negative_extra", "gate_fire", "gate_quiet", "gate_harmless"):
+    for key in (
+        "positive_extra", "negative_extra", "gate_fire", "gate_quiet", "gate_harmless",
+        "gate_scenarios",
+    ):  # fmt: skip
         recipe = CONTRAST.replace("filter = false", f'filter = false\n{key} = "../secret.txt"')
         with pytest.raises(InvalidArgument) as refused:
             client.compute_direction(recipe, "nope")

@@ -79,7 +79,7 @@ from steer.gates import GateScope
 from steer.models import ModelHandle
 from steer.recipes import AblateEdit, AddEdit, EditGate, EditRecipe, recipe_to_toml
 from steer.rp.evaluate import reply_prompt
-from steer.rp.scene import situation_scene
+from steer.rp.scene import Scene, situation_scene
 from steer.vectors import SteeringVector
 
 __all__ = [
@@ -208,15 +208,27 @@ def scene_prompt(handle: ModelHandle, form: str = "scene") -> Callable[[str], Pr
 
     def render(text: str) -> Prompt:
         opener = SCENE_OPENERS[zlib.crc32(text.encode()) % len(SCENE_OPENERS)]
-        scene = situation_scene(text, opener=opener, field="data.gate_scenes")
-        if form == "chat":
-            main = f"Write {scene.names[0]}'s next reply in this roleplay with User."
-            _, tokens = reply_prompt(handle, replace(scene, system=main), format="chat_completion")
-        else:
-            _, tokens = reply_prompt(handle, scene)
-        return tokens.ids
+        return scene_tokens(
+            handle, situation_scene(text, opener=opener, field="data.gate_scenes"), form
+        )
 
     return render
+
+
+def scene_tokens(
+    handle: ModelHandle, scene: Scene, form: str, speaker: str | None = None
+) -> Prompt:
+    """The token ids of the prompt for ``speaker``'s (default: the first character's) next
+    reply in ``scene``, in scene form ``form`` (:data:`SCENE_FORMS`)."""
+    speaker = scene.names[0] if speaker is None else speaker
+    if form == "chat":
+        main = f"Write {speaker}'s next reply in this roleplay with {scene.user.name}."
+        _, tokens = reply_prompt(
+            handle, replace(scene, system=main), speaker, format="chat_completion"
+        )
+    else:
+        _, tokens = reply_prompt(handle, scene, speaker)
+    return tokens.ids
 
 
 def scene_prompts(handle: ModelHandle) -> tuple[Callable[[str], Prompt], ...]:
@@ -276,9 +288,12 @@ def choose_gate(
     rates on each source when fitted without it (:attr:`GateChoice.new_source`). With
     ``reply_tokens`` K, a reply-scope gate reading each prompt's first K greedy reply tokens,
     combined by ``reply_aggregate`` (:data:`steer.gates.REPLY_AGGREGATES`)."""
+    from steer.directions.gate_scenarios import with_scenarios
+
     splits = gate_splits(recipe)
     scenes = scene_prompts(handle) if recipe.data.gate_scenes else ()
     parts = {part: gate_prompts(splits, part, scenes) for part in ("train", "validation")}
+    parts = with_scenarios(handle, recipe, parts, SCENE_FORMS)
     reads = read_prompts(
         handle,
         hooks,

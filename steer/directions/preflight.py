@@ -47,6 +47,10 @@ def check_data(recipe: DirectionRecipe) -> None:
     data = recipe.data
     for name in GATE_SETS:
         datasets.extra_sets(recipe, name)
+    if data.gate_scenarios:
+        from steer.directions.gate_scenarios import scenario_splits
+
+        scenario_splits(recipe)
     if data.gate_scenes:
         from steer.directions.gating import check_scenes
 

@@ -89,6 +89,11 @@ class DataSection:
     #: at the end of the prompt, not the chat template's assistant header, and a threshold
     #: calibrated on one-message prompts does not carry over
     gate_scenes: bool = False
+    #: scenario files (``steer eval rp``'s JSONL) whose scenes, played unedited for a few
+    #: replies, calibrate the gate too: scenes tagged crime, villain, horror or dark comedy on
+    #: the side it fires on, the rest on the side it stays quiet on
+    #: (:mod:`steer.directions.gate_scenarios`); one file or a list
+    gate_scenarios: tuple[str, ...] = ()
     #: seed of the train / validation / test shuffle
     seed: int = 0
     #: shares of each set for training and validation; the rest is held-out test data
@@ -235,6 +240,7 @@ _SEARCH_ONLY: dict[str, frozenset[str] | None] = {
             "filter_tokens",
             *GATE_SETS,
             "gate_scenes",
+            "gate_scenarios",
         }
     ),
     "search": frozenset(
@@ -352,12 +358,13 @@ def _section(cls: type, raw: Any, name: str) -> Any:
 
 
 #: list fields that name prompt sets: one set may be given as a plain string ("" = none)
-_SET_LISTS = frozenset({"positive_extra", "negative_extra", *GATE_SETS})
+_SET_LISTS = frozenset({"positive_extra", "negative_extra", *GATE_SETS, "gate_scenarios"})
 #: the item type of each list field
 _TUPLE_ITEMS: dict[str, type] = {
     "positive_extra": str,
     "negative_extra": str,
     **dict.fromkeys(GATE_SETS, str),
+    "gate_scenarios": str,
     "layers": int,
     "positions": int,
     "strengths": float,

@@ -50,7 +50,7 @@ def load_scenarios(path: str | Path = SCENARIOS) -> list[Scenario]:
         raise NotFoundError(f"no scenario file at {path}", field="scenarios")
     scenarios = []
     for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
+        if not line.strip() or line.lstrip().startswith("#"):  # a comment describes the file
             continue
         try:
             data = json.loads(line)
@@ -140,18 +140,33 @@ def play(
                 )
             )
         for index, result in enumerate(engine.run(requests)):
-            scene = scenes[index]
             replies[index].append(result.text)
-            kept = _cut_impersonation(result.text, scene.user.name)
-            scene = scene.with_turn(Turn(_next_speaker(scene, round_index), kept))
-            followups = scenarios[index].followups
-            if round_index < len(followups):
-                scene = scene.with_turn(Turn(scene.user.name, followups[round_index]))
-            scenes[index] = scene
+            scenes[index] = after_reply(scenarios[index], scenes[index], round_index, result.text)
     return [
         Transcript(s.id, tuple(r), prompt, s.scene.user.name)
         for s, r, prompt in zip(scenarios, replies, first_prompts, strict=True)
     ]
+
+
+def after_reply(scenario: Scenario, scene: Scene, round_index: int, reply: str) -> Scene:
+    """``scene`` (``scenario``'s, before round ``round_index``) after that round's ``reply``,
+    cut where the model starts writing the user's lines, and the user's scripted follow-up for
+    the round, if the scenario has one."""
+    kept = _cut_impersonation(reply, scene.user.name)
+    scene = scene.with_turn(Turn(_next_speaker(scene, round_index), kept))
+    if round_index < len(scenario.followups):
+        scene = scene.with_turn(Turn(scene.user.name, scenario.followups[round_index]))
+    return scene
+
+
+def played_turns(scenario: Scenario, replies: Sequence[str]) -> list[tuple[Scene, str]]:
+    """The scene and speaker each of ``replies`` (one transcript's, in order) was asked for in
+    :func:`play`."""
+    scene, turns = scenario.scene, []
+    for round_index, reply in enumerate(replies):
+        turns.append((scene, _next_speaker(scene, round_index)))
+        scene = after_reply(scenario, scene, round_index, reply)
+    return turns
 
 
 def evaluate_rp(

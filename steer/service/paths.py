@@ -77,6 +77,7 @@ _DATA_KEYS = (
     "gate_fire",
     "gate_quiet",
     "gate_harmless",
+    "gate_scenarios",
 )
 _EDIT_KEYS = ("direction", "harmless_mean", "vector", "sae")
 
