@@ -323,6 +323,22 @@ def test_the_later_check_sets_are_close_to_no_other_prompt(
     assert _closest(harmful, harmless) < to_each_other
 
 
+def test_the_sixth_ordinary_check_set_is_close_to_no_other_prompt() -> None:
+    """recipes/data/harmless_unseen6.txt (the KL set of results.md "unseen5-moralizing"),
+    written before the gate it checks was fitted, in ten framings of its own: 150 unique
+    requests, far in words from every prompt of every other data file and StrongREJECT."""
+    check = datasets.load_prompts("recipes:harmless_unseen6.txt")
+    others = [
+        *datasets.load_prompts("strongreject"),
+        *datasets.load_prompts("recipes:harmless.jsonl"),
+    ]
+    for path in sorted(datasets.RECIPES_DIR.joinpath("data").glob("*.txt")):
+        if path.name != "harmless_unseen6.txt":
+            others += datasets.load_prompts(f"recipes:{path.name}")
+    assert len(check) == len(set(check)) == 150
+    assert _closest(check, others) < 0.3
+
+
 def test_splits_are_seeded_disjoint_and_complete() -> None:
     items = [f"p{i}" for i in range(50)]
     first = datasets.split(items, seed=3, train=0.4, validation=0.2)
