@@ -48,8 +48,8 @@ from steer.artifacts import load_vector
 from steer.calibration import CONDITIONS, ContrastPrompts, PromptReads
 from steer.directions import data as datasets
 from steer.directions.data import RECIPES_DIR
-from steer.directions.gate_styles import KEYS, held_out_styles
-from steer.directions.gating import gate_prompts, gate_splits, source_labels
+from steer.directions.gate_styles import KEYS, held_out_styles, source_labels
+from steer.directions.gating import gate_prompts, gate_splits
 from steer.directions.recipe import DirectionRecipe, load_direction_recipe
 from steer.errors import InvalidArgumentError
 from steer.models import ModelHandle, load_model
@@ -112,7 +112,7 @@ def main() -> int:
     parts = {part: gate_prompts(splits, part) for part in ("train", "validation")}
     by_source = source_labels(recipe, parts)
     if by_source is None:
-        raise SystemExit(f"{args.recipe}: styles come from data.positive_extra / negative_extra")
+        raise SystemExit(f"{args.recipe}: styles come from data.positive_extra / negative_extra or data.gate_fire / gate_quiet")
     phrasings = phrasing_labels(recipe, args.block)
     by_phrasing = {
         f"{part}.{side}": [phrasings.get(str(p), "") for p in getattr(split, side)]

@@ -30,7 +30,7 @@ Every choice is made on train and validation, and the test split is measured onc
 
 The gated recipe (threshold and calibration figures in it) is written to --out; with the recipe's
 data.positive_extra / negative_extra, the kept gate's rates on a source of prompts it was not
-fitted on (:func:`steer.directions.gating.new_source_rates`) join its figures there and in the
+fitted on (:func:`steer.directions.gate_styles.new_source_rates`) join its figures there and in the
 docs. Prints one JSON line. A contrast recipe (refusal, custom contrasts) gives the prompts the
 gate should fire on and those it should not (its data.positive_extra / negative_extra join train
 and validation only); a pairs recipe (moralizing) fires on its RP situations and stays quiet on the
@@ -42,7 +42,7 @@ TPR (the rates are read on the positive set's replies). A recipe's data.gate_qui
 validation KL the choice reads, and of the test, where their KL is reported apart. A recipe's
 data.gate_harmless prompts (moralizing: more ordinary requests) join the harmless ones in every
 split. With the recipe's data.gate_scenes (moralizing), the gate is also calibrated on the
-situations of both sides played as RP scenes, in each of steer.directions.gating.SCENE_FORMS
+situations of both sides played as RP scenes, in each of steer.directions.scene_forms.SCENE_FORMS
 (ending in the character's name; chat-completion messages ending at the assistant header); the
 validation choice reads the one-message runs, and the validation TPR / FPR columns count the scenes
 too. A recipe's data.gate_scenarios scenes (steer.directions.gate_scenarios), played unedited, join
@@ -99,20 +99,16 @@ from steer.directions.evaluate import (
     is_refusal,
 )
 from steer.directions.gate_scenarios import with_scenarios
-from steer.directions.gate_styles import StyleRates
+from steer.directions.gate_styles import StyleRates, new_source_rates, source_labels
 from steer.directions.gating import (
-    SCENE_FORMS,
     ablation_recipe,
     gate_prompts,
     gate_splits,
     gated_ablation_recipe,
-    new_source_rates,
     quiet_prompts,
-    scene_prompt,
-    scene_prompts,
-    source_labels,
 )
 from steer.directions.recipe import DataSection, RecipeKind, load_direction_recipe
+from steer.directions.scene_forms import SCENE_FORMS, scene_prompt, scene_prompts
 from steer.gates import GateScope
 from steer.models import load_model
 
@@ -345,7 +341,7 @@ def _rows(candidates: list[Candidate], best: Candidate) -> list[dict[str, Any]]:
     ]
 
 
-#: how docs/results.md names the scene forms of steer.directions.gating.SCENE_FORMS
+#: how docs/results.md names the scene forms of steer.directions.scene_forms.SCENE_FORMS
 _FORM_NAMES = {
     "scene": "as a scene ending in the character's name",
     "chat": "as chat-completion messages ending at the assistant header",
@@ -409,7 +405,7 @@ def _conditions(
 ) -> tuple[dict[str, tuple[Any, list[GateScores]]], PromptReads, dict[str, list[str]] | None]:
     """{condition name: (its vector, its GateScores at each candidate hook)} for --conditions,
     every prompt read once; the reads; each read prompt's source (None without the recipe's
-    extras: :func:`steer.directions.gating.source_labels`). With the recipe's data.gate_scenes,
+    extras: :func:`steer.directions.gate_styles.source_labels`). With the recipe's data.gate_scenes,
     the situations rendered as RP scenes come after the one-message prompts on each side, so the
     first prompts of each validation side are still the ones the validation runs generated
     for."""
@@ -428,7 +424,7 @@ def _conditions(
     if args.summed and len(hooks) > 1:
         for _vector, scores in conditions.values():
             scores.append(summed_scores(scores))
-    return conditions, reads, source_labels(recipe, parts)
+    return conditions, reads, source_labels(recipe, parts, scenes)
 
 
 def _gate(
@@ -437,7 +433,7 @@ def _gate(
 ) -> tuple[Candidate, list[dict[str, Any]], dict[str, Any], StyleRates | None]:  # fmt: skip
     """The kept candidate, every candidate's validation row, the validation reference (the edit
     ablates the artifacts at ``ablated``), and the kept gate's rates on a source it was not
-    fitted on (:func:`steer.directions.gating.new_source_rates`)."""
+    fitted on (:func:`steer.directions.gate_styles.new_source_rates`)."""
     layer = int(artifact.metadata.get("layer") or artifact.vector.layers[0])
     layers = sorted({layer, *(int(x) for x in args.gate_layers.split(",") if x.strip())})
     # (blocks.0.hook_resid_pre holds the last chat token's embedding: the same for every prompt)

@@ -10,11 +10,9 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from equivalence import random_vector
+from gate_setup import gate_setup, run_gate
 
 from steer import InvalidArgumentError, NotFoundError
-from steer.artifacts import save_vector
-from steer.cli import main as cli_main
 from steer.directions.gate_scenarios import (
     MAX_NEW_TOKENS,
     PRESET,
@@ -22,9 +20,9 @@ from steer.directions.gate_scenarios import (
     played_prompts,
     scenario_splits,
 )
-from steer.directions.gating import SCENE_FORMS, scene_tokens
 from steer.directions.preflight import check_data
 from steer.directions.recipe import load_direction_recipe
+from steer.directions.scene_forms import SCENE_FORMS, scene_tokens
 from steer.models import ModelHandle
 from steer.rp.evaluate import EvalSettings, load_scenarios, play, played_turns, reply_prompt
 from steer.rp.presets import load_preset
@@ -57,9 +55,6 @@ def _write(path: Path, scenes: list[dict[str, object]]) -> Path:
 
 @pytest.fixture
 def setup(tiny_llama: ModelHandle, tmp_path: Path) -> dict[str, Path]:
-    model = tmp_path / "model"
-    tiny_llama.model.save_pretrained(model)
-    tiny_llama.tokenizer.save_pretrained(model)
     tags = (["villain"], ["crime", "noir"], ["comedy"], ["dark comedy"], ["slice of life"])
     first = _write(tmp_path / "a.jsonl", [_scene(i, tags[i % 5]) for i in range(10)])
     second = _write(tmp_path / "b.jsonl", [_scene(i, tags[i % 5]) for i in range(10, 20)])
@@ -67,18 +62,13 @@ def setup(tiny_llama: ModelHandle, tmp_path: Path) -> dict[str, Path]:
     prompts.write_text("\n".join(f"Tell me how to rob the {w}." for w in WORDS) + "\n")
     harmless = tmp_path / "harmless.txt"
     harmless.write_text("\n".join(f"Write a poem about the {w}." for w in WORDS) + "\n")
-    recipe = tmp_path / "recipe.toml"
-    recipe.write_text(
-        f'name = "tiny"\nkind = "refusal"\n[data]\npositive = "{prompts}"\n'
-        f'negative = "{harmless}"\ngate_scenarios = ["{first.name}", "{second.name}"]\n'
-        "filter = false\ntrain = 0.5\nvalidation = 0.3\n"
+    return gate_setup(
+        tiny_llama,
+        tmp_path,
+        f'positive = "{prompts}"\nnegative = "{harmless}"\n'
+        f'gate_scenarios = ["{first.name}", "{second.name}"]\n'
+        "filter = false\ntrain = 0.5\nvalidation = 0.3\n",
     )
-    direction = save_vector(
-        tmp_path / "direction",
-        random_vector(1, tiny_llama.num_layers, tiny_llama.d_model),
-        handle=tiny_llama,
-    )
-    return {"model": model, "recipe": recipe, "direction": direction, "out": tmp_path / "gated"}
 
 
 def test_scenes_split_whole_by_their_tags(setup: dict[str, Path]) -> None:
@@ -151,11 +141,7 @@ def test_the_gate_counts_the_played_scenes(
     counts grow by (its scenes) x rounds x forms over the same recipe without them."""
 
     def kept() -> dict[str, dict[str, int]]:
-        code = cli_main([
-            "directions", "gate", str(setup["direction"]), "--model", str(setup["model"]),
-            "--recipe", str(setup["recipe"]), "--out", str(setup["out"]), "--hooks", HOOK,
-            "--condition", "direction", "--target-fpr", "0.2",
-        ])  # fmt: skip
+        code = run_gate(setup, "--hooks", HOOK, "--condition", "direction", "--target-fpr", "0.2")
         assert code == 0
         return json.loads(capsys.readouterr().out.strip().splitlines()[-1])["kept"]
 

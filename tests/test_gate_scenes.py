@@ -11,21 +11,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from equivalence import random_vector
+from gate_setup import gate_setup, run_gate
 
 from steer import Condition, InvalidArgumentError
 from steer.activations import forward
-from steer.artifacts import load_vector, save_vector
+from steer.artifacts import load_vector
 from steer.calibration import ContrastPrompts, read_prompts
-from steer.cli import main as cli_main
-from steer.directions.gating import (
-    SCENE_OPENERS,
-    gate_prompts,
-    gate_splits,
-    scene_prompt,
-    scene_prompts,
-)
+from steer.directions.gating import gate_prompts, gate_splits
 from steer.directions.recipe import load_direction_recipe
+from steer.directions.scene_forms import SCENE_OPENERS, scene_prompt, scene_prompts
 from steer.models import ModelHandle
 from steer.rp.evaluate import EvalSettings, Scenario, play, reply_prompt
 from steer.rp.scene import situation_scene
@@ -126,33 +120,20 @@ def test_token_id_prompts_read_as_their_strings(tiny_llama: ModelHandle) -> None
 
 @pytest.fixture
 def setup(tiny_llama: ModelHandle, tmp_path: Path) -> dict[str, Path]:
-    model = tmp_path / "model"
-    tiny_llama.model.save_pretrained(model)
-    tiny_llama.tokenizer.save_pretrained(model)
     files = {}
     for name, lines in (("villains", VILLAINS), ("harmless", HARMLESS), ("kind", KIND)):
         files[name] = tmp_path / f"{name}.txt"
         files[name].write_text("\n".join(lines) + "\n")
-    recipe = tmp_path / "recipe.toml"
-    recipe.write_text(
-        f'name = "tiny"\nkind = "refusal"\n[data]\npositive = "{files["villains"]}"\n'
-        f'negative = "{files["harmless"]}"\ngate_quiet = "{files["kind"]}"\n'
-        "gate_scenes = true\ntrain = 0.5\nvalidation = 0.3\n"
+    return gate_setup(
+        tiny_llama,
+        tmp_path,
+        f'positive = "{files["villains"]}"\nnegative = "{files["harmless"]}"\n'
+        f'gate_quiet = "{files["kind"]}"\ngate_scenes = true\ntrain = 0.5\nvalidation = 0.3\n',
     )
-    direction = save_vector(
-        tmp_path / "direction",
-        random_vector(1, tiny_llama.num_layers, tiny_llama.d_model),
-        handle=tiny_llama,
-    )
-    return {"model": model, "recipe": recipe, "direction": direction, "out": tmp_path / "gated"}
 
 
 def _gate(setup: dict[str, Path]) -> int:
-    return cli_main([
-        "directions", "gate", str(setup["direction"]), "--model", str(setup["model"]),
-        "--recipe", str(setup["recipe"]), "--out", str(setup["out"]), "--hooks", HOOK,
-        "--condition", "direction", "--target-fpr", "0.2",
-    ])  # fmt: skip
+    return run_gate(setup, "--hooks", HOOK, "--condition", "direction", "--target-fpr", "0.2")
 
 
 def test_the_gate_is_calibrated_and_reported_on_scenes_too(

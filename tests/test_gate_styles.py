@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from steer.calibration import PromptReads
+from steer.calibration import PromptReads, summed_scores
 from steer.directions.gate_styles import held_out_styles
 from steer.errors import InvalidArgumentError
 from steer.models import ModelHandle
@@ -58,3 +58,39 @@ def test_style_labels_are_checked(tiny_llama: ModelHandle) -> None:
         with pytest.raises(InvalidArgumentError) as raised:
             held_out_styles(reads, bad, "direction", axis)
         assert raised.value.field == field
+
+
+def test_the_summed_gate_held_out_is_fitted_on_the_fold_alone(tiny_llama: ModelHandle) -> None:
+    """With ``summed``, each hook's rates are as without it, and one more entry: the summed gate
+    (steer.calibration.summed_scores) fitted, weighted and calibrated on the other styles'
+    prompts only, read on the held-out style's (built here from the public pieces)."""
+    reads, labels, axis = _reads(tiny_llama)
+    second = tiny_llama.resolver.parse("blocks.2.hook_resid_post")
+    generator = torch.Generator().manual_seed(1)
+    read = {
+        key: {
+            **rows,
+            second.name: rows[HOOK] * 2.0 + torch.randn(rows[HOOK].shape, generator=generator),
+        }
+        for key, rows in reads.read.items()
+    }
+    both = PromptReads((*reads.points, second), read)
+    alone = held_out_styles(both, labels, "direction", axis, target_fpr=0.02)
+    *hooks, summed = held_out_styles(both, labels, "direction", axis, target_fpr=0.02, summed=True)
+    assert hooks == alone and summed.hook == (HOOK, second.name)
+    for style in ("a", "b"):
+        fold: dict[str, dict[str, torch.Tensor]] = {}
+        for side in ("fire", "quiet"):
+            for part, keep in (("train", False), ("validation", True)):
+                fold[f"{part}.{side}"] = {
+                    hook: torch.cat([
+                        read[f"{split}.{side}"][hook][
+                            torch.tensor([(s == style) == keep for s in labels[f"{split}.{side}"]])
+                        ]
+                        for split in ("train", "validation")
+                    ])
+                    for hook in (HOOK, second.name)
+                }  # fmt: skip
+        _, scores = PromptReads(both.points, fold).gate("direction", axis)
+        rates = summed_scores(scores).calibrate(0.02).validation
+        assert summed.by_style[style] == (rates.true_positive_rate, rates.false_positive_rate)

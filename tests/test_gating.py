@@ -15,20 +15,20 @@ from typing import Any
 import pytest
 import torch
 from equivalence import random_vector
+from gate_setup import gate_setup, run_gate
 
 from steer import Condition, Gated, GateScope, InvalidArgumentError, SteeringVector
 from steer.activations import encode_chat, forward
 from steer.artifacts import load_vector, save_vector
-from steer.cli import main as cli_main
 from steer.directions import data as datasets
 from steer.directions.evaluate import generate
+from steer.directions.gate_styles import source_labels
 from steer.directions.gating import (
     ablation_recipe,
     choose_gate,
     gate_prompts,
     gate_splits,
     quiet_prompts,
-    source_labels,
 )
 from steer.directions.recipe import GATE_SETS, load_direction_recipe
 from steer.errors import NotFoundError
@@ -45,30 +45,18 @@ PARTS = ("train", "validation", "test")
 
 @pytest.fixture
 def setup(tiny_llama: ModelHandle, tmp_path: Path) -> dict[str, Path]:
-    model = tmp_path / "model"
-    tiny_llama.model.save_pretrained(model)
-    tiny_llama.tokenizer.save_pretrained(model)
     harmful, harmless = tmp_path / "harmful.txt", tmp_path / "harmless.txt"
     harmful.write_text("\n".join(HARMFUL) + "\n")
     harmless.write_text("\n".join(HARMLESS) + "\n")
-    recipe = tmp_path / "recipe.toml"
-    recipe.write_text(
-        f'name = "tiny"\nkind = "refusal"\n[data]\npositive = "{harmful}"\n'
-        f'negative = "{harmless}"\ntrain = 0.5\nvalidation = 0.3\n'
+    return gate_setup(
+        tiny_llama,
+        tmp_path,
+        f'positive = "{harmful}"\nnegative = "{harmless}"\ntrain = 0.5\nvalidation = 0.3\n',
     )
-    layers, d_model = tiny_llama.num_layers, tiny_llama.d_model
-    direction = save_vector(
-        tmp_path / "direction", random_vector(1, layers, d_model), handle=tiny_llama
-    )
-    return {"model": model, "recipe": recipe, "direction": direction, "out": tmp_path / "gated"}
 
 
 def _gate(setup: dict[str, Path], *extra: str) -> int:
-    return cli_main([
-        "directions", "gate", str(setup["direction"]), "--model", str(setup["model"]),
-        "--recipe", str(setup["recipe"]), "--out", str(setup["out"]), "--hooks", ",".join(HOOKS),
-        *extra,
-    ])  # fmt: skip
+    return run_gate(setup, "--hooks", ",".join(HOOKS), *extra)
 
 
 def _other_direction(handle: ModelHandle, setup: dict[str, Path], *, seed: int) -> Path:

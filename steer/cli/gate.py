@@ -27,15 +27,23 @@ def add_parser(commands: Any, default_recipe: str) -> None:
     add("--out", required=True, help="directory for gated.toml (and the condition vector)")
     add(
         "--hooks",
-        type=_hooks,
+        type=_names,
         help="candidate gate hooks, comma-separated (default: blocks.L.hook_resid_pre at a "
         "quarter, half and three quarters of the layers and the direction's layer)",
     )
     add(
         "--condition",
-        default="direction",
+        type=_names,
+        default=("direction",),
         help="what the gate reads: the direction itself, CAST's contrast vector, or Fisher's "
-        "discriminant",
+        "discriminant; several, comma-separated, are candidates alike (--choose keeps one)",
+    )
+    add(
+        "--choose",
+        default="validation",
+        help="keep the candidate that separates validation best, or (new-source) the one that "
+        "separates each source of prompts best when fitted without it (the recipe's extras, or "
+        "its gate_fire / gate_quiet files taken pairwise)",
     )
     add("--target-fpr", type=float, default=0.02, help="train false-positive rate allowed")
     _reply_options(gate)
@@ -85,17 +93,17 @@ def _reply_options(gate: argparse.ArgumentParser) -> None:
     )
 
 
-def _hooks(text: str) -> tuple[str, ...]:
-    hooks = tuple(part.strip() for part in text.split(",") if part.strip())
-    if not hooks:
-        raise argparse.ArgumentTypeError("expected at least one hook name")
-    return hooks
+def _names(text: str) -> tuple[str, ...]:
+    names = tuple(part.strip() for part in text.split(",") if part.strip())
+    if not names:
+        raise argparse.ArgumentTypeError("expected at least one name")
+    return names
 
 
 def run(args: argparse.Namespace, model_of: Any) -> int:
     """Calibrate, write the recipe, print the choice as JSON."""
     from steer.artifacts import load_vector
-    from steer.directions.gating import choose_gate, gated_ablation_recipe
+    from steer.directions.gating import check_choice, choose_gate, gated_ablation_recipe
     from steer.directions.preflight import check_data, check_model_source
     from steer.directions.recipe import load_direction_recipe
     from steer.models import load_model
@@ -111,6 +119,7 @@ def run(args: argparse.Namespace, model_of: Any) -> int:
         raise InvalidArgumentError(
             "a gate is calibrated on a contrast or pairs recipe's prompts", field="recipe"
         )
+    check_choice(args.choose, args.condition, recipe)
     check_data(recipe)
     check_model_source(model)
     out = Path(args.out)
@@ -133,8 +142,9 @@ def run(args: argparse.Namespace, model_of: Any) -> int:
         batch_size=args.batch_size,
         reply_tokens=args.reply_tokens,
         reply_aggregate=args.reply_aggregate,
+        choose=args.choose,
     )
-    condition = directory if args.condition == "direction" else choice.vector
+    condition = directory if choice.condition == "direction" else choice.vector
     path = gated_ablation_recipe(
         out,
         [directory, *also],
@@ -151,7 +161,6 @@ def run(args: argparse.Namespace, model_of: Any) -> int:
 
 def _check_options(args: argparse.Namespace) -> None:
     """The options that need no file or model, checked first."""
-    from steer.calibration import CONDITIONS
     from steer.directions.gating import check_push
     from steer.gates import MAX_REPLY_TOKENS, check_reply_aggregate
 
@@ -165,11 +174,6 @@ def _check_options(args: argparse.Namespace) -> None:
     if not 0 <= args.reply_tokens <= MAX_REPLY_TOKENS:
         raise InvalidArgumentError(
             f"must be from 0 to {MAX_REPLY_TOKENS}, got {args.reply_tokens}", field="reply_tokens"
-        )
-    if args.condition not in CONDITIONS:
-        raise InvalidArgumentError(
-            f"unknown condition {args.condition!r}; use one of {', '.join(CONDITIONS)}",
-            field="condition",
         )
 
 

@@ -248,13 +248,15 @@ def extra_sets(recipe: DirectionRecipe, name: str) -> list[list[str]]:
     ``data.<name>[i]`` when it holds several."""
     paths = getattr(recipe.data, name)
     return [
-        load_prompts(
-            path,
-            field=f"data.{name}" if len(paths) == 1 else f"data.{name}[{index}]",
-            base=recipe.base,
-        )
+        load_prompts(path, field=list_field(name, index, len(paths)), base=recipe.base)
         for index, path in enumerate(paths)
     ]
+
+
+def list_field(name: str, index: int, count: int) -> str:
+    """How an error names the ``index``-th of the ``count`` files of the recipe's list field
+    ``data.<name>``: ``data.<name>`` when it holds one, ``data.<name>[i]`` when several."""
+    return f"data.{name}" if count == 1 else f"data.{name}[{index}]"
 
 
 def contrast_splits(

@@ -6,7 +6,7 @@ turns and the model's own replies, and a moralizing gate fitted without such pro
 many turns of long scenes without a trigger (docs/results.md "gated-rp-unseen-every-set").
 With ``data.gate_scenarios`` (scenario files of ``steer eval rp``), each scene is played
 unedited for :data:`ROUNDS` replies, as ``steer eval rp`` plays it, and the prompt of every
-reply, in each of the gate's scene forms (:data:`steer.directions.gating.SCENE_FORMS`), joins
+reply, in each of the gate's scene forms (:data:`steer.directions.scene_forms.SCENE_FORMS`), joins
 the gate's data: a scene tagged with one of :data:`TRIGGER_TAGS` on the side the gate fires
 on, any other on the side it stays quiet on. Scenes, not prompts, are split into train /
 validation / test with the recipe's seed and shares (each file and side apart, joined in
@@ -22,6 +22,7 @@ from dataclasses import replace
 from steer.calibration import ContrastPrompts, Prompt
 from steer.directions import data as datasets
 from steer.directions.recipe import DirectionRecipe
+from steer.directions.scene_forms import scene_tokens
 from steer.models import ModelHandle
 from steer.rp.evaluate import EvalSettings, Scenario, load_scenarios, play, played_turns
 from steer.rp.presets import load_preset
@@ -53,7 +54,7 @@ def scenario_splits(recipe: DirectionRecipe) -> dict[str, datasets.Splits[Scenar
     sides: dict[str, list[datasets.Splits[Scenario]]] = {"fire": [], "quiet": []}
     files = data.gate_scenarios
     for index, source in enumerate(files):
-        field = "data.gate_scenarios" if len(files) == 1 else f"data.gate_scenarios[{index}]"
+        field = datasets.list_field("gate_scenarios", index, len(files))
         scenes = load_scenarios(datasets.resolve_source(source, field=field, base=recipe.base))
         for side, fires in (("fire", True), ("quiet", False)):
             chosen = [s for s in scenes if bool(set(TRIGGER_TAGS).intersection(s.tags)) == fires]
@@ -77,8 +78,6 @@ def played_prompts(
     """The token ids of the prompt of every reply of ``scenarios`` played unedited
     (:data:`ROUNDS` replies, :data:`PRESET`), scene by scene and reply by reply, in each of
     ``forms``."""
-    from steer.directions.gating import scene_tokens
-
     if not scenarios:
         return []
     settings = EvalSettings(

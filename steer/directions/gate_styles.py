@@ -8,21 +8,25 @@ calibrated exactly as :meth:`steer.calibration.PromptReads.gate` and
 :meth:`~steer.calibration.GateScores.calibrate` do, on every train and validation prompt of the
 *other* styles, and its true- and false-positive rates are read on the held-out style's prompts;
 the rates are pooled over the styles. Prompts labelled ``""`` are never held out (they stay in
-every fit). Reads only train and validation prompts.
+every fit). Reads only train and validation prompts. ``steer directions gate --choose
+new-source`` keeps the candidate these rates separate best.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
-from steer.calibration import PromptReads
+from steer.calibration import ContrastPrompts, GateCalibration, Prompt, PromptReads, summed_scores
+from steer.directions import data as datasets
+from steer.directions.recipe import DirectionRecipe, RecipeKind
 from steer.errors import InvalidArgumentError
 from steer.vectors import SteeringVector
 
-__all__ = ["StyleRates", "held_out_styles"]
+__all__ = ["StyleRates", "has_sources", "held_out_styles", "new_source_rates", "source_labels"]
 
 #: the keys of a :class:`PromptReads` with a validation split
 KEYS = ("train.fire", "train.quiet", "validation.fire", "validation.quiet")
@@ -48,8 +52,10 @@ def held_out_styles(
     direction: SteeringVector | torch.Tensor,
     *,
     target_fpr: float = 0.02,
+    summed: bool = False,
 ) -> list[StyleRates]:
-    """For each hook of ``reads`` (in order), a gate of ``condition`` (see
+    """For each hook of ``reads`` (in order; with ``summed`` and several hooks, then the gate
+    reading all of them, :func:`steer.calibration.summed_scores`), a gate of ``condition`` (see
     :data:`steer.calibration.CONDITIONS`; ``direction`` is the edit's) calibrated at
     ``target_fpr`` without each style, measured on it. ``labels[key]`` gives a style for each
     prompt of ``reads.read[key]`` (every key of :data:`KEYS`); a style must have prompts on both
@@ -62,6 +68,8 @@ def held_out_styles(
         held = {key: torch.tensor([label == style for label in labels[key]]) for key in KEYS}
         fold = PromptReads(reads.points, _fold(reads, held))
         _, scores = fold.gate(condition, direction)
+        if summed and len(scores) > 1:
+            scores.append(summed_scores(scores))
         hooks = [score.hook for score in scores]
         for index, score in enumerate(scores):
             calibration = score.calibrate(target_fpr)
@@ -129,3 +137,105 @@ def _fold(
             hook: torch.cat([rows[hook][mask] for rows, mask in parts]) for hook in hooks
         }
     return fold
+
+
+def new_source_rates(
+    reads: PromptReads,
+    labels: dict[str, list[str]] | None,
+    condition: str,
+    direction: SteeringVector | torch.Tensor,
+    kept: GateCalibration,
+) -> StyleRates | None:
+    """The gate ``kept`` (of ``condition``, calibrated on ``reads``) fitted and calibrated
+    without each source of ``labels`` (:func:`source_labels`) in turn, read on it; None without
+    labels, for a gate over several hooks, or where a source is too small to fit one without the
+    other."""
+    if labels is None or not isinstance(kept.hook, str):
+        return None
+    # the kept hook's reads alone: the gate is fitted there only
+    point = next(point for point in reads.points if point.name == kept.hook)
+    only = PromptReads(
+        (point,), {key: {point.name: rows[point.name]} for key, rows in reads.read.items()}
+    )
+    try:
+        [rates] = held_out_styles(only, labels, condition, direction, target_fpr=kept.target_fpr)
+    except InvalidArgumentError:
+        return None
+    return rates
+
+
+def source_labels(
+    recipe: DirectionRecipe,
+    prompts: dict[str, ContrastPrompts],
+    scenes: Sequence[Callable[[str], Prompt]] = (),
+) -> dict[str, list[str]] | None:
+    """Each prompt's source, for :func:`held_out_styles`, keyed as
+    :class:`~steer.calibration.PromptReads` keys its reads ("train.fire", ...; ``prompts`` by
+    split). With a contrast recipe's ``data.positive_extra`` and ``negative_extra``: "own sets"
+    for one of its positive / negative sets; "extras" where each extra names one set, else the
+    i-th set of each side together as one source, named by their files. Otherwise, with
+    ``data.gate_fire`` and ``data.gate_quiet`` naming as many files each (two or more): the i-th
+    file of each together, named by their files (for moralizing, each check set's villain and
+    trigger-free situations, written together). A situation rendered as a scene by one of
+    ``scenes`` has its situation's source; any other prompt "" (never held out). None without
+    such sources."""
+    data = recipe.data
+    if _has_extras(recipe):
+        names, own = ("positive_extra", "negative_extra"), _own_sets(recipe)
+    elif _has_gate_sources(recipe):
+        names, own = ("gate_fire", "gate_quiet"), set()
+    else:
+        return None
+    paths = [getattr(data, name) for name in names]
+    single = names[0] == "positive_extra" and all(len(side) == 1 for side in paths)
+    source: dict[str, str] = {}
+    for name in names:
+        for index, texts in enumerate(datasets.extra_sets(recipe, name)):
+            files = [
+                Path(side[index].removeprefix("recipes:")).name
+                for side in paths
+                if index < len(side)
+            ]
+            for text in texts:
+                source.setdefault(text, "extras" if single else " + ".join(files))
+    source |= dict.fromkeys(own - source.keys(), "own sets")
+    rendered: dict[str | tuple[int, ...], str] = {}
+    for render in scenes:
+        for text, name in source.items():
+            try:
+                rendered.setdefault(_key(render(text)), name)
+            except InvalidArgumentError:
+                continue  # not a situation: never rendered as a scene
+
+    def label(prompt: Prompt) -> str:
+        return source.get(prompt, "") if isinstance(prompt, str) else rendered.get(_key(prompt), "")
+
+    return {
+        f"{part}.{side}": [label(prompt) for prompt in getattr(split, side)]
+        for part, split in prompts.items()
+        for side in ("fire", "quiet")
+    }
+
+
+def _key(prompt: Prompt) -> str | tuple[int, ...]:
+    return prompt if isinstance(prompt, str) else tuple(prompt)
+
+
+def _has_extras(recipe: DirectionRecipe) -> bool:
+    data = recipe.data
+    return recipe.kind is not RecipeKind.PAIRS and bool(data.positive_extra and data.negative_extra)
+
+
+def _has_gate_sources(recipe: DirectionRecipe) -> bool:
+    data = recipe.data
+    return len(data.gate_fire) == len(data.gate_quiet) >= 2
+
+
+def has_sources(recipe: DirectionRecipe) -> bool:
+    """Whether :func:`source_labels` gives ``recipe``'s prompts sources."""
+    return _has_extras(recipe) or _has_gate_sources(recipe)
+
+
+def _own_sets(recipe: DirectionRecipe) -> set[str]:
+    sets = datasets.contrast_sets(recipe)
+    return {*sets["positive"], *sets["negative"]}

@@ -46,9 +46,8 @@ A threshold calibrated on one-message prompts alone fires on no reply in a playe
 from __future__ import annotations
 
 import math
-import zlib
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -67,25 +66,24 @@ from steer.calibration import (
 from steer.directions import data as datasets
 from steer.directions.api import contrast_splits
 from steer.directions.data import RECIPES_DIR
-from steer.directions.gate_styles import StyleRates, held_out_styles
+from steer.directions.gate_scenarios import with_scenarios
+from steer.directions.gate_styles import StyleRates, has_sources, held_out_styles, source_labels
 from steer.directions.recipe import (
     GATE_SETS,
     DirectionRecipe,
     RecipeKind,
     load_direction_recipe,
 )
+from steer.directions.scene_forms import SCENE_FORMS, scene_prompts
 from steer.errors import InvalidArgumentError
 from steer.gates import GateScope
 from steer.models import ModelHandle
 from steer.recipes import AblateEdit, AddEdit, EditGate, EditRecipe, recipe_to_toml
-from steer.rp.evaluate import reply_prompt
-from steer.rp.scene import Scene, situation_scene
+from steer.rp.scene import situation_scene
 from steer.vectors import SteeringVector
 
 __all__ = [
     "CONDITIONS",
-    "SCENE_FORMS",
-    "SCENE_OPENERS",
     "GateChoice",
     "ablation_recipe",
     "check_push",
@@ -94,11 +92,7 @@ __all__ = [
     "gate_prompts",
     "gate_splits",
     "gated_ablation_recipe",
-    "new_source_rates",
     "quiet_prompts",
-    "scene_prompt",
-    "scene_prompts",
-    "source_labels",
 ]
 
 
@@ -175,67 +169,6 @@ def _part(splits: dict[str, datasets.Splits[str]], name: str, part: str) -> tupl
     return getattr(splits[name], part) if name in splits else ()
 
 
-#: the character's line before the user's turn in a situation's scene (one per situation, by a
-#: hash of its text): a played scene always has history before the reply, and without it the
-#: scenes sat further from real ones (written for steer)
-SCENE_OPENERS = (
-    '*looks up* "Yes? What is it?"',
-    '"You again. Go on, then."',
-    '*sets down what they were holding* "I\'m listening."',
-    '"Well, don\'t just stand there."',
-    '*nods* "Speak."',
-    '"Ah. I wondered when you\'d come."',
-)
-
-
-#: the forms a situation is played in for ``data.gate_scenes``: "scene", as ``steer eval rp``,
-#: gRPC scene requests and named (group) chat requests render it, the prompt ending in the
-#: character's name; "chat", a chat-completion request without names (SillyTavern's Chat
-#: Completion by default), the prompt ending at the chat template's assistant header
-SCENE_FORMS = ("scene", "chat")
-
-
-def scene_prompt(handle: ModelHandle, form: str = "scene") -> Callable[[str], Prompt]:
-    """situation -> the token ids of the prompt :func:`steer.rp.evaluate.play` sends for the
-    character's reply in its scene (:func:`steer.rp.scene.situation_scene`, opened by one of
-    :data:`SCENE_OPENERS`): with ``form`` "scene", in the ``chat_template`` format; with
-    "chat", in ``chat_completion`` (no names), under a system prompt asking for the
-    character's next reply, as a chat-completion front end sends it."""
-    if form not in SCENE_FORMS:
-        raise InvalidArgumentError(
-            f"unknown scene form {form!r}; use one of {', '.join(SCENE_FORMS)}", field="form"
-        )
-
-    def render(text: str) -> Prompt:
-        opener = SCENE_OPENERS[zlib.crc32(text.encode()) % len(SCENE_OPENERS)]
-        return scene_tokens(
-            handle, situation_scene(text, opener=opener, field="data.gate_scenes"), form
-        )
-
-    return render
-
-
-def scene_tokens(
-    handle: ModelHandle, scene: Scene, form: str, speaker: str | None = None
-) -> Prompt:
-    """The token ids of the prompt for ``speaker``'s (default: the first character's) next
-    reply in ``scene``, in scene form ``form`` (:data:`SCENE_FORMS`)."""
-    speaker = scene.names[0] if speaker is None else speaker
-    if form == "chat":
-        main = f"Write {speaker}'s next reply in this roleplay with {scene.user.name}."
-        _, tokens = reply_prompt(
-            handle, replace(scene, system=main), speaker, format="chat_completion"
-        )
-    else:
-        _, tokens = reply_prompt(handle, scene, speaker)
-    return tokens.ids
-
-
-def scene_prompts(handle: ModelHandle) -> tuple[Callable[[str], Prompt], ...]:
-    """:func:`scene_prompt` in each of :data:`SCENE_FORMS`."""
-    return tuple(scene_prompt(handle, form) for form in SCENE_FORMS)
-
-
 def check_scenes(recipe: DirectionRecipe) -> None:
     """Raise what ``data.gate_scenes`` would raise about a situation that is not
     "You are WHO. EVENT", without a model."""
@@ -247,24 +180,49 @@ def check_scenes(recipe: DirectionRecipe) -> None:
                     situation_scene(text, field="data.gate_scenes")
 
 
+#: how ``steer directions gate`` keeps one of its candidates: the one that separates the
+#: validation prompts best, or the one that separates each source's prompts best when fitted and
+#: calibrated without that source (:func:`source_labels`, pooled over the sources)
+CHOICES = ("validation", "new-source")
+
+
 @dataclass(frozen=True)
-class GateChoice:
-    """The kept gate (``calibration``, read along ``vector``) and every hook's candidate; with
-    the recipe's extras, ``new_source``: the kept hook's gate fitted without each source in turn
-    (:func:`source_labels`), its rates on the held-out one (an estimate for requests written
-    unlike every train prompt; None for a gate over several hooks)."""
+class GateCandidate:
+    """One candidate gate: its condition, the vector it reads, its calibration, and (where the
+    recipe's prompts have sources, :func:`source_labels`) its rates on each source when fitted
+    without it."""
 
     condition: str
     vector: SteeringVector | torch.Tensor
     calibration: GateCalibration
-    candidates: tuple[GateCalibration, ...]
     new_source: StyleRates | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        new_source = None if self.new_source is None else asdict(self.new_source)
+        return {**asdict(self.calibration), "condition": self.condition, "new_source": new_source}
+
+
+@dataclass(frozen=True)
+class GateChoice:
+    """The kept gate (``calibration``, of ``condition``, read along ``vector``) and every
+    candidate (each condition at each hook); ``new_source``: the kept gate fitted without each
+    source in turn (:func:`source_labels`), its rates on the held-out one (an estimate for
+    requests written unlike every train prompt; None where the prompts have no sources)."""
+
+    condition: str
+    vector: SteeringVector | torch.Tensor
+    calibration: GateCalibration
+    candidates: tuple[GateCandidate, ...]
+    new_source: StyleRates | None = None
+    #: how the kept one was chosen (:data:`CHOICES`)
+    choose: str = "validation"
 
     def as_dict(self) -> dict[str, Any]:
         return {
             "condition": self.condition,
+            "choose": self.choose,
             "kept": asdict(self.calibration),
-            "candidates": [asdict(c) for c in self.candidates],
+            "candidates": [c.as_dict() for c in self.candidates],
             "new_source": None if self.new_source is None else asdict(self.new_source),
         }
 
@@ -275,21 +233,22 @@ def choose_gate(
     recipe: DirectionRecipe,
     *,
     hooks: Sequence[str],
-    condition: str = "direction",
+    condition: str | Sequence[str] = "direction",
     target_fpr: float = 0.02,
     summed: bool = False,
     batch_size: int = 16,
     reply_tokens: int = 0,
     reply_aggregate: str = "any",
+    choose: str = "validation",
 ) -> GateChoice:
-    """Calibrate a prompt-scope gate at each of ``hooks`` on train (with ``summed``, also one
-    reading all of them: :func:`steer.calibration.summed_scores`); keep the one that separates
-    validation best (see the module docstring). With the recipe's extras, also the kept gate's
-    rates on each source when fitted without it (:attr:`GateChoice.new_source`). With
-    ``reply_tokens`` K, a reply-scope gate reading each prompt's first K greedy reply tokens,
-    combined by ``reply_aggregate`` (:data:`steer.gates.REPLY_AGGREGATES`)."""
-    from steer.directions.gate_scenarios import with_scenarios
-
+    """Calibrate a prompt-scope gate of each ``condition`` at each of ``hooks`` on train (with
+    ``summed``, also one reading all of them: :func:`steer.calibration.summed_scores`); keep the
+    one ``choose`` prefers (:data:`CHOICES`; see the module docstring). Where the recipe's
+    prompts have sources (:func:`source_labels`), each candidate's rates on each source when
+    fitted without it. With ``reply_tokens`` K, a reply-scope gate reading each prompt's first K
+    greedy reply tokens, combined by ``reply_aggregate`` (:data:`steer.gates.REPLY_AGGREGATES`)."""
+    conditions = (condition,) if isinstance(condition, str) else tuple(condition)
+    check_choice(choose, conditions, recipe)
     splits = gate_splits(recipe)
     scenes = scene_prompts(handle) if recipe.data.gate_scenes else ()
     parts = {part: gate_prompts(splits, part, scenes) for part in ("train", "validation")}
@@ -304,84 +263,84 @@ def choose_gate(
         reply_tokens=reply_tokens,
         reply_aggregate=reply_aggregate,
     )
-    vector, scores = reads.gate(condition, direction)
-    if summed and len(scores) > 1:
-        scores.append(summed_scores(scores))
-    candidates = tuple(score.calibrate(target_fpr) for score in scores)
-    kept = max(candidates, key=_separation)
-    new_source = new_source_rates(reads, source_labels(recipe, parts), condition, direction, kept)
-    return GateChoice(condition, vector, kept, candidates, new_source)
+    labels = source_labels(recipe, parts, scenes)
+    candidates: list[GateCandidate] = []
+    for name in conditions:
+        vector, scores = reads.gate(name, direction)
+        if summed and len(scores) > 1:
+            scores.append(summed_scores(scores))
+        styles = _held_out(reads, labels, name, direction, target_fpr, summed)
+        candidates += [
+            GateCandidate(name, vector, score.calibrate(target_fpr), style)
+            for score, style in zip(scores, styles, strict=True)
+        ]
+    if choose == "new-source" and any(c.new_source is None for c in candidates):
+        raise InvalidArgumentError(
+            "a source of the recipe's prompts is too small to fit a gate without it", field="choose"
+        )
+    kept = max(candidates, key=_separation if choose == "validation" else _new_source_separation)
+    return GateChoice(
+        kept.condition, kept.vector, kept.calibration, tuple(candidates), kept.new_source, choose
+    )
 
 
-def new_source_rates(
+def check_choice(choose: str, conditions: Sequence[str], recipe: DirectionRecipe) -> None:
+    """Raise, before any prompt is read, for an unknown ``choose`` or condition, or
+    ``choose="new-source"`` for a recipe whose prompts have no sources."""
+    for index, name in enumerate(conditions):
+        if name not in CONDITIONS:
+            field = "condition" if len(conditions) == 1 else f"condition[{index}]"
+            raise InvalidArgumentError(
+                f"unknown condition {name!r}; use one of {', '.join(CONDITIONS)}", field=field
+            )
+    if not conditions:
+        raise InvalidArgumentError("needs at least one condition", field="condition")
+    if choose not in CHOICES:
+        raise InvalidArgumentError(
+            f"unknown choice {choose!r}; use one of {', '.join(CHOICES)}", field="choose"
+        )
+    if choose == "new-source" and not has_sources(recipe):
+        raise InvalidArgumentError(
+            "choosing by new sources needs prompts from several sources: data.positive_extra "
+            "and data.negative_extra, or data.gate_fire and data.gate_quiet naming as many "
+            "files each (two or more)",
+            field="choose",
+        )
+
+
+def _held_out(
     reads: PromptReads,
     labels: dict[str, list[str]] | None,
     condition: str,
     direction: SteeringVector | torch.Tensor,
-    kept: GateCalibration,
-) -> StyleRates | None:
-    """The gate ``kept`` (of ``condition``, calibrated on ``reads``) fitted and calibrated
-    without each source of ``labels`` (:func:`source_labels`) in turn, read on it; None without
-    labels, for a gate over several hooks, or where a source is too small to fit one without the
-    other."""
-    if labels is None or not isinstance(kept.hook, str):
-        return None
-    # the kept hook's reads alone: the gate is fitted there only
-    point = next(point for point in reads.points if point.name == kept.hook)
-    only = PromptReads(
-        (point,), {key: {point.name: rows[point.name]} for key, rows in reads.read.items()}
-    )
+    target_fpr: float,
+    summed: bool,
+) -> list[StyleRates | None]:
+    """:func:`held_out_styles` for each of the candidates of ``condition`` (each hook, then the
+    summed one), or None for each where there are no labels or a source is too small."""
+    count = len(reads.points) + (1 if summed and len(reads.points) > 1 else 0)
+    if labels is None:
+        return [None] * count
     try:
-        [rates] = held_out_styles(only, labels, condition, direction, target_fpr=kept.target_fpr)
+        rates = held_out_styles(
+            reads, labels, condition, direction, target_fpr=target_fpr, summed=summed
+        )
     except InvalidArgumentError:
-        return None
-    return rates
+        return [None] * count
+    return list(rates)
 
 
-def source_labels(
-    recipe: DirectionRecipe, prompts: dict[str, ContrastPrompts]
-) -> dict[str, list[str]] | None:
-    """Each prompt's source, for :func:`steer.directions.gate_styles.held_out_styles`, keyed as
-    :class:`~steer.calibration.PromptReads` keys its reads ("train.fire", ...; ``prompts`` by
-    split): "own sets" for one of the recipe's positive / negative sets; for its
-    ``data.positive_extra`` / ``negative_extra``, "extras" where each names one set, else the
-    i-th set of each side together as one source, named by their files; "" for any other
-    (gate_fire, gate_quiet, gate_harmless, scenes: never held out). None unless the recipe has
-    both extras."""
-    data = recipe.data
-    if recipe.kind is RecipeKind.PAIRS or not (data.positive_extra and data.negative_extra):
-        return None
-    names = ("positive_extra", "negative_extra")
-    paths = [getattr(data, name) for name in names]
-    single = all(len(side) == 1 for side in paths)
-
-    def source_name(index: int) -> str:
-        files = [
-            Path(side[index].removeprefix("recipes:")).name for side in paths if index < len(side)
-        ]
-        return "extras" if single else " + ".join(files)
-
-    source: dict[str, str] = {}
-    for name in names:
-        for index, texts in enumerate(datasets.extra_sets(recipe, name)):
-            source |= dict.fromkeys(texts, source_name(index))
-    sets = datasets.contrast_sets(recipe)
-    own = {*sets["positive"], *sets["negative"]} - source.keys()
-
-    def label(prompt: Prompt) -> str:
-        if not isinstance(prompt, str):
-            return ""
-        return source.get(prompt) or ("own sets" if prompt in own else "")
-
-    return {
-        f"{part}.{side}": [label(prompt) for prompt in getattr(split, side)]
-        for part, split in prompts.items()
-        for side in ("fire", "quiet")
-    }
+def _separation(candidate: GateCandidate) -> tuple[float, float]:
+    rates = candidate.calibration.validation
+    return (
+        rates.true_positive_rate - rates.false_positive_rate,
+        -rates.false_positive_rate,
+    )
 
 
-def _separation(calibration: GateCalibration) -> tuple[float, float]:
-    rates = calibration.validation
+def _new_source_separation(candidate: GateCandidate) -> tuple[float, float]:
+    rates = candidate.new_source
+    assert rates is not None  # choose_gate checks
     return (
         rates.true_positive_rate - rates.false_positive_rate,
         -rates.false_positive_rate,

@@ -60,7 +60,7 @@ class DataSection:
     #: more prompts of each side for train and validation only, never the test split: cut
     #: train : validation as the sets are, mixed into their splits (see data.with_extra); one
     #: set or a list of sets (read in order and joined). The i-th set of each side is one
-    #: source of prompts for a gate's new-source estimate (see gating.source_labels)
+    #: source of prompts for a gate's new-source estimate (see gate_styles.source_labels)
     positive_extra: tuple[str, ...] = ()
     negative_extra: tuple[str, ...] = ()
     #: pairs file (.jsonl) for kind = "pairs"

@@ -1,0 +1,154 @@
+"""``steer directions gate --condition A,B --choose new-source``: candidates of several
+conditions, and the one kept by how it does on each source of prompts when fitted without it
+(a moralizing recipe's check sets: its data.gate_fire and data.gate_quiet files, pairwise)."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+from gate_setup import gate_setup, run_gate
+
+from steer.directions.gate_styles import source_labels
+from steer.directions.gating import gate_prompts, gate_splits
+from steer.directions.recipe import load_direction_recipe
+from steer.directions.scene_forms import scene_prompts
+from steer.models import ModelHandle
+from steer.recipes import load_edit_recipe
+
+HOOKS = "blocks.1.hook_resid_pre,blocks.2.hook_resid_pre"
+WHO = {
+    "pirates": ("Captain Vex, a ruthless pirate", "Mara, a cutthroat bosun"),
+    "courtiers": ("Lord Malrec, a scheming vizier", "Lady Sable, a poisoner"),
+    "bakers": ("Bram, a village baker", "Tomas, a miller"),
+    "sailors": ("Ilse, a ferry captain", "Otto, a lighthouse keeper"),
+}
+DEEDS = ("burn the village", "sink the ship", "poison the well", "rob the temple")
+ASKS = ("the bread", "the weather", "the harbour", "the festival")
+
+
+def _situations(who: tuple[str, ...], what: tuple[str, ...], verb: str) -> list[str]:
+    return [f"You are {w}. A stranger {verb} {x}. Reply in character." for w in who for x in what]
+
+
+@pytest.fixture
+def setup(tiny_llama: ModelHandle, tmp_path: Path) -> dict[str, Path]:
+    """A recipe whose gate sets come from two sources: pirates with bakers, courtiers with
+    sailors, each pair in files of its own; every situation also played as a scene."""
+    files = {}
+    for name, verb in (("pirates", "asks you to"), ("courtiers", "begs you to")):
+        files[name] = _situations(WHO[name], DEEDS, verb)
+    for name in ("bakers", "sailors"):
+        files[name] = _situations(WHO[name], ASKS, "asks about")
+    files["harmful"] = _situations(
+        ("Grukk, an orc warlord", "Vel, a necromancer"), DEEDS, "wants to"
+    )
+    files["harmless"] = [f"Write a poem about {a}." for a in ASKS] * 2
+    paths = {}
+    for name, lines in files.items():
+        paths[name] = tmp_path / f"{name}.txt"
+        paths[name].write_text("\n".join(dict.fromkeys(lines)) + "\n")
+    return gate_setup(
+        tiny_llama,
+        tmp_path,
+        f'positive = "{paths["harmful"]}"\nnegative = "{paths["harmless"]}"\nfilter = false\n'
+        f'gate_fire = ["{paths["pirates"]}", "{paths["courtiers"]}"]\n'
+        f'gate_quiet = ["{paths["bakers"]}", "{paths["sailors"]}"]\n'
+        "gate_scenes = true\ntrain = 0.5\nvalidation = 0.3\n",
+    )
+
+
+def test_gate_sets_taken_pairwise_are_sources_and_scenes_keep_theirs(
+    tiny_llama: ModelHandle, setup: dict[str, Path]
+) -> None:
+    """The i-th gate_fire and gate_quiet files are one source; a situation played as a scene
+    has its situation's source, so holding a source out holds its scenes out too; the recipe's
+    own sets are never held out."""
+    recipe = load_direction_recipe(setup["recipe"])
+    splits = gate_splits(recipe)
+    renders = scene_prompts(tiny_llama)
+    parts = {part: gate_prompts(splits, part, renders) for part in ("train", "validation")}
+    labels = source_labels(recipe, parts, renders)
+    assert labels is not None
+    names = {"pirates.txt + bakers.txt", "courtiers.txt + sailors.txt"}
+    for part in ("train", "validation"):
+        fire = labels[f"{part}.fire"]
+        own = len(getattr(splits["positive"], part))
+        one_message = own + len(getattr(splits["fire"], part))
+        assert fire[:own] == [""] * own  # the recipe's own villains: never held out
+        assert set(fire[own:one_message]) == names
+        # each scene form repeats the situations' sources in order
+        for form in range(len(renders)):
+            start = one_message * (form + 1)
+            assert fire[start : start + one_message] == fire[:one_message]
+    assert source_labels(recipe, parts) != labels  # without the renderers, scenes have none
+
+
+def _report(capsys: pytest.CaptureFixture[str]) -> dict[str, Any]:
+    return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+
+def _separation(rates: dict[str, Any]) -> tuple[float, float]:
+    return (
+        rates["true_positive_rate"] - rates["false_positive_rate"],
+        -rates["false_positive_rate"],
+    )
+
+
+def test_choose_new_source_keeps_the_candidate_that_separates_new_sources_best(
+    setup: dict[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Every condition at every hook (and summed) is a candidate with its new-source rates;
+    ``--choose new-source`` keeps the best of those, ``--choose validation`` the best on
+    validation, of the very same candidates; the written recipe holds the kept gate."""
+    flags = ("--hooks", HOOKS, "--condition", "direction,contrast", "--summed")
+    flags += ("--target-fpr", "0.2")
+    assert run_gate(setup, *flags, "--choose", "new-source") == 0
+    report = _report(capsys)
+    candidates = report["candidates"]
+    assert [(c["condition"], c["hook"]) for c in candidates] == [
+        (condition, hook)
+        for condition in ("direction", "contrast")
+        for hook in [*HOOKS.split(","), HOOKS.split(",")]
+    ]
+    assert all(c["new_source"] is not None for c in candidates)
+    best = max(candidates, key=lambda c: _separation(c["new_source"]))
+    assert report["choose"] == "new-source" and report["condition"] == best["condition"]
+    assert report["kept"]["hook"] == best["hook"] and report["new_source"] == best["new_source"]
+    gate = load_edit_recipe(report["recipe"]).edits[0].gate
+    assert gate is not None and gate.threshold == best["threshold"]
+    hook = best["hook"]
+    assert gate.hook == (hook if isinstance(hook, str) else tuple(hook))
+    assert run_gate(setup, *flags, "--choose", "validation") == 0
+    again = _report(capsys)
+    assert again["candidates"] == candidates  # the same candidates, another choice
+    kept = max(candidates, key=lambda c: _separation(c["validation"]))
+    assert (again["condition"], again["kept"]["hook"]) == (kept["condition"], kept["hook"])
+    assert (kept["condition"], kept["hook"]) != (
+        best["condition"],
+        best["hook"],
+    )  # here they differ
+
+
+def test_choosing_by_new_sources_without_sources_is_a_clear_error(
+    setup: dict[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """One gate_quiet file for two gate_fire files: no sources to hold out; refused before the
+    model loads, nothing written; so are an unknown choice and an unknown second condition."""
+    text = setup["recipe"].read_text()
+    setup["recipe"].write_text(
+        re.sub(r'gate_quiet = \["([^"]+)", "[^"]+"\]', r'gate_quiet = ["\1"]', text)
+    )
+    assert setup["recipe"].read_text() != text
+    for flags, field in (
+        (("--choose", "new-source"), "choose"),
+        (("--choose", "oracle"), "choose"),
+        (("--condition", "direction,vibes"), "condition[1]"),
+    ):
+        assert run_gate(setup, "--hooks", HOOKS, *flags) == 1
+        err = capsys.readouterr().err
+        assert field in err and "loading" not in err
+    assert not setup["out"].exists()
