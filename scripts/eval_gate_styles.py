@@ -112,7 +112,10 @@ def main() -> int:
     parts = {part: gate_prompts(splits, part) for part in ("train", "validation")}
     by_source = source_labels(recipe, parts)
     if by_source is None:
-        raise SystemExit(f"{args.recipe}: styles come from data.positive_extra / negative_extra or data.gate_fire / gate_quiet")
+        raise SystemExit(
+            f"{args.recipe}: styles come from data.positive_extra / negative_extra, or "
+            "data.gate_fire / gate_quiet"
+        )
     phrasings = phrasing_labels(recipe, args.block)
     by_phrasing = {
         f"{part}.{side}": [phrasings.get(str(p), "") for p in getattr(split, side)]
