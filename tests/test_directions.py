@@ -160,7 +160,7 @@ def test_unseen_check_sets_share_nothing_with_the_data_choices_were_made_on() ->
     seen += datasets.load_prompts("recipes:rp_benign.txt")
     seen += datasets.load_prompts("recipes:moralizing_gate_fire.txt")
     seen_names = {situation_scene(text).names[0] for text in seen}
-    for suffix in ("", "2", "3", "4", "5"):  # each later set shares nothing with earlier ones
+    for suffix in ("", "2", "3", "4", "5", "6"):  # each later set shares nothing with earlier ones
         unseen = {
             name: datasets.load_prompts(f"recipes:{name}{suffix}.txt")
             for name in ("moralizing_unseen", "rp_benign_unseen")
@@ -180,25 +180,26 @@ def test_the_moralizing_gate_recipe_reads_every_set_already_read_and_no_check_se
     recipe: str,
 ) -> None:
     """recipes/moralizing-gate.toml (and -scenes.toml, the same with played scenes) adds the
-    first three moralizing check sets (both sides) and the read ordinary-request check sets to
-    the gate's data, and none of the fourth or fifth check set or their KL sets (results.md
-    "unseen4-moralizing")."""
+    first five moralizing check sets (both sides) and the read ordinary-request check sets (the
+    first six) to the gate's data, and none of the sixth check set, its KL set
+    (harmless_unseen7.txt) or the third set of scenes (rp_scenarios_unseen3.jsonl)."""
+    loaded = load_direction_recipe(datasets.RECIPES_DIR / recipe)
     base = gate_splits(load_direction_recipe(datasets.RECIPES_DIR / "moralizing.toml"))
-    more = gate_splits(load_direction_recipe(datasets.RECIPES_DIR / recipe))
+    more = gate_splits(loaded)
 
     def prompts(splits: dict[str, datasets.Splits[str]]) -> set[str]:
         parts = ("train", "validation", "test")
         return {p for s in splits.values() for part in parts for p in getattr(s, part)}
 
     assert prompts(base) < prompts(more)
-    for suffix in ("", "2", "3"):
-        for name in ("moralizing_unseen", "rp_benign_unseen", "harmless_unseen"):
+    for suffix in ("", "2", "3", "4", "5"):
+        for name in ("moralizing_unseen", "rp_benign_unseen"):
             assert set(datasets.load_prompts(f"recipes:{name}{suffix}.txt")) <= prompts(more)
-    for name in (
-        "moralizing_unseen4", "rp_benign_unseen4", "harmless_unseen5",
-        "moralizing_unseen5", "rp_benign_unseen5", "harmless_unseen6",
-    ):  # fmt: skip
+    for suffix in ("", "2", "3", "4", "5", "6"):
+        assert set(datasets.load_prompts(f"recipes:harmless_unseen{suffix}.txt")) <= prompts(more)
+    for name in ("moralizing_unseen6", "rp_benign_unseen6", "harmless_unseen7"):
         assert not set(datasets.load_prompts(f"recipes:{name}.txt")) & prompts(more), name
+    assert not any("rp_scenarios_unseen3" in str(f) for f in loaded.data.gate_scenarios or ())
     assert more["positive"] == base["positive"]  # the pairs: the rate's validation prompts
 
 
@@ -236,6 +237,23 @@ def test_the_rp_check_scenes_share_no_character_with_the_data_choices_were_made_
     assert not {s.id for s in second} & {s.id for s in [*unseen, *load_scenarios()]}
     for scenario in second:
         assert not set(scenario.scene.names) & seen
+        assert scenario.scene.turns[-1].speaker == scenario.scene.user.name
+    # the third set (rp_scenarios_unseen3.jsonl), written with the sixth situation sets: 12 and
+    # 12, new ids, no character (nor user) of any scene or situation file before it
+    seen |= {name for s in second for name in s.scene.names}
+    seen |= {
+        situation_scene(text).names[0]
+        for suffix in ("5", "6")
+        for name in ("moralizing_unseen", "rp_benign_unseen")
+        for text in datasets.load_prompts(f"recipes:{name}{suffix}.txt")
+    }
+    users = {s.scene.user.name for s in [*load_scenarios(), *unseen, *second]}
+    third = load_scenarios(datasets.RECIPES_DIR / "data" / "rp_scenarios_unseen3.jsonl")
+    assert sorted(bool(triggers & set(s.tags)) for s in third) == [False] * 12 + [True] * 12
+    assert len({s.id for s in third}) == len(third)
+    assert not {s.id for s in third} & {s.id for s in [*unseen, *second, *load_scenarios()]}
+    for scenario in third:
+        assert not {*scenario.scene.names, scenario.scene.user.name} & (seen | users)
         assert scenario.scene.turns[-1].speaker == scenario.scene.user.name
 
 
@@ -323,17 +341,19 @@ def test_the_later_check_sets_are_close_to_no_other_prompt(
     assert _closest(harmful, harmless) < to_each_other
 
 
-def test_the_sixth_ordinary_check_set_is_close_to_no_other_prompt() -> None:
-    """recipes/data/harmless_unseen6.txt (the KL set of results.md "unseen5-moralizing"),
-    written before the gate it checks was fitted, in ten framings of its own: 150 unique
-    requests, far in words from every prompt of every other data file and StrongREJECT."""
-    check = datasets.load_prompts("recipes:harmless_unseen6.txt")
+@pytest.mark.parametrize("name", ["harmless_unseen6.txt", "harmless_unseen7.txt"])
+def test_the_later_ordinary_check_sets_are_close_to_no_other_prompt(name: str) -> None:
+    """recipes/data/harmless_unseen6.txt and 7 (the KL sets of results.md "unseen5-moralizing"
+    and of the sixth situation sets), each written before the gate it checks was fitted, in ten
+    framings of its own: 150 unique requests, far in words from every prompt of every other data
+    file and StrongREJECT."""
+    check = datasets.load_prompts(f"recipes:{name}")
     others = [
         *datasets.load_prompts("strongreject"),
         *datasets.load_prompts("recipes:harmless.jsonl"),
     ]
     for path in sorted(datasets.RECIPES_DIR.joinpath("data").glob("*.txt")):
-        if path.name != "harmless_unseen6.txt":
+        if path.name != name:
             others += datasets.load_prompts(f"recipes:{path.name}")
     assert len(check) == len(set(check)) == 150
     assert _closest(check, others) < 0.3
