@@ -24,7 +24,10 @@ Validation prompts come from the same sets as the train ones, and so flatter the
 requests written otherwise. With the recipe's ``data.positive_extra`` / ``negative_extra``, the
 kept gate is also fitted and calibrated without each source (the recipe's own sets; its extras)
 in turn and measured on the held-out one (:mod:`steer.directions.gate_styles`): on refusal data
-its false-positive rate there is several times the target (docs/results.md "gate-styles").
+its false-positive rate there is several times the target (docs/results.md "gate-styles"). So
+is every candidate where a recipe's ``data.gate_fire`` / ``gate_quiet`` files pair up into
+sources, and ``choose="new-source"`` keeps the candidate that separates held-out sources best
+instead of validation.
 
 The prompts: a contrast recipe's two sets; a pairs recipe's (moralizing) situations against the
 harmless instructions of ``recipes/refusal.toml``, each split as every step splits them. A
