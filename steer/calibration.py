@@ -50,6 +50,7 @@ __all__ = [
     "calibrate_gate",
     "contrast_condition",
     "gate_scores",
+    "lowest_threshold",
     "read_prompts",
     "summed_scores",
 ]
@@ -131,7 +132,24 @@ class GateScores:
         """The lowest threshold with train FPR <= ``target_fpr``; its train and validation
         rates."""
         target_fpr = _target(target_fpr)
-        threshold = _lowest_threshold(self.read["train.quiet"], target_fpr)
+        return self.at(lowest_threshold(self.read["train.quiet"], target_fpr), target_fpr)
+
+    def spread(self) -> tuple[float, float]:
+        """The mean and standard deviation of the scores of the train prompts the gate should
+        stay quiet on: the scale a threshold is compared across gates in (as
+        :func:`summed_scores` weighs hooks); raises where they do not vary."""
+        quiet = torch.tensor(self.read["train.quiet"], dtype=torch.float64)
+        spread = quiet.std() if len(quiet) > 1 else torch.tensor(0.0)
+        if not bool(torch.isfinite(spread)) or not float(spread) > 0.0:
+            raise InvalidArgumentError(
+                f"the projections at {self.hook} do not vary over the quiet train prompts",
+                field="scores",
+            )
+        return float(quiet.mean()), float(spread)
+
+    def at(self, threshold: float, target_fpr: float) -> GateCalibration:
+        """The gate at ``threshold`` (on these scores, where the gate fires above it whatever
+        ``below``), calibrated for ``target_fpr``: its train and validation rates."""
         read = self.read
         return GateCalibration(
             hook=self.hook,
@@ -155,15 +173,7 @@ def summed_scores(scores: Sequence[GateScores]) -> GateScores:
         raise InvalidArgumentError("needs scores at two or more single hooks", field="scores")
     if len({s.below for s in scores}) != 1:
         raise InvalidArgumentError("the scores disagree about below", field="scores")
-    weights = []
-    for score in scores:
-        spread = torch.tensor(score.read["train.quiet"], dtype=torch.float64).std()
-        if not bool(torch.isfinite(spread)) or not float(spread) > 0.0:
-            raise InvalidArgumentError(
-                f"the projections at {score.hook} do not vary over the quiet train prompts",
-                field="scores",
-            )
-        weights.append(1.0 / float(spread))
+    weights = [1.0 / score.spread()[1] for score in scores]
     read = {
         key: [
             sum(w * s.read[key][i] for w, s in zip(weights, scores, strict=True))
@@ -444,7 +454,7 @@ def _projected(
     return projections
 
 
-def _lowest_threshold(quiet: list[float], target_fpr: float) -> float:
+def lowest_threshold(quiet: Sequence[float], target_fpr: float) -> float:
     """The lowest ``t`` with ``#{q > t} / n <= target_fpr``: the (m+1)-th largest ``q``, where
     m = floor(target_fpr * n) false positives are allowed (``t`` at a value does not fire on it)."""
     allowed = math.floor(target_fpr * len(quiet) + 1e-9)

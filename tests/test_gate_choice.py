@@ -1,6 +1,7 @@
-"""``steer directions gate --condition A,B --choose new-source``: candidates of several
-conditions, and the one kept by how it does on each source of prompts when fitted without it
-(a moralizing recipe's check sets: its data.gate_fire and data.gate_quiet files, pairwise)."""
+"""``steer directions gate --condition A,B --choose new-source --calibrate new-source``:
+candidates of several conditions, the one kept by how it does on each source of prompts when
+fitted without it (a moralizing recipe's check sets: its data.gate_fire and data.gate_quiet
+files, pairwise), and thresholds set by those sources too."""
 
 from __future__ import annotations
 
@@ -133,11 +134,43 @@ def test_choose_new_source_keeps_the_candidate_that_separates_new_sources_best(
     )  # here they differ
 
 
+def test_calibrating_on_new_sources_raises_each_threshold_until_they_keep_the_target(
+    setup: dict[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``--calibrate new-source``: the same candidates, each threshold the train one or higher,
+    at a level where the gates fitted without each source fire on at most the target of its
+    quiet prompts, pooled (here some are raised); the recipe holds the kept one and says so."""
+    flags = ("--hooks", HOOKS, "--condition", "direction,contrast", "--summed")
+    flags += ("--target-fpr", "0.2", "--choose", "new-source")
+    assert run_gate(setup, *flags) == 0
+    trained = _report(capsys)
+    assert run_gate(setup, *flags, "--calibrate", "new-source") == 0
+    raised = _report(capsys)
+    assert (trained["calibrate"], raised["calibrate"]) == ("train", "new-source")
+    lifted = 0
+    for before, after in zip(trained["candidates"], raised["candidates"], strict=True):
+        assert (before["condition"], before["hook"]) == (after["condition"], after["hook"])
+        assert before["new_source"]["level"] is None and after["new_source"]["level"] is not None
+        assert after["new_source"]["false_positive_rate"] <= 0.2
+        sign = -1.0 if after["below"] else 1.0
+        assert sign * after["threshold"] >= sign * before["threshold"]
+        assert after["train"]["false_positive_rate"] <= before["train"]["false_positive_rate"]
+        lifted += sign * after["threshold"] > sign * before["threshold"]
+    assert lifted > 0
+    best = max(raised["candidates"], key=lambda c: _separation(c["new_source"]))
+    assert (raised["condition"], raised["kept"]["hook"]) == (best["condition"], best["hook"])
+    recipe = load_edit_recipe(raised["recipe"])
+    gate = recipe.edits[0].gate
+    assert gate is not None and gate.threshold == best["threshold"]
+    assert "raised" in recipe.description
+
+
 def test_choosing_by_new_sources_without_sources_is_a_clear_error(
     setup: dict[str, Path], capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """One gate_quiet file for two gate_fire files: no sources to hold out; refused before the
-    model loads, nothing written; so are an unknown choice and an unknown second condition."""
+    """One gate_quiet file for two gate_fire files: no sources to hold out, so neither choosing
+    nor calibrating by them; refused before the model loads, nothing written; so are an unknown
+    choice, calibration and second condition."""
     text = setup["recipe"].read_text()
     setup["recipe"].write_text(
         re.sub(r'gate_quiet = \["([^"]+)", "[^"]+"\]', r'gate_quiet = ["\1"]', text)
@@ -146,6 +179,8 @@ def test_choosing_by_new_sources_without_sources_is_a_clear_error(
     for flags, field in (
         (("--choose", "new-source"), "choose"),
         (("--choose", "oracle"), "choose"),
+        (("--calibrate", "new-source"), "calibrate"),
+        (("--calibrate", "oracle"), "calibrate"),
         (("--condition", "direction,vibes"), "condition[1]"),
     ):
         assert run_gate(setup, "--hooks", HOOKS, *flags) == 1

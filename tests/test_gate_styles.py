@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from steer.calibration import PromptReads, summed_scores
-from steer.directions.gate_styles import held_out_styles
+from steer.directions.gate_styles import held_out_styles, new_source_levels
 from steer.errors import InvalidArgumentError
 from steer.models import ModelHandle
 
@@ -79,18 +79,56 @@ def test_the_summed_gate_held_out_is_fitted_on_the_fold_alone(tiny_llama: ModelH
     *hooks, summed = held_out_styles(both, labels, "direction", axis, target_fpr=0.02, summed=True)
     assert hooks == alone and summed.hook == (HOOK, second.name)
     for style in ("a", "b"):
-        fold: dict[str, dict[str, torch.Tensor]] = {}
-        for side in ("fire", "quiet"):
-            for part, keep in (("train", False), ("validation", True)):
-                fold[f"{part}.{side}"] = {
-                    hook: torch.cat([
-                        read[f"{split}.{side}"][hook][
-                            torch.tensor([(s == style) == keep for s in labels[f"{split}.{side}"]])
-                        ]
-                        for split in ("train", "validation")
-                    ])
-                    for hook in (HOOK, second.name)
-                }  # fmt: skip
-        _, scores = PromptReads(both.points, fold).gate("direction", axis)
+        _, scores = PromptReads(both.points, _by_hand(read, labels, style)).gate("direction", axis)
         rates = summed_scores(scores).calibrate(0.02).validation
         assert summed.by_style[style] == (rates.true_positive_rate, rates.false_positive_rate)
+
+
+def test_the_new_source_level_is_the_lowest_that_keeps_new_sources_to_the_target(
+    tiny_llama: ModelHandle,
+) -> None:
+    """new_source_levels: each style scored by the gate fitted without it, in standard
+    deviations of that fit's quiet train scores; the level is the lowest at which the held-out
+    quiet prompts, pooled, fire at most at the target (any lower one fires on more), and the
+    rates are those at it. Calibrated on train instead, the same gates fire on half of them."""
+    reads, labels, axis = _reads(tiny_llama)
+    target = 0.1
+    [rates] = new_source_levels(reads, labels, "direction", axis, target_fpr=target)
+    scored: dict[str, dict[str, list[float]]] = {}
+    for style in ("a", "b"):
+        [score] = PromptReads(reads.points, _by_hand(reads.read, labels, style)).scores(axis)
+        mean, spread = score.spread()
+        scored[style] = {
+            side: [(p - mean) / spread for p in score.read[f"validation.{side}"]]
+            for side in ("fire", "quiet")
+        }
+    quiet = [p for sides in scored.values() for p in sides["quiet"]]
+    assert rates.level is not None
+    assert sum(q > rates.level for q in quiet) <= target * len(quiet)
+    assert sum(q >= rates.level for q in quiet) > target * len(quiet)
+    assert rates.false_positive_rate == sum(q > rates.level for q in quiet) / len(quiet)
+    for style, sides in scored.items():
+        fired = [sum(p > rates.level for p in sides[s]) / len(sides[s]) for s in ("fire", "quiet")]
+        assert rates.by_style[style] == tuple(fired)
+    [trained] = held_out_styles(reads, labels, "direction", axis, target_fpr=target)
+    assert trained.level is None and trained.false_positive_rate > 0.4
+
+
+def _by_hand(
+    read: dict[str, dict[str, torch.Tensor]], labels: dict[str, list[str]], style: str
+) -> dict[str, dict[str, torch.Tensor]]:
+    """The fold that holds ``style`` out, built from the reads by hand: train, every train and
+    validation prompt of the other styles; validation, the style's own."""
+    fold: dict[str, dict[str, torch.Tensor]] = {}
+    for side in ("fire", "quiet"):
+        for part, keep in (("train", False), ("validation", True)):
+            fold[f"{part}.{side}"] = {
+                hook: torch.cat([
+                    read[f"{split}.{side}"][hook][
+                        torch.tensor([(s == style) == keep for s in labels[f"{split}.{side}"]])
+                    ]
+                    for split in ("train", "validation")
+                ])
+                for hook in read["train.fire"]
+            }  # fmt: skip
+    return fold

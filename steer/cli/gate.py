@@ -45,7 +45,14 @@ def add_parser(commands: Any, default_recipe: str) -> None:
         "separates each source of prompts best when fitted without it (the recipe's extras, or "
         "its gate_fire / gate_quiet files taken pairwise)",
     )
-    add("--target-fpr", type=float, default=0.02, help="train false-positive rate allowed")
+    add(
+        "--calibrate",
+        default="train",
+        help="set each threshold so the gate's false-positive rate on the train prompts is at "
+        "most the target, or (new-source) raise it further until so is the rate on each source "
+        "of prompts when fitted without it, pooled",
+    )
+    add("--target-fpr", type=float, default=0.02, help="false-positive rate allowed")
     _reply_options(gate)
     add(
         "--summed",
@@ -119,7 +126,7 @@ def run(args: argparse.Namespace, model_of: Any) -> int:
         raise InvalidArgumentError(
             "a gate is calibrated on a contrast or pairs recipe's prompts", field="recipe"
         )
-    check_choice(args.choose, args.condition, recipe)
+    check_choice(args.choose, args.condition, recipe, args.calibrate)
     check_data(recipe)
     check_model_source(model)
     out = Path(args.out)
@@ -143,6 +150,7 @@ def run(args: argparse.Namespace, model_of: Any) -> int:
         reply_tokens=args.reply_tokens,
         reply_aggregate=args.reply_aggregate,
         choose=args.choose,
+        calibrate=args.calibrate,
     )
     condition = directory if choice.condition == "direction" else choice.vector
     path = gated_ablation_recipe(

@@ -10,23 +10,43 @@ calibrated exactly as :meth:`steer.calibration.PromptReads.gate` and
 the rates are pooled over the styles. Prompts labelled ``""`` are never held out (they stay in
 every fit). Reads only train and validation prompts. ``steer directions gate --choose
 new-source`` keeps the candidate these rates separate best.
+
+:func:`new_source_levels` turns the same folds into a calibration (``steer directions gate
+--calibrate new-source``): the threshold, as a level in standard deviations above the mean quiet
+train score, at which the held-out styles' quiet prompts, pooled, fire at most at the target.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from steer.calibration import ContrastPrompts, GateCalibration, Prompt, PromptReads, summed_scores
+from steer.calibration import (
+    ContrastPrompts,
+    GateCalibration,
+    GateScores,
+    Prompt,
+    PromptReads,
+    lowest_threshold,
+    summed_scores,
+)
 from steer.directions import data as datasets
 from steer.directions.recipe import DirectionRecipe, RecipeKind
 from steer.errors import InvalidArgumentError
 from steer.vectors import SteeringVector
 
-__all__ = ["StyleRates", "has_sources", "held_out_styles", "new_source_rates", "source_labels"]
+__all__ = [
+    "StyleRates",
+    "candidate_rates",
+    "has_sources",
+    "held_out_styles",
+    "new_source_levels",
+    "new_source_rates",
+    "source_labels",
+]
 
 #: the keys of a :class:`PromptReads` with a validation split
 KEYS = ("train.fire", "train.quiet", "validation.fire", "validation.quiet")
@@ -43,6 +63,9 @@ class StyleRates:
     quiet_count: int
     #: {style: (true-positive rate, false-positive rate)} when it was held out
     by_style: Mapping[str, tuple[float, float]]
+    #: calibrated on new sources (:func:`new_source_levels`): the threshold, in standard
+    #: deviations above the mean quiet train score of the gate it belongs to
+    level: float | None = None
 
 
 def held_out_styles(
@@ -60,16 +83,10 @@ def held_out_styles(
     ``target_fpr`` without each style, measured on it. ``labels[key]`` gives a style for each
     prompt of ``reads.read[key]`` (every key of :data:`KEYS`); a style must have prompts on both
     sides to be held out."""
-    styles = _styles(reads, labels)
     counts: dict[int, list[int]] = {}
     by_style: dict[int, dict[str, tuple[float, float]]] = {}
     hooks: list[str | tuple[str, ...]] = []
-    for style in styles:
-        held = {key: torch.tensor([label == style for label in labels[key]]) for key in KEYS}
-        fold = PromptReads(reads.points, _fold(reads, held))
-        _, scores = fold.gate(condition, direction)
-        if summed and len(scores) > 1:
-            scores.append(summed_scores(scores))
+    for style, scores in _fold_scores(reads, labels, condition, direction, summed):
         hooks = [score.hook for score in scores]
         for index, score in enumerate(scores):
             calibration = score.calibrate(target_fpr)
@@ -96,6 +113,103 @@ def held_out_styles(
         )
         for i, hook in enumerate(hooks)
     ]
+
+
+def new_source_levels(
+    reads: PromptReads,
+    labels: Mapping[str, Sequence[str]],
+    condition: str,
+    direction: SteeringVector | torch.Tensor,
+    *,
+    target_fpr: float = 0.02,
+    summed: bool = False,
+) -> list[StyleRates]:
+    """A threshold calibrated on new sources instead of train prompts, for each candidate of
+    :func:`held_out_styles` (each hook, then the summed one): each style's prompts are scored by
+    the gate fitted without it, in standard deviations above the mean of that fit's quiet train
+    scores (:meth:`~steer.calibration.GateScores.spread`); ``level`` is the lowest such
+    standardized threshold whose false-positive rate over every held-out style's quiet prompts
+    together is at most ``target_fpr``, and the rates are those at it (fitted, not an estimate:
+    the level was chosen on them)."""
+    scored: dict[int, dict[str, dict[str, list[float]]]] = {}
+    hooks: list[str | tuple[str, ...]] = []
+    for style, scores in _fold_scores(reads, labels, condition, direction, summed):
+        hooks = [score.hook for score in scores]
+        for index, score in enumerate(scores):
+            mean, spread = score.spread()
+            scored.setdefault(index, {})[style] = {
+                side: [(p - mean) / spread for p in score.read[f"validation.{side}"]]
+                for side in ("fire", "quiet")
+            }
+    return [_at_level(hook, scored[i], target_fpr) for i, hook in enumerate(hooks)]
+
+
+def _at_level(
+    hook: str | tuple[str, ...], scored: Mapping[str, Mapping[str, list[float]]], target_fpr: float
+) -> StyleRates:
+    """The rates of the standardized held-out scores ``scored`` ({style: {side: scores}}) at the
+    lowest level with a pooled false-positive rate of at most ``target_fpr``."""
+    quiet = [p for sides in scored.values() for p in sides["quiet"]]
+    level = lowest_threshold(quiet, target_fpr)
+
+    def rate(scores: Sequence[float]) -> float:
+        return sum(p > level for p in scores) / len(scores)
+
+    fire = [p for sides in scored.values() for p in sides["fire"]]
+    return StyleRates(
+        hook=hook,
+        true_positive_rate=rate(fire),
+        false_positive_rate=rate(quiet),
+        fire_count=len(fire),
+        quiet_count=len(quiet),
+        by_style={s: (rate(sides["fire"]), rate(sides["quiet"])) for s, sides in scored.items()},
+        level=level,
+    )
+
+
+def candidate_rates(
+    reads: PromptReads,
+    labels: Mapping[str, Sequence[str]] | None,
+    condition: str,
+    direction: SteeringVector | torch.Tensor,
+    *,
+    target_fpr: float,
+    summed: bool = False,
+    calibrate: str = "train",
+) -> list[StyleRates | None]:
+    """For each candidate gate of ``condition`` (each hook of ``reads``, then with ``summed``
+    the summed one): with ``calibrate="train"`` :func:`held_out_styles`, with "new-source"
+    :func:`new_source_levels`; None for each where there are no labels or a source is too
+    small to fit a gate without it."""
+    count = len(reads.points) + (1 if summed and len(reads.points) > 1 else 0)
+    if labels is None:
+        return [None] * count
+    rates = new_source_levels if calibrate == "new-source" else held_out_styles
+    try:
+        return list(
+            rates(reads, labels, condition, direction, target_fpr=target_fpr, summed=summed)
+        )
+    except InvalidArgumentError:
+        return [None] * count
+
+
+def _fold_scores(
+    reads: PromptReads,
+    labels: Mapping[str, Sequence[str]],
+    condition: str,
+    direction: SteeringVector | torch.Tensor,
+    summed: bool,
+) -> Iterator[tuple[str, list[GateScores]]]:
+    """For each style (:func:`_styles`), the candidates' scores of a gate of ``condition``
+    fitted without it: train, every other style's train and validation prompts; validation, the
+    style's own."""
+    for style in _styles(reads, labels):
+        held = {key: torch.tensor([label == style for label in labels[key]]) for key in KEYS}
+        fold = PromptReads(reads.points, _fold(reads, held))
+        _, scores = fold.gate(condition, direction)
+        if summed and len(scores) > 1:
+            scores.append(summed_scores(scores))
+        yield style, scores
 
 
 def _styles(reads: PromptReads, labels: Mapping[str, Sequence[str]]) -> list[str]:

@@ -27,7 +27,8 @@ in turn and measured on the held-out one (:mod:`steer.directions.gate_styles`): 
 its false-positive rate there is several times the target (docs/results.md "gate-styles"). So
 is every candidate where a recipe's ``data.gate_fire`` / ``gate_quiet`` files pair up into
 sources, and ``choose="new-source"`` keeps the candidate that separates held-out sources best
-instead of validation.
+instead of validation; ``calibrate="new-source"`` raises each threshold until the held-out
+sources' quiet prompts fire at most at the target (:func:`new_source_levels`).
 
 The prompts: a contrast recipe's two sets; a pairs recipe's (moralizing) situations against the
 harmless instructions of ``recipes/refusal.toml``, each split as every step splits them. A
@@ -61,8 +62,8 @@ from steer.calibration import (
     CONDITIONS,
     ContrastPrompts,
     GateCalibration,
+    GateScores,
     Prompt,
-    PromptReads,
     read_prompts,
     summed_scores,
 )
@@ -70,7 +71,12 @@ from steer.directions import data as datasets
 from steer.directions.api import contrast_splits
 from steer.directions.data import RECIPES_DIR
 from steer.directions.gate_scenarios import with_scenarios
-from steer.directions.gate_styles import StyleRates, has_sources, held_out_styles, source_labels
+from steer.directions.gate_styles import (
+    StyleRates,
+    candidate_rates,
+    has_sources,
+    source_labels,
+)
 from steer.directions.recipe import (
     GATE_SETS,
     DirectionRecipe,
@@ -86,6 +92,8 @@ from steer.rp.scene import situation_scene
 from steer.vectors import SteeringVector
 
 __all__ = [
+    "CALIBRATIONS",
+    "CHOICES",
     "CONDITIONS",
     "GateChoice",
     "ablation_recipe",
@@ -188,6 +196,11 @@ def check_scenes(recipe: DirectionRecipe) -> None:
 #: calibrated without that source (:func:`source_labels`, pooled over the sources)
 CHOICES = ("validation", "new-source")
 
+#: how ``steer directions gate`` sets a candidate's threshold: the lowest whose false-positive
+#: rate on the train prompts is at most the target; or that, raised until the rate on each
+#: source's prompts, the gate fitted without that source, pooled, is too (:func:`new_source_levels`)
+CALIBRATIONS = ("train", "new-source")
+
 
 @dataclass(frozen=True)
 class GateCandidate:
@@ -219,11 +232,14 @@ class GateChoice:
     new_source: StyleRates | None = None
     #: how the kept one was chosen (:data:`CHOICES`)
     choose: str = "validation"
+    #: how each candidate's threshold was set (:data:`CALIBRATIONS`)
+    calibrate: str = "train"
 
     def as_dict(self) -> dict[str, Any]:
         return {
             "condition": self.condition,
             "choose": self.choose,
+            "calibrate": self.calibrate,
             "kept": asdict(self.calibration),
             "candidates": [c.as_dict() for c in self.candidates],
             "new_source": None if self.new_source is None else asdict(self.new_source),
@@ -243,15 +259,18 @@ def choose_gate(
     reply_tokens: int = 0,
     reply_aggregate: str = "any",
     choose: str = "validation",
+    calibrate: str = "train",
 ) -> GateChoice:
     """Calibrate a prompt-scope gate of each ``condition`` at each of ``hooks`` on train (with
     ``summed``, also one reading all of them: :func:`steer.calibration.summed_scores`); keep the
     one ``choose`` prefers (:data:`CHOICES`; see the module docstring). Where the recipe's
     prompts have sources (:func:`source_labels`), each candidate's rates on each source when
     fitted without it. With ``reply_tokens`` K, a reply-scope gate reading each prompt's first K
-    greedy reply tokens, combined by ``reply_aggregate`` (:data:`steer.gates.REPLY_AGGREGATES`)."""
+    greedy reply tokens, combined by ``reply_aggregate`` (:data:`steer.gates.REPLY_AGGREGATES`).
+    With ``calibrate="new-source"`` each threshold is raised until the gate's false-positive
+    rate on held-out sources is at most ``target_fpr`` (:func:`new_source_levels`)."""
     conditions = (condition,) if isinstance(condition, str) else tuple(condition)
-    check_choice(choose, conditions, recipe)
+    check_choice(choose, conditions, recipe, calibrate)
     splits = gate_splits(recipe)
     scenes = scene_prompts(handle) if recipe.data.gate_scenes else ()
     parts = {part: gate_prompts(splits, part, scenes) for part in ("train", "validation")}
@@ -272,24 +291,55 @@ def choose_gate(
         vector, scores = reads.gate(name, direction)
         if summed and len(scores) > 1:
             scores.append(summed_scores(scores))
-        styles = _held_out(reads, labels, name, direction, target_fpr, summed)
+        styles = candidate_rates(
+            reads,
+            labels,
+            name,
+            direction,
+            target_fpr=target_fpr,
+            summed=summed,
+            calibrate=calibrate,
+        )
         candidates += [
-            GateCandidate(name, vector, score.calibrate(target_fpr), style)
+            GateCandidate(name, vector, _calibrated(score, target_fpr, style, calibrate), style)
             for score, style in zip(scores, styles, strict=True)
         ]
-    if choose == "new-source" and any(c.new_source is None for c in candidates):
+    if "new-source" in (choose, calibrate) and any(c.new_source is None for c in candidates):
+        field = "choose" if choose == "new-source" else "calibrate"
         raise InvalidArgumentError(
-            "a source of the recipe's prompts is too small to fit a gate without it", field="choose"
+            "a source of the recipe's prompts is too small to fit a gate without it", field=field
         )
-    kept = max(candidates, key=_separation if choose == "validation" else _new_source_separation)
+    kept = max(candidates, key=lambda candidate: _separation(candidate, choose))
     return GateChoice(
-        kept.condition, kept.vector, kept.calibration, tuple(candidates), kept.new_source, choose
+        kept.condition,
+        kept.vector,
+        kept.calibration,
+        tuple(candidates),
+        kept.new_source,
+        choose,
+        calibrate,
     )
 
 
-def check_choice(choose: str, conditions: Sequence[str], recipe: DirectionRecipe) -> None:
-    """Raise, before any prompt is read, for an unknown ``choose`` or condition, or
-    ``choose="new-source"`` for a recipe whose prompts have no sources."""
+def _calibrated(
+    score: GateScores, target_fpr: float, rates: StyleRates | None, calibrate: str
+) -> GateCalibration:
+    """``score``'s gate calibrated on train at ``target_fpr``; with ``calibrate="new-source"``,
+    its threshold raised (never lowered) to ``rates.level`` standard deviations above the mean
+    of its quiet train scores (:func:`new_source_levels`)."""
+    calibration = score.calibrate(target_fpr)
+    if calibrate != "new-source" or rates is None or rates.level is None:
+        return calibration
+    mean, spread = score.spread()
+    trained = -calibration.threshold if calibration.below else calibration.threshold
+    return score.at(max(trained, mean + rates.level * spread), calibration.target_fpr)
+
+
+def check_choice(
+    choose: str, conditions: Sequence[str], recipe: DirectionRecipe, calibrate: str = "train"
+) -> None:
+    """Raise, before any prompt is read, for an unknown ``choose``, ``calibrate`` or condition,
+    or "new-source" for a recipe whose prompts have no sources."""
     for index, name in enumerate(conditions):
         if name not in CONDITIONS:
             field = "condition" if len(conditions) == 1 else f"condition[{index}]"
@@ -302,52 +352,26 @@ def check_choice(choose: str, conditions: Sequence[str], recipe: DirectionRecipe
         raise InvalidArgumentError(
             f"unknown choice {choose!r}; use one of {', '.join(CHOICES)}", field="choose"
         )
-    if choose == "new-source" and not has_sources(recipe):
+    if calibrate not in CALIBRATIONS:
         raise InvalidArgumentError(
-            "choosing by new sources needs prompts from several sources: data.positive_extra "
-            "and data.negative_extra, or data.gate_fire and data.gate_quiet naming as many "
-            "files each (two or more)",
-            field="choose",
+            f"unknown calibration {calibrate!r}; use one of {', '.join(CALIBRATIONS)}",
+            field="calibrate",
         )
+    for field, value in (("choose", choose), ("calibrate", calibrate)):
+        if value == "new-source" and not has_sources(recipe):
+            raise InvalidArgumentError(
+                f"{field} new-source needs prompts from several sources: data.positive_extra "
+                "and data.negative_extra, or data.gate_fire and data.gate_quiet naming as many "
+                "files each (two or more)",
+                field=field,
+            )
 
 
-def _held_out(
-    reads: PromptReads,
-    labels: dict[str, list[str]] | None,
-    condition: str,
-    direction: SteeringVector | torch.Tensor,
-    target_fpr: float,
-    summed: bool,
-) -> list[StyleRates | None]:
-    """:func:`held_out_styles` for each of the candidates of ``condition`` (each hook, then the
-    summed one), or None for each where there are no labels or a source is too small."""
-    count = len(reads.points) + (1 if summed and len(reads.points) > 1 else 0)
-    if labels is None:
-        return [None] * count
-    try:
-        rates = held_out_styles(
-            reads, labels, condition, direction, target_fpr=target_fpr, summed=summed
-        )
-    except InvalidArgumentError:
-        return [None] * count
-    return list(rates)
-
-
-def _separation(candidate: GateCandidate) -> tuple[float, float]:
-    rates = candidate.calibration.validation
-    return (
-        rates.true_positive_rate - rates.false_positive_rate,
-        -rates.false_positive_rate,
-    )
-
-
-def _new_source_separation(candidate: GateCandidate) -> tuple[float, float]:
-    rates = candidate.new_source
+def _separation(candidate: GateCandidate, choose: str) -> tuple[float, float]:
+    """How well ``candidate`` separates what ``choose`` reads: TPR - FPR, then the lower FPR."""
+    rates = candidate.calibration.validation if choose == "validation" else candidate.new_source
     assert rates is not None  # choose_gate checks
-    return (
-        rates.true_positive_rate - rates.false_positive_rate,
-        -rates.false_positive_rate,
-    )
+    return (rates.true_positive_rate - rates.false_positive_rate, -rates.false_positive_rate)
 
 
 def gated_ablation_recipe(
@@ -364,8 +388,9 @@ def gated_ablation_recipe(
     """Write ``out/gated.toml``: the artifact at ``direction`` (or each of several) ablated at
     every layer (and pushed against, with ``push``; see :func:`ablation_recipe`), only for
     prompts the gate fires on. ``condition`` is the gate's artifact, or a vector saved to
-    ``out/condition`` (with ``handle``); ``new_source`` (:attr:`GateChoice.new_source`) joins the
-    calibration figures in the recipe's description. Returns the recipe's path."""
+    ``out/condition`` (with ``handle``); ``new_source`` (:attr:`GateChoice.new_source`, with its
+    level where the threshold was calibrated on new sources) joins the calibration figures in
+    the recipe's description. Returns the recipe's path."""
     out.mkdir(parents=True, exist_ok=True)
     if isinstance(condition, torch.Tensor):
         condition = SteeringVector.from_shared(condition)
@@ -384,6 +409,13 @@ def gated_ablation_recipe(
         reply_aggregate=calibration.reply_aggregate if calibration.reply_tokens else None,
     )
     description = _gated_description(calibration, len(_paths(direction)), push, new_source)
+    if new_source is not None and new_source.level is not None:
+        description += (
+            f" The threshold was raised to at least {new_source.level:.3f} standard deviations "
+            "above the mean of the quiet train scores: the lowest such level at which the gates "
+            "fitted without each source fire on at most the target of the held-out sources' "
+            "quiet prompts (the held-out figures above are at that level, chosen on them)."
+        )
     recipe = ablation_recipe(direction, weight, push=push, gate=gate, description=description)
     path = out / "gated.toml"
     path.write_text(recipe_to_toml(recipe))
