@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from steer.calibration import PromptReads, summed_scores
-from steer.directions.gate_styles import held_out_styles, new_source_levels
+from steer.directions.gate_styles import held_out_styles, new_source_levels, new_source_rates
 from steer.errors import InvalidArgumentError
 from steer.models import ModelHandle
 
@@ -65,16 +65,8 @@ def test_the_summed_gate_held_out_is_fitted_on_the_fold_alone(tiny_llama: ModelH
     (steer.calibration.summed_scores) fitted, weighted and calibrated on the other styles'
     prompts only, read on the held-out style's (built here from the public pieces)."""
     reads, labels, axis = _reads(tiny_llama)
-    second = tiny_llama.resolver.parse("blocks.2.hook_resid_post")
-    generator = torch.Generator().manual_seed(1)
-    read = {
-        key: {
-            **rows,
-            second.name: rows[HOOK] * 2.0 + torch.randn(rows[HOOK].shape, generator=generator),
-        }
-        for key, rows in reads.read.items()
-    }
-    both = PromptReads((*reads.points, second), read)
+    both = _two_hooks(tiny_llama, reads)
+    second, read = both.points[1], both.read
     alone = held_out_styles(both, labels, "direction", axis, target_fpr=0.02)
     *hooks, summed = held_out_styles(both, labels, "direction", axis, target_fpr=0.02, summed=True)
     assert hooks == alone and summed.hook == (HOOK, second.name)
@@ -82,6 +74,20 @@ def test_the_summed_gate_held_out_is_fitted_on_the_fold_alone(tiny_llama: ModelH
         _, scores = PromptReads(both.points, _by_hand(read, labels, style)).gate("direction", axis)
         rates = summed_scores(scores).calibrate(0.02).validation
         assert summed.by_style[style] == (rates.true_positive_rate, rates.false_positive_rate)
+
+
+def test_a_kept_gates_new_source_rates_are_its_own_candidates(tiny_llama: ModelHandle) -> None:
+    """new_source_rates (what scripts/eval_gated.py reports for the gate it keeps): the
+    held-out rates of the kept hook's gate, or of the summed gate, as held_out_styles gives
+    them; None without labels."""
+    reads, labels, axis = _reads(tiny_llama)
+    both = _two_hooks(tiny_llama, reads)
+    *hooks, summed = held_out_styles(both, labels, "direction", axis, target_fpr=0.02, summed=True)
+    scores = both.scores(axis)
+    for score, expected in ((scores[1], hooks[1]), (summed_scores(scores), summed)):
+        kept = score.calibrate(0.02)
+        assert new_source_rates(both, labels, "direction", axis, kept) == expected
+        assert new_source_rates(both, None, "direction", axis, kept) is None
 
 
 def test_the_new_source_level_is_the_lowest_that_keeps_new_sources_to_the_target(
@@ -112,6 +118,20 @@ def test_the_new_source_level_is_the_lowest_that_keeps_new_sources_to_the_target
         assert rates.by_style[style] == tuple(fired)
     [trained] = held_out_styles(reads, labels, "direction", axis, target_fpr=target)
     assert trained.level is None and trained.false_positive_rate > 0.4
+
+
+def _two_hooks(handle: ModelHandle, reads: PromptReads) -> PromptReads:
+    """``reads`` and a second hook: twice the first's rows plus noise."""
+    second = handle.resolver.parse("blocks.2.hook_resid_post")
+    generator = torch.Generator().manual_seed(1)
+    read = {
+        key: {
+            **rows,
+            second.name: rows[HOOK] * 2.0 + torch.randn(rows[HOOK].shape, generator=generator),
+        }
+        for key, rows in reads.read.items()
+    }
+    return PromptReads((*reads.points, second), read)
 
 
 def _by_hand(

@@ -255,27 +255,19 @@ def _fold(
 
 def new_source_rates(
     reads: PromptReads,
-    labels: dict[str, list[str]] | None,
+    labels: Mapping[str, Sequence[str]] | None,
     condition: str,
     direction: SteeringVector | torch.Tensor,
     kept: GateCalibration,
 ) -> StyleRates | None:
-    """The gate ``kept`` (of ``condition``, calibrated on ``reads``) fitted and calibrated
-    without each source of ``labels`` (:func:`source_labels`) in turn, read on it; None without
-    labels, for a gate over several hooks, or where a source is too small to fit one without the
-    other."""
-    if labels is None or not isinstance(kept.hook, str):
-        return None
-    # the kept hook's reads alone: the gate is fitted there only
-    point = next(point for point in reads.points if point.name == kept.hook)
-    only = PromptReads(
-        (point,), {key: {point.name: rows[point.name]} for key, rows in reads.read.items()}
+    """The gate ``kept`` (of ``condition``, calibrated on train from ``reads``; at one hook, or
+    summed over all of them) fitted and calibrated without each source of ``labels``
+    (:func:`source_labels`) in turn, read on it: its entry of :func:`candidate_rates`."""
+    summed = not isinstance(kept.hook, str)
+    rates = candidate_rates(
+        reads, labels, condition, direction, target_fpr=kept.target_fpr, summed=summed
     )
-    try:
-        [rates] = held_out_styles(only, labels, condition, direction, target_fpr=kept.target_fpr)
-    except InvalidArgumentError:
-        return None
-    return rates
+    return next((r for r in rates if r is not None and r.hook == kept.hook), None)
 
 
 def source_labels(
