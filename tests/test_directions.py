@@ -160,7 +160,8 @@ def test_unseen_check_sets_share_nothing_with_the_data_choices_were_made_on() ->
     seen += datasets.load_prompts("recipes:rp_benign.txt")
     seen += datasets.load_prompts("recipes:moralizing_gate_fire.txt")
     seen_names = {situation_scene(text).names[0] for text in seen}
-    for suffix in ("", "2", "3", "4", "5", "6"):  # each later set shares nothing with earlier ones
+    # each later set shares nothing with earlier ones
+    for suffix in ("", "2", "3", "4", "5", "6", "7"):
         unseen = {
             name: datasets.load_prompts(f"recipes:{name}{suffix}.txt")
             for name in ("moralizing_unseen", "rp_benign_unseen")
@@ -180,9 +181,9 @@ def test_the_moralizing_gate_recipe_reads_every_set_already_read_and_no_check_se
     recipe: str,
 ) -> None:
     """recipes/moralizing-gate.toml (and -scenes.toml, the same with played scenes) adds the
-    first five moralizing check sets (both sides) and the read ordinary-request check sets (the
-    first six) to the gate's data, and none of the sixth check set, its KL set
-    (harmless_unseen7.txt) or the third set of scenes (rp_scenarios_unseen3.jsonl)."""
+    first six moralizing check sets (both sides) and the read ordinary-request check sets (the
+    first seven) to the gate's data, and none of the seventh check set, its KL set
+    (harmless_unseen8.txt) or the third set of scenes (rp_scenarios_unseen3.jsonl)."""
     loaded = load_direction_recipe(datasets.RECIPES_DIR / recipe)
     base = gate_splits(load_direction_recipe(datasets.RECIPES_DIR / "moralizing.toml"))
     more = gate_splits(loaded)
@@ -192,12 +193,12 @@ def test_the_moralizing_gate_recipe_reads_every_set_already_read_and_no_check_se
         return {p for s in splits.values() for part in parts for p in getattr(s, part)}
 
     assert prompts(base) < prompts(more)
-    for suffix in ("", "2", "3", "4", "5"):
+    for suffix in ("", "2", "3", "4", "5", "6"):
         for name in ("moralizing_unseen", "rp_benign_unseen"):
             assert set(datasets.load_prompts(f"recipes:{name}{suffix}.txt")) <= prompts(more)
-    for suffix in ("", "2", "3", "4", "5", "6"):
+    for suffix in ("", "2", "3", "4", "5", "6", "7"):
         assert set(datasets.load_prompts(f"recipes:harmless_unseen{suffix}.txt")) <= prompts(more)
-    for name in ("moralizing_unseen6", "rp_benign_unseen6", "harmless_unseen7"):
+    for name in ("moralizing_unseen7", "rp_benign_unseen7", "harmless_unseen8"):
         assert not set(datasets.load_prompts(f"recipes:{name}.txt")) & prompts(more), name
     assert not any("rp_scenarios_unseen3" in str(f) for f in loaded.data.gate_scenarios or ())
     assert more["positive"] == base["positive"]  # the pairs: the rate's validation prompts
@@ -341,12 +342,14 @@ def test_the_later_check_sets_are_close_to_no_other_prompt(
     assert _closest(harmful, harmless) < to_each_other
 
 
-@pytest.mark.parametrize("name", ["harmless_unseen6.txt", "harmless_unseen7.txt"])
+@pytest.mark.parametrize(
+    "name", ["harmless_unseen6.txt", "harmless_unseen7.txt", "harmless_unseen8.txt"]
+)
 def test_the_later_ordinary_check_sets_are_close_to_no_other_prompt(name: str) -> None:
-    """recipes/data/harmless_unseen6.txt and 7 (the KL sets of results.md "unseen5-moralizing"
-    and of the sixth situation sets), each written before the gate it checks was fitted, in ten
-    framings of its own: 150 unique requests, far in words from every prompt of every other data
-    file and StrongREJECT."""
+    """recipes/data/harmless_unseen6.txt, 7 and 8 (the KL sets of results.md "unseen5-moralizing"
+    and of the sixth and seventh situation sets), each written before the gate it checks was
+    fitted, in ten framings of its own: 150 unique requests, far in words from every prompt of
+    every other data file and StrongREJECT."""
     check = datasets.load_prompts(f"recipes:{name}")
     others = [
         *datasets.load_prompts("strongreject"),
