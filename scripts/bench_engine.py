@@ -9,6 +9,7 @@ load hits every side; with both backends the vllm/hf ratio comes from the same r
     python scripts/bench_engine.py                      # SmolLM2-135M on CPU, hf engine
     python scripts/bench_engine.py --backend hf,vllm    # both backends side by side
     python scripts/bench_engine.py --device cuda        # random Llama-3-8B-config model on GPU
+    python scripts/bench_engine.py --device cuda --random-config DIR   # another real config
 """
 
 from __future__ import annotations
@@ -36,26 +37,43 @@ from steer.sampling import SamplingConfig
 PROMPT = "Once upon a time, in a village by the sea, there lived an old fisherman who"
 
 
-def llama3_8b_random(device: str, dtype: torch.dtype) -> ModelHandle:
-    from transformers import AutoModelForCausalLM, LlamaConfig
+LLAMA3_8B = {
+    "model_type": "llama",
+    "hidden_size": 4096,
+    "intermediate_size": 14336,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "vocab_size": 128256,
+    "rope_theta": 500000.0,
+    "max_position_embeddings": 8192,
+    "rms_norm_eps": 1e-5,
+}
 
-    from steer.models import load_model as _unused  # noqa: F401
 
-    config = LlamaConfig(
-        hidden_size=4096,
-        intermediate_size=14336,
-        num_hidden_layers=32,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        vocab_size=128256,
-        rope_theta=500000.0,
-        max_position_embeddings=8192,
-        rms_norm_eps=1e-5,
-    )
+def random_model(
+    device: str, dtype: torch.dtype, config_dir: str | None, tokenizer_dir: str | None
+) -> ModelHandle:
+    """Random weights from a real config: ``config_dir``'s config.json, else Llama-3-8B's.
+
+    The tokenizer comes from ``tokenizer_dir`` (else ``config_dir``, else SmolLM2's); its ids
+    only feed the prompt, so any tokenizer whose vocabulary fits the model's serves."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    if config_dir is None:
+        config = AutoConfig.for_model(**LLAMA3_8B)
+        name = "random-llama-3-8b-config"
+    else:
+        config = AutoConfig.from_pretrained(config_dir)
+        name = f"random-{Path(config_dir).name}-config"
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    tokenizer = load_model("smollm2-135m-instruct").tokenizer  # any tokenizer: ids are clipped
-    return from_pretrained_model(model, tokenizer, name="random-llama-3-8b-config")
+    source = tokenizer_dir or config_dir
+    if source is None:
+        tokenizer = load_model("smollm2-135m-instruct").tokenizer
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+    return from_pretrained_model(model, tokenizer, name=name)
 
 
 def steering(handle: ModelHandle) -> tuple:
@@ -107,12 +125,18 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--no-docs", action="store_true")
     parser.add_argument("--backend", default="hf", help="hf, vllm or hf,vllm (side by side)")
+    parser.add_argument(
+        "--random-config",
+        help="a directory with a real config.json: random weights (off CPU: default Llama-3-8B)",
+    )
+    parser.add_argument("--tokenizer", help="with random weights: a tokenizer directory")
     args = parser.parse_args()
 
-    if args.device == "cpu":
+    if args.device == "cpu" and args.random_config is None:
         handle = load_model(args.model)
     else:
-        handle = llama3_8b_random(args.device, torch.bfloat16)
+        dtype = torch.float32 if args.device == "cpu" else torch.bfloat16
+        handle = random_model(args.device, dtype, args.random_config, args.tokenizer)
     batches = [int(b) for b in args.batches.split(",")]
     backends = args.backend.split(",")
     engines = {name: engine_factory(handle, name, max_batch=max(batches))() for name in backends}
@@ -158,6 +182,8 @@ def main() -> None:
 
 def _write_docs(args: Any, handle: ModelHandle, record: dict, rows: list, backends: list) -> None:
     section = f"engine-{args.device}-{args.backend.replace(',', '-')}"
+    if args.device != "cpu" or args.random_config:
+        section += f"-{handle.name}"
     columns = ["backend", "batch", "unsteered tok/s", "steered tok/s", "steered/unsteered"]
     if "hf" in backends and len(backends) > 1:
         columns += ["unsteered vs hf", "steered vs hf"]
@@ -168,8 +194,8 @@ def _write_docs(args: Any, handle: ModelHandle, record: dict, rows: list, backen
         f"{record['load_after']} after. Steered = Add at 8 layers + Ablate everywhere; median "
         f"of {args.repeats} interleaved runs of {args.new_tokens} tokens per configuration, "
         "all backends in one process and one run. Goal: steered/unsteered >= 0.97.\n"
-        f"Command: `python scripts/bench_engine.py --device {args.device} "
-        f"--backend {args.backend}`\n\n" + table(rows, columns)
+        f"Command: `python scripts/bench_engine.py {' '.join(sys.argv[1:])}`\n\n"
+        + table(rows, columns)
     )
     write_section("benchmarks.md", section, markdown, title="Benchmarks")
 
