@@ -98,15 +98,10 @@ from steer.directions.evaluate import (
     is_moralizing,
     is_refusal,
 )
+from steer.directions.gate_recipe import ablation_recipe, gated_ablation_recipe
 from steer.directions.gate_scenarios import with_scenarios
 from steer.directions.gate_styles import StyleRates, new_source_rates, source_labels
-from steer.directions.gating import (
-    ablation_recipe,
-    gate_prompts,
-    gate_splits,
-    gated_ablation_recipe,
-    quiet_prompts,
-)
+from steer.directions.gating import gate_origins, gate_prompts, gate_splits, quiet_prompts
 from steer.directions.recipe import DataSection, RecipeKind, load_direction_recipe
 from steer.directions.scene_forms import SCENE_FORMS, scene_prompt, scene_prompts
 from steer.gates import GateScope
@@ -424,7 +419,8 @@ def _conditions(
     if args.summed and len(hooks) > 1:
         for _vector, scores in conditions.values():
             scores.append(summed_scores(scores))
-    return conditions, reads, source_labels(recipe, parts, scenes)
+    origins = {part: gate_origins(splits, part, len(scenes)) for part in parts}
+    return conditions, reads, source_labels(recipe, parts, origins)
 
 
 def _gate(

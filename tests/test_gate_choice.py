@@ -14,7 +14,7 @@ import pytest
 from gate_setup import gate_setup, run_gate
 
 from steer.directions.gate_styles import source_labels
-from steer.directions.gating import gate_prompts, gate_splits
+from steer.directions.gating import gate_origins, gate_prompts, gate_splits
 from steer.directions.recipe import load_direction_recipe
 from steer.directions.scene_forms import scene_prompts
 from steer.models import ModelHandle
@@ -72,7 +72,8 @@ def test_gate_sets_taken_pairwise_are_sources_and_scenes_keep_theirs(
     splits = gate_splits(recipe)
     renders = scene_prompts(tiny_llama)
     parts = {part: gate_prompts(splits, part, renders) for part in ("train", "validation")}
-    labels = source_labels(recipe, parts, renders)
+    origins = {part: gate_origins(splits, part, len(renders)) for part in parts}
+    labels = source_labels(recipe, parts, origins)
     assert labels is not None
     names = {"pirates.txt + bakers.txt", "courtiers.txt + sailors.txt"}
     for part in ("train", "validation"):
@@ -85,7 +86,7 @@ def test_gate_sets_taken_pairwise_are_sources_and_scenes_keep_theirs(
         for form in range(len(renders)):
             start = one_message * (form + 1)
             assert fire[start : start + one_message] == fire[:one_message]
-    assert source_labels(recipe, parts) != labels  # without the renderers, scenes have none
+    assert source_labels(recipe, parts) != labels  # without the origins, scenes have none
 
 
 def _report(capsys: pytest.CaptureFixture[str]) -> dict[str, Any]:

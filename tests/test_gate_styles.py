@@ -6,7 +6,12 @@ import pytest
 import torch
 
 from steer.calibration import PromptReads, summed_scores
-from steer.directions.gate_styles import held_out_styles, new_source_levels, new_source_rates
+from steer.directions.gate_styles import (
+    held_out_styles,
+    new_source_levels,
+    new_source_rates,
+    train_level,
+)
 from steer.errors import InvalidArgumentError
 from steer.models import ModelHandle
 
@@ -100,14 +105,7 @@ def test_the_new_source_level_is_the_lowest_that_keeps_new_sources_to_the_target
     reads, labels, axis = _reads(tiny_llama)
     target = 0.1
     [rates] = new_source_levels(reads, labels, "direction", axis, target_fpr=target)
-    scored: dict[str, dict[str, list[float]]] = {}
-    for style in ("a", "b"):
-        [score] = PromptReads(reads.points, _by_hand(reads.read, labels, style)).scores(axis)
-        mean, spread = score.spread()
-        scored[style] = {
-            side: [(p - mean) / spread for p in score.read[f"validation.{side}"]]
-            for side in ("fire", "quiet")
-        }
+    scored = _standardized(reads, labels, axis)
     quiet = [p for sides in scored.values() for p in sides["quiet"]]
     assert rates.level is not None
     assert sum(q > rates.level for q in quiet) <= target * len(quiet)
@@ -118,6 +116,48 @@ def test_the_new_source_level_is_the_lowest_that_keeps_new_sources_to_the_target
         assert rates.by_style[style] == tuple(fired)
     [trained] = held_out_styles(reads, labels, "direction", axis, target_fpr=target)
     assert trained.level is None and trained.false_positive_rate > 0.4
+
+
+def test_a_new_source_level_is_never_below_the_train_threshold_and_its_rates_are_there(
+    tiny_llama: ModelHandle,
+) -> None:
+    """new_source_levels with ``floors`` (where each candidate's train threshold stands,
+    train_level): a floor under the new-source level changes nothing; one above it becomes the
+    level, and the rates are read there (the threshold the gate keeps), not at the lower one."""
+    reads, labels, axis = _reads(tiny_llama)
+    options = {"target_fpr": 0.1}
+    [free] = new_source_levels(reads, labels, "direction", axis, **options)
+    assert free.level is not None
+    [low] = new_source_levels(reads, labels, "direction", axis, **options, floors=[free.level - 9])
+    assert low == free
+    floor = free.level + 0.5
+    [high] = new_source_levels(reads, labels, "direction", axis, **options, floors=[floor])
+    assert high.level == floor
+    scored = _standardized(reads, labels, axis)
+    for side, rate in (("fire", high.true_positive_rate), ("quiet", high.false_positive_rate)):
+        pooled = [p for sides in scored.values() for p in sides[side]]
+        assert rate == sum(p > floor for p in pooled) / len(pooled)
+    assert high.false_positive_rate < free.false_positive_rate
+    [score] = reads.scores(axis)
+    mean, spread = score.spread()
+    trained = score.calibrate(0.1).threshold
+    assert train_level(score, 0.1) == pytest.approx((trained - mean) / spread)
+
+
+def _standardized(
+    reads: PromptReads, labels: dict[str, list[str]], axis: torch.Tensor
+) -> dict[str, dict[str, list[float]]]:
+    """Each style's validation scores by the gate fitted without it, by hand, in standard
+    deviations above the mean of that fit's quiet train scores."""
+    scored = {}
+    for style in ("a", "b"):
+        [score] = PromptReads(reads.points, _by_hand(reads.read, labels, style)).scores(axis)
+        mean, spread = score.spread()
+        scored[style] = {
+            side: [(p - mean) / spread for p in score.read[f"validation.{side}"]]
+            for side in ("fire", "quiet")
+        }
+    return scored
 
 
 def _two_hooks(handle: ModelHandle, reads: PromptReads) -> PromptReads:

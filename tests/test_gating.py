@@ -22,14 +22,9 @@ from steer.activations import encode_chat, forward
 from steer.artifacts import load_vector, save_vector
 from steer.directions import data as datasets
 from steer.directions.evaluate import generate
+from steer.directions.gate_recipe import ablation_recipe
 from steer.directions.gate_styles import source_labels
-from steer.directions.gating import (
-    ablation_recipe,
-    choose_gate,
-    gate_prompts,
-    gate_splits,
-    quiet_prompts,
-)
+from steer.directions.gating import choose_gate, gate_prompts, gate_splits, quiet_prompts
 from steer.directions.recipe import GATE_SETS, load_direction_recipe
 from steer.errors import NotFoundError
 from steer.models import ModelHandle

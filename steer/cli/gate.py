@@ -38,20 +38,7 @@ def add_parser(commands: Any, default_recipe: str) -> None:
         help="what the gate reads: the direction itself, CAST's contrast vector, or Fisher's "
         "discriminant; several, comma-separated, are candidates alike (--choose keeps one)",
     )
-    add(
-        "--choose",
-        default="validation",
-        help="keep the candidate that separates validation best, or (new-source) the one that "
-        "separates each source of prompts best when fitted without it (the recipe's extras, or "
-        "its gate_fire / gate_quiet files taken pairwise)",
-    )
-    add(
-        "--calibrate",
-        default="train",
-        help="set each threshold so the gate's false-positive rate on the train prompts is at "
-        "most the target, or (new-source) raise it further until so is the rate on each source "
-        "of prompts when fitted without it, pooled",
-    )
+    _choice_options(gate)
     add("--target-fpr", type=float, default=0.02, help="false-positive rate allowed")
     _reply_options(gate)
     add(
@@ -79,6 +66,24 @@ def add_parser(commands: Any, default_recipe: str) -> None:
     )
     add("--batch-size", type=int, default=16)
     add("--dtype", default="float32", help="float32, bfloat16 or float16")
+
+
+def _choice_options(gate: argparse.ArgumentParser) -> None:
+    """How the candidates' thresholds are set and one of them is kept."""
+    gate.add_argument(
+        "--choose",
+        default="validation",
+        help="keep the candidate that separates validation best, or (new-source) the one that "
+        "separates each source of prompts best when fitted without it (the recipe's extras, or "
+        "its gate_fire / gate_quiet files taken pairwise)",
+    )
+    gate.add_argument(
+        "--calibrate",
+        default="train",
+        help="set each threshold so the gate's false-positive rate on the train prompts is at "
+        "most the target, or (new-source) raise it further until so is the rate on each source "
+        "of prompts when fitted without it, pooled",
+    )
 
 
 def _reply_options(gate: argparse.ArgumentParser) -> None:
@@ -110,7 +115,8 @@ def _names(text: str) -> tuple[str, ...]:
 def run(args: argparse.Namespace, model_of: Any) -> int:
     """Calibrate, write the recipe, print the choice as JSON."""
     from steer.artifacts import load_vector
-    from steer.directions.gating import check_choice, choose_gate, gated_ablation_recipe
+    from steer.directions.gate_recipe import gated_ablation_recipe
+    from steer.directions.gating import check_choice, choose_gate
     from steer.directions.preflight import check_data, check_model_source
     from steer.directions.recipe import load_direction_recipe
     from steer.models import load_model
@@ -169,7 +175,7 @@ def run(args: argparse.Namespace, model_of: Any) -> int:
 
 def _check_options(args: argparse.Namespace) -> None:
     """The options that need no file or model, checked first."""
-    from steer.directions.gating import check_push
+    from steer.directions.gate_recipe import check_push
     from steer.gates import MAX_REPLY_TOKENS, check_reply_aggregate
 
     check_push(args.push)

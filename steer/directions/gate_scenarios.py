@@ -99,7 +99,10 @@ def with_scenarios(
     forms: Sequence[str],
 ) -> dict[str, ContrastPrompts]:
     """``parts`` (split name -> the gate's prompts) with the prompts of ``recipe``'s
-    ``data.gate_scenarios`` played (:func:`played_prompts`) after each side's own."""
+    ``data.gate_scenarios`` played (:func:`played_prompts`) after each side's own. Each side
+    of each split is played on its own: a scene's sampling seed follows its place in the list
+    played (:func:`steer.rp.evaluate.play`), so one list of all of them would give other
+    replies than the gates already recorded were fitted on."""
     if not recipe.data.gate_scenarios:
         return parts
     splits = scenario_splits(recipe)

@@ -19,8 +19,9 @@ train score, at which the held-out styles' quiet prompts, pooled, fire at most a
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 
@@ -28,7 +29,6 @@ from steer.calibration import (
     ContrastPrompts,
     GateCalibration,
     GateScores,
-    Prompt,
     PromptReads,
     lowest_threshold,
     summed_scores,
@@ -46,7 +46,10 @@ __all__ = [
     "new_source_levels",
     "new_source_rates",
     "source_labels",
+    "train_level",
 ]
+
+T = TypeVar("T")
 
 #: the keys of a :class:`PromptReads` with a validation split
 KEYS = ("train.fire", "train.quiet", "validation.fire", "validation.quiet")
@@ -83,35 +86,28 @@ def held_out_styles(
     ``target_fpr`` without each style, measured on it. ``labels[key]`` gives a style for each
     prompt of ``reads.read[key]`` (every key of :data:`KEYS`); a style must have prompts on both
     sides to be held out."""
-    counts: dict[int, list[int]] = {}
-    by_style: dict[int, dict[str, tuple[float, float]]] = {}
-    hooks: list[str | tuple[str, ...]] = []
-    for style, scores in _fold_scores(reads, labels, condition, direction, summed):
-        hooks = [score.hook for score in scores]
-        for index, score in enumerate(scores):
-            calibration = score.calibrate(target_fpr)
-            fired = [sum(score.fires(f"validation.{side}", calibration.threshold))
-                     for side in ("fire", "quiet")]  # fmt: skip
-            total = counts.setdefault(index, [0, 0, 0, 0])
-            rates = calibration.validation
-            total[0] += fired[0]
-            total[1] += rates.fire_count
-            total[2] += fired[1]
-            total[3] += rates.quiet_count
-            by_style.setdefault(index, {})[style] = (
-                rates.true_positive_rate,
-                rates.false_positive_rate,
-            )
+
+    def rates(score: GateScores) -> tuple[int, int, int, int]:
+        calibration = score.calibrate(target_fpr)
+        fired = [sum(score.fires(f"validation.{side}", calibration.threshold))
+                 for side in ("fire", "quiet")]  # fmt: skip
+        counts = calibration.validation
+        return fired[0], counts.fire_count, fired[1], counts.quiet_count
+
+    hooks, by_fold = _by_fold(reads, labels, condition, direction, summed, rates)
+    pooled = [[sum(c[i] for c in folds.values()) for i in range(4)] for folds in by_fold]
     return [
         StyleRates(
             hook=hook,
-            true_positive_rate=counts[i][0] / counts[i][1],
-            false_positive_rate=counts[i][2] / counts[i][3],
-            fire_count=counts[i][1],
-            quiet_count=counts[i][3],
-            by_style=by_style[i],
+            true_positive_rate=fire / fire_count,
+            false_positive_rate=quiet / quiet_count,
+            fire_count=fire_count,
+            quiet_count=quiet_count,
+            by_style={style: (c[0] / c[1], c[2] / c[3]) for style, c in by_fold[index].items()},
         )
-        for i, hook in enumerate(hooks)
+        for index, (hook, (fire, fire_count, quiet, quiet_count)) in enumerate(
+            zip(hooks, pooled, strict=True)
+        )
     ]
 
 
@@ -123,34 +119,46 @@ def new_source_levels(
     *,
     target_fpr: float = 0.02,
     summed: bool = False,
+    floors: Sequence[float | None] | None = None,
 ) -> list[StyleRates]:
     """A threshold calibrated on new sources instead of train prompts, for each candidate of
     :func:`held_out_styles` (each hook, then the summed one): each style's prompts are scored by
     the gate fitted without it, in standard deviations above the mean of that fit's quiet train
     scores (:meth:`~steer.calibration.GateScores.spread`); ``level`` is the lowest such
     standardized threshold whose false-positive rate over every held-out style's quiet prompts
-    together is at most ``target_fpr``, and the rates are those at it (fitted, not an estimate:
-    the level was chosen on them)."""
-    scored: dict[int, dict[str, dict[str, list[float]]]] = {}
-    hooks: list[str | tuple[str, ...]] = []
-    for style, scores in _fold_scores(reads, labels, condition, direction, summed):
-        hooks = [score.hook for score in scores]
-        for index, score in enumerate(scores):
-            mean, spread = score.spread()
-            scored.setdefault(index, {})[style] = {
-                side: [(p - mean) / spread for p in score.read[f"validation.{side}"]]
-                for side in ("fire", "quiet")
-            }
-    return [_at_level(hook, scored[i], target_fpr) for i, hook in enumerate(hooks)]
+    together is at most ``target_fpr``, raised to the candidate's entry of ``floors`` where that
+    is higher (the level its train-calibrated threshold stands at, :func:`train_level`, which
+    the threshold is never lowered below), and the rates are those at it (fitted, not an
+    estimate: the level was chosen on them)."""
+
+    def standardized(score: GateScores) -> dict[str, list[float]]:
+        mean, spread = score.spread()
+        return {
+            side: [(p - mean) / spread for p in score.read[f"validation.{side}"]]
+            for side in ("fire", "quiet")
+        }
+
+    hooks, by_fold = _by_fold(reads, labels, condition, direction, summed, standardized)
+    bounds = [None] * len(hooks) if floors is None else list(floors)
+    return [
+        _at_level(hook, scored, target_fpr, floor)
+        for hook, scored, floor in zip(hooks, by_fold, bounds, strict=True)
+    ]
 
 
 def _at_level(
-    hook: str | tuple[str, ...], scored: Mapping[str, Mapping[str, list[float]]], target_fpr: float
+    hook: str | tuple[str, ...],
+    scored: Mapping[str, Mapping[str, list[float]]],
+    target_fpr: float,
+    floor: float | None = None,
 ) -> StyleRates:
     """The rates of the standardized held-out scores ``scored`` ({style: {side: scores}}) at the
-    lowest level with a pooled false-positive rate of at most ``target_fpr``."""
+    lowest level with a pooled false-positive rate of at most ``target_fpr``, or at ``floor``
+    where that is higher."""
     quiet = [p for sides in scored.values() for p in sides["quiet"]]
     level = lowest_threshold(quiet, target_fpr)
+    if floor is not None:
+        level = max(level, floor)
 
     def rate(scores: Sequence[float]) -> float:
         return sum(p > level for p in scores) / len(scores)
@@ -176,18 +184,32 @@ def candidate_rates(
     target_fpr: float,
     summed: bool = False,
     calibrate: str = "train",
+    floors: Sequence[float | None] | None = None,
 ) -> list[StyleRates | None]:
     """For each candidate gate of ``condition`` (each hook of ``reads``, then with ``summed``
     the summed one): with ``calibrate="train"`` :func:`held_out_styles`, with "new-source"
-    :func:`new_source_levels`; None for each where there are no labels or a source is too
-    small to fit a gate without it."""
+    :func:`new_source_levels` (no lower than ``floors``); None for each where there are no
+    labels or a source is too small to fit a gate without it."""
     count = len(reads.points) + (1 if summed and len(reads.points) > 1 else 0)
     if labels is None:
         return [None] * count
-    rates = new_source_levels if calibrate == "new-source" else held_out_styles
     try:
+        if calibrate == "new-source":
+            return list(
+                new_source_levels(
+                    reads,
+                    labels,
+                    condition,
+                    direction,
+                    target_fpr=target_fpr,
+                    summed=summed,
+                    floors=floors,
+                )
+            )
         return list(
-            rates(reads, labels, condition, direction, target_fpr=target_fpr, summed=summed)
+            held_out_styles(
+                reads, labels, condition, direction, target_fpr=target_fpr, summed=summed
+            )
         )
     except InvalidArgumentError:
         return [None] * count
@@ -210,6 +232,35 @@ def _fold_scores(
         if summed and len(scores) > 1:
             scores.append(summed_scores(scores))
         yield style, scores
+
+
+def _by_fold(
+    reads: PromptReads,
+    labels: Mapping[str, Sequence[str]],
+    condition: str,
+    direction: SteeringVector | torch.Tensor,
+    summed: bool,
+    read: Callable[[GateScores], T],
+) -> tuple[list[str | tuple[str, ...]], list[dict[str, T]]]:
+    """The candidates' hooks, and for each candidate ``read`` of its scores in each fold of
+    :func:`_fold_scores` ({style held out: what ``read`` gave})."""
+    hooks: list[str | tuple[str, ...]] = []
+    by_fold: list[dict[str, T]] = []
+    for style, scores in _fold_scores(reads, labels, condition, direction, summed):
+        hooks = [score.hook for score in scores]
+        by_fold = by_fold or [{} for _ in scores]
+        for folds, score in zip(by_fold, scores, strict=True):
+            folds[style] = read(score)
+    return hooks, by_fold
+
+
+def train_level(score: GateScores, target_fpr: float) -> float:
+    """Where ``score``'s train-calibrated threshold (:meth:`GateScores.calibrate`) stands, in
+    standard deviations above the mean of its quiet train scores (:meth:`GateScores.spread`)."""
+    calibration = score.calibrate(target_fpr)
+    mean, spread = score.spread()
+    trained = -calibration.threshold if calibration.below else calibration.threshold
+    return (trained - mean) / spread
 
 
 def _styles(reads: PromptReads, labels: Mapping[str, Sequence[str]]) -> list[str]:
@@ -262,18 +313,24 @@ def new_source_rates(
 ) -> StyleRates | None:
     """The gate ``kept`` (of ``condition``, calibrated on train from ``reads``; at one hook, or
     summed over all of them) fitted and calibrated without each source of ``labels``
-    (:func:`source_labels`) in turn, read on it: its entry of :func:`candidate_rates`."""
-    summed = not isinstance(kept.hook, str)
-    rates = candidate_rates(
-        reads, labels, condition, direction, target_fpr=kept.target_fpr, summed=summed
+    (:func:`source_labels`) in turn, read on it: its entry of :func:`candidate_rates`, the
+    folds fitted at its own hooks alone."""
+    hooks = (kept.hook,) if isinstance(kept.hook, str) else kept.hook
+    only = replace(
+        reads,
+        points=tuple(point for point in reads.points if point.name in hooks),
+        read={key: {hook: rows[hook] for hook in hooks} for key, rows in reads.read.items()},
     )
-    return next((r for r in rates if r is not None and r.hook == kept.hook), None)
+    rates = candidate_rates(
+        only, labels, condition, direction, target_fpr=kept.target_fpr, summed=len(hooks) > 1
+    )
+    return rates[-1]
 
 
 def source_labels(
     recipe: DirectionRecipe,
-    prompts: dict[str, ContrastPrompts],
-    scenes: Sequence[Callable[[str], Prompt]] = (),
+    prompts: Mapping[str, ContrastPrompts],
+    origins: Mapping[str, ContrastPrompts] | None = None,
 ) -> dict[str, list[str]] | None:
     """Each prompt's source, for :func:`held_out_styles`, keyed as
     :class:`~steer.calibration.PromptReads` keys its reads ("train.fire", ...; ``prompts`` by
@@ -282,9 +339,11 @@ def source_labels(
     i-th set of each side together as one source, named by their files. Otherwise, with
     ``data.gate_fire`` and ``data.gate_quiet`` naming as many files each (two or more): the i-th
     file of each together, named by their files (for moralizing, each check set's villain and
-    trigger-free situations, written together). A situation rendered as a scene by one of
-    ``scenes`` has its situation's source; any other prompt "" (never held out). None without
-    such sources."""
+    trigger-free situations, written together). ``origins`` (by split,
+    :func:`steer.directions.gating.gate_origins`) gives the text each of the first prompts of a
+    side was made from, so a situation rendered as a scene has its situation's source; any other
+    prompt (past them, such as played scenes, or not text) is labelled "" (never held out).
+    None without such sources."""
     data = recipe.data
     if _has_extras(recipe):
         names, own = ("positive_extra", "negative_extra"), _own_sets(recipe)
@@ -305,26 +364,14 @@ def source_labels(
             for text in texts:
                 source.setdefault(text, "extras" if single else " + ".join(files))
     source |= dict.fromkeys(own - source.keys(), "own sets")
-    rendered: dict[str | tuple[int, ...], str] = {}
-    for render in scenes:
-        for text, name in source.items():
-            try:
-                rendered.setdefault(_key(render(text)), name)
-            except InvalidArgumentError:
-                continue  # not a situation: never rendered as a scene
+    made_from = prompts if origins is None else origins
 
-    def label(prompt: Prompt) -> str:
-        return source.get(prompt, "") if isinstance(prompt, str) else rendered.get(_key(prompt), "")
+    def labels(part: str, side: str) -> list[str]:
+        texts = getattr(made_from[part], side)
+        named = [source.get(text, "") if isinstance(text, str) else "" for text in texts]
+        return named + [""] * (len(getattr(prompts[part], side)) - len(named))
 
-    return {
-        f"{part}.{side}": [label(prompt) for prompt in getattr(split, side)]
-        for part, split in prompts.items()
-        for side in ("fire", "quiet")
-    }
-
-
-def _key(prompt: Prompt) -> str | tuple[int, ...]:
-    return prompt if isinstance(prompt, str) else tuple(prompt)
+    return {f"{part}.{side}": labels(part, side) for part in prompts for side in ("fire", "quiet")}
 
 
 def _has_extras(recipe: DirectionRecipe) -> bool:

@@ -1,7 +1,7 @@
-"""A gated ablation recipe from a direction, its gate calibrated on train (steer directions gate).
+"""A gate for a direction's ablation, calibrated on train (steer directions gate).
 
 The gate is calibrated on the recipe's train split, reported on validation and written with the
-edit as an edit recipe.
+edit as an edit recipe (:mod:`steer.directions.gate_recipe`).
 
 The gate is prompt scope (CAST): it reads the residual at the chat prompt's last token at one of
 the candidate hooks, projected onto a condition vector:
@@ -49,21 +49,19 @@ A threshold calibrated on one-message prompts alone fires on no reply in a playe
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from steer.artifacts import save_vector
 from steer.calibration import (
     CONDITIONS,
     ContrastPrompts,
     GateCalibration,
     GateScores,
     Prompt,
+    PromptReads,
     read_prompts,
     summed_scores,
 )
@@ -76,6 +74,7 @@ from steer.directions.gate_styles import (
     candidate_rates,
     has_sources,
     source_labels,
+    train_level,
 )
 from steer.directions.recipe import (
     GATE_SETS,
@@ -85,9 +84,7 @@ from steer.directions.recipe import (
 )
 from steer.directions.scene_forms import SCENE_FORMS, scene_prompts
 from steer.errors import InvalidArgumentError
-from steer.gates import GateScope
 from steer.models import ModelHandle
-from steer.recipes import AblateEdit, AddEdit, EditGate, EditRecipe, recipe_to_toml
 from steer.rp.scene import situation_scene
 from steer.vectors import SteeringVector
 
@@ -96,13 +93,11 @@ __all__ = [
     "CHOICES",
     "CONDITIONS",
     "GateChoice",
-    "ablation_recipe",
-    "check_push",
     "check_scenes",
     "choose_gate",
+    "gate_origins",
     "gate_prompts",
     "gate_splits",
-    "gated_ablation_recipe",
     "quiet_prompts",
 ]
 
@@ -173,6 +168,15 @@ def gate_prompts(
         fire += [render(text) for text in situations]
         quiet += [render(text) for text in _part(splits, "quiet", part)]
     return ContrastPrompts(fire, quiet)
+
+
+def gate_origins(
+    splits: dict[str, datasets.Splits[str]], part: str, forms: int = 0
+) -> ContrastPrompts:
+    """The text each prompt of :func:`gate_prompts` (with ``forms`` scene renderers) was made
+    from, in its order: the prompt itself, or for a situation rendered as a scene, the
+    situation (what :func:`~steer.directions.gate_styles.source_labels` labels it by)."""
+    return gate_prompts(splits, part, (str,) * forms)
 
 
 def _part(splits: dict[str, datasets.Splits[str]], name: str, part: str) -> tuple[str, ...]:
@@ -271,27 +275,13 @@ def choose_gate(
     rate on held-out sources is at most ``target_fpr`` (:func:`new_source_levels`)."""
     conditions = (condition,) if isinstance(condition, str) else tuple(condition)
     check_choice(choose, conditions, recipe, calibrate)
-    splits = gate_splits(recipe)
-    scenes = scene_prompts(handle) if recipe.data.gate_scenes else ()
-    parts = {part: gate_prompts(splits, part, scenes) for part in ("train", "validation")}
-    parts = with_scenarios(handle, recipe, parts, SCENE_FORMS)
-    reads = read_prompts(
-        handle,
-        hooks,
-        train=parts["train"],
-        validation=parts["validation"],
-        system=recipe.data.system or None,
-        batch_size=batch_size,
-        reply_tokens=reply_tokens,
-        reply_aggregate=reply_aggregate,
+    reads, labels = _read(
+        handle, recipe, hooks, batch_size, reply_tokens=reply_tokens, aggregate=reply_aggregate
     )
-    labels = source_labels(recipe, parts, scenes)
-    candidates: list[GateCandidate] = []
-    for name in conditions:
-        vector, scores = reads.gate(name, direction)
-        if summed and len(scores) > 1:
-            scores.append(summed_scores(scores))
-        styles = candidate_rates(
+    candidates = [
+        candidate
+        for name in conditions
+        for candidate in _candidates(
             reads,
             labels,
             name,
@@ -300,10 +290,7 @@ def choose_gate(
             summed=summed,
             calibrate=calibrate,
         )
-        candidates += [
-            GateCandidate(name, vector, _calibrated(score, target_fpr, style, calibrate), style)
-            for score, style in zip(scores, styles, strict=True)
-        ]
+    ]
     if "new-source" in (choose, calibrate) and any(c.new_source is None for c in candidates):
         field = "choose" if choose == "new-source" else "calibrate"
         raise InvalidArgumentError(
@@ -321,12 +308,76 @@ def choose_gate(
     )
 
 
+def _read(
+    handle: ModelHandle,
+    recipe: DirectionRecipe,
+    hooks: Sequence[str],
+    batch_size: int,
+    *,
+    reply_tokens: int,
+    aggregate: str,
+) -> tuple[PromptReads, dict[str, list[str]] | None]:
+    """The gate's train and validation prompts (:func:`gate_prompts`, then the recipe's played
+    scenes) read at ``hooks`` in one pass, and each one's source (:func:`source_labels`)."""
+    splits = gate_splits(recipe)
+    scenes = scene_prompts(handle) if recipe.data.gate_scenes else ()
+    parts = {part: gate_prompts(splits, part, scenes) for part in ("train", "validation")}
+    parts = with_scenarios(handle, recipe, parts, SCENE_FORMS)
+    reads = read_prompts(
+        handle,
+        hooks,
+        train=parts["train"],
+        validation=parts["validation"],
+        system=recipe.data.system or None,
+        batch_size=batch_size,
+        reply_tokens=reply_tokens,
+        reply_aggregate=aggregate,
+    )
+    origins = {part: gate_origins(splits, part, len(scenes)) for part in parts}
+    return reads, source_labels(recipe, parts, origins)
+
+
+def _candidates(
+    reads: PromptReads,
+    labels: dict[str, list[str]] | None,
+    condition: str,
+    direction: SteeringVector,
+    *,
+    target_fpr: float,
+    summed: bool,
+    calibrate: str,
+) -> list[GateCandidate]:
+    """The candidate gates of ``condition``: one at each hook of ``reads`` (with ``summed``, then
+    one reading them all), each calibrated as ``calibrate`` says, with its held-out sources'
+    rates where ``labels`` gives sources (:func:`candidate_rates`)."""
+    vector, scores = reads.gate(condition, direction)
+    if summed and len(scores) > 1:
+        scores.append(summed_scores(scores))
+    floors = (
+        [train_level(score, target_fpr) for score in scores] if calibrate == "new-source" else None
+    )
+    styles = candidate_rates(
+        reads,
+        labels,
+        condition,
+        direction,
+        target_fpr=target_fpr,
+        summed=summed,
+        calibrate=calibrate,
+        floors=floors,
+    )
+    return [
+        GateCandidate(condition, vector, _calibrated(score, target_fpr, style, calibrate), style)
+        for score, style in zip(scores, styles, strict=True)
+    ]
+
+
 def _calibrated(
     score: GateScores, target_fpr: float, rates: StyleRates | None, calibrate: str
 ) -> GateCalibration:
     """``score``'s gate calibrated on train at ``target_fpr``; with ``calibrate="new-source"``,
-    its threshold raised (never lowered) to ``rates.level`` standard deviations above the mean
-    of its quiet train scores (:func:`new_source_levels`)."""
+    its threshold raised to ``rates.level`` standard deviations above the mean of its quiet
+    train scores (:func:`new_source_levels`, which never puts it below the train threshold)."""
     calibration = score.calibrate(target_fpr)
     if calibrate != "new-source" or rates is None or rates.level is None:
         return calibration
@@ -372,119 +423,3 @@ def _separation(candidate: GateCandidate, choose: str) -> tuple[float, float]:
     rates = candidate.calibration.validation if choose == "validation" else candidate.new_source
     assert rates is not None  # choose_gate checks
     return (rates.true_positive_rate - rates.false_positive_rate, -rates.false_positive_rate)
-
-
-def gated_ablation_recipe(
-    out: Path,
-    direction: Path | Sequence[Path],
-    condition: SteeringVector | torch.Tensor | Path,
-    calibration: GateCalibration,
-    *,
-    weight: float = 1.0,
-    push: float = 0.0,
-    handle: ModelHandle | None = None,
-    new_source: StyleRates | None = None,
-) -> Path:
-    """Write ``out/gated.toml``: the artifact at ``direction`` (or each of several) ablated at
-    every layer (and pushed against, with ``push``; see :func:`ablation_recipe`), only for
-    prompts the gate fires on. ``condition`` is the gate's artifact, or a vector saved to
-    ``out/condition`` (with ``handle``); ``new_source`` (:attr:`GateChoice.new_source`, with its
-    level where the threshold was calibrated on new sources) joins the calibration figures in
-    the recipe's description. Returns the recipe's path."""
-    out.mkdir(parents=True, exist_ok=True)
-    if isinstance(condition, torch.Tensor):
-        condition = SteeringVector.from_shared(condition)
-    if isinstance(condition, SteeringVector):
-        if handle is None:
-            raise InvalidArgumentError("saving a condition vector needs the model", field="handle")
-        condition = save_vector(out / "condition", condition, handle=handle)
-    gate = EditGate(
-        hook=calibration.hook,
-        direction=str(Path(condition).resolve()),
-        threshold=calibration.threshold,
-        below=calibration.below,
-        scope=GateScope.REPLY if calibration.reply_tokens else GateScope.PROMPT,
-        weights=calibration.weights,
-        reply_tokens=calibration.reply_tokens or None,
-        reply_aggregate=calibration.reply_aggregate if calibration.reply_tokens else None,
-    )
-    description = _gated_description(calibration, len(_paths(direction)), push, new_source)
-    if new_source is not None and new_source.level is not None:
-        description += (
-            f" The threshold was raised to at least {new_source.level:.3f} standard deviations "
-            "above the mean of the quiet train scores: the lowest such level at which the gates "
-            "fitted without each source fire on at most the target of the held-out sources' "
-            "quiet prompts (the held-out figures above are at that level, chosen on them)."
-        )
-    recipe = ablation_recipe(direction, weight, push=push, gate=gate, description=description)
-    path = out / "gated.toml"
-    path.write_text(recipe_to_toml(recipe))
-    return path
-
-
-def _gated_description(
-    calibration: GateCalibration, directions: int, push: float, new_source: StyleRates | None
-) -> str:
-    """A gated ablation recipe's description: what it ablates, where the gate fires, and the
-    calibration's figures."""
-    train, validation = calibration.train, calibration.validation
-    what = "The directions" if directions > 1 else "The direction"
-    pushed = f", the first also subtracted at its hook at strength {push:g}," if push else ""
-    fires_on = "prompts"
-    if calibration.reply_tokens:
-        fires_on = f"replies whose first {calibration.reply_tokens} tokens (drawn without it)"
-        if calibration.reply_aggregate == "mean":
-            fires_on += ", on their mean,"
-    description = (
-        f"{what} ablated at every layer{pushed} only for {fires_on} the gate fires on. Threshold "
-        f"from train prompts (false-positive rate <= {calibration.target_fpr}: "
-        f"{train.false_positive_rate:.3f} of {train.quiet_count}, fires on "
-        f"{train.true_positive_rate:.3f} of {train.fire_count}); validation: fires on "
-        f"{validation.true_positive_rate:.3f} of {validation.fire_count} prompts it should "
-        f"fire on and {validation.false_positive_rate:.3f} of {validation.quiet_count} it "
-        f"should not."
-    )
-    if new_source is not None:
-        description += (
-            f" Fitted without each source of prompts in turn ({', '.join(new_source.by_style)}), "
-            f"on the held-out one: fires on {new_source.true_positive_rate:.3f} of "
-            f"{new_source.fire_count} and {new_source.false_positive_rate:.3f} of "
-            f"{new_source.quiet_count} (what requests written unlike every train prompt may see)."
-        )
-    return description
-
-
-def ablation_recipe(
-    direction: Path | Sequence[Path],
-    weight: float = 1.0,
-    *,
-    push: float = 0.0,
-    gate: EditGate | None = None,
-    description: str = "",
-) -> EditRecipe:
-    """The artifact at ``direction`` (or each of several) ablated at every layer (the weight
-    form ``steer bake`` writes), behind ``gate`` if given. With ``push``, the first direction
-    is also subtracted at its own hook (activation addition at strength ``-push``, behind the
-    same gate): the ablated model's writers no longer write along it, so what the push leaves
-    in the residual stream stays there for every later layer."""
-    directions = _paths(direction)
-    if not directions:
-        raise InvalidArgumentError("no direction to ablate", field="direction")
-    check_push(push)
-    edits: tuple[AblateEdit | AddEdit, ...] = tuple(
-        AblateEdit(direction=str(path.resolve()), weight=weight, gate=gate) for path in directions
-    )
-    if push:
-        edits += (AddEdit(vector=str(directions[0].resolve()), strength=-push, gate=gate),)
-    name = "ablation" if gate is None else "gated-ablation"
-    return EditRecipe(edits=edits, name=name, description=description)
-
-
-def check_push(push: float) -> None:
-    """Raise what :func:`ablation_recipe` raises about ``push`` (before a model loads)."""
-    if not math.isfinite(push):
-        raise InvalidArgumentError(f"push must be a finite number, got {push}", field="push")
-
-
-def _paths(direction: Path | Sequence[Path]) -> list[Path]:
-    return [direction] if isinstance(direction, Path) else list(direction)
