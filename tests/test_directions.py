@@ -161,7 +161,7 @@ def test_unseen_check_sets_share_nothing_with_the_data_choices_were_made_on() ->
     seen += datasets.load_prompts("recipes:moralizing_gate_fire.txt")
     seen_names = {situation_scene(text).names[0] for text in seen}
     # each later set shares nothing with earlier ones
-    for suffix in ("", "2", "3", "4", "5", "6", "7"):
+    for suffix in ("", "2", "3", "4", "5", "6", "7", "8"):
         unseen = {
             name: datasets.load_prompts(f"recipes:{name}{suffix}.txt")
             for name in ("moralizing_unseen", "rp_benign_unseen")
@@ -181,9 +181,10 @@ def test_the_moralizing_gate_recipe_reads_every_set_already_read_and_no_check_se
     recipe: str,
 ) -> None:
     """recipes/moralizing-gate.toml (and -scenes.toml, the same with played scenes) adds the
-    first six moralizing check sets (both sides) and the read ordinary-request check sets (the
-    first seven) to the gate's data, and none of the seventh check set, its KL set
-    (harmless_unseen8.txt) or the third set of scenes (rp_scenarios_unseen3.jsonl)."""
+    first seven moralizing check sets (both sides) and the read ordinary-request check sets (the
+    first eight) to the gate's data, and none of the eighth check set, its KL set
+    (harmless_unseen9.txt) or the third and fourth sets of scenes (rp_scenarios_unseen3.jsonl,
+    rp_scenarios_unseen4.jsonl)."""
     loaded = load_direction_recipe(datasets.RECIPES_DIR / recipe)
     base = gate_splits(load_direction_recipe(datasets.RECIPES_DIR / "moralizing.toml"))
     more = gate_splits(loaded)
@@ -193,21 +194,23 @@ def test_the_moralizing_gate_recipe_reads_every_set_already_read_and_no_check_se
         return {p for s in splits.values() for part in parts for p in getattr(s, part)}
 
     assert prompts(base) < prompts(more)
-    for suffix in ("", "2", "3", "4", "5", "6"):
+    for suffix in ("", "2", "3", "4", "5", "6", "7"):
         for name in ("moralizing_unseen", "rp_benign_unseen"):
             assert set(datasets.load_prompts(f"recipes:{name}{suffix}.txt")) <= prompts(more)
-    for suffix in ("", "2", "3", "4", "5", "6", "7"):
+    for suffix in ("", "2", "3", "4", "5", "6", "7", "8"):
         assert set(datasets.load_prompts(f"recipes:harmless_unseen{suffix}.txt")) <= prompts(more)
-    for name in ("moralizing_unseen7", "rp_benign_unseen7", "harmless_unseen8"):
+    for name in ("moralizing_unseen8", "rp_benign_unseen8", "harmless_unseen9"):
         assert not set(datasets.load_prompts(f"recipes:{name}.txt")) & prompts(more), name
-    assert not any("rp_scenarios_unseen3" in str(f) for f in loaded.data.gate_scenarios or ())
+    for scenes in ("rp_scenarios_unseen3", "rp_scenarios_unseen4"):
+        assert not any(scenes in str(f) for f in loaded.data.gate_scenarios or ()), scenes
     assert more["positive"] == base["positive"]  # the pairs: the rate's validation prompts
 
 
 def test_the_rp_check_scenes_share_no_character_with_the_data_choices_were_made_on() -> None:
     """scripts/eval_gated_rp.py --scenarios recipes/data/rp_scenarios_unseen.jsonl: 16 scenes
     with a trigger tag and 8 without, each ending at the user's turn, their characters named
-    in no scene or situation any choice read."""
+    in no scene or situation any choice read; the later sets (rp_scenarios_unseen2.jsonl to
+    4) alike, 12 and 12 each, none naming a character of a set before it."""
     from steer.rp.evaluate import load_scenarios
     from steer.rp.scene import situation_scene
 
@@ -254,6 +257,25 @@ def test_the_rp_check_scenes_share_no_character_with_the_data_choices_were_made_
     assert len({s.id for s in third}) == len(third)
     assert not {s.id for s in third} & {s.id for s in [*unseen, *second, *load_scenarios()]}
     for scenario in third:
+        assert not {*scenario.scene.names, scenario.scene.user.name} & (seen | users)
+        assert scenario.scene.turns[-1].speaker == scenario.scene.user.name
+    # the fourth set (rp_scenarios_unseen4.jsonl), written with the eighth situation sets: 12
+    # and 12, new ids, no character (nor user) of any scene or situation file before it or
+    # written with it
+    seen |= {name for s in third for name in s.scene.names}
+    seen |= {
+        situation_scene(text).names[0]
+        for suffix in ("7", "8")
+        for name in ("moralizing_unseen", "rp_benign_unseen")
+        for text in datasets.load_prompts(f"recipes:{name}{suffix}.txt")
+    }
+    users |= {s.scene.user.name for s in third}
+    fourth = load_scenarios(datasets.RECIPES_DIR / "data" / "rp_scenarios_unseen4.jsonl")
+    assert sorted(bool(triggers & set(s.tags)) for s in fourth) == [False] * 12 + [True] * 12
+    assert len({s.id for s in fourth}) == len(fourth)
+    earlier = [*unseen, *second, *third, *load_scenarios()]
+    assert not {s.id for s in fourth} & {s.id for s in earlier}
+    for scenario in fourth:
         assert not {*scenario.scene.names, scenario.scene.user.name} & (seen | users)
         assert scenario.scene.turns[-1].speaker == scenario.scene.user.name
 
@@ -342,14 +364,12 @@ def test_the_later_check_sets_are_close_to_no_other_prompt(
     assert _closest(harmful, harmless) < to_each_other
 
 
-@pytest.mark.parametrize(
-    "name", ["harmless_unseen6.txt", "harmless_unseen7.txt", "harmless_unseen8.txt"]
-)
+@pytest.mark.parametrize("name", [f"harmless_unseen{number}.txt" for number in (6, 7, 8, 9)])
 def test_the_later_ordinary_check_sets_are_close_to_no_other_prompt(name: str) -> None:
-    """recipes/data/harmless_unseen6.txt, 7 and 8 (the KL sets of results.md "unseen5-moralizing"
-    and of the sixth and seventh situation sets), each written before the gate it checks was
-    fitted, in ten framings of its own: 150 unique requests, far in words from every prompt of
-    every other data file and StrongREJECT."""
+    """recipes/data/harmless_unseen6.txt to 9 (the KL sets of results.md "unseen5-moralizing"
+    and of the sixth, seventh and eighth situation sets), each written before the gate it checks
+    was fitted, in ten framings of its own: 150 unique requests, far in words from every prompt
+    of every other data file and StrongREJECT."""
     check = datasets.load_prompts(f"recipes:{name}")
     others = [
         *datasets.load_prompts("strongreject"),
