@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -121,6 +121,8 @@ class GateScores:
     reply_tokens: int = 0
     #: how it combines the window: the projections' largest ("any") or their mean
     reply_aggregate: str = "any"
+    #: each quiet train prompt's set (ordinary requests, RP situations, ...), for ``each_set``
+    quiet_sets: tuple[str, ...] = ()
 
     def fires(self, key: str, threshold: float) -> list[bool]:
         """Whether the gate fires on each prompt of ``key`` (e.g. "validation.fire") at
@@ -128,11 +130,23 @@ class GateScores:
         sign = -1.0 if self.below else 1.0
         return [p > sign * threshold for p in self.read[key]]
 
-    def calibrate(self, target_fpr: float = 0.05) -> GateCalibration:
-        """The lowest threshold with train FPR <= ``target_fpr``; its train and validation
-        rates."""
+    def calibrate(self, target_fpr: float = 0.05, *, each_set: bool = False) -> GateCalibration:
+        """The lowest threshold with train FPR <= ``target_fpr``; with ``each_set``, on the
+        quiet train prompts of each of :attr:`quiet_sets` apart (so a large set of easy ones
+        cannot spend the whole allowance on a small hard one); its train and validation rates."""
         target_fpr = _target(target_fpr)
-        return self.at(lowest_threshold(self.read["train.quiet"], target_fpr), target_fpr)
+        quiet = self.read["train.quiet"]
+        threshold = lowest_threshold(quiet, target_fpr)
+        if each_set and self.quiet_sets:
+            if len(self.quiet_sets) != len(quiet):
+                raise InvalidArgumentError(
+                    f"expected a set for each of the {len(quiet)} quiet train prompts",
+                    field="quiet_sets",
+                )
+            for name in dict.fromkeys(self.quiet_sets):
+                own = [q for q, s in zip(quiet, self.quiet_sets, strict=True) if s == name]
+                threshold = max(threshold, lowest_threshold(own, target_fpr))
+        return self.at(threshold, target_fpr)
 
     def spread(self) -> tuple[float, float]:
         """The mean and standard deviation of the scores of the train prompts the gate should
@@ -184,7 +198,13 @@ def summed_scores(scores: Sequence[GateScores]) -> GateScores:
     hooks = tuple(str(s.hook) for s in scores)
     first = scores[0]
     return GateScores(
-        hooks, first.below, read, tuple(weights), first.reply_tokens, first.reply_aggregate
+        hooks,
+        first.below,
+        read,
+        tuple(weights),
+        first.reply_tokens,
+        first.reply_aggregate,
+        first.quiet_sets,
     )
 
 
@@ -203,6 +223,8 @@ class PromptReads:
     reply_tokens: int = 0
     #: how a reply-scope gate combines the window (:data:`steer.gates.REPLY_AGGREGATES`)
     reply_aggregate: str = "any"
+    #: {"train.quiet", "validation.quiet"}: each quiet prompt's set (:attr:`GateScores.quiet_sets`)
+    quiet_sets: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
     def scores(
         self, direction: SteeringVector | torch.Tensor, *, below: bool = False
@@ -231,6 +253,7 @@ class PromptReads:
                     store,
                     reply_tokens=self.reply_tokens,
                     reply_aggregate=self.reply_aggregate,
+                    quiet_sets=self.quiet_sets.get("train.quiet", ()),
                 )
             )
         return scores
@@ -261,6 +284,7 @@ class PromptReads:
         """These reads with the train prompts split in two: every :data:`FOLDS`-th prompt of
         each side in the second, the rest in the first (validation in both)."""
         fit, held = dict(self.read), dict(self.read)
+        fit_sets, held_sets = dict(self.quiet_sets), dict(self.quiet_sets)
         for key in ("train.fire", "train.quiet"):
             by_hook = self.read[key]
             count = len(next(iter(by_hook.values())))
@@ -271,9 +295,12 @@ class PromptReads:
             keep = torch.arange(count) % FOLDS != 0
             fit[key] = {hook: rows[keep] for hook, rows in by_hook.items()}
             held[key] = {hook: rows[~keep] for hook, rows in by_hook.items()}
-        return (
-            PromptReads(self.points, fit, self.reply_tokens, self.reply_aggregate),
-            PromptReads(self.points, held, self.reply_tokens, self.reply_aggregate),
+            if key in self.quiet_sets:
+                sets = self.quiet_sets[key]
+                fit_sets[key] = tuple(n for n, k in zip(sets, keep.tolist(), strict=True) if k)
+                held_sets[key] = tuple(n for n, k in zip(sets, keep.tolist(), strict=True) if not k)
+        return replace(self, read=fit, quiet_sets=fit_sets), replace(
+            self, read=held, quiet_sets=held_sets
         )
 
     def condition(self, *, discriminant: bool = False) -> SteeringVector:

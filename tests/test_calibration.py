@@ -408,3 +408,56 @@ def test_each_condition_kind_gives_its_vector_and_scores(tiny_llama: ModelHandle
     with pytest.raises(InvalidArgumentError) as raised:
         reads.gate("vibes", direction)
     assert raised.value.field == "condition"
+
+
+def test_each_set_holds_the_target_on_every_quiet_set_apart() -> None:
+    """GateScores.calibrate(each_set=True): the lowest threshold whose train false-positive
+    rate is at most the target on each of the quiet prompts' sets apart, where many low
+    "requests" would let a pooled threshold fire on half the few "situations"; one set gives the
+    pooled threshold; sets that do not match the prompts are a clear error."""
+    requests = [float(i) / 100 for i in range(90)]  # all under 1
+    situations = [0.5 + i for i in range(10)]  # 0.5 .. 9.5
+    read = {
+        "train.fire": [20.0] * 4,
+        "train.quiet": requests + situations,
+        "validation.fire": [20.0],
+        "validation.quiet": [0.0],
+    }
+    sets = ("requests",) * 90 + ("situations",) * 10
+    scores = steer.calibration.GateScores("h", False, read, quiet_sets=sets)
+    pooled = scores.calibrate(0.1)
+    apart = scores.calibrate(0.1, each_set=True)
+    assert pooled.threshold == sorted(requests + situations, reverse=True)[10]
+    assert sum(s > pooled.threshold for s in situations) == 9  # the pooled 10% spent on them
+    assert apart.threshold == sorted(situations, reverse=True)[1]
+    assert sum(s > apart.threshold for s in situations) <= 1
+    assert sum(r > apart.threshold for r in requests) == 0
+    assert apart.train.false_positive_rate <= 0.1
+    one = replace(scores, quiet_sets=("requests",) * 100)
+    assert one.calibrate(0.1, each_set=True) == pooled
+    assert replace(scores, quiet_sets=()).calibrate(0.1, each_set=True) == pooled
+    with pytest.raises(InvalidArgumentError) as error:
+        replace(scores, quiet_sets=sets[:50]).calibrate(0.1, each_set=True)
+    assert error.value.field == "quiet_sets"
+
+
+def test_the_quiet_sets_follow_their_prompts_into_the_discriminant_split(
+    tiny_llama: ModelHandle,
+) -> None:
+    """PromptReads.quiet_sets reach every GateScores, and split_train (the discriminant's fit
+    and calibration quarters) takes each quiet prompt's set with it."""
+    train, validation, _ = _splits(tiny_llama, 32)
+    reads = read_prompts(tiny_llama, [HOOK], train=train, validation=validation)
+    quiet = len(train.quiet)
+    names = tuple(f"set{i % 3}" for i in range(quiet))
+    sets = {"train.quiet": names, "validation.quiet": ("v",) * len(validation.quiet)}
+    reads = replace(reads, quiet_sets=sets)
+    [score] = reads.scores(_direction(tiny_llama))
+    assert score.quiet_sets == names
+    fit, held = reads.split_train()
+    folds = steer.calibration.FOLDS
+    assert held.quiet_sets["train.quiet"] == names[::folds]
+    assert fit.quiet_sets["train.quiet"] == tuple(n for i, n in enumerate(names) if i % folds)
+    _, [discriminant] = reads.gate("discriminant", _direction(tiny_llama))
+    assert discriminant.quiet_sets == names[::folds]
+    assert len(discriminant.read["train.quiet"]) == len(names[::folds])

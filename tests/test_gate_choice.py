@@ -7,14 +7,17 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import pytest
 from gate_setup import gate_setup, run_gate
 
+from steer.artifacts import load_vector
+from steer.calibration import read_prompts
 from steer.directions.gate_styles import source_labels
-from steer.directions.gating import gate_origins, gate_prompts, gate_splits
+from steer.directions.gating import gate_origins, gate_prompts, gate_splits, quiet_sets
 from steer.directions.recipe import load_direction_recipe
 from steer.directions.scene_forms import scene_prompts
 from steer.models import ModelHandle
@@ -164,6 +167,48 @@ def test_calibrating_on_new_sources_raises_each_threshold_until_they_keep_the_ta
     gate = recipe.edits[0].gate
     assert gate is not None and gate.threshold == best["threshold"]
     assert "raised" in recipe.description
+
+
+def test_calibrating_on_each_quiet_set_holds_the_target_on_the_situations_too(
+    tiny_llama: ModelHandle, setup: dict[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``--calibrate each-set``: every candidate's threshold is the one that keeps the target on
+    the ordinary requests and on the situations without a trigger apart (as scenes too), by
+    hand from the same reads, and never under the pooled one; the held-out estimates are of
+    gates calibrated so too, and the recipe says so."""
+    flags = ("--hooks", HOOKS, "--condition", "direction", "--target-fpr", "0.2")
+    assert run_gate(setup, *flags) == 0
+    pooled = _report(capsys)
+    assert run_gate(setup, *flags, "--calibrate", "each-set") == 0
+    apart = _report(capsys)
+    assert apart["calibrate"] == "each-set"
+    recipe = load_direction_recipe(setup["recipe"])
+    splits = gate_splits(recipe)
+    renders = scene_prompts(tiny_llama)
+    parts = {part: gate_prompts(splits, part, renders) for part in ("train", "validation")}
+    reads = read_prompts(
+        tiny_llama, HOOKS.split(","), train=parts["train"], validation=parts["validation"]
+    )
+    sets = {f"{p}.quiet": quiet_sets(splits, p, len(parts[p].quiet)) for p in parts}
+    assert set(sets["train.quiet"]) == {"requests", "situations"}
+    scores = replace(reads, quiet_sets=sets).scores(load_vector(setup["direction"]).vector)
+    raised = 0
+    for before, after, score in zip(pooled["candidates"], apart["candidates"], scores, strict=True):
+        assert after["hook"] == score.hook
+        assert after["threshold"] == score.calibrate(0.2, each_set=True).threshold
+        assert after["threshold"] >= before["threshold"]
+        raised += after["threshold"] > before["threshold"]
+        for name in ("requests", "situations"):
+            own = [
+                q
+                for q, n in zip(score.read["train.quiet"], sets["train.quiet"], strict=True)
+                if n == name
+            ]
+            assert sum(q > after["threshold"] for q in own) <= 0.2 * len(own)
+        assert after["new_source"] is not None
+    assert raised > 0
+    assert apart["candidates"] != pooled["candidates"]
+    assert "each quiet set apart" in load_edit_recipe(apart["recipe"]).description
 
 
 def test_choosing_by_new_sources_without_sources_is_a_clear_error(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -142,6 +144,28 @@ def test_a_new_source_level_is_never_below_the_train_threshold_and_its_rates_are
     mean, spread = score.spread()
     trained = score.calibrate(0.1).threshold
     assert train_level(score, 0.1) == pytest.approx((trained - mean) / spread)
+
+
+def test_each_fold_calibrates_on_its_own_quiet_sets_apart(tiny_llama: ModelHandle) -> None:
+    """held_out_styles(each_set=True): each fold's gate keeps the target on each of its quiet
+    sets apart, the sets folded with their prompts (by hand: the fold's quiet train prompts and
+    their sets, outside the held style, train then validation)."""
+    reads, labels, axis = _reads(tiny_llama)
+    sets = {key: tuple(f"set{i % 2}" for i in range(len(labels[key])))
+            for key in ("train.quiet", "validation.quiet")}  # fmt: skip
+    reads = replace(reads, quiet_sets=sets)
+    [apart] = held_out_styles(reads, labels, "direction", axis, target_fpr=0.1, each_set=True)
+    for style in ("a", "b"):
+        fold_sets = tuple(
+            name
+            for key in ("train.quiet", "validation.quiet")
+            for name, label in zip(sets[key], labels[key], strict=True)
+            if label != style
+        )
+        fold = PromptReads(reads.points, _by_hand(reads.read, labels, style), quiet_sets={})
+        [score] = replace(fold, quiet_sets={"train.quiet": fold_sets}).scores(axis)
+        expected = score.calibrate(0.1, each_set=True).validation
+        assert apart.by_style[style] == (expected.true_positive_rate, expected.false_positive_rate)
 
 
 def _standardized(

@@ -81,8 +81,9 @@ def _choice_options(gate: argparse.ArgumentParser) -> None:
         "--calibrate",
         default="train",
         help="set each threshold so the gate's false-positive rate on the train prompts is at "
-        "most the target, or (new-source) raise it further until so is the rate on each source "
-        "of prompts when fitted without it, pooled",
+        "most the target; (new-source) raise it further until so is the rate on each source "
+        "of prompts when fitted without it, pooled; or (each-set) so that it is on the ordinary "
+        "requests and on the situations without a trigger apart",
     )
 
 
@@ -168,6 +169,7 @@ def run(args: argparse.Namespace, model_of: Any) -> int:
         push=args.push,
         handle=handle,
         new_source=choice.new_source,
+        each_set=choice.calibrate == "each-set",
     )
     print(json.dumps({"recipe": str(path), **choice.as_dict()}, sort_keys=True))
     return 0

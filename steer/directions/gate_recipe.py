@@ -33,13 +33,15 @@ def gated_ablation_recipe(
     push: float = 0.0,
     handle: ModelHandle | None = None,
     new_source: StyleRates | None = None,
+    each_set: bool = False,
 ) -> Path:
     """Write ``out/gated.toml``: the artifact at ``direction`` (or each of several) ablated at
     every layer (and pushed against, with ``push``; see :func:`ablation_recipe`), only for
     prompts the gate fires on. ``condition`` is the gate's artifact, or a vector saved to
     ``out/condition`` (with ``handle``); ``new_source`` (:attr:`GateChoice.new_source`, with its
     level where the threshold was calibrated on new sources) joins the calibration figures in
-    the recipe's description. Returns the recipe's path."""
+    the recipe's description, as does ``each_set`` (the threshold kept the target on each quiet
+    set apart, :func:`steer.directions.gating.quiet_sets`). Returns the recipe's path."""
     out.mkdir(parents=True, exist_ok=True)
     if isinstance(condition, torch.Tensor):
         condition = SteeringVector.from_shared(condition)
@@ -58,6 +60,11 @@ def gated_ablation_recipe(
         reply_aggregate=calibration.reply_aggregate if calibration.reply_tokens else None,
     )
     description = _gated_description(calibration, len(_paths(direction)), push, new_source)
+    if each_set:
+        description += (
+            " The train false-positive rate was held at the target on each quiet set apart "
+            "(ordinary requests; situations without a trigger), not only on them all together."
+        )
     if new_source is not None and new_source.level is not None:
         description += (
             f" The threshold was raised to {new_source.level:.3f} standard deviations above the "

@@ -79,16 +79,18 @@ def held_out_styles(
     *,
     target_fpr: float = 0.02,
     summed: bool = False,
+    each_set: bool = False,
 ) -> list[StyleRates]:
     """For each hook of ``reads`` (in order; with ``summed`` and several hooks, then the gate
     reading all of them, :func:`steer.calibration.summed_scores`), a gate of ``condition`` (see
     :data:`steer.calibration.CONDITIONS`; ``direction`` is the edit's) calibrated at
     ``target_fpr`` without each style, measured on it. ``labels[key]`` gives a style for each
     prompt of ``reads.read[key]`` (every key of :data:`KEYS`); a style must have prompts on both
-    sides to be held out."""
+    sides to be held out. With ``each_set``, each fold's gate is calibrated on each of its quiet
+    sets apart (:meth:`~steer.calibration.GateScores.calibrate`)."""
 
     def rates(score: GateScores) -> tuple[int, int, int, int]:
-        calibration = score.calibrate(target_fpr)
+        calibration = score.calibrate(target_fpr, each_set=each_set)
         fired = [sum(score.fires(f"validation.{side}", calibration.threshold))
                  for side in ("fire", "quiet")]  # fmt: skip
         counts = calibration.validation
@@ -187,7 +189,8 @@ def candidate_rates(
     floors: Sequence[float | None] | None = None,
 ) -> list[StyleRates | None]:
     """For each candidate gate of ``condition`` (each hook of ``reads``, then with ``summed``
-    the summed one): with ``calibrate="train"`` :func:`held_out_styles`, with "new-source"
+    the summed one): with ``calibrate="train"`` (or "each-set", each quiet set apart)
+    :func:`held_out_styles`, with "new-source"
     :func:`new_source_levels` (no lower than ``floors``); None for each where there are no
     labels or a source is too small to fit a gate without it."""
     count = len(reads.points) + (1 if summed and len(reads.points) > 1 else 0)
@@ -206,9 +209,16 @@ def candidate_rates(
                     floors=floors,
                 )
             )
+        each_set = calibrate == "each-set"
         return list(
             held_out_styles(
-                reads, labels, condition, direction, target_fpr=target_fpr, summed=summed
+                reads,
+                labels,
+                condition,
+                direction,
+                target_fpr=target_fpr,
+                summed=summed,
+                each_set=each_set,
             )
         )
     except InvalidArgumentError:
@@ -227,8 +237,7 @@ def _fold_scores(
     style's own."""
     for style in _styles(reads, labels):
         held = {key: torch.tensor([label == style for label in labels[key]]) for key in KEYS}
-        fold = PromptReads(reads.points, _fold(reads, held))
-        _, scores = fold.gate(condition, direction)
+        _, scores = _fold(reads, held).gate(condition, direction)
         if summed and len(scores) > 1:
             scores.append(summed_scores(scores))
         yield style, scores
@@ -283,11 +292,9 @@ def _styles(reads: PromptReads, labels: Mapping[str, Sequence[str]]) -> list[str
     return styles
 
 
-def _fold(
-    reads: PromptReads, held: Mapping[str, torch.Tensor]
-) -> dict[str, dict[str, torch.Tensor]]:
-    """Train: every train and validation prompt outside the held style; validation: the held
-    style's prompts."""
+def _fold(reads: PromptReads, held: Mapping[str, torch.Tensor]) -> PromptReads:
+    """``reads`` refolded: train, every train and validation prompt outside the held style;
+    validation, the held style's prompts (their quiet prompts' sets alike)."""
     fold: dict[str, dict[str, torch.Tensor]] = {}
     for side in ("fire", "quiet"):
         parts = [
@@ -301,7 +308,17 @@ def _fold(
         fold[f"validation.{side}"] = {
             hook: torch.cat([rows[hook][mask] for rows, mask in parts]) for hook in hooks
         }
-    return fold
+    sets: dict[str, tuple[str, ...]] = {}
+    if {"train.quiet", "validation.quiet"} <= reads.quiet_sets.keys():
+        named = [
+            (reads.quiet_sets[key], held[key].tolist())
+            for key in ("train.quiet", "validation.quiet")
+        ]
+        for key, inside in (("train.quiet", False), ("validation.quiet", True)):
+            sets[key] = tuple(
+                n for names, mask in named for n, m in zip(names, mask, strict=True) if m == inside
+            )
+    return replace(reads, read=fold, quiet_sets=sets)
 
 
 def new_source_rates(

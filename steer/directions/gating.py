@@ -50,7 +50,7 @@ A threshold calibrated on one-message prompts alone fires on no reply in a playe
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import torch
@@ -99,6 +99,7 @@ __all__ = [
     "gate_prompts",
     "gate_splits",
     "quiet_prompts",
+    "quiet_sets",
 ]
 
 
@@ -170,6 +171,17 @@ def gate_prompts(
     return ContrastPrompts(fire, quiet)
 
 
+def quiet_sets(splits: dict[str, datasets.Splits[str]], part: str, count: int) -> tuple[str, ...]:
+    """The set of each of the ``count`` quiet prompts of split ``part`` (:func:`gate_prompts`'s,
+    then any played scenes'): "requests" for the ordinary requests (the negative set's, with
+    ``data.gate_harmless``), "situations" for the rest (``data.gate_quiet``'s situations without
+    a trigger: as written, as scenes, played). ``--calibrate each-set`` holds the target on each
+    apart: hundreds of easy requests would otherwise let the gate fire on many of the few
+    situations that look most like the ones it fires on."""
+    requests = len(getattr(splits["negative"], part))
+    return ("requests",) * requests + ("situations",) * (count - requests)
+
+
 def gate_origins(
     splits: dict[str, datasets.Splits[str]], part: str, forms: int = 0
 ) -> ContrastPrompts:
@@ -202,8 +214,10 @@ CHOICES = ("validation", "new-source")
 
 #: how ``steer directions gate`` sets a candidate's threshold: the lowest whose false-positive
 #: rate on the train prompts is at most the target; or that, raised until the rate on each
-#: source's prompts, the gate fitted without that source, pooled, is too (:func:`new_source_levels`)
-CALIBRATIONS = ("train", "new-source")
+#: source's prompts, the gate fitted without that source, pooled, is too
+#: (:func:`new_source_levels`); or the lowest whose rate on each quiet set's train prompts
+#: apart is (:func:`quiet_sets`)
+CALIBRATIONS = ("train", "new-source", "each-set")
 
 
 @dataclass(frozen=True)
@@ -333,8 +347,9 @@ def _read(
         reply_tokens=reply_tokens,
         reply_aggregate=aggregate,
     )
+    sets = {f"{part}.quiet": quiet_sets(splits, part, len(parts[part].quiet)) for part in parts}
     origins = {part: gate_origins(splits, part, len(scenes)) for part in parts}
-    return reads, source_labels(recipe, parts, origins)
+    return replace(reads, quiet_sets=sets), source_labels(recipe, parts, origins)
 
 
 def _candidates(
@@ -375,10 +390,11 @@ def _candidates(
 def _calibrated(
     score: GateScores, target_fpr: float, rates: StyleRates | None, calibrate: str
 ) -> GateCalibration:
-    """``score``'s gate calibrated on train at ``target_fpr``; with ``calibrate="new-source"``,
-    its threshold raised to ``rates.level`` standard deviations above the mean of its quiet
-    train scores (:func:`new_source_levels`, which never puts it below the train threshold)."""
-    calibration = score.calibrate(target_fpr)
+    """``score``'s gate calibrated on train at ``target_fpr``: with ``calibrate="each-set"`` on
+    each quiet set apart (:func:`quiet_sets`); with "new-source", its threshold raised to
+    ``rates.level`` standard deviations above the mean of its quiet train scores
+    (:func:`new_source_levels`, which never puts it below the train threshold)."""
+    calibration = score.calibrate(target_fpr, each_set=calibrate == "each-set")
     if calibrate != "new-source" or rates is None or rates.level is None:
         return calibration
     mean, spread = score.spread()
