@@ -190,9 +190,9 @@ def candidate_rates(
 ) -> list[StyleRates | None]:
     """For each candidate gate of ``condition`` (each hook of ``reads``, then with ``summed``
     the summed one): with ``calibrate="train"`` (or "each-set", each quiet set apart)
-    :func:`held_out_styles`, with "new-source"
-    :func:`new_source_levels` (no lower than ``floors``); None for each where there are no
-    labels or a source is too small to fit a gate without it."""
+    :func:`held_out_styles`, with "new-source" :func:`new_source_levels` (no lower than
+    ``floors``); None for each where there are no labels or a source is too small to fit a gate
+    without it."""
     count = len(reads.points) + (1 if summed and len(reads.points) > 1 else 0)
     if labels is None:
         return [None] * count
