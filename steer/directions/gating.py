@@ -286,7 +286,9 @@ def choose_gate(
     fitted without it. With ``reply_tokens`` K, a reply-scope gate reading each prompt's first K
     greedy reply tokens, combined by ``reply_aggregate`` (:data:`steer.gates.REPLY_AGGREGATES`).
     With ``calibrate="new-source"`` each threshold is raised until the gate's false-positive
-    rate on held-out sources is at most ``target_fpr`` (:func:`new_source_levels`)."""
+    rate on held-out sources is at most ``target_fpr`` (:func:`new_source_levels`); with
+    "each-set" the train rate is at most ``target_fpr`` on each quiet set apart
+    (:func:`quiet_sets`)."""
     conditions = (condition,) if isinstance(condition, str) else tuple(condition)
     check_choice(choose, conditions, recipe, calibrate)
     reads, labels = _read(
