@@ -220,7 +220,7 @@ class Engine:
             decisions,
             speakers,
             keyword=self._cache_keyword,
-        )[:, -1, :]
+        )[:, -1, :].cpu()  # one transfer per step: the samplers and their generators run on CPU
         for row in self._rows:
             row.position += 1
         return [e for i, row in enumerate(self._rows) for e in self._after_pass(row, logits[i])]
@@ -270,7 +270,7 @@ class Engine:
                 + list(r.request.speakers or padding[: len(r.prompt_ids)])
                 for r in rows
             ]
-        return prefill(
+        logits, cache, mask = prefill(
             self.handle,
             plan,
             [row.prompt_ids for row in rows],
@@ -278,6 +278,7 @@ class Engine:
             speakers,
             keyword=self._cache_keyword,
         )
+        return logits.cpu(), cache, mask
 
     def _join(
         self, rows: list[_Row], logits: torch.Tensor, cache: Any, mask: torch.Tensor

@@ -20,6 +20,7 @@ from steer.sampling import (
     dry_penalties,
     process,
 )
+from steer.sampling.pipeline import draw
 
 
 def logits_of(probs: list[float]) -> torch.Tensor:
@@ -95,6 +96,41 @@ def test_top_k_top_p_top_a_typical_tfs_on_hand_built_logits() -> None:
     # [0.714, 0.095, 0.190]; z = 0.5 keeps token 0 and token 1 (mass before it 0 <= 0.5)
     assert kept(run("tfs", logits, SamplingConfig(tfs=0.5))) == [0, 1]
     assert kept(run("tfs", logits, SamplingConfig(tfs=0.75))) == [0, 1, 2]
+
+
+@pytest.mark.parametrize("scale", [1.0, 3.0, 8.0])
+@pytest.mark.parametrize("top_p", [0.1, 0.5, 0.9, 0.99])
+def test_top_p_on_a_large_vocabulary_keeps_what_a_full_sort_keeps(
+    scale: float, top_p: float
+) -> None:
+    """Top-p sorts a head of 1024 tokens first; the kept set is the full sort's, peaked or flat."""
+    generator = torch.Generator().manual_seed(int(scale * 100 + top_p * 10))
+    logits = torch.randn(50_000, generator=generator) * scale
+    logits[:5] += 6.0  # scale 1: the head holds < p (the full sort); scale 8: it holds more
+    sorted_logits, order = torch.sort(logits.double(), descending=True)
+    probs = torch.softmax(sorted_logits, -1)
+    before = torch.cumsum(probs, -1) - probs
+    keep_sorted = before < top_p
+    keep_sorted[0] = True
+    expected = set(order[keep_sorted].tolist())
+    ours = set(kept(SAMPLERS["top_p"](logits, SamplingConfig(top_p=top_p), RowContext())))
+    # float32 rounding may decide a token whose preceding mass is p to within 1e-5
+    rank = {int(token): i for i, token in enumerate(order)}
+    assert all(abs(before[rank[t]] - top_p) < 1e-5 for t in ours ^ expected)
+    assert len(ours ^ expected) <= 1
+
+
+def test_draw_follows_the_distribution_and_never_picks_a_zero() -> None:
+    probs = torch.tensor([0.0, 0.2, 0.0, 0.5, 0.3, 0.0])
+    generator = torch.Generator().manual_seed(0)
+    counts = torch.zeros(6)
+    for _ in range(20_000):
+        counts[draw(probs, generator)] += 1
+    assert counts[[0, 2, 5]].sum() == 0
+    frequencies = counts / counts.sum()
+    # binomial standard error at n = 20000 is <= 0.0036; 5 of them
+    assert torch.allclose(frequencies, probs, atol=0.018)
+    assert draw(torch.tensor([0.0, 0.0, 1.0]), generator) == 2
 
 
 def test_penalties_on_hand_built_logits() -> None:

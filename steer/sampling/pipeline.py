@@ -29,6 +29,19 @@ def process(
     return logits
 
 
+def draw(probs: torch.Tensor, generator: torch.Generator | None) -> int:
+    """One index from the (unnormalised, non-negative) ``probs``: the first whose running sum
+    passes a uniform draw times the total. Never a zero-probability index; one float64 number from
+    ``generator`` per call. Twenty times faster than ``torch.multinomial`` on a 128k vocabulary
+    (which spent most of a GPU decode step on the CPU, docs/benchmarks.md)."""
+    cumulative = torch.cumsum(probs.double(), 0)
+    point = torch.rand((), generator=generator, dtype=torch.float64) * cumulative[-1]
+    index = int(torch.searchsorted(cumulative, point, right=True))
+    if index >= len(probs):  # the product rounded up to the total: the last token with mass
+        index = int(torch.nonzero(probs).max())
+    return index
+
+
 def _mirostat_k(epsilon: float, s_hat: float, mu: float, vocab: int) -> int:
     """Mirostat 1's ``k = ((e 2^mu) / (1 - N^-e))^(1/s_hat)`` in [1, vocab], overflow-safe."""
     if abs(epsilon) < 1e-9 or s_hat <= 0:
@@ -63,7 +76,7 @@ def _mirostat(logits: torch.Tensor, config: SamplingConfig, row: RowContext) -> 
         keep[0] = True
     kept = torch.where(keep, probs, torch.zeros_like(probs))
     kept = kept / kept.sum()
-    index = int(torch.multinomial(kept, 1, generator=row.generator).item())
+    index = draw(kept, row.generator)
     surprise = -math.log2(float(kept[index]))
     state.mirostat_mu = mu - eta * (surprise - tau)
     return int(order[index].item())
@@ -90,4 +103,4 @@ def choose(
     if config.mirostat_mode:
         return _mirostat(logits, config, row)
     probs = torch.softmax(logits, dim=-1)
-    return int(torch.multinomial(probs, 1, generator=generator).item())
+    return draw(probs, generator)
