@@ -86,7 +86,6 @@ from steer.calibration import (
     GateCalibration,
     GateScores,
     PromptReads,
-    read_prompts,
     summed_scores,
 )
 from steer.cli.eval_refusal import _lengths, recipe_interventions
@@ -99,11 +98,10 @@ from steer.directions.evaluate import (
     is_refusal,
 )
 from steer.directions.gate_recipe import ablation_recipe, gated_ablation_recipe
-from steer.directions.gate_scenarios import with_scenarios
-from steer.directions.gate_styles import StyleRates, new_source_rates, source_labels
-from steer.directions.gating import gate_origins, gate_prompts, gate_splits, quiet_prompts
+from steer.directions.gate_styles import StyleRates, new_source_rates
+from steer.directions.gating import gate_reads, gate_splits, quiet_prompts
 from steer.directions.recipe import DataSection, RecipeKind, load_direction_recipe
-from steer.directions.scene_forms import SCENE_FORMS, scene_prompt, scene_prompts
+from steer.directions.scene_forms import SCENE_FORMS, scene_prompt
 from steer.gates import GateScope
 from steer.models import load_model
 
@@ -394,33 +392,24 @@ def _conditions(
     handle: Any,
     args: argparse.Namespace,
     artifact: Any,
-    splits: dict[str, Any],
     recipe: Any,
     layers: list[int],
 ) -> tuple[dict[str, tuple[Any, list[GateScores]]], PromptReads, dict[str, list[str]] | None]:
     """{condition name: (its vector, its GateScores at each candidate hook)} for --conditions,
-    every prompt read once; the reads; each read prompt's source (None without the recipe's
-    extras: :func:`steer.directions.gate_styles.source_labels`). With the recipe's data.gate_scenes,
-    the situations rendered as RP scenes come after the one-message prompts on each side, so the
-    first prompts of each validation side are still the ones the validation runs generated
-    for."""
+    every prompt read once, as ``steer directions gate`` reads them
+    (:func:`steer.directions.gating.gate_reads`); the reads; each read prompt's source (None
+    without the recipe's extras). With --scenes, the situations rendered as RP scenes come after
+    the one-message prompts on each side, so the first prompts of each validation side are still
+    the ones the validation runs generated for."""
     hooks = [f"blocks.{n}.hook_resid_pre" for n in layers]
-    scenes = scene_prompts(handle) if args.scenes else ()
-    parts = {part: gate_prompts(splits, part, scenes) for part in ("train", "validation")}
-    parts = with_scenarios(handle, recipe, parts, SCENE_FORMS)
-    reads = read_prompts(
-        handle,
-        hooks,
-        train=parts["train"],
-        validation=parts["validation"],
-        batch_size=args.batch_size,
+    reads, labels = gate_reads(
+        handle, recipe, hooks, scenes=args.scenes, batch_size=args.batch_size
     )
     conditions = {name: reads.gate(name, artifact.vector) for name in args.conditions}
     if args.summed and len(hooks) > 1:
         for _vector, scores in conditions.values():
             scores.append(summed_scores(scores))
-    origins = {part: gate_origins(splits, part, len(scenes)) for part in parts}
-    return conditions, reads, source_labels(recipe, parts, origins)
+    return conditions, reads, labels
 
 
 def _gate(
@@ -435,7 +424,7 @@ def _gate(
     # (blocks.0.hook_resid_pre holds the last chat token's embedding: the same for every prompt)
     layers = [layer for layer in layers if layer > 0]
     conditions, reads, labels = timed(
-        seconds, "gate_scores", lambda: _conditions(handle, args, artifact, splits, recipe, layers)
+        seconds, "gate_scores", lambda: _conditions(handle, args, artifact, recipe, layers)
     )
     cap = args.max_validation or None
     evaluate = _evaluator(

@@ -211,6 +211,29 @@ def test_calibrating_on_each_quiet_set_holds_the_target_on_the_situations_too(
     assert "each quiet set apart" in load_edit_recipe(apart["recipe"]).description
 
 
+def test_several_calibrations_from_one_read_equal_one_run_each(
+    setup: dict[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``--calibrate train,each-set,new-source`` reads the prompts once and writes one recipe per
+    calibration into OUT/<calibration>/, each the one a run of that calibration alone writes."""
+    flags = ("--hooks", HOOKS, "--condition", "direction", "--target-fpr", "0.2", "--summed")
+    calibrations = ("train", "each-set", "new-source")
+    assert run_gate(setup, *flags, "--calibrate", ",".join(calibrations)) == 0
+    together = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]
+    assert [report["calibrate"] for report in together] == list(calibrations)
+    written = {name: (setup["out"] / name / "gated.toml").read_text() for name in calibrations}
+    for name, report in zip(calibrations, together, strict=True):
+        assert Path(report.pop("recipe")) == setup["out"] / name / "gated.toml"
+        alone_out = setup["out"].parent / f"alone-{name}"
+        assert run_gate({**setup, "out": alone_out}, *flags, "--calibrate", name) == 0
+        alone = _report(capsys)
+        assert Path(alone.pop("recipe")) == alone_out / "gated.toml"
+        assert report == alone
+        recipe = (alone_out / "gated.toml").read_text()
+        assert written[name] == recipe.replace(str(alone_out), str(setup["out"] / name))
+    assert len({report["kept"]["threshold"] for report in together}) > 1
+
+
 def test_choosing_by_new_sources_without_sources_is_a_clear_error(
     setup: dict[str, Path], capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -227,6 +250,7 @@ def test_choosing_by_new_sources_without_sources_is_a_clear_error(
         (("--choose", "oracle"), "choose"),
         (("--calibrate", "new-source"), "calibrate"),
         (("--calibrate", "oracle"), "calibrate"),
+        (("--calibrate", "train,train"), "calibrate"),
         (("--condition", "direction,vibes"), "condition[1]"),
     ):
         assert run_gate(setup, "--hooks", HOOKS, *flags) == 1

@@ -79,11 +79,13 @@ def _choice_options(gate: argparse.ArgumentParser) -> None:
     )
     gate.add_argument(
         "--calibrate",
-        default="train",
+        type=_names,
+        default=("train",),
         help="set each threshold so the gate's false-positive rate on the train prompts is at "
         "most the target; (new-source) raise it further until so is the rate on each source "
         "of prompts when fitted without it, pooled; or (each-set) so that it is on the ordinary "
-        "requests and on the situations without a trigger apart",
+        "requests and on the situations without a trigger apart. Several, comma-separated: the "
+        "prompts are read once and each calibration writes its recipe to OUT/<calibration>/",
     )
 
 
@@ -114,10 +116,11 @@ def _names(text: str) -> tuple[str, ...]:
 
 
 def run(args: argparse.Namespace, model_of: Any) -> int:
-    """Calibrate, write the recipe, print the choice as JSON."""
+    """Read the gate prompts once; for each calibration, choose, write the recipe and print the
+    choice as a JSON line."""
     from steer.artifacts import load_vector
     from steer.directions.gate_recipe import gated_ablation_recipe
-    from steer.directions.gating import check_choice, choose_gate
+    from steer.directions.gating import check_choice, choose_from, gate_reads
     from steer.directions.preflight import check_data, check_model_source
     from steer.directions.recipe import load_direction_recipe
     from steer.models import load_model
@@ -133,7 +136,8 @@ def run(args: argparse.Namespace, model_of: Any) -> int:
         raise InvalidArgumentError(
             "a gate is calibrated on a contrast or pairs recipe's prompts", field="recipe"
         )
-    check_choice(args.choose, args.condition, recipe, args.calibrate)
+    for calibrate in args.calibrate:
+        check_choice(args.choose, args.condition, recipe, calibrate)
     check_data(recipe)
     check_model_source(model)
     out = Path(args.out)
@@ -145,33 +149,29 @@ def run(args: argparse.Namespace, model_of: Any) -> int:
     for path in also:
         load_vector(path, handle=handle)  # made for this model, or a clear error
     hooks = args.hooks or _default_hooks(handle.num_layers, artifact.metadata.get("layer"))
-    choice = choose_gate(
-        handle,
-        artifact.vector,
-        recipe,
-        hooks=hooks,
-        condition=args.condition,
-        target_fpr=args.target_fpr,
-        summed=args.summed,
-        batch_size=args.batch_size,
-        reply_tokens=args.reply_tokens,
-        reply_aggregate=args.reply_aggregate,
-        choose=args.choose,
-        calibrate=args.calibrate,
-    )
-    condition = directory if choice.condition == "direction" else choice.vector
-    path = gated_ablation_recipe(
-        out,
-        [directory, *also],
-        condition,
-        choice.calibration,
-        weight=args.weight,
-        push=args.push,
-        handle=handle,
-        new_source=choice.new_source,
-        each_set=choice.calibrate == "each-set",
-    )
-    print(json.dumps({"recipe": str(path), **choice.as_dict()}, sort_keys=True))
+    reads, labels = gate_reads(
+        handle, recipe, hooks, batch_size=args.batch_size, reply_tokens=args.reply_tokens,
+        aggregate=args.reply_aggregate,
+    )  # fmt: skip
+    for calibrate in args.calibrate:
+        choice = choose_from(
+            reads, labels, artifact.vector, conditions=args.condition,
+            target_fpr=args.target_fpr, summed=args.summed, choose=args.choose,
+            calibrate=calibrate,
+        )  # fmt: skip
+        condition = directory if choice.condition == "direction" else choice.vector
+        path = gated_ablation_recipe(
+            out / calibrate if len(args.calibrate) > 1 else out,
+            [directory, *also],
+            condition,
+            choice.calibration,
+            weight=args.weight,
+            push=args.push,
+            handle=handle,
+            new_source=choice.new_source,
+            each_set=choice.calibrate == "each-set",
+        )
+        print(json.dumps({"recipe": str(path), **choice.as_dict()}, sort_keys=True), flush=True)
     return 0
 
 
@@ -181,6 +181,8 @@ def _check_options(args: argparse.Namespace) -> None:
     from steer.gates import MAX_REPLY_TOKENS, check_reply_aggregate
 
     check_push(args.push)
+    if len(set(args.calibrate)) < len(args.calibrate):
+        raise InvalidArgumentError("names a calibration twice", field="calibrate")
     check_reply_aggregate(args.reply_aggregate)
     if args.reply_aggregate != "any" and not args.reply_tokens:
         raise InvalidArgumentError(

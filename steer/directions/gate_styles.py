@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import TypeVar
 
@@ -196,30 +197,14 @@ def candidate_rates(
     count = len(reads.points) + (1 if summed and len(reads.points) > 1 else 0)
     if labels is None:
         return [None] * count
+    rates = (
+        partial(new_source_levels, floors=floors)
+        if calibrate == "new-source"
+        else partial(held_out_styles, each_set=calibrate == "each-set")
+    )
     try:
-        if calibrate == "new-source":
-            return list(
-                new_source_levels(
-                    reads,
-                    labels,
-                    condition,
-                    direction,
-                    target_fpr=target_fpr,
-                    summed=summed,
-                    floors=floors,
-                )
-            )
-        each_set = calibrate == "each-set"
         return list(
-            held_out_styles(
-                reads,
-                labels,
-                condition,
-                direction,
-                target_fpr=target_fpr,
-                summed=summed,
-                each_set=each_set,
-            )
+            rates(reads, labels, condition, direction, target_fpr=target_fpr, summed=summed)
         )
     except InvalidArgumentError:
         return [None] * count

@@ -94,9 +94,11 @@ __all__ = [
     "CONDITIONS",
     "GateChoice",
     "check_scenes",
+    "choose_from",
     "choose_gate",
     "gate_origins",
     "gate_prompts",
+    "gate_reads",
     "gate_splits",
     "quiet_prompts",
     "quiet_sets",
@@ -288,12 +290,33 @@ def choose_gate(
     With ``calibrate="new-source"`` each threshold is raised until the gate's false-positive
     rate on held-out sources is at most ``target_fpr`` (:func:`new_source_levels`); with
     "each-set" the train rate is at most ``target_fpr`` on each quiet set apart
-    (:func:`quiet_sets`)."""
+    (:func:`quiet_sets`). :func:`gate_reads` then :func:`choose_from`: several calibrations of
+    one read call those two."""
     conditions = (condition,) if isinstance(condition, str) else tuple(condition)
     check_choice(choose, conditions, recipe, calibrate)
-    reads, labels = _read(
-        handle, recipe, hooks, batch_size, reply_tokens=reply_tokens, aggregate=reply_aggregate
-    )
+    reads, labels = gate_reads(
+        handle, recipe, hooks, batch_size=batch_size, reply_tokens=reply_tokens,
+        aggregate=reply_aggregate,
+    )  # fmt: skip
+    return choose_from(
+        reads, labels, direction, conditions=conditions, target_fpr=target_fpr, summed=summed,
+        choose=choose, calibrate=calibrate,
+    )  # fmt: skip
+
+
+def choose_from(
+    reads: PromptReads,
+    labels: dict[str, list[str]] | None,
+    direction: SteeringVector,
+    *,
+    conditions: Sequence[str],
+    target_fpr: float,
+    summed: bool = False,
+    choose: str = "validation",
+    calibrate: str = "train",
+) -> GateChoice:
+    """:func:`choose_gate` on prompts already read (:func:`gate_reads`; checked by
+    :func:`check_choice`)."""
     candidates = [
         candidate
         for name in conditions
@@ -324,20 +347,24 @@ def choose_gate(
     )
 
 
-def _read(
+def gate_reads(
     handle: ModelHandle,
     recipe: DirectionRecipe,
     hooks: Sequence[str],
-    batch_size: int,
     *,
-    reply_tokens: int,
-    aggregate: str,
+    scenes: bool | None = None,
+    batch_size: int = 16,
+    reply_tokens: int = 0,
+    aggregate: str = "any",
 ) -> tuple[PromptReads, dict[str, list[str]] | None]:
-    """The gate's train and validation prompts (:func:`gate_prompts`, then the recipe's played
-    scenes) read at ``hooks`` in one pass, and each one's source (:func:`source_labels`)."""
+    """The gate's train and validation prompts (:func:`gate_prompts`: with ``scenes``, default
+    the recipe's data.gate_scenes, the situations also as RP scenes; then the recipe's played
+    scenes) read at ``hooks`` in one pass under the recipe's system prompt, with each quiet
+    prompt's set (:func:`quiet_sets`) and each prompt's source (:func:`source_labels`)."""
     splits = gate_splits(recipe)
-    scenes = scene_prompts(handle) if recipe.data.gate_scenes else ()
-    parts = {part: gate_prompts(splits, part, scenes) for part in ("train", "validation")}
+    played = recipe.data.gate_scenes if scenes is None else scenes
+    rendered = scene_prompts(handle) if played else ()
+    parts = {part: gate_prompts(splits, part, rendered) for part in ("train", "validation")}
     parts = with_scenarios(handle, recipe, parts, SCENE_FORMS)
     reads = read_prompts(
         handle,
@@ -350,7 +377,7 @@ def _read(
         reply_aggregate=aggregate,
     )
     sets = {f"{part}.quiet": quiet_sets(splits, part, len(parts[part].quiet)) for part in parts}
-    origins = {part: gate_origins(splits, part, len(scenes)) for part in parts}
+    origins = {part: gate_origins(splits, part, len(rendered)) for part in parts}
     return replace(reads, quiet_sets=sets), source_labels(recipe, parts, origins)
 
 
