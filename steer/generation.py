@@ -23,6 +23,7 @@ for :meth:`~Engine.submit` and :meth:`~Engine.cancel`, which may be called from 
 from __future__ import annotations
 
 import itertools
+import math
 import secrets
 import threading
 from collections.abc import Iterable, Iterator, Sequence
@@ -372,7 +373,9 @@ class Engine:
     def _advance(self, row: _Row, logits: torch.Tensor) -> GenerationEvent:
         """Choose the next token of ``row`` from its logits and turn it into an event."""
         request = row.request
-        if not bool(torch.isfinite(logits).all()):
+        # one float64 sum: non-finite exactly where an entry is (float32 values cannot overflow
+        # it), and a seventh of the cost of isfinite().all() on a 150k vocabulary, every row
+        if not math.isfinite(float(logits.sum(dtype=torch.float64))):
             raise _non_finite(request)
         token = self._choose(row, logits)
         row.generated.append(token)
