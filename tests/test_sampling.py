@@ -133,6 +133,22 @@ def test_draw_follows_the_distribution_and_never_picks_a_zero() -> None:
     assert draw(torch.tensor([0.0, 0.0, 1.0]), generator) == 2
 
 
+def test_draw_over_many_blocks_is_the_one_level_search() -> None:
+    """The two-level search (blocks of 1024) picks what one float64 running sum over the whole
+    vocabulary picks, for the same uniform number; empty blocks and zeros are never drawn."""
+    generator = torch.Generator().manual_seed(3)
+    probs = torch.softmax(torch.randn(5000, generator=generator) * 4, -1)
+    probs[1024:2048] = 0.0  # a whole empty block
+    probs[::7] = 0.0
+    ours, theirs = torch.Generator().manual_seed(9), torch.Generator().manual_seed(9)
+    cumulative = torch.cumsum(probs.double(), 0)
+    for _ in range(3000):
+        point = torch.rand((), generator=theirs, dtype=torch.float64) * cumulative[-1]
+        expected = int(torch.searchsorted(cumulative, point, right=True))
+        index = draw(probs, ours)
+        assert index == expected and probs[index] > 0
+
+
 def test_penalties_on_hand_built_logits() -> None:
     logits = torch.tensor([2.0, -2.0, 1.0, 0.5])
     history = [0, 1, 1]
