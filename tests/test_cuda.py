@@ -1,5 +1,5 @@
 """The engine on a GPU gives what it gives on CPU (skipped where torch sees no CUDA device; run on
-a lent GPU machine, see docs/benchmarks.md)."""
+a lent GPU machine, see docs/backends.md "On GPUs")."""
 
 from __future__ import annotations
 

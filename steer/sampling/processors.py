@@ -75,10 +75,11 @@ class LogitsProcessor(Protocol):
 def _keep_sorted(
     logits: torch.Tensor, order: torch.Tensor, keep_sorted: torch.Tensor
 ) -> torch.Tensor:
-    """Mask tokens not kept; ``keep_sorted`` is over ``order`` (descending probability)."""
+    """Mask tokens not kept; ``keep_sorted`` is over ``order`` (descending probability: the
+    whole vocabulary, or its head, the tokens past it then masked); the first is always kept."""
     keep_sorted = keep_sorted.clone()
     keep_sorted[0] = True
-    keep = torch.zeros_like(keep_sorted).scatter(0, order, keep_sorted)
+    keep = torch.zeros_like(logits, dtype=torch.bool).scatter(0, order, keep_sorted)
     return logits.masked_fill(~keep, -math.inf)
 
 
@@ -270,10 +271,7 @@ class TopP:
             probs = torch.exp(sorted_logits - total)
         # mass strictly before each token; a token is kept while that mass is still < p
         before = torch.cumsum(probs, dim=-1) - probs
-        keep = torch.zeros_like(logits, dtype=torch.bool)
-        keep[order[before < config.top_p]] = True
-        keep[order[0]] = True
-        return logits.masked_fill(~keep, -math.inf)
+        return _keep_sorted(logits, order, before < config.top_p)
 
 
 class TypicalP:
