@@ -136,20 +136,46 @@ def _run_batch(
     )
     functions: dict = dict(plan.hooks(Phase.PROMPT))
     select = _select(positions)
+    # without logits the pass ends once every point is read: the blocks after the last of them
+    # (and the head) would change nothing that is kept
+    stop = _stopper(len(set(points))) if logits == "none" and points else None
     for point in points:
         record: HookFn = recorder(stores[point.name], select)
+        if stop is not None:
+            record = compose(record, stop)
         steer = functions.get(point)
         functions[point] = record if steer is None else compose(steer, record)
     device = handle.device
-    with attach(handle.resolver, functions):
-        output = handle.model(
-            input_ids=input_ids.to(device),
-            attention_mask=mask.to(device),
-            position_ids=position_ids.to(device),
-            use_cache=False,
-            logits_to_keep=0 if logits == "all" else 1,
-        )
+    try:
+        with attach(handle.resolver, functions):
+            output = handle.model(
+                input_ids=input_ids.to(device),
+                attention_mask=mask.to(device),
+                position_ids=position_ids.to(device),
+                use_cache=False,
+                logits_to_keep=0 if logits == "all" else 1,
+            )
+    except _AllRead:
+        return
     if logits == "last":
         logit_store.append(output.logits[:, -1:, :].float().cpu())
     elif logits == "all":
         logit_store.append(output.logits.float().cpu())
+
+
+class _AllRead(Exception):
+    """Raised by the last hook of a pass that keeps no logits, to end it there."""
+
+
+def _stopper(count: int) -> HookFn:
+    """A hook function that raises :class:`_AllRead` at its ``count``-th call (one per point
+    read, in whatever order the architecture reaches them)."""
+    calls = [0]
+
+    def stop(x: torch.Tensor) -> torch.Tensor:
+        calls[0] += 1
+        if calls[0] >= count:
+            raise _AllRead
+        return x
+
+    return stop

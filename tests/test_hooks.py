@@ -31,6 +31,25 @@ def test_hook_values_match_the_residual_stream(tiny: ModelHandle) -> None:
     residual_stream(tiny, PROMPTS[0])
 
 
+def test_a_read_without_logits_stops_after_its_last_point(tiny: ModelHandle) -> None:
+    """Reading early hooks without logits ends the pass there: the later blocks never run, and
+    the values equal a read of the whole pass (the same one with logits), bit for bit."""
+    hooks = ["blocks.0.hook_mlp_out", "hook_embed", "blocks.1.hook_resid_mid"]
+    later = tiny.resolver.layer(tiny.num_layers - 1)
+    calls: list[int] = []
+    handle = later.register_forward_pre_hook(lambda _module, _args: calls.append(1))
+    try:
+        early = forward(tiny, PROMPTS, hooks=hooks, positions="all")
+        assert calls == []
+        whole = forward(tiny, PROMPTS, hooks=hooks, positions="all", logits="last")
+        assert len(calls) == 1
+    finally:
+        handle.remove()
+    for name in hooks:
+        for read, reference in zip(early.activations[name], whole.activations[name], strict=True):
+            assert torch.equal(read, reference)
+
+
 @pytest.mark.parametrize(
     ("name", "message"),
     [
