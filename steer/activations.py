@@ -9,7 +9,7 @@ the same path generation uses, so a direction read here and applied there means 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -28,7 +28,15 @@ from steer.text import encode_chat, post_instruction_positions
 Positions = Literal["last", "all"] | Sequence[int]
 
 #: encoding prompts lives in steer.text; kept importable here for the callers that read with it
-__all__ = ["ForwardResult", "Positions", "encode_chat", "forward", "post_instruction_positions"]
+__all__ = [
+    "ForwardResult",
+    "KnownReads",
+    "Positions",
+    "encode_chat",
+    "forward",
+    "post_instruction_positions",
+    "read_last",
+]
 
 
 @dataclass
@@ -88,6 +96,42 @@ def forward(
     if logits != "none":
         result.logits = _gather(logit_store, "all" if logits == "all" else "last", lengths)
     return result
+
+
+#: prompts' last-token activations read before, by their token ids, then hook name: (d_model,)
+#: each, float32 on the CPU (what a direction search keeps of its train reads for a gate,
+#: :func:`steer.directions.pipeline.filtered_train_activations`)
+KnownReads = Mapping[tuple[int, ...], Mapping[str, torch.Tensor]]
+
+
+def read_last(
+    handle: ModelHandle,
+    prompts: Sequence[Sequence[int]],
+    hooks: Sequence[str],
+    *,
+    batch_size: int = 16,
+    known: KnownReads | None = None,
+) -> dict[str, torch.Tensor]:
+    """(prompts, d_model) at each of ``hooks`` at each prompt's last token, as :func:`forward`
+    reads them: from ``known`` where it holds the prompt at every hook, the rest read in one
+    pass (the values may then differ from one pass over all of them by float rounding, as
+    batches of other prompts pad differently)."""
+    held = [(known or {}).get(tuple(prompt), {}) for prompt in prompts]
+    missing = [i for i, values in enumerate(held) if not all(hook in values for hook in hooks)]
+    fresh: dict[str, torch.Tensor] = {}
+    if missing:
+        chosen = prompts if len(missing) == len(prompts) else [prompts[i] for i in missing]
+        read = forward(handle, chosen, hooks=hooks, batch_size=batch_size).activations
+        fresh = {hook: read[hook] for hook in hooks}  # type: ignore[misc]
+        if len(missing) == len(prompts):
+            return fresh
+    row = {index: position for position, index in enumerate(missing)}
+    return {
+        hook: torch.stack([
+            fresh[hook][row[i]] if i in row else held[i][hook].float() for i in range(len(prompts))
+        ])
+        for hook in hooks
+    }  # fmt: skip
 
 
 def _select(positions: Positions):  # type: ignore[no-untyped-def]

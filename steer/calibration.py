@@ -29,7 +29,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from steer.activations import forward
+from steer.activations import KnownReads, read_last
 from steer.discriminant import FOLDS, discriminant_direction
 from steer.errors import InvalidArgumentError, SteerError
 from steer.gates import Condition, check_reply_aggregate
@@ -335,11 +335,13 @@ def read_prompts(
     batch_size: int = 16,
     reply_tokens: int = 0,
     reply_aggregate: str = "any",
+    known: KnownReads | None = None,
 ) -> PromptReads:
     """:class:`PromptReads` of ``train`` (and ``validation``) at each of ``hooks``: at each
     prompt's last token, or with ``reply_tokens`` K at the K positions that draw its first K
     greedy reply tokens (:func:`steer.passes.reply_windows`), which a reply gate combines by
-    ``reply_aggregate``."""
+    ``reply_aggregate``. A prompt-scope read takes a prompt's values from ``known`` where it
+    holds them at every hook, and reads only the others."""
     check_reply_aggregate(reply_aggregate)
     if isinstance(hooks, str) or not hooks:
         raise InvalidArgumentError("needs at least one hook", field="hooks")
@@ -354,8 +356,7 @@ def read_prompts(
             if reply_tokens:
                 read[key] = reply_windows(handle, ids, names, reply_tokens, batch_size)
                 continue
-            last = forward(handle, ids, hooks=names, batch_size=batch_size).activations
-            read[key] = {hook: _checked(last[hook]) for hook in names}
+            read[key] = read_last(handle, ids, names, batch_size=batch_size, known=known)
     return PromptReads(points, read, reply_tokens, reply_aggregate)
 
 
@@ -393,11 +394,6 @@ def contrast_condition(
     where the gate decides."""
     reads = read_prompts(handle, hooks, train=train, system=system, batch_size=batch_size)
     return reads.condition(discriminant=discriminant)
-
-
-def _checked(activations: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:
-    assert isinstance(activations, torch.Tensor)  # (prompts, d_model) float32
-    return activations
 
 
 def _encoded(

@@ -10,7 +10,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-import steer.calibration
+import steer.activations
 from steer import (
     Add,
     Condition,
@@ -170,13 +170,13 @@ def test_no_test_split_is_touched(tiny_llama: ModelHandle, monkeypatch: pytest.M
     assert not any("test" in name for name in inspect.signature(calibrate_gate).parameters)
     train, validation, _ = _splits(tiny_llama, count=16)
     read: list[list[int]] = []
-    original = steer.calibration.forward
+    original = steer.activations.forward
 
     def recording(handle, prompts, **kwargs):  # type: ignore[no-untyped-def]
         read.extend(list(p) for p in prompts)
         return original(handle, prompts, **kwargs)
 
-    monkeypatch.setattr(steer.calibration, "forward", recording)
+    monkeypatch.setattr(steer.activations, "forward", recording)
     calibrate_gate(tiny_llama, HOOK, _direction(tiny_llama), train=train, validation=validation)
     given = [*train.fire, *train.quiet, *validation.fire, *validation.quiet]
     assert sorted(read) == sorted(encode_chat(tiny_llama, p) for p in given)

@@ -558,6 +558,7 @@ def test_recipe_errors_name_the_field() -> None:
         (("search", "method"), "magic", "search.method"),
         (("search", "shrinkage"), 0.0, "search.shrinkage"),
         (("search", "positions"), [1], "search.positions"),
+        (("search", "max_checks"), -1, "search.max_checks"),
         (("search", "bogus"), 1, "search"),
     ):
         broken = json.loads(json.dumps(base))
@@ -961,6 +962,53 @@ def test_candidates_are_checked_in_bypass_order_until_enough_pass() -> None:
     run(top_k=2, max_checks=3)
     assert checked == ["c0", "c1", "c2"]
     assert not select(run(top_k=1, max_checks=3), kl_threshold=0.05, require_induce=True)[1]
+
+
+def test_top_k_one_selects_what_a_larger_top_k_selects() -> None:
+    """select keeps the lowest bypass among the candidates that pass, and they are checked in
+    bypass order, so stopping at the first to pass (top_k 1) selects the same candidate as
+    checking on (recipes/refusal.toml: top_k 1, max_checks 16), whatever passes, in fewer
+    checks; with none passing within max_checks both keep the same lowest bypass."""
+    generator = torch.Generator().manual_seed(0)
+    for _trial in range(50):
+        bypass, induce = torch.randn(2, 12, generator=generator).tolist()
+        kl = (torch.rand(12, generator=generator) * 0.15).tolist()
+        *reference, many = _selection(4, bypass, induce, kl)
+        *chosen, fewer = _selection(1, bypass, induce, kl)
+        assert chosen == reference and fewer <= many
+
+
+def _selection(
+    top_k: int, bypass: list[float], induce: list[float], kl: list[float]
+) -> tuple[str, bool, int]:
+    """(the selected candidate's name, whether it passed, how many were checked) of twelve
+    candidates with these scores, at most 8 checked."""
+    candidates = [
+        Candidate(i, -1, SteeringVector.from_shared(torch.eye(4)[i % 4], name=f"c{i}"))
+        for i in range(12)
+    ]
+    checks: list[int] = []
+
+    def index(interventions) -> int:  # type: ignore[no-untyped-def]
+        edit = interventions[0]  # an Ablate (bypass, KL) or an Add (induce)
+        vector = edit.vector if hasattr(edit, "vector") else edit.direction
+        return int(vector.name[1:])
+
+    def kl_of(interventions) -> float:  # type: ignore[no-untyped-def]
+        checks.append(index(interventions))
+        return kl[index(interventions)]
+
+    scored = score_candidates(
+        candidates,
+        positive_score=lambda i: torch.tensor([bypass[index(i)]]),
+        negative_score=lambda i: torch.tensor([induce[index(i)]]),
+        negative_kl=kl_of,
+        top_k=top_k,
+        passes=lambda c: passes_filters(c, kl_threshold=0.05, require_induce=True),
+        max_checks=8,
+    )
+    best, passed = select(scored, kl_threshold=0.05, require_induce=True)
+    return best.vector.name, passed, len(checks)
 
 
 # ------------------------------------------------------------------------------------ kernels

@@ -13,6 +13,9 @@ from typing import Any
 from steer.cli import gate
 from steer.errors import InvalidArgumentError, NotFoundError
 
+#: the model ``compute``, ``optimize`` and ``gate --compute`` load when no --model is given
+COMPUTE_MODEL = "smollm2-135m-instruct"
+
 
 def _layers(text: str) -> tuple[int, ...]:
     """``"18,19,20"`` or ``"10-21"`` -> layer tuple."""
@@ -99,7 +102,7 @@ def _compute_parser(commands: Any) -> None:
         "that recipe, flags overriding its fields.",
     )
     add = compute.add_argument
-    add("--model", default="smollm2-135m-instruct", help="model name or path")
+    add("--model", default=COMPUTE_MODEL, help="model name or path")
     add("--recipe", help="recipe TOML (default: none, a steering vector from the prompt files)")
     add("--out", required=True, help="artifact directory to write")
     add("--name", help="the vector's name (default: POSITIVE-vs-NEGATIVE from the file names)")
@@ -171,7 +174,7 @@ def _parser(prog: str) -> argparse.ArgumentParser:
     _sweep_parser(commands)
 
     optimize = commands.add_parser("optimize", help="heretic-style per-layer kernel search")
-    optimize.add_argument("--model", default="smollm2-135m-instruct", help="model name or path")
+    optimize.add_argument("--model", default=COMPUTE_MODEL, help="model name or path")
     optimize.add_argument("--recipe", default=_default_recipe("refusal"), help="recipe TOML")
     optimize.add_argument("--out", required=True, help="directory for the Pareto front")
     optimize.add_argument("--trials", type=int, default=50, help="trial budget (this run)")
@@ -207,7 +210,7 @@ def main(argv: list[str], *, prog: str = "steer directions", command: str = "dir
         if hasattr(args, name):
             setattr(args, name, _flatten(getattr(args, name)))
     if args.action == "show":
-        return _show(Path(args.directory), as_json=args.json)
+        return show_artifact(Path(args.directory), as_json=args.json)
     if args.action == "compute":
         return _compute(args)
     if args.action == "sweep":
@@ -244,7 +247,7 @@ def main(argv: list[str], *, prog: str = "steer directions", command: str = "dir
         trials=args.trials,
         storage=Path(args.storage) if args.storage else None,
         seed=args.seed,
-        progress=_printer(),
+        progress=printer(),
     )
     for trial in front:
         print(json.dumps(trial, sort_keys=True))
@@ -367,7 +370,7 @@ class _Printer:
         self.bar.close()
 
 
-def _printer() -> _Printer:
+def printer() -> _Printer:
     return _Printer()
 
 
@@ -381,10 +384,10 @@ def _compute(args: argparse.Namespace) -> int:
     check_recipe(recipe, model=args.model, out=args.out)
     print(f"loading {args.model}", file=sys.stderr, flush=True)
     handle = load_model(args.model, dtype=args.dtype)
-    progress = _printer()
+    progress = printer()
     path = compute(handle, recipe, Path(args.out), progress=progress, cancelled=threading.Event())
     progress.close()
-    return _show(path, as_json=False)
+    return show_artifact(path, as_json=False)
 
 
 def _sweep(args: argparse.Namespace) -> int:
@@ -409,7 +412,7 @@ def _sweep(args: argparse.Namespace) -> int:
     print(f"loading {model}", file=sys.stderr, flush=True)
     handle = load_model(model, dtype=args.dtype)
     words = (args.positive_words, args.negative_words) if args.positive_words else None
-    progress = _printer()
+    progress = printer()
     result = sweep_artifact(
         handle, directory, neutral, options, words=words, system=args.system, progress=progress
     )
@@ -431,7 +434,7 @@ def artifact_model(metadata: Any) -> str:
     return DEFAULT_MODEL
 
 
-def _show(directory: Path, *, as_json: bool) -> int:
+def show_artifact(directory: Path, *, as_json: bool) -> int:
     from steer.artifacts import load_vector
 
     artifact = load_vector(directory)

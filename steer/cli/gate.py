@@ -23,7 +23,18 @@ def add_parser(commands: Any, default_recipe: str) -> None:
     add = gate.add_argument
     add("directory", metavar="ARTIFACT", help="the direction artifact to ablate")
     add("--recipe", default=default_recipe, help="the direction recipe whose prompts calibrate")
-    add("--model", help="model name or path (default: the artifact's)")
+    add(
+        "--model",
+        help="model name or path (default: the artifact's; with --compute, steer directions "
+        "compute's)",
+    )
+    add(
+        "--compute",
+        action="store_true",
+        help="first compute the direction from --recipe on --model into ARTIFACT (as steer "
+        "directions compute does), in this process: the model loads once and the gate's train "
+        "prompts are not read again",
+    )
     add("--out", required=True, help="directory for gated.toml (and the condition vector)")
     add(
         "--hooks",
@@ -127,15 +138,15 @@ def run(args: argparse.Namespace, model_of: Any) -> int:
 
     _check_options(args)
     directory = Path(args.directory)
-    model = args.model or model_of(load_vector(directory).metadata)
-    also = [Path(path) for path in args.also]
-    for path in also:
-        load_vector(path)  # readable before the model loads
     recipe = load_direction_recipe(args.recipe)
     if recipe.is_steering:
         raise InvalidArgumentError(
             "a gate is calibrated on a contrast or pairs recipe's prompts", field="recipe"
         )
+    model = _model_name(args, directory, recipe, model_of)
+    also = [Path(path) for path in args.also]
+    for path in also:
+        load_vector(path)  # readable before the model loads
     for calibrate in args.calibrate:
         check_choice(args.choose, args.condition, recipe, calibrate)
     check_data(recipe)
@@ -145,13 +156,14 @@ def run(args: argparse.Namespace, model_of: Any) -> int:
         raise InvalidArgumentError(f"output {out} is a file, not a directory", field="out")
     print(f"loading {model}", file=sys.stderr, flush=True)
     handle = load_model(model, dtype=args.dtype)
+    known = _computed(handle, recipe, directory) if args.compute else None
     artifact = load_vector(directory, handle=handle)
     for path in also:
         load_vector(path, handle=handle)  # made for this model, or a clear error
     hooks = args.hooks or _default_hooks(handle.num_layers, artifact.metadata.get("layer"))
     reads, labels = gate_reads(
         handle, recipe, hooks, batch_size=args.batch_size, reply_tokens=args.reply_tokens,
-        aggregate=args.reply_aggregate,
+        aggregate=args.reply_aggregate, known=known,
     )  # fmt: skip
     for calibrate in args.calibrate:
         choice = choose_from(
@@ -173,6 +185,39 @@ def run(args: argparse.Namespace, model_of: Any) -> int:
         )
         print(json.dumps({"recipe": str(path), **choice.as_dict()}, sort_keys=True), flush=True)
     return 0
+
+
+def _model_name(args: argparse.Namespace, directory: Path, recipe: Any, model_of: Any) -> str:
+    """The model to load: --model, else the artifact's; with --compute (the recipe checked
+    first, as ``steer directions compute`` checks it), --model or that command's default."""
+    from steer.artifacts import load_vector
+
+    if not args.compute:
+        return str(args.model or model_of(load_vector(directory).metadata))
+    from steer.cli.directions import COMPUTE_MODEL
+    from steer.directions.preflight import check_recipe
+
+    model = str(args.model or COMPUTE_MODEL)
+    check_recipe(recipe, model=model, out=directory)
+    return model
+
+
+def _computed(handle: Any, recipe: Any, directory: Path) -> dict[tuple[int, ...], Any]:
+    """Compute ``recipe``'s direction into ``directory`` with a progress bar; the train
+    prompts' reads the search made (:data:`steer.activations.KnownReads`)."""
+    import contextlib
+    import threading
+
+    from steer.cli.directions import printer, show_artifact
+    from steer.directions.api import compute
+
+    known: dict[tuple[int, ...], Any] = {}
+    progress = printer()
+    compute(handle, recipe, directory, progress=progress, cancelled=threading.Event(), reads=known)
+    progress.close()
+    with contextlib.redirect_stdout(sys.stderr):  # stdout keeps the gate's JSON lines alone
+        show_artifact(directory, as_json=False)
+    return known
 
 
 def _check_options(args: argparse.Namespace) -> None:

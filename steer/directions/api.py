@@ -72,8 +72,11 @@ def compute(
     *,
     progress: Progress,
     cancelled: threading.Event,
+    reads: dict[tuple[int, ...], dict[str, torch.Tensor]] | None = None,
 ) -> Path:
-    """Run the recipe on ``handle`` and save the chosen direction to ``out_dir``."""
+    """Run the recipe on ``handle`` and save the chosen direction to ``out_dir``; with
+    ``reads``, a prompt recipe's train prompts' last-token block inputs go into it (a gate
+    calibrated next reads its train prompts from there: ``steer directions gate --compute``)."""
     recipe = (
         recipe_path_or_dict
         if isinstance(recipe_path_or_dict, DirectionRecipe)
@@ -91,7 +94,7 @@ def compute(
     progress("loading data", 0.0)
     prepared = prepare(handle, recipe)
     check()
-    result = search(handle, prepared, progress=progress, check=check)
+    result = search(handle, prepared, progress=progress, check=check, reads=reads)
     check()
     progress("saving", 0.99)
     path = save(handle, prepared, result, Path(out_dir))
@@ -105,15 +108,17 @@ def search(
     *,
     progress: Progress,
     check: Callable[[], None] = lambda: None,
+    reads: dict[tuple[int, ...], dict[str, torch.Tensor]] | None = None,
 ) -> SearchResult:
-    """Collect activations, build candidates, score them and select one."""
+    """Collect activations (keeping the train prompts' last-token reads in ``reads``, as
+    :func:`compute`), build candidates, score them and select one."""
     recipe = prepared.recipe
     options = recipe.search
     layers = candidate_layers(
         handle.num_layers, options.layers, options.min_layer_fraction, options.max_layer_fraction
     )
     notes: list[str] = []
-    collected = _collect(handle, prepared, progress=progress, check=check, notes=notes)
+    collected = _collect(handle, prepared, progress=progress, check=check, notes=notes, reads=reads)
     method = get_method(options.method)
     if method.uses_covariance:
         progress("harmless token covariance", 0.08)
@@ -166,6 +171,7 @@ def _score(
         negative_score=collected.negative_score,
         negative_kl=kl,
         top_k=options.top_k,
+        max_checks=options.max_checks or None,
         passes=passes,
         progress=lambda message, fraction: progress(message, 0.1 + 0.88 * fraction),
         check=check,
@@ -211,6 +217,7 @@ def _collect(
     progress: Progress,
     check: Callable[[], None],
     notes: list[str],
+    reads: dict[tuple[int, ...], dict[str, torch.Tensor]] | None = None,
 ) -> _Collected:
     """Activations of the (filtered) train data and the scorers of the validation data."""
     recipe = prepared.recipe
@@ -230,7 +237,7 @@ def _collect(
     positions = tuple(recipe.search.positions or post_instruction_positions(handle))
     progress("collecting activations", 0.02)
     positive, negative, negative_prompts = filtered_train_activations(
-        handle, prepared, positions, progress=progress, check=check, notes=notes
+        handle, prepared, positions, progress=progress, check=check, notes=notes, reads=reads
     )
     token_ids = refusal_token_ids(handle.tokenizer)
     positive_validation = prepared.positive_validation

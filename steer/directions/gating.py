@@ -55,6 +55,7 @@ from typing import Any
 
 import torch
 
+from steer.activations import KnownReads
 from steer.calibration import (
     CONDITIONS,
     ContrastPrompts,
@@ -356,11 +357,13 @@ def gate_reads(
     batch_size: int = 16,
     reply_tokens: int = 0,
     aggregate: str = "any",
+    known: KnownReads | None = None,
 ) -> tuple[PromptReads, dict[str, list[str]] | None]:
     """The gate's train and validation prompts (:func:`gate_prompts`: with ``scenes``, default
     the recipe's data.gate_scenes, the situations also as RP scenes; then the recipe's played
-    scenes) read at ``hooks`` in one pass under the recipe's system prompt, with each quiet
-    prompt's set (:func:`quiet_sets`) and each prompt's source (:func:`source_labels`)."""
+    scenes) read at ``hooks`` in one pass under the recipe's system prompt (a prompt-scope
+    gate takes the prompts ``known`` holds from there), with each quiet prompt's set
+    (:func:`quiet_sets`) and each prompt's source (:func:`source_labels`)."""
     splits = gate_splits(recipe)
     played = recipe.data.gate_scenes if scenes is None else scenes
     rendered = scene_prompts(handle) if played else ()
@@ -375,6 +378,7 @@ def gate_reads(
         batch_size=batch_size,
         reply_tokens=reply_tokens,
         reply_aggregate=aggregate,
+        known=known,
     )
     sets = {f"{part}.quiet": quiet_sets(splits, part, len(parts[part].quiet)) for part in parts}
     origins = {part: gate_origins(splits, part, len(rendered)) for part in parts}

@@ -22,7 +22,7 @@ from steer.directions.scores import (
     refusal_scores_from_logits,
     refusal_token_ids,
 )
-from steer.directions.search import collect, token_covariances
+from steer.directions.search import collect, resid_hooks, token_covariances
 from steer.errors import FailedPreconditionError, InvalidArgumentError
 from steer.interventions import Intervention
 from steer.models import ModelHandle
@@ -204,11 +204,15 @@ def filtered_train_activations(
     progress: Progress | None = None,
     check: Callable[[], None] = lambda: None,
     notes: list[str] | None = None,
+    reads: dict[tuple[int, ...], dict[str, torch.Tensor]] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, list[list[int]]]:
     """(positive, negative, negative prompts) of a prompt recipe's train split at ``positions``:
     activations (n, num_layers, len(positions), d_model) and the harmless prompts kept, after the
     refusal filter when the recipe asks for it. The search, ``steer directions optimize`` and
-    scripts/sweep_whitening.py all collect their train activations here."""
+    scripts/sweep_whitening.py all collect their train activations here. With ``reads`` (and
+    -1 among ``positions``), every train prompt's last-token block inputs go into it, before the
+    filter (:data:`steer.activations.KnownReads`: a gate's train reads, taken from here by
+    ``steer directions gate --compute``)."""
     recipe = prepared.recipe
     batch = recipe.search.batch_size
     positive, positive_logits = collect(
@@ -219,6 +223,12 @@ def filtered_train_activations(
         handle, prepared.negative_train, positions, logits=True, batch_size=batch
     )
     check()
+    if reads is not None and -1 in positions:
+        for prompts, acts in (
+            (prepared.positive_train, positive),
+            (prepared.negative_train, negative),
+        ):
+            _keep_last(reads, prompts, acts[:, :, list(positions).index(-1)].clone())
     negative_prompts = prepared.negative_train
     if uses_filter(recipe):
         assert positive_logits is not None and negative_logits is not None
@@ -231,6 +241,17 @@ def filtered_train_activations(
         )
         negative_prompts = kept_prompts(negative_prompts, answered)
     return positive, negative, negative_prompts
+
+
+def _keep_last(
+    reads: dict[tuple[int, ...], dict[str, torch.Tensor]],
+    prompts: Sequence[Sequence[int]],
+    last: torch.Tensor,
+) -> None:
+    """``last`` (prompts, num_layers, d_model): each prompt's block inputs into ``reads``."""
+    hooks = resid_hooks(last.shape[1])
+    for prompt, layers in zip(prompts, last, strict=True):
+        reads[tuple(prompt)] = dict(zip(hooks, layers, strict=True))
 
 
 def kept_prompts(prompts: list[list[int]], keep: torch.Tensor) -> list[list[int]]:

@@ -137,8 +137,12 @@ class SearchSection:
     #: also try one direction per layer (each layer ablated with its own direction)
     per_layer: bool = True
     #: candidates are checked (induce and KL) in bypass order until this many pass the filters,
-    #: checking at most 4 * top_k
+    #: checking at most max_checks. The one selected is the first to pass (the lowest bypass
+    #: among those passing), so 1 selects the same as any larger top_k with the same max_checks;
+    #: more fill the sweep table
     top_k: int = 8
+    #: at most this many candidates checked (0 = 4 * top_k)
+    max_checks: int = 0
     #: KL filter: first-token KL on harmless validation prompts under ablation must be below
     kl_threshold: float = 0.1
     #: adding the direction at its layer must raise the score on negative prompts above the
@@ -250,6 +254,7 @@ _SEARCH_ONLY: dict[str, frozenset[str] | None] = {
             "max_layer_fraction",
             "per_layer",
             "top_k",
+            "max_checks",
             "kl_threshold",
             "require_induce",
         }
@@ -418,6 +423,8 @@ def _validate(recipe: DirectionRecipe) -> None:
         raise InvalidArgumentError("layers must be >= 0", field="search.layers")
     if search.top_k < 1:
         raise InvalidArgumentError("must be >= 1", field="search.top_k")
+    if search.max_checks < 0:
+        raise InvalidArgumentError("must be >= 0 (0 = 4 * top_k)", field="search.max_checks")
     if not search.kl_threshold > 0:
         raise InvalidArgumentError("must be > 0", field="search.kl_threshold")
     for section, name in (
