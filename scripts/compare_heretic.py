@@ -22,6 +22,9 @@ script, in steer's environment, feeds it and measures what it made. Steps:
    first-token KL and KL over the base model's first 32 greedy tokens on harmless test prompts),
    a table in docs/results.md and a plot WORK/heretic-test.png.
 
+--make-steer also makes steer's gated edit here, from scratch, with the one command a user runs
+(``steer directions gate --compute``), timed, before heretic runs (so neither shares the cores).
+
 Prints one JSON line: heretic's wall seconds and, per exported trial, its directory and
 heretic's own refusal count and KL (on the validation split); with --evaluate, the test rows.
 --reuse exports (and evaluates) a study already in WORK/checkpoints instead of running heretic.
@@ -138,6 +141,13 @@ def _parser() -> argparse.ArgumentParser:
         "--steer-seconds",
         type=float,
         help="wall seconds steer took to make its edits (as their scripts printed them)",
+    )
+    parser.add_argument(
+        "--make-steer",
+        action="store_true",
+        help="make steer's gated edit here from scratch with the command a user runs (steer "
+        "directions gate --compute, on --model and --recipe, into WORK/steer), time it, and "
+        "evaluate it as 'steer gated' (its seconds replace --steer-seconds)",
     )
     parser.add_argument("--no-docs", action="store_true", help="do not write docs/results.md")
     return parser
@@ -462,7 +472,8 @@ def _summary(record: dict[str, Any]) -> str:
     wall, steer = record["heretic_seconds"], record["steer_seconds"]
     times = f"heretic {wall:.0f} s" if wall is not None else "heretic's time not measured"
     if steer is not None:
-        times += f", steer {steer:.0f} s (as given by --steer-seconds)"
+        how = "measured here" if record.get("steer_made_here") else "as given by --steer-seconds"
+        times += f", steer {steer:.0f} s ({how})"
         if wall:
             times += f" ({steer / wall:.2f} of heretic's)"
     verdict = (
@@ -541,6 +552,25 @@ def hf_directory(handle: ModelHandle, args: argparse.Namespace) -> Path:
     return hf_dir
 
 
+#: what ``--make-steer`` runs after ``steer directions gate ARTIFACT --compute``: the gate of
+#: docs/directions.md ("heretic"), every other flag at its default
+MAKE_STEER_FLAGS = ("--condition", "direction,discriminant", "--summed")
+
+
+def make_steer(args: argparse.Namespace, work: Path) -> Path:
+    """steer's gated refusal edit from scratch, as a user makes it (one command, its own
+    process): the direction from --recipe, then its gate; the recipe's path."""
+    out = work / "steer"
+    command = [
+        sys.executable, "-m", "steer", "directions", "gate", str(out / "direction"), "--compute",
+        "--model", args.model, "--recipe", args.recipe, "--out", str(out / "gate"),
+        *MAKE_STEER_FLAGS,
+    ]  # fmt: skip
+    _log("steer: " + " ".join(command[1:]))
+    subprocess.run(command, check=True, stdin=subprocess.DEVNULL)
+    return out / "gate" / "gated.toml"
+
+
 def heretic_run(work: Path, manifest: dict[str, Any]) -> dict[str, Any]:
     """heretic's wall seconds and whether it was stopped early, as its run in WORK recorded
     them. A run stopped from outside (no seconds recorded) counts from its start to its last
@@ -560,6 +590,10 @@ def main() -> int:
     seconds: dict[str, float] = {}
     handle = timed(seconds, "load_model", lambda: load_model(args.model))
     splits = contrast_splits(load_direction_recipe(args.recipe))
+    if args.make_steer:
+        made = timed(seconds, "steer", lambda: make_steer(args, work))
+        args.steer.append(("gated", str(made)))
+        args.steer_seconds = seconds["steer"]
     timed(seconds, "venv", lambda: ensure_venv(Path(args.venv)))
     journal = run_heretic(args, handle, splits, work, seconds)
     manifest = timed(seconds, "export", lambda: export_trials(args, journal, work))
@@ -580,6 +614,7 @@ def main() -> int:
         "heretic_seconds": run["seconds"],
         "heretic_stopped": run["stopped"],
         "steer_seconds": args.steer_seconds,
+        "steer_made_here": args.make_steer,
         "exported": [
             {k: t[k] for k in ("trial", "dir", "refusals", "n_bad_prompts", "kl_divergence")}
             | ({"verify": t["verify"]} if "verify" in t else {})
