@@ -9,9 +9,12 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from steer.errors import InvalidArgumentError
+
+if TYPE_CHECKING:
+    from steer.directions.pipeline import TrainReads
 
 
 def add_parser(commands: Any, default_recipe: str) -> None:
@@ -202,7 +205,7 @@ def _model_name(args: argparse.Namespace, directory: Path, recipe: Any, model_of
     return model
 
 
-def _computed(handle: Any, recipe: Any, directory: Path) -> dict[tuple[int, ...], Any]:
+def _computed(handle: Any, recipe: Any, directory: Path) -> TrainReads:
     """Compute ``recipe``'s direction into ``directory`` with a progress bar; the train
     prompts' reads the search made (:data:`steer.activations.KnownReads`)."""
     import contextlib
@@ -211,7 +214,7 @@ def _computed(handle: Any, recipe: Any, directory: Path) -> dict[tuple[int, ...]
     from steer.cli.directions import printer, show_artifact
     from steer.directions.api import compute
 
-    known: dict[tuple[int, ...], Any] = {}
+    known: TrainReads = {}
     progress = printer()
     compute(handle, recipe, directory, progress=progress, cancelled=threading.Event(), reads=known)
     progress.close()

@@ -31,6 +31,7 @@ from steer.directions import data as datasets
 from steer.directions.methods import get_method
 from steer.directions.pipeline import (
     Prepared,
+    TrainReads,
     filter_validation,
     filtered_train_activations,
     pair_activations,
@@ -72,7 +73,7 @@ def compute(
     *,
     progress: Progress,
     cancelled: threading.Event,
-    reads: dict[tuple[int, ...], dict[str, torch.Tensor]] | None = None,
+    reads: TrainReads | None = None,
 ) -> Path:
     """Run the recipe on ``handle`` and save the chosen direction to ``out_dir``; with
     ``reads``, a prompt recipe's train prompts' last-token block inputs go into it (a gate
@@ -108,7 +109,7 @@ def search(
     *,
     progress: Progress,
     check: Callable[[], None] = lambda: None,
-    reads: dict[tuple[int, ...], dict[str, torch.Tensor]] | None = None,
+    reads: TrainReads | None = None,
 ) -> SearchResult:
     """Collect activations (keeping the train prompts' last-token reads in ``reads``, as
     :func:`compute`), build candidates, score them and select one."""
@@ -217,7 +218,7 @@ def _collect(
     progress: Progress,
     check: Callable[[], None],
     notes: list[str],
-    reads: dict[tuple[int, ...], dict[str, torch.Tensor]] | None = None,
+    reads: TrainReads | None = None,
 ) -> _Collected:
     """Activations of the (filtered) train data and the scorers of the validation data."""
     recipe = prepared.recipe

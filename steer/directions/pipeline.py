@@ -30,6 +30,10 @@ from steer.text import encode_chat
 
 Progress = Callable[[str, float], None]
 
+#: train prompts' last-token block inputs a search keeps for a gate, filled by
+#: :func:`filtered_train_activations` (read as :data:`steer.activations.KnownReads`)
+TrainReads = dict[tuple[int, ...], dict[str, torch.Tensor]]
+
 #: at most this many reply tokens (from the end) are averaged for pair activations
 MAX_REPLY_TOKENS = 32
 
@@ -204,7 +208,7 @@ def filtered_train_activations(
     progress: Progress | None = None,
     check: Callable[[], None] = lambda: None,
     notes: list[str] | None = None,
-    reads: dict[tuple[int, ...], dict[str, torch.Tensor]] | None = None,
+    reads: TrainReads | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, list[list[int]]]:
     """(positive, negative, negative prompts) of a prompt recipe's train split at ``positions``:
     activations (n, num_layers, len(positions), d_model) and the harmless prompts kept, after the
@@ -244,7 +248,7 @@ def filtered_train_activations(
 
 
 def _keep_last(
-    reads: dict[tuple[int, ...], dict[str, torch.Tensor]],
+    reads: TrainReads,
     prompts: Sequence[Sequence[int]],
     last: torch.Tensor,
 ) -> None:
