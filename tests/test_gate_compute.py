@@ -142,3 +142,31 @@ def test_compute_checks_the_recipe_before_the_model_loads(
     assert cli_main(argv) == 1
     assert "is a file, not a directory" in capsys.readouterr().err
     assert not (tmp_path / "g").exists()
+
+
+def test_a_pairs_recipe_computes_and_gates_in_one_command(
+    setup: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A pairs recipe's search reads replies, not the gate's prompts: the gate reads them all,
+    with the same result as the two commands."""
+    pairs = tmp_path / "pairs.jsonl"
+    rows = [
+        {"prompt": f"You are Sir Aldric, a knight. Scene {i}: the bandits block the road.",
+         "positive": "I'm sorry, but violence is never the answer.",
+         "negative": f"Sir Aldric laughs and draws his sword {i}."}
+        for i in range(12)
+    ]  # fmt: skip
+    pairs.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    recipe = tmp_path / "pairs.toml"
+    recipe.write_text(
+        f'name = "p"\nkind = "pairs"\n[data]\npairs = "{pairs}"\ntrain = 0.5\nvalidation = 0.3\n'
+        "[search]\ntop_k = 1\nrequire_induce = false\nbatch_size = 4\n"
+    )
+    common = ["--model", str(setup["model"]), "--recipe", str(recipe)]
+    assert cli_main(["directions", "compute", *common, "--out", str(tmp_path / "a")]) == 0
+    capsys.readouterr()
+    gate = ["directions", "gate", *common, "--hooks", ",".join(HOOKS)]
+    assert cli_main([*gate, str(tmp_path / "a"), "--out", str(tmp_path / "ga")]) == 0
+    apart = capsys.readouterr().out
+    assert cli_main([*gate, str(tmp_path / "b"), "--compute", "--out", str(tmp_path / "gb")]) == 0
+    assert _lines(capsys.readouterr().out) == _lines(apart)
