@@ -164,6 +164,7 @@ def run(args: argparse.Namespace, model_of: Any) -> int:
     for path in also:
         load_vector(path, handle=handle)  # made for this model, or a clear error
     hooks = args.hooks or _default_hooks(handle.num_layers, artifact.metadata.get("layer"))
+    print(f"reading the gate prompts at {', '.join(hooks)}", file=sys.stderr, flush=True)
     reads, labels = gate_reads(
         handle, recipe, hooks, batch_size=args.batch_size, reply_tokens=args.reply_tokens,
         aggregate=args.reply_aggregate, known=known,
