@@ -5,6 +5,10 @@ token) and keeps only what was asked for, on the CPU in float32: activations at 
 points and token positions, and logits at the last or all positions. Memory stays bounded by one
 batch however many prompts there are. It attaches hooks through :func:`steer.runtime.attach`,
 the same path generation uses, so a direction read here and applied there means the same thing.
+A pass that keeps no logits ends once every hook point asked for is read: the blocks after the
+last of them never run (a read at the middle block takes about half the time; the values are
+the same, bit for bit). :func:`read_last` takes what was read before (:data:`KnownReads`)
+instead of reading it again.
 """
 
 from __future__ import annotations
