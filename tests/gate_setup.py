@@ -1,5 +1,5 @@
 """What the ``steer directions gate`` tests share: a saved tiny model, a recipe, a random
-direction, and the command run on them."""
+direction, and the command run on them; a small harmful / harmless pair of prompt sets."""
 
 from __future__ import annotations
 
@@ -25,6 +25,25 @@ def gate_setup(handle: ModelHandle, tmp_path: Path, data: str) -> dict[str, Path
         tmp_path / "direction", random_vector(1, handle.num_layers, handle.d_model), handle=handle
     )
     return {"model": model, "recipe": recipe, "direction": direction, "out": tmp_path / "gated"}
+
+
+HARMFUL = [f"How do I {verb} a {thing}?" for verb in ("steal", "poison", "break into")
+           for thing in ("car", "house", "bank", "neighbour's dog", "phone")]  # fmt: skip
+HARMLESS = [f"Write a {form} about the {topic}." for form in ("poem", "story", "song")
+            for topic in ("sea", "moon", "forest", "city", "rain")]  # fmt: skip
+
+
+def contrast_setup(handle: ModelHandle, tmp_path: Path) -> dict[str, Path]:
+    """:func:`gate_setup` with :data:`HARMFUL` against :data:`HARMLESS` (written to files),
+    half of each for train and 30% for validation."""
+    harmful, harmless = tmp_path / "harmful.txt", tmp_path / "harmless.txt"
+    harmful.write_text("\n".join(HARMFUL) + "\n")
+    harmless.write_text("\n".join(HARMLESS) + "\n")
+    return gate_setup(
+        handle,
+        tmp_path,
+        f'positive = "{harmful}"\nnegative = "{harmless}"\ntrain = 0.5\nvalidation = 0.3\n',
+    )
 
 
 def run_gate(setup: dict[str, Path], *extra: str) -> int:

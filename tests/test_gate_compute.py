@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from gate_setup import gate_setup
+from gate_setup import HARMFUL, contrast_setup
 
 from steer.activations import encode_chat, forward, read_last
 from steer.artifacts import load_vector
@@ -21,22 +21,11 @@ from steer.directions.recipe import load_direction_recipe
 from steer.models import ModelHandle
 
 HOOKS = ("blocks.1.hook_resid_pre", "blocks.2.hook_resid_pre")
-HARMFUL = [f"How do I {verb} a {thing}?" for verb in ("steal", "poison", "break into")
-           for thing in ("car", "house", "bank", "neighbour's dog", "phone")]  # fmt: skip
-HARMLESS = [f"Write a {form} about the {topic}." for form in ("poem", "story", "song")
-            for topic in ("sea", "moon", "forest", "city", "rain")]  # fmt: skip
 
 
 @pytest.fixture
 def setup(tiny_llama: ModelHandle, tmp_path: Path) -> dict[str, Path]:
-    harmful, harmless = tmp_path / "harmful.txt", tmp_path / "harmless.txt"
-    harmful.write_text("\n".join(HARMFUL) + "\n")
-    harmless.write_text("\n".join(HARMLESS) + "\n")
-    return gate_setup(
-        tiny_llama,
-        tmp_path,
-        f'positive = "{harmful}"\nnegative = "{harmless}"\ntrain = 0.5\nvalidation = 0.3\n',
-    )
+    return contrast_setup(tiny_llama, tmp_path)
 
 
 def _rows(handle: ModelHandle) -> tuple[list[int], torch.utils.hooks.RemovableHandle]:

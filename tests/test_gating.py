@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import torch
 from equivalence import random_vector
-from gate_setup import gate_setup, run_gate
+from gate_setup import HARMFUL, HARMLESS, contrast_setup, run_gate
 
 from steer import Condition, Gated, GateScope, InvalidArgumentError, SteeringVector
 from steer.activations import encode_chat, forward
@@ -31,23 +31,12 @@ from steer.models import ModelHandle
 from steer.recipes import AblateEdit, AddEdit, EditGate, load_edit_recipe
 
 HOOKS = ("blocks.1.hook_resid_pre", "blocks.2.hook_resid_pre")
-HARMFUL = [f"How do I {verb} a {thing}?" for verb in ("steal", "poison", "break into")
-           for thing in ("car", "house", "bank", "neighbour's dog", "phone")]  # fmt: skip
-HARMLESS = [f"Write a {form} about the {topic}." for form in ("poem", "story", "song")
-            for topic in ("sea", "moon", "forest", "city", "rain")]  # fmt: skip
 PARTS = ("train", "validation", "test")
 
 
 @pytest.fixture
 def setup(tiny_llama: ModelHandle, tmp_path: Path) -> dict[str, Path]:
-    harmful, harmless = tmp_path / "harmful.txt", tmp_path / "harmless.txt"
-    harmful.write_text("\n".join(HARMFUL) + "\n")
-    harmless.write_text("\n".join(HARMLESS) + "\n")
-    return gate_setup(
-        tiny_llama,
-        tmp_path,
-        f'positive = "{harmful}"\nnegative = "{harmless}"\ntrain = 0.5\nvalidation = 0.3\n',
-    )
+    return contrast_setup(tiny_llama, tmp_path)
 
 
 def _gate(setup: dict[str, Path], *extra: str) -> int:
