@@ -560,15 +560,23 @@ MAKE_STEER_FLAGS = ("--condition", "direction,discriminant", "--summed")
 def make_steer(args: argparse.Namespace, work: Path) -> Path:
     """steer's gated refusal edit from scratch, as a user makes it (one command, its own
     process): the direction from --recipe, then its gate; the recipe's path."""
-    out = work / "steer"
+    return steer_gate(args.model, args.recipe, work / "steer")[0]
+
+
+def steer_gate(model: str, recipe: str, out: Path) -> tuple[Path, dict[str, Any]]:
+    """``steer directions gate OUT/direction --compute`` on ``model`` and ``recipe`` into
+    OUT/gate with :data:`MAKE_STEER_FLAGS`, in its own process: (the recipe it wrote, the JSON
+    report it printed). Its progress goes to this process's stderr."""
     command = [
         sys.executable, "-m", "steer", "directions", "gate", str(out / "direction"), "--compute",
-        "--model", args.model, "--recipe", args.recipe, "--out", str(out / "gate"),
-        *MAKE_STEER_FLAGS,
+        "--model", model, "--recipe", recipe, "--out", str(out / "gate"), *MAKE_STEER_FLAGS,
     ]  # fmt: skip
     _log("steer: " + " ".join(command[1:]))
-    subprocess.run(command, check=True, stdin=subprocess.DEVNULL)
-    return out / "gate" / "gated.toml"
+    done = subprocess.run(
+        command, check=True, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, text=True
+    )
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    return Path(report["recipe"]), report
 
 
 def heretic_run(work: Path, manifest: dict[str, Any]) -> dict[str, Any]:
