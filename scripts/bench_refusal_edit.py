@@ -95,7 +95,7 @@ def markdown(record: dict[str, Any], command: str) -> str:
         by_length = {entry["tokens"]: entry for entry in test["by_length"]}
         low, high = test["interval_95"]
         lines.append(
-            f"Test split, read once (`steer eval refusal --edits`): refusals "
+            f"Test split (`steer eval refusal --edits`; no choice is made on it): refusals "
             f"{by_length[16]['rate']:.3f} at 16 tokens, {test['refusal_rate']:.3f} "
             f"[{low:.3f}, {high:.3f}] at 64 (n {test['n']}); harmless first-token KL "
             f"{test['kl_first_token']:.4g}, multi-token {test['kl_multi_token']:.4g} "
