@@ -557,16 +557,11 @@ def hf_directory(handle: ModelHandle, args: argparse.Namespace) -> Path:
 MAKE_STEER_FLAGS = ("--condition", "direction,discriminant", "--summed")
 
 
-def make_steer(args: argparse.Namespace, work: Path) -> Path:
-    """steer's gated refusal edit from scratch, as a user makes it (one command, its own
-    process): the direction from --recipe, then its gate; the recipe's path."""
-    return steer_gate(args.model, args.recipe, work / "steer")[0]
-
-
 def steer_gate(model: str, recipe: str, out: Path) -> tuple[Path, dict[str, Any]]:
-    """``steer directions gate OUT/direction --compute`` on ``model`` and ``recipe`` into
-    OUT/gate with :data:`MAKE_STEER_FLAGS`, in its own process: (the recipe it wrote, the JSON
-    report it printed). Its progress goes to this process's stderr."""
+    """steer's gated refusal edit from scratch, as a user makes it: ``steer directions gate
+    OUT/direction --compute`` on ``model`` and ``recipe`` into OUT/gate with
+    :data:`MAKE_STEER_FLAGS`, in its own process; (the recipe it wrote, the JSON report it
+    printed). Its progress goes to this process's stderr."""
     command = [
         sys.executable, "-m", "steer", "directions", "gate", str(out / "direction"), "--compute",
         "--model", model, "--recipe", recipe, "--out", str(out / "gate"), *MAKE_STEER_FLAGS,
@@ -599,7 +594,9 @@ def main() -> int:
     handle = timed(seconds, "load_model", lambda: load_model(args.model))
     splits = contrast_splits(load_direction_recipe(args.recipe))
     if args.make_steer:
-        made = timed(seconds, "steer", lambda: make_steer(args, work))
+        made, _report = timed(
+            seconds, "steer", lambda: steer_gate(args.model, args.recipe, work / "steer")
+        )
         args.steer.append(("gated", str(made)))
         args.steer_seconds = seconds["steer"]
     timed(seconds, "venv", lambda: ensure_venv(Path(args.venv)))

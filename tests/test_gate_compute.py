@@ -17,6 +17,7 @@ from steer.artifacts import load_vector
 from steer.cli import main as cli_main
 from steer.directions.api import compute
 from steer.directions.gating import gate_reads, gate_splits
+from steer.directions.pipeline import TrainReads
 from steer.directions.recipe import load_direction_recipe
 from steer.models import ModelHandle
 
@@ -45,7 +46,7 @@ def test_the_gate_reads_no_train_prompt_the_search_read(
 ) -> None:
     handle = tiny_llama
     recipe = load_direction_recipe(setup["recipe"])
-    known: dict[tuple[int, ...], dict[str, torch.Tensor]] = {}
+    known: TrainReads = {}
     compute(
         handle, recipe, tmp_path / "d", progress=lambda *_: None, cancelled=threading.Event(),
         reads=known,

@@ -62,6 +62,14 @@ def add_parser(commands: Any, default_recipe: str) -> None:
         "scaled by its spread over the quiet train prompts (kept if it separates validation "
         "best)",
     )
+    _edit_options(gate)
+    add("--batch-size", type=int, default=16)
+    add("--dtype", default="float32", help="float32, bfloat16 or float16")
+
+
+def _edit_options(gate: argparse.ArgumentParser) -> None:
+    """What the written recipe does behind the gate."""
+    add = gate.add_argument
     add("--weight", type=float, default=1.0, help="ablation weight")
     add(
         "--push",
@@ -78,8 +86,6 @@ def add_parser(commands: Any, default_recipe: str) -> None:
         help="another direction ablated at the same weight behind the same gate (repeatable; "
         "the gate reads the first direction's condition)",
     )
-    add("--batch-size", type=int, default=16)
-    add("--dtype", default="float32", help="float32, bfloat16 or float16")
 
 
 def _choice_options(gate: argparse.ArgumentParser) -> None:
@@ -134,29 +140,22 @@ def run(args: argparse.Namespace, model_of: Any) -> int:
     choice as a JSON line."""
     from steer.artifacts import load_vector
     from steer.directions.gate_recipe import gated_ablation_recipe
-    from steer.directions.gating import check_choice, choose_from, gate_reads
-    from steer.directions.preflight import check_data, check_model_source
+    from steer.directions.gating import choose_from, gate_reads
     from steer.directions.recipe import load_direction_recipe
     from steer.models import load_model
 
     _check_options(args)
-    directory = Path(args.directory)
+    directory, out = Path(args.directory), Path(args.out)
     recipe = load_direction_recipe(args.recipe)
     if recipe.is_steering:
         raise InvalidArgumentError(
             "a gate is calibrated on a contrast or pairs recipe's prompts", field="recipe"
         )
-    model = _model_name(args, directory, recipe, model_of)
+    model = _model_name(args, directory, model_of)
     also = [Path(path) for path in args.also]
     for path in also:
         load_vector(path)  # readable before the model loads
-    for calibrate in args.calibrate:
-        check_choice(args.choose, args.condition, recipe, calibrate)
-    check_data(recipe)
-    check_model_source(model)
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise InvalidArgumentError(f"output {out} is a file, not a directory", field="out")
+    _preflight(args, recipe, model, directory)
     print(f"loading {model}", file=sys.stderr, flush=True)
     handle = load_model(model, dtype=args.dtype)
     known = _computed(handle, recipe, directory) if args.compute else None
@@ -191,19 +190,34 @@ def run(args: argparse.Namespace, model_of: Any) -> int:
     return 0
 
 
-def _model_name(args: argparse.Namespace, directory: Path, recipe: Any, model_of: Any) -> str:
-    """The model to load: --model, else the artifact's; with --compute (the recipe checked
-    first, as ``steer directions compute`` checks it), --model or that command's default."""
+def _model_name(args: argparse.Namespace, directory: Path, model_of: Any) -> str:
+    """The model to load: --model, else the artifact's; with --compute, --model or
+    ``steer directions compute``'s default."""
+    if args.compute:
+        from steer.cli.directions import COMPUTE_MODEL
+
+        return str(args.model or COMPUTE_MODEL)
     from steer.artifacts import load_vector
 
-    if not args.compute:
-        return str(args.model or model_of(load_vector(directory).metadata))
-    from steer.cli.directions import COMPUTE_MODEL
-    from steer.directions.preflight import check_recipe
+    return str(args.model or model_of(load_vector(directory).metadata))
 
-    model = str(args.model or COMPUTE_MODEL)
-    check_recipe(recipe, model=model, out=directory)
-    return model
+
+def _preflight(args: argparse.Namespace, recipe: Any, model: str, directory: Path) -> None:
+    """Everything checked before the model loads: the choices, the data, the model's source,
+    the output; with --compute, what ``steer directions compute`` checks, ARTIFACT its output."""
+    from steer.directions.gating import check_choice
+    from steer.directions.preflight import check_data, check_model_source, check_recipe
+
+    for calibrate in args.calibrate:
+        check_choice(args.choose, args.condition, recipe, calibrate)
+    if args.compute:
+        check_recipe(recipe, model=model, out=directory)  # data and model source too
+    else:
+        check_data(recipe)
+        check_model_source(model)
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise InvalidArgumentError(f"output {out} is a file, not a directory", field="out")
 
 
 def _computed(handle: Any, recipe: Any, directory: Path) -> TrainReads:
