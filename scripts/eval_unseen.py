@@ -23,6 +23,12 @@ recipes/refusal.toml's varied requests were measured, none close to one of those
 partners (``--harmless recipes:harmless_unseen2.txt`` to ``harmless_unseen4.txt``), each written
 before the gate it checks (sections "unseen-harmful3" to "unseen-harmful5").
 
+With ``--test-split``, the prompts are the --recipe's own held-out test split instead (the
+situations it fires on, its ``gate_quiet`` situations and its harmless test prompts, as
+scripts/eval_gated.py splits them): for a finished edit whose choices read no test prompt,
+measured once on the split the issue's goals are stated on. Such a split may have been read by
+earlier edits, which the section says.
+
 Prints one JSON line and writes the section (with --section, another name).
 
     python scripts/eval_unseen.py --edit gated=out/gated-moralizing/gated.toml \\
@@ -88,6 +94,12 @@ def _parser() -> argparse.ArgumentParser:
         help="a harmless prompt file no choice has read, giving the KL instead of --recipe's "
         "test prompts (e.g. recipes:harmless_unseen.txt)",
     )
+    parser.add_argument(
+        "--test-split",
+        action="store_true",
+        help="the --recipe's held-out test split (situations, gate_quiet, harmless) instead of "
+        "--prompts, --quiet and --harmless",
+    )
     parser.add_argument("--lengths", type=_lengths, default=(16, 64))
     parser.add_argument("--kl-tokens", type=int, default=32)
     parser.add_argument("--batch-size", type=int, default=32)
@@ -101,13 +113,7 @@ def main() -> int:
     command = command_line()
     load_before = os.getloadavg()[0]
     seconds: dict[str, float] = {}
-    prompts = load_prompts(args.prompts, field="prompts")
-    quiet = load_prompts(args.quiet, field="quiet") if args.quiet else []
-    harmless = (
-        load_prompts(args.harmless, field="harmless")
-        if args.harmless
-        else list(gate_splits(load_direction_recipe(args.recipe))["negative"].test)
-    )
+    prompts, quiet, harmless = _prompt_sets(args)
     handle = timed(seconds, "load_model", lambda: load_model(args.model))
     edits = {name: recipe_interventions(path, handle) for name, path in args.edit}
     evaluate = timed(
@@ -128,11 +134,12 @@ def main() -> int:
     for name, interventions in edits.items():
         report = timed(seconds, name, lambda i=interventions: evaluate(i))
         rows.append(_row(name, report, unedited, len(harmless), len(quiet)))
+    test = f"{args.recipe} (test split)"
     record: dict[str, Any] = {
         "model": args.model,
-        "prompts": args.prompts,
-        "quiet": args.quiet,
-        "harmless": args.harmless or f"{args.recipe} (test split)",
+        "prompts": test if args.test_split else args.prompts,
+        "quiet": test if args.test_split else args.quiet,
+        "harmless": test if args.test_split or not args.harmless else args.harmless,
         "edits": dict(args.edit),
         "rows": rows,
         **run_facts(seconds, load_before),
@@ -141,6 +148,22 @@ def main() -> int:
     if not args.no_docs:
         _write_docs(args, record, command, len(prompts), len(harmless), len(quiet))
     return 0
+
+
+def _prompt_sets(args: argparse.Namespace) -> tuple[list[str], list[str], list[str]]:
+    """The prompts the rate is read on, the trigger-free ones and the harmless ones."""
+    if args.test_split:
+        splits = gate_splits(load_direction_recipe(args.recipe))
+        quiet = list(splits["quiet"].test) if "quiet" in splits else []
+        return list(splits["positive"].test), quiet, list(splits["negative"].test)
+    prompts = load_prompts(args.prompts, field="prompts")
+    quiet = load_prompts(args.quiet, field="quiet") if args.quiet else []
+    harmless = (
+        load_prompts(args.harmless, field="harmless")
+        if args.harmless
+        else list(gate_splits(load_direction_recipe(args.recipe))["negative"].test)
+    )
+    return prompts, quiet, harmless
 
 
 def _row(name: str, report: Any, unedited: Any, n_harmless: int, n_quiet: int) -> dict[str, Any]:
@@ -170,28 +193,14 @@ def _write_docs(
 ) -> None:
     columns = [key for key in record["rows"][0] if key != "n"]
     edits = ", ".join(f"{name} `{path}`" for name, path in args.edit)
-    quiet = (
-        f" and on the {n_quiet} trigger-free situations of `{args.quiet}` (*quiet*; *quiet "
-        "moved*: how many of them the edit changed at all)"
-        if n_quiet
-        else ""
-    )
-    harmless = (
-        f"the {n_harmless} harmless prompts of `{args.harmless}` (written after those choices too)"
-        if args.harmless
-        else f"the {n_harmless} held-out harmless test prompts of `{Path(args.recipe).name}`'s gate"
-    )
-    title = "Edits on prompts no choice has read" + (
-        "" if args.section == "unseen" else f", {args.section}"
-    )
+    title, source, harmless, quiet = _set_texts(args, n, n_harmless, n_quiet)
     markdown = f"""## {title} (`scripts/eval_unseen.py`)
 
-Model `{args.model}`; {n} prompts of `{args.prompts}`, written after every choice behind these
-edits was made and read once per edit here. Greedy replies, the {args.matcher} phrase matcher
+Model `{args.model}`; {source} Greedy replies, the {args.matcher} phrase matcher
 over each reply's first {", ".join(str(t) for t in args.lengths)} tokens with Wilson 95%
 intervals; first-token KL and KL over the base model's first {args.kl_tokens} greedy tokens on
 {harmless}{quiet}. *Harmless moved*: the harmless prompts whose KL is not 0 (behind a
-prompt- or reply-scope gate, those it fired on); *replies changed*: the unseen prompts whose
+prompt- or reply-scope gate, those it fired on); *replies changed*: the prompts whose
 reply is not the unedited one's (behind a gate, at most those it fired on).
 Edits: {edits}.
 
@@ -199,6 +208,46 @@ Edits: {edits}.
 
 {run_footer(record, command)}"""
     write_section("results.md", args.section, markdown)
+
+
+def _set_texts(
+    args: argparse.Namespace, n: int, n_harmless: int, n_quiet: int
+) -> tuple[str, str, str, str]:
+    """The section's title and its words for the three prompt sets."""
+    recipe = Path(args.recipe).name
+    if args.test_split:
+        title = "Edits on the test split" + (
+            "" if args.section == "unseen" else f", {args.section}"
+        )
+        source = (
+            f"the {n} held-out test situations of `{recipe}` (its test split, as "
+            "scripts/eval_gated.py splits it), read once per edit here. It is meant for edits "
+            "chosen on train and validation alone; earlier sections of this file read it too."
+        )
+        harmless = f"the {n_harmless} harmless test prompts of `{recipe}`'s gate"
+        where = f"`{recipe}`'s `gate_quiet` test split"
+    else:
+        title = "Edits on prompts no choice has read" + (
+            "" if args.section == "unseen" else f", {args.section}"
+        )
+        source = (
+            f"{n} prompts of `{args.prompts}`, written after every choice behind these\n"
+            "edits was made and read once per edit here."
+        )
+        harmless = (
+            f"the {n_harmless} harmless prompts of `{args.harmless}` (written after those "
+            "choices too)"
+            if args.harmless
+            else f"the {n_harmless} held-out harmless test prompts of `{recipe}`'s gate"
+        )
+        where = f"`{args.quiet}`"
+    quiet = (
+        f" and on the {n_quiet} trigger-free situations of {where} (*quiet*; *quiet moved*: "
+        "how many of them the edit changed at all)"
+        if n_quiet
+        else ""
+    )
+    return title, source, harmless, quiet
 
 
 if __name__ == "__main__":

@@ -206,6 +206,21 @@ def test_the_moralizing_gate_recipe_reads_every_set_already_read_and_no_check_se
     assert more["positive"] == base["positive"]  # the pairs: the rate's validation prompts
 
 
+@pytest.mark.parametrize("recipe", ["moralizing-gate.toml", "moralizing-gate-scenes.toml"])
+def test_a_gate_fitted_on_the_gate_recipes_reads_no_prompt_of_the_moralizing_test_split(
+    recipe: str,
+) -> None:
+    """scripts/eval_unseen.py --test-split reads recipes/moralizing.toml's test split (the
+    situations, the trigger-free situations and the harmless prompts): no prompt of it is in the
+    gate recipes' train or validation splits, the only ones a gate's choices read, though those
+    recipes add many more files (a check set repeating a test prompt would leak it)."""
+    test = gate_splits(load_direction_recipe(datasets.RECIPES_DIR / "moralizing.toml"))
+    fitted = gate_splits(load_direction_recipe(datasets.RECIPES_DIR / recipe))
+    read = {p for s in fitted.values() for p in (*s.train, *s.validation)}
+    for key in ("positive", "negative", "quiet"):
+        assert test[key].test and not set(test[key].test) & read, key
+
+
 def test_the_rp_check_scenes_share_no_character_with_the_data_choices_were_made_on() -> None:
     """scripts/eval_gated_rp.py --scenarios recipes/data/rp_scenarios_unseen.jsonl: 16 scenes
     with a trigger tag and 8 without, each ending at the user's turn, their characters named
