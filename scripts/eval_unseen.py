@@ -26,8 +26,8 @@ before the gate it checks (sections "unseen-harmful3" to "unseen-harmful5").
 With ``--test-split``, the prompts are the --recipe's own held-out test split instead (the
 situations it fires on, its ``gate_quiet`` situations and its harmless test prompts, as
 scripts/eval_gated.py splits them): for a finished edit whose choices read no test prompt,
-measured once on the split the issue's goals are stated on. Such a split may have been read by
-earlier edits, which the section says.
+measured once on the split docs/directions.md states its goals on. Such a split may have been
+read by earlier edits, which the section says.
 
 Prints one JSON line and writes the section (with --section, another name).
 
