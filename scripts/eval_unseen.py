@@ -215,30 +215,25 @@ def _set_texts(
 ) -> tuple[str, str, str, str]:
     """The section's title and its words for the three prompt sets."""
     recipe = Path(args.recipe).name
+    suffix = "" if args.section == "unseen" else f", {args.section}"
+    harmless = (
+        f"the {n_harmless} harmless prompts of `{args.harmless}` (written after those choices too)"
+        if args.harmless and not args.test_split
+        else f"the {n_harmless} held-out harmless test prompts of `{recipe}`'s gate"
+    )
     if args.test_split:
-        title = "Edits on the test split" + (
-            "" if args.section == "unseen" else f", {args.section}"
-        )
+        title = "Edits on the test split" + suffix
         source = (
             f"the {n} held-out test situations of `{recipe}` (its test split, as "
             "scripts/eval_gated.py splits it), read once per edit here. It is meant for edits "
             "chosen on train and validation alone; earlier sections of this file read it too."
         )
-        harmless = f"the {n_harmless} harmless test prompts of `{recipe}`'s gate"
         where = f"`{recipe}`'s `gate_quiet` test split"
     else:
-        title = "Edits on prompts no choice has read" + (
-            "" if args.section == "unseen" else f", {args.section}"
-        )
+        title = "Edits on prompts no choice has read" + suffix
         source = (
             f"{n} prompts of `{args.prompts}`, written after every choice behind these\n"
             "edits was made and read once per edit here."
-        )
-        harmless = (
-            f"the {n_harmless} harmless prompts of `{args.harmless}` (written after those "
-            "choices too)"
-            if args.harmless
-            else f"the {n_harmless} held-out harmless test prompts of `{recipe}`'s gate"
         )
         where = f"`{args.quiet}`"
     quiet = (
