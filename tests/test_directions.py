@@ -161,7 +161,7 @@ def test_unseen_check_sets_share_nothing_with_the_data_choices_were_made_on() ->
     seen += datasets.load_prompts("recipes:moralizing_gate_fire.txt")
     seen_names = {situation_scene(text).names[0] for text in seen}
     # each later set shares nothing with earlier ones
-    for suffix in ("", "2", "3", "4", "5", "6", "7", "8"):
+    for suffix in ("", "2", "3", "4", "5", "6", "7", "8", "9"):
         unseen = {
             name: datasets.load_prompts(f"recipes:{name}{suffix}.txt")
             for name in ("moralizing_unseen", "rp_benign_unseen")
@@ -181,9 +181,9 @@ def test_the_moralizing_gate_recipe_reads_every_set_already_read_and_no_check_se
     recipe: str,
 ) -> None:
     """recipes/moralizing-gate.toml (and -scenes.toml, the same with played scenes) adds the
-    first seven moralizing check sets (both sides) and the read ordinary-request check sets (the
-    first eight) to the gate's data, and none of the eighth check set, its KL set
-    (harmless_unseen9.txt) or the third and fourth sets of scenes (rp_scenarios_unseen3.jsonl,
+    first eight moralizing check sets (both sides) and the read ordinary-request check sets (the
+    first nine) to the gate's data, and none of the ninth check set, its KL set
+    (harmless_unseen10.txt) or the third and fourth sets of scenes (rp_scenarios_unseen3.jsonl,
     rp_scenarios_unseen4.jsonl)."""
     loaded = load_direction_recipe(datasets.RECIPES_DIR / recipe)
     base = gate_splits(load_direction_recipe(datasets.RECIPES_DIR / "moralizing.toml"))
@@ -194,12 +194,12 @@ def test_the_moralizing_gate_recipe_reads_every_set_already_read_and_no_check_se
         return {p for s in splits.values() for part in parts for p in getattr(s, part)}
 
     assert prompts(base) < prompts(more)
-    for suffix in ("", "2", "3", "4", "5", "6", "7"):
+    for suffix in ("", "2", "3", "4", "5", "6", "7", "8"):
         for name in ("moralizing_unseen", "rp_benign_unseen"):
             assert set(datasets.load_prompts(f"recipes:{name}{suffix}.txt")) <= prompts(more)
-    for suffix in ("", "2", "3", "4", "5", "6", "7", "8"):
+    for suffix in ("", "2", "3", "4", "5", "6", "7", "8", "9"):
         assert set(datasets.load_prompts(f"recipes:harmless_unseen{suffix}.txt")) <= prompts(more)
-    for name in ("moralizing_unseen8", "rp_benign_unseen8", "harmless_unseen9"):
+    for name in ("moralizing_unseen9", "rp_benign_unseen9", "harmless_unseen10"):
         assert not set(datasets.load_prompts(f"recipes:{name}.txt")) & prompts(more), name
     for scenes in ("rp_scenarios_unseen3", "rp_scenarios_unseen4"):
         assert not any(scenes in str(f) for f in loaded.data.gate_scenarios or ()), scenes
@@ -379,10 +379,10 @@ def test_the_later_check_sets_are_close_to_no_other_prompt(
     assert _closest(harmful, harmless) < to_each_other
 
 
-@pytest.mark.parametrize("name", [f"harmless_unseen{number}.txt" for number in (6, 7, 8, 9)])
+@pytest.mark.parametrize("name", [f"harmless_unseen{number}.txt" for number in (6, 7, 8, 9, 10)])
 def test_the_later_ordinary_check_sets_are_close_to_no_other_prompt(name: str) -> None:
-    """recipes/data/harmless_unseen6.txt to 9 (the KL sets of results.md "unseen5-moralizing"
-    and of the sixth, seventh and eighth situation sets), each written before the gate it checks
+    """recipes/data/harmless_unseen6.txt to 10 (the KL sets of results.md "unseen5-moralizing"
+    and of the sixth to ninth situation sets), each written before the gate it checks
     was fitted, in ten framings of its own: 150 unique requests, far in words from every prompt
     of every other data file and StrongREJECT."""
     check = datasets.load_prompts(f"recipes:{name}")
