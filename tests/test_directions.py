@@ -181,10 +181,10 @@ def test_the_moralizing_gate_recipe_reads_every_set_already_read_and_no_check_se
     recipe: str,
 ) -> None:
     """recipes/moralizing-gate.toml (and -scenes.toml, the same with played scenes) adds the
-    first eight moralizing check sets (both sides) and the read ordinary-request check sets (the
-    first nine) to the gate's data, and none of the ninth check set, its KL set
-    (harmless_unseen10.txt) or the third and fourth sets of scenes (rp_scenarios_unseen3.jsonl,
-    rp_scenarios_unseen4.jsonl)."""
+    first seven moralizing check sets (both sides) and the ordinary-request check sets read with
+    them (the first eight) to the gate's data: the recommended gate V8's data. None of the
+    eighth and ninth check sets with their KL sets (V9 added the eighth and was not adopted) or
+    the third and fourth sets of scenes (rp_scenarios_unseen3.jsonl, rp_scenarios_unseen4.jsonl)."""
     loaded = load_direction_recipe(datasets.RECIPES_DIR / recipe)
     base = gate_splits(load_direction_recipe(datasets.RECIPES_DIR / "moralizing.toml"))
     more = gate_splits(loaded)
@@ -194,12 +194,15 @@ def test_the_moralizing_gate_recipe_reads_every_set_already_read_and_no_check_se
         return {p for s in splits.values() for part in parts for p in getattr(s, part)}
 
     assert prompts(base) < prompts(more)
-    for suffix in ("", "2", "3", "4", "5", "6", "7", "8"):
+    for suffix in ("", "2", "3", "4", "5", "6", "7"):
         for name in ("moralizing_unseen", "rp_benign_unseen"):
             assert set(datasets.load_prompts(f"recipes:{name}{suffix}.txt")) <= prompts(more)
-    for suffix in ("", "2", "3", "4", "5", "6", "7", "8", "9"):
+    for suffix in ("", "2", "3", "4", "5", "6", "7", "8"):
         assert set(datasets.load_prompts(f"recipes:harmless_unseen{suffix}.txt")) <= prompts(more)
-    for name in ("moralizing_unseen9", "rp_benign_unseen9", "harmless_unseen10"):
+    for name in (
+        *("moralizing_unseen8", "rp_benign_unseen8", "harmless_unseen9"),
+        *("moralizing_unseen9", "rp_benign_unseen9", "harmless_unseen10"),
+    ):
         assert not set(datasets.load_prompts(f"recipes:{name}.txt")) & prompts(more), name
     for scenes in ("rp_scenarios_unseen3", "rp_scenarios_unseen4"):
         assert not any(scenes in str(f) for f in loaded.data.gate_scenarios or ()), scenes
