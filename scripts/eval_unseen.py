@@ -63,7 +63,10 @@ from steer.directions.data import RECIPES_DIR, load_prompts
 from steer.directions.evaluate import MATCHERS
 from steer.directions.gating import gate_splits
 from steer.directions.recipe import load_direction_recipe
+from steer.directions.scores import next_token_logits
+from steer.gates import reply_gated
 from steer.models import load_model
+from steer.text import encode_chat
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -130,10 +133,13 @@ def main() -> int:
         ),
     )
     unedited = timed(seconds, "unedited", evaluate)
-    rows = [_row("unedited", unedited, unedited, len(harmless), len(quiet))]
+    moved = timed(
+        seconds, "prompts_moved", lambda: _prompts_moved(handle, prompts, edits, args.batch_size)
+    )
+    rows = [_row("unedited", unedited, unedited, len(harmless), len(quiet), f"0 / {len(prompts)}")]
     for name, interventions in edits.items():
         report = timed(seconds, name, lambda i=interventions: evaluate(i))
-        rows.append(_row(name, report, unedited, len(harmless), len(quiet)))
+        rows.append(_row(name, report, unedited, len(harmless), len(quiet), moved[name]))
     test = f"{args.recipe} (test split)"
     record: dict[str, Any] = {
         "model": args.model,
@@ -166,11 +172,32 @@ def _prompt_sets(args: argparse.Namespace) -> tuple[list[str], list[str], list[s
     return prompts, quiet, harmless
 
 
-def _row(name: str, report: Any, unedited: Any, n_harmless: int, n_quiet: int) -> dict[str, Any]:
+def _prompts_moved(
+    handle: Any, prompts: list[str], edits: dict[str, Any], batch_size: int
+) -> dict[str, str]:
+    """Per edit, how many of ``prompts`` it changes the next-token logits of: behind a
+    prompt-scope gate, the prompts it fires on (a gate that stays quiet leaves a row
+    bit-identical). A reply-scope gate decides on reply tokens, so it gets no figure ("-")."""
+    ids = [encode_chat(handle, prompt) for prompt in prompts]
+    base = next_token_logits(handle, ids, batch_size=batch_size)
+    moved = {}
+    for name, interventions in edits.items():
+        if reply_gated(interventions):
+            moved[name] = "-"
+            continue
+        edited = next_token_logits(handle, ids, interventions, batch_size=batch_size)
+        moved[name] = f"{int((edited != base).any(-1).sum())} / {len(ids)}"
+    return moved
+
+
+def _row(
+    name: str, report: Any, unedited: Any, n_harmless: int, n_quiet: int, prompts_moved: str
+) -> dict[str, Any]:
     """:func:`report.rate_row`, and what the edit moved at all: *harmless moved*, the harmless
     prompts whose KL is not 0 (behind a prompt- or reply-scope gate, those it fired on: a gate that
-    does not fire leaves a row bit-identical), and *replies changed*, the unseen prompts whose reply
-    differs from the unedited one (behind a gate, at most those it fired on)."""
+    does not fire leaves a row bit-identical), *prompts moved* (:func:`_prompts_moved`), and
+    *replies changed*, the unseen prompts whose reply differs from the unedited one (behind a gate,
+    at most those it fired on)."""
     row = rate_row(name, report, n_harmless, n_quiet)
     count = row.pop("n")
     moved = sum(max(kl) > 0 for kl in report.kl_rows[:n_harmless])
@@ -179,6 +206,7 @@ def _row(name: str, report: Any, unedited: Any, n_harmless: int, n_quiet: int) -
         for mine, theirs in zip(report.examples, unedited.examples, strict=True)
     )
     row["harmless moved"] = f"{moved} / {n_harmless}"
+    row["prompts moved"] = prompts_moved
     row["replies changed"] = f"{changed} / {len(report.examples)}"
     return {**row, "n": count}
 
@@ -200,7 +228,9 @@ Model `{args.model}`; {source} Greedy replies, the {args.matcher} phrase matcher
 over each reply's first {", ".join(str(t) for t in args.lengths)} tokens with Wilson 95%
 intervals; first-token KL and KL over the base model's first {args.kl_tokens} greedy tokens on
 {harmless}{quiet}. *Harmless moved*: the harmless prompts whose KL is not 0 (behind a
-prompt- or reply-scope gate, those it fired on); *replies changed*: the prompts whose
+prompt- or reply-scope gate, those it fired on); *prompts moved*: the prompts whose
+next-token logits the edit changes (behind a prompt-scope gate, those it fired on; "-" for a
+reply-scope gate, which decides later); *replies changed*: the prompts whose
 reply is not the unedited one's (behind a gate, at most those it fired on).
 Edits: {edits}.
 
