@@ -177,7 +177,7 @@ def test_unseen_check_sets_share_nothing_with_the_data_choices_were_made_on() ->
 
 
 @pytest.mark.parametrize("recipe", ["moralizing-gate.toml", "moralizing-gate-scenes.toml"])
-def test_the_moralizing_gate_recipe_reads_every_set_already_read_and_no_check_set_left(
+def test_the_moralizing_gate_recipes_hold_the_recommended_gates_data_and_no_later_set(
     recipe: str,
 ) -> None:
     """recipes/moralizing-gate.toml (and -scenes.toml, the same with played scenes) adds the
