@@ -189,17 +189,12 @@ def _interventions(args: argparse.Namespace, handle: Any) -> tuple[Any, ...]:
 
 def recipe_interventions(recipe: Any, handle: Any) -> tuple[Any, ...]:
     """The run-time form of an edit recipe (an :class:`~steer.recipes.EditRecipe` or its
-    path), its artifacts checked against ``handle``."""
-    from steer.artifacts import load_vector
+    path), its artifacts checked against ``handle`` (:meth:`EditRecipe.for_model`)."""
     from steer.recipes import EditRecipe, load_edit_recipe
 
     if not isinstance(recipe, EditRecipe):
         recipe = load_edit_recipe(recipe)
-    return tuple(
-        recipe.lowered(
-            handle.num_layers, load=lambda artifact: load_vector(artifact, handle=handle)
-        )
-    )
+    return tuple(recipe.for_model(handle))
 
 
 def _harmless_test() -> list[str]:

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -19,6 +20,9 @@ from steer.gates import Condition, Gated, GateScope
 from steer.hooks import HookKind, parse_hook_name, resid_post_hooks
 from steer.interventions import Ablate, Add, Intervention
 from steer.vectors import SteeringVector
+
+if TYPE_CHECKING:
+    from steer.models import ModelHandle
 
 
 class EditKind(StrEnum):
@@ -159,6 +163,26 @@ class EditRecipe:
         """This recipe with every edit's gate dropped: each edit acts everywhere."""
         return replace(self, edits=tuple(replace(edit, gate=None) for edit in self.edits))
 
+    def scaled(self, factor: float) -> EditRecipe:
+        """This recipe with every edit's amount times ``factor``: ablation weights (kernels and
+        the embedding weight too), addition strengths, feature values; gates as they are. What a
+        named slider of kind ``recipe`` applies at value ``factor``; ``scaled(1.0)`` is this
+        recipe itself."""
+        if factor == 1.0:
+            return self
+        return replace(self, edits=tuple(_scaled(edit, factor) for edit in self.edits))
+
+    def for_model(
+        self, handle: ModelHandle, *, allow_other_model: bool = False
+    ) -> list[Intervention]:
+        """:meth:`lowered` for ``handle``'s model, each artifact checked against it (an artifact
+        made for other weights is ``FAILED_PRECONDITION`` unless ``allow_other_model``): the
+        run-time form every evaluation and the server's recipe sliders apply."""
+        return self.lowered(
+            handle.num_layers,
+            load=lambda path: load_vector(path, handle=handle, allow_other_model=allow_other_model),
+        )
+
     def resolve(self, path: str) -> Path:
         candidate = Path(path).expanduser()
         return candidate if candidate.is_absolute() else self.base_dir / candidate
@@ -215,6 +239,28 @@ class EditRecipe:
     ) -> list[Intervention]:
         """All the recipe's interventions in order, as the run-time engine applies them."""
         return [i for _edit, group in self.interventions(num_layers, load=load) for i in group]
+
+
+def _scaled(edit: Edit, factor: float) -> Edit:
+    """``edit`` with its amount times ``factor`` (:meth:`EditRecipe.scaled`)."""
+    if isinstance(edit, AddEdit):
+        return replace(edit, strength=edit.strength * factor)
+    if isinstance(edit, FeatureEdit):
+        return replace(edit, value=edit.value * factor)
+
+    def kernel(k: Kernel | None) -> Kernel | None:
+        if k is None:
+            return None
+        return replace(k, max_weight=k.max_weight * factor, min_weight=k.min_weight * factor)
+
+    embedding = None if edit.embedding_weight is None else edit.embedding_weight * factor
+    return replace(
+        edit,
+        weight=edit.weight * factor,
+        kernel=kernel(edit.kernel),
+        mlp_kernel=kernel(edit.mlp_kernel),
+        embedding_weight=embedding,
+    )
 
 
 def _gated(

@@ -26,12 +26,23 @@
     min = -4.0
     max = 4.0
 
+    [sliders.lectures]
+    description = "The gated moralizing edit: only where its gate fires"
+    kind = "recipe"
+    recipe = "gates/moralizing/gated.toml"   # an edit recipe; relative to this file
+    min = 0.0
+    max = 1.2
+
 A slider at value ``v`` is the gRPC :class:`Intervention` its kind names with ``v`` as the
-ablation weight, the addition strength or the feature slider's value. Both front ends move
-sliders by name (HTTP: a flat ``"steer.NAME": v`` field; gRPC: ``Intervention.named``) and both
-turn the result into a domain intervention through :func:`steer.service.convert.intervention`,
-so a slider means the same thing everywhere. At its neutral value (0; 1 for ``scale``) a slider
-adds no intervention at all, so the output is bit-identical to no slider.
+ablation weight, the addition strength or the feature slider's value; a ``recipe`` slider is
+the edit recipe's interventions (gates included, exactly as ``steer eval --edits`` applies
+them) with every edit's amount times ``v`` (:meth:`steer.recipes.EditRecipe.scaled`), so the
+edit ``steer directions gate`` writes and the evaluations measure is one slider away from a
+SillyTavern user. Both front ends move sliders by name (HTTP: a flat ``"steer.NAME": v`` field;
+gRPC: ``Intervention.named``) and both turn the result into domain interventions through
+:func:`steer.service.convert.intervention`, so a slider means the same thing everywhere. At its
+neutral value (0; 1 for ``scale``) a slider adds no intervention at all, so the output is
+bit-identical to no slider.
 """
 
 from __future__ import annotations
@@ -41,19 +52,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from steer.errors import InvalidArgumentError
+from steer.errors import InvalidArgumentError, SteerError
 from steer.interventions import Phase
 from steer.limits import MAX_INTERVENTION_MAGNITUDE, finite
 from steer.proto.v1 import generation_pb2
+from steer.recipes import EditRecipe, load_edit_recipe
 from steer.sae.modes import SliderMode
 from steer.toml_input import read_toml
 from steer.wire import PHASES, SLIDER_MODE_OF, SLIDER_MODES
 
-KINDS = ("ablate", "add", "feature")
+KINDS = ("ablate", "add", "feature", "recipe")
 _KEYS = {
     "ablate": {"artifact", "allow_other_model"},
     "add": {"artifact", "hooks", "phase", "allow_other_model"},
     "feature": {"sae", "feature", "mode", "phase"},
+    "recipe": {"recipe", "allow_other_model"},
 }
 _COMMON = {"kind", "description", "min", "max", "default"}
 
@@ -68,8 +81,12 @@ class Slider:
     minimum: float
     maximum: float
     default: float
-    #: the proto intervention with the value left out (set per request)
+    #: the proto intervention with the value left out (set per request); empty for a recipe
     template: generation_pb2.Intervention
+    #: a ``recipe`` slider's edit recipe (None for every other kind)
+    recipe: EditRecipe | None = None
+    #: a ``recipe`` slider's artifacts may have been made for other weights of the same shape
+    allow_other_model: bool = False
 
     @property
     def neutral(self) -> float | None:
@@ -78,10 +95,8 @@ class Slider:
             return 0.0
         return SLIDER_MODE_OF[self.template.slider.mode].neutral
 
-    def intervention(
-        self, value: float, *, field: str, speaker: str = ""
-    ) -> generation_pb2.Intervention | None:
-        """The proto intervention at ``value``; None at the neutral value."""
+    def checked(self, value: float, *, field: str) -> float:
+        """``value`` if this slider takes it (finite, within its range)."""
         value = finite(value, field)
         if not self.minimum <= value <= self.maximum:
             raise InvalidArgumentError(
@@ -89,6 +104,21 @@ class Slider:
                 f"got {value:g}",
                 field=field,
             )
+        return value
+
+    def recipe_at(self, value: float, *, field: str) -> EditRecipe | None:
+        """A ``recipe`` slider's recipe at ``value`` (every amount times it); None at 0."""
+        assert self.recipe is not None, "only a recipe slider has a recipe"
+        value = self.checked(value, field=field)
+        return None if value == 0.0 else self.recipe.scaled(value)
+
+    def intervention(
+        self, value: float, *, field: str, speaker: str = ""
+    ) -> generation_pb2.Intervention | None:
+        """The proto intervention at ``value``; None at the neutral value (not for a
+        ``recipe`` slider, which is no single proto intervention: :meth:`recipe_at`)."""
+        assert self.recipe is None, "a recipe slider's value gives a recipe"
+        value = self.checked(value, field=field)
         if value == self.neutral:
             return None
         message = generation_pb2.Intervention()
@@ -124,18 +154,23 @@ class SliderCatalogue:
 
     @classmethod
     def load(cls, path: Path) -> SliderCatalogue:
-        """Read a sliders TOML file; every mistake names ``sliders.NAME.KEY``."""
-        return cls.from_dict(read_toml(Path(path), field="sliders"))
+        """Read a sliders TOML file; every mistake names ``sliders.NAME.KEY``. A recipe
+        slider's ``recipe`` path is taken from the file's directory."""
+        path = Path(path)
+        return cls.from_dict(read_toml(path, field="sliders"), base=path.resolve().parent)
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> SliderCatalogue:
+    def from_dict(cls, data: Mapping[str, Any], *, base: Path | None = None) -> SliderCatalogue:
+        """The catalogue of parsed TOML; ``base``: the directory relative recipe paths are
+        taken from (default: the working directory)."""
         unknown = set(data) - {"sliders"}
         if unknown:
             raise InvalidArgumentError(f"unknown keys {sorted(unknown)}", field="sliders")
         tables = data.get("sliders", {})
         if not isinstance(tables, Mapping):
             raise InvalidArgumentError("[sliders.NAME] tables expected", field="sliders")
-        return cls({name: _slider(name, table) for name, table in tables.items()})
+        base = base or Path.cwd()
+        return cls({name: _slider(name, table, base) for name, table in tables.items()})
 
     def get(self, name: str, field: str) -> Slider:
         slider = self.sliders.get(name)
@@ -170,7 +205,7 @@ def named_interventions(
     return [_named(name, value, speaker) for name, value in values.items()]
 
 
-def _slider(name: str, table: Any) -> Slider:
+def _slider(name: str, table: Any, base: Path) -> Slider:
     where = f"sliders.{name}"
     if not isinstance(table, Mapping):
         raise InvalidArgumentError("must be a table", field=where)
@@ -189,8 +224,29 @@ def _slider(name: str, table: Any) -> Slider:
     description = table.get("description", "")
     if not isinstance(description, str):
         raise InvalidArgumentError("must be a string", field=f"{where}.description")
+    allow_other = table.get("allow_other_model", False)
+    if not isinstance(allow_other, bool):
+        raise InvalidArgumentError("must be true or false", field=f"{where}.allow_other_model")
+    if kind == "recipe":
+        recipe = _recipe(_text(table, "recipe", where), base, f"{where}.recipe")
+        template = generation_pb2.Intervention()
+        return Slider(
+            name, kind, description, minimum, maximum, default, template, recipe, allow_other
+        )
     template = _template(kind, table, where)
     return Slider(name, kind, description, minimum, maximum, default, template)
+
+
+def _recipe(text: str, base: Path, field: str) -> EditRecipe:
+    """The edit recipe a recipe slider names, read when the server starts, so its mistakes show
+    there (its artifacts are checked against each request's model)."""
+    path = Path(text).expanduser()
+    path = path if path.is_absolute() else base / path
+    try:
+        return load_edit_recipe(path)
+    except SteerError as error:
+        inner = f".{error.field}" if error.field and error.field != "recipe" else ""
+        raise InvalidArgumentError(f"{path}: {error.message}", field=f"{field}{inner}") from None
 
 
 def _text(table: Mapping[str, Any], key: str, where: str) -> str:
@@ -213,7 +269,7 @@ def _choice(
 
 def _template(kind: str, table: Mapping[str, Any], where: str) -> generation_pb2.Intervention:
     message = generation_pb2.Intervention()
-    allow_other = bool(table.get("allow_other_model", False))
+    allow_other = bool(table.get("allow_other_model", False))  # checked by _slider
     if kind == "ablate":
         message.ablate.artifact_id = _text(table, "artifact", where)
         message.ablate.allow_other_model = allow_other

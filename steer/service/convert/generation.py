@@ -115,15 +115,14 @@ def _interventions(
 ) -> tuple[Intervention, ...]:
     """The request's interventions, then the defaults of the named sliders it leaves out."""
     built = [
-        intervention(item, loaded, store, saes, f"interventions[{index}]", sliders)
+        one
         for index, item in enumerate(message.interventions)
+        for one in intervention(item, loaded, store, saes, f"interventions[{index}]", sliders)
     ]
     named = {item.named.name for item in message.interventions if item.HasField("named")}
-    built.extend(
-        intervention(item, loaded, store, saes, f"sliders.{name}", sliders)
-        for name, item in sliders.defaults(excluding=named)
-    )
-    return tuple(item for item in built if item is not None)
+    for name, item in sliders.defaults(excluding=named):
+        built.extend(intervention(item, loaded, store, saes, f"sliders.{name}", sliders))
+    return tuple(built)
 
 
 def _card(card_json: str) -> Character:

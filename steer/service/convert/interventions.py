@@ -1,6 +1,7 @@
 """Proto interventions -> steer's: an ablation or addition of a server artifact or an inline
-vector, an SAE feature slider, a named slider of the operator's catalogue, or any of these gated
-by a condition (:mod:`steer.gates`).
+vector, an SAE feature slider, a named slider of the operator's catalogue (a ``recipe`` slider
+gives its recipe's interventions, gates included), or any of these gated by a condition
+(:mod:`steer.gates`).
 
 Errors name the request field in proto terms (``interventions[2].add.strength``).
 """
@@ -8,7 +9,7 @@ Errors name the request field in proto terms (``interventions[2].add.strength``)
 from __future__ import annotations
 
 from steer.artifacts import VectorArtifact
-from steer.errors import InvalidArgumentError, SteerError, within
+from steer.errors import FailedPreconditionError, InvalidArgumentError, SteerError, within
 from steer.gates import Condition, Gated
 from steer.interventions import Add, Intervention, validate
 from steer.proto.v1 import generation_pb2
@@ -27,24 +28,56 @@ def intervention(
     saes: SaeRegistry,
     field: str,
     sliders: SliderCatalogue | None = None,
-) -> Intervention | None:
-    """The domain intervention of one proto intervention (None: a named slider at its neutral
-    value, which does nothing)."""
+) -> list[Intervention]:
+    """The domain interventions of one proto intervention: one, or a recipe slider's (none: a
+    named slider at its neutral value, which does nothing)."""
     which = message.WhichOneof("kind")
     if which is None:
         raise InvalidArgumentError("set ablate, add, slider, named or gated", field=field)
     if which == "named":
-        catalogue = sliders or SliderCatalogue()
-        slider = catalogue.get(message.named.name, f"{field}.named.name")
+        return _named(message, loaded, store, saes, field, sliders or SliderCatalogue())
+    if which == "gated":
+        gated = _gated(message, loaded, store, saes, field, sliders)
+        return [] if gated is None else [gated]
+    return [_intervention(message, which, loaded, store, saes, f"{field}.{which}")]
+
+
+def _named(
+    message: generation_pb2.Intervention,
+    loaded: LoadedModel,
+    store: ArtifactStore,
+    saes: SaeRegistry,
+    field: str,
+    catalogue: SliderCatalogue,
+) -> list[Intervention]:
+    """A named slider's interventions at the request's value."""
+    slider = catalogue.get(message.named.name, f"{field}.named.name")
+    value_field = f"{field}.named.value"
+    if slider.recipe is None:
         resolved = slider.intervention(
-            message.named.value, field=f"{field}.named.value", speaker=message.speaker
+            message.named.value, field=value_field, speaker=message.speaker
         )
         if resolved is None:
-            return None
+            return []
         return intervention(resolved, loaded, store, saes, f"{field}.named", catalogue)
-    if which == "gated":
-        return _gated(message, loaded, store, saes, field, sliders)
-    return _intervention(message, which, loaded, store, saes, f"{field}.{which}")
+    if message.speaker:
+        raise InvalidArgumentError(
+            "a recipe slider acts on every token its recipe says; it takes no speaker",
+            field=f"{field}.speaker",
+        )
+    recipe = slider.recipe_at(message.named.value, field=value_field)
+    if recipe is None:
+        return []
+    handle = loaded.handle
+    try:
+        built = recipe.for_model(handle, allow_other_model=slider.allow_other_model)
+        validate(built, handle.resolver, handle.d_model)
+    except SteerError as error:
+        # the recipe is the operator's file: a mistake in it is the server's, not the request's
+        raise FailedPreconditionError(
+            f"slider {slider.name!r}: {error.message}", field=f"{field}.named.name"
+        ) from None
+    return built
 
 
 def _intervention(
@@ -96,9 +129,15 @@ def _gated(
     if not gated.HasField("inner"):
         raise InvalidArgumentError("required", field=f"{field}.inner")
     inner_which = gated.inner.WhichOneof("kind")
-    inner = intervention(gated.inner, loaded, store, saes, f"{field}.inner", sliders)
-    if inner is None:
+    inners = intervention(gated.inner, loaded, store, saes, f"{field}.inner", sliders)
+    if not inners:
         return None
+    if len(inners) > 1:
+        raise InvalidArgumentError(
+            "a recipe slider brings its own gates; it cannot sit inside another",
+            field=f"{field}.inner.named.name",
+        )
+    inner = inners[0]
     handle = loaded.handle
     try:
         condition = _condition(gated.condition, loaded, store)
