@@ -1,7 +1,8 @@
 """Gated (conditional) interventions: Add, Ablate or an SAE slider only where a condition holds.
 
 A :class:`Condition` reads one hook point and compares the projection of the residual onto a unit
-direction with a threshold: it fires where ``x . unit > threshold`` (``<`` with ``below``).
+direction with a threshold: it fires where ``x . unit > threshold`` (``<`` with ``below``). A
+:class:`steer.sae.conditions.FeatureCondition` compares an SAE feature's activation instead.
 :class:`Gated` wraps an intervention with a condition and a :class:`GateScope`:
 
 * ``token`` -- decided per token from that token's activation at the condition's hook in the same
@@ -65,6 +66,7 @@ __all__ = [
     "DEFAULT_REPLY_TOKENS",
     "MAX_REPLY_TOKENS",
     "REPLY_AGGREGATES",
+    "BaseCondition",
     "Condition",
     "GateScope",
     "Gated",
@@ -82,8 +84,36 @@ MAX_REPLY_TOKENS = 64
 REPLY_AGGREGATES = ("any", "mean")
 
 
+class BaseCondition:
+    """What a gate reads and when it fires: a :class:`Condition` (a direction's projection) or
+    a :class:`steer.sae.conditions.FeatureCondition` (an SAE feature's activation). Either
+    lowers to :class:`~steer.interventions.ReadGate` ops; the gate fires where the value is
+    above ``threshold`` (below it with ``below``)."""
+
+    threshold: float
+    below: bool
+
+    @property
+    def hooks(self) -> tuple[str, ...]:
+        """The hook names read, in the order given."""
+        raise NotImplementedError
+
+    def reads(
+        self,
+        gate: object,
+        scope: GateScope,
+        resolver: HookResolver,
+        d_model: int,
+        *,
+        mean: bool = False,
+    ) -> list[tuple[HookPoint, ReadGate]]:
+        """The ops that decide ``gate``, in forward order, the last deciding; ``mean``: a reply
+        gate deciding on its window's mean (:attr:`ReadGate.mean`)."""
+        raise NotImplementedError
+
+
 @dataclass(frozen=True, eq=False)
-class Condition:
+class Condition(BaseCondition):
     """Fires where the residual at ``hook`` projects onto ``direction`` (normalised; a
     :class:`SteeringVector` gives its vector at the hook's layer) above ``threshold``, or below it
     with ``below``.
@@ -202,7 +232,7 @@ class Gated(Intervention):
     :data:`DEFAULT_REPLY_TOKENS`; other scopes take none); ``reply_aggregate``: how it combines
     them, one of :data:`REPLY_AGGREGATES` (None: "any"; other scopes take none)."""
 
-    condition: Condition
+    condition: BaseCondition
     inner: Intervention
     scope: GateScope = GateScope.TOKEN
     reply_tokens: int | None = None
@@ -218,8 +248,10 @@ class Gated(Intervention):
         object.__setattr__(self, "reply_tokens", _reply_tokens(self.reply_tokens, self.scope))
         aggregate = _reply_aggregate(self.reply_aggregate, self.scope)
         object.__setattr__(self, "reply_aggregate", aggregate)
-        if not isinstance(self.condition, Condition):
-            raise InvalidArgumentError("expected a Condition", field="condition")
+        if not isinstance(self.condition, BaseCondition):
+            raise InvalidArgumentError(
+                "expected a Condition or a FeatureCondition", field="condition"
+            )
         if not isinstance(self.inner, Intervention) or isinstance(self.inner, Gated):
             raise InvalidArgumentError(
                 "expected an ungated intervention (Add, Ablate, an SAE slider)", field="inner"

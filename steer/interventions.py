@@ -113,13 +113,25 @@ class ReadGate:
     the engine decides on the window's mean when it closes."""
 
     gate: object
-    unit: torch.Tensor
+    #: (d_model,) float32; None where ``score`` gives the value instead
+    unit: torch.Tensor | None
     threshold: float
     below: bool
     scope: GateScope
     final: bool = True
     speaker: None = None
     mean: bool = False
+    #: the value compared per token instead of ``x . unit``: (tokens, d_model) in the model's
+    #: dtype -> (tokens,) float32 on the same device (an SAE feature's activation,
+    #: :class:`steer.sae.conditions.FeatureCondition`)
+    score: Callable[[torch.Tensor], torch.Tensor] | None = None
+
+    def value(self, x_row: torch.Tensor) -> torch.Tensor:
+        """(tokens, d_model) -> (tokens,) float32: what the gate compares with its threshold."""
+        if self.score is not None:
+            return self.score(x_row)
+        assert self.unit is not None, "a read without a score projects onto its unit"
+        return x_row.float() @ self.unit
 
 
 @dataclass(frozen=True, eq=False)

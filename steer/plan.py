@@ -93,7 +93,8 @@ class _PointProgram:
             for op in ops:
                 if isinstance(op, ReadGate):
                     # projected in float32 whatever the model's dtype: only the device moves
-                    self.reads.append((row, replace(op, unit=op.unit.to(device))))
+                    unit = None if op.unit is None else op.unit.to(device)
+                    self.reads.append((row, replace(op, unit=unit)))
                 elif isinstance(op, (ProjectOut, AddVector)) and op.speaker is None:
                     unscoped.setdefault(row, []).append(op)
                 else:
@@ -208,7 +209,7 @@ def _read_gate(x: torch.Tensor, row: int, read: ReadGate, phase: Phase, gates: G
         if read.gate in gates.decisions[row]:
             return  # decided by the engine: its window has closed or the reply started over
         x = x[:, -1:, :]  # the position that draws the next reply token
-    projection = x[row].float() @ read.unit  # (T,)
+    projection = read.value(x[row])  # (T,)
     summed = gates.partial.pop((row, read.gate), None)
     if summed is not None:
         projection = summed + projection

@@ -4,8 +4,9 @@
 Status codes come back as the :mod:`steer.errors` classes themselves (``InvalidArgument`` is
 another name of :class:`~steer.errors.InvalidArgumentError`), with the server's ``field``.
 Interventions are built with :func:`ablate`, :func:`add`, :func:`add_local`, :func:`slider`
-(an SAE feature of an SAE loaded with ``load_sae``) and :func:`gated` (one of them only where a
-condition fires)::
+(an SAE feature of an SAE loaded with ``load_sae``), :func:`gated` (one of them only where a
+direction's projection passes a threshold) and :func:`feature_gated` (only where an SAE feature
+is active)::
 
     with SteerClient("127.0.0.1:50051") as client:
         for event in client.generate("Tell me a story", interventions=[add("calm", 4.0)]):
@@ -32,7 +33,15 @@ from steer.client.calls import (
     Unimplemented,
     translate,
 )
-from steer.client.interventions import ablate, add, add_local, gated, inline_vector, slider
+from steer.client.interventions import (
+    ablate,
+    add,
+    add_local,
+    feature_gated,
+    gated,
+    inline_vector,
+    slider,
+)
 from steer.client.messages import feature_info_request, generate_request, load_sae_request
 from steer.client.results import Completion, GenerateEvent
 from steer.client.sync import SteerClient
@@ -59,6 +68,7 @@ __all__ = [
     "ablate",
     "add",
     "add_local",
+    "feature_gated",
     "feature_info_request",
     "gated",
     "generate_request",

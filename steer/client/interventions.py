@@ -152,3 +152,33 @@ def gated(
         reply_aggregate=reply_aggregate,
     )
     return generation_pb2.Intervention(gated=message)
+
+
+def feature_gated(
+    inner: generation_pb2.Intervention,
+    sae_id: str,
+    feature: int,
+    threshold: float = 0.0,
+    *,
+    scope: str = "token",
+    below: bool = False,
+    reply_tokens: int = 0,
+    reply_aggregate: str = "",
+) -> generation_pb2.Intervention:
+    """``inner`` only where feature ``feature`` of the SAE loaded as ``sae_id`` (``load_sae``)
+    is active above ``threshold`` (0: wherever it is active at all; below it with ``below``), at
+    the SAE's hook point; ``scope``, ``reply_tokens`` and ``reply_aggregate`` as for
+    :func:`gated`."""
+    condition = generation_pb2.GateCondition(
+        threshold=threshold,
+        below=below,
+        feature=generation_pb2.GateFeature(sae_id=sae_id, feature=feature),
+    )
+    message = generation_pb2.GatedIntervention(
+        condition=condition,
+        inner=inner,
+        scope=gate_scope_number(scope),
+        reply_tokens=reply_tokens,
+        reply_aggregate=reply_aggregate,
+    )
+    return generation_pb2.Intervention(gated=message)

@@ -48,6 +48,8 @@ _GATE = {
     "hooks",
     "weights",
     "direction",
+    "sae",
+    "feature",
     "threshold",
     "below",
     "scope",
@@ -132,9 +134,13 @@ def _parse_gate(value: Any, where: str) -> EditGate:
     if not isinstance(value, Mapping):
         raise InvalidArgumentError("expected a table", field=where)
     _check_keys(value, _GATE, where)
-    for key in ("direction", "threshold"):
-        if key not in value:
-            raise InvalidArgumentError("missing", field=f"{where}.{key}")
+    if "threshold" not in value:
+        raise InvalidArgumentError("missing", field=f"{where}.threshold")
+    if ("direction" in value) == ("sae" in value):
+        raise InvalidArgumentError(
+            "give either direction (a projection) or sae and feature (an SAE feature's activation)",
+            field=f"{where}.direction",
+        )
     below = value.get("below", False)
     if not isinstance(below, bool):
         raise InvalidArgumentError(f"expected true or false, got {below!r}", field=f"{where}.below")
@@ -157,10 +163,16 @@ def _parse_gate(value: Any, where: str) -> EditGate:
         raise InvalidArgumentError(
             f"expected any or mean, got {aggregate!r}", field=f"{where}.reply_aggregate"
         )
-    hook, weights = _gate_hooks(value, where)
+    sae, feature = _gate_feature(value, where)
+    bare = sae is not None and not {"hook", "hooks", "weights"} & set(value)
+    hook, weights = ("", ()) if bare else _gate_hooks(value, where)
+    if sae and not isinstance(hook, str):
+        raise InvalidArgumentError("an SAE feature is read at one hook", field=f"{where}.hooks")
     return EditGate(
         hook=hook,
-        direction=_string(value["direction"], f"{where}.direction"),
+        direction="" if sae else _string(value["direction"], f"{where}.direction"),
+        sae=sae,
+        feature=feature,
         threshold=_number(value["threshold"], f"{where}.threshold"),
         below=below,
         scope=scope,
@@ -168,6 +180,21 @@ def _parse_gate(value: Any, where: str) -> EditGate:
         reply_tokens=reply_tokens,
         reply_aggregate=aggregate,
     )
+
+
+def _gate_feature(value: Mapping[str, Any], where: str) -> tuple[str | None, int | None]:
+    """A feature gate's ``sae`` (a directory) and ``feature`` (an index); (None, None) for a
+    direction's gate."""
+    if "sae" not in value:
+        if "feature" in value:
+            raise InvalidArgumentError("a feature needs its sae", field=f"{where}.feature")
+        return None, None
+    feature = value.get("feature")
+    if isinstance(feature, bool) or not isinstance(feature, int) or feature < 0:
+        raise InvalidArgumentError(
+            f"expected a feature index >= 0, got {feature!r}", field=f"{where}.feature"
+        )
+    return _string(value["sae"], f"{where}.sae"), feature
 
 
 def _gate_hooks(
@@ -312,12 +339,15 @@ def _edit_dict(recipe: EditRecipe, edit: Edit) -> dict[str, Any]:
     entry = _ungated_dict(recipe, edit)
     if edit.gate is not None:
         gate = edit.gate
-        hooks: dict[str, Any] = {"hook": gate.hook}
+        hooks: dict[str, Any] = {"hook": gate.hook} if gate.hook else {}
         if not isinstance(gate.hook, str):
             hooks = {"hooks": list(gate.hook), "weights": list(gate.weights)}
+        if gate.sae is not None:
+            hooks.update(sae=str(recipe.resolve(gate.sae)), feature=gate.feature)
+        else:
+            hooks.update(direction=str(recipe.resolve(gate.direction)))
         entry["gate"] = {
             **hooks,
-            "direction": str(recipe.resolve(gate.direction)),
             "threshold": gate.threshold,
             "below": gate.below,
             "scope": gate.scope.value,

@@ -16,13 +16,14 @@ import torch
 
 from steer.artifacts import VectorArtifact, load_vector
 from steer.errors import InvalidArgumentError, SteerError, within
-from steer.gates import Condition, Gated, GateScope
+from steer.gates import BaseCondition, Condition, Gated, GateScope
 from steer.hooks import HookKind, parse_hook_name, resid_post_hooks
 from steer.interventions import Ablate, Add, Intervention
 from steer.vectors import SteeringVector
 
 if TYPE_CHECKING:
     from steer.models import ModelHandle
+    from steer.sae.loading import SparseAutoencoder
 
 
 class EditKind(StrEnum):
@@ -81,6 +82,11 @@ class EditGate:
     reply_tokens: int | None = None
     #: with ``scope = "reply"``: "any" (None) or "mean" (:data:`steer.gates.REPLY_AGGREGATES`)
     reply_aggregate: str | None = None
+    #: an SAE directory: the gate reads feature ``feature``'s activation at the SAE's hook
+    #: instead of a direction's projection (``direction`` empty, ``hook`` empty or the SAE's;
+    #: :class:`steer.sae.conditions.FeatureCondition`)
+    sae: str | None = None
+    feature: int | None = None
 
 
 @dataclass(frozen=True)
@@ -156,7 +162,8 @@ class EditRecipe:
             else:
                 paths.append(self.resolve(edit.sae))
             if edit.gate is not None:
-                paths.append(self.resolve(edit.gate.direction))
+                gate = edit.gate
+                paths.append(self.resolve(gate.sae if gate.sae is not None else gate.direction))
         return paths
 
     def ungated(self) -> EditRecipe:
@@ -272,13 +279,22 @@ def _gated(
     where: str,
 ) -> list[Intervention]:
     """Each of an edit's interventions wrapped in the gate (the same condition for each)."""
-    if isinstance(gate.hook, str):
+    if isinstance(gate.hook, str) and gate.hook:
         parse_hook_name(gate.hook, num_layers, field=f"{where}.hook")
     for index, hook in enumerate(() if isinstance(gate.hook, str) else gate.hook):
         parse_hook_name(hook, num_layers, field=f"{where}.hooks[{index}]")
-    direction = loader(recipe.resolve(gate.direction)).vector
+    sae = None if gate.sae is None else _gate_sae(recipe, gate, where)
+    direction = None if sae is not None else loader(recipe.resolve(gate.direction)).vector
     try:
-        condition = Condition(gate.hook, direction, gate.threshold, gate.below, gate.weights)
+        condition: BaseCondition
+        if sae is not None:
+            from steer.sae.conditions import FeatureCondition
+
+            assert gate.feature is not None, "the parser gives a feature gate its feature"
+            condition = FeatureCondition(sae, gate.feature, gate.threshold, gate.below)
+        else:
+            assert direction is not None
+            condition = Condition(gate.hook, direction, gate.threshold, gate.below, gate.weights)
         return [
             Gated(condition, inner, gate.scope, gate.reply_tokens, gate.reply_aggregate)
             for inner in group
@@ -288,6 +304,25 @@ def _gated(
             raise
         field_name = error.field.removeprefix("condition.") if error.field else None
         raise within(InvalidArgumentError(error.message, field=field_name), where) from None
+
+
+def _gate_sae(recipe: EditRecipe, gate: EditGate, where: str) -> SparseAutoencoder:
+    """A feature gate's SAE, loaded without a model check (its hook and width are checked where
+    the interventions are validated against the model)."""
+    from steer.sae.loading import load_sae
+
+    try:
+        sae = load_sae(recipe.resolve(str(gate.sae)))
+    except SteerError as error:
+        error.field = f"{where}.sae" + (
+            f".{error.field}" if error.field not in (None, "sae") else ""
+        )
+        raise
+    if gate.hook and gate.hook != sae.hook_name:
+        raise InvalidArgumentError(
+            f"the SAE reads {sae.hook_name}, not {gate.hook}", field=f"{where}.hook"
+        )
+    return sae
 
 
 def _direction(

@@ -10,6 +10,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from steer.sae.conditions import FeatureCondition
     from steer.sae.loading import SparseAutoencoder, load_pretrained_sae, load_sae
     from steer.sae.modes import SliderMode
     from steer.sae.sliders import AddDecoder, Clamp, Scale, decoder_direction, feature_slider
@@ -18,6 +19,7 @@ if TYPE_CHECKING:
 _HOMES = {
     "AddDecoder": "steer.sae.sliders",
     "Clamp": "steer.sae.sliders",
+    "FeatureCondition": "steer.sae.conditions",
     "Scale": "steer.sae.sliders",
     "SliderMode": "steer.sae.modes",
     "SparseAutoencoder": "steer.sae.loading",
@@ -30,6 +32,7 @@ _HOMES = {
 __all__ = [
     "AddDecoder",
     "Clamp",
+    "FeatureCondition",
     "Scale",
     "SliderMode",
     "SparseAutoencoder",

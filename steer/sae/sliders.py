@@ -49,17 +49,21 @@ def _check_phase(phase: Phase | str) -> Phase:
         ) from None
 
 
-def _check_sae(sae: SparseAutoencoder, resolver: HookResolver, d_model: int) -> HookPoint:
+def check_sae(
+    sae: SparseAutoencoder, resolver: HookResolver, d_model: int, *, field: str = "sae"
+) -> HookPoint:
+    """The hook point ``sae`` reads on this model (raises, naming ``field``, for an SAE of
+    another width or an unknown hook)."""
     if not isinstance(sae, SparseAutoencoder):
         raise InvalidArgumentError(
-            f"expected a SparseAutoencoder, got {type(sae).__name__}", field="sae"
+            f"expected a SparseAutoencoder, got {type(sae).__name__}", field=field
         )
-    point = resolver.parse(sae.hook_name, field="sae.hook_name")
+    point = resolver.parse(sae.hook_name, field=f"{field}.hook_name")
     if sae.d_in != d_model:
         raise InvalidArgumentError(
             f"the SAE reads {sae.d_in}-dimensional activations but the model's d_model is "
             f"{d_model}",
-            field="sae.d_in",
+            field=f"{field}.d_in",
         )
     return point
 
@@ -117,7 +121,7 @@ class FeatureSlider(Intervention):
         raise NotImplementedError
 
     def lower(self, resolver: HookResolver, d_model: int) -> list[tuple[HookPoint, Op]]:
-        point = _check_sae(self.sae, resolver, d_model)
+        point = check_sae(self.sae, resolver, d_model)
         fn = _edit_function(self.sae, self.feature, self.edit)
         return [(point, RowFunction(fn, self.phase, self.speaker))]
 
@@ -154,7 +158,7 @@ class AddDecoder(FeatureSlider):
     def lower(self, resolver: HookResolver, d_model: int) -> list[tuple[HookPoint, Op]]:
         if not self.sae.affine_decoder:
             return super().lower(resolver, d_model)
-        point = _check_sae(self.sae, resolver, d_model)
+        point = check_sae(self.sae, resolver, d_model)
         vector = self.sae.direction(self.feature) * self.value
         return [(point, AddVector(vector, self.phase, self.speaker))]
 

@@ -236,11 +236,20 @@ class NamedSlider(_message.Message):
     value: float
     def __init__(self, name: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
 
+class GateFeature(_message.Message):
+    __slots__ = ("sae_id", "feature")
+    SAE_ID_FIELD_NUMBER: _ClassVar[int]
+    FEATURE_FIELD_NUMBER: _ClassVar[int]
+    sae_id: str
+    feature: int
+    def __init__(self, sae_id: _Optional[str] = ..., feature: _Optional[int] = ...) -> None: ...
+
 class GateCondition(_message.Message):
-    __slots__ = ("hook", "artifact_id", "inline", "threshold", "below", "allow_other_model", "hooks", "weights")
+    __slots__ = ("hook", "artifact_id", "inline", "feature", "threshold", "below", "allow_other_model", "hooks", "weights")
     HOOK_FIELD_NUMBER: _ClassVar[int]
     ARTIFACT_ID_FIELD_NUMBER: _ClassVar[int]
     INLINE_FIELD_NUMBER: _ClassVar[int]
+    FEATURE_FIELD_NUMBER: _ClassVar[int]
     THRESHOLD_FIELD_NUMBER: _ClassVar[int]
     BELOW_FIELD_NUMBER: _ClassVar[int]
     ALLOW_OTHER_MODEL_FIELD_NUMBER: _ClassVar[int]
@@ -249,12 +258,13 @@ class GateCondition(_message.Message):
     hook: str
     artifact_id: str
     inline: InlineVector
+    feature: GateFeature
     threshold: float
     below: bool
     allow_other_model: bool
     hooks: _containers.RepeatedScalarFieldContainer[str]
     weights: _containers.RepeatedScalarFieldContainer[float]
-    def __init__(self, hook: _Optional[str] = ..., artifact_id: _Optional[str] = ..., inline: _Optional[_Union[InlineVector, _Mapping]] = ..., threshold: _Optional[float] = ..., below: _Optional[bool] = ..., allow_other_model: _Optional[bool] = ..., hooks: _Optional[_Iterable[str]] = ..., weights: _Optional[_Iterable[float]] = ...) -> None: ...
+    def __init__(self, hook: _Optional[str] = ..., artifact_id: _Optional[str] = ..., inline: _Optional[_Union[InlineVector, _Mapping]] = ..., feature: _Optional[_Union[GateFeature, _Mapping]] = ..., threshold: _Optional[float] = ..., below: _Optional[bool] = ..., allow_other_model: _Optional[bool] = ..., hooks: _Optional[_Iterable[str]] = ..., weights: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class GatedIntervention(_message.Message):
     __slots__ = ("condition", "inner", "scope", "reply_tokens", "reply_aggregate")

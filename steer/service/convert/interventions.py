@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from steer.artifacts import VectorArtifact
 from steer.errors import FailedPreconditionError, InvalidArgumentError, SteerError, within
-from steer.gates import Condition, Gated
+from steer.gates import BaseCondition, Condition, Gated
 from steer.interventions import Add, Intervention, validate
 from steer.proto.v1 import generation_pb2
 from steer.service.registry import LoadedModel
@@ -140,7 +140,7 @@ def _gated(
     inner = inners[0]
     handle = loaded.handle
     try:
-        condition = _condition(gated.condition, loaded, store)
+        condition = _condition(gated.condition, loaded, store, saes)
         scope = GATE_SCOPE_OF[gated.scope]
         aggregate = gated.reply_aggregate or None
         built = Gated(condition, inner, scope, gated.reply_tokens or None, aggregate)
@@ -157,8 +157,13 @@ def _gated(
 
 
 def _condition(
-    message: generation_pb2.GateCondition, loaded: LoadedModel, store: ArtifactStore
-) -> Condition:
+    message: generation_pb2.GateCondition,
+    loaded: LoadedModel,
+    store: ArtifactStore,
+    saes: SaeRegistry,
+) -> BaseCondition:
+    if message.WhichOneof("direction") == "feature":
+        return _feature_condition(message, loaded, saes)
     if message.hook and message.hooks:
         raise InvalidArgumentError("set hook or hooks, not both", field="condition.hooks")
     if not message.hook and not message.hooks:
@@ -179,6 +184,36 @@ def _condition(
         direction = _inline_vector(message.inline, "condition.inline")
     hook = message.hook or tuple(message.hooks)
     return Condition(hook, direction, message.threshold, message.below, tuple(message.weights))
+
+
+def _feature_condition(
+    message: generation_pb2.GateCondition, loaded: LoadedModel, saes: SaeRegistry
+) -> BaseCondition:
+    """A gate on an SAE feature's activation, the SAE loaded for this request's model."""
+    from steer.sae.conditions import FeatureCondition
+
+    if message.hooks or message.weights:
+        raise InvalidArgumentError(
+            "an SAE feature is read at the SAE's one hook", field="condition.hooks"
+        )
+    feature = message.feature
+    if not feature.sae_id:
+        raise InvalidArgumentError("required", field="condition.feature.sae_id")
+    try:
+        entry = saes.get(feature.sae_id)
+        entry.check_model(loaded.handle, loaded.model_id, field="sae_id")
+    except SteerError as error:
+        error.field = f"condition.feature.{error.field}" if error.field else "condition.feature"
+        raise
+    if message.hook and message.hook != entry.sae.hook_name:
+        raise InvalidArgumentError(
+            f"the SAE reads {entry.sae.hook_name}, not {message.hook}", field="condition.hook"
+        )
+    try:
+        return FeatureCondition(entry.sae, feature.feature, message.threshold, message.below)
+    except InvalidArgumentError as error:
+        error.field = (error.field or "").replace("condition.feature", "condition.feature.feature")
+        raise
 
 
 def _artifact(
