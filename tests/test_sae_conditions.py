@@ -5,6 +5,7 @@ reads; recipes and the gRPC service build the same gate, and bad input names its
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -341,3 +342,76 @@ def test_bad_feature_gates_over_grpc_name_the_field(
             list(client.generate("Hi", max_new_tokens=2, interventions=[message]))
         assert getattr(raised.value, "field", None) == field
         assert len(list(client.generate("Hi", max_new_tokens=2))) == 2  # still serving
+
+
+# -- steer directions gate --sae ------------------------------------------------------------
+
+
+def test_gate_cli_with_an_sae_writes_the_feature_gate_validation_kept(
+    tiny_llama: ModelHandle, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from gate_setup import contrast_setup, run_gate
+
+    from steer.activations import encode_chat
+    from steer.directions.gating import gate_splits
+    from steer.directions.recipe import load_direction_recipe
+
+    setup = contrast_setup(tiny_llama, tmp_path)
+    sae_dir = tmp_path / "sae"
+    _random_sae("topk", tiny_llama.d_model, hook="blocks.2.hook_resid_pre").save_model(sae_dir)
+    assert run_gate(setup, "--sae", str(sae_dir), "--top-features", "5", "--target-fpr", "0.2") == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    kept, candidates = report["kept"], report["candidates"]
+    assert report["condition"] == "feature" and len(candidates) == 5
+
+    def separation(c: dict) -> tuple[float, float]:
+        v = c["validation"]
+        return (v["true_positive_rate"] - v["false_positive_rate"], -v["false_positive_rate"])
+
+    assert separation(kept) == max(separation(c) for c in candidates)
+    recipe = load_edit_recipe(report["recipe"])
+    gate = recipe.edits[0].gate
+    assert gate is not None and gate.feature == report["feature"] and gate.sae == str(sae_dir)
+    assert gate.threshold == kept["threshold"] and gate.scope is GateScope.PROMPT
+    # the validation figures are the feature's activations at the prompts' last tokens
+    sae = load_sae(sae_dir)
+    splits = gate_splits(load_direction_recipe(setup["recipe"]))
+    hook = sae.hook_name
+    for side, key in (("positive", "true_positive_rate"), ("negative", "false_positive_rate")):
+        ids = [encode_chat(tiny_llama, p) for p in splits[side].validation]
+        last = forward(tiny_llama, ids, hooks=[hook]).activations[hook]
+        assert isinstance(last, torch.Tensor)
+        active = sae.encode(last)[:, gate.feature] > gate.threshold
+        assert kept["validation"][key] == float(active.float().mean())
+    # the written recipe runs: its gate is a FeatureCondition on that feature
+    built = recipe.for_model(tiny_llama)
+    assert built and all(isinstance(i, Gated) for i in built)
+    assert {type(i.condition) for i in built if isinstance(i, Gated)} == {FeatureCondition}
+
+
+@pytest.mark.parametrize(
+    ("extra", "field"),
+    [
+        (("--features", "3"), "features"),  # without --sae
+        (("--sae", "SAE", "--summed"), "summed"),
+        (("--sae", "SAE", "--hooks", "blocks.1.hook_resid_pre"), "hooks"),
+        (("--sae", "SAE", "--condition", "discriminant"), "condition"),
+        (("--sae", "SAE", "--features", "500"), "features[0]"),
+        (("--sae", "missing"), "sae"),
+    ],
+)
+def test_gate_cli_feature_options_are_checked(
+    tiny_llama: ModelHandle,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    extra: tuple[str, ...],
+    field: str,
+) -> None:
+    from gate_setup import contrast_setup, run_gate
+
+    setup = contrast_setup(tiny_llama, tmp_path)
+    _random_sae("topk", tiny_llama.d_model).save_model(tmp_path / "sae")
+    args = [str(tmp_path / "sae") if a == "SAE" else a for a in extra]
+    assert run_gate(setup, *args) == 1
+    assert field in capsys.readouterr().err
+    assert not setup["out"].exists()

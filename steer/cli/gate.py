@@ -53,6 +53,7 @@ def add_parser(commands: Any, default_recipe: str) -> None:
         "discriminant; several, comma-separated, are candidates alike (--choose keeps one)",
     )
     _choice_options(gate)
+    _feature_options(gate)
     add("--target-fpr", type=float, default=0.02, help="false-positive rate allowed")
     _reply_options(gate)
     add(
@@ -109,6 +110,37 @@ def _choice_options(gate: argparse.ArgumentParser) -> None:
     )
 
 
+def _feature_options(gate: argparse.ArgumentParser) -> None:
+    """A gate on an SAE feature instead of a direction's projection."""
+    gate.add_argument(
+        "--sae",
+        metavar="DIR",
+        help="gate on one feature of this SAE (SAELens directory; read at its own hook) instead "
+        "of a projection: the candidates are --features, or the --top-features that separate "
+        "the train prompts best; validation keeps one",
+    )
+    gate.add_argument(
+        "--features",
+        type=_indices,
+        default=(),
+        help="with --sae: the candidate features, comma-separated (default: ranked on train)",
+    )
+    gate.add_argument(
+        "--top-features",
+        type=int,
+        default=20,
+        metavar="K",
+        help="with --sae and no --features: how many of the best train separators are candidates",
+    )
+
+
+def _indices(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(part) for part in _names(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError("expected feature indices, e.g. 12,345") from None
+
+
 def _reply_options(gate: argparse.ArgumentParser) -> None:
     """The options of a reply-scope gate (what it reads after the prompt)."""
     gate.add_argument(
@@ -162,6 +194,8 @@ def run(args: argparse.Namespace, model_of: Any) -> int:
     artifact = load_vector(directory, handle=handle)
     for path in also:
         load_vector(path, handle=handle)  # made for this model, or a clear error
+    if args.sae:
+        return _feature_gate(args, handle, recipe, known, [directory, *also], out)
     hooks = args.hooks or _default_hooks(handle.num_layers, artifact.metadata.get("layer"))
     print(f"reading the gate prompts at {', '.join(hooks)}", file=sys.stderr, flush=True)
     reads, labels = gate_reads(
@@ -187,6 +221,44 @@ def run(args: argparse.Namespace, model_of: Any) -> int:
             each_set=choice.calibrate == "each-set",
         )
         print(json.dumps({"recipe": str(path), **choice.as_dict()}, sort_keys=True), flush=True)
+    return 0
+
+
+def _feature_gate(
+    args: argparse.Namespace,
+    handle: Any,
+    recipe: Any,
+    known: Any,
+    directions: list[Path],
+    out: Path,
+) -> int:
+    """``--sae``: the gate prompts read at the SAE's hook; the kept feature's recipe written
+    and the choice printed as a JSON line."""
+    from steer.directions.gate_recipe import SaeFeature, gated_ablation_recipe
+    from steer.directions.gating import gate_reads
+    from steer.sae.conditions import choose_feature_gate
+    from steer.sae.loading import load_sae
+
+    sae = load_sae(args.sae, handle, where=args.sae)
+    for index, feature in enumerate(args.features):
+        sae.check_feature(feature, f"features[{index}]")
+    print(f"reading the gate prompts at {sae.hook_name}", file=sys.stderr, flush=True)
+    reads, _labels = gate_reads(
+        handle, recipe, [sae.hook_name], batch_size=args.batch_size,
+        reply_tokens=args.reply_tokens, aggregate=args.reply_aggregate, known=known,
+    )  # fmt: skip
+    choice = choose_feature_gate(
+        reads, sae, target_fpr=args.target_fpr, features=args.features, k=args.top_features
+    )
+    path = gated_ablation_recipe(
+        out,
+        directions,
+        SaeFeature(Path(args.sae), choice.feature),
+        choice.calibration,
+        weight=args.weight,
+        push=args.push,
+    )
+    print(json.dumps({"recipe": str(path), **choice.as_dict()}, sort_keys=True), flush=True)
     return 0
 
 
@@ -244,6 +316,10 @@ def _check_options(args: argparse.Namespace) -> None:
     from steer.gates import MAX_REPLY_TOKENS, check_reply_aggregate
 
     check_push(args.push)
+    if args.sae:
+        _check_feature_options(args)
+    elif args.features:
+        raise InvalidArgumentError("--features needs --sae", field="features")
     if len(set(args.calibrate)) < len(args.calibrate):
         raise InvalidArgumentError("names a calibration twice", field="calibrate")
     check_reply_aggregate(args.reply_aggregate)
@@ -256,6 +332,26 @@ def _check_options(args: argparse.Namespace) -> None:
         raise InvalidArgumentError(
             f"must be from 0 to {MAX_REPLY_TOKENS}, got {args.reply_tokens}", field="reply_tokens"
         )
+
+
+def _check_feature_options(args: argparse.Namespace) -> None:
+    """--sae reads one feature at the SAE's hook, calibrated on train, kept on validation."""
+    if args.hooks:
+        raise InvalidArgumentError("--sae reads at the SAE's own hook", field="hooks")
+    for name, value, default in (
+        ("condition", args.condition, ("direction",)),
+        ("summed", args.summed, False),
+        ("choose", args.choose, "validation"),
+        ("calibrate", args.calibrate, ("train",)),
+    ):
+        if value != default:
+            raise InvalidArgumentError(
+                f"--{name} does not apply to a feature gate (--sae)", field=name
+            )
+    if args.top_features < 1:
+        raise InvalidArgumentError("must be at least 1", field="top_features")
+    if not Path(args.sae).is_dir():
+        raise InvalidArgumentError(f"{args.sae} is not an SAE directory", field="sae")
 
 
 def _default_hooks(num_layers: int, layer: Any) -> list[str]:

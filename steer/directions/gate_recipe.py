@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -20,13 +21,21 @@ from steer.models import ModelHandle
 from steer.recipes import AblateEdit, AddEdit, EditGate, EditRecipe, recipe_to_toml
 from steer.vectors import SteeringVector
 
-__all__ = ["ablation_recipe", "check_push", "gated_ablation_recipe"]
+__all__ = ["SaeFeature", "ablation_recipe", "check_push", "gated_ablation_recipe"]
+
+
+@dataclass(frozen=True)
+class SaeFeature:
+    """A gate's condition on an SAE feature: the SAE's directory and the feature's index."""
+
+    path: Path
+    feature: int
 
 
 def gated_ablation_recipe(
     out: Path,
     direction: Path | Sequence[Path],
-    condition: SteeringVector | torch.Tensor | Path,
+    condition: SteeringVector | torch.Tensor | Path | SaeFeature,
     calibration: GateCalibration,
     *,
     weight: float = 1.0,
@@ -37,9 +46,10 @@ def gated_ablation_recipe(
 ) -> Path:
     """Write ``out/gated.toml``: the artifact at ``direction`` (or each of several) ablated at
     every layer (and pushed against, with ``push``; see :func:`ablation_recipe`), only for
-    prompts the gate fires on. ``condition`` is the gate's artifact, or a vector saved to
-    ``out/condition`` (with ``handle``); ``new_source`` (:attr:`GateChoice.new_source`, with its
-    level where the threshold was calibrated on new sources) joins the calibration figures in
+    prompts the gate fires on. ``condition`` is the gate's artifact, a vector saved to
+    ``out/condition`` (with ``handle``), or an SAE feature (:class:`SaeFeature`);
+    ``new_source`` (:attr:`GateChoice.new_source`, with its level where the threshold was
+    calibrated on new sources) joins the calibration figures in
     the recipe's description, as does ``each_set`` (the threshold kept the target on each quiet
     set apart, :func:`steer.directions.gating.quiet_sets`). Returns the recipe's path."""
     out.mkdir(parents=True, exist_ok=True)
@@ -49,9 +59,18 @@ def gated_ablation_recipe(
         if handle is None:
             raise InvalidArgumentError("saving a condition vector needs the model", field="handle")
         condition = save_vector(out / "condition", condition, handle=handle)
+    hook: str | tuple[str, ...]
+    if isinstance(condition, SaeFeature):
+        hook, artifact = "", ""
+        sae, feature = str(condition.path.resolve()), condition.feature
+    else:
+        hook, artifact = calibration.hook, str(Path(condition).resolve())
+        sae, feature = None, None
     gate = EditGate(
-        hook=calibration.hook,
-        direction=str(Path(condition).resolve()),
+        hook=hook,
+        direction=artifact,
+        sae=sae,
+        feature=feature,
         threshold=calibration.threshold,
         below=calibration.below,
         scope=GateScope.REPLY if calibration.reply_tokens else GateScope.PROMPT,
@@ -60,6 +79,11 @@ def gated_ablation_recipe(
         reply_aggregate=calibration.reply_aggregate if calibration.reply_tokens else None,
     )
     description = _gated_description(calibration, len(_paths(direction)), push, new_source)
+    if feature is not None:
+        description += (
+            f" The gate reads feature {feature} of the SAE at {sae} (its activation at "
+            f"{calibration.hook})."
+        )
     if each_set:
         description += (
             " The train false-positive rate was held at the target on each quiet set apart "

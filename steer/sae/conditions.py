@@ -12,17 +12,21 @@ prompt, reply with "any" or "mean").
 SAE's hook) into the :class:`~steer.calibration.GateScores` of one feature, so its threshold is
 calibrated on train and reported on validation as a direction's is;
 :func:`rank_features` ranks every feature of the SAE by how well it alone separates the train
-prompts at a false-positive target (the candidates a gate is then chosen from on validation).
+prompts at a false-positive target, and :func:`choose_feature_gate` calibrates the best of them
+(or the features named) on train and keeps the one that separates validation best, as
+``steer directions gate --sae`` does.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
 
 import torch
 
-from steer.calibration import GateScores, PromptReads
+from steer.calibration import GateCalibration, GateScores, PromptReads
 from steer.errors import InvalidArgumentError
 from steer.gates import BaseCondition
 from steer.hooks import HookPoint, HookResolver
@@ -31,7 +35,14 @@ from steer.limits import finite
 from steer.sae.loading import SparseAutoencoder
 from steer.sae.sliders import check_sae
 
-__all__ = ["FeatureCondition", "FeatureRank", "feature_scores", "rank_features"]
+__all__ = [
+    "FeatureCondition",
+    "FeatureGateChoice",
+    "FeatureRank",
+    "choose_feature_gate",
+    "feature_scores",
+    "rank_features",
+]
 
 
 @dataclass(frozen=True, eq=False)
@@ -138,6 +149,50 @@ def rank_features(
     for f in order[:k]:
         ranked.append(FeatureRank(f, float(thresholds[f]), float(tpr[f]), float(fpr[f])))
     return ranked
+
+
+@dataclass(frozen=True)
+class FeatureGateChoice:
+    """The kept feature gate (``feature`` at ``calibration``) and every candidate's."""
+
+    feature: int
+    calibration: GateCalibration
+    candidates: tuple[tuple[int, GateCalibration], ...]
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "condition": "feature",
+            "feature": self.feature,
+            "kept": asdict(self.calibration),
+            "candidates": [{"feature": f, **asdict(c)} for f, c in self.candidates],
+        }
+
+
+def choose_feature_gate(
+    reads: PromptReads,
+    sae: SparseAutoencoder,
+    *,
+    target_fpr: float,
+    features: Sequence[int] = (),
+    k: int = 20,
+) -> FeatureGateChoice:
+    """A gate on one feature of ``sae``: each of ``features`` (default: the ``k`` best by
+    :func:`rank_features`, train only) calibrated on train at ``target_fpr``; kept, the one
+    whose validation TPR - FPR is highest (then the lower FPR; then the earlier candidate)."""
+    candidates = list(features) or [
+        rank.feature for rank in rank_features(reads, sae, target_fpr=target_fpr, k=k)
+    ]
+    calibrated = tuple(
+        (feature, feature_scores(reads, sae, feature).calibrate(target_fpr))
+        for feature in candidates
+    )
+
+    def separation(candidate: tuple[int, GateCalibration]) -> tuple[float, float]:
+        rates = candidate[1].validation
+        return rates.true_positive_rate - rates.false_positive_rate, -rates.false_positive_rate
+
+    feature, calibration = max(calibrated, key=separation)
+    return FeatureGateChoice(feature, calibration, calibrated)
 
 
 def _activations(reads: PromptReads, sae: SparseAutoencoder, key: str) -> torch.Tensor:
