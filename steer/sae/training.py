@@ -384,12 +384,25 @@ def train_on_texts(
     progress: bool = False,
 ) -> TrainingRun:
     """collect -> train -> evaluate on a held-out split of ``texts``."""
+    prompts = tokenize(handle, texts, config.context_size)
+    return train_on_ids(handle, prompts, config, progress=progress)
+
+
+def train_on_ids(
+    handle: ModelHandle,
+    prompts: Sequence[Sequence[int]],
+    config: TrainingConfig,
+    *,
+    progress: bool = False,
+) -> TrainingRun:
+    """:func:`train_on_texts` on token ids already made (a chat prompt as a gate reads it, an
+    RP scene): a shuffled ``eval_fraction`` of them held out for the metrics."""
     import random
     import time
 
     timings: dict[str, float] = {}
     handle.resolver.parse(config.hook, field="hook")
-    prompts = tokenize(handle, texts, config.context_size)
+    prompts = [list(p)[: config.context_size] for p in prompts]
     random.Random(config.seed).shuffle(prompts)
     held_out = int(len(prompts) * config.eval_fraction)
     eval_prompts, train_prompts = prompts[:held_out], prompts[held_out:]
