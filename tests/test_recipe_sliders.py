@@ -17,9 +17,10 @@ import torch
 from test_server import GREEDY, PROMPTS, alone, direction_artifact, make_settings
 
 from steer.activations import forward
-from steer.errors import FailedPreconditionError, InvalidArgumentError
+from steer.errors import FailedPreconditionError, InvalidArgumentError, NotFoundError
 from steer.gates import GateScope
 from steer.generation import GenerationRequest
+from steer.interventions import Intervention
 from steer.models import ModelHandle
 from steer.proto.v1 import generation_pb2, generation_pb2_grpc
 from steer.recipes import (
@@ -219,6 +220,49 @@ def test_recipe_made_for_other_weights_is_a_failed_precondition(
     with pytest.raises(FailedPreconditionError):
         recipe.for_model(tiny_llama)
     assert len(recipe.for_model(tiny_llama, allow_other_model=True)) == 1
+
+
+def test_recipe_slider_interventions_are_built_once_per_model_and_value(
+    tiny_llama: ModelHandle, tmp_path: Path
+) -> None:
+    """The artifacts are read on first use and kept: the same value gives the same
+    interventions without reading the disk again (the artifact removed in between); a new value
+    is built anew; a build that fails keeps nothing; the oldest value goes past the cache size."""
+    import shutil
+
+    from steer.service import sliders as sliders_module
+
+    artifact = direction_artifact(tmp_path, tiny_llama, "kept")
+    recipe_file = tmp_path / "r.toml"
+    recipe_file.write_text(recipe_to_toml(EditRecipe(edits=(AblateEdit(direction=str(artifact)),))))
+    catalogue = _catalogue(tmp_path, {"kind": "recipe", "recipe": "r.toml", "max": 200.0})
+    slider = catalogue.get("s", "s")
+    builds: list[float] = []
+
+    def build(recipe: EditRecipe) -> list[Intervention]:
+        builds.append(recipe.edits[0].weight)
+        return recipe.for_model(tiny_llama)
+
+    first = catalogue.recipe_interventions(slider, 0.5, tiny_llama, build, field="v")
+    copy = tmp_path / "copy"
+    shutil.copytree(artifact, copy)
+    shutil.rmtree(artifact)
+    again = catalogue.recipe_interventions(slider, 0.5, tiny_llama, build, field="v")
+    assert builds == [0.5] and len(first) == len(again) > 0
+    assert all(a is b for a, b in zip(first, again, strict=True))
+    assert catalogue.recipe_interventions(slider, 0.0, tiny_llama, build, field="v") == []
+    with pytest.raises(NotFoundError):  # the artifact is gone: a new value cannot be built
+        catalogue.recipe_interventions(slider, 0.7, tiny_llama, build, field="v")
+    shutil.copytree(copy, artifact)
+    catalogue.recipe_interventions(slider, 0.7, tiny_llama, build, field="v")
+    assert builds == [0.5, 0.7, 0.7]
+    for value in range(1, sliders_module.RECIPE_CACHE_SIZE + 1):
+        catalogue.recipe_interventions(slider, float(value), tiny_llama, build, field="v")
+    catalogue.recipe_interventions(slider, 0.7, tiny_llama, build, field="v")
+    assert builds[-1] == 0.7 and len(builds) == 3 + sliders_module.RECIPE_CACHE_SIZE + 1
+    with pytest.raises(InvalidArgumentError) as raised:
+        catalogue.recipe_interventions(slider, 201.0, tiny_llama, build, field="v")
+    assert raised.value.field == "v"
 
 
 def _catalogue(tmp_path: Path, table: dict[str, object]) -> SliderCatalogue:

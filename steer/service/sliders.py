@@ -42,19 +42,24 @@ SillyTavern user. Both front ends move sliders by name (HTTP: a flat ``"steer.NA
 gRPC: ``Intervention.named``) and both turn the result into domain interventions through
 :func:`steer.service.convert.intervention`, so a slider means the same thing everywhere. At its
 neutral value (0; 1 for ``scale``) a slider adds no intervention at all, so the output is
-bit-identical to no slider.
+bit-identical to no slider. A recipe slider's interventions (its artifacts and SAEs read from
+disk) are built once per model and value and kept for the server's life, like the recipe
+itself, which is read when the server starts.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import threading
+import weakref
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from steer.errors import InvalidArgumentError, SteerError
-from steer.interventions import Phase
+from steer.interventions import Intervention, Phase
 from steer.limits import MAX_INTERVENTION_MAGNITUDE, finite
+from steer.models import ModelHandle
 from steer.proto.v1 import generation_pb2
 from steer.recipes import EditRecipe, load_edit_recipe
 from steer.sae.modes import SliderMode
@@ -69,6 +74,8 @@ _KEYS = {
     "recipe": {"recipe", "allow_other_model"},
 }
 _COMMON = {"kind", "description", "min", "max", "default"}
+#: built recipe-slider interventions kept per model (the oldest value goes first past this)
+RECIPE_CACHE_SIZE = 64
 
 
 @dataclass(frozen=True)
@@ -151,6 +158,39 @@ class SliderCatalogue:
 
     def __init__(self, sliders: Mapping[str, Slider] | None = None) -> None:
         self.sliders = dict(sliders or {})
+        # per model (dropped with it): (slider, value) -> the recipe's interventions at value
+        self._built: weakref.WeakKeyDictionary[
+            ModelHandle, dict[tuple[str, float], list[Intervention]]
+        ] = weakref.WeakKeyDictionary()
+        self._lock = threading.Lock()
+
+    def recipe_interventions(
+        self,
+        slider: Slider,
+        value: float,
+        handle: ModelHandle,
+        build: Callable[[EditRecipe], list[Intervention]],
+        *,
+        field: str,
+    ) -> list[Intervention]:
+        """A ``recipe`` slider's interventions for ``handle``'s model at ``value`` (none at 0):
+        ``build`` of its scaled recipe the first time, the same interventions (immutable)
+        after that. A ``build`` that raises keeps nothing, so the next request sees the error
+        again."""
+        recipe = slider.recipe_at(value, field=field)
+        if recipe is None:
+            return []
+        key = (slider.name, value)
+        with self._lock:
+            kept = self._built.get(handle, {}).get(key)
+        if kept is None:
+            kept = build(recipe)
+            with self._lock:
+                built = self._built.setdefault(handle, {})
+                built[key] = kept
+                while len(built) > RECIPE_CACHE_SIZE:
+                    del built[next(iter(built))]
+        return list(kept)
 
     @classmethod
     def load(cls, path: Path) -> SliderCatalogue:

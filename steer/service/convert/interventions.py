@@ -13,6 +13,7 @@ from steer.errors import FailedPreconditionError, InvalidArgumentError, SteerErr
 from steer.gates import BaseCondition, Condition, Gated
 from steer.interventions import Add, Intervention, validate
 from steer.proto.v1 import generation_pb2
+from steer.recipes import EditRecipe
 from steer.service.registry import LoadedModel
 from steer.service.saes import SaeRegistry
 from steer.service.sliders import SliderCatalogue
@@ -65,19 +66,22 @@ def _named(
             "a recipe slider acts on every token its recipe says; it takes no speaker",
             field=f"{field}.speaker",
         )
-    recipe = slider.recipe_at(message.named.value, field=value_field)
-    if recipe is None:
-        return []
     handle = loaded.handle
-    try:
-        built = recipe.for_model(handle, allow_other_model=slider.allow_other_model)
-        validate(built, handle.resolver, handle.d_model)
-    except SteerError as error:
-        # the recipe is the operator's file: a mistake in it is the server's, not the request's
-        raise FailedPreconditionError(
-            f"slider {slider.name!r}: {error.message}", field=f"{field}.named.name"
-        ) from None
-    return built
+
+    def build(recipe: EditRecipe) -> list[Intervention]:
+        try:
+            built = recipe.for_model(handle, allow_other_model=slider.allow_other_model)
+            validate(built, handle.resolver, handle.d_model)
+        except SteerError as error:
+            # the recipe is the operator's file: a mistake in it is the server's, not the request's
+            raise FailedPreconditionError(
+                f"slider {slider.name!r}: {error.message}", field=f"{field}.named.name"
+            ) from None
+        return built
+
+    return catalogue.recipe_interventions(
+        slider, message.named.value, handle, build, field=value_field
+    )
 
 
 def _intervention(
