@@ -225,6 +225,8 @@ class PromptReads:
     reply_aggregate: str = "any"
     #: {"train.quiet", "validation.quiet"}: each quiet prompt's set (:attr:`GateScores.quiet_sets`)
     quiet_sets: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    #: {"train.fire", ...}: each prompt's form ("message", a scene form, "played"), where known
+    forms: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
     def scores(
         self, direction: SteeringVector | torch.Tensor, *, below: bool = False

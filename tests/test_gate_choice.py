@@ -17,9 +17,15 @@ from gate_setup import gate_setup, run_gate
 from steer.artifacts import load_vector
 from steer.calibration import read_prompts
 from steer.directions.gate_styles import source_labels
-from steer.directions.gating import gate_origins, gate_prompts, gate_splits, quiet_sets
+from steer.directions.gating import (
+    gate_origins,
+    gate_prompts,
+    gate_splits,
+    prompt_forms,
+    quiet_sets,
+)
 from steer.directions.recipe import load_direction_recipe
-from steer.directions.scene_forms import scene_prompts
+from steer.directions.scene_forms import SCENE_FORMS, scene_prompts
 from steer.models import ModelHandle
 from steer.recipes import load_edit_recipe
 
@@ -90,6 +96,31 @@ def test_gate_sets_taken_pairwise_are_sources_and_scenes_keep_theirs(
             start = one_message * (form + 1)
             assert fire[start : start + one_message] == fire[:one_message]
     assert source_labels(recipe, parts) != labels  # without the origins, scenes have none
+
+
+def test_each_gate_prompt_is_labelled_with_its_form(
+    tiny_llama: ModelHandle, setup: dict[str, Path]
+) -> None:
+    """``gate_reads`` labels each prompt with the form it is in: "message" for the prompts as
+    written, then each scene form for exactly the situations rendered in it."""
+    recipe = load_direction_recipe(setup["recipe"])
+    splits = gate_splits(recipe)
+    renders = dict(zip(SCENE_FORMS, scene_prompts(tiny_llama), strict=True))
+    for part in ("train", "validation"):
+        prompts = gate_prompts(splits, part, tuple(renders.values()))
+        plain = gate_prompts(splits, part)
+        for side in ("fire", "quiet"):
+            listed = getattr(prompts, side)
+            labels = prompt_forms(splits, part, side, SCENE_FORMS, len(listed) + 2)
+            assert labels[-2:] == ("played", "played")
+            assert labels.count("message") == len(getattr(plain, side))
+            situations = [p for p, f in zip(listed, labels, strict=False) if f == "message"]
+            for form, render in renders.items():
+                rendered = [p for p, f in zip(listed, labels, strict=False) if f == form]
+                assert rendered and all(not isinstance(p, str) for p in rendered)
+                # the situations rendered: the fire side's every one, the quiet side's own set's
+                texts = situations if side == "fire" else situations[-len(rendered) :]
+                assert rendered == [render(text) for text in texts]
 
 
 def _report(capsys: pytest.CaptureFixture[str]) -> dict[str, Any]:

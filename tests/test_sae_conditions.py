@@ -6,6 +6,7 @@ reads; recipes and the gRPC service build the same gate, and bad input names its
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -24,7 +25,12 @@ from steer.interventions import Intervention
 from steer.models import ModelHandle
 from steer.recipes import EditRecipe, load_edit_recipe, recipe_to_toml
 from steer.sae import SparseAutoencoder, load_sae
-from steer.sae.conditions import FeatureCondition, feature_scores, rank_features
+from steer.sae.conditions import (
+    FeatureCondition,
+    choose_feature_gate,
+    feature_scores,
+    rank_features,
+)
 from steer.sampling import SamplingConfig
 from steer.server import SteerServer
 
@@ -192,6 +198,40 @@ def test_feature_scores_and_ranking_read_what_the_gate_reads(tiny_llama: ModelHa
         expected = replace(request, interventions=(inner,) if should else ())
         got = Engine(tiny_llama).run([request])[0].token_ids
         assert got == Engine(tiny_llama).run([expected])[0].token_ids
+
+
+def test_ranking_and_choice_go_by_the_worst_prompt_form(tiny_llama: ModelHandle) -> None:
+    """A feature that marks the fire prompts of one form only ranks and is chosen by that
+    form's rate (0), not the pooled one (0.5); the rates by form are the gate's on each."""
+    sae = _planted_sae(tiny_llama, MARKER, PLANTED)
+    marker = tiny_llama.tokenizer.convert_tokens_to_ids(MARKER)
+    words = ["The knight", "I bake", "A small fox", "Write a poem", "The sea is", "Hello"]
+    fire = [[*_ids(tiny_llama, w), marker] for w in words] + [_ids(tiny_llama, w) for w in words]
+    quiet = [_ids(tiny_llama, w + " now") for w in words]
+    split = ContrastPrompts(fire=fire, quiet=quiet)
+    pooled = read_prompts(tiny_llama, ["hook_embed"], train=split, validation=split)
+    forms = {
+        f"{part}.{side}": labels
+        for part in ("train", "validation")
+        for side, labels in (("fire", ("message",) * 6 + ("scene",) * 6), ("quiet", ()))
+    }
+    reads = replace(pooled, forms=forms)
+    flat = {r.feature: r for r in rank_features(pooled, sae, target_fpr=0.0, k=sae.num_features)}
+    ranked = rank_features(reads, sae, target_fpr=0.0, k=sae.num_features)
+    planted = next(r for r in ranked if r.feature == PLANTED)
+    assert planted.true_positive_rate == 0.5 == flat[PLANTED].worst_form_rate
+    assert planted.worst_form_rate == 0.0
+    keys = [r.worst_form_rate - r.false_positive_rate for r in ranked]
+    assert keys == sorted(keys, reverse=True)
+    choice = choose_feature_gate(reads, sae, target_fpr=0.0, features=[PLANTED])
+    message, scene = choice.forms[PLANTED]["message"], choice.forms[PLANTED]["scene"]
+    assert message[0] == 1.0 and scene[0] == 0.0
+    assert math.isnan(message[1])  # no quiet prompt is labelled: no rate on that side
+    kept = choice.as_dict()["kept"]
+    assert kept["validation_by_form"]["message"][0] == 1.0
+    assert choose_feature_gate(pooled, sae, target_fpr=0.0, features=[PLANTED]).forms == {
+        PLANTED: {}
+    }
 
 
 @pytest.mark.parametrize(

@@ -117,7 +117,7 @@ def _feature_options(gate: argparse.ArgumentParser) -> None:
         metavar="DIR",
         help="gate on one feature of this SAE (SAELens directory; read at its own hook) instead "
         "of a projection: the candidates are --features, or the --top-features that separate "
-        "the train prompts best; validation keeps one",
+        "the train prompts best in their worst prompt form; validation keeps one the same way",
     )
     gate.add_argument(
         "--features",

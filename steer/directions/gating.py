@@ -382,7 +382,29 @@ def gate_reads(
     )
     sets = {f"{part}.quiet": quiet_sets(splits, part, len(parts[part].quiet)) for part in parts}
     origins = {part: gate_origins(splits, part, len(rendered)) for part in parts}
-    return replace(reads, quiet_sets=sets), source_labels(recipe, parts, origins)
+    forms = SCENE_FORMS if played else ()
+    shapes = {
+        f"{part}.{side}": prompt_forms(splits, part, side, forms, len(getattr(parts[part], side)))
+        for part in parts
+        for side in ("fire", "quiet")
+    }
+    return replace(reads, quiet_sets=sets, forms=shapes), source_labels(recipe, parts, origins)
+
+
+def prompt_forms(
+    splits: dict[str, datasets.Splits[str]],
+    part: str,
+    side: str,
+    forms: Sequence[str],
+    count: int,
+) -> tuple[str, ...]:
+    """The form of each of the ``count`` prompts on ``side`` ("fire", "quiet") of split
+    ``part``, in :func:`gate_prompts`'s order: "message" for the prompts as written, then each
+    of ``forms`` for the situations rendered in it, then "played" for any played scene."""
+    plain = getattr(gate_prompts(splits, part), side)
+    rendered = len(plain) if side == "fire" else len(_part(splits, "quiet", part))
+    labels = ["message"] * len(plain) + [form for form in forms for _ in range(rendered)]
+    return tuple(labels + ["played"] * (count - len(labels)))
 
 
 def _candidates(

@@ -14,14 +14,17 @@ calibrated on train and reported on validation as a direction's is;
 :func:`rank_features` ranks every feature of the SAE by how well it alone separates the train
 prompts at a false-positive target, and :func:`choose_feature_gate` calibrates the best of them
 (or the features named) on train and keeps the one that separates validation best, as
-``steer directions gate --sae`` does.
+``steer directions gate --sae`` does. Where the reads know each prompt's form (one message, a
+scene, a chat request: :attr:`~steer.calibration.PromptReads.forms`), both go by the form the
+feature does worst in: a feature that marks a situation only when it is rendered as a scene
+is no gate for a front end that sends one message.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
@@ -41,6 +44,7 @@ __all__ = [
     "FeatureRank",
     "choose_feature_gate",
     "feature_scores",
+    "form_rates",
     "rank_features",
 ]
 
@@ -125,6 +129,8 @@ class FeatureRank:
     threshold: float
     true_positive_rate: float
     false_positive_rate: float
+    #: the lowest true-positive rate over the prompt forms (= the pooled one without forms)
+    worst_form_rate: float
 
 
 def rank_features(
@@ -132,8 +138,10 @@ def rank_features(
 ) -> list[FeatureRank]:
     """The ``k`` features of ``sae`` that separate the train prompts best on their own: each
     feature's threshold set as a gate's would be (the lowest with train FPR <= ``target_fpr``,
-    as :func:`~steer.calibration.lowest_threshold` sets it), ranked by train TPR - FPR, then
-    by the lower FPR. Train only: the choice among them is validation's."""
+    as :func:`~steer.calibration.lowest_threshold` sets it), ranked by TPR - FPR with the TPR
+    of the prompt form it is lowest in (``reads.forms``: a feature that marks the situation in
+    a scene but not as one message is no gate for both), then by the lower FPR. Train only:
+    the choice among them is validation's."""
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise InvalidArgumentError(f"expected a whole number >= 1, got {k!r}", field="k")
     fire = _activations(reads, sae, "train.fire")
@@ -142,29 +150,65 @@ def rank_features(
     if allowed >= quiet.shape[0]:
         raise InvalidArgumentError("the target allows every quiet prompt", field="target_fpr")
     thresholds = quiet.sort(0, descending=True).values[allowed]  # (features,)
-    tpr = (fire > thresholds).double().mean(0)
+    fired = fire > thresholds
+    tpr = fired.double().mean(0)
     fpr = (quiet > thresholds).double().mean(0)
-    order = sorted(range(sae.num_features), key=lambda f: (-(tpr[f] - fpr[f]), fpr[f], f))
-    ranked = []
-    for f in order[:k]:
-        ranked.append(FeatureRank(f, float(thresholds[f]), float(tpr[f]), float(fpr[f])))
-    return ranked
+    worst = tpr.clone()
+    for mask in _form_masks(reads, "train.fire").values():
+        worst = torch.minimum(worst, fired[mask].double().mean(0))
+    order = sorted(range(sae.num_features), key=lambda f: (-(worst[f] - fpr[f]), fpr[f], f))
+    return [
+        FeatureRank(f, float(thresholds[f]), float(tpr[f]), float(fpr[f]), float(worst[f]))
+        for f in order[:k]
+    ]
+
+
+def form_rates(
+    reads: PromptReads, scores: GateScores, threshold: float, split: str = "validation"
+) -> dict[str, tuple[float, float]]:
+    """{form: (TPR, FPR)} of the gate at ``threshold`` on ``split``'s prompts of each form
+    (``reads.forms``; NaN where a form has no prompt on a side); empty without forms."""
+    rates: dict[str, list[float]] = {}
+    for side in ("fire", "quiet"):
+        fires = torch.tensor(scores.fires(f"{split}.{side}", threshold), dtype=torch.float64)
+        for form, mask in _form_masks(reads, f"{split}.{side}").items():
+            rates.setdefault(form, [math.nan, math.nan])[side == "quiet"] = float(
+                fires[mask].mean()
+            )
+    return {form: (pair[0], pair[1]) for form, pair in sorted(rates.items())}
+
+
+def _form_masks(reads: PromptReads, key: str) -> dict[str, torch.Tensor]:
+    """{form: the mask of ``key``'s prompts in it}; none without forms or with only one."""
+    labels = reads.forms.get(key, ())
+    if len(set(labels)) < 2:
+        return {}
+    return {form: torch.tensor([label == form for label in labels]) for form in set(labels)}
 
 
 @dataclass(frozen=True)
 class FeatureGateChoice:
-    """The kept feature gate (``feature`` at ``calibration``) and every candidate's."""
+    """The kept feature gate (``feature`` at ``calibration``) and every candidate's, with each
+    candidate's validation rates by prompt form (``forms``: feature -> {form: (TPR, FPR)})."""
 
     feature: int
     calibration: GateCalibration
     candidates: tuple[tuple[int, GateCalibration], ...]
+    forms: dict[int, dict[str, tuple[float, float]]] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
+        def by_form(feature: int) -> dict[str, Any]:
+            rates = {  # JSON has no NaN: a side without prompts of a form is null
+                form: [None if math.isnan(rate) else rate for rate in pair]
+                for form, pair in self.forms.get(feature, {}).items()
+            }
+            return {"validation_by_form": rates} if rates else {}
+
         return {
             "condition": "feature",
             "feature": self.feature,
-            "kept": asdict(self.calibration),
-            "candidates": [{"feature": f, **asdict(c)} for f, c in self.candidates],
+            "kept": {**asdict(self.calibration), **by_form(self.feature)},
+            "candidates": [{"feature": f, **asdict(c), **by_form(f)} for f, c in self.candidates],
         }
 
 
@@ -178,21 +222,27 @@ def choose_feature_gate(
 ) -> FeatureGateChoice:
     """A gate on one feature of ``sae``: each of ``features`` (default: the ``k`` best by
     :func:`rank_features`, train only) calibrated on train at ``target_fpr``; kept, the one
-    whose validation TPR - FPR is highest (then the lower FPR; then the earlier candidate)."""
+    whose validation TPR - FPR is highest, the TPR of its worst prompt form (then the lower
+    FPR; then the earlier candidate)."""
     candidates = list(features) or [
         rank.feature for rank in rank_features(reads, sae, target_fpr=target_fpr, k=k)
     ]
-    calibrated = tuple(
-        (feature, feature_scores(reads, sae, feature).calibrate(target_fpr))
-        for feature in candidates
-    )
+    calibrated = []
+    forms = {}
+    for feature in candidates:
+        scores = feature_scores(reads, sae, feature)
+        calibration = scores.calibrate(target_fpr)
+        calibrated.append((feature, calibration))
+        forms[feature] = form_rates(reads, scores, calibration.threshold)
 
     def separation(candidate: tuple[int, GateCalibration]) -> tuple[float, float]:
         rates = candidate[1].validation
-        return rates.true_positive_rate - rates.false_positive_rate, -rates.false_positive_rate
+        by_form = [tpr for tpr, _fpr in forms[candidate[0]].values() if not math.isnan(tpr)]
+        worst = min([rates.true_positive_rate, *by_form])
+        return worst - rates.false_positive_rate, -rates.false_positive_rate
 
     feature, calibration = max(calibrated, key=separation)
-    return FeatureGateChoice(feature, calibration, calibrated)
+    return FeatureGateChoice(feature, calibration, tuple(calibrated), forms)
 
 
 def _activations(reads: PromptReads, sae: SparseAutoencoder, key: str) -> torch.Tensor:
