@@ -232,6 +232,15 @@ def test_ranking_and_choice_go_by_the_worst_prompt_form(tiny_llama: ModelHandle)
     assert choose_feature_gate(pooled, sae, target_fpr=0.0, features=[PLANTED]).forms == {
         PLANTED: {}
     }
+    # ranked candidates are only features that separate at all: where fire and quiet prompts
+    # are the same, none does, and the choice says so instead of keeping a useless one
+    same = ContrastPrompts(fire=quiet, quiet=quiet)
+    alike = read_prompts(tiny_llama, ["hook_embed"], train=same, validation=same)
+    with pytest.raises(InvalidArgumentError) as raised:
+        choose_feature_gate(alike, sae, target_fpr=0.0)
+    assert raised.value.field == "sae"
+    top = choose_feature_gate(reads, sae, target_fpr=0.0, k=sae.num_features)
+    assert all(c.train.true_positive_rate > c.train.false_positive_rate for _, c in top.candidates)
 
 
 @pytest.mark.parametrize(

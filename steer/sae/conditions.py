@@ -221,12 +221,22 @@ def choose_feature_gate(
     k: int = 20,
 ) -> FeatureGateChoice:
     """A gate on one feature of ``sae``: each of ``features`` (default: the ``k`` best by
-    :func:`rank_features`, train only) calibrated on train at ``target_fpr``; kept, the one
+    :func:`rank_features`, train only, those that separate the train prompts at all)
+    calibrated on train at ``target_fpr``; kept, the one
     whose validation TPR - FPR is highest, the TPR of its worst prompt form (then the lower
     FPR; then the earlier candidate)."""
     candidates = list(features) or [
-        rank.feature for rank in rank_features(reads, sae, target_fpr=target_fpr, k=k)
+        rank.feature
+        for rank in rank_features(reads, sae, target_fpr=target_fpr, k=k)
+        if rank.worst_form_rate > rank.false_positive_rate  # one that separates at all
     ]
+    if not candidates:
+        raise InvalidArgumentError(
+            f"no feature of the SAE fires on more of the train prompts it should fire on than "
+            f"of those it should not, in every prompt form, at a false-positive rate <= "
+            f"{target_fpr:g}",
+            field="sae",
+        )
     calibrated = []
     forms = {}
     for feature in candidates:
