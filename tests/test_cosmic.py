@@ -1,6 +1,8 @@
-"""COSMIC direction scoring (steer.directions.cosmic) on a tiny real model: the layers it reads
-are the least similar ones, a candidate's score is the two cosine similarities the forward
-passes give, and the sets' own mean-difference direction scores above random ones."""
+"""COSMIC direction scoring (steer.directions.cosmic) on a tiny real model.
+
+The layers it reads are the least similar ones, a candidate's score is the two cosine
+similarities the forward passes give, and the sets' own mean-difference direction scores above
+random ones."""
 
 from __future__ import annotations
 
