@@ -5,8 +5,16 @@ and position; bypass score on validation, then KL / induce in bypass order), sco
 single-layer candidate by COSMIC (steer.directions.cosmic: at the layers where the validation
 sets' means are least alike, how far ablating it makes the positive prompts' mean look like the
 negative ones', and adding it the reverse), and checks KL in COSMIC order until one passes the
-recipe's KL threshold, as the search does in bypass order. Prints one JSON line with both
-choices and writes the section of docs/results.md. Validation only: no test split is read.
+recipe's KL threshold, as the search does in bypass order. Then both choices are measured by
+something neither selection used: greedy replies to the validation prompts with the direction
+ablated, the refusal phrase matcher over their first 16 and 64 tokens, and first-token and
+32-token KL on the harmless validation prompts. Prints one JSON line and writes the section of
+docs/results.md. Validation only: no test split is read.
+
+COSMIC as implemented here differs from the paper's code in three named ways: it reads the
+block inputs (``hook_resid_pre``) of the least-alike layers rather than the layer outputs, it
+averages per-layer cosine similarities rather than the cosine of the layers' averaged means, and
+it reads the recipe's positions (-1 and -2) rather than the last token only.
 
     python scripts/cosmic_refusal.py --recipe recipes/refusal.toml
 """
@@ -45,10 +53,11 @@ def _row(candidate: Candidate, cosmic: dict[str, float], chosen_by: str) -> dict
     def figure(value: float) -> float | str:
         return "-" if math.isnan(value) else round(value, 5)
 
+    score = cosmic.get(candidate.label, math.nan)
     return {
         "chosen by": chosen_by,
         "candidate": candidate.label,
-        "COSMIC score": figure(cosmic.get(candidate.label, math.nan)),
+        "COSMIC score": "-" if math.isnan(score) else f"{score:.4f}",
         "bypass": figure(candidate.bypass),
         "KL": figure(candidate.kl),
         "induce": figure(candidate.induce),
@@ -97,6 +106,8 @@ def main() -> int:
         _row(result.selected, cosmic, "bypass (steer's search)"),
         _row(chosen, cosmic, "COSMIC"),
     ]
+    choices = {"unedited": None, "bypass (steer's search)": result.selected, "COSMIC": chosen}
+    replies = timed(seconds, "replies", lambda: _replies(handle, recipe, choices))
     ranked = sorted(single, key=lambda c: -cosmic[c.label])[:5]
     record = {
         "script": "cosmic_refusal",
@@ -108,6 +119,7 @@ def main() -> int:
         "kl_threshold": recipe.search.kl_threshold,
         "rows": rows,
         "top_by_cosmic": [_row(c, cosmic, "") for c in ranked],
+        "replies": replies,
         "same_choice": chosen.label == result.selected.label,
         **run_facts(seconds, load_before),
     }
@@ -130,6 +142,14 @@ is better); "-": not checked.
 
 {table(rows, columns)}
 
+Measured by neither score: greedy replies to the {replies[0]["n"].split(" / ")[0]} positive
+validation prompts (all of them, refused or not) with the candidate ablated, the refusal phrase
+matcher over the first 16 and 64 tokens with Wilson 95% intervals, and KL on the
+{replies[0]["n"].split(" / ")[1]} negative validation prompts (first token / over the base
+model's first 32 greedy tokens):
+
+{table(replies, ["edit", "rate @16", "rate @64", "first-token KL", "multi-token KL"])}
+
 The five best by COSMIC:
 
 {table([_row(c, cosmic, "") for c in ranked], columns[1:])}
@@ -137,6 +157,36 @@ The five best by COSMIC:
 {run_footer(record, command)}"""
     write_section("results.md", args.section, markdown)
     return 0
+
+
+def _replies(handle: Any, recipe: Any, edits: dict[str, Candidate | None]) -> list[dict[str, Any]]:
+    """A row per edit: refusal rates of greedy replies to the positive validation prompts and
+    KL on the negative ones (the recipe's validation split, capped as the search caps it)."""
+    from report import rate_evaluator, rate_row
+
+    from steer.directions.data import contrast_splits
+    from steer.directions.evaluate import MATCHERS
+
+    cap = recipe.data.max_validation
+    splits = contrast_splits(recipe)
+    positive, negative = (
+        list(splits[side].validation)[: cap or None] for side in ("positive", "negative")
+    )
+    evaluate = rate_evaluator(
+        handle,
+        positive,
+        negative,
+        matcher=MATCHERS["refusal"],
+        lengths=(16, 64),
+        kl_tokens=32,
+        batch_size=recipe.search.batch_size,
+    )
+    rows = []
+    for name, candidate in edits.items():
+        report = evaluate(() if candidate is None else (candidate.ablation(),))
+        label = name if candidate is None else f"{name}: {candidate.label}"
+        rows.append(rate_row(label, report, len(negative)))
+    return rows
 
 
 def _cosmic_choice(
