@@ -25,6 +25,7 @@ import argparse
 import math
 import os
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -207,17 +208,10 @@ def _cosmic_choice(
 
     def check() -> Candidate:
         for candidate in order[: options.max_checks or 16]:
-            value = candidate.kl if not math.isnan(candidate.kl) else kl([candidate.ablation()])
-            candidate = Candidate(
-                candidate.layer,
-                candidate.position,
-                candidate.vector,
-                candidate.bypass,
-                candidate.induce,
-                value,
-            )
+            if math.isnan(candidate.kl):
+                candidate = replace(candidate, kl=kl([candidate.ablation()]))
             checked.append(candidate)
-            if value < options.kl_threshold:
+            if candidate.kl < options.kl_threshold:
                 return candidate
         return checked[0]
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from steer.activations import forward
-from steer.directions.search import Candidate
+from steer.directions.search import Candidate, collect
 from steer.errors import InvalidArgumentError
 from steer.interventions import Intervention
 from steer.models import ModelHandle
@@ -103,9 +103,10 @@ def cosmic_reference(
 ) -> CosmicReference:
     """The layers COSMIC reads (:func:`low_similarity_layers` of the unedited means over every
     layer) and the unedited means there."""
-    every = range(handle.num_layers)
-    positive = _means(handle, positive_prompts, every, positions, batch_size=batch_size)
-    negative = _means(handle, negative_prompts, every, positions, batch_size=batch_size)
+    positive, negative = (
+        collect(handle, prompts, positions, batch_size=batch_size)[0].double().mean(0)
+        for prompts in (positive_prompts, negative_prompts)
+    )
     layers = low_similarity_layers(positive, negative, fraction=fraction)
     return CosmicReference(
         positive_prompts,

@@ -177,13 +177,15 @@ class SliderCatalogue:
         ``build`` of its scaled recipe the first time, the same interventions (immutable)
         after that. A ``build`` that raises keeps nothing, so the next request sees the error
         again."""
-        recipe = slider.recipe_at(value, field=field)
-        if recipe is None:
+        value = slider.checked(value, field=field)
+        if value == 0.0:
             return []
         key = (slider.name, value)
         with self._lock:
             kept = self._built.get(handle, {}).get(key)
-        if kept is None:
+        if kept is None:  # scaled only when built: a request it keeps does no recipe work
+            recipe = slider.recipe_at(value, field=field)
+            assert recipe is not None
             kept = build(recipe)
             with self._lock:
                 built = self._built.setdefault(handle, {})
