@@ -59,30 +59,12 @@ def gated_ablation_recipe(
         if handle is None:
             raise InvalidArgumentError("saving a condition vector needs the model", field="handle")
         condition = save_vector(out / "condition", condition, handle=handle)
-    hook: str | tuple[str, ...]
-    if isinstance(condition, SaeFeature):
-        hook, artifact = "", ""
-        sae, feature = str(condition.path.resolve()), condition.feature
-    else:
-        hook, artifact = calibration.hook, str(Path(condition).resolve())
-        sae, feature = None, None
-    gate = EditGate(
-        hook=hook,
-        direction=artifact,
-        sae=sae,
-        feature=feature,
-        threshold=calibration.threshold,
-        below=calibration.below,
-        scope=GateScope.REPLY if calibration.reply_tokens else GateScope.PROMPT,
-        weights=calibration.weights,
-        reply_tokens=calibration.reply_tokens or None,
-        reply_aggregate=calibration.reply_aggregate if calibration.reply_tokens else None,
-    )
+    gate = _edit_gate(condition, calibration)
     description = _gated_description(calibration, len(_paths(direction)), push, new_source)
-    if feature is not None:
+    if gate.feature is not None:
         description += (
-            f" The gate reads feature {feature} of the SAE at {sae} (its activation at "
-            f"{calibration.hook})."
+            f" The gate reads feature {gate.feature} of the SAE at {gate.sae} (its activation "
+            f"at {calibration.hook})."
         )
     if each_set:
         description += (
@@ -101,6 +83,30 @@ def gated_ablation_recipe(
     path = out / "gated.toml"
     path.write_text(recipe_to_toml(recipe))
     return path
+
+
+def _edit_gate(condition: Path | SaeFeature, calibration: GateCalibration) -> EditGate:
+    """The recipe gate of a calibrated condition: a saved direction's projection at the
+    calibrated hook(s), or an SAE feature's activation at the SAE's hook."""
+    hook: str | tuple[str, ...]
+    if isinstance(condition, SaeFeature):
+        hook, artifact = "", ""
+        sae, feature = str(condition.path.resolve()), condition.feature
+    else:
+        hook, artifact = calibration.hook, str(Path(condition).resolve())
+        sae, feature = None, None
+    return EditGate(
+        hook=hook,
+        direction=artifact,
+        sae=sae,
+        feature=feature,
+        threshold=calibration.threshold,
+        below=calibration.below,
+        scope=GateScope.REPLY if calibration.reply_tokens else GateScope.PROMPT,
+        weights=calibration.weights,
+        reply_tokens=calibration.reply_tokens or None,
+        reply_aggregate=calibration.reply_aggregate if calibration.reply_tokens else None,
+    )
 
 
 def _gated_description(
