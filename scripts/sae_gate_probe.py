@@ -45,8 +45,9 @@ from report import command_line, emit, run_facts, run_footer, table, timed, writ
 from steer.calibration import GateScores, PromptReads
 from steer.directions.gating import gate_reads
 from steer.directions.recipe import load_direction_recipe
+from steer.discriminant import FOLDS
 from steer.models import load_model
-from steer.sae.conditions import choose_feature_gate, feature_scores, form_rates
+from steer.sae.conditions import choose_feature_gate, feature_scores, form_rates, rank_features
 from steer.sae.loading import SparseAutoencoder, load_sae
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -62,6 +63,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--target-fpr", type=float, default=0.05)
     parser.add_argument("--l2", default="0.01,0.001", help="L2 strengths of the probes")
     parser.add_argument("--top-features", type=int, default=20)
+    parser.add_argument("--any-of", type=int, default=8, help="features ranked for the OR")
     parser.add_argument("--section", default="sae-probe", help="docs/results.md section")
     return parser
 
@@ -165,6 +167,7 @@ def conditions(
             target,
         )
     )
+    rows.append(any_of(reads, sae, target, args.any_of))
     codes = mapped(reads, hook, sae.encode)
     for l2 in strengths:
         fitted(f"logistic probe, SAE codes, L2 {l2:g}", codes, probe(l2))
@@ -173,6 +176,43 @@ def conditions(
     error = mapped(reads, hook, lambda rows: rows - sae.decode(sae.encode(rows)))
     fitted("discriminant, SAE error", error, discriminant)
     return rows
+
+
+def split_with_forms(reads: PromptReads) -> tuple[PromptReads, PromptReads]:
+    """:meth:`PromptReads.split_train`, each part keeping its own train prompts' forms."""
+    fit, held = reads.split_train()
+    fit_forms, held_forms = dict(reads.forms), dict(reads.forms)
+    for key in ("train.fire", "train.quiet"):
+        labels = reads.forms.get(key, ())
+        fit_forms[key] = tuple(f for i, f in enumerate(labels) if i % FOLDS != 0)
+        held_forms[key] = tuple(f for i, f in enumerate(labels) if i % FOLDS == 0)
+    return replace(fit, forms=fit_forms), replace(held, forms=held_forms)
+
+
+def any_of(reads: PromptReads, sae: SparseAutoencoder, target: float, count: int) -> dict[str, Any]:
+    """The row of an OR of features: the ``count`` best by :func:`rank_features` on three
+    quarters of the train prompts (those that separate at all); each feature's activation
+    turned into the share of those quarters' quiet prompts it is above (so the features share
+    one scale: a smallest p-value), the OR's score the largest share over them; that score's
+    threshold calibrated on the fourth quarter as every fitted condition's is."""
+    hook = sae.hook_name
+    fit, held = split_with_forms(reads)
+    ranks = rank_features(fit, sae, target_fpr=target, k=count)
+    features = [rank.feature for rank in ranks if rank.worst_form_rate > rank.false_positive_rate]
+    with torch.no_grad():
+        quiet = sae.encode(fit.read["train.quiet"][hook])[:, features].float()
+    ordered = quiet.T.sort(-1).values.contiguous()  # (features, quiet prompts)
+
+    def score(rows: torch.Tensor) -> list[float]:
+        with torch.no_grad():
+            active = sae.encode(rows)[:, features].float().T.contiguous()
+        below = torch.searchsorted(ordered, active)  # quiet prompts strictly below each value
+        return (below.float() / ordered.shape[1]).amax(0).tolist()
+
+    store = {key: score(by_hook[hook]) for key, by_hook in held.read.items()}
+    scores = GateScores(hook, False, store, quiet_sets=held.quiet_sets.get("train.quiet", ()))
+    name = f"OR of {len(features)} features ({', '.join(map(str, features))})"
+    return _row(name, held, scores, target)
 
 
 def main() -> int:
