@@ -1,4 +1,4 @@
-"""Linear probes on an SAE's codes as a gate's condition, beside the residual discriminant.
+"""SAE codes (a probe, an OR of features) as a gate's condition, beside the discriminant.
 
     python scripts/sae_gate_probe.py --sae SAE [--recipe recipes/moralizing-gate.toml]
 
@@ -13,6 +13,9 @@ gate on each of these conditions at the same false-positive target:
   the two sides weighted equally (a second linear read of the same numbers, for scale);
 * ``best single feature``: ``choose_feature_gate``'s pick (worst-form ranking on train, the
   choice on validation);
+* ``OR of features``: the ``--any-of`` best by ``rank_features`` on the fitting prompts, each
+  activation put on one scale (the share of those prompts' quiet side it is above), the gate
+  firing where the largest share passes its threshold;
 * ``logistic probe on the SAE codes``: the same regression on the SAE's feature activations
   (each feature divided by its train spread), at each L2 strength of ``--l2``;
 * ``discriminant on the reconstruction`` and ``on the SAE's error``: Fisher's discriminant on
