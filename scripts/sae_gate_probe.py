@@ -48,7 +48,6 @@ from report import command_line, emit, run_facts, run_footer, table, timed, writ
 from steer.calibration import GateScores, PromptReads
 from steer.directions.gating import gate_reads
 from steer.directions.recipe import load_direction_recipe
-from steer.discriminant import FOLDS
 from steer.models import load_model
 from steer.sae.conditions import choose_feature_gate, feature_scores, form_rates, rank_features
 from steer.sae.loading import SparseAutoencoder, load_sae
@@ -181,17 +180,6 @@ def conditions(
     return rows
 
 
-def split_with_forms(reads: PromptReads) -> tuple[PromptReads, PromptReads]:
-    """:meth:`PromptReads.split_train`, each part keeping its own train prompts' forms."""
-    fit, held = reads.split_train()
-    fit_forms, held_forms = dict(reads.forms), dict(reads.forms)
-    for key in ("train.fire", "train.quiet"):
-        labels = reads.forms.get(key, ())
-        fit_forms[key] = tuple(f for i, f in enumerate(labels) if i % FOLDS != 0)
-        held_forms[key] = tuple(f for i, f in enumerate(labels) if i % FOLDS == 0)
-    return replace(fit, forms=fit_forms), replace(held, forms=held_forms)
-
-
 def any_of(reads: PromptReads, sae: SparseAutoencoder, target: float, count: int) -> dict[str, Any]:
     """The row of an OR of features: the ``count`` best by :func:`rank_features` on three
     quarters of the train prompts (those that separate at all); each feature's activation
@@ -199,7 +187,7 @@ def any_of(reads: PromptReads, sae: SparseAutoencoder, target: float, count: int
     one scale: a smallest p-value), the OR's score the largest share over them; that score's
     threshold calibrated on the fourth quarter as every fitted condition's is."""
     hook = sae.hook_name
-    fit, held = split_with_forms(reads)
+    fit, held = reads.split_train()
     ranks = rank_features(fit, sae, target_fpr=target, k=count)
     features = [rank.feature for rank in ranks if rank.worst_form_rate > rank.false_positive_rate]
     with torch.no_grad():

@@ -284,9 +284,12 @@ class PromptReads:
 
     def split_train(self) -> tuple[PromptReads, PromptReads]:
         """These reads with the train prompts split in two: every :data:`FOLDS`-th prompt of
-        each side in the second, the rest in the first (validation in both)."""
-        fit, held = dict(self.read), dict(self.read)
-        fit_sets, held_sets = dict(self.quiet_sets), dict(self.quiet_sets)
+        each side in the second, the rest in the first (validation in both); each prompt's quiet
+        set and form go with it."""
+        reads = (dict(self.read), dict(self.read))  # the fit part's, the held part's
+        labels = tuple(
+            {"quiet_sets": dict(self.quiet_sets), "forms": dict(self.forms)} for _ in reads
+        )
         for key in ("train.fire", "train.quiet"):
             by_hook = self.read[key]
             count = len(next(iter(by_hook.values())))
@@ -295,15 +298,17 @@ class PromptReads:
                     f"needs at least {2 * FOLDS} train prompts on each side", field="train"
                 )
             keep = torch.arange(count) % FOLDS != 0
-            fit[key] = {hook: rows[keep] for hook, rows in by_hook.items()}
-            held[key] = {hook: rows[~keep] for hook, rows in by_hook.items()}
-            if key in self.quiet_sets:
-                sets = self.quiet_sets[key]
-                fit_sets[key] = tuple(n for n, k in zip(sets, keep.tolist(), strict=True) if k)
-                held_sets[key] = tuple(n for n, k in zip(sets, keep.tolist(), strict=True) if not k)
-        return replace(self, read=fit, quiet_sets=fit_sets), replace(
-            self, read=held, quiet_sets=held_sets
+            for read, named, kept in zip(reads, labels, (keep, ~keep), strict=True):
+                read[key] = {hook: rows[kept] for hook, rows in by_hook.items()}
+                for by_key in named.values():
+                    if key in by_key:
+                        flags = kept.tolist()
+                        by_key[key] = tuple(v for v, k in zip(by_key[key], flags, strict=True) if k)
+        fit, held = (
+            replace(self, read=read, quiet_sets=named["quiet_sets"], forms=named["forms"])
+            for read, named in zip(reads, labels, strict=True)
         )
+        return fit, held
 
     def condition(self, *, discriminant: bool = False) -> SteeringVector:
         """A condition direction of its own from the train reads (CAST's condition vector): at

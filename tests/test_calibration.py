@@ -445,19 +445,22 @@ def test_the_quiet_sets_follow_their_prompts_into_the_discriminant_split(
     tiny_llama: ModelHandle,
 ) -> None:
     """PromptReads.quiet_sets reach every GateScores, and split_train (the discriminant's fit
-    and calibration quarters) takes each quiet prompt's set with it."""
+    and calibration quarters) takes each quiet prompt's set and each prompt's form with it."""
     train, validation, _ = _splits(tiny_llama, 32)
     reads = read_prompts(tiny_llama, [HOOK], train=train, validation=validation)
     quiet = len(train.quiet)
     names = tuple(f"set{i % 3}" for i in range(quiet))
     sets = {"train.quiet": names, "validation.quiet": ("v",) * len(validation.quiet)}
-    reads = replace(reads, quiet_sets=sets)
+    shapes = tuple(("message", "scene")[i % 2] for i in range(len(train.fire)))
+    reads = replace(reads, quiet_sets=sets, forms={"train.fire": shapes})
     [score] = reads.scores(_direction(tiny_llama))
     assert score.quiet_sets == names
     fit, held = reads.split_train()
     folds = steer.calibration.FOLDS
     assert held.quiet_sets["train.quiet"] == names[::folds]
     assert fit.quiet_sets["train.quiet"] == tuple(n for i, n in enumerate(names) if i % folds)
+    assert held.forms["train.fire"] == shapes[::folds]
+    assert fit.forms["train.fire"] == tuple(f for i, f in enumerate(shapes) if i % folds)
     _, [discriminant] = reads.gate("discriminant", _direction(tiny_llama))
     assert discriminant.quiet_sets == names[::folds]
     assert len(discriminant.read["train.quiet"]) == len(names[::folds])
