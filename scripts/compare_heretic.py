@@ -41,6 +41,7 @@ import argparse
 import csv
 import json
 import os
+import statistics
 import subprocess
 import sys
 import threading
@@ -71,6 +72,7 @@ from steer.directions.data import RECIPES_DIR
 from steer.directions.evaluate import RateReport, is_refusal
 from steer.directions.recipe import load_direction_recipe
 from steer.models import ModelHandle, load_model
+from steer.recipes import load_edit_recipe, recipe_to_toml
 
 HERETIC = "heretic-llm==1.4.0"
 DRIVER = Path(__file__).resolve().parent / "heretic_driver.py"
@@ -498,6 +500,22 @@ def _trials(record: dict[str, Any]) -> str:
     return f"{text}, the first {startup} random start-up trials, then TPE"
 
 
+def _heretic_times(record: dict[str, Any]) -> str:
+    """Where heretic's time went, as its study recorded it ('' for a study without times)."""
+    trials = record.get("heretic_trial_seconds")
+    if not trials:
+        return ""
+    ordered = sorted(trials)
+    text = (
+        f" heretic's {len(trials)} trials took {sum(trials):.0f} s together (median "
+        f"{statistics.median(ordered):.0f} s, {ordered[0]:.0f}-{ordered[-1]:.0f} s)"
+    )
+    setup = record.get("heretic_setup_seconds")
+    if setup is not None:
+        text += f"; {setup:.0f} s passed before its first trial (loading, refusal directions)"
+    return text + "."
+
+
 def markdown(record: dict[str, Any], rows: Sequence[dict[str, Any]], command: str) -> str:
     rates = [f"rate @{tokens}" for tokens in record["lengths"]]
     columns = ["model", *rates, "first-token KL", "multi-token KL", "n"]
@@ -531,7 +549,7 @@ def markdown(record: dict[str, Any], rows: Sequence[dict[str, Any]], command: st
             "",
             f"![refusals against KL, both fronts]({Path(record['plot']).name})",
             "",
-            f"Wall times on {record['machine']}: {times}.",
+            f"Wall times on {record['machine']}: {times}.{_heretic_times(record)}",
             "",
             *command_block(command),
         ]
@@ -574,15 +592,32 @@ def steer_gate(model: str, recipe: str, out: Path) -> tuple[Path, dict[str, Any]
     return Path(report["recipe"]), report
 
 
+def ungated_copy(recipe: Path) -> Path:
+    """The gated recipe's edits acting everywhere (what ``steer bake --ungated`` bakes), as
+    RECIPE's sibling ``always.toml``."""
+    path = recipe.with_name("always.toml")
+    path.write_text(recipe_to_toml(load_edit_recipe(recipe).ungated()))
+    return path
+
+
 def heretic_run(work: Path, manifest: dict[str, Any]) -> dict[str, Any]:
     """heretic's wall seconds and whether it was stopped early, as its run in WORK recorded
-    them. A run stopped from outside (no seconds recorded) counts from its start to its last
-    completed trial."""
+    them, with the seconds before its first trial started (model load, refusal directions) and
+    each completed trial's seconds, as its study recorded them. A run stopped from outside (no
+    seconds recorded) counts from its start to its last completed trial."""
     path = work / "heretic-run.json"
     run: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {}
     if "seconds" not in run and "started" in run:
         run |= {"seconds": manifest["last_complete"] - run["started"], "stopped": True}
-    return {"seconds": run.get("seconds"), "stopped": run.get("stopped", False)}
+    setup = None
+    if "started" in run and "first_start" in manifest:
+        setup = manifest["first_start"] - run["started"]
+    return {
+        "seconds": run.get("seconds"),
+        "stopped": run.get("stopped", False),
+        "setup_seconds": setup,
+        "trial_seconds": manifest.get("trial_seconds"),
+    }
 
 
 def main() -> int:
@@ -597,7 +632,7 @@ def main() -> int:
         made, _report = timed(
             seconds, "steer", lambda: steer_gate(args.model, args.recipe, work / "steer")
         )
-        args.steer.append(("gated", str(made)))
+        args.steer += [("always on", str(ungated_copy(made))), ("gated", str(made))]
         args.steer_seconds = seconds["steer"]
     timed(seconds, "venv", lambda: ensure_venv(Path(args.venv)))
     journal = run_heretic(args, handle, splits, work, seconds)
@@ -618,6 +653,8 @@ def main() -> int:
         "completed_trials": manifest["completed_trials"],
         "heretic_seconds": run["seconds"],
         "heretic_stopped": run["stopped"],
+        "heretic_setup_seconds": run["setup_seconds"],
+        "heretic_trial_seconds": run["trial_seconds"],
         "steer_seconds": args.steer_seconds,
         "steer_made_here": args.make_steer,
         "exported": [

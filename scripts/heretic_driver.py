@@ -14,8 +14,10 @@ direction when the settings say so, as ``run()`` does), then per trial ``reset_m
 worth of work each) and records the refusals and KL it measures beside the study's.
 
 It writes ``OUT/trial-N`` (N: heretic's trial index) with a ``heretic-trial.json`` beside the
-weights, and ``OUT/heretic-trials.json`` listing them; the last line of stdout is that list as
-one JSON line. Run offline (HF_HUB_OFFLINE=1), from a directory without a config.toml:
+weights, and ``OUT/heretic-trials.json`` listing them, with the study's times (when its first
+trial started, when its last completed, each completed trial's seconds); the last line of
+stdout is that list as one JSON line. Run offline (HF_HUB_OFFLINE=1), from a directory without
+a config.toml:
 
     /tmp/hvenv/bin/python scripts/heretic_driver.py --study WORK/checkpoints/X.jsonl --out WORK
 """
@@ -144,7 +146,11 @@ def export(study_path: Path, out: Path, verify: bool) -> list[dict[str, Any]]:
         "study": str(study_path),
         "settings": json.loads(settings.model_dump_json()),
         "completed_trials": len(completed),
+        "first_start": min(t.datetime_start.timestamp() for t in completed),
         "last_complete": max(t.datetime_complete.timestamp() for t in completed),
+        "trial_seconds": [
+            round((t.datetime_complete - t.datetime_start).total_seconds(), 1) for t in completed
+        ],
     }
     manifest = {**summary, "trials": records}
     (out / "heretic-trials.json").write_text(json.dumps(manifest, indent=2) + "\n")
