@@ -7,8 +7,9 @@ from dataclasses import replace
 import pytest
 import torch
 
-from steer.calibration import PromptReads, summed_scores
+from steer.calibration import CONDITIONS, PromptReads, summed_scores
 from steer.directions.gate_styles import (
+    _fold,
     held_out_styles,
     new_source_levels,
     new_source_rates,
@@ -65,6 +66,26 @@ def test_style_labels_are_checked(tiny_llama: ModelHandle) -> None:
         with pytest.raises(InvalidArgumentError) as raised:
             held_out_styles(reads, bad, "direction", axis)
         assert raised.value.field == field
+
+
+def test_folds_carry_each_prompts_form_and_quiet_set(tiny_llama: ModelHandle) -> None:
+    """gate_reads labels every prompt's form (for every recipe) and each quiet prompt's set; a
+    fold takes each label with its prompt, so the held-out rates are those of the same reads
+    unlabelled, for every condition (the discriminant splits its train part with the labels:
+    misaligned ones raised there)."""
+    reads, labels, axis = _reads(tiny_llama)
+    forms = {key: tuple(styles) for key, styles in labels.items()}
+    sets = {key: forms[key] for key in ("train.quiet", "validation.quiet")}
+    labelled = replace(reads, forms=forms, quiet_sets=sets)
+    for condition in CONDITIONS:
+        expected = held_out_styles(reads, labels, condition, axis, target_fpr=0.02)
+        assert held_out_styles(labelled, labels, condition, axis, target_fpr=0.02) == expected
+    held = {key: torch.tensor([style == "b" for style in styles]) for key, styles in labels.items()}
+    fold = _fold(labelled, held)
+    for key, rows in fold.read.items():
+        assert len(fold.forms[key]) == len(rows[HOOK])
+        assert set(fold.forms[key]) == ({"b"} if key.startswith("validation") else {"", "a"})
+    assert fold.quiet_sets == {key: fold.forms[key] for key in sets}
 
 
 def test_the_summed_gate_held_out_is_fitted_on_the_fold_alone(tiny_llama: ModelHandle) -> None:
