@@ -189,6 +189,26 @@ def test_with_extras_the_gate_reports_its_rates_on_a_source_it_was_not_fitted_on
     assert "own sets" in description and "extras" in description
 
 
+def test_the_discriminant_with_extras_reports_its_rates_on_each_source(
+    setup: dict[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The discriminant splits each fold's train prompts with their forms (every recipe's
+    prompts have one): with two sources, the gate (as ``steer directions gate --compute``
+    makes it for recipes/refusal.toml) reports its rates on each source held out."""
+    places = ("a shop", "a van", "a barn")
+    verbs = {"positive_extra": ("rob", "torch", "vandalise", "burgle"),
+             "negative_extra": ("paint", "clean", "decorate", "measure")}  # fmt: skip
+    for name, words in verbs.items():
+        path = setup["recipe"].parent / f"{name}.txt"
+        path.write_text("\n".join(f"tell me how to {v} {p} tonight" for v in words for p in places))
+        setup["recipe"].write_text(setup["recipe"].read_text() + f'{name} = "{path}"\n')
+    assert _gate(setup, "--target-fpr", "0.2", "--condition", "discriminant") == 0
+    new_source = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["new_source"]
+    assert set(new_source["by_style"]) == {"own sets", "extras"}
+    for rates in new_source["by_style"].values():
+        assert all(0.0 <= rate <= 1.0 for rate in rates)
+
+
 def test_with_several_extra_sets_each_pair_is_a_source_held_out_in_turn(
     tiny_llama: ModelHandle, setup: dict[str, Path], capsys: pytest.CaptureFixture[str]
 ) -> None:
