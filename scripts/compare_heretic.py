@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import itertools
 import json
 import os
 import statistics
@@ -152,6 +153,12 @@ def _parser() -> argparse.ArgumentParser:
         "evaluate it as 'steer gated' (its seconds replace --steer-seconds)",
     )
     parser.add_argument("--no-docs", action="store_true", help="do not write docs/results.md")
+    parser.add_argument(
+        "--from-record",
+        metavar="FILE",
+        help="only write docs/results.md's section and the plot again from the JSON line a run "
+        "printed (FILE's last line); nothing is run",
+    )
     return parser
 
 
@@ -473,6 +480,8 @@ def _summary(record: dict[str, Any]) -> str:
     )
     wall, steer = record["heretic_seconds"], record["steer_seconds"]
     times = f"heretic {wall:.0f} s" if wall is not None else "heretic's time not measured"
+    if wall is not None and record["heretic_stopped"]:
+        times += f" (stopped there, after {record['completed_trials']} trials)"
     if steer is not None:
         how = "measured here" if record.get("steer_made_here") else "as given by --steer-seconds"
         times += f", steer {steer:.0f} s ({how})"
@@ -500,6 +509,19 @@ def _trials(record: dict[str, Any]) -> str:
     return f"{text}, the first {startup} random start-up trials, then TPE"
 
 
+def _load(record: dict[str, Any]) -> str:
+    if "load_average" not in record:
+        return ""
+    before, after = record["load_average"]
+    return f" (load average {before} before the run, {after} after heretic)"
+
+
+def _steer_maker(record: dict[str, Any]) -> str:
+    if record.get("steer_made_here"):
+        return f"made here by `steer directions gate --compute {' '.join(MAKE_STEER_FLAGS)}`"
+    return "scripts/eval_gated.py"
+
+
 def _heretic_times(record: dict[str, Any]) -> str:
     """Where heretic's time went, as its study recorded it ('' for a study without times)."""
     trials = record.get("heretic_trial_seconds")
@@ -511,9 +533,21 @@ def _heretic_times(record: dict[str, Any]) -> str:
         f"{statistics.median(ordered):.0f} s, {ordered[0]:.0f}-{ordered[-1]:.0f} s)"
     )
     setup = record.get("heretic_setup_seconds")
-    if setup is not None:
-        text += f"; {setup:.0f} s passed before its first trial (loading, refusal directions)"
-    return text + "."
+    if setup is None:
+        return text + "."
+    text += f"; {setup:.0f} s passed before its first trial (loading, refusal directions)."
+    steer = record.get("steer_seconds")
+    if steer is not None:
+        done = sum(1 for end in itertools.accumulate(trials, initial=setup) if end <= steer) - 1
+        text += f" At steer's {steer:.0f} s heretic had completed {max(done, 0)} trials."
+    if record["heretic_stopped"]:
+        full = setup + record["trials"] * statistics.median(ordered)
+        text += (
+            f" Its {record['trials']} asked trials would take about {full:.0f} s at that "
+            f"median (an extrapolation, not measured)"
+        )
+        text += f", steer's {steer / full:.3f} of it." if steer is not None else "."
+    return text
 
 
 def markdown(record: dict[str, Any], rows: Sequence[dict[str, Any]], command: str) -> str:
@@ -536,7 +570,7 @@ def markdown(record: dict[str, Any], rows: Sequence[dict[str, Any]], command: st
             "otherwise heretic's defaults (100-token replies, its own refusal markers). "
             "Each trial on its Pareto front is saved as heretic saves a merged model. "
             f"steer's edits ({', '.join(steer) or 'none'}) were chosen on the same train and "
-            "validation splits (scripts/eval_gated.py). Every row is measured by steer's "
+            f"validation splits ({_steer_maker(record)}). Every row is measured by steer's "
             "evaluator (no system prompt) on the held-out test split, once "
             f"(n = {rows[0]['n']} harmful; greedy, refusal phrase matcher over each reply's "
             f"first {', '.join(str(n) for n in record['lengths'])} tokens with Wilson 95% "
@@ -549,7 +583,7 @@ def markdown(record: dict[str, Any], rows: Sequence[dict[str, Any]], command: st
             "",
             f"![refusals against KL, both fronts]({Path(record['plot']).name})",
             "",
-            f"Wall times on {record['machine']}: {times}.{_heretic_times(record)}",
+            f"Wall times on {record['machine']}{_load(record)}: {times}.{_heretic_times(record)}",
             "",
             *command_block(command),
         ]
@@ -622,7 +656,9 @@ def heretic_run(work: Path, manifest: dict[str, Any]) -> dict[str, Any]:
 
 def main() -> int:
     args = _parser().parse_args()
-    command = command_line()
+    if args.from_record:
+        return render(json.loads(Path(args.from_record).read_text().strip().splitlines()[-1]))
+    command, load_before = command_line(), os.getloadavg()[0]
     work = Path(args.work).resolve()  # heretic and the driver run with WORK as cwd
     work.mkdir(parents=True, exist_ok=True)
     seconds: dict[str, float] = {}
@@ -665,6 +701,7 @@ def main() -> int:
         "seconds": seconds,
         "machine": machine(),
     }
+    record["load_average"] = [round(load_before, 2), round(os.getloadavg()[0], 2)]  # after heretic
     if args.evaluate:
         cap = args.max_test or None
         test = (list(splits["positive"].test)[:cap], list(splits["negative"].test)[:cap])
@@ -674,9 +711,19 @@ def main() -> int:
         record["beats"] = beats(rows, max(args.lengths))
         plot = (DOCS if not args.no_docs else work) / "heretic-test.png"
         record["plot"] = str(write_plot(rows, args.lengths, plot))
+        record["command"] = command
         if not args.no_docs:
             write_section("results.md", "heretic", markdown(record, rows, command))
     emit(record)
+    return 0
+
+
+def render(record: dict[str, Any]) -> int:
+    """--from-record: the plot and docs/results.md's section from a run's JSON line."""
+    if "test" not in record or "command" not in record:
+        raise SystemExit("--from-record: the record has no test rows or no command (--evaluate)")
+    record["plot"] = str(write_plot(record["test"], record["lengths"], DOCS / "heretic-test.png"))
+    write_section("results.md", "heretic", markdown(record, record["test"], record["command"]))
     return 0
 
 
