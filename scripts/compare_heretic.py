@@ -27,7 +27,10 @@ script, in steer's environment, feeds it and measures what it made. Steps:
 
 Prints one JSON line: heretic's wall seconds and, per exported trial, its directory and
 heretic's own refusal count and KL (on the validation split); with --evaluate, the test rows.
---reuse exports (and evaluates) a study already in WORK/checkpoints instead of running heretic.
+--reuse exports (and evaluates) a study already in WORK/checkpoints instead of running heretic;
+--from-record FILE writes the docs section and plot again from such a JSON line, running nothing.
+The section says where heretic's time went (the seconds before its first trial, each trial's, as
+its study recorded them) and, for a run stopped at --time-limit, the asked run extrapolated.
 
     python scripts/compare_heretic.py --trials 50 --work out/heretic --evaluate
     python scripts/compare_heretic.py --model smollm2-135m-instruct --trials 2 --max-train 8 \\
