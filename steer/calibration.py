@@ -24,7 +24,7 @@ within-class covariance (Fisher's discriminant, its shrinkage cross-validated on
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -36,7 +36,7 @@ from steer.gates import Condition, check_reply_aggregate
 from steer.hooks import HookPoint
 from steer.models import ModelHandle
 from steer.passes import reply_windows
-from steer.text import encode_chat, encode_prompt
+from steer.text import encode_prompts
 from steer.vectors import SteeringVector
 
 __all__ = [
@@ -286,29 +286,37 @@ class PromptReads:
         """These reads with the train prompts split in two: every :data:`FOLDS`-th prompt of
         each side in the second, the rest in the first (validation in both); each prompt's quiet
         set and form go with it."""
-        reads = (dict(self.read), dict(self.read))  # the fit part's, the held part's
-        labels = tuple(
-            {"quiet_sets": dict(self.quiet_sets), "forms": dict(self.forms)} for _ in reads
-        )
+        keeps = {}
         for key in ("train.fire", "train.quiet"):
-            by_hook = self.read[key]
-            count = len(next(iter(by_hook.values())))
+            count = len(next(iter(self.read[key].values())))
             if count < 2 * FOLDS:
                 raise InvalidArgumentError(
                     f"needs at least {2 * FOLDS} train prompts on each side", field="train"
                 )
-            keep = torch.arange(count) % FOLDS != 0
-            for read, named, kept in zip(reads, labels, (keep, ~keep), strict=True):
-                read[key] = {hook: rows[kept] for hook, rows in by_hook.items()}
-                for by_key in named.values():
-                    if key in by_key:
-                        flags = kept.tolist()
-                        by_key[key] = tuple(v for v, k in zip(by_key[key], flags, strict=True) if k)
-        fit, held = (
-            replace(self, read=read, quiet_sets=named["quiet_sets"], forms=named["forms"])
-            for read, named in zip(reads, labels, strict=True)
+            keeps[key] = torch.arange(count) % FOLDS != 0
+        fit = self.regrouped({key: [(key, keep)] for key, keep in keeps.items()})
+        return fit, self.regrouped({key: [(key, ~keep)] for key, keep in keeps.items()})
+
+    def regrouped(self, parts: Mapping[str, Sequence[tuple[str, torch.Tensor]]]) -> PromptReads:
+        """These reads with each key of ``parts`` made anew from its (key, mask) parts: the
+        prompts each mask keeps, in order, each with its quiet set and form where all the
+        parts have them; the other keys as they are."""
+
+        def labels(old: Mapping[str, tuple[str, ...]]) -> dict[str, tuple[str, ...]]:
+            new = {key: names for key, names in old.items() if key not in parts}
+            for key, pieces in parts.items():
+                if all(name in old for name, _ in pieces):
+                    kept = [zip(old[name], mask.tolist(), strict=True) for name, mask in pieces]
+                    new[key] = tuple(label for pairs in kept for label, keep in pairs if keep)
+            return new
+
+        read = dict(self.read)
+        for key, pieces in parts.items():
+            rows = [(self.read[name], mask) for name, mask in pieces]
+            read[key] = {hook: torch.cat([r[hook][m] for r, m in rows]) for hook in rows[0][0]}
+        return replace(
+            self, read=read, quiet_sets=labels(self.quiet_sets), forms=labels(self.forms)
         )
-        return fit, held
 
     def condition(self, *, discriminant: bool = False) -> SteeringVector:
         """A condition direction of its own from the train reads (CAST's condition vector): at
@@ -359,7 +367,7 @@ def read_prompts(
     for name, split in splits.items():
         for side, prompts in (("fire", split.fire), ("quiet", split.quiet)):
             key = f"{name}.{side}"
-            ids = _encoded(handle, prompts, key, system)
+            ids = encode_prompts(handle, prompts, key, system)
             if reply_tokens:
                 read[key] = reply_windows(handle, ids, names, reply_tokens, batch_size)
                 continue
@@ -401,28 +409,6 @@ def contrast_condition(
     where the gate decides."""
     reads = read_prompts(handle, hooks, train=train, system=system, batch_size=batch_size)
     return reads.condition(discriminant=discriminant)
-
-
-def _encoded(
-    handle: ModelHandle, prompts: Sequence[Prompt], field: str, system: str | None
-) -> list[list[int]]:
-    if isinstance(prompts, str) or not prompts:
-        raise InvalidArgumentError("needs at least one prompt", field=field)
-    encoded = []
-    for index, prompt in enumerate(prompts):
-        if isinstance(prompt, str) and prompt:
-            encoded.append(encode_chat(handle, prompt, system))
-            continue
-        what = "expected a non-empty string or token ids within the vocabulary"
-        if isinstance(prompt, str) or not all(isinstance(i, int) for i in prompt):
-            raise InvalidArgumentError(what, field=f"{field}[{index}]")
-        try:  # the vocabulary and emptiness checks every prompt_ids request gets
-            encoded.append(encode_prompt(handle, prompt_ids=prompt))
-        except InvalidArgumentError as error:
-            raise InvalidArgumentError(
-                f"{what}: {error.message}", field=f"{field}[{index}]"
-            ) from None
-    return encoded
 
 
 def calibrate_gate(

@@ -7,7 +7,8 @@ stop strings and streamed text.
 
 * :func:`render_chat` -- a conversation as text, by the tokenizer's chat template;
 * :func:`encode_messages`, :func:`encode_chat` (one user turn), :func:`encode_text` (a raw
-  prompt) and :func:`encode_prompt` (exactly one of text, messages or checked ids);
+  prompt), :func:`encode_prompt` (exactly one of text, messages or checked ids) and
+  :func:`encode_prompts` (a list of messages or ids, each bad one named);
 * :func:`post_instruction_positions` -- the chat template's tokens after the user message;
 * :class:`TextStream` -- incremental detokenisation with stop strings.
 
@@ -112,6 +113,34 @@ def encode_prompt(
     if not ids:
         raise InvalidArgumentError("the prompt is empty", field="prompt")
     return ids
+
+
+def encode_prompts(
+    handle: ModelHandle,
+    prompts: Sequence[str | Sequence[int]],
+    field: str,
+    system: str | None = None,
+) -> list[list[int]]:
+    """Token ids of each of ``prompts``: a user message as a one-turn chat under ``system``,
+    or token ids checked as :func:`encode_prompt` checks them; a bad prompt is named as
+    ``field[index]``."""
+    if isinstance(prompts, str) or not prompts:
+        raise InvalidArgumentError("needs at least one prompt", field=field)
+    encoded = []
+    for index, prompt in enumerate(prompts):
+        if isinstance(prompt, str) and prompt:
+            encoded.append(encode_chat(handle, prompt, system))
+            continue
+        what = "expected a non-empty string or token ids within the vocabulary"
+        if isinstance(prompt, str) or not all(isinstance(i, int) for i in prompt):
+            raise InvalidArgumentError(what, field=f"{field}[{index}]")
+        try:  # the vocabulary and emptiness checks every prompt_ids request gets
+            encoded.append(encode_prompt(handle, prompt_ids=prompt))
+        except InvalidArgumentError as error:
+            raise InvalidArgumentError(
+                f"{what}: {error.message}", field=f"{field}[{index}]"
+            ) from None
+    return encoded
 
 
 def post_instruction_positions(handle: ModelHandle) -> tuple[int, ...]:

@@ -280,43 +280,12 @@ def _styles(reads: PromptReads, labels: Mapping[str, Sequence[str]]) -> list[str
 def _fold(reads: PromptReads, held: Mapping[str, torch.Tensor]) -> PromptReads:
     """``reads`` refolded: train, every train and validation prompt outside the held style;
     validation, the held style's prompts (each prompt's quiet set and form alike)."""
-    fold: dict[str, dict[str, torch.Tensor]] = {}
-    for side in ("fire", "quiet"):
-        parts = [
-            (reads.read[f"{split}.{side}"], held[f"{split}.{side}"])
-            for split in ("train", "validation")
-        ]
-        hooks = parts[0][0].keys()
-        fold[f"train.{side}"] = {
-            hook: torch.cat([rows[hook][~mask] for rows, mask in parts]) for hook in hooks
-        }
-        fold[f"validation.{side}"] = {
-            hook: torch.cat([rows[hook][mask] for rows, mask in parts]) for hook in hooks
-        }
-    return replace(
-        reads,
-        read=fold,
-        quiet_sets=_fold_labels(reads.quiet_sets, held),
-        forms=_fold_labels(reads.forms, held),
-    )
-
-
-def _fold_labels(
-    labels: Mapping[str, tuple[str, ...]], held: Mapping[str, torch.Tensor]
-) -> dict[str, tuple[str, ...]]:
-    """Per-prompt labels (``PromptReads.quiet_sets``, ``forms``) refolded as :func:`_fold`
-    refolds their prompts; a side labelled in only one split loses its labels."""
-    folded: dict[str, tuple[str, ...]] = {}
+    parts: dict[str, list[tuple[str, torch.Tensor]]] = {}
     for side in ("fire", "quiet"):
         keys = (f"train.{side}", f"validation.{side}")
-        if not set(keys) <= labels.keys():
-            continue
-        named = [(labels[key], held[key].tolist()) for key in keys]
-        for key, inside in zip(keys, (False, True), strict=True):
-            folded[key] = tuple(
-                n for names, mask in named for n, m in zip(names, mask, strict=True) if m == inside
-            )
-    return folded
+        parts[f"train.{side}"] = [(key, ~held[key]) for key in keys]
+        parts[f"validation.{side}"] = [(key, held[key]) for key in keys]
+    return reads.regrouped(parts)
 
 
 def new_source_rates(
