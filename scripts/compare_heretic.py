@@ -82,6 +82,7 @@ HERETIC = "heretic-llm==1.4.0"
 DRIVER = Path(__file__).resolve().parent / "heretic_driver.py"
 HERETIC_REFUSALS = "heretic's refusals (validation)"
 HERETIC_KL = "heretic's first-token KL (validation)"
+HERETIC_SAMPLER = "heretic's sampler"
 
 #: heretic's four prompt sets: its setting name, steer's side and split
 DATASETS = {
@@ -154,6 +155,12 @@ def _parser() -> argparse.ArgumentParser:
         help="make steer's gated edit here from scratch with the command a user runs (steer "
         "directions gate --compute, on --model and --recipe, into WORK/steer), time it, and "
         "evaluate it as 'steer gated' (its seconds replace --steer-seconds)",
+    )
+    parser.add_argument(
+        "--steer-made-by",
+        metavar="TEXT",
+        help="how the --steer edits were made, for the docs (default: scripts/eval_gated.py); "
+        "e.g. an earlier --make-steer run's command",
     )
     parser.add_argument("--no-docs", action="store_true", help="do not write docs/results.md")
     parser.add_argument(
@@ -441,7 +448,8 @@ def front(points: Sequence[tuple[float, float]]) -> list[tuple[float, float]]:
 
 def write_plot(rows: Sequence[dict[str, Any]], lengths: Sequence[int], path: Path) -> Path:
     """Test refusal rate at the longest length against first-token and multi-token KL: one
-    point per model, each side's front as a line."""
+    point per model (heretic's TPE trials as triangles, where rows name their sampler), each
+    side's front as a line."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -456,7 +464,19 @@ def write_plot(rows: Sequence[dict[str, Any]], lengths: Sequence[int], path: Pat
                 continue
             if side != "unedited":
                 axes.plot(*zip(*front(points), strict=True), color=colour, linewidth=1)
-            axes.scatter(*zip(*points, strict=True), color=colour, marker=marker, label=side)
+            for sampler in ("", "random", "TPE"):
+                chosen = [
+                    (row[kl], row[key])
+                    for row in rows
+                    if row["_side"] == side and row.get(HERETIC_SAMPLER, "") == sampler
+                ]
+                if chosen:
+                    axes.scatter(
+                        *zip(*chosen, strict=True),
+                        color=colour,
+                        marker="^" if sampler == "TPE" else marker,
+                        label=f"{side} ({sampler})" if sampler else side,
+                    )
         for row in rows:
             label = row["model"].removeprefix("heretic ")
             axes.annotate(
@@ -522,7 +542,7 @@ def _load(record: dict[str, Any]) -> str:
 def _steer_maker(record: dict[str, Any]) -> str:
     if record.get("steer_made_here"):
         return f"made here by `steer directions gate --compute {' '.join(MAKE_STEER_FLAGS)}`"
-    return "scripts/eval_gated.py"
+    return record.get("steer_made_by") or "scripts/eval_gated.py"
 
 
 def _heretic_times(record: dict[str, Any]) -> str:
@@ -553,10 +573,23 @@ def _heretic_times(record: dict[str, Any]) -> str:
     return text
 
 
+def with_sampler(rows: Sequence[dict[str, Any]], startup: int) -> list[dict[str, Any]]:
+    """Each heretic row with the sampler that proposed its trial: heretic numbers its trials
+    from 1, and its TPE sampler proposes every trial after the first ``startup`` random ones."""
+    marked = []
+    for row in rows:
+        if row["_side"] == "heretic":
+            number = int(row["model"].rsplit(" ", 1)[-1])
+            row = row | {HERETIC_SAMPLER: "random" if number <= startup else "TPE"}
+        marked.append(row)
+    return marked
+
+
 def markdown(record: dict[str, Any], rows: Sequence[dict[str, Any]], command: str) -> str:
     rates = [f"rate @{tokens}" for tokens in record["lengths"]]
     columns = ["model", *rates, "first-token KL", "multi-token KL", "n"]
-    columns += [HERETIC_REFUSALS, HERETIC_KL]
+    columns += [HERETIC_SAMPLER, HERETIC_REFUSALS, HERETIC_KL]
+    rows = with_sampler(rows, record["startup_trials"])
     sizes = record["prompts"]
     times = ", ".join(f"{k} {v:.0f} s" for k, v in record["seconds"].items())
     steer = [row["model"] for row in rows if row["_side"] == "steer"]
@@ -696,6 +729,7 @@ def main() -> int:
         "heretic_trial_seconds": run["trial_seconds"],
         "steer_seconds": args.steer_seconds,
         "steer_made_here": args.make_steer,
+        "steer_made_by": None if args.make_steer else args.steer_made_by,
         "exported": [
             {k: t[k] for k in ("trial", "dir", "refusals", "n_bad_prompts", "kl_divergence")}
             | ({"verify": t["verify"]} if "verify" in t else {})
@@ -713,7 +747,8 @@ def main() -> int:
         record |= {"n_harmless_test": len(test[1]), "test": rows}
         record["beats"] = beats(rows, max(args.lengths))
         plot = (DOCS if not args.no_docs else work) / "heretic-test.png"
-        record["plot"] = str(write_plot(rows, args.lengths, plot))
+        marked = with_sampler(rows, settings["n_startup_trials"])
+        record["plot"] = str(write_plot(marked, args.lengths, plot))
         record["command"] = command
         if not args.no_docs:
             write_section("results.md", "heretic", markdown(record, rows, command))
@@ -725,7 +760,8 @@ def render(record: dict[str, Any]) -> int:
     """--from-record: the plot and docs/results.md's section from a run's JSON line."""
     if "test" not in record or "command" not in record:
         raise SystemExit("--from-record: the record has no test rows or no command (--evaluate)")
-    record["plot"] = str(write_plot(record["test"], record["lengths"], DOCS / "heretic-test.png"))
+    rows = with_sampler(record["test"], record["startup_trials"])
+    record["plot"] = str(write_plot(rows, record["lengths"], DOCS / "heretic-test.png"))
     write_section("results.md", "heretic", markdown(record, record["test"], record["command"]))
     return 0
 
