@@ -28,7 +28,9 @@ script, in steer's environment, feeds it and measures what it made. Steps:
 Prints one JSON line: heretic's wall seconds and, per exported trial, its directory and
 heretic's own refusal count and KL (on the validation split); with --evaluate, the test rows.
 --reuse exports (and evaluates) a study already in WORK/checkpoints instead of running heretic;
---from-record FILE writes the docs section and plot again from such a JSON line, running nothing.
+--from-record FILE writes the docs section and plot again from such a JSON line, running nothing;
+with --steer / --baked it first measures those edits the same way (the record's model, test
+split, lengths and KL tokens), adds their rows and prints the extended record.
 The section says where heretic's time went (the seconds before its first trial, each trial's, as
 its study recorded them) and, for a run stopped at --time-limit, the asked run extrapolated.
 
@@ -167,7 +169,8 @@ def _parser() -> argparse.ArgumentParser:
         "--from-record",
         metavar="FILE",
         help="only write docs/results.md's section and the plot again from the JSON line a run "
-        "printed (FILE's last line); nothing is run",
+        "printed (FILE's last line); nothing is run, unless --steer / --baked name edits to "
+        "measure and add",
     )
     return parser
 
@@ -361,9 +364,11 @@ def evaluate_models(
     test: tuple[list[str], list[str]],
     args: argparse.Namespace,
     seconds: dict[str, float],
+    unedited: bool = True,
 ) -> list[dict[str, Any]]:
-    """On the test split: the unedited model's row, each heretic trial's, then each of steer's
-    edits (--steer run-time recipes, --baked weight directories)."""
+    """On the test split: the unedited model's row (unless ``unedited`` is false), each heretic
+    trial's, then each of steer's edits (--steer run-time recipes, --baked weight
+    directories)."""
     evaluate = timed(
         seconds,
         "base_continuations",
@@ -376,8 +381,9 @@ def evaluate_models(
             batch_size=args.eval_batch_size,
         ),
     )
-    base = timed(seconds, "evaluate_unedited", lambda: evaluate(()))
-    rows = [_row("unedited", "unedited", base)]
+    rows = []
+    if unedited:
+        rows.append(_row("unedited", "unedited", timed(seconds, "evaluate_unedited", evaluate)))
     if trials:
         first = trials[0]
         rows[0][HERETIC_REFUSALS] = f"{first['base_refusals']} / {first['n_bad_prompts']}"
@@ -622,8 +628,19 @@ def markdown(record: dict[str, Any], rows: Sequence[dict[str, Any]], command: st
             f"Wall times on {record['machine']}{_load(record)}: {times}.{_heretic_times(record)}",
             "",
             *command_block(command),
+            *_added(record),
         ]
     )
+
+
+def _added(record: dict[str, Any]) -> list[str]:
+    """The closing lines for rows a later --from-record run measured and added."""
+    lines: list[str] = []
+    for added in record.get("added", []):
+        made = f" ({added['made_by']})" if added.get("made_by") else ""
+        lines += ["", f"Added afterwards, measured the same way: {', '.join(added['rows'])}{made}."]
+        lines += ["", *command_block(added["command"])]
+    return lines
 
 
 def hf_directory(handle: ModelHandle, args: argparse.Namespace) -> Path:
@@ -693,7 +710,11 @@ def heretic_run(work: Path, manifest: dict[str, Any]) -> dict[str, Any]:
 def main() -> int:
     args = _parser().parse_args()
     if args.from_record:
-        return render(json.loads(Path(args.from_record).read_text().strip().splitlines()[-1]))
+        record = json.loads(Path(args.from_record).read_text().strip().splitlines()[-1])
+        if args.steer or args.baked:
+            record = add_rows(record, args)
+            emit(record)
+        return render(record)
     command, load_before = command_line(), os.getloadavg()[0]
     work = Path(args.work).resolve()  # heretic and the driver run with WORK as cwd
     work.mkdir(parents=True, exist_ok=True)
@@ -740,8 +761,7 @@ def main() -> int:
     }
     record["load_average"] = [round(load_before, 2), round(os.getloadavg()[0], 2)]  # after heretic
     if args.evaluate:
-        cap = args.max_test or None
-        test = (list(splits["positive"].test)[:cap], list(splits["negative"].test)[:cap])
+        test = test_prompts(splits, args.max_test)
         rows = evaluate_models(handle, trials, test, args, seconds)
         record |= {"lengths": list(args.lengths), "kl_tokens": args.kl_tokens}
         record |= {"n_harmless_test": len(test[1]), "test": rows}
@@ -754,6 +774,35 @@ def main() -> int:
             write_section("results.md", "heretic", markdown(record, rows, command))
     emit(record)
     return 0
+
+
+def test_prompts(splits: dict[str, Any], cap: int) -> tuple[list[str], list[str]]:
+    """The recipe's harmful and harmless test prompts, the first ``cap`` of each (0: all)."""
+    return list(splits["positive"].test)[: cap or None], list(splits["negative"].test)[
+        : cap or None
+    ]
+
+
+def add_rows(record: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
+    """--from-record with --steer / --baked: those edits measured on the record's model and
+    test split, at its lengths and KL tokens, as rows added to the record (which says so)."""
+    if "test" not in record:
+        raise SystemExit("--from-record: the record has no test rows to add to (--evaluate)")
+    handle = load_model(record["model"])
+    test = test_prompts(contrast_splits(load_direction_recipe(args.recipe)), args.max_test)
+    if (len(test[0]), len(test[1])) != (record["test"][0]["n"], record["n_harmless_test"]):
+        raise SystemExit(
+            f"--from-record: {args.recipe} gives {len(test[0])} / {len(test[1])} test prompts, "
+            f"the record {record['test'][0]['n']} / {record['n_harmless_test']}"
+        )
+    args.lengths, args.kl_tokens = tuple(record["lengths"]), record["kl_tokens"]
+    rows = evaluate_models(handle, [], test, args, record["seconds"], unedited=False)
+    added = {"command": command_line(), "rows": [row["model"] for row in rows]}
+    added["made_by"] = args.steer_made_by
+    record["test"] = [row for row in record["test"] if row["model"] not in added["rows"]] + rows
+    record["beats"] = beats(record["test"], max(args.lengths))
+    record["added"] = [*record.get("added", []), added]
+    return record
 
 
 def render(record: dict[str, Any]) -> int:
