@@ -778,9 +778,8 @@ def main() -> int:
 
 def test_prompts(splits: dict[str, Any], cap: int) -> tuple[list[str], list[str]]:
     """The recipe's harmful and harmless test prompts, the first ``cap`` of each (0: all)."""
-    return list(splits["positive"].test)[: cap or None], list(splits["negative"].test)[
-        : cap or None
-    ]
+    harmful, harmless = splits["positive"].test, splits["negative"].test
+    return list(harmful)[: cap or None], list(harmless)[: cap or None]
 
 
 def add_rows(record: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
