@@ -384,7 +384,7 @@ def evaluate_models(
     rows = []
     if unedited:
         rows.append(_row("unedited", "unedited", timed(seconds, "evaluate_unedited", evaluate)))
-    if trials:
+    if trials and unedited:
         first = trials[0]
         rows[0][HERETIC_REFUSALS] = f"{first['base_refusals']} / {first['n_bad_prompts']}"
     for trial in trials:
@@ -592,10 +592,10 @@ def with_sampler(rows: Sequence[dict[str, Any]], startup: int) -> list[dict[str,
 
 
 def markdown(record: dict[str, Any], rows: Sequence[dict[str, Any]], command: str) -> str:
+    """The section, from the record and its test rows (marked by :func:`with_sampler`)."""
     rates = [f"rate @{tokens}" for tokens in record["lengths"]]
     columns = ["model", *rates, "first-token KL", "multi-token KL", "n"]
     columns += [HERETIC_SAMPLER, HERETIC_REFUSALS, HERETIC_KL]
-    rows = with_sampler(rows, record["startup_trials"])
     sizes = record["prompts"]
     times = ", ".join(f"{k} {v:.0f} s" for k, v in record["seconds"].items())
     steer = [row["model"] for row in rows if row["_side"] == "steer"]
@@ -766,12 +766,8 @@ def main() -> int:
         record |= {"lengths": list(args.lengths), "kl_tokens": args.kl_tokens}
         record |= {"n_harmless_test": len(test[1]), "test": rows}
         record["beats"] = beats(rows, max(args.lengths))
-        plot = (DOCS if not args.no_docs else work) / "heretic-test.png"
-        marked = with_sampler(rows, settings["n_startup_trials"])
-        record["plot"] = str(write_plot(marked, args.lengths, plot))
         record["command"] = command
-        if not args.no_docs:
-            write_section("results.md", "heretic", markdown(record, rows, command))
+        publish(record, DOCS if not args.no_docs else work, docs=not args.no_docs)
     emit(record)
     return 0
 
@@ -795,9 +791,10 @@ def add_rows(record: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]
             f"the record {record['test'][0]['n']} / {record['n_harmless_test']}"
         )
     args.lengths, args.kl_tokens = tuple(record["lengths"]), record["kl_tokens"]
-    rows = evaluate_models(handle, [], test, args, record["seconds"], unedited=False)
+    seconds: dict[str, float] = {}  # this run's, kept apart from the record's
+    rows = evaluate_models(handle, [], test, args, seconds, unedited=False)
     added = {"command": command_line(), "rows": [row["model"] for row in rows]}
-    added["made_by"] = args.steer_made_by
+    added |= {"made_by": args.steer_made_by, "seconds": seconds}
     record["test"] = [row for row in record["test"] if row["model"] not in added["rows"]] + rows
     record["beats"] = beats(record["test"], max(args.lengths))
     record["added"] = [*record.get("added", []), added]
@@ -808,10 +805,18 @@ def render(record: dict[str, Any]) -> int:
     """--from-record: the plot and docs/results.md's section from a run's JSON line."""
     if "test" not in record or "command" not in record:
         raise SystemExit("--from-record: the record has no test rows or no command (--evaluate)")
-    rows = with_sampler(record["test"], record["startup_trials"])
-    record["plot"] = str(write_plot(rows, record["lengths"], DOCS / "heretic-test.png"))
-    write_section("results.md", "heretic", markdown(record, record["test"], record["command"]))
+    publish(record, DOCS, docs=True)
     return 0
+
+
+def publish(record: dict[str, Any], plot_dir: Path, docs: bool) -> None:
+    """The plot (PLOT_DIR/heretic-test.png, its path kept in the record) and, with ``docs``,
+    docs/results.md's section, from a record with test rows, each heretic row marked with its
+    sampler once for both."""
+    rows = with_sampler(record["test"], record["startup_trials"])
+    record["plot"] = str(write_plot(rows, record["lengths"], plot_dir / "heretic-test.png"))
+    if docs:
+        write_section("results.md", "heretic", markdown(record, rows, record["command"]))
 
 
 if __name__ == "__main__":
