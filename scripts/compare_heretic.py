@@ -28,6 +28,10 @@ script, in steer's environment, feeds it and measures what it made. Steps:
 Prints one JSON line: heretic's wall seconds and, per exported trial, its directory and
 heretic's own refusal count and KL (on the validation split); with --evaluate, the test rows.
 --reuse exports (and evaluates) a study already in WORK/checkpoints instead of running heretic;
+--resume continues a study a --time-limit stopped (heretic's own "Continue the previous run", its
+settings as the study holds them), adding the session's seconds to the run's; --keep-rows FILE
+takes the rows an earlier record of the same study measured (the unedited model, steer's edits by
+name, heretic trials still on the front) instead of measuring them again;
 --from-record FILE writes the docs section and plot again from such a JSON line, running nothing;
 with --steer / --baked it first measures those edits the same way (the record's model, test
 split, lengths and KL tokens), adds their rows and prints the extended record.
@@ -52,7 +56,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -124,6 +128,20 @@ def _parser() -> argparse.ArgumentParser:
         "--max-validation", type=int, default=0, help="cap validation prompts (0 = all)"
     )
     parser.add_argument("--reuse", action="store_true", help="export WORK's study; no heretic")
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue WORK's study that --time-limit stopped, as heretic's own 'Continue the "
+        "previous run' does (the settings the study holds; --trials and the like are ignored); "
+        "its seconds are added to the first run's",
+    )
+    parser.add_argument(
+        "--keep-rows",
+        metavar="FILE",
+        help="an earlier record on the same WORK study (FILE's last line): its rows for the "
+        "unedited model, for steer edits of the same name and for heretic trials still on the "
+        "front are kept, not measured again",
+    )
     parser.add_argument("--verify", action="store_true", help="driver re-scores each trial")
     parser.add_argument("--evaluate", action="store_true", help="steer's evaluator on test")
     parser.add_argument("--max-test", type=int, default=0, help="cap test prompts (0 = all)")
@@ -263,22 +281,33 @@ def run_logged(
     log: Path,
     finished: str = "",
     time_limit: float | None = None,
+    resume: bool = False,
 ) -> bool:
     """Run in WORK (heretic reads a config.toml from its working directory; WORK has none),
     stdin /dev/null, output to ``log`` and stderr; stopped (SIGTERM) after ``time_limit``
     seconds. A failed exit is an error unless the output holds ``finished`` (heretic, its trials
     done, asks which trial to keep and dies with EOFError on the closed stdin) or the time limit
-    stopped it. True when the time limit stopped it."""
+    stopped it. True when the time limit stopped it.
+
+    With ``resume``, heretic finds its study and asks how to proceed; it reads the answer as a
+    numbered choice on stdin when it believes it runs in a notebook (heretic/utils.py
+    ``is_notebook``: a ``KAGGLE_KERNEL_RUN_TYPE`` variable), and choice 1 for an interrupted
+    study is "Continue the previous run". stdin then closes as before."""
+    env = offline_env(work) | ({"KAGGLE_KERNEL_RUN_TYPE": "steer-resume"} if resume else {})
     with log.open("w") as out:
         process = subprocess.Popen(
             command,
             cwd=work,
-            env=offline_env(work),
-            stdin=subprocess.DEVNULL,
+            env=env,
+            stdin=subprocess.PIPE if resume else subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
         )
+        if resume:
+            assert process.stdin is not None
+            process.stdin.write("1\n")
+            process.stdin.close()
         stopped = threading.Event()
 
         def stop() -> None:
@@ -315,31 +344,48 @@ def run_heretic(
     seconds: dict[str, float],
 ) -> Path:
     """heretic's optimisation (unless --reuse: the study's datasets stay as they were, since
-    the export recomputes the refusal directions from them); the journal it leaves."""
+    the export recomputes the refusal directions from them; --resume continues the study on
+    them too); the journal it leaves."""
     existing = study_file(work)
+    if (args.reuse or args.resume) and existing is None:
+        raise SystemExit(f"--reuse / --resume: no study in {work / 'checkpoints'}")
     if args.reuse:
-        if existing is None:
-            raise SystemExit(f"--reuse: no study in {work / 'checkpoints'}")
+        assert existing is not None
         return existing
-    if existing is not None:
+    if existing is not None and not args.resume:
         # heretic would ask whether to resume; with stdin closed it would just exit
-        raise SystemExit(f"{existing} exists: pass --reuse to export it, or remove it")
-    write_datasets(splits, work, args)
+        raise SystemExit(f"{existing} exists: pass --reuse to export it, --resume to continue it")
+    if not args.resume:
+        write_datasets(splits, work, args)
     hf_dir = timed(seconds, "hf_dir", lambda: hf_directory(handle, args))
     command, log = heretic_command(args, hf_dir, work), work / "heretic.log"
     record = work / "heretic-run.json"
-    record.write_text(json.dumps({"started": time.time()}))
+    run = json.loads(record.read_text()) if args.resume else {}
+    if args.resume:
+        log = work / f"heretic-resume-{len(run.get('resumes', [])) + 1}.log"
+    session: dict[str, Any] = {"started": time.time(), "command": command_line()}
+    record.write_text(json.dumps(_with_session(run, session)))
     stopped = timed(
         seconds,
         "heretic",
-        lambda: run_logged(command, work, log, "Optimization finished!", args.time_limit),
+        lambda: run_logged(
+            command, work, log, "Optimization finished!", args.time_limit, resume=args.resume
+        ),
     )
-    run = json.loads(record.read_text()) | {"seconds": seconds["heretic"], "stopped": stopped}
-    record.write_text(json.dumps(run))
+    session |= {"seconds": seconds["heretic"], "stopped": stopped}
+    record.write_text(json.dumps(_with_session(run, session)))
     journal = study_file(work)
     if journal is None:
         raise SystemExit(f"heretic left no study in {work / 'checkpoints'}; see heretic.log")
     return journal
+
+
+def _with_session(run: dict[str, Any], session: dict[str, Any]) -> dict[str, Any]:
+    """heretic-run.json with a session: the first run's own fields, each resumed one's in
+    ``resumes``."""
+    if not run:
+        return session
+    return run | {"resumes": [*run.get("resumes", []), session]}
 
 
 def export_trials(args: argparse.Namespace, journal: Path, work: Path) -> dict[str, Any]:
@@ -365,54 +411,78 @@ def evaluate_models(
     args: argparse.Namespace,
     seconds: dict[str, float],
     unedited: bool = True,
+    kept: Mapping[str, dict[str, Any]] | None = None,
 ) -> list[dict[str, Any]]:
     """On the test split: the unedited model's row (unless ``unedited`` is false), each heretic
     trial's, then each of steer's edits (--steer run-time recipes, --baked weight
-    directories)."""
-    evaluate = timed(
-        seconds,
-        "base_continuations",
-        lambda: rate_evaluator(
-            handle,
-            *test,
-            matcher=is_refusal,
-            lengths=args.lengths,
-            kl_tokens=args.kl_tokens,
-            batch_size=args.eval_batch_size,
-        ),
-    )
+    directories). A row named in ``kept`` (an earlier run's, see :func:`kept_rows`) is taken
+    from there instead of measured again."""
+    kept = kept or {}
+    made: list[Any] = []
+
+    def evaluate(edits: Sequence[Any] = (), edited_handle: ModelHandle | None = None) -> Any:
+        if not made:  # the base model's continuations, once, when a row needs them
+            made.append(
+                timed(
+                    seconds,
+                    "base_continuations",
+                    lambda: rate_evaluator(
+                        handle,
+                        *test,
+                        matcher=is_refusal,
+                        lengths=args.lengths,
+                        kl_tokens=args.kl_tokens,
+                        batch_size=args.eval_batch_size,
+                    ),
+                )
+            )
+        return made[0](edits, edited_handle=edited_handle)
+
+    def row(name: str, side: str, measure: Callable[[], RateReport]) -> dict[str, Any]:
+        if name in kept:
+            _log(f"keeping {name}'s row from --keep-rows")
+            return dict(kept[name])
+        _log(f"evaluating {name} on the test split")
+        return _row(name, side, timed(seconds, f"evaluate_{name.removeprefix('steer ')}", measure))
+
+    def weights(directory: str) -> Callable[[], RateReport]:
+        return lambda: evaluate(edited_handle=load_model(directory))
+
     rows = []
     if unedited:
-        rows.append(_row("unedited", "unedited", timed(seconds, "evaluate_unedited", evaluate)))
+        rows.append(row("unedited", "unedited", evaluate))
     if trials and unedited:
         first = trials[0]
         rows[0][HERETIC_REFUSALS] = f"{first['base_refusals']} / {first['n_bad_prompts']}"
     for trial in trials:
         name = f"heretic trial {trial['trial']}"
-        _log(f"evaluating {name} on the test split")
-        report = timed(
-            seconds,
-            f"evaluate_{name}",
-            lambda trial=trial: evaluate(edited_handle=load_model(trial["dir"])),
-        )
-        row = _row(name, "heretic", report)
-        row[HERETIC_REFUSALS] = f"{trial['refusals']} / {trial['n_bad_prompts']}"
-        row[HERETIC_KL] = trial["kl_divergence"]
-        rows.append(row)
+        measured = row(name, "heretic", weights(trial["dir"]))
+        measured[HERETIC_REFUSALS] = f"{trial['refusals']} / {trial['n_bad_prompts']}"
+        measured[HERETIC_KL] = trial["kl_divergence"]
+        rows.append(measured)
     for name, recipe in args.steer:
-        _log(f"evaluating steer's {name} ({recipe}) on the test split")
         edits = recipe_interventions(recipe, handle)
-        report = timed(seconds, f"evaluate_{name}", lambda edits=edits: evaluate(edits))
-        rows.append(_row(f"steer {name}", "steer", report))
+        rows.append(row(f"steer {name}", "steer", lambda e=edits: evaluate(e)))
     for name, directory in args.baked:
-        _log(f"evaluating steer's baked {name} ({directory}) on the test split")
-        report = timed(
-            seconds,
-            f"evaluate_{name}",
-            lambda directory=directory: evaluate(edited_handle=load_model(directory)),
-        )
-        rows.append(_row(f"steer {name}", "steer", report))
+        rows.append(row(f"steer {name}", "steer", weights(directory)))
     return rows
+
+
+def kept_rows(path: str, test: tuple[list[str], list[str]], args: argparse.Namespace) -> dict:
+    """--keep-rows: the test rows of an earlier record (FILE's last line) by name, after
+    checking that it measured the same model, test split sizes, lengths and KL tokens."""
+    record = json.loads(Path(path).read_text().strip().splitlines()[-1])
+    if "test" not in record:
+        raise SystemExit(f"--keep-rows: {path} has no test rows (--evaluate)")
+    theirs = (record["model"], record["test"][0]["n"], record["n_harmless_test"])
+    theirs += (tuple(record["lengths"]), record["kl_tokens"])
+    ours = (args.model, len(test[0]), len(test[1]), tuple(args.lengths), args.kl_tokens)
+    if theirs != ours:
+        raise SystemExit(
+            f"--keep-rows: {path} measured (model, harmful, harmless, lengths, KL tokens) "
+            f"{theirs}, this run {ours}"
+        )
+    return {row["model"]: row for row in record["test"]}
 
 
 def _row(name: str, side: str, report: RateReport) -> dict[str, Any]:
@@ -533,6 +603,11 @@ def _trials(record: dict[str, Any]) -> str:
     text = f"{done} trials"
     if record["heretic_stopped"]:
         text += f" completed of {asked} asked (stopped early)"
+    resumes = record.get("heretic_resumes") or []
+    if resumes:
+        text += f" in {1 + len(resumes)} sessions (stopped by a time limit, then resumed)"
+        if done < asked and not record["heretic_stopped"]:
+            text += f"; heretic counts the trials a time limit cut off among its {asked}"
     if done <= startup:
         return f"{text}, all of them random start-up trials (TPE starts after {startup})"
     return f"{text}, the first {startup} random start-up trials, then TPE"
@@ -628,9 +703,32 @@ def markdown(record: dict[str, Any], rows: Sequence[dict[str, Any]], command: st
             f"Wall times on {record['machine']}{_load(record)}: {times}.{_heretic_times(record)}",
             "",
             *command_block(command),
+            *_sessions(record),
             *_added(record),
         ]
     )
+
+
+def _sessions(record: dict[str, Any]) -> list[str]:
+    """For a run resumed with --resume: heretic's sessions and their commands, and the rows this
+    run kept from an earlier record (--keep-rows) instead of measuring them again."""
+    lines: list[str] = []
+    resumes = record.get("heretic_resumes") or []
+    if resumes:
+        first = record.get("heretic_command") or "(its command was not recorded)"
+        lines += ["", "heretic's first session ran as", "", "```", first, "```"]
+    for resume in resumes:
+        setup = resume["setup_seconds"]
+        before = f", {setup:.0f} s of it before its first trial" if setup is not None else ""
+        lines += ["", f"and was resumed ({resume['seconds']:.0f} s{before}) as", ""]
+        lines += ["```", resume["command"], "```"]
+    if record.get("kept_rows"):
+        lines += [
+            "",
+            f"Rows kept from the earlier record of the same study (`--keep-rows`; measured the "
+            f"same way, their seconds in that run's section): {', '.join(record['kept_rows'])}.",
+        ]
+    return lines
 
 
 def _added(record: dict[str, Any]) -> list[str]:
@@ -689,21 +787,39 @@ def ungated_copy(recipe: Path) -> Path:
 
 def heretic_run(work: Path, manifest: dict[str, Any]) -> dict[str, Any]:
     """heretic's wall seconds and whether it was stopped early, as its run in WORK recorded
-    them, with the seconds before its first trial started (model load, refusal directions) and
+    them (a --resume session's seconds added to the first run's; stopped as the last session
+    was), with the seconds before its first trial started (model load, refusal directions) and
     each completed trial's seconds, as its study recorded them. A run stopped from outside (no
-    seconds recorded) counts from its start to its last completed trial."""
+    seconds recorded) counts from its start to its last completed trial. Each resumed session:
+    its seconds, the seconds before its first trial and its command."""
     path = work / "heretic-run.json"
     run: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {}
-    if "seconds" not in run and "started" in run:
-        run |= {"seconds": manifest["last_complete"] - run["started"], "stopped": True}
+    sessions = [run, *run.get("resumes", [])] if run else []
+    for session in sessions:
+        if "seconds" not in session and "started" in session:
+            session |= {"seconds": manifest["last_complete"] - session["started"], "stopped": True}
     setup = None
     if "started" in run and "first_start" in manifest:
         setup = manifest["first_start"] - run["started"]
+    starts = manifest.get("trial_starts", [])
+    resumes = [
+        {
+            "seconds": session["seconds"],
+            "setup_seconds": min((t for t in starts if t >= session["started"]), default=None),
+            "command": session.get("command"),
+        }
+        for session in sessions[1:]
+    ]
+    for resume, session in zip(resumes, sessions[1:], strict=True):
+        if resume["setup_seconds"] is not None:
+            resume["setup_seconds"] -= session["started"]
     return {
-        "seconds": run.get("seconds"),
-        "stopped": run.get("stopped", False),
+        "seconds": sum(session["seconds"] for session in sessions) if sessions else None,
+        "stopped": sessions[-1].get("stopped", False) if sessions else False,
         "setup_seconds": setup,
         "trial_seconds": manifest.get("trial_seconds"),
+        "resumes": resumes,
+        "command": run.get("command"),
     }
 
 
@@ -748,6 +864,8 @@ def main() -> int:
         "heretic_stopped": run["stopped"],
         "heretic_setup_seconds": run["setup_seconds"],
         "heretic_trial_seconds": run["trial_seconds"],
+        "heretic_resumes": run["resumes"],
+        "heretic_command": run["command"],
         "steer_seconds": args.steer_seconds,
         "steer_made_here": args.make_steer,
         "steer_made_by": None if args.make_steer else args.steer_made_by,
@@ -762,7 +880,10 @@ def main() -> int:
     record["load_average"] = [round(load_before, 2), round(os.getloadavg()[0], 2)]  # after heretic
     if args.evaluate:
         test = test_prompts(splits, args.max_test)
-        rows = evaluate_models(handle, trials, test, args, seconds)
+        kept = kept_rows(args.keep_rows, test, args) if args.keep_rows else {}
+        rows = evaluate_models(handle, trials, test, args, seconds, kept=kept)
+        if kept:
+            record["kept_rows"] = [row["model"] for row in rows if row["model"] in kept]
         record |= {"lengths": list(args.lengths), "kl_tokens": args.kl_tokens}
         record |= {"n_harmless_test": len(test[1]), "test": rows}
         record["beats"] = beats(rows, max(args.lengths))

@@ -15,7 +15,7 @@ worth of work each) and records the refusals and KL it measures beside the study
 
 It writes ``OUT/trial-N`` (N: heretic's trial index) with a ``heretic-trial.json`` beside the
 weights, and ``OUT/heretic-trials.json`` listing them, with the study's times (when its first
-trial started, when its last completed, each completed trial's seconds); the last line of
+trial started, when its last completed, each completed trial's seconds and start); the last line of
 stdout is that list as one JSON line. Run offline (HF_HUB_OFFLINE=1), from a directory without
 a config.toml:
 
@@ -151,6 +151,7 @@ def export(study_path: Path, out: Path, verify: bool) -> list[dict[str, Any]]:
         "trial_seconds": [
             round((t.datetime_complete - t.datetime_start).total_seconds(), 1) for t in completed
         ],
+        "trial_starts": [t.datetime_start.timestamp() for t in completed],
     }
     manifest = {**summary, "trials": records}
     (out / "heretic-trials.json").write_text(json.dumps(manifest, indent=2) + "\n")

@@ -56,8 +56,49 @@ def write_section(filename: str, name: str, markdown: str, title: str | None = N
     block = f"{begin}\n{markdown.strip()}\n{end}"
     pattern = re.compile(re.escape(begin) + ".*?" + re.escape(end), re.S)
     text = pattern.sub(lambda _m: block, text) if pattern.search(text) else text + f"\n{block}\n"
-    path.write_text(text)
+    path.write_text(with_contents(text))
     return path
+
+
+#: a file with at least this many generated sections gets a contents list after its title
+CONTENTS_FROM = 3
+_SECTION = re.compile(r"^<!-- BEGIN (\S+) -->\n## (.+)$", re.M)
+
+
+def heading_anchors(text: str) -> list[tuple[str, str]]:
+    """Each markdown heading line outside code fences, in order, with the anchor GitHub gives
+    it: the title in lower case, every character but letters, digits, ``_``, ``-`` and spaces
+    dropped, spaces as ``-``, a repeated anchor numbered ``-1``, ``-2`` in order."""
+    seen: dict[str, int] = {}
+    anchors, fenced = [], False
+    for line in text.splitlines():
+        if line.startswith("```"):
+            fenced = not fenced
+        if fenced or not re.match(r"#{1,6} ", line):
+            continue
+        slug = re.sub(r"[^\w\- ]", "", line.lstrip("#").strip().lower()).replace(" ", "-")
+        count = seen.get(slug, 0)
+        seen[slug] = count + 1
+        anchors.append((line, f"{slug}-{count}" if count else slug))
+    return anchors
+
+
+def with_contents(text: str) -> str:
+    """``text`` with its contents block (``<!-- BEGIN contents -->``, right after the title
+    line) made again from its generated sections, in file order: each section's title as a link
+    and its name; a file with fewer than :data:`CONTENTS_FROM` sections gets none."""
+    begin, end = "<!-- BEGIN contents -->", "<!-- END contents -->"
+    text = re.sub(re.escape(begin) + ".*?" + re.escape(end) + "\n+", "", text, flags=re.S)
+    sections = _SECTION.findall(text)
+    if len(sections) < CONTENTS_FROM:
+        return text
+    headings = iter(heading_anchors(text))
+    lines = [begin, "Sections in file order (each section's name in brackets):", ""]
+    for name, title in sections:
+        anchor = next(anchor for line, anchor in headings if line == f"## {title}")
+        lines.append(f"- [{title}](#{anchor}) (`{name}`)")
+    first, _, rest = text.partition("\n")
+    return "\n".join([first, "", *lines, end, "", rest.lstrip("\n")])
 
 
 def timed(seconds: dict[str, float], name: str, work: Callable[..., Any]) -> Any:
