@@ -469,8 +469,9 @@ def evaluate_models(
 
 
 def kept_rows(path: str, test: tuple[list[str], list[str]], args: argparse.Namespace) -> dict:
-    """--keep-rows: the test rows of an earlier record (FILE's last line) by name, after
-    checking that it measured the same model, test split sizes, lengths and KL tokens."""
+    """--keep-rows: the test rows of an earlier record (FILE's last line) by name, each with the
+    seconds its evaluation took there (``_seconds``), after checking that it measured the same
+    model, test split sizes, lengths and KL tokens."""
     record = json.loads(Path(path).read_text().strip().splitlines()[-1])
     if "test" not in record:
         raise SystemExit(f"--keep-rows: {path} has no test rows (--evaluate)")
@@ -482,7 +483,14 @@ def kept_rows(path: str, test: tuple[list[str], list[str]], args: argparse.Names
             f"--keep-rows: {path} measured (model, harmful, harmless, lengths, KL tokens) "
             f"{theirs}, this run {ours}"
         )
-    return {row["model"]: row for row in record["test"]}
+    spent = dict(record.get("seconds", {}))
+    for added in record.get("added", []):
+        spent |= added.get("seconds", {})
+    rows = {}
+    for row in record["test"]:
+        key = f"evaluate_{row['model'].removeprefix('steer ')}"
+        rows[row["model"]] = row | ({"_seconds": spent[key]} if key in spent else {})
+    return rows
 
 
 def _row(name: str, side: str, report: RateReport) -> dict[str, Any]:
@@ -722,11 +730,17 @@ def _sessions(record: dict[str, Any]) -> list[str]:
         before = f", {setup:.0f} s of it before its first trial" if setup is not None else ""
         lines += ["", f"and was resumed ({resume['seconds']:.0f} s{before}) as", ""]
         lines += ["```", resume["command"], "```"]
-    if record.get("kept_rows"):
+    kept = record.get("kept_rows")
+    if kept:
+        shown = [
+            f"{name} ({spent:.0f} s there)" if spent is not None else name
+            for name, spent in kept["rows"].items()
+        ]
         lines += [
             "",
-            f"Rows kept from the earlier record of the same study (`--keep-rows`; measured the "
-            f"same way, their seconds in that run's section): {', '.join(record['kept_rows'])}.",
+            f"Rows kept from an earlier record of the same study and test split "
+            f"(`--keep-rows {kept['from']}`; measured the same way, not again here): "
+            f"{', '.join(shown)}.",
         ]
     return lines
 
@@ -883,7 +897,12 @@ def main() -> int:
         kept = kept_rows(args.keep_rows, test, args) if args.keep_rows else {}
         rows = evaluate_models(handle, trials, test, args, seconds, kept=kept)
         if kept:
-            record["kept_rows"] = [row["model"] for row in rows if row["model"] in kept]
+            record["kept_rows"] = {"from": args.keep_rows}
+            record["kept_rows"] |= {
+                "rows": {
+                    row["model"]: row.pop("_seconds", None) for row in rows if row["model"] in kept
+                }
+            }
         record |= {"lengths": list(args.lengths), "kl_tokens": args.kl_tokens}
         record |= {"n_harmless_test": len(test[1]), "test": rows}
         record["beats"] = beats(rows, max(args.lengths))
