@@ -336,6 +336,21 @@ def study_file(work: Path) -> Path | None:
     return files[0] if files else None
 
 
+#: optuna's journal operation that sets a study attribute (optuna.storages.journal)
+_SET_STUDY_USER_ATTR = 2
+
+
+def study_finished(journal: Path) -> bool:
+    """Whether heretic marked its study finished (its ``finished`` study attribute, the last
+    value the journal set): every asked trial run, nothing for --resume to continue."""
+    finished = False
+    for line in journal.read_text().splitlines():
+        operation = json.loads(line)
+        if operation.get("op_code") == _SET_STUDY_USER_ATTR:
+            finished = operation.get("user_attr", {}).get("finished", finished)
+    return bool(finished)
+
+
 def run_heretic(
     args: argparse.Namespace,
     handle: ModelHandle,
@@ -352,6 +367,8 @@ def run_heretic(
     if args.reuse:
         assert existing is not None
         return existing
+    if args.resume and existing is not None and study_finished(existing):
+        raise SystemExit(f"--resume: {existing} has run all its trials; --reuse exports it")
     if existing is not None and not args.resume:
         # heretic would ask whether to resume; with stdin closed it would just exit
         raise SystemExit(f"{existing} exists: pass --reuse to export it, --resume to continue it")
