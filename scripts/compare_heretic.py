@@ -676,6 +676,13 @@ def _heretic_times(record: dict[str, Any]) -> str:
             f"median (an extrapolation, not measured)"
         )
         text += f", steer's {steer / full:.3f} of it." if steer is not None else "."
+    elif record.get("heretic_resumes"):
+        one = setup + sum(trials)
+        text += (
+            f" In one session (its first start-up and its completed trials, without the "
+            f"repeated start-up and the trial the time limit cut off) that is {one:.0f} s"
+        )
+        text += f", steer's {steer / one:.3f} of it." if steer is not None else "."
     return text
 
 
