@@ -628,14 +628,17 @@ def _trials(record: dict[str, Any]) -> str:
     text = f"{done} trials"
     if record["heretic_stopped"]:
         text += f" completed of {asked} asked (stopped early)"
+    if done <= startup:
+        text += f", all of them random start-up trials (TPE starts after {startup})"
+    else:
+        text += f", the first {startup} random start-up trials, then TPE"
     resumes = record.get("heretic_resumes") or []
     if resumes:
-        text += f" in {1 + len(resumes)} sessions (stopped by a time limit, then resumed)"
+        text += f", in {1 + len(resumes)} sessions (stopped by a time limit, then resumed"
         if done < asked and not record["heretic_stopped"]:
             text += f"; heretic counts the trials a time limit cut off among its {asked}"
-    if done <= startup:
-        return f"{text}, all of them random start-up trials (TPE starts after {startup})"
-    return f"{text}, the first {startup} random start-up trials, then TPE"
+        text += ")"
+    return text
 
 
 def _load(record: dict[str, Any]) -> str:
