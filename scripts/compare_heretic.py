@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import itertools
 import json
 import os
@@ -435,25 +436,25 @@ def evaluate_models(
     directories). A row named in ``kept`` (an earlier run's, see :func:`kept_rows`) is taken
     from there instead of measured again."""
     kept = kept or {}
-    made: list[Any] = []
+
+    @functools.cache
+    def evaluator() -> Callable[..., RateReport]:
+        """The base model's continuations, once, when a row is measured."""
+        return timed(
+            seconds,
+            "base_continuations",
+            lambda: rate_evaluator(
+                handle,
+                *test,
+                matcher=is_refusal,
+                lengths=args.lengths,
+                kl_tokens=args.kl_tokens,
+                batch_size=args.eval_batch_size,
+            ),
+        )
 
     def evaluate(edits: Sequence[Any] = (), edited_handle: ModelHandle | None = None) -> Any:
-        if not made:  # the base model's continuations, once, when a row needs them
-            made.append(
-                timed(
-                    seconds,
-                    "base_continuations",
-                    lambda: rate_evaluator(
-                        handle,
-                        *test,
-                        matcher=is_refusal,
-                        lengths=args.lengths,
-                        kl_tokens=args.kl_tokens,
-                        batch_size=args.eval_batch_size,
-                    ),
-                )
-            )
-        return made[0](edits, edited_handle=edited_handle)
+        return evaluator()(edits, edited_handle=edited_handle)
 
     def row(name: str, side: str, measure: Callable[[], RateReport]) -> dict[str, Any]:
         if name in kept:
@@ -485,10 +486,12 @@ def evaluate_models(
     return rows
 
 
-def kept_rows(path: str, test: tuple[list[str], list[str]], args: argparse.Namespace) -> dict:
-    """--keep-rows: the test rows of an earlier record (FILE's last line) by name, each with the
-    seconds its evaluation took there (``_seconds``), after checking that it measured the same
-    model, test split sizes, lengths and KL tokens."""
+def kept_rows(
+    path: str, test: tuple[list[str], list[str]], args: argparse.Namespace
+) -> tuple[dict[str, dict[str, Any]], dict[str, float]]:
+    """--keep-rows: the test rows of an earlier record (FILE's last line) by name, and the
+    seconds each one's evaluation took there (where it says), after checking that it measured
+    the same model, test split sizes, lengths and KL tokens."""
     record = json.loads(Path(path).read_text().strip().splitlines()[-1])
     if "test" not in record:
         raise SystemExit(f"--keep-rows: {path} has no test rows (--evaluate)")
@@ -503,11 +506,9 @@ def kept_rows(path: str, test: tuple[list[str], list[str]], args: argparse.Names
     spent = dict(record.get("seconds", {}))
     for added in record.get("added", []):
         spent |= added.get("seconds", {})
-    rows = {}
-    for row in record["test"]:
-        key = f"evaluate_{row['model'].removeprefix('steer ')}"
-        rows[row["model"]] = row | ({"_seconds": spent[key]} if key in spent else {})
-    return rows
+    rows = {row["model"]: row for row in record["test"]}
+    keys = {name: f"evaluate_{name.removeprefix('steer ')}" for name in rows}
+    return rows, {name: spent[key] for name, key in keys.items() if key in spent}
 
 
 def _row(name: str, side: str, report: RateReport) -> dict[str, Any]:
@@ -843,17 +844,19 @@ def heretic_run(work: Path, manifest: dict[str, Any]) -> dict[str, Any]:
     if "started" in run and "first_start" in manifest:
         setup = manifest["first_start"] - run["started"]
     starts = manifest.get("trial_starts", [])
+
+    def before_first_trial(started: float) -> float | None:
+        first = min((start for start in starts if start >= started), default=None)
+        return None if first is None else first - started
+
     resumes = [
         {
             "seconds": session["seconds"],
-            "setup_seconds": min((t for t in starts if t >= session["started"]), default=None),
+            "setup_seconds": before_first_trial(session["started"]),
             "command": session.get("command"),
         }
         for session in sessions[1:]
     ]
-    for resume, session in zip(resumes, sessions[1:], strict=True):
-        if resume["setup_seconds"] is not None:
-            resume["setup_seconds"] -= session["started"]
     return {
         "seconds": sum(session["seconds"] for session in sessions) if sessions else None,
         "stopped": sessions[-1].get("stopped", False) if sessions else False,
@@ -921,15 +924,11 @@ def main() -> int:
     record["load_average"] = [round(load_before, 2), round(os.getloadavg()[0], 2)]  # after heretic
     if args.evaluate:
         test = test_prompts(splits, args.max_test)
-        kept = kept_rows(args.keep_rows, test, args) if args.keep_rows else {}
+        kept, spent = kept_rows(args.keep_rows, test, args) if args.keep_rows else ({}, {})
         rows = evaluate_models(handle, trials, test, args, seconds, kept=kept)
         if kept:
-            record["kept_rows"] = {"from": args.keep_rows}
-            record["kept_rows"] |= {
-                "rows": {
-                    row["model"]: row.pop("_seconds", None) for row in rows if row["model"] in kept
-                }
-            }
+            used = {row["model"]: spent.get(row["model"]) for row in rows if row["model"] in kept}
+            record["kept_rows"] = {"from": args.keep_rows, "rows": used}
         record |= {"lengths": list(args.lengths), "kl_tokens": args.kl_tokens}
         record |= {"n_harmless_test": len(test[1]), "test": rows}
         record["beats"] = beats(rows, max(args.lengths))
