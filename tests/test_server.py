@@ -653,7 +653,10 @@ def test_full_queue_is_resource_exhausted(tiny_llama: ModelHandle, tmp_path: Pat
         with SteerClient(server.target, timeout=30) as client:
             running = client.generate(LONG_PROMPT, temperature=0, max_new_tokens=400)
             next(running)  # admitted: the batch of one is full
-            waiting = worker.submit([GenerationRequest(prompt="Hi", max_new_tokens=2)])
+            # greedy: a sampled reply may draw EOS in its two tokens and end "stop" instead
+            waiting = worker.submit(
+                [GenerationRequest(prompt="Hi", sampling=GREEDY, max_new_tokens=2)]
+            )
             assert worker.waiting == 1
             with pytest.raises(ResourceExhausted) as full:
                 client.complete("Hi", max_new_tokens=2)
