@@ -8,11 +8,11 @@ The one command a user runs, in its own process, timed wall to wall (model load 
 
 (``compare_heretic.py --make-steer`` runs the same). heretic's seconds are given
 (``--heretic-seconds``: its recorded run, docs/results.md "heretic"), since a heretic run is
-85+ minutes. With ``--evaluate``, ``steer eval refusal`` measures the written recipe on the
-recipe's test split (16 and 64 tokens, KL over 32), also in its own process; without it the
-section names the figures as not measured in this run.
+hours (40 trials: 9251 s on 2 cores). With ``--evaluate``, ``steer eval refusal`` measures
+the written recipe on the recipe's test split (16 and 64 tokens, KL over 32), also in its own
+process; without it the section names the figures as not measured in this run.
 
-    python scripts/bench_refusal_edit.py --heretic-seconds 5072 --out /tmp/refusal-edit
+    python scripts/bench_refusal_edit.py --heretic-seconds 9251 --out /tmp/refusal-edit --evaluate
 """
 
 from __future__ import annotations
