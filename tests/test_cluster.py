@@ -210,7 +210,7 @@ def _expected(handle: ModelHandle, index: int) -> str:
 @pytest.mark.ray
 @pytest.mark.slow
 def test_requests_with_their_own_steering_equal_the_single_process_engine(
-    endpoint: str, smollm2: ModelHandle
+    endpoint: str, smollm2: ModelHandle, cluster: ClusterConfig
 ) -> None:
     replicas: dict[str, set[str]] = {}
     for index, model in enumerate(["a", "b", "a", "b"]):
@@ -221,8 +221,13 @@ def test_requests_with_their_own_steering_equal_the_single_process_engine(
         replicas.setdefault(model, set()).add(response.headers["x-steer-replica"])
     # each model stays on the replica that holds it, and the two are held apart
     assert len(replicas["a"]) == 1 and len(replicas["b"]) == 1 and replicas["a"] != replicas["b"]
-    listed = httpx.get(f"{endpoint}/models", timeout=30).json()
-    assert [entry["id"] for entry in listed["data"]] == ["a", "b"]
+    for route in ("models", "model/list"):  # the OpenAI list and TabbyAPI's status check
+        listed = httpx.get(f"{endpoint}/{route}", timeout=30).json()
+        assert [entry["id"] for entry in listed["data"]] == ["a", "b"], route
+    assert httpx.get(f"{endpoint}/model", timeout=30).json()["id"] == cluster.default_model
+    text = "Describe a harbour at dawn."
+    counted = httpx.post(f"{endpoint}/tokenize", json={"model": "b", "prompt": text}, timeout=600)
+    assert counted.json()["tokens"] == smollm2.tokenizer(text)["input_ids"]  # by a replica
     missing = httpx.post(f"{endpoint}/chat/completions", json=_body("zzz", 0), timeout=30)
     assert missing.status_code == 404 and missing.json()["error"]["param"] == "model"
     unknown_artifact = _body("a", 0, steering=[{"add": {"artifactId": "nope", "strength": 1}}])

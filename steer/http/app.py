@@ -5,6 +5,8 @@ Routes (served by ``steer serve`` beside gRPC, on the same event loop):
 * ``GET /health``; ``GET /v1/models`` and ``GET /v1/model/list`` (TabbyAPI's status check)
 * ``POST /v1/completions`` and ``POST /v1/chat/completions``, streaming (SSE) or not
 * ``GET /v1/steer/sliders``: the operator's named sliders, as a UI draws them
+* the tokenizer routes of TabbyAPI, KoboldCpp, llama.cpp, vLLM and text-generation-webui, and
+  their current-model routes (:mod:`steer.http.tokens`)
 
 A request body is parsed by :func:`steer.http.fields.parse_request` (every sampler field under
 every name SillyTavern sends), turned into ``GenerateRequest`` messages, and run by
@@ -39,6 +41,7 @@ from steer.errors import (
 )
 from steer.generation import GenerationEvent
 from steer.http.fields import OpenAIRequest, parse_request
+from steer.http.tokens import add_token_routes
 from steer.json_input import parse_object
 from steer.proto.v1 import generation_pb2
 from steer.rp.cards import card_to_json
@@ -103,6 +106,7 @@ def create_app(core: ServiceCore) -> FastAPI:
     async def chat_completions(request: Request) -> Response:
         return await _generate(core, request, chat=True)
 
+    add_token_routes(app, core, _read_body)
     return app
 
 

@@ -1,0 +1,200 @@
+"""The tokenizer and current-model routes of the servers SillyTavern's Text Completion types talk
+to, so its token counts (context trimming, the prompt's token bar) and token-id features (logit
+bias, banned tokens) use the served model's own tokenizer instead of a guess.
+
+SillyTavern's "Best match" tokenizer asks the backend it is connected to, each in its own words:
+
+=============================  ==============================  ==================================
+route                          body                            reply
+=============================  ==============================  ==================================
+``POST /v1/token/encode``      TabbyAPI: ``text``              ``tokens``, ``length``
+``POST /v1/internal/encode``   text-generation-webui: ``text`` ``tokens``, ``length``
+``POST /api/extra/tokencount`` KoboldCpp: ``prompt``           ``value``, ``ids``
+``POST /tokenize``             llama.cpp: ``content``;         ``tokens``, ``count``
+                               vLLM: ``prompt`` (+ ``model``)
+``POST /v1/tokenize``          Aphrodite: ``prompt``           ``tokens``, ``count``
+=============================  ==============================  ==================================
+
+and the matching decoders (``/v1/token/decode``, ``/v1/internal/decode``,
+``/api/extra/detokenize``, ``/detokenize``) take ``tokens`` (KoboldCpp: ``ids``). Every encoder is
+:func:`steer.text.encode_text`, what ``POST /v1/completions`` does with its ``prompt``: a count
+equals that completion's ``usage.prompt_tokens`` (test). The special-token flags each server has
+keep their meaning and default (TabbyAPI ``add_bos_token``, true; llama.cpp ``add_special``,
+false; vLLM ``add_special_tokens``, true). ``model`` picks a loaded model; without it, the
+server's default. ``GET /v1/model`` (TabbyAPI) and ``GET /v1/internal/model/info``
+(text-generation-webui) name the default model, which is what SillyTavern shows as connected.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import FastAPI, Request
+
+from steer.errors import InvalidArgumentError
+from steer.http.values import check_unicode
+from steer.limits import check_text_size
+from steer.models import ModelHandle
+from steer.service.core import ServiceCore
+from steer.text import encode_prompt, encode_text
+
+BodyReader = Callable[[ServiceCore, Request], Awaitable[dict[str, Any]]]
+
+
+@dataclass(frozen=True)
+class _Text:
+    """Where one server's encode request keeps its text and special-token flag."""
+
+    key: str
+    special: str | None = None
+    special_default: bool = True
+
+
+@dataclass(frozen=True)
+class _Route:
+    path: str
+    texts: tuple[_Text, ...]  # the first whose key the body has (llama.cpp and vLLM share a path)
+    reply: Callable[[list[int]], dict[str, Any]]
+
+
+def _tokens_length(ids: list[int]) -> dict[str, Any]:
+    return {"tokens": ids, "length": len(ids)}
+
+
+def _tokens_count(ids: list[int]) -> dict[str, Any]:
+    return {"tokens": ids, "count": len(ids)}
+
+
+ENCODERS = (
+    _Route("/v1/token/encode", (_Text("text", "add_bos_token"),), _tokens_length),
+    _Route("/v1/internal/encode", (_Text("text"),), _tokens_length),
+    _Route(
+        "/api/extra/tokencount", (_Text("prompt"),), lambda ids: {"value": len(ids), "ids": ids}
+    ),
+    _Route(
+        "/tokenize",
+        (_Text("content", "add_special", False), _Text("prompt", "add_special_tokens")),
+        _tokens_count,
+    ),
+    _Route("/v1/tokenize", (_Text("prompt", "add_special_tokens"),), _tokens_count),
+)
+
+#: path -> (the key of its token ids, its reply to the decoded text)
+DECODERS: Mapping[str, tuple[str, Callable[[str], dict[str, Any]]]] = {
+    "/v1/token/decode": ("tokens", lambda text: {"text": text}),
+    "/v1/internal/decode": ("tokens", lambda text: {"text": text}),
+    "/api/extra/detokenize": ("ids", lambda text: {"result": text, "success": True}),
+    "/detokenize": ("tokens", lambda text: {"content": text, "prompt": text}),
+}
+
+
+def add_token_routes(app: FastAPI, core: ServiceCore, read_body: BodyReader) -> None:
+    """Register the routes above on ``app``; ``read_body`` is the API's one body reader (its
+    size limit and JSON checks)."""
+    for route in ENCODERS:
+        endpoint = _encoder(core, read_body, route)
+        app.add_api_route(route.path, endpoint, methods=["POST"], name=f"encode {route.path}")
+    for path, (key, reply) in DECODERS.items():
+        endpoint = _decoder(core, read_body, key, reply)
+        app.add_api_route(path, endpoint, methods=["POST"], name=f"decode {path}")
+
+    @app.get("/v1/model")
+    async def current_model() -> dict[str, Any]:
+        name = core.registry.get("").model_id
+        return {"id": name, "object": "model", "created": int(time.time()), "owned_by": "steer"}
+
+    @app.get("/v1/internal/model/info")
+    async def model_info() -> dict[str, Any]:
+        return {"model_name": core.registry.get("").model_id, "lora_names": []}
+
+
+def _encoder(
+    core: ServiceCore, read_body: BodyReader, route: _Route
+) -> Callable[[Request], Awaitable[dict[str, Any]]]:
+    async def encode(request: Request) -> dict[str, Any]:
+        body = await _read(core, read_body, request)
+        handle = _handle(core, body)
+        text, special = _text_of(body, route.texts)
+        check_text_size(len(text), core.settings.max_prompt_tokens, "text")
+        ids = await asyncio.to_thread(_tokenize, handle, text, special)
+        return route.reply(ids)
+
+    return encode
+
+
+def _decoder(
+    core: ServiceCore,
+    read_body: BodyReader,
+    key: str,
+    reply: Callable[[str], dict[str, Any]],
+) -> Callable[[Request], Awaitable[dict[str, Any]]]:
+    async def decode(request: Request) -> dict[str, Any]:
+        body = await _read(core, read_body, request)
+        handle = _handle(core, body)
+        ids = _token_ids(handle, core, body.get(key), key)
+        text = await asyncio.to_thread(handle.tokenizer.decode, ids)
+        return reply(str(text))
+
+    return decode
+
+
+async def _read(core: ServiceCore, read_body: BodyReader, request: Request) -> dict[str, Any]:
+    body = await read_body(core, request)
+    check_unicode(body)  # a lone surrogate reaches no tokenizer
+    return body
+
+
+def _tokenize(handle: ModelHandle, text: str, special: bool) -> list[int]:
+    """``text``'s token ids: with the special tokens, exactly what the completion path
+    encodes for it as a prompt; without them, the text's own tokens."""
+    if not special:
+        return list(handle.tokenizer(text, add_special_tokens=False)["input_ids"])
+    return encode_text(handle.tokenizer, text)
+
+
+def _handle(core: ServiceCore, body: Mapping[str, Any]) -> ModelHandle:
+    model = body.get("model", "")
+    if model is None:
+        model = ""
+    if not isinstance(model, str):
+        raise InvalidArgumentError("expected a model name (a string)", field="model")
+    return core.registry.get(model).handle
+
+
+def _text_of(body: Mapping[str, Any], texts: Sequence[_Text]) -> tuple[str, bool]:
+    """The text to encode and whether to add the tokenizer's special tokens."""
+    form = next((t for t in texts if t.key in body), None)
+    if form is None:
+        names = " or ".join(repr(t.key) for t in texts)
+        raise InvalidArgumentError(f"expected the text to encode as {names}", field=texts[0].key)
+    text = body[form.key]
+    if not isinstance(text, str):
+        raise InvalidArgumentError("expected a string", field=form.key)
+    special = form.special_default
+    if form.special is not None and body.get(form.special) is not None:
+        flag = body[form.special]
+        if not isinstance(flag, bool):
+            raise InvalidArgumentError("expected true or false", field=form.special)
+        special = flag
+    return text, special
+
+
+def _token_ids(handle: ModelHandle, core: ServiceCore, value: Any, key: str) -> list[int]:
+    """``value`` as token ids of ``handle``'s vocabulary, at most the prompt limit of them."""
+    if not isinstance(value, list) or not all(
+        isinstance(i, int) and not isinstance(i, bool) for i in value
+    ):
+        raise InvalidArgumentError("expected a list of token ids (integers)", field=key)
+    limit = core.settings.max_prompt_tokens
+    if len(value) > limit:
+        raise InvalidArgumentError(f"{len(value)} token ids; at most {limit}", field=key)
+    if not value:
+        return []
+    try:
+        return encode_prompt(handle, prompt_ids=value)
+    except InvalidArgumentError as error:
+        raise InvalidArgumentError(error.message, field=key) from None
