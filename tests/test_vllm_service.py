@@ -121,6 +121,13 @@ def test_http_chat_with_steering_equals_the_hf_engine(
     text = response.json()["choices"][0]["message"]["content"]
     expected = smollm2.tokenizer.decode(_alone(smollm2, 1), skip_special_tokens=True)
     assert text == expected
+    # SillyTavern's token count (TabbyAPI's route) is the prompt the vLLM engine was given
+    counted = httpx.post(
+        f"{served.http_url}/v1/token/encode", json={"model": "smollm2", "text": QUESTION}
+    )
+    plain = {"model": "smollm2", "prompt": QUESTION, "max_tokens": 1, "temperature": 0}
+    usage = httpx.post(f"{served.http_url}/v1/completions", json=plain, timeout=300).json()["usage"]
+    assert counted.json()["length"] == usage["prompt_tokens"] > 1
 
 
 def test_what_vllm_lacks_is_refused_by_name_and_the_server_keeps_serving(
