@@ -4,13 +4,16 @@
     python scripts/gen_protos.py --check   # exit 1 if the committed stubs are stale
 
 protoc writes ``from steer.v1 import x_pb2``; the stubs live in the package ``steer.proto.v1``, so
-imports are rewritten to that.
+imports are rewritten to that. ``--check`` compares the stubs without the lines where the generator
+stamps its own version (``GRPC_GENERATED_VERSION``, protobuf's version comment and runtime check):
+a grpcio-tools release changes those, not what the .proto files say, and CI installs the newest.
+Those stamps are runtime floors (a stub refuses an older grpcio or protobuf), so pyproject.toml's
+floors must be at least the committed stamps (tests/test_server.py checks).
 """
 
 from __future__ import annotations
 
 import argparse
-import filecmp
 import re
 import shutil
 import sys
@@ -21,6 +24,12 @@ ROOT = Path(__file__).resolve().parent.parent
 PROTOS = ROOT / "protos"
 TARGET = ROOT / "steer" / "proto" / "v1"
 PACKAGE_INIT = '"""Generated protobuf and gRPC stubs (scripts/gen_protos.py); do not edit."""\n'
+#: where a stub names the generator's version rather than the .proto files' content
+STAMPS = (
+    re.compile(r"^GRPC_GENERATED_VERSION = .*$", re.MULTILINE),
+    re.compile(r"^# Protobuf Python Version: .*$", re.MULTILINE),
+    re.compile(r"ValidateProtobufRuntimeVersion\([^)]*\)"),
+)
 
 
 def generate(out: Path) -> list[Path]:
@@ -56,6 +65,14 @@ def generate(out: Path) -> list[Path]:
     return [*written, out / "__init__.py", out.parent / "__init__.py"]
 
 
+def unstamped(path: Path) -> str:
+    """``path``'s text with the generator's version stamps blanked."""
+    text = path.read_text()
+    for stamp in STAMPS:
+        text = stamp.sub("<generator version>", text)
+    return text
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--check", action="store_true", help="fail if committed stubs are stale")
@@ -80,7 +97,7 @@ def main() -> int:
             for name in sorted(names)
             if not (TARGET / name).exists()
             or not (fresh / name).exists()
-            or not filecmp.cmp(fresh / name, TARGET / name, shallow=False)
+            or unstamped(fresh / name) != unstamped(TARGET / name)
         ]
     if stale:
         print(f"stale stubs in steer/proto/v1: {', '.join(stale)}; run scripts/gen_protos.py")

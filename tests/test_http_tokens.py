@@ -179,11 +179,12 @@ def test_current_model_routes_name_the_default(server: SteerServer) -> None:
         ("/v1/token/encode", {"text": "x" * 64 * 32 + "x"}, "text", 400),
         ("/tokenize", {"model": 3, "prompt": "hi"}, "model", 400),
         ("/tokenize", {"text": "hi"}, "content", 400),
+        ("/tokenize", {"content": "x" * 64 * 32 + "x"}, "content", 400),
         ("/v1/token/decode", {"tokens": "1 2"}, "tokens", 400),
         ("/v1/token/decode", {"tokens": [1, True]}, "tokens", 400),
         ("/v1/token/decode", {"tokens": [10**9]}, "tokens", 400),
         ("/v1/token/decode", {"tokens": [-1]}, "tokens", 400),
-        ("/v1/token/decode", {"tokens": [1] * 65}, "tokens", 400),
+        ("/v1/token/decode", {"tokens": [1] * (64 + 400 + 1)}, "tokens", 400),
         ("/api/extra/detokenize", {"tokens": [1]}, "ids", 400),
     ],
 )
@@ -195,6 +196,13 @@ def test_bad_bodies_are_400_naming_the_field(
     error = response.json()["error"]
     assert error["param"] == param and "Traceback" not in error["message"]
     assert _post(server, "/v1/token/encode", {"text": "hi"}).status_code == 200  # still serving
+
+
+def test_the_limits_are_the_servers_own(server: SteerServer) -> None:
+    """A text as long as a prompt may be (64 tokens x 32 characters) and as many ids as a
+    prompt and a reply together (64 + 400) are answered; one more is refused (the test above)."""
+    assert _post(server, "/v1/token/encode", {"text": "x" * 64 * 32}).status_code == 200
+    assert _post(server, "/v1/token/decode", {"tokens": [1] * (64 + 400)}).status_code == 200
 
 
 def test_a_body_that_is_no_json_object_is_400(server: SteerServer) -> None:

@@ -609,6 +609,34 @@ def test_committed_stubs_are_current() -> None:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+def test_dependency_floors_cover_the_stubs_version_stamps() -> None:
+    """A stub refuses a grpcio or protobuf older than the generator that wrote it (its stamp),
+    and ``gen_protos.py --check`` ignores the stamps; so pyproject.toml's floors must be at least
+    the committed stamps, or an install the floors allow fails at import."""
+    import re
+    import tomllib
+
+    from packaging.version import Version
+
+    floors = {}
+    for spec in tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]:
+        if found := re.match(r"(grpcio|protobuf)>=([\d.]+)", spec):
+            floors[found[1]] = Version(found[2])
+    stubs = ROOT / "steer" / "proto" / "v1"
+    stamps = {
+        "grpcio": (r"^GRPC_GENERATED_VERSION = '([\d.]+)'", "*_grpc.py"),
+        "protobuf": (r"^# Protobuf Python Version: ([\d.]+)$", "*_pb2.py"),
+    }
+    for package, (pattern, files) in stamps.items():
+        found = [
+            Version(v)
+            for path in stubs.glob(files)
+            for v in re.findall(pattern, path.read_text(), re.M)
+        ]
+        assert found, f"no {package} stamp in {files}"
+        assert floors[package] >= max(found), (package, floors[package], max(found))
+
+
 @pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command")
 def test_tls(tiny_llama: ModelHandle, tmp_path: Path) -> None:
     key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"

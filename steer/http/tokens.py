@@ -118,8 +118,7 @@ def _encoder(
     async def encode(request: Request) -> dict[str, Any]:
         body = await _read(core, read_body, request)
         handle = _handle(core, body)
-        text, special = _text_of(body, route.texts)
-        check_text_size(len(text), core.settings.max_prompt_tokens, "text")
+        text, special = _text_of(body, route.texts, core.settings.max_prompt_tokens)
         ids = await asyncio.to_thread(_tokenize, handle, text, special)
         return route.reply(ids)
 
@@ -165,8 +164,9 @@ def _handle(core: ServiceCore, body: Mapping[str, Any]) -> ModelHandle:
     return core.registry.get(model).handle
 
 
-def _text_of(body: Mapping[str, Any], texts: Sequence[_Text]) -> tuple[str, bool]:
-    """The text to encode and whether to add the tokenizer's special tokens."""
+def _text_of(body: Mapping[str, Any], texts: Sequence[_Text], max_tokens: int) -> tuple[str, bool]:
+    """The text to encode (refused by its length past ``max_tokens``, as a prompt is) and
+    whether to add the tokenizer's special tokens."""
     form = next((t for t in texts if t.key in body), None)
     if form is None:
         names = " or ".join(repr(t.key) for t in texts)
@@ -174,6 +174,7 @@ def _text_of(body: Mapping[str, Any], texts: Sequence[_Text]) -> tuple[str, bool
     text = body[form.key]
     if not isinstance(text, str):
         raise InvalidArgumentError("expected a string", field=form.key)
+    check_text_size(len(text), max_tokens, form.key)
     special = form.special_default
     if form.special is not None and body.get(form.special) is not None:
         flag = body[form.special]
@@ -184,12 +185,13 @@ def _text_of(body: Mapping[str, Any], texts: Sequence[_Text]) -> tuple[str, bool
 
 
 def _token_ids(handle: ModelHandle, core: ServiceCore, value: Any, key: str) -> list[int]:
-    """``value`` as token ids of ``handle``'s vocabulary, at most the prompt limit of them."""
+    """``value`` as token ids of ``handle``'s vocabulary, at most as many as the longest
+    sequence the server handles (the prompt limit and the reply cap)."""
     if not isinstance(value, list) or not all(
         isinstance(i, int) and not isinstance(i, bool) for i in value
     ):
         raise InvalidArgumentError("expected a list of token ids (integers)", field=key)
-    limit = core.settings.max_prompt_tokens
+    limit = core.settings.max_prompt_tokens + core.settings.max_new_tokens_cap
     if len(value) > limit:
         raise InvalidArgumentError(f"{len(value)} token ids; at most {limit}", field=key)
     if not value:
