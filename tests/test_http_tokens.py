@@ -1,7 +1,8 @@
-"""The tokenizer and current-model routes SillyTavern's Text Completion types call, against a real
-server on loopback: each read the way SillyTavern reads it (src/endpoints/tokenizers.js), counts
-equal to a completion's ``usage.prompt_tokens``, each server's special-token flag, model choice,
-decoding, and bad bodies answered 400 naming the field while the server keeps serving."""
+"""The tokenizer and current-model routes SillyTavern calls, on a real server on loopback.
+
+Each reply is read the way SillyTavern reads it (src/endpoints/tokenizers.js): counts equal to a
+completion's ``usage.prompt_tokens``, each server's special-token flag, model choice, decoding,
+and bad bodies answered 400 naming the field while the server keeps serving."""
 
 from __future__ import annotations
 

@@ -1,6 +1,8 @@
-"""The tokenizer and current-model routes of the servers SillyTavern's Text Completion types talk
-to, so its token counts (context trimming, the prompt's token bar) and token-id features (logit
-bias, banned tokens) use the served model's own tokenizer instead of a guess.
+"""Tokenizer and current-model routes in the words of each server SillyTavern connects to.
+
+SillyTavern's Text Completion types ask their backend for these, so its token counts (context
+trimming, the prompt's token bar) and token-id features (logit bias, banned tokens) use the served
+model's own tokenizer instead of a guess.
 
 SillyTavern's "Best match" tokenizer asks the backend it is connected to, each in its own words:
 
