@@ -202,13 +202,6 @@ async def run_asgi(
         task.cancel()
 
 
-#: TabbyAPI's and text-generation-webui's "which model is loaded": the app's default model
-_CURRENT_MODEL = {
-    "/v1/model": lambda name: {"id": name, "object": "model", "owned_by": "steer"},
-    "/v1/internal/model/info": lambda name: {"model_name": name, "lora_names": []},
-}
-
-
 class RouterBody:
     """The ingress's logic: route by model id, stream the replica's answer back (HTTP here,
     gRPC in :class:`steer.cluster.grpc_ingress.GrpcIngress`, started with the router)."""
@@ -224,12 +217,14 @@ class RouterBody:
     async def __call__(self, request: Any) -> Any:
         from starlette.responses import JSONResponse, StreamingResponse
 
+        from steer.http.tokens import CURRENT_MODEL
+
         body = await request.body()
         path = request.url.path
         if request.method == "GET" and path.rstrip("/") in ("/v1/models", "/v1/model/list"):
             return JSONResponse(self._models())  # every model served, not one replica's
-        if request.method == "GET" and path.rstrip("/") in _CURRENT_MODEL:
-            return JSONResponse(_CURRENT_MODEL[path.rstrip("/")](self.config.default_model))
+        if request.method == "GET" and path.rstrip("/") in CURRENT_MODEL:  # the app's default
+            return JSONResponse(CURRENT_MODEL[path.rstrip("/")](self.config.default_model))
         if request.method == "GET" and path == "/health":
             return JSONResponse({"status": "ok"})
         model_id, problem = self._model_of(body)

@@ -94,6 +94,19 @@ DECODERS: Mapping[str, tuple[str, Callable[[str], dict[str, Any]]]] = {
 }
 
 
+#: path -> the reply naming the loaded model, as TabbyAPI and text-generation-webui answer (the
+#: Ray Serve router answers them for the whole app with the same replies)
+CURRENT_MODEL: Mapping[str, Callable[[str], dict[str, Any]]] = {
+    "/v1/model": lambda name: {
+        "id": name,
+        "object": "model",
+        "created": int(time.time()),
+        "owned_by": "steer",
+    },
+    "/v1/internal/model/info": lambda name: {"model_name": name, "lora_names": []},
+}
+
+
 def add_token_routes(app: FastAPI, core: ServiceCore, read_body: BodyReader) -> None:
     """Register the routes above on ``app``; ``read_body`` is the API's one body reader (its
     size limit and JSON checks)."""
@@ -104,14 +117,17 @@ def add_token_routes(app: FastAPI, core: ServiceCore, read_body: BodyReader) -> 
         endpoint = _decoder(core, read_body, key, reply)
         app.add_api_route(path, endpoint, methods=["POST"], name=f"decode {path}")
 
-    @app.get("/v1/model")
-    async def current_model() -> dict[str, Any]:
-        name = core.registry.get("").model_id
-        return {"id": name, "object": "model", "created": int(time.time()), "owned_by": "steer"}
+    for path, reply in CURRENT_MODEL.items():
+        app.add_api_route(path, _current(core, reply), methods=["GET"], name=f"model {path}")
 
-    @app.get("/v1/internal/model/info")
-    async def model_info() -> dict[str, Any]:
-        return {"model_name": core.registry.get("").model_id, "lora_names": []}
+
+def _current(
+    core: ServiceCore, reply: Callable[[str], dict[str, Any]]
+) -> Callable[[], Awaitable[dict[str, Any]]]:
+    async def current() -> dict[str, Any]:
+        return reply(core.registry.get("").model_id)
+
+    return current
 
 
 def _encoder(
