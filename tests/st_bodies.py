@@ -12,10 +12,12 @@ What the builders imply and these bodies reproduce: keys whose value is ``undefi
 absent (``seed`` when the seed is -1, ``grammar_string`` when empty, ``model`` for KoboldCpp and
 text-generation-webui, ``stream`` unless streaming); the DRY breakers are a JSON string
 (re-serialised without spaces by ``replaceMacrosInList``) except for KoboldCpp, which gets the
-parsed array; ``custom_token_bans`` is comma-separated ids except for Aphrodite (a list); only the
-tabby type gets ``n``; Aphrodite gets no ``rep_pen``/range keys and its ``ignore_eos`` comes from
-the separate "Ignore EOS" setting. Sampler values are those of users' presets (ST's defaults
-where a setting is usually left alone). Tests deep-copy these before changing them.
+parsed array (llama.cpp too); ``custom_token_bans`` is comma-separated ids except for Aphrodite
+(a list), and llama.cpp also gets the bans and the logit bias as ``[[id, bias]]`` pairs; only the
+tabby and llama.cpp types get ``n``; Aphrodite gets no ``rep_pen``/range keys and its
+``ignore_eos`` comes from the separate "Ignore EOS" setting. Sampler values are those of users'
+presets (ST's defaults where a setting is usually left alone). Tests deep-copy these before
+changing them.
 """
 
 from __future__ import annotations
@@ -348,12 +350,100 @@ GENERIC: dict[str, Any] = {
     "stream": True,
 }
 
+#: ST's LLAMACPP_DEFAULT_ORDER (``samplers``)
+LLAMACPP_SAMPLERS = [
+    "penalties",
+    "dry",
+    "top_n_sigma",
+    "top_k",
+    "typ_p",
+    "top_p",
+    "min_p",
+    "xtc",
+    "temperature",
+    "adaptive_p",
+]
+
+# llama.cpp (posted to /completion, not /v1/completions): streaming, token probabilities on, its
+# sampler order, logit bias and banned ids as llama.cpp's [[id, bias]] pairs (a ban is false),
+# DRY breakers as an array, no seed, and the prompt-cache flag; ``n`` as ST 1.18 sends it.
+LLAMACPP: dict[str, Any] = {
+    "prompt": PROMPT,
+    "model": "Mistral-Nemo-Instruct-2407-Q5_K_M.gguf",
+    "max_new_tokens": 300,
+    "max_tokens": 300,
+    "logprobs": 10,
+    "temperature": 0.9,
+    "top_p": 0.95,
+    "typical_p": 1,
+    "typical": 1,
+    "min_p": 0.05,
+    "repetition_penalty": 1.08,
+    "frequency_penalty": 0,
+    "presence_penalty": 0,
+    "top_k": 40,
+    "skew": 0,
+    "min_tokens": 0,
+    "add_bos_token": True,
+    "smoothing_factor": 0,
+    "smoothing_curve": 1,
+    "dry_allowed_length": 2,
+    "dry_multiplier": 0.8,
+    "dry_base": 1.75,
+    "dry_sequence_breakers": DRY_BREAKERS_LIST,
+    "dry_penalty_last_n": 0,
+    "max_tokens_second": 0,
+    "samplers": LLAMACPP_SAMPLERS,
+    "stopping_strings": STOP,
+    "stop": STOP,
+    "truncation_length": 16384,
+    "ban_eos_token": False,
+    "skip_special_tokens": True,
+    "include_reasoning": True,
+    "top_a": 0,
+    "tfs": 1,
+    "mirostat_mode": 0,
+    "mirostat_tau": 5,
+    "mirostat_eta": 0.1,
+    "custom_token_bans": "28705",
+    "banned_strings": [],
+    "api_type": "llamacpp",
+    "api_server": "http://127.0.0.1:8080",
+    "xtc_threshold": 0.1,
+    "xtc_probability": 0,
+    "nsigma": 0,
+    "top_n_sigma": 0,
+    "min_keep": 0,
+    "adaptive_target": -0.01,
+    "adaptive_decay": 0.9,
+    "n": 1,
+    "rep_pen": 1.08,
+    "rep_pen_range": 512,
+    "repetition_penalty_range": 512,
+    "guidance_scale": 1,
+    "negative_prompt": "",
+    "repeat_penalty": 1.08,
+    "repeat_last_n": 512,
+    "n_predict": 300,
+    "num_predict": 300,
+    "num_ctx": 16384,
+    "mirostat": 0,
+    "ignore_eos": False,
+    "n_probs": 10,
+    "rep_pen_slope": 1,
+    "logit_bias": [[1012, -50], [28705, False]],
+    "grammar": "",
+    "cache_prompt": True,
+    "stream": True,
+}
+
 TEXT_COMPLETION_BODIES: dict[str, dict[str, Any]] = {
     "tabby": TABBY,
     "koboldcpp": KOBOLDCPP,
     "ooba": OOBA,
     "aphrodite": APHRODITE,
     "generic": GENERIC,
+    "llamacpp": LLAMACPP,
 }
 
 # Chat Completion -> Custom (OpenAI-compatible), "Character Names Behavior: Completion Object" in a

@@ -130,6 +130,36 @@ EXPECTED = {
     "generic": SamplingConfig(
         temperature=0.9, top_p=0.92, frequency_penalty=0.2, presence_penalty=0.1, seed=7
     ),
+    "llamacpp": SamplingConfig(
+        temperature=0.9,
+        top_k=40,
+        top_p=0.95,
+        min_p=0.05,
+        repetition_penalty=1.08,
+        repetition_penalty_range=512,
+        dry_multiplier=0.8,
+        dry_sequence_breakers=BREAKERS,
+        # the pairs [[1012, -50], [28705, false]] and custom_token_bans "28705" (the same ban)
+        logit_bias=((1012, -50.0), (28705, -INF)),
+        # ST's LLAMACPP_DEFAULT_ORDER: penalties, dry, top_k, typ_p, top_p, min_p, xtc,
+        # temperature (top_n_sigma and adaptive_p are samplers steer lacks): temperature last,
+        # as llama.cpp runs it; top_a and tfs keep their places
+        sampler_order=(
+            "logit_bias",
+            "repetition_penalty",
+            "presence_penalty",
+            "frequency_penalty",
+            "dry",
+            "top_k",
+            "typical_p",
+            "top_a",
+            "top_p",
+            "min_p",
+            "tfs",
+            "xtc",
+            "temperature",
+        ),
+    ),
     "chat_custom": SamplingConfig(min_p=0.05, repetition_penalty=1.05),
 }
 FIXTURES = {**st_bodies.TEXT_COMPLETION_BODIES, "chat_custom": st_bodies.CHAT_CUSTOM}
@@ -154,6 +184,8 @@ BOOKKEEPING = {
     "custom_token_bans",
     "sampler_order",
     "sampler_priority",
+    "samplers",
+    "cache_prompt",
     "add_bos_token",
     "truncation_length",
     "num_ctx",
@@ -583,7 +615,7 @@ BAD_TEXT = [
     ({"sampler_seed": 2**64}, "sampler_seed"),
     ({"banned_strings": [1]}, "banned_strings[0]"),
     ({"banned_strings": [f"phrase {i}" for i in range(100)]}, "banned_strings"),
-    ({"logit_bias": [[1, 2]]}, "logit_bias"),
+    ({"logit_bias": [[1, 2, 3]]}, "logit_bias[0]"),
     ({"logit_bias": {"abc": 1}}, "logit_bias"),
     ({"logit_bias": {"-3": 1}}, "logit_bias"),
     ({"logit_bias": {"99999999999": 1}}, "logit_bias"),
@@ -627,7 +659,10 @@ BAD_TEXT = [
     ({"model": 5}, "model"),
     ({"prompt": ["a", "b"]}, "prompt"),
     ({"prompt": []}, "prompt"),
-    ({"prompt": [1, 2, 3]}, "prompt"),
+    ({"prompt": [1, "b"]}, "prompt"),
+    ({"prompt": [[1], [2]]}, "prompt"),
+    ({"prompt": [True]}, "prompt"),
+    ({"prompt": [2**31]}, "prompt[0]"),
     ({"prompt": {"text": "x"}}, "prompt"),
     ({"messages": [{"role": "user", "content": "hi"}]}, "messages"),
 ]

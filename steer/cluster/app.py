@@ -217,12 +217,14 @@ class RouterBody:
     async def __call__(self, request: Any) -> Any:
         from starlette.responses import JSONResponse, StreamingResponse
 
+        from steer.http.answers import models_body
         from steer.http.tokens import CURRENT_MODEL
 
         body = await request.body()
         path = request.url.path
         if request.method == "GET" and path.rstrip("/") in ("/v1/models", "/v1/model/list"):
-            return JSONResponse(self._models())  # every model served, not one replica's
+            # every model served, not one replica's
+            return JSONResponse(models_body(self.config.models))
         if request.method == "GET" and path.rstrip("/") in CURRENT_MODEL:  # the app's default
             return JSONResponse(CURRENT_MODEL[path.rstrip("/")](self.config.default_model))
         if request.method == "GET" and path == "/health":
@@ -236,15 +238,6 @@ class RouterBody:
         status, response_headers = await stream.__anext__()
         kept = {k: v for k, v in response_headers if k.lower() not in ("content-length",)}
         return StreamingResponse(_chunks(stream), status_code=status, headers=kept)
-
-    def _models(self) -> dict[str, Any]:
-        return {
-            "object": "list",
-            "data": [
-                {"id": model_id, "object": "model", "owned_by": "steer"}
-                for model_id in self.config.models
-            ],
-        }
 
     def _model_of(self, body: bytes) -> tuple[str, dict[str, Any] | None]:
         try:

@@ -4,6 +4,8 @@ Routes (served by ``steer serve`` beside gRPC, on the same event loop):
 
 * ``GET /health``; ``GET /v1/models`` and ``GET /v1/model/list`` (TabbyAPI's status check)
 * ``POST /v1/completions`` and ``POST /v1/chat/completions``, streaming (SSE) or not
+* ``POST /completion``: llama.cpp's own completion route and reply shape
+  (:mod:`steer.http.llamacpp`), which SillyTavern's llama.cpp type posts to
 * ``GET /v1/steer/sliders``: the operator's named sliders, as a UI draws them
 * the tokenizer routes of TabbyAPI, KoboldCpp, llama.cpp, vLLM and text-generation-webui, and
   their current-model routes (:mod:`steer.http.tokens`)
@@ -11,8 +13,8 @@ Routes (served by ``steer serve`` beside gRPC, on the same event loop):
 A request body is parsed by :func:`steer.http.fields.parse_request` (every sampler field under
 every name SillyTavern sends), turned into ``GenerateRequest`` messages, and run by
 :meth:`ServiceCore.start_generation`: the same conversion, engine rows and sliders as gRPC.
-``n`` choices are rows of one batch. Errors are OpenAI's JSON error shape with the HTTP status of
-the error catalogue (:data:`steer.errors.HTTP_STATUS`); never a stack trace.
+``n`` choices are rows of one batch. Replies and errors are shaped in :mod:`steer.http.answers`
+(OpenAI's error JSON with the HTTP status of the error catalogue; never a stack trace).
 """
 
 from __future__ import annotations
@@ -20,10 +22,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import time
-import uuid
-from collections.abc import AsyncIterator, Mapping
-from http import HTTPStatus
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -33,22 +32,28 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from steer.errors import (
-    HTTP_STATUS,
     InvalidArgumentError,
     ResourceExhaustedError,
     SteerError,
     UnauthenticatedError,
 )
-from steer.generation import GenerationEvent
+from steer.http import llamacpp
+from steer.http.answers import (
+    Answer,
+    OpenAIAnswer,
+    error_response,
+    models_body,
+    routing_error_response,
+)
 from steer.http.fields import OpenAIRequest, parse_request
 from steer.http.tokens import add_token_routes
 from steer.json_input import parse_object
+from steer.models import ModelHandle
 from steer.proto.v1 import generation_pb2
 from steer.rp.cards import card_to_json
 from steer.service import convert
 from steer.service.auth import bearer_matches
 from steer.service.core import ServiceCore
-from steer.service.failures import describe
 from steer.service.scheduler import Subscription
 from steer.service.sliders import named_interventions
 
@@ -56,7 +61,8 @@ log = logging.getLogger("steer.http")
 
 #: response header naming sampler fields the request set that steer does not have
 IGNORED_HEADER = "X-Steer-Ignored-Fields"
-_FINISH = {"stop": "stop", "length": "length", "cancelled": "stop"}
+#: a route's reply shape, made from the parsed request, the model id and its handle
+AnswerFactory = Callable[[OpenAIRequest, str, ModelHandle], Answer]
 _PUBLIC = ("/health", "/docs", "/openapi.json", "/docs/oauth2-redirect", "/redoc")
 
 
@@ -82,14 +88,7 @@ def create_app(core: ServiceCore) -> FastAPI:
     @app.get("/v1/models")
     @app.get("/v1/model/list")
     async def models() -> dict[str, Any]:
-        created = int(time.time())
-        return {
-            "object": "list",
-            "data": [
-                {"id": model_id, "object": "model", "created": created, "owned_by": "steer"}
-                for model_id in core.registry.all()
-            ],
-        }
+        return models_body(core.registry.all())
 
     @app.get("/v1/steer/sliders")
     async def sliders() -> dict[str, Any]:
@@ -100,11 +99,18 @@ def create_app(core: ServiceCore) -> FastAPI:
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
-        return await _generate(core, request, chat=False)
+        parsed = parse_request(await _read_body(core, request), chat=False)
+        return await _generate(core, request, parsed, _openai(chat=False))
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
-        return await _generate(core, request, chat=True)
+        parsed = parse_request(await _read_body(core, request), chat=True)
+        return await _generate(core, request, parsed, _openai(chat=True))
+
+    @app.post(llamacpp.ROUTE)
+    async def llamacpp_completion(request: Request) -> Response:
+        parsed, reply = llamacpp.read_request(await _read_body(core, request))
+        return await _generate(core, request, parsed, reply.answer)
 
     add_token_routes(app, core, _read_body)
     return app
@@ -148,35 +154,6 @@ def _authorise(core: ServiceCore, request: Request) -> None:
         raise UnauthenticatedError("missing or wrong bearer token (Authorization header)")
 
 
-def error_body(error: BaseException) -> tuple[int, dict[str, Any]]:
-    """(HTTP status, OpenAI's error object ``{"message", "type", "param", "code"}``)."""
-    failure = describe(error)
-    code, field = failure.code, failure.field
-    body = {"message": failure.message, "type": code.lower(), "param": field, "code": code}
-    status = HTTP_STATUS.get(code, 500)
-    if code == "RESOURCE_EXHAUSTED" and field != "queue":
-        # a full queue is "retry later" (429); a prompt or body over a limit is the request's
-        # own fault and retrying it cannot help (OpenAI answers 400 for context length)
-        status = 413 if field == "body" else 400
-    return status, body
-
-
-def error_response(error: BaseException) -> JSONResponse:
-    status, body = error_body(error)
-    return JSONResponse({"error": body}, status_code=status)
-
-
-def routing_error_response(error: HTTPException) -> Response:
-    """Starlette's HTTPException (404 no such route, 405 method not allowed) in OpenAI's shape,
-    with its headers (``Allow`` for a 405)."""
-    try:
-        code = HTTPStatus(error.status_code).name
-    except ValueError:
-        code = str(error.status_code)
-    body = {"message": str(error.detail), "type": code.lower(), "param": None, "code": code}
-    return JSONResponse({"error": body}, status_code=error.status_code, headers=error.headers)
-
-
 # -- one generation -------------------------------------------------------------------------
 
 
@@ -193,8 +170,18 @@ async def _read_body(core: ServiceCore, request: Request) -> dict[str, Any]:
     return parse_object(bytes(body), what="the request body", field="body")
 
 
-async def _generate(core: ServiceCore, request: Request, *, chat: bool) -> Response:
-    parsed = parse_request(await _read_body(core, request), chat=chat)
+def _openai(*, chat: bool) -> AnswerFactory:
+    def make(parsed: OpenAIRequest, model: str, handle: ModelHandle) -> Answer:
+        return OpenAIAnswer(parsed, chat, model, handle)
+
+    return make
+
+
+async def _generate(
+    core: ServiceCore, request: Request, parsed: OpenAIRequest, make_answer: AnswerFactory
+) -> Response:
+    """Run ``parsed`` (its ``n`` choices as rows of one batch) and reply in ``make_answer``'s
+    shape: an SSE stream when the request streams, else one JSON body."""
     messages, renames = _generate_requests(core, parsed)
     try:
         plans, subscription = await core.start_generation(messages)
@@ -203,7 +190,7 @@ async def _generate(core: ServiceCore, request: Request, *, chat: bool) -> Respo
         raise
     del plans  # one row per choice, in order: the subscription's index is the choice index
     handle = core.registry.get(messages[0].model).handle
-    answer = _Answer(parsed, chat, messages[0].model or core.registry.default_model, handle)
+    answer = make_answer(parsed, messages[0].model or core.registry.default_model, handle)
     headers = {IGNORED_HEADER: ", ".join(parsed.ignored)} if parsed.ignored else {}
     if parsed.stream:
         return StreamingResponse(
@@ -240,6 +227,8 @@ def _generate_requests(
     )
     _set_prompt(base, parsed)
     renames: dict[str, str] = {}
+    if parsed.prompt_ids is not None:  # the engine's and the proto's names for the ids
+        renames.update({"prompt_ids": "prompt", "token_ids.ids": "prompt"})
     for index, item in enumerate(named_interventions(parsed.sliders)):
         base.interventions.append(item)
         renames[f"interventions[{index}]"] = f"steer.{item.named.name}"
@@ -288,6 +277,9 @@ def _set_prompt(message: generation_pb2.GenerateRequest, parsed: OpenAIRequest) 
     if parsed.prompt is not None:
         message.text = parsed.prompt
         return
+    if parsed.prompt_ids is not None:
+        message.token_ids.ids.extend(parsed.prompt_ids)
+        return
     assert parsed.messages is not None
     plain = parsed.prompt_format is None and parsed.card is None
     if plain and not any(turn.name for turn in parsed.messages):
@@ -332,141 +324,3 @@ def _scene(parsed: OpenAIRequest) -> tuple[dict[str, Any], str]:
         "system": system,
     }
     return scene, speaker
-
-
-# -- answers ----------------------------------------------------------------------------------
-
-
-class _Answer:
-    """Turns engine events into OpenAI completion or chat-completion JSON."""
-
-    def __init__(self, parsed: OpenAIRequest, chat: bool, model: str, handle: Any) -> None:
-        self.parsed, self.chat, self.model, self.handle = parsed, chat, model, handle
-        self.id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
-        self.created = int(time.time())
-        self.object = "chat.completion" if chat else "text_completion"
-
-    def _token(self, token_id: int) -> str:
-        return str(self.handle.tokenizer.decode([token_id]))
-
-    def _logprobs(self, events: list[GenerationEvent]) -> dict[str, Any] | None:
-        if not self.parsed.logprobs:
-            return None
-        entries = []
-        for event in events:
-            for token_id in event.token_ids:
-                candidates = dict(event.top_logprobs)
-                entries.append((token_id, candidates.get(token_id), event.top_logprobs))
-        if self.chat:
-            return {"content": [self._chat_logprob(*entry) for entry in entries]}
-        return {
-            "tokens": [self._token(token) for token, _, _ in entries],
-            "token_logprobs": [logprob for _, logprob, _ in entries],
-            "top_logprobs": [{self._token(t): lp for t, lp in top} for _, _, top in entries],
-        }
-
-    def _chat_logprob(
-        self, token: int, logprob: float | None, top: tuple[tuple[int, float], ...]
-    ) -> dict[str, Any]:
-        text = self._token(token)
-        return {
-            "token": text,
-            "logprob": logprob,
-            "bytes": list(text.encode()),
-            "top_logprobs": [
-                {"token": self._token(t), "logprob": lp, "bytes": list(self._token(t).encode())}
-                for t, lp in top
-            ],
-        }
-
-    def _choice(self, index: int, text: str, finish: str | None, logprobs: Any) -> dict[str, Any]:
-        if self.chat:
-            return {
-                "index": index,
-                "message": {"role": "assistant", "content": text},
-                "finish_reason": finish,
-                "logprobs": logprobs,
-            }
-        return {"index": index, "text": text, "finish_reason": finish, "logprobs": logprobs}
-
-    def _envelope(self, choices: list[dict[str, Any]], chunk: bool = False) -> dict[str, Any]:
-        kind = f"{self.object}.chunk" if chunk and self.chat else self.object
-        return {
-            "id": self.id,
-            "object": kind,
-            "created": self.created,
-            "model": self.model,
-            "choices": choices,
-        }
-
-    async def collect(self, subscription: Subscription) -> dict[str, Any]:
-        events: dict[int, list[GenerationEvent]] = {i: [] for i in range(self.parsed.n)}
-        async for index, event in subscription:
-            events[index].append(event)
-        choices, prompt_tokens, completion_tokens = [], 0, 0
-        for index, stream in events.items():
-            final = stream[-1]
-            text = "".join(event.text for event in stream)
-            choices.append(
-                self._choice(
-                    index, text, _FINISH.get(final.finish_reason or ""), self._logprobs(stream)
-                )
-            )
-            if final.usage is not None:
-                prompt_tokens = final.usage.prompt_tokens
-                completion_tokens += final.usage.completion_tokens
-        body = self._envelope(choices)
-        body["usage"] = _usage(prompt_tokens, completion_tokens)
-        return body
-
-    async def stream(self, subscription: Subscription) -> AsyncIterator[bytes]:
-        prompt_tokens, completion_tokens = 0, 0
-        try:
-            if self.chat:
-                for index in range(self.parsed.n):
-                    yield _sse(self._envelope([self._delta(index, "", None, role=True)], True))
-            async for index, event in subscription:
-                finish = _FINISH.get(event.finish_reason or "")
-                logprobs = self._logprobs([event])
-                choice = self._delta(index, event.text, finish, logprobs=logprobs)
-                yield _sse(self._envelope([choice], chunk=True))
-                if event.usage is not None:
-                    prompt_tokens = event.usage.prompt_tokens
-                    completion_tokens += event.usage.completion_tokens
-            if self.parsed.include_usage:
-                body = self._envelope([], chunk=True)
-                body["usage"] = _usage(prompt_tokens, completion_tokens)
-                yield _sse(body)
-        except Exception as error:  # after the first byte, an error can only be a chunk
-            yield _sse({"error": error_body(error)[1]})
-        finally:
-            subscription.cancel()
-        yield b"data: [DONE]\n\n"
-
-    def _delta(
-        self,
-        index: int,
-        text: str,
-        finish: str | None,
-        *,
-        role: bool = False,
-        logprobs: Any = None,
-    ) -> dict[str, Any]:
-        if not self.chat:
-            return {"index": index, "text": text, "finish_reason": finish, "logprobs": logprobs}
-        delta: dict[str, Any] = {"role": "assistant", "content": ""} if role else {}
-        if text:
-            delta["content"] = text
-        return {"index": index, "delta": delta, "finish_reason": finish, "logprobs": logprobs}
-
-
-def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
-    return {
-        "prompt_tokens": prompt_tokens,
-        "completion_tokens": completion_tokens,
-        "total_tokens": prompt_tokens + completion_tokens,
-    }
-
-
-def _sse(body: Mapping[str, Any]) -> bytes:
-    return f"data: {json.dumps(body, separators=(',', ':'))}\n\n".encode()

@@ -58,6 +58,7 @@ from steer.http.samplers import (
     sampling_config,
 )
 from steer.http.values import (
+    MAX_TOKEN_ID,
     _boolean,
     _bounded,
     _count,
@@ -127,8 +128,10 @@ class OpenAIRequest:
 
     #: the ``model`` field, "" if absent
     model: str
-    #: ``/v1/completions``: the prompt text
+    #: ``/v1/completions``: the prompt text (None when the prompt is token ids)
     prompt: str | None
+    #: ``/v1/completions``: the prompt as token ids (a list of integers), or None
+    prompt_ids: tuple[int, ...] | None
     #: ``/v1/chat/completions``: the messages
     messages: tuple[ChatTurn, ...] | None
     #: every sampler field mapped onto steer's pipeline, the seed included
@@ -164,12 +167,14 @@ def parse_request(body: Any, *, chat: bool) -> OpenAIRequest:
         )
     check_unicode(body)
     prompt, messages = _prompt_and_messages(body, chat)
+    prompt_ids = prompt if isinstance(prompt, tuple) else None
     model = _first(body, ("model",))
     if model is not None and not isinstance(model[1], str):
         raise InvalidArgumentError("must be a string", field="model")
     return OpenAIRequest(
         model=model[1] if model else "",
-        prompt=prompt,
+        prompt=prompt if isinstance(prompt, str) else None,
+        prompt_ids=prompt_ids,
         messages=messages,
         sampling=sampling_config(body),
         max_new_tokens=_max_new_tokens(body),
@@ -191,7 +196,7 @@ def parse_request(body: Any, *, chat: bool) -> OpenAIRequest:
 
 def _prompt_and_messages(
     body: Mapping[str, Any], chat: bool
-) -> tuple[str | None, tuple[ChatTurn, ...] | None]:
+) -> tuple[str | tuple[int, ...] | None, tuple[ChatTurn, ...] | None]:
     wanted, other = ("messages", "prompt") if chat else ("prompt", "messages")
     if body.get(other) is not None:
         raise InvalidArgumentError(
@@ -205,18 +210,41 @@ def _prompt_and_messages(
     return _prompt(body["prompt"]), None
 
 
-def _prompt(value: Any) -> str:
+def _prompt(value: Any) -> str | tuple[int, ...]:
+    """A string, or token ids (a list of integers), or a list holding one of those."""
+    if isinstance(value, list) and _is_token_ids(value):
+        return tuple(value)
     if isinstance(value, list):
+        if any(type(item) is int for item in value):
+            raise InvalidArgumentError(
+                "token ids mixed with text; send text, or token ids only", field="prompt"
+            )
         if len(value) != 1:
             raise InvalidArgumentError(
                 f"a list of {len(value)} prompts; this server takes exactly one", field="prompt"
             )
         value = value[0]
+        if isinstance(value, list) and _is_token_ids(value):
+            return tuple(value)
     if not isinstance(value, str):
         raise InvalidArgumentError(
-            f"must be a string (or a list of one string), not {json_type(value)}", field="prompt"
+            f"must be a string or token ids (or a list of one of them), not {json_type(value)}",
+            field="prompt",
         )
     return value
+
+
+def _is_token_ids(value: list[Any]) -> bool:
+    """A non-empty list of integers (OpenAI's and llama.cpp's token-id prompt). Each id is
+    checked against the model's vocabulary where the prompt is encoded."""
+    if not value or not all(type(item) is int for item in value):
+        return False
+    for index, token in enumerate(value):
+        if not 0 <= token <= MAX_TOKEN_ID:
+            raise InvalidArgumentError(
+                f"token ids are integers >= 0, got {token}", field=f"prompt[{index}]"
+            )
+    return True
 
 
 def _messages(value: Any) -> tuple[ChatTurn, ...]:

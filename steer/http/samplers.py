@@ -6,8 +6,10 @@ partial order is completed: the samplers it names take the places those samplers
 :data:`~steer.sampling.DEFAULT_ORDER`, in the client's order, and every other sampler stays where it
 is. KoboldCpp's integers: 0 top_k, 1 top_a, 2 top_p (with min_p), 3 tfs, 4 typical, 5 temperature,
 6 repetition penalty (with presence and frequency penalties); DRY runs first and XTC last as in
-KoboldCpp. Names (text-generation-webui, Aphrodite) that steer has no sampler for are skipped,
-and so are names nobody defines, so that a front end adding a sampler does not break requests.
+KoboldCpp. Names (text-generation-webui, Aphrodite, llama.cpp's ``samplers`` list) that steer has
+no sampler for are skipped, and so are names nobody defines, so that a front end adding a sampler
+does not break requests. llama.cpp leaves out a sampler its list does not name; here such a sampler
+keeps its place, and runs only if its own field switches it on, as everywhere in steer.
 
 Unsupported samplers. A field steer has no sampler for is ignored, and named in
 :attr:`OpenAIRequest.ignored` only when its value is not the neutral one (ST sends all of them, at
@@ -103,19 +105,26 @@ def sampling_config(body: Mapping[str, Any]) -> SamplingConfig:
 
 
 def _logit_bias(body: Mapping[str, Any]) -> tuple[dict[int, float], str] | None:
-    """``logit_bias`` ({"id": bias}) merged with ``custom_token_bans`` (bias -inf), and the
-    key to name if SamplingConfig refuses the merged result."""
+    """``logit_bias`` merged with ``custom_token_bans`` (bias -inf), and the key to name if
+    SamplingConfig refuses the merged result. ``logit_bias`` is OpenAI's object
+    ``{"id": bias}`` or llama.cpp's list of pairs ``[[id, bias], [id, false]]`` (false bans the
+    token), which SillyTavern sends to llama.cpp and Ollama."""
     bias: dict[int, float] = {}
     key = None
     found = _first(body, ("logit_bias",))
     if found is not None:
         key = "logit_bias"
-        if not isinstance(found[1], dict):
+        if isinstance(found[1], list):
+            bias.update(_bias_pairs(key, found[1]))
+        elif isinstance(found[1], dict):
+            for token, value in found[1].items():
+                bias[_token_id(key, token)] = _bias_value(f"{key}.{token}", value)
+        else:
             raise InvalidArgumentError(
-                f"must be an object {{token_id: bias}}, not {json_type(found[1])}", field=key
+                f"must be an object {{token_id: bias}} or a list of [token_id, bias] pairs, "
+                f"not {json_type(found[1])}",
+                field=key,
             )
-        for token, value in found[1].items():
-            bias[_token_id(key, token)] = _bias_value(f"{key}.{token}", value)
     bans = _token_bans(body)
     if bans:
         key = key or "custom_token_bans"
@@ -125,6 +134,28 @@ def _logit_bias(body: Mapping[str, Any]) -> tuple[dict[int, float], str] | None:
             f"{len(bias)} biased tokens; at most {MAX_LOGIT_BIAS_ENTRIES}", field=key
         )
     return (bias, key) if key is not None else None
+
+
+def _bias_pairs(key: str, pairs: list[Any]) -> dict[int, float]:
+    """llama.cpp's ``[[token_id, bias], ...]``: a bias of ``false`` bans the token. (llama.cpp
+    also takes a string for the id, meaning each of its tokens; here ids come from
+    ``POST /tokenize``.)"""
+    if len(pairs) > MAX_LOGIT_BIAS_ENTRIES:
+        raise InvalidArgumentError(f"at most {MAX_LOGIT_BIAS_ENTRIES} pairs", field=key)
+    bias: dict[int, float] = {}
+    for index, pair in enumerate(pairs):
+        field = f"{key}[{index}]"
+        if not isinstance(pair, list) or len(pair) != 2:
+            raise InvalidArgumentError("must be a [token_id, bias] pair", field=field)
+        token, value = pair
+        if isinstance(token, str):
+            raise InvalidArgumentError(
+                "token ids only: get a text's ids from POST /tokenize", field=f"{field}[0]"
+            )
+        bias[_token_id(f"{field}[0]", token)] = (
+            -math.inf if value is False else _bias_value(f"{field}[1]", value)
+        )
+    return bias
 
 
 def _token_id(key: str, value: Any) -> int:
@@ -181,14 +212,15 @@ KOBOLDCPP_SAMPLERS: dict[int, tuple[str, ...]] = {
     6: ("repetition_penalty", "presence_penalty", "frequency_penalty"),
 }
 _PENALTIES = ("repetition_penalty", "presence_penalty", "frequency_penalty")
-#: sampler_priority names (text-generation-webui, Aphrodite, llama.cpp, steer's own) -> steer
-#: processors; () = a sampler steer does not have, or Mirostat, which replaces the truncation
-#: samplers wherever it is listed
+#: sampler_priority and ``samplers`` names (text-generation-webui, Aphrodite, llama.cpp, steer's
+#: own) -> steer processors; () = a sampler steer does not have, or Mirostat, which replaces the
+#: truncation samplers wherever it is listed
 PRIORITY_NAMES: dict[str, tuple[str, ...]] = {
     **{name: (name,) for name in DEFAULT_ORDER},
     "penalties": _PENALTIES,
     "top_p_top_k": ("top_k", "top_p"),
     "typ_p": ("typical_p",),
+    "tfs_z": ("tfs",),
     "mirostat": (),
     **dict.fromkeys(
         (
@@ -211,7 +243,7 @@ PRIORITY_NAMES: dict[str, tuple[str, ...]] = {
 def client_order(body: Mapping[str, Any]) -> tuple[tuple[str, ...] | None, str] | None:
     """The full processor order ``sampler_priority`` or ``sampler_order`` asks for (None when
     it is steer's default), with the key it came from; None when neither is present."""
-    found = _first(body, ("sampler_priority", "sampler_order"))
+    found = _first(body, ("sampler_priority", "sampler_order", "samplers"))
     if found is None:
         return None
     key, value = found
@@ -302,6 +334,14 @@ UNSUPPORTED: dict[str, Callable[[Any], bool]] = {
             "echo",
             "suffix",
             "include_stop_str_in_output",
+            # llama.cpp's /completion
+            "lora",
+            "n_indent",
+            "t_max_predict_ms",
+            "image_data",
+            "post_sampling_probs",
+            "response_fields",
+            "timings_per_token",
         ),
         _off,
     ),
