@@ -446,6 +446,33 @@ TEXT_COMPLETION_BODIES: dict[str, dict[str, Any]] = {
     "llamacpp": LLAMACPP,
 }
 
+# Ollama (posted to /api/generate): ST's server rebuilds the body, the samplers picked from its
+# parameters by name (OLLAMA_KEYS) into ``options``; ``raw`` so that Ollama applies no template;
+# streaming; no seed.
+OLLAMA: dict[str, Any] = {
+    "model": "mistral-nemo:12b-instruct-2407-q5_K_M",
+    "prompt": PROMPT,
+    "stream": True,
+    "keep_alive": -1,
+    "raw": True,
+    "options": {
+        "num_predict": 300,
+        "num_ctx": 8192,
+        "num_batch": 512,
+        "stop": STOP,
+        "temperature": 0.9,
+        "repeat_penalty": 1.1,
+        "presence_penalty": 0,
+        "frequency_penalty": 0,
+        "top_k": 40,
+        "top_p": 0.9,
+        "tfs_z": 1,
+        "typical_p": 1,
+        "repeat_last_n": 64,
+        "min_p": 0.05,
+    },
+}
+
 # Chat Completion -> Custom (OpenAI-compatible), "Character Names Behavior: Completion Object" in a
 # group chat, token probabilities on; min_p, repetition_penalty and the two Custom Sliders fields
 # come from "Additional Parameters".

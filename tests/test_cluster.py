@@ -228,6 +228,10 @@ def test_requests_with_their_own_steering_equal_the_single_process_engine(
     text = "Describe a harbour at dawn."
     counted = httpx.post(f"{endpoint}/tokenize", json={"model": "b", "prompt": text}, timeout=600)
     assert counted.json()["tokens"] == smollm2.tokenizer(text)["input_ids"]  # by a replica
+    llama = {"model": "b", "prompt": text, "n_predict": 3, "temperature": 0}  # llama.cpp's route
+    completed = httpx.post(f"{endpoint.removesuffix('/v1')}/completion", json=llama, timeout=600)
+    assert completed.status_code == 200, completed.text
+    assert completed.json()["model"] == "b" and completed.json()["tokens_predicted"] == 3
     missing = httpx.post(f"{endpoint}/chat/completions", json=_body("zzz", 0), timeout=30)
     assert missing.status_code == 404 and missing.json()["error"]["param"] == "model"
     unknown_artifact = _body("a", 0, steering=[{"add": {"artifactId": "nope", "strength": 1}}])

@@ -1,8 +1,10 @@
-"""llama.cpp's ``POST /completion`` on a real server on loopback, read the way SillyTavern's
-llama.cpp type reads it (``content`` of each SSE line, ``completion_probabilities[0]
-.top_logprobs``), and checked against ``/v1/completions`` and the in-process engine: the same
-text, ids and counts; stop types; token-id prompts; llama.cpp's logit-bias pairs; steering; bad
-bodies answered 400 naming the field while the server keeps serving."""
+"""llama.cpp's ``POST /completion`` on a real server, read the way SillyTavern reads it.
+
+SillyTavern's llama.cpp type reads ``content`` of each SSE line and
+``completion_probabilities[0].top_logprobs``; each reply is checked against ``/v1/completions``
+and the in-process engine: the same text, ids and counts; stop types; token-id prompts;
+llama.cpp's logit-bias pairs; steering; bad bodies answered 400 naming the field while the server
+keeps serving."""
 
 from __future__ import annotations
 

@@ -18,6 +18,7 @@ from tiny import tiny_handle, tiny_tokenizer
 from tokenizers import processors
 from transformers import PreTrainedTokenizerFast
 
+from steer.http.tokens import _raw_bytes
 from steer.models import ModelHandle, from_pretrained_model
 from steer.server import SteerServer
 
@@ -148,6 +149,30 @@ def test_model_field_picks_the_tokenizer(
     assert default == [tiny_bos.tokenizer.bos_token_id, *ids]  # the default model's adds BOS
     missing = _post(server, "/v1/tokenize", {"model": "zzz", "prompt": text})
     assert missing.status_code == 404 and missing.json()["error"]["param"] == "model"
+
+
+def test_llamacpp_pieces_spell_the_text(server: SteerServer, tiny_bos: ModelHandle) -> None:
+    """``with_pieces`` (newer SillyTavern asks llama.cpp for them): each token's piece, a string,
+    or its bytes where a character is split across tokens (the emoji here, in byte-level BPE)."""
+    text = "Seraphina smiles \U0001f642 and says: h\u00e9llo"
+    body = {"content": text, "with_pieces": True}
+    tokens = _post(server, "/tokenize", body).json()["tokens"]
+    ids = [token["id"] for token in tokens]
+    assert ids == tiny_bos.tokenizer(text, add_special_tokens=False)["input_ids"]
+    pieces = [token["piece"] for token in tokens]
+    assert any(isinstance(piece, list) for piece in pieces), "the emoji is split into bytes"
+    assert all(isinstance(piece, (str, list)) for piece in pieces)
+    spelled = b"".join(p.encode() if isinstance(p, str) else bytes(p) for p in pieces)
+    assert spelled.decode() == text
+    assert _post(server, "/tokenize", {"content": text}).json()["tokens"] == ids
+    refused = _post(server, "/tokenize", {"content": text, "with_pieces": "yes"})
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "with_pieces"
+
+
+def test_sentencepiece_byte_tokens_are_bytes() -> None:
+    assert _raw_bytes("<0xE2>") == b"\xe2" and _raw_bytes("<0xZZ>") is None
+    assert _raw_bytes("\u0120the") == b" the"  # byte-level BPE's stand-in for a space
+    assert _raw_bytes("\u2581the") is None  # SentencePiece's word marker is no byte
 
 
 @pytest.mark.parametrize("path", sorted(DECODE))

@@ -128,6 +128,15 @@ def test_http_chat_with_steering_equals_the_hf_engine(
     plain = {"model": "smollm2", "prompt": QUESTION, "max_tokens": 1, "temperature": 0}
     usage = httpx.post(f"{served.http_url}/v1/completions", json=plain, timeout=300).json()["usage"]
     assert counted.json()["length"] == usage["prompt_tokens"] > 1
+    # llama.cpp's route (SillyTavern's llama.cpp type) runs the same rows on the vLLM engine
+    story = "Once upon a time, in a small harbour town,"
+    six = {"model": "smollm2", "prompt": story, "max_tokens": 6, "temperature": 0}
+    text = httpx.post(f"{served.http_url}/v1/completions", json=six, timeout=300).json()
+    llama = {"model": "smollm2", "prompt": story, "n_predict": 6, "temperature": 0}
+    reply = httpx.post(f"{served.http_url}/completion", json=llama, timeout=300).json()
+    assert reply["content"] == text["choices"][0]["text"] != ""
+    assert reply["tokens_predicted"] == text["usage"]["completion_tokens"] == 6
+    assert reply["tokens_evaluated"] == text["usage"]["prompt_tokens"]
 
 
 def test_what_vllm_lacks_is_refused_by_name_and_the_server_keeps_serving(

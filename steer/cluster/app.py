@@ -217,6 +217,7 @@ class RouterBody:
     async def __call__(self, request: Any) -> Any:
         from starlette.responses import JSONResponse, StreamingResponse
 
+        from steer.http import ollama
         from steer.http.answers import models_body
         from steer.http.tokens import CURRENT_MODEL
 
@@ -225,6 +226,8 @@ class RouterBody:
         if request.method == "GET" and path.rstrip("/") in ("/v1/models", "/v1/model/list"):
             # every model served, not one replica's
             return JSONResponse(models_body(self.config.models))
+        if request.method == "GET" and path.rstrip("/") == ollama.TAGS:
+            return JSONResponse(ollama.tags_body(self.config.models))
         if request.method == "GET" and path.rstrip("/") in CURRENT_MODEL:  # the app's default
             return JSONResponse(CURRENT_MODEL[path.rstrip("/")](self.config.default_model))
         if request.method == "GET" and path == "/health":

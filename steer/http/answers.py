@@ -31,7 +31,10 @@ FINISH = {"stop": "stop", "length": "length", "cancelled": "stop"}
 
 
 class Answer(Protocol):
-    """What a route turns engine events into: one JSON body, or SSE bytes."""
+    """What a route turns engine events into: one JSON body, or a stream of bytes."""
+
+    #: the streamed reply's content type
+    media_type: str
 
     async def collect(self, subscription: Subscription) -> dict[str, Any]: ...
 
@@ -87,6 +90,8 @@ def models_body(model_ids: Iterable[str]) -> dict[str, Any]:
 
 class OpenAIAnswer:
     """Turns engine events into OpenAI completion or chat-completion JSON."""
+
+    media_type = "text/event-stream"
 
     def __init__(self, parsed: OpenAIRequest, chat: bool, model: str, handle: ModelHandle) -> None:
         self.parsed, self.chat, self.model, self.handle = parsed, chat, model, handle

@@ -6,6 +6,7 @@ Routes (served by ``steer serve`` beside gRPC, on the same event loop):
 * ``POST /v1/completions`` and ``POST /v1/chat/completions``, streaming (SSE) or not
 * ``POST /completion``: llama.cpp's own completion route and reply shape
   (:mod:`steer.http.llamacpp`), which SillyTavern's llama.cpp type posts to
+* ``POST /api/generate`` and ``GET /api/tags``: Ollama's (:mod:`steer.http.ollama`)
 * ``GET /v1/steer/sliders``: the operator's named sliders, as a UI draws them
 * the tokenizer routes of TabbyAPI, KoboldCpp, llama.cpp, vLLM and text-generation-webui, and
   their current-model routes (:mod:`steer.http.tokens`)
@@ -37,7 +38,7 @@ from steer.errors import (
     SteerError,
     UnauthenticatedError,
 )
-from steer.http import llamacpp
+from steer.http import llamacpp, ollama
 from steer.http.answers import (
     Answer,
     OpenAIAnswer,
@@ -106,6 +107,17 @@ def create_app(core: ServiceCore) -> FastAPI:
     async def chat_completions(request: Request) -> Response:
         parsed = parse_request(await _read_body(core, request), chat=True)
         return await _generate(core, request, parsed, _openai(chat=True))
+
+    @app.get(ollama.TAGS)
+    async def ollama_tags() -> dict[str, Any]:
+        return ollama.tags_body(core.registry.all())
+
+    @app.post(ollama.GENERATE)
+    async def ollama_generate(request: Request) -> Response:
+        parsed, reply = ollama.read_request(await _read_body(core, request))
+        if parsed is None:  # no prompt: Ollama's "load the model" call
+            return JSONResponse(reply.loaded(core.registry.get(reply.model).model_id))
+        return await _generate(core, request, parsed, reply.answer)
 
     @app.post(llamacpp.ROUTE)
     async def llamacpp_completion(request: Request) -> Response:
@@ -194,7 +206,7 @@ async def _generate(
     headers = {IGNORED_HEADER: ", ".join(parsed.ignored)} if parsed.ignored else {}
     if parsed.stream:
         return StreamingResponse(
-            answer.stream(subscription), media_type="text/event-stream", headers=headers
+            answer.stream(subscription), media_type=answer.media_type, headers=headers
         )
     watcher = asyncio.create_task(_cancel_on_disconnect(request, subscription))
     try:

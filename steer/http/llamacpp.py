@@ -77,6 +77,8 @@ def read_request(body: Any) -> tuple[OpenAIRequest, Reply]:
 class LlamaCppAnswer:
     """Engine events in llama.cpp's ``/completion`` reply shape (one row)."""
 
+    media_type = "text/event-stream"
+
     def __init__(
         self, parsed: OpenAIRequest, model: str, handle: ModelHandle, reply: Reply
     ) -> None:

@@ -22,14 +22,17 @@ and the matching decoders (``/v1/token/decode``, ``/v1/internal/decode``,
 :func:`steer.text.encode_text`, what ``POST /v1/completions`` does with its ``prompt``: a count
 equals that completion's ``usage.prompt_tokens`` (test). The special-token flags each server has
 keep their meaning and default (TabbyAPI ``add_bos_token``, true; llama.cpp ``add_special``,
-false; vLLM ``add_special_tokens``, true). ``model`` picks a loaded model; without it, the
-server's default. ``GET /v1/model`` (TabbyAPI) and ``GET /v1/internal/model/info``
-(text-generation-webui) name the default model, which is what SillyTavern shows as connected.
+false; vLLM ``add_special_tokens``, true); llama.cpp's ``with_pieces`` gives each token's piece
+(its text, or its bytes when it holds part of a character). ``model`` picks a loaded model;
+without it, the server's default. ``GET /v1/model`` (TabbyAPI) and ``GET
+/v1/internal/model/info`` (text-generation-webui) name the default model, which is what
+SillyTavern shows as connected.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -138,7 +141,10 @@ def _encoder(
         handle = _handle(core, body)
         text, special = _text_of(body, route.texts, core.settings.max_prompt_tokens)
         ids = await asyncio.to_thread(_tokenize, handle, text, special)
-        return route.reply(ids)
+        reply = route.reply(ids)
+        if route.path == "/tokenize" and _with_pieces(body):
+            reply["tokens"] = [{"id": i, "piece": token_piece(handle.tokenizer, i)} for i in ids]
+        return reply
 
     return encode
 
@@ -171,6 +177,50 @@ def _tokenize(handle: ModelHandle, text: str, special: bool) -> list[int]:
     if not special:
         return list(handle.tokenizer(text, add_special_tokens=False)["input_ids"])
     return encode_text(handle.tokenizer, text)
+
+
+def _with_pieces(body: Mapping[str, Any]) -> bool:
+    """llama.cpp's ``with_pieces`` (default false)."""
+    flag = body.get("with_pieces")
+    if flag is not None and not isinstance(flag, bool):
+        raise InvalidArgumentError("expected true or false", field="with_pieces")
+    return bool(flag)
+
+
+def token_piece(tokenizer: Any, token_id: int) -> str | list[int]:
+    """One token's text as llama.cpp's ``/tokenize`` gives it with ``with_pieces``: a string,
+    or the token's bytes when they are not whole UTF-8 characters (part of a character split
+    across tokens)."""
+    text = str(tokenizer.decode([token_id]))
+    if "\ufffd" not in text:
+        return text
+    raw = _raw_bytes(str(tokenizer.convert_ids_to_tokens(token_id)))
+    return list(raw) if raw is not None else text
+
+
+def _raw_bytes(token: str) -> bytes | None:
+    """A token's bytes from its vocabulary entry: SentencePiece's byte tokens (``<0xE2>``) and
+    byte-level BPE's printable stand-ins for bytes (GPT-2's table); None for anything else."""
+    if len(token) == 6 and token.startswith("<0x") and token.endswith(">"):
+        try:
+            return bytes([int(token[3:5], 16)])
+        except ValueError:
+            return None
+    table = _byte_level_table()
+    if token and all(char in table for char in token):
+        return bytes(table[char] for char in token)
+    return None
+
+
+@functools.cache
+def _byte_level_table() -> dict[str, int]:
+    """Byte-level BPE's stand-in character -> byte: printable Latin-1 bytes stand for
+    themselves, and the other bytes, in order, for the characters from U+0100 on."""
+    kept = [*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
+    others = [byte for byte in range(256) if byte not in kept]
+    table = {chr(byte): byte for byte in kept}
+    table.update({chr(0x100 + index): byte for index, byte in enumerate(others)})
+    return table
 
 
 def _handle(core: ServiceCore, body: Mapping[str, Any]) -> ModelHandle:

@@ -1,0 +1,197 @@
+"""Ollama's generate and model-list routes, ``POST /api/generate`` and ``GET /api/tags``.
+
+SillyTavern's "Ollama" Text Completion type lists models with ``GET /api/tags`` and posts
+``{"model", "prompt", "stream", "raw": true, "keep_alive", "options": {...}}`` to
+``/api/generate``, reading ``response`` of each newline-delimited JSON line (or of the one body).
+Ollama keeps its samplers in ``options`` under llama.cpp's names (``num_predict``,
+``repeat_penalty``, ``repeat_last_n``, ``tfs_z``, ``mirostat``, ``stop``, ``seed``...);
+:func:`read_request` lifts them to the top level and reads the body with
+:func:`steer.http.fields.parse_request`, so every sampler, slider (``steer.NAME``, at the top level
+or in ``options``) and ``steering`` list means what it means on ``/v1/completions``.
+
+Ollama's own rules kept here: ``stream`` is true unless the body says false; ``raw: true`` sends
+the prompt as it is, otherwise the prompt is one user message (after ``system``, if given) in the
+model's chat template, as Ollama's default template does; a body with no prompt loads the model
+and answers ``done_reason: "load"``; ``num_predict`` -1 and -2 are the server's default length.
+
+The reply: each line ``{"model", "created_at", "response", "done": false}``, then a last line with
+``"done": true``, ``done_reason`` (``stop`` or ``length``) and Ollama's counts and durations
+(nanoseconds, measured by the server: ``prompt_eval_duration`` is queue and prompt time to the first
+token). Without streaming, the same last object with the whole ``response``. An error after the
+first byte is a line ``{"error": "..."}``, as Ollama sends. Ollama features steer lacks (``format``,
+``images``, ``context``, ``template``, ``suffix``, ``think``, ``logprobs``) are ignored and named
+in the ``X-Steer-Ignored-Fields`` header when set.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncIterator, Iterable, Mapping
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime
+from typing import Any
+
+from steer.errors import InvalidArgumentError
+from steer.http.answers import Answer, error_body
+from steer.http.fields import OpenAIRequest, parse_request
+from steer.http.values import _boolean
+from steer.json_input import json_type
+from steer.models import ModelHandle
+from steer.requests import GenerationEvent
+from steer.service.scheduler import Subscription
+
+GENERATE = "/api/generate"
+TAGS = "/api/tags"
+#: top-level keys of an Ollama body that are not samplers (samplers live in ``options``)
+_TOP_LEVEL = ("model", "prompt", "stream", "system")
+#: Ollama features steer does not have: named ignored when set to anything but their neutral value
+_UNSUPPORTED = ("format", "images", "context", "template", "suffix", "think", "logprobs")
+_DONE_REASON = {"stop": "stop", "length": "length", "cancelled": "stop"}
+
+
+def tags_body(model_ids: Iterable[str]) -> dict[str, Any]:
+    """``GET /api/tags``: the loaded models as Ollama lists them (SillyTavern reads ``name``)."""
+    return {
+        "models": [
+            {
+                "name": model_id,
+                "model": model_id,
+                "modified_at": _now(),
+                "size": 0,
+                "digest": "",
+                "details": {"format": "safetensors"},
+            }
+            for model_id in model_ids
+        ]
+    }
+
+
+@dataclass(frozen=True)
+class Reply:
+    """How one ``/api/generate`` request is answered."""
+
+    #: the ``model`` field ("" = the server's default)
+    model: str
+
+    def answer(self, parsed: OpenAIRequest, model: str, handle: ModelHandle) -> Answer:
+        return OllamaAnswer(parsed, model)
+
+    def loaded(self, model: str) -> dict[str, Any]:
+        """The reply to a body with no prompt: Ollama's "load the model" call."""
+        return {
+            "model": model,
+            "created_at": _now(),
+            "response": "",
+            "done": True,
+            "done_reason": "load",
+        }
+
+
+def read_request(body: Any) -> tuple[OpenAIRequest | None, Reply]:
+    """An ``/api/generate`` body as one completion (None when it has no prompt: a load call)."""
+    if not isinstance(body, dict):
+        raise InvalidArgumentError(
+            f"the request body must be a JSON object, not {json_type(body)}", field="body"
+        )
+    model = body.get("model")
+    if model is not None and not isinstance(model, str):
+        raise InvalidArgumentError("must be a string", field="model")
+    reply = Reply(model=model or "")
+    prompt = body.get("prompt")
+    if prompt is None or prompt == "":
+        return None, reply
+    flat = _flattened(body)
+    if not (_boolean("raw", body["raw"]) if body.get("raw") is not None else False):
+        flat["messages"] = [{"role": "user", "content": flat.pop("prompt")}]
+        system = flat.pop("system", None)
+        if system is not None:
+            flat["messages"].insert(0, {"role": "system", "content": system})
+    parsed = parse_request(flat, chat="messages" in flat)
+    ignored = {key for key in _UNSUPPORTED if body.get(key) not in (None, False, "", [], {})}
+    if ignored:
+        parsed = replace(parsed, ignored=tuple(sorted({*parsed.ignored, *ignored})))
+    return parsed, reply
+
+
+def _flattened(body: Mapping[str, Any]) -> dict[str, Any]:
+    """The body with ``options`` lifted to the top level, where steer's parser reads samplers;
+    steer's own fields (``steer.NAME``, ``steering``) may sit at either level."""
+    options = body.get("options")
+    if options is None:
+        options = {}
+    if not isinstance(options, dict):
+        raise InvalidArgumentError(f"must be an object, not {json_type(options)}", field="options")
+    flat = {k: v for k, v in body.items() if k in _TOP_LEVEL or k.startswith("steer")}
+    flat.update((k, v) for k, v in options.items() if k not in _TOP_LEVEL and k != "messages")
+    if flat.get("stream") is None:
+        flat["stream"] = True  # Ollama streams unless told not to
+    if flat.get("num_predict") == -2:  # "until the context is full": the server's default
+        flat["num_predict"] = -1
+    if "system" in flat and not isinstance(flat["system"], str):
+        raise InvalidArgumentError("must be a string", field="system")
+    return flat
+
+
+class OllamaAnswer:
+    """Engine events as Ollama's ``/api/generate`` lines (one row)."""
+
+    media_type = "application/x-ndjson"
+
+    def __init__(self, parsed: OpenAIRequest, model: str) -> None:
+        self.parsed, self.model = parsed, model
+        self.started = time.perf_counter_ns()
+        self.first: int | None = None  # when the first token arrived (ns)
+
+    async def collect(self, subscription: Subscription) -> dict[str, Any]:
+        events = []
+        async for _, event in subscription:
+            self._arrived()
+            events.append(event)
+        return self._final(events, "".join(event.text for event in events))
+
+    async def stream(self, subscription: Subscription) -> AsyncIterator[bytes]:
+        events: list[GenerationEvent] = []
+        try:
+            async for _, event in subscription:
+                self._arrived()
+                events.append(event)
+                if event.text:
+                    piece = {"model": self.model, "created_at": _now(), "response": event.text}
+                    yield _line({**piece, "done": False})
+            yield _line(self._final(events, ""))
+        except Exception as error:  # after the first byte, an error can only be a line
+            yield _line({"error": error_body(error)[1]["message"]})
+        finally:
+            subscription.cancel()
+
+    def _arrived(self) -> None:
+        if self.first is None:
+            self.first = time.perf_counter_ns()
+
+    def _final(self, events: list[GenerationEvent], text: str) -> dict[str, Any]:
+        last = events[-1] if events else GenerationEvent(request_id="")
+        usage = last.usage
+        now = time.perf_counter_ns()
+        first = self.first if self.first is not None else now
+        return {
+            "model": self.model,
+            "created_at": _now(),
+            "response": text,
+            "done": True,
+            "done_reason": _DONE_REASON.get(last.finish_reason or "", "stop"),
+            "total_duration": now - self.started,
+            "load_duration": 0,
+            "prompt_eval_count": usage.prompt_tokens if usage is not None else 0,
+            "prompt_eval_duration": first - self.started,
+            "eval_count": sum(len(event.token_ids) for event in events),
+            "eval_duration": now - first,
+        }
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat().replace("+00:00", "Z")
+
+
+def _line(body: Mapping[str, Any]) -> bytes:
+    return (json.dumps(body, separators=(",", ":")) + "\n").encode()
