@@ -1,5 +1,4 @@
-"""Ollama's ``POST /api/generate`` and ``GET /api/tags`` on a real server, read as SillyTavern
-reads them.
+"""Ollama's routes (generate, chat, tags) on a real server, read as their clients read them.
 
 SillyTavern's Ollama type lists ``models[].name`` and reads ``response`` of each JSON line; each
 reply is checked against ``/v1/completions`` (raw prompts) and ``/v1/chat/completions`` (templated
@@ -108,6 +107,31 @@ def test_without_raw_the_prompt_is_a_user_message_in_the_chat_template(
     plain = {"model": "tiny", "prompt": PROMPTS[1], "max_tokens": 8, "temperature": 0}
     assert raw == _post(server, "/v1/completions", plain).json()["choices"][0]["text"]
     assert raw != templated  # the template changed the prompt
+
+
+def test_chat_equals_v1_chat_completions(server: SteerServer) -> None:
+    messages = [
+        {"role": "system", "content": "You are a pirate."},
+        {"role": "user", "content": PROMPTS[3]},
+    ]
+    body = {"model": "tiny", "messages": messages, "options": {"num_predict": 8, "temperature": 0}}
+    *pieces, last = _lines(_post(server, "/api/chat", body))
+    chat = {"model": "tiny", "messages": messages, "max_tokens": 8, "temperature": 0}
+    expected = _post(server, "/v1/chat/completions", chat).json()
+    text = expected["choices"][0]["message"]["content"]
+    assert all(piece["message"]["role"] == "assistant" for piece in pieces)
+    assert "".join(piece["message"]["content"] for piece in pieces) == text
+    assert last["done"] is True and last["message"] == {"role": "assistant", "content": ""}
+    assert last["eval_count"] == expected["usage"]["completion_tokens"]
+    assert last["prompt_eval_count"] == expected["usage"]["prompt_tokens"]
+    whole = _post(server, "/api/chat", dict(body, stream=False)).json()
+    assert whole["message"]["content"] == text and "response" not in whole
+    loaded = _post(server, "/api/chat", {"model": "tiny", "messages": []}).json()
+    assert loaded["done_reason"] == "load" and loaded["message"]["content"] == ""
+    tools = _post(server, "/api/chat", dict(body, stream=False, tools=[{"type": "function"}]))
+    assert tools.headers["X-Steer-Ignored-Fields"] == "tools"
+    refused = _post(server, "/api/chat", dict(body, messages=[{"role": "tool", "content": "x"}]))
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "messages[0].role"
 
 
 def test_ollama_streams_unless_told_not_to(server: SteerServer) -> None:

@@ -6,7 +6,8 @@ Routes (served by ``steer serve`` beside gRPC, on the same event loop):
 * ``POST /v1/completions`` and ``POST /v1/chat/completions``, streaming (SSE) or not
 * ``POST /completion``: llama.cpp's own completion route and reply shape
   (:mod:`steer.http.llamacpp`), which SillyTavern's llama.cpp type posts to
-* ``POST /api/generate`` and ``GET /api/tags``: Ollama's (:mod:`steer.http.ollama`)
+* ``POST /api/generate``, ``POST /api/chat`` and ``GET /api/tags``: Ollama's
+  (:mod:`steer.http.ollama`)
 * ``GET /v1/steer/sliders``: the operator's named sliders, as a UI draws them
 * the tokenizer routes of TabbyAPI, KoboldCpp, llama.cpp, vLLM and text-generation-webui, and
   their current-model routes (:mod:`steer.http.tokens`)
@@ -114,10 +115,11 @@ def create_app(core: ServiceCore) -> FastAPI:
 
     @app.post(ollama.GENERATE)
     async def ollama_generate(request: Request) -> Response:
-        parsed, reply = ollama.read_request(await _read_body(core, request))
-        if parsed is None:  # no prompt: Ollama's "load the model" call
-            return JSONResponse(reply.loaded(core.registry.get(reply.model).model_id))
-        return await _generate(core, request, parsed, reply.answer)
+        return await _ollama(core, request, chat=False)
+
+    @app.post(ollama.CHAT)
+    async def ollama_chat(request: Request) -> Response:
+        return await _ollama(core, request, chat=True)
 
     @app.post(llamacpp.ROUTE)
     async def llamacpp_completion(request: Request) -> Response:
@@ -215,6 +217,13 @@ async def _generate(
         watcher.cancel()
         subscription.cancel()
     return JSONResponse(body, headers=headers)
+
+
+async def _ollama(core: ServiceCore, request: Request, *, chat: bool) -> Response:
+    parsed, reply = ollama.read_request(await _read_body(core, request), chat=chat)
+    if parsed is None:  # no prompt: Ollama's "load the model" call
+        return JSONResponse(reply.loaded(core.registry.get(reply.model).model_id))
+    return await _generate(core, request, parsed, reply.answer)
 
 
 async def _cancel_on_disconnect(request: Request, subscription: Subscription) -> None:

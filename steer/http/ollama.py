@@ -1,4 +1,4 @@
-"""Ollama's generate and model-list routes, ``POST /api/generate`` and ``GET /api/tags``.
+"""Ollama's routes: ``POST /api/generate``, ``POST /api/chat`` and ``GET /api/tags``.
 
 SillyTavern's "Ollama" Text Completion type lists models with ``GET /api/tags`` and posts
 ``{"model", "prompt", "stream", "raw": true, "keep_alive", "options": {...}}`` to
@@ -13,14 +13,17 @@ Ollama's own rules kept here: ``stream`` is true unless the body says false; ``r
 the prompt as it is, otherwise the prompt is one user message (after ``system``, if given) in the
 model's chat template, as Ollama's default template does; a body with no prompt loads the model
 and answers ``done_reason: "load"``; ``num_predict`` -1 and -2 are the server's default length.
+``/api/chat`` (what Ollama's other clients use) takes ``messages`` instead of a prompt, read as
+``/v1/chat/completions`` reads them (an empty list is the load call), and answers
+``{"message": {"role": "assistant", "content"}}`` where ``/api/generate`` answers ``response``.
 
 The reply: each line ``{"model", "created_at", "response", "done": false}``, then a last line with
 ``"done": true``, ``done_reason`` (``stop`` or ``length``) and Ollama's counts and durations
 (nanoseconds, measured by the server: ``prompt_eval_duration`` is queue and prompt time to the first
 token). Without streaming, the same last object with the whole ``response``. An error after the
 first byte is a line ``{"error": "..."}``, as Ollama sends. Ollama features steer lacks (``format``,
-``images``, ``context``, ``template``, ``suffix``, ``think``, ``logprobs``) are ignored and named
-in the ``X-Steer-Ignored-Fields`` header when set.
+``images``, ``context``, ``template``, ``suffix``, ``think``, ``logprobs``, ``tools``) are ignored
+and named in the ``X-Steer-Ignored-Fields`` header when set.
 """
 
 from __future__ import annotations
@@ -42,11 +45,12 @@ from steer.requests import GenerationEvent
 from steer.service.scheduler import Subscription
 
 GENERATE = "/api/generate"
+CHAT = "/api/chat"
 TAGS = "/api/tags"
 #: top-level keys of an Ollama body that are not samplers (samplers live in ``options``)
-_TOP_LEVEL = ("model", "prompt", "stream", "system")
+_TOP_LEVEL = ("model", "prompt", "messages", "stream", "system")
 #: Ollama features steer does not have: named ignored when set to anything but their neutral value
-_UNSUPPORTED = ("format", "images", "context", "template", "suffix", "think", "logprobs")
+_UNSUPPORTED = ("format", "images", "context", "template", "suffix", "think", "logprobs", "tools")
 _DONE_REASON = {"stop": "stop", "length": "length", "cancelled": "stop"}
 
 
@@ -73,23 +77,21 @@ class Reply:
 
     #: the ``model`` field ("" = the server's default)
     model: str
+    #: ``/api/chat`` (replies carry ``message``) rather than ``/api/generate`` (``response``)
+    chat: bool = False
 
     def answer(self, parsed: OpenAIRequest, model: str, handle: ModelHandle) -> Answer:
-        return OllamaAnswer(parsed, model)
+        return OllamaAnswer(parsed, model, chat=self.chat)
 
     def loaded(self, model: str) -> dict[str, Any]:
         """The reply to a body with no prompt: Ollama's "load the model" call."""
-        return {
-            "model": model,
-            "created_at": _now(),
-            "response": "",
-            "done": True,
-            "done_reason": "load",
-        }
+        body = {"model": model, "created_at": _now(), **_text("", self.chat)}
+        return {**body, "done": True, "done_reason": "load"}
 
 
-def read_request(body: Any) -> tuple[OpenAIRequest | None, Reply]:
-    """An ``/api/generate`` body as one completion (None when it has no prompt: a load call)."""
+def read_request(body: Any, *, chat: bool = False) -> tuple[OpenAIRequest | None, Reply]:
+    """An ``/api/generate`` (``/api/chat`` when ``chat``) body as one completion; None when it
+    has no prompt (no messages): Ollama's load call."""
     if not isinstance(body, dict):
         raise InvalidArgumentError(
             f"the request body must be a JSON object, not {json_type(body)}", field="body"
@@ -97,12 +99,11 @@ def read_request(body: Any) -> tuple[OpenAIRequest | None, Reply]:
     model = body.get("model")
     if model is not None and not isinstance(model, str):
         raise InvalidArgumentError("must be a string", field="model")
-    reply = Reply(model=model or "")
-    prompt = body.get("prompt")
-    if prompt is None or prompt == "":
+    reply = Reply(model=model or "", chat=chat)
+    if body.get("messages" if chat else "prompt") in (None, "", []):
         return None, reply
-    flat = _flattened(body)
-    if not (_boolean("raw", body["raw"]) if body.get("raw") is not None else False):
+    flat = _flattened(body, chat)
+    if not chat and not (_boolean("raw", body["raw"]) if body.get("raw") is not None else False):
         flat["messages"] = [{"role": "user", "content": flat.pop("prompt")}]
         system = flat.pop("system", None)
         if system is not None:
@@ -114,16 +115,18 @@ def read_request(body: Any) -> tuple[OpenAIRequest | None, Reply]:
     return parsed, reply
 
 
-def _flattened(body: Mapping[str, Any]) -> dict[str, Any]:
+def _flattened(body: Mapping[str, Any], chat: bool) -> dict[str, Any]:
     """The body with ``options`` lifted to the top level, where steer's parser reads samplers;
-    steer's own fields (``steer.NAME``, ``steering``) may sit at either level."""
+    steer's own fields (``steer.NAME``, ``steering``) may sit at either level. A chat keeps its
+    messages and leaves out ``prompt`` and ``system`` (generate's fields)."""
     options = body.get("options")
     if options is None:
         options = {}
     if not isinstance(options, dict):
         raise InvalidArgumentError(f"must be an object, not {json_type(options)}", field="options")
-    flat = {k: v for k, v in body.items() if k in _TOP_LEVEL or k.startswith("steer")}
-    flat.update((k, v) for k, v in options.items() if k not in _TOP_LEVEL and k != "messages")
+    own = ("model", "messages", "stream") if chat else ("model", "prompt", "stream", "system")
+    flat = {k: v for k, v in body.items() if k in own or k.startswith("steer")}
+    flat.update((k, v) for k, v in options.items() if k not in _TOP_LEVEL)
     if flat.get("stream") is None:
         flat["stream"] = True  # Ollama streams unless told not to
     if flat.get("num_predict") == -2:  # "until the context is full": the server's default
@@ -138,8 +141,8 @@ class OllamaAnswer:
 
     media_type = "application/x-ndjson"
 
-    def __init__(self, parsed: OpenAIRequest, model: str) -> None:
-        self.parsed, self.model = parsed, model
+    def __init__(self, parsed: OpenAIRequest, model: str, *, chat: bool) -> None:
+        self.parsed, self.model, self.chat = parsed, model, chat
         self.started = time.perf_counter_ns()
         self.first: int | None = None  # when the first token arrived (ns)
 
@@ -157,8 +160,8 @@ class OllamaAnswer:
                 self._arrived()
                 events.append(event)
                 if event.text:
-                    piece = {"model": self.model, "created_at": _now(), "response": event.text}
-                    yield _line({**piece, "done": False})
+                    piece = {"model": self.model, "created_at": _now()}
+                    yield _line({**piece, **_text(event.text, self.chat), "done": False})
             yield _line(self._final(events, ""))
         except Exception as error:  # after the first byte, an error can only be a line
             yield _line({"error": error_body(error)[1]["message"]})
@@ -177,7 +180,7 @@ class OllamaAnswer:
         return {
             "model": self.model,
             "created_at": _now(),
-            "response": text,
+            **_text(text, self.chat),
             "done": True,
             "done_reason": _DONE_REASON.get(last.finish_reason or "", "stop"),
             "total_duration": now - self.started,
@@ -187,6 +190,11 @@ class OllamaAnswer:
             "eval_count": sum(len(event.token_ids) for event in events),
             "eval_duration": now - first,
         }
+
+
+def _text(text: str, chat: bool) -> dict[str, Any]:
+    """A reply's text as each route carries it."""
+    return {"message": {"role": "assistant", "content": text}} if chat else {"response": text}
 
 
 def _now() -> str:
