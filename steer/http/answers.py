@@ -41,6 +41,28 @@ class Answer(Protocol):
     def stream(self, subscription: Subscription) -> AsyncIterator[bytes]: ...
 
 
+class Timer:
+    """A reply's clock, from the answer's creation (the request is queued) to its first token
+    and on to its last: the timings llama.cpp and Ollama report."""
+
+    def __init__(self) -> None:
+        self.started = time.perf_counter_ns()
+        self.first: int | None = None
+
+    async def events(self, subscription: Subscription) -> AsyncIterator[GenerationEvent]:
+        """The subscription's events (one row), the first one's arrival noted."""
+        async for _, event in subscription:
+            if self.first is None:
+                self.first = time.perf_counter_ns()
+            yield event
+
+    def durations(self) -> tuple[int, int]:
+        """(ns to the first token: queue and prompt; ns from it to now: generation)."""
+        now = time.perf_counter_ns()
+        first = self.first if self.first is not None else now
+        return first - self.started, now - first
+
+
 # -- errors -------------------------------------------------------------------------------------
 
 

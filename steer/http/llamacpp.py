@@ -31,13 +31,12 @@ refused).
 
 from __future__ import annotations
 
-import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
 from typing import Any
 
 from steer.errors import InvalidArgumentError
-from steer.http.answers import Answer, error_body, sse
+from steer.http.answers import Answer, Timer, error_body, sse
 from steer.http.fields import OpenAIRequest, parse_request
 from steer.http.values import _flag
 from steer.json_input import json_type
@@ -83,14 +82,10 @@ class LlamaCppAnswer:
         self, parsed: OpenAIRequest, model: str, handle: ModelHandle, reply: Reply
     ) -> None:
         self.parsed, self.model, self.handle, self.reply = parsed, model, handle, reply
-        self.started = time.perf_counter()
-        self.first: float | None = None  # when the first token arrived
+        self.timer = Timer()
 
     async def collect(self, subscription: Subscription) -> dict[str, Any]:
-        events = []
-        async for _, event in subscription:
-            self._arrived()
-            events.append(event)
+        events = [event async for event in self.timer.events(subscription)]
         body = self._final(events, streamed=False)
         if self.parsed.logprobs:
             body["completion_probabilities"] = self._probabilities(events)
@@ -99,8 +94,7 @@ class LlamaCppAnswer:
     async def stream(self, subscription: Subscription) -> AsyncIterator[bytes]:
         events: list[GenerationEvent] = []
         try:
-            async for _, event in subscription:
-                self._arrived()
+            async for event in self.timer.events(subscription):
                 events.append(event)
                 if event.text or event.token_ids:
                     yield sse(self._partial(event, events))
@@ -109,10 +103,6 @@ class LlamaCppAnswer:
             yield sse({"error": error_body(error)[1]})
         finally:
             subscription.cancel()
-
-    def _arrived(self) -> None:
-        if self.first is None:
-            self.first = time.perf_counter()
 
     def _partial(self, event: GenerationEvent, events: list[GenerationEvent]) -> dict[str, Any]:
         chunk: dict[str, Any] = {
@@ -182,10 +172,8 @@ class LlamaCppAnswer:
         return str(self.handle.tokenizer.decode(list(self.parsed.prompt_ids or ())))
 
     def _timings(self, prompt_n: int, predicted_n: int) -> dict[str, Any]:
-        now = time.perf_counter()
-        first = self.first if self.first is not None else now
-        prompt_ms = (first - self.started) * 1000
-        predicted_ms = (now - first) * 1000
+        prompt_ns, predicted_ns = self.timer.durations()
+        prompt_ms, predicted_ms = prompt_ns / 1e6, predicted_ns / 1e6
         return {
             "prompt_n": prompt_n,
             "prompt_ms": prompt_ms,

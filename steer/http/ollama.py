@@ -29,14 +29,13 @@ and named in the ``X-Steer-Ignored-Fields`` header when set.
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import AsyncIterator, Iterable, Mapping
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
 
 from steer.errors import InvalidArgumentError
-from steer.http.answers import Answer, error_body
+from steer.http.answers import Answer, Timer, error_body
 from steer.http.fields import OpenAIRequest, parse_request
 from steer.http.values import _boolean
 from steer.json_input import json_type
@@ -143,21 +142,16 @@ class OllamaAnswer:
 
     def __init__(self, parsed: OpenAIRequest, model: str, *, chat: bool) -> None:
         self.parsed, self.model, self.chat = parsed, model, chat
-        self.started = time.perf_counter_ns()
-        self.first: int | None = None  # when the first token arrived (ns)
+        self.timer = Timer()
 
     async def collect(self, subscription: Subscription) -> dict[str, Any]:
-        events = []
-        async for _, event in subscription:
-            self._arrived()
-            events.append(event)
+        events = [event async for event in self.timer.events(subscription)]
         return self._final(events, "".join(event.text for event in events))
 
     async def stream(self, subscription: Subscription) -> AsyncIterator[bytes]:
         events: list[GenerationEvent] = []
         try:
-            async for _, event in subscription:
-                self._arrived()
+            async for event in self.timer.events(subscription):
                 events.append(event)
                 if event.text:
                     piece = {"model": self.model, "created_at": _now()}
@@ -168,27 +162,22 @@ class OllamaAnswer:
         finally:
             subscription.cancel()
 
-    def _arrived(self) -> None:
-        if self.first is None:
-            self.first = time.perf_counter_ns()
-
     def _final(self, events: list[GenerationEvent], text: str) -> dict[str, Any]:
         last = events[-1] if events else GenerationEvent(request_id="")
         usage = last.usage
-        now = time.perf_counter_ns()
-        first = self.first if self.first is not None else now
+        prompt_ns, eval_ns = self.timer.durations()
         return {
             "model": self.model,
             "created_at": _now(),
             **_text(text, self.chat),
             "done": True,
             "done_reason": _DONE_REASON.get(last.finish_reason or "", "stop"),
-            "total_duration": now - self.started,
+            "total_duration": prompt_ns + eval_ns,
             "load_duration": 0,
             "prompt_eval_count": usage.prompt_tokens if usage is not None else 0,
-            "prompt_eval_duration": first - self.started,
+            "prompt_eval_duration": prompt_ns,
             "eval_count": sum(len(event.token_ids) for event in events),
-            "eval_duration": now - first,
+            "eval_duration": eval_ns,
         }
 
 
