@@ -407,6 +407,20 @@ def test_bearer_token(tiny_llama: ModelHandle, tmp_path: Path) -> None:
         assert httpx.get(f"{running.http_url}/health").status_code == 200
         with openai.OpenAI(base_url=f"{running.http_url}/v1", api_key="sesame") as client:
             assert client.completions.create(model="tiny", prompt="hi", max_tokens=2).choices
+        # llama.cpp's and Ollama's routes are guarded by the same token
+        raw = {"prompt": "hi", "n_predict": 2, "raw": True, "stream": False}
+        for method, path in [
+            ("POST", "/completion"),
+            ("POST", "/api/generate"),
+            ("POST", "/api/chat"),
+            ("GET", "/api/tags"),
+        ]:
+            body = raw if method == "POST" else None
+            denied = httpx.request(method, f"{running.http_url}{path}", json=body)
+            assert denied.status_code == 401, path
+            headers = {"Authorization": "Bearer sesame"}
+            allowed = httpx.request(method, f"{running.http_url}{path}", json=body, headers=headers)
+            assert allowed.status_code == 200, (path, allowed.text)
 
 
 def test_zero_strength_steering_entry_is_no_steering(client: openai.OpenAI) -> None:
