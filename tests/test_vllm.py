@@ -1,6 +1,7 @@
 """The vllm backend on the real SmolLM2 (float32) gives the hf engine's tokens, steered or not.
 
-Row by row in mixed batches, each row as alone, and through the prefix cache.
+Row by row in mixed batches, each row as alone, and through the prefix cache; the RP samplers
+vLLM lacks run in steer's pipeline inside it.
 
 These need the [vllm] extra; scripts/test.sh runs them in a pytest process of their own.
 """
@@ -237,6 +238,94 @@ def test_seeded_sampling_repeats(engine: VllmEngine) -> None:
     assert first[0].token_ids == second[0].token_ids and first[0].seed == 7
 
 
+#: RP sampler settings vLLM lacks, greedy: each changes the greedy text (checked below)
+RP_GREEDY = [
+    SamplingConfig(temperature=0.0, dry_multiplier=2.0, dry_allowed_length=1),
+    SamplingConfig(temperature=0.0, repetition_penalty=1.8, repetition_penalty_range=6),
+    SamplingConfig(
+        temperature=0.0,
+        presence_penalty=1.5,
+        dry_multiplier=1.0,
+        dry_range=16,
+        sampler_order=("dry", "logit_bias", "presence_penalty"),
+    ),
+]
+
+
+def test_rp_samplers_vllm_lacks_run_in_steers_pipeline_greedy_equal_to_hf(
+    engine: VllmEngine, smollm2: ModelHandle, theme: SteeringVector
+) -> None:
+    """DRY, a repetition-penalty range and a sampler order run in steer's logits processor
+    inside vLLM: greedy text equals the hf engine's, in a batch mixed with rows on vLLM's own
+    samplers and with steering."""
+    requests = [
+        _request(prompt, mix, sampling=config, max_new_tokens=32, top_logprobs=0)
+        for config in RP_GREEDY
+        for prompt in PROMPTS
+        for mix in ((), (Add(theme, 0.3),))
+    ]
+    requests += [_request(PROMPTS[0], max_new_tokens=32, top_logprobs=0)]  # vLLM's samplers
+    expected = Engine(smollm2, max_batch=len(requests)).run(requests)
+    got = engine.run(requests)
+    for index, (want, have) in enumerate(zip(expected, got, strict=True)):
+        if want.token_ids != have.token_ids:
+            _check_tie(smollm2, requests[index], want, have, f"request {index}")
+            continue
+        assert want.text == have.text, index
+    plain = engine.run([replace(r, sampling=GREEDY) for r in requests[:-1]])
+    changed = sum(p.token_ids != g.token_ids for p, g in zip(plain, got, strict=False))
+    assert changed >= len(plain) // 2, f"the samplers change the greedy text ({changed})"
+
+
+def test_rp_samplers_sampled_on_vllm(engine: VllmEngine, smollm2: ModelHandle) -> None:
+    """Sampled RP settings: seeded runs repeat; Mirostat at tau 0 keeps only the top token, so
+    its draws are the greedy text (its truncation and mu update, through vLLM's draw)."""
+    configs = [
+        SamplingConfig(temperature=1.2, xtc_threshold=0.05, xtc_probability=0.5, seed=3),
+        SamplingConfig(temperature=0.8, tfs=0.9, typical_p=0.9, top_a=0.1, seed=4),
+        SamplingConfig(temperature=1.5, min_p=0.1, temperature_last=True, seed=5),
+        SamplingConfig(mirostat_mode=2, mirostat_tau=3.0, mirostat_eta=0.2, seed=6),
+        SamplingConfig(mirostat_mode=1, mirostat_tau=4.0, seed=7),
+    ]
+    requests = [
+        _request(PROMPTS[index % 3], sampling=config, max_new_tokens=24, top_logprobs=0)
+        for index, config in enumerate(configs)
+    ]
+    first, second = engine.run(requests), engine.run(requests)
+    assert [r.token_ids for r in first] == [r.token_ids for r in second]
+    assert all(r.finish_reason in ("stop", "length") and r.token_ids for r in first)
+    narrow = SamplingConfig(mirostat_mode=2, mirostat_tau=0.0, seed=8)
+    greedy = _request(PROMPTS[1], max_new_tokens=20, top_logprobs=0)
+    (mirostat,) = engine.run([replace(greedy, sampling=narrow)])
+    (reference,) = Engine(smollm2).run([greedy])
+    assert mirostat.token_ids == reference.token_ids
+
+
+def test_mirostat_mu_follows_the_token_vllm_drew() -> None:
+    """The processor's Mirostat: the hf engine's truncation, and mu moved at the next step by the
+    surprise of the token vLLM drew."""
+    import math
+
+    from steer.backends.vllm.samplers import _process, _Row
+    from steer.sampling import process
+    from steer.sampling.pipeline import mirostat_truncate
+    from steer.sampling.processors import SamplerState
+
+    config = SamplingConfig(mirostat_mode=2, mirostat_tau=3.0, mirostat_eta=0.5)
+    logits = torch.randn(50, generator=torch.Generator().manual_seed(0))
+    drawn: list[int] = []
+    row = _Row(config, SamplerState(), [1, 2], drawn, None)
+    kept = _process(row, logits.clone()).exp()
+    reference, order = mirostat_truncate(process(logits.clone(), config), config, SamplerState())
+    torch.testing.assert_close(kept, torch.zeros(50).scatter(0, order, reference))
+    assert row.state.mirostat_mu == 6.0  # 2 tau before any draw
+    token = int(torch.nonzero(kept)[-1])  # vLLM drew a kept token
+    drawn.append(token)
+    _process(row, logits.clone())
+    surprise = -math.log2(float(kept[token]))
+    assert row.state.mirostat_mu == pytest.approx(6.0 - 0.5 * (surprise - 3.0))
+
+
 def test_cancel_frees_the_row_and_its_registration(
     engine: VllmEngine, theme: SteeringVector
 ) -> None:
@@ -274,9 +363,7 @@ def _registered_keys(worker: object) -> int:
         ("gated", "interventions[0]", "gated"),
         ("speaker", "interventions[0]", "speaker-scoped"),
         ("resid_mid", "interventions[0]", "hook_resid_mid"),
-        ("dry", "sampling.dry_multiplier", "dry_multiplier"),
         ("banned", "sampling.banned_strings", "banned_strings"),
-        ("mirostat", "sampling.mirostat_mode", "mirostat_mode"),
     ],
 )
 def test_what_the_backend_lacks_is_refused_by_name(
@@ -292,9 +379,7 @@ def test_what_the_backend_lacks_is_refused_by_name(
         "gated": _request(PROMPTS[0], (Gated(Condition(HOOK, refusal, 0.0), add),)),
         "speaker": _request(PROMPTS[0], (replace(add, speaker="Alice"),)),
         "resid_mid": _request(PROMPTS[0], (Add(theme, 0.5, hooks=("blocks.3.hook_resid_mid",)),)),
-        "dry": _request(PROMPTS[0], sampling=SamplingConfig(dry_multiplier=0.8)),
         "banned": _request(PROMPTS[0], sampling=SamplingConfig(banned_strings=("shivers",))),
-        "mirostat": _request(PROMPTS[0], sampling=SamplingConfig(mirostat_mode=2)),
     }
     with pytest.raises(FailedPreconditionError) as refused:
         engine.submit(cases[what])

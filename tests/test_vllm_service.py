@@ -6,12 +6,14 @@ backend lacks is a FAILED_PRECONDITION / 400 naming the field; the server keeps 
 from __future__ import annotations
 
 import concurrent.futures
+import copy
 import importlib.util
 from collections.abc import Iterator
 
 import httpx
 import pytest
 import torch
+from st_bodies import TEXT_COMPLETION_BODIES
 
 from steer.artifacts import save_vector
 from steer.client import FailedPrecondition, SteerClient, ablate, add, gated
@@ -139,6 +141,22 @@ def test_http_chat_with_steering_equals_the_hf_engine(
     assert reply["tokens_evaluated"] == text["usage"]["prompt_tokens"]
 
 
+def test_sillytavern_presets_run_on_vllm(served: SteerServer) -> None:
+    """SillyTavern's bodies with their RP samplers (DRY, XTC, Mirostat, temperature last, sampler
+    orders) run on the vLLM backend, in steer's pipeline inside it; banned strings are the one
+    sampler it refuses (next test)."""
+    for kind, body in sorted(TEXT_COMPLETION_BODIES.items()):
+        sized = dict(copy.deepcopy(body), model="smollm2", stream=False)
+        for key in ("logit_bias", "custom_token_bans", "banned_strings"):
+            sized.pop(key, None)  # token ids of the fixture's model; banned strings (refused)
+        for key in ("max_tokens", "max_new_tokens", "n_predict", "num_predict"):
+            if key in sized:
+                sized[key] = 4
+        path = "/completion" if kind == "llamacpp" else "/v1/completions"
+        response = httpx.post(f"{served.http_url}{path}", json=sized, timeout=300)
+        assert response.status_code == 200, (kind, response.text)
+
+
 def test_what_vllm_lacks_is_refused_by_name_and_the_server_keeps_serving(
     served: SteerServer,
 ) -> None:
@@ -150,8 +168,8 @@ def test_what_vllm_lacks_is_refused_by_name_and_the_server_keeps_serving(
             client.complete(QUESTION, interventions=[gate], max_new_tokens=4)
         assert refused.value.field == "interventions[0]" and "vllm" in refused.value.message
         with pytest.raises(FailedPrecondition) as refused:
-            client.complete(QUESTION, sampling={"dry_multiplier": 0.8}, max_new_tokens=4)
-        assert "dry_multiplier" in str(refused.value.field) and "vllm" in refused.value.message
+            client.complete(QUESTION, sampling={"banned_strings": ["sea"]}, max_new_tokens=4)
+        assert "banned_strings" in str(refused.value.field) and "vllm" in refused.value.message
         assert client.health() == "SERVING"
         chat = [{"role": "user", "content": QUESTION}]
         after = client.complete(messages=chat, temperature=0, max_new_tokens=5)[None]
@@ -160,11 +178,11 @@ def test_what_vllm_lacks_is_refused_by_name_and_the_server_keeps_serving(
         "model": "smollm2",
         "prompt": QUESTION,
         "max_tokens": 4,
-        "xtc_probability": 0.5,
+        "banned_strings": ["shivers down"],
     }
     response = httpx.post(f"{served.http_url}/v1/completions", json=body, timeout=300)
     assert response.status_code == 400, response.text
     error = response.json()["error"]
-    assert error["param"] == "xtc_probability" and "vllm" in error["message"]
+    assert error["param"] == "banned_strings" and "vllm" in error["message"]
     worker = served.registry.get("smollm2").worker
     assert worker.stats.failed_total == 0  # refused before the engine, no batch failed

@@ -69,10 +69,15 @@ def _mirostat_k(epsilon: float, s_hat: float, mu: float, vocab: int) -> int:
     return int(min(max(k_float, 1), vocab))
 
 
-def _mirostat(logits: torch.Tensor, config: SamplingConfig, row: RowContext) -> int:
-    state = row.state
-    tau, eta = config.mirostat_tau, config.mirostat_eta
-    mu = state.mirostat_mu if state.mirostat_mu is not None else 2 * tau
+def mirostat_truncate(
+    logits: torch.Tensor, config: SamplingConfig, state: SamplerState
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mirostat's distribution for one step: the kept tokens' probabilities (the others 0) over
+    the vocabulary sorted by probability, and that order. ``state.mirostat_mu`` starts at
+    ``2 tau``; :func:`mirostat_update` moves it once the token is drawn."""
+    if state.mirostat_mu is None:
+        state.mirostat_mu = 2 * config.mirostat_tau
+    mu = state.mirostat_mu
     sorted_logits, order = torch.sort(logits, descending=True)
     probs = torch.softmax(sorted_logits, dim=-1)
     if config.mirostat_mode == 1:
@@ -89,10 +94,21 @@ def _mirostat(logits: torch.Tensor, config: SamplingConfig, row: RowContext) -> 
         keep = -torch.log2(probs) <= mu
         keep[0] = True
     kept = torch.where(keep, probs, torch.zeros_like(probs))
-    kept = kept / kept.sum()
+    return kept / kept.sum(), order
+
+
+def mirostat_update(state: SamplerState, config: SamplingConfig, probability: float) -> None:
+    """Move ``mu`` by the surprise of the drawn token (its probability in the kept
+    distribution)."""
+    assert state.mirostat_mu is not None
+    surprise = -math.log2(probability)
+    state.mirostat_mu = state.mirostat_mu - config.mirostat_eta * (surprise - config.mirostat_tau)
+
+
+def _mirostat(logits: torch.Tensor, config: SamplingConfig, row: RowContext) -> int:
+    kept, order = mirostat_truncate(logits, config, row.state)
     index = draw(kept, row.generator)
-    surprise = -math.log2(float(kept[index]))
-    state.mirostat_mu = mu - eta * (surprise - tau)
+    mirostat_update(row.state, config, float(kept[index]))
     return int(order[index].item())
 
 

@@ -19,7 +19,7 @@ from typing import Any
 
 from steer.backends.capabilities import Capabilities, check_request
 from steer.backends.vllm import worker
-from steer.backends.vllm.params import SAMPLER_FIELDS, sampling_params
+from steer.backends.vllm.params import SAMPLER_FIELDS, encode, needs_pipeline, sampling_params
 from steer.backends.vllm.program import SteeringSpec, lower_request
 from steer.errors import ResourceExhaustedError
 from steer.hooks import HookKind
@@ -33,6 +33,7 @@ from steer.requests import (
     next_text,
     run_to_end,
 )
+from steer.sampling.processors import SamplerState
 from steer.text import TextStream
 
 CAPABILITIES = Capabilities(
@@ -190,7 +191,12 @@ class VllmEngine:
         prompt = TokensPrompt(prompt_token_ids=row.prompt_ids)
         if row.key is not None:
             prompt["cache_salt"] = row.key
-        params = sampling_params(request, row.seed, self.handle.eos_token_ids, row.key)
+        pipeline = None
+        if needs_pipeline(request.sampling):  # samplers vLLM lacks: steer's logits processor
+            vocab = int(self.handle.model.config.vocab_size)
+            state = SamplerState.for_request(request.sampling, self.handle.tokenizer, vocab)
+            pipeline = encode(request.sampling, state)
+        params = sampling_params(request, row.seed, self.handle.eos_token_ids, row.key, pipeline)
         self._rows[request.request_id] = row
         self.llm.add_request(request.request_id, prompt, params)  # raises for this row alone
 

@@ -130,6 +130,8 @@ def start_vllm(
         "tensor_parallel_size": options.tensor_parallel_size,
         "seed": 0,
         "disable_log_stats": True,
+        # steer's RP samplers vLLM lacks (DRY, XTC, Mirostat, ...): steer.backends.vllm.samplers
+        "logits_processors": ["steer.backends.vllm.samplers:SteerSamplers"],
     }
     if handle.device.type == "cuda":
         arguments["gpu_memory_utilization"] = options.gpu_memory_utilization

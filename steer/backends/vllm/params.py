@@ -1,13 +1,19 @@
 """A steer request's sampler settings as vLLM ``SamplingParams``.
 
 vLLM has temperature, top-k, top-p, min-p, the repetition, presence and frequency penalties,
-logit bias, min tokens and seeds of its own; steer's other RP samplers (DRY, XTC, mirostat, TFS,
-typical, top-a, banned strings, temperature last, a sampler order, a repetition-penalty range)
-are refused for this backend by :data:`SAMPLER_FIELDS` (see :func:`steer.backends.check_request`).
+logit bias, min tokens and seeds of its own (:data:`NATIVE_FIELDS`); a request that uses only
+those is sampled by vLLM's samplers. A request that sets any of steer's other RP samplers (DRY,
+XTC, Mirostat, TFS, typical, top-a, temperature last, a sampler order, a repetition-penalty
+range) is sent with vLLM's samplers neutral and its settings in ``extra_args``, and
+:class:`steer.backends.vllm.samplers.SteerSamplers` runs steer's pipeline on its logits. Banned
+strings are refused for this backend (:data:`SAMPLER_FIELDS`; see
+:func:`steer.backends.check_request`): steer re-checks a drawn token's joined text and draws
+again, which a logits processor cannot do.
+
 vLLM's definitions differ from steer's in two places, so sampled (not greedy) text differs
 between backends for the same seed: vLLM draws with its own generator, and its presence and
 frequency penalties count generated tokens only (OpenAI's definition; steer's count the prompt
-too).
+too; a request on steer's pipeline counts the prompt, as the hf engine does).
 
 Text, stop strings and EOS are steer's: vLLM returns token ids only (``detokenize=False``) and
 :class:`~steer.text.TextStream` turns them into text exactly as in the hf engine.
@@ -15,12 +21,16 @@ Text, stop strings and EOS are steer's: vLLM returns token ids only (``detokeniz
 
 from __future__ import annotations
 
+import json
+from dataclasses import asdict, fields
 from typing import Any
 
 from steer.generation import GenerationRequest
+from steer.sampling import SamplingConfig
+from steer.sampling.processors import SamplerState
 
-#: SamplingConfig fields the vllm backend honours (the others must keep their defaults)
-SAMPLER_FIELDS = frozenset(
+#: SamplingConfig fields vLLM samples with itself
+NATIVE_FIELDS = frozenset(
     {
         "temperature",
         "top_k",
@@ -35,28 +45,63 @@ SAMPLER_FIELDS = frozenset(
         "seed",
     }
 )
+#: SamplingConfig fields the vllm backend honours (the others must keep their defaults)
+SAMPLER_FIELDS = frozenset(item.name for item in fields(SamplingConfig)) - {"banned_strings"}
+#: the ``extra_args`` key carrying the settings of a request on steer's pipeline
+PIPELINE_KEY = "steer_sampling"
+
+
+def needs_pipeline(config: SamplingConfig) -> bool:
+    """Whether ``config`` sets a sampler vLLM does not have."""
+    defaults = SamplingConfig()
+    return any(
+        getattr(config, item.name) != getattr(defaults, item.name)
+        for item in fields(SamplingConfig)
+        if item.name not in NATIVE_FIELDS
+    )
+
+
+def encode(config: SamplingConfig, state: SamplerState) -> str:
+    """``config`` and its tokenizer-resolved state as the text ``extra_args`` carries."""
+    return json.dumps({"config": asdict(config), "dry_breakers": sorted(state.dry_breakers)})
+
+
+def decode(text: str) -> tuple[SamplingConfig, SamplerState]:
+    data = json.loads(text)
+    state = SamplerState(dry_breakers=frozenset(int(t) for t in data["dry_breakers"]))
+    return SamplingConfig(**data["config"]), state
 
 
 def sampling_params(
-    request: GenerationRequest, seed: int, eos_ids: frozenset[int], key: str | None
+    request: GenerationRequest,
+    seed: int,
+    eos_ids: frozenset[int],
+    key: str | None,
+    pipeline: str | None = None,
 ) -> Any:
-    """vLLM SamplingParams for ``request`` (``key``: its registered steering, or None)."""
+    """vLLM SamplingParams for ``request`` (``key``: its registered steering, or None;
+    ``pipeline``: its settings as :func:`encode` writes them, when it :func:`needs_pipeline`)."""
     from vllm import SamplingParams
     from vllm.sampling_params import RequestOutputKind
 
     sampling = request.sampling
     greedy = sampling.greedy
     min_tokens = request.max_new_tokens if sampling.ban_eos else sampling.min_tokens
+    extra: dict[str, Any] = {} if key is None else {"steer": key}
+    native = sampling
+    if pipeline is not None:  # steer's pipeline does every sampler; vLLM's stay neutral
+        extra[PIPELINE_KEY] = pipeline
+        native = SamplingConfig(temperature=0.0 if greedy else 1.0)
     return SamplingParams(
         n=1,
-        temperature=0.0 if greedy else sampling.temperature,
-        top_p=1.0 if greedy else sampling.top_p,
-        top_k=0 if greedy else sampling.top_k,
-        min_p=0.0 if greedy else sampling.min_p,
-        repetition_penalty=sampling.repetition_penalty,
-        presence_penalty=sampling.presence_penalty,
-        frequency_penalty=sampling.frequency_penalty,
-        logit_bias={int(token): float(bias) for token, bias in sampling.logit_bias} or None,
+        temperature=0.0 if greedy else native.temperature,
+        top_p=1.0 if greedy else native.top_p,
+        top_k=0 if greedy else native.top_k,
+        min_p=0.0 if greedy else native.min_p,
+        repetition_penalty=native.repetition_penalty,
+        presence_penalty=native.presence_penalty,
+        frequency_penalty=native.frequency_penalty,
+        logit_bias={int(token): float(bias) for token, bias in native.logit_bias} or None,
         seed=None if greedy else seed,
         max_tokens=request.max_new_tokens,
         min_tokens=min(min_tokens, request.max_new_tokens),
@@ -64,5 +109,5 @@ def sampling_params(
         logprobs=request.top_logprobs or None,
         detokenize=False,
         output_kind=RequestOutputKind.DELTA,
-        extra_args=None if key is None else {"steer": key},
+        extra_args=extra or None,
     )
