@@ -10,6 +10,12 @@ load hits every side; with both backends the vllm/hf ratio comes from the same r
     python scripts/bench_engine.py --backend hf,vllm    # both backends side by side
     python scripts/bench_engine.py --device cuda        # random Llama-3-8B-config model on GPU
     python scripts/bench_engine.py --device cuda --random-config DIR   # another real config
+    python scripts/bench_engine.py --backend hf,vllm --rp-samplers    # + a SillyTavern preset
+
+``--rp-samplers`` adds an unsteered configuration sampled with a SillyTavern-style preset (DRY,
+XTC, min-p, temperature last, a repetition-penalty range: :data:`RP_PRESET`), which on the vllm
+backend runs in steer's sampler pipeline inside vLLM; its column is its rate against plain
+sampling on the same backend.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import os
 import statistics
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -76,6 +83,21 @@ def random_model(
     return from_pretrained_model(model, tokenizer, name=name)
 
 
+#: plain sampling: temperature 1, nothing else
+PLAIN = SamplingConfig(temperature=1.0)
+#: a SillyTavern-style RP preset (as tests/st_bodies.py's TabbyAPI body, without banned strings)
+RP_PRESET = SamplingConfig(
+    temperature=1.1,
+    temperature_last=True,
+    min_p=0.05,
+    repetition_penalty=1.05,
+    repetition_penalty_range=2048,
+    dry_multiplier=0.8,
+    xtc_threshold=0.1,
+    xtc_probability=0.5,
+)
+
+
 def steering(handle: ModelHandle) -> tuple:
     generator = torch.Generator().manual_seed(0)
     layers = [int(i * handle.num_layers / 8) for i in range(8)]
@@ -86,7 +108,13 @@ def steering(handle: ModelHandle) -> tuple:
     return (Add(vector, 0.5), Ablate(direction))
 
 
-def decode_rate(engine: Any, batch: int, new_tokens: int, interventions: tuple) -> float:
+def decode_rate(
+    engine: Any,
+    batch: int,
+    new_tokens: int,
+    interventions: tuple,
+    sampling: SamplingConfig = PLAIN,
+) -> float:
     handle = engine.handle
     ids = tuple(handle.tokenizer(PROMPT)["input_ids"])
     for index in range(batch):
@@ -94,7 +122,7 @@ def decode_rate(engine: Any, batch: int, new_tokens: int, interventions: tuple) 
             GenerationRequest(
                 prompt_ids=ids,
                 interventions=interventions,
-                sampling=SamplingConfig(temperature=1.0, seed=index),
+                sampling=replace(sampling, seed=index),
                 max_new_tokens=new_tokens,
             )
         )
@@ -130,6 +158,9 @@ def main() -> None:
         help="a directory with a real config.json: random weights (off CPU: default Llama-3-8B)",
     )
     parser.add_argument("--tokenizer", help="with random weights: a tokenizer directory")
+    parser.add_argument(
+        "--rp-samplers", action="store_true", help="also time RP_PRESET sampling (unsteered)"
+    )
     args = parser.parse_args()
 
     if args.device == "cpu" and args.random_config is None:
@@ -149,11 +180,16 @@ def main() -> None:
         for engine in engines.values():
             decode_rate(engine, batch, 4, ())  # warm-up
             decode_rate(engine, batch, 4, steered)
+            if args.rp_samplers:
+                decode_rate(engine, batch, 4, (), RP_PRESET)
         for _ in range(args.repeats):
             for name, engine in engines.items():
                 for steer in (False, True):
                     rate = decode_rate(engine, batch, args.new_tokens, steered if steer else ())
                     rates.setdefault((name, steer), []).append(rate)
+                if args.rp_samplers:
+                    rate = decode_rate(engine, batch, args.new_tokens, (), RP_PRESET)
+                    rates.setdefault((name, "rp"), []).append(rate)
         for name in backends:
             plain_rate = statistics.median(rates[(name, False)])
             steer_rate = statistics.median(rates[(name, True)])
@@ -168,6 +204,12 @@ def main() -> None:
                 reference = statistics.median(rates[("hf", False)])
                 row["unsteered vs hf"] = plain_rate / reference
                 row["steered vs hf"] = steer_rate / statistics.median(rates[("hf", True)])
+            if args.rp_samplers:
+                rp_rate = statistics.median(rates[(name, "rp")])
+                row["RP preset tok/s"] = rp_rate
+                row["RP/plain"] = rp_rate / plain_rate
+                record[f"{name}_batch{batch}_rp_tok_s"] = round(rp_rate, 2)
+                record[f"{name}_batch{batch}_rp_ratio"] = round(rp_rate / plain_rate, 4)
             rows.append(row)
             prefix = f"{name}_batch{batch}"
             record[f"{prefix}_unsteered_tok_s"] = round(plain_rate, 2)
@@ -184,9 +226,13 @@ def _write_docs(args: Any, handle: ModelHandle, record: dict, rows: list, backen
     section = f"engine-{args.device}-{args.backend.replace(',', '-')}"
     if args.device != "cpu" or args.random_config:
         section += f"-{handle.name}"
+    if args.rp_samplers:
+        section += "-rp"
     columns = ["backend", "batch", "unsteered tok/s", "steered tok/s", "steered/unsteered"]
     if "hf" in backends and len(backends) > 1:
         columns += ["unsteered vs hf", "steered vs hf"]
+    if args.rp_samplers:
+        columns += ["RP preset tok/s", "RP/plain"]
     markdown = (
         f"### Engine decode speed, {handle.name} ({handle.dtype}) on {args.device}\n\n"
         f"Machine: {record['machine']}, transformers {transformers.__version__}; load average "
@@ -194,7 +240,13 @@ def _write_docs(args: Any, handle: ModelHandle, record: dict, rows: list, backen
         f"{record['load_after']} after. Steered = Add at 8 layers + Ablate everywhere; median "
         f"of {args.repeats} interleaved runs of {args.new_tokens} tokens per configuration, "
         "all backends in one process and one run. Goal: steered/unsteered >= 0.97.\n"
-        f"Command: `python scripts/bench_engine.py {' '.join(sys.argv[1:])}`\n\n"
+        + (
+            "RP preset = temperature 1.1 last, min-p 0.05, repetition penalty 1.05 over 2048, "
+            "DRY 0.8, XTC 0.1/0.5 (unsteered; on vllm, steer's pipeline inside vLLM).\n"
+            if args.rp_samplers
+            else ""
+        )
+        + f"Command: `python scripts/bench_engine.py {' '.join(sys.argv[1:])}`\n\n"
         + table(rows, columns)
     )
     write_section("benchmarks.md", section, markdown, title="Benchmarks")
