@@ -2,8 +2,9 @@
 
 :mod:`~steer.backends.vllm.launch` starts vLLM on a loaded model, :mod:`.engine` drives it with
 steer's engine interface, :mod:`.program` and :mod:`.worker` apply the interventions inside
-vLLM's forward pass, :mod:`.params` maps the sampler settings. Importing this package does not
-import vLLM; starting an engine does.
+vLLM's forward pass, :mod:`.params` maps the sampler settings and :mod:`.samplers` runs steer's
+sampler pipeline inside vLLM for the samplers vLLM lacks. Importing this package does not import
+vLLM; starting an engine does.
 """
 
 from steer.backends.vllm.engine import CAPABILITIES, VllmEngine
