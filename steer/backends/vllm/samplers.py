@@ -11,8 +11,8 @@ updated at the next step from the token vLLM drew. The draw itself is vLLM's (it
 sampled text differs from the hf engine's for the same seed, as for vLLM's own samplers; greedy
 text is the same.
 
-Rows are processed on the CPU, one at a time (a few hundred microseconds each on a 50k
-vocabulary); rows that use only vLLM's samplers never reach this code.
+Rows are processed on the CPU, one at a time (docs/backends.md measures the cost); rows that
+use only vLLM's samplers never reach this code.
 """
 
 from __future__ import annotations
@@ -79,8 +79,9 @@ def _process(row: _Row, logits: torch.Tensor) -> torch.Tensor:
     distribution, so that vLLM's draw at temperature 1 is Mirostat's draw)."""
     config = row.config
     if row.kept is not None and len(row.output) > row.drawn_at:
-        token = row.output[row.drawn_at]  # what vLLM drew from the kept distribution
-        mirostat_update(row.state, config, float(row.kept[token]))
+        probability = float(row.kept[row.output[row.drawn_at]])  # the token vLLM drew
+        if probability > 0:  # a masked token (probability 0) is never drawn
+            mirostat_update(row.state, config, probability)
         row.kept = None
     context = RowContext(row.prompt + list(row.output), row.generator, row.state)
     logits = process(logits, config, row=context)
