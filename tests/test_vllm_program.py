@@ -7,6 +7,7 @@ vLLM lays a batch's tokens end to end and mixes prompt and generated tokens in o
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,7 @@ import torch
 from steer.backends.capabilities import check_request
 from steer.backends.vllm.engine import CAPABILITIES
 from steer.backends.vllm.launch import export_for_vllm
+from steer.backends.vllm.params import decode, encode, needs_pipeline
 from steer.backends.vllm.program import Selection, SteeringSpec, build_flat_programs, lower_request
 from steer.errors import FailedPreconditionError, UnsupportedArchitectureError
 from steer.generation import GenerationRequest
@@ -22,6 +24,7 @@ from steer.interventions import Ablate, Add, Intervention, Phase
 from steer.models import ModelHandle
 from steer.plan import build_plan
 from steer.sampling import SamplingConfig
+from steer.sampling.processors import SamplerState
 from steer.vectors import SteeringVector
 
 D = 64
@@ -126,12 +129,8 @@ def test_equal_steering_has_equal_keys_and_different_steering_does_not(
     ("request_", "field"),
     [
         (
-            GenerationRequest(prompt="Hi", sampling=SamplingConfig(xtc_probability=0.5)),
-            "sampling.xtc_probability",
-        ),
-        (
-            GenerationRequest(prompt="Hi", sampling=SamplingConfig(typical_p=0.9)),
-            "sampling.typical_p",
+            GenerationRequest(prompt="Hi", sampling=SamplingConfig(banned_strings=("sea",))),
+            "sampling.banned_strings",
         ),
         (
             GenerationRequest(
@@ -161,6 +160,30 @@ def test_what_vllm_has_passes_the_check(tiny_llama: ModelHandle) -> None:
         interventions=(Add(vector, 1.0, hooks=HOOKS), Ablate(vector)),
     )
     check_request(request, tiny_llama, CAPABILITIES)
+
+
+def test_rp_samplers_pass_the_check_and_travel_whole(tiny_llama: ModelHandle) -> None:
+    """The samplers vLLM lacks go to steer's pipeline inside vLLM: they pass the check, only they
+    need it, and their settings (DRY breakers resolved by the tokenizer) survive the trip."""
+    rp = SamplingConfig(
+        temperature=1.1,
+        temperature_last=True,
+        xtc_threshold=0.1,
+        xtc_probability=0.5,
+        dry_multiplier=0.8,
+        typical_p=0.9,
+        mirostat_mode=2,
+        logit_bias={5: -math.inf, 7: 2.5},
+        sampler_order=("xtc", "dry"),
+        seed=3,
+    )
+    check_request(GenerationRequest(prompt="Hi", sampling=rp), tiny_llama, CAPABILITIES)
+    assert needs_pipeline(rp)
+    assert not needs_pipeline(SamplingConfig(temperature=0.7, top_k=40, min_p=0.1, seed=1))
+    state = SamplerState.for_request(rp, tiny_llama.tokenizer, 100)
+    assert state.dry_breakers  # the newline, colon, quote and asterisk tokens
+    config, travelled = decode(encode(rp, state))
+    assert config == rp and travelled == state
 
 
 def test_an_architecture_the_backend_does_not_know_is_refused_before_vllm_starts(
