@@ -301,6 +301,28 @@ def test_rp_samplers_sampled_on_vllm(engine: VllmEngine, smollm2: ModelHandle) -
     assert mirostat.token_ids == reference.token_ids
 
 
+def test_banned_strings_on_vllm_equal_the_hf_engine(
+    engine: VllmEngine, smollm2: ModelHandle
+) -> None:
+    """Phrases taken from each prompt's greedy reply are banned: the vLLM backend's greedy text
+    equals the hf engine's, and no banned phrase appears."""
+    plain = engine.run([_request(p, max_new_tokens=32, top_logprobs=0) for p in PROMPTS])
+    requests = []
+    for prompt, reply in zip(PROMPTS, plain, strict=True):
+        words = reply.text.split()
+        phrases = (" ".join(words[2:4]), words[6])  # two words, and one, from the reply
+        sampling = replace(GREEDY, banned_strings=phrases)
+        requests.append(_request(prompt, sampling=sampling, max_new_tokens=32, top_logprobs=0))
+    expected = Engine(smollm2, max_batch=len(requests)).run(requests)
+    got = engine.run(requests)
+    for index, (want, have) in enumerate(zip(expected, got, strict=True)):
+        if want.token_ids != have.token_ids:
+            _check_tie(smollm2, requests[index], want, have, f"request {index}")
+            continue
+        assert want.text == have.text != plain[index].text, index
+        assert not any(p in have.text for p in requests[index].sampling.banned_strings), index
+
+
 def test_mirostat_mu_follows_the_token_vllm_drew() -> None:
     """The processor's Mirostat: the hf engine's truncation, and mu moved at the next step by the
     surprise of the token vLLM drew."""
@@ -363,7 +385,6 @@ def _registered_keys(worker: object) -> int:
         ("gated", "interventions[0]", "gated"),
         ("speaker", "interventions[0]", "speaker-scoped"),
         ("resid_mid", "interventions[0]", "hook_resid_mid"),
-        ("banned", "sampling.banned_strings", "banned_strings"),
     ],
 )
 def test_what_the_backend_lacks_is_refused_by_name(
@@ -379,7 +400,6 @@ def test_what_the_backend_lacks_is_refused_by_name(
         "gated": _request(PROMPTS[0], (Gated(Condition(HOOK, refusal, 0.0), add),)),
         "speaker": _request(PROMPTS[0], (replace(add, speaker="Alice"),)),
         "resid_mid": _request(PROMPTS[0], (Add(theme, 0.5, hooks=("blocks.3.hook_resid_mid",)),)),
-        "banned": _request(PROMPTS[0], sampling=SamplingConfig(banned_strings=("shivers",))),
     }
     with pytest.raises(FailedPreconditionError) as refused:
         engine.submit(cases[what])

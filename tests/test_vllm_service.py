@@ -143,12 +143,11 @@ def test_http_chat_with_steering_equals_the_hf_engine(
 
 def test_sillytavern_presets_run_on_vllm(served: SteerServer) -> None:
     """SillyTavern's bodies with their RP samplers (DRY, XTC, Mirostat, temperature last, sampler
-    orders) run on the vLLM backend, in steer's pipeline inside it; banned strings are the one
-    sampler it refuses (next test)."""
+    orders, banned strings) run on the vLLM backend, in steer's pipeline inside it."""
     for kind, body in sorted(TEXT_COMPLETION_BODIES.items()):
         sized = dict(copy.deepcopy(body), model="smollm2", stream=False)
-        for key in ("logit_bias", "custom_token_bans", "banned_strings"):
-            sized.pop(key, None)  # token ids of the fixture's model; banned strings (refused)
+        for key in ("logit_bias", "custom_token_bans"):
+            sized.pop(key, None)  # token ids of the fixture's model
         for key in ("max_tokens", "max_new_tokens", "n_predict", "num_predict"):
             if key in sized:
                 sized[key] = 4
@@ -167,9 +166,12 @@ def test_what_vllm_lacks_is_refused_by_name_and_the_server_keeps_serving(
         with pytest.raises(FailedPrecondition) as refused:
             client.complete(QUESTION, interventions=[gate], max_new_tokens=4)
         assert refused.value.field == "interventions[0]" and "vllm" in refused.value.message
+        mid = add(_vector(1).tolist(), 2.0, hooks=["blocks.3.hook_resid_mid"])
         with pytest.raises(FailedPrecondition) as refused:
-            client.complete(QUESTION, sampling={"banned_strings": ["sea"]}, max_new_tokens=4)
-        assert "banned_strings" in str(refused.value.field) and "vllm" in refused.value.message
+            client.complete(QUESTION, interventions=[mid], max_new_tokens=4)
+        assert (
+            refused.value.field == "interventions[0]" and "hook_resid_mid" in refused.value.message
+        )
         assert client.health() == "SERVING"
         chat = [{"role": "user", "content": QUESTION}]
         after = client.complete(messages=chat, temperature=0, max_new_tokens=5)[None]
@@ -178,11 +180,19 @@ def test_what_vllm_lacks_is_refused_by_name_and_the_server_keeps_serving(
         "model": "smollm2",
         "prompt": QUESTION,
         "max_tokens": 4,
-        "banned_strings": ["shivers down"],
+        "steering": [
+            {
+                "add": {
+                    "inline": {"shared": _vector(1).tolist()},
+                    "strength": 1.0,
+                    "hooks": ["blocks.3.hook_resid_mid"],
+                }
+            }
+        ],
     }
     response = httpx.post(f"{served.http_url}/v1/completions", json=body, timeout=300)
     assert response.status_code == 400, response.text
     error = response.json()["error"]
-    assert error["param"] == "banned_strings" and "vllm" in error["message"]
+    assert error["param"] == "steering[0]" and "vllm" in error["message"]
     worker = served.registry.get("smollm2").worker
     assert worker.stats.failed_total == 0  # refused before the engine, no batch failed

@@ -4,11 +4,8 @@ vLLM has temperature, top-k, top-p, min-p, the repetition, presence and frequenc
 logit bias, min tokens and seeds of its own (:data:`NATIVE_FIELDS`); a request that uses only
 those is sampled by vLLM's samplers. A request that sets any of steer's other RP samplers (DRY,
 XTC, Mirostat, TFS, typical, top-a, temperature last, a sampler order, a repetition-penalty
-range) is sent with vLLM's samplers neutral and its settings in ``extra_args``, and
-:class:`steer.backends.vllm.samplers.SteerSamplers` runs steer's pipeline on its logits. Banned
-strings are refused for this backend (:data:`SAMPLER_FIELDS`; see
-:func:`steer.backends.check_request`): steer re-checks a drawn token's joined text and draws
-again, which a logits processor cannot do.
+range, banned strings) is sent with vLLM's samplers neutral and its settings in ``extra_args``,
+and :class:`steer.backends.vllm.samplers.SteerSamplers` runs steer's pipeline on its logits.
 
 vLLM's definitions differ from steer's in two places, so sampled (not greedy) text differs
 between backends for the same seed: vLLM draws with its own generator, and its presence and
@@ -45,8 +42,9 @@ NATIVE_FIELDS = frozenset(
         "seed",
     }
 )
-#: SamplingConfig fields the vllm backend honours (the others must keep their defaults)
-SAMPLER_FIELDS = frozenset(item.name for item in fields(SamplingConfig)) - {"banned_strings"}
+#: SamplingConfig fields the vllm backend honours: every one (those not in NATIVE_FIELDS through
+#: steer's pipeline inside vLLM)
+SAMPLER_FIELDS = frozenset(item.name for item in fields(SamplingConfig))
 #: the ``extra_args`` key carrying the settings of a request on steer's pipeline
 PIPELINE_KEY = "steer_sampling"
 
