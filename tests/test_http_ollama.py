@@ -130,6 +130,9 @@ def test_chat_equals_v1_chat_completions(server: SteerServer) -> None:
     assert loaded["done_reason"] == "load" and loaded["message"]["content"] == ""
     tools = _post(server, "/api/chat", dict(body, stream=False, tools=[{"type": "function"}]))
     assert tools.headers["X-Steer-Ignored-Fields"] == "tools"
+    pictured = [dict(messages[1], images=["aGk="])]
+    images = _post(server, "/api/chat", dict(body, stream=False, messages=pictured))
+    assert images.headers["X-Steer-Ignored-Fields"] == "images"
     refused = _post(server, "/api/chat", dict(body, messages=[{"role": "tool", "content": "x"}]))
     assert refused.status_code == 400 and refused.json()["error"]["param"] == "messages[0].role"
 

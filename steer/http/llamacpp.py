@@ -94,24 +94,26 @@ class LlamaCppAnswer:
     async def stream(self, subscription: Subscription) -> AsyncIterator[bytes]:
         events: list[GenerationEvent] = []
         try:
+            predicted = 0
             async for event in self.timer.events(subscription):
                 events.append(event)
+                predicted += len(event.token_ids)
                 if event.text or event.token_ids:
-                    yield sse(self._partial(event, events))
+                    yield sse(self._partial(event, predicted))
             yield sse(self._final(events, streamed=True))
         except Exception as error:  # after the first byte, an error can only be a line
             yield sse({"error": error_body(error)[1]})
         finally:
             subscription.cancel()
 
-    def _partial(self, event: GenerationEvent, events: list[GenerationEvent]) -> dict[str, Any]:
+    def _partial(self, event: GenerationEvent, predicted: int) -> dict[str, Any]:
         chunk: dict[str, Any] = {
             "index": 0,
             "content": event.text,
             "tokens": list(event.token_ids),
             "stop": False,
             "id_slot": 0,
-            "tokens_predicted": sum(len(e.token_ids) for e in events),
+            "tokens_predicted": predicted,
         }
         if self.parsed.logprobs:
             chunk["completion_probabilities"] = self._probabilities([event])

@@ -109,6 +109,8 @@ def read_request(body: Any, *, chat: bool = False) -> tuple[OpenAIRequest | None
             flat["messages"].insert(0, {"role": "system", "content": system})
     parsed = parse_request(flat, chat="messages" in flat)
     ignored = {key for key in _UNSUPPORTED if body.get(key) not in (None, False, "", [], {})}
+    if chat and any(isinstance(m, dict) and m.get("images") for m in body["messages"]):
+        ignored.add("images")  # a chat message's pictures: steer serves text models
     if ignored:
         parsed = replace(parsed, ignored=tuple(sorted({*parsed.ignored, *ignored})))
     return parsed, reply
