@@ -142,8 +142,8 @@ def _encoder(
         text, special = _text_of(body, route.texts, core.settings.max_prompt_tokens)
         ids = await asyncio.to_thread(_tokenize, handle, text, special)
         reply = route.reply(ids)
-        if route.path == "/tokenize" and _with_pieces(body):
-            reply["tokens"] = [{"id": i, "piece": token_piece(handle.tokenizer, i)} for i in ids]
+        if route.path == "/tokenize" and _with_pieces(body):  # decoded off the event loop too
+            reply["tokens"] = await asyncio.to_thread(_pieces, handle.tokenizer, ids)
         return reply
 
     return encode
@@ -185,6 +185,10 @@ def _with_pieces(body: Mapping[str, Any]) -> bool:
     if flag is not None and not isinstance(flag, bool):
         raise InvalidArgumentError("expected true or false", field="with_pieces")
     return bool(flag)
+
+
+def _pieces(tokenizer: Any, ids: list[int]) -> list[dict[str, Any]]:
+    return [{"id": token, "piece": token_piece(tokenizer, token)} for token in ids]
 
 
 def token_piece(tokenizer: Any, token_id: int) -> str | list[int]:
