@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from steer.errors import FailedPreconditionError
@@ -66,13 +66,10 @@ def _describe(intervention: Any) -> str:
 
 def _check_sampling(sampling: SamplingConfig, caps: Capabilities) -> None:
     assert caps.sampler_fields is not None
-    defaults = SamplingConfig()
-    for item in fields(SamplingConfig):
-        if item.name in caps.sampler_fields:
-            continue
-        if getattr(sampling, item.name) != getattr(defaults, item.name):
+    for name in sampling.changed_fields():
+        if name not in caps.sampler_fields:
             raise FailedPreconditionError(
-                f"the {caps.name} backend has no {item.name} sampler yet; leave it at its "
-                f"default ({getattr(defaults, item.name)!r}) or serve with --backend hf",
-                field=f"sampling.{item.name}",
+                f"the {caps.name} backend has no {name} sampler yet; leave it at its "
+                f"default ({getattr(SamplingConfig(), name)!r}) or serve with --backend hf",
+                field=f"sampling.{name}",
             )

@@ -127,11 +127,7 @@ class OpenAIAnswer:
     def _logprobs(self, events: list[GenerationEvent]) -> dict[str, Any] | None:
         if not self.parsed.logprobs:
             return None
-        entries = []
-        for event in events:
-            for token_id in event.token_ids:
-                candidates = dict(event.top_logprobs)
-                entries.append((token_id, candidates.get(token_id), event.top_logprobs))
+        entries = token_logprobs(events)
         if self.chat:
             return {"content": [self._chat_logprob(*entry) for entry in entries]}
         return {
@@ -143,15 +139,10 @@ class OpenAIAnswer:
     def _chat_logprob(
         self, token: int, logprob: float | None, top: tuple[tuple[int, float], ...]
     ) -> dict[str, Any]:
-        text = self._token(token)
+        tokenizer = self.handle.tokenizer
         return {
-            "token": text,
-            "logprob": logprob,
-            "bytes": list(text.encode()),
-            "top_logprobs": [
-                {"token": self._token(t), "logprob": lp, "bytes": list(self._token(t).encode())}
-                for t, lp in top
-            ],
+            **token_record(tokenizer, token, logprob),
+            "top_logprobs": [token_record(tokenizer, t, lp) for t, lp in top],
         }
 
     def _choice(self, index: int, text: str, finish: str | None, logprobs: Any) -> dict[str, Any]:
@@ -233,6 +224,26 @@ class OpenAIAnswer:
         if text:
             delta["content"] = text
         return {"index": index, "delta": delta, "finish_reason": finish, "logprobs": logprobs}
+
+
+def token_logprobs(
+    events: list[GenerationEvent],
+) -> list[tuple[int, float | None, tuple[tuple[int, float], ...]]]:
+    """Each generated token of ``events`` with its log-probability (None when it is not among
+    its step's top candidates) and that step's top candidates."""
+    entries = []
+    for event in events:
+        candidates = dict(event.top_logprobs)
+        for token in event.token_ids:
+            entries.append((token, candidates.get(token), event.top_logprobs))
+    return entries
+
+
+def token_record(tokenizer: Any, token_id: int, logprob: float | None) -> dict[str, Any]:
+    """One token as OpenAI's chat logprobs and llama.cpp's probabilities write it: its text,
+    log-probability and UTF-8 bytes."""
+    text = str(tokenizer.decode([token_id]))
+    return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
 
 
 def usage_body(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:

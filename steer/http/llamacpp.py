@@ -35,11 +35,9 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
 from typing import Any
 
-from steer.errors import InvalidArgumentError
-from steer.http.answers import Answer, Timer, error_body, sse
+from steer.http.answers import Answer, Timer, error_body, sse, token_logprobs, token_record
 from steer.http.fields import OpenAIRequest, parse_request
 from steer.http.values import _flag
-from steer.json_input import json_type
 from steer.models import ModelHandle
 from steer.requests import GenerationEvent
 from steer.sampling import DEFAULT_ORDER
@@ -63,11 +61,7 @@ class Reply:
 
 def read_request(body: Any) -> tuple[OpenAIRequest, Reply]:
     """A ``/completion`` body as one text completion (one row) and its reply options."""
-    if not isinstance(body, dict):
-        raise InvalidArgumentError(
-            f"the request body must be a JSON object, not {json_type(body)}", field="body"
-        )
-    parsed = parse_request(body, chat=False)
+    parsed = parse_request(body, chat=False)  # refuses a body that is no JSON object
     if parsed.n > 1:  # llama.cpp's route has no n: one reply, and the field is named ignored
         parsed = replace(parsed, n=1, ignored=tuple(sorted({*parsed.ignored, "n"})))
     return parsed, Reply(return_tokens=_flag(body, "return_tokens"))
@@ -190,15 +184,12 @@ class LlamaCppAnswer:
         }
 
     def _probabilities(self, events: list[GenerationEvent]) -> list[dict[str, Any]]:
-        entries = []
-        for event in events:
-            candidates = dict(event.top_logprobs)
-            for token in event.token_ids:
-                entry = self._token(token, candidates.get(token))
-                entry["top_logprobs"] = [self._token(t, lp) for t, lp in event.top_logprobs]
-                entries.append(entry)
-        return entries
-
-    def _token(self, token_id: int, logprob: float | None) -> dict[str, Any]:
-        text = str(self.handle.tokenizer.decode([token_id]))
-        return {"id": token_id, "token": text, "logprob": logprob, "bytes": list(text.encode())}
+        tokenizer = self.handle.tokenizer
+        return [
+            {
+                "id": token,
+                **token_record(tokenizer, token, logprob),
+                "top_logprobs": [{"id": t, **token_record(tokenizer, t, lp)} for t, lp in top],
+            }
+            for token, logprob, top in token_logprobs(events)
+        ]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 from steer.errors import InvalidArgumentError
@@ -190,6 +190,15 @@ class SamplingConfig:
     @classmethod
     def greedy_config(cls) -> SamplingConfig:
         return cls(temperature=0.0)
+
+    def changed_fields(self) -> tuple[str, ...]:
+        """The fields set away from their defaults, in declaration order."""
+        defaults = SamplingConfig()
+        return tuple(
+            item.name
+            for item in fields(SamplingConfig)
+            if getattr(self, item.name) != getattr(defaults, item.name)
+        )
 
     def order(self) -> tuple[str, ...]:
         """The processors in the order they run (``temperature_last`` applied)."""

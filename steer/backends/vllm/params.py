@@ -51,12 +51,7 @@ PIPELINE_KEY = "steer_sampling"
 
 def needs_pipeline(config: SamplingConfig) -> bool:
     """Whether ``config`` sets a sampler vLLM does not have."""
-    defaults = SamplingConfig()
-    return any(
-        getattr(config, item.name) != getattr(defaults, item.name)
-        for item in fields(SamplingConfig)
-        if item.name not in NATIVE_FIELDS
-    )
+    return not NATIVE_FIELDS.issuperset(config.changed_fields())
 
 
 def encode(config: SamplingConfig, state: SamplerState) -> str:

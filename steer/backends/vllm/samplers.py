@@ -107,7 +107,7 @@ def _process(row: _Row, logits: torch.Tensor) -> torch.Tensor:
         masked = sorted(row.banned.tokens_to_ban(tail))
         if masked:
             logits = logits.index_fill(0, torch.tensor(masked), -math.inf)
-    context = RowContext(row.prompt + list(row.output), row.generator, row.state)
+    context = RowContext(row.prompt + row.output, row.generator, row.state)
     logits = process(logits, config, row=context)
     if not config.mirostat_mode or config.greedy:
         return logits
