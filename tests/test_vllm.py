@@ -19,7 +19,7 @@ from steer.activations import encode_chat, forward
 from steer.backends.vllm import VllmEngine, VllmOptions, start_vllm
 from steer.backends.vllm import worker as vllm_worker
 from steer.errors import FailedPreconditionError
-from steer.gates import Condition, Gated
+from steer.gates import Condition, Gated, GateScope
 from steer.generation import Engine, GenerationRequest, GenerationResult, Message
 from steer.interventions import Ablate, Add, Intervention, Phase
 from steer.models import ModelHandle
@@ -228,6 +228,103 @@ def test_prefix_cache_never_serves_unsteered_prompt_kv(
     assert engine.cached_prompt_tokens - hits >= 64  # the same steering shares its prompt KV
 
 
+def _threshold(values: Sequence[float]) -> float:
+    """The middle of the widest gap between ``values`` (each side keeps at least two)."""
+    ordered = sorted(values)
+    gap, index = max((ordered[i + 1] - ordered[i], i) for i in range(1, len(ordered) - 2))
+    assert gap > 1e-2 * (ordered[-1] - ordered[0]), ordered  # far from any value read
+    return (ordered[index] + ordered[index + 1]) / 2
+
+
+def _projections(
+    handle: ModelHandle,
+    prompts: list[list[int]],
+    condition_hooks: tuple[str, ...],
+    direction: SteeringVector,
+    weights: tuple[float, ...],
+    interventions: Sequence[Intervention] = (),
+) -> list[float]:
+    """What a prompt gate reads: the weighted sum of the projections at the prompts' last
+    tokens, read by the hf library with ``interventions`` on."""
+    acts = forward(handle, prompts, interventions=interventions, hooks=condition_hooks).activations
+    probe = Condition(condition_hooks, direction, 0.0, weights=weights)
+    total = torch.zeros(len(prompts))
+    for point, hook, weight in zip(
+        probe.points(handle.resolver), condition_hooks, weights, strict=True
+    ):
+        unit = probe.unit(point, handle.d_model)
+        total += weight * (acts[hook].float() @ unit)  # type: ignore[index]
+    return total.tolist()
+
+
+def test_prompt_gates_equal_the_hf_engine(
+    engine: VllmEngine, smollm2: ModelHandle, theme: SteeringVector, refusal: SteeringVector
+) -> None:
+    """Gates that fire on some rows of one batch and not on others: the tokens the hf engine
+    gives, with an ungated edit before a summed condition, a below-threshold gate, and gated
+    edits before the condition (the hf engine's second prompt pass)."""
+    prompts = [encode_chat(smollm2, prompt) for prompt in HARMFUL + HARMLESS]
+    one = ("blocks.12.hook_resid_post",)
+    two, weights = ("blocks.8.hook_resid_pre", "blocks.12.hook_resid_post"), (0.5, 1.0)
+    early = Add(theme, 0.3, hooks=("blocks.2.hook_resid_post",))
+    above = _threshold(_projections(smollm2, prompts, one, refusal, (1.0,)))
+    below = _threshold(_projections(smollm2, prompts, two, refusal, weights, (early,)))
+    ablate = Gated(Condition(one[0], refusal, above), Ablate(refusal), scope=GateScope.PROMPT)
+    push = Gated(
+        Condition(two, refusal, below, below=True, weights=weights),
+        Add(theme, -0.8, hooks=("blocks.3.hook_resid_post", "blocks.20.hook_resid_post")),
+        scope=GateScope.PROMPT,
+    )
+    mixes: list[tuple[Intervention, ...]] = [(), (ablate,), (early,), (early, push)]
+    requests = [
+        GenerationRequest(
+            prompt_ids=tuple(ids), interventions=mix, sampling=GREEDY, max_new_tokens=12
+        )
+        for mix in mixes
+        for ids in prompts
+    ]
+    expected = Engine(smollm2, max_batch=len(requests)).run(requests)
+    got = engine.run(requests)
+    same = _same_tokens(smollm2, requests, expected, got)
+    assert len(same) >= len(requests) - 2
+    tokens = [r.token_ids for r in expected]
+    for mix in (1, 3):  # against the same mix without the gate
+        gated = tokens[mix * len(prompts) : (mix + 1) * len(prompts)]
+        ungated = tokens[(mix - 1) * len(prompts) : mix * len(prompts)]
+        changed = sum(a != b for a, b in zip(gated, ungated, strict=True))
+        assert 0 < changed < len(prompts), mix  # the gate fired on some rows, not all
+    (registered,) = engine.llm.collective_rpc(_registered_keys)
+    assert registered == 0
+
+
+def test_a_prompt_gate_that_never_fires_is_no_steering_exactly(
+    engine: VllmEngine, refusal: SteeringVector
+) -> None:
+    quiet = Gated(
+        Condition(HOOK, refusal, 1e6), Ablate(refusal, weight=2.0), scope=GateScope.PROMPT
+    )
+    story = "The ferry crossed the bay at dawn while gulls wheeled over the harbour wall. " * 8
+    engine.llm.reset_prefix_cache()
+    hits = engine.cached_prompt_tokens
+    have = _run_with_logprobs(engine, [_request(story, (quiet,))])
+    assert engine.cached_prompt_tokens - hits >= 64  # the request took the probe's prompt KV
+    want = _run_with_logprobs(engine, [_request(story)])
+    assert want == have  # bit-identical logprobs, not only tokens
+
+
+def test_cancel_during_the_gate_probe_frees_everything(
+    engine: VllmEngine, refusal: SteeringVector
+) -> None:
+    gated = Gated(Condition(HOOK, refusal, 0.0), Ablate(refusal), scope=GateScope.PROMPT)
+    request_id = engine.submit(_request(PROMPTS[0], (gated,), max_new_tokens=50))
+    engine.cancel(request_id)
+    finals = [e for e in engine.step() if e.finish_reason]
+    assert [(e.request_id, e.finish_reason) for e in finals] == [(request_id, "cancelled")]
+    assert not engine.has_work and not engine._probes
+    (registered,) = engine.llm.collective_rpc(_registered_keys)
+    assert registered == 0
+
+
 def test_stop_strings_length_and_eos_follow_the_hf_rules(
     engine: VllmEngine, smollm2: ModelHandle
 ) -> None:
@@ -392,7 +489,7 @@ def _registered_keys(worker: object) -> int:
 @pytest.mark.parametrize(
     ("what", "field", "word"),
     [
-        ("gated", "interventions[0]", "gated"),
+        ("gated", "interventions[0]", "token-scope gated"),
         ("speaker", "interventions[0]", "speaker-scoped"),
         ("resid_mid", "interventions[0]", "hook_resid_mid"),
     ],

@@ -15,10 +15,12 @@ import torch
 
 from steer.backends.capabilities import check_request
 from steer.backends.vllm.engine import CAPABILITIES
+from steer.backends.vllm.gates import PromptGates
 from steer.backends.vllm.launch import export_for_vllm
 from steer.backends.vllm.params import decode, encode, needs_pipeline
 from steer.backends.vllm.program import Selection, SteeringSpec, build_flat_programs, lower_request
 from steer.errors import FailedPreconditionError, UnsupportedArchitectureError
+from steer.gates import Condition, Gated, GateScope
 from steer.generation import GenerationRequest
 from steer.interventions import Ablate, Add, Intervention, Phase
 from steer.models import ModelHandle
@@ -145,6 +147,109 @@ def test_capabilities_refuse_by_field(
     with pytest.raises(FailedPreconditionError) as refused:
         check_request(request_, tiny_llama, CAPABILITIES)
     assert refused.value.field == field and "vllm" in refused.value.message
+
+
+def _gated(
+    scope: GateScope, hook: str | tuple[str, ...] = HOOKS[0], inner: Intervention | None = None
+) -> Gated:
+    vector = SteeringVector.from_shared(_vector(1))
+    inner = Add(vector, 1.0, hooks=HOOKS) if inner is None else inner
+    return Gated(Condition(hook, vector, 0.5), inner, scope=scope)
+
+
+@pytest.mark.parametrize(
+    ("gated", "field", "words"),
+    [
+        (lambda: _gated(GateScope.TOKEN), "interventions[1]", "token-scope gated"),
+        (lambda: _gated(GateScope.REPLY), "interventions[1]", "reply-scope gated"),
+        (
+            lambda: _gated(
+                GateScope.PROMPT, hook=("blocks.0.hook_resid_pre", "blocks.1.hook_resid_mid")
+            ),
+            "interventions[1].condition",
+            "hook_resid_mid",
+        ),
+        (
+            lambda: _gated(
+                GateScope.PROMPT,
+                inner=Add(SteeringVector.from_shared(_vector(2)), 1.0, hooks=HOOKS, speaker="Bo"),
+            ),
+            "interventions[1].inner",
+            "speaker-scoped",
+        ),
+    ],
+)
+def test_vllm_runs_prompt_gates_and_refuses_the_rest_by_field(
+    tiny_llama: ModelHandle, gated: object, field: str, words: str
+) -> None:
+    plain = Add(SteeringVector.from_shared(_vector(3)), 1.0, hooks=HOOKS)
+    check_request(
+        GenerationRequest(prompt="Hi", interventions=(plain, _gated(GateScope.PROMPT))),
+        tiny_llama,
+        CAPABILITIES,
+    )
+    request = GenerationRequest(prompt="Hi", interventions=(plain, gated()))  # type: ignore[operator]
+    with pytest.raises(FailedPreconditionError) as refused:
+        check_request(request, tiny_llama, CAPABILITIES)
+    assert refused.value.field == field, refused.value
+    assert words in refused.value.message and "vllm" in refused.value.message
+
+
+def test_a_gate_probe_reads_with_the_ungated_ops_and_decides_as_the_condition_says(
+    tiny_llama: ModelHandle,
+) -> None:
+    resolver, d_model = tiny_llama.resolver, tiny_llama.d_model
+    vector = SteeringVector.from_shared(_vector(1))
+    plain = Add(SteeringVector.from_shared(_vector(3)), 1.0, hooks=HOOKS)
+    hooks = ("blocks.1.hook_resid_pre", "blocks.0.hook_resid_post")
+    above = Gated(Condition(HOOKS[0], vector, 0.5), Ablate(vector), scope=GateScope.PROMPT)
+    below = Gated(
+        Condition(hooks, vector, -1.0, below=True, weights=(2.0, 0.5)),
+        Add(vector, 2.0, hooks=HOOKS),
+        scope=GateScope.PROMPT,
+    )
+    gates = PromptGates.of((above, plain, below, _gated(GateScope.PROMPT, inner=Add(vector, 0.0))))
+    assert gates is not None and gates.gates == (0, 2)  # a gate around nothing is no gate
+    spec = gates.probe_spec(resolver, d_model)
+    ungated = lower_request((plain,), resolver, d_model)
+    assert [point for point, _ in spec.ops] == [point for point, _ in ungated.ops]
+    # the reads in forward order, each hook's weight folded into its unit
+    reads = [(read.point.name, read.gate, float(read.unit.norm())) for read in spec.reads]
+    assert reads == [
+        (HOOKS[0], 0, pytest.approx(1.0)),
+        ("blocks.0.hook_resid_post", 1, pytest.approx(0.5)),
+        ("blocks.1.hook_resid_pre", 1, pytest.approx(2.0)),
+    ]
+    # the probe shares its ops' prompt KV (salt), never their registration (key)
+    assert spec.salt() == ungated.key() and spec.key() != ungated.key()
+    assert gates.decide({0: 0.6, 1: -1.5}) == (True, True)
+    assert gates.decide({0: 0.5, 1: -1.0}) == (False, False)
+    assert gates.chosen((False, True))[:2] == (plain, below.inner)
+    assert gates.chosen((True, False))[:2] == (above.inner, plain)
+
+
+def test_a_gate_whose_edit_another_gate_would_read_is_refused(tiny_llama: ModelHandle) -> None:
+    resolver, d_model = tiny_llama.resolver, tiny_llama.d_model
+    vector = SteeringVector.from_shared(_vector(1))
+    early = Gated(
+        Condition("blocks.0.hook_resid_pre", vector, 0.5),
+        Add(vector, 1.0, hooks=("blocks.0.hook_resid_post",)),
+        scope=GateScope.PROMPT,
+    )
+    late = _gated(GateScope.PROMPT, hook="blocks.1.hook_resid_post")
+    gates = PromptGates.of((early, late))
+    assert gates is not None
+    with pytest.raises(FailedPreconditionError) as refused:
+        gates.check(resolver, d_model)
+    assert refused.value.field == "interventions[1].condition"
+    assert "blocks.0.hook_resid_post" in refused.value.message
+    # an edit before its own condition acts only after the hf engine's decision: no conflict
+    before = Gated(
+        Condition("blocks.1.hook_resid_post", vector, 0.5), Ablate(vector), scope=GateScope.PROMPT
+    )
+    ok = PromptGates.of((before, late))
+    assert ok is not None
+    ok.check(resolver, d_model)
 
 
 def test_what_vllm_has_passes_the_check(tiny_llama: ModelHandle) -> None:

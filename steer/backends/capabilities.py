@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 from steer.errors import FailedPreconditionError
 from steer.hooks import HookKind
-from steer.interventions import AddVector, ProjectOut
+from steer.interventions import AddVector, GateScope, Intervention, ProjectOut
 from steer.sampling import SamplingConfig
 
 if TYPE_CHECKING:
@@ -24,6 +24,9 @@ class Capabilities:
     hook_kinds: frozenset[HookKind] | None = None
     #: whether ops may be speaker-scoped, gated or arbitrary row functions (SAE sliders)
     scoped_ops: bool = True
+    #: gates run though ``scoped_ops`` is False: these scopes, on a direction's projection, when
+    #: the gated intervention and the condition's hooks pass the other checks
+    gate_scopes: frozenset[GateScope] = frozenset()
     #: SamplingConfig fields that may differ from their defaults
     sampler_fields: frozenset[str] | None = None
 
@@ -38,30 +41,54 @@ def check_request(request: GenerationRequest, handle: ModelHandle, caps: Capabil
     if caps.scoped_ops and caps.hook_kinds is None:
         return
     for index, intervention in enumerate(request.interventions):
-        if intervention.is_noop():
-            continue
-        kind = type(intervention).__name__
-        for point, op in intervention.lowered(handle.resolver, handle.d_model):
-            plain = isinstance(op, (ProjectOut, AddVector)) and op.speaker is None
-            if not plain and not caps.scoped_ops:
-                raise FailedPreconditionError(
-                    f"the {caps.name} backend cannot run {kind} interventions "
-                    f"({_describe(intervention)}); serve with --backend hf for them",
-                    field=f"interventions[{index}]",
-                )
-            if caps.hook_kinds is not None and point.kind not in caps.hook_kinds:
-                raise FailedPreconditionError(
-                    f"the {caps.name} backend has no {point.kind.value} hook ({point.name}); "
-                    f"it has {', '.join(sorted(k.value for k in caps.hook_kinds))}",
-                    field=f"interventions[{index}]",
-                )
+        if not intervention.is_noop():
+            _check_intervention(intervention, handle, caps, f"interventions[{index}]")
+
+
+def _check_intervention(
+    intervention: Intervention, handle: ModelHandle, caps: Capabilities, field: str
+) -> None:
+    from steer.gates import Condition, Gated
+
+    if isinstance(intervention, Gated) and intervention.scope in caps.gate_scopes:
+        if not isinstance(intervention.condition, Condition):
+            raise FailedPreconditionError(
+                f"the {caps.name} backend gates on a direction's projection, not on an SAE "
+                "feature; serve with --backend hf for feature conditions",
+                field=f"{field}.condition",
+            )
+        for point in intervention.condition.points(handle.resolver):
+            _check_kind(point.kind, point.name, caps, f"{field}.condition")
+        _check_intervention(intervention.inner, handle, caps, f"{field}.inner")
+        return
+    kind = type(intervention).__name__
+    for point, op in intervention.lowered(handle.resolver, handle.d_model):
+        plain = isinstance(op, (ProjectOut, AddVector)) and op.speaker is None
+        if not plain and not caps.scoped_ops:
+            raise FailedPreconditionError(
+                f"the {caps.name} backend cannot run {kind} interventions "
+                f"({_describe(intervention)}); serve with --backend hf for them",
+                field=field,
+            )
+        _check_kind(point.kind, point.name, caps, field)
+
+
+def _check_kind(kind: HookKind, name: str, caps: Capabilities, field: str) -> None:
+    if caps.hook_kinds is not None and kind not in caps.hook_kinds:
+        raise FailedPreconditionError(
+            f"the {caps.name} backend has no {kind.value} hook ({name}); "
+            f"it has {', '.join(sorted(k.value for k in caps.hook_kinds))}",
+            field=field,
+        )
 
 
 def _describe(intervention: Any) -> str:
     if getattr(intervention, "speaker", None) is not None:
         return "speaker-scoped"
     name = type(intervention).__name__
-    return {"Gated": "gated", "FeatureSlider": "SAE feature slider"}.get(name, name)
+    if name == "Gated":
+        return f"{intervention.scope.value}-scope gated"
+    return {"FeatureSlider": "SAE feature slider"}.get(name, name)
 
 
 def _check_sampling(sampling: SamplingConfig, caps: Capabilities) -> None:

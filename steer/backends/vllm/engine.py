@@ -5,8 +5,10 @@ step is one ``LLMEngine.step()``, so vLLM's own scheduler (continuous batching, 
 prefix caching, paged KV) decides the batch. A request's interventions are checked against
 :data:`CAPABILITIES`, lowered once by the service's hook resolver, registered in every worker
 under their fingerprint (:meth:`SteeringSpec.key <steer.backends.vllm.program.SteeringSpec.key>`)
-and named in the request's ``extra_args``; the same fingerprint is its ``cache_salt``, so prompt
-KV is shared only between requests steered alike. A registration lives while requests use it.
+and named in the request's ``extra_args``; the fingerprint of its ops is its ``cache_salt``, so
+prompt KV is shared only between requests steered alike. A registration lives while requests
+use it. A request with prompt-scope gates first runs a gate probe
+(:mod:`steer.backends.vllm.gates`), then generates with the gates' decisions.
 """
 
 from __future__ import annotations
@@ -19,10 +21,18 @@ from typing import Any
 
 from steer.backends.capabilities import Capabilities, check_request
 from steer.backends.vllm import worker
-from steer.backends.vllm.params import SAMPLER_FIELDS, encode, needs_pipeline, sampling_params
+from steer.backends.vllm.gates import PROBE_SUFFIX, PromptGates
+from steer.backends.vllm.params import (
+    SAMPLER_FIELDS,
+    encode,
+    needs_pipeline,
+    probe_params,
+    sampling_params,
+)
 from steer.backends.vllm.program import SteeringSpec, lower_request
 from steer.errors import ResourceExhaustedError
 from steer.hooks import HookKind
+from steer.interventions import GateScope
 from steer.models import ModelHandle
 from steer.requests import (
     GenerationEvent,
@@ -48,6 +58,7 @@ CAPABILITIES = Capabilities(
         }
     ),
     scoped_ops=False,
+    gate_scopes=frozenset({GateScope.PROMPT}),
     sampler_fields=SAMPLER_FIELDS,
 )
 
@@ -59,6 +70,8 @@ class _Row:
     seed: int
     stream: TextStream
     key: str | None
+    #: its prompt gates while their probe runs (None: none, or decided)
+    gates: PromptGates | None = None
     generated: int = 0
     finish_reason: str | None = None
     counted_cache: bool = False
@@ -81,6 +94,8 @@ class VllmEngine:
         self._pending: list[_Row] = []
         self._cancelled: set[str] = set()
         self._rows: dict[str, _Row] = {}
+        #: the rows whose gate probe runs, by the probe's vLLM request id
+        self._probes: dict[str, _Row] = {}
         #: the lowered interventions of the pending requests, by request id
         self._specs_waiting: dict[str, SteeringSpec] = {}
         #: registered steering key -> number of live requests using it
@@ -95,7 +110,13 @@ class VllmEngine:
         """Validate and queue a request; it reaches vLLM at the next step. Returns its id."""
         request = checked(self.handle, request)
         check_request(request, self.handle, CAPABILITIES)
-        spec = lower_request(request.interventions, self.handle.resolver, self.handle.d_model)
+        resolver, d_model = self.handle.resolver, self.handle.d_model
+        gates = PromptGates.of(request.interventions)
+        if gates is None:
+            spec = lower_request(request.interventions, resolver, d_model)
+        else:
+            gates.check(resolver, d_model)
+            spec = gates.probe_spec(resolver, d_model)
         seed = secrets.randbits(63) if request.sampling.seed is None else request.sampling.seed
         with self._lock:
             if len(self._pending) >= self.max_waiting:
@@ -110,6 +131,7 @@ class VllmEngine:
                 seed=seed,
                 stream=TextStream(self.handle.tokenizer, request.stop),
                 key=None if spec.is_empty else spec.key(),
+                gates=gates,
             )
             self._pending.append(row)
             self._specs_waiting[request.request_id] = spec
@@ -143,25 +165,60 @@ class VllmEngine:
             specs, self._specs_waiting = self._specs_waiting, {}
         events: list[GenerationEvent] = []
         for row in pending:
-            try:
-                self._start(row, specs[row.request.request_id])
-            except Exception as error:  # vLLM refused this request alone (its prompt's length)
-                row.finish_reason = "error"
-                events.append(replace(self._final(row, ""), error=error))
-                self._finish(row)
+            self._start_or_fail(row, specs[row.request.request_id], events)
         for request_id in cancelled:
             victim = self._rows.get(request_id)
             if victim is not None:
-                self.llm.abort_request([request_id])
+                probing = victim.gates is not None
+                self.llm.abort_request([request_id + PROBE_SUFFIX if probing else request_id])
                 victim.finish_reason = "cancelled"
                 events.append(self._final(victim, ""))
                 self._finish(victim)
         if self._rows:
+            probed = []
             for output in self.llm.step():
+                probe = self._probes.get(output.request_id)
+                if probe is not None:
+                    if output.finished:
+                        probed.append(probe)
+                    continue
                 running = self._rows.get(output.request_id)
                 if running is not None:
                     events.extend(self._advance(running, output))
+            if probed:
+                self._decide(probed, events)
         return events
+
+    def _start_or_fail(self, row: _Row, spec: SteeringSpec, events: list[GenerationEvent]) -> None:
+        try:
+            self._start(row, spec)
+        except Exception as error:  # vLLM refused this request alone (its prompt's length)
+            row.finish_reason = "error"
+            events.append(replace(self._final(row, ""), error=error))
+            self._finish(row)
+
+    def _decide(self, rows: list[_Row], events: list[GenerationEvent]) -> None:
+        """Decide the prompt gates of ``rows`` from their finished probes' reads, then start
+        each request with the interventions its gates chose."""
+        ids = [row.request.request_id + PROBE_SUFFIX for row in rows]
+        taken: dict[str, dict[int, float]] = {}
+        for reads in self.llm.collective_rpc(worker.take_reads, args=(ids,)):
+            taken = taken or reads  # every worker reads the same residual; the first suffices
+        for row, probe_id in zip(rows, ids, strict=True):
+            gates = row.gates
+            assert gates is not None
+            self._release(row)
+            row.gates = None
+            if probe_id not in taken:
+                row.finish_reason = "error"
+                error = RuntimeError(f"the gate probe of {row.request.request_id} read nothing")
+                events.append(replace(self._final(row, ""), error=error))
+                self._finish(row)
+                continue
+            chosen = gates.chosen(gates.decide(taken[probe_id]))
+            spec = lower_request(chosen, self.handle.resolver, self.handle.d_model)
+            row.key = None if spec.is_empty else spec.key()
+            self._start_or_fail(row, spec, events)
 
     def run(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
         """Generate ``requests`` to completion; results in the order given."""
@@ -171,7 +228,7 @@ class VllmEngine:
         """Abort whatever still runs and forget its steering; ``final`` also shuts the vLLM
         engine down (the model is unloaded)."""
         if self._rows:
-            self.llm.abort_request(list(self._rows))
+            self.llm.abort_request(list(self._rows) + list(self._probes))
         for row in list(self._rows.values()):
             self._finish(row)
         if final:
@@ -189,15 +246,22 @@ class VllmEngine:
                 self._users[row.key] = 0
             self._users[row.key] += 1
         prompt = TokensPrompt(prompt_token_ids=row.prompt_ids)
-        if row.key is not None:
-            prompt["cache_salt"] = row.key
+        salt = spec.salt()
+        if salt is not None:
+            prompt["cache_salt"] = salt
+        self._rows[request.request_id] = row
+        if row.gates is not None:  # its gate probe first (steer.backends.vllm.gates)
+            probe_id = request.request_id + PROBE_SUFFIX
+            self._probes[probe_id] = row
+            assert row.key is not None  # a probe always reads
+            self.llm.add_request(probe_id, prompt, probe_params(row.key, probe_id))
+            return
         pipeline = None
         if needs_pipeline(request.sampling):  # samplers vLLM lacks: steer's logits processor
             vocab = int(self.handle.model.config.vocab_size)
             state = SamplerState.for_request(request.sampling, self.handle.tokenizer, vocab)
             pipeline = encode(request.sampling, state)
         params = sampling_params(request, row.seed, self.handle.eos_token_ids, row.key, pipeline)
-        self._rows[request.request_id] = row
         self.llm.add_request(request.request_id, prompt, params)  # raises for this row alone
 
     def _advance(self, row: _Row, output: Any) -> list[GenerationEvent]:
@@ -253,12 +317,18 @@ class VllmEngine:
 
     def _finish(self, row: _Row) -> None:
         self._rows.pop(row.request.request_id, None)
-        if row.key is None or row.key not in self._users:
+        self._release(row)
+
+    def _release(self, row: _Row) -> None:
+        """Drop ``row``'s hold on its steering registration (and its probe's entry)."""
+        self._probes.pop(row.request.request_id + PROBE_SUFFIX, None)
+        key, row.key = row.key, None
+        if key is None or key not in self._users:
             return  # unsteered, or it failed before its steering was registered
-        self._users[row.key] -= 1
-        if self._users[row.key] == 0:
-            del self._users[row.key]
-            self.llm.collective_rpc(worker.forget, args=([row.key],))
+        self._users[key] -= 1
+        if self._users[key] == 0:
+            del self._users[key]
+            self.llm.collective_rpc(worker.forget, args=([key],))
 
 
 def _top(ranked: Any, request: GenerationRequest) -> tuple[tuple[int, float], ...]:

@@ -22,6 +22,7 @@ import json
 from dataclasses import asdict, fields
 from typing import Any
 
+from steer.backends.vllm.program import EXTRA_ARGS_KEY, PROBE_ARGS_KEY
 from steer.generation import GenerationRequest
 from steer.sampling import SamplingConfig
 from steer.sampling.processors import SamplerState
@@ -80,7 +81,7 @@ def sampling_params(
     sampling = request.sampling
     greedy = sampling.greedy
     min_tokens = request.max_new_tokens if sampling.ban_eos else sampling.min_tokens
-    extra: dict[str, Any] = {} if key is None else {"steer": key}
+    extra: dict[str, Any] = {} if key is None else {EXTRA_ARGS_KEY: key}
     native = sampling
     if pipeline is not None:  # steer's pipeline does every sampler; vLLM's stay neutral
         extra[PIPELINE_KEY] = pipeline
@@ -103,4 +104,21 @@ def sampling_params(
         detokenize=False,
         output_kind=RequestOutputKind.DELTA,
         extra_args=extra or None,
+    )
+
+
+def probe_params(key: str, probe_id: str) -> Any:
+    """vLLM SamplingParams of a gate probe (:mod:`steer.backends.vllm.gates`): one greedy token,
+    nothing returned but the end; ``key`` names its steering (its reads), ``probe_id`` the id
+    the workers keep its reads under."""
+    from vllm import SamplingParams
+    from vllm.sampling_params import RequestOutputKind
+
+    return SamplingParams(
+        n=1,
+        temperature=0.0,
+        max_tokens=1,
+        detokenize=False,
+        output_kind=RequestOutputKind.FINAL_ONLY,
+        extra_args={EXTRA_ARGS_KEY: key, PROBE_ARGS_KEY: probe_id},
     )

@@ -28,22 +28,37 @@ from steer.plan import _PointProgram
 
 #: SamplingParams.extra_args key under which a request names its steering
 EXTRA_ARGS_KEY = "steer"
+#: SamplingParams.extra_args key under which a gate probe carries the id its reads are kept by
+PROBE_ARGS_KEY = "steer_probe"
+
+
+@dataclass(frozen=True)
+class GateRead:
+    """One prompt gate's read at one hook point, in a gate probe
+    (:mod:`steer.backends.vllm.gates`): the residual at the prompt's last token, dotted with
+    ``unit`` (float32 on the CPU, the hook's weight folded in), before any op at the point."""
+
+    point: HookPoint
+    #: the gate's index among its request's prompt gates
+    gate: int
+    unit: torch.Tensor
 
 
 @dataclass(frozen=True)
 class SteeringSpec:
-    """One request's interventions, lowered: (hook point, op) in application order."""
+    """One request's interventions, lowered: (hook point, op) in application order; ``reads``:
+    the gate reads of a gate probe (none for a request that generates)."""
 
     ops: tuple[tuple[HookPoint, ProjectOut | AddVector], ...]
+    reads: tuple[GateRead, ...] = ()
 
     @property
     def is_empty(self) -> bool:
-        return not self.ops
+        return not self.ops and not self.reads
 
     def key(self) -> str:
-        """A fingerprint of the ops (their tensors' bytes included): the registration key and
-        the request's prefix-cache salt, so equal steering shares cached prompt KV and different
-        steering never does."""
+        """A fingerprint of the ops and reads (their tensors' bytes included): the registration
+        key the request names."""
         digest = hashlib.blake2b(digest_size=16)
         for point, op in self.ops:
             digest.update(point.name.encode())
@@ -53,10 +68,23 @@ class SteeringSpec:
             else:
                 digest.update(b"add" + op.phase.value.encode())
                 tensor = op.vector
-            buffer = io.BytesIO()
-            buffer.write(tensor.detach().to(torch.float32).contiguous().numpy().tobytes())
-            digest.update(buffer.getvalue())
-        return "steer-" + digest.hexdigest()
+            digest.update(_tensor_bytes(tensor))
+        for read in self.reads:
+            digest.update(b"read%d" % read.gate + read.point.name.encode())
+            digest.update(_tensor_bytes(read.unit))
+        return ("steer-probe-" if self.reads else "steer-") + digest.hexdigest()
+
+    def salt(self) -> str | None:
+        """The request's prefix-cache salt: the fingerprint of its ops alone, so equal steering
+        shares cached prompt KV and different steering never does (reads change no activation:
+        a probe's prompt KV is that of its ops); None without ops."""
+        return SteeringSpec(self.ops).key() if self.ops else None
+
+
+def _tensor_bytes(tensor: torch.Tensor) -> bytes:
+    buffer = io.BytesIO()
+    buffer.write(tensor.detach().to(torch.float32).contiguous().numpy().tobytes())
+    return buffer.getvalue()
 
 
 def lower_request(

@@ -6,6 +6,9 @@ forward pre-hook on the model that reads, once per pass, which request each toke
 (``runner.req_indices``), each row's steering key (``SamplingParams.extra_args``) and each token's
 phase (its position against its request's prompt length); hooks at the hook points that
 registered steering uses then add their :class:`~steer.backends.vllm.program.FlatProgram` delta.
+A gate probe's reads (:class:`~steer.backends.vllm.program.GateRead`) are taken at their points
+before any delta, at the prompt's last token, and kept under the id in the probe's
+``extra_args`` (vLLM adds a suffix of its own to request ids) until :func:`take_reads`.
 
 Where each hook point lives in a vLLM Llama-style decoder layer, which returns ``(hidden,
 residual)`` with the residual stream being their sum (vLLM fuses the residual add into the next
@@ -27,6 +30,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -34,6 +38,7 @@ from torch import nn
 
 from steer.backends.vllm.program import (
     EXTRA_ARGS_KEY,
+    PROBE_ARGS_KEY,
     FlatProgram,
     Selection,
     SteeringSpec,
@@ -43,6 +48,19 @@ from steer.hooks import HookKind, HookPoint
 
 #: batch compositions whose stacked programs are kept
 PROGRAM_CACHE_SIZE = 64
+#: gate probes whose reads are kept until taken (a probe aborted before its reads were taken
+#: leaves them behind; the oldest go first)
+READS_KEPT = 4096
+
+
+@dataclass(frozen=True)
+class _Reads:
+    """The gate reads of one pass at one hook point: the tokens read (each a prompt's last),
+    the unit each is dotted with, and where each value goes (request id, gate)."""
+
+    tokens: torch.Tensor
+    units: torch.Tensor
+    labels: list[tuple[str, int]]
 
 
 class _Pass:
@@ -50,9 +68,14 @@ class _Pass:
     rows, which tokens they own (worked out once per pass, shared by every point)."""
 
     def __init__(
-        self, programs: dict[HookPoint, FlatProgram], rows: torch.Tensor, is_prompt: torch.Tensor
+        self,
+        programs: dict[HookPoint, FlatProgram],
+        rows: torch.Tensor,
+        is_prompt: torch.Tensor,
+        reads: dict[HookPoint, _Reads],
     ) -> None:
         self.programs = programs
+        self.reads = reads
         self.rows = rows
         self.is_prompt = is_prompt
         self._selections: dict[tuple[int, ...], Selection] = {}
@@ -77,6 +100,8 @@ class WorkerSteering:
         self.specs: dict[str, SteeringSpec] = {}
         self.hooked: set[HookPoint] = set()
         self.current: _Pass | None = None
+        #: gate probes' values: request id -> (gate, hook name) -> projection
+        self.values: OrderedDict[str, dict[tuple[int, str], float]] = OrderedDict()
         self._programs: OrderedDict[tuple[str | None, ...], dict[HookPoint, FlatProgram]] = (
             OrderedDict()
         )
@@ -86,7 +111,7 @@ class WorkerSteering:
 
     def register(self, key: str, spec: SteeringSpec) -> None:
         self.specs[key] = spec
-        for point, _ in spec.ops:
+        for point in [point for point, _ in spec.ops] + [read.point for read in spec.reads]:
             if point not in self.hooked:
                 self._hook(point)
                 self.hooked.add(point)
@@ -120,24 +145,91 @@ class WorkerSteering:
                 self._programs.popitem(last=False)
         else:
             self._programs.move_to_end(keys)
-        self.current = _Pass(programs, rows, is_prompt)
+        reads = self._gate_reads(keys, batch.req_ids, rows, positions[:total], prompt_lengths)
+        self.current = _Pass(programs, rows, is_prompt, reads)
+
+    def _gate_reads(
+        self,
+        keys: tuple[str | None, ...],
+        request_ids: list[str],
+        rows: torch.Tensor,
+        positions: torch.Tensor,
+        prompt_lengths: torch.Tensor,
+    ) -> dict[HookPoint, _Reads]:
+        """Where this pass reads gate probes: the prompt's last token of each probe row whose
+        prompt ends in this pass (once per prompt; a chunked prompt's earlier chunks read
+        nothing)."""
+        probing = [row for row, key in enumerate(keys) if key and self.specs[key].reads]
+        if not probing:
+            return {}
+        last = torch.nonzero(positions == prompt_lengths[rows] - 1).squeeze(1)
+        token_of = dict(zip(rows[last].tolist(), last.tolist(), strict=True))
+        found: dict[HookPoint, tuple[list[int], list[torch.Tensor], list[tuple[str, int]]]] = {}
+        for row in probing:
+            if row not in token_of:
+                continue
+            request_id = _extra_args(self.runner, request_ids[row])[PROBE_ARGS_KEY]
+            self.values[request_id] = {}
+            while len(self.values) > READS_KEPT:
+                self.values.popitem(last=False)
+            for read in self.specs[keys[row]].reads:  # type: ignore[index]
+                tokens, units, labels = found.setdefault(read.point, ([], [], []))
+                tokens.append(token_of[row])
+                units.append(read.unit)
+                labels.append((request_id, read.gate))
+        device = positions.device
+        return {
+            point: _Reads(
+                torch.tensor(tokens, device=device), torch.stack(units).to(device), labels
+            )
+            for point, (tokens, units, labels) in found.items()
+        }
+
+    def _read(self, point: HookPoint, reads: _Reads, stream: torch.Tensor) -> None:
+        values = (stream.index_select(0, reads.tokens).float() * reads.units).sum(-1)
+        for (request_id, gate), value in zip(reads.labels, values.tolist(), strict=True):
+            self.values[request_id][(gate, point.name)] = value
+
+    def take_reads(self, request_ids: list[str]) -> dict[str, dict[int, float]]:
+        """Each probe's read values, summed per gate over its hooks; forgotten once taken."""
+        taken = {}
+        for request_id in request_ids:
+            values = self.values.pop(request_id, None)
+            if values is None:
+                continue
+            sums: dict[int, float] = {}
+            for (gate, _), value in values.items():
+                sums[gate] = sums.get(gate, 0.0) + value
+            taken[request_id] = sums
+        return taken
 
     def _key(self, request_id: str) -> str | None:
-        state = self.runner.requests.get(request_id)
-        params = getattr(state, "sampling_params", None)
-        extra = getattr(params, "extra_args", None) or {}
-        key = extra.get(EXTRA_ARGS_KEY)
+        key = _extra_args(self.runner, request_id).get(EXTRA_ARGS_KEY)
         if key is not None and key not in self.specs:
             # never run a steered request unsteered: fail the pass instead
             raise RuntimeError(f"request {request_id} names steering {key} this worker lacks")
         return key
 
-    def _program(self, point: HookPoint) -> tuple[FlatProgram, Selection] | None:
+    def _at(
+        self, point: HookPoint, target: torch.Tensor, stream: Callable[[], torch.Tensor]
+    ) -> None:
+        """This pass's reads, then its delta, at ``point``: ``target`` is what the delta is added
+        to in place, ``stream()`` the residual-stream value there."""
         current = self.current
-        program = None if current is None else current.programs.get(point)
-        if current is None or program is None:
-            return None
-        return program, current.selection(program)
+        if current is None:
+            return
+        reads = current.reads.get(point)
+        program = current.programs.get(point)
+        value = None
+        if reads is not None:
+            value = stream()
+            self._read(point, reads, value)
+        if program is not None:
+            if not program.needs_stream:
+                value = target  # an addition alone does not read the stream
+            elif value is None:
+                value = stream()
+            program.apply(target, value, current.selection(program))
 
     # -- hooks ----------------------------------------------------------------------------------
 
@@ -160,35 +252,32 @@ class WorkerSteering:
 
     def _output_hook(self, point: HookPoint) -> Callable[..., torch.Tensor]:
         def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
-            found = self._program(point)
-            if found is not None:
-                found[0].apply(output, output, found[1])
+            self._at(point, output, lambda: output)
             return output
 
         return hook
 
     def _resid_pre_hook(self, point: HookPoint) -> Callable[..., None]:
         def hook(module: nn.Module, args: tuple) -> None:
-            found = self._program(point)
-            if found is not None:
-                program, selection = found
-                hidden, residual = args[1], args[2]
-                plain = residual is None or not program.needs_stream
-                program.apply(hidden, hidden if plain else hidden + residual, selection)
+            hidden, residual = args[1], args[2]
+            self._at(point, hidden, lambda: hidden if residual is None else hidden + residual)
 
         return hook
 
     def _resid_post_hook(self, point: HookPoint) -> Callable[..., tuple]:
         def hook(module: nn.Module, args: tuple, output: tuple) -> tuple:
-            found = self._program(point)
-            if found is not None:
-                program, selection = found
-                hidden, residual = output
-                stream = hidden + residual if program.needs_stream else hidden
-                program.apply(hidden, stream, selection)
+            hidden, residual = output
+            self._at(point, hidden, lambda: hidden + residual)
             return output
 
         return hook
+
+
+def _extra_args(runner: Any, request_id: str) -> dict[str, Any]:
+    """The ``SamplingParams.extra_args`` of a request the runner holds (vLLM's own id for it)."""
+    state = runner.requests.get(request_id)
+    params = getattr(state, "sampling_params", None)
+    return getattr(params, "extra_args", None) or {}
 
 
 def _steering(worker: Any) -> WorkerSteering:
@@ -210,3 +299,7 @@ def register(worker: Any, key: str, spec: SteeringSpec) -> None:
 
 def forget(worker: Any, keys: list[str]) -> None:
     _steering(worker).forget(keys)
+
+
+def take_reads(worker: Any, request_ids: list[str]) -> dict[str, dict[int, float]]:
+    return _steering(worker).take_reads(request_ids)
