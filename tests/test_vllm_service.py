@@ -15,14 +15,18 @@ import pytest
 import torch
 from st_bodies import TEXT_COMPLETION_BODIES
 
+from steer.activations import forward
 from steer.artifacts import save_vector
 from steer.client import FailedPrecondition, SteerClient, ablate, add, gated
 from steer.client.results import Completion
+from steer.gates import GateScope
 from steer.generation import Engine, GenerationRequest, Message
-from steer.interventions import Ablate, Add, Phase
+from steer.interventions import Ablate, Add, Intervention, Phase
 from steer.models import ModelHandle
+from steer.recipes import AddEdit, EditGate, EditRecipe, load_edit_recipe, recipe_to_toml
 from steer.sampling import SamplingConfig
 from steer.server import ServerSettings, SteerServer
+from steer.service.sliders import SliderCatalogue
 from steer.vectors import SteeringVector
 
 # find_spec, not an import: the main suite collects this module too and must not import vLLM
@@ -41,11 +45,31 @@ def _vector(seed: int, size: int = 576) -> torch.Tensor:
     return torch.randn(size, generator=torch.Generator().manual_seed(seed))
 
 
+#: two prompts a prompt gate at HOOK tells apart (the recipe slider's threshold lies between)
+TWO = ("The harbour town woke to the sound of", "My favourite recipe for soup starts with")
+
+
+def _threshold(handle: ModelHandle, direction: torch.Tensor) -> float:
+    ids = [list(handle.tokenizer(prompt)["input_ids"]) for prompt in TWO]
+    last = forward(handle, ids, hooks=[HOOK]).activations[HOOK]
+    assert isinstance(last, torch.Tensor)
+    first, second = (last @ (direction / direction.norm())).tolist()
+    assert abs(first - second) > 0.5
+    return (first + second) / 2
+
+
 @pytest.fixture(scope="module")
 def served(smollm2: ModelHandle, tmp_path_factory: pytest.TempPathFactory) -> Iterator[SteerServer]:
     root = tmp_path_factory.mktemp("vllm-service")
     direction = SteeringVector.from_shared(_vector(2))
-    save_vector(root / "artifacts" / "noise", direction, handle=smollm2, kind="direction")
+    artifact = root / "artifacts" / "noise"
+    save_vector(artifact, direction, handle=smollm2, kind="direction")
+    gate = EditGate(HOOK, str(artifact), _threshold(smollm2, _vector(2)), scope=GateScope.PROMPT)
+    edits = (AddEdit(vector=str(artifact), strength=6.0, hooks=(HOOK,), gate=gate),)
+    (root / "gated.toml").write_text(recipe_to_toml(EditRecipe(edits=edits)))
+    (root / "sliders.toml").write_text(
+        '[sliders.lectures]\nkind = "recipe"\nrecipe = "gated.toml"\nmin = 0.0\nmax = 1.0\n'
+    )
     settings = ServerSettings(
         port=0,
         http_port=0,
@@ -56,7 +80,8 @@ def served(smollm2: ModelHandle, tmp_path_factory: pytest.TempPathFactory) -> It
         backend="vllm",
         kv_cache_gib=1,
     )
-    with SteerServer(settings, models={"smollm2": smollm2}) as server:
+    sliders = SliderCatalogue.load(root / "sliders.toml")
+    with SteerServer(settings, models={"smollm2": smollm2}, sliders=sliders) as server:
         yield server
 
 
@@ -139,6 +164,33 @@ def test_http_chat_with_steering_equals_the_hf_engine(
     assert reply["content"] == text["choices"][0]["text"] != ""
     assert reply["tokens_predicted"] == text["usage"]["completion_tokens"] == 6
     assert reply["tokens_evaluated"] == text["usage"]["prompt_tokens"]
+
+
+def test_a_gated_recipe_slider_on_vllm_equals_the_hf_engine(
+    served: SteerServer, smollm2: ModelHandle
+) -> None:
+    """The shape of the recommended moralizing edit (a prompt gate around an edit, served as a
+    named recipe slider): its gate fires on one prompt and not the other, as in process."""
+    recipe = load_edit_recipe(served.settings.models_root / "gated.toml")
+    replies = []
+    for prompt in TWO:
+        body = {"model": "smollm2", "prompt": prompt, "max_tokens": 10, "temperature": 0}
+        body["steer.lectures"] = 1.0
+        response = httpx.post(f"{served.http_url}/v1/completions", json=body, timeout=300)
+        assert response.status_code == 200, response.text
+        slid = response.json()["choices"][0]["text"]
+
+        def local(interventions: tuple[Intervention, ...], prompt: str = prompt) -> str:
+            request = GenerationRequest(
+                prompt=prompt, sampling=GREEDY, max_new_tokens=10, interventions=interventions
+            )
+            return Engine(smollm2).run([request])[0].text
+
+        assert slid == local(tuple(recipe.for_model(smollm2)))
+        plain, always = local(()), local(tuple(recipe.ungated().for_model(smollm2)))
+        assert plain != always  # the edit changes this reply where it acts
+        replies.append((slid == always, slid == plain))
+    assert sorted(replies) == [(False, True), (True, False)]  # fired on exactly one
 
 
 def test_sillytavern_presets_run_on_vllm(served: SteerServer) -> None:
