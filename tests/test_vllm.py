@@ -297,6 +297,51 @@ def test_prompt_gates_equal_the_hf_engine(
     assert registered == 0
 
 
+def test_token_gates_equal_the_hf_engine(
+    engine: VllmEngine, smollm2: ModelHandle, theme: SteeringVector, refusal: SteeringVector
+) -> None:
+    """Token gates decided per token inside vLLM's passes (prompt chunks and decode tokens),
+    alone, beside an ungated edit, and two in one request, in one mixed batch."""
+    late = tuple(range(10, smollm2.num_layers))
+    # most tokens of these prompts project above -15 there (-5 to -21), not all
+    token = Gated(
+        Condition("blocks.10.hook_resid_pre", refusal, -15.0),
+        Ablate(refusal, layers=late, weight=3.0),
+    )
+    summed = Gated(
+        Condition(
+            ("blocks.6.hook_resid_post", "blocks.9.hook_resid_pre"),
+            theme,
+            0.0,
+            below=True,
+            weights=(1.0, 0.5),
+        ),
+        Add(theme, 0.8, hooks=("blocks.9.hook_resid_pre", "blocks.15.hook_resid_post")),
+    )
+    early = Add(theme, 0.4, hooks=("blocks.2.hook_resid_post",))
+    mixes: list[tuple[Intervention, ...]] = [
+        (),
+        (token,),
+        (early,),
+        (early, summed),
+        (token, summed),
+    ]
+    requests = [_request(prompt, mix, top_logprobs=0) for mix in mixes for prompt in PROMPTS]
+    expected = Engine(smollm2, max_batch=len(requests)).run(requests)
+    got = engine.run(requests)
+    same = _same_tokens(smollm2, requests, expected, got)
+    assert len(same) >= len(requests) - 2
+    tokens = [r.token_ids for r in expected]
+    for gated, ungated in ((1, 0), (3, 2)):  # each gate changes some reply
+        n = len(PROMPTS)
+        pairs = zip(
+            tokens[gated * n : (gated + 1) * n], tokens[ungated * n : gated * n], strict=True
+        )
+        assert any(a != b for a, b in pairs), gated
+    (registered,) = engine.llm.collective_rpc(_registered_keys)
+    assert registered == 0
+
+
 def test_a_prompt_gate_that_never_fires_is_no_steering_exactly(
     engine: VllmEngine, refusal: SteeringVector
 ) -> None:
@@ -489,7 +534,7 @@ def _registered_keys(worker: object) -> int:
 @pytest.mark.parametrize(
     ("what", "field", "word"),
     [
-        ("gated", "interventions[0]", "token-scope gated"),
+        ("gated", "interventions[0]", "reply-scope gated"),
         ("speaker", "interventions[0]", "speaker-scoped"),
         ("resid_mid", "interventions[0]", "hook_resid_mid"),
     ],
@@ -504,7 +549,9 @@ def test_what_the_backend_lacks_is_refused_by_name(
 ) -> None:
     add = Add(theme, 0.5)
     cases = {
-        "gated": _request(PROMPTS[0], (Gated(Condition(HOOK, refusal, 0.0), add),)),
+        "gated": _request(
+            PROMPTS[0], (Gated(Condition(HOOK, refusal, 0.0), add, scope=GateScope.REPLY),)
+        ),
         "speaker": _request(PROMPTS[0], (replace(add, speaker="Alice"),)),
         "resid_mid": _request(PROMPTS[0], (Add(theme, 0.5, hooks=("blocks.3.hook_resid_mid",)),)),
     }

@@ -58,7 +58,7 @@ CAPABILITIES = Capabilities(
         }
     ),
     scoped_ops=False,
-    gate_scopes=frozenset({GateScope.PROMPT}),
+    gate_scopes=frozenset({GateScope.PROMPT, GateScope.TOKEN}),
     sampler_fields=SAMPLER_FIELDS,
 )
 

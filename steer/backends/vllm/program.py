@@ -19,11 +19,13 @@ import hashlib
 import io
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
+from steer.gates import Gated, GateScope
 from steer.hooks import HookPoint, HookResolver
-from steer.interventions import AddVector, Intervention, Phase, ProjectOut
+from steer.interventions import AddVector, GatedOp, Intervention, Phase, ProjectOut, ReadGate
 from steer.plan import _PointProgram
 
 #: SamplingParams.extra_args key under which a request names its steering
@@ -44,41 +46,74 @@ class GateRead:
     unit: torch.Tensor
 
 
+PlainOp = ProjectOut | AddVector
+
+
+@dataclass(frozen=True)
+class TokenGate:
+    """A token-scope gate, lowered: per token, the sum of its ``reads`` (``gate``: this gate's
+    index among its request's token gates) against ``threshold`` (``<`` with ``below``), decided
+    at the last read in forward order; ``ops`` act on the tokens where it fired, after the
+    ungated ops at their point, each on the stream as the ops before it left it (the hf
+    engine's order). Each op sits at or after the deciding read (:class:`steer.gates.Gated`)."""
+
+    reads: tuple[GateRead, ...]
+    threshold: float
+    below: bool
+    ops: tuple[tuple[HookPoint, PlainOp], ...]
+
+
 @dataclass(frozen=True)
 class SteeringSpec:
-    """One request's interventions, lowered: (hook point, op) in application order; ``reads``:
-    the gate reads of a gate probe (none for a request that generates)."""
+    """One request's interventions, lowered: (hook point, op) in application order; its token
+    gates; ``reads``: the prompt-gate reads of a gate probe (none for a request that
+    generates)."""
 
-    ops: tuple[tuple[HookPoint, ProjectOut | AddVector], ...]
+    ops: tuple[tuple[HookPoint, PlainOp], ...]
     reads: tuple[GateRead, ...] = ()
+    token_gates: tuple[TokenGate, ...] = ()
 
     @property
     def is_empty(self) -> bool:
-        return not self.ops and not self.reads
+        return not self.ops and not self.reads and not self.token_gates
 
     def key(self) -> str:
-        """A fingerprint of the ops and reads (their tensors' bytes included): the registration
-        key the request names."""
+        """A fingerprint of the ops, token gates and reads (their tensors' bytes included): the
+        registration key the request names."""
         digest = hashlib.blake2b(digest_size=16)
-        for point, op in self.ops:
-            digest.update(point.name.encode())
-            if isinstance(op, ProjectOut):
-                digest.update(b"project%r" % op.weight)
-                tensor = op.unit
-            else:
-                digest.update(b"add" + op.phase.value.encode())
-                tensor = op.vector
-            digest.update(_tensor_bytes(tensor))
-        for read in self.reads:
-            digest.update(b"read%d" % read.gate + read.point.name.encode())
-            digest.update(_tensor_bytes(read.unit))
+        _digest_ops(digest, self.ops)
+        for gate in self.token_gates:
+            digest.update(b"token-gate%r%r" % (gate.threshold, gate.below))
+            _digest_reads(digest, gate.reads)
+            _digest_ops(digest, gate.ops)
+        _digest_reads(digest, self.reads)
         return ("steer-probe-" if self.reads else "steer-") + digest.hexdigest()
 
     def salt(self) -> str | None:
-        """The request's prefix-cache salt: the fingerprint of its ops alone, so equal steering
-        shares cached prompt KV and different steering never does (reads change no activation:
-        a probe's prompt KV is that of its ops); None without ops."""
-        return SteeringSpec(self.ops).key() if self.ops else None
+        """The request's prefix-cache salt: the fingerprint of what edits activations (ops and
+        token gates), so equal steering shares cached prompt KV and different steering never
+        does (reads change no activation: a probe's prompt KV is that of the rest); None
+        without edits."""
+        edits = SteeringSpec(self.ops, token_gates=self.token_gates)
+        return None if edits.is_empty else edits.key()
+
+
+def _digest_ops(digest: Any, ops: Sequence[tuple[HookPoint, PlainOp]]) -> None:
+    for point, op in ops:
+        digest.update(point.name.encode())
+        if isinstance(op, ProjectOut):
+            digest.update(b"project%r" % op.weight)
+            tensor = op.unit
+        else:
+            digest.update(b"add" + op.phase.value.encode())
+            tensor = op.vector
+        digest.update(_tensor_bytes(tensor))
+
+
+def _digest_reads(digest: Any, reads: Sequence[GateRead]) -> None:
+    for read in reads:
+        digest.update(b"read%d" % read.gate + read.point.name.encode())
+        digest.update(_tensor_bytes(read.unit))
 
 
 def _tensor_bytes(tensor: torch.Tensor) -> bytes:
@@ -90,19 +125,42 @@ def _tensor_bytes(tensor: torch.Tensor) -> bytes:
 def lower_request(
     interventions: Sequence[Intervention], resolver: HookResolver, d_model: int
 ) -> SteeringSpec:
-    """Lower ``interventions`` (already checked by :func:`steer.backends.check_request`) to the
-    plain ops the worker applies, float32 on the CPU."""
-    ops: list[tuple[HookPoint, ProjectOut | AddVector]] = []
+    """Lower ``interventions`` (already checked by :func:`steer.backends.check_request`; prompt
+    gates taken out, :mod:`steer.backends.vllm.gates`) to the plain ops and token gates the
+    worker applies, float32 on the CPU."""
+    ops: list[tuple[HookPoint, PlainOp]] = []
+    gates: list[TokenGate] = []
     for intervention in interventions:
         if intervention.is_noop():
             continue
-        for point, op in intervention.lowered(resolver, d_model):
-            assert isinstance(op, (ProjectOut, AddVector)) and op.speaker is None
-            if isinstance(op, ProjectOut):
-                ops.append((point, ProjectOut(op.unit.float().cpu(), op.weight)))
-            else:
-                ops.append((point, AddVector(op.vector.float().cpu(), op.phase)))
-    return SteeringSpec(tuple(ops))
+        if isinstance(intervention, Gated):
+            assert intervention.scope is GateScope.TOKEN
+            gates.append(_token_gate(intervention, len(gates), resolver, d_model))
+            continue
+        ops.extend((point, _plain(op)) for point, op in intervention.lowered(resolver, d_model))
+    return SteeringSpec(tuple(ops), token_gates=tuple(gates))
+
+
+def _token_gate(gated: Gated, number: int, resolver: HookResolver, d_model: int) -> TokenGate:
+    """``gated`` (token scope) as the worker runs it: its lowering (which refuses an op before
+    the condition's hook) split into reads and the ops they gate."""
+    reads, ops = [], []
+    for point, op in gated.lowered(resolver, d_model):
+        if isinstance(op, ReadGate):
+            assert op.unit is not None  # check_request refused feature conditions
+            reads.append(GateRead(point, number, op.unit.float().cpu()))
+        else:
+            assert isinstance(op, GatedOp)
+            ops.append((point, _plain(op.op)))
+    condition = gated.condition
+    return TokenGate(tuple(reads), condition.threshold, condition.below, tuple(ops))
+
+
+def _plain(op: object) -> PlainOp:
+    assert isinstance(op, (ProjectOut, AddVector)) and op.speaker is None
+    if isinstance(op, ProjectOut):
+        return ProjectOut(op.unit.float().cpu(), op.weight)
+    return AddVector(op.vector.float().cpu(), op.phase)
 
 
 class Selection:

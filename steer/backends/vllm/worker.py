@@ -44,6 +44,7 @@ from steer.backends.vllm.program import (
     SteeringSpec,
     build_flat_programs,
 )
+from steer.backends.vllm.token_gates import TokenGatePass, TokenGateTable
 from steer.hooks import HookKind, HookPoint
 
 #: batch compositions whose stacked programs are kept
@@ -73,9 +74,11 @@ class _Pass:
         rows: torch.Tensor,
         is_prompt: torch.Tensor,
         reads: dict[HookPoint, _Reads],
+        token_gates: TokenGatePass | None,
     ) -> None:
         self.programs = programs
         self.reads = reads
+        self.token_gates = token_gates
         self.rows = rows
         self.is_prompt = is_prompt
         self._selections: dict[tuple[int, ...], Selection] = {}
@@ -98,6 +101,8 @@ class WorkerSteering:
         self.layers: nn.ModuleList = inner.layers
         self.embed: nn.Module = inner.embed_tokens
         self.specs: dict[str, SteeringSpec] = {}
+        #: the token gates of the registered steering that has them, by key
+        self.token_tables: dict[str, TokenGateTable] = {}
         self.hooked: set[HookPoint] = set()
         self.current: _Pass | None = None
         #: gate probes' values: request id -> (gate, hook name) -> projection
@@ -111,7 +116,13 @@ class WorkerSteering:
 
     def register(self, key: str, spec: SteeringSpec) -> None:
         self.specs[key] = spec
-        for point in [point for point, _ in spec.ops] + [read.point for read in spec.reads]:
+        points = {point for point, _ in spec.ops} | {read.point for read in spec.reads}
+        if spec.token_gates:
+            parameter = next(self.model.parameters())
+            table = TokenGateTable(spec.token_gates, parameter.dtype, parameter.device)
+            self.token_tables[key] = table
+            points |= table.points
+        for point in points:
             if point not in self.hooked:
                 self._hook(point)
                 self.hooked.add(point)
@@ -119,6 +130,7 @@ class WorkerSteering:
     def forget(self, keys: list[str]) -> None:
         for key in keys:
             self.specs.pop(key, None)
+            self.token_tables.pop(key, None)
         self._programs.clear()
 
     # -- per pass -------------------------------------------------------------------------------
@@ -146,7 +158,22 @@ class WorkerSteering:
         else:
             self._programs.move_to_end(keys)
         reads = self._gate_reads(keys, batch.req_ids, rows, positions[:total], prompt_lengths)
-        self.current = _Pass(programs, rows, is_prompt, reads)
+        self.current = _Pass(
+            programs, rows, is_prompt, reads, self._token_gates(keys, rows, is_prompt)
+        )
+
+    def _token_gates(
+        self, keys: tuple[str | None, ...], rows: torch.Tensor, is_prompt: torch.Tensor
+    ) -> TokenGatePass | None:
+        """This pass's token gates: per key that has them, the tokens of the rows naming it."""
+        groups = []
+        for key in dict.fromkeys(k for k in keys if k is not None and k in self.token_tables):
+            members = torch.tensor(
+                [row for row, named in enumerate(keys) if named == key], device=rows.device
+            )
+            tokens = torch.nonzero(torch.isin(rows, members)).squeeze(1)
+            groups.append((key, self.token_tables[key], tokens, is_prompt[tokens]))
+        return TokenGatePass(groups) if groups else None
 
     def _gate_reads(
         self,
@@ -220,16 +247,22 @@ class WorkerSteering:
             return
         reads = current.reads.get(point)
         program = current.programs.get(point)
+        gates = current.token_gates
         value = None
         if reads is not None:
             value = stream()
             self._read(point, reads, value)
+        if gates is not None and point in gates.read_points:
+            value = stream() if value is None else value
+            gates.read(point, value)
         if program is not None:
             if not program.needs_stream:
                 value = target  # an addition alone does not read the stream
             elif value is None:
                 value = stream()
             program.apply(target, value, current.selection(program))
+        if gates is not None:
+            gates.apply(point, target, stream)
 
     # -- hooks ----------------------------------------------------------------------------------
 
