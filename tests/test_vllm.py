@@ -14,6 +14,7 @@ from dataclasses import replace
 
 import pytest
 import torch
+from sae_lens import StandardSAE, StandardSAEConfig
 
 from steer.activations import encode_chat, forward
 from steer.backends.vllm import VllmEngine, VllmOptions, start_vllm
@@ -23,6 +24,8 @@ from steer.gates import Condition, Gated, GateScope
 from steer.generation import Engine, GenerationRequest, GenerationResult, Message
 from steer.interventions import Ablate, Add, Intervention, Phase
 from steer.models import ModelHandle
+from steer.sae.loading import SparseAutoencoder
+from steer.sae.sliders import Clamp, Scale
 from steer.sampling import SamplingConfig
 from steer.vectors import SteeringVector
 
@@ -340,6 +343,41 @@ def test_token_gates_equal_the_hf_engine(
         assert any(a != b for a, b in pairs), gated
     (registered,) = engine.llm.collective_rpc(_registered_keys)
     assert registered == 0
+
+
+def test_sae_feature_sliders_equal_the_hf_engine(
+    engine: VllmEngine, smollm2: ModelHandle, theme: SteeringVector
+) -> None:
+    """Clamp and Scale sliders (which encode the stream with their SAE inside vLLM's pass),
+    beside an ungated edit, behind a token gate and at zero, in one mixed batch; the SAE is
+    registered while requests use it."""
+    torch.manual_seed(0)
+    config = StandardSAEConfig(d_in=smollm2.d_model, d_sae=64)
+    sae = SparseAutoencoder(StandardSAE(config), "blocks.12.hook_resid_post")
+    gate = Condition("blocks.8.hook_resid_pre", theme, 0.0)
+    mixes: list[tuple[Intervention, ...]] = [
+        (),
+        (Clamp(sae, 3, 30.0),),
+        (Add(theme, 0.3, hooks=("blocks.2.hook_resid_post",)), Scale(sae, 7, 0.0)),
+        (Gated(gate, Clamp(sae, 5, 40.0), scope=GateScope.TOKEN), Scale(sae, 9, 1.0)),
+    ]
+    requests = [_request(prompt, mix, top_logprobs=0) for mix in mixes for prompt in PROMPTS]
+    expected = Engine(smollm2, max_batch=len(requests)).run(requests)
+    got = engine.run(requests)
+    same = _same_tokens(smollm2, requests, expected, got)
+    assert len(same) >= len(requests) - 2
+    n = len(PROMPTS)
+    tokens = [r.token_ids for r in expected]
+    for mix in (1, 3):  # the clamps change replies
+        assert any(tokens[mix * n + i] != tokens[i] for i in range(n)), mix
+    (registered,) = engine.llm.collective_rpc(_registered_keys)
+    assert registered == 0 and not engine._saes
+    (saes,) = engine.llm.collective_rpc(_registered_saes)
+    assert saes == 0
+
+
+def _registered_saes(worker: object) -> int:
+    return len(vllm_worker._steering(worker).saes)
 
 
 def test_a_prompt_gate_that_never_fires_is_no_steering_exactly(

@@ -12,14 +12,21 @@ from pathlib import Path
 
 import pytest
 import torch
+from sae_lens import StandardSAE, StandardSAEConfig
 
 from steer.backends.capabilities import check_request
 from steer.backends.vllm.engine import CAPABILITIES
 from steer.backends.vllm.gates import PromptGates
 from steer.backends.vllm.launch import export_for_vllm
 from steer.backends.vllm.params import decode, encode, needs_pipeline
-from steer.backends.vllm.program import Selection, SteeringSpec, build_flat_programs, lower_request
-from steer.backends.vllm.token_gates import TokenGatePass, TokenGateTable
+from steer.backends.vllm.program import (
+    Selection,
+    SteeringSpec,
+    build_flat_programs,
+    lower_request,
+    saes_of,
+)
+from steer.backends.vllm.scoped import ScopedPass, ScopedTable
 from steer.errors import FailedPreconditionError, UnsupportedArchitectureError
 from steer.gates import Condition, Gated, GateScope
 from steer.generation import GenerationRequest
@@ -27,6 +34,8 @@ from steer.interventions import Ablate, Add, Intervention, Phase
 from steer.models import ModelHandle
 from steer.plan import build_plan
 from steer.runtime import forward_order
+from steer.sae.loading import SparseAutoencoder
+from steer.sae.sliders import Clamp, Scale
 from steer.sampling import SamplingConfig
 from steer.sampling.processors import SamplerState
 from steer.vectors import SteeringVector
@@ -108,6 +117,7 @@ def _token_gated_rows() -> list[tuple[Intervention, ...]]:
             Add(shared(_vector(16)), 1.3, hooks=HOOKS, phase=Phase.GENERATED),
         ),
     )
+    sae = SparseAutoencoder(StandardSAE(StandardSAEConfig(d_in=D, d_sae=16)), HOOKS[0])
     return [
         (),
         (
@@ -119,15 +129,24 @@ def _token_gated_rows() -> list[tuple[Intervention, ...]]:
         both,
         both,  # two rows naming one key
         (Add(shared(_vector(17)), 0.5, hooks=HOOKS[:1], phase=Phase.PROMPT),),
+        # SAE sliders, ungated (one on generated tokens only) and behind a token gate
+        (Clamp(sae, 3, 4.0), Scale(sae, 5, 0.0, phase=Phase.GENERATED)),
+        (
+            Add(shared(_vector(18)), 0.5, hooks=HOOKS[:1]),
+            Gated(
+                Condition("blocks.0.hook_resid_post", shared(_vector(19)), 0.0), Scale(sae, 2, 3.0)
+            ),
+        ),
     ]
 
 
 @pytest.mark.parametrize("phase", [Phase.PROMPT, Phase.GENERATED, Phase.ALL])
-def test_token_gates_in_a_flat_pass_equal_the_hf_plan(
+def test_token_gates_and_sae_sliders_in_a_flat_pass_equal_the_hf_plan(
     tiny_llama: ModelHandle, phase: Phase
 ) -> None:
-    """Token gates read and act per token, after the ungated ops at each point, one op after
-    another, as the hf plan does; Phase.ALL: prompt and decode tokens mixed in one pass."""
+    """Token gates read and act per token, and SAE sliders edit the tokens they cover, after the
+    ungated ops at each point, one op after another, as the hf plan does; Phase.ALL: prompt and
+    decode tokens mixed in one pass."""
     rows = _token_gated_rows()
     resolver, d_model = tiny_llama.resolver, tiny_llama.d_model
     plan = build_plan(rows, resolver, d_model, torch.float32, torch.device("cpu"))
@@ -147,17 +166,18 @@ def test_token_gates_in_a_flat_pass_equal_the_hf_plan(
     else:
         is_prompt = torch.full((len(rows) * tokens,), phase is Phase.PROMPT)
     groups = []
+    saes = {key: sae for row in rows for key, sae in saes_of(row).items()}
     tables = {
-        key: TokenGateTable(spec.token_gates, torch.float32, torch.device("cpu"))
+        key: ScopedTable(spec.token_gates, spec.scoped, saes, torch.float32, torch.device("cpu"))
         for spec, key in zip(specs, keys, strict=True)
-        if key is not None and spec.token_gates
+        if key is not None and spec.scoped
     }
-    assert len(tables) == 2
+    assert len(tables) == 4
     for key, table in tables.items():
         members = torch.tensor([row for row, named in enumerate(keys) if named == key])
         chosen = torch.nonzero(torch.isin(token_rows, members)).squeeze(1)
         groups.append((key, table, chosen, is_prompt[chosen]))
-    gates = TokenGatePass(groups)
+    gates = ScopedPass(groups)
     got = x.clone().reshape(-1, D)
     points = sorted(set(plan.programs), key=forward_order)
     expected = {}
@@ -270,16 +290,31 @@ def _gated(
             "interventions[1].inner",
             "speaker-scoped",
         ),
+        (
+            lambda: Clamp(
+                SparseAutoencoder(StandardSAE(StandardSAEConfig(d_in=D, d_sae=16)), HOOKS[0]),
+                1,
+                2.0,
+                speaker="Bo",
+            ),
+            "interventions[1]",
+            "speaker-scoped",
+        ),
     ],
 )
 def test_vllm_runs_prompt_gates_and_refuses_the_rest_by_field(
     tiny_llama: ModelHandle, gated: object, field: str, words: str
 ) -> None:
     plain = Add(SteeringVector.from_shared(_vector(3)), 1.0, hooks=HOOKS)
+    sae = SparseAutoencoder(StandardSAE(StandardSAEConfig(d_in=D, d_sae=16)), HOOKS[0])
+    runs = (
+        _gated(GateScope.PROMPT),
+        _gated(GateScope.TOKEN),
+        _gated(GateScope.TOKEN, hook="blocks.0.hook_resid_pre", inner=Clamp(sae, 1, 2.0)),
+        Scale(sae, 4, 0.5),
+    )
     check_request(
-        GenerationRequest(prompt="Hi", interventions=(plain, _gated(GateScope.PROMPT))),
-        tiny_llama,
-        CAPABILITIES,
+        GenerationRequest(prompt="Hi", interventions=(plain, *runs)), tiny_llama, CAPABILITIES
     )
     request = GenerationRequest(prompt="Hi", interventions=(plain, gated()))  # type: ignore[operator]
     with pytest.raises(FailedPreconditionError) as refused:

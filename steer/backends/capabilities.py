@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 from steer.errors import FailedPreconditionError
 from steer.hooks import HookKind
-from steer.interventions import AddVector, GateScope, Intervention, ProjectOut
+from steer.interventions import AddVector, GateScope, Intervention, ProjectOut, RowFunction
 from steer.sampling import SamplingConfig
 
 if TYPE_CHECKING:
@@ -27,6 +27,9 @@ class Capabilities:
     #: gates run though ``scoped_ops`` is False: these scopes, on a direction's projection, when
     #: the gated intervention and the condition's hooks pass the other checks
     gate_scopes: frozenset[GateScope] = frozenset()
+    #: feature sliders (Clamp, Scale) run though ``scoped_ops`` is False, when not
+    #: speaker-scoped
+    sae_sliders: bool = False
     #: SamplingConfig fields that may differ from their defaults
     sampler_fields: frozenset[str] | None = None
 
@@ -49,6 +52,7 @@ def _check_intervention(
     intervention: Intervention, handle: ModelHandle, caps: Capabilities, field: str
 ) -> None:
     from steer.gates import Condition, Gated
+    from steer.sae.sliders import FeatureSlider
 
     if isinstance(intervention, Gated) and intervention.scope in caps.gate_scopes:
         if not isinstance(intervention.condition, Condition):
@@ -62,8 +66,10 @@ def _check_intervention(
         _check_intervention(intervention.inner, handle, caps, f"{field}.inner")
         return
     kind = type(intervention).__name__
+    slider = caps.sae_sliders and isinstance(intervention, FeatureSlider)
     for point, op in intervention.lowered(handle.resolver, handle.d_model):
         plain = isinstance(op, (ProjectOut, AddVector)) and op.speaker is None
+        plain = plain or (slider and isinstance(op, RowFunction) and op.speaker is None)
         if not plain and not caps.scoped_ops:
             raise FailedPreconditionError(
                 f"the {caps.name} backend cannot run {kind} interventions "

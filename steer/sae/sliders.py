@@ -26,6 +26,7 @@ apply in the order given, each reading the stream the previous one left.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -124,6 +125,13 @@ class FeatureSlider(Intervention):
         point = check_sae(self.sae, resolver, d_model)
         fn = _edit_function(self.sae, self.feature, self.edit)
         return [(point, RowFunction(fn, self.phase, self.speaker))]
+
+
+def row_function(slider: FeatureSlider) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """``slider``'s edit as a RowFunction body, whatever its mode (an AddDecoder too: encoded
+    and decoded, where its lowering adds the decoder direction): (tokens, D) values and a
+    (tokens,) mask -> the values with the masked tokens edited."""
+    return _edit_function(slider.sae, slider.feature, slider.edit)  # type: ignore[no-any-return]
 
 
 @dataclass(frozen=True, eq=False)

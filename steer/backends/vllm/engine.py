@@ -29,7 +29,7 @@ from steer.backends.vllm.params import (
     probe_params,
     sampling_params,
 )
-from steer.backends.vllm.program import SteeringSpec, lower_request
+from steer.backends.vllm.program import SteeringSpec, lower_request, saes_of
 from steer.errors import ResourceExhaustedError
 from steer.hooks import HookKind
 from steer.interventions import GateScope
@@ -43,6 +43,7 @@ from steer.requests import (
     next_text,
     run_to_end,
 )
+from steer.sae.loading import SparseAutoencoder
 from steer.sampling.processors import SamplerState
 from steer.text import TextStream
 
@@ -59,6 +60,7 @@ CAPABILITIES = Capabilities(
     ),
     scoped_ops=False,
     gate_scopes=frozenset({GateScope.PROMPT, GateScope.TOKEN}),
+    sae_sliders=True,
     sampler_fields=SAMPLER_FIELDS,
 )
 
@@ -98,8 +100,13 @@ class VllmEngine:
         self._probes: dict[str, _Row] = {}
         #: the lowered interventions of the pending requests, by request id
         self._specs_waiting: dict[str, SteeringSpec] = {}
-        #: registered steering key -> number of live requests using it
+        #: registered steering key -> number of live requests using it, and its steering
         self._users: dict[str, int] = {}
+        self._registered: dict[str, SteeringSpec] = {}
+        #: registered SAEs by key (steer.backends.vllm.program.sae_key), and how many
+        #: registered steerings read each
+        self._saes: dict[str, SparseAutoencoder] = {}
+        self._sae_users: dict[str, int] = {}
         #: prompt tokens whose KV came from vLLM's prefix cache, over all requests so far
         self.cached_prompt_tokens = 0
         llm.collective_rpc(worker.install)
@@ -242,7 +249,7 @@ class VllmEngine:
         request = row.request
         if row.key is not None:
             if row.key not in self._users:
-                self.llm.collective_rpc(worker.register, args=(row.key, spec))
+                self._register(row.key, spec, saes_of(request.interventions))
                 self._users[row.key] = 0
             self._users[row.key] += 1
         prompt = TokensPrompt(prompt_token_ids=row.prompt_ids)
@@ -329,6 +336,22 @@ class VllmEngine:
         if self._users[key] == 0:
             del self._users[key]
             self.llm.collective_rpc(worker.forget, args=([key],))
+            for sae in self._registered.pop(key).saes:
+                self._sae_users[sae] -= 1
+                if self._sae_users[sae] == 0:
+                    del self._sae_users[sae], self._saes[sae]
+                    self.llm.collective_rpc(worker.forget_sae, args=(sae,))
+
+    def _register(self, key: str, spec: SteeringSpec, saes: dict[str, SparseAutoencoder]) -> None:
+        """Register ``spec`` in every worker under ``key``, the SAEs its sliders read first."""
+        for sae in spec.saes:
+            if sae not in self._sae_users:
+                self.llm.collective_rpc(worker.register_sae, args=(sae, saes[sae]))
+                self._saes[sae] = saes[sae]  # held while registered: its key stays its own
+                self._sae_users[sae] = 0
+            self._sae_users[sae] += 1
+        self.llm.collective_rpc(worker.register, args=(key, spec))
+        self._registered[key] = spec
 
 
 def _top(ranked: Any, request: GenerationRequest) -> tuple[tuple[int, float], ...]:

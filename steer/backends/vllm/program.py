@@ -18,15 +18,25 @@ from __future__ import annotations
 import hashlib
 import io
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 
-from steer.gates import Gated, GateScope
+from steer.gates import Gated
 from steer.hooks import HookPoint, HookResolver
-from steer.interventions import AddVector, GatedOp, Intervention, Phase, ProjectOut, ReadGate
+from steer.interventions import (
+    AddVector,
+    GatedOp,
+    Intervention,
+    Phase,
+    ProjectOut,
+    ReadGate,
+    RowFunction,
+)
 from steer.plan import _PointProgram
+from steer.sae.loading import SparseAutoencoder
+from steer.sae.sliders import FeatureSlider
 
 #: SamplingParams.extra_args key under which a request names its steering
 EXTRA_ARGS_KEY = "steer"
@@ -51,50 +61,84 @@ PlainOp = ProjectOut | AddVector
 
 @dataclass(frozen=True)
 class TokenGate:
-    """A token-scope gate, lowered: per token, the sum of its ``reads`` (``gate``: this gate's
-    index among its request's token gates) against ``threshold`` (``<`` with ``below``), decided
-    at the last read in forward order; ``ops`` act on the tokens where it fired, after the
-    ungated ops at their point, each on the stream as the ops before it left it (the hf
-    engine's order). Each op sits at or after the deciding read (:class:`steer.gates.Gated`)."""
+    """A token-scope gate, lowered: per token, the sum of its ``reads`` against ``threshold``
+    (``<`` with ``below``), decided at the last read in forward order. The ops it gates are
+    :class:`ScopedOp` entries naming it (each at or after the deciding read,
+    :class:`steer.gates.Gated`)."""
 
     reads: tuple[GateRead, ...]
     threshold: float
     below: bool
-    ops: tuple[tuple[HookPoint, PlainOp], ...]
+
+
+@dataclass(frozen=True)
+class SaeEdit:
+    """A feature slider that reads the stream (Clamp, Scale; AddDecoder is a plain addition):
+    ``sae`` is the key of an SAE registered in the workers (:func:`sae_key`), ``mode`` a
+    :class:`~steer.sae.modes.SliderMode` value; the worker builds the slider's edit there."""
+
+    sae: str
+    mode: str
+    feature: int
+    value: float
+    phase: Phase
+
+
+@dataclass(frozen=True)
+class ScopedOp:
+    """An op applied on some of a request's tokens after the ungated ops at its point, in the
+    order given, each on the stream as the ops before it left it (the hf plan's scoped ops):
+    a plain op or an SAE slider behind token gate ``gate`` (its index among the request's token
+    gates), or an SAE slider on every token of its phase (``gate`` None)."""
+
+    point: HookPoint
+    op: PlainOp | SaeEdit
+    gate: int | None
 
 
 @dataclass(frozen=True)
 class SteeringSpec:
-    """One request's interventions, lowered: (hook point, op) in application order; its token
-    gates; ``reads``: the prompt-gate reads of a gate probe (none for a request that
-    generates)."""
+    """One request's interventions, lowered: ungated plain ops (hook point, op) in application
+    order; its token gates and scoped ops; ``reads``: the prompt-gate reads of a gate probe
+    (none for a request that generates)."""
 
     ops: tuple[tuple[HookPoint, PlainOp], ...]
     reads: tuple[GateRead, ...] = ()
     token_gates: tuple[TokenGate, ...] = ()
+    scoped: tuple[ScopedOp, ...] = ()
 
     @property
     def is_empty(self) -> bool:
-        return not self.ops and not self.reads and not self.token_gates
+        return not self.ops and not self.reads and not self.scoped
+
+    @property
+    def saes(self) -> frozenset[str]:
+        """The keys of the SAEs its sliders need registered in the workers."""
+        return frozenset(entry.op.sae for entry in self.scoped if isinstance(entry.op, SaeEdit))
 
     def key(self) -> str:
-        """A fingerprint of the ops, token gates and reads (their tensors' bytes included): the
-        registration key the request names."""
+        """A fingerprint of the ops, token gates, scoped ops and reads (their tensors' bytes
+        included): the registration key the request names."""
         digest = hashlib.blake2b(digest_size=16)
         _digest_ops(digest, self.ops)
         for gate in self.token_gates:
             digest.update(b"token-gate%r%r" % (gate.threshold, gate.below))
             _digest_reads(digest, gate.reads)
-            _digest_ops(digest, gate.ops)
+        for entry in self.scoped:
+            digest.update(b"scoped%r" % (entry.gate,))
+            if isinstance(entry.op, SaeEdit):
+                digest.update(entry.point.name.encode() + repr(entry.op).encode())
+            else:
+                _digest_ops(digest, [(entry.point, entry.op)])
         _digest_reads(digest, self.reads)
         return ("steer-probe-" if self.reads else "steer-") + digest.hexdigest()
 
     def salt(self) -> str | None:
-        """The request's prefix-cache salt: the fingerprint of what edits activations (ops and
-        token gates), so equal steering shares cached prompt KV and different steering never
-        does (reads change no activation: a probe's prompt KV is that of the rest); None
-        without edits."""
-        edits = SteeringSpec(self.ops, token_gates=self.token_gates)
+        """The request's prefix-cache salt: the fingerprint of what edits activations (all but
+        the reads), so equal steering shares cached prompt KV and different steering never does
+        (reads change no activation: a probe's prompt KV is that of the rest); None without
+        edits."""
+        edits = SteeringSpec(self.ops, token_gates=self.token_gates, scoped=self.scoped)
         return None if edits.is_empty else edits.key()
 
 
@@ -122,38 +166,58 @@ def _tensor_bytes(tensor: torch.Tensor) -> bytes:
     return buffer.getvalue()
 
 
+def sae_key(sae: SparseAutoencoder) -> str:
+    """The key an SAE is registered in the workers under: the loaded object's identity (the
+    engine holds the object while it is registered, so the key is never reused meanwhile)."""
+    return f"sae-{id(sae):x}"
+
+
+def saes_of(interventions: Sequence[Intervention]) -> dict[str, SparseAutoencoder]:
+    """The SAEs ``interventions``' sliders read (gated ones included), by :func:`sae_key`."""
+    found = {}
+    for intervention in interventions:
+        inner = intervention.inner if isinstance(intervention, Gated) else intervention
+        if isinstance(inner, FeatureSlider):
+            found[sae_key(inner.sae)] = inner.sae
+    return found
+
+
 def lower_request(
     interventions: Sequence[Intervention], resolver: HookResolver, d_model: int
 ) -> SteeringSpec:
     """Lower ``interventions`` (already checked by :func:`steer.backends.check_request`; prompt
-    gates taken out, :mod:`steer.backends.vllm.gates`) to the plain ops and token gates the
-    worker applies, float32 on the CPU."""
+    gates taken out, :mod:`steer.backends.vllm.gates`) to what the worker applies: plain ops,
+    float32 on the CPU, token gates and scoped ops."""
     ops: list[tuple[HookPoint, PlainOp]] = []
     gates: list[TokenGate] = []
+    scoped: list[ScopedOp] = []
     for intervention in interventions:
         if intervention.is_noop():
             continue
-        if isinstance(intervention, Gated):
-            assert intervention.scope is GateScope.TOKEN
-            gates.append(_token_gate(intervention, len(gates), resolver, d_model))
-            continue
-        ops.extend((point, _plain(op)) for point, op in intervention.lowered(resolver, d_model))
-    return SteeringSpec(tuple(ops), token_gates=tuple(gates))
-
-
-def _token_gate(gated: Gated, number: int, resolver: HookResolver, d_model: int) -> TokenGate:
-    """``gated`` (token scope) as the worker runs it: its lowering (which refuses an op before
-    the condition's hook) split into reads and the ops they gate."""
-    reads, ops = [], []
-    for point, op in gated.lowered(resolver, d_model):
-        if isinstance(op, ReadGate):
-            assert op.unit is not None  # check_request refused feature conditions
-            reads.append(GateRead(point, number, op.unit.float().cpu()))
-        else:
-            assert isinstance(op, GatedOp)
-            ops.append((point, _plain(op.op)))
-    condition = gated.condition
-    return TokenGate(tuple(reads), condition.threshold, condition.below, tuple(ops))
+        inner = intervention.inner if isinstance(intervention, Gated) else intervention
+        gate = None
+        for point, op in intervention.lowered(resolver, d_model):
+            if isinstance(op, ReadGate):  # a token gate's (check_request refused the others)
+                assert op.unit is not None and isinstance(intervention, Gated)
+                if gate is None:
+                    gate = len(gates)
+                    condition = intervention.condition
+                    gates.append(TokenGate((), condition.threshold, condition.below))
+                read = GateRead(point, gate, op.unit.float().cpu())
+                gates[gate] = replace(gates[gate], reads=(*gates[gate].reads, read))
+                continue
+            plain = op.op if isinstance(op, GatedOp) else op
+            if isinstance(plain, RowFunction):
+                assert isinstance(inner, FeatureSlider) and plain.speaker is None
+                edit = SaeEdit(
+                    sae_key(inner.sae), inner.mode.value, inner.feature, inner.value, inner.phase
+                )
+                scoped.append(ScopedOp(point, edit, gate))
+            elif isinstance(op, GatedOp):
+                scoped.append(ScopedOp(point, _plain(plain), gate))
+            else:
+                ops.append((point, _plain(plain)))
+    return SteeringSpec(tuple(ops), token_gates=tuple(gates), scoped=tuple(scoped))
 
 
 def _plain(op: object) -> PlainOp:

@@ -44,8 +44,9 @@ from steer.backends.vllm.program import (
     SteeringSpec,
     build_flat_programs,
 )
-from steer.backends.vllm.token_gates import TokenGatePass, TokenGateTable
+from steer.backends.vllm.scoped import ScopedPass, ScopedTable
 from steer.hooks import HookKind, HookPoint
+from steer.sae.loading import SparseAutoencoder
 
 #: batch compositions whose stacked programs are kept
 PROGRAM_CACHE_SIZE = 64
@@ -74,11 +75,11 @@ class _Pass:
         rows: torch.Tensor,
         is_prompt: torch.Tensor,
         reads: dict[HookPoint, _Reads],
-        token_gates: TokenGatePass | None,
+        scoped: ScopedPass | None,
     ) -> None:
         self.programs = programs
         self.reads = reads
-        self.token_gates = token_gates
+        self.scoped = scoped
         self.rows = rows
         self.is_prompt = is_prompt
         self._selections: dict[tuple[int, ...], Selection] = {}
@@ -101,8 +102,10 @@ class WorkerSteering:
         self.layers: nn.ModuleList = inner.layers
         self.embed: nn.Module = inner.embed_tokens
         self.specs: dict[str, SteeringSpec] = {}
-        #: the token gates of the registered steering that has them, by key
-        self.token_tables: dict[str, TokenGateTable] = {}
+        #: the token gates and scoped ops of the registered steering that has them, by key
+        self.scoped_tables: dict[str, ScopedTable] = {}
+        #: SAEs the registered sliders read, by key (:func:`register_sae`)
+        self.saes: dict[str, SparseAutoencoder] = {}
         self.hooked: set[HookPoint] = set()
         self.current: _Pass | None = None
         #: gate probes' values: request id -> (gate, hook name) -> projection
@@ -117,10 +120,12 @@ class WorkerSteering:
     def register(self, key: str, spec: SteeringSpec) -> None:
         self.specs[key] = spec
         points = {point for point, _ in spec.ops} | {read.point for read in spec.reads}
-        if spec.token_gates:
+        if spec.scoped:
             parameter = next(self.model.parameters())
-            table = TokenGateTable(spec.token_gates, parameter.dtype, parameter.device)
-            self.token_tables[key] = table
+            table = ScopedTable(
+                spec.token_gates, spec.scoped, self.saes, parameter.dtype, parameter.device
+            )
+            self.scoped_tables[key] = table
             points |= table.points
         for point in points:
             if point not in self.hooked:
@@ -130,7 +135,7 @@ class WorkerSteering:
     def forget(self, keys: list[str]) -> None:
         for key in keys:
             self.specs.pop(key, None)
-            self.token_tables.pop(key, None)
+            self.scoped_tables.pop(key, None)
         self._programs.clear()
 
     # -- per pass -------------------------------------------------------------------------------
@@ -158,22 +163,21 @@ class WorkerSteering:
         else:
             self._programs.move_to_end(keys)
         reads = self._gate_reads(keys, batch.req_ids, rows, positions[:total], prompt_lengths)
-        self.current = _Pass(
-            programs, rows, is_prompt, reads, self._token_gates(keys, rows, is_prompt)
-        )
+        self.current = _Pass(programs, rows, is_prompt, reads, self._scoped(keys, rows, is_prompt))
 
-    def _token_gates(
+    def _scoped(
         self, keys: tuple[str | None, ...], rows: torch.Tensor, is_prompt: torch.Tensor
-    ) -> TokenGatePass | None:
-        """This pass's token gates: per key that has them, the tokens of the rows naming it."""
+    ) -> ScopedPass | None:
+        """This pass's token gates and scoped ops: per key that has them, the tokens of the rows
+        naming it."""
         groups = []
-        for key in dict.fromkeys(k for k in keys if k is not None and k in self.token_tables):
+        for key in dict.fromkeys(k for k in keys if k is not None and k in self.scoped_tables):
             members = torch.tensor(
                 [row for row, named in enumerate(keys) if named == key], device=rows.device
             )
             tokens = torch.nonzero(torch.isin(rows, members)).squeeze(1)
-            groups.append((key, self.token_tables[key], tokens, is_prompt[tokens]))
-        return TokenGatePass(groups) if groups else None
+            groups.append((key, self.scoped_tables[key], tokens, is_prompt[tokens]))
+        return ScopedPass(groups) if groups else None
 
     def _gate_reads(
         self,
@@ -247,7 +251,7 @@ class WorkerSteering:
             return
         reads = current.reads.get(point)
         program = current.programs.get(point)
-        gates = current.token_gates
+        gates = current.scoped
         value = None
         if reads is not None:
             value = stream()
@@ -336,3 +340,12 @@ def forget(worker: Any, keys: list[str]) -> None:
 
 def take_reads(worker: Any, request_ids: list[str]) -> dict[str, dict[int, float]]:
     return _steering(worker).take_reads(request_ids)
+
+
+def register_sae(worker: Any, key: str, sae: SparseAutoencoder) -> None:
+    """Keep ``sae`` for the sliders that name ``key`` (registered before their steering)."""
+    _steering(worker).saes[key] = sae
+
+
+def forget_sae(worker: Any, key: str) -> None:
+    _steering(worker).saes.pop(key, None)

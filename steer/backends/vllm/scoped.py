@@ -1,0 +1,140 @@
+"""Token gates and SAE sliders inside vLLM's flattened passes (imports no vLLM; runs in
+vLLM's workers).
+
+A token gate decides per token, from that token's residual at its condition's hooks, in the
+same forward pass; its ops act on the tokens where it fired, at or after the deciding hook
+(:class:`steer.gates.Gated`). A Clamp or Scale feature slider encodes the tokens it covers with
+its SAE, edits one feature and adds the decoded difference (:mod:`steer.sae.sliders`). The hf
+engine applies both kinds after the ungated ops at their point, one after another, each on the
+stream as the ops before it left it, and only on the tokens of the rows that asked; so does
+:class:`ScopedPass`, for each registered steering (key) on the tokens of the rows naming it.
+Gate decisions live in the pass and never outlive it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from steer.backends.vllm.program import SaeEdit, ScopedOp, TokenGate
+from steer.hooks import HookPoint
+from steer.interventions import AddVector, Phase, ProjectOut
+from steer.sae.loading import SparseAutoencoder
+from steer.sae.sliders import feature_slider, row_function
+
+#: a slider's edit on the tokens it covers: (n, D) stream values, all-True mask -> new values
+RowEdit = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class _Read:
+    gate: int
+    unit: torch.Tensor  # float32, on the model's device
+    final: bool
+    threshold: float
+    below: bool
+
+
+@dataclass(frozen=True)
+class _Op:
+    gate: int | None
+    phase: Phase
+    op: ProjectOut | AddVector | None  # in the model's dtype, on its device; None: ``edit``
+    edit: RowEdit | None = None
+
+
+class ScopedTable:
+    """One registered steering's token gates and scoped ops, by hook point: the reads there (in
+    forward order per gate) and the scoped ops there (in the order given). ``saes``: the
+    registered SAEs its sliders name."""
+
+    def __init__(
+        self,
+        gates: Sequence[TokenGate],
+        scoped: Sequence[ScopedOp],
+        saes: Mapping[str, SparseAutoencoder],
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> None:
+        self.reads: dict[HookPoint, list[_Read]] = {}
+        self.ops: dict[HookPoint, list[_Op]] = {}
+        for number, gate in enumerate(gates):
+            for index, read in enumerate(gate.reads):
+                final = index == len(gate.reads) - 1
+                entry = _Read(number, read.unit.to(device), final, gate.threshold, gate.below)
+                self.reads.setdefault(read.point, []).append(entry)
+        for each in scoped:
+            op = each.op
+            if isinstance(op, SaeEdit):
+                slider = feature_slider(op.mode, saes[op.sae], op.feature, op.value)
+                moved = _Op(each.gate, op.phase, None, row_function(slider))
+            elif isinstance(op, ProjectOut):
+                unit = op.unit.to(device=device, dtype=dtype)
+                moved = _Op(each.gate, Phase.ALL, ProjectOut(unit, op.weight))
+            else:
+                vector = op.vector.to(device=device, dtype=dtype)
+                moved = _Op(each.gate, op.phase, AddVector(vector, op.phase))
+            self.ops.setdefault(each.point, []).append(moved)
+
+    @property
+    def points(self) -> set[HookPoint]:
+        return set(self.reads) | set(self.ops)
+
+
+class ScopedPass:
+    """The token gates and scoped ops of one forward pass. ``groups``: per steering key with
+    any, its table, the indices of its rows' tokens in the pass and whether each is a prompt
+    token."""
+
+    def __init__(self, groups: list[tuple[str, ScopedTable, torch.Tensor, torch.Tensor]]):
+        self.groups = groups
+        #: the points where some gate reads: where a hook must give the stream's value
+        self.read_points: set[HookPoint] = set().union(*(table.reads for _, table, _, _ in groups))
+        self.sums: dict[tuple[str, int], torch.Tensor] = {}
+        self.fired: dict[tuple[str, int], torch.Tensor] = {}
+
+    def read(self, point: HookPoint, stream: torch.Tensor) -> None:
+        """Take the gate reads at ``point`` from ``stream`` (before any op there edits it)."""
+        for key, table, tokens, _ in self.groups:
+            for read in table.reads.get(point, ()):
+                value = stream.index_select(0, tokens).float() @ read.unit
+                slot = (key, read.gate)
+                earlier = self.sums.pop(slot, None)
+                if earlier is not None:
+                    value = earlier + value
+                if not read.final:
+                    self.sums[slot] = value
+                    continue
+                self.fired[slot] = value < read.threshold if read.below else value > read.threshold
+
+    def apply(
+        self, point: HookPoint, target: torch.Tensor, stream: Callable[[], torch.Tensor]
+    ) -> None:
+        """Add the scoped ops' deltas at ``point`` to ``target`` in place, one op after another;
+        ``stream()`` gives the stream's value as the ops so far left it."""
+        for key, table, tokens, is_prompt in self.groups:
+            for entry in table.ops.get(point, ()):
+                if entry.gate is None:
+                    mask = torch.ones_like(is_prompt)
+                else:
+                    mask = self.fired[(key, entry.gate)]
+                if entry.phase is not Phase.ALL:
+                    mask = mask & (is_prompt if entry.phase is Phase.PROMPT else ~is_prompt)
+                chosen = tokens[mask]
+                if chosen.numel() == 0:
+                    continue
+                op = entry.op
+                if isinstance(op, AddVector):
+                    delta = op.vector.expand(chosen.numel(), -1)
+                else:
+                    x = stream().index_select(0, chosen)
+                    if op is None:
+                        assert entry.edit is not None
+                        covered = torch.ones(chosen.numel(), dtype=torch.bool, device=x.device)
+                        delta = entry.edit(x, covered) - x
+                    else:
+                        coefficient = (x @ op.unit)[:, None] * op.weight
+                        delta = -(coefficient * op.unit)
+                target.index_add_(0, chosen, delta.to(target.dtype))
