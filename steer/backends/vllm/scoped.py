@@ -1,5 +1,6 @@
-"""Token gates and SAE sliders inside vLLM's flattened passes (imports no vLLM; runs in
-vLLM's workers).
+"""Token gates and SAE feature sliders applied inside vLLM's flattened forward passes.
+
+Imports no vLLM; runs in vLLM's worker processes.
 
 A token gate decides per token, from that token's residual at its condition's hooks, in the
 same forward pass; its ops act on the tokens where it fired, at or after the deciding hook
