@@ -13,17 +13,19 @@ from collections.abc import Iterator
 import httpx
 import pytest
 import torch
+from sae_lens import StandardSAE, StandardSAEConfig
 from st_bodies import TEXT_COMPLETION_BODIES
 
 from steer.activations import forward
 from steer.artifacts import save_vector
-from steer.client import FailedPrecondition, SteerClient, ablate, add, gated
+from steer.client import FailedPrecondition, SteerClient, ablate, add, gated, slider
 from steer.client.results import Completion
 from steer.gates import GateScope
 from steer.generation import Engine, GenerationRequest, Message
 from steer.interventions import Ablate, Add, Intervention, Phase
 from steer.models import ModelHandle
 from steer.recipes import AddEdit, EditGate, EditRecipe, load_edit_recipe, recipe_to_toml
+from steer.sae import Clamp, Scale, load_sae
 from steer.sampling import SamplingConfig
 from steer.server import ServerSettings, SteerServer
 from steer.service.sliders import SliderCatalogue
@@ -67,6 +69,15 @@ def served(smollm2: ModelHandle, tmp_path_factory: pytest.TempPathFactory) -> It
     gate = EditGate(HOOK, str(artifact), _threshold(smollm2, _vector(2)), scope=GateScope.PROMPT)
     edits = (AddEdit(vector=str(artifact), strength=6.0, hooks=(HOOK,), gate=gate),)
     (root / "gated.toml").write_text(recipe_to_toml(EditRecipe(edits=edits)))
+    sae = StandardSAE(StandardSAEConfig(d_in=576, d_sae=32))
+    sae.cfg.metadata.hook_name = HOOK
+    with torch.no_grad():
+        for parameter in sae.parameters():
+            parameter.copy_(
+                torch.randn(parameter.shape, generator=torch.Generator().manual_seed(5))
+            )
+            parameter.mul_(0.05 if parameter.ndim == 1 else 0.3)
+    sae.save_model(root / "saes" / "resid")
     (root / "sliders.toml").write_text(
         '[sliders.lectures]\nkind = "recipe"\nrecipe = "gated.toml"\nmin = 0.0\nmax = 1.0\n'
     )
@@ -191,6 +202,30 @@ def test_a_gated_recipe_slider_on_vllm_equals_the_hf_engine(
         assert plain != always  # the edit changes this reply where it acts
         replies.append((slid == always, slid == plain))
     assert sorted(replies) == [(False, True), (True, False)]  # fired on exactly one
+
+
+def test_sae_feature_sliders_over_grpc_on_vllm_equal_the_hf_engine(
+    served: SteerServer, smollm2: ModelHandle
+) -> None:
+    """A loaded SAE's Clamp and Scale sliders, moved by a gRPC client, served by vLLM."""
+    sae = load_sae(served.settings.models_root / "saes" / "resid", smollm2)
+    chat = [{"role": "user", "content": QUESTION}]
+    with SteerClient(served.target, timeout=300) as client:
+        client.load_sae("saes/resid", "resid")
+        for mode, slid in (("clamp", Clamp(sae, 4, 25.0)), ("scale", Scale(sae, 11, 0.0))):
+            intervention = slider("resid", slid.feature, mode, slid.value)
+            remote = client.complete(
+                messages=chat, temperature=0, max_new_tokens=10, interventions=[intervention]
+            )[None]
+            request = GenerationRequest(
+                messages=(Message("user", QUESTION),),
+                sampling=GREEDY,
+                max_new_tokens=10,
+                interventions=(slid,),
+            )
+            assert tuple(remote.token_ids) == Engine(smollm2).run([request])[0].token_ids, mode
+        plain = client.complete(messages=chat, temperature=0, max_new_tokens=10)[None]
+        assert tuple(plain.token_ids) != tuple(remote.token_ids)  # the slider did something
 
 
 def test_sillytavern_presets_run_on_vllm(served: SteerServer) -> None:
