@@ -24,6 +24,7 @@ from steer.gates import Condition, Gated, GateScope
 from steer.generation import Engine, GenerationRequest, GenerationResult, Message
 from steer.interventions import Ablate, Add, Intervention, Phase
 from steer.models import ModelHandle
+from steer.sae.conditions import FeatureCondition
 from steer.sae.loading import SparseAutoencoder
 from steer.sae.sliders import Clamp, Scale
 from steer.sampling import SamplingConfig
@@ -349,8 +350,8 @@ def test_sae_feature_sliders_equal_the_hf_engine(
     engine: VllmEngine, smollm2: ModelHandle, theme: SteeringVector
 ) -> None:
     """Clamp and Scale sliders (which encode the stream with their SAE inside vLLM's pass),
-    beside an ungated edit, behind a token gate and at zero, in one mixed batch; the SAE is
-    registered while requests use it."""
+    beside an ungated edit, behind a token gate and at zero, and gates reading a feature, in one
+    mixed batch; the SAE is registered while requests use it."""
     torch.manual_seed(0)
     config = StandardSAEConfig(d_in=smollm2.d_model, d_sae=64)
     sae = SparseAutoencoder(StandardSAE(config), "blocks.12.hook_resid_post")
@@ -360,6 +361,15 @@ def test_sae_feature_sliders_equal_the_hf_engine(
         (Clamp(sae, 3, 30.0),),
         (Add(theme, 0.3, hooks=("blocks.2.hook_resid_post",)), Scale(sae, 7, 0.0)),
         (Gated(gate, Clamp(sae, 5, 40.0), scope=GateScope.TOKEN), Scale(sae, 9, 1.0)),
+        # gates reading a feature's activation: a prompt gate and a token gate
+        (
+            Gated(
+                FeatureCondition(sae, 1, 0.0),
+                Add(theme, 0.8, hooks=("blocks.14.hook_resid_post",)),
+                scope=GateScope.PROMPT,
+            ),
+        ),
+        (Gated(FeatureCondition(sae, 2, 0.0), Clamp(sae, 6, 30.0), scope=GateScope.TOKEN),),
     ]
     requests = [_request(prompt, mix, top_logprobs=0) for mix in mixes for prompt in PROMPTS]
     expected = Engine(smollm2, max_batch=len(requests)).run(requests)
@@ -368,7 +378,7 @@ def test_sae_feature_sliders_equal_the_hf_engine(
     assert len(same) >= len(requests) - 2
     n = len(PROMPTS)
     tokens = [r.token_ids for r in expected]
-    for mix in (1, 3):  # the clamps change replies
+    for mix in (1, 3, 4, 5):  # the clamps and the feature gates change replies
         assert any(tokens[mix * n + i] != tokens[i] for i in range(n)), mix
     (registered,) = engine.llm.collective_rpc(_registered_keys)
     assert registered == 0 and not engine._saes

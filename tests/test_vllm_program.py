@@ -34,6 +34,7 @@ from steer.interventions import Ablate, Add, Intervention, Phase
 from steer.models import ModelHandle
 from steer.plan import build_plan
 from steer.runtime import forward_order
+from steer.sae.conditions import FeatureCondition
 from steer.sae.loading import SparseAutoencoder
 from steer.sae.sliders import Clamp, Scale
 from steer.sampling import SamplingConfig
@@ -129,8 +130,10 @@ def _token_gated_rows() -> list[tuple[Intervention, ...]]:
         both,
         both,  # two rows naming one key
         (Add(shared(_vector(17)), 0.5, hooks=HOOKS[:1], phase=Phase.PROMPT),),
-        # SAE sliders, ungated (one on generated tokens only) and behind a token gate
+        # SAE sliders, ungated (one on generated tokens only) and behind a token gate; a gate
+        # on an SAE feature
         (Clamp(sae, 3, 4.0), Scale(sae, 5, 0.0, phase=Phase.GENERATED)),
+        (Gated(FeatureCondition(sae, 6, 0.05), Add(shared(_vector(20)), 1.5, hooks=HOOKS)),),
         (
             Add(shared(_vector(18)), 0.5, hooks=HOOKS[:1]),
             Gated(
@@ -172,7 +175,7 @@ def test_token_gates_and_sae_sliders_in_a_flat_pass_equal_the_hf_plan(
         for spec, key in zip(specs, keys, strict=True)
         if key is not None and spec.scoped
     }
-    assert len(tables) == 4
+    assert len(tables) == 5
     for key, table in tables.items():
         members = torch.tensor([row for row, named in enumerate(keys) if named == key])
         chosen = torch.nonzero(torch.isin(token_rows, members)).squeeze(1)
@@ -199,8 +202,9 @@ def test_token_gates_and_sae_sliders_in_a_flat_pass_equal_the_hf_plan(
         expected[Phase.GENERATED],
     )
     torch.testing.assert_close(got.reshape(x.shape), want, rtol=1e-5, atol=1e-5)
-    fired = torch.cat([mask for mask in gates.fired.values()])
-    assert 0 < int(fired.sum()) < fired.numel()  # the gates fired on some tokens, not all
+    assert len(gates.fired) == 5
+    for mask in gates.fired.values():
+        assert 0 < int(mask.sum()) < mask.numel()  # each gate fired on some tokens, not all
 
 
 def test_mixed_phases_in_one_pass_equal_two_hf_passes(tiny_llama: ModelHandle) -> None:

@@ -28,8 +28,8 @@ class Capabilities:
     #: the gated intervention and the condition's hooks pass the other checks
     gate_scopes: frozenset[GateScope] = frozenset()
     #: feature sliders (Clamp, Scale) run though ``scoped_ops`` is False, when not
-    #: speaker-scoped
-    sae_sliders: bool = False
+    #: speaker-scoped, and the gates in ``gate_scopes`` may read an SAE feature
+    sae_features: bool = False
     #: SamplingConfig fields that may differ from their defaults
     sampler_fields: frozenset[str] | None = None
 
@@ -55,18 +55,20 @@ def _check_intervention(
     from steer.sae.sliders import FeatureSlider
 
     if isinstance(intervention, Gated) and intervention.scope in caps.gate_scopes:
-        if not isinstance(intervention.condition, Condition):
+        condition = intervention.condition
+        if not isinstance(condition, Condition) and not caps.sae_features:
             raise FailedPreconditionError(
                 f"the {caps.name} backend gates on a direction's projection, not on an SAE "
                 "feature; serve with --backend hf for feature conditions",
                 field=f"{field}.condition",
             )
-        for point in intervention.condition.points(handle.resolver):
+        for hook in condition.hooks:
+            point = handle.resolver.parse(hook, field=f"{field}.condition")
             _check_kind(point.kind, point.name, caps, f"{field}.condition")
         _check_intervention(intervention.inner, handle, caps, f"{field}.inner")
         return
     kind = type(intervention).__name__
-    slider = caps.sae_sliders and isinstance(intervention, FeatureSlider)
+    slider = caps.sae_features and isinstance(intervention, FeatureSlider)
     for point, op in intervention.lowered(handle.resolver, handle.d_model):
         plain = isinstance(op, (ProjectOut, AddVector)) and op.speaker is None
         plain = plain or (slider and isinstance(op, RowFunction) and op.speaker is None)

@@ -60,7 +60,7 @@ CAPABILITIES = Capabilities(
     ),
     scoped_ops=False,
     gate_scopes=frozenset({GateScope.PROMPT, GateScope.TOKEN}),
-    sae_sliders=True,
+    sae_features=True,
     sampler_fields=SAMPLER_FIELDS,
 )
 

@@ -26,9 +26,9 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from steer.backends.vllm.program import GateRead, SteeringSpec, lower_request
+from steer.backends.vllm.program import SteeringSpec, gate_read, lower_request
 from steer.errors import FailedPreconditionError
-from steer.gates import Condition, Gated, GateScope
+from steer.gates import Gated, GateScope
 from steer.hooks import HookResolver
 from steer.interventions import Intervention
 from steer.runtime import forward_order
@@ -79,8 +79,7 @@ class PromptGates:
                 if second == first:
                     continue
                 other = self.gate(second).condition
-                assert isinstance(other, Condition)  # check_request refused the rest
-                for read in other.points(resolver):
+                for read in [resolver.parse(hook) for hook in other.hooks]:
                     for point in acting:
                         if forward_order(point) < forward_order(read):
                             raise FailedPreconditionError(
@@ -98,8 +97,7 @@ class PromptGates:
         for number in range(len(self.gates)):
             gated = self.gate(number)
             for point, read in gated.condition.reads(gated, gated.scope, resolver, d_model):
-                assert read.unit is not None
-                reads.append(GateRead(point, number, read.unit.float().cpu()))
+                reads.append(gate_read(point, number, read, gated.condition))
         return SteeringSpec(ops, tuple(reads))
 
     def decide(self, values: Mapping[int, float]) -> tuple[bool, ...]:

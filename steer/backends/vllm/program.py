@@ -35,6 +35,7 @@ from steer.interventions import (
     RowFunction,
 )
 from steer.plan import _PointProgram
+from steer.sae.conditions import FeatureCondition
 from steer.sae.loading import SparseAutoencoder
 from steer.sae.sliders import FeatureSlider
 
@@ -51,9 +52,21 @@ class GateRead:
     ``unit`` (float32 on the CPU, the hook's weight folded in), before any op at the point."""
 
     point: HookPoint
-    #: the gate's index among its request's prompt gates
+    #: the gate's index among its request's prompt gates (token gates: among its token gates)
     gate: int
-    unit: torch.Tensor
+    #: None for a read of SAE feature ``feature`` of the registered SAE ``sae`` (its activation
+    #: is the value, :class:`steer.sae.conditions.FeatureCondition`)
+    unit: torch.Tensor | None
+    sae: str | None = None
+    feature: int = 0
+
+
+def gate_read(point: HookPoint, number: int, read: ReadGate, condition: object) -> GateRead:
+    """``read`` (one of ``condition``'s lowered reads) as the worker takes it."""
+    if read.unit is not None:
+        return GateRead(point, number, read.unit.float().cpu())
+    assert isinstance(condition, FeatureCondition)  # the only condition without a unit
+    return GateRead(point, number, None, sae_key(condition.sae), condition.feature)
 
 
 PlainOp = ProjectOut | AddVector
@@ -113,8 +126,12 @@ class SteeringSpec:
 
     @property
     def saes(self) -> frozenset[str]:
-        """The keys of the SAEs its sliders need registered in the workers."""
-        return frozenset(entry.op.sae for entry in self.scoped if isinstance(entry.op, SaeEdit))
+        """The keys of the SAEs its sliders and feature gates need registered in the workers."""
+        reads = [*self.reads, *(read for gate in self.token_gates for read in gate.reads)]
+        return frozenset(
+            [entry.op.sae for entry in self.scoped if isinstance(entry.op, SaeEdit)]
+            + [read.sae for read in reads if read.sae is not None]
+        )
 
     def key(self) -> str:
         """A fingerprint of the ops, token gates, scoped ops and reads (their tensors' bytes
@@ -157,7 +174,10 @@ def _digest_ops(digest: Any, ops: Sequence[tuple[HookPoint, PlainOp]]) -> None:
 def _digest_reads(digest: Any, reads: Sequence[GateRead]) -> None:
     for read in reads:
         digest.update(b"read%d" % read.gate + read.point.name.encode())
-        digest.update(_tensor_bytes(read.unit))
+        if read.unit is None:
+            digest.update(b"feature%r%d" % (read.sae, read.feature))
+        else:
+            digest.update(_tensor_bytes(read.unit))
 
 
 def _tensor_bytes(tensor: torch.Tensor) -> bytes:
@@ -179,6 +199,8 @@ def saes_of(interventions: Sequence[Intervention]) -> dict[str, SparseAutoencode
         inner = intervention.inner if isinstance(intervention, Gated) else intervention
         if isinstance(inner, FeatureSlider):
             found[sae_key(inner.sae)] = inner.sae
+        if isinstance(intervention, Gated) and isinstance(intervention.condition, FeatureCondition):
+            found[sae_key(intervention.condition.sae)] = intervention.condition.sae
     return found
 
 
@@ -198,12 +220,12 @@ def lower_request(
         gate = None
         for point, op in intervention.lowered(resolver, d_model):
             if isinstance(op, ReadGate):  # a token gate's (check_request refused the others)
-                assert op.unit is not None and isinstance(intervention, Gated)
+                assert isinstance(intervention, Gated)
+                condition = intervention.condition
                 if gate is None:
                     gate = len(gates)
-                    condition = intervention.condition
                     gates.append(TokenGate((), condition.threshold, condition.below))
-                read = GateRead(point, gate, op.unit.float().cpu())
+                read = gate_read(point, gate, op, condition)
                 gates[gate] = replace(gates[gate], reads=(*gates[gate].reads, read))
                 continue
             plain = op.op if isinstance(op, GatedOp) else op

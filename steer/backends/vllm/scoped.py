@@ -16,10 +16,11 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
-from steer.backends.vllm.program import SaeEdit, ScopedOp, TokenGate
+from steer.backends.vllm.program import GateRead, SaeEdit, ScopedOp, TokenGate
 from steer.hooks import HookPoint
 from steer.interventions import AddVector, Phase, ProjectOut
 from steer.sae.loading import SparseAutoencoder
@@ -32,10 +33,21 @@ RowEdit = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 @dataclass(frozen=True)
 class _Read:
     gate: int
-    unit: torch.Tensor  # float32, on the model's device
+    #: (tokens, D) stream values -> (tokens,) float32: the projection onto a unit, or an SAE
+    #: feature's activation
+    value: Callable[[torch.Tensor], torch.Tensor]
     final: bool
     threshold: float
     below: bool
+
+
+def _value(read: GateRead, saes: Mapping[str, SparseAutoencoder], device: torch.device) -> Any:
+    if read.unit is None:
+        assert read.sae is not None
+        sae, feature = saes[read.sae], read.feature
+        return lambda x: sae.encode(x)[..., feature].to(x.device)
+    unit = read.unit.to(device)
+    return lambda x: x.float() @ unit
 
 
 @dataclass(frozen=True)
@@ -64,7 +76,8 @@ class ScopedTable:
         for number, gate in enumerate(gates):
             for index, read in enumerate(gate.reads):
                 final = index == len(gate.reads) - 1
-                entry = _Read(number, read.unit.to(device), final, gate.threshold, gate.below)
+                value = _value(read, saes, device)
+                entry = _Read(number, value, final, gate.threshold, gate.below)
                 self.reads.setdefault(read.point, []).append(entry)
         for each in scoped:
             op = each.op
@@ -100,7 +113,7 @@ class ScopedPass:
         """Take the gate reads at ``point`` from ``stream`` (before any op there edits it)."""
         for key, table, tokens, _ in self.groups:
             for read in table.reads.get(point, ()):
-                value = stream.index_select(0, tokens).float() @ read.unit
+                value = read.value(stream.index_select(0, tokens))
                 slot = (key, read.gate)
                 earlier = self.sums.pop(slot, None)
                 if earlier is not None:

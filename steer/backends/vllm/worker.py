@@ -40,6 +40,7 @@ from steer.backends.vllm.program import (
     EXTRA_ARGS_KEY,
     PROBE_ARGS_KEY,
     FlatProgram,
+    GateRead,
     Selection,
     SteeringSpec,
     build_flat_programs,
@@ -58,10 +59,11 @@ READS_KEPT = 4096
 @dataclass(frozen=True)
 class _Reads:
     """The gate reads of one pass at one hook point: the tokens read (each a prompt's last),
-    the unit each is dotted with, and where each value goes (request id, gate)."""
+    the unit each is dotted with (or the SAE feature whose activation it takes), and where each
+    value goes (request id, gate)."""
 
     tokens: torch.Tensor
-    units: torch.Tensor
+    reads: list[GateRead]
     labels: list[tuple[str, int]]
 
 
@@ -195,7 +197,7 @@ class WorkerSteering:
             return {}
         last = torch.nonzero(positions == prompt_lengths[rows] - 1).squeeze(1)
         token_of = dict(zip(rows[last].tolist(), last.tolist(), strict=True))
-        found: dict[HookPoint, tuple[list[int], list[torch.Tensor], list[tuple[str, int]]]] = {}
+        found: dict[HookPoint, tuple[list[int], list[GateRead], list[tuple[str, int]]]] = {}
         for row in probing:
             if row not in token_of:
                 continue
@@ -204,22 +206,27 @@ class WorkerSteering:
             while len(self.values) > READS_KEPT:
                 self.values.popitem(last=False)
             for read in self.specs[keys[row]].reads:  # type: ignore[index]
-                tokens, units, labels = found.setdefault(read.point, ([], [], []))
+                tokens, reads, labels = found.setdefault(read.point, ([], [], []))
                 tokens.append(token_of[row])
-                units.append(read.unit)
+                reads.append(read)
                 labels.append((request_id, read.gate))
         device = positions.device
         return {
-            point: _Reads(
-                torch.tensor(tokens, device=device), torch.stack(units).to(device), labels
-            )
-            for point, (tokens, units, labels) in found.items()
+            point: _Reads(torch.tensor(tokens, device=device), reads, labels)
+            for point, (tokens, reads, labels) in found.items()
         }
 
     def _read(self, point: HookPoint, reads: _Reads, stream: torch.Tensor) -> None:
-        values = (stream.index_select(0, reads.tokens).float() * reads.units).sum(-1)
-        for (request_id, gate), value in zip(reads.labels, values.tolist(), strict=True):
-            self.values[request_id][(gate, point.name)] = value
+        x = stream.index_select(0, reads.tokens)
+        for index, (read, (request_id, gate)) in enumerate(
+            zip(reads.reads, reads.labels, strict=True)
+        ):
+            if read.unit is None:
+                assert read.sae is not None
+                value = self.saes[read.sae].encode(x[index : index + 1])[0, read.feature]
+            else:
+                value = x[index].float() @ read.unit.to(x.device)
+            self.values[request_id][(gate, point.name)] = float(value)
 
     def take_reads(self, request_ids: list[str]) -> dict[str, dict[int, float]]:
         """Each probe's read values, summed per gate over its hooks; forgotten once taken."""
