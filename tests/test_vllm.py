@@ -386,6 +386,50 @@ def test_sae_feature_sliders_equal_the_hf_engine(
     assert saes == 0
 
 
+def test_speaker_scoped_ops_equal_the_hf_engine(
+    engine: VllmEngine, smollm2: ModelHandle, theme: SteeringVector, refusal: SteeringVector
+) -> None:
+    """Ops on one speaker's tokens (prompt lines and, for the replying character, generated
+    tokens); the same prompt with its lines spoken by others never takes their prompt KV."""
+    lines = [("Alice", "Alice: The gate is locked. "), ("Bo", "Bo: Then we climb the wall. ")]
+    ids: list[int] = []
+    speakers: list[str | None] = []
+    for name, line in lines * 12 + [(None, "Alice:")]:  # long enough for whole cache blocks
+        piece = smollm2.tokenizer(line, add_special_tokens=False)["input_ids"]
+        ids += piece
+        speakers += [name] * len(piece)
+    swapped = [{"Alice": "Bo", "Bo": "Alice"}.get(name or "", name) for name in speakers]
+    torch.manual_seed(1)
+    sae = SparseAutoencoder(
+        StandardSAE(StandardSAEConfig(d_in=smollm2.d_model, d_sae=64)), "blocks.12.hook_resid_post"
+    )
+    mixes: list[tuple[Intervention, ...]] = [
+        (),
+        (Add(theme, 0.8, speaker="Alice"),),
+        (Ablate(refusal, weight=2.0, speaker="Bo"), Clamp(sae, 3, 30.0, speaker="Bo")),
+        (Add(theme, 0.8, speaker="Carol"),),  # nobody's tokens: no steering
+    ]
+    requests = [
+        GenerationRequest(
+            prompt_ids=tuple(ids),
+            speakers=tuple(layout),
+            speaker="Alice",
+            interventions=mix,
+            sampling=GREEDY,
+            max_new_tokens=12,
+        )
+        for layout in (speakers, swapped)
+        for mix in mixes
+    ]
+    expected = Engine(smollm2, max_batch=len(requests)).run(requests)
+    got = [engine.run([request])[0] for request in requests]  # one by one: the cache is warm
+    same = _same_tokens(smollm2, requests, expected, got)
+    assert len(same) >= len(requests) - 1
+    tokens = [r.token_ids for r in expected]
+    assert tokens[1] != tokens[0] and tokens[2] != tokens[0] and tokens[3] == tokens[0]
+    assert tokens[1] != tokens[5]  # who speaks which line matters to these ops
+
+
 def _registered_saes(worker: object) -> int:
     return len(vllm_worker._steering(worker).saes)
 
@@ -583,7 +627,6 @@ def _registered_keys(worker: object) -> int:
     ("what", "field", "word"),
     [
         ("gated", "interventions[0]", "reply-scope gated"),
-        ("speaker", "interventions[0]", "speaker-scoped"),
         ("resid_mid", "interventions[0]", "hook_resid_mid"),
     ],
 )
@@ -600,7 +643,6 @@ def test_what_the_backend_lacks_is_refused_by_name(
         "gated": _request(
             PROMPTS[0], (Gated(Condition(HOOK, refusal, 0.0), add, scope=GateScope.REPLY),)
         ),
-        "speaker": _request(PROMPTS[0], (replace(add, speaker="Alice"),)),
         "resid_mid": _request(PROMPTS[0], (Add(theme, 0.5, hooks=("blocks.3.hook_resid_mid",)),)),
     }
     with pytest.raises(FailedPreconditionError) as refused:

@@ -26,7 +26,7 @@ from steer.backends.vllm.program import (
     lower_request,
     saes_of,
 )
-from steer.backends.vllm.scoped import ScopedPass, ScopedTable
+from steer.backends.vllm.scoped import Group, ScopedPass, ScopedTable
 from steer.errors import FailedPreconditionError, UnsupportedArchitectureError
 from steer.gates import Condition, Gated, GateScope
 from steer.generation import GenerationRequest
@@ -42,6 +42,8 @@ from steer.sampling.processors import SamplerState
 from steer.vectors import SteeringVector
 
 D = 64
+#: the speaker of each token of a flat pass's rows, in turn
+SPEAKERS = ("Alice", "Bo", None)
 HOOKS = ("blocks.1.hook_resid_post", "blocks.2.hook_attn_out")
 
 
@@ -134,6 +136,15 @@ def _token_gated_rows() -> list[tuple[Intervention, ...]]:
         # on an SAE feature
         (Clamp(sae, 3, 4.0), Scale(sae, 5, 0.0, phase=Phase.GENERATED)),
         (Gated(FeatureCondition(sae, 6, 0.05), Add(shared(_vector(20)), 1.5, hooks=HOOKS)),),
+        # speaker-scoped: an ablation, a slider, and an addition behind a gate
+        (
+            Ablate(shared(_vector(21)), speaker="Alice"),
+            Clamp(sae, 7, 3.0, speaker="Bo"),
+            Gated(
+                Condition(HOOKS[0], shared(_vector(22)), 0.0),
+                Add(shared(_vector(23)), 1.0, hooks=HOOKS, speaker="Alice"),
+            ),
+        ),
         (
             Add(shared(_vector(18)), 0.5, hooks=HOOKS[:1]),
             Gated(
@@ -175,17 +186,23 @@ def test_token_gates_and_sae_sliders_in_a_flat_pass_equal_the_hf_plan(
         for spec, key in zip(specs, keys, strict=True)
         if key is not None and spec.scoped
     }
-    assert len(tables) == 5
+    assert len(tables) == 6
+    names = [SPEAKERS[t % len(SPEAKERS)] for t in range(tokens)] * len(rows)
     for key, table in tables.items():
         members = torch.tensor([row for row, named in enumerate(keys) if named == key])
         chosen = torch.nonzero(torch.isin(token_rows, members)).squeeze(1)
-        groups.append((key, table, chosen, is_prompt[chosen]))
+        speakers = {
+            speaker: torch.tensor([names[t] == speaker for t in chosen.tolist()])
+            for speaker in table.speakers
+        }
+        groups.append(Group(key, table, chosen, is_prompt[chosen], speakers))
     gates = ScopedPass(groups)
     got = x.clone().reshape(-1, D)
     points = sorted(set(plan.programs), key=forward_order)
     expected = {}
+    by_row = [[SPEAKERS[t % len(SPEAKERS)] for t in range(tokens)]] * len(rows)
     for each in (Phase.PROMPT, Phase.GENERATED):
-        hooks, value = plan.hooks(each), x.clone()
+        hooks, value = plan.hooks(each, token_speakers=by_row), x.clone()
         for point in points:
             value = hooks[point](value)
         expected[each] = value
@@ -202,7 +219,7 @@ def test_token_gates_and_sae_sliders_in_a_flat_pass_equal_the_hf_plan(
         expected[Phase.GENERATED],
     )
     torch.testing.assert_close(got.reshape(x.shape), want, rtol=1e-5, atol=1e-5)
-    assert len(gates.fired) == 5
+    assert len(gates.fired) == 6
     for mask in gates.fired.values():
         assert 0 < int(mask.sum()) < mask.numel()  # each gate fired on some tokens, not all
 
@@ -252,7 +269,12 @@ def test_equal_steering_has_equal_keys_and_different_steering_does_not(
             GenerationRequest(
                 prompt="Hi",
                 interventions=(
-                    Add(SteeringVector.from_shared(_vector(1)), 1.0, hooks=HOOKS, speaker="Bo"),
+                    Add(
+                        SteeringVector.from_shared(_vector(1)),
+                        1.0,
+                        hooks=("blocks.1.hook_resid_mid",),
+                        speaker="Bo",
+                    ),
                 ),
             ),
             "interventions[0]",
@@ -286,24 +308,6 @@ def _gated(
             "interventions[1].condition",
             "hook_resid_mid",
         ),
-        (
-            lambda: _gated(
-                GateScope.PROMPT,
-                inner=Add(SteeringVector.from_shared(_vector(2)), 1.0, hooks=HOOKS, speaker="Bo"),
-            ),
-            "interventions[1].inner",
-            "speaker-scoped",
-        ),
-        (
-            lambda: Clamp(
-                SparseAutoencoder(StandardSAE(StandardSAEConfig(d_in=D, d_sae=16)), HOOKS[0]),
-                1,
-                2.0,
-                speaker="Bo",
-            ),
-            "interventions[1]",
-            "speaker-scoped",
-        ),
     ],
 )
 def test_vllm_runs_prompt_gates_and_refuses_the_rest_by_field(
@@ -316,6 +320,11 @@ def test_vllm_runs_prompt_gates_and_refuses_the_rest_by_field(
         _gated(GateScope.TOKEN),
         _gated(GateScope.TOKEN, hook="blocks.0.hook_resid_pre", inner=Clamp(sae, 1, 2.0)),
         Scale(sae, 4, 0.5),
+        Clamp(sae, 1, 2.0, speaker="Bo"),
+        _gated(
+            GateScope.PROMPT,
+            inner=Add(SteeringVector.from_shared(_vector(2)), 1.0, hooks=HOOKS, speaker="Bo"),
+        ),
     )
     check_request(
         GenerationRequest(prompt="Hi", interventions=(plain, *runs)), tiny_llama, CAPABILITIES

@@ -27,9 +27,11 @@ class Capabilities:
     #: gates run though ``scoped_ops`` is False: these scopes, on a direction's projection, when
     #: the gated intervention and the condition's hooks pass the other checks
     gate_scopes: frozenset[GateScope] = frozenset()
-    #: feature sliders (Clamp, Scale) run though ``scoped_ops`` is False, when not
-    #: speaker-scoped, and the gates in ``gate_scopes`` may read an SAE feature
+    #: feature sliders (Clamp, Scale) run though ``scoped_ops`` is False, and the gates in
+    #: ``gate_scopes`` may read an SAE feature
     sae_features: bool = False
+    #: ops may be speaker-scoped though ``scoped_ops`` is False
+    speakers: bool = False
     #: SamplingConfig fields that may differ from their defaults
     sampler_fields: frozenset[str] | None = None
 
@@ -70,8 +72,9 @@ def _check_intervention(
     kind = type(intervention).__name__
     slider = caps.sae_features and isinstance(intervention, FeatureSlider)
     for point, op in intervention.lowered(handle.resolver, handle.d_model):
-        plain = isinstance(op, (ProjectOut, AddVector)) and op.speaker is None
-        plain = plain or (slider and isinstance(op, RowFunction) and op.speaker is None)
+        spoken = op.speaker is None or caps.speakers
+        plain = isinstance(op, (ProjectOut, AddVector)) and spoken
+        plain = plain or (slider and isinstance(op, RowFunction) and spoken)
         if not plain and not caps.scoped_ops:
             raise FailedPreconditionError(
                 f"the {caps.name} backend cannot run {kind} interventions "

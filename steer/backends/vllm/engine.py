@@ -29,7 +29,13 @@ from steer.backends.vllm.params import (
     probe_params,
     sampling_params,
 )
-from steer.backends.vllm.program import SteeringSpec, lower_request, saes_of
+from steer.backends.vllm.program import (
+    SteeringSpec,
+    lower_request,
+    saes_of,
+    speakers_args,
+    speakers_salt,
+)
 from steer.errors import ResourceExhaustedError
 from steer.hooks import HookKind
 from steer.interventions import GateScope
@@ -61,6 +67,7 @@ CAPABILITIES = Capabilities(
     scoped_ops=False,
     gate_scopes=frozenset({GateScope.PROMPT, GateScope.TOKEN}),
     sae_features=True,
+    speakers=True,
     sampler_fields=SAMPLER_FIELDS,
 )
 
@@ -253,7 +260,10 @@ class VllmEngine:
                 self._users[row.key] = 0
             self._users[row.key] += 1
         prompt = TokensPrompt(prompt_token_ids=row.prompt_ids)
-        salt = spec.salt()
+        salt, speakers = spec.salt(), None
+        if spec.needs_speakers:
+            speakers = speakers_args(request.speakers, request.speaker)
+            salt = f"{salt}-{speakers_salt(speakers)}"
         if salt is not None:
             prompt["cache_salt"] = salt
         self._rows[request.request_id] = row
@@ -261,14 +271,16 @@ class VllmEngine:
             probe_id = request.request_id + PROBE_SUFFIX
             self._probes[probe_id] = row
             assert row.key is not None  # a probe always reads
-            self.llm.add_request(probe_id, prompt, probe_params(row.key, probe_id))
+            self.llm.add_request(probe_id, prompt, probe_params(row.key, probe_id, speakers))
             return
         pipeline = None
         if needs_pipeline(request.sampling):  # samplers vLLM lacks: steer's logits processor
             vocab = int(self.handle.model.config.vocab_size)
             state = SamplerState.for_request(request.sampling, self.handle.tokenizer, vocab)
             pipeline = encode(request.sampling, state)
-        params = sampling_params(request, row.seed, self.handle.eos_token_ids, row.key, pipeline)
+        params = sampling_params(
+            request, row.seed, self.handle.eos_token_ids, row.key, pipeline, speakers
+        )
         self.llm.add_request(request.request_id, prompt, params)  # raises for this row alone
 
     def _advance(self, row: _Row, output: Any) -> list[GenerationEvent]:

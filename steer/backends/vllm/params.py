@@ -22,7 +22,7 @@ import json
 from dataclasses import asdict, fields
 from typing import Any
 
-from steer.backends.vllm.program import EXTRA_ARGS_KEY, PROBE_ARGS_KEY
+from steer.backends.vllm.program import EXTRA_ARGS_KEY, PROBE_ARGS_KEY, SPEAKERS_ARGS_KEY
 from steer.generation import GenerationRequest
 from steer.sampling import SamplingConfig
 from steer.sampling.processors import SamplerState
@@ -72,9 +72,11 @@ def sampling_params(
     eos_ids: frozenset[int],
     key: str | None,
     pipeline: str | None = None,
+    speakers: dict[str, Any] | None = None,
 ) -> Any:
     """vLLM SamplingParams for ``request`` (``key``: its registered steering, or None;
-    ``pipeline``: its settings as :func:`encode` writes them, when it :func:`needs_pipeline`)."""
+    ``pipeline``: its settings as :func:`encode` writes them, when it :func:`needs_pipeline`;
+    ``speakers``: its tokens' speakers, when its steering is speaker-scoped)."""
     from vllm import SamplingParams
     from vllm.sampling_params import RequestOutputKind
 
@@ -82,6 +84,8 @@ def sampling_params(
     greedy = sampling.greedy
     min_tokens = request.max_new_tokens if sampling.ban_eos else sampling.min_tokens
     extra: dict[str, Any] = {} if key is None else {EXTRA_ARGS_KEY: key}
+    if speakers is not None:
+        extra[SPEAKERS_ARGS_KEY] = speakers
     native = sampling
     if pipeline is not None:  # steer's pipeline does every sampler; vLLM's stay neutral
         extra[PIPELINE_KEY] = pipeline
@@ -107,10 +111,13 @@ def sampling_params(
     )
 
 
-def probe_params(key: str, probe_id: str) -> Any:
+def probe_params(key: str, probe_id: str, speakers: dict[str, Any] | None = None) -> Any:
     """vLLM SamplingParams of a gate probe (:mod:`steer.backends.vllm.gates`): one greedy token,
     nothing returned but the end; ``key`` names its steering (its reads), ``probe_id`` the id
-    the workers keep its reads under."""
+    the workers keep its reads under, ``speakers`` as for :func:`sampling_params`."""
+    extra: dict[str, Any] = {EXTRA_ARGS_KEY: key, PROBE_ARGS_KEY: probe_id}
+    if speakers is not None:
+        extra[SPEAKERS_ARGS_KEY] = speakers
     from vllm import SamplingParams
     from vllm.sampling_params import RequestOutputKind
 
@@ -120,5 +127,5 @@ def probe_params(key: str, probe_id: str) -> Any:
         max_tokens=1,
         detokenize=False,
         output_kind=RequestOutputKind.FINAL_ONLY,
-        extra_args={EXTRA_ARGS_KEY: key, PROBE_ARGS_KEY: probe_id},
+        extra_args=extra,
     )

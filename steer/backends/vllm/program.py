@@ -43,6 +43,9 @@ from steer.sae.sliders import FeatureSlider
 EXTRA_ARGS_KEY = "steer"
 #: SamplingParams.extra_args key under which a gate probe carries the id its reads are kept by
 PROBE_ARGS_KEY = "steer_probe"
+#: SamplingParams.extra_args key under which a request with speaker-scoped ops carries its
+#: tokens' speakers (:func:`speakers_args`)
+SPEAKERS_ARGS_KEY = "steer_speakers"
 
 
 @dataclass(frozen=True)
@@ -102,11 +105,14 @@ class ScopedOp:
     """An op applied on some of a request's tokens after the ungated ops at its point, in the
     order given, each on the stream as the ops before it left it (the hf plan's scoped ops):
     a plain op or an SAE slider behind token gate ``gate`` (its index among the request's token
-    gates), or an SAE slider on every token of its phase (``gate`` None)."""
+    gates), or on every token of its phase (``gate`` None), and of its ``speaker`` where it
+    has one."""
 
     point: HookPoint
     op: PlainOp | SaeEdit
     gate: int | None
+    #: the op acts only on this speaker's tokens (:attr:`GenerationRequest.speakers`)
+    speaker: str | None = None
 
 
 @dataclass(frozen=True)
@@ -123,6 +129,11 @@ class SteeringSpec:
     @property
     def is_empty(self) -> bool:
         return not self.ops and not self.reads and not self.scoped
+
+    @property
+    def needs_speakers(self) -> bool:
+        """Whether an op is speaker-scoped: the request's token speakers go with it."""
+        return any(entry.speaker is not None for entry in self.scoped)
 
     @property
     def saes(self) -> frozenset[str]:
@@ -142,7 +153,7 @@ class SteeringSpec:
             digest.update(b"token-gate%r%r" % (gate.threshold, gate.below))
             _digest_reads(digest, gate.reads)
         for entry in self.scoped:
-            digest.update(b"scoped%r" % (entry.gate,))
+            digest.update(b"scoped%r%r" % (entry.gate, entry.speaker))
             if isinstance(entry.op, SaeEdit):
                 digest.update(entry.point.name.encode() + repr(entry.op).encode())
             else:
@@ -184,6 +195,18 @@ def _tensor_bytes(tensor: torch.Tensor) -> bytes:
     buffer = io.BytesIO()
     buffer.write(tensor.detach().to(torch.float32).contiguous().numpy().tobytes())
     return buffer.getvalue()
+
+
+def speakers_args(prompt: Sequence[str | None] | None, generated: str | None) -> dict[str, Any]:
+    """A request's token speakers as its ``extra_args`` carry them: each prompt token's speaker
+    (None: nobody's; no list: nobody's at all) and the generated tokens' speaker."""
+    return {"prompt": list(prompt) if prompt is not None else None, "generated": generated}
+
+
+def speakers_salt(args: dict[str, Any]) -> str:
+    """What the prefix-cache salt adds for a request whose ops are speaker-scoped: its prompt
+    KV depends on which token is whose, which the steering's key does not say."""
+    return hashlib.blake2b(repr(args["prompt"]).encode(), digest_size=8).hexdigest()
 
 
 def sae_key(sae: SparseAutoencoder) -> str:
@@ -229,21 +252,23 @@ def lower_request(
                 gates[gate] = replace(gates[gate], reads=(*gates[gate].reads, read))
                 continue
             plain = op.op if isinstance(op, GatedOp) else op
+            speaker = plain.speaker
             if isinstance(plain, RowFunction):
-                assert isinstance(inner, FeatureSlider) and plain.speaker is None
+                assert isinstance(inner, FeatureSlider)
                 edit = SaeEdit(
                     sae_key(inner.sae), inner.mode.value, inner.feature, inner.value, inner.phase
                 )
-                scoped.append(ScopedOp(point, edit, gate))
-            elif isinstance(op, GatedOp):
-                scoped.append(ScopedOp(point, _plain(plain), gate))
+                scoped.append(ScopedOp(point, edit, gate, speaker))
+            elif isinstance(op, GatedOp) or speaker is not None:
+                scoped.append(ScopedOp(point, _plain(plain), gate, speaker))
             else:
                 ops.append((point, _plain(plain)))
     return SteeringSpec(tuple(ops), token_gates=tuple(gates), scoped=tuple(scoped))
 
 
 def _plain(op: object) -> PlainOp:
-    assert isinstance(op, (ProjectOut, AddVector)) and op.speaker is None
+    """``op`` float32 on the CPU, its speaker dropped (a :class:`ScopedOp` holds it)."""
+    assert isinstance(op, (ProjectOut, AddVector))
     if isinstance(op, ProjectOut):
         return ProjectOut(op.unit.float().cpu(), op.weight)
     return AddVector(op.vector.float().cpu(), op.phase)

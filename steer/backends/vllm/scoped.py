@@ -56,6 +56,20 @@ class _Op:
     phase: Phase
     op: ProjectOut | AddVector | None  # in the model's dtype, on its device; None: ``edit``
     edit: RowEdit | None = None
+    speaker: str | None = None
+
+
+@dataclass(frozen=True)
+class Group:
+    """The tokens of one pass whose rows name one steering key with scoped ops: their indices
+    in the pass, whether each is a prompt token, and, per speaker its ops are scoped to, which
+    tokens are that speaker's."""
+
+    key: str
+    table: ScopedTable
+    tokens: torch.Tensor
+    is_prompt: torch.Tensor
+    speakers: dict[str, torch.Tensor]
 
 
 class ScopedTable:
@@ -83,38 +97,41 @@ class ScopedTable:
             op = each.op
             if isinstance(op, SaeEdit):
                 slider = feature_slider(op.mode, saes[op.sae], op.feature, op.value)
-                moved = _Op(each.gate, op.phase, None, row_function(slider))
+                moved = _Op(each.gate, op.phase, None, row_function(slider), each.speaker)
             elif isinstance(op, ProjectOut):
                 unit = op.unit.to(device=device, dtype=dtype)
-                moved = _Op(each.gate, Phase.ALL, ProjectOut(unit, op.weight))
+                moved = _Op(each.gate, Phase.ALL, ProjectOut(unit, op.weight), None, each.speaker)
             else:
                 vector = op.vector.to(device=device, dtype=dtype)
-                moved = _Op(each.gate, op.phase, AddVector(vector, op.phase))
+                moved = _Op(each.gate, op.phase, AddVector(vector, op.phase), None, each.speaker)
             self.ops.setdefault(each.point, []).append(moved)
 
     @property
     def points(self) -> set[HookPoint]:
         return set(self.reads) | set(self.ops)
 
+    @property
+    def speakers(self) -> set[str]:
+        """The speakers its ops are scoped to."""
+        return {op.speaker for ops in self.ops.values() for op in ops if op.speaker is not None}
+
 
 class ScopedPass:
-    """The token gates and scoped ops of one forward pass. ``groups``: per steering key with
-    any, its table, the indices of its rows' tokens in the pass and whether each is a prompt
-    token."""
+    """The token gates and scoped ops of one forward pass, per :class:`Group`."""
 
-    def __init__(self, groups: list[tuple[str, ScopedTable, torch.Tensor, torch.Tensor]]):
+    def __init__(self, groups: list[Group]):
         self.groups = groups
         #: the points where some gate reads: where a hook must give the stream's value
-        self.read_points: set[HookPoint] = set().union(*(table.reads for _, table, _, _ in groups))
+        self.read_points: set[HookPoint] = set().union(*(group.table.reads for group in groups))
         self.sums: dict[tuple[str, int], torch.Tensor] = {}
         self.fired: dict[tuple[str, int], torch.Tensor] = {}
 
     def read(self, point: HookPoint, stream: torch.Tensor) -> None:
         """Take the gate reads at ``point`` from ``stream`` (before any op there edits it)."""
-        for key, table, tokens, _ in self.groups:
-            for read in table.reads.get(point, ()):
-                value = read.value(stream.index_select(0, tokens))
-                slot = (key, read.gate)
+        for group in self.groups:
+            for read in group.table.reads.get(point, ()):
+                value = read.value(stream.index_select(0, group.tokens))
+                slot = (group.key, read.gate)
                 earlier = self.sums.pop(slot, None)
                 if earlier is not None:
                     value = earlier + value
@@ -128,15 +145,18 @@ class ScopedPass:
     ) -> None:
         """Add the scoped ops' deltas at ``point`` to ``target`` in place, one op after another;
         ``stream()`` gives the stream's value as the ops so far left it."""
-        for key, table, tokens, is_prompt in self.groups:
-            for entry in table.ops.get(point, ()):
+        for group in self.groups:
+            is_prompt = group.is_prompt
+            for entry in group.table.ops.get(point, ()):
                 if entry.gate is None:
                     mask = torch.ones_like(is_prompt)
                 else:
-                    mask = self.fired[(key, entry.gate)]
+                    mask = self.fired[(group.key, entry.gate)]
                 if entry.phase is not Phase.ALL:
                     mask = mask & (is_prompt if entry.phase is Phase.PROMPT else ~is_prompt)
-                chosen = tokens[mask]
+                if entry.speaker is not None:
+                    mask = mask & group.speakers[entry.speaker]
+                chosen = group.tokens[mask]
                 if chosen.numel() == 0:
                     continue
                 op = entry.op

@@ -39,13 +39,14 @@ from torch import nn
 from steer.backends.vllm.program import (
     EXTRA_ARGS_KEY,
     PROBE_ARGS_KEY,
+    SPEAKERS_ARGS_KEY,
     FlatProgram,
     GateRead,
     Selection,
     SteeringSpec,
     build_flat_programs,
 )
-from steer.backends.vllm.scoped import ScopedPass, ScopedTable
+from steer.backends.vllm.scoped import Group, ScopedPass, ScopedTable
 from steer.hooks import HookKind, HookPoint
 from steer.sae.loading import SparseAutoencoder
 
@@ -165,21 +166,50 @@ class WorkerSteering:
         else:
             self._programs.move_to_end(keys)
         reads = self._gate_reads(keys, batch.req_ids, rows, positions[:total], prompt_lengths)
-        self.current = _Pass(programs, rows, is_prompt, reads, self._scoped(keys, rows, is_prompt))
+        scoped = self._scoped(keys, batch, rows, positions[:total], is_prompt)
+        self.current = _Pass(programs, rows, is_prompt, reads, scoped)
 
     def _scoped(
-        self, keys: tuple[str | None, ...], rows: torch.Tensor, is_prompt: torch.Tensor
+        self,
+        keys: tuple[str | None, ...],
+        batch: Any,
+        rows: torch.Tensor,
+        positions: torch.Tensor,
+        is_prompt: torch.Tensor,
     ) -> ScopedPass | None:
         """This pass's token gates and scoped ops: per key that has them, the tokens of the rows
-        naming it."""
+        naming it (and which are whose, where its ops are speaker-scoped)."""
         groups = []
         for key in dict.fromkeys(k for k in keys if k is not None and k in self.scoped_tables):
+            table = self.scoped_tables[key]
             members = torch.tensor(
                 [row for row, named in enumerate(keys) if named == key], device=rows.device
             )
             tokens = torch.nonzero(torch.isin(rows, members)).squeeze(1)
-            groups.append((key, self.scoped_tables[key], tokens, is_prompt[tokens]))
+            speakers = {}
+            if table.speakers:
+                names = self._speakers(batch, rows[tokens].tolist(), positions[tokens].tolist())
+                for speaker in table.speakers:
+                    chosen = [name == speaker for name in names]
+                    speakers[speaker] = torch.tensor(chosen, device=rows.device)
+            groups.append(Group(key, table, tokens, is_prompt[tokens], speakers))
         return ScopedPass(groups) if groups else None
+
+    def _speakers(self, batch: Any, rows: list[int], positions: list[int]) -> list[str | None]:
+        """Each token's speaker, from its request's ``extra_args`` (None: nobody's)."""
+        names: list[str | None] = []
+        requests: dict[int, dict] = {}
+        for row, position in zip(rows, positions, strict=True):
+            spoken = requests.get(row)
+            if spoken is None:
+                args = _extra_args(self.runner, batch.req_ids[row])
+                spoken = requests[row] = args.get(SPEAKERS_ARGS_KEY) or {}
+            prompt = spoken.get("prompt")
+            if position >= int(batch.num_prompt_tokens[row]):
+                names.append(spoken.get("generated"))
+            else:
+                names.append(None if prompt is None else prompt[position])
+        return names
 
     def _gate_reads(
         self,
