@@ -114,7 +114,9 @@ def decode_rate(
     new_tokens: int,
     interventions: tuple,
     sampling: SamplingConfig = PLAIN,
+    **fields: Any,
 ) -> float:
+    """Decode tokens/s of ``batch`` rows; ``fields``: more GenerationRequest fields."""
     handle = engine.handle
     ids = tuple(handle.tokenizer(PROMPT)["input_ids"])
     for index in range(batch):
@@ -124,6 +126,7 @@ def decode_rate(
                 interventions=interventions,
                 sampling=replace(sampling, seed=index),
                 max_new_tokens=new_tokens,
+                **fields,
             )
         )
     engine.step()  # prefill + first token, not timed

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from steer.gates import Gated
+from steer.gates import Gated, GateScope
 from steer.hooks import HookPoint, HookResolver
 from steer.interventions import (
     AddVector,
@@ -240,6 +240,7 @@ def lower_request(
         if intervention.is_noop():
             continue
         inner = intervention.inner if isinstance(intervention, Gated) else intervention
+        assert not isinstance(intervention, Gated) or intervention.scope is GateScope.TOKEN
         gate = None
         for point, op in intervention.lowered(resolver, d_model):
             if isinstance(op, ReadGate):  # a token gate's (check_request refused the others)
