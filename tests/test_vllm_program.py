@@ -51,6 +51,12 @@ def _vector(seed: int) -> torch.Tensor:
     return torch.randn(D, generator=torch.Generator().manual_seed(seed))
 
 
+def _sae() -> SparseAutoencoder:
+    """A SAELens standard SAE on the tiny model's residual, random weights (seeded)."""
+    torch.manual_seed(4)
+    return SparseAutoencoder(StandardSAE(StandardSAEConfig(d_in=D, d_sae=16)), HOOKS[0])
+
+
 def _rows() -> list[tuple[Intervention, ...]]:
     shared = SteeringVector.from_shared
     return [
@@ -120,7 +126,7 @@ def _token_gated_rows() -> list[tuple[Intervention, ...]]:
             Add(shared(_vector(16)), 1.3, hooks=HOOKS, phase=Phase.GENERATED),
         ),
     )
-    sae = SparseAutoencoder(StandardSAE(StandardSAEConfig(d_in=D, d_sae=16)), HOOKS[0])
+    sae = _sae()
     return [
         (),
         (
@@ -314,7 +320,7 @@ def test_vllm_runs_prompt_gates_and_refuses_the_rest_by_field(
     tiny_llama: ModelHandle, gated: object, field: str, words: str
 ) -> None:
     plain = Add(SteeringVector.from_shared(_vector(3)), 1.0, hooks=HOOKS)
-    sae = SparseAutoencoder(StandardSAE(StandardSAEConfig(d_in=D, d_sae=16)), HOOKS[0])
+    sae = _sae()
     runs = (
         _gated(GateScope.PROMPT),
         _gated(GateScope.TOKEN),
