@@ -434,6 +434,62 @@ def _registered_saes(worker: object) -> int:
     return len(vllm_worker._steering(worker).saes)
 
 
+def test_reply_gates_equal_the_hf_engine(
+    engine: VllmEngine, smollm2: ModelHandle, theme: SteeringVector, refusal: SteeringVector
+) -> None:
+    """Reply gates read the reply's first tokens, held back: "any" and "mean" windows, beside an
+    ungated edit and a prompt gate, each reply kept or started over with the edit on as the hf
+    engine does, in one mixed batch."""
+    prompts = [encode_chat(smollm2, prompt) for prompt in HARMFUL + HARMLESS]
+    hook = "blocks.12.hook_resid_post"
+    above = _threshold(_projections(smollm2, prompts, (hook,), refusal, (1.0,)))
+    push = Add(theme, -0.8, hooks=("blocks.3.hook_resid_post", "blocks.20.hook_resid_post"))
+    any_gate = Gated(Condition(hook, refusal, above), push, scope=GateScope.REPLY, reply_tokens=3)
+    mean_gate = Gated(
+        Condition(hook, refusal, above),
+        Ablate(refusal, weight=2.0),
+        scope=GateScope.REPLY,
+        reply_tokens=4,
+        reply_aggregate="mean",
+    )
+    prompt_gate = Gated(Condition(hook, refusal, above), Ablate(refusal), scope=GateScope.PROMPT)
+    early = Add(theme, 0.3, hooks=("blocks.2.hook_resid_post",))
+    mixes: list[tuple[Intervention, ...]] = [
+        (),
+        (any_gate,),
+        (mean_gate,),
+        (early, any_gate, mean_gate),
+        (prompt_gate, mean_gate),
+    ]
+    requests = [
+        GenerationRequest(
+            prompt_ids=tuple(ids), interventions=mix, sampling=GREEDY, max_new_tokens=10
+        )
+        for mix in mixes
+        for ids in prompts
+    ]
+    expected = Engine(smollm2, max_batch=len(requests)).run(requests)
+    got = engine.run(requests)
+    same = _same_tokens(smollm2, requests, expected, got)
+    assert len(same) >= len(requests) - 2
+    n = len(prompts)
+    tokens = [r.token_ids for r in expected]
+    for mix in (1, 2):  # each gate starts some replies over, not all
+        changed = sum(tokens[mix * n + i] != tokens[i] for i in range(n))
+        assert 0 < changed < n, mix
+    (registered,) = engine.llm.collective_rpc(_registered_keys)
+    assert registered == 0 and not engine._attempts
+
+
+def test_a_reply_gate_that_never_fires_is_no_steering_exactly(
+    engine: VllmEngine, refusal: SteeringVector
+) -> None:
+    quiet = Gated(Condition(HOOK, refusal, 1e6), Ablate(refusal, weight=2.0), scope=GateScope.REPLY)
+    have = _run_with_logprobs(engine, [_request(PROMPTS[2], (quiet,))])
+    want = _run_with_logprobs(engine, [_request(PROMPTS[2])])
+    assert want == have  # bit-identical logprobs, not only tokens
+
+
 def test_a_prompt_gate_that_never_fires_is_no_steering_exactly(
     engine: VllmEngine, refusal: SteeringVector
 ) -> None:
@@ -626,7 +682,7 @@ def _registered_keys(worker: object) -> int:
 @pytest.mark.parametrize(
     ("what", "field", "word"),
     [
-        ("gated", "interventions[0]", "reply-scope gated"),
+        ("gated", "interventions[1].condition", "another gate's edit"),
         ("resid_mid", "interventions[0]", "hook_resid_mid"),
     ],
 )
@@ -640,8 +696,16 @@ def test_what_the_backend_lacks_is_refused_by_name(
 ) -> None:
     add = Add(theme, 0.5)
     cases = {
-        "gated": _request(
-            PROMPTS[0], (Gated(Condition(HOOK, refusal, 0.0), add, scope=GateScope.REPLY),)
+        "gated": _request(  # the second gate would read the first one's edit
+            PROMPTS[0],
+            (
+                Gated(Condition(HOOK, refusal, 0.0), add, scope=GateScope.PROMPT),
+                Gated(
+                    Condition("blocks.12.hook_resid_pre", refusal, 0.0),
+                    Ablate(refusal),
+                    scope=GateScope.PROMPT,
+                ),
+            ),
         ),
         "resid_mid": _request(PROMPTS[0], (Add(theme, 0.5, hooks=("blocks.3.hook_resid_mid",)),)),
     }

@@ -306,7 +306,6 @@ def _gated(
 @pytest.mark.parametrize(
     ("gated", "field", "words"),
     [
-        (lambda: _gated(GateScope.REPLY), "interventions[1]", "reply-scope gated"),
         (
             lambda: _gated(
                 GateScope.PROMPT, hook=("blocks.0.hook_resid_pre", "blocks.1.hook_resid_mid")
@@ -314,9 +313,19 @@ def _gated(
             "interventions[1].condition",
             "hook_resid_mid",
         ),
+        (
+            lambda: _gated(
+                GateScope.REPLY,
+                inner=Add(
+                    SteeringVector.from_shared(_vector(2)), 1.0, hooks=("blocks.1.hook_resid_mid",)
+                ),
+            ),
+            "interventions[1].inner",
+            "hook_resid_mid",
+        ),
     ],
 )
-def test_vllm_runs_prompt_gates_and_refuses_the_rest_by_field(
+def test_vllm_runs_every_gate_scope_and_refuses_a_hook_it_lacks_by_field(
     tiny_llama: ModelHandle, gated: object, field: str, words: str
 ) -> None:
     plain = Add(SteeringVector.from_shared(_vector(3)), 1.0, hooks=HOOKS)
@@ -324,6 +333,7 @@ def test_vllm_runs_prompt_gates_and_refuses_the_rest_by_field(
     runs = (
         _gated(GateScope.PROMPT),
         _gated(GateScope.TOKEN),
+        _gated(GateScope.REPLY),
         _gated(GateScope.TOKEN, hook="blocks.0.hook_resid_pre", inner=Clamp(sae, 1, 2.0)),
         Scale(sae, 4, 0.5),
         Clamp(sae, 1, 2.0, speaker="Bo"),
@@ -371,8 +381,13 @@ def test_a_gate_probe_reads_with_the_ungated_ops_and_decides_as_the_condition_sa
     assert spec.salt() == ungated.key() and spec.key() != ungated.key()
     assert gates.decide({0: 0.6, 1: -1.5}) == (True, True)
     assert gates.decide({0: 0.5, 1: -1.0}) == (False, False)
-    assert gates.chosen((False, True))[:2] == (plain, below.inner)
-    assert gates.chosen((True, False))[:2] == (above.inner, plain)
+    assert gates.chosen((False, True))[:2] == (plain, below)
+    assert gates.chosen((True, False))[:2] == (above, plain)
+    # a fired gate's edit runs on every token, after the ungated ops (the hf engine's order)
+    fired = lower_request(gates.chosen((True, False))[:2], resolver, d_model)
+    assert [point for point, _ in fired.ops] == [point for point, _ in ungated.ops]
+    lowered = [point for point, _ in above.inner.lowered(resolver, d_model)]
+    assert [(e.point, e.gate) for e in fired.scoped] == [(point, None) for point in lowered]
 
 
 def test_a_gate_whose_edit_another_gate_would_read_is_refused(tiny_llama: ModelHandle) -> None:

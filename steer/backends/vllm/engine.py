@@ -36,9 +36,10 @@ from steer.backends.vllm.program import (
     speakers_args,
     speakers_salt,
 )
+from steer.backends.vllm.replies import ReplyWindow
 from steer.errors import ResourceExhaustedError
 from steer.hooks import HookKind
-from steer.interventions import GateScope
+from steer.interventions import GateScope, Intervention
 from steer.models import ModelHandle
 from steer.requests import (
     GenerationEvent,
@@ -65,7 +66,7 @@ CAPABILITIES = Capabilities(
         }
     ),
     scoped_ops=False,
-    gate_scopes=frozenset({GateScope.PROMPT, GateScope.TOKEN}),
+    gate_scopes=frozenset(GateScope),
     sae_features=True,
     speakers=True,
     sampler_fields=SAMPLER_FIELDS,
@@ -81,6 +82,13 @@ class _Row:
     key: str | None
     #: its prompt gates while their probe runs (None: none, or decided)
     gates: PromptGates | None = None
+    #: the interventions it generates with once its prompt gates have decided
+    chosen: tuple[Intervention, ...] = ()
+    #: its reply-scope gates (None: none)
+    reply: ReplyWindow | None = None
+    #: the vLLM request id its reply runs under (its own id, then one per reply started over)
+    vid: str = ""
+    attempt: int = 0
     generated: int = 0
     finish_reason: str | None = None
     counted_cache: bool = False
@@ -105,6 +113,8 @@ class VllmEngine:
         self._rows: dict[str, _Row] = {}
         #: the rows whose gate probe runs, by the probe's vLLM request id
         self._probes: dict[str, _Row] = {}
+        #: the rows generating, by the vLLM request id of their current reply
+        self._attempts: dict[str, _Row] = {}
         #: the lowered interventions of the pending requests, by request id
         self._specs_waiting: dict[str, SteeringSpec] = {}
         #: registered steering key -> number of live requests using it, and its steering
@@ -126,8 +136,9 @@ class VllmEngine:
         check_request(request, self.handle, CAPABILITIES)
         resolver, d_model = self.handle.resolver, self.handle.d_model
         gates = PromptGates.of(request.interventions)
+        reply = ReplyWindow.of(request.interventions)
         if gates is None:
-            spec = lower_request(request.interventions, resolver, d_model)
+            spec = self._reply_spec(reply, request.interventions)
         else:
             gates.check(resolver, d_model)
             spec = gates.probe_spec(resolver, d_model)
@@ -146,6 +157,9 @@ class VllmEngine:
                 stream=TextStream(self.handle.tokenizer, request.stop),
                 key=None if spec.is_empty else spec.key(),
                 gates=gates,
+                chosen=tuple(request.interventions),
+                reply=reply,
+                vid=request.request_id,
             )
             self._pending.append(row)
             self._specs_waiting[request.request_id] = spec
@@ -184,24 +198,99 @@ class VllmEngine:
             victim = self._rows.get(request_id)
             if victim is not None:
                 probing = victim.gates is not None
-                self.llm.abort_request([request_id + PROBE_SUFFIX if probing else request_id])
+                self.llm.abort_request([request_id + PROBE_SUFFIX if probing else victim.vid])
                 victim.finish_reason = "cancelled"
                 events.append(self._final(victim, ""))
                 self._finish(victim)
         if self._rows:
-            probed = []
+            probed, replying = [], []
             for output in self.llm.step():
                 probe = self._probes.get(output.request_id)
                 if probe is not None:
                     if output.finished:
                         probed.append(probe)
                     continue
-                running = self._rows.get(output.request_id)
-                if running is not None:
+                running = self._attempts.get(output.request_id)
+                if running is None:
+                    continue
+                if running.reply is not None and not running.reply.decided:
+                    replying.append((running, output))
+                else:
                     events.extend(self._advance(running, output))
             if probed:
                 self._decide(probed, events)
+            if replying:
+                self._read_replies(replying, events)
         return events
+
+    def _reply_spec(
+        self, reply: ReplyWindow | None, interventions: Sequence[Intervention]
+    ) -> SteeringSpec:
+        """The steering a reply generates with: ``interventions`` with the reply gates as
+        decided so far, and the undecided ones' reads (:mod:`steer.backends.vllm.replies`)."""
+        resolver, d_model = self.handle.resolver, self.handle.d_model
+        if reply is None or reply.decided:
+            current = interventions if reply is None else reply.current(interventions)
+            return lower_request(current, resolver, d_model)
+        spec = lower_request(reply.current(interventions), resolver, d_model)
+        return replace(spec, reads=reply.reads(resolver, d_model))
+
+    def _read_replies(self, replying: list[tuple[_Row, Any]], events: list) -> None:
+        """Run the reply gates' rules on the new tokens of ``replying`` rows, with the values
+        their workers read."""
+        taken = self._take_reads([row.vid for row, _ in replying])
+        for row, output in replying:
+            reply = row.reply
+            assert reply is not None
+            reply.merge(taken.get(row.vid, {}))
+            completion = output.outputs[0]
+            tokens = list(completion.token_ids)
+            logprobs = completion.logprobs or [None] * len(tokens)
+            for index, (token, ranked) in enumerate(zip(tokens, logprobs, strict=False)):
+                if reply.fires_at(row.generated):
+                    self._start_over(row, output, events)
+                    break
+                event = self._token_event(row, int(token), _top(ranked, row.request))
+                if reply.close(row.generated, row.finish_reason is not None):
+                    self._start_over(row, output, events)
+                    break
+                reply.held.append(event)
+                if reply.decided:  # the held tokens go out; the reply goes on as drawn
+                    events.extend(reply.held)
+                    reply.held.clear()
+                    events.extend(self._advance(row, output, start=index + 1))
+                    break
+            else:
+                if output.finished:  # vLLM ended it before the gates decided (context full)
+                    self._end_undecided(row, output, events)
+
+    def _end_undecided(self, row: _Row, output: Any, events: list) -> None:
+        """vLLM ended a reply whose gates had not decided: decide them on what they read; a
+        gate that fires starts the reply over, else the held tokens go out and it ends."""
+        assert row.reply is not None
+        if row.reply.close(row.generated, finished=True):
+            self._start_over(row, output, events)
+            return
+        events.extend(row.reply.held)
+        row.reply.held.clear()
+        events.extend(self._advance(row, output, start=len(output.outputs[0].token_ids)))
+
+    def _start_over(self, row: _Row, output: Any, events: list) -> None:
+        """A reply gate fired: drop the reply and start it again from the prompt, the fired
+        gates' edits on (same seed)."""
+        assert row.reply is not None
+        if not output.finished:
+            self.llm.abort_request([row.vid])
+        self._attempts.pop(row.vid, None)
+        self._release(row)
+        row.reply.restart()
+        row.attempt += 1
+        row.vid = f"{row.request.request_id}#reply-{row.attempt}"
+        row.stream = TextStream(self.handle.tokenizer, row.request.stop)
+        row.generated, row.finish_reason = 0, None
+        spec = self._reply_spec(row.reply, row.chosen)
+        row.key = None if spec.is_empty else spec.key()
+        self._start_or_fail(row, spec, events)
 
     def _start_or_fail(self, row: _Row, spec: SteeringSpec, events: list[GenerationEvent]) -> None:
         try:
@@ -215,9 +304,7 @@ class VllmEngine:
         """Decide the prompt gates of ``rows`` from their finished probes' reads, then start
         each request with the interventions its gates chose."""
         ids = [row.request.request_id + PROBE_SUFFIX for row in rows]
-        taken: dict[str, dict[int, float]] = {}
-        for reads in self.llm.collective_rpc(worker.take_reads, args=(ids,)):
-            taken = taken or reads  # every worker reads the same residual; the first suffices
+        taken = self._take_reads(ids)
         for row, probe_id in zip(rows, ids, strict=True):
             gates = row.gates
             assert gates is not None
@@ -229,10 +316,18 @@ class VllmEngine:
                 events.append(replace(self._final(row, ""), error=error))
                 self._finish(row)
                 continue
-            chosen = gates.chosen(gates.decide(taken[probe_id]))
-            spec = lower_request(chosen, self.handle.resolver, self.handle.d_model)
+            values = {gate: value for (gate, _), value in taken[probe_id].items()}
+            row.chosen = gates.chosen(gates.decide(values))
+            spec = self._reply_spec(row.reply, row.chosen)
             row.key = None if spec.is_empty else spec.key()
             self._start_or_fail(row, spec, events)
+
+    def _take_reads(self, ids: list[str]) -> dict[str, dict[tuple[int, int], float]]:
+        """The gate values the workers read for ``ids``, by (gate, offset)."""
+        taken: dict[str, dict[tuple[int, int], float]] = {}
+        for reads in self.llm.collective_rpc(worker.take_reads, args=(ids,)):
+            taken = taken or reads  # every worker reads the same residual; the first suffices
+        return taken
 
     def run(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
         """Generate ``requests`` to completion; results in the order given."""
@@ -242,7 +337,7 @@ class VllmEngine:
         """Abort whatever still runs and forget its steering; ``final`` also shuts the vLLM
         engine down (the model is unloaded)."""
         if self._rows:
-            self.llm.abort_request(list(self._rows) + list(self._probes))
+            self.llm.abort_request(list(self._attempts) + list(self._probes))
         for row in list(self._rows.values()):
             self._finish(row)
         if final:
@@ -279,11 +374,19 @@ class VllmEngine:
             state = SamplerState.for_request(request.sampling, self.handle.tokenizer, vocab)
             pipeline = encode(request.sampling, state)
         params = sampling_params(
-            request, row.seed, self.handle.eos_token_ids, row.key, pipeline, speakers
+            request,
+            row.seed,
+            self.handle.eos_token_ids,
+            row.key,
+            pipeline,
+            speakers,
+            row.vid if spec.reads else None,
         )
-        self.llm.add_request(request.request_id, prompt, params)  # raises for this row alone
+        self._attempts[row.vid] = row
+        self.llm.add_request(row.vid, prompt, params)  # raises for this row alone
 
-    def _advance(self, row: _Row, output: Any) -> list[GenerationEvent]:
+    def _advance(self, row: _Row, output: Any, start: int = 0) -> list[GenerationEvent]:
+        """The events of ``output``'s tokens from ``start`` on, and the row's end."""
         if not row.counted_cache and output.num_cached_tokens is not None:
             self.cached_prompt_tokens += int(output.num_cached_tokens)
             row.counted_cache = True
@@ -291,7 +394,7 @@ class VllmEngine:
         tokens = list(completion.token_ids)
         logprobs = completion.logprobs or [None] * len(tokens)
         events = []
-        for token, ranked in zip(tokens, logprobs, strict=False):
+        for token, ranked in zip(tokens[start:], logprobs[start:], strict=False):
             if row.finish_reason is not None:
                 break
             events.append(self._token_event(row, int(token), _top(ranked, row.request)))
@@ -301,7 +404,7 @@ class VllmEngine:
             events.append(self._final(row, row.stream.flush()))
         if row.finish_reason is not None:
             if not output.finished:
-                self.llm.abort_request([row.request.request_id])
+                self.llm.abort_request([row.vid])
             self._finish(row)
         return events
 
@@ -336,6 +439,7 @@ class VllmEngine:
 
     def _finish(self, row: _Row) -> None:
         self._rows.pop(row.request.request_id, None)
+        self._attempts.pop(row.vid, None)
         self._release(row)
 
     def _release(self, row: _Row) -> None:

@@ -90,8 +90,13 @@ class PromptGates:
                             )
 
     def probe_spec(self, resolver: HookResolver, d_model: int) -> SteeringSpec:
-        """The probe's steering: the ungated interventions' ops and every gate's reads."""
-        ungated = [x for i, x in enumerate(self.interventions) if i not in self.gates]
+        """The probe's steering: the other interventions' ops (reply gates' edits off) and
+        every prompt gate's reads."""
+        ungated = [  # a reply gate's edit is off until its reply has read it
+            x
+            for i, x in enumerate(self.interventions)
+            if i not in self.gates and not (isinstance(x, Gated) and x.scope is GateScope.REPLY)
+        ]
         ops = lower_request(ungated, resolver, d_model).ops
         reads = []
         for number in range(len(self.gates)):
@@ -112,12 +117,11 @@ class PromptGates:
         return tuple(fired)
 
     def chosen(self, fired: Sequence[bool]) -> tuple[Intervention, ...]:
-        """The interventions the request runs with: the ungated ones and, for each gate that
-        fired, its inner intervention (always on), in the order given."""
-        kept = []
-        for index, intervention in enumerate(self.interventions):
-            if index not in self.gates:
-                kept.append(intervention)
-            elif fired[self.gates.index(index)]:
-                kept.append(self.gate(self.gates.index(index)).inner)
-        return tuple(kept)
+        """The interventions the request runs with, in the order given: the gates that fired
+        (:func:`~steer.backends.vllm.program.lower_request` runs their edits always on), not
+        the others."""
+        return tuple(
+            intervention
+            for index, intervention in enumerate(self.interventions)
+            if index not in self.gates or fired[self.gates.index(index)]
+        )

@@ -73,10 +73,12 @@ def sampling_params(
     key: str | None,
     pipeline: str | None = None,
     speakers: dict[str, Any] | None = None,
+    read_id: str | None = None,
 ) -> Any:
     """vLLM SamplingParams for ``request`` (``key``: its registered steering, or None;
     ``pipeline``: its settings as :func:`encode` writes them, when it :func:`needs_pipeline`;
-    ``speakers``: its tokens' speakers, when its steering is speaker-scoped)."""
+    ``speakers``: its tokens' speakers, when its steering is speaker-scoped; ``read_id``: the
+    id its reply gates' reads are kept under, when it has some)."""
     from vllm import SamplingParams
     from vllm.sampling_params import RequestOutputKind
 
@@ -86,6 +88,8 @@ def sampling_params(
     extra: dict[str, Any] = {} if key is None else {EXTRA_ARGS_KEY: key}
     if speakers is not None:
         extra[SPEAKERS_ARGS_KEY] = speakers
+    if read_id is not None:
+        extra[PROBE_ARGS_KEY] = read_id
     native = sampling
     if pipeline is not None:  # steer's pipeline does every sampler; vLLM's stay neutral
         extra[PIPELINE_KEY] = pipeline

@@ -62,14 +62,19 @@ class GateRead:
     unit: torch.Tensor | None
     sae: str | None = None
     feature: int = 0
+    #: how many positions it reads from the prompt's last token on (a reply gate's window;
+    #: position k draws reply token k + 1)
+    window: int = 1
 
 
-def gate_read(point: HookPoint, number: int, read: ReadGate, condition: object) -> GateRead:
+def gate_read(
+    point: HookPoint, number: int, read: ReadGate, condition: object, window: int = 1
+) -> GateRead:
     """``read`` (one of ``condition``'s lowered reads) as the worker takes it."""
     if read.unit is not None:
-        return GateRead(point, number, read.unit.float().cpu())
+        return GateRead(point, number, read.unit.float().cpu(), window=window)
     assert isinstance(condition, FeatureCondition)  # the only condition without a unit
-    return GateRead(point, number, None, sae_key(condition.sae), condition.feature)
+    return GateRead(point, number, None, sae_key(condition.sae), condition.feature, window)
 
 
 PlainOp = ProjectOut | AddVector
@@ -184,7 +189,7 @@ def _digest_ops(digest: Any, ops: Sequence[tuple[HookPoint, PlainOp]]) -> None:
 
 def _digest_reads(digest: Any, reads: Sequence[GateRead]) -> None:
     for read in reads:
-        digest.update(b"read%d" % read.gate + read.point.name.encode())
+        digest.update(b"read%d/%d" % (read.gate, read.window) + read.point.name.encode())
         if read.unit is None:
             digest.update(b"feature%r%d" % (read.sae, read.feature))
         else:
@@ -230,9 +235,12 @@ def saes_of(interventions: Sequence[Intervention]) -> dict[str, SparseAutoencode
 def lower_request(
     interventions: Sequence[Intervention], resolver: HookResolver, d_model: int
 ) -> SteeringSpec:
-    """Lower ``interventions`` (already checked by :func:`steer.backends.check_request`; prompt
-    gates taken out, :mod:`steer.backends.vllm.gates`) to what the worker applies: plain ops,
-    float32 on the CPU, token gates and scoped ops."""
+    """Lower ``interventions`` (already checked by :func:`steer.backends.check_request`) to what
+    the worker applies: plain ops, float32 on the CPU, token gates and scoped ops. A prompt or
+    reply gate among them is one that fired (the engine leaves the others out,
+    :mod:`steer.backends.vllm.gates`, :mod:`steer.backends.vllm.replies`): its edit is on for
+    every token, as scoped ops after the ungated ones, where the hf engine applies a gated op,
+    so two projections of one direction give what they give there."""
     ops: list[tuple[HookPoint, PlainOp]] = []
     gates: list[TokenGate] = []
     scoped: list[ScopedOp] = []
@@ -240,9 +248,10 @@ def lower_request(
         if intervention.is_noop():
             continue
         inner = intervention.inner if isinstance(intervention, Gated) else intervention
-        assert not isinstance(intervention, Gated) or intervention.scope is GateScope.TOKEN
+        fired = isinstance(intervention, Gated) and intervention.scope is not GateScope.TOKEN
         gate = None
-        for point, op in intervention.lowered(resolver, d_model):
+        lowered = (inner if fired else intervention).lowered(resolver, d_model)
+        for point, op in lowered:
             if isinstance(op, ReadGate):  # a token gate's (check_request refused the others)
                 assert isinstance(intervention, Gated)
                 condition = intervention.condition
@@ -260,7 +269,7 @@ def lower_request(
                     sae_key(inner.sae), inner.mode.value, inner.feature, inner.value, inner.phase
                 )
                 scoped.append(ScopedOp(point, edit, gate, speaker))
-            elif isinstance(op, GatedOp) or speaker is not None:
+            elif isinstance(op, GatedOp) or speaker is not None or fired:
                 scoped.append(ScopedOp(point, _plain(plain), gate, speaker))
             else:
                 ops.append((point, _plain(plain)))

@@ -59,13 +59,13 @@ READS_KEPT = 4096
 
 @dataclass(frozen=True)
 class _Reads:
-    """The gate reads of one pass at one hook point: the tokens read (each a prompt's last),
-    the unit each is dotted with (or the SAE feature whose activation it takes), and where each
-    value goes (request id, gate)."""
+    """The gate reads of one pass at one hook point: the tokens read, the unit each is dotted
+    with (or the SAE feature whose activation it takes), and where each value goes (read id,
+    gate, offset from the prompt's last token)."""
 
     tokens: torch.Tensor
     reads: list[GateRead]
-    labels: list[tuple[str, int]]
+    labels: list[tuple[str, int, int]]
 
 
 class _Pass:
@@ -111,8 +111,8 @@ class WorkerSteering:
         self.saes: dict[str, SparseAutoencoder] = {}
         self.hooked: set[HookPoint] = set()
         self.current: _Pass | None = None
-        #: gate probes' values: request id -> (gate, hook name) -> projection
-        self.values: OrderedDict[str, dict[tuple[int, str], float]] = OrderedDict()
+        #: gate reads' values: read id -> (gate, hook name, offset) -> value
+        self.values: OrderedDict[str, dict[tuple[int, str, int], float]] = OrderedDict()
         self._programs: OrderedDict[tuple[str | None, ...], dict[HookPoint, FlatProgram]] = (
             OrderedDict()
         )
@@ -219,27 +219,34 @@ class WorkerSteering:
         positions: torch.Tensor,
         prompt_lengths: torch.Tensor,
     ) -> dict[HookPoint, _Reads]:
-        """Where this pass reads gate probes: the prompt's last token of each probe row whose
-        prompt ends in this pass (once per prompt; a chunked prompt's earlier chunks read
-        nothing)."""
-        probing = [row for row, key in enumerate(keys) if key and self.specs[key].reads]
-        if not probing:
+        """Where this pass reads gates: for each row whose steering reads, the tokens at the
+        offsets its reads' windows cover, counted from the prompt's last token (offset 0; a
+        chunked prompt's earlier chunks read nothing; a reply gate's window goes on over the
+        tokens the reply feeds back)."""
+        reading = {row: key for row, key in enumerate(keys) if key and self.specs[key].reads}
+        if not reading:
             return {}
-        last = torch.nonzero(positions == prompt_lengths[rows] - 1).squeeze(1)
-        token_of = dict(zip(rows[last].tolist(), last.tolist(), strict=True))
-        found: dict[HookPoint, tuple[list[int], list[GateRead], list[tuple[str, int]]]] = {}
-        for row in probing:
-            if row not in token_of:
+        widest = max(read.window for key in reading.values() for read in self.specs[key].reads)
+        offsets = positions - (prompt_lengths[rows] - 1)
+        near = torch.nonzero((offsets >= 0) & (offsets < widest)).squeeze(1)
+        found: dict[HookPoint, tuple[list[int], list[GateRead], list[tuple[str, int, int]]]] = {}
+        for token, row, offset in zip(
+            near.tolist(), rows[near].tolist(), offsets[near].tolist(), strict=True
+        ):
+            key = reading.get(row)
+            if key is None:
                 continue
             request_id = _extra_args(self.runner, request_ids[row])[PROBE_ARGS_KEY]
-            self.values[request_id] = {}
-            while len(self.values) > READS_KEPT:
-                self.values.popitem(last=False)
-            for read in self.specs[keys[row]].reads:  # type: ignore[index]
-                tokens, reads, labels = found.setdefault(read.point, ([], [], []))
-                tokens.append(token_of[row])
-                reads.append(read)
-                labels.append((request_id, read.gate))
+            if offset == 0 or request_id not in self.values:
+                self.values[request_id] = {}
+                while len(self.values) > READS_KEPT:
+                    self.values.popitem(last=False)
+            for read in self.specs[key].reads:
+                if offset < read.window:
+                    tokens, reads, labels = found.setdefault(read.point, ([], [], []))
+                    tokens.append(token)
+                    reads.append(read)
+                    labels.append((request_id, read.gate, offset))
         device = positions.device
         return {
             point: _Reads(torch.tensor(tokens, device=device), reads, labels)
@@ -248,7 +255,7 @@ class WorkerSteering:
 
     def _read(self, point: HookPoint, reads: _Reads, stream: torch.Tensor) -> None:
         x = stream.index_select(0, reads.tokens)
-        for index, (read, (request_id, gate)) in enumerate(
+        for index, (read, (request_id, gate, offset)) in enumerate(
             zip(reads.reads, reads.labels, strict=True)
         ):
             if read.unit is None:
@@ -256,18 +263,19 @@ class WorkerSteering:
                 value = self.saes[read.sae].encode(x[index : index + 1])[0, read.feature]
             else:
                 value = x[index].float() @ read.unit.to(x.device)
-            self.values[request_id][(gate, point.name)] = float(value)
+            self.values[request_id][(gate, point.name, offset)] = float(value)
 
-    def take_reads(self, request_ids: list[str]) -> dict[str, dict[int, float]]:
-        """Each probe's read values, summed per gate over its hooks; forgotten once taken."""
+    def take_reads(self, request_ids: list[str]) -> dict[str, dict[tuple[int, int], float]]:
+        """The values read so far for each id, summed per (gate, offset) over the gate's hooks;
+        forgotten once taken."""
         taken = {}
         for request_id in request_ids:
             values = self.values.pop(request_id, None)
             if values is None:
                 continue
-            sums: dict[int, float] = {}
-            for (gate, _), value in values.items():
-                sums[gate] = sums.get(gate, 0.0) + value
+            sums: dict[tuple[int, int], float] = {}
+            for (gate, _, offset), value in values.items():
+                sums[(gate, offset)] = sums.get((gate, offset), 0.0) + value
             taken[request_id] = sums
         return taken
 
@@ -375,7 +383,7 @@ def forget(worker: Any, keys: list[str]) -> None:
     _steering(worker).forget(keys)
 
 
-def take_reads(worker: Any, request_ids: list[str]) -> dict[str, dict[int, float]]:
+def take_reads(worker: Any, request_ids: list[str]) -> dict[str, dict[tuple[int, int], float]]:
     return _steering(worker).take_reads(request_ids)
 
 
