@@ -1,7 +1,7 @@
-"""A prompt gate's cost per request on each backend, beside the same edit always on and none.
+"""A prompt or reply gate's cost per request on each backend, beside the edit always on and none.
 
-The edit always on, behind a gate that stays quiet, and behind one that fires, beside no edit;
-same model, same run.
+The edit always on, behind a gate that stays quiet, and behind one that fires (prompt scope and
+reply scope), beside no edit; same model, same run.
 
 A batch of ``--batch`` requests, each with its own RP-length prompt (no prefix shared between
 requests or runs), is submitted at once and run to the end; the figures are the batch's wall
@@ -45,7 +45,14 @@ SCENE = (
     "The tavern was loud with sailors back from the long voyage, and the fire threw shadows "
     "across the low beams while the innkeeper counted coins behind the bar. "
 )
-CONFIGS = ("no edit", "always on", "gated, quiet", "gated, fires")
+CONFIGS = (
+    "no edit",
+    "always on",
+    "gated, quiet",
+    "gated, fires",
+    "reply gate, quiet",
+    "reply gate, fires",
+)
 
 
 def configurations(handle: ModelHandle) -> dict[str, tuple[Intervention, ...]]:
@@ -53,15 +60,17 @@ def configurations(handle: ModelHandle) -> dict[str, tuple[Intervention, ...]]:
     direction = SteeringVector.from_shared(torch.randn(handle.d_model, generator=generator))
     hook = f"blocks.{handle.num_layers // 2}.hook_resid_pre"
 
-    def gated(threshold: float) -> tuple[Intervention, ...]:
+    def gated(threshold: float, scope: GateScope = GateScope.PROMPT) -> tuple[Intervention, ...]:
         condition = Condition(hook, direction, threshold)
-        return (Gated(condition, Ablate(direction), scope=GateScope.PROMPT),)
+        return (Gated(condition, Ablate(direction), scope=scope),)
 
     return {
         "no edit": (),
         "always on": (Ablate(direction),),
         "gated, quiet": gated(1e9),
         "gated, fires": gated(-1e9),
+        "reply gate, quiet": gated(1e9, GateScope.REPLY),
+        "reply gate, fires": gated(-1e9, GateScope.REPLY),
     }
 
 
@@ -163,7 +172,8 @@ def _write_docs(args: Any, handle: ModelHandle, record: dict, rows: list) -> Non
         f"submitted at once, each its own {args.prompt_tokens}-token prompt, "
         f"{args.new_tokens} greedy tokens; median of {args.repeats} interleaved runs. The edit: "
         "one direction ablated at every layer; gated at the middle layer's resid_pre (prompt "
-        "scope), with a threshold no prompt passes (quiet) or every prompt passes (fires).\n"
+        "scope; reply scope: its default window of 4 reply tokens), with a threshold nothing "
+        "passes (quiet) or everything passes (fires).\n"
         f"Command: `python scripts/bench_gated.py {' '.join(sys.argv[1:])}`\n\n"
         + table(rows, columns)
     )

@@ -8,7 +8,9 @@ under their fingerprint (:meth:`SteeringSpec.key <steer.backends.vllm.program.St
 and named in the request's ``extra_args``; the fingerprint of its ops is its ``cache_salt``, so
 prompt KV is shared only between requests steered alike. A registration lives while requests
 use it. A request with prompt-scope gates first runs a gate probe
-(:mod:`steer.backends.vllm.gates`), then generates with the gates' decisions.
+(:mod:`steer.backends.vllm.gates`), then generates with the gates' decisions; one with
+reply-scope gates holds its reply's first tokens back until they decide, and may start over
+(:mod:`steer.backends.vllm.replies`).
 """
 
 from __future__ import annotations

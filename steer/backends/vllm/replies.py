@@ -1,5 +1,6 @@
-"""Reply-scope gates on the vLLM backend: the reply's first tokens read, held back, then kept
-or the reply started over with the edit on.
+"""Reply-scope gates on the vLLM backend: the reply's first tokens held back until they decide.
+
+Then the reply is kept, or started over with the edit on.
 
 The hf engine reads a reply gate's condition at each position that draws one of the reply's
 first ``reply_tokens`` tokens (the prompt's last token, then each fed-back reply token), with
