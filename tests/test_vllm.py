@@ -142,6 +142,18 @@ def test_mixed_batch_equals_the_hf_engine(
     assert len(texts) > len(requests) // 2  # the interventions really differ
 
 
+def _mixed_batch_as_hf(
+    engine: VllmEngine, handle: ModelHandle, requests: list[GenerationRequest]
+) -> list[GenerationResult]:
+    """Run ``requests`` as one batch on both engines; all but two rows give the hf engine's
+    tokens and those part from it at a tie (:func:`_same_tokens`). Returns the hf results."""
+    expected = Engine(handle, max_batch=len(requests)).run(requests)
+    got = engine.run(requests)
+    same = _same_tokens(handle, requests, expected, got)
+    assert len(same) >= len(requests) - 2
+    return expected
+
+
 def _same_tokens(
     handle: ModelHandle,
     requests: Sequence[GenerationRequest],
@@ -287,10 +299,7 @@ def test_prompt_gates_equal_the_hf_engine(
         for mix in mixes
         for ids in prompts
     ]
-    expected = Engine(smollm2, max_batch=len(requests)).run(requests)
-    got = engine.run(requests)
-    same = _same_tokens(smollm2, requests, expected, got)
-    assert len(same) >= len(requests) - 2
+    expected = _mixed_batch_as_hf(engine, smollm2, requests)
     tokens = [r.token_ids for r in expected]
     for mix in (1, 3):  # against the same mix without the gate
         gated = tokens[mix * len(prompts) : (mix + 1) * len(prompts)]
@@ -331,10 +340,7 @@ def test_token_gates_equal_the_hf_engine(
         (token, summed),
     ]
     requests = [_request(prompt, mix, top_logprobs=0) for mix in mixes for prompt in PROMPTS]
-    expected = Engine(smollm2, max_batch=len(requests)).run(requests)
-    got = engine.run(requests)
-    same = _same_tokens(smollm2, requests, expected, got)
-    assert len(same) >= len(requests) - 2
+    expected = _mixed_batch_as_hf(engine, smollm2, requests)
     tokens = [r.token_ids for r in expected]
     for gated, ungated in ((1, 0), (3, 2)):  # each gate changes some reply
         n = len(PROMPTS)
@@ -372,10 +378,7 @@ def test_sae_feature_sliders_equal_the_hf_engine(
         (Gated(FeatureCondition(sae, 2, 0.0), Clamp(sae, 6, 30.0), scope=GateScope.TOKEN),),
     ]
     requests = [_request(prompt, mix, top_logprobs=0) for mix in mixes for prompt in PROMPTS]
-    expected = Engine(smollm2, max_batch=len(requests)).run(requests)
-    got = engine.run(requests)
-    same = _same_tokens(smollm2, requests, expected, got)
-    assert len(same) >= len(requests) - 2
+    expected = _mixed_batch_as_hf(engine, smollm2, requests)
     n = len(PROMPTS)
     tokens = [r.token_ids for r in expected]
     for mix in (1, 3, 4, 5):  # the clamps and the feature gates change replies
@@ -468,10 +471,7 @@ def test_reply_gates_equal_the_hf_engine(
         for mix in mixes
         for ids in prompts
     ]
-    expected = Engine(smollm2, max_batch=len(requests)).run(requests)
-    got = engine.run(requests)
-    same = _same_tokens(smollm2, requests, expected, got)
-    assert len(same) >= len(requests) - 2
+    expected = _mixed_batch_as_hf(engine, smollm2, requests)
     n = len(prompts)
     tokens = [r.token_ids for r in expected]
     for mix in (1, 2):  # each gate starts some replies over, not all
