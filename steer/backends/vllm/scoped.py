@@ -1,15 +1,16 @@
-"""Token gates and SAE feature sliders applied inside vLLM's flattened forward passes.
+"""Scoped ops inside vLLM's flattened passes: token gates, SAE sliders, speaker scopes.
 
 Imports no vLLM; runs in vLLM's worker processes.
 
 A token gate decides per token, from that token's residual at its condition's hooks, in the
 same forward pass; its ops act on the tokens where it fired, at or after the deciding hook
 (:class:`steer.gates.Gated`). A Clamp or Scale feature slider encodes the tokens it covers with
-its SAE, edits one feature and adds the decoded difference (:mod:`steer.sae.sliders`). The hf
-engine applies both kinds after the ungated ops at their point, one after another, each on the
-stream as the ops before it left it, and only on the tokens of the rows that asked; so does
-:class:`ScopedPass`, for each registered steering (key) on the tokens of the rows naming it.
-Gate decisions live in the pass and never outlive it.
+its SAE, edits one feature and adds the decoded difference (:mod:`steer.sae.sliders`). A
+speaker-scoped op acts on its speaker's tokens; a fired prompt or reply gate's edit on every
+token. The hf engine applies all of these after the ungated ops at their point, one after
+another, each on the stream as the ops before it left it, and only on the tokens of the rows
+that asked; so does :class:`ScopedPass`, for each registered steering (key) on the tokens of the
+rows naming it. Gate decisions live in the pass and never outlive it.
 """
 
 from __future__ import annotations
