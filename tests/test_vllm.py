@@ -154,6 +154,28 @@ def _mixed_batch_as_hf(
     return expected
 
 
+def _id_requests(
+    prompts: Sequence[Sequence[int]],
+    mixes: Sequence[tuple[Intervention, ...]],
+    max_new_tokens: int,
+) -> list[GenerationRequest]:
+    """Greedy requests for every prompt (token ids) under every mix, mix by mix."""
+    return [
+        GenerationRequest(
+            prompt_ids=tuple(ids), interventions=mix, sampling=GREEDY, max_new_tokens=max_new_tokens
+        )
+        for mix in mixes
+        for ids in prompts
+    ]
+
+
+def _changed(results: Sequence[GenerationResult], rows: int, mix: int, against: int = 0) -> int:
+    """How many of mix ``mix``'s ``rows`` replies differ from mix ``against``'s (the results of
+    requests laid out mix by mix, ``rows`` to a mix)."""
+    tokens = [result.token_ids for result in results]
+    return sum(tokens[mix * rows + i] != tokens[against * rows + i] for i in range(rows))
+
+
 def _same_tokens(
     handle: ModelHandle,
     requests: Sequence[GenerationRequest],
@@ -292,19 +314,10 @@ def test_prompt_gates_equal_the_hf_engine(
         scope=GateScope.PROMPT,
     )
     mixes: list[tuple[Intervention, ...]] = [(), (ablate,), (early,), (early, push)]
-    requests = [
-        GenerationRequest(
-            prompt_ids=tuple(ids), interventions=mix, sampling=GREEDY, max_new_tokens=12
-        )
-        for mix in mixes
-        for ids in prompts
-    ]
+    requests = _id_requests(prompts, mixes, max_new_tokens=12)
     expected = _mixed_batch_as_hf(engine, smollm2, requests)
-    tokens = [r.token_ids for r in expected]
     for mix in (1, 3):  # against the same mix without the gate
-        gated = tokens[mix * len(prompts) : (mix + 1) * len(prompts)]
-        ungated = tokens[(mix - 1) * len(prompts) : mix * len(prompts)]
-        changed = sum(a != b for a, b in zip(gated, ungated, strict=True))
+        changed = _changed(expected, len(prompts), mix, mix - 1)
         assert 0 < changed < len(prompts), mix  # the gate fired on some rows, not all
     (registered,) = engine.llm.collective_rpc(_registered_keys)
     assert registered == 0
@@ -341,13 +354,8 @@ def test_token_gates_equal_the_hf_engine(
     ]
     requests = [_request(prompt, mix, top_logprobs=0) for mix in mixes for prompt in PROMPTS]
     expected = _mixed_batch_as_hf(engine, smollm2, requests)
-    tokens = [r.token_ids for r in expected]
     for gated, ungated in ((1, 0), (3, 2)):  # each gate changes some reply
-        n = len(PROMPTS)
-        pairs = zip(
-            tokens[gated * n : (gated + 1) * n], tokens[ungated * n : gated * n], strict=True
-        )
-        assert any(a != b for a, b in pairs), gated
+        assert _changed(expected, len(PROMPTS), gated, ungated) > 0, gated
     (registered,) = engine.llm.collective_rpc(_registered_keys)
     assert registered == 0
 
@@ -379,10 +387,8 @@ def test_sae_feature_sliders_equal_the_hf_engine(
     ]
     requests = [_request(prompt, mix, top_logprobs=0) for mix in mixes for prompt in PROMPTS]
     expected = _mixed_batch_as_hf(engine, smollm2, requests)
-    n = len(PROMPTS)
-    tokens = [r.token_ids for r in expected]
     for mix in (1, 3, 4, 5):  # the clamps and the feature gates change replies
-        assert any(tokens[mix * n + i] != tokens[i] for i in range(n)), mix
+        assert _changed(expected, len(PROMPTS), mix) > 0, mix
     (registered,) = engine.llm.collective_rpc(_registered_keys)
     assert registered == 0 and not engine._saes
     (saes,) = engine.llm.collective_rpc(_registered_saes)
@@ -464,19 +470,10 @@ def test_reply_gates_equal_the_hf_engine(
         (early, any_gate, mean_gate),
         (prompt_gate, mean_gate),
     ]
-    requests = [
-        GenerationRequest(
-            prompt_ids=tuple(ids), interventions=mix, sampling=GREEDY, max_new_tokens=10
-        )
-        for mix in mixes
-        for ids in prompts
-    ]
-    expected = _mixed_batch_as_hf(engine, smollm2, requests)
-    n = len(prompts)
-    tokens = [r.token_ids for r in expected]
+    expected = _mixed_batch_as_hf(engine, smollm2, _id_requests(prompts, mixes, max_new_tokens=10))
     for mix in (1, 2):  # each gate starts some replies over, not all
-        changed = sum(tokens[mix * n + i] != tokens[i] for i in range(n))
-        assert 0 < changed < n, mix
+        changed = _changed(expected, len(prompts), mix)
+        assert 0 < changed < len(prompts), mix
     (registered,) = engine.llm.collective_rpc(_registered_keys)
     assert registered == 0 and not engine._attempts
 

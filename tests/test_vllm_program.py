@@ -37,6 +37,7 @@ from steer.runtime import forward_order
 from steer.sae.conditions import FeatureCondition
 from steer.sae.loading import SparseAutoencoder
 from steer.sae.sliders import Clamp, Scale
+from steer.sae.training import Splice
 from steer.sampling import SamplingConfig
 from steer.sampling.processors import SamplerState
 from steer.vectors import SteeringVector
@@ -323,6 +324,7 @@ def _gated(
             "interventions[1].inner",
             "hook_resid_mid",
         ),
+        (lambda: Splice(_sae()), "interventions[1]", "Splice"),
     ],
 )
 def test_vllm_runs_every_gate_scope_and_refuses_a_hook_it_lacks_by_field(

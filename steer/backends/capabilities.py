@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from steer.errors import FailedPreconditionError
 from steer.hooks import HookKind
-from steer.interventions import AddVector, GateScope, Intervention, ProjectOut, RowFunction
+from steer.interventions import Intervention, RowFunction
 from steer.sampling import SamplingConfig
 
 if TYPE_CHECKING:
@@ -22,16 +22,9 @@ class Capabilities:
     name: str
     #: hook kinds an op may sit at
     hook_kinds: frozenset[HookKind] | None = None
-    #: whether ops may be speaker-scoped, gated or arbitrary row functions (SAE sliders)
-    scoped_ops: bool = True
-    #: gates run though ``scoped_ops`` is False: these scopes, on a direction's projection, when
-    #: the gated intervention and the condition's hooks pass the other checks
-    gate_scopes: frozenset[GateScope] = frozenset()
-    #: feature sliders (Clamp, Scale) run though ``scoped_ops`` is False, and the gates in
-    #: ``gate_scopes`` may read an SAE feature
-    sae_features: bool = False
-    #: ops may be speaker-scoped though ``scoped_ops`` is False
-    speakers: bool = False
+    #: whether ops may be arbitrary row functions besides feature sliders (an SAE splice,
+    #: :class:`steer.sae.training.Splice`); gates, sliders and speaker scopes every backend runs
+    row_functions: bool = True
     #: SamplingConfig fields that may differ from their defaults
     sampler_fields: frozenset[str] | None = None
 
@@ -43,7 +36,7 @@ def check_request(request: GenerationRequest, handle: ModelHandle, caps: Capabil
     """Raise FailedPreconditionError if ``request`` needs something ``caps`` lacks."""
     if caps.sampler_fields is not None:
         _check_sampling(request.sampling, caps)
-    if caps.scoped_ops and caps.hook_kinds is None:
+    if caps.row_functions and caps.hook_kinds is None:
         return
     for index, intervention in enumerate(request.interventions):
         if not intervention.is_noop():
@@ -53,32 +46,24 @@ def check_request(request: GenerationRequest, handle: ModelHandle, caps: Capabil
 def _check_intervention(
     intervention: Intervention, handle: ModelHandle, caps: Capabilities, field: str
 ) -> None:
-    from steer.gates import Condition, Gated
+    """Check a gate's condition hooks and its inner intervention apart (their fields named),
+    any other intervention's ops."""
+    from steer.gates import Gated
     from steer.sae.sliders import FeatureSlider
 
-    if isinstance(intervention, Gated) and intervention.scope in caps.gate_scopes:
-        condition = intervention.condition
-        if not isinstance(condition, Condition) and not caps.sae_features:
-            raise FailedPreconditionError(
-                f"the {caps.name} backend gates on a direction's projection, not on an SAE "
-                "feature; serve with --backend hf for feature conditions",
-                field=f"{field}.condition",
-            )
-        for hook in condition.hooks:
+    if isinstance(intervention, Gated):
+        for hook in intervention.condition.hooks:
             point = handle.resolver.parse(hook, field=f"{field}.condition")
             _check_kind(point.kind, point.name, caps, f"{field}.condition")
         _check_intervention(intervention.inner, handle, caps, f"{field}.inner")
         return
-    kind = type(intervention).__name__
-    slider = caps.sae_features and isinstance(intervention, FeatureSlider)
+    slider = isinstance(intervention, FeatureSlider)
     for point, op in intervention.lowered(handle.resolver, handle.d_model):
-        spoken = op.speaker is None or caps.speakers
-        plain = isinstance(op, (ProjectOut, AddVector)) and spoken
-        plain = plain or (slider and isinstance(op, RowFunction) and spoken)
-        if not plain and not caps.scoped_ops:
+        if isinstance(op, RowFunction) and not slider and not caps.row_functions:
             raise FailedPreconditionError(
-                f"the {caps.name} backend cannot run {kind} interventions "
-                f"({_describe(intervention)}); serve with --backend hf for them",
+                f"the {caps.name} backend cannot run {type(intervention).__name__} "
+                "interventions (a function of the stream other than a feature slider); serve "
+                "with --backend hf for them",
                 field=field,
             )
         _check_kind(point.kind, point.name, caps, field)
@@ -91,15 +76,6 @@ def _check_kind(kind: HookKind, name: str, caps: Capabilities, field: str) -> No
             f"it has {', '.join(sorted(k.value for k in caps.hook_kinds))}",
             field=field,
         )
-
-
-def _describe(intervention: Any) -> str:
-    if getattr(intervention, "speaker", None) is not None:
-        return "speaker-scoped"
-    name = type(intervention).__name__
-    if name == "Gated":
-        return f"{intervention.scope.value}-scope gated"
-    return {"FeatureSlider": "SAE feature slider"}.get(name, name)
 
 
 def _check_sampling(sampling: SamplingConfig, caps: Capabilities) -> None:

@@ -41,7 +41,7 @@ from steer.backends.vllm.program import (
 from steer.backends.vllm.replies import ReplyWindow
 from steer.errors import ResourceExhaustedError
 from steer.hooks import HookKind
-from steer.interventions import GateScope, Intervention
+from steer.interventions import Intervention
 from steer.models import ModelHandle
 from steer.requests import (
     GenerationEvent,
@@ -67,10 +67,7 @@ CAPABILITIES = Capabilities(
             HookKind.RESID_POST,
         }
     ),
-    scoped_ops=False,
-    gate_scopes=frozenset(GateScope),
-    sae_features=True,
-    speakers=True,
+    row_functions=False,
     sampler_fields=SAMPLER_FIELDS,
 )
 

@@ -85,11 +85,7 @@ def sampling_params(
     sampling = request.sampling
     greedy = sampling.greedy
     min_tokens = request.max_new_tokens if sampling.ban_eos else sampling.min_tokens
-    extra: dict[str, Any] = {} if key is None else {EXTRA_ARGS_KEY: key}
-    if speakers is not None:
-        extra[SPEAKERS_ARGS_KEY] = speakers
-    if read_id is not None:
-        extra[PROBE_ARGS_KEY] = read_id
+    extra = _steering_args(key, speakers, read_id)
     native = sampling
     if pipeline is not None:  # steer's pipeline does every sampler; vLLM's stay neutral
         extra[PIPELINE_KEY] = pipeline
@@ -119,9 +115,6 @@ def probe_params(key: str, probe_id: str, speakers: dict[str, Any] | None = None
     """vLLM SamplingParams of a gate probe (:mod:`steer.backends.vllm.gates`): one greedy token,
     nothing returned but the end; ``key`` names its steering (its reads), ``probe_id`` the id
     the workers keep its reads under, ``speakers`` as for :func:`sampling_params`."""
-    extra: dict[str, Any] = {EXTRA_ARGS_KEY: key, PROBE_ARGS_KEY: probe_id}
-    if speakers is not None:
-        extra[SPEAKERS_ARGS_KEY] = speakers
     from vllm import SamplingParams
     from vllm.sampling_params import RequestOutputKind
 
@@ -131,5 +124,21 @@ def probe_params(key: str, probe_id: str, speakers: dict[str, Any] | None = None
         max_tokens=1,
         detokenize=False,
         output_kind=RequestOutputKind.FINAL_ONLY,
-        extra_args=extra,
+        extra_args=_steering_args(key, speakers, probe_id),
     )
+
+
+def _steering_args(
+    key: str | None, speakers: dict[str, Any] | None, read_id: str | None
+) -> dict[str, Any]:
+    """What ``extra_args`` tells the workers: the steering's key, the tokens' speakers, and the
+    id gate reads are kept under (each only where there is one)."""
+    extra: dict[str, Any] = {}
+    for name, value in (
+        (EXTRA_ARGS_KEY, key),
+        (SPEAKERS_ARGS_KEY, speakers),
+        (PROBE_ARGS_KEY, read_id),
+    ):
+        if value is not None:
+            extra[name] = value
+    return extra

@@ -145,31 +145,37 @@ class ScopedPass:
         self, point: HookPoint, target: torch.Tensor, stream: Callable[[], torch.Tensor]
     ) -> None:
         """Add the scoped ops' deltas at ``point`` to ``target`` in place, one op after another;
-        ``stream()`` gives the stream's value as the ops so far left it."""
+        ``stream()`` gives the stream's value as the ops so far left it. As the hf plan does, an
+        op's delta is computed for every token of its group and weighted by the mask of the
+        tokens it acts on (no wait on the device to pick them out)."""
         for group in self.groups:
-            is_prompt = group.is_prompt
+            tokens = group.tokens
             for entry in group.table.ops.get(point, ()):
-                if entry.gate is None:
-                    mask = torch.ones_like(is_prompt)
-                else:
-                    mask = self.fired[(group.key, entry.gate)]
-                if entry.phase is not Phase.ALL:
-                    mask = mask & (is_prompt if entry.phase is Phase.PROMPT else ~is_prompt)
-                if entry.speaker is not None:
-                    mask = mask & group.speakers[entry.speaker]
-                chosen = group.tokens[mask]
-                if chosen.numel() == 0:
-                    continue
+                mask = self._mask(group, entry)
                 op = entry.op
                 if isinstance(op, AddVector):
-                    delta = op.vector.expand(chosen.numel(), -1)
+                    delta = op.vector.expand(tokens.shape[0], -1)
                 else:
-                    x = stream().index_select(0, chosen)
-                    if op is None:
+                    x = stream().index_select(0, tokens)
+                    if op is None:  # a slider edits the covered tokens only
                         assert entry.edit is not None
-                        covered = torch.ones(chosen.numel(), dtype=torch.bool, device=x.device)
-                        delta = entry.edit(x, covered) - x
+                        covered = torch.ones_like(group.is_prompt) if mask is None else mask
+                        delta, mask = entry.edit(x, covered) - x, None
                     else:
                         coefficient = (x @ op.unit)[:, None] * op.weight
                         delta = -(coefficient * op.unit)
-                target.index_add_(0, chosen, delta.to(target.dtype))
+                if mask is not None:
+                    delta = delta * mask[:, None].to(delta.dtype)
+                target.index_add_(0, tokens, delta.to(target.dtype))
+
+    def _mask(self, group: Group, entry: _Op) -> torch.Tensor | None:
+        """The tokens of ``group`` that ``entry`` acts on (None: all of them): where its gate
+        fired, of its phase, of its speaker."""
+        mask = None if entry.gate is None else self.fired[(group.key, entry.gate)]
+        if entry.phase is not Phase.ALL:
+            phase = group.is_prompt if entry.phase is Phase.PROMPT else ~group.is_prompt
+            mask = phase if mask is None else mask & phase
+        if entry.speaker is not None:
+            spoken = group.speakers[entry.speaker]
+            mask = spoken if mask is None else mask & spoken
+        return mask

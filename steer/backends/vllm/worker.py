@@ -165,16 +165,21 @@ class WorkerSteering:
                 self._programs.popitem(last=False)
         else:
             self._programs.move_to_end(keys)
-        reads = self._gate_reads(keys, batch.req_ids, rows, positions[:total], prompt_lengths)
-        scoped = self._scoped(keys, batch, rows, positions[:total], is_prompt)
+        starts = self.runner.query_start_loc.cpu[: count + 1].tolist()
+        computed = batch.num_computed_tokens_cpu[:count].tolist()
+        # per row: its first token's index in the pass, its token count there, the first one's
+        # position (vLLM lays each row's tokens end to end, positions going on from its
+        # computed tokens), from the CPU copies the runner keeps: no wait on the device
+        spans = [(starts[r], starts[r + 1] - starts[r], computed[r]) for r in range(count)]
+        reads = self._gate_reads(keys, batch, spans, positions.device)
+        scoped = self._scoped(keys, batch, spans, is_prompt)
         self.current = _Pass(programs, rows, is_prompt, reads, scoped)
 
     def _scoped(
         self,
         keys: tuple[str | None, ...],
         batch: Any,
-        rows: torch.Tensor,
-        positions: torch.Tensor,
+        spans: list[tuple[int, int, int]],
         is_prompt: torch.Tensor,
     ) -> ScopedPass | None:
         """This pass's token gates and scoped ops: per key that has them, the tokens of the rows
@@ -182,72 +187,66 @@ class WorkerSteering:
         groups = []
         for key in dict.fromkeys(k for k in keys if k is not None and k in self.scoped_tables):
             table = self.scoped_tables[key]
-            members = torch.tensor(
-                [row for row, named in enumerate(keys) if named == key], device=rows.device
-            )
-            tokens = torch.nonzero(torch.isin(rows, members)).squeeze(1)
+            members = [row for row, named in enumerate(keys) if named == key]
+            flat = [torch.arange(spans[r][0], spans[r][0] + spans[r][1]) for r in members]
+            tokens = torch.cat(flat).to(is_prompt.device)
             speakers = {}
             if table.speakers:
-                names = self._speakers(batch, rows[tokens].tolist(), positions[tokens].tolist())
+                names = [name for r in members for name in self._speakers(batch, r, spans[r])]
                 for speaker in table.speakers:
                     chosen = [name == speaker for name in names]
-                    speakers[speaker] = torch.tensor(chosen, device=rows.device)
+                    speakers[speaker] = torch.tensor(chosen, device=is_prompt.device)
             groups.append(Group(key, table, tokens, is_prompt[tokens], speakers))
         return ScopedPass(groups) if groups else None
 
-    def _speakers(self, batch: Any, rows: list[int], positions: list[int]) -> list[str | None]:
-        """Each token's speaker, from its request's ``extra_args`` (None: nobody's)."""
-        names: list[str | None] = []
-        requests: dict[int, dict] = {}
-        for row, position in zip(rows, positions, strict=True):
-            spoken = requests.get(row)
-            if spoken is None:
-                args = _extra_args(self.runner, batch.req_ids[row])
-                spoken = requests[row] = args.get(SPEAKERS_ARGS_KEY) or {}
-            prompt = spoken.get("prompt")
-            if position >= int(batch.num_prompt_tokens[row]):
-                names.append(spoken.get("generated"))
-            else:
-                names.append(None if prompt is None else prompt[position])
-        return names
+    def _speakers(self, batch: Any, row: int, span: tuple[int, int, int]) -> list[str | None]:
+        """The speaker of each of ``row``'s tokens in this pass, from its request's
+        ``extra_args`` (None: nobody's)."""
+        spoken = _extra_args(self.runner, batch.req_ids[row]).get(SPEAKERS_ARGS_KEY) or {}
+        prompt, length = spoken.get("prompt"), int(batch.num_prompt_tokens[row])
+        _, count, first = span
+        return [
+            spoken.get("generated")
+            if position >= length
+            else (None if prompt is None else prompt[position])
+            for position in range(first, first + count)
+        ]
 
     def _gate_reads(
         self,
         keys: tuple[str | None, ...],
-        request_ids: list[str],
-        rows: torch.Tensor,
-        positions: torch.Tensor,
-        prompt_lengths: torch.Tensor,
+        batch: Any,
+        spans: list[tuple[int, int, int]],
+        device: torch.device,
     ) -> dict[HookPoint, _Reads]:
-        """Where this pass reads gates: for each row whose steering reads, the tokens at the
+        """Where this pass reads gates: for each row whose steering reads, its tokens at the
         offsets its reads' windows cover, counted from the prompt's last token (offset 0; a
         chunked prompt's earlier chunks read nothing; a reply gate's window goes on over the
         tokens the reply feeds back)."""
-        reading = {row: key for row, key in enumerate(keys) if key and self.specs[key].reads}
-        if not reading:
-            return {}
-        widest = max(read.window for key in reading.values() for read in self.specs[key].reads)
-        offsets = positions - (prompt_lengths[rows] - 1)
-        near = torch.nonzero((offsets >= 0) & (offsets < widest)).squeeze(1)
         found: dict[HookPoint, tuple[list[int], list[GateRead], list[tuple[str, int, int]]]] = {}
-        for token, row, offset in zip(
-            near.tolist(), rows[near].tolist(), offsets[near].tolist(), strict=True
-        ):
-            key = reading.get(row)
-            if key is None:
+        for row, key in enumerate(keys):
+            reads = self.specs[key].reads if key else ()
+            if not reads:
                 continue
-            request_id = _extra_args(self.runner, request_ids[row])[PROBE_ARGS_KEY]
-            if offset == 0 or request_id not in self.values:
-                self.values[request_id] = {}
-                while len(self.values) > READS_KEPT:
-                    self.values.popitem(last=False)
-            for read in self.specs[key].reads:
-                if offset < read.window:
-                    tokens, reads, labels = found.setdefault(read.point, ([], [], []))
-                    tokens.append(token)
-                    reads.append(read)
-                    labels.append((request_id, read.gate, offset))
-        device = positions.device
+            start, count, first = spans[row]
+            last = int(batch.num_prompt_tokens[row]) - 1
+            widest = max(read.window for read in reads)
+            positions = range(max(first, last), min(first + count, last + widest))
+            if not positions:
+                continue
+            request_id = _extra_args(self.runner, batch.req_ids[row])[PROBE_ARGS_KEY]
+            for position in positions:
+                offset = position - last
+                if offset == 0 or request_id not in self.values:
+                    self.values[request_id] = {}
+                    while len(self.values) > READS_KEPT:
+                        self.values.popitem(last=False)
+                for read in reads:
+                    if offset < read.window:
+                        tokens, kept, labels = found.setdefault(read.point, ([], [], []))
+                        tokens.append(start + position - first)
+                        kept.append(read)
+                        labels.append((request_id, read.gate, offset))
         return {
             point: _Reads(torch.tensor(tokens, device=device), reads, labels)
             for point, (tokens, reads, labels) in found.items()
