@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import pickle
 from pathlib import Path
 
 import pytest
@@ -100,6 +101,17 @@ def test_encode_decode_match_saelens(llama: ModelHandle, saved) -> None:  # type
     assert torch.equal(sae.encode(read), expected_features)
     assert torch.equal(sae.decode(sae.encode(read)), expected_reconstruction)
     assert (expected_features > 0).any()
+
+
+def test_pickled_sae_encodes_and_decodes_alike(llama: ModelHandle, saved) -> None:  # type: ignore[no-untyped-def]
+    """vLLM's tensor-parallel workers get SAEs pickled; SAELens' SAE alone cannot be."""
+    sae = load_sae(saved[1], llama)
+    back = pickle.loads(pickle.dumps(sae))
+    assert type(back.sae) is type(sae.sae) and back.path == sae.path
+    assert back.metadata == sae.metadata and back.hook_name == sae.hook_name
+    read = torch.randn(5, 64)
+    assert torch.equal(back.encode(read), sae.encode(read))
+    assert torch.equal(back.decode(back.encode(read)), sae.decode(sae.encode(read)))
 
 
 def test_clamp_matches_saelens_error_term_splice(llama: ModelHandle, saved) -> None:  # type: ignore[no-untyped-def]

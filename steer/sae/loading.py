@@ -76,6 +76,21 @@ class SparseAutoencoder:
     def hook_point(self, num_layers: int) -> HookPoint:
         return parse_hook_name(self.hook_name, num_layers, field="sae.hook_name")
 
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickled as its SAE's config and weights (vLLM's tensor-parallel workers receive SAEs
+        pickled; SAELens' ``SAE`` object holds a local function pickle cannot take)."""
+        state = dict(self.__dict__)
+        state["sae"] = (self.sae.cfg.to_dict(), self.sae.state_dict())
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        from sae_lens import SAE
+
+        config, weights = state["sae"]
+        sae = SAE.from_dict(config)
+        sae.load_state_dict(weights)
+        self.__dict__.update({**state, "sae": sae.eval()})
+
     @torch.no_grad()
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """(..., d_in) -> (..., num_features), float32, dense."""

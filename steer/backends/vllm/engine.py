@@ -324,8 +324,8 @@ class VllmEngine:
     def _take_reads(self, ids: list[str]) -> dict[str, dict[tuple[int, int], float]]:
         """The gate values the workers read for ``ids``, by (gate, offset)."""
         taken: dict[str, dict[tuple[int, int], float]] = {}
-        for reads in self.llm.collective_rpc(worker.take_reads, args=(ids,)):
-            taken = taken or reads  # every worker reads the same residual; the first suffices
+        for packed in self.llm.collective_rpc(worker.take_reads, args=(ids,)):
+            taken = taken or worker.unpack(packed)  # every worker reads the same residual
         return taken
 
     def run(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
@@ -461,11 +461,11 @@ class VllmEngine:
         """Register ``spec`` in every worker under ``key``, the SAEs its sliders read first."""
         for sae in spec.saes:
             if sae not in self._sae_users:
-                self.llm.collective_rpc(worker.register_sae, args=(sae, saes[sae]))
+                self.llm.collective_rpc(worker.register_sae, args=(sae, worker.pack(saes[sae])))
                 self._saes[sae] = saes[sae]  # held while registered: its key stays its own
                 self._sae_users[sae] = 0
             self._sae_users[sae] += 1
-        self.llm.collective_rpc(worker.register, args=(key, spec))
+        self.llm.collective_rpc(worker.register, args=(key, worker.pack(spec)))
         self._registered[key] = spec
 
 

@@ -4,9 +4,10 @@ Whatever steer loads (an offline name, a HF directory, a GGUF file, base + LoRA,
 output) reaches vLLM as a safetensors directory: :func:`export_for_vllm` writes the loaded
 weights once, under the cache directory, named by their weight hash, so the next start (and any
 other process) reuses it. The engine runs in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``)
-unless tensor parallelism spreads it over several GPUs; its workers then get steer's hooks by
-``collective_rpc``, which needs ``VLLM_ALLOW_INSECURE_SERIALIZATION=1`` (set here, for functions
-of this package only). Hooks need eager execution: ``enforce_eager`` is always on.
+unless tensor parallelism spreads it over several GPUs (or CPU workers, each bound to its share of
+the cores: :func:`cpu_workers_bound`); its workers then get steer's hooks by ``collective_rpc``,
+which needs ``VLLM_ALLOW_INSECURE_SERIALIZATION=1`` (set here, for functions of this package
+only). Hooks need eager execution: ``enforce_eager`` is always on.
 """
 
 from __future__ import annotations
@@ -103,6 +104,40 @@ def _dequantized_record(model: Any) -> Iterator[None]:
             config.quantization_config = record
 
 
+def _numa_nodes() -> int:
+    return len(list(Path("/sys/devices/system/node").glob("node[0-9]*")))
+
+
+@contextlib.contextmanager
+def cpu_workers_bound(workers: int) -> Iterator[None]:
+    """While vLLM starts ``workers`` CPU workers, give each its own share of this process's cores.
+
+    vLLM binds each CPU worker's threads to a NUMA node of its own and will not start more
+    workers than the machine has nodes; on fewer nodes (one, on most machines) the cores are
+    split here instead, in ``VLLM_CPU_OMP_THREADS_BIND`` for the start only (a later start with
+    another worker count reads it too). A binding the user set is kept.
+    """
+    if "VLLM_CPU_OMP_THREADS_BIND" in os.environ or _numa_nodes() >= workers:
+        yield  # the user's binding, or vLLM's own: a node per worker
+        return
+    cores = sorted(os.sched_getaffinity(0))
+    if len(cores) < workers:
+        raise FailedPreconditionError(
+            f"tensor_parallel_size {workers} needs a CPU core per worker; "
+            f"this process may use {len(cores)}",
+            field="tensor_parallel_size",
+        )
+    share = len(cores) // workers
+    groups = [cores[rank * share : (rank + 1) * share] for rank in range(workers)]
+    os.environ["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(
+        ",".join(str(core) for core in group) for group in groups
+    )
+    try:
+        yield
+    finally:
+        del os.environ["VLLM_CPU_OMP_THREADS_BIND"]
+
+
 def start_vllm(
     handle: ModelHandle, *, max_batch: int = 16, options: VllmOptions | None = None
 ) -> Any:
@@ -136,7 +171,10 @@ def start_vllm(
     if handle.device.type == "cuda":
         arguments["gpu_memory_utilization"] = options.gpu_memory_utilization
     threads = torch.get_num_threads()
-    llm = LLMEngine.from_engine_args(EngineArgs(**arguments))
+    workers = options.tensor_parallel_size
+    cpu = handle.device.type == "cpu" and workers > 1
+    with cpu_workers_bound(workers) if cpu else contextlib.nullcontext():
+        llm = LLMEngine.from_engine_args(EngineArgs(**arguments))
     # vLLM's CPU worker drops torch to one thread "for serving" several workers; in this
     # process it would slow the hf side (jobs, feature reads) and vLLM's own forward alike
     torch.set_num_threads(threads)

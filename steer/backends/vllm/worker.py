@@ -28,6 +28,7 @@ graphs would replay kernels without them).
 
 from __future__ import annotations
 
+import pickle
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -374,21 +375,38 @@ def install(worker: Any) -> int:
     return len(_steering(worker).layers)
 
 
-def register(worker: Any, key: str, spec: SteeringSpec) -> None:
-    _steering(worker).register(key, spec)
+def pack(value: Any) -> bytes:
+    """``value`` as bytes for a ``collective_rpc`` argument or result.
+
+    With more than one worker (tensor parallel) vLLM sends them to other processes by msgpack,
+    which turns a dataclass into a plain dict and a tuple key into a list; pickled bytes cross
+    as they are. Only steer's own process sends them, to its own vLLM workers.
+    """
+    return pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
+
+
+def unpack(data: bytes) -> Any:
+    return pickle.loads(data)  # bytes from this process tree only (pack)
+
+
+def register(worker: Any, key: str, spec: bytes) -> None:
+    """Register the :class:`SteeringSpec` that :func:`pack` made ``spec`` under ``key``."""
+    _steering(worker).register(key, unpack(spec))
 
 
 def forget(worker: Any, keys: list[str]) -> None:
     _steering(worker).forget(keys)
 
 
-def take_reads(worker: Any, request_ids: list[str]) -> dict[str, dict[tuple[int, int], float]]:
-    return _steering(worker).take_reads(request_ids)
+def take_reads(worker: Any, request_ids: list[str]) -> bytes:
+    """:meth:`WorkerSteering.take_reads`, packed (its keys are tuples)."""
+    return pack(_steering(worker).take_reads(request_ids))
 
 
-def register_sae(worker: Any, key: str, sae: SparseAutoencoder) -> None:
-    """Keep ``sae`` for the sliders that name ``key`` (registered before their steering)."""
-    _steering(worker).saes[key] = sae
+def register_sae(worker: Any, key: str, sae: bytes) -> None:
+    """Keep the packed :class:`SparseAutoencoder` ``sae`` for the sliders that name ``key``
+    (registered before their steering)."""
+    _steering(worker).saes[key] = unpack(sae)
 
 
 def forget_sae(worker: Any, key: str) -> None:
