@@ -145,3 +145,11 @@ def test_cpu_workers_get_a_share_of_the_cores_each(monkeypatch: pytest.MonkeyPat
     monkeypatch.setattr(launch, "_numa_nodes", lambda: 2)
     with launch.cpu_workers_bound(2):  # a node per worker: vLLM's own binding
         assert "VLLM_CPU_OMP_THREADS_BIND" not in os.environ
+
+
+def test_a_split_the_heads_do_not_allow_is_refused_before_vllm_starts() -> None:
+    from tiny import VLLM_SIZES, tiny_handle
+
+    handle = tiny_handle("llama", seed=4, **VLLM_SIZES)  # 2 heads
+    with pytest.raises(FailedPreconditionError, match="must divide the model's 2 attention heads"):
+        start_vllm(handle, options=VllmOptions(tensor_parallel_size=3))

@@ -144,6 +144,13 @@ def start_vllm(
     """A vLLM V1 ``LLMEngine`` on ``handle``'s weights, ready for steer's hooks."""
     require_vllm()
     options = options or VllmOptions()
+    heads = int(getattr(handle.model.config, "num_attention_heads", 1) or 1)
+    if heads % options.tensor_parallel_size:
+        raise FailedPreconditionError(
+            f"tensor_parallel_size {options.tensor_parallel_size} must divide the model's "
+            f"{heads} attention heads (each worker holds an equal share of them)",
+            field="tensor_parallel_size",
+        )
     directory = export_for_vllm(handle)
     os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(options.kv_cache_gib)
     if options.tensor_parallel_size == 1:
