@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from dataclasses import replace
 
 import pytest
 import torch
@@ -97,6 +98,7 @@ def test_two_workers_equal_the_hf_engine() -> None:
 
     handle = tiny_handle("llama", seed=4, **VLLM_SIZES)
     mixes = _mixes(handle)
+    rows = len(PROMPTS)
     requests = [
         GenerationRequest(
             prompt=prompt,
@@ -107,6 +109,15 @@ def test_two_workers_equal_the_hf_engine() -> None:
         for mix in mixes
         for prompt in PROMPTS
     ]
+    # steer's logits processor inside the workers: a penalty range and DRY (vLLM has neither)
+    rp = SamplingConfig(
+        temperature=0.0,
+        repetition_penalty=3.0,
+        repetition_penalty_range=8,
+        dry_multiplier=2.0,
+        dry_allowed_length=1,
+    )
+    requests += [replace(request, sampling=rp) for request in requests[rows : 2 * rows]]
     options = VllmOptions(kv_cache_gib=1, tensor_parallel_size=2)
     engine = VllmEngine(handle, start_vllm(handle, max_batch=16, options=options), max_batch=16)
     try:
@@ -116,7 +127,8 @@ def test_two_workers_equal_the_hf_engine() -> None:
         engine.close(final=True)
     expected = Engine(handle, max_batch=16).run(requests)
     assert [r.token_ids for r in got] == [r.token_ids for r in expected]
-    rows = len(PROMPTS)
+    penalised = expected[len(mixes) * rows :]
+    assert any(d.token_ids != e.token_ids for d, e in zip(penalised, expected[rows:], strict=False))
     for mix in range(1, len(mixes)):
         changed = sum(
             expected[mix * rows + row].token_ids != expected[row].token_ids for row in range(rows)
