@@ -2,9 +2,9 @@
 
 The config tests run everywhere; the Ray tests need the [ray] extra and run in a pytest process
 of their own (scripts/test.sh): a local Ray with 2 CPUs, two replicas holding one model each,
-HTTP and gRPC requests with their own steering equal to the single-process engine, routing by
-model id, a direction job run as a Ray task equal to the same compute in process, a replica
-killed mid-stream, and a shutdown that leaves no Ray process behind.
+HTTP and gRPC requests with their own steering equal to the single-process engine (on a replica
+running vLLM too), routing by model id, a direction job run as a Ray task equal to the same
+compute in process, a replica killed mid-stream, and a shutdown that leaves no Ray process behind.
 """
 
 from __future__ import annotations
@@ -436,6 +436,51 @@ def test_a_killed_replica_fails_only_its_streams_and_the_app_recovers(
             return
         time.sleep(2)
     pytest.fail("the application did not recover from the killed replica")
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_a_replica_on_the_vllm_backend_equals_the_single_process_engine(
+    smollm2: ModelHandle, tmp_path: Path
+) -> None:
+    """The replica runs vLLM inside its Ray actor; steered and plain requests give the hf
+    engine's text (the module's application is stopped first: one Ray per process)."""
+    pytest.importorskip("ray")
+    pytest.importorskip("vllm")
+    import ray
+
+    from steer.cli.deploy import start, stop
+
+    if ray.is_initialized():
+        stop()
+    config = ClusterConfig.from_dict(
+        {
+            **_config(_free_port(), _free_port()).to_dict(),
+            "models": {"a": MODELS["a"]},
+            "replicas": {"num_replicas": 1, "num_cpus": 1},
+            "server": {
+                "models_root": str(tmp_path),
+                "max_batch": 8,
+                "backend": "vllm",
+                "kv_cache_gib": 1,
+            },
+        }
+    )
+    temp = _short_temp_dir()
+    start(config, temp_dir=temp)
+    try:
+        for index in (0, 1):
+            response = httpx.post(
+                f"http://{config.host}:{config.port}/v1/chat/completions",
+                json=_body("a", index),
+                timeout=600,
+            )
+            assert response.status_code == 200, response.text
+            text = response.json()["choices"][0]["message"]["content"]
+            assert text == _expected(smollm2, index), index
+    finally:
+        stop()
+        shutil.rmtree(temp, ignore_errors=True)
 
 
 @pytest.mark.ray
