@@ -4,6 +4,7 @@ docs/reliability.md
     python scripts/fuzz_service.py [--count 1000] [--http 300] [--seed 1]
                                    [--model tiny|smollm2|all] [--services Generation,Bake]
                                    [--garbage 0.1] [--failures FILE] [--no-docs]
+                                   [--backend hf|vllm]
 
 Serves the tiny random llama of tests/tiny.py (``--model smollm2``: SmolLM2-135M-Instruct from
 its PyPI package; ``all``: one run on each) from a fresh models root and sends ``--count``
@@ -57,20 +58,23 @@ from fuzzing import (
     status_table,
 )
 from report import emit, machine, table, write_section
-from tiny import tiny_handle
+from tiny import VLLM_SIZES, tiny_handle
 
 from steer.models import ModelHandle, load_model
 
 SMOLLM2 = "smollm2-135m-instruct"
 
 
-def serve(model: str) -> tuple[ModelHandle, dict[str, Any]]:
-    """The handle to serve and the fuzz_server options for ``model``."""
-    tiny = tiny_handle("llama")
+def serve(model: str, backend: str = "hf") -> tuple[ModelHandle, dict[str, Any]]:
+    """The handle to serve and the fuzz_server options for ``model`` on ``backend``."""
+    # vLLM's CPU attention has no kernel for the tiny configs' 16-wide heads
+    tiny = tiny_handle("llama", **(VLLM_SIZES if backend == "vllm" else {}))
+    engine = {} if backend == "hf" else {"backend": backend, "kv_cache_gib": 1}
     if model == "tiny":
-        return tiny, {"model_id": "tiny"}
+        return tiny, {"model_id": "tiny", **engine}
     handle = load_model(SMOLLM2)
-    return handle, {"model_id": "smollm2", "model_source": SMOLLM2, "bake_source": tiny}
+    options = {"model_id": "smollm2", "model_source": SMOLLM2, "bake_source": tiny}
+    return handle, {**options, **engine}
 
 
 def failure_record(key: str, case: Any, outcome: Outcome, count: int) -> dict[str, Any]:
@@ -113,12 +117,16 @@ def _failures_table(result: FuzzResult, what: str) -> list[str]:
     return ["", "Distinct failures (the smallest request of each):", "", table(failures, columns)]
 
 
+def _backend(args: argparse.Namespace) -> str:
+    return "" if args.backend == "hf" else f" --backend {args.backend}"
+
+
 def markdown(model: str, result: FuzzResult, args: argparse.Namespace, seconds: float) -> str:
     rows, columns = status_table(result)
     jobs = ", ".join(f"{state} {n}" for state, n in sorted(result.jobs.items())) or "none"
     lines = [
-        f"`python scripts/fuzz_service.py --model {model} --count {args.count} --seed "
-        f"{args.seed} --garbage {args.garbage}`: {len(result.outcomes)} requests in "
+        f"`python scripts/fuzz_service.py --model {model}{_backend(args)} --count {args.count} "
+        f"--seed {args.seed} --garbage {args.garbage}`: {len(result.outcomes)} requests in "
         f"{seconds:.0f} s on {machine()}.",
         "",
         f"INTERNAL/UNKNOWN: **{result.internal}**; normal streams sent beside a request: "
@@ -137,8 +145,8 @@ def http_markdown(model: str, result: FuzzResult, args: argparse.Namespace, seco
         row["route"] = row.pop("rpc")
     columns = ["route", *columns[1:]]
     lines = [
-        f"`python scripts/fuzz_service.py --model {model} --http {args.http} --seed "
-        f"{args.seed}`: {len(result.outcomes)} HTTP requests in {seconds:.0f} s on "
+        f"`python scripts/fuzz_service.py --model {model}{_backend(args)} --http {args.http} "
+        f"--seed {args.seed}`: {len(result.outcomes)} HTTP requests in {seconds:.0f} s on "
         f"{machine()}.",
         "",
         f"5xx: **{result.internal}**; normal streams (over HTTP) sent beside a generation "
@@ -175,10 +183,11 @@ def _summary(result: FuzzResult, seconds: float) -> dict[str, Any]:
 
 
 def fuzz(model: str, args: argparse.Namespace) -> dict[str, Any]:
-    served, options = serve(model)
+    served, options = serve(model, args.backend)
+    name = model if args.backend == "hf" else f"{model}-{args.backend}"
     if args.http > 0:
         options["http_port"] = 0
-    record: dict[str, Any] = {"model": model, "seed": args.seed}
+    record: dict[str, Any] = {"model": model, "backend": args.backend, "seed": args.seed}
     with (
         tempfile.TemporaryDirectory(prefix="steer-fuzz-") as directory,
         fuzz_server(served, Path(directory) / "models", **options) as fuzzer,
@@ -209,7 +218,7 @@ def fuzz(model: str, args: argparse.Namespace) -> dict[str, Any]:
             if not args.no_docs and not args.services:
                 write_section(
                     "reliability.md",
-                    f"fuzz-{model}",
+                    f"fuzz-{name}",
                     markdown(model, result, args, seconds),
                     "Reliability",
                 )
@@ -228,7 +237,7 @@ def fuzz(model: str, args: argparse.Namespace) -> dict[str, Any]:
             if not args.no_docs:
                 write_section(
                     "reliability.md",
-                    f"fuzz-http-{model}",
+                    f"fuzz-http-{name}",
                     http_markdown(model, result, args, seconds),
                     "Reliability",
                 )
@@ -246,6 +255,9 @@ def main() -> int:
     parser.add_argument("--garbage", type=float, default=0.1, help="fraction of raw bytes")
     parser.add_argument("--failures", help="write the distinct failures here (JSON lines)")
     parser.add_argument("--no-docs", action="store_true", help="do not write docs/reliability.md")
+    parser.add_argument(
+        "--backend", choices=("hf", "vllm"), default="hf", help="the server's engine (default hf)"
+    )
     args = parser.parse_args()
     models = ("tiny", "smollm2") if args.model == "all" else (args.model,)
     clean = True

@@ -713,6 +713,20 @@ def test_what_the_backend_lacks_is_refused_by_name(
     assert not engine.has_work
 
 
+def test_unloading_one_model_leaves_the_others_serving(engine: VllmEngine) -> None:
+    """vLLM engines running in this process share its distributed state; shutting one down
+    (a model unloaded) used to tear it down under the others, whose every step then failed."""
+    from tiny import VLLM_SIZES, tiny_handle
+
+    want = engine.run([_request(PROMPTS[1], max_new_tokens=6)])
+    handle = tiny_handle("llama", seed=4, **VLLM_SIZES)
+    other = VllmEngine(handle, start_vllm(handle, max_batch=4, options=VllmOptions(kv_cache_gib=1)))
+    other.run([GenerationRequest(prompt="The knight", sampling=GREEDY, max_new_tokens=3)])
+    other.close(final=True)
+    have = engine.run([_request(PROMPTS[1], max_new_tokens=6)])
+    assert have[0].token_ids == want[0].token_ids and have[0].finish_reason == "length"
+
+
 @pytest.mark.parametrize("architecture", ["llama", "mistral", "qwen2"])
 def test_every_supported_architecture_equals_the_hf_engine(architecture: str) -> None:
     """Tiny random models of each family the backend claims, mixed steering in one batch."""

@@ -24,6 +24,7 @@ from typing import Any
 from steer.backends.capabilities import Capabilities, check_request
 from steer.backends.vllm import worker
 from steer.backends.vllm.gates import PROBE_SUFFIX, PromptGates
+from steer.backends.vllm.launch import shutdown_vllm
 from steer.backends.vllm.params import (
     SAMPLER_FIELDS,
     encode,
@@ -340,7 +341,7 @@ class VllmEngine:
         for row in list(self._rows.values()):
             self._finish(row)
         if final:
-            self.llm.engine_core.shutdown()
+            shutdown_vllm(self.llm)
 
     # -- internals ----------------------------------------------------------------------------
 

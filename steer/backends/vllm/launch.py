@@ -13,9 +13,11 @@ only). Hooks need eager execution: ``enforce_eager`` is always on.
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 import shutil
 import tempfile
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +36,10 @@ VLLM_ARCHITECTURES = frozenset({"llama", "mistral", "qwen2"})
 
 #: written last into an export directory: its presence means the export is complete
 _COMPLETE = "steer-export.json"
+
+#: the engines started by :func:`start_vllm` whose engine core runs in this process (by id)
+_IN_PROCESS: set[int] = set()
+_IN_PROCESS_LOCK = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -185,4 +191,37 @@ def start_vllm(
     # vLLM's CPU worker drops torch to one thread "for serving" several workers; in this
     # process it would slow the hf side (jobs, feature reads) and vLLM's own forward alike
     torch.set_num_threads(threads)
+    if _in_process(llm):
+        with _IN_PROCESS_LOCK:
+            _IN_PROCESS.add(id(llm))
     return llm
+
+
+def _in_process(llm: Any) -> bool:
+    from vllm.v1.engine.core_client import InprocClient
+
+    return isinstance(llm.engine_core, InprocClient)
+
+
+def shutdown_vllm(llm: Any) -> None:
+    """Shut down an engine :func:`start_vllm` started (its model is unloaded).
+
+    An engine core running in this process tears down the process's distributed state (vLLM's
+    parallel groups, torch's process group) as it shuts down, and every other engine core in
+    this process runs on that same state: a server holding two models would fail every step of
+    the one left. While others remain, the teardown keeps the shared state and only frees memory.
+    """
+    with _IN_PROCESS_LOCK:
+        _IN_PROCESS.discard(id(llm))
+        others = bool(_IN_PROCESS)
+        if not (others and _in_process(llm)):
+            llm.engine_core.shutdown()
+            return
+        from vllm.v1.engine import core
+
+        cleanup = core.cleanup_dist_env_and_memory
+        core.cleanup_dist_env_and_memory = lambda *args, **kwargs: gc.collect()
+        try:
+            llm.engine_core.shutdown()
+        finally:
+            core.cleanup_dist_env_and_memory = cleanup
