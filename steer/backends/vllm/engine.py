@@ -24,7 +24,7 @@ from typing import Any
 from steer.backends.capabilities import Capabilities, check_request
 from steer.backends.vllm import worker
 from steer.backends.vllm.gates import PROBE_SUFFIX, PromptGates
-from steer.backends.vllm.launch import shutdown_vllm
+from steer.backends.vllm.launch import shutdown_vllm, workers_elsewhere
 from steer.backends.vllm.params import (
     SAMPLER_FIELDS,
     encode,
@@ -126,6 +126,8 @@ class VllmEngine:
         self._sae_users: dict[str, int] = {}
         #: prompt tokens whose KV came from vLLM's prefix cache, over all requests so far
         self.cached_prompt_tokens = 0
+        #: how steering and SAEs travel to the workers (pickled where processes part them)
+        self._pack = worker.pack if workers_elsewhere(llm) else lambda value: value
         llm.collective_rpc(worker.install)
 
     # -- requests -----------------------------------------------------------------------------
@@ -462,11 +464,11 @@ class VllmEngine:
         """Register ``spec`` in every worker under ``key``, the SAEs its sliders read first."""
         for sae in spec.saes:
             if sae not in self._sae_users:
-                self.llm.collective_rpc(worker.register_sae, args=(sae, worker.pack(saes[sae])))
+                self.llm.collective_rpc(worker.register_sae, args=(sae, self._pack(saes[sae])))
                 self._saes[sae] = saes[sae]  # held while registered: its key stays its own
                 self._sae_users[sae] = 0
             self._sae_users[sae] += 1
-        self.llm.collective_rpc(worker.register, args=(key, worker.pack(spec)))
+        self.llm.collective_rpc(worker.register, args=(key, self._pack(spec)))
         self._registered[key] = spec
 
 

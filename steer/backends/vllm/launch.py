@@ -120,8 +120,8 @@ def cpu_workers_bound(workers: int) -> Iterator[None]:
 
     vLLM binds each CPU worker's threads to a NUMA node of its own and will not start more
     workers than the machine has nodes; on fewer nodes (one, on most machines) the cores are
-    split here instead, in ``VLLM_CPU_OMP_THREADS_BIND`` for the start only (a later start with
-    another worker count reads it too). A binding the user set is kept.
+    split here instead, in ``VLLM_CPU_OMP_THREADS_BIND`` for this start only (a later start with
+    another worker count would read it too). A binding the user set is kept.
     """
     if "VLLM_CPU_OMP_THREADS_BIND" in os.environ or _numa_nodes() >= workers:
         yield  # the user's binding, or vLLM's own: a node per worker
@@ -201,6 +201,11 @@ def _in_process(llm: Any) -> bool:
     from vllm.v1.engine.core_client import InprocClient
 
     return isinstance(llm.engine_core, InprocClient)
+
+
+def workers_elsewhere(llm: Any) -> bool:
+    """Whether ``llm``'s workers run in other processes (``collective_rpc`` then serializes)."""
+    return not _in_process(llm) or llm.vllm_config.parallel_config.tensor_parallel_size > 1
 
 
 def shutdown_vllm(llm: Any) -> None:

@@ -378,19 +378,23 @@ def install(worker: Any) -> int:
 def pack(value: Any) -> bytes:
     """``value`` as bytes for a ``collective_rpc`` argument or result.
 
-    With more than one worker (tensor parallel) vLLM sends them to other processes by msgpack,
-    which turns a dataclass into a plain dict and a tuple key into a list; pickled bytes cross
-    as they are. Only steer's own process sends them, to its own vLLM workers.
+    Where the workers run in other processes (tensor parallel, or an engine core of its own)
+    vLLM sends them by msgpack, which turns a dataclass into a plain dict and a tuple key into
+    a list; pickled bytes cross as they are. Only steer's own process sends them, to its own
+    vLLM workers. Within one process arguments pass as they are (an SAE is not copied).
     """
     return pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
 
 
-def unpack(data: bytes) -> Any:
+def unpack(data: Any) -> Any:
+    """What :func:`pack` packed; anything else (sent within one process) as it is."""
+    if not isinstance(data, bytes):
+        return data
     return pickle.loads(data)  # bytes from this process tree only (pack)
 
 
-def register(worker: Any, key: str, spec: bytes) -> None:
-    """Register the :class:`SteeringSpec` that :func:`pack` made ``spec`` under ``key``."""
+def register(worker: Any, key: str, spec: SteeringSpec | bytes) -> None:
+    """Register ``spec`` (packed where it crossed processes) under ``key``."""
     _steering(worker).register(key, unpack(spec))
 
 
@@ -403,8 +407,8 @@ def take_reads(worker: Any, request_ids: list[str]) -> bytes:
     return pack(_steering(worker).take_reads(request_ids))
 
 
-def register_sae(worker: Any, key: str, sae: bytes) -> None:
-    """Keep the packed :class:`SparseAutoencoder` ``sae`` for the sliders that name ``key``
+def register_sae(worker: Any, key: str, sae: SparseAutoencoder | bytes) -> None:
+    """Keep ``sae`` (packed where it crossed processes) for the sliders that name ``key``
     (registered before their steering)."""
     _steering(worker).saes[key] = unpack(sae)
 
