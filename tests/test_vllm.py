@@ -390,7 +390,7 @@ def test_sae_feature_sliders_equal_the_hf_engine(
     for mix in (1, 3, 4, 5):  # the clamps and the feature gates change replies
         assert _changed(expected, len(PROMPTS), mix) > 0, mix
     (registered,) = engine.llm.collective_rpc(_registered_keys)
-    assert registered == 0 and not engine._saes
+    assert registered == 0 and not engine.registry.saes
     (saes,) = engine.llm.collective_rpc(_registered_saes)
     assert saes == 0
 

@@ -122,13 +122,16 @@ def test_two_workers_equal_the_hf_engine() -> None:
     engine = VllmEngine(handle, start_vllm(handle, max_batch=16, options=options), max_batch=16)
     try:
         got = engine.run(requests)
-        assert not engine._saes and not engine._users  # every registration dropped, SAEs too
+        assert (
+            not engine.registry.saes and not engine.registry.users
+        )  # every registration dropped, SAEs too
     finally:
         engine.close(final=True)
     expected = Engine(handle, max_batch=16).run(requests)
     assert [r.token_ids for r in got] == [r.token_ids for r in expected]
     penalised = expected[len(mixes) * rows :]
-    assert any(d.token_ids != e.token_ids for d, e in zip(penalised, expected[rows:], strict=False))
+    plain = expected[rows : 2 * rows]
+    assert any(p.token_ids != e.token_ids for p, e in zip(penalised, plain, strict=True))
     for mix in range(1, len(mixes)):
         changed = sum(
             expected[mix * rows + row].token_ids != expected[row].token_ids for row in range(rows)

@@ -7,10 +7,10 @@ prefix caching, paged KV) decides the batch. A request's interventions are check
 under their fingerprint (:meth:`SteeringSpec.key <steer.backends.vllm.program.SteeringSpec.key>`)
 and named in the request's ``extra_args``; the fingerprint of its ops is its ``cache_salt``, so
 prompt KV is shared only between requests steered alike. A registration lives while requests
-use it. A request with prompt-scope gates first runs a gate probe
-(:mod:`steer.backends.vllm.gates`), then generates with the gates' decisions; one with
-reply-scope gates holds its reply's first tokens back until they decide, and may start over
-(:mod:`steer.backends.vllm.replies`).
+use it (:mod:`steer.backends.vllm.registry`). A request with prompt-scope gates first runs a
+gate probe (:mod:`steer.backends.vllm.gates`), then generates with the gates' decisions; one
+with reply-scope gates holds its reply's first tokens back until they decide, and may start
+over (:mod:`steer.backends.vllm.replies`).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from typing import Any
 from steer.backends.capabilities import Capabilities, check_request
 from steer.backends.vllm import worker
 from steer.backends.vllm.gates import PROBE_SUFFIX, PromptGates
-from steer.backends.vllm.launch import shutdown_vllm, workers_elsewhere
+from steer.backends.vllm.launch import shutdown_vllm
 from steer.backends.vllm.params import (
     SAMPLER_FIELDS,
     encode,
@@ -39,6 +39,7 @@ from steer.backends.vllm.program import (
     speakers_args,
     speakers_salt,
 )
+from steer.backends.vllm.registry import WorkerRegistry
 from steer.backends.vllm.replies import ReplyWindow
 from steer.errors import ResourceExhaustedError
 from steer.hooks import HookKind
@@ -53,7 +54,6 @@ from steer.requests import (
     next_text,
     run_to_end,
 )
-from steer.sae.loading import SparseAutoencoder
 from steer.sampling.processors import SamplerState
 from steer.text import TextStream
 
@@ -117,17 +117,10 @@ class VllmEngine:
         self._attempts: dict[str, _Row] = {}
         #: the lowered interventions of the pending requests, by request id
         self._specs_waiting: dict[str, SteeringSpec] = {}
-        #: registered steering key -> number of live requests using it, and its steering
-        self._users: dict[str, int] = {}
-        self._registered: dict[str, SteeringSpec] = {}
-        #: registered SAEs by key (steer.backends.vllm.program.sae_key), and how many
-        #: registered steerings read each
-        self._saes: dict[str, SparseAutoencoder] = {}
-        self._sae_users: dict[str, int] = {}
+        #: the steering and SAEs the workers hold for live requests
+        self.registry = WorkerRegistry(llm)
         #: prompt tokens whose KV came from vLLM's prefix cache, over all requests so far
         self.cached_prompt_tokens = 0
-        #: how steering and SAEs travel to the workers (pickled where processes part them)
-        self._pack = worker.pack if workers_elsewhere(llm) else lambda value: value
         llm.collective_rpc(worker.install)
 
     # -- requests -----------------------------------------------------------------------------
@@ -352,10 +345,7 @@ class VllmEngine:
 
         request = row.request
         if row.key is not None:
-            if row.key not in self._users:
-                self._register(row.key, spec, saes_of(request.interventions))
-                self._users[row.key] = 0
-            self._users[row.key] += 1
+            self.registry.hold(row.key, spec, saes_of(request.interventions))
         prompt = TokensPrompt(prompt_token_ids=row.prompt_ids)
         salt, speakers = spec.salt(), None
         if spec.needs_speakers:
@@ -448,28 +438,8 @@ class VllmEngine:
         """Drop ``row``'s hold on its steering registration (and its probe's entry)."""
         self._probes.pop(row.request.request_id + PROBE_SUFFIX, None)
         key, row.key = row.key, None
-        if key is None or key not in self._users:
-            return  # unsteered, or it failed before its steering was registered
-        self._users[key] -= 1
-        if self._users[key] == 0:
-            del self._users[key]
-            self.llm.collective_rpc(worker.forget, args=([key],))
-            for sae in self._registered.pop(key).saes:
-                self._sae_users[sae] -= 1
-                if self._sae_users[sae] == 0:
-                    del self._sae_users[sae], self._saes[sae]
-                    self.llm.collective_rpc(worker.forget_sae, args=(sae,))
-
-    def _register(self, key: str, spec: SteeringSpec, saes: dict[str, SparseAutoencoder]) -> None:
-        """Register ``spec`` in every worker under ``key``, the SAEs its sliders read first."""
-        for sae in spec.saes:
-            if sae not in self._sae_users:
-                self.llm.collective_rpc(worker.register_sae, args=(sae, self._pack(saes[sae])))
-                self._saes[sae] = saes[sae]  # held while registered: its key stays its own
-                self._sae_users[sae] = 0
-            self._sae_users[sae] += 1
-        self.llm.collective_rpc(worker.register, args=(key, self._pack(spec)))
-        self._registered[key] = spec
+        if key is not None:  # unless unsteered (or it failed before it was registered)
+            self.registry.release(key)
 
 
 def _top(ranked: Any, request: GenerationRequest) -> tuple[tuple[int, float], ...]:
