@@ -4,7 +4,7 @@ docs/reliability.md
     python scripts/fuzz_service.py [--count 1000] [--http 300] [--seed 1]
                                    [--model tiny|smollm2|all] [--services Generation,Bake]
                                    [--garbage 0.1] [--failures FILE] [--no-docs]
-                                   [--backend hf|vllm]
+                                   [--backend hf|vllm] [--tensor-parallel-size N]
 
 Serves the tiny random llama of tests/tiny.py (``--model smollm2``: SmolLM2-135M-Instruct from
 its PyPI package; ``all``: one run on each) from a fresh models root and sends ``--count``
@@ -65,11 +65,14 @@ from steer.models import ModelHandle, load_model
 SMOLLM2 = "smollm2-135m-instruct"
 
 
-def serve(model: str, backend: str = "hf") -> tuple[ModelHandle, dict[str, Any]]:
-    """The handle to serve and the fuzz_server options for ``model`` on ``backend``."""
+def serve(model: str, backend: str = "hf", workers: int = 1) -> tuple[ModelHandle, dict[str, Any]]:
+    """The handle to serve and the fuzz_server options for ``model`` on ``backend`` (vllm:
+    over ``workers`` tensor-parallel workers)."""
     # vLLM's CPU attention has no kernel for the tiny configs' 16-wide heads
     tiny = tiny_handle("llama", **(VLLM_SIZES if backend == "vllm" else {}))
-    engine = {} if backend == "hf" else {"backend": backend, "kv_cache_gib": 1}
+    engine: dict[str, Any] = {}
+    if backend == "vllm":
+        engine = {"backend": backend, "kv_cache_gib": 1, "tensor_parallel_size": workers}
     if model == "tiny":
         return tiny, {"model_id": "tiny", **engine}
     handle = load_model(SMOLLM2)
@@ -118,7 +121,10 @@ def _failures_table(result: FuzzResult, what: str) -> list[str]:
 
 
 def _backend(args: argparse.Namespace) -> str:
-    return "" if args.backend == "hf" else f" --backend {args.backend}"
+    flags = "" if args.backend == "hf" else f" --backend {args.backend}"
+    if args.tensor_parallel_size > 1:
+        flags += f" --tensor-parallel-size {args.tensor_parallel_size}"
+    return flags
 
 
 def markdown(model: str, result: FuzzResult, args: argparse.Namespace, seconds: float) -> str:
@@ -183,8 +189,10 @@ def _summary(result: FuzzResult, seconds: float) -> dict[str, Any]:
 
 
 def fuzz(model: str, args: argparse.Namespace) -> dict[str, Any]:
-    served, options = serve(model, args.backend)
+    served, options = serve(model, args.backend, args.tensor_parallel_size)
     name = model if args.backend == "hf" else f"{model}-{args.backend}"
+    if args.tensor_parallel_size > 1:
+        name += f"-tp{args.tensor_parallel_size}"
     if args.http > 0:
         options["http_port"] = 0
     record: dict[str, Any] = {"model": model, "backend": args.backend, "seed": args.seed}
@@ -257,6 +265,9 @@ def main() -> int:
     parser.add_argument("--no-docs", action="store_true", help="do not write docs/reliability.md")
     parser.add_argument(
         "--backend", choices=("hf", "vllm"), default="hf", help="the server's engine (default hf)"
+    )
+    parser.add_argument(
+        "--tensor-parallel-size", type=int, default=1, help="vllm: tensor-parallel workers"
     )
     args = parser.parse_args()
     models = ("tiny", "smollm2") if args.model == "all" else (args.model,)
