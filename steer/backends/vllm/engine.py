@@ -319,10 +319,8 @@ class VllmEngine:
 
     def _take_reads(self, ids: list[str]) -> dict[str, dict[tuple[int, int], float]]:
         """The gate values the workers read for ``ids``, by (gate, offset)."""
-        taken: dict[str, dict[tuple[int, int], float]] = {}
-        for packed in self.llm.collective_rpc(worker.take_reads, args=(ids,)):
-            taken = taken or worker.unpack(packed)  # every worker reads the same residual
-        return taken
+        # every worker reads the same residual stream: the first worker's values serve
+        return worker.unpack(self.llm.collective_rpc(worker.take_reads, args=(ids,))[0])
 
     def run(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
         """Generate ``requests`` to completion; results in the order given."""

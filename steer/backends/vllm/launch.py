@@ -217,9 +217,9 @@ def shutdown_vllm(llm: Any) -> None:
     the one left. While others remain, the teardown keeps the shared state and only frees memory.
     """
     with _IN_PROCESS_LOCK:
+        in_process = id(llm) in _IN_PROCESS
         _IN_PROCESS.discard(id(llm))
-        others = bool(_IN_PROCESS)
-        if not (others and _in_process(llm)):
+        if not (in_process and _IN_PROCESS):
             llm.engine_core.shutdown()
             return
         from vllm.v1.engine import core
